@@ -1,0 +1,1 @@
+"""A Stable Diffusion web UI whose engine owns loading, model switching and memory."""
