@@ -1,0 +1,97 @@
+"""The engine facade: one object the UI, the API and the tests talk to.
+
+It owns the device choice, the model manager, the progress of the running job and the
+request path: validate → resolve defaults from the settings → load → generate → save.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from webui.engine import demo
+from webui.engine.files import CheckpointInfo, HashCache, short_hash
+from webui.engine.generate import Resolved, resolve_seed, txt2img
+from webui.engine.models import ModelManager
+from webui.engine.outputs import save_image
+from webui.engine.progress import Progress
+from webui.engine.request import GenerationRequest, GenerationResult
+from webui.engine.samplers import resolve
+from webui.errors import UserError
+from webui.settings import AppConfig
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was given but no CUDA device is available", field="--device")
+        return torch.device("cuda")
+    if choice == "mps" or (choice == "auto" and torch.backends.mps.is_available()):
+        if not torch.backends.mps.is_available():
+            raise UserError("--device mps was given but MPS is not available", field="--device")
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtypes(device: torch.device, no_half: bool, no_half_vae: bool) -> tuple[torch.dtype, torch.dtype]:
+    """Half precision on GPUs (bf16 VAE where supported: fp16 VAEs overflow), float32 on the CPU."""
+    if device.type == "cpu" or no_half:
+        return torch.float32, torch.float32
+    vae = torch.float32 if no_half_vae else (
+        torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16)
+    return torch.float16, vae
+
+
+class Engine:
+    def __init__(self, config: AppConfig):
+        self.config = config
+        self.options = config.options
+        args = config.args
+        self.device = pick_device(args.device)
+        dtype, vae_dtype = pick_dtypes(self.device, args.no_half, args.no_half_vae)
+        demo.ensure_demo_checkpoint(config.paths.builtin_models_dir)
+        self.models = ModelManager(
+            [*config.paths.checkpoint_dirs, config.paths.builtin_models_dir], config.paths.vae_dir,
+            HashCache(config.paths.hash_cache_file), self.device, dtype, vae_dtype,
+        )
+        self.progress = Progress()
+        self._generate_lock = threading.Lock()
+        log.info("Engine ready on %s (%s); %d checkpoint(s) found.", self.device, dtype,
+                 len(self.models.checkpoints()))
+
+    def checkpoint(self, name: str | None) -> CheckpointInfo:
+        """The checkpoint a request names, or the one selected in the settings, or the first found."""
+        if name:
+            return self.models.find(name)
+        return self.models.default_checkpoint(self.options["sd_model_checkpoint"])
+
+    def txt2img(self, request: GenerationRequest) -> GenerationResult:
+        """Validate, load what is needed and generate. Raises UserError for anything the user can fix."""
+        request.validate(self.options.as_dict())
+        info = self.checkpoint(request.checkpoint)
+        resolve(request.sampler_name, request.scheduler)
+        with self._generate_lock:
+            vae = request.vae if request.vae is not None else self.options["sd_vae"]
+            model = self.models.get(info, vae)
+            job = Resolved(
+                request=request,
+                seed=resolve_seed(request.seed),
+                clip_skip=request.clip_skip or self.options["CLIP_stop_at_last_layers"],
+                save=self.options["samples_save"] if request.save_images is None else request.save_images,
+                model_hash=short_hash(self.models.current_sha256),
+                vae_name=model.vae_name,
+            )
+            return txt2img(model, job, self.progress, self._saver())
+
+    def _saver(self):
+        outdir = Path(self.options["outdir_txt2img_samples"] or self.config.paths.outdir / "txt2img-images")
+
+        def save(image: Image.Image, seed: int, prompt: str, infotext: str) -> Path:
+            return save_image(image, outdir, seed, prompt, infotext)
+
+        return save

@@ -1,0 +1,258 @@
+"""Model files on disk: finding them, hashing them, and reading them without trusting them.
+
+Every header is checked before a byte of tensor data is used, so a truncated or lying file
+gives a clear message instead of a crash or a silent garbage load.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from webui.errors import ModelFileError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".gguf", ".ckpt", ".pt")
+SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, dtype and shape of a stored tensor, known before its data is read."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One model the user can pick: a single file or a diffusers folder."""
+
+    name: str
+    path: Path
+    kind: str  # "safetensors" | "gguf" | "ckpt" | "diffusers"
+
+    @property
+    def model_name(self) -> str:
+        """A1111's "Model:" value: the file name without folder and extension."""
+        return Path(self.name).stem if self.kind != "diffusers" else Path(self.name).name
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensor infos and metadata of a .safetensors file, after checking that its header is honest."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ModelFileError(f"{path.name} is not a safetensors file: it is only {size} bytes long.")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise ModelFileError(
+                f"{path.name} is truncated or not a safetensors file: its header claims {header_len} bytes "
+                f"but the file has {size}. Download or copy the file again."
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelFileError(f"{path.name} has a corrupt safetensors header ({e}). Download it again.") from e
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path.name} has a corrupt safetensors header. Download it again.")
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - header_len
+    tensors = {name: _checked_entry(path, name, entry, data_len) for name, entry in header.items()}
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _checked_entry(path: Path, name: str, entry: object, data_len: int) -> TensorInfo:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+    except (TypeError, KeyError, ValueError) as e:
+        raise ModelFileError(f"{path.name}: the header entry for tensor {name!r} is malformed.") from e
+    if dtype not in SAFETENSORS_DTYPE_BYTES:
+        raise ModelFileError(f"{path.name}: tensor {name!r} has unknown dtype {dtype!r}.")
+    count = 1
+    for d in shape:
+        count *= d
+    if not (0 <= begin <= end) or end - begin != count * SAFETENSORS_DTYPE_BYTES[dtype]:
+        raise ModelFileError(
+            f"{path.name}: the header lies about tensor {name!r} (shape {list(shape)} {dtype} needs "
+            f"{count * SAFETENSORS_DTYPE_BYTES[dtype]} bytes, offsets give {end - begin}). The file is corrupt."
+        )
+    if end > data_len:
+        raise ModelFileError(
+            f"{path.name} is truncated: tensor {name!r} ends at byte {end} of the data but only {data_len} "
+            "bytes are there. Download or copy the file again."
+        )
+    return TensorInfo(dtype, shape)
+
+
+def read_tensor_infos(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Names, dtypes and shapes of the tensors in a model file, plus its metadata, without loading data."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return read_safetensors_header(path)
+    if suffix == ".gguf":
+        return _read_gguf_infos(path)
+    if suffix in (".ckpt", ".pt"):
+        sd = load_pickled_state_dict(path)
+        return {k: TensorInfo(str(v.dtype), tuple(v.shape)) for k, v in sd.items()}, {}
+    raise ModelFileError(f"{path.name}: unsupported file type {suffix!r}; use .safetensors, .gguf or .ckpt.")
+
+
+def _read_gguf_infos(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError, struct.error, IndexError … on bad files
+        raise ModelFileError(f"{path.name} is not a readable GGUF file ({e}). Download it again.") from e
+    metadata = {}
+    field = reader.fields.get("general.architecture")
+    if field is not None:
+        metadata["general.architecture"] = bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+    infos = {t.name: TensorInfo(t.tensor_type.name, tuple(int(d) for d in reversed(t.shape))) for t in reader.tensors}
+    return infos, metadata
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors or .ckpt file on the CPU (headers are checked first)."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        read_safetensors_header(path)
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # safetensors raises its own error types
+            raise ModelFileError(f"{path.name} could not be read ({e}). The file may be corrupt.") from e
+    if suffix in (".ckpt", ".pt"):
+        return load_pickled_state_dict(path)
+    if suffix == ".gguf":
+        raise ModelFileError(
+            f"{path.name} is a GGUF file; GGUF checkpoints are not loadable yet in this version. "
+            "Use a .safetensors checkpoint."
+        )
+    raise ModelFileError(f"{path.name}: unsupported file type {suffix!r}.")
+
+
+def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A .ckpt/.pt state dict, unpickled with ``weights_only=True``: a file that carries code is refused."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+        raise ModelFileError(
+            f"{path.name} was refused: it is not a plain weights pickle (it may carry code, or be corrupt). "
+            f"Only weights are loaded from .ckpt files. Convert it to .safetensors. Details: {str(e)[:200]}"
+        ) from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelFileError(f"{path.name} does not hold a state dict.")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return (path / "model_index.json").is_file()
+
+
+def find_checkpoints(roots: list[Path]) -> list[CheckpointInfo]:
+    """Every checkpoint under the given folders, recursively, named by path relative to its root."""
+    found: dict[str, CheckpointInfo] = {}
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            here = Path(dirpath)
+            if is_diffusers_folder(here) and here != root:
+                name = here.relative_to(root).as_posix()
+                found.setdefault(name, CheckpointInfo(name, here, "diffusers"))
+                dirnames.clear()
+                continue
+            dirnames.sort()
+            for filename in sorted(filenames):
+                suffix = Path(filename).suffix.lower()
+                if suffix in CHECKPOINT_SUFFIXES:
+                    name = (here / filename).relative_to(root).as_posix()
+                    kind = "ckpt" if suffix == ".pt" else suffix[1:]
+                    found.setdefault(name, CheckpointInfo(name, here / filename, kind))
+    return sorted(found.values(), key=lambda c: c.name.lower())
+
+
+def find_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Files with the given suffixes under a folder, recursively, sorted by name."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes), key=lambda p: str(p).lower())
+
+
+class HashCache:
+    """sha256 of model files, computed once and kept in a JSON file keyed by path, size and mtime."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            self._data = json.loads(path.read_text(encoding="utf-8")).get("hashes", {})
+        except (OSError, ValueError, AttributeError):
+            self._data = {}
+
+    def sha256(self, target: Path) -> str:
+        stamp = _stamp(target)
+        key = str(target.resolve())
+        with self._lock:
+            entry = self._data.get(key)
+            if entry and entry.get("stamp") == stamp:
+                return entry["sha256"]
+        digest = _sha256_of(target)
+        with self._lock:
+            self._data[key] = {"stamp": stamp, "sha256": digest}
+            self._save()
+        return digest
+
+    def cached(self, target: Path) -> str | None:
+        """The hash if it is already known and still valid; never reads the file."""
+        try:
+            stamp = _stamp(target)
+        except OSError:
+            return None
+        entry = self._data.get(str(target.resolve()))
+        return entry["sha256"] if entry and entry.get("stamp") == stamp else None
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"hashes": self._data}, indent=1), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def short_hash(sha256: str) -> str:
+    """A1111's model hash: the first 10 hex digits of the file's sha256."""
+    return sha256[:10]
+
+
+def _stamp(target: Path) -> list:
+    files = _hashed_files(target)
+    return [[str(f.relative_to(target)) if target.is_dir() else "", f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def _hashed_files(target: Path) -> list[Path]:
+    if target.is_dir():
+        return sorted(p for p in target.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+    return [target]
+
+
+def _sha256_of(target: Path) -> str:
+    h = hashlib.sha256()
+    for f in _hashed_files(target):
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()

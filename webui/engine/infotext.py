@@ -1,0 +1,121 @@
+"""A1111's "parameters" infotext: the text stored in every image that says how it was made.
+
+Format (A1111 1.10)::
+
+    <prompt, may span lines>
+    Negative prompt: <negative prompt, may span lines>      (left out when empty)
+    Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, ...
+
+A value holding a comma, colon, newline, double quote or edge whitespace is written as a JSON
+string, so the parameter line splits back unambiguously. A1111 does not quote for the last two,
+but its parser reads our quoted values the same.
+
+Known ambiguity shared with A1111: a prompt line that starts with "Negative prompt:", and the
+whitespace at the ends of each prompt line, do not survive a round trip.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from PIL import Image
+
+# A1111's pattern: a key, then a JSON-quoted value or anything up to the next comma.
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_KEY = re.compile(r"\w[\w \-/]+")
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+_NEGATIVE = "Negative prompt:"
+
+_EXIF_IFD = 0x8769
+_USER_COMMENT = 0x9286
+
+
+def format_value(value: Any) -> str:
+    """A1111-style text for one value: whole floats lose their ".0" (CFG scale 7.0 → "7")."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value)
+    if any(c in text for c in ',:"\n') or text != text.strip():
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def build_infotext(prompt: str, negative_prompt: str, params: dict[str, Any]) -> str:
+    """The infotext for one image; ``params`` maps A1111 keys to values in order, None skipped."""
+    for key in params:
+        if not _KEY.fullmatch(key):
+            raise ValueError(f"infotext key {key!r} would not parse back")
+    line = ", ".join(f"{key}: {format_value(value)}" for key, value in params.items() if value is not None)
+    negative = f"\n{_NEGATIVE} {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{line}".strip()
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """A1111-compatible parse: {"Prompt", "Negative prompt", then every key as text}.
+
+    A "WxH" value also gives "<key>-1" and "<key>-2" (Size-1, Size-2) as A1111's does; unlike
+    A1111 the original key is kept too. No defaults are filled in.
+    """
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:  # A1111's test for "this is not a parameter line"
+        lines.append(last)
+        last = ""
+
+    prompt: list[str] = []
+    negative: list[str] = []
+    for line in lines:
+        line = line.strip()
+        if not negative and line.startswith(_NEGATIVE):
+            negative.append(line[len(_NEGATIVE) :].strip())
+        else:
+            (negative if negative else prompt).append(line)
+
+    result = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _PARAM.findall(last):
+        value = _unquote(value)
+        result[key] = value
+        size = _SIZE.match(value)
+        if size:
+            result[f"{key}-1"], result[f"{key}-2"] = size.groups()
+    return result
+
+
+def _decode_user_comment(data: bytes | str) -> str:
+    """EXIF UserComment: an 8-byte charset tag, then the text (A1111 writes "UNICODE", UTF-16)."""
+    if isinstance(data, str):
+        return data
+    charset, body = data[:8], data[8:]
+    if charset == b"UNICODE\0":
+        if body[:2] in (b"\xfe\xff", b"\xff\xfe"):
+            return body.decode("utf-16")
+        # No BOM: piexif (used by A1111) writes big-endian; ASCII text then has zeros first.
+        big_endian = body[0::2].count(0) >= body[1::2].count(0)
+        return body.decode("utf-16-be" if big_endian else "utf-16-le", errors="replace")
+    return body.decode("utf-8", errors="ignore").rstrip("\0")
+
+
+def read_png_infotext(path_or_image: str | Path | BinaryIO | Image.Image) -> str | None:
+    """The infotext of a PNG ("parameters" text chunk) or JPEG/WebP (EXIF UserComment), if any."""
+    if isinstance(path_or_image, Image.Image):
+        return _read_infotext(path_or_image)
+    with Image.open(path_or_image) as image:
+        return _read_infotext(image)
+
+
+def _read_infotext(image: Image.Image) -> str | None:
+    text = image.info.get("parameters")
+    comment = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    if comment:
+        text = _decode_user_comment(comment) or text
+    return text or None

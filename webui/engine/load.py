@@ -1,0 +1,211 @@
+"""Build diffusers components from a checkpoint: A1111 single files or diffusers folders.
+
+Single files are converted with diffusers' own LDM→diffusers key conversion; the configs come
+from ``detect`` (tensor shapes), never from the hub. Modules are created without allocating
+weights (accelerate's ``init_empty_weights``) and take the file's tensors directly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from webui.engine.detect import (
+    Family,
+    ModelArch,
+    TextEncoderArch,
+    infer_arch,
+    vae_config,
+)
+from webui.engine.files import CheckpointInfo, TensorInfo, load_state_dict, read_tensor_infos
+from webui.engine.prompts import TextEncoderSlot
+from webui.engine.tokenizer import clip_tokenizer
+from webui.errors import ModelFileError
+
+log = logging.getLogger(__name__)
+
+# Keys real checkpoints carry that no diffusers module holds (schedule arrays, EMA scalars,
+# CLIP position ids, OpenCLIP's logit scale).
+HARMLESS_EXTRA = ("position_ids", "logit_scale")
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's components, ready to generate with."""
+
+    info: CheckpointInfo
+    family: Family
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[TextEncoderSlot]
+    scheduler_config: dict
+    vae_name: str | None = None
+    load_seconds: float = 0.0
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config["prediction_type"]
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae, *(slot.model for slot in self.text_encoders)]
+
+
+def load_model(info: CheckpointInfo, vae_file: Path | None, dtype: torch.dtype, vae_dtype: torch.dtype,
+               device: torch.device) -> LoadedModel:
+    """Load a checkpoint (and optionally a separate VAE) onto ``device``."""
+    start = time.perf_counter()
+    if info.kind == "diffusers":
+        model = _load_diffusers_folder(info)
+    else:
+        model = _load_single_file(info)
+    if vae_file is not None:
+        model.vae = load_vae_file(vae_file, model.family)
+        model.vae_name = vae_file.name
+    for module in model.modules():
+        module.requires_grad_(False).eval()
+    model.unet.to(device, dtype)
+    for slot in model.text_encoders:
+        slot.model.to(device, dtype)
+    model.vae.to(device, vae_dtype)
+    model.load_seconds = time.perf_counter() - start
+    return model
+
+
+def _load_single_file(info: CheckpointInfo) -> LoadedModel:
+    _, metadata = read_tensor_infos(info.path) if info.kind == "safetensors" else ({}, {})
+    sd = load_state_dict(info.path)
+    infos = {k: TensorInfo(str(v.dtype), tuple(v.shape)) for k, v in sd.items()}
+    arch = infer_arch(infos, metadata)
+    if arch.vae is None:
+        raise ModelFileError(f"{info.path.name} has no VAE inside; pick a VAE from models/VAE.")
+    unet = _build(UNet2DConditionModel, arch.unet, convert_ldm_unet_checkpoint(sd, arch.unet), info.path.name)
+    vae = _build(AutoencoderKL, arch.vae, convert_ldm_vae_checkpoint(sd, arch.vae), info.path.name)
+    slots = [_text_encoder_slot(enc, sd, arch.family, info.path.name) for enc in arch.text_encoders]
+    if arch.family is Family.SD2 and arch.prediction_type == "epsilon" and _sd2_predicts_v(unet):
+        arch.prediction_type = "v_prediction"
+    return LoadedModel(info, arch.family, unet, vae, slots, arch.scheduler_config)
+
+
+def _build(cls: type, config: dict, state_dict: dict[str, torch.Tensor], filename: str) -> torch.nn.Module:
+    """A module of ``cls`` holding exactly ``state_dict``; a clear error when they do not match."""
+    with init_empty_weights():
+        module = cls(config) if cls in (CLIPTextModel, CLIPTextModelWithProjection) else cls(**config)
+    expected = module.state_dict().keys()
+    state_dict = _match_text_model_prefix(state_dict, expected)
+    missing = sorted(set(expected) - state_dict.keys())
+    unexpected = sorted(k for k in state_dict.keys() - set(expected) if not k.endswith(HARMLESS_EXTRA))
+    if missing or unexpected:
+        raise ModelFileError(
+            f"{filename}: the {cls.__name__} in this file does not match its inferred architecture "
+            f"({len(missing)} tensors missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}). "
+            "The file may be incomplete or of an unsupported variant."
+        )
+    for key, tensor in state_dict.items():
+        if key in expected and tuple(tensor.shape) != tuple(module.state_dict()[key].shape):
+            raise ModelFileError(f"{filename}: tensor {key} has shape {list(tensor.shape)}, expected "
+                                 f"{list(module.state_dict()[key].shape)}. The file is inconsistent.")
+    module.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False, assign=True)
+    return module
+
+
+def _match_text_model_prefix(state_dict: dict[str, torch.Tensor], expected) -> dict[str, torch.Tensor]:
+    """transformers 5's CLIPTextModel has no ``text_model.`` level; diffusers' conversion still writes it."""
+    renamed = {}
+    for key, tensor in state_dict.items():
+        bare = key.removeprefix("text_model.")
+        renamed[bare if key not in expected and bare in expected else key] = tensor
+    return renamed
+
+
+def _text_encoder_slot(enc: TextEncoderArch, sd: dict, family: Family, filename: str) -> TextEncoderSlot:
+    config = CLIPTextConfig(**enc.config)
+    cls = CLIPTextModelWithProjection if enc.with_projection else CLIPTextModel
+    if enc.kind == "clip_l":
+        converted = convert_ldm_clip_checkpoint(sd, remove_prefix=enc.prefix)
+        converted = {k: v for k, v in converted.items() if not k.startswith(("conditioner.", "cond_stage_model."))}
+        tokenizer = clip_tokenizer()
+    else:
+        drop = f"{enc.prefix}transformer.resblocks.{config.num_hidden_layers}." if enc.dropped_last_layer else None
+        kept = {k: v for k, v in sd.items() if k.startswith(enc.prefix) and not (drop and k.startswith(drop))}
+        if enc.dropped_last_layer:
+            kept.pop(f"{enc.prefix}text_projection", None)
+        with init_empty_weights():
+            shell = cls(config)
+        converted = convert_open_clip_checkpoint(shell, kept, prefix=enc.prefix)
+        tokenizer = clip_tokenizer("!")
+    model = _build(cls, config, converted, filename)
+    return _slot(model, tokenizer, family, pooled=enc.with_projection)
+
+
+def _slot(model: torch.nn.Module, tokenizer: CLIPTokenizer, family: Family, pooled: bool) -> TextEncoderSlot:
+    sdxl = family is Family.SDXL
+    return TextEncoderSlot(model=model, tokenizer=tokenizer, final_layer_norm=not sdxl,
+                           min_clip_skip=2 if sdxl else 1, pooled=pooled)
+
+
+@torch.no_grad()
+def _sd2_predicts_v(unet: UNet2DConditionModel) -> bool:
+    """A1111's test for SD2 files that do not say: a v-model's output at t=999 sits far below the input."""
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5)
+    context = torch.zeros(1, 77, unet.config.cross_attention_dim)
+    unet32 = unet.float()
+    out = unet32(x, torch.tensor([999]), encoder_hidden_states=context).sample
+    return bool((out - x).mean() < -1)
+
+
+def load_vae_file(path: Path, family: Family) -> AutoencoderKL:
+    """A separate VAE file in the LDM layout (what A1111/Forge put in models/VAE)."""
+    infos, _ = read_tensor_infos(path)
+    prefix = next((p for p in ("first_stage_model.", "vae.", "") if f"{p}encoder.conv_in.weight" in infos), None)
+    if prefix is None or f"{prefix}encoder.down.0.block.0.conv2.weight" not in infos:
+        raise ModelFileError(
+            f"{path.name} is not a VAE in the A1111/LDM layout (keys like encoder.down.0.block.0...). "
+            "Use an A1111-compatible VAE .safetensors file."
+        )
+    config = vae_config(infos, prefix, family)
+    sd = load_state_dict(path)
+    return _build(AutoencoderKL, config, convert_ldm_vae_checkpoint(sd, config), path.name)
+
+
+def _load_diffusers_folder(info: CheckpointInfo) -> LoadedModel:
+    folder = info.path
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    pipeline = index.get("_class_name", "")
+    if pipeline not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise ModelFileError(f"{folder.name}: diffusers pipeline {pipeline!r} is not supported in this version "
+                             "(StableDiffusionPipeline and StableDiffusionXLPipeline are).")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
+    sdxl = pipeline == "StableDiffusionXLPipeline"
+    if sdxl:
+        family = Family.SDXL
+    else:
+        family = Family.SD2 if unet.config.cross_attention_dim == 1024 else Family.SD1
+    names = [("text_encoder", "tokenizer", CLIPTextModel)]
+    if sdxl:
+        names.append(("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection))
+    slots = []
+    for te_name, tok_name, cls in names:
+        model = cls.from_pretrained(folder / te_name, local_files_only=True)
+        tok_dir = folder / tok_name
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True) if tok_dir.is_dir() else clip_tokenizer()
+        slots.append(_slot(model, tokenizer, family, pooled=cls is CLIPTextModelWithProjection))
+    scheduler_config = ModelArch(family, {}, None).scheduler_config
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    if sched_file.is_file():
+        declared = json.loads(sched_file.read_text(encoding="utf-8"))
+        scheduler_config.update({k: declared[k] for k in scheduler_config if k in declared})
+    return LoadedModel(info, family, unet, vae, slots, scheduler_config)

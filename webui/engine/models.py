@@ -1,0 +1,117 @@
+"""Which checkpoints and VAEs exist, which one is loaded, and switching between them.
+
+Names given by users (UI dropdowns, API fields, options) are only ever looked up in the lists
+found on disk, so a name can never point outside the model folders.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import re
+import threading
+from pathlib import Path
+
+import torch
+
+from webui.engine.files import CheckpointInfo, HashCache, find_checkpoints, find_files, short_hash
+from webui.engine.load import LoadedModel, load_model
+from webui.errors import UserError
+
+log = logging.getLogger(__name__)
+VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+TITLE_RE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-f]{8,10})\]$")
+
+
+class ModelManager:
+    def __init__(self, checkpoint_dirs: list[Path], vae_dir: Path, hashes: HashCache, device: torch.device,
+                 dtype: torch.dtype, vae_dtype: torch.dtype):
+        self.checkpoint_dirs = checkpoint_dirs
+        self.vae_dir = vae_dir
+        self.hashes = hashes
+        self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
+        self.current: LoadedModel | None = None
+        self.current_sha256 = ""
+        self._lock = threading.RLock()
+        self._checkpoints: list[CheckpointInfo] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        self._checkpoints = find_checkpoints(self.checkpoint_dirs)
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        return list(self._checkpoints)
+
+    def title(self, info: CheckpointInfo) -> str:
+        """A1111's checkpoint title: "name [hash]" once the hash is known, else the name."""
+        sha = self.hashes.cached(info.path)
+        return f"{info.name} [{short_hash(sha)}]" if sha else info.name
+
+    def find(self, name: str) -> CheckpointInfo:
+        """A checkpoint by name, title, file stem or short hash, as A1111 accepts them."""
+        wanted = name.strip()
+        match = TITLE_RE.match(wanted)
+        bare = match.group("name") if match else wanted
+        for info in self._checkpoints:
+            if bare in (info.name, info.model_name, self.title(info)) or wanted == self.title(info):
+                return info
+        if match or re.fullmatch(r"[0-9a-f]{10}", wanted):
+            digest = match.group("hash") if match else wanted
+            for info in self._checkpoints:
+                sha = self.hashes.cached(info.path)
+                if sha and short_hash(sha).startswith(digest):
+                    return info
+        known = ", ".join(c.name for c in self._checkpoints[:10]) or "none"
+        raise UserError(f"no checkpoint named {name!r}; known checkpoints: {known}", field="sd_model_checkpoint")
+
+    def default_checkpoint(self, preferred: str) -> CheckpointInfo:
+        if preferred:
+            try:
+                return self.find(preferred)
+            except UserError:
+                log.warning("Checkpoint %r from settings not found; using another.", preferred)
+        if not self._checkpoints:
+            raise UserError("no checkpoints found: put a .safetensors model in models/Stable-diffusion",
+                            field="sd_model_checkpoint")
+        return self._checkpoints[0]
+
+    def vaes(self) -> list[Path]:
+        return find_files(self.vae_dir, VAE_SUFFIXES)
+
+    def vae_name(self, path: Path) -> str:
+        return path.relative_to(self.vae_dir).as_posix()
+
+    def find_vae(self, name: str | None) -> Path | None:
+        """None for "Automatic"/"None" (the checkpoint's own VAE), else a file found in the VAE folder."""
+        if not name or name in ("Automatic", "None"):
+            return None
+        for path in self.vaes():
+            if name in (self.vae_name(path), path.name, path.stem):
+                return path
+        known = ", ".join(self.vae_name(p) for p in self.vaes()[:10]) or "none"
+        raise UserError(f"no VAE named {name!r}; known VAEs: {known}", field="sd_vae")
+
+    def get(self, info: CheckpointInfo, vae_name: str | None) -> LoadedModel:
+        """The loaded model for this checkpoint and VAE, loading (and unloading the old one) if needed."""
+        vae_file = self.find_vae(vae_name)
+        with self._lock:
+            current = self.current
+            if current and current.info == info and current.vae_name == (vae_file.name if vae_file else None):
+                return current
+            self.unload()
+            sha = self.hashes.sha256(info.path)
+            log.info("Loading %s [%s]%s", info.name, short_hash(sha), f" with VAE {vae_file.name}" if vae_file else "")
+            self.current = load_model(info, vae_file, self.dtype, self.vae_dtype, self.device)
+            self.current_sha256 = sha
+            log.info("Loaded %s (%s) on %s in %.1f s", info.name, self.current.family.value, self.device,
+                     self.current.load_seconds)
+            return self.current
+
+    def unload(self) -> None:
+        with self._lock:
+            if self.current is None:
+                return
+            self.current = None
+            self.current_sha256 = ""
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()

@@ -1,0 +1,106 @@
+"""A txt2img request, checked field by field before any work starts, and its result."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from webui.errors import UserError
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class GenerationRequest:
+    """The engine's one request type; the UI and the API both build it."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler_name: str = "DPM++ 2M"
+    scheduler: str = "Automatic"
+    seed: int = -1
+    batch_size: int = 1
+    n_iter: int = 1
+    clip_skip: int | None = None  # None: the "CLIP_stop_at_last_layers" option
+    checkpoint: str | None = None  # None: the "sd_model_checkpoint" option
+    vae: str | None = None  # None: the "sd_vae" option
+    save_images: bool | None = None  # None: the "samples_save" option
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self, limits: dict[str, Any]) -> None:
+        """Raise UserError naming the first bad field. ``limits`` is the options store's values."""
+        _text(self.prompt, "prompt")
+        _text(self.negative_prompt, "negative_prompt")
+        side = limits.get("max_image_side", 4096)
+        for name in ("width", "height"):
+            value = _whole(getattr(self, name), name)
+            if value % 8 or not 64 <= value <= side:
+                raise UserError(f"must be a multiple of 8 between 64 and {side} pixels, got {value}", field=name)
+        _whole_in(self.steps, "steps", 1, limits.get("max_steps", 150))
+        _whole_in(self.batch_size, "batch_size", 1, limits.get("max_batch_size", 8))
+        _whole_in(self.n_iter, "n_iter", 1, limits.get("max_batch_count", 100))
+        if isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float)) \
+                or not math.isfinite(self.cfg_scale) or not 0 <= self.cfg_scale <= 100:
+            raise UserError(f"must be a number between 0 and 100, got {self.cfg_scale!r}", field="cfg_scale")
+        seed = _whole(self.seed, "seed")
+        if seed != -1 and not 0 <= seed <= MAX_SEED:
+            raise UserError(f"must be -1 (random) or between 0 and {MAX_SEED}, got {seed}", field="seed")
+        if self.clip_skip is not None:
+            _whole_in(self.clip_skip, "clip_skip", 1, 12)
+        for name in ("sampler_name", "scheduler"):
+            _text(getattr(self, name), name)
+
+
+def _text(value: object, name: str) -> None:
+    if not isinstance(value, str):
+        raise UserError(f"must be text, got {type(value).__name__}", field=name)
+
+
+def _whole(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or int(value) != value:
+        raise UserError(f"must be a whole number, got {value!r}", field=name)
+    return int(value)
+
+
+def _whole_in(value: object, name: str, low: int, high: int) -> None:
+    number = _whole(value, name)
+    if not low <= number <= high:
+        raise UserError(f"must be between {low} and {high}, got {number}", field=name)
+
+
+@dataclass
+class GenerationResult:
+    """What one request made: images with their seeds and infotexts, and where they were saved."""
+
+    request: GenerationRequest
+    images: list[Image.Image] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    negative_prompts: list[str] = field(default_factory=list)
+    infotexts: list[str] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)
+    model_name: str = ""
+    model_hash: str = ""
+    sampler_name: str = ""
+    scheduler: str = ""
+    clip_skip: int = 1
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def seed(self) -> int:
+        return self.seeds[0] if self.seeds else -1

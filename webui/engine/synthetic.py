@@ -1,0 +1,230 @@
+"""Stable Diffusion models with random, seeded weights, for tests, the embedded demo and benchmarks.
+
+``build_synthetic_model(family, "tiny")`` gives a model small and fast enough for CPU tests at 64x64 px;
+``"full"`` gives the real SD1.5 / SD2.1 / SDXL-base architecture for GPU benchmarks (build it on
+``device="meta"`` to inspect shapes without allocating).
+
+Sizes follow the conventions the checkpoint loader infers architecture from:
+
+* GroupNorm always has 32 groups, so every UNet/VAE channel count is a multiple of 32. The VAE keeps
+  4 levels (8x downscale) and 4 latent channels.
+* Text encoders use the real CLIP vocabulary (49408 tokens) and 77 positions, one attention head per
+  64 channels (at least one) and an MLP 4x as wide as the model. OpenAI CLIP-L uses ``quick_gelu``,
+  OpenCLIP (SD2's ViT-H, SDXL's bigG) uses ``gelu``.
+* UNet attention: SD1 has 8 heads everywhere; SD2 and SDXL have one head per 64 channels and linear
+  ``proj_in``/``proj_out``.
+* SD2: single files hold all OpenCLIP-H resblocks, but diffusers' ``CLIPTextModel`` stops one short
+  (SD2 conditions on the penultimate layer, so diffusers drops the last resblock and the unused text
+  projection). The diffusers text encoder therefore has one layer fewer than the file;
+  ``SyntheticModel.text_encoder_extras`` holds random weights for what diffusers drops so that
+  exported files look like real ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+SIZES: tuple[str, ...] = ("tiny", "full")
+
+CLIP_VOCAB_SIZE = 49408
+CLIP_MAX_POSITIONS = 77
+# Relative std of the noise added to every parameter (see _perturb).
+PERTURB_SCALE = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """Constructor arguments for one family at one size."""
+
+    unet: dict
+    vae: dict
+    text_encoders: tuple[CLIPTextConfig, ...]
+
+
+@dataclasses.dataclass
+class SyntheticModel:
+    """The diffusers components of one model.
+
+    ``text_encoders`` is ``[CLIPTextModel]`` for SD1/SD2 and ``[CLIPTextModel, CLIPTextModelWithProjection]``
+    for SDXL. ``text_encoder_extras`` holds diffusers-layout weights (keys as in
+    ``CLIPTextModelWithProjection.state_dict()``) of the first text encoder that single files carry but
+    diffusers drops; empty except for SD2.
+    """
+
+    family: str
+    size: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[CLIPTextModel | CLIPTextModelWithProjection]
+    text_encoder_extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    prediction_type: str = "epsilon"
+
+
+def _clip_config(hidden: int, layers: int, act: str, projection_dim: int | None = None) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        max_position_embeddings=CLIP_MAX_POSITIONS,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        hidden_act=act,
+        projection_dim=projection_dim or hidden,
+        bos_token_id=49406,
+        eos_token_id=49407,
+    )
+
+
+def _heads_per_64(channels: Iterable[int]) -> tuple[int, ...]:
+    """Diffusers' ``attention_head_dim`` for SD2/SDXL is really the head count: one per 64 channels."""
+    return tuple(max(1, c // 64) for c in channels)
+
+
+def _vae_config(family: str, size: str) -> dict:
+    full = size == "full"
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512) if full else (32, 32, 64, 64),
+        layers_per_block=2 if full else 1,
+        norm_num_groups=32,
+        sample_size={"sd1": 512, "sd2": 768, "sdxl": 1024}[family] if full else 64,
+        scaling_factor=0.13025 if family == "sdxl" else 0.18215,
+    )
+
+
+def _sd1_architecture(size: str) -> Architecture:
+    full = size == "full"
+    levels = (320, 640, 1280, 1280) if full else (32, 64)
+    text = _clip_config(768, 12, "quick_gelu") if full else _clip_config(32, 3, "quick_gelu")
+    unet = dict(
+        sample_size=64 if full else 8,
+        down_block_types=("CrossAttnDownBlock2D",) * (len(levels) - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(levels) - 1),
+        block_out_channels=levels,
+        layers_per_block=2 if full else 1,
+        cross_attention_dim=text.hidden_size,
+        attention_head_dim=8,
+        use_linear_projection=False,
+    )
+    return Architecture(unet=unet, vae=_vae_config("sd1", size), text_encoders=(text,))
+
+
+def _sd2_architecture(size: str) -> Architecture:
+    full = size == "full"
+    levels = (320, 640, 1280, 1280) if full else (64, 128)
+    # Diffusers' layer count: one fewer than OpenCLIP-H's 24 resblocks (see the module docstring).
+    text = _clip_config(1024, 23, "gelu") if full else _clip_config(32, 3, "gelu")
+    unet = dict(
+        sample_size=96 if full else 8,
+        down_block_types=("CrossAttnDownBlock2D",) * (len(levels) - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(levels) - 1),
+        block_out_channels=levels,
+        layers_per_block=2 if full else 1,
+        cross_attention_dim=text.hidden_size,
+        attention_head_dim=_heads_per_64(levels),
+        use_linear_projection=True,
+    )
+    return Architecture(unet=unet, vae=_vae_config("sd2", size), text_encoders=(text,))
+
+
+def _sdxl_architecture(size: str) -> Architecture:
+    full = size == "full"
+    levels = (320, 640, 1280) if full else (32, 64, 64)
+    clip_l = _clip_config(768, 12, "quick_gelu") if full else _clip_config(32, 3, "quick_gelu")
+    # At least 10 bigG layers: diffusers recognises SDXL files by resblock 9 of the second embedder.
+    clip_g = _clip_config(1280, 32, "gelu", projection_dim=1280) if full else _clip_config(64, 10, "gelu", 32)
+    time_embed_dim = 256 if full else 8
+    unet = dict(
+        sample_size=128 if full else 8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=levels,
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10) if full else (1, 1, 2),
+        cross_attention_dim=clip_l.hidden_size + clip_g.hidden_size,
+        attention_head_dim=_heads_per_64(levels),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        # Pooled bigG embedding + 6 size/crop conditioning values, each embedded at time_embed_dim.
+        projection_class_embeddings_input_dim=clip_g.projection_dim + 6 * time_embed_dim,
+    )
+    return Architecture(unet=unet, vae=_vae_config("sdxl", size), text_encoders=(clip_l, clip_g))
+
+
+def architecture(family: str, size: str) -> Architecture:
+    """Constructor arguments of ``family``; ``size="full"`` is the real SD1.5 / SD2.1 / SDXL-base model.
+
+    For SD2 the text encoder config is diffusers' (one layer fewer than the file holds).
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
+    builders = {"sd1": _sd1_architecture, "sd2": _sd2_architecture, "sdxl": _sdxl_architecture}
+    if family not in builders:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    return builders[family](size)
+
+
+@torch.no_grad()
+def _perturb(tensors: Iterable[torch.Tensor]) -> None:
+    """Add small noise to every tensor so that no weight is zero or a plain constant.
+
+    Default init leaves norm weights at 1 and most biases at 0; a random model with those would hide
+    conversion bugs that swap or drop such tensors. The noise is relative to each tensor's spread (or
+    absolute for constant tensors), which keeps activations in their usual range.
+    """
+    for t in tensors:
+        spread = t.float().std().item() if t.numel() > 1 and t.device.type != "meta" else 0.0
+        t.add_(torch.randn_like(t), alpha=PERTURB_SCALE * (spread or 1.0))
+
+
+def _sd2_text_encoder_extras(config: CLIPTextConfig) -> dict[str, torch.Tensor]:
+    """OpenCLIP-H's final resblock and text projection: in real SD2 files, dropped by diffusers."""
+    last = CLIPEncoderLayer(config)
+    prefix = f"text_model.encoder.layers.{config.num_hidden_layers}."
+    extras = {prefix + k: v for k, v in last.state_dict().items()}
+    width = config.hidden_size
+    extras["text_projection.weight"] = torch.randn(width, width) * width**-0.5
+    return extras
+
+
+def build_synthetic_model(
+    family: str,
+    size: str = "tiny",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    prediction_type: str = "epsilon",
+) -> SyntheticModel:
+    """Build ``family`` at ``size`` with random weights that depend only on ``seed`` and the device type.
+
+    ``device="meta"`` builds the architecture without memory. The caller's global RNG state is left
+    untouched. ``prediction_type`` is what the exported scheduler config says ("v_prediction" for
+    SD2-768-style models); the weights don't depend on it.
+    """
+    arch = architecture(family, size)
+    device = torch.device(device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**arch.unet)
+        vae = AutoencoderKL(**arch.vae)
+        text_encoders = [CLIPTextModel(arch.text_encoders[0])]
+        if family == "sdxl":
+            text_encoders.append(CLIPTextModelWithProjection(arch.text_encoders[1]))
+        extras = _sd2_text_encoder_extras(arch.text_encoders[0]) if family == "sd2" else {}
+        for module in (unet, vae, *text_encoders):
+            _perturb(module.parameters())
+        _perturb(extras.values())
+    for module in (unet, vae, *text_encoders):
+        module.eval()
+    return SyntheticModel(family, size, unet, vae, text_encoders, extras, prediction_type)

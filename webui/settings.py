@@ -1,0 +1,183 @@
+"""The one settings store: launch flags, folders, and the user's options (config.json).
+
+The UI and the API read and write the same ``Options`` object, so both make the same
+decisions. Options are typed by their defaults; a wrong type is refused with the key's name.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from webui.errors import UserError
+
+log = logging.getLogger(__name__)
+
+OPTION_DEFAULTS: dict[str, Any] = {
+    "sd_model_checkpoint": "",
+    "sd_vae": "Automatic",
+    "CLIP_stop_at_last_layers": 1,
+    "forge_inference_memory": 1024,
+    "forge_async_loading": "Queue",
+    "forge_pin_shared_memory": "CPU",
+    "samples_save": True,
+    "samples_format": "png",
+    "outdir_txt2img_samples": "",
+    "live_previews_enable": True,
+    "show_progress_every_n_steps": 1,
+    "max_image_side": 4096,
+    "max_steps": 150,
+    "max_batch_size": 8,
+    "max_batch_count": 100,
+}
+OPTION_CHOICES: dict[str, tuple[str, ...]] = {
+    "forge_async_loading": ("Queue", "Async"),
+    "forge_pin_shared_memory": ("CPU", "Shared"),
+    "samples_format": ("png",),
+}
+
+
+@dataclass(frozen=True)
+class Paths:
+    data_dir: Path
+    models_dir: Path
+    checkpoint_dirs: tuple[Path, ...]
+    lora_dir: Path
+    vae_dir: Path
+    text_encoder_dir: Path
+    outdir: Path
+    builtin_models_dir: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.data_dir / "config.json"
+
+    @property
+    def hash_cache_file(self) -> Path:
+        return self.data_dir / "cache.json"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Paths:
+        data = Path(args.data_dir).resolve()
+        models = Path(args.models_dir or data / "models").resolve()
+        ckpt_dirs = [models / "Stable-diffusion"] + ([Path(args.ckpt_dir).resolve()] if args.ckpt_dir else [])
+        return cls(
+            data_dir=data,
+            models_dir=models,
+            checkpoint_dirs=tuple(ckpt_dirs),
+            lora_dir=Path(args.lora_dir or models / "Lora").resolve(),
+            vae_dir=Path(args.vae_dir or models / "VAE").resolve(),
+            text_encoder_dir=Path(args.text_encoder_dir or models / "text_encoder").resolve(),
+            outdir=Path(args.outdir or data / "outputs").resolve(),
+            builtin_models_dir=(data / ".cache" / "builtin-models").resolve(),
+        )
+
+    def create(self) -> None:
+        for folder in (*self.checkpoint_dirs[:1], self.lora_dir, self.vae_dir, self.text_encoder_dir, self.outdir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+class Options:
+    """User options persisted to config.json; thread-safe; listeners hear every change."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._values = dict(OPTION_DEFAULTS)
+        self._lock = threading.RLock()
+        self._listeners: list[Callable[[str, Any], None]] = []
+        if path is not None and path.exists():
+            self._load(path)
+
+    def _load(self, path: Path) -> None:
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(stored, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            backup = path.with_suffix(".json.bad")
+            shutil.copyfile(path, backup)
+            log.error("config.json is corrupt (%s); kept a copy as %s and started from defaults.", e, backup.name)
+            return
+        for key, value in stored.items():
+            try:
+                self._values[key] = self._checked(key, value)
+            except UserError as e:
+                log.warning("config.json: ignoring %s", e)
+
+    def __getitem__(self, key: str) -> Any:
+        with self._lock:
+            return self._values[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            return self._values.get(key, default)
+
+    def as_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._values)
+
+    def update(self, changes: dict[str, Any]) -> None:
+        """Set several options at once: all are checked before any is applied, then saved."""
+        with self._lock:
+            checked = {key: self._checked(key, value) for key, value in changes.items()}
+            changed = {k: v for k, v in checked.items() if self._values.get(k) != v}
+            self._values.update(checked)
+            self.save()
+        for key, value in changed.items():
+            for listener in self._listeners:
+                listener(key, value)
+
+    def subscribe(self, listener: Callable[[str, Any], None]) -> None:
+        self._listeners.append(listener)
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        with self._lock:
+            tmp = self.path.with_suffix(".json.tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self._values, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+
+    @staticmethod
+    def _checked(key: str, value: Any) -> Any:
+        if key not in OPTION_DEFAULTS:
+            return value  # unknown keys (e.g. from A1111 clients or extensions) are kept as given
+        default = OPTION_DEFAULTS[key]
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise UserError(f"must be true or false, got {value!r}", field=key)
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+                raise UserError(f"must be a whole number, got {value!r}", field=key)
+            value = int(value)
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise UserError(f"must be text, got {value!r}", field=key)
+        if key in OPTION_CHOICES and value not in OPTION_CHOICES[key]:
+            raise UserError(f"must be one of {', '.join(OPTION_CHOICES[key])}, got {value!r}", field=key)
+        return value
+
+
+@dataclass
+class AppConfig:
+    """What the process was started with: flags, folders and the options store."""
+
+    args: argparse.Namespace
+    paths: Paths
+    options: Options
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> AppConfig:
+        paths = Paths.from_args(args)
+        paths.data_dir.mkdir(parents=True, exist_ok=True)
+        paths.create()
+        return cls(args, paths, Options(paths.config_file))

@@ -1,0 +1,301 @@
+"""The Gradio web UI.
+
+It holds no engine logic: it reads and writes the settings store, turns the txt2img form into
+a GenerationRequest (in ``request_from_form`` only) and submits it through the job queue, the
+same path the API takes.
+"""
+from __future__ import annotations
+
+import html
+import inspect
+from collections.abc import Iterator
+from concurrent.futures import Future, wait
+from typing import Any
+
+import gradio as gr
+import psutil
+import torch
+
+from webui.engine.engine import Engine
+from webui.engine.progress import Progress
+from webui.engine.request import GenerationRequest, GenerationResult
+from webui.engine.samplers import sampler_names, schedule_type_names
+from webui.errors import UserError
+from webui.jobs import JobQueue
+
+POLL_SECONDS = 0.3
+MB = 1024 * 1024
+VAE_BUILTIN = ["Automatic", "None"]
+OPTION_LABELS = {"sd_model_checkpoint": "Stable Diffusion checkpoint", "sd_vae": "SD VAE"}
+
+# Ctrl+Enter (Cmd+Enter on macOS) in either prompt box presses Generate, as in A1111.
+CTRL_ENTER_JS = """
+() => {
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" || !(event.ctrlKey || event.metaKey)) return;
+    if (!event.target.closest("#txt2img_prompt, #txt2img_neg_prompt")) return;
+    event.preventDefault();
+    document.getElementById("txt2img_generate")?.click();
+  });
+}
+"""
+
+
+class FieldSlider(gr.Slider):
+    """A slider whose out-of-range error names the slider (Gradio's own message does not).
+
+    ``is_template`` makes Gradio draw it with the stock slider."""
+
+    is_template = True
+
+    def preprocess(self, payload: float) -> float:
+        try:
+            return super().preprocess(payload)
+        except gr.Error as e:
+            raise gr.Error(f"{self.label}: {e.message}") from None
+
+
+def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
+    with gr.Blocks(title="Stable Diffusion web UI", analytics_enabled=False) as demo:
+        _model_row(demo, engine)
+        with gr.Tab("txt2img"):
+            _txt2img_tab(demo, engine, jobs)
+        demo.load(None, js=CTRL_ENTER_JS)
+    return demo
+
+
+# ---- top row: checkpoint, VAE, GPU weights -------------------------------------------------
+
+def checkpoint_choices(engine: Engine) -> tuple[list[str], str | None]:
+    """All checkpoint titles, and the one loaded now (else the one the settings select)."""
+    models = engine.models
+    titles = [models.title(info) for info in models.checkpoints()]
+    if models.current is not None:
+        return titles, models.title(models.current.info)
+    try:
+        return titles, models.title(models.default_checkpoint(engine.options["sd_model_checkpoint"]))
+    except UserError:
+        return titles, None
+
+
+def vae_choices(engine: Engine) -> tuple[list[str], str]:
+    names = VAE_BUILTIN + [engine.models.vae_name(path) for path in engine.models.vaes()]
+    selected = engine.options["sd_vae"]
+    return names, selected if selected in names else "Automatic"
+
+
+def total_memory_mb(device: torch.device) -> tuple[int, str]:
+    """Total memory the GPU-weights budget is taken from, and what that memory is."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.total_memory // MB, f"{props.name} memory"
+    return psutil.virtual_memory().total // MB, "system RAM (no CUDA device)"
+
+
+def _model_row(demo: gr.Blocks, engine: Engine) -> None:
+    total_mb, memory_kind = total_memory_mb(engine.device)
+    titles, title = checkpoint_choices(engine)
+    vaes, vae = vae_choices(engine)
+    with gr.Row(equal_height=True):
+        checkpoint = gr.Dropdown(titles, value=title, label=OPTION_LABELS["sd_model_checkpoint"], scale=4,
+                                 elem_id="sd_model_checkpoint")
+        refresh = gr.Button("🔄", scale=0, min_width=48, elem_id="refresh_checkpoints")
+        vae_box = gr.Dropdown(vaes, value=vae, label=OPTION_LABELS["sd_vae"], scale=2, elem_id="sd_vae")
+        gpu_weights = gr.Slider(
+            0, total_mb, step=1, precision=0, scale=3, elem_id="gpu_weights",
+            value=total_mb - engine.options["forge_inference_memory"], label="GPU Weights (MB)",
+            info=f"Out of {total_mb} MB of {memory_kind}; the rest stays free for computation.",
+        )
+
+    def model_lists() -> tuple[dict, dict]:
+        titles, title = checkpoint_choices(engine)
+        vaes, vae = vae_choices(engine)
+        return gr.update(choices=titles, value=title), gr.update(choices=vaes, value=vae)
+
+    def refreshed() -> tuple[dict, dict]:
+        engine.models.refresh()
+        return model_lists()
+
+    def on_load() -> tuple[dict, dict, int]:
+        """Show the settings as they are now: another tab or the API may have changed them."""
+        return *model_lists(), total_mb - engine.options["forge_inference_memory"]
+
+    demo.load(on_load, outputs=[checkpoint, vae_box, gpu_weights], api_visibility="private")
+    refresh.click(refreshed, outputs=[checkpoint, vae_box], api_visibility="private")
+    checkpoint.input(_option_setter(engine, "sd_model_checkpoint"), checkpoint, api_visibility="private")
+    vae_box.input(_option_setter(engine, "sd_vae"), vae_box, api_visibility="private")
+    gpu_weights.input(lambda mb: _set_option(engine, "forge_inference_memory", total_mb - int(mb)), gpu_weights,
+                      api_visibility="private")
+
+
+def _option_setter(engine: Engine, key: str):
+    return lambda value: _set_option(engine, key, value)
+
+
+def _set_option(engine: Engine, key: str, value: Any) -> None:
+    """Store an option; the engine applies it at the next generation."""
+    if value is None:
+        return
+    try:
+        engine.options.update({key: value})
+    except UserError as e:
+        gr.Warning(str(e))
+
+
+# ---- txt2img ---------------------------------------------------------------------------------
+
+def request_from_form(form: dict[str, gr.components.Component], values: tuple) -> GenerationRequest:
+    """The one mapping from UI fields to a request: the form's keys are GenerationRequest fields."""
+    return GenerationRequest(**dict(zip(form, values)))
+
+
+def _txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue) -> None:
+    form: dict[str, gr.components.Component] = {}
+    with gr.Row():
+        with gr.Column(scale=6):
+            form["prompt"] = gr.Textbox("", label="Prompt", lines=3, elem_id="txt2img_prompt",
+                                        placeholder="Prompt (Ctrl+Enter to generate)")
+            form["negative_prompt"] = gr.Textbox("", label="Negative prompt", lines=2, elem_id="txt2img_neg_prompt",
+                                                 placeholder="Negative prompt (Ctrl+Enter to generate)")
+        with gr.Column(scale=1, min_width=180):
+            generate = gr.Button("Generate", variant="primary", size="lg", elem_id="txt2img_generate")
+            with gr.Row():
+                interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt")
+                skip = gr.Button("Skip", elem_id="txt2img_skip")
+    with gr.Row():
+        with gr.Column(scale=1):
+            with gr.Row():
+                form["sampler_name"] = gr.Dropdown(sampler_names(), value="DPM++ 2M", label="Sampling method")
+                form["scheduler"] = gr.Dropdown(schedule_type_names(), value="Automatic", label="Schedule type")
+            form["steps"] = FieldSlider(1, 150, value=20, step=1, precision=0, label="Sampling steps")
+            with gr.Row():
+                form["width"] = FieldSlider(64, 2048, value=512, step=8, precision=0, label="Width")
+                form["height"] = FieldSlider(64, 2048, value=512, step=8, precision=0, label="Height")
+            with gr.Row():
+                form["n_iter"] = FieldSlider(1, 100, value=1, step=1, precision=0, label="Batch count")
+                form["batch_size"] = FieldSlider(1, 8, value=1, step=1, precision=0, label="Batch size")
+            form["cfg_scale"] = FieldSlider(1, 30, value=7, step=0.5, label="CFG Scale")
+            with gr.Row(equal_height=True):
+                form["seed"] = gr.Number(-1, precision=0, label="Seed", scale=4, elem_id="txt2img_seed")
+                random_seed = gr.Button("🎲", scale=0, min_width=48, elem_id="txt2img_random_seed")
+                reuse_seed = gr.Button("♻️", scale=0, min_width=48, elem_id="txt2img_reuse_seed")
+            form["clip_skip"] = FieldSlider(1, 12, step=1, precision=0, label="Clip skip",
+                                            value=engine.options["CLIP_stop_at_last_layers"])
+        with gr.Column(scale=1):
+            preview = gr.Image(label="Preview", type="pil", visible=False, interactive=False, height=320,
+                               elem_id="txt2img_preview")
+            gallery = gr.Gallery(label="Output", format="png", columns=4, height=480, elem_id="txt2img_gallery")
+            status = gr.HTML(label="Status", elem_id="txt2img_status")
+            infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
+                                  elem_id="txt2img_infotext")
+    infotexts = gr.State([])
+    last_seed = gr.State(-1)
+
+    outputs = [gallery, preview, status, infotext, infotexts, last_seed]
+    run = _generator(engine, jobs, form, dict(zip(["gallery", "preview", "status", "infotext", "infotexts",
+                                                   "last_seed"], outputs)))
+    demo.load(lambda: engine.options["CLIP_stop_at_last_layers"], outputs=form["clip_skip"],
+              api_visibility="private")
+    generate.click(run, inputs=list(form.values()), outputs=outputs, api_name="txt2img", show_progress="hidden",
+                   concurrency_limit=None)
+    interrupt.click(jobs.interrupt, queue=False, api_name="interrupt")
+    skip.click(jobs.skip, queue=False, api_name="skip")
+    random_seed.click(lambda: -1, outputs=form["seed"], queue=False, api_visibility="private")
+    reuse_seed.click(lambda seed: seed, inputs=last_seed, outputs=form["seed"], queue=False,
+                     api_visibility="private")
+    gallery.select(_selected_infotext, inputs=infotexts, outputs=infotext, queue=False, api_visibility="private")
+
+
+def _selected_infotext(texts: list[str], evt: gr.SelectData) -> str:
+    return texts[evt.index] if 0 <= evt.index < len(texts) else ""
+
+
+def _generator(engine: Engine, jobs: JobQueue, form: dict[str, gr.components.Component],
+               out: dict[str, gr.components.Component]):
+    """The Generate handler: submit, report progress and previews until done, then the images."""
+
+    def run(*values: Any) -> Iterator[dict]:
+        yield {out["gallery"]: [], out["infotext"]: "", out["status"]: _status_html("Starting…")}
+        try:
+            future = jobs.submit(request_from_form(form, values))
+        except Exception as e:  # a field of the wrong type, before any request exists
+            yield {out["status"]: _error_html(f"Bad input: {e}")}
+            return
+        while not wait([future], timeout=POLL_SECONDS).done:
+            yield {out["status"]: progress_html(engine.progress, future), out["preview"]: _preview(engine)}
+        yield _finished(future, form, out)
+
+    # Name the parameters after the request fields: API clients call /txt2img with these keywords.
+    run.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=field.value)
+         for name, field in form.items()])
+    return run
+
+
+def _preview(engine: Engine) -> dict:
+    image = engine.progress.preview() if engine.options["live_previews_enable"] else None
+    return gr.update(value=image, visible=image is not None)
+
+
+def _finished(future: Future, form: dict[str, gr.components.Component],
+              out: dict[str, gr.components.Component]) -> dict:
+    hidden_preview = gr.update(value=None, visible=False)
+    try:
+        result: GenerationResult = future.result()
+    except UserError as e:
+        message = f"{field_label(e.field, form)}: {e.message}" if e.field else e.message
+        gr.Warning(message)
+        return {out["status"]: _error_html(message), out["preview"]: hidden_preview}
+    except Exception as e:  # the queue survived it; show it and stay usable
+        return {out["status"]: _error_html(f"Generation failed: {type(e).__name__}: {e}"),
+                out["preview"]: hidden_preview}
+    return {
+        out["gallery"]: result.images,
+        out["infotext"]: result.infotexts[0] if result.infotexts else "",
+        out["infotexts"]: result.infotexts,
+        out["last_seed"]: result.seed,
+        out["status"]: _status_html(_done_text(result)),
+        out["preview"]: hidden_preview,
+    }
+
+
+def field_label(field: str, form: dict[str, gr.components.Component]) -> str:
+    """The label the user sees for a request field or option, with the field's own name."""
+    label = form[field].label if field in form else OPTION_LABELS.get(field)
+    return f"{label} ({field})" if label else field
+
+
+def progress_html(progress: Progress, future: Future) -> str:
+    if not future.running():
+        return _status_html("Waiting in the queue…")
+    if not progress.active:
+        return _status_html("Loading the model…")
+    percent = progress.fraction * 100
+    text = f"{percent:.0f}% · step {progress.sampling_step}/{progress.sampling_steps}"
+    if progress.job_count > 1:
+        text += f" · batch {progress.job_no + 1}/{progress.job_count}"
+    if percent > 0:
+        text += f" · ETA {_duration(progress.eta_seconds)}"
+    bar = (f'<div style="height:6px;background:var(--neutral-200,#ddd);border-radius:3px;margin-top:4px">'
+           f'<div style="width:{percent:.1f}%;height:100%;background:var(--color-accent,#f97316);'
+           f'border-radius:3px"></div></div>')
+    return _status_html(text) + bar
+
+
+def _done_text(result: GenerationResult) -> str:
+    what = "Interrupted" if result.interrupted else "Done"
+    return f"{what}: {len(result.images)} image(s) in {_duration(result.seconds)}, seed {result.seed}."
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _status_html(text: str) -> str:
+    return f'<div class="gen-status">{html.escape(text)}</div>'
+
+
+def _error_html(text: str) -> str:
+    return f'<div class="gen-error" style="color:#dc2626;font-weight:600">⚠ {html.escape(text)}</div>'
+
