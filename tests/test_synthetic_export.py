@@ -1,6 +1,8 @@
 """Synthetic models and their export, checked against diffusers' own single-file conversion."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from safetensors import safe_open
 
 from webui.engine.ldm_export import (
     LDM_SCHEDULE_KEYS,
+    V_PREDICTION_KEY,
     ldm_state_dict,
     text_state_dict,
     write_a1111_checkpoint,
@@ -108,6 +111,15 @@ def test_a1111_checkpoint_file(tmp_path, model):
             assert betas[0].item() == pytest.approx(0.00085) and betas[-1].item() == pytest.approx(0.012)
             assert f.get_tensor("alphas_cumprod").dtype == torch.float32
     assert keys == set(ldm_state_dict(model))
+
+
+def test_v_prediction_is_marked_in_both_formats(tmp_path):
+    model = build_synthetic_model("sd2", prediction_type="v_prediction")
+    assert V_PREDICTION_KEY in ldm_state_dict(model)
+    assert V_PREDICTION_KEY not in ldm_state_dict(build_synthetic_model("sd2"))
+    write_diffusers_folder(tmp_path, model)
+    scheduler = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["steps_offset"] == 1
 
 
 def test_every_weight_is_random_and_outputs_are_sane(model):

@@ -10,6 +10,7 @@ import html
 import inspect
 from collections.abc import Iterator
 from concurrent.futures import Future, wait
+from functools import partial
 from typing import Any
 
 import gradio as gr
@@ -103,7 +104,7 @@ def _model_row(demo: gr.Blocks, engine: Engine) -> None:
         vae_box = gr.Dropdown(vaes, value=vae, label=OPTION_LABELS["sd_vae"], scale=2, elem_id="sd_vae")
         gpu_weights = gr.Slider(
             0, total_mb, step=1, precision=0, scale=3, elem_id="gpu_weights",
-            value=total_mb - engine.options["forge_inference_memory"], label="GPU Weights (MB)",
+            value=gpu_weights_mb(engine, total_mb), label="GPU Weights (MB)",
             info=f"Out of {total_mb} MB of {memory_kind}; the rest stays free for computation.",
         )
 
@@ -118,21 +119,25 @@ def _model_row(demo: gr.Blocks, engine: Engine) -> None:
 
     def on_load() -> tuple[dict, dict, int]:
         """Show the settings as they are now: another tab or the API may have changed them."""
-        return *model_lists(), total_mb - engine.options["forge_inference_memory"]
+        return *model_lists(), gpu_weights_mb(engine, total_mb)
 
     demo.load(on_load, outputs=[checkpoint, vae_box, gpu_weights], api_visibility="private")
     refresh.click(refreshed, outputs=[checkpoint, vae_box], api_visibility="private")
-    checkpoint.input(_option_setter(engine, "sd_model_checkpoint"), checkpoint, api_visibility="private")
-    vae_box.input(_option_setter(engine, "sd_vae"), vae_box, api_visibility="private")
-    gpu_weights.input(lambda mb: _set_option(engine, "forge_inference_memory", total_mb - int(mb)), gpu_weights,
-                      api_visibility="private")
+    checkpoint.input(partial(set_option, engine, "sd_model_checkpoint"), checkpoint, api_visibility="private")
+    vae_box.input(partial(set_option, engine, "sd_vae"), vae_box, api_visibility="private")
+    gpu_weights.input(partial(set_gpu_weights, engine, total_mb), gpu_weights, api_visibility="private")
 
 
-def _option_setter(engine: Engine, key: str):
-    return lambda value: _set_option(engine, key, value)
+def gpu_weights_mb(engine: Engine, total_mb: int) -> int:
+    """Forge's GPU Weights: the memory left for weights once the inference reserve is taken."""
+    return min(max(total_mb - engine.options["forge_inference_memory"], 0), total_mb)
 
 
-def _set_option(engine: Engine, key: str, value: Any) -> None:
+def set_gpu_weights(engine: Engine, total_mb: int, weights_mb: float) -> None:
+    set_option(engine, "forge_inference_memory", total_mb - int(weights_mb))
+
+
+def set_option(engine: Engine, key: str, value: Any) -> None:
     """Store an option; the engine applies it at the next generation."""
     if value is None:
         return

@@ -47,6 +47,8 @@ LDM_SCHEDULE_KEYS = (
 )
 # Families saved by LDM's DDPM class, whose files carry the LDM_SCHEDULE_KEYS buffers.
 LDM_DDPM_FAMILIES = ("sd1", "sd2")
+# Forge/ComfyUI's marker of a v-prediction model: an empty tensor under this key.
+V_PREDICTION_KEY = "v_pred"
 # OpenCLIP's trained temperature, ln(100).
 OPEN_CLIP_LOGIT_SCALE = math.log(100.0)
 
@@ -232,7 +234,10 @@ def _prefixed(prefix: str, state_dict: StateDict) -> StateDict:
 
 
 def ldm_state_dict(model: SyntheticModel) -> StateDict:
-    """The complete single-file state dict of ``model`` in the components' own dtypes and devices."""
+    """The complete single-file state dict of ``model`` in the components' own dtypes and devices.
+
+    A v-prediction model gets the ``v_pred`` marker key, since LDM files hold no scheduler config.
+    """
     out = _prefixed(UNET_PREFIX, unet_to_ldm(model.unet.state_dict(), model.unet.config))
     out.update(_prefixed(VAE_PREFIX, vae_to_ldm(model.vae.state_dict(), model.vae.config)))
     for i, (encoder, (prefix, open_clip)) in enumerate(zip(model.text_encoders, TEXT_ENCODER_PREFIXES[model.family])):
@@ -240,6 +245,8 @@ def ldm_state_dict(model: SyntheticModel) -> StateDict:
         out.update(_prefixed(prefix, open_clip_to_ldm(weights) if open_clip else clip_to_ldm(weights)))
     if model.family in LDM_DDPM_FAMILIES:
         out.update(_ldm_schedule())
+    if model.prediction_type == "v_prediction":
+        out[V_PREDICTION_KEY] = torch.empty(0)
     return out
 
 

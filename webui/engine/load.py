@@ -190,18 +190,16 @@ def _load_diffusers_folder(info: CheckpointInfo) -> LoadedModel:
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
     vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
     sdxl = pipeline == "StableDiffusionXLPipeline"
-    if sdxl:
-        family = Family.SDXL
-    else:
-        family = Family.SD2 if unet.config.cross_attention_dim == 1024 else Family.SD1
     names = [("text_encoder", "tokenizer", CLIPTextModel)]
     if sdxl:
         names.append(("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection))
+    encoders = [(cls.from_pretrained(folder / te, local_files_only=True), folder / tok, cls) for te, tok, cls in names]
+    # SD2's text encoder is OpenCLIP (gelu); SD1's is OpenAI CLIP (quick_gelu). Width says nothing at tiny sizes.
+    family = Family.SDXL if sdxl else Family.SD2 if encoders[0][0].config.hidden_act == "gelu" else Family.SD1
     slots = []
-    for te_name, tok_name, cls in names:
-        model = cls.from_pretrained(folder / te_name, local_files_only=True)
-        tok_dir = folder / tok_name
-        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True) if tok_dir.is_dir() else clip_tokenizer()
+    for model, tok_dir, cls in encoders:
+        default = clip_tokenizer("!" if family is Family.SD2 or cls is CLIPTextModelWithProjection else "<|endoftext|>")
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True) if tok_dir.is_dir() else default
         slots.append(_slot(model, tokenizer, family, pooled=cls is CLIPTextModelWithProjection))
     scheduler_config = ModelArch(family, {}, None).scheduler_config
     sched_file = folder / "scheduler" / "scheduler_config.json"

@@ -1,0 +1,122 @@
+"""Start the web UI, on a fresh machine too: ``python launch.py [flags]`` (``--help`` lists them).
+
+Needs only Python 3.10+. Before serving it:
+
+1. re-runs itself inside the project's virtual environment (``.venv``, or ``$WEBUI_VENV``),
+   creating it first if needed; ``--skip-venv`` or ``WEBUI_SKIP_VENV=1`` stays in this Python;
+2. installs the missing requirements: torch first (the CUDA build when ``nvidia-smi`` answers,
+   else the CPU build, which is much smaller), then the project with its dependencies;
+   ``--skip-install`` skips the check.
+
+Only the standard library may be imported at the top: this runs before anything is installed.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+REQUIRED_MODULES = ("torch", "diffusers", "transformers", "safetensors", "gguf", "gradio", "fastapi", "uvicorn",
+                    "PIL", "psutil", "accelerate", "torchsde", "tqdm")
+TORCH_VERSION = "2.13.0"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+REEXEC_MARK = "WEBUI_LAUNCHER_REEXEC"  # set before re-running in the venv, to stop a re-exec loop
+
+
+def venv_dir() -> Path:
+    return Path(os.environ.get("WEBUI_VENV") or ROOT / ".venv").resolve()
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def in_venv(venv: Path) -> bool:
+    return Path(sys.prefix).resolve() == venv
+
+
+def enter_venv(venv: Path, argv: list[str]) -> None:
+    """Create the venv if it is missing, then replace this process with this script run by its Python."""
+    if os.environ.get(REEXEC_MARK):
+        sys.exit(f"Re-ran launch.py with {venv_python(venv)} but it is still not inside {venv}; "
+                 "remove that folder to have it made again, or pass --skip-venv.")
+    python = venv_python(venv)
+    if not python.exists():
+        print(f"Creating the virtual environment {venv}", flush=True)
+        if subprocess.run([sys.executable, "-m", "venv", str(venv)]).returncode != 0:
+            sys.exit(f"Could not create a virtual environment in {venv}. On Debian/Ubuntu install the "
+                     "python3-venv package, or pass --skip-venv to run with this Python.")
+    print(f"Running in the virtual environment {venv}", flush=True)
+    os.environ[REEXEC_MARK] = "1"
+    os.execv(python, [str(python), str(Path(__file__).resolve()), *argv])
+
+
+def missing_modules() -> list[str]:
+    return [name for name in REQUIRED_MODULES if importlib.util.find_spec(name) is None]
+
+
+def has_nvidia_gpu() -> bool:
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        return subprocess.run(["nvidia-smi"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def pip_install(*args: str) -> bool:
+    command = [sys.executable, "-m", "pip", "install", *args]
+    print("Running:", " ".join(command), flush=True)
+    return subprocess.run(command).returncode == 0
+
+
+def install_torch() -> None:
+    if has_nvidia_gpu():
+        print("Installing torch with CUDA (an NVIDIA GPU answered nvidia-smi).", flush=True)
+        ok = pip_install("torch")
+    else:
+        print(f"Installing torch {TORCH_VERSION}, CPU build (no NVIDIA GPU found).", flush=True)
+        spec = f"torch=={TORCH_VERSION}"
+        ok = pip_install(spec, "--extra-index-url", TORCH_CPU_INDEX) or pip_install(spec)
+    if not ok:
+        sys.exit("Could not install torch; pip said why above.")
+
+
+def install_requirements() -> None:
+    """Install what is missing: torch first, so that pip does not pick a torch build for us."""
+    missing = missing_modules()
+    if not missing:
+        return
+    print(f"Missing packages: {', '.join(missing)}", flush=True)
+    if "torch" in missing:
+        install_torch()
+    print("Installing the web UI and its dependencies.", flush=True)
+    if not pip_install("-e", str(ROOT)):
+        sys.exit("Could not install the requirements; pip said why above.")
+    importlib.invalidate_caches()
+
+
+def main(argv: list[str] | None = None) -> None:
+    if sys.version_info < (3, 10):
+        sys.exit(f"Python 3.10 or newer is needed; this is {sys.version.split()[0]}.")
+    argv = sys.argv[1:] if argv is None else argv
+    from webui.cli import parse_args  # standard library only
+
+    args = parse_args(argv)  # --help and bad flags end here, before any slow step
+    venv = venv_dir()
+    if not (args.skip_venv or os.environ.get("WEBUI_SKIP_VENV") == "1" or in_venv(venv)):
+        enter_venv(venv, argv)
+    if not args.skip_install:
+        install_requirements()
+    from webui.server import main as serve
+
+    serve(argv)
+
+
+if __name__ == "__main__":
+    main()

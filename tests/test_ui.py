@@ -1,0 +1,128 @@
+"""The Gradio UI, served for real on a free local port and driven with gradio_client."""
+from __future__ import annotations
+
+import socket
+import time
+from concurrent.futures import Future
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from webui.cli import parse_args
+from webui.engine.engine import Engine
+from webui.engine.progress import Progress
+from webui.jobs import JobQueue
+from webui.settings import AppConfig
+from webui.ui import (build_ui, checkpoint_choices, gpu_weights_mb, progress_html, set_gpu_weights,
+                      total_memory_mb, vae_choices)
+
+SMALL = {"prompt": "a red apple", "width": 64, "height": 64, "steps": 2}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Engine:
+    data = tmp_path_factory.mktemp("data")
+    return Engine(AppConfig.from_args(parse_args(["--data-dir", str(data)])))
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    demo = build_ui(engine, JobQueue(engine))
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    try:
+        yield Client(url, verbose=False)
+    finally:
+        demo.close()
+
+
+def txt2img(client: Client, **fields) -> tuple[list[dict], str, str]:
+    """Gallery, status HTML and infotext of one Generate."""
+    gallery, _preview, status, infotext = client.predict(**{**SMALL, **fields}, api_name="/txt2img")
+    return gallery, status, infotext
+
+
+def test_generates_an_image_with_its_infotext(client):
+    gallery, status, infotext = txt2img(client, seed=1234, negative_prompt="blurry")
+    assert len(gallery) == 1
+    assert Image.open(gallery[0]["image"]).size == (64, 64)
+    assert infotext.startswith("a red apple\nNegative prompt: blurry\n")
+    for part in ("Steps: 2", "Sampler: DPM++ 2M", "Seed: 1234", "Size: 64x64", "Model: demo-sd15-tiny"):
+        assert part in infotext
+    assert "Done: 1 image(s)" in status and "seed 1234" in status
+
+
+def test_batches_give_one_image_each(client):
+    gallery, _, infotext = txt2img(client, seed=7, n_iter=2, batch_size=2)
+    assert len(gallery) == 4
+    assert "Seed: 7" in infotext
+
+
+def test_engine_refusal_names_the_field_and_the_app_keeps_working(client):
+    gallery, status, _ = txt2img(client, width=100)
+    assert "gen-error" in status
+    assert "Width (width): must be a multiple of 8" in status
+    gallery, status, infotext = txt2img(client, seed=5)
+    assert len(gallery) == 1 and "Seed: 5" in infotext
+
+
+def test_unsupported_schedule_names_the_schedule_type(client):
+    _, status, _ = txt2img(client, sampler_name="Euler a", scheduler="Karras")
+    assert "gen-error" in status and "Schedule type (scheduler)" in status
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("width", 100000, "Width: Value 100000 is greater than maximum value 2048"),
+    ("steps", 0, "Sampling steps: Value 0 is less than minimum value 1"),
+])
+def test_out_of_range_fields_are_refused_by_name(client, field, value, message):
+    with pytest.raises(AppError, match=message):
+        txt2img(client, **{field: value})
+    gallery, _, _ = txt2img(client)
+    assert len(gallery) == 1
+
+
+def test_interrupt_works_while_generating(client):
+    job = client.submit(**{**SMALL, "steps": 150, "n_iter": 100}, api_name="/txt2img")
+    deadline = time.monotonic() + 60
+    while not any("%" in out[2] for out in job.outputs()):
+        assert time.monotonic() < deadline, "no progress was reported"
+        time.sleep(0.1)
+    client.predict(api_name="/interrupt")
+    gallery, _preview, status, _ = job.result(timeout=60)
+    assert "Interrupted" in status
+    assert 1 <= len(gallery) < 100
+
+
+def test_model_row_shows_the_demo_checkpoint_and_vae_choices(engine):
+    titles, selected = checkpoint_choices(engine)
+    assert any(t.startswith("demo-sd15-tiny") for t in titles) and selected in titles
+    vaes, vae = vae_choices(engine)
+    assert vaes[:2] == ["Automatic", "None"] and vae == "Automatic"
+
+
+def test_gpu_weights_are_stored_as_the_inference_reserve(engine):
+    total, _ = total_memory_mb(engine.device)
+    set_gpu_weights(engine, total, total - 2048)
+    assert engine.options["forge_inference_memory"] == 2048
+    assert gpu_weights_mb(engine, total) == total - 2048
+
+
+def test_progress_line_shows_percent_step_batch_and_eta():
+    progress = Progress()
+    progress.begin("txt2img", job_count=2, steps=10)
+    progress.started_at -= 10
+    progress.next_batch(1)
+    progress.sampling_step = 5
+    running: Future = Future()
+    running.set_running_or_notify_cancel()
+    text = progress_html(progress, running)
+    assert "75%" in text and "step 5/10" in text and "batch 2/2" in text and "ETA 3s" in text
+    assert "Waiting in the queue" in progress_html(progress, Future())
