@@ -45,7 +45,7 @@ def client(engine):
 
 def txt2img(client: Client, **fields) -> tuple[list[dict], str, str]:
     """Gallery, status HTML and infotext of one Generate."""
-    gallery, _preview, status, infotext = client.predict(**{**SMALL, **fields}, api_name="/txt2img")
+    _preview, gallery, status, infotext = client.predict(**{**SMALL, **fields}, api_name="/txt2img")
     return gallery, status, infotext
 
 
@@ -96,7 +96,7 @@ def test_interrupt_works_while_generating(client):
         assert time.monotonic() < deadline, "no progress was reported"
         time.sleep(0.1)
     client.predict(api_name="/interrupt")
-    gallery, _preview, status, _ = job.result(timeout=60)
+    _preview, gallery, status, _ = job.result(timeout=60)
     assert "Interrupted" in status
     assert 1 <= len(gallery) < 100
 

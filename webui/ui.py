@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 import psutil
 import torch
+from PIL import Image
 
 from webui.engine.engine import Engine
 from webui.engine.progress import Progress
@@ -156,6 +157,27 @@ def request_from_form(form: dict[str, gr.components.Component], values: tuple) -
 
 def _txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue) -> None:
     form: dict[str, gr.components.Component] = {}
+    generate, interrupt, skip = _prompt_row(form)
+    with gr.Row():
+        with gr.Column(scale=1):
+            random_seed, reuse_seed = _settings_column(form, engine)
+        with gr.Column(scale=1):
+            out = _output_column()
+    run = _generator(engine, jobs, form, out)
+    generate.click(run, inputs=list(form.values()), outputs=list(out.values()), api_name="txt2img",
+                   show_progress="hidden", concurrency_limit=None)
+    interrupt.click(jobs.interrupt, queue=False, api_name="interrupt")
+    skip.click(jobs.skip, queue=False, api_name="skip")
+    random_seed.click(lambda: -1, outputs=form["seed"], queue=False, api_visibility="private")
+    reuse_seed.click(lambda seed: seed, inputs=out["last_seed"], outputs=form["seed"], queue=False,
+                     api_visibility="private")
+    out["gallery"].select(_selected_infotext, inputs=out["infotexts"], outputs=out["infotext"], queue=False,
+                          api_visibility="private")
+    demo.load(lambda: engine.options["CLIP_stop_at_last_layers"], outputs=form["clip_skip"],
+              api_visibility="private")
+
+
+def _prompt_row(form: dict[str, gr.components.Component]) -> tuple[gr.Button, gr.Button, gr.Button]:
     with gr.Row():
         with gr.Column(scale=6):
             form["prompt"] = gr.Textbox("", label="Prompt", lines=3, elem_id="txt2img_prompt",
@@ -167,48 +189,49 @@ def _txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue) -> None:
             with gr.Row():
                 interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt")
                 skip = gr.Button("Skip", elem_id="txt2img_skip")
-    with gr.Row():
-        with gr.Column(scale=1):
-            with gr.Row():
-                form["sampler_name"] = gr.Dropdown(sampler_names(), value="DPM++ 2M", label="Sampling method")
-                form["scheduler"] = gr.Dropdown(schedule_type_names(), value="Automatic", label="Schedule type")
-            form["steps"] = FieldSlider(1, 150, value=20, step=1, precision=0, label="Sampling steps")
-            with gr.Row():
-                form["width"] = FieldSlider(64, 2048, value=512, step=8, precision=0, label="Width")
-                form["height"] = FieldSlider(64, 2048, value=512, step=8, precision=0, label="Height")
-            with gr.Row():
-                form["n_iter"] = FieldSlider(1, 100, value=1, step=1, precision=0, label="Batch count")
-                form["batch_size"] = FieldSlider(1, 8, value=1, step=1, precision=0, label="Batch size")
-            form["cfg_scale"] = FieldSlider(1, 30, value=7, step=0.5, label="CFG Scale")
-            with gr.Row(equal_height=True):
-                form["seed"] = gr.Number(-1, precision=0, label="Seed", scale=4, elem_id="txt2img_seed")
-                random_seed = gr.Button("🎲", scale=0, min_width=48, elem_id="txt2img_random_seed")
-                reuse_seed = gr.Button("♻️", scale=0, min_width=48, elem_id="txt2img_reuse_seed")
-            form["clip_skip"] = FieldSlider(1, 12, step=1, precision=0, label="Clip skip",
-                                            value=engine.options["CLIP_stop_at_last_layers"])
-        with gr.Column(scale=1):
-            preview = gr.Image(label="Preview", type="pil", visible=False, interactive=False, height=320,
-                               elem_id="txt2img_preview")
-            gallery = gr.Gallery(label="Output", format="png", columns=4, height=480, elem_id="txt2img_gallery")
-            status = gr.HTML(label="Status", elem_id="txt2img_status")
-            infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
-                                  elem_id="txt2img_infotext")
-    infotexts = gr.State([])
-    last_seed = gr.State(-1)
+    return generate, interrupt, skip
 
-    outputs = [gallery, preview, status, infotext, infotexts, last_seed]
-    run = _generator(engine, jobs, form, dict(zip(["gallery", "preview", "status", "infotext", "infotexts",
-                                                   "last_seed"], outputs)))
-    demo.load(lambda: engine.options["CLIP_stop_at_last_layers"], outputs=form["clip_skip"],
-              api_visibility="private")
-    generate.click(run, inputs=list(form.values()), outputs=outputs, api_name="txt2img", show_progress="hidden",
-                   concurrency_limit=None)
-    interrupt.click(jobs.interrupt, queue=False, api_name="interrupt")
-    skip.click(jobs.skip, queue=False, api_name="skip")
-    random_seed.click(lambda: -1, outputs=form["seed"], queue=False, api_visibility="private")
-    reuse_seed.click(lambda seed: seed, inputs=last_seed, outputs=form["seed"], queue=False,
-                     api_visibility="private")
-    gallery.select(_selected_infotext, inputs=infotexts, outputs=infotext, queue=False, api_visibility="private")
+
+def _slider(name: str, label: str, minimum: float, maximum: float, value: float, step: float = 1) -> FieldSlider:
+    """A form slider; whole steps give whole numbers, as the request wants."""
+    return FieldSlider(minimum, maximum, value=value, step=step, precision=0 if step == int(step) else None,
+                       label=label, elem_id=f"txt2img_{name}")
+
+
+def _settings_column(form: dict[str, gr.components.Component], engine: Engine) -> tuple[gr.Button, gr.Button]:
+    with gr.Row():
+        form["sampler_name"] = gr.Dropdown(sampler_names(), value="DPM++ 2M", label="Sampling method",
+                                           elem_id="txt2img_sampling")
+        form["scheduler"] = gr.Dropdown(schedule_type_names(), value="Automatic", label="Schedule type",
+                                        elem_id="txt2img_scheduler")
+    form["steps"] = _slider("steps", "Sampling steps", 1, 150, 20)
+    with gr.Row():
+        form["width"] = _slider("width", "Width", 64, 2048, 512, step=8)
+        form["height"] = _slider("height", "Height", 64, 2048, 512, step=8)
+    with gr.Row():
+        form["n_iter"] = _slider("batch_count", "Batch count", 1, 100, 1)
+        form["batch_size"] = _slider("batch_size", "Batch size", 1, 8, 1)
+    form["cfg_scale"] = _slider("cfg_scale", "CFG Scale", 1, 30, 7, step=0.5)
+    with gr.Row(equal_height=True):
+        form["seed"] = gr.Number(-1, precision=0, label="Seed", scale=4, elem_id="txt2img_seed")
+        random_seed = gr.Button("🎲", scale=0, min_width=48, elem_id="txt2img_random_seed")
+        reuse_seed = gr.Button("♻️", scale=0, min_width=48, elem_id="txt2img_reuse_seed")
+    form["clip_skip"] = _slider("clip_skip", "Clip skip", 1, 12, engine.options["CLIP_stop_at_last_layers"])
+    return random_seed, reuse_seed
+
+
+def _output_column() -> dict[str, gr.components.Component]:
+    """The Generate handler's outputs, by name."""
+    return {
+        "preview": gr.Image(label="Preview", type="pil", visible=False, interactive=False, height=320,
+                            elem_id="txt2img_preview"),
+        "gallery": gr.Gallery(label="Output", format="png", columns=4, height=480, elem_id="txt2img_gallery"),
+        "status": gr.HTML(label="Status", elem_id="txt2img_status"),
+        "infotext": gr.Textbox(label="Generation parameters", lines=4, interactive=False,
+                               elem_id="txt2img_infotext"),
+        "infotexts": gr.State([]),
+        "last_seed": gr.State(-1),
+    }
 
 
 def _selected_infotext(texts: list[str], evt: gr.SelectData) -> str:
@@ -238,7 +261,10 @@ def _generator(engine: Engine, jobs: JobQueue, form: dict[str, gr.components.Com
 
 
 def _preview(engine: Engine) -> dict:
+    """The live preview, scaled up to the output size (the latents it is made from are 8x smaller)."""
     image = engine.progress.preview() if engine.options["live_previews_enable"] else None
+    if image is not None:
+        image = image.resize((image.width * 8, image.height * 8), Image.Resampling.BILINEAR)
     return gr.update(value=image, visible=image is not None)
 
 

@@ -56,7 +56,7 @@ class Engine:
         dtype, vae_dtype = pick_dtypes(self.device, args.no_half, args.no_half_vae)
         demo.ensure_demo_checkpoint(config.paths.builtin_models_dir)
         self.models = ModelManager(
-            [*config.paths.checkpoint_dirs, config.paths.builtin_models_dir], config.paths.vae_dir,
+            list(config.paths.checkpoint_dirs), config.paths.builtin_models_dir, config.paths.vae_dir,
             HashCache(config.paths.hash_cache_file), self.device, dtype, vae_dtype,
         )
         self.progress = Progress()

@@ -68,39 +68,37 @@ def load_model(info: CheckpointInfo, vae_file: Path | None, dtype: torch.dtype, 
     """Load a checkpoint (and optionally a separate VAE) onto ``device``."""
     start = time.perf_counter()
     if info.kind == "diffusers":
-        model = _load_diffusers_folder(info)
+        model = _load_diffusers_folder(info, dtype, vae_dtype)
     else:
-        model = _load_single_file(info)
+        model = _load_single_file(info, dtype, vae_dtype)
     if vae_file is not None:
-        model.vae = load_vae_file(vae_file, model.family)
+        model.vae = load_vae_file(vae_file, model.family, vae_dtype)
         model.vae_name = vae_file.name
     for module in model.modules():
-        module.requires_grad_(False).eval()
-    model.unet.to(device, dtype)
-    for slot in model.text_encoders:
-        slot.model.to(device, dtype)
-    model.vae.to(device, vae_dtype)
+        module.requires_grad_(False).eval().to(device)
     model.load_seconds = time.perf_counter() - start
     return model
 
 
-def _load_single_file(info: CheckpointInfo) -> LoadedModel:
+def _load_single_file(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
     _, metadata = read_tensor_infos(info.path) if info.kind == "safetensors" else ({}, {})
     sd = load_state_dict(info.path)
     infos = {k: TensorInfo(str(v.dtype), tuple(v.shape)) for k, v in sd.items()}
     arch = infer_arch(infos, metadata)
     if arch.vae is None:
         raise ModelFileError(f"{info.path.name} has no VAE inside; pick a VAE from models/VAE.")
-    unet = _build(UNet2DConditionModel, arch.unet, convert_ldm_unet_checkpoint(sd, arch.unet), info.path.name)
-    vae = _build(AutoencoderKL, arch.vae, convert_ldm_vae_checkpoint(sd, arch.vae), info.path.name)
-    slots = [_text_encoder_slot(enc, sd, arch.family, info.path.name) for enc in arch.text_encoders]
+    name = info.path.name
+    unet = _build(UNet2DConditionModel, arch.unet, convert_ldm_unet_checkpoint(sd, arch.unet), name, dtype)
+    vae = _build(AutoencoderKL, arch.vae, convert_ldm_vae_checkpoint(sd, arch.vae), name, vae_dtype)
+    slots = [_text_encoder_slot(enc, sd, arch.family, name, dtype) for enc in arch.text_encoders]
     if arch.family is Family.SD2 and arch.prediction_type == "epsilon" and _sd2_predicts_v(unet):
         arch.prediction_type = "v_prediction"
     return LoadedModel(info, arch.family, unet, vae, slots, arch.scheduler_config)
 
 
-def _build(cls: type, config: dict, state_dict: dict[str, torch.Tensor], filename: str) -> torch.nn.Module:
-    """A module of ``cls`` holding exactly ``state_dict``; a clear error when they do not match."""
+def _build(cls: type, config: dict, state_dict: dict[str, torch.Tensor], filename: str,
+           dtype: torch.dtype) -> torch.nn.Module:
+    """A module of ``cls`` holding exactly ``state_dict`` in ``dtype``; a clear error when they do not match."""
     with init_empty_weights():
         module = cls(config) if cls in (CLIPTextModel, CLIPTextModelWithProjection) else cls(**config)
     expected = module.state_dict().keys()
@@ -117,7 +115,8 @@ def _build(cls: type, config: dict, state_dict: dict[str, torch.Tensor], filenam
         if key in expected and tuple(tensor.shape) != tuple(module.state_dict()[key].shape):
             raise ModelFileError(f"{filename}: tensor {key} has shape {list(tensor.shape)}, expected "
                                  f"{list(module.state_dict()[key].shape)}. The file is inconsistent.")
-    module.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False, assign=True)
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items() if k in expected}
+    module.load_state_dict(weights, strict=False, assign=True)
     return module
 
 
@@ -130,7 +129,8 @@ def _match_text_model_prefix(state_dict: dict[str, torch.Tensor], expected) -> d
     return renamed
 
 
-def _text_encoder_slot(enc: TextEncoderArch, sd: dict, family: Family, filename: str) -> TextEncoderSlot:
+def _text_encoder_slot(enc: TextEncoderArch, sd: dict, family: Family, filename: str,
+                       dtype: torch.dtype) -> TextEncoderSlot:
     config = CLIPTextConfig(**enc.config)
     cls = CLIPTextModelWithProjection if enc.with_projection else CLIPTextModel
     if enc.kind == "clip_l":
@@ -146,7 +146,7 @@ def _text_encoder_slot(enc: TextEncoderArch, sd: dict, family: Family, filename:
             shell = cls(config)
         converted = convert_open_clip_checkpoint(shell, kept, prefix=enc.prefix)
         tokenizer = clip_tokenizer("!")
-    model = _build(cls, config, converted, filename)
+    model = _build(cls, config, converted, filename, dtype)
     return _slot(model, tokenizer, family, pooled=enc.with_projection)
 
 
@@ -159,14 +159,13 @@ def _slot(model: torch.nn.Module, tokenizer: CLIPTokenizer, family: Family, pool
 @torch.no_grad()
 def _sd2_predicts_v(unet: UNet2DConditionModel) -> bool:
     """A1111's test for SD2 files that do not say: a v-model's output at t=999 sits far below the input."""
-    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5)
-    context = torch.zeros(1, 77, unet.config.cross_attention_dim)
-    unet32 = unet.float()
-    out = unet32(x, torch.tensor([999]), encoder_hidden_states=context).sample
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=unet.dtype)
+    context = torch.zeros(1, 77, unet.config.cross_attention_dim, dtype=unet.dtype)
+    out = unet(x, torch.tensor([999]), encoder_hidden_states=context).sample.float()
     return bool((out - x).mean() < -1)
 
 
-def load_vae_file(path: Path, family: Family) -> AutoencoderKL:
+def load_vae_file(path: Path, family: Family, dtype: torch.dtype) -> AutoencoderKL:
     """A separate VAE file in the LDM layout (what A1111/Forge put in models/VAE)."""
     infos, _ = read_tensor_infos(path)
     prefix = next((p for p in ("first_stage_model.", "vae.", "") if f"{p}encoder.conv_in.weight" in infos), None)
@@ -177,23 +176,24 @@ def load_vae_file(path: Path, family: Family) -> AutoencoderKL:
         )
     config = vae_config(infos, prefix, family)
     sd = load_state_dict(path)
-    return _build(AutoencoderKL, config, convert_ldm_vae_checkpoint(sd, config), path.name)
+    return _build(AutoencoderKL, config, convert_ldm_vae_checkpoint(sd, config), path.name, dtype)
 
 
-def _load_diffusers_folder(info: CheckpointInfo) -> LoadedModel:
+def _load_diffusers_folder(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
     folder = info.path
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     pipeline = index.get("_class_name", "")
     if pipeline not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
         raise ModelFileError(f"{folder.name}: diffusers pipeline {pipeline!r} is not supported in this version "
                              "(StableDiffusionPipeline and StableDiffusionXLPipeline are).")
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype, local_files_only=True)
     sdxl = pipeline == "StableDiffusionXLPipeline"
     names = [("text_encoder", "tokenizer", CLIPTextModel)]
     if sdxl:
         names.append(("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection))
-    encoders = [(cls.from_pretrained(folder / te, local_files_only=True), folder / tok, cls) for te, tok, cls in names]
+    encoders = [(cls.from_pretrained(folder / te, dtype=dtype, local_files_only=True), folder / tok, cls)
+                for te, tok, cls in names]
     # SD2's text encoder is OpenCLIP (gelu); SD1's is OpenAI CLIP (quick_gelu). Width says nothing at tiny sizes.
     family = Family.SDXL if sdxl else Family.SD2 if encoders[0][0].config.hidden_act == "gelu" else Family.SD1
     slots = []

@@ -23,9 +23,10 @@ TITLE_RE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-f]{8,10})\]$")
 
 
 class ModelManager:
-    def __init__(self, checkpoint_dirs: list[Path], vae_dir: Path, hashes: HashCache, device: torch.device,
-                 dtype: torch.dtype, vae_dtype: torch.dtype):
+    def __init__(self, checkpoint_dirs: list[Path], builtin_dir: Path, vae_dir: Path, hashes: HashCache,
+                 device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype):
         self.checkpoint_dirs = checkpoint_dirs
+        self.builtin_dir = builtin_dir
         self.vae_dir = vae_dir
         self.hashes = hashes
         self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
@@ -36,7 +37,8 @@ class ModelManager:
         self.refresh()
 
     def refresh(self) -> None:
-        self._checkpoints = find_checkpoints(self.checkpoint_dirs)
+        """Re-scan the folders: the user's checkpoints first, the built-in demo model last."""
+        self._checkpoints = find_checkpoints(self.checkpoint_dirs) + find_checkpoints([self.builtin_dir])
 
     def checkpoints(self) -> list[CheckpointInfo]:
         return list(self._checkpoints)

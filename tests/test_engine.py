@@ -1,0 +1,134 @@
+"""The generation path end to end on the tiny SD1 checkpoint: seeds, batches, infotext, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from tests.conftest import make_engine, single_file
+from webui.engine.infotext import parse_infotext, read_png_infotext
+from webui.engine.ldm_export import VAE_PREFIX, ldm_state_dict
+from webui.engine.request import GenerationRequest
+from webui.engine.synthetic import build_synthetic_model
+from webui.errors import ModelFileError, UserError
+
+SMALL = dict(width=64, height=64, steps=3, cfg_scale=5.0)
+
+
+def pixels(images: list[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(i).astype(int) for i in images])
+
+
+def test_same_seed_same_image_and_batches_use_seed_plus_i(engine):
+    batch = engine.txt2img(GenerationRequest(prompt="a cat", seed=100, batch_size=2, n_iter=2, **SMALL))
+    assert batch.seeds == [100, 101, 102, 103]
+    again = engine.txt2img(GenerationRequest(prompt="a cat", seed=100, batch_size=2, n_iter=2, **SMALL))
+    assert np.array_equal(pixels(batch.images), pixels(again.images))
+    single = engine.txt2img(GenerationRequest(prompt="a cat", seed=103, **SMALL))
+    assert np.abs(pixels(single.images)[0] - pixels(batch.images)[3]).max() <= 1
+    assert not np.array_equal(pixels(batch.images)[0], pixels(batch.images)[1])
+
+
+def test_random_seed_is_reported_and_reproduces(engine):
+    first = engine.txt2img(GenerationRequest(prompt="a dog", seed=-1, **SMALL))
+    assert 0 <= first.seed < 2**32 and f"Seed: {first.seed}," in first.infotexts[0]
+    again = engine.txt2img(GenerationRequest(prompt="a dog", seed=first.seed, **SMALL))
+    assert np.array_equal(pixels(first.images), pixels(again.images))
+
+
+def test_saved_png_carries_parseable_infotext(engine, tmp_path):
+    result = engine.txt2img(GenerationRequest(prompt="a (red:1.3) circle, blue", negative_prompt="ugly", seed=7,
+                                              sampler_name="Euler a", scheduler="Automatic", clip_skip=2, **SMALL))
+    (path,) = result.paths
+    assert path.is_relative_to(tmp_path / "outputs" / "txt2img-images") and path.name.startswith("00000-7-")
+    params = parse_infotext(read_png_infotext(path))
+    assert params["Prompt"] == "a (red:1.3) circle, blue" and params["Negative prompt"] == "ugly"
+    assert (params["Steps"], params["Sampler"], params["Seed"], params["Size"], params["Clip skip"]) == \
+        ("3", "Euler a", "7", "64x64", "2")
+    assert params["Model"] == "sd1-1" and len(params["Model hash"]) == 10
+
+
+@pytest.mark.parametrize("field,value", [("width", 7), ("width", 100000), ("height", 100), ("steps", 0),
+                                         ("batch_size", 0), ("cfg_scale", float("nan")), ("seed", -5),
+                                         ("sampler_name", "Nope"), ("scheduler", "Nope"), ("prompt", None)])
+def test_bad_fields_are_named_and_the_engine_keeps_working(engine, field, value):
+    with pytest.raises(UserError) as caught:
+        engine.txt2img(GenerationRequest(**{**SMALL, field: value}))
+    assert caught.value.field == field
+    assert engine.txt2img(GenerationRequest(prompt="fine", seed=1, **SMALL)).images
+
+
+def test_unknown_checkpoint_is_a_clear_error(engine):
+    with pytest.raises(UserError, match="no checkpoint named '../../etc/passwd'"):
+        engine.txt2img(GenerationRequest(checkpoint="../../etc/passwd", **SMALL))
+
+
+def test_broken_checkpoint_is_reported_and_the_good_one_still_works(tmp_path, sd1_file):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(sd1_file.read_bytes()[:5000])
+    engine = make_engine(tmp_path / "data", sd1_file, broken)
+    with pytest.raises(ModelFileError, match="truncated"):
+        engine.txt2img(GenerationRequest(checkpoint="broken.safetensors", **SMALL))
+    assert engine.txt2img(GenerationRequest(checkpoint="sd1-1.safetensors", seed=1, **SMALL)).images
+
+
+def test_long_prompts_and_clip_skip_change_the_image(engine):
+    base = pixels(engine.txt2img(GenerationRequest(prompt="a cat", seed=3, **SMALL)).images)
+    skipped = pixels(engine.txt2img(GenerationRequest(prompt="a cat", seed=3, clip_skip=2, **SMALL)).images)
+    assert not np.array_equal(base, skipped)
+    long_prompt = ", ".join(f"word{i}" for i in range(60))
+    result = engine.txt2img(GenerationRequest(prompt=long_prompt, negative_prompt="x", seed=3, **SMALL))
+    assert result.images[0].size == (64, 64)
+
+
+def test_vae_from_models_folder_replaces_the_built_in_one(tmp_path, sd1_file):
+    engine = make_engine(tmp_path, sd1_file)
+    other = ldm_state_dict(build_synthetic_model("sd1", "tiny", seed=99))
+    vae = {k.removeprefix(VAE_PREFIX): v.contiguous() for k, v in other.items() if k.startswith(VAE_PREFIX)}
+    save_file(vae, str(tmp_path / "models" / "VAE" / "other.vae.safetensors"))
+    req = dict(prompt="a cat", seed=5, **SMALL)
+    own = pixels(engine.txt2img(GenerationRequest(**req)).images)
+    result = engine.txt2img(GenerationRequest(vae="other.vae.safetensors", **req))
+    assert engine.models.current.vae_name == "other.vae.safetensors"
+    decoder = engine.models.current.vae.decoder.conv_out.weight
+    assert torch.equal(decoder, vae["decoder.conv_out.weight"].float())
+    assert not np.array_equal(own, pixels(result.images)) and "VAE: other.vae.safetensors" in result.infotexts[0]
+
+
+def interrupt_after(engine, calls: int, action: str) -> None:
+    """Press Interrupt or Skip from inside the UNet's n-th call: deterministic, unlike a timer."""
+    unet = engine.models.current.unet
+    forward, count = unet.forward, {"n": 0}
+
+    def counting(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == calls:
+            getattr(engine.progress, action)()
+        return forward(*args, **kwargs)
+
+    unet.forward = counting
+
+
+def test_interrupt_stops_between_steps_and_returns_what_was_made(engine):
+    engine.txt2img(GenerationRequest(prompt="warm up", seed=1, **SMALL))
+    interrupt_after(engine, 2, "interrupt")
+    result = engine.txt2img(GenerationRequest(prompt="a cat", seed=1, n_iter=3, **{**SMALL, "steps": 10}))
+    assert result.interrupted and len(result.images) == 1 and result.paths == []
+    assert engine.progress.active is False
+
+
+def test_skip_ends_the_current_batch_and_goes_on(engine):
+    engine.txt2img(GenerationRequest(prompt="warm up", seed=1, **SMALL))
+    interrupt_after(engine, 2, "skip")
+    result = engine.txt2img(GenerationRequest(prompt="a cat", seed=1, n_iter=2, **{**SMALL, "steps": 4}))
+    assert not result.interrupted and result.seeds == [1, 2]
+    complete = engine.txt2img(GenerationRequest(prompt="a cat", seed=2, **{**SMALL, "steps": 4}))
+    assert np.array_equal(pixels(result.images)[1], pixels(complete.images)[0])
+
+
+def test_sd2_v_prediction_checkpoint_generates(tmp_path):
+    engine = make_engine(tmp_path, single_file("sd2", prediction_type="v_prediction"))
+    result = engine.txt2img(GenerationRequest(prompt="a cat", seed=1, **SMALL))
+    assert engine.models.current.prediction_type == "v_prediction" and result.images

@@ -1,0 +1,108 @@
+"""Reading model files without trusting them: bad files give clear errors, never crashes or code execution."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from webui.engine.files import (
+    HashCache,
+    find_checkpoints,
+    load_state_dict,
+    read_safetensors_header,
+    short_hash,
+)
+from webui.errors import ModelFileError
+
+
+def raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    return path
+
+
+def test_truncated_file_names_the_problem(tmp_path, sd1_file):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(sd1_file.read_bytes()[: sd1_file.stat().st_size // 2])
+    with pytest.raises(ModelFileError, match="truncated"):
+        load_state_dict(broken)
+
+
+def test_header_that_lies_about_sizes(tmp_path):
+    path = raw_safetensors(tmp_path / "lie.safetensors",
+                           {"w": {"dtype": "F32", "shape": [10, 10], "data_offsets": [0, 4]}}, b"\0" * 4)
+    with pytest.raises(ModelFileError, match="lies about tensor 'w'"):
+        read_safetensors_header(path)
+
+
+def test_header_longer_than_file(tmp_path):
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(struct.pack("<Q", 10_000) + b"{}")
+    with pytest.raises(ModelFileError, match="truncated or not a safetensors file"):
+        read_safetensors_header(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"abc", b"\xff" * 64])
+def test_garbage_is_not_a_safetensors_file(tmp_path, content):
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ModelFileError):
+        load_state_dict(path)
+
+
+def test_pickle_that_carries_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": Exploit()}}, path)
+    with pytest.raises(ModelFileError, match="refused"):
+        load_state_dict(path)
+    assert not marker.exists()
+
+
+def test_plain_weights_pickle_loads(tmp_path):
+    path = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {"a": torch.ones(2)}, "global_step": 3}, path)
+    assert torch.equal(load_state_dict(path)["a"], torch.ones(2))
+
+
+def test_safetensors_round_trip(tmp_path):
+    path = tmp_path / "ok.safetensors"
+    save_file({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, str(path), metadata={"k": "v"})
+    infos, metadata = read_safetensors_header(path)
+    assert infos["a"].shape == (2, 3) and metadata == {"k": "v"}
+    assert torch.equal(load_state_dict(path)["a"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+
+
+def test_find_checkpoints_recursively_with_folders(tmp_path, sd1_folder):
+    root = tmp_path / "Stable-diffusion"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.safetensors").write_bytes(b"x")
+    (root / "sub" / "b.gguf").write_bytes(b"x")
+    (root / "sub" / "c.ckpt").write_bytes(b"x")
+    (root / "notes.txt").write_text("ignored")
+    (root / "pipe").symlink_to(sd1_folder, target_is_directory=True)
+    found = {c.name: c.kind for c in find_checkpoints([root])}
+    assert found == {"a.safetensors": "safetensors", "sub/b.gguf": "gguf", "sub/c.ckpt": "ckpt", "pipe": "diffusers"}
+
+
+def test_hash_is_a1111_short_hash_and_cached(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"model bytes")
+    cache = HashCache(tmp_path / "cache.json")
+    expected = hashlib.sha256(b"model bytes").hexdigest()
+    assert cache.sha256(path) == expected and short_hash(expected) == expected[:10]
+    assert HashCache(tmp_path / "cache.json").cached(path) == expected, "the hash survives a restart"
+    path.write_bytes(b"other bytes!")
+    assert HashCache(tmp_path / "cache.json").cached(path) is None, "a changed file is hashed again"
+    assert cache.sha256(path) == hashlib.sha256(b"other bytes!").hexdigest()
