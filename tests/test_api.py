@@ -1,0 +1,114 @@
+"""POST /sdapi/v1/txt2img: A1111's request and response shape, clear 422s, same path as the UI."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from webui.api import register_api
+from webui.engine.infotext import parse_infotext
+from webui.engine.request import GenerationRequest
+from webui.jobs import JobQueue
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = {"prompt": "a red circle", "negative_prompt": "", "width": 64, "height": 64, "steps": 3, "cfg_scale": 5,
+        "sampler_name": "Euler a", "seed": 42, "batch_size": 2, "n_iter": 1}
+
+
+@pytest.fixture
+def client(engine):
+    app = FastAPI()
+    register_api(app, JobQueue(engine))
+    return TestClient(app)
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_txt2img_has_a1111_shape_and_matches_the_engine(client, engine):
+    reply = client.post("/sdapi/v1/txt2img", json=BODY)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()
+    assert set(data) == {"images", "parameters", "info"} and data["parameters"] == BODY
+    info = json.loads(data["info"])
+    assert info["all_seeds"] == [42, 43] and info["seed"] == 42 and info["sd_model_name"] == "sd1-1"
+    images = [decode(b) for b in data["images"]]
+    assert [i.size for i in images] == [(64, 64)] * 2
+    assert parse_infotext(images[0].text["parameters"])["Seed"] == "42"
+    assert info["infotexts"][1] == images[1].text["parameters"]
+    direct = engine.txt2img(GenerationRequest.from_dict({**BODY, "save_images": False}))
+    assert [i.tobytes() for i in images] == [i.tobytes() for i in direct.images], "API and engine differ"
+
+
+def test_images_are_not_saved_unless_asked(client, tmp_path):
+    client.post("/sdapi/v1/txt2img", json=BODY)
+    assert not list((tmp_path / "outputs").rglob("*.png"))
+    client.post("/sdapi/v1/txt2img", json={**BODY, "save_images": True, "send_images": False})
+    assert len(list((tmp_path / "outputs").rglob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("change,field", [({"width": 7}, "width"), ({"width": 100000}, "width"),
+                                          ({"steps": 0}, "steps"), ({"sampler_name": "Bogus"}, "sampler_name"),
+                                          ({"enable_hr": True}, "enable_hr"), ({"no_such_field": 1}, "no_such_field"),
+                                          ({"override_settings": {"sd_model_checkpoint": "missing"}},
+                                           "sd_model_checkpoint")])
+def test_bad_requests_get_422_naming_the_field_and_the_server_goes_on(client, change, field):
+    reply = client.post("/sdapi/v1/txt2img", json={**BODY, **change})
+    assert reply.status_code == 422 and reply.json()["field"] == field, reply.text
+    assert client.post("/sdapi/v1/txt2img", json=BODY).status_code == 200
+
+
+def test_a1111_defaults_are_accepted(client):
+    body = {**BODY, "styles": [], "subseed": -1, "subseed_strength": 0, "restore_faces": False, "tiling": False,
+            "enable_hr": False, "denoising_strength": 0.7, "alwayson_scripts": {}, "override_settings": {},
+            "override_settings_restore_afterwards": True, "send_images": True, "save_images": False}
+    assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_live_server_process(tmp_path, sd1_file):
+    """The real launcher, API only: a good request, a bad one (422 and a log line), then a good one again."""
+    (tmp_path / "models" / "Stable-diffusion").mkdir(parents=True)
+    (tmp_path / "models" / "Stable-diffusion" / sd1_file.name).symlink_to(sd1_file)
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--skip-venv", "--skip-install", "--nowebui",
+                             "--port", str(port), "--data-dir", str(tmp_path), "--device", "cpu"],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}/sdapi/v1/txt2img"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                requests.get(f"http://127.0.0.1:{port}/docs", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.5)
+        assert requests.post(url, json=BODY, timeout=120).status_code == 200
+        bad = requests.post(url, json={**BODY, "width": 7}, timeout=60)
+        assert bad.status_code == 422 and bad.json()["field"] == "width"
+        assert requests.post(url, json=BODY, timeout=120).status_code == 200
+        assert "width: must be a multiple of 8" in (tmp_path / "server.log").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
