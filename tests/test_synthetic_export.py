@@ -1,6 +1,7 @@
 """Synthetic models and their export, checked against diffusers' own single-file conversion."""
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -28,14 +29,20 @@ from webui.engine.ldm_export import (
 from webui.engine.synthetic import FAMILIES, architecture, build_synthetic_model
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@functools.cache
+def tiny(family: str):
+    model = build_synthetic_model(family)
+    return model, ldm_state_dict(model)
+
+
+@pytest.fixture(params=FAMILIES)
 def model(request):
-    return build_synthetic_model(request.param)
+    return tiny(request.param)[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ldm(model):
-    return ldm_state_dict(model)
+    return tiny(model.family)[1]
 
 
 def assert_same_tensors(actual: dict, expected: dict) -> None:
@@ -55,18 +62,18 @@ def test_vae_round_trips_through_diffusers(model, ldm):
     assert ldm["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4
 
 
-def test_clip_l_round_trips_through_diffusers(model, ldm):
-    if model.family == "sd2":
-        pytest.skip("SD2 has no OpenAI CLIP encoder")
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_clip_l_round_trips_through_diffusers(family):
+    model, ldm = tiny(family)
     converted = convert_ldm_clip_checkpoint(ldm)
     position_ids = converted.pop("text_model.embeddings.position_ids")  # a buffer diffusers passes along
     assert position_ids.dtype == torch.int64 and position_ids.tolist() == [list(range(77))]
     assert_same_tensors(converted, text_state_dict(model.text_encoders[0]))
 
 
-def test_open_clip_round_trips_through_diffusers(model, ldm):
-    if model.family == "sd1":
-        pytest.skip("SD1 has no OpenCLIP encoder")
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_open_clip_round_trips_through_diffusers(family):
+    model, ldm = tiny(family)
     prefix = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model."}[model.family]
     encoder = model.text_encoders[-1]
     converted = convert_open_clip_checkpoint(encoder, ldm, prefix=prefix)
