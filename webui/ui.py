@@ -46,7 +46,8 @@ CTRL_ENTER_JS = """
 class FieldSlider(gr.Slider):
     """A slider whose out-of-range error names the slider (Gradio's own message does not).
 
-    ``is_template`` makes Gradio draw it with the stock slider."""
+    ``is_template`` makes Gradio draw it with the stock slider.
+    """
 
     is_template = True
 
@@ -244,13 +245,9 @@ def _generator(engine: Engine, jobs: JobQueue, form: dict[str, gr.components.Com
 
     def run(*values: Any) -> Iterator[dict]:
         yield {out["gallery"]: [], out["infotext"]: "", out["status"]: _status_html("Starting…")}
-        try:
-            future = jobs.submit(request_from_form(form, values))
-        except Exception as e:  # a field of the wrong type, before any request exists
-            yield {out["status"]: _error_html(f"Bad input: {e}")}
-            return
+        future = jobs.submit(request_from_form(form, values))
         while not wait([future], timeout=POLL_SECONDS).done:
-            yield {out["status"]: progress_html(engine.progress, future), out["preview"]: _preview(engine)}
+            yield {out["status"]: progress_html(engine.progress, future), out["preview"]: _preview(engine, future)}
         yield _finished(future, form, out)
 
     # Name the parameters after the request fields: API clients call /txt2img with these keywords.
@@ -260,12 +257,14 @@ def _generator(engine: Engine, jobs: JobQueue, form: dict[str, gr.components.Com
     return run
 
 
-def _preview(engine: Engine) -> dict:
-    """The live preview, scaled up to the output size (the latents it is made from are 8x smaller)."""
-    image = engine.progress.preview() if engine.options["live_previews_enable"] else None
-    if image is not None:
-        image = image.resize((image.width * 8, image.height * 8), Image.Resampling.BILINEAR)
-    return gr.update(value=image, visible=image is not None)
+def _preview(engine: Engine, future: Future) -> dict:
+    """This job's live preview at output size (its latents are 8x smaller); unchanged while there is none."""
+    running = future.running() and engine.options["live_previews_enable"]
+    image = engine.progress.preview() if running else None
+    if image is None:
+        return gr.skip()
+    return gr.update(value=image.resize((image.width * 8, image.height * 8), Image.Resampling.BILINEAR),
+                     visible=True)
 
 
 def _finished(future: Future, form: dict[str, gr.components.Component],
@@ -297,6 +296,7 @@ def field_label(field: str, form: dict[str, gr.components.Component]) -> str:
 
 
 def progress_html(progress: Progress, future: Future) -> str:
+    """The progress line of a submitted job: queued, loading, or percent, step, batch and ETA."""
     if not future.running():
         return _status_html("Waiting in the queue…")
     if not progress.active:
