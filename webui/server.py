@@ -63,7 +63,7 @@ def serve_ui(engine: Engine, jobs: JobQueue, host: str, args) -> None:
     )
     if args.api:
         register_api(app, jobs)
-        log.info("API: %ssdapi/v1 (docs at %sdocs)", local_url, local_url)
+        log.info("API: %ssdapi/v1", local_url)
     log.info("Web UI: %s", local_url)
     if args.share:
         if share_url:
