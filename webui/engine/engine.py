@@ -86,7 +86,12 @@ class Engine:
                 model_hash=short_hash(self.models.current_sha256),
                 vae_name=model.vae_name,
             )
-            return txt2img(model, job, self.progress, self._saver())
+            result = txt2img(model, job, self.progress, self._saver())
+        log.info("txt2img: %d image(s) %dx%d, %d steps, %s, seed %d, %.2f s on %s with %s [%s]%s",
+                 len(result.images), request.width, request.height, request.steps, result.sampler_name,
+                 result.seed, result.seconds, self.device, info.name, job.model_hash,
+                 " (interrupted)" if result.interrupted else "")
+        return result
 
     def _saver(self):
         outdir = Path(self.options["outdir_txt2img_samples"] or self.config.paths.outdir / "txt2img-images")
