@@ -8,8 +8,10 @@ head counts, VAE scaling — follows each family's convention.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TypeVar
 
 from webui.engine.files import TensorInfo
 from webui.errors import ModelFileError
@@ -21,6 +23,11 @@ SD2_OPENCLIP = "cond_stage_model.model."
 SDXL_CLIP_L = "conditioner.embedders.0.transformer."
 SDXL_OPENCLIP = "conditioner.embedders.1.model."
 NORM_GROUPS = 32
+# A tensor every Flux transformer has; BFL's own files store it bare, ComfyUI/Forge under UNET.
+FLUX_MARKER = "double_blocks.0.img_attn.qkv.weight"
+FLUX_PREFIXES = (UNET, "")
+
+V = TypeVar("V")
 
 
 class Family(str, Enum):
@@ -68,7 +75,7 @@ class ModelArch:
 def detect_family(infos: dict[str, TensorInfo], metadata: dict[str, str] | None = None) -> Family:
     """The family of a checkpoint from its tensor names; a clear error when it is none we know."""
     keys = infos.keys()
-    if any(k.endswith("double_blocks.0.img_attn.qkv.weight") for k in keys):
+    if any(k.endswith(FLUX_MARKER) for k in keys):
         return Family.FLUX
     if any(k.endswith("joint_blocks.0.context_block.attn.qkv.weight") for k in keys):
         return Family.SD3
@@ -118,6 +125,22 @@ def infer_arch(infos: dict[str, TensorInfo], metadata: dict[str, str] | None = N
         prediction_type=_prediction_type(infos, metadata),
         zero_terminal_snr="ztsnr" in infos,
     )
+
+
+def strip_prefix(mapping: Mapping[str, V], prefix: str) -> dict[str, V]:
+    """The entries of ``mapping`` under ``prefix``, renamed without it; the others are left out."""
+    return {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}
+
+
+def flux_prefix(keys: Collection[str]) -> str:
+    """The prefix of a Flux transformer's tensors in a file: "" (BFL's layout) or ``model.diffusion_model.``."""
+    prefix = next((p for p in FLUX_PREFIXES if p + FLUX_MARKER in keys), None)
+    if prefix is None:
+        raise ModelFileError(
+            f"This file is not a Flux transformer in Black Forest Labs' layout: it has no {FLUX_MARKER} "
+            f"(bare or under {UNET}). It has {len(keys)} tensors."
+        )
+    return prefix
 
 
 def _prediction_type(infos: dict[str, TensorInfo], metadata: dict[str, str] | None) -> str:

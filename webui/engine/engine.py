@@ -15,6 +15,7 @@ from PIL import Image
 from webui.engine import demo
 from webui.engine.files import CheckpointInfo, HashCache, short_hash
 from webui.engine.generate import Resolved, resolve_seed, txt2img
+from webui.engine.memory import DeviceMemory, MemoryManager, MemoryPolicy
 from webui.engine.models import ModelManager
 from webui.engine.outputs import save_image
 from webui.engine.progress import Progress
@@ -48,16 +49,18 @@ def pick_dtypes(device: torch.device, no_half: bool, no_half_vae: bool) -> tuple
 
 
 class Engine:
-    def __init__(self, config: AppConfig):
+    def __init__(self, config: AppConfig, memory: DeviceMemory | None = None):
+        """``memory`` replaces the device's real memory figures (tests simulate a small GPU with it)."""
         self.config = config
         self.options = config.options
         args = config.args
         self.device = pick_device(args.device)
         dtype, vae_dtype = pick_dtypes(self.device, args.no_half, args.no_half_vae)
         demo.ensure_demo_checkpoint(config.paths.builtin_models_dir)
+        self.memory = MemoryManager(self.device, memory)
         self.models = ModelManager(
             list(config.paths.checkpoint_dirs), config.paths.builtin_models_dir, config.paths.vae_dir,
-            HashCache(config.paths.hash_cache_file), self.device, dtype, vae_dtype,
+            HashCache(config.paths.hash_cache_file), self.memory, dtype, vae_dtype,
         )
         self.progress = Progress()
         self._generate_lock = threading.Lock()
@@ -86,12 +89,25 @@ class Engine:
                 model_hash=short_hash(self.models.current_sha256),
                 vae_name=model.vae_name,
             )
-            result = txt2img(model, job, self.progress, self._saver())
+            result = txt2img(model, self.memory, self.memory_policy(), job, self.progress, self._saver())
         log.info("txt2img: %d image(s) %dx%d, %d steps, %s, seed %d, %.2f s on %s with %s [%s]%s",
                  len(result.images), request.width, request.height, request.steps, result.sampler_name,
                  result.seed, result.seconds, self.device, info.name, job.model_hash,
                  " (interrupted)" if result.interrupted else "")
         return result
+
+    def memory_policy(self) -> MemoryPolicy:
+        """Flags and options as the memory manager needs them, read at every generation."""
+        args, options = self.config.args, self.options
+        mode = ("always_gpu" if args.always_gpu else "lowvram" if args.lowvram
+                else "medvram" if args.medvram else "auto")
+        return MemoryPolicy(
+            mode=mode,
+            offload_after=args.always_offload_from_vram,
+            inference_mb=options["forge_inference_memory"],
+            async_copies=options["forge_async_loading"] == "Async",
+            pinned=options["forge_pin_shared_memory"] == "Shared",
+        )
 
     def _saver(self):
         outdir = Path(self.options["outdir_txt2img_samples"] or self.config.paths.outdir / "txt2img-images")

@@ -7,9 +7,12 @@ every device.
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,13 +21,16 @@ from tqdm import tqdm
 
 from webui.engine.detect import Family
 from webui.engine.infotext import build_infotext
-from webui.engine.load import LoadedModel
+from webui.engine.load import TEXT_ENCODERS, LoadedModel
+from webui.engine.memory import MemoryManager, MemoryPolicy, activation_bytes, vae_decode_bytes
 from webui.engine.progress import Progress
 from webui.engine.prompts import Conditioning, encode_prompts, pad_to_same_length
 from webui.engine.request import MAX_SEED, GenerationRequest, GenerationResult
 from webui.engine.samplers import make_scheduler, resolve, step_kwargs
+from webui.errors import UserError
 
 VERSION = "webui-0.1"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,10 +49,18 @@ def resolve_seed(seed: int) -> int:
     return random.randint(0, MAX_SEED) if seed == -1 else int(seed)
 
 
-def txt2img(model: LoadedModel, job: Resolved, progress: Progress, save_image=None) -> GenerationResult:
-    """Run all batches of a request. ``save_image(image, seed, prompt, infotext)`` saves when given."""
+def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job: Resolved, progress: Progress,
+            save_image: Callable[[Image.Image, int, str, str], Path] | None = None) -> GenerationResult:
+    """Run all batches of a request. ``save_image(image, seed, prompt, infotext)`` saves when given.
+
+    An out-of-memory error in a batch is retried once with a smaller resident set and a tiled
+    VAE; images already made are kept either way.
+    """
     req = job.request
     start = time.perf_counter()
+    cfg = req.cfg_scale > 1.0
+    activation = activation_bytes(model.family.value, req.width, req.height, req.batch_size, cfg, model.unet.dtype)
+    memory.begin(policy, activation)
     sampler, schedule = resolve(req.sampler_name, req.scheduler)
     result = GenerationResult(request=req, model_name=model.info.model_name, model_hash=job.model_hash,
                               sampler_name=sampler, scheduler=schedule, clip_skip=job.clip_skip)
@@ -58,7 +72,8 @@ def txt2img(model: LoadedModel, job: Resolved, progress: Progress, save_image=No
                 break
             progress.next_batch(batch_no)
             seeds = [job.seed + batch_no * req.batch_size + i for i in range(req.batch_size)]
-            images = _sample_batch(model, req, seeds, job.clip_skip, progress, bar)
+            images = _with_oom_retry(lambda: _sample_batch(model, memory, req, seeds, job.clip_skip, progress, bar),
+                                     memory, req)
             for image, seed in zip(images, seeds):
                 infotext = infotext_for(model, job, seed)
                 result.images.append(image)
@@ -72,6 +87,7 @@ def txt2img(model: LoadedModel, job: Resolved, progress: Progress, save_image=No
     finally:
         bar.close()
         progress.end()
+        result.memory = memory.finish()
     result.seconds = time.perf_counter() - start
     return result
 
@@ -95,12 +111,28 @@ def infotext_for(model: LoadedModel, job: Resolved, seed: int) -> str:
     return build_infotext(req.prompt, req.negative_prompt, params)
 
 
+def _with_oom_retry(run: Callable[[], list[Image.Image]], memory: MemoryManager,
+                    req: GenerationRequest) -> list[Image.Image]:
+    try:
+        return run()
+    except torch.OutOfMemoryError:
+        log.warning("Out of memory; freeing caches and retrying with half the resident weights and a tiled VAE.")
+    memory.recover_from_oom()
+    try:
+        return run()
+    except torch.OutOfMemoryError as e:
+        memory.recover_from_oom()
+        raise UserError(memory.explain_oom(req.width, req.height, req.batch_size)) from e
+
+
 @torch.inference_mode()
-def _sample_batch(model: LoadedModel, req: GenerationRequest, seeds: list[int], clip_skip: int,
-                  progress: Progress, bar: tqdm) -> list[Image.Image]:
-    unet, device = model.unet, model.unet.device
+def _sample_batch(model: LoadedModel, memory: MemoryManager, req: GenerationRequest, seeds: list[int],
+                  clip_skip: int, progress: Progress, bar: tqdm) -> list[Image.Image]:
+    unet, device = model.unet, memory.device
     dtype = unet.dtype
+    memory.prepare([name for name in TEXT_ENCODERS if name in memory.components])
     cond, uncond = _conditioning(model, req, clip_skip, device, dtype)
+    memory.prepare(["unet"])
     use_cfg = req.cfg_scale > 1.0
     scheduler = make_scheduler(req.sampler_name, req.scheduler, model.scheduler_config, seed=seeds)
     scheduler.set_timesteps(req.steps, device=device)
@@ -123,7 +155,7 @@ def _sample_batch(model: LoadedModel, req: GenerationRequest, seeds: list[int], 
         progress.step(round((i + 1) * req.steps / total), latents, model.family)
         bar.n = progress.job_no * req.steps + progress.sampling_step
         bar.refresh()
-    return decode(model, latents)
+    return decode(model, memory, latents)
 
 
 def _conditioning(model: LoadedModel, req: GenerationRequest, clip_skip: int, device: torch.device,
@@ -156,10 +188,13 @@ def _sdxl_added_conditions(model: LoadedModel, req: GenerationRequest, cond: Con
     return {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids}
 
 
-def decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
-    """VAE decode to PIL images, rounding exactly as diffusers' image processor does."""
+def decode(model: LoadedModel, memory: MemoryManager, latents: torch.Tensor) -> list[Image.Image]:
+    """VAE decode to PIL images (tiled when a whole decode would not fit), rounded as diffusers does."""
     vae = model.vae
-    latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+    batch, _, h, w = latents.shape
+    tiled = memory.prepare_decode("vae", vae_decode_bytes(w * 8, h * 8, batch, vae.dtype))
+    vae.enable_tiling() if tiled else vae.disable_tiling()
+    latents = latents.to(memory.device, vae.dtype) / vae.config.scaling_factor
     pixels = vae.decode(latents).sample
     pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]

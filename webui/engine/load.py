@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # Keys real checkpoints carry that no diffusers module holds (schedule arrays, EMA scalars,
 # CLIP position ids, OpenCLIP's logit scale).
 HARMLESS_EXTRA = ("position_ids", "logit_scale")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -62,10 +63,14 @@ class LoadedModel:
     def modules(self) -> list[torch.nn.Module]:
         return [self.unet, self.vae, *(slot.model for slot in self.text_encoders)]
 
+    def components(self) -> dict[str, torch.nn.Module]:
+        """The parts the memory manager places, by the names generation asks for them."""
+        encoders = {TEXT_ENCODERS[i]: slot.model for i, slot in enumerate(self.text_encoders)}
+        return {**encoders, "unet": self.unet, "vae": self.vae}
 
-def load_model(info: CheckpointInfo, vae_file: Path | None, dtype: torch.dtype, vae_dtype: torch.dtype,
-               device: torch.device) -> LoadedModel:
-    """Load a checkpoint (and optionally a separate VAE) onto ``device``."""
+
+def load_model(info: CheckpointInfo, vae_file: Path | None, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
+    """Load a checkpoint (and optionally a separate VAE) into host memory; the memory manager places it."""
     start = time.perf_counter()
     if info.kind == "diffusers":
         model = _load_diffusers_folder(info, dtype, vae_dtype)
@@ -75,7 +80,7 @@ def load_model(info: CheckpointInfo, vae_file: Path | None, dtype: torch.dtype, 
         model.vae = load_vae_file(vae_file, model.family, vae_dtype)
         model.vae_name = vae_file.name
     for module in model.modules():
-        module.requires_grad_(False).eval().to(device)
+        module.requires_grad_(False).eval()
     model.load_seconds = time.perf_counter() - start
     return model
 
@@ -88,15 +93,15 @@ def _load_single_file(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: torch
     if arch.vae is None:
         raise ModelFileError(f"{info.path.name} has no VAE inside; pick a VAE from models/VAE.")
     name = info.path.name
-    unet = _build(UNet2DConditionModel, arch.unet, convert_ldm_unet_checkpoint(sd, arch.unet), name, dtype)
-    vae = _build(AutoencoderKL, arch.vae, convert_ldm_vae_checkpoint(sd, arch.vae), name, vae_dtype)
+    unet = build_module(UNet2DConditionModel, arch.unet, convert_ldm_unet_checkpoint(sd, arch.unet), name, dtype)
+    vae = build_module(AutoencoderKL, arch.vae, convert_ldm_vae_checkpoint(sd, arch.vae), name, vae_dtype)
     slots = [_text_encoder_slot(enc, sd, arch.family, name, dtype) for enc in arch.text_encoders]
     if arch.family is Family.SD2 and arch.prediction_type == "epsilon" and _sd2_predicts_v(unet):
         arch.prediction_type = "v_prediction"
     return LoadedModel(info, arch.family, unet, vae, slots, arch.scheduler_config)
 
 
-def _build(cls: type, config: dict, state_dict: dict[str, torch.Tensor], filename: str,
+def build_module(cls: type, config: dict, state_dict: dict[str, torch.Tensor], filename: str,
            dtype: torch.dtype) -> torch.nn.Module:
     """A module of ``cls`` holding exactly ``state_dict`` in ``dtype``; a clear error when they do not match."""
     with init_empty_weights():
@@ -146,7 +151,7 @@ def _text_encoder_slot(enc: TextEncoderArch, sd: dict, family: Family, filename:
             shell = cls(config)
         converted = convert_open_clip_checkpoint(shell, kept, prefix=enc.prefix)
         tokenizer = clip_tokenizer("!")
-    model = _build(cls, config, converted, filename, dtype)
+    model = build_module(cls, config, converted, filename, dtype)
     return _slot(model, tokenizer, family, pooled=enc.with_projection)
 
 
@@ -176,7 +181,7 @@ def load_vae_file(path: Path, family: Family, dtype: torch.dtype) -> Autoencoder
         )
     config = vae_config(infos, prefix, family)
     sd = load_state_dict(path)
-    return _build(AutoencoderKL, config, convert_ldm_vae_checkpoint(sd, config), path.name, dtype)
+    return build_module(AutoencoderKL, config, convert_ldm_vae_checkpoint(sd, config), path.name, dtype)
 
 
 def _load_diffusers_folder(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:

@@ -15,6 +15,7 @@ import torch
 
 from webui.engine.files import CheckpointInfo, HashCache, find_checkpoints, find_files, short_hash
 from webui.engine.load import LoadedModel, load_model
+from webui.engine.memory import MB, MemoryManager
 from webui.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -24,12 +25,12 @@ TITLE_RE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-f]{8,10})\]$")
 
 class ModelManager:
     def __init__(self, checkpoint_dirs: list[Path], builtin_dir: Path, vae_dir: Path, hashes: HashCache,
-                 device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype):
+                 memory: MemoryManager, dtype: torch.dtype, vae_dtype: torch.dtype):
         self.checkpoint_dirs = checkpoint_dirs
         self.builtin_dir = builtin_dir
         self.vae_dir = vae_dir
         self.hashes = hashes
-        self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
+        self.memory, self.dtype, self.vae_dtype = memory, dtype, vae_dtype
         self.current: LoadedModel | None = None
         self.current_sha256 = ""
         self._lock = threading.RLock()
@@ -102,18 +103,19 @@ class ModelManager:
             self.unload()
             sha = self.hashes.sha256(info.path)
             log.info("Loading %s [%s]%s", info.name, short_hash(sha), f" with VAE {vae_file.name}" if vae_file else "")
-            self.current = load_model(info, vae_file, self.dtype, self.vae_dtype, self.device)
+            self.current = load_model(info, vae_file, self.dtype, self.vae_dtype)
             self.current_sha256 = sha
-            log.info("Loaded %s (%s) on %s in %.1f s", info.name, self.current.family.value, self.device,
-                     self.current.load_seconds)
+            for name, module in self.current.components().items():
+                self.memory.register(name, module)
+            log.info("Loaded %s (%s, %.0f MB) into host memory in %.1f s", info.name, self.current.family.value,
+                     sum(c.nbytes for c in self.memory.components.values()) / MB, self.current.load_seconds)
             return self.current
 
     def unload(self) -> None:
         with self._lock:
             if self.current is None:
                 return
+            self.memory.release_all()
             self.current = None
             self.current_sha256 = ""
             gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()

@@ -8,6 +8,7 @@ from typing import Any
 
 from PIL import Image
 
+from webui.engine.memory import GenerationStats
 from webui.errors import UserError
 
 MAX_SEED = 2**32 - 1
@@ -100,6 +101,7 @@ class GenerationResult:
     clip_skip: int = 1
     interrupted: bool = False
     seconds: float = 0.0
+    memory: GenerationStats | None = None
 
     @property
     def seed(self) -> int:

@@ -18,6 +18,11 @@ Sizes follow the conventions the checkpoint loader infers architecture from:
   projection). The diffusers text encoder therefore has one layer fewer than the file;
   ``SyntheticModel.text_encoder_extras`` holds random weights for what diffusers drops so that
   exported files look like real ones.
+
+Flux is a transformer alone (its text encoders and VAE come later): ``build_flux_transformer``.
+``"full"`` is Flux-dev (11.9B parameters: 19 double + 38 single blocks, 24 heads of 128 channels);
+``"tiny"`` has 2 heads of 64 channels, so that tests also cover a head dim other than Flux's 128.
+Its weights are drawn tensor by tensor on the target device, never as a float32 model on the CPU.
 """
 from __future__ import annotations
 
@@ -25,9 +30,11 @@ import dataclasses
 from collections.abc import Iterable
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+from webui.engine.flux import rope_axes
 
 FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
 SIZES: tuple[str, ...] = ("tiny", "full")
@@ -228,3 +235,65 @@ def build_synthetic_model(
     for module in (unet, vae, *text_encoders):
         module.eval()
     return SyntheticModel(family, size, unet, vae, text_encoders, extras, prediction_type)
+
+
+def flux_architecture(size: str) -> dict:
+    """``FluxTransformer2DModel`` constructor arguments; ``size="full"`` is Flux-dev."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
+    full = size == "full"
+    head_dim = 128 if full else 64
+    return dict(
+        patch_size=1,
+        in_channels=64 if full else 16,
+        out_channels=64 if full else 16,
+        num_layers=19 if full else 1,
+        num_single_layers=38 if full else 2,
+        attention_head_dim=head_dim,
+        num_attention_heads=24 if full else 2,
+        joint_attention_dim=4096 if full else 32,
+        pooled_projection_dim=768 if full else 32,
+        guidance_embeds=True,
+        axes_dims_rope=rope_axes(head_dim),
+    )
+
+
+def _random_tensor(name: str, shape: torch.Size, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Random weights of default-init scale that, like ``_perturb``'s, are never zero or constant.
+
+    Matrices get std ``1/sqrt(fan_in)``; norm scales (the only 1-D weights) 1 plus noise; biases noise.
+    Drawn in float32 so that the values do not depend on ``dtype``.
+    """
+    noise = torch.randn(shape, generator=generator, device=generator.device)
+    if len(shape) > 1:
+        noise *= shape[1] ** -0.5
+    else:
+        noise *= PERTURB_SCALE
+        if name.endswith("weight"):
+            noise += 1.0
+    return noise.to(dtype)
+
+
+def build_flux_transformer(
+    size: str = "tiny",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> FluxTransformer2DModel:
+    """Flux at ``size`` with random weights that depend only on ``seed`` and the device type.
+
+    The model is built on the meta device, then each tensor is drawn on ``device`` and cast to ``dtype``
+    (full size in bfloat16 needs 23.8 GB there and no more). ``device="meta"`` stops after the first step.
+    The caller's global RNG state is left untouched.
+    """
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**flux_architecture(size))
+    shapes = model.state_dict()
+    if device.type == "meta":
+        weights = {k: v.to(dtype) for k, v in shapes.items()}
+    else:
+        generator = torch.Generator(device).manual_seed(seed)
+        weights = {k: _random_tensor(k, v.shape, generator, dtype) for k, v in shapes.items()}
+    model.load_state_dict(weights, assign=True)
+    return model.eval()

@@ -1,0 +1,139 @@
+"""The memory manager against a simulated device budget: deterministic, and streaming changes no pixel."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import make_engine
+from webui.engine.memory import MB, MemoryManager, SimulatedMemory, plan_residency
+from webui.engine.request import GenerationRequest
+from webui.engine.stream import Unit, param_bytes, split_units
+from webui.errors import UserError
+
+REQ = dict(prompt="a red circle", negative_prompt="blurry", width=64, height=64, steps=3, cfg_scale=5.0, seed=11,
+           sampler_name="Euler a")
+
+
+def simulated_engine(tmp_path, checkpoint, total_mb: int = 100_000, flags: tuple[str, ...] = ()):
+    engine = make_engine(tmp_path, checkpoint, extra_args=flags)
+    engine.memory = MemoryManager(torch.device("cpu"), SimulatedMemory(torch.device("cpu"), total_mb),
+                                  min_unit_bytes=64 * 1024)
+    engine.models.memory = engine.memory
+    return engine
+
+
+def generate(engine) -> np.ndarray:
+    result = engine.txt2img(GenerationRequest(**REQ))
+    return np.stack([np.asarray(i) for i in result.images]), result.memory
+
+
+def model_bytes(engine) -> dict[str, int]:
+    return {name: c.nbytes for name, c in engine.memory.components.items()}
+
+
+def set_budget(engine, weights_mb: float) -> None:
+    """GPU Weights = weights_mb: the simulated card is that plus the inference reserve (1024 MB, more than
+    the activation estimate at 64x64, so GPU Weights is the binding limit)."""
+    engine.memory.memory.total_bytes = int((weights_mb + engine.options["forge_inference_memory"]) * MB)
+
+
+def test_split_units_cover_every_parameter_once():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Sequential(nn.Linear(64, 256), nn.Linear(256, 64)), nn.LayerNorm(64))
+    units = split_units(model, max_bytes=70_000)
+    covered = [id(p) for u in units for p in u.parameters()]
+    assert sorted(covered) == sorted(id(p) for p in model.parameters())
+    assert sum(u.nbytes for u in units) == param_bytes(model)
+    assert all(u.nbytes <= 70_000 or not list(u.module.children()) for u in units)
+
+
+def test_plan_keeps_the_largest_units_within_budget_deterministically():
+    units = [Unit(str(i), nn.Linear(n, n), recurse=True) for i, n in enumerate([8, 32, 16, 32, 4])]
+    sizes = {u.name: u.nbytes for u in units}
+    budget = sizes["1"] + sizes["2"] + sizes["4"]  # "3" is as large as "1" but no longer fits
+    chosen = plan_residency(units, budget)
+    assert {u.name for u in chosen} == {"1", "2", "4"}, "largest first, then whatever still fits"
+    assert chosen == plan_residency(units, budget), "the same inputs give the same plan"
+    assert plan_residency(units, 0) == set()
+
+
+def test_when_everything_fits_the_second_generation_moves_nothing(tmp_path, sd1_file):
+    engine = simulated_engine(tmp_path, sd1_file)
+    _, first = generate(engine)
+    total = sum(model_bytes(engine).values()) / MB
+    assert first.moved_mb == pytest.approx(total) and first.streamed_mb == 0
+    _, second = generate(engine)
+    assert second.moved_mb == 0 and second.move_seconds == 0 and second.resident_mb == pytest.approx(total)
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.3])
+def test_streamed_execution_is_identical_to_resident(tmp_path, sd1_file, fraction):
+    reference, _ = generate(simulated_engine(tmp_path / "ref", sd1_file))
+    engine = simulated_engine(tmp_path / "stream", sd1_file)
+    generate(engine)
+    unet = model_bytes(engine)["unet"]
+    set_budget(engine, unet * fraction / MB)
+    images, stats = generate(engine)
+    assert np.array_equal(images, reference)
+    assert stats.streamed_mb > 0 and stats.resident_mb <= stats.budget_mb
+    assert engine.memory.components["unet"].streamer is None or engine.memory.components["unet"].streamed_bytes() > 0
+
+
+@pytest.mark.parametrize("flag", ["--lowvram", "--medvram", "--always-gpu"])
+def test_flags_change_placement_not_pixels(tmp_path, sd1_file, flag):
+    reference, _ = generate(simulated_engine(tmp_path / "ref", sd1_file))
+    engine = simulated_engine(tmp_path / "flag", sd1_file, flags=(flag,))
+    images, stats = generate(engine)
+    assert np.array_equal(images, reference)
+    sizes = model_bytes(engine)
+    if flag == "--lowvram":
+        assert stats.streamed_mb == pytest.approx(max(sizes.values()) / MB), "each phase streams its whole component"
+        assert engine.memory.resident_bytes() == 0
+    elif flag == "--medvram":
+        placed = {n: c.device_bytes() for n, c in engine.memory.components.items()}
+        assert placed == {"text_encoder": 0, "unet": 0, "vae": sizes["vae"]}, "only the decoding VAE is left"
+    else:
+        assert engine.memory.resident_bytes() == sum(sizes.values())
+
+
+def test_text_encoder_leaves_when_the_denoiser_needs_the_room(tmp_path, sd1_file):
+    engine = simulated_engine(tmp_path, sd1_file)
+    generate(engine)
+    sizes = model_bytes(engine)
+    set_budget(engine, (sizes["unet"] + sizes["vae"]) / MB + 0.01)
+    images, stats = generate(engine)
+    te = engine.memory.components["text_encoder"]
+    assert stats.streamed_mb == 0 and te.device_bytes() == 0 and stats.moved_mb >= sizes["text_encoder"] / MB
+
+
+def test_always_offload_from_vram_empties_the_device_after_each_generation(tmp_path, sd1_file):
+    engine = simulated_engine(tmp_path, sd1_file, flags=("--always-offload-from-vram",))
+    generate(engine)
+    assert engine.memory.resident_bytes() == 0
+
+
+def test_out_of_memory_is_retried_then_explained(tmp_path, sd1_file):
+    engine = simulated_engine(tmp_path, sd1_file)
+    reference, _ = generate(engine)
+    unet = engine.models.current.unet
+    forward, calls = unet.forward, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(*args, **kwargs)
+
+    unet.forward = flaky
+    images, stats = generate(engine)
+    assert stats.oom_retries == 1 and np.array_equal(images, reference)
+
+    def always(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    unet.forward = always
+    with pytest.raises(UserError, match="Out of GPU memory at 64x64, batch 1: .* MB"):
+        generate(engine)
+    unet.forward = forward
+    assert np.array_equal(generate(engine)[0], reference), "the app goes on after an unrecoverable OOM"

@@ -1,0 +1,202 @@
+"""Flux transformers (the denoiser alone) from single files in Black Forest Labs' original layout.
+
+BFL's files name tensors ``double_blocks.N.img_attn.qkv.weight``, ``single_blocks.N.linear1.weight``,
+``img_in.weight`` ...; ComfyUI/Forge save the same names under ``model.diffusion_model.``.
+
+The architecture comes from tensor shapes, as in ``detect``:
+
+* Widths (inner, input, text, pooled, output) come from the embedders' and final layer's shapes.
+* The head dim is the size of a q-norm scale (an RMSNorm over one head): 128 in every released Flux.
+* The rotary axes split each head's channels 1 : 3.5 : 3.5 between (time, row, column), as Flux's
+  (16, 56, 56) does for 128 channels; other head dims keep that ratio, rounded to even sizes since
+  rotary embeddings rotate channel pairs (see ``rope_axes``).
+* ``patch_size`` is 1: Flux packs 2x2 latent patches into 64 channels before the transformer.
+
+diffusers' own ``convert_flux_transformer_checkpoint_to_diffusers`` hard-codes a 3072-wide model;
+the conversion here takes the width from the config, so tiny test models take the same path.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers import FluxTransformer2DModel
+
+from webui.engine.detect import flux_prefix, strip_prefix
+from webui.engine.files import TensorInfo, load_state_dict, read_tensor_infos
+from webui.engine.load import build_module
+from webui.errors import ModelFileError
+
+StateDict = dict[str, torch.Tensor]
+
+# BFL name -> diffusers names. Names ending in "." are modules (their weight and bias follow); the
+# others are whole tensor names. Several diffusers names mean a fused tensor split along dim 0: every
+# part but the last is one inner width, the last takes the rest (q/k/v, or q/k/v/mlp in linear1).
+TOP_LEVEL: dict[str, tuple[str, ...]] = {
+    "img_in.": ("x_embedder.",),
+    "txt_in.": ("context_embedder.",),
+    "time_in.in_layer.": ("time_text_embed.timestep_embedder.linear_1.",),
+    "time_in.out_layer.": ("time_text_embed.timestep_embedder.linear_2.",),
+    "vector_in.in_layer.": ("time_text_embed.text_embedder.linear_1.",),
+    "vector_in.out_layer.": ("time_text_embed.text_embedder.linear_2.",),
+    "final_layer.linear.": ("proj_out.",),
+    "final_layer.adaLN_modulation.1.": ("norm_out.linear.",),
+}
+GUIDANCE: dict[str, tuple[str, ...]] = {
+    "guidance_in.in_layer.": ("time_text_embed.guidance_embedder.linear_1.",),
+    "guidance_in.out_layer.": ("time_text_embed.guidance_embedder.linear_2.",),
+}
+DOUBLE_BLOCK: dict[str, tuple[str, ...]] = {
+    "img_mod.lin.": ("norm1.linear.",),
+    "txt_mod.lin.": ("norm1_context.linear.",),
+    "img_attn.qkv.": ("attn.to_q.", "attn.to_k.", "attn.to_v."),
+    "txt_attn.qkv.": ("attn.add_q_proj.", "attn.add_k_proj.", "attn.add_v_proj."),
+    "img_attn.norm.query_norm.scale": ("attn.norm_q.weight",),
+    "img_attn.norm.key_norm.scale": ("attn.norm_k.weight",),
+    "txt_attn.norm.query_norm.scale": ("attn.norm_added_q.weight",),
+    "txt_attn.norm.key_norm.scale": ("attn.norm_added_k.weight",),
+    "img_attn.proj.": ("attn.to_out.0.",),
+    "txt_attn.proj.": ("attn.to_add_out.",),
+    "img_mlp.0.": ("ff.net.0.proj.",),
+    "img_mlp.2.": ("ff.net.2.",),
+    "txt_mlp.0.": ("ff_context.net.0.proj.",),
+    "txt_mlp.2.": ("ff_context.net.2.",),
+}
+SINGLE_BLOCK: dict[str, tuple[str, ...]] = {
+    "modulation.lin.": ("norm.linear.",),
+    "linear1.": ("attn.to_q.", "attn.to_k.", "attn.to_v.", "proj_mlp."),
+    "norm.query_norm.scale": ("attn.norm_q.weight",),
+    "norm.key_norm.scale": ("attn.norm_k.weight",),
+    "linear2.": ("proj_out.",),
+}
+# BFL's final modulation outputs (shift, scale); diffusers' AdaLayerNormContinuous expects (scale, shift).
+SWAPPED_HALVES = ("norm_out.linear.weight", "norm_out.linear.bias")
+LINEAR_PARAMS = ("weight", "bias")
+# Flux's rotary split of a 128-channel head: (time, row, column).
+FLUX_ROPE_AXES = (16, 56, 56)
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Rotary channels per axis for ``head_dim``: Flux's (16, 56, 56) at 128, the same ratio elsewhere.
+
+    Each spatial axis gets 7/16 of the channels rounded down to an even count, time the rest.
+    """
+    spatial = head_dim * 7 // 16 // 2 * 2
+    return (head_dim - 2 * spatial, spatial, spatial)
+
+
+def _shape(infos: dict[str, TensorInfo], key: str) -> tuple[int, ...]:
+    if key not in infos:
+        raise ModelFileError(f"This Flux transformer has no tensor {key!r}; the file is incomplete or of an "
+                             "unsupported variant.")
+    return infos[key].shape
+
+
+def _block_count(infos: dict[str, TensorInfo], kind: str) -> int:
+    """One past the highest block index, so that a block missing in the middle shows as missing tensors."""
+    rx = re.compile(re.escape(kind) + r"\.(\d+)\.")
+    return max((int(m.group(1)) for k in infos if (m := rx.match(k))), default=-1) + 1
+
+
+def flux_config(infos: dict[str, TensorInfo]) -> dict:
+    """A diffusers ``FluxTransformer2DModel`` config from the tensor shapes of a BFL-layout transformer.
+
+    ``infos`` may carry the ``model.diffusion_model.`` prefix; tensors outside it are ignored.
+    """
+    infos = strip_prefix(infos, flux_prefix(infos))
+    inner, in_channels = _shape(infos, "img_in.weight")
+    (head_dim,) = _shape(infos, "double_blocks.0.img_attn.norm.query_norm.scale")
+    if inner % head_dim:
+        raise ModelFileError(f"This Flux transformer's width {inner} is not a whole number of {head_dim}-channel "
+                             "attention heads; the file is inconsistent.")
+    return {
+        "patch_size": 1,
+        "in_channels": in_channels,
+        "out_channels": _shape(infos, "final_layer.linear.weight")[0],
+        "num_layers": _block_count(infos, "double_blocks"),
+        "num_single_layers": _block_count(infos, "single_blocks"),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": inner // head_dim,
+        "joint_attention_dim": _shape(infos, "txt_in.weight")[1],
+        "pooled_projection_dim": _shape(infos, "vector_in.in_layer.weight")[1],
+        "guidance_embeds": "guidance_in.in_layer.weight" in infos,
+        "axes_dims_rope": rope_axes(head_dim),
+    }
+
+
+def flux_key_table(config) -> dict[str, tuple[str, ...]]:
+    """Every BFL name of a model with ``config``'s depth -> its diffusers names (see ``TOP_LEVEL``)."""
+    table = dict(TOP_LEVEL) | (GUIDANCE if config["guidance_embeds"] else {})
+    blocks = (("double_blocks", "transformer_blocks", DOUBLE_BLOCK, config["num_layers"]),
+              ("single_blocks", "single_transformer_blocks", SINGLE_BLOCK, config["num_single_layers"]))
+    for bfl, diffusers, names, count in blocks:
+        for i in range(count):
+            for old, new in names.items():
+                table[f"{bfl}.{i}.{old}"] = tuple(f"{diffusers}.{i}.{n}" for n in new)
+    return table
+
+
+def swap_halves(state_dict: StateDict) -> None:
+    """Swap the two halves of the final modulation (its own inverse), in place."""
+    for key in SWAPPED_HALVES:
+        if key in state_dict:
+            first, second = state_dict[key].chunk(2)
+            state_dict[key] = torch.cat([second, first])
+
+
+def _split(key: str, tensor: torch.Tensor, inner: int, parts: int) -> tuple[torch.Tensor, ...]:
+    """``tensor`` cut along dim 0 into ``parts``: all but the last ``inner`` rows, the last the rest (views)."""
+    rest = tensor.shape[0] - inner * (parts - 1)
+    if rest <= 0:
+        raise ModelFileError(f"Flux tensor {key} has {tensor.shape[0]} rows, too few for {parts} parts of "
+                             f"width {inner}; the file is inconsistent.")
+    return torch.split(tensor, [inner] * (parts - 1) + [rest])
+
+
+def convert_flux_to_diffusers(state_dict: StateDict, config) -> StateDict:
+    """BFL names (without prefix) -> ``FluxTransformer2DModel`` names, for any width and depth.
+
+    Consumes ``state_dict``: each tensor is popped as it is converted, and split parts are views of the
+    fused tensor, so the weights are never held twice. Names the table does not know pass through
+    unchanged, for ``build_module`` to report.
+    """
+    table = flux_key_table(config)
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    out: StateDict = {}
+    for key in list(state_dict):
+        tensor = state_dict.pop(key)
+        module, _, param = key.rpartition(".")
+        if key in table:
+            out[table[key][0]] = tensor
+        elif module + "." in table and param in LINEAR_PARAMS:
+            targets = table[module + "."]
+            out.update((t + param, part) for t, part in zip(targets, _split(key, tensor, inner, len(targets))))
+        else:
+            out[key] = tensor
+    swap_halves(out)
+    return out
+
+
+def _cast_in_place(state_dict: StateDict, dtype: torch.dtype) -> None:
+    """Float tensors to ``dtype`` one at a time, each original dropped as soon as its copy exists."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point():
+            state_dict[key] = tensor.to(dtype)
+
+
+def load_flux_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
+    """The Flux transformer of a BFL-layout single file (bare or ``model.diffusion_model.``), on the CPU.
+
+    The architecture is checked against the header before any tensor data is read (a ``.ckpt`` is
+    unpickled twice for that; Flux ships as safetensors). Tensors of other components in the file
+    (VAE, text encoders) are dropped. Peak memory is one copy of the weights plus one tensor.
+    """
+    path = Path(path)
+    infos, _ = read_tensor_infos(path)
+    prefix = flux_prefix(infos)
+    config = flux_config(infos)
+    state_dict = strip_prefix(load_state_dict(path), prefix)
+    _cast_in_place(state_dict, dtype)
+    model = build_module(FluxTransformer2DModel, config, convert_flux_to_diffusers(state_dict, config), path.name, dtype)
+    return model.requires_grad_(False).eval()

@@ -1,0 +1,361 @@
+"""THE memory manager: where every weight lives, decided in one place.
+
+Inputs
+- the device's total and free memory (``DeviceMemory``; simulated in tests),
+- the user's GPU Weights = total − ``forge_inference_memory`` (Forge's slider), the launch
+  flags, and Forge's swap options (``forge_async_loading``, ``forge_pin_shared_memory``),
+- an activation estimate for the request, made before the run (``activation_bytes``).
+
+Policy, per phase of a generation (text encoding → denoising → VAE decode):
+- The phase's components must be usable on the device. The weight budget is
+  min(GPU Weights, what is ours on the device + free − activation estimate).
+- If every component fits, everything stays resident: consecutive generations move 0 bytes.
+- Else other components are evicted (whole) to host memory, least needed first, and if the
+  phase's component still does not fit, it gets a per-unit residency plan: the largest units
+  stay resident while the budget allows, the rest are streamed (``stream.Streamer``).
+- Flags: ``--always-gpu`` everything resident, never evicted; ``--lowvram`` every unit of the
+  active component streamed; ``--medvram`` only the active component on the device, whole;
+  ``--always-offload-from-vram`` everything back to host memory after each generation.
+
+Everything the manager moves is counted in ``GenerationStats``; one log line per generation.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+from webui.engine.stream import CopyStats, Streamer, Unit, param_bytes, split_units
+
+log = logging.getLogger(__name__)
+MB = 1024 * 1024
+TILED_DECODE_BYTES = 1024 * MB  # a tiled VAE decode's peak: one 512x512 tile at a time, and the blending
+UNITS_PER_COMPONENT = 48  # granularity of partial residency: finer packs the budget, coarser streams faster
+MIN_UNIT_BYTES = 4 * MB
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    mode: str = "auto"  # "auto" | "always_gpu" | "lowvram" | "medvram"
+    offload_after: bool = False
+    inference_mb: int = 1024
+    async_copies: bool = False
+    pinned: bool = False
+    budget_scale: float = 1.0  # < 1 after an out-of-memory error: retry with a smaller resident set
+    tiled_vae: bool = False
+
+
+class DeviceMemory:
+    """Total and free memory of the compute device. CPU 'devices' report system RAM and are never limiting."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def total(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_properties(self.device).total_memory
+        import psutil
+
+        return psutil.virtual_memory().total
+
+    def free(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        import psutil
+
+        return psutil.virtual_memory().available
+
+
+class SimulatedMemory(DeviceMemory):
+    """A device of a given size whose use is exactly what the manager put there (for tests)."""
+
+    def __init__(self, device: torch.device, total_mb: int):
+        super().__init__(device)
+        self.total_bytes = total_mb * MB
+        self.manager: MemoryManager | None = None
+
+    def total(self) -> int:
+        return self.total_bytes
+
+    def free(self) -> int:
+        used = self.manager.resident_bytes() if self.manager else 0
+        return self.total_bytes - used
+
+
+def activation_bytes(family: str, width: int, height: int, batch: int, cfg: bool, dtype: torch.dtype) -> int:
+    """Peak activation memory of one denoiser call, estimated before the run.
+
+    Linear in the latent area and in the batch (doubled with CFG), with memory-efficient
+    attention. The per-family coefficients are bytes per latent pixel per image at 2-byte
+    precision, measured on the GPU machine (benchmarks/memory.py) with a 25 % margin.
+    """
+    per_pixel = {"SD1.x": 40_000, "SD2.x": 40_000, "SDXL": 60_000, "Flux": 120_000}.get(family, 120_000)
+    images = batch * (2 if cfg else 1)
+    scale = torch.finfo(dtype).bits / 16
+    return int(per_pixel * (width // 8) * (height // 8) * images * scale) + 256 * MB
+
+
+def vae_decode_bytes(width: int, height: int, batch: int, dtype: torch.dtype) -> int:
+    """Peak memory of a full (untiled) VAE decode: the decoder's last blocks hold several
+    128–256-channel tensors at full resolution."""
+    return int(width * height * batch * 2_000 * torch.finfo(dtype).bits / 16)
+
+
+@dataclass
+class GenerationStats:
+    """What memory did during one generation; the log line, the UI and /sdapi/v1/memory show it."""
+
+    resident_mb: float = 0.0
+    streamed_mb: float = 0.0
+    moved_mb: float = 0.0
+    move_seconds: float = 0.0
+    peak_vram_mb: float = 0.0
+    budget_mb: float = 0.0
+    activation_mb: float = 0.0
+    tiled_vae: bool = False
+    oom_retries: int = 0
+    mode: str = "auto"
+
+    def line(self) -> str:
+        return (f"Memory: {self.resident_mb:.0f} MB resident, {self.streamed_mb:.0f} MB streamed, "
+                f"{self.moved_mb:.0f} MB moved in {self.move_seconds:.2f} s, peak VRAM {self.peak_vram_mb:.0f} MB "
+                f"(budget {self.budget_mb:.0f} MB, activations ~{self.activation_mb:.0f} MB"
+                f"{', tiled VAE' if self.tiled_vae else ''}, {self.mode})")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(eq=False)
+class Component:
+    """A model component (UNet, VAE, a text encoder) cut into units; each unit is on the device or the host."""
+
+    name: str
+    module: nn.Module
+    units: list[Unit]
+    on_device: set[Unit] = field(default_factory=set)
+    streamer: Streamer | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(u.nbytes for u in self.units)
+
+    def device_bytes(self) -> int:
+        return sum(u.nbytes for u in self.on_device)
+
+    def streamed_bytes(self) -> int:
+        return self.nbytes - self.device_bytes() if self.streamer else 0
+
+
+def plan_residency(units: list[Unit], budget: int) -> set[Unit]:
+    """The units to keep on the device within ``budget``: largest first (fewest bytes left to stream).
+
+    Pure and deterministic: ties keep registration order.
+    """
+    chosen, used = set(), 0
+    for unit in sorted(units, key=lambda u: -u.nbytes):
+        if used + unit.nbytes <= budget:
+            chosen.add(unit)
+            used += unit.nbytes
+    return chosen
+
+
+class MemoryManager:
+    """Owns the placement of every registered component's weights."""
+
+    def __init__(self, device: torch.device, memory: DeviceMemory | None = None, min_unit_bytes: int = MIN_UNIT_BYTES):
+        self.device = device
+        self.min_unit_bytes = min_unit_bytes
+        self.memory = memory or DeviceMemory(device)
+        if isinstance(self.memory, SimulatedMemory):
+            self.memory.manager = self
+        self.components: dict[str, Component] = {}
+        self.policy = MemoryPolicy()
+        self.stats = GenerationStats()
+        self.last = GenerationStats()
+        self._copies = CopyStats()
+
+    # ---- registration -----------------------------------------------------------------
+
+    def register(self, name: str, module: nn.Module) -> Component:
+        """Take charge of a module whose weights are in host memory (buffers go to the device: they are small)."""
+        _move_buffers(module, self.device)
+        unit_bytes = max(self.min_unit_bytes, param_bytes(module) // UNITS_PER_COMPONENT)
+        component = Component(name, module, split_units(module, unit_bytes))
+        self.components[name] = component
+        return component
+
+    def release_all(self) -> None:
+        """Forget every component (the model is being unloaded); their weights go back to the host first."""
+        for component in self.components.values():
+            self._place(component, set(), stream=False)
+        self.components.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- one generation ---------------------------------------------------------------
+
+    def begin(self, policy: MemoryPolicy, activation: int) -> None:
+        self.policy = policy
+        self.activation = activation
+        self.stats = GenerationStats(mode=policy.mode, activation_mb=activation / MB)
+        self._copies = CopyStats()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def prepare(self, names: list[str], activation: int | None = None) -> None:
+        """Make the named components usable on the device for the next phase."""
+        activation = self.activation if activation is None else activation
+        needed = [self.components[n] for n in names]
+        self._arrange(needed, activation)
+        self.stats.resident_mb = max(self.stats.resident_mb, self.resident_bytes() / MB)
+        self.stats.streamed_mb = max(self.stats.streamed_mb, sum(c.streamed_bytes() for c in needed) / MB)
+
+    def _arrange(self, needed: list[Component], activation: int) -> None:
+        others = [c for c in self.components.values() if c not in needed]
+        mode = self.policy.mode
+        if self.device.type == "cpu" and not isinstance(self.memory, SimulatedMemory):
+            mode = "always_gpu"  # the CPU computes where the weights are: nothing to plan
+        if mode == "always_gpu":
+            for c in self.components.values():
+                self._place(c, set(c.units), stream=False)
+            return
+        budget = int(self.weight_budget(activation) * self.policy.budget_scale)
+        self.stats.budget_mb = budget / MB
+        if mode == "auto" and sum(c.nbytes for c in self.components.values()) <= budget:
+            for c in self.components.values():
+                self._place(c, set(c.units), stream=False)
+            return
+        if mode == "auto":
+            self._evict(others, budget - sum(c.nbytes for c in needed))
+        else:  # medvram and lowvram: only the active components on the device
+            for c in others:
+                self._place(c, set(), stream=False)
+        room = budget - sum(c.device_bytes() for c in others)
+        for c in needed:
+            fits_whole = mode == "medvram" and c.nbytes <= room
+            keep = set() if mode == "lowvram" else set(c.units) if fits_whole else plan_residency(c.units, room)
+            room -= sum(u.nbytes for u in keep)
+            self._place(c, keep, stream=True)
+
+    def prepare_decode(self, name: str, decode_bytes: int) -> bool:
+        """Place the VAE for decoding. True when the decode must be tiled: a whole one would not fit."""
+        vae = self.components[name]
+        limited = self.device.type == "cuda" or isinstance(self.memory, SimulatedMemory)
+        tiled = self.policy.tiled_vae or (limited and self.weight_budget(decode_bytes) < vae.nbytes)
+        self.prepare([name], activation=TILED_DECODE_BYTES if tiled else decode_bytes)
+        self.stats.tiled_vae = self.stats.tiled_vae or tiled
+        return tiled
+
+    def recover_from_oom(self) -> None:
+        """After an out-of-memory error: free what can be freed and halve the weights' budget for the retry."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.policy = replace(self.policy, budget_scale=self.policy.budget_scale / 2, tiled_vae=True)
+        self.stats.oom_retries += 1
+
+    def explain_oom(self, width: int, height: int, batch: int) -> str:
+        total, free = self.memory.total() / MB, self.memory.free() / MB
+        return (f"Out of GPU memory at {width}x{height}, batch {batch}: it needs about {self.activation / MB:.0f} MB "
+                f"for activations beside {self.resident_bytes() / MB:.0f} MB of weights on the device, and only "
+                f"{free:.0f} MB of {total:.0f} MB were free after a retry with half the weights and a tiled VAE. "
+                "Lower the resolution or the batch size, lower GPU Weights, or start with --lowvram.")
+
+    def weight_budget(self, activation: int) -> int:
+        """Bytes the weights may use on the device now: the user's GPU Weights, capped by what is free."""
+        total = self.memory.total()
+        gpu_weights = total - self.policy.inference_mb * MB
+        ours = self.resident_bytes()
+        return max(0, min(gpu_weights, ours + self.memory.free() - activation))
+
+    def finish(self) -> GenerationStats:
+        """Close the generation's accounting (and offload everything if the flag says so)."""
+        if self.policy.offload_after:
+            for c in self.components.values():
+                self._place(c, set(), stream=False)
+        self._copies.collect()
+        self.stats.moved_mb += self._copies.bytes / MB
+        self.stats.move_seconds += self._copies.seconds
+        if self.device.type == "cuda":
+            self.stats.peak_vram_mb = torch.cuda.max_memory_allocated(self.device) / MB
+        self.last = self.stats
+        log.info(self.stats.line())
+        return self.stats
+
+    def resident_bytes(self) -> int:
+        return sum(c.device_bytes() for c in self.components.values())
+
+    # ---- moving -----------------------------------------------------------------------
+
+    def _evict(self, candidates: list[Component], room: int) -> None:
+        """Move whole components to the host until the resident ones fit in ``room``."""
+        resident = sum(c.device_bytes() for c in candidates)
+        for c in sorted(candidates, key=lambda c: -c.device_bytes()):
+            if resident <= max(room, 0):
+                break
+            resident -= c.device_bytes()
+            self._place(c, set(), stream=False)
+
+    def _place(self, component: Component, keep: set[Unit], stream: bool) -> None:
+        """Put exactly ``keep`` on the device; stream the rest if asked, else leave it on the host."""
+        rest = [u for u in component.units if u not in keep]
+        unchanged = keep == component.on_device and (
+            set(rest) == set(component.streamer.units) if component.streamer else not (stream and rest))
+        if unchanged:
+            return
+        if component.streamer is not None:
+            component.streamer.detach()
+            component.streamer = None
+        start, moved = time.perf_counter(), 0
+        for unit in component.units:
+            if unit in keep and unit not in component.on_device:
+                moved += self._move(unit, self.device)
+                component.on_device.add(unit)
+            elif unit not in keep and unit in component.on_device:
+                moved += self._move(unit, torch.device("cpu"))
+                component.on_device.discard(unit)
+        if moved:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.stats.moved_mb += moved / MB
+            self.stats.move_seconds += time.perf_counter() - start
+        if stream and rest:
+            if self.policy.pinned and self.device.type == "cuda":
+                for unit in rest:
+                    _pin(unit)
+            component.streamer = Streamer(rest, self.device, self.policy.async_copies, self._copies)
+        if not keep and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _move(self, unit: Unit, target: torch.device) -> int:
+        moved = 0
+        pin = target.type == "cpu" and self.policy.pinned and self.device.type == "cuda"
+        for param in unit.parameters():
+            data = param.data.to(target, non_blocking=True)
+            param.data = data.pin_memory() if pin else data
+            moved += data.numel() * data.element_size()
+        return moved
+
+    def usage(self) -> dict:
+        """Where the weights are now, for the API and the UI."""
+        return {name: {"total_mb": c.nbytes / MB, "device_mb": c.device_bytes() / MB,
+                       "streamed_mb": c.streamed_bytes() / MB} for name, c in self.components.items()}
+
+
+def _move_buffers(module: nn.Module, device: torch.device) -> None:
+    for sub in module.modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None:
+                sub._buffers[name] = buf.to(device)
+
+
+def _pin(unit: Unit) -> None:
+    for param in unit.parameters():
+        if not param.data.is_pinned():
+            param.data = param.data.pin_memory()
