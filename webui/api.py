@@ -108,5 +108,10 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         images = [encode_png(img, text) for img, text in zip(result.images, result.infotexts)] if send_images else []
         return {"images": images, "parameters": body, "info": info_json(result)}
 
+    def memory() -> dict[str, Any]:
+        return jobs.engine.memory.report()
+
     app.add_api_route("/sdapi/v1/txt2img", txt2img, methods=["POST"], tags=["sdapi"],
                       summary="Text to image (A1111 request and response shape)")
+    app.add_api_route("/sdapi/v1/memory", memory, methods=["GET"], tags=["sdapi"],
+                      summary="RAM and VRAM use, where the weights are, and what the last generation moved")

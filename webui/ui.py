@@ -315,7 +315,8 @@ def progress_html(progress: Progress, future: Future) -> str:
 
 def _done_text(result: GenerationResult) -> str:
     what = "Interrupted" if result.interrupted else "Done"
-    return f"{what}: {len(result.images)} image(s) in {_duration(result.seconds)}, seed {result.seed}."
+    text = f"{what}: {len(result.images)} image(s) in {_duration(result.seconds)}, seed {result.seed}."
+    return f"{text} {result.memory.line()}" if result.memory else text
 
 
 def _duration(seconds: float) -> str:

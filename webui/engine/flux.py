@@ -146,7 +146,7 @@ def swap_halves(state_dict: StateDict) -> None:
 
 
 def _split(key: str, tensor: torch.Tensor, inner: int, parts: int) -> tuple[torch.Tensor, ...]:
-    """``tensor`` cut along dim 0 into ``parts``: all but the last ``inner`` rows, the last the rest (views)."""
+    """``tensor`` cut along dim 0 into ``parts`` (views): all but the last ``inner`` rows, the last the rest."""
     rest = tensor.shape[0] - inner * (parts - 1)
     if rest <= 0:
         raise ModelFileError(f"Flux tensor {key} has {tensor.shape[0]} rows, too few for {parts} parts of "
@@ -158,8 +158,8 @@ def convert_flux_to_diffusers(state_dict: StateDict, config) -> StateDict:
     """BFL names (without prefix) -> ``FluxTransformer2DModel`` names, for any width and depth.
 
     Consumes ``state_dict``: each tensor is popped as it is converted, and split parts are views of the
-    fused tensor, so the weights are never held twice. Names the table does not know pass through
-    unchanged, for ``build_module`` to report.
+    fused tensor (sharing its storage), so no weight is ever copied. Names the table does not know pass
+    through unchanged, for ``build_module`` to report.
     """
     table = flux_key_table(config)
     inner = config["num_attention_heads"] * config["attention_head_dim"]

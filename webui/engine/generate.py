@@ -72,8 +72,8 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
                 break
             progress.next_batch(batch_no)
             seeds = [job.seed + batch_no * req.batch_size + i for i in range(req.batch_size)]
-            images = _with_oom_retry(lambda: _sample_batch(model, memory, req, seeds, job.clip_skip, progress, bar),
-                                     memory, req)
+            images = _with_oom_retry(lambda: _sample_batch(model, memory, req, seeds, job.clip_skip, progress, bar,
+                                                           result.timings), memory, req)
             for image, seed in zip(images, seeds):
                 infotext = infotext_for(model, job, seed)
                 result.images.append(image)
@@ -127,11 +127,13 @@ def _with_oom_retry(run: Callable[[], list[Image.Image]], memory: MemoryManager,
 
 @torch.inference_mode()
 def _sample_batch(model: LoadedModel, memory: MemoryManager, req: GenerationRequest, seeds: list[int],
-                  clip_skip: int, progress: Progress, bar: tqdm) -> list[Image.Image]:
+                  clip_skip: int, progress: Progress, bar: tqdm, timings: dict[str, float]) -> list[Image.Image]:
     unet, device = model.unet, memory.device
     dtype = unet.dtype
+    clock = PhaseClock(device, timings)
     memory.prepare([name for name in TEXT_ENCODERS if name in memory.components])
     cond, uncond = _conditioning(model, req, clip_skip, device, dtype)
+    clock.lap("encode")
     memory.prepare(["unet"])
     use_cfg = req.cfg_scale > 1.0
     scheduler = make_scheduler(req.sampler_name, req.scheduler, model.scheduler_config, seed=seeds)
@@ -155,7 +157,25 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, req: GenerationRequ
         progress.step(round((i + 1) * req.steps / total), latents, model.family)
         bar.n = progress.job_no * req.steps + progress.sampling_step
         bar.refresh()
-    return decode(model, memory, latents)
+    clock.lap("denoise")
+    images = decode(model, memory, latents)
+    clock.lap("decode")
+    return images
+
+
+class PhaseClock:
+    """Adds each phase's wall time (device work included) to ``timings``."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float]):
+        self.device, self.timings = device, timings
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
+        self.last = now
 
 
 def _conditioning(model: LoadedModel, req: GenerationRequest, clip_skip: int, device: torch.device,

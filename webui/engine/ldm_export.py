@@ -5,6 +5,8 @@ The single-file writer is the inverse of diffusers' single-file conversion
 original LDM/SGM key names, with the tensor layouts real files use (VAE attention as 1x1 convs,
 OpenCLIP's fused ``in_proj`` and ``[width, proj]`` text projection), plus the extra tensors real files
 carry and loaders must tolerate (noise schedule buffers, CLIP ``position_ids``, OpenCLIP ``logit_scale``).
+
+Flux transformers are written in Black Forest Labs' layout, the inverse of ``flux.convert_flux_to_diffusers``.
 """
 from __future__ import annotations
 
@@ -13,11 +15,17 @@ import math
 from pathlib import Path
 
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    EulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from safetensors.torch import save_file
 
-from webui.engine.synthetic import SyntheticModel
+from webui.engine.flux import LINEAR_PARAMS, flux_key_table, swap_halves
+from webui.engine.synthetic import SyntheticModel, build_flux_transformer
 from webui.engine.tokenizer import clip_tokenizer
 
 StateDict = dict[str, torch.Tensor]
@@ -322,3 +330,51 @@ def write_diffusers_folder(path: str | Path, model: SyntheticModel, dtype: torch
         )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def flux_to_bfl(state_dict: StateDict, config) -> StateDict:
+    """``FluxTransformer2DModel`` names -> BFL's (without prefix); split tensors are fused back.
+
+    Consumes ``state_dict`` (tensors are popped as they are renamed or fused).
+    """
+    swap_halves(state_dict)
+    out: StateDict = {}
+    for bfl, targets in flux_key_table(config).items():
+        for param in LINEAR_PARAMS if bfl.endswith(".") else ("",):
+            parts = [state_dict.pop(t + param) for t in targets]
+            out[bfl + param] = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if state_dict:
+        raise KeyError(f"no BFL name for diffusers keys {sorted(state_dict)[:3]}")
+    return out
+
+
+def write_flux_transformer(
+    path: str | Path,
+    model: FluxTransformer2DModel,
+    dtype: torch.dtype = torch.bfloat16,
+    prefix: str = "",
+) -> Path:
+    """Write ``model`` as a BFL-layout ``.safetensors`` file in ``dtype``, its names under ``prefix``.
+
+    ``prefix=""`` is BFL's own layout; ``"model.diffusion_model."`` is how ComfyUI/Forge save it.
+    Each tensor is moved to the CPU before fusing, so the GPU needs nothing beyond the model.
+    """
+    path = Path(path)
+    tensors = {k: _for_file(k, v, dtype) for k, v in model.state_dict().items()}
+    save_file(_prefixed(prefix, flux_to_bfl(tensors, model.config)), str(path))
+    return path
+
+
+def write_flux_checkpoint(
+    path: str | Path,
+    size: str = "full",
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+    prefix: str = "",
+) -> Path:
+    """A random Flux transformer (``build_flux_transformer``) written in BFL's layout, for benchmarks.
+
+    Full size in bfloat16 takes 23.8 GB on ``device`` and about as much host memory while writing.
+    """
+    return write_flux_transformer(path, build_flux_transformer(size, seed, device, dtype), dtype, prefix)

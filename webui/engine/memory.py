@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from webui.engine.stream import CopyStats, Streamer, Unit, param_bytes, split_units
+from webui.engine.stream import IN_FLIGHT, CopyStats, Streamer, Unit, param_bytes, split_units
 
 log = logging.getLogger(__name__)
 MB = 1024 * 1024
@@ -152,16 +152,33 @@ class Component:
 
 
 def plan_residency(units: list[Unit], budget: int) -> set[Unit]:
-    """The units to keep on the device within ``budget``: largest first (fewest bytes left to stream).
+    """The units to keep on the device within ``budget``; the others are streamed.
 
-    Pure and deterministic: ties keep registration order.
+    ``units`` are in execution order. The streamed ones are spread evenly along it, so that
+    while one streamed unit is copied the device computes resident ones: the step then costs
+    about max(compute, streamed bytes ÷ bandwidth) instead of their sum. Part of the budget
+    is kept for the streamed units' device copies in flight (``stream.IN_FLIGHT``).
+    Pure and deterministic.
     """
-    chosen, used = set(), 0
-    for unit in sorted(units, key=lambda u: -u.nbytes):
-        if used + unit.nbytes <= budget:
-            chosen.add(unit)
-            used += unit.nbytes
-    return chosen
+    total = sum(u.nbytes for u in units)
+    if total <= budget:
+        return set(units)
+    window = (IN_FLIGHT + 1) * max(u.nbytes for u in units)
+    must_stream = total - max(budget - window, 0)
+    fraction = min(must_stream / total, 1.0)
+    streamed, seen, resident = 0, 0, set()
+    for unit in units:
+        seen += unit.nbytes
+        if streamed + unit.nbytes / 2 <= fraction * seen:
+            streamed += unit.nbytes
+        else:
+            resident.add(unit)
+    for unit in sorted(resident, key=lambda u: -u.nbytes):  # rounding left too much resident: stream the largest
+        if total - streamed <= budget - window:
+            break
+        resident.discard(unit)
+        streamed += unit.nbytes
+    return resident
 
 
 class MemoryManager:
@@ -342,10 +359,29 @@ class MemoryManager:
             moved += data.numel() * data.element_size()
         return moved
 
-    def usage(self) -> dict:
-        """Where the weights are now, for the API and the UI."""
-        return {name: {"total_mb": c.nbytes / MB, "device_mb": c.device_bytes() / MB,
-                       "streamed_mb": c.streamed_bytes() / MB} for name, c in self.components.items()}
+    def report(self) -> dict:
+        """A1111's /sdapi/v1/memory answer ("ram", "cuda"), plus where our weights are and the last generation."""
+        import psutil
+
+        ram = psutil.virtual_memory()
+        answer = {"ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total}}
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            stats = torch.cuda.memory_stats(self.device)
+            answer["cuda"] = {
+                "system": {"free": free, "used": total - free, "total": total},
+                **{key: {"current": stats.get(f"{key}_bytes.all.current", 0), "peak": stats.get(f"{key}_bytes.all.peak", 0)}
+                   for key in ("active", "allocated", "reserved", "inactive_split")},
+                "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+            }
+        answer["webui"] = {
+            "device": str(self.device),
+            "policy": asdict(self.policy),
+            "components": {name: {"total_mb": c.nbytes / MB, "device_mb": c.device_bytes() / MB,
+                                  "streamed_mb": c.streamed_bytes() / MB} for name, c in self.components.items()},
+            "last_generation": self.last.as_dict(),
+        }
+        return answer
 
 
 def _move_buffers(module: nn.Module, device: torch.device) -> None:

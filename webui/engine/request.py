@@ -102,6 +102,7 @@ class GenerationResult:
     interrupted: bool = False
     seconds: float = 0.0
     memory: GenerationStats | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase: encode, denoise, decode
 
     @property
     def seed(self) -> int:
