@@ -44,3 +44,36 @@ def test_cuda_half_precision_matches_diffusers_and_the_cpu(tmp_path, request, fa
     cpu = make_engine(tmp_path / "cpu", checkpoint)
     on_cpu = as_array(cpu.txt2img(GenerationRequest(**REQ)).images)
     assert np.abs(first - on_cpu).mean() < 3.0, "a seed draws the same picture on the CPU and the GPU"
+
+
+def cuda_engine(tmp_path, checkpoint, *flags):
+    from webui.engine.memory import MemoryManager
+
+    engine = make_engine(tmp_path, checkpoint, extra_args=("--device", "cuda", *flags))
+    engine.memory = engine.models.memory = MemoryManager(torch.device("cuda"), min_unit_bytes=256 * 1024)
+    return engine
+
+
+@requires_cuda
+@pytest.mark.parametrize("swap", [("Queue", "CPU"), ("Async", "Shared")])
+def test_cuda_streaming_matches_resident_within_budget(tmp_path, sdxl_file, swap):
+    from webui.engine.memory import MB
+
+    resident = cuda_engine(tmp_path / "resident", sdxl_file)
+    reference = as_array(resident.txt2img(GenerationRequest(**REQ)).images)
+    again = resident.txt2img(GenerationRequest(**REQ))
+    assert again.memory.moved_mb == 0 and again.memory.streamed_mb == 0, "the same model twice moves nothing"
+
+    engine = cuda_engine(tmp_path / "streamed", sdxl_file)
+    engine.options.update({"forge_async_loading": swap[0], "forge_pin_shared_memory": swap[1]})
+    engine.txt2img(GenerationRequest(**REQ))
+    unet_mb = engine.memory.components["unet"].nbytes / MB
+    total_mb = torch.cuda.get_device_properties(0).total_memory / MB
+    engine.options.update({"forge_inference_memory": int(total_mb - unet_mb * 0.5)})
+    torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated() / MB - engine.memory.resident_bytes() / MB
+    result = engine.txt2img(GenerationRequest(**REQ))
+    stats = result.memory
+    assert stats.streamed_mb > 0 and stats.resident_mb <= stats.budget_mb
+    assert np.abs(as_array(result.images) - reference).max() <= 1, "streaming changes no pixel"
+    assert stats.peak_vram_mb - baseline <= stats.budget_mb + stats.activation_mb
