@@ -16,6 +16,7 @@ Step times are medians over timed steps after warm-up; copy bandwidth is measure
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import statistics
 import time
@@ -133,7 +134,8 @@ def bench_unet_family(name: str, family: str, size: int, workdir: Path) -> None:
 
     model = engine.models.current
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    parts = dict(vae=model.vae, text_encoder=model.text_encoders[0].model, tokenizer=model.text_encoders[0].tokenizer,
+    # The pipeline feeds the VAE latents in the UNet's fp16; ours runs the VAE in bf16: give it an fp16 copy.
+    parts = dict(vae=copy.deepcopy(model.vae).half(), text_encoder=model.text_encoders[0].model, tokenizer=model.text_encoders[0].tokenizer,
                  unet=model.unet, scheduler=make_scheduler("Euler", "Automatic", model.scheduler_config))
     if family == "sdxl":
         parts.update(text_encoder_2=model.text_encoders[1].model, tokenizer_2=model.text_encoders[1].tokenizer)

@@ -130,7 +130,8 @@ def _write_without(tmp_path, tiny, key: str):
 
 def test_missing_block_tensor_is_a_clear_error(tmp_path, tiny):
     broken = _write_without(tmp_path, tiny, "single_blocks.1.linear2.weight")
-    with pytest.raises(ModelFileError, match=r"broken\.safetensors.*1 tensors missing.*single_transformer_blocks\.1\.proj_out"):
+    expected = r"broken\.safetensors.*1 tensors missing.*single_transformer_blocks\.1\.proj_out"
+    with pytest.raises(ModelFileError, match=expected):
         load_flux_transformer(broken)
 
 

@@ -139,3 +139,34 @@ def test_out_of_memory_is_retried_then_explained(tmp_path, sd1_file):
         generate(engine)
     unet.forward = forward
     assert np.array_equal(generate(engine)[0], reference), "the app goes on after an unrecoverable OOM"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_every_streamed_weight_is_in_place_when_its_module_runs(tmp_path, request, family, monkeypatch):
+    """On the CPU a 'device copy' is the host tensor itself; clone it so a module that computes with a
+    host tensor (its hooks never fired) is caught, as it would fail on a GPU."""
+    from webui.engine import stream
+
+    copy = stream.Streamer._copy
+    monkeypatch.setattr(stream.Streamer, "_copy",
+                        lambda self, unit, stream=None: ([t.clone() for t in copy(self, unit, stream)[0]], None))
+    engine = simulated_engine(tmp_path, request.getfixturevalue(f"{family}_file"), flags=("--lowvram",))
+    generate(engine)
+    caught = []
+
+    def checked(module, name):
+        forward = module.forward
+
+        def run(*args, **kwargs):
+            hosts = {t.data_ptr() for c in engine.memory.components.values() if c.streamer
+                     for ts in c.streamer._host.values() for t in ts}
+            caught.extend(name for p in module.parameters(recurse=False) if p.data_ptr() in hosts)
+            return forward(*args, **kwargs)
+        return run
+
+    for cname, component in engine.memory.components.items():
+        for name, module in component.module.named_modules():
+            if not list(module.children()):
+                module.forward = checked(module, f"{cname}.{name}")
+    images, stats = generate(engine)
+    assert stats.streamed_mb > 0 and caught == [], caught[:5]

@@ -18,7 +18,9 @@ the conversion here takes the width from the config, so tiny test models take th
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import FluxTransformer2DModel
@@ -73,12 +75,10 @@ SINGLE_BLOCK: dict[str, tuple[str, ...]] = {
 # BFL's final modulation outputs (shift, scale); diffusers' AdaLayerNormContinuous expects (scale, shift).
 SWAPPED_HALVES = ("norm_out.linear.weight", "norm_out.linear.bias")
 LINEAR_PARAMS = ("weight", "bias")
-# Flux's rotary split of a 128-channel head: (time, row, column).
-FLUX_ROPE_AXES = (16, 56, 56)
 
 
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
-    """Rotary channels per axis for ``head_dim``: Flux's (16, 56, 56) at 128, the same ratio elsewhere.
+    """Rotary channels per (time, row, column) axis: Flux's (16, 56, 56) at 128, the same ratio elsewhere.
 
     Each spatial axis gets 7/16 of the channels rounded down to an even count, time the rest.
     """
@@ -125,7 +125,7 @@ def flux_config(infos: dict[str, TensorInfo]) -> dict:
     }
 
 
-def flux_key_table(config) -> dict[str, tuple[str, ...]]:
+def flux_key_table(config: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     """Every BFL name of a model with ``config``'s depth -> its diffusers names (see ``TOP_LEVEL``)."""
     table = dict(TOP_LEVEL) | (GUIDANCE if config["guidance_embeds"] else {})
     blocks = (("double_blocks", "transformer_blocks", DOUBLE_BLOCK, config["num_layers"]),
@@ -154,7 +154,7 @@ def _split(key: str, tensor: torch.Tensor, inner: int, parts: int) -> tuple[torc
     return torch.split(tensor, [inner] * (parts - 1) + [rest])
 
 
-def convert_flux_to_diffusers(state_dict: StateDict, config) -> StateDict:
+def convert_flux_to_diffusers(state_dict: StateDict, config: Mapping[str, Any]) -> StateDict:
     """BFL names (without prefix) -> ``FluxTransformer2DModel`` names, for any width and depth.
 
     Consumes ``state_dict``: each tensor is popped as it is converted, and split parts are views of the
@@ -198,5 +198,5 @@ def load_flux_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16)
     config = flux_config(infos)
     state_dict = strip_prefix(load_state_dict(path), prefix)
     _cast_in_place(state_dict, dtype)
-    model = build_module(FluxTransformer2DModel, config, convert_flux_to_diffusers(state_dict, config), path.name, dtype)
-    return model.requires_grad_(False).eval()
+    converted = convert_flux_to_diffusers(state_dict, config)
+    return build_module(FluxTransformer2DModel, config, converted, path.name, dtype).requires_grad_(False).eval()

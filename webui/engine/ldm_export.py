@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -332,7 +334,7 @@ def write_diffusers_folder(path: str | Path, model: SyntheticModel, dtype: torch
     return path
 
 
-def flux_to_bfl(state_dict: StateDict, config) -> StateDict:
+def flux_to_bfl(state_dict: StateDict, config: Mapping[str, Any]) -> StateDict:
     """``FluxTransformer2DModel`` names -> BFL's (without prefix); split tensors are fused back.
 
     Consumes ``state_dict`` (tensors are popped as they are renamed or fused).

@@ -47,7 +47,9 @@ def split_units(root: nn.Module, max_bytes: int) -> list[Unit]:
     """Cut a component into units of at most ``max_bytes`` where the module tree allows, in registration order.
 
     A module larger than ``max_bytes`` is split into its children; its own parameters, if any,
-    become a unit of their own. A leaf larger than ``max_bytes`` stays whole.
+    become a unit of their own. A leaf larger than ``max_bytes`` stays whole. Units are modules
+    whose forward runs (that is where the hooks fire): containers (ModuleList, ModuleDict) and the
+    root (a VAE is called through ``decode``, not ``forward``) are always split.
     """
     units: list[Unit] = []
 
@@ -56,7 +58,8 @@ def split_units(root: nn.Module, max_bytes: int) -> list[Unit]:
         if size == 0:
             return
         children = [(n, c) for n, c in module.named_children() if param_bytes(c)]
-        if size <= max_bytes or not children:
+        never_called = module is root or isinstance(module, (nn.ModuleList, nn.ModuleDict))
+        if (size <= max_bytes and not never_called) or not children:
             units.append(Unit(name or "(root)", module, recurse=True))
             return
         if any(True for _ in module.parameters(recurse=False)):
