@@ -180,6 +180,11 @@ class PhaseClock:
 
 def _conditioning(model: LoadedModel, req: GenerationRequest, clip_skip: int, device: torch.device,
                   dtype: torch.dtype) -> tuple[Conditioning, Conditioning]:
+    """Positive and negative conditioning, reused while the prompts, clip skip and batch stay the same
+    (as A1111 does): a new seed for the same prompt costs no text encoding."""
+    key = (req.prompt, req.negative_prompt, clip_skip, req.batch_size, dtype)
+    if model.conditioning_cache[0] == key:
+        return model.conditioning_cache[1]
     n = req.batch_size
     encoders = model.text_encoders
     cond = encode_prompts([req.prompt] * n, encoders, clip_skip, device=device, dtype=dtype)
@@ -187,6 +192,7 @@ def _conditioning(model: LoadedModel, req: GenerationRequest, clip_skip: int, de
     if cond.embeds.shape[1] != uncond.embeds.shape[1]:
         empty = encode_prompts([""] * n, encoders, clip_skip, device=device, dtype=dtype)
         cond, uncond = pad_to_same_length(cond, uncond, empty)
+    model.conditioning_cache = (key, (cond, uncond))
     return cond, uncond
 
 

@@ -55,6 +55,7 @@ class LoadedModel:
     scheduler_config: dict
     vae_name: str | None = None
     load_seconds: float = 0.0
+    conditioning_cache: tuple = (None, None)  # (key, (cond, uncond)) of the last prompts encoded
 
     @property
     def prediction_type(self) -> str:
