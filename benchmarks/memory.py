@@ -12,8 +12,9 @@ written as real checkpoint files and loaded by our own loader. Rows:
    pinned bandwidth)) and fully streamed (goal ≤ 1.15 × copy floor), beside diffusers' group
    offloading with a side stream;
 4. peak VRAM within budget + activation estimate in every row.
-Step times: (median time of 20 steps − median time of 10 steps) ÷ 10, the same for both, so
-fixed costs stay out; Flux steps are medians of single forwards. Bandwidth is measured in the run.
+Step times: the median interval between consecutive denoising steps (synchronised at each step,
+the same way for both loops); Flux steps are medians of single forwards. Bandwidth is measured
+in the run.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from webui.engine.progress import Progress
 
 MB = 1024 * 1024
 
@@ -85,6 +88,31 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
+class StepClock(Progress):
+    """Progress that also timestamps every denoising step (synchronised), for either loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.times: list[list[float]] = []
+
+    def begin(self, job: str, job_count: int, steps: int) -> None:
+        super().begin(job, job_count, steps)
+        self.times.append([])
+
+    def step(self, step: int, latents, family) -> None:
+        super().step(step, latents, family)
+        self.tick()
+
+    def tick(self) -> None:
+        torch.cuda.synchronize()
+        self.times[-1].append(time.perf_counter())
+
+    def step_ms(self) -> float:
+        """Median interval between consecutive steps of the recorded runs."""
+        gaps = [b - a for run in self.times for a, b in zip(run, run[1:])]
+        return statistics.median(gaps) * 1000
+
+
 # ---- SD1.5 / SDXL through the whole engine --------------------------------------------------------
 
 def write_checkpoint(family: str, path: Path) -> Path:
@@ -126,14 +154,15 @@ def bench_unet_family(name: str, family: str, size: int, workdir: Path) -> None:
     def ours(steps: int):
         return engine.txt2img(GenerationRequest(steps=steps, **request))
 
+    engine.progress = StepClock()
+
     def overhead_ms(result) -> float:
         return (result.seconds - result.timings["denoise"] - result.timings["decode"]) * 1000
 
     ours(2)  # load and place
+    engine.progress.times.clear()
     runs = [ours(20) for _ in range(3)]
-    short = [ours(10) for _ in range(3)]
-    denoise = [statistics.median(r.timings["denoise"] for r in rs) for rs in (runs, short)]
-    step_ms = (denoise[0] - denoise[1]) / 10 * 1000
+    step_ms = engine.progress.step_ms()
     moved = max(r.memory.moved_mb for r in runs)
     peak = max(r.memory.peak_vram_mb for r in runs)
     best = runs[-1]
@@ -152,18 +181,26 @@ def bench_unet_family(name: str, family: str, size: int, workdir: Path) -> None:
     pipe = cls(**parts)
     pipe.set_progress_bar_config(disable=True)
 
+    clock = StepClock()
+
+    def on_step(pipeline, i, t, kwargs):
+        clock.tick()
+        return kwargs
+
     def plain(steps: int) -> float:
+        clock.times.append([])
         torch.cuda.synchronize()
         start = time.perf_counter()
         pipe(prompt="a photo of a cat", negative_prompt="", width=size, height=size, num_inference_steps=steps,
-             guidance_scale=7.0, generator=torch.Generator().manual_seed(1))
+             guidance_scale=7.0, generator=torch.Generator().manual_seed(1), callback_on_step_end=on_step)
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
     plain(2)
-    t20 = statistics.median(plain(20) for _ in range(3))
-    t10 = statistics.median(plain(10) for _ in range(3))
-    ref_step_ms = (t20 - t10) / 10 * 1000
+    clock.times.clear()
+    for _ in range(3):
+        plain(20)
+    ref_step_ms = clock.step_ms()
     activation = peak - best.memory.resident_mb
     report(Row(name, f"resident step, {size}², CFG", step_ms, ref_step_ms, "ms", "≤ 1.0×", step_ms <= ref_step_ms,
                peak, f"diffusers pipeline over the same modules; activations {activation:.0f} MB measured, "

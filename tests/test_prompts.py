@@ -13,7 +13,6 @@ from webui.engine.prompts import (
     Conditioning,
     TextEncoderSlot,
     encode_prompts,
-    pad_to_same_length,
     parse_prompt_attention,
     token_count,
 )
@@ -255,18 +254,17 @@ def test_sdxl_multi_chunk_pooled_comes_from_first_chunk(sdxl):
 
 
 @pytest.mark.parametrize("model", ["sd1", "sdxl"])
-def test_pad_negative_to_positive(request, model):
+def test_negative_encoded_with_a_longer_positive_is_padded_with_the_empty_chunk(request, model):
     slots = request.getfixturevalue(model)
-    positive = encode_prompts(["cat " * 100], slots)
+    both = encode_prompts(["cat " * 100, "blurry"], slots)
     negative = encode_prompts(["blurry"], slots)
     empty = encode_prompts([""], slots)
-    padded_positive, padded_negative = pad_to_same_length(positive, negative, empty)
-    assert padded_positive.embeds is positive.embeds
-    assert padded_negative.embeds.shape == positive.embeds.shape
-    first, second = _chunks_of(padded_negative)
-    assert torch.equal(first, negative.embeds)
-    assert torch.equal(second, empty.embeds)
-    assert padded_negative.pooled is negative.pooled
+    assert both.embeds.shape == (2, 2 * T, negative.embeds.shape[-1])
+    first, second = _chunks_of(Conditioning(both.embeds[1:], None))
+    torch.testing.assert_close(first, negative.embeds)
+    torch.testing.assert_close(second, empty.embeds)
+    if negative.pooled is not None:
+        torch.testing.assert_close(both.pooled[1:], negative.pooled)
 
 
 def test_batch_of_different_prompts(sd1, clip_l):

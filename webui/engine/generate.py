@@ -24,7 +24,7 @@ from webui.engine.infotext import build_infotext
 from webui.engine.load import TEXT_ENCODERS, LoadedModel
 from webui.engine.memory import MemoryManager, MemoryPolicy, activation_bytes, vae_decode_bytes
 from webui.engine.progress import Progress
-from webui.engine.prompts import Conditioning, encode_prompts, pad_to_same_length
+from webui.engine.prompts import Conditioning, encode_prompts
 from webui.engine.request import MAX_SEED, GenerationRequest, GenerationResult
 from webui.engine.samplers import make_scheduler, resolve, step_kwargs
 from webui.errors import UserError
@@ -186,14 +186,13 @@ def _conditioning(model: LoadedModel, req: GenerationRequest, clip_skip: int, de
     if model.conditioning_cache[0] == key:
         return model.conditioning_cache[1]
     n = req.batch_size
-    encoders = model.text_encoders
-    cond = encode_prompts([req.prompt] * n, encoders, clip_skip, device=device, dtype=dtype)
-    uncond = encode_prompts([req.negative_prompt] * n, encoders, clip_skip, device=device, dtype=dtype)
-    if cond.embeds.shape[1] != uncond.embeds.shape[1]:
-        empty = encode_prompts([""] * n, encoders, clip_skip, device=device, dtype=dtype)
-        cond, uncond = pad_to_same_length(cond, uncond, empty)
-    model.conditioning_cache = (key, (cond, uncond))
-    return cond, uncond
+    # One pass for both: encode_prompts pads the shorter prompt with empty chunks, as A1111 does for CFG.
+    both = encode_prompts([req.prompt] * n + [req.negative_prompt] * n, model.text_encoders, clip_skip,
+                          device=device, dtype=dtype)
+    halves = [Conditioning(both.embeds[part], None if both.pooled is None else both.pooled[part])
+              for part in (slice(0, n), slice(n, 2 * n))]
+    model.conditioning_cache = (key, (halves[0], halves[1]))
+    return halves[0], halves[1]
 
 
 def _initial_noise(model: LoadedModel, req: GenerationRequest, generators: list[torch.Generator]) -> torch.Tensor:

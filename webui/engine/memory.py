@@ -139,10 +139,10 @@ class Component:
     units: list[Unit]
     on_device: set[Unit] = field(default_factory=set)
     streamer: Streamer | None = None
+    nbytes: int = field(init=False)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(u.nbytes for u in self.units)
+    def __post_init__(self) -> None:
+        self.nbytes = sum(u.nbytes for u in self.units)
 
     def device_bytes(self) -> int:
         return sum(u.nbytes for u in self.on_device)

@@ -11,7 +11,6 @@ The path a prompt takes:
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import re
@@ -246,8 +245,6 @@ def _emphasise(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     A1111 takes the mean over the whole batch of chunks; we take it per chunk, so that a
     prompt's conditioning does not depend on the other prompts in its batch.
     """
-    if bool((weights == 1).all()):
-        return z
     original = z.float()
     weighted = original * weights[..., None]
     scale = original.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True)
@@ -260,10 +257,12 @@ def _encode_chunks(
     """(N, 77, D) weighted embeddings of N chunks in one forward pass, and (N, P) pooled ones."""
     skip = _layer_to_skip(slot, clip_skip)
     ids = torch.tensor([_chunk_ids(chunk, slot.tokenizer) for chunk in chunks], device=device)
-    weights = torch.tensor([_chunk_weights(chunk) for chunk in chunks], device=device)
+    weights = [_chunk_weights(chunk) for chunk in chunks]
     with torch.no_grad():
         output = slot.model(input_ids=ids, output_hidden_states=True)
-        z = _emphasise(_hidden_layer(slot, output, skip), weights)
+        z = _hidden_layer(slot, output, skip)
+        if any(w != 1.0 for row in weights for w in row):  # checked on the host: no device sync
+            z = _emphasise(z, torch.tensor(weights, device=device))
     return z, output.text_embeds if slot.pooled else None
 
 
@@ -331,16 +330,3 @@ def encode_prompts(
         embeds = embeds.to(dtype)
         pooled = pooled.to(dtype) if pooled is not None else None
     return Conditioning(embeds, pooled)
-
-
-def pad_to_same_length(a: Conditioning, b: Conditioning, empty: Conditioning) -> tuple[Conditioning, Conditioning]:
-    """Give two conditionings (e.g. positive and negative) the same number of chunks, so that CFG
-    can batch them: the shorter one gets copies of the empty prompt's chunk appended, as A1111 does.
-
-    ``empty`` is ``encode_prompts([""], encoders, clip_skip)`` for the same encoders. Pooled
-    outputs are left as they are.
-    """
-    length = max(a.embeds.shape[1], b.embeds.shape[1])
-    empty_chunk = empty.embeds[:1, :CHUNK_TOKENS]
-    padded = [dataclasses.replace(c, embeds=_pad_embeds(c.embeds, length, empty_chunk)) for c in (a, b)]
-    return padded[0], padded[1]

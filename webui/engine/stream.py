@@ -30,13 +30,13 @@ class Unit:
     name: str
     module: nn.Module
     recurse: bool
+    nbytes: int = field(init=False)  # sizes never change; the planner asks often
+
+    def __post_init__(self) -> None:
+        self.nbytes = sum(p.numel() * p.element_size() for p in self.parameters())
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.module.parameters(recurse=self.recurse))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
 
 
 def param_bytes(module: nn.Module) -> int:
