@@ -170,3 +170,14 @@ def test_every_streamed_weight_is_in_place_when_its_module_runs(tmp_path, reques
                 module.forward = checked(module, f"{cname}.{name}")
     images, stats = generate(engine)
     assert stats.streamed_mb > 0 and caught == [], caught[:5]
+
+
+def test_vae_decode_goes_tiled_when_a_whole_decode_would_not_fit(tmp_path, sd1_file):
+    engine = simulated_engine(tmp_path, sd1_file)
+    reference, first = generate(engine)
+    assert not first.tiled_vae
+    engine.options.update({"forge_inference_memory": 0})
+    engine.memory.memory.total_bytes = model_bytes(engine)["vae"] + 4 * MB  # less than a whole 64x64 decode needs
+    images, stats = generate(engine)
+    assert stats.tiled_vae and np.array_equal(images, reference)
+    assert "tiled VAE" in stats.line()

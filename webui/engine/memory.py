@@ -91,9 +91,10 @@ def activation_bytes(family: str, width: int, height: int, batch: int, cfg: bool
 
     Linear in the latent area and in the batch (doubled with CFG), with memory-efficient
     attention. The per-family coefficients are bytes per latent pixel per image at 2-byte
-    precision, measured on the GPU machine (benchmarks/memory.py) with a 25 % margin.
+    precision, measured on the GPU machine (benchmarks/memory.py: SD1.5 667 MB at 512², SDXL
+    2578 MB at 1024², both with CFG; Flux 498 MB at 1344x768) with a 25 % margin.
     """
-    per_pixel = {"SD1.x": 40_000, "SD2.x": 40_000, "SDXL": 60_000, "Flux": 120_000}.get(family, 120_000)
+    per_pixel = {"SD1.x": 66_000, "SD2.x": 66_000, "SDXL": 93_000, "Flux": 20_000}.get(family, 93_000)
     images = batch * (2 if cfg else 1)
     scale = torch.finfo(dtype).bits / 16
     return int(per_pixel * (width // 8) * (height // 8) * images * scale) + 256 * MB
