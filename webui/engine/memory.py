@@ -191,6 +191,8 @@ class MemoryManager:
         self.memory = memory or DeviceMemory(device)
         if isinstance(self.memory, SimulatedMemory):
             self.memory.manager = self
+        # On a real CPU the weights are already where the compute is: there is nothing to plan.
+        self.limited = device.type != "cpu" or isinstance(self.memory, SimulatedMemory)
         self.components: dict[str, Component] = {}
         self.policy = MemoryPolicy()
         self.stats = GenerationStats()
@@ -236,9 +238,7 @@ class MemoryManager:
 
     def _arrange(self, needed: list[Component], activation: int) -> None:
         others = [c for c in self.components.values() if c not in needed]
-        mode = self.policy.mode
-        if self.device.type == "cpu" and not isinstance(self.memory, SimulatedMemory):
-            mode = "always_gpu"  # the CPU computes where the weights are: nothing to plan
+        mode = self.policy.mode if self.limited else "always_gpu"
         if mode == "always_gpu":
             for c in self.components.values():
                 self._place(c, set(c.units), stream=False)
@@ -264,8 +264,7 @@ class MemoryManager:
     def prepare_decode(self, name: str, decode_bytes: int) -> bool:
         """Place the VAE for decoding. True when the decode must be tiled: a whole one would not fit."""
         vae = self.components[name]
-        limited = self.device.type == "cuda" or isinstance(self.memory, SimulatedMemory)
-        tiled = self.policy.tiled_vae or (limited and self.weight_budget(decode_bytes) < vae.nbytes)
+        tiled = self.policy.tiled_vae or (self.limited and self.weight_budget(decode_bytes) < vae.nbytes)
         self.prepare([name], activation=TILED_DECODE_BYTES if tiled else decode_bytes)
         self.stats.tiled_vae = self.stats.tiled_vae or tiled
         return tiled

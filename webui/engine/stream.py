@@ -97,7 +97,7 @@ class Streamer:
         cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device) if cuda and async_copies else None
         self.timed = cuda
-        self.order: list[Unit] = list(units)
+        self._next: dict[Unit, Unit] = {}  # execution order, known after the first pass
         self._seen: list[Unit] = []
         self._recording = True
         self._host: dict[Unit, list[torch.Tensor]] = {u: [p.data for p in u.parameters()] for u in units}
@@ -145,14 +145,16 @@ class Streamer:
         if not self._recording:
             return
         if self._seen and unit is self._seen[0]:
-            self.order, self._recording = self._seen, False
+            order = self._seen
+            self._next = {u: order[(i + 1) % len(order)] for i, u in enumerate(order)}
+            self._recording = False
         elif unit not in self._seen:
             self._seen.append(unit)
 
     def _prefetch_after(self, unit: Unit) -> None:
-        if self.side is None or self._recording or unit not in self.order:
+        following = self._next.get(unit)
+        if self.side is None or following is None:
             return
-        following = self.order[(self.order.index(unit) + 1) % len(self.order)]
         if following not in self._ready:
             self._ready[following] = self._copy(following, stream=self.side)
 
