@@ -220,9 +220,6 @@ def bench_unet_family(name: str, family: str, size: int, workdir: Path) -> None:
     ours_s = statistics.median(r.seconds for r in runs)  # the same prompt, as the reference's timing runs
     report(Row(name, "whole image, 20 steps", ours_s * 1000, offload_s * 1000, "ms", "—", None, None,
                "reference: diffusers enable_model_cpu_offload (moves models every image)"))
-    del pipe, engine
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 # ---- Flux transformer through the memory manager ---------------------------------------------------
@@ -315,12 +312,14 @@ def main() -> None:
     device = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     bandwidth = pinned_bandwidth()
     print(f"{device}; pinned host→GPU {bandwidth / 1e9:.1f} GB/s", flush=True)
-    if "sd15" in only:
-        bench_unet_family("SD1.5", "sd1", 512, args.workdir)
-    if "sdxl" in only:
-        bench_unet_family("SDXL", "sdxl", 1024, args.workdir)
-    if "flux" in only:
-        bench_flux(args.workdir, bandwidth)
+    benches = {"sd15": lambda: bench_unet_family("SD1.5", "sd1", 512, args.workdir),
+               "sdxl": lambda: bench_unet_family("SDXL", "sdxl", 1024, args.workdir),
+               "flux": lambda: bench_flux(args.workdir, bandwidth)}
+    for name, bench in benches.items():
+        if name in only:
+            bench()
+            gc.collect()  # the finished bench's models are unreachable now
+            torch.cuda.empty_cache()
     table = markdown("python3 -m benchmarks.memory --only " + args.only, device)
     print(table)
     if args.markdown:

@@ -77,12 +77,14 @@ class Engine:
         """Validate, load what is needed and generate. Raises UserError for anything the user can fix."""
         request.validate(self.options.as_dict())
         info = self.checkpoint(request.checkpoint)
-        resolve(request.sampler_name, request.scheduler)
+        sampler, schedule = resolve(request.sampler_name, request.scheduler)
         with self._generate_lock:
             vae = request.vae if request.vae is not None else self.options["sd_vae"]
             model = self.models.get(info, vae)
             job = Resolved(
                 request=request,
+                sampler=sampler,
+                schedule=schedule,
                 seed=resolve_seed(request.seed),
                 clip_skip=request.clip_skip or self.options["CLIP_stop_at_last_layers"],
                 save=self.options["samples_save"] if request.save_images is None else request.save_images,

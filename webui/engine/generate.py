@@ -26,7 +26,7 @@ from webui.engine.memory import MemoryManager, MemoryPolicy, activation_bytes, v
 from webui.engine.progress import Progress
 from webui.engine.prompts import Conditioning, encode_prompts
 from webui.engine.request import MAX_SEED, GenerationRequest, GenerationResult
-from webui.engine.samplers import make_scheduler, resolve, step_kwargs
+from webui.engine.samplers import make_scheduler, step_kwargs
 from webui.errors import UserError
 
 VERSION = "webui-0.1"
@@ -38,6 +38,8 @@ class Resolved:
     """The request with every default filled in from the settings."""
 
     request: GenerationRequest
+    sampler: str  # canonical A1111 names, as the infotext writes them
+    schedule: str
     seed: int
     clip_skip: int
     save: bool
@@ -61,9 +63,8 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
     cfg = req.cfg_scale > 1.0
     activation = activation_bytes(model.family.value, req.width, req.height, req.batch_size, cfg, model.unet.dtype)
     memory.begin(policy, activation)
-    sampler, schedule = resolve(req.sampler_name, req.scheduler)
     result = GenerationResult(request=req, model_name=model.info.model_name, model_hash=job.model_hash,
-                              sampler_name=sampler, scheduler=schedule, clip_skip=job.clip_skip)
+                              sampler_name=job.sampler, scheduler=job.schedule, clip_skip=job.clip_skip)
     progress.begin("txt2img", req.n_iter, req.steps)
     bar = tqdm(total=req.n_iter * req.steps, desc="txt2img", unit="it", leave=False)
     try:
@@ -94,11 +95,10 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
 
 def infotext_for(model: LoadedModel, job: Resolved, seed: int) -> str:
     req = job.request
-    sampler, schedule = resolve(req.sampler_name, req.scheduler)
     params = {
         "Steps": req.steps,
-        "Sampler": sampler,
-        "Schedule type": schedule,
+        "Sampler": job.sampler,
+        "Schedule type": job.schedule,
         "CFG scale": req.cfg_scale,
         "Seed": seed,
         "Size": f"{req.width}x{req.height}",
