@@ -109,7 +109,7 @@ def test_model_row_shows_the_demo_checkpoint_and_vae_choices(engine):
 
 
 def test_gpu_weights_are_stored_as_the_inference_reserve(engine):
-    total, _ = total_memory_mb(engine.device)
+    total, _ = total_memory_mb(engine)
     set_gpu_weights(engine, total, total - 2048)
     assert engine.options["forge_inference_memory"] == 2048
     assert gpu_weights_mb(engine, total) == total - 2048

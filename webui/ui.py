@@ -14,11 +14,10 @@ from functools import partial
 from typing import Any
 
 import gradio as gr
-import psutil
-import torch
 from PIL import Image
 
 from webui.engine.engine import Engine
+from webui.engine.memory import MB
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.samplers import sampler_names, schedule_type_names
@@ -26,7 +25,6 @@ from webui.errors import UserError
 from webui.jobs import JobQueue
 
 POLL_SECONDS = 0.3
-MB = 1024 * 1024
 VAE_BUILTIN = ["Automatic", "None"]
 OPTION_LABELS = {"sd_model_checkpoint": "Stable Diffusion checkpoint", "sd_vae": "SD VAE"}
 
@@ -87,16 +85,14 @@ def vae_choices(engine: Engine) -> tuple[list[str], str]:
     return names, selected if selected in names else "Automatic"
 
 
-def total_memory_mb(device: torch.device) -> tuple[int, str]:
-    """Total memory the GPU-weights budget is taken from, and what that memory is."""
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return props.total_memory // MB, f"{props.name} memory"
-    return psutil.virtual_memory().total // MB, "system RAM (no CUDA device)"
+def total_memory_mb(engine: Engine) -> tuple[int, str]:
+    """Total memory the GPU-weights budget is taken from (the memory manager's view), and what it is."""
+    memory = engine.memory.memory
+    return memory.total() // MB, memory.describe()
 
 
 def _model_row(demo: gr.Blocks, engine: Engine) -> None:
-    total_mb, memory_kind = total_memory_mb(engine.device)
+    total_mb, memory_kind = total_memory_mb(engine)
     titles, title = checkpoint_choices(engine)
     vaes, vae = vae_choices(engine)
     with gr.Row(equal_height=True):

@@ -69,6 +69,11 @@ class DeviceMemory:
 
         return psutil.virtual_memory().available
 
+    def describe(self) -> str:
+        if self.device.type == "cuda":
+            return f"{torch.cuda.get_device_name(self.device)} memory"
+        return "system RAM (no CUDA device)"
+
 
 class SimulatedMemory(DeviceMemory):
     """A device of a given size whose use is exactly what the manager put there (for tests)."""
