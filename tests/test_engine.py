@@ -132,3 +132,28 @@ def test_sd2_v_prediction_checkpoint_generates(tmp_path):
     engine = make_engine(tmp_path, single_file("sd2", prediction_type="v_prediction"))
     result = engine.txt2img(GenerationRequest(prompt="a cat", seed=1, **SMALL))
     assert engine.models.current.prediction_type == "v_prediction" and result.images
+
+
+def test_interrupt_pressed_while_the_model_loads_stops_the_job(tmp_path, sd1_file, monkeypatch):
+    engine = make_engine(tmp_path, sd1_file)
+    load = engine.models.get
+
+    def slow_load(*args, **kwargs):
+        model = load(*args, **kwargs)
+        engine.progress.interrupt()  # the user presses Interrupt while loading
+        return model
+
+    monkeypatch.setattr(engine.models, "get", slow_load)
+    result = engine.txt2img(GenerationRequest(prompt="a cat", seed=1, **SMALL))
+    assert result.interrupted and result.images == []
+    monkeypatch.setattr(engine.models, "get", load)
+    assert len(engine.txt2img(GenerationRequest(prompt="a cat", seed=1, **SMALL)).images) == 1
+
+
+def test_sdxl_vae_is_never_float16():
+    from webui.engine.detect import Family
+    from webui.engine.load import _vae_dtype
+
+    assert _vae_dtype(Family.SDXL, torch.float16) == torch.float32
+    assert _vae_dtype(Family.SDXL, torch.bfloat16) == torch.bfloat16
+    assert _vae_dtype(Family.SD1, torch.float16) == torch.float16

@@ -79,6 +79,7 @@ class Engine:
         info = self.checkpoint(request.checkpoint)
         sampler, schedule = resolve(request.sampler_name, request.scheduler)
         with self._generate_lock:
+            self.progress.reset()
             vae = request.vae if request.vae is not None else self.options["sd_vae"]
             model = self.models.get(info, vae)
             job = Resolved(

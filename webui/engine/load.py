@@ -78,7 +78,7 @@ def load_model(info: CheckpointInfo, vae_file: Path | None, dtype: torch.dtype, 
     else:
         model = _load_single_file(info, dtype, vae_dtype)
     if vae_file is not None:
-        model.vae = load_vae_file(vae_file, model.family, vae_dtype)
+        model.vae = load_vae_file(vae_file, model.family, _vae_dtype(model.family, vae_dtype))
         model.vae_name = vae_file.name
     for module in model.modules():
         module.requires_grad_(False).eval()
@@ -95,7 +95,8 @@ def _load_single_file(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: torch
         raise ModelFileError(f"{info.path.name} has no VAE inside; pick a VAE from models/VAE.")
     name = info.path.name
     unet = build_module(UNet2DConditionModel, arch.unet, convert_ldm_unet_checkpoint(sd, arch.unet), name, dtype)
-    vae = build_module(AutoencoderKL, arch.vae, convert_ldm_vae_checkpoint(sd, arch.vae), name, vae_dtype)
+    vae = build_module(AutoencoderKL, arch.vae, convert_ldm_vae_checkpoint(sd, arch.vae), name,
+                       _vae_dtype(arch.family, vae_dtype))
     slots = [_text_encoder_slot(enc, sd, arch.family, name, dtype) for enc in arch.text_encoders]
     if arch.family is Family.SD2 and arch.prediction_type == "epsilon" and _sd2_predicts_v(unet):
         arch.prediction_type = "v_prediction"
@@ -171,6 +172,11 @@ def _sd2_predicts_v(unet: UNet2DConditionModel) -> bool:
     return bool((out - x).mean() < -1)
 
 
+def _vae_dtype(family: Family, requested: torch.dtype) -> torch.dtype:
+    """SDXL's VAE overflows in float16 (black or NaN images; diffusers marks it force_upcast): use float32."""
+    return torch.float32 if family is Family.SDXL and requested == torch.float16 else requested
+
+
 def load_vae_file(path: Path, family: Family, dtype: torch.dtype) -> AutoencoderKL:
     """A separate VAE file in the LDM layout (what A1111/Forge put in models/VAE)."""
     infos, _ = read_tensor_infos(path)
@@ -192,9 +198,10 @@ def _load_diffusers_folder(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: 
     if pipeline not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
         raise ModelFileError(f"{folder.name}: diffusers pipeline {pipeline!r} is not supported in this version "
                              "(StableDiffusionPipeline and StableDiffusionXLPipeline are).")
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype, local_files_only=True)
     sdxl = pipeline == "StableDiffusionXLPipeline"
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=_vae_dtype(Family.SDXL if sdxl else Family.SD1,
+                                                                              vae_dtype), local_files_only=True)
     names = [("text_encoder", "tokenizer", CLIPTextModel)]
     if sdxl:
         names.append(("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection))

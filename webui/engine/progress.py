@@ -50,11 +50,15 @@ class Progress:
     _family: Family = Family.SD1
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def reset(self) -> None:
+        """A new job starts (before its model loads): Interrupt and Skip from now on are for it."""
+        self.interrupted = self.skipped = False
+
     def begin(self, job: str, job_count: int, steps: int) -> None:
         with self._lock:
             self.job, self.job_count, self.job_no = job, job_count, 0
             self.sampling_step, self.sampling_steps = 0, steps
-            self.started_at, self.interrupted, self.skipped = time.time(), False, False
+            self.started_at = time.time()
             self._latents, self.textinfo = None, ""
 
     def end(self) -> None:
