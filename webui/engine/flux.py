@@ -27,6 +27,7 @@ from diffusers import FluxTransformer2DModel
 
 from webui.engine.detect import flux_prefix, strip_prefix
 from webui.engine.files import TensorInfo, load_state_dict, read_tensor_infos
+from webui.engine.fp8 import is_fp8
 from webui.engine.load import build_module
 from webui.errors import ModelFileError
 
@@ -181,7 +182,7 @@ def convert_flux_to_diffusers(state_dict: StateDict, config: Mapping[str, Any]) 
 def _cast_in_place(state_dict: StateDict, dtype: torch.dtype) -> None:
     """Float tensors to ``dtype`` one at a time, each original dropped as soon as its copy exists."""
     for key, tensor in state_dict.items():
-        if tensor.is_floating_point():
+        if tensor.is_floating_point() and not is_fp8(tensor):
             state_dict[key] = tensor.to(dtype)
 
 

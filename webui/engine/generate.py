@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from webui.engine.detect import Family
+from webui.engine.fp8 import compute_dtype
 from webui.engine.infotext import build_infotext
 from webui.engine.load import TEXT_ENCODERS, LoadedModel
 from webui.engine.memory import MemoryManager, MemoryPolicy, activation_bytes, vae_decode_bytes
@@ -61,7 +62,8 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
     req = job.request
     start = time.perf_counter()
     cfg = req.cfg_scale > 1.0
-    activation = activation_bytes(model.family.value, req.width, req.height, req.batch_size, cfg, model.unet.dtype)
+    activation = activation_bytes(model.family.value, req.width, req.height, req.batch_size, cfg,
+                                  compute_dtype(model.unet))
     memory.begin(policy, activation)
     result = GenerationResult(request=req, model_name=model.info.model_name, model_hash=job.model_hash,
                               sampler_name=job.sampler, scheduler=job.schedule, clip_skip=job.clip_skip)
@@ -129,7 +131,7 @@ def _with_oom_retry(run: Callable[[], list[Image.Image]], memory: MemoryManager,
 def _sample_batch(model: LoadedModel, memory: MemoryManager, req: GenerationRequest, seeds: list[int],
                   clip_skip: int, progress: Progress, bar: tqdm, timings: dict[str, float]) -> list[Image.Image]:
     unet, device = model.unet, memory.device
-    dtype = unet.dtype
+    dtype = compute_dtype(unet)
     clock = PhaseClock(device, timings)
     memory.prepare([name for name in TEXT_ENCODERS if name in memory.components])
     cond, uncond = _conditioning(model, req, clip_skip, device, dtype)
@@ -217,9 +219,10 @@ def decode(model: LoadedModel, memory: MemoryManager, latents: torch.Tensor) -> 
     """VAE decode to PIL images (tiled when a whole decode would not fit), rounded as diffusers does."""
     vae = model.vae
     batch, _, h, w = latents.shape
-    tiled = memory.prepare_decode("vae", vae_decode_bytes(w * 8, h * 8, batch, vae.dtype))
+    dtype = compute_dtype(vae)
+    tiled = memory.prepare_decode("vae", vae_decode_bytes(w * 8, h * 8, batch, dtype))
     vae.enable_tiling() if tiled else vae.disable_tiling()
-    latents = latents.to(memory.device, vae.dtype) / vae.config.scaling_factor
+    latents = latents.to(memory.device, dtype) / vae.config.scaling_factor
     pixels = vae.decode(latents).sample
     pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]

@@ -31,6 +31,7 @@ from webui.engine.detect import (
     vae_config,
 )
 from webui.engine.files import CheckpointInfo, TensorInfo, load_state_dict, read_tensor_infos
+from webui.engine.fp8 import compute_dtype, enable_fp8_compute, fp8_state_dict_split
 from webui.engine.prompts import TextEncoderSlot
 from webui.engine.tokenizer import clip_tokenizer
 from webui.errors import ModelFileError
@@ -89,6 +90,9 @@ def load_model(info: CheckpointInfo, vae_file: Path | None, dtype: torch.dtype, 
 def _load_single_file(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
     _, metadata = read_tensor_infos(info.path) if info.kind == "safetensors" else ({}, {})
     sd = load_state_dict(info.path)
+    if any(k.endswith(".scale_weight") for k in sd):
+        raise ModelFileError(f"{info.path.name} is a 'scaled fp8' checkpoint; those are not supported for "
+                             "SD1.x/SD2.x/SDXL single files yet. Use a plain fp8 or 16-bit file.")
     infos = {k: TensorInfo(str(v.dtype), tuple(v.shape)) for k, v in sd.items()}
     arch = infer_arch(infos, metadata)
     if arch.vae is None:
@@ -105,11 +109,12 @@ def _load_single_file(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: torch
 
 def build_module(cls: type, config: dict, state_dict: dict[str, torch.Tensor], filename: str,
            dtype: torch.dtype) -> torch.nn.Module:
-    """A module of ``cls`` holding exactly ``state_dict`` in ``dtype``; a clear error when they do not match."""
+    """A module of ``cls`` holding exactly ``state_dict`` in ``dtype`` (fp8 weights stay fp8); a clear error
+    when they do not match."""
     with init_empty_weights():
         module = cls(config) if cls in (CLIPTextModel, CLIPTextModelWithProjection) else cls(**config)
     expected = module.state_dict().keys()
-    state_dict = _match_text_model_prefix(state_dict, expected)
+    state_dict, scales = fp8_state_dict_split(_match_text_model_prefix(state_dict, expected), dtype)
     missing = sorted(set(expected) - state_dict.keys())
     unexpected = sorted(k for k in state_dict.keys() - set(expected) if not k.endswith(HARMLESS_EXTRA))
     if missing or unexpected:
@@ -122,8 +127,8 @@ def build_module(cls: type, config: dict, state_dict: dict[str, torch.Tensor], f
         if key in expected and tuple(tensor.shape) != tuple(module.state_dict()[key].shape):
             raise ModelFileError(f"{filename}: tensor {key} has shape {list(tensor.shape)}, expected "
                                  f"{list(module.state_dict()[key].shape)}. The file is inconsistent.")
-    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items() if k in expected}
-    module.load_state_dict(weights, strict=False, assign=True)
+    module.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False, assign=True)
+    enable_fp8_compute(module, scales, dtype, filename)  # fp8 weights stay fp8; their layers upcast per call
     return module
 
 
@@ -166,8 +171,9 @@ def _slot(model: torch.nn.Module, tokenizer: CLIPTokenizer, family: Family, pool
 @torch.no_grad()
 def _sd2_predicts_v(unet: UNet2DConditionModel) -> bool:
     """A1111's test for SD2 files that do not say: a v-model's output at t=999 sits far below the input."""
-    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=unet.dtype)
-    context = torch.zeros(1, 77, unet.config.cross_attention_dim, dtype=unet.dtype)
+    dtype = compute_dtype(unet)
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=dtype)
+    context = torch.zeros(1, 77, unet.config.cross_attention_dim, dtype=dtype)
     out = unet(x, torch.tensor([999]), encoder_hidden_states=context).sample.float()
     return bool((out - x).mean() < -1)
 
