@@ -247,3 +247,28 @@ def test_fp8_single_file_loads_as_fp8_and_generates(tmp_path, sd1_file):
     unet = engine.models.current.unet
     assert isinstance(unet.conv_in, Fp8Conv2d) and unet.conv_in.weight.dtype == torch.float8_e4m3fn
     assert np.abs(image.astype(int) - reference.astype(int)).mean() < 12
+
+
+def test_diffusion_in_low_bits_option_stores_the_unet_in_fp8_and_back(tmp_path, sd1_file, monkeypatch):
+    import functools
+
+    import numpy as np
+
+    from tests.conftest import make_engine
+    from webui.engine import models
+    from webui.engine.request import GenerationRequest
+
+    # The tiny UNet's layers are all below the size threshold that real models pass: convert them all.
+    monkeypatch.setattr(models, "cast_weights_fp8", functools.partial(cast_weights_fp8, min_numel=0))
+    engine = make_engine(tmp_path, sd1_file)
+    request = dict(prompt="a cat", width=64, height=64, steps=3, seed=5, save_images=False)
+    reference = np.asarray(engine.txt2img(GenerationRequest(**request)).images[0]).astype(int)
+    full_bytes = engine.memory.components["unet"].nbytes
+    engine.options.update({"forge_unet_storage_dtype": "float8-e4m3fn"})
+    image = np.asarray(engine.txt2img(GenerationRequest(**request)).images[0]).astype(int)
+    unet = engine.models.current.unet
+    assert isinstance(unet.conv_in, Fp8Conv2d) and engine.memory.components["unet"].nbytes < 0.6 * full_bytes
+    assert np.abs(image - reference).mean() < 12
+    engine.options.update({"forge_unet_storage_dtype": "Automatic"})
+    again = np.asarray(engine.txt2img(GenerationRequest(**request)).images[0]).astype(int)
+    assert np.array_equal(again, reference), "back to 16-bit storage: the model is reloaded as it was"

@@ -27,6 +27,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "forge_inference_memory": 1024,
     "forge_async_loading": "Queue",
     "forge_pin_shared_memory": "CPU",
+    "forge_unet_storage_dtype": "Automatic",
     "samples_save": True,
     "samples_format": "png",
     "outdir_txt2img_samples": "",
@@ -40,6 +41,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
 OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "forge_async_loading": ("Queue", "Async"),
     "forge_pin_shared_memory": ("CPU", "Shared"),
+    "forge_unet_storage_dtype": ("Automatic", "float8-e4m3fn", "float8-e5m2"),
     "samples_format": ("png",),
 }
 

@@ -81,7 +81,7 @@ class Engine:
         with self._generate_lock:
             self.progress.reset()
             vae = request.vae if request.vae is not None else self.options["sd_vae"]
-            model = self.models.get(info, vae)
+            model = self.models.get(info, vae, self.options["forge_unet_storage_dtype"])
             job = Resolved(
                 request=request,
                 sampler=sampler,

@@ -14,12 +14,15 @@ from pathlib import Path
 import torch
 
 from webui.engine.files import CheckpointInfo, HashCache, find_checkpoints, find_files, short_hash
+from webui.engine.fp8 import cast_weights_fp8
 from webui.engine.load import LoadedModel, load_model
 from webui.engine.memory import MB, MemoryManager
 from webui.errors import UserError
 
 log = logging.getLogger(__name__)
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+# Forge's "Diffusion in Low Bits" choices that this app supports: how the denoiser's weights are stored.
+STORAGE_DTYPES = {"Automatic": None, "float8-e4m3fn": torch.float8_e4m3fn, "float8-e5m2": torch.float8_e5m2}
 TITLE_RE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-f]{8,10})\]$")
 
 
@@ -33,6 +36,7 @@ class ModelManager:
         self.memory, self.dtype, self.vae_dtype = memory, dtype, vae_dtype
         self.current: LoadedModel | None = None
         self.current_sha256 = ""
+        self.identity: tuple = ()
         self._lock = threading.RLock()
         self._checkpoints: list[CheckpointInfo] = []
         self.refresh()
@@ -93,18 +97,23 @@ class ModelManager:
         known = ", ".join(self.vae_name(p) for p in self.vaes()[:10]) or "none"
         raise UserError(f"no VAE named {name!r}; known VAEs: {known}", field="sd_vae")
 
-    def get(self, info: CheckpointInfo, vae_name: str | None) -> LoadedModel:
-        """The loaded model for this checkpoint and VAE, loading (and unloading the old one) if needed."""
+    def get(self, info: CheckpointInfo, vae_name: str | None, storage: str = "Automatic") -> LoadedModel:
+        """The loaded model for this checkpoint, VAE and denoiser storage ("Diffusion in Low Bits"),
+        loading it (and unloading the old one) if needed."""
         vae_file = self.find_vae(vae_name)
+        fp8 = STORAGE_DTYPES[storage]
+        identity = (info, vae_file.name if vae_file else None, fp8)
         with self._lock:
-            current = self.current
-            if current and current.info == info and current.vae_name == (vae_file.name if vae_file else None):
-                return current
+            if self.current is not None and self.identity == identity:
+                return self.current
             self.unload()
             sha = self.hashes.sha256(info.path)
             log.info("Loading %s [%s]%s", info.name, short_hash(sha), f" with VAE {vae_file.name}" if vae_file else "")
             self.current = load_model(info, vae_file, self.dtype, self.vae_dtype)
-            self.current_sha256 = sha
+            if fp8 is not None:
+                saved = cast_weights_fp8(self.current.unet, fp8)
+                log.info("Diffusion in Low Bits: UNet weights stored as %s (%.0f MB saved)", fp8, saved / MB)
+            self.current_sha256, self.identity = sha, identity
             for name, module in self.current.components().items():
                 self.memory.register(name, module)
             log.info("Loaded %s (%s, %.0f MB) into host memory in %.1f s", info.name, self.current.family.value,
