@@ -106,3 +106,26 @@ def test_hash_is_a1111_short_hash_and_cached(tmp_path):
     path.write_bytes(b"other bytes!")
     assert HashCache(tmp_path / "cache.json").cached(path) is None, "a changed file is hashed again"
     assert cache.sha256(path) == hashlib.sha256(b"other bytes!").hexdigest()
+
+
+def test_gguf_checkpoint_is_recognised_and_refused_clearly(tmp_path):
+    from gguf import GGMLQuantizationType as Q
+
+    from tests.conftest import make_engine
+    from webui.engine.detect import Family, detect_family
+    from webui.engine.files import read_tensor_infos
+    from webui.engine.gguf_load import quantize_where_possible, write_gguf
+    from webui.engine.ldm_export import flux_to_bfl
+    from webui.engine.request import GenerationRequest
+    from webui.engine.synthetic import build_flux_transformer
+
+    model = build_flux_transformer("tiny")
+    path = write_gguf(tmp_path / "flux-tiny-Q8_0.gguf", flux_to_bfl(model.state_dict(), model.config),
+                      quantize_where_possible(Q.Q8_0))
+    infos, metadata = read_tensor_infos(path)
+    assert detect_family(infos, metadata) is Family.FLUX and metadata["general.architecture"] == "flux"
+    assert "Q8_0" in {info.dtype for info in infos.values()}
+    engine = make_engine(tmp_path / "data", path)
+    assert any(c.kind == "gguf" for c in engine.models.checkpoints())
+    with pytest.raises(ModelFileError, match="GGUF file"):
+        engine.txt2img(GenerationRequest(checkpoint=path.name, width=64, height=64, steps=1))

@@ -15,8 +15,15 @@ from webui.engine.engine import Engine
 from webui.engine.progress import Progress
 from webui.jobs import JobQueue
 from webui.settings import AppConfig
-from webui.ui import (build_ui, checkpoint_choices, gpu_weights_mb, progress_html, set_gpu_weights,
-                      total_memory_mb, vae_choices)
+from webui.ui import (
+    build_ui,
+    checkpoint_choices,
+    gpu_weights_mb,
+    progress_html,
+    set_gpu_weights,
+    total_memory_mb,
+    vae_choices,
+)
 
 SMALL = {"prompt": "a red apple", "width": 64, "height": 64, "steps": 2}
 

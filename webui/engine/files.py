@@ -111,18 +111,11 @@ def read_tensor_infos(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]
 
 
 def _read_gguf_infos(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    import gguf
+    from webui.engine.gguf_file import read_gguf
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # gguf raises ValueError, struct.error, IndexError … on bad files
-        raise ModelFileError(f"{path.name} is not a readable GGUF file ({e}). Download it again.") from e
-    metadata = {}
-    field = reader.fields.get("general.architecture")
-    if field is not None:
-        metadata["general.architecture"] = bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
-    infos = {t.name: TensorInfo(t.tensor_type.name, tuple(int(d) for d in reversed(t.shape))) for t in reader.tensors}
-    return infos, metadata
+    contents = read_gguf(path)
+    metadata = {"general.architecture": contents.architecture} if contents.architecture else {}
+    return {name: TensorInfo(t.qtype.name, t.shape) for name, t in contents.tensors.items()}, metadata
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -138,8 +131,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return load_pickled_state_dict(path)
     if suffix == ".gguf":
         raise ModelFileError(
-            f"{path.name} is a GGUF file; GGUF checkpoints are not loadable yet in this version. "
-            "Use a .safetensors checkpoint."
+            f"{path.name} is a GGUF file: it holds only the denoiser, and whole pipelines around a GGUF "
+            "denoiser (text encoders and VAE picked separately) are not loadable yet in this version. "
+            "Use a complete .safetensors checkpoint."
         )
     raise ModelFileError(f"{path.name}: unsupported file type {suffix!r}.")
 
