@@ -11,7 +11,10 @@ written as real checkpoint files and loaded by our own loader. Rows:
 3. Flux at GPU Weights = 50 % of the model (goal ≤ 1.15 × max(resident step, streamed bytes ÷
    pinned bandwidth)) and fully streamed (goal ≤ 1.15 × copy floor), beside diffusers' group
    offloading with a side stream;
-4. peak VRAM within budget + activation estimate in every row.
+4. Flux-dev as a Q8_0 GGUF: resident step beside bf16 (goal ≤ 1.1×), fully streamed (goal ≤ 1.15 ×
+   quantized bytes ÷ pinned bandwidth) and at GPU Weights = 8 GB (goal ≤ 1.15 × max(resident
+   step, streamed bytes ÷ bandwidth));
+5. peak VRAM within budget + activation estimate in every row.
 Step times: the median interval between consecutive denoising steps (synchronised at each step,
 the same way for both loops); Flux steps are medians of single forwards. Bandwidth is measured
 in the run.
@@ -235,62 +238,115 @@ def flux_inputs(width: int = 1344, height: int = 768, text_tokens: int = 512) ->
                 return_dict=False)
 
 
-def bench_flux(workdir: Path, bandwidth: float) -> None:
-    from diffusers.hooks import apply_group_offloading
+class FluxBench:
+    """One Flux transformer under our memory manager: step time, streamed bytes and peak VRAM per policy."""
 
-    from webui.engine.flux import load_flux_transformer
+    def __init__(self, model, label: str):
+        from webui.engine.memory import MemoryManager, activation_bytes
+
+        self.model, self.label, self.inputs = model, label, flux_inputs()
+        self.manager = MemoryManager(torch.device("cuda"))
+        self.component = self.manager.register("transformer", model)
+        self.size_mb = self.component.nbytes / MB
+        self.total_mb = torch.cuda.get_device_properties(0).total_memory / MB
+        self.activation = activation_bytes("Flux", 1344, 768, 1, False, torch.bfloat16)
+
+    def step(self, policy) -> tuple[float, float, float]:
+        """(ms a step, bytes streamed a step, peak MB)."""
+        self.manager.begin(policy, self.activation)
+        self.manager.prepare(["transformer"])
+        torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            step = timed(lambda: self.model(**self.inputs), repeat=5)
+        return step * 1000, self.component.streamed_bytes(), torch.cuda.max_memory_allocated() / MB
+
+    def resident(self) -> tuple[float, float]:
+        from webui.engine.memory import MemoryPolicy
+
+        ms, _, peak = self.step(MemoryPolicy(inference_mb=1024))
+        return ms, peak
+
+    def with_gpu_weights(self, weights_mb: float, bandwidth: float, resident_ms: float, what: str) -> None:
+        from webui.engine.memory import MemoryPolicy
+
+        policy = MemoryPolicy(inference_mb=int(self.total_mb - weights_mb), async_copies=True, pinned=True)
+        ms, streamed, peak = self.step(policy)
+        floor = max(resident_ms, streamed / bandwidth * 1000)
+        budget_mb = weights_mb + self.activation / MB
+        report(Row(self.label, what, ms, floor, "ms", "≤ 1.15 × floor", ms <= 1.15 * floor, peak,
+                   f"floor = max(resident, {streamed / MB:.0f} MB ÷ bandwidth); "
+                   f"peak ≤ {budget_mb:.0f} MB: {'yes' if peak <= budget_mb else 'no'}"))
+
+    def fully_streamed(self, bandwidth: float) -> float:
+        from webui.engine.memory import MemoryPolicy
+
+        ms, streamed, peak = self.step(MemoryPolicy(mode="lowvram", async_copies=True, pinned=True))
+        floor = streamed / bandwidth * 1000
+        report(Row(self.label, "fully streamed", ms, floor, "ms", "≤ 1.15 × copy floor", ms <= 1.15 * floor, peak,
+                   f"{streamed / MB:.0f} MB a step over pinned bandwidth"))
+        return floor
+
+
+def flux_bf16_file(workdir: Path) -> Path:
     from webui.engine.ldm_export import write_flux_checkpoint
-    from webui.engine.memory import MemoryManager, MemoryPolicy, activation_bytes
 
     path = workdir / "flux-dev-bf16.safetensors"
     if not path.exists():
         write_flux_checkpoint(path, "full", device="cuda")
         torch.cuda.empty_cache()
+    return path
+
+
+def bench_flux(workdir: Path, bandwidth: float) -> None:
+    from diffusers.hooks import apply_group_offloading
+
+    from webui.engine.flux import load_flux_transformer
+
     start = time.perf_counter()
-    model = load_flux_transformer(path, torch.bfloat16)
-    load_s = time.perf_counter() - start
-    inputs = flux_inputs()
-    manager = MemoryManager(torch.device("cuda"))
-    component = manager.register("transformer", model)
-    size_mb = component.nbytes / MB
-    total_mb = torch.cuda.get_device_properties(0).total_memory / MB
-    activation = activation_bytes("Flux", 1344, 768, 1, False, torch.bfloat16)
-    print(f"Flux: {size_mb:.0f} MB loaded in {load_s:.1f} s; pinned bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+    bench = FluxBench(load_flux_transformer(flux_bf16_file(workdir), torch.bfloat16), "Flux-dev bf16")
+    print(f"Flux: {bench.size_mb:.0f} MB loaded in {time.perf_counter() - start:.1f} s", flush=True)
+    resident_ms, resident_peak = bench.resident()
+    report(Row(bench.label, "resident step, 1344×768", resident_ms, None, "ms", "—", None, resident_peak,
+               f"activations {resident_peak - bench.size_mb:.0f} MB measured, {bench.activation / MB:.0f} MB estimated"))
+    bench.with_gpu_weights(bench.size_mb / 2, bandwidth, resident_ms, "GPU Weights = 50 %")
+    copy_floor = bench.fully_streamed(bandwidth)
 
-    def run_ours(policy: MemoryPolicy) -> tuple[float, float, float]:
-        manager.begin(policy, activation)
-        manager.prepare(["transformer"])
-        torch.cuda.reset_peak_memory_stats()
-        with torch.inference_mode():
-            step = timed(lambda: model(**inputs), repeat=5)
-        streamed = component.streamed_bytes()
-        return step * 1000, streamed, torch.cuda.max_memory_allocated() / MB
-
-    resident_ms, _, resident_peak = run_ours(MemoryPolicy(inference_mb=1024))
-    report(Row("Flux-dev bf16", "resident step, 1344×768", resident_ms, None, "ms", "—", None, resident_peak,
-               f"activations {resident_peak - size_mb:.0f} MB measured, {activation / MB:.0f} MB estimated"))
-
-    half = MemoryPolicy(inference_mb=int(total_mb - size_mb / 2), async_copies=True, pinned=True)
-    half_ms, streamed, half_peak = run_ours(half)
-    floor = max(resident_ms, streamed / bandwidth * 1000)
-    budget_mb = size_mb / 2 + activation / MB
-    report(Row("Flux-dev bf16", "GPU Weights = 50 %", half_ms, floor, "ms", "≤ 1.15 × floor", half_ms <= 1.15 * floor,
-               half_peak, f"floor = max(resident, {streamed / MB:.0f} MB ÷ bandwidth); "
-                          f"peak ≤ {budget_mb:.0f} MB: {'yes' if half_peak <= budget_mb else 'no'}"))
-
-    full_ms, streamed, full_peak = run_ours(MemoryPolicy(mode="lowvram", async_copies=True, pinned=True))
-    copy_floor = streamed / bandwidth * 1000
-    report(Row("Flux-dev bf16", "fully streamed", full_ms, copy_floor, "ms", "≤ 1.15 × copy floor",
-               full_ms <= 1.15 * copy_floor, full_peak, f"{streamed / MB:.0f} MB a step over pinned bandwidth"))
-
-    manager.release_all()
-    apply_group_offloading(model, onload_device=torch.device("cuda"), offload_type="block_level",
+    bench.manager.release_all()
+    apply_group_offloading(bench.model, onload_device=torch.device("cuda"), offload_type="block_level",
                            num_blocks_per_group=1, use_stream=True)
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
-        group_ms = timed(lambda: model(**inputs), repeat=5) * 1000
-    report(Row("Flux-dev bf16", "diffusers group offload (stream)", group_ms, copy_floor, "ms", "reference", None,
+        group_ms = timed(lambda: bench.model(**bench.inputs), repeat=5) * 1000
+    report(Row(bench.label, "diffusers group offload (stream)", group_ms, copy_floor, "ms", "reference", None,
                torch.cuda.max_memory_allocated() / MB, "block level, side stream, pinned"))
+
+
+def bench_flux_q8(workdir: Path, bandwidth: float) -> None:
+    """Flux-dev as a Q8_0 GGUF (original key names) beside the same weights in bf16."""
+    from gguf import GGMLQuantizationType
+
+    from webui.engine.flux import load_flux_transformer
+    from webui.engine.gguf_load import load_gguf_flux_transformer, quantize_where_possible, write_gguf
+    from webui.engine.ldm_export import flux_to_bfl
+
+    bf16_path, q8_path = flux_bf16_file(workdir), workdir / "flux-dev-Q8_0.gguf"
+    bf16 = FluxBench(load_flux_transformer(bf16_path, torch.bfloat16), "Flux-dev bf16")
+    bf16_ms, bf16_peak = bf16.resident()
+    report(Row(bf16.label, "resident step, 1344×768", bf16_ms, None, "ms", "—", None, bf16_peak))
+    if not q8_path.exists():
+        start = time.perf_counter()
+        write_gguf(q8_path, flux_to_bfl(dict(bf16.model.state_dict()), bf16.model.config),
+                   quantize_where_possible(GGMLQuantizationType.Q8_0))
+        print(f"wrote {q8_path.name} ({q8_path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s")
+    bf16.manager.release_all()
+    del bf16
+    gc.collect()
+    q8 = FluxBench(load_gguf_flux_transformer(q8_path, torch.bfloat16), "Flux-dev Q8_0 GGUF")
+    q8_ms, q8_peak = q8.resident()
+    report(Row(q8.label, "resident step, 1344×768", q8_ms, bf16_ms, "ms", "≤ 1.1× bf16", q8_ms <= 1.1 * bf16_ms,
+               q8_peak, f"{q8.size_mb:.0f} MB of weights; reference: bf16 resident in this run"))
+    q8.fully_streamed(bandwidth)
+    q8.with_gpu_weights(8192, bandwidth, q8_ms, "GPU Weights = 8 GB")
 
 
 def markdown(command: str, device: str) -> str:
@@ -303,7 +359,7 @@ def markdown(command: str, device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="sd15,sdxl,flux")
+    parser.add_argument("--only", default="sd15,sdxl,flux,flux-q8")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
     parser.add_argument("--markdown", type=Path, default=None, help="write the table here too")
     args = parser.parse_args()
@@ -314,7 +370,8 @@ def main() -> None:
     print(f"{device}; pinned host→GPU {bandwidth / 1e9:.1f} GB/s", flush=True)
     benches = {"sd15": lambda: bench_unet_family("SD1.5", "sd1", 512, args.workdir),
                "sdxl": lambda: bench_unet_family("SDXL", "sdxl", 1024, args.workdir),
-               "flux": lambda: bench_flux(args.workdir, bandwidth)}
+               "flux": lambda: bench_flux(args.workdir, bandwidth),
+               "flux-q8": lambda: bench_flux_q8(args.workdir, bandwidth)}
     for name, bench in benches.items():
         if name in only:
             bench()
