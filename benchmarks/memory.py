@@ -78,9 +78,10 @@ def pinned_bandwidth() -> float:
     return src.numel() / statistics.median(times[1:])
 
 
-def timed(fn, repeat: int) -> float:
-    """Median seconds of ``fn()`` over ``repeat`` calls after one warm-up."""
-    fn()
+def timed(fn, repeat: int, warmup: int = 3) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` calls after ``warmup`` calls (compiled kernels settle there)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeat):
         torch.cuda.synchronize()
