@@ -111,11 +111,11 @@ def infer_arch(infos: dict[str, TensorInfo], metadata: dict[str, str] | None = N
             "in this version yet; use an SD1.x, SD2.x or SDXL checkpoint."
         )
     if family is Family.SDXL:
-        encoders = [_clip_l_arch(infos, SDXL_CLIP_L), _open_clip_arch(infos, SDXL_OPENCLIP, with_projection=True)]
+        encoders = [clip_l_arch(infos, SDXL_CLIP_L), open_clip_arch(infos, SDXL_OPENCLIP, with_projection=True)]
     elif family is Family.SD2:
-        encoders = [_open_clip_arch(infos, SD2_OPENCLIP, with_projection=False)]
+        encoders = [open_clip_arch(infos, SD2_OPENCLIP, with_projection=False)]
     else:
-        encoders = [_clip_l_arch(infos, SD1_CLIP)]
+        encoders = [clip_l_arch(infos, SD1_CLIP)]
     pooled_dim = encoders[-1].config.get("projection_dim") if family is Family.SDXL else None
     return ModelArch(
         family=family,
@@ -223,7 +223,7 @@ def vae_config(infos: dict[str, TensorInfo], prefix: str, family: Family) -> dic
     }
 
 
-def _clip_l_arch(infos: dict[str, TensorInfo], prefix: str) -> TextEncoderArch:
+def clip_l_arch(infos: dict[str, TensorInfo], prefix: str) -> TextEncoderArch:
     tm = f"{prefix}text_model."
     vocab, hidden = infos[f"{tm}embeddings.token_embedding.weight"].shape
     layers = len(_indices(infos, re.escape(f"{tm}encoder.layers.") + r"(\d+)\."))
@@ -234,7 +234,7 @@ def _clip_l_arch(infos: dict[str, TensorInfo], prefix: str) -> TextEncoderArch:
     return TextEncoderArch("clip_l", prefix, config)
 
 
-def _open_clip_arch(infos: dict[str, TensorInfo], prefix: str, with_projection: bool) -> TextEncoderArch:
+def open_clip_arch(infos: dict[str, TensorInfo], prefix: str, with_projection: bool) -> TextEncoderArch:
     vocab, hidden = infos[f"{prefix}token_embedding.weight"].shape
     layers = len(_indices(infos, re.escape(f"{prefix}transformer.resblocks.") + r"(\d+)\."))
     # SD2 uses the penultimate layer + final norm; diffusers models that by dropping the last layer.

@@ -21,7 +21,13 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
     convert_open_clip_checkpoint,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    PretrainedConfig,
+)
 
 from webui.engine.detect import (
     Family,
@@ -107,12 +113,12 @@ def _load_single_file(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: torch
     return LoadedModel(info, arch.family, unet, vae, slots, arch.scheduler_config)
 
 
-def build_module(cls: type, config: dict, state_dict: dict[str, torch.Tensor], filename: str,
+def build_module(cls: type, config: dict | PretrainedConfig, state_dict: dict[str, torch.Tensor], filename: str,
            dtype: torch.dtype) -> torch.nn.Module:
     """A module of ``cls`` holding exactly ``state_dict`` in ``dtype`` (fp8 weights stay fp8); a clear error
     when they do not match."""
     with init_empty_weights():
-        module = cls(config) if cls in (CLIPTextModel, CLIPTextModelWithProjection) else cls(**config)
+        module = cls(config) if isinstance(config, PretrainedConfig) else cls(**config)
     expected = module.state_dict().keys()
     state_dict, scales = fp8_state_dict_split(_match_text_model_prefix(state_dict, expected), dtype)
     missing = sorted(set(expected) - state_dict.keys())

@@ -1,0 +1,209 @@
+"""Components that Flux and SD3.x users pick as separate files: the T5-XXL and CLIP-L/G text encoders
+and the 16-channel VAEs.
+
+As for checkpoints, configs come from tensor shapes (never from the hub or the file name) and modules
+are built by ``load.build_module``, so a tiny test file and a full-size one take the same path and fp8
+files stay fp8.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
+from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
+
+from webui.engine.detect import (
+    Family,
+    clip_l_arch,
+    open_clip_arch,
+    strip_prefix,
+    vae_config,
+)
+from webui.engine.files import TensorInfo, load_state_dict, read_tensor_infos
+from webui.engine.fp8 import SCALE_SUFFIX, is_fp8
+from webui.engine.load import build_module
+from webui.errors import ModelFileError
+
+StateDict = dict[str, torch.Tensor]
+Source = str | Path | Mapping[str, torch.Tensor]
+
+# ComfyUI's all-in-one files keep each text encoder under its own prefix; separate files are bare.
+T5_PREFIXES = ("text_encoders.t5xxl.transformer.", "")
+T5_MARKER = "encoder.block.0.layer.0.SelfAttention.q.weight"
+# Files store the token embedding under either name, or both; the model ties them.
+T5_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight")
+CLIP_MARKER = "text_model.embeddings.token_embedding.weight"
+OPEN_CLIP_MARKER = "token_embedding.weight"
+# OpenAI's CLIP-L was trained with quick_gelu, OpenCLIP's bigG with gelu; shapes cannot tell them apart.
+CLIP_ACTIVATIONS = {"clip_l": "quick_gelu", "clip_g": "gelu"}
+VAE_PREFIXES = ("first_stage_model.", "vae.", "")
+VAE_MARKER = "encoder.conv_in.weight"
+# (scaling_factor, shift_factor) of each family's 16-channel latent space.
+VAE16_LATENT_SCALE = {Family.FLUX: (0.3611, 0.1159), Family.SD3: (1.5305, 0.0609)}
+
+
+def _infos(source: Source) -> tuple[str, dict[str, TensorInfo]]:
+    """A name for messages and the tensor infos, read from the header before any data is."""
+    if isinstance(source, Mapping):
+        return "This state dict", {k: TensorInfo(str(v.dtype), tuple(v.shape)) for k, v in source.items()}
+    path = Path(source)
+    return path.name, read_tensor_infos(path)[0]
+
+
+def _tensors(source: Source, prefix: str) -> StateDict:
+    state_dict = source if isinstance(source, Mapping) else load_state_dict(Path(source))
+    return strip_prefix(state_dict, prefix)
+
+
+def _find_prefix(name: str, keys: Collection[str], prefixes: tuple[str, ...], marker: str, what: str) -> str:
+    prefix = next((p for p in prefixes if p + marker in keys), None)
+    if prefix is None:
+        shown = " or ".join(repr(p + marker) for p in prefixes)
+        raise ModelFileError(f"{name} is not {what}: it has no tensor {shown}. It has {len(keys)} tensors.")
+    return prefix
+
+
+def _shape(infos: dict[str, TensorInfo], key: str, what: str) -> tuple[int, ...]:
+    if key not in infos:
+        raise ModelFileError(f"This {what} has no tensor {key!r}; the file is incomplete or of an unsupported variant.")
+    return infos[key].shape
+
+
+def _block_count(infos: dict[str, TensorInfo], kind: str) -> int:
+    """One past the highest block index, so that a block missing in the middle shows as missing tensors."""
+    rx = re.compile(re.escape(kind) + r"\.(\d+)\.")
+    return max((int(m.group(1)) for k in infos if (m := rx.match(k))), default=-1) + 1
+
+
+def t5_config(infos: dict[str, TensorInfo]) -> dict:
+    """A ``T5Config`` (as a dict) for a T5 v1.1 encoder (gated GELU, as T5-XXL) from its tensor shapes.
+
+    ``infos`` may carry ComfyUI's ``text_encoders.t5xxl.transformer.`` prefix.
+    """
+    infos = strip_prefix(infos, _find_prefix("This file", infos, T5_PREFIXES, T5_MARKER, "a T5 encoder"))
+    what = "T5 encoder"
+    attention = "encoder.block.0.layer.0.SelfAttention."
+    buckets, heads = _shape(infos, f"{attention}relative_attention_bias.weight", what)
+    inner, d_model = _shape(infos, f"{attention}q.weight", what)
+    embedding = next((k for k in T5_EMBEDDINGS if k in infos), None)
+    if embedding is None:
+        raise ModelFileError(f"This {what} has no token embedding ({' or '.join(T5_EMBEDDINGS)}); the file is incomplete.")
+    if inner % heads:
+        raise ModelFileError(f"This {what}'s attention width {inner} is not a whole number of its {heads} heads; "
+                             "the file is inconsistent.")
+    return {
+        "vocab_size": infos[embedding].shape[0],
+        "d_model": d_model,
+        "d_kv": inner // heads,
+        "d_ff": _shape(infos, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", what)[0],
+        "num_layers": _block_count(infos, "encoder.block"),
+        "num_heads": heads,
+        "relative_attention_num_buckets": buckets,
+        "feed_forward_proj": "gated-gelu",
+        "is_encoder_decoder": False,
+        "use_cache": False,
+    }
+
+
+def _unquantized_wo(state_dict: StateDict, dtype: torch.dtype) -> StateDict:
+    """T5's feed-forward casts its input to ``wo``'s dtype, so an fp8 ``wo`` would compute in fp8: those
+    weights are upcast (with their scale, in scaled fp8 files) before the module takes them."""
+    out = dict(state_dict)
+    for key in [k for k, v in state_dict.items() if k.endswith(".DenseReluDense.wo.weight") and is_fp8(v)]:
+        scale = out.pop(key.removesuffix(".weight") + SCALE_SUFFIX, None)
+        weight = out[key].float()
+        out[key] = (weight if scale is None else weight * scale.float()).to(dtype)
+    return out
+
+
+def load_t5_encoder(source: Source, dtype: torch.dtype = torch.bfloat16) -> T5EncoderModel:
+    """The T5 encoder of a file such as ``t5xxl_fp16.safetensors`` / ``t5xxl_fp8_e4m3fn.safetensors`` (or a
+    state dict), bare or under ComfyUI's prefix, on the CPU in ``dtype`` (fp8 weights stay fp8)."""
+    name, infos = _infos(source)
+    prefix = _find_prefix(name, infos, T5_PREFIXES, T5_MARKER, "a T5 encoder")
+    config = t5_config(infos)
+    state_dict = _tensors(source, prefix)
+    embedding = next(state_dict[k] for k in T5_EMBEDDINGS if k in state_dict)
+    state_dict.update(dict.fromkeys(T5_EMBEDDINGS, embedding))
+    model = build_module(T5EncoderModel, T5Config(**config), _unquantized_wo(state_dict, dtype), name, dtype)
+    model.encoder.embed_tokens.weight = model.shared.weight  # assigning tensors one by one broke the tie
+    if dtype == torch.float16:  # as transformers' from_pretrained does (_keep_in_fp32_modules): fp16 overflows
+        for module in model.modules():
+            if isinstance(module, T5DenseGatedActDense):
+                module.wo.float()
+    return model.requires_grad_(False).eval()
+
+
+def load_clip_file(path: str | Path, kind: str,
+                   dtype: torch.dtype = torch.float16) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A separate CLIP-L or CLIP-G (``kind``: "clip_l" / "clip_g") text encoder file: transformers layout
+    (bare or under ComfyUI's ``text_encoders.<kind>.transformer.``), or OpenCLIP's layout for CLIP-G.
+    With a text projection in the file, the model has one (SD3 pools through it; Flux does not)."""
+    if kind not in CLIP_ACTIVATIONS:
+        raise ValueError(f"kind must be one of {sorted(CLIP_ACTIVATIONS)}, not {kind!r}")
+    path = Path(path)
+    infos, _ = read_tensor_infos(path)
+    prefixes = (f"text_encoders.{kind}.transformer.", "")
+    if any(p + CLIP_MARKER in infos for p in prefixes):
+        prefix = _find_prefix(path.name, infos, prefixes, CLIP_MARKER, "a CLIP text encoder")
+        config = clip_l_arch(infos, prefix).config | {"hidden_act": CLIP_ACTIVATIONS[kind]}
+        projection = infos.get(f"{prefix}text_projection.weight")
+        if projection is not None:
+            config["projection_dim"] = projection.shape[0]
+        cls = CLIPTextModel if projection is None else CLIPTextModelWithProjection
+        state_dict = strip_prefix(load_state_dict(path), prefix)
+    elif kind == "clip_g" and OPEN_CLIP_MARKER in infos:
+        config = open_clip_arch(infos, "", with_projection=True).config
+        cls = CLIPTextModelWithProjection
+        with init_empty_weights():
+            shell = cls(CLIPTextConfig(**config))
+        state_dict = convert_open_clip_checkpoint(shell, load_state_dict(path), prefix="")
+    else:
+        layouts = "the transformers layout (text_model.*)" + (" or OpenCLIP's" if kind == "clip_g" else "")
+        raise ModelFileError(f"{path.name} is not a {kind.replace('_', '-').upper()} text encoder in {layouts}. "
+                             f"It has {len(infos)} tensors, e.g. {', '.join(sorted(infos)[:3])}.")
+    return build_module(cls, CLIPTextConfig(**config), state_dict, path.name, dtype).requires_grad_(False).eval()
+
+
+def vae16_config(infos: dict[str, TensorInfo], prefix: str, family: Family) -> dict:
+    """An ``AutoencoderKL`` config for a Flux / SD3.x VAE: 16 latent channels, scaled and shifted, and
+    no quant convs in BFL's and Stability's files."""
+    scaling, shift = VAE16_LATENT_SCALE[family]
+    return vae_config(infos, prefix, family) | {
+        "scaling_factor": scaling,
+        "shift_factor": shift,
+        "use_quant_conv": f"{prefix}quant_conv.weight" in infos,
+        "use_post_quant_conv": f"{prefix}post_quant_conv.weight" in infos,
+        "sample_size": 1024,
+    }
+
+
+def load_vae16(source: Source, dtype: torch.dtype, family: Family) -> AutoencoderKL:
+    """The 16-channel VAE of Flux (``ae.safetensors``) or SD3.x, in the LDM layout (bare, ``vae.`` or
+    ``first_stage_model.``), from a file or a state dict."""
+    if family not in VAE16_LATENT_SCALE:
+        raise ValueError(f"family must be one of {[f.value for f in VAE16_LATENT_SCALE]}, not {family}")
+    name, infos = _infos(source)
+    prefix = _find_prefix(name, infos, VAE_PREFIXES, VAE_MARKER, "a VAE in the LDM layout")
+    config = vae16_config(infos, prefix, family)
+    if config["latent_channels"] != 16:
+        raise ModelFileError(f"{name} is a VAE with {config['latent_channels']} latent channels; {family.value} "
+                             "needs its 16-channel VAE (Flux: ae.safetensors).")
+    state_dict = _tensors(source, prefix)
+    return build_module(AutoencoderKL, config, convert_ldm_vae_checkpoint(state_dict, config), name,
+                        dtype).requires_grad_(False).eval()
