@@ -151,6 +151,19 @@ def _prediction_type(infos: dict[str, TensorInfo], metadata: dict[str, str] | No
     return "epsilon"
 
 
+def tensor_shape(infos: dict[str, TensorInfo], key: str, what: str) -> tuple[int, ...]:
+    """The shape of a tensor the architecture needs; a clear error naming ``what`` when it is missing."""
+    if key not in infos:
+        raise ModelFileError(f"This {what} has no tensor {key!r}; the file is incomplete or of an unsupported variant.")
+    return infos[key].shape
+
+
+def block_count(infos: dict[str, TensorInfo], kind: str) -> int:
+    """One past the highest ``kind.N.`` index, so that a block missing in the middle shows as missing tensors."""
+    rx = re.compile(re.escape(kind) + r"\.(\d+)\.")
+    return max((int(m.group(1)) for k in infos if (m := rx.match(k))), default=-1) + 1
+
+
 def _indices(infos: dict[str, TensorInfo], pattern: str) -> list[int]:
     rx = re.compile(pattern)
     return sorted({int(m.group(1)) for k in infos if (m := rx.match(k))})

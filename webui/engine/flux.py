@@ -17,7 +17,6 @@ the conversion here takes the width from the config, so tiny test models take th
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel
 
-from webui.engine.detect import flux_prefix, strip_prefix
+from webui.engine.detect import block_count, flux_prefix, strip_prefix, tensor_shape
 from webui.engine.files import TensorInfo, load_state_dict, read_tensor_infos
 from webui.engine.fp8 import is_fp8
 from webui.engine.load import build_module
@@ -76,6 +75,7 @@ SINGLE_BLOCK: dict[str, tuple[str, ...]] = {
 # BFL's final modulation outputs (shift, scale); diffusers' AdaLayerNormContinuous expects (scale, shift).
 SWAPPED_HALVES = ("norm_out.linear.weight", "norm_out.linear.bias")
 LINEAR_PARAMS = ("weight", "bias")
+WHAT = "Flux transformer"  # named in messages about missing tensors
 
 
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
@@ -87,40 +87,27 @@ def rope_axes(head_dim: int) -> tuple[int, int, int]:
     return (head_dim - 2 * spatial, spatial, spatial)
 
 
-def _shape(infos: dict[str, TensorInfo], key: str) -> tuple[int, ...]:
-    if key not in infos:
-        raise ModelFileError(f"This Flux transformer has no tensor {key!r}; the file is incomplete or of an "
-                             "unsupported variant.")
-    return infos[key].shape
-
-
-def _block_count(infos: dict[str, TensorInfo], kind: str) -> int:
-    """One past the highest block index, so that a block missing in the middle shows as missing tensors."""
-    rx = re.compile(re.escape(kind) + r"\.(\d+)\.")
-    return max((int(m.group(1)) for k in infos if (m := rx.match(k))), default=-1) + 1
-
-
 def flux_config(infos: dict[str, TensorInfo]) -> dict:
     """A diffusers ``FluxTransformer2DModel`` config from the tensor shapes of a BFL-layout transformer.
 
     ``infos`` may carry the ``model.diffusion_model.`` prefix; tensors outside it are ignored.
     """
     infos = strip_prefix(infos, flux_prefix(infos))
-    inner, in_channels = _shape(infos, "img_in.weight")
-    (head_dim,) = _shape(infos, "double_blocks.0.img_attn.norm.query_norm.scale")
+    inner, in_channels = tensor_shape(infos, "img_in.weight", WHAT)
+    (head_dim,) = tensor_shape(infos, "double_blocks.0.img_attn.norm.query_norm.scale", WHAT)
     if inner % head_dim:
         raise ModelFileError(f"This Flux transformer's width {inner} is not a whole number of {head_dim}-channel "
                              "attention heads; the file is inconsistent.")
     return {
         "patch_size": 1,
         "in_channels": in_channels,
-        "out_channels": _shape(infos, "final_layer.linear.weight")[0],
-        "num_layers": _block_count(infos, "double_blocks"),
-        "num_single_layers": _block_count(infos, "single_blocks"),
+        "out_channels": tensor_shape(infos, "final_layer.linear.weight", WHAT)[0],
+        "num_layers": block_count(infos, "double_blocks"),
+        "num_single_layers": block_count(infos, "single_blocks"),
         "attention_head_dim": head_dim,
         "num_attention_heads": inner // head_dim,
-        "joint_attention_dim": _shape(infos, "txt_in.weight")[1],
-        "pooled_projection_dim": _shape(infos, "vector_in.in_layer.weight")[1],
+        "joint_attention_dim": tensor_shape(infos, "txt_in.weight", WHAT)[1],
+        "pooled_projection_dim": tensor_shape(infos, "vector_in.in_layer.weight", WHAT)[1],
         "guidance_embeds": "guidance_in.in_layer.weight" in infos,
         "axes_dims_rope": rope_axes(head_dim),
     }

@@ -215,11 +215,11 @@ class MemoryManager:
         return component
 
     def release_all(self) -> None:
-        """Forget every component (the model is being unloaded); their weights go back to the host first."""
+        """Forget every component (the model is being unloaded): weights back to the host, unpinned since
+        nobody will stream them again, and the device's cached blocks returned to the driver."""
         for component in self.components.values():
-            self._place(component, set(), stream=False)
+            self._place(component, set(), stream=False, pin_host=False)
         self.components.clear()
-        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -324,8 +324,11 @@ class MemoryManager:
             resident -= c.device_bytes()
             self._place(c, set(), stream=False)
 
-    def _place(self, component: Component, keep: set[Unit], stream: bool) -> None:
-        """Put exactly ``keep`` on the device; stream the rest if asked, else leave it on the host."""
+    def _place(self, component: Component, keep: set[Unit], stream: bool, pin_host: bool = True) -> None:
+        """Put exactly ``keep`` on the device; stream the rest if asked, else leave it on the host.
+
+        Freed device memory stays in torch's cache for the next phase: returning it to the driver on
+        every eviction would cost a cudaMalloc per generation."""
         rest = [u for u in component.units if u not in keep]
         unchanged = keep == component.on_device and (
             set(rest) == set(component.streamer.units) if component.streamer else not (stream and rest))
@@ -340,7 +343,7 @@ class MemoryManager:
                 moved += self._move(unit, self.device)
                 component.on_device.add(unit)
             elif unit not in keep and unit in component.on_device:
-                moved += self._move(unit, torch.device("cpu"))
+                moved += self._move(unit, torch.device("cpu"), pin_host)
                 component.on_device.discard(unit)
         if moved:
             if self.device.type == "cuda":
@@ -352,12 +355,10 @@ class MemoryManager:
                 for unit in rest:
                     _pin(unit)
             component.streamer = Streamer(rest, self.device, self.policy.async_copies, self._copies)
-        if not keep and self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
-    def _move(self, unit: Unit, target: torch.device) -> int:
+    def _move(self, unit: Unit, target: torch.device, pin_host: bool = True) -> int:
         moved = 0
-        pin = target.type == "cpu" and self.policy.pinned and self.device.type == "cuda"
+        pin = pin_host and target.type == "cpu" and self.policy.pinned and self.device.type == "cuda"
         for param in unit.parameters():
             data = param.data.to(target, non_blocking=True)
             param.data = data.pin_memory() if pin else data

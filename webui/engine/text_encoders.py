@@ -7,7 +7,6 @@ files stay fp8.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
@@ -29,9 +28,11 @@ from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
 
 from webui.engine.detect import (
     Family,
+    block_count,
     clip_l_arch,
     open_clip_arch,
     strip_prefix,
+    tensor_shape,
     vae_config,
 )
 from webui.engine.files import TensorInfo, load_state_dict, read_tensor_infos
@@ -78,18 +79,6 @@ def _find_prefix(name: str, keys: Collection[str], prefixes: tuple[str, ...], ma
     return prefix
 
 
-def _shape(infos: dict[str, TensorInfo], key: str, what: str) -> tuple[int, ...]:
-    if key not in infos:
-        raise ModelFileError(f"This {what} has no tensor {key!r}; the file is incomplete or of an unsupported variant.")
-    return infos[key].shape
-
-
-def _block_count(infos: dict[str, TensorInfo], kind: str) -> int:
-    """One past the highest block index, so that a block missing in the middle shows as missing tensors."""
-    rx = re.compile(re.escape(kind) + r"\.(\d+)\.")
-    return max((int(m.group(1)) for k in infos if (m := rx.match(k))), default=-1) + 1
-
-
 def t5_config(infos: dict[str, TensorInfo]) -> dict:
     """A ``T5Config`` (as a dict) for a T5 v1.1 encoder (gated GELU, as T5-XXL) from its tensor shapes.
 
@@ -98,8 +87,8 @@ def t5_config(infos: dict[str, TensorInfo]) -> dict:
     infos = strip_prefix(infos, _find_prefix("This file", infos, T5_PREFIXES, T5_MARKER, "a T5 encoder"))
     what = "T5 encoder"
     attention = "encoder.block.0.layer.0.SelfAttention."
-    buckets, heads = _shape(infos, f"{attention}relative_attention_bias.weight", what)
-    inner, d_model = _shape(infos, f"{attention}q.weight", what)
+    buckets, heads = tensor_shape(infos, f"{attention}relative_attention_bias.weight", what)
+    inner, d_model = tensor_shape(infos, f"{attention}q.weight", what)
     embedding = next((k for k in T5_EMBEDDINGS if k in infos), None)
     if embedding is None:
         raise ModelFileError(f"This {what} has no token embedding ({' or '.join(T5_EMBEDDINGS)}); the file is incomplete.")
@@ -110,8 +99,8 @@ def t5_config(infos: dict[str, TensorInfo]) -> dict:
         "vocab_size": infos[embedding].shape[0],
         "d_model": d_model,
         "d_kv": inner // heads,
-        "d_ff": _shape(infos, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", what)[0],
-        "num_layers": _block_count(infos, "encoder.block"),
+        "d_ff": tensor_shape(infos, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", what)[0],
+        "num_layers": block_count(infos, "encoder.block"),
         "num_heads": heads,
         "relative_attention_num_buckets": buckets,
         "feed_forward_proj": "gated-gelu",
