@@ -177,7 +177,7 @@ def bench_unet_family(name: str, family: str, size: int, workdir: Path) -> None:
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     # The pipeline feeds the VAE latents in the UNet's fp16; ours runs the VAE in bf16: give it an fp16 copy.
     parts = dict(vae=copy.deepcopy(model.vae).half(), text_encoder=model.text_encoders[0].model, tokenizer=model.text_encoders[0].tokenizer,
-                 unet=model.unet, scheduler=make_scheduler("Euler", "Automatic", model.scheduler_config))
+                 unet=model.denoiser, scheduler=make_scheduler("Euler", "Automatic", model.scheduler_config))
     if family == "sdxl":
         parts.update(text_encoder_2=model.text_encoders[1].model, tokenizer_2=model.text_encoders[1].tokenizer)
     else:

@@ -117,6 +117,6 @@ def test_live_server_process(tmp_path, sd1_file):
 def test_memory_route_reports_the_last_generation(client):
     client.post("/sdapi/v1/txt2img", json=BODY)
     data = client.get("/sdapi/v1/memory").json()
-    assert data["ram"]["total"] > 0 and set(data["webui"]["components"]) == {"text_encoder", "unet", "vae"}
+    assert data["ram"]["total"] > 0 and set(data["webui"]["components"]) == {"text_encoder", "denoiser", "vae"}
     last = data["webui"]["last_generation"]
     assert {"resident_mb", "streamed_mb", "moved_mb", "move_seconds", "peak_vram_mb"} <= set(last)

@@ -27,7 +27,7 @@ def test_cuda_half_precision_matches_diffusers_and_the_cpu(tmp_path, request, fa
     folder = request.getfixturevalue(f"{family}_folder")
     gpu = make_engine(tmp_path / "gpu", checkpoint, extra_args=("--device", "cuda"))
     first = as_array(gpu.txt2img(GenerationRequest(**REQ)).images)
-    assert gpu.models.current.unet.dtype == torch.float16 and gpu.models.current.unet.device.type == "cuda"
+    assert gpu.models.current.denoiser.dtype == torch.float16 and gpu.models.current.denoiser.device.type == "cuda"
     assert np.array_equal(first, as_array(gpu.txt2img(GenerationRequest(**REQ)).images)), "same seed, same image"
 
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
@@ -67,7 +67,7 @@ def test_cuda_streaming_matches_resident_within_budget(tmp_path, sdxl_file, swap
     engine = cuda_engine(tmp_path / "streamed", sdxl_file)
     engine.options.update({"forge_async_loading": swap[0], "forge_pin_shared_memory": swap[1]})
     engine.txt2img(GenerationRequest(**REQ))
-    unet_mb = engine.memory.components["unet"].nbytes / MB
+    unet_mb = engine.memory.components["denoiser"].nbytes / MB
     total_mb = torch.cuda.get_device_properties(0).total_memory / MB
     engine.options.update({"forge_inference_memory": int(total_mb - unet_mb * 0.5)})
     torch.cuda.empty_cache()

@@ -31,7 +31,7 @@ def test_architecture_inferred_from_shapes(family, expected, size):
     arch = infer_arch(infos_of(ldm_state_dict(model)))
     assert arch.family is expected
     for key in (*COMPARED, "attention_head_dim"):
-        assert plain(arch.unet[key]) == plain(model.unet.config[key]), key
+        assert plain(arch.unet[key]) == plain(model.denoiser.config[key]), key
     assert list(arch.vae["block_out_channels"]) == list(model.vae.config.block_out_channels)
     for enc, te in zip(arch.text_encoders, model.text_encoders):
         for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "hidden_act"):

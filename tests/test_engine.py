@@ -99,7 +99,7 @@ def test_vae_from_models_folder_replaces_the_built_in_one(tmp_path, sd1_file):
 
 def interrupt_after(engine, calls: int, action: str) -> None:
     """Press Interrupt or Skip from inside the UNet's n-th call: deterministic, unlike a timer."""
-    unet = engine.models.current.unet
+    unet = engine.models.current.denoiser
     forward, count = unet.forward, {"n": 0}
 
     def counting(*args, **kwargs):

@@ -38,7 +38,7 @@ MAX_ERROR = {("flux", E4M3): 0.065, ("flux", E5M2): 0.15, ("unet", E4M3): 0.13, 
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, nn.Module]:
-    return {"flux": build_flux_transformer("tiny", seed=3), "unet": build_synthetic_model("sd1", "tiny").unet}
+    return {"flux": build_flux_transformer("tiny", seed=3), "unet": build_synthetic_model("sd1", "tiny").denoiser}
 
 
 def model_inputs(name: str, model: nn.Module, dtype: torch.dtype = torch.float32) -> dict:
@@ -244,7 +244,7 @@ def test_fp8_single_file_loads_as_fp8_and_generates(tmp_path, sd1_file):
     request = dict(prompt="a cat", width=64, height=64, steps=3, seed=5, save_images=False)
     reference = np.asarray(engine.txt2img(GenerationRequest(checkpoint="sd1-1.safetensors", **request)).images[0])
     image = np.asarray(engine.txt2img(GenerationRequest(checkpoint="sd1-fp8.safetensors", **request)).images[0])
-    unet = engine.models.current.unet
+    unet = engine.models.current.denoiser
     assert isinstance(unet.conv_in, Fp8Conv2d) and unet.conv_in.weight.dtype == torch.float8_e4m3fn
     assert np.abs(image.astype(int) - reference.astype(int)).mean() < 12
 
@@ -263,11 +263,11 @@ def test_diffusion_in_low_bits_option_stores_the_unet_in_fp8_and_back(tmp_path, 
     engine = make_engine(tmp_path, sd1_file)
     request = dict(prompt="a cat", width=64, height=64, steps=3, seed=5, save_images=False)
     reference = np.asarray(engine.txt2img(GenerationRequest(**request)).images[0]).astype(int)
-    full_bytes = engine.memory.components["unet"].nbytes
+    full_bytes = engine.memory.components["denoiser"].nbytes
     engine.options.update({"forge_unet_storage_dtype": "float8-e4m3fn"})
     image = np.asarray(engine.txt2img(GenerationRequest(**request)).images[0]).astype(int)
-    unet = engine.models.current.unet
-    assert isinstance(unet.conv_in, Fp8Conv2d) and engine.memory.components["unet"].nbytes < 0.6 * full_bytes
+    unet = engine.models.current.denoiser
+    assert isinstance(unet.conv_in, Fp8Conv2d) and engine.memory.components["denoiser"].nbytes < 0.6 * full_bytes
     assert np.abs(image - reference).mean() < 12
     engine.options.update({"forge_unet_storage_dtype": "Automatic"})
     again = np.asarray(engine.txt2img(GenerationRequest(**request)).images[0]).astype(int)

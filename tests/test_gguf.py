@@ -210,7 +210,7 @@ def test_streamed_quantized_model_computes_exactly_what_the_resident_one_does(tm
 
 def test_unet_convolutions_stored_reshaped_load_quantized(tmp_path):
     """SD UNet files store 3x3 convolutions as rows of 256 with their shape in metadata (ComfyUI-GGUF's converter)."""
-    unet = build_synthetic_model("sd1", "tiny", seed=1).unet.float()
+    unet = build_synthetic_model("sd1", "tiny", seed=1).denoiser.float()
     path = write_gguf(tmp_path / "unet.gguf", unet.state_dict(), quantize_where_possible(Q.Q8_0), arch="sd1")
     conv = read_gguf(path).tensors["down_blocks.0.resnets.0.conv1.weight"]
     assert conv.shape == (32, 32, 3, 3) and conv.stored_shape == (36, 256)

@@ -74,12 +74,12 @@ def test_streamed_execution_is_identical_to_resident(tmp_path, sd1_file, fractio
     reference, _ = generate(simulated_engine(tmp_path / "ref", sd1_file))
     engine = simulated_engine(tmp_path / "stream", sd1_file)
     generate(engine)
-    unet = model_bytes(engine)["unet"]
+    unet = model_bytes(engine)["denoiser"]
     set_budget(engine, unet * fraction / MB)
     images, stats = generate(engine)
     assert np.array_equal(images, reference)
     assert stats.streamed_mb > 0 and stats.resident_mb <= stats.budget_mb
-    assert engine.memory.components["unet"].streamer is None or engine.memory.components["unet"].streamed_bytes() > 0
+    assert engine.memory.components["denoiser"].streamer is None or engine.memory.components["denoiser"].streamed_bytes() > 0
 
 
 @pytest.mark.parametrize("flag", ["--lowvram", "--medvram", "--always-gpu"])
@@ -94,7 +94,7 @@ def test_flags_change_placement_not_pixels(tmp_path, sd1_file, flag):
         assert engine.memory.resident_bytes() == 0
     elif flag == "--medvram":
         placed = {n: c.device_bytes() for n, c in engine.memory.components.items()}
-        assert placed == {"text_encoder": 0, "unet": 0, "vae": sizes["vae"]}, "only the decoding VAE is left"
+        assert placed == {"text_encoder": 0, "denoiser": 0, "vae": sizes["vae"]}, "only the decoding VAE is left"
     else:
         assert engine.memory.resident_bytes() == sum(sizes.values())
 
@@ -103,7 +103,7 @@ def test_text_encoder_leaves_when_the_denoiser_needs_the_room(tmp_path, sd1_file
     engine = simulated_engine(tmp_path, sd1_file)
     generate(engine)
     sizes = model_bytes(engine)
-    set_budget(engine, (sizes["unet"] + sizes["vae"]) / MB + 0.01)
+    set_budget(engine, (sizes["denoiser"] + sizes["vae"]) / MB + 0.01)
     images, stats = generate(engine)
     te = engine.memory.components["text_encoder"]
     assert stats.streamed_mb == 0 and te.device_bytes() == 0 and stats.moved_mb >= sizes["text_encoder"] / MB
@@ -118,7 +118,7 @@ def test_always_offload_from_vram_empties_the_device_after_each_generation(tmp_p
 def test_out_of_memory_is_retried_then_explained(tmp_path, sd1_file):
     engine = simulated_engine(tmp_path, sd1_file)
     reference, _ = generate(engine)
-    unet = engine.models.current.unet
+    unet = engine.models.current.denoiser
     forward, calls = unet.forward, {"n": 0}
 
     def flaky(*args, **kwargs):

@@ -52,8 +52,8 @@ def assert_same_tensors(actual: dict, expected: dict) -> None:
 
 
 def test_unet_round_trips_through_diffusers(model, ldm):
-    converted = convert_ldm_unet_checkpoint(ldm, model.unet.config)
-    assert_same_tensors(converted, model.unet.state_dict())
+    converted = convert_ldm_unet_checkpoint(ldm, model.denoiser.config)
+    assert_same_tensors(converted, model.denoiser.state_dict())
 
 
 def test_vae_round_trips_through_diffusers(model, ldm):
@@ -130,17 +130,17 @@ def test_v_prediction_is_marked_in_both_formats(tmp_path):
 
 
 def test_every_weight_is_random_and_outputs_are_sane(model):
-    modules = (model.unet, model.vae, *model.text_encoders)
+    modules = (model.denoiser, model.vae, *model.text_encoders)
     assert all(bool(p.ne(0).all()) for m in modules for p in m.parameters())
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, 8, 8, generator=generator)
-    context = torch.randn(1, 77, model.unet.config.cross_attention_dim, generator=generator)
+    context = torch.randn(1, 77, model.denoiser.config.cross_attention_dim, generator=generator)
     extra = {}
     if model.family == "sdxl":
         pooled = torch.randn(1, model.text_encoders[1].config.projection_dim, generator=generator)
         extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
     with torch.no_grad():
-        noise = model.unet(latents, 500, context, **extra).sample
+        noise = model.denoiser(latents, 500, context, **extra).sample
         image = model.vae.decode(latents).sample
     assert torch.isfinite(noise).all() and 0.05 < noise.std().item() < 5
     assert torch.isfinite(image).all() and image.abs().max().item() < 10
@@ -149,7 +149,7 @@ def test_every_weight_is_random_and_outputs_are_sane(model):
 def test_same_seed_same_weights():
     first, again, other = (build_synthetic_model("sd1", seed=s) for s in (0, 0, 1))
     assert_same_tensors(ldm_state_dict(again), ldm_state_dict(first))
-    assert not torch.equal(first.unet.conv_in.weight, other.unet.conv_in.weight)
+    assert not torch.equal(first.denoiser.conv_in.weight, other.denoiser.conv_in.weight)
 
 
 def shapes(state_dict: dict) -> dict:
@@ -162,11 +162,11 @@ def shapes(state_dict: dict) -> dict:
 )
 def test_full_size_architectures_on_meta_device(family, model_type, unet_millions, text_millions):
     model = build_synthetic_model(family, "full", device="meta")
-    assert sum(p.numel() for p in model.unet.parameters()) / 1e6 == pytest.approx(unet_millions, abs=0.1)
+    assert sum(p.numel() for p in model.denoiser.parameters()) / 1e6 == pytest.approx(unet_millions, abs=0.1)
     assert sum(p.numel() for p in model.text_encoders[0].parameters()) / 1e6 == pytest.approx(text_millions, abs=0.1)
     ldm = ldm_state_dict(model)
     assert infer_diffusers_model_type(ldm) == model_type
-    assert shapes(convert_ldm_unet_checkpoint(ldm, model.unet.config)) == shapes(model.unet.state_dict())
+    assert shapes(convert_ldm_unet_checkpoint(ldm, model.denoiser.config)) == shapes(model.denoiser.state_dict())
     assert shapes(convert_ldm_vae_checkpoint(ldm, model.vae.config)) == shapes(model.vae.state_dict())
     if family != "sd1":
         # For real SD2 sizes diffusers itself drops the file's last resblock and text projection.
@@ -182,7 +182,7 @@ def test_diffusers_folder_loads_offline_and_generates(tmp_path, family):
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     pipe = pipeline_class.from_pretrained(tmp_path, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    assert_same_tensors(pipe.unet.state_dict(), model.unet.state_dict())
+    assert_same_tensors(pipe.unet.state_dict(), model.denoiser.state_dict())
     generator = torch.Generator().manual_seed(0)
     images = pipe("a photo", height=64, width=64, num_inference_steps=2, generator=generator, output_type="np").images
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()

@@ -63,7 +63,7 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
     start = time.perf_counter()
     cfg = req.cfg_scale > 1.0
     activation = activation_bytes(model.family.value, req.width, req.height, req.batch_size, cfg,
-                                  compute_dtype(model.unet))
+                                  compute_dtype(model.denoiser))
     memory.begin(policy, activation)
     result = GenerationResult(request=req, model_name=model.info.model_name, model_hash=job.model_hash,
                               sampler_name=job.sampler, scheduler=job.schedule, clip_skip=job.clip_skip)
@@ -130,13 +130,13 @@ def _with_oom_retry(run: Callable[[], list[Image.Image]], memory: MemoryManager,
 @torch.inference_mode()
 def _sample_batch(model: LoadedModel, memory: MemoryManager, req: GenerationRequest, seeds: list[int],
                   clip_skip: int, progress: Progress, bar: tqdm, timings: dict[str, float]) -> list[Image.Image]:
-    unet, device = model.unet, memory.device
+    unet, device = model.denoiser, memory.device
     dtype = compute_dtype(unet)
     clock = PhaseClock(device, timings)
     memory.prepare([name for name in TEXT_ENCODERS if name in memory.components])
     cond, uncond = _conditioning(model, req, clip_skip, device, dtype)
     clock.lap("encode")
-    memory.prepare(["unet"])
+    memory.prepare(["denoiser"])
     use_cfg = req.cfg_scale > 1.0
     scheduler = make_scheduler(req.sampler_name, req.scheduler, model.scheduler_config, seed=seeds)
     scheduler.set_timesteps(req.steps, device=device)
@@ -198,7 +198,7 @@ def _conditioning(model: LoadedModel, req: GenerationRequest, clip_skip: int, de
 
 
 def _initial_noise(model: LoadedModel, req: GenerationRequest, generators: list[torch.Generator]) -> torch.Tensor:
-    shape = (1, model.unet.config.in_channels, req.height // 8, req.width // 8)
+    shape = (1, model.denoiser.config.in_channels, req.height // 8, req.width // 8)
     return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
 
 

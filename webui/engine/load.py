@@ -56,7 +56,7 @@ class LoadedModel:
 
     info: CheckpointInfo
     family: Family
-    unet: UNet2DConditionModel
+    denoiser: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoders: list[TextEncoderSlot]
     scheduler_config: dict
@@ -69,12 +69,12 @@ class LoadedModel:
         return self.scheduler_config["prediction_type"]
 
     def modules(self) -> list[torch.nn.Module]:
-        return [self.unet, self.vae, *(slot.model for slot in self.text_encoders)]
+        return [self.denoiser, self.vae, *(slot.model for slot in self.text_encoders)]
 
     def components(self) -> dict[str, torch.nn.Module]:
         """The parts the memory manager places, by the names generation asks for them."""
         encoders = {TEXT_ENCODERS[i]: slot.model for i, slot in enumerate(self.text_encoders)}
-        return {**encoders, "unet": self.unet, "vae": self.vae}
+        return {**encoders, "denoiser": self.denoiser, "vae": self.vae}
 
 
 def load_model(info: CheckpointInfo, vae_file: Path | None, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:

@@ -111,7 +111,7 @@ class ModelManager:
             log.info("Loading %s [%s]%s", info.name, short_hash(sha), f" with VAE {vae_file.name}" if vae_file else "")
             self.current = load_model(info, vae_file, self.dtype, self.vae_dtype)
             if fp8 is not None:
-                saved = cast_weights_fp8(self.current.unet, fp8)
+                saved = cast_weights_fp8(self.current.denoiser, fp8)
                 log.info("Diffusion in Low Bits: UNet weights stored as %s (%.0f MB saved)", fp8, saved / MB)
             self.current_sha256, self.identity = sha, identity
             for name, module in self.current.components().items():
