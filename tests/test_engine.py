@@ -152,8 +152,8 @@ def test_interrupt_pressed_while_the_model_loads_stops_the_job(tmp_path, sd1_fil
 
 def test_sdxl_vae_is_never_float16():
     from webui.engine.detect import Family
-    from webui.engine.load import _vae_dtype
+    from webui.engine.load import vae_dtype_for
 
-    assert _vae_dtype(Family.SDXL, torch.float16) == torch.float32
-    assert _vae_dtype(Family.SDXL, torch.bfloat16) == torch.bfloat16
-    assert _vae_dtype(Family.SD1, torch.float16) == torch.float16
+    assert vae_dtype_for(Family.SDXL, torch.float16) == torch.float32
+    assert vae_dtype_for(Family.SDXL, torch.bfloat16) == torch.bfloat16
+    assert vae_dtype_for(Family.SD1, torch.float16) == torch.float16

@@ -18,7 +18,7 @@ from webui.engine.files import (
     read_safetensors_header,
     short_hash,
 )
-from webui.errors import ModelFileError
+from webui.errors import ModelFileError, UserError
 
 
 def raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
@@ -108,7 +108,7 @@ def test_hash_is_a1111_short_hash_and_cached(tmp_path):
     assert cache.sha256(path) == hashlib.sha256(b"other bytes!").hexdigest()
 
 
-def test_gguf_checkpoint_is_recognised_and_refused_clearly(tmp_path):
+def test_gguf_checkpoint_is_recognised_and_asks_for_its_text_encoders(tmp_path):
     from gguf import GGMLQuantizationType as Q
 
     from tests.conftest import make_engine
@@ -127,5 +127,6 @@ def test_gguf_checkpoint_is_recognised_and_refused_clearly(tmp_path):
     assert "Q8_0" in {info.dtype for info in infos.values()}
     engine = make_engine(tmp_path / "data", path)
     assert any(c.kind == "gguf" for c in engine.models.checkpoints())
-    with pytest.raises(ModelFileError, match="GGUF file"):
+    with pytest.raises(UserError, match="VAE / Text Encoder") as missing:
         engine.txt2img(GenerationRequest(checkpoint=path.name, width=64, height=64, steps=1))
+    assert missing.value.field == "forge_additional_modules"

@@ -99,8 +99,8 @@ def test_converted_weights_take_half_the_bytes_of_bf16(models, name):
 
 def test_small_layers_stay_in_the_compute_dtype(models):
     model = copy.deepcopy(models["flux"])
-    cast_weights_fp8(model, min_numel=4096)
-    assert model.x_embedder.weight.numel() < 4096 and model.x_embedder.weight.dtype == torch.float32
+    cast_weights_fp8(model, min_numel=10_000)
+    assert model.x_embedder.weight.numel() < 10_000 and model.x_embedder.weight.dtype == torch.float32
     assert model.transformer_blocks[0].attn.to_q.weight.dtype == E4M3
     assert model.transformer_blocks[0].attn.to_q.bias.dtype == torch.float32
 

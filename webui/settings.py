@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -28,6 +29,9 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "forge_async_loading": "Queue",
     "forge_pin_shared_memory": "CPU",
     "forge_unet_storage_dtype": "Automatic",
+    "forge_additional_modules": [],
+    "sd3_enable_t5": True,
+    "sd3_shift": 3.0,
     "samples_save": True,
     "samples_format": "png",
     "outdir_txt2img_samples": "",
@@ -162,8 +166,16 @@ class Options:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
                 raise UserError(f"must be a whole number, got {value!r}", field=key)
             value = int(value)
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserError(f"must be a number, got {value!r}", field=key)
+            value = float(value)
         elif isinstance(default, str) and not isinstance(value, str):
             raise UserError(f"must be text, got {value!r}", field=key)
+        elif isinstance(default, list):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise UserError(f"must be a list of names, got {value!r}", field=key)
+            value = list(value)
         if key in OPTION_CHOICES and value not in OPTION_CHOICES[key]:
             raise UserError(f"must be one of {', '.join(OPTION_CHOICES[key])}, got {value!r}", field=key)
         return value

@@ -8,12 +8,11 @@ head counts, VAE scaling — follows each family's convention.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TypeVar
 
-from webui.engine.files import TensorInfo
+from webui.engine.files import TensorInfo, strip_prefix  # noqa: F401  (re-exported)
 from webui.errors import ModelFileError
 
 UNET = "model.diffusion_model."
@@ -26,9 +25,6 @@ NORM_GROUPS = 32
 # A tensor every Flux transformer has; BFL's own files store it bare, ComfyUI/Forge under UNET.
 FLUX_MARKER = "double_blocks.0.img_attn.qkv.weight"
 FLUX_PREFIXES = (UNET, "")
-
-V = TypeVar("V")
-
 
 class Family(str, Enum):
     SD1 = "SD1.x"
@@ -125,11 +121,6 @@ def infer_arch(infos: dict[str, TensorInfo], metadata: dict[str, str] | None = N
         prediction_type=_prediction_type(infos, metadata),
         zero_terminal_snr="ztsnr" in infos,
     )
-
-
-def strip_prefix(mapping: Mapping[str, V], prefix: str) -> dict[str, V]:
-    """The entries of ``mapping`` under ``prefix``, renamed without it; the others are left out."""
-    return {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}
 
 
 def flux_prefix(keys: Collection[str]) -> str:

@@ -16,7 +16,7 @@ from webui.engine import demo
 from webui.engine.files import CheckpointInfo, HashCache, short_hash
 from webui.engine.generate import Resolved, resolve_seed, txt2img
 from webui.engine.memory import DeviceMemory, MemoryManager, MemoryPolicy
-from webui.engine.models import ModelManager
+from webui.engine.models import Dtypes, ModelManager
 from webui.engine.outputs import save_image
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
@@ -39,13 +39,14 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtypes(device: torch.device, no_half: bool, no_half_vae: bool) -> tuple[torch.dtype, torch.dtype]:
-    """Half precision on GPUs (bf16 VAE where supported: fp16 VAEs overflow), float32 on the CPU."""
+def pick_dtypes(device: torch.device, no_half: bool, no_half_vae: bool) -> Dtypes:
+    """Half precision on GPUs (bf16 for VAEs and flow transformers where supported: fp16 overflows there),
+    float32 on the CPU."""
     if device.type == "cpu" or no_half:
-        return torch.float32, torch.float32
-    vae = torch.float32 if no_half_vae else (
-        torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16)
-    return torch.float16, vae
+        return Dtypes(torch.float32, torch.float32, torch.float32)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    half = torch.bfloat16 if bf16 else torch.float16
+    return Dtypes(unet=torch.float16, flow=half, vae=torch.float32 if no_half_vae else half)
 
 
 class Engine:
@@ -55,16 +56,16 @@ class Engine:
         self.options = config.options
         args = config.args
         self.device = pick_device(args.device)
-        dtype, vae_dtype = pick_dtypes(self.device, args.no_half, args.no_half_vae)
+        dtypes = pick_dtypes(self.device, args.no_half, args.no_half_vae)
         demo.ensure_demo_checkpoint(config.paths.builtin_models_dir)
         self.memory = MemoryManager(self.device, memory)
         self.models = ModelManager(
             list(config.paths.checkpoint_dirs), config.paths.builtin_models_dir, config.paths.vae_dir,
-            HashCache(config.paths.hash_cache_file), self.memory, dtype, vae_dtype,
+            config.paths.text_encoder_dir, HashCache(config.paths.hash_cache_file), self.memory, dtypes,
         )
         self.progress = Progress()
         self._generate_lock = threading.Lock()
-        log.info("Engine ready on %s (%s); %d checkpoint(s) found.", self.device, dtype,
+        log.info("Engine ready on %s (%s); %d checkpoint(s) found.", self.device, dtypes.unet,
                  len(self.models.checkpoints()))
 
     def checkpoint(self, name: str | None) -> CheckpointInfo:
@@ -81,7 +82,9 @@ class Engine:
         with self._generate_lock:
             self.progress.reset()
             vae = request.vae if request.vae is not None else self.options["sd_vae"]
-            model = self.models.get(info, vae, self.options["forge_unet_storage_dtype"])
+            modules = request.modules if request.modules is not None else self.options["forge_additional_modules"]
+            model = self.models.get(info, vae, self.options["forge_unet_storage_dtype"], tuple(modules),
+                                    self.options["sd3_enable_t5"])
             job = Resolved(
                 request=request,
                 sampler=sampler,
@@ -91,6 +94,7 @@ class Engine:
                 save=self.options["samples_save"] if request.save_images is None else request.save_images,
                 model_hash=short_hash(self.models.current_sha256),
                 vae_name=model.vae_name,
+                shift=self.options["sd3_shift"],
             )
             result = txt2img(model, self.memory, self.memory_policy(), job, self.progress, self._saver())
         log.info("txt2img: %d image(s) %dx%d, %d steps, %s, seed %d, %.2f s on %s with %s [%s]%s",

@@ -11,13 +11,19 @@ import os
 import pickle
 import struct
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file
 
 from webui.errors import ModelFileError
+
+V = TypeVar("V")
+# A model part given as a file, or as tensors already read (a part of an all-in-one checkpoint).
+Source = str | Path | Mapping[str, torch.Tensor]
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".gguf", ".ckpt", ".pt")
 SAFETENSORS_DTYPE_BYTES = {
@@ -130,12 +136,27 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if suffix in (".ckpt", ".pt"):
         return load_pickled_state_dict(path)
     if suffix == ".gguf":
-        raise ModelFileError(
-            f"{path.name} is a GGUF file: it holds only the denoiser, and whole pipelines around a GGUF "
-            "denoiser (text encoders and VAE picked separately) are not loadable yet in this version. "
-            "Use a complete .safetensors checkpoint."
-        )
+        raise ModelFileError(f"{path.name} is a GGUF file: it is read quantized by gguf_load, not as a state dict.")
     raise ModelFileError(f"{path.name}: unsupported file type {suffix!r}.")
+
+
+def strip_prefix(mapping: Mapping[str, V], prefix: str) -> dict[str, V]:
+    """The entries of ``mapping`` under ``prefix``, renamed without it; the others are left out."""
+    return {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}
+
+
+def source_infos(source: Source) -> tuple[str, dict[str, TensorInfo]]:
+    """A name for messages and the tensor infos, read from the header before any data is."""
+    if isinstance(source, Mapping):
+        return "This state dict", {k: TensorInfo(str(v.dtype), tuple(v.shape)) for k, v in source.items()}
+    path = Path(source)
+    return path.name, read_tensor_infos(path)[0]
+
+
+def source_tensors(source: Source, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix`` (renamed without it), read from the file if ``source`` is one."""
+    state_dict = source if isinstance(source, Mapping) else load_state_dict(Path(source))
+    return strip_prefix(state_dict, prefix)
 
 
 def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:

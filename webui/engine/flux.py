@@ -18,14 +18,13 @@ the conversion here takes the width from the config, so tiny test models take th
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import FluxTransformer2DModel
 
 from webui.engine.detect import block_count, flux_prefix, strip_prefix, tensor_shape
-from webui.engine.files import TensorInfo, load_state_dict, read_tensor_infos
+from webui.engine.files import Source, TensorInfo, source_infos, source_tensors
 from webui.engine.fp8 import is_fp8
 from webui.engine.load import build_module
 from webui.errors import ModelFileError
@@ -166,25 +165,24 @@ def convert_flux_to_diffusers(state_dict: StateDict, config: Mapping[str, Any]) 
     return out
 
 
-def _cast_in_place(state_dict: StateDict, dtype: torch.dtype) -> None:
+def cast_in_place(state_dict: StateDict, dtype: torch.dtype) -> None:
     """Float tensors to ``dtype`` one at a time, each original dropped as soon as its copy exists."""
     for key, tensor in state_dict.items():
         if tensor.is_floating_point() and not is_fp8(tensor):
             state_dict[key] = tensor.to(dtype)
 
 
-def load_flux_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
-    """The Flux transformer of a BFL-layout single file (bare or ``model.diffusion_model.``), on the CPU.
+def load_flux_transformer(source: Source, dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
+    """The Flux transformer of a BFL-layout single file (bare or ``model.diffusion_model.``) or of the tensors
+    read from one, on the CPU.
 
     The architecture is checked against the header before any tensor data is read (a ``.ckpt`` is
     unpickled twice for that; Flux ships as safetensors). Tensors of other components in the file
     (VAE, text encoders) are dropped. Peak memory is one copy of the weights plus one tensor.
     """
-    path = Path(path)
-    infos, _ = read_tensor_infos(path)
-    prefix = flux_prefix(infos)
+    name, infos = source_infos(source)
     config = flux_config(infos)
-    state_dict = strip_prefix(load_state_dict(path), prefix)
-    _cast_in_place(state_dict, dtype)
+    state_dict = source_tensors(source, flux_prefix(infos))
+    cast_in_place(state_dict, dtype)
     converted = convert_flux_to_diffusers(state_dict, config)
-    return build_module(FluxTransformer2DModel, config, converted, path.name, dtype).requires_grad_(False).eval()
+    return build_module(FluxTransformer2DModel, config, converted, name, dtype).requires_grad_(False).eval()

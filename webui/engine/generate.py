@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from webui.engine.detect import Family
+from webui.engine.flow import FLOW_FAMILIES, SD3_DEFAULT_SHIFT, StepCallback, denoise_flow, set_timesteps, shift_for
 from webui.engine.fp8 import compute_dtype
 from webui.engine.infotext import build_infotext
 from webui.engine.load import TEXT_ENCODERS, LoadedModel
@@ -27,7 +28,9 @@ from webui.engine.memory import MemoryManager, MemoryPolicy, activation_bytes, v
 from webui.engine.progress import Progress
 from webui.engine.prompts import Conditioning, encode_prompts
 from webui.engine.request import MAX_SEED, GenerationRequest, GenerationResult
-from webui.engine.samplers import make_scheduler, step_kwargs
+from webui.engine.samplers import make_flow_scheduler, make_scheduler, step_kwargs
+from webui.engine.t5_prompts import MIN_LENGTH as T5_MIN_LENGTH
+from webui.engine.t5_prompts import encode_t5
 from webui.errors import UserError
 
 VERSION = "webui-0.1"
@@ -46,6 +49,7 @@ class Resolved:
     save: bool
     model_hash: str
     vae_name: str | None
+    shift: float = SD3_DEFAULT_SHIFT  # SD3.x's flow shift (a setting); Flux's follows the resolution
 
 
 def resolve_seed(seed: int) -> int:
@@ -61,6 +65,11 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
     """
     req = job.request
     start = time.perf_counter()
+    if model.family in FLOW_FAMILIES:
+        for name in ("width", "height"):
+            if getattr(req, name) % 16:
+                raise UserError(f"{model.family.value} needs a multiple of 16 pixels, got {getattr(req, name)}",
+                                field=name)
     cfg = req.cfg_scale > 1.0
     activation = activation_bytes(model.family.value, req.width, req.height, req.batch_size, cfg,
                                   compute_dtype(model.denoiser))
@@ -75,8 +84,8 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
                 break
             progress.next_batch(batch_no)
             seeds = [job.seed + batch_no * req.batch_size + i for i in range(req.batch_size)]
-            images = _with_oom_retry(lambda: _sample_batch(model, memory, req, seeds, job.clip_skip, progress, bar,
-                                                           result.timings), memory, req)
+            images = _with_oom_retry(lambda: _sample_batch(model, memory, job, seeds, progress, bar, result.timings),
+                                     memory, req)
             for image, seed in zip(images, seeds):
                 infotext = infotext_for(model, job, seed)
                 result.images.append(image)
@@ -108,9 +117,21 @@ def infotext_for(model: LoadedModel, job: Resolved, seed: int) -> str:
         "Model": model.info.model_name,
         "VAE": job.vae_name,
         "Clip skip": job.clip_skip if job.clip_skip != 1 else None,
+        **family_params(model, job),
         "Version": VERSION,
     }
     return build_infotext(req.prompt, req.negative_prompt, params)
+
+
+def family_params(model: LoadedModel, job: Resolved) -> dict:
+    """Infotext fields only some families have: Flux's distilled CFG, SD3's shift, Forge's module names."""
+    params: dict = {}
+    if model.family is Family.FLUX and model.denoiser.config.guidance_embeds:
+        params["Distilled CFG Scale"] = job.request.distilled_cfg_scale
+    if model.family is Family.SD3:
+        params["Shift"] = job.shift
+    params.update((f"Module {i}", Path(name).stem) for i, name in enumerate(model.module_names, start=1))
+    return params
 
 
 def _with_oom_retry(run: Callable[[], list[Image.Image]], memory: MemoryManager,
@@ -128,41 +149,63 @@ def _with_oom_retry(run: Callable[[], list[Image.Image]], memory: MemoryManager,
 
 
 @torch.inference_mode()
-def _sample_batch(model: LoadedModel, memory: MemoryManager, req: GenerationRequest, seeds: list[int],
-                  clip_skip: int, progress: Progress, bar: tqdm, timings: dict[str, float]) -> list[Image.Image]:
-    unet, device = model.denoiser, memory.device
-    dtype = compute_dtype(unet)
+def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seeds: list[int], progress: Progress,
+                  bar: tqdm, timings: dict[str, float]) -> list[Image.Image]:
+    req, device = job.request, memory.device
+    dtype = compute_dtype(model.denoiser)
     clock = PhaseClock(device, timings)
     memory.prepare([name for name in TEXT_ENCODERS if name in memory.components])
-    cond, uncond = _conditioning(model, req, clip_skip, device, dtype)
+    use_cfg = req.cfg_scale > 1.0
+    cond, uncond = _conditioning(model, req, job.clip_skip, use_cfg, device, dtype)
     clock.lap("encode")
     memory.prepare(["denoiser"])
-    use_cfg = req.cfg_scale > 1.0
-    scheduler = make_scheduler(req.sampler_name, req.scheduler, model.scheduler_config, seed=seeds)
-    scheduler.set_timesteps(req.steps, device=device)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    latents = _initial_noise(model, req, generators).to(device, dtype) * scheduler.init_noise_sigma
-    context = torch.cat([uncond.embeds, cond.embeds]) if use_cfg else cond.embeds
-    added = _sdxl_added_conditions(model, req, cond, uncond, use_cfg, device, dtype)
-    extra = step_kwargs(scheduler, generators)
-    total = len(scheduler.timesteps)
-    for i, t in enumerate(scheduler.timesteps):
-        if progress.interrupted or progress.skipped:
-            break
-        x = torch.cat([latents] * 2) if use_cfg else latents
-        x = scheduler.scale_model_input(x, t)
-        noise = unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
-        if use_cfg:
-            noise_uncond, noise_cond = noise.chunk(2)
-            noise = noise_uncond + req.cfg_scale * (noise_cond - noise_uncond)
-        latents = scheduler.step(noise, t, latents, **extra).prev_sample
+    noise = _initial_noise(model, req, generators).to(device, dtype)
+
+    def on_step(i: int, total: int, latents: torch.Tensor) -> bool:
         progress.step(round((i + 1) * req.steps / total), latents, model.family)
         bar.n = progress.job_no * req.steps + progress.sampling_step
         bar.refresh()
+        return progress.interrupted or progress.skipped
+
+    if model.family in FLOW_FAMILIES:
+        shift = shift_for(model.family, model.denoiser.config.get("guidance_embeds", False), req.width, req.height,
+                          job.shift)
+        scheduler = make_flow_scheduler(req.sampler_name, req.scheduler, shift)
+        set_timesteps(scheduler, req.steps, device)
+        latents = denoise_flow(model.denoiser, model.family, scheduler, noise, cond, uncond if use_cfg else None,
+                               req.cfg_scale, req.distilled_cfg_scale, step_kwargs(scheduler, generators), on_step)
+    else:
+        latents = _denoise_unet(model, req, seeds, generators, noise, cond, uncond if use_cfg else None, on_step)
     clock.lap("denoise")
     images = decode(model, memory, latents)
     clock.lap("decode")
     return images
+
+
+def _denoise_unet(model: LoadedModel, req: GenerationRequest, seeds: list[int], generators: list[torch.Generator],
+                  noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
+                  on_step: StepCallback) -> torch.Tensor:
+    """SD1/SD2/SDXL: the diffusers StableDiffusion(XL)Pipeline loop; ``uncond`` is None without CFG."""
+    unet = model.denoiser
+    scheduler = make_scheduler(req.sampler_name, req.scheduler, model.scheduler_config, seed=seeds)
+    scheduler.set_timesteps(req.steps, device=noise.device)
+    latents = noise * scheduler.init_noise_sigma
+    context = cond.embeds if uncond is None else torch.cat([uncond.embeds, cond.embeds])
+    added = _sdxl_added_conditions(model, req, cond, uncond, noise.device, noise.dtype)
+    extra = step_kwargs(scheduler, generators)
+    total = len(scheduler.timesteps)
+    for i, t in enumerate(scheduler.timesteps):
+        x = latents if uncond is None else torch.cat([latents] * 2)
+        x = scheduler.scale_model_input(x, t)
+        noise_pred = unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        if uncond is not None:
+            noise_uncond, noise_cond = noise_pred.chunk(2)
+            noise_pred = noise_uncond + req.cfg_scale * (noise_cond - noise_uncond)
+        latents = scheduler.step(noise_pred, t, latents, **extra).prev_sample
+        if on_step(i, total, latents):
+            break
+    return latents
 
 
 class PhaseClock:
@@ -180,37 +223,55 @@ class PhaseClock:
         self.last = now
 
 
-def _conditioning(model: LoadedModel, req: GenerationRequest, clip_skip: int, device: torch.device,
-                  dtype: torch.dtype) -> tuple[Conditioning, Conditioning]:
-    """Positive and negative conditioning, reused while the prompts, clip skip and batch stay the same
-    (as A1111 does): a new seed for the same prompt costs no text encoding."""
-    key = (req.prompt, req.negative_prompt, clip_skip, req.batch_size, dtype)
+def _conditioning(model: LoadedModel, req: GenerationRequest, clip_skip: int, use_cfg: bool, device: torch.device,
+                  dtype: torch.dtype) -> tuple[Conditioning, Conditioning | None]:
+    """Positive and negative conditioning (no negative without CFG), reused while the prompts, clip skip and
+    batch stay the same (as A1111 does): a new seed for the same prompt costs no text encoding."""
+    key = (req.prompt, req.negative_prompt, clip_skip, req.batch_size, use_cfg, dtype)
     if model.conditioning_cache[0] == key:
         return model.conditioning_cache[1]
     n = req.batch_size
-    # One pass for both: encode_prompts pads the shorter prompt with empty chunks, as A1111 does for CFG.
-    both = encode_prompts([req.prompt] * n + [req.negative_prompt] * n, model.text_encoders, clip_skip,
-                          device=device, dtype=dtype)
+    # One pass for both: the shorter prompt is padded with empty chunks, as A1111 does for CFG.
+    prompts = [req.prompt] * n + ([req.negative_prompt] * n if use_cfg else [])
+    both = encode(model, prompts, clip_skip, device, dtype)
     halves = [Conditioning(both.embeds[part], None if both.pooled is None else both.pooled[part])
               for part in (slice(0, n), slice(n, 2 * n))]
-    model.conditioning_cache = (key, (halves[0], halves[1]))
-    return halves[0], halves[1]
+    result = (halves[0], halves[1] if use_cfg else None)
+    model.conditioning_cache = (key, result)
+    return result
+
+
+def encode(model: LoadedModel, prompts: list[str], clip_skip: int, device: torch.device,
+           dtype: torch.dtype) -> Conditioning:
+    """Each family's text conditioning. Flux: T5's tokens and CLIP-L's pooled output. SD3.x: both CLIPs'
+    tokens side by side, widened to T5's width and followed by T5's tokens (zeros without T5), and the
+    two CLIPs' pooled outputs."""
+    clip = encode_prompts(prompts, model.text_encoders, clip_skip, device=device, dtype=dtype)
+    if model.family is Family.FLUX:
+        return Conditioning(encode_t5(prompts, model.t5, device, dtype), clip.pooled)
+    if model.family is Family.SD3:
+        width = model.denoiser.config.joint_attention_dim
+        t5 = encode_t5(prompts, model.t5, device, dtype) if model.t5 is not None else \
+            torch.zeros(len(prompts), T5_MIN_LENGTH, width, device=device, dtype=dtype)
+        widened = torch.nn.functional.pad(clip.embeds, (0, width - clip.embeds.shape[-1]))
+        return Conditioning(torch.cat([widened, t5], dim=1), clip.pooled)
+    return clip
 
 
 def _initial_noise(model: LoadedModel, req: GenerationRequest, generators: list[torch.Generator]) -> torch.Tensor:
-    shape = (1, model.denoiser.config.in_channels, req.height // 8, req.width // 8)
+    shape = (1, model.latent_channels, req.height // 8, req.width // 8)
     return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
 
 
-def _sdxl_added_conditions(model: LoadedModel, req: GenerationRequest, cond: Conditioning, uncond: Conditioning,
-                           use_cfg: bool, device: torch.device, dtype: torch.dtype) -> dict | None:
+def _sdxl_added_conditions(model: LoadedModel, req: GenerationRequest, cond: Conditioning,
+                           uncond: Conditioning | None, device: torch.device, dtype: torch.dtype) -> dict | None:
     """SDXL's micro-conditioning: pooled text and (original size, crop, target size)."""
     if model.family is not Family.SDXL:
         return None
     size = [req.height, req.width, 0, 0, req.height, req.width]
     time_ids = torch.tensor([size] * req.batch_size, device=device, dtype=dtype)
-    pooled = torch.cat([uncond.pooled, cond.pooled]) if use_cfg else cond.pooled
-    if use_cfg:
+    pooled = cond.pooled if uncond is None else torch.cat([uncond.pooled, cond.pooled])
+    if uncond is not None:
         time_ids = torch.cat([time_ids, time_ids])
     return {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids}
 
@@ -222,7 +283,7 @@ def decode(model: LoadedModel, memory: MemoryManager, latents: torch.Tensor) -> 
     dtype = compute_dtype(vae)
     tiled = memory.prepare_decode("vae", vae_decode_bytes(w * 8, h * 8, batch, dtype))
     vae.enable_tiling() if tiled else vae.disable_tiling()
-    latents = latents.to(memory.device, dtype) / vae.config.scaling_factor
+    latents = latents.to(memory.device, dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
     pixels = vae.decode(latents).sample
     pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ from webui.engine.detect import (
 from webui.engine.files import CheckpointInfo, TensorInfo, load_state_dict, read_tensor_infos
 from webui.engine.fp8 import compute_dtype, enable_fp8_compute, fp8_state_dict_split
 from webui.engine.prompts import TextEncoderSlot
+from webui.engine.t5_prompts import T5Slot
 from webui.engine.tokenizer import clip_tokenizer
 from webui.errors import ModelFileError
 
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 # Keys real checkpoints carry that no diffusers module holds (schedule arrays, EMA scalars,
 # CLIP position ids, OpenCLIP's logit scale).
 HARMLESS_EXTRA = ("position_ids", "logit_scale")
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "t5")
 
 
 @dataclass
@@ -56,11 +56,13 @@ class LoadedModel:
 
     info: CheckpointInfo
     family: Family
-    denoiser: UNet2DConditionModel
+    denoiser: torch.nn.Module  # UNet2DConditionModel, FluxTransformer2DModel or SD3Transformer2DModel
     vae: AutoencoderKL
-    text_encoders: list[TextEncoderSlot]
-    scheduler_config: dict
+    text_encoders: list[TextEncoderSlot]  # the CLIPs
+    scheduler_config: dict  # SD1/SD2/SDXL's training noise; flow models have none
     vae_name: str | None = None
+    t5: T5Slot | None = None  # Flux and SD3.x (SD3.x may run without)
+    module_names: list[str] = field(default_factory=list)  # separate VAE / text encoder files in use
     load_seconds: float = 0.0
     conditioning_cache: tuple = (None, None)  # (key, (cond, uncond)) of the last prompts encoded
 
@@ -68,28 +70,33 @@ class LoadedModel:
     def prediction_type(self) -> str:
         return self.scheduler_config["prediction_type"]
 
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
     def modules(self) -> list[torch.nn.Module]:
-        return [self.denoiser, self.vae, *(slot.model for slot in self.text_encoders)]
+        return list(self.components().values())
 
     def components(self) -> dict[str, torch.nn.Module]:
         """The parts the memory manager places, by the names generation asks for them."""
         encoders = {TEXT_ENCODERS[i]: slot.model for i, slot in enumerate(self.text_encoders)}
+        if self.t5 is not None:
+            encoders["t5"] = self.t5.model
         return {**encoders, "denoiser": self.denoiser, "vae": self.vae}
 
 
 def load_model(info: CheckpointInfo, vae_file: Path | None, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
-    """Load a checkpoint (and optionally a separate VAE) into host memory; the memory manager places it."""
-    start = time.perf_counter()
+    """Load an SD1.x/SD2.x/SDXL checkpoint (and optionally a separate VAE) into host memory; the memory
+    manager places it."""
     if info.kind == "diffusers":
         model = _load_diffusers_folder(info, dtype, vae_dtype)
     else:
         model = _load_single_file(info, dtype, vae_dtype)
     if vae_file is not None:
-        model.vae = load_vae_file(vae_file, model.family, _vae_dtype(model.family, vae_dtype))
+        model.vae = load_vae_file(vae_file, model.family, vae_dtype_for(model.family, vae_dtype))
         model.vae_name = vae_file.name
     for module in model.modules():
         module.requires_grad_(False).eval()
-    model.load_seconds = time.perf_counter() - start
     return model
 
 
@@ -106,7 +113,7 @@ def _load_single_file(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: torch
     name = info.path.name
     unet = build_module(UNet2DConditionModel, arch.unet, convert_ldm_unet_checkpoint(sd, arch.unet), name, dtype)
     vae = build_module(AutoencoderKL, arch.vae, convert_ldm_vae_checkpoint(sd, arch.vae), name,
-                       _vae_dtype(arch.family, vae_dtype))
+                       vae_dtype_for(arch.family, vae_dtype))
     slots = [_text_encoder_slot(enc, sd, arch.family, name, dtype) for enc in arch.text_encoders]
     if arch.family is Family.SD2 and arch.prediction_type == "epsilon" and _sd2_predicts_v(unet):
         arch.prediction_type = "v_prediction"
@@ -165,13 +172,14 @@ def _text_encoder_slot(enc: TextEncoderArch, sd: dict, family: Family, filename:
         converted = convert_open_clip_checkpoint(shell, kept, prefix=enc.prefix)
         tokenizer = clip_tokenizer("!")
     model = build_module(cls, config, converted, filename, dtype)
-    return _slot(model, tokenizer, family, pooled=enc.with_projection)
+    return clip_slot(model, tokenizer, family, pooled=enc.with_projection)
 
 
-def _slot(model: torch.nn.Module, tokenizer: CLIPTokenizer, family: Family, pooled: bool) -> TextEncoderSlot:
-    sdxl = family is Family.SDXL
-    return TextEncoderSlot(model=model, tokenizer=tokenizer, final_layer_norm=not sdxl,
-                           min_clip_skip=2 if sdxl else 1, pooled=pooled)
+def clip_slot(model: torch.nn.Module, tokenizer: CLIPTokenizer, family: Family, pooled: bool) -> TextEncoderSlot:
+    """SDXL and SD3 read the penultimate layer without the final norm; SD1/SD2 the last, normed (Flux only pools)."""
+    penultimate = family in (Family.SDXL, Family.SD3)
+    return TextEncoderSlot(model=model, tokenizer=tokenizer, final_layer_norm=not penultimate,
+                           min_clip_skip=2 if penultimate else 1, pooled=pooled)
 
 
 @torch.no_grad()
@@ -184,9 +192,11 @@ def _sd2_predicts_v(unet: UNet2DConditionModel) -> bool:
     return bool((out - x).mean() < -1)
 
 
-def _vae_dtype(family: Family, requested: torch.dtype) -> torch.dtype:
-    """SDXL's VAE overflows in float16 (black or NaN images; diffusers marks it force_upcast): use float32."""
-    return torch.float32 if family is Family.SDXL and requested == torch.float16 else requested
+def vae_dtype_for(family: Family, requested: torch.dtype) -> torch.dtype:
+    """SDXL's, Flux's and SD3's VAEs overflow in float16 (black or NaN images; diffusers marks them
+    force_upcast): float32 instead. SD1/SD2's work in float16."""
+    upcast = family in (Family.SDXL, Family.FLUX, Family.SD3) and requested == torch.float16
+    return torch.float32 if upcast else requested
 
 
 def load_vae_file(path: Path, family: Family, dtype: torch.dtype) -> AutoencoderKL:
@@ -212,7 +222,7 @@ def _load_diffusers_folder(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: 
                              "(StableDiffusionPipeline and StableDiffusionXLPipeline are).")
     sdxl = pipeline == "StableDiffusionXLPipeline"
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=_vae_dtype(Family.SDXL if sdxl else Family.SD1,
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype_for(Family.SDXL if sdxl else Family.SD1,
                                                                               vae_dtype), local_files_only=True)
     names = [("text_encoder", "tokenizer", CLIPTextModel)]
     if sdxl:
@@ -225,7 +235,7 @@ def _load_diffusers_folder(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: 
     for model, tok_dir, cls in encoders:
         default = clip_tokenizer("!" if family is Family.SD2 or cls is CLIPTextModelWithProjection else "<|endoftext|>")
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True) if tok_dir.is_dir() else default
-        slots.append(_slot(model, tokenizer, family, pooled=cls is CLIPTextModelWithProjection))
+        slots.append(clip_slot(model, tokenizer, family, pooled=cls is CLIPTextModelWithProjection))
     scheduler_config = ModelArch(family, {}, None).scheduler_config
     sched_file = folder / "scheduler" / "scheduler_config.json"
     if sched_file.is_file():

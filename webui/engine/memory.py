@@ -99,7 +99,7 @@ def activation_bytes(family: str, width: int, height: int, batch: int, cfg: bool
     precision, measured on the GPU machine (benchmarks/memory.py: SD1.5 667 MB at 512², SDXL
     2578 MB at 1024², both with CFG; Flux 498 MB at 1344x768) with a 25 % margin.
     """
-    per_pixel = {"SD1.x": 66_000, "SD2.x": 66_000, "SDXL": 93_000, "Flux": 20_000}.get(family, 93_000)
+    per_pixel = {"SD1.x": 66_000, "SD2.x": 66_000, "SDXL": 93_000, "Flux": 20_000, "SD3.x": 20_000}.get(family, 93_000)
     images = batch * (2 if cfg else 1)
     scale = torch.finfo(dtype).bits / 16
     return int(per_pixel * (width // 8) * (height // 8) * images * scale) + 256 * MB

@@ -9,31 +9,49 @@ import gc
 import logging
 import re
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from webui.engine.assemble import flow_family, load_flow_model, load_gguf_unet_model
 from webui.engine.files import CheckpointInfo, HashCache, find_checkpoints, find_files, short_hash
 from webui.engine.fp8 import cast_weights_fp8
 from webui.engine.load import LoadedModel, load_model
 from webui.engine.memory import MB, MemoryManager
+from webui.engine.modules import FIELD as MODULE_FIELD
+from webui.engine.modules import MODULE_SUFFIXES, ModuleFile, assign, identify
+from webui.engine.t5_prompts import TOKENIZER_FOLDER
 from webui.errors import UserError
 
 log = logging.getLogger(__name__)
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 # Forge's "Diffusion in Low Bits" choices that this app supports: how the denoiser's weights are stored.
 STORAGE_DTYPES = {"Automatic": None, "float8-e4m3fn": torch.float8_e4m3fn, "float8-e5m2": torch.float8_e5m2}
+
+
+@dataclass(frozen=True)
+class Dtypes:
+    """Compute dtypes: SD1/SD2/SDXL UNets, Flux/SD3 transformers (bf16 where the GPU has it: fp16 overflows
+    there), and VAEs."""
+
+    unet: torch.dtype
+    flow: torch.dtype
+    vae: torch.dtype
+
+
 TITLE_RE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-f]{8,10})\]$")
 
 
 class ModelManager:
-    def __init__(self, checkpoint_dirs: list[Path], builtin_dir: Path, vae_dir: Path, hashes: HashCache,
-                 memory: MemoryManager, dtype: torch.dtype, vae_dtype: torch.dtype):
+    def __init__(self, checkpoint_dirs: list[Path], builtin_dir: Path, vae_dir: Path, text_encoder_dir: Path,
+                 hashes: HashCache, memory: MemoryManager, dtypes: Dtypes):
         self.checkpoint_dirs = checkpoint_dirs
         self.builtin_dir = builtin_dir
-        self.vae_dir = vae_dir
+        self.vae_dir, self.text_encoder_dir = vae_dir, text_encoder_dir
         self.hashes = hashes
-        self.memory, self.dtype, self.vae_dtype = memory, dtype, vae_dtype
+        self.memory, self.dtypes = memory, dtypes
         self.current: LoadedModel | None = None
         self.current_sha256 = ""
         self.identity: tuple = ()
@@ -97,28 +115,68 @@ class ModelManager:
         known = ", ".join(self.vae_name(p) for p in self.vaes()[:10]) or "none"
         raise UserError(f"no VAE named {name!r}; known VAEs: {known}", field="sd_vae")
 
-    def get(self, info: CheckpointInfo, vae_name: str | None, storage: str = "Automatic") -> LoadedModel:
-        """The loaded model for this checkpoint, VAE and denoiser storage ("Diffusion in Low Bits"),
-        loading it (and unloading the old one) if needed."""
+    def module_files(self) -> list[Path]:
+        """Files for Forge's "VAE / Text Encoder" selector: the VAE folder's, then the text encoder folder's."""
+        return find_files(self.vae_dir, MODULE_SUFFIXES) + find_files(self.text_encoder_dir, MODULE_SUFFIXES)
+
+    def module_name(self, path: Path) -> str:
+        return path.name
+
+    def find_modules(self, names: list[str]) -> dict[str, ModuleFile]:
+        """The chosen VAE / text encoder files by role; only files found in the two folders can be named."""
+        files = {self.module_name(p): p for p in self.module_files()}
+        unknown = [n for n in names if n not in files]
+        if unknown:
+            known = ", ".join(list(files)[:10]) or "none"
+            raise UserError(f"no VAE or text encoder file named {unknown[0]!r}; known: {known}", field=MODULE_FIELD)
+        return assign([identify(files[n]) for n in dict.fromkeys(names)])
+
+    def get(self, info: CheckpointInfo, vae_name: str | None, storage: str = "Automatic",
+            module_names: tuple[str, ...] = (), use_t5: bool = True) -> LoadedModel:
+        """The loaded model for this checkpoint, VAE, separate modules and denoiser storage ("Diffusion in Low
+        Bits"), loading it (and unloading the old one) if needed."""
         vae_file = self.find_vae(vae_name)
         fp8 = STORAGE_DTYPES[storage]
-        identity = (info, vae_file.name if vae_file else None, fp8)
+        identity = (info, vae_file.name if vae_file else None, fp8, tuple(module_names), use_t5)
         with self._lock:
             if self.current is not None and self.identity == identity:
                 return self.current
+            modules = self.find_modules(list(module_names))
             self.unload()
             sha = self.hashes.sha256(info.path)
             log.info("Loading %s [%s]%s", info.name, short_hash(sha), f" with VAE {vae_file.name}" if vae_file else "")
-            self.current = load_model(info, vae_file, self.dtype, self.vae_dtype)
+            self.current = self._load(info, vae_file, modules, use_t5)
+            self.current.module_names = list(dict.fromkeys(module_names))
             if fp8 is not None:
                 saved = cast_weights_fp8(self.current.denoiser, fp8)
-                log.info("Diffusion in Low Bits: UNet weights stored as %s (%.0f MB saved)", fp8, saved / MB)
+                log.info("Diffusion in Low Bits: denoiser weights stored as %s (%.0f MB saved)", fp8, saved / MB)
             self.current_sha256, self.identity = sha, identity
             for name, module in self.current.components().items():
                 self.memory.register(name, module)
             log.info("Loaded %s (%s, %.0f MB) into host memory in %.1f s", info.name, self.current.family.value,
                      sum(c.nbytes for c in self.memory.components.values()) / MB, self.current.load_seconds)
             return self.current
+
+    def _load(self, info: CheckpointInfo, vae_file: Path | None, modules: dict[str, ModuleFile],
+              use_t5: bool) -> LoadedModel:
+        start = time.perf_counter()
+        family = flow_family(info)
+        # A VAE chosen for another family (Flux's 16-channel ae beside an SDXL checkpoint) is left out, as in Forge.
+        latent_channels = 4 if family is None else 16
+        if "vae" in modules and modules["vae"].width != latent_channels:
+            del modules["vae"]
+        if family is not None:
+            if vae_file is not None and "vae" not in modules and identify(vae_file).width == latent_channels:
+                modules["vae"] = identify(vae_file)
+            model = load_flow_model(info, family, modules, self.dtypes.flow, self.dtypes.vae,
+                                    [self.text_encoder_dir / TOKENIZER_FOLDER], use_t5)
+        elif info.kind == "gguf":
+            model = load_gguf_unet_model(info, modules, vae_file, self.dtypes.unet, self.dtypes.vae)
+        else:
+            chosen_vae = modules["vae"].path if "vae" in modules else vae_file
+            model = load_model(info, chosen_vae, self.dtypes.unet, self.dtypes.vae)
+        model.load_seconds = time.perf_counter() - start
+        return model
 
     def unload(self) -> None:
         with self._lock:

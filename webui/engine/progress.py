@@ -26,9 +26,14 @@ LATENT_RGB = {
 
 def latent_preview(latents: torch.Tensor, family: Family) -> Image.Image:
     """The first image of a latent batch as an approximate RGB picture (8x smaller than the output)."""
-    factors, bias = LATENT_RGB.get(family, LATENT_RGB[Family.SD1])
     x = latents[0].detach().float().cpu()
-    rgb = torch.einsum("chw,cr->hwr", x[: len(factors)], torch.tensor(factors)) + torch.tensor(bias)
+    if x.shape[0] == 4:
+        factors, bias = LATENT_RGB.get(family, LATENT_RGB[Family.SD1])
+        rgb = torch.einsum("chw,cr->hwr", x, torch.tensor(factors)) + torch.tensor(bias)
+    else:  # 16-channel latents (Flux, SD3.x): the mean over channels, stretched, shows the composition
+        gray = x.mean(0)
+        gray = (gray - gray.min()) / (gray.max() - gray.min()).clamp_min(1e-6) * 2 - 1
+        rgb = gray[..., None].expand(-1, -1, 3)
     array = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     return Image.fromarray(np.ascontiguousarray(array))
 

@@ -51,13 +51,13 @@ class TextEncoderSlot:
     tokenizer: CLIPTokenizer
     final_layer_norm: bool  # SD1/SD2 True, SDXL False
     min_clip_skip: int  # 1 for SD1/SD2, 2 for SDXL
-    pooled: bool  # True for SDXL's bigG: its text_embeds are the pooled output
+    pooled: bool  # its pooled output is used: SDXL's bigG, SD3's two CLIPs, Flux's CLIP-L
 
 
 @dataclass
 class Conditioning:
     embeds: torch.Tensor  # (B, 77*k, D)
-    pooled: torch.Tensor | None  # (B, P) for SDXL
+    pooled: torch.Tensor | None  # (B, P) for SDXL, SD3 and Flux
 
 
 # --- parsing -----------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def _hidden_layer(slot: TextEncoderSlot, output, skip: int) -> torch.Tensor:
     return text_model.final_layer_norm(output.hidden_states[-skip])
 
 
-def _emphasise(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def emphasise(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """A1111's "Original" emphasis: scale each token by its weight, then restore the chunk's mean.
 
     A1111 takes the mean over the whole batch of chunks; we take it per chunk, so that a
@@ -262,8 +262,11 @@ def _encode_chunks(
         output = slot.model(input_ids=ids, output_hidden_states=True)
         z = _hidden_layer(slot, output, skip)
         if any(w != 1.0 for row in weights for w in row):  # checked on the host: no device sync
-            z = _emphasise(z, torch.tensor(weights, device=device))
-    return z, output.text_embeds if slot.pooled else None
+            z = emphasise(z, torch.tensor(weights, device=device))
+    if not slot.pooled:
+        return z, None
+    # With a projection (SDXL's bigG, SD3's CLIPs) the projected pooled output; Flux pools CLIP-L without one.
+    return z, output.text_embeds if hasattr(output, "text_embeds") else output.pooler_output
 
 
 def _pad_embeds(embeds: torch.Tensor, length: int, empty_chunk: torch.Tensor) -> torch.Tensor:
@@ -325,7 +328,8 @@ def encode_prompts(
     chunk_count = max(len(_prompt_chunks(p, slot.tokenizer)[0]) for slot in encoders for p in prompts)
     outputs = [_encode_with_slot(slot, prompts, chunk_count, clip_skip, device) for slot in encoders]
     embeds = torch.cat([slot_embeds for slot_embeds, _ in outputs], dim=-1)
-    pooled = next((slot_pooled for _, slot_pooled in outputs if slot_pooled is not None), None)
+    pools = [slot_pooled for _, slot_pooled in outputs if slot_pooled is not None]
+    pooled = torch.cat(pools, dim=-1) if pools else None  # SD3 joins CLIP-L's and CLIP-G's
     if dtype is not None:
         embeds = embeds.to(dtype)
         pooled = pooled.to(dtype) if pooled is not None else None

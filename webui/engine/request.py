@@ -24,6 +24,7 @@ class GenerationRequest:
     height: int = 512
     steps: int = 20
     cfg_scale: float = 7.0
+    distilled_cfg_scale: float = 3.5  # Flux dev's guidance input (Forge's "Distilled CFG Scale")
     sampler_name: str = "DPM++ 2M"
     scheduler: str = "Automatic"
     seed: int = -1
@@ -32,6 +33,7 @@ class GenerationRequest:
     clip_skip: int | None = None  # None: the "CLIP_stop_at_last_layers" option
     checkpoint: str | None = None  # None: the "sd_model_checkpoint" option
     vae: str | None = None  # None: the "sd_vae" option
+    modules: list[str] | None = None  # separate VAE / text encoder files; None: "forge_additional_modules"
     save_images: bool | None = None  # None: the "samples_save" option
 
     @classmethod
@@ -54,9 +56,8 @@ class GenerationRequest:
         _whole_in(self.steps, "steps", 1, limits.get("max_steps", 150))
         _whole_in(self.batch_size, "batch_size", 1, limits.get("max_batch_size", 8))
         _whole_in(self.n_iter, "n_iter", 1, limits.get("max_batch_count", 100))
-        if isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float)) \
-                or not math.isfinite(self.cfg_scale) or not 0 <= self.cfg_scale <= 100:
-            raise UserError(f"must be a number between 0 and 100, got {self.cfg_scale!r}", field="cfg_scale")
+        _number_in(self.cfg_scale, "cfg_scale", 0, 100)
+        _number_in(self.distilled_cfg_scale, "distilled_cfg_scale", 0, 100)
         seed = _whole(self.seed, "seed")
         if seed != -1 and not 0 <= seed <= MAX_SEED:
             raise UserError(f"must be -1 (random) or between 0 and {MAX_SEED}, got {seed}", field="seed")
@@ -64,6 +65,14 @@ class GenerationRequest:
             _whole_in(self.clip_skip, "clip_skip", 1, 12)
         for name in ("sampler_name", "scheduler"):
             _text(getattr(self, name), name)
+        if self.modules is not None and not (isinstance(self.modules, list) and all(isinstance(m, str) for m in self.modules)):
+            raise UserError(f"must be a list of file names, got {self.modules!r}", field="modules")
+
+
+def _number_in(value: object, name: str, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise UserError(f"must be a number between {low} and {high}, got {value!r}", field=name)
 
 
 def _text(value: object, name: str) -> None:

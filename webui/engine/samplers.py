@@ -58,6 +58,8 @@ from diffusers import (
     DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
@@ -102,6 +104,8 @@ class Sampler:
     """Schedule type id that "Automatic" means; None: whatever the factory does by default."""
     uses_schedule_type: bool = True
     """False for samplers whose own timesteps A1111 always uses (DDIM, UniPC)."""
+    flow_factory: SchedulerFactory | None = None
+    """The sampler for flow-matching models (Flux, SD3.x), called with ``shift``; None: it has none."""
 
 
 _LINSPACE = {"timestep_spacing": "linspace"}
@@ -130,6 +134,27 @@ _UNIPC = functools.partial(
     timestep_spacing="linspace",
     final_sigmas_type="sigma_min",
 )
+
+# Flow-matching counterparts (Flux, SD3.x): the same solvers on the flow's sigmas, shifted by ``shift``.
+_FLOW_DPM = dict(use_flow_sigmas=True, prediction_type="flow_prediction")
+
+
+def _flow_euler(shift: float, stochastic: bool = False) -> SchedulerMixin:
+    return FlowMatchEulerDiscreteScheduler(shift=shift, stochastic_sampling=stochastic)
+
+
+def _flow_solver(factory: SchedulerFactory) -> SchedulerFactory:
+    return lambda shift: factory(flow_shift=shift, **_FLOW_DPM)
+
+
+FLOW_FACTORIES: dict[str, SchedulerFactory] = {
+    "Euler": _flow_euler,
+    "Euler a": functools.partial(_flow_euler, stochastic=True),
+    "Heun": lambda shift: FlowMatchHeunDiscreteScheduler(shift=shift),
+    "DPM++ 2M": _flow_solver(_DPMPP_2M),
+    "DPM++ 2M SDE": _flow_solver(_DPMPP_2M_SDE),
+    "UniPC": _flow_solver(functools.partial(UniPCMultistepScheduler, solver_order=3, solver_type="bh1")),
+}
 
 _samplers: dict[str, Sampler] = {}
 
@@ -162,6 +187,7 @@ def register_sampler(
     *,
     default_schedule: str | None = None,
     uses_schedule_type: bool = True,
+    flow_factory: SchedulerFactory | None = None,
 ) -> None:
     """Add a sampler, or replace the one of that name.
 
@@ -170,7 +196,8 @@ def register_sampler(
     """
     if default_schedule is not None:
         default_schedule = find_schedule_type(default_schedule).name
-    _samplers[_key(name)] = Sampler(name, factory, tuple(aliases), default_schedule, uses_schedule_type)
+    flow_factory = flow_factory or FLOW_FACTORIES.get(name)
+    _samplers[_key(name)] = Sampler(name, factory, tuple(aliases), default_schedule, uses_schedule_type, flow_factory)
 
 
 register_sampler("DPM++ 2M", _DPMPP_2M, ["k_dpmpp_2m"], default_schedule="karras")
@@ -275,6 +302,22 @@ def make_scheduler(
     if seed is not None and accepts("noise_sampler_seed"):
         kwargs["noise_sampler_seed"] = seed
     return sampler.factory(**kwargs)
+
+
+def make_flow_scheduler(sampler_name: str, schedule_type: str | None, shift: float) -> SchedulerMixin:
+    """A new scheduler for one generation of a flow-matching model, its sigmas shifted by ``shift``.
+
+    Flow models have one schedule (Forge's "Simple"): "Automatic" is the only schedule type.
+    """
+    sampler, schedule = find_sampler(sampler_name, schedule_type)
+    if sampler.flow_factory is None:
+        usable = [s.name for s in _samplers.values() if s.flow_factory is not None]
+        raise UserError(f"sampler {sampler.name} does not work with flow-matching models (Flux, SD3.x); "
+                        f"choose one of: {', '.join(usable)}", "sampler_name")
+    if schedule.name != "automatic":
+        raise UserError(f"Flux and SD3.x models use their own flow-matching schedule; set the schedule type to "
+                        f"Automatic instead of {schedule.label}", "scheduler")
+    return sampler.flow_factory(shift=shift)
 
 
 def step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | list[torch.Generator] | None) -> dict[str, Any]:

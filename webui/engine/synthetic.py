@@ -19,10 +19,18 @@ Sizes follow the conventions the checkpoint loader infers architecture from:
   ``SyntheticModel.text_encoder_extras`` holds random weights for what diffusers drops so that
   exported files look like real ones.
 
-Flux is a transformer alone (its text encoders and VAE come later): ``build_flux_transformer``.
+Flux's transformer: ``build_flux_transformer``.
 ``"full"`` is Flux-dev (11.9B parameters: 19 double + 38 single blocks, 24 heads of 128 channels);
 ``"tiny"`` has 2 heads of 64 channels, so that tests also cover a head dim other than Flux's 128.
 Its weights are drawn tensor by tensor on the target device, never as a float32 model on the CPU.
+SD3 transformers are built the same way (``build_sd3_transformer``): ``"full"`` is SD3.5 Large (8.1B
+parameters: 38 blocks of 38 heads of 64 channels); ``"tiny"`` has 3 blocks of 2 heads, with q/k norms
+and one dual-attention block (SD3.5 Medium's) besides the last, pre-only one, so tests cover every kind of block.
+
+Flux's and SD3's other components are built the same way: ``build_t5_encoder`` (T5 v1.1; full size is
+T5-XXL's encoder), ``build_clip_text`` (CLIP-L or bigG, with text projection) and ``build_vae16`` (the
+16-channel VAE). Tiny T5 is 128 wide, tiny CLIP-L 32 and bigG 64: the two CLIPs differ so that swapping
+them fails, and together they stay narrower than T5, which SD3 zero-pads them to (as 768 + 1280 to 4096).
 """
 from __future__ import annotations
 
@@ -30,11 +38,22 @@ import dataclasses
 from collections.abc import Iterable
 
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PretrainedConfig,
+    PreTrainedModel,
+    T5Config,
+    T5EncoderModel,
+)
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
+from webui.engine.detect import Family
 from webui.engine.flux import rope_axes
+from webui.engine.text_encoders import CLIP_ACTIVATIONS, VAE16_LATENT_SCALE
 
 FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
 SIZES: tuple[str, ...] = ("tiny", "full")
@@ -66,11 +85,16 @@ class SyntheticModel:
 
     family: str
     size: str
-    unet: UNet2DConditionModel
+    denoiser: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoders: list[CLIPTextModel | CLIPTextModelWithProjection]
     text_encoder_extras: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     prediction_type: str = "epsilon"
+
+
+def _check_choice(what: str, value: object, choices: Iterable) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {tuple(choices)}")
 
 
 def _clip_config(hidden: int, layers: int, act: str, projection_dim: int | None = None) -> CLIPTextConfig:
@@ -93,17 +117,24 @@ def _heads_per_64(channels: Iterable[int]) -> tuple[int, ...]:
     return tuple(max(1, c // 64) for c in channels)
 
 
-def _vae_config(family: str, size: str) -> dict:
+def _vae_body(size: str) -> dict:
+    """What the VAEs of every family share: 4 levels (8x downscale) and GroupNorm's 32 groups."""
     full = size == "full"
     return dict(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(128, 256, 512, 512) if full else (32, 32, 64, 64),
         layers_per_block=2 if full else 1,
         norm_num_groups=32,
+    )
+
+
+def _vae_config(family: str, size: str) -> dict:
+    full = size == "full"
+    return _vae_body(size) | dict(
+        latent_channels=4,
         sample_size={"sd1": 512, "sd2": 768, "sdxl": 1024}[family] if full else 64,
         scaling_factor=0.13025 if family == "sdxl" else 0.18215,
     )
@@ -174,11 +205,9 @@ def architecture(family: str, size: str) -> Architecture:
 
     For SD2 the text encoder config is diffusers' (one layer fewer than the file holds).
     """
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
+    _check_choice("size", size, SIZES)
+    _check_choice("family", family, FAMILIES)
     builders = {"sd1": _sd1_architecture, "sd2": _sd2_architecture, "sdxl": _sdxl_architecture}
-    if family not in builders:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     return builders[family](size)
 
 
@@ -239,20 +268,19 @@ def build_synthetic_model(
 
 def flux_architecture(size: str) -> dict:
     """``FluxTransformer2DModel`` constructor arguments; ``size="full"`` is Flux-dev."""
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
+    _check_choice("size", size, SIZES)
     full = size == "full"
     head_dim = 128 if full else 64
     return dict(
         patch_size=1,
-        in_channels=64 if full else 16,
-        out_channels=64 if full else 16,
+        in_channels=64,  # 2x2 patches of the 16-channel latent
+        out_channels=64,
         num_layers=19 if full else 1,
         num_single_layers=38 if full else 2,
         attention_head_dim=head_dim,
         num_attention_heads=24 if full else 2,
-        joint_attention_dim=4096 if full else 32,
-        pooled_projection_dim=768 if full else 32,
+        joint_attention_dim=4096 if full else 128,  # T5's width (tiny T5: 128)
+        pooled_projection_dim=768 if full else 32,  # CLIP-L's width (tiny: 32)
         guidance_embeds=True,
         axes_dims_rope=rope_axes(head_dim),
     )
@@ -274,26 +302,156 @@ def _random_tensor(name: str, shape: torch.Size, generator: torch.Generator, dty
     return noise.to(dtype)
 
 
+def _random_model(cls: type[torch.nn.Module], config: dict | PretrainedConfig, seed: int,
+                  device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``cls(**config)`` (``cls(config)`` for transformers) with its parameters on the meta device, then each
+    tensor of its state dict drawn on ``device`` and cast to ``dtype``.
+
+    No float32 copy of the model ever exists; ``device="meta"`` stops after the first step. Buffers left out
+    of the state dict (CLIP's position ids) are made on ``device`` as the model makes them; a tied weight
+    (T5's token embedding) is drawn once. The weights depend only on ``seed`` and the device type; the
+    caller's global RNG state is left untouched.
+    """
+    device = torch.device(device)
+    with init_empty_weights(include_buffers=False), device:
+        model = cls(config) if isinstance(config, PretrainedConfig) else cls(**config)
+    tied = getattr(model, "all_tied_weights_keys", {})
+    shapes = {k: v for k, v in model.state_dict().items() if k not in tied}
+    if device.type == "meta":
+        weights = {k: v.to(dtype) for k, v in shapes.items()}
+    else:
+        generator = torch.Generator(device).manual_seed(seed)
+        weights = {k: _random_tensor(k, v.shape, generator, dtype) for k, v in shapes.items()}
+    model.load_state_dict(weights, strict=False, assign=True)  # only the tied weights are left out
+    if isinstance(model, PreTrainedModel):
+        model.tie_weights()
+    return model.eval()
+
+
 def build_flux_transformer(
     size: str = "tiny",
     seed: int = 0,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> FluxTransformer2DModel:
-    """Flux at ``size`` with random weights that depend only on ``seed`` and the device type.
+    """Flux at ``size`` with random weights (see ``_random_model``); full size in bfloat16 takes 23.8 GB."""
+    return _random_model(FluxTransformer2DModel, flux_architecture(size), seed, device, dtype)
 
-    The model is built on the meta device, then each tensor is drawn on ``device`` and cast to ``dtype``
-    (full size in bfloat16 needs 23.8 GB there and no more). ``device="meta"`` stops after the first step.
-    The caller's global RNG state is left untouched.
+
+def sd3_architecture(size: str) -> dict:
+    """``SD3Transformer2DModel`` constructor arguments; ``size="full"`` is SD3.5 Large."""
+    _check_choice("size", size, SIZES)
+    full = size == "full"
+    width = 2432 if full else 128
+    return dict(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        num_layers=38 if full else 3,
+        attention_head_dim=64,
+        num_attention_heads=width // 64,
+        joint_attention_dim=4096 if full else 128,  # T5's width, also room for CLIP-L and CLIP-G side by side
+        caption_projection_dim=width,
+        pooled_projection_dim=2048 if full else 96,  # CLIP-L's and CLIP-G's pooled outputs (tiny: 32 + 64)
+        out_channels=16,
+        pos_embed_max_size=192 if full else 8,
+        dual_attention_layers=() if full else (0,),
+        qk_norm="rms_norm",
+    )
+
+
+def build_sd3_transformer(
+    size: str = "tiny",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> SD3Transformer2DModel:
+    """SD3 at ``size`` with random weights (see ``_random_model``); full size in bfloat16 takes 16.3 GB."""
+    return _random_model(SD3Transformer2DModel, sd3_architecture(size), seed, device, dtype)
+
+
+CLIP_KINDS: tuple[str, ...] = tuple(CLIP_ACTIVATIONS)
+# (width, layers) of each CLIP text encoder at each size.
+CLIP_TEXT_SIZES = {"clip_l": {"full": (768, 12), "tiny": (32, 2)}, "clip_g": {"full": (1280, 32), "tiny": (64, 2)}}
+
+
+def t5_architecture(size: str) -> T5Config:
+    """A T5 v1.1 encoder config (gated GELU, as Flux and SD3 use); ``size="full"`` is T5-XXL's encoder.
+
+    Tiny T5's 128 tokens leave room for the tiny tokenizer's pieces (``tokenizer.write_t5_tokenizer``), as
+    T5-XXL's 32128 do for its 32100.
     """
-    device = torch.device(device)
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(**flux_architecture(size))
-    shapes = model.state_dict()
-    if device.type == "meta":
-        weights = {k: v.to(dtype) for k, v in shapes.items()}
-    else:
-        generator = torch.Generator(device).manual_seed(seed)
-        weights = {k: _random_tensor(k, v.shape, generator, dtype) for k, v in shapes.items()}
-    model.load_state_dict(weights, assign=True)
-    return model.eval()
+    _check_choice("size", size, SIZES)
+    full = size == "full"
+    return T5Config(
+        vocab_size=32128 if full else 128,
+        d_model=4096 if full else 128,
+        d_kv=64,
+        d_ff=10240 if full else 256,
+        num_layers=24 if full else 2,
+        num_heads=64 if full else 2,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+
+
+def build_t5_encoder(
+    size: str = "tiny",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> T5EncoderModel:
+    """T5's encoder at ``size`` with random weights (see ``_random_model``); full size in bfloat16 takes 9.5 GB."""
+    return _random_model(T5EncoderModel, t5_architecture(size), seed, device, dtype)
+
+
+def clip_text_architecture(kind: str, size: str) -> CLIPTextConfig:
+    """OpenAI CLIP-L's (``kind="clip_l"``) or OpenCLIP bigG's (``"clip_g"``) text encoder config, its text
+    projection as wide as the model; ``size="full"`` is the real one."""
+    _check_choice("kind", kind, CLIP_KINDS)
+    _check_choice("size", size, SIZES)
+    width, layers = CLIP_TEXT_SIZES[kind][size]
+    return _clip_config(width, layers, CLIP_ACTIVATIONS[kind])
+
+
+def build_clip_text(
+    kind: str,
+    size: str = "tiny",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> CLIPTextModelWithProjection:
+    """CLIP-L or bigG at ``size`` with random weights (see ``_random_model``), with its text projection.
+
+    SD3 pools both encoders through their projections; Flux takes CLIP-L's pooled output before it, and
+    Flux's ``clip_l.safetensors`` has no projection (``ldm_export.write_clip_file(..., projection=False)``).
+    """
+    return _random_model(CLIPTextModelWithProjection, clip_text_architecture(kind, size), seed, device, dtype)
+
+
+def vae16_architecture(family: Family, size: str) -> dict:
+    """``AutoencoderKL`` arguments of Flux's or SD3's VAE: the SD VAE's body with 16 latent channels, no
+    quant convs (BFL's and Stability's files have none) and the family's latent scale and shift."""
+    _check_choice("family", family, VAE16_LATENT_SCALE)
+    _check_choice("size", size, SIZES)
+    scaling, shift = VAE16_LATENT_SCALE[family]
+    return _vae_body(size) | dict(
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=scaling,
+        shift_factor=shift,
+        sample_size=1024 if size == "full" else 64,
+    )
+
+
+def build_vae16(
+    size: str = "tiny",
+    family: Family = Family.FLUX,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> AutoencoderKL:
+    """Flux's or SD3's 16-channel VAE at ``size`` with random weights (see ``_random_model``)."""
+    return _random_model(AutoencoderKL, vae16_architecture(family, size), seed, device, dtype)

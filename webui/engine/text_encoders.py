@@ -7,8 +7,7 @@ files stay fp8.
 """
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
-from pathlib import Path
+from collections.abc import Collection
 
 import torch
 from accelerate import init_empty_weights
@@ -35,13 +34,12 @@ from webui.engine.detect import (
     tensor_shape,
     vae_config,
 )
-from webui.engine.files import TensorInfo, load_state_dict, read_tensor_infos
+from webui.engine.files import Source, TensorInfo, source_infos, source_tensors
 from webui.engine.fp8 import SCALE_SUFFIX, is_fp8
 from webui.engine.load import build_module
 from webui.errors import ModelFileError
 
 StateDict = dict[str, torch.Tensor]
-Source = str | Path | Mapping[str, torch.Tensor]
 
 # ComfyUI's all-in-one files keep each text encoder under its own prefix; separate files are bare.
 T5_PREFIXES = ("text_encoders.t5xxl.transformer.", "")
@@ -56,19 +54,6 @@ VAE_PREFIXES = ("first_stage_model.", "vae.", "")
 VAE_MARKER = "encoder.conv_in.weight"
 # (scaling_factor, shift_factor) of each family's 16-channel latent space.
 VAE16_LATENT_SCALE = {Family.FLUX: (0.3611, 0.1159), Family.SD3: (1.5305, 0.0609)}
-
-
-def _infos(source: Source) -> tuple[str, dict[str, TensorInfo]]:
-    """A name for messages and the tensor infos, read from the header before any data is."""
-    if isinstance(source, Mapping):
-        return "This state dict", {k: TensorInfo(str(v.dtype), tuple(v.shape)) for k, v in source.items()}
-    path = Path(source)
-    return path.name, read_tensor_infos(path)[0]
-
-
-def _tensors(source: Source, prefix: str) -> StateDict:
-    state_dict = source if isinstance(source, Mapping) else load_state_dict(Path(source))
-    return strip_prefix(state_dict, prefix)
 
 
 def _find_prefix(name: str, keys: Collection[str], prefixes: tuple[str, ...], marker: str, what: str) -> str:
@@ -123,10 +108,10 @@ def _unquantized_wo(state_dict: StateDict, dtype: torch.dtype) -> StateDict:
 def load_t5_encoder(source: Source, dtype: torch.dtype = torch.bfloat16) -> T5EncoderModel:
     """The T5 encoder of a file such as ``t5xxl_fp16.safetensors`` / ``t5xxl_fp8_e4m3fn.safetensors`` (or a
     state dict), bare or under ComfyUI's prefix, on the CPU in ``dtype`` (fp8 weights stay fp8)."""
-    name, infos = _infos(source)
+    name, infos = source_infos(source)
     prefix = _find_prefix(name, infos, T5_PREFIXES, T5_MARKER, "a T5 encoder")
     config = t5_config(infos)
-    state_dict = _tensors(source, prefix)
+    state_dict = source_tensors(source, prefix)
     embedding = next(state_dict[k] for k in T5_EMBEDDINGS if k in state_dict)
     state_dict.update(dict.fromkeys(T5_EMBEDDINGS, embedding))
     model = build_module(T5EncoderModel, T5Config(**config), _unquantized_wo(state_dict, dtype), name, dtype)
@@ -138,35 +123,37 @@ def load_t5_encoder(source: Source, dtype: torch.dtype = torch.bfloat16) -> T5En
     return model.requires_grad_(False).eval()
 
 
-def load_clip_file(path: str | Path, kind: str,
-                   dtype: torch.dtype = torch.float16) -> CLIPTextModel | CLIPTextModelWithProjection:
-    """A separate CLIP-L or CLIP-G (``kind``: "clip_l" / "clip_g") text encoder file: transformers layout
-    (bare or under ComfyUI's ``text_encoders.<kind>.transformer.``), or OpenCLIP's layout for CLIP-G.
-    With a text projection in the file, the model has one (SD3 pools through it; Flux does not)."""
+def load_clip_file(source: Source, kind: str, dtype: torch.dtype = torch.float16,
+                   projection: bool = True) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A separate CLIP-L or CLIP-G (``kind``: "clip_l" / "clip_g") text encoder (a file, or the part of an
+    all-in-one file): transformers layout (bare or under ComfyUI's ``text_encoders.<kind>.transformer.``),
+    or OpenCLIP's layout for CLIP-G. With a text projection in the file and ``projection``, the model has
+    one (SD3 pools through it); ``projection=False`` drops it (Flux pools without)."""
     if kind not in CLIP_ACTIVATIONS:
         raise ValueError(f"kind must be one of {sorted(CLIP_ACTIVATIONS)}, not {kind!r}")
-    path = Path(path)
-    infos, _ = read_tensor_infos(path)
+    name, infos = source_infos(source)
     prefixes = (f"text_encoders.{kind}.transformer.", "")
     if any(p + CLIP_MARKER in infos for p in prefixes):
-        prefix = _find_prefix(path.name, infos, prefixes, CLIP_MARKER, "a CLIP text encoder")
+        prefix = _find_prefix(name, infos, prefixes, CLIP_MARKER, "a CLIP text encoder")
         config = clip_l_arch(infos, prefix).config | {"hidden_act": CLIP_ACTIVATIONS[kind]}
-        projection = infos.get(f"{prefix}text_projection.weight")
-        if projection is not None:
-            config["projection_dim"] = projection.shape[0]
-        cls = CLIPTextModel if projection is None else CLIPTextModelWithProjection
-        state_dict = strip_prefix(load_state_dict(path), prefix)
+        shape = infos.get(f"{prefix}text_projection.weight") if projection else None
+        if shape is not None:
+            config["projection_dim"] = shape.shape[0]
+        cls = CLIPTextModel if shape is None else CLIPTextModelWithProjection
+        state_dict = source_tensors(source, prefix)
+        if shape is None:
+            state_dict.pop("text_projection.weight", None)
     elif kind == "clip_g" and OPEN_CLIP_MARKER in infos:
         config = open_clip_arch(infos, "", with_projection=True).config
         cls = CLIPTextModelWithProjection
         with init_empty_weights():
             shell = cls(CLIPTextConfig(**config))
-        state_dict = convert_open_clip_checkpoint(shell, load_state_dict(path), prefix="")
+        state_dict = convert_open_clip_checkpoint(shell, source_tensors(source), prefix="")
     else:
         layouts = "the transformers layout (text_model.*)" + (" or OpenCLIP's" if kind == "clip_g" else "")
-        raise ModelFileError(f"{path.name} is not a {kind.replace('_', '-').upper()} text encoder in {layouts}. "
+        raise ModelFileError(f"{name} is not a {kind.replace('_', '-').upper()} text encoder in {layouts}. "
                              f"It has {len(infos)} tensors, e.g. {', '.join(sorted(infos)[:3])}.")
-    return build_module(cls, CLIPTextConfig(**config), state_dict, path.name, dtype).requires_grad_(False).eval()
+    return build_module(cls, CLIPTextConfig(**config), state_dict, name, dtype).requires_grad_(False).eval()
 
 
 def vae16_config(infos: dict[str, TensorInfo], prefix: str, family: Family) -> dict:
@@ -187,12 +174,12 @@ def load_vae16(source: Source, dtype: torch.dtype, family: Family) -> Autoencode
     ``first_stage_model.``), from a file or a state dict."""
     if family not in VAE16_LATENT_SCALE:
         raise ValueError(f"family must be one of {[f.value for f in VAE16_LATENT_SCALE]}, not {family}")
-    name, infos = _infos(source)
+    name, infos = source_infos(source)
     prefix = _find_prefix(name, infos, VAE_PREFIXES, VAE_MARKER, "a VAE in the LDM layout")
     config = vae16_config(infos, prefix, family)
     if config["latent_channels"] != 16:
         raise ModelFileError(f"{name} is a VAE with {config['latent_channels']} latent channels; {family.value} "
                              "needs its 16-channel VAE (Flux: ae.safetensors).")
-    state_dict = _tensors(source, prefix)
+    state_dict = source_tensors(source, prefix)
     return build_module(AutoencoderKL, config, convert_ldm_vae_checkpoint(state_dict, config), name,
                         dtype).requires_grad_(False).eval()
