@@ -1,0 +1,179 @@
+"""Whole generations of Flux and SD3.5 through the engine, on a GPU budget of a consumer card.
+
+    python3 -m benchmarks.pipelines [--only flux-q8,sd35] [--workdir /tmp/bench]
+
+Full-size random weights written as the files users have (values do not change speed):
+1. Flux-dev Q8_0 GGUF (original key names) + clip_l + t5xxl_fp8_e4m3fn + ae, 1344×768, 20 steps,
+   GPU Weights = 8 GB: wall time, s/it, peak VRAM, and the process's peak host RSS against the size of
+   the files it loaded (goal ≤ 1.1×: no tensor held twice, the GGUF memory-mapped once).
+2. SD3.5 Large FP8 (+ fp8 T5, clip_l, clip_g, VAE), 1024², 28 steps, CFG 4.5, GPU Weights sized for an
+   11 GB card: peak VRAM (goal ≤ 11 GB) and s/it; the same in BF16 beside it.
+Each generation runs in a fresh process (``--run``), so its RSS is its own.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+MB = 1024 * 1024
+GB = 1024 * MB
+FLUX_MODULES = ["ae.safetensors", "clip_l.safetensors", "t5xxl_fp8_e4m3fn.safetensors"]
+SD3_MODULES = ["sd3_vae.safetensors", "clip_l_sd3.safetensors", "clip_g.safetensors", "t5xxl_fp8_e4m3fn.safetensors"]
+
+
+def _write(path: Path, make) -> Path:
+    if not path.exists():
+        start = time.perf_counter()
+        make(path)
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"wrote {path.name} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s",
+              flush=True)
+    return path
+
+
+def write_modules(root: Path) -> None:
+    """Text encoders (fp8 T5-XXL, CLIP-L with and without projection, CLIP-G), VAEs and the tokenizer."""
+    from webui.engine.detect import Family
+    from webui.engine.ldm_export import write_clip_file, write_t5_file, write_vae16_file
+    from webui.engine.synthetic import build_clip_text, build_t5_encoder, build_vae16
+    from webui.engine.tokenizer import write_t5_tokenizer
+
+    enc, vae = root / "text_encoder", root / "VAE"
+    enc.mkdir(parents=True, exist_ok=True)
+    vae.mkdir(parents=True, exist_ok=True)
+    bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
+    _write(enc / "t5xxl_fp8_e4m3fn.safetensors",
+           lambda p: write_t5_file(p, build_t5_encoder("full", device="cuda", dtype=bf16), fp8))
+    _write(enc / "clip_l.safetensors", lambda p: write_clip_file(
+        p, build_clip_text("clip_l", "full", device="cuda", dtype=bf16), torch.float16, projection=False))
+    _write(enc / "clip_l_sd3.safetensors", lambda p: write_clip_file(
+        p, build_clip_text("clip_l", "full", seed=1, device="cuda", dtype=bf16), torch.float16, projection=False))
+    _write(enc / "clip_g.safetensors", lambda p: write_clip_file(
+        p, build_clip_text("clip_g", "full", device="cuda", dtype=bf16), torch.float16))
+    _write(vae / "ae.safetensors", lambda p: write_vae16_file(p, build_vae16("full", Family.FLUX, device="cuda")))
+    _write(vae / "sd3_vae.safetensors", lambda p: write_vae16_file(p, build_vae16("full", Family.SD3, device="cuda")))
+    if not (enc / "t5_tokenizer").is_dir():
+        write_t5_tokenizer(enc / "t5_tokenizer")
+
+
+def write_flux_q8(root: Path) -> Path:
+    from gguf import GGMLQuantizationType
+
+    from webui.engine.gguf_load import quantize_where_possible, write_gguf
+    from webui.engine.ldm_export import flux_to_bfl
+    from webui.engine.synthetic import build_flux_transformer, flux_architecture
+
+    def make(path: Path) -> None:
+        model = build_flux_transformer("full", device="cuda", dtype=torch.bfloat16)
+        tensors = {k: v.cpu() for k, v in model.state_dict().items()}
+        del model
+        torch.cuda.empty_cache()
+        write_gguf(path, flux_to_bfl(tensors, flux_architecture("full")),
+                   quantize_where_possible(GGMLQuantizationType.Q8_0))
+
+    return _write(root / "Stable-diffusion" / "flux1-dev-Q8_0.gguf", make)
+
+
+def write_sd35(root: Path, dtype: torch.dtype, name: str) -> Path:
+    from webui.engine.ldm_export import write_sd3_checkpoint
+
+    return _write(root / "Stable-diffusion" / name,
+                  lambda p: write_sd3_checkpoint(p, "full", dtype=dtype, device="cuda"))
+
+
+def run(root: Path, checkpoint: str, modules: list[str], gpu_weights_mb: int, width: int, height: int, steps: int,
+        cfg: float) -> dict:
+    """One generation in this process (after loading the model once); what it measured, as a dict."""
+    from webui.cli import parse_args
+    from webui.engine.engine import Engine
+    from webui.engine.request import GenerationRequest
+    from webui.settings import AppConfig
+
+    data = root / "data"
+    args = ["--data-dir", str(data), "--models-dir", str(root), "--device", "cuda"]
+    engine = Engine(AppConfig.from_args(parse_args(args)))
+    total_mb = torch.cuda.get_device_properties(0).total_memory / MB
+    engine.options.update({"forge_inference_memory": int(total_mb - gpu_weights_mb), "forge_async_loading": "Async",
+                           "forge_pin_shared_memory": "CPU", "forge_additional_modules": modules,
+                           "samples_save": False})
+    request = GenerationRequest(prompt="a photo of a cat", width=width, height=height, steps=steps, cfg_scale=cfg,
+                                sampler_name="Euler", seed=1, checkpoint=checkpoint, save_images=False)
+    start = time.perf_counter()
+    engine.models.get(engine.checkpoint(checkpoint), None, "Automatic", tuple(modules), True)
+    load_s = time.perf_counter() - start
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = engine.txt2img(request)
+    wall = time.perf_counter() - start
+    files = [root / "Stable-diffusion" / checkpoint] + [next(root.rglob(m)) for m in modules]
+    return {
+        "checkpoint": checkpoint, "size": f"{width}x{height}", "steps": steps, "load_s": load_s, "wall_s": wall,
+        "s_per_it": result.timings.get("denoise", 0.0) / steps, "timings": result.timings,
+        "peak_vram_mb": torch.cuda.max_memory_allocated() / MB,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "files_mb": sum(f.stat().st_size for f in files) / MB, "gpu_weights_mb": gpu_weights_mb,
+        "memory": str(result.memory),
+    }
+
+
+def in_subprocess(root: Path, **kwargs) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.pipelines", "--workdir", str(root), "--run",
+                          json.dumps(kwargs)], capture_output=True, text=True)
+    sys.stderr.write(out.stderr[-3000:])
+    if out.returncode:
+        raise RuntimeError(f"run failed: {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def row(label: str, r: dict, goal: str) -> str:
+    return (f"| {label} | {r['size']}, {r['steps']} steps | {r['wall_s']:.1f} s | {r['s_per_it']:.2f} s/it | "
+            f"{r['peak_vram_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['files_mb']:.0f} | "
+            f"{r['peak_rss_mb'] / r['files_mb']:.2f}× | {r['load_s']:.1f} s | {goal} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="flux-q8,sd35")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-pipelines"))
+    parser.add_argument("--run", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    root = args.workdir
+    if args.run:
+        print(json.dumps(run(root, **json.loads(args.run))))
+        return
+    only = set(args.only.split(","))
+    write_modules(root)
+    rows = []
+    if "flux-q8" in only:
+        ckpt = write_flux_q8(root).name
+        r = in_subprocess(root, checkpoint=ckpt, modules=FLUX_MODULES, gpu_weights_mb=8192, width=1344,
+                          height=768, steps=20, cfg=1.0)
+        rows.append(row("Flux-dev Q8_0 GGUF, GPU Weights 8 GB", r, "RSS ≤ 1.1× files"))
+        print(rows[-1], r["memory"], r["timings"], flush=True)
+    if "sd35" in only:
+        for dtype, name in ((torch.float8_e4m3fn, "sd3.5_large_fp8.safetensors"),
+                            (torch.bfloat16, "sd3.5_large_bf16.safetensors")):
+            ckpt = write_sd35(root, dtype, name).name
+            r = in_subprocess(root, checkpoint=ckpt, modules=SD3_MODULES, gpu_weights_mb=9216, width=1024,
+                              height=1024, steps=28, cfg=4.5)
+            rows.append(row(f"SD3.5 Large {name.split('_')[-1].split('.')[0].upper()}, fp8 T5, GPU Weights 9 GB", r,
+                            "peak VRAM ≤ 11 GB"))
+            print(rows[-1], r["memory"], r["timings"], flush=True)
+    device = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    header = ("| model | generation | wall | s/it | peak VRAM MB | peak RSS MB | files MB | RSS ÷ files | load | goal |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n## Whole generations — {time.strftime('%Y-%m-%d')}, {device}\n\n"
+          f"`python3 -m benchmarks.pipelines --only {args.only}`\n\n{header}\n" + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
