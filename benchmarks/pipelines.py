@@ -31,6 +31,7 @@ SD3_MODULES = ["sd3_vae.safetensors", "clip_l_sd3.safetensors", "clip_g.safetens
 
 def _write(path: Path, make) -> Path:
     if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         make(path)
         gc.collect()

@@ -477,7 +477,7 @@ def t5_state_dict(model: T5EncoderModel) -> StateDict:
     return {k: v for k, v in model.state_dict().items() if k != T5_TIED}
 
 
-def _clip_tensors(model: CLIPTextModel | CLIPTextModelWithProjection, projection: bool = True) -> StateDict:
+def _clip_tensors(model: CLIPTextModel | CLIPTextModelWithProjection, projection: bool) -> StateDict:
     """``text_state_dict``, without the text projection unless ``projection``."""
     tensors = text_state_dict(model)
     if not projection:
