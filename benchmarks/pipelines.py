@@ -104,13 +104,14 @@ def run(root: Path, checkpoint: str, modules: list[str], gpu_weights_mb: int, wi
     engine = Engine(AppConfig.from_args(parse_args(args)))
     total_mb = torch.cuda.get_device_properties(0).total_memory / MB
     engine.options.update({"forge_inference_memory": int(total_mb - gpu_weights_mb), "forge_async_loading": "Async",
-                           "forge_pin_shared_memory": "CPU", "forge_additional_modules": modules,
+                           "forge_pin_shared_memory": "Shared", "forge_additional_modules": modules,
                            "samples_save": False})
     request = GenerationRequest(prompt="a photo of a cat", width=width, height=height, steps=steps, cfg_scale=cfg,
                                 sampler_name="Euler", seed=1, checkpoint=checkpoint, save_images=False)
     start = time.perf_counter()
     engine.models.get(engine.checkpoint(checkpoint), None, "Automatic", tuple(modules), True)
     load_s = time.perf_counter() - start
+    rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     result = engine.txt2img(request)
@@ -120,7 +121,7 @@ def run(root: Path, checkpoint: str, modules: list[str], gpu_weights_mb: int, wi
         "checkpoint": checkpoint, "size": f"{width}x{height}", "steps": steps, "load_s": load_s, "wall_s": wall,
         "s_per_it": result.timings.get("denoise", 0.0) / steps, "timings": result.timings,
         "peak_vram_mb": torch.cuda.max_memory_allocated() / MB,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_load_mb": rss_load,
         "files_mb": sum(f.stat().st_size for f in files) / MB, "gpu_weights_mb": gpu_weights_mb,
         "memory": str(result.memory),
     }
@@ -159,7 +160,7 @@ def main() -> None:
         r = in_subprocess(root, checkpoint=ckpt, modules=FLUX_MODULES, gpu_weights_mb=8192, width=1344,
                           height=768, steps=20, cfg=1.0)
         rows.append(row("Flux-dev Q8_0 GGUF, GPU Weights 8 GB", r, "RSS ≤ 1.1× files"))
-        print(rows[-1], r["memory"], r["timings"], flush=True)
+        print(rows[-1], r["memory"], r["timings"], "RSS after load", r["rss_after_load_mb"], flush=True)
     if "sd35" in only:
         for dtype, name in ((torch.float8_e4m3fn, "sd3.5_large_fp8.safetensors"),
                             (torch.bfloat16, "sd3.5_large_bf16.safetensors")):
@@ -168,7 +169,7 @@ def main() -> None:
                               height=1024, steps=28, cfg=4.5)
             rows.append(row(f"SD3.5 Large {name.split('_')[-1].split('.')[0].upper()}, fp8 T5, GPU Weights 9 GB", r,
                             "peak VRAM ≤ 11 GB"))
-            print(rows[-1], r["memory"], r["timings"], flush=True)
+            print(rows[-1], r["memory"], r["timings"], "RSS after load", r["rss_after_load_mb"], flush=True)
     device = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     header = ("| model | generation | wall | s/it | peak VRAM MB | peak RSS MB | files MB | RSS ÷ files | load | goal |\n"
               "|---|---|---|---|---|---|---|---|---|---|")
