@@ -215,3 +215,35 @@ def test_flow_models_refuse_samplers_and_schedules_they_lack(tmp_path, files):
         assert bad.value.field == field
     seeds_again = engine.txt2img(flux_request("sd3-aio.safetensors", sampler_name="DPM++ 2M", batch_size=1))
     assert seeds_again.images and np.asarray(seeds_again.images[0]).std() > 1
+
+
+def test_ui_shows_the_fields_of_the_checkpoints_family(tmp_path, files):
+    from webui.ui import fields_for_family, module_choices
+
+    engine = engine_for(tmp_path, files, "flux-aio.safetensors", "sd3-aio.safetensors")
+    distilled, shift, clip_skip, cfg = fields_for_family(engine, "flux-aio.safetensors")
+    assert distilled["visible"] and not shift["visible"] and not clip_skip["visible"] and cfg["value"] == 1.0
+    distilled, shift, clip_skip, cfg = fields_for_family(engine, "sd3-aio.safetensors")
+    assert not distilled["visible"] and shift["visible"] and shift["value"] == 3.0 and "value" not in cfg
+    distilled, shift, clip_skip, _ = fields_for_family(engine, "demo-sd15-tiny.safetensors")
+    assert not distilled["visible"] and not shift["visible"] and clip_skip["visible"]
+    names, chosen = module_choices(engine)
+    assert {"ae.safetensors", "clip_l.safetensors", "t5xxl_fp32.safetensors"} <= set(names) and chosen == []
+
+
+def test_api_request_takes_distilled_cfg_and_modules_per_request(tmp_path, files):
+    from webui.api import request_from_a1111
+
+    engine = engine_for(tmp_path, files, "flux-aio.safetensors", "flux-transformer.safetensors")
+    whole = images(engine.txt2img(flux_request("flux-aio.safetensors", distilled_cfg_scale=5.0)))
+    body = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "width": SIZE, "height": SIZE, "steps": STEPS,
+            "cfg_scale": 1, "distilled_cfg_scale": 5.0, "sampler_name": "Euler", "seed": SEEDS[0],
+            "batch_size": len(SEEDS), "override_settings": {
+                "sd_model_checkpoint": "flux-transformer.safetensors",
+                "forge_additional_modules": ["ae.safetensors", "clip_l.safetensors", "t5xxl_fp32.safetensors"]}}
+    request, _ = request_from_a1111(body)
+    assert np.array_equal(images(engine.txt2img(request)), whole)
+    assert engine.options["forge_additional_modules"] == [], "a per-request override leaves the settings alone"
+    with pytest.raises(UserError) as bad:
+        engine.txt2img(flux_request("flux-transformer.safetensors", modules=["../../etc/passwd"]))
+    assert bad.value.field == "forge_additional_modules"

@@ -32,12 +32,13 @@ DEFAULT_ONLY_FIELDS: dict[str, Any] = {
     "refiner_switch_at": [None, 0, 0.0], "disable_extra_networks": [False, None], "firstpass_image": [None, ""],
     "comments": [None, {}], "sampler_index": [None, "Euler", "Euler a"], "script_name": [None, ""],
     "script_args": [None, []], "alwayson_scripts": [None, {}], "infotext": [None, ""], "force_task_id": None,
-    "distilled_cfg_scale": None, "override_settings_restore_afterwards": None, "send_images": None,
+    "override_settings_restore_afterwards": None, "send_images": None,
     "save_images": None, "override_settings": None,
 }
-ENGINE_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "sampler_name", "scheduler",
-                 "seed", "batch_size", "n_iter")
-OVERRIDES = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip"}
+ENGINE_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "distilled_cfg_scale",
+                 "sampler_name", "scheduler", "seed", "batch_size", "n_iter")
+OVERRIDES = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip",
+             "forge_additional_modules": "modules"}
 
 
 def request_from_a1111(body: dict[str, Any]) -> tuple[GenerationRequest, bool]:

@@ -16,17 +16,20 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from webui.engine.assemble import flow_family
+from webui.engine.detect import Family
 from webui.engine.engine import Engine
 from webui.engine.memory import MB
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.samplers import sampler_names, schedule_type_names
-from webui.errors import UserError
+from webui.errors import ModelFileError, UserError
 from webui.jobs import JobQueue
 
 POLL_SECONDS = 0.3
 VAE_BUILTIN = ["Automatic", "None"]
-OPTION_LABELS = {"sd_model_checkpoint": "Stable Diffusion checkpoint", "sd_vae": "SD VAE"}
+OPTION_LABELS = {"sd_model_checkpoint": "Stable Diffusion checkpoint", "sd_vae": "SD VAE",
+                 "forge_additional_modules": "VAE / Text Encoder", "sd3_shift": "Shift"}
 
 # Ctrl+Enter (Cmd+Enter on macOS) in either prompt box presses Generate, as in A1111.
 CTRL_ENTER_JS = """
@@ -58,9 +61,9 @@ class FieldSlider(gr.Slider):
 
 def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
     with gr.Blocks(title="Stable Diffusion web UI", analytics_enabled=False) as demo:
-        _model_row(demo, engine)
+        checkpoint = _model_row(demo, engine)
         with gr.Tab("txt2img"):
-            _txt2img_tab(demo, engine, jobs)
+            _txt2img_tab(demo, engine, jobs, checkpoint)
         demo.load(None, js=CTRL_ENTER_JS)
     return demo
 
@@ -91,39 +94,61 @@ def total_memory_mb(engine: Engine) -> tuple[int, str]:
     return memory.total() // MB, memory.describe()
 
 
-def _model_row(demo: gr.Blocks, engine: Engine) -> None:
+def module_choices(engine: Engine) -> tuple[list[str], list[str]]:
+    """Forge's "VAE / Text Encoder" list (files of models/VAE and models/text_encoder) and those chosen."""
+    names = [engine.models.module_name(path) for path in engine.models.module_files()]
+    return names, [n for n in engine.options["forge_additional_modules"] if n in names]
+
+
+def checkpoint_family(engine: Engine, title: str | None) -> Family | None:
+    """Flux or SD3.x when the checkpoint is one (read from its header, not loaded), else None."""
+    try:
+        return flow_family(engine.models.find(title)) if title else None
+    except (UserError, ModelFileError):
+        return None
+
+
+def _model_row(demo: gr.Blocks, engine: Engine) -> gr.Dropdown:
     total_mb, memory_kind = total_memory_mb(engine)
     titles, title = checkpoint_choices(engine)
     vaes, vae = vae_choices(engine)
+    modules, chosen = module_choices(engine)
     with gr.Row(equal_height=True):
         checkpoint = gr.Dropdown(titles, value=title, label=OPTION_LABELS["sd_model_checkpoint"], scale=4,
                                  elem_id="sd_model_checkpoint")
         refresh = gr.Button("🔄", scale=0, min_width=48, elem_id="refresh_checkpoints")
         vae_box = gr.Dropdown(vaes, value=vae, label=OPTION_LABELS["sd_vae"], scale=2, elem_id="sd_vae")
+        modules_box = gr.Dropdown(modules, value=chosen, multiselect=True, scale=3, elem_id="forge_additional_modules",
+                                  label=OPTION_LABELS["forge_additional_modules"])
         gpu_weights = gr.Slider(
             0, total_mb, step=1, precision=0, scale=3, elem_id="gpu_weights",
             value=gpu_weights_mb(engine, total_mb), label="GPU Weights (MB)",
             info=f"Out of {total_mb} MB of {memory_kind}; the rest stays free for computation.",
         )
 
-    def model_lists() -> tuple[dict, dict]:
+    def model_lists() -> tuple[dict, dict, dict]:
         titles, title = checkpoint_choices(engine)
         vaes, vae = vae_choices(engine)
-        return gr.update(choices=titles, value=title), gr.update(choices=vaes, value=vae)
+        modules, chosen = module_choices(engine)
+        return (gr.update(choices=titles, value=title), gr.update(choices=vaes, value=vae),
+                gr.update(choices=modules, value=chosen))
 
-    def refreshed() -> tuple[dict, dict]:
+    def refreshed() -> tuple[dict, dict, dict]:
         engine.models.refresh()
         return model_lists()
 
-    def on_load() -> tuple[dict, dict, int]:
+    def on_load() -> tuple[dict, dict, dict, int]:
         """Show the settings as they are now: another tab or the API may have changed them."""
         return *model_lists(), gpu_weights_mb(engine, total_mb)
 
-    demo.load(on_load, outputs=[checkpoint, vae_box, gpu_weights], api_visibility="private")
-    refresh.click(refreshed, outputs=[checkpoint, vae_box], api_visibility="private")
+    lists = [checkpoint, vae_box, modules_box]
+    demo.load(on_load, outputs=[*lists, gpu_weights], api_visibility="private")
+    refresh.click(refreshed, outputs=lists, api_visibility="private")
     checkpoint.input(partial(set_option, engine, "sd_model_checkpoint"), checkpoint, api_visibility="private")
     vae_box.input(partial(set_option, engine, "sd_vae"), vae_box, api_visibility="private")
+    modules_box.input(partial(set_option, engine, "forge_additional_modules"), modules_box, api_visibility="private")
     gpu_weights.input(partial(set_gpu_weights, engine, total_mb), gpu_weights, api_visibility="private")
+    return checkpoint
 
 
 def gpu_weights_mb(engine: Engine, total_mb: int) -> int:
@@ -152,12 +177,12 @@ def request_from_form(form: dict[str, gr.components.Component], values: tuple) -
     return GenerationRequest(**dict(zip(form, values)))
 
 
-def _txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue) -> None:
+def _txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown) -> None:
     form: dict[str, gr.components.Component] = {}
     generate, interrupt, skip = _prompt_row(form)
     with gr.Row():
         with gr.Column(scale=1):
-            random_seed, reuse_seed = _settings_column(form, engine)
+            random_seed, reuse_seed, shift = _settings_column(form, engine)
         with gr.Column(scale=1):
             out = _output_column()
     run = _generator(engine, jobs, form, out)
@@ -172,6 +197,21 @@ def _txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue) -> None:
                           api_visibility="private")
     demo.load(lambda: engine.options["CLIP_stop_at_last_layers"], outputs=form["clip_skip"],
               api_visibility="private")
+    shift.input(partial(set_option, engine, "sd3_shift"), shift, api_visibility="private")
+    family_fields = [form["distilled_cfg_scale"], shift, form["clip_skip"], form["cfg_scale"]]
+    checkpoint.change(partial(fields_for_family, engine), checkpoint, family_fields, api_visibility="private")
+    demo.load(lambda title: fields_for_family(engine, title, switched=False), checkpoint, family_fields,
+              api_visibility="private")
+
+
+def fields_for_family(engine: Engine, title: str | None, switched: bool = True) -> tuple[dict, dict, dict, dict]:
+    """Show the fields the checkpoint's family uses: Distilled CFG for Flux dev, Shift for SD3.x, Clip skip for
+    the SD families. Picking a Flux checkpoint sets CFG to 1, as Forge's Flux preset does."""
+    family = checkpoint_family(engine, title)
+    flux = family is Family.FLUX
+    cfg = gr.update(value=1.0) if flux and switched else gr.update()
+    return (gr.update(visible=flux), gr.update(visible=family is Family.SD3, value=engine.options["sd3_shift"]),
+            gr.update(visible=family is None), cfg)
 
 
 def _prompt_row(form: dict[str, gr.components.Component]) -> tuple[gr.Button, gr.Button, gr.Button]:
@@ -195,7 +235,8 @@ def _slider(name: str, label: str, minimum: float, maximum: float, value: float,
                        label=label, elem_id=f"txt2img_{name}")
 
 
-def _settings_column(form: dict[str, gr.components.Component], engine: Engine) -> tuple[gr.Button, gr.Button]:
+def _settings_column(form: dict[str, gr.components.Component],
+                     engine: Engine) -> tuple[gr.Button, gr.Button, gr.Slider]:
     with gr.Row():
         form["sampler_name"] = gr.Dropdown(sampler_names(), value="DPM++ 2M", label="Sampling method",
                                            elem_id="txt2img_sampling")
@@ -208,13 +249,17 @@ def _settings_column(form: dict[str, gr.components.Component], engine: Engine) -
     with gr.Row():
         form["n_iter"] = _slider("batch_count", "Batch count", 1, 100, 1)
         form["batch_size"] = _slider("batch_size", "Batch size", 1, 8, 1)
-    form["cfg_scale"] = _slider("cfg_scale", "CFG Scale", 1, 30, 7, step=0.5)
+    with gr.Row():
+        form["cfg_scale"] = _slider("cfg_scale", "CFG Scale", 1, 30, 7, step=0.5)
+        form["distilled_cfg_scale"] = _slider("distilled_cfg_scale", "Distilled CFG Scale", 0, 30, 3.5, step=0.5)
+        shift = gr.Slider(0.5, 10, value=engine.options["sd3_shift"], step=0.1, label=OPTION_LABELS["sd3_shift"],
+                          elem_id="sd3_shift", visible=False)
     with gr.Row(equal_height=True):
         form["seed"] = gr.Number(-1, precision=0, label="Seed", scale=4, elem_id="txt2img_seed")
         random_seed = gr.Button("🎲", scale=0, min_width=48, elem_id="txt2img_random_seed")
         reuse_seed = gr.Button("♻️", scale=0, min_width=48, elem_id="txt2img_reuse_seed")
     form["clip_skip"] = _slider("clip_skip", "Clip skip", 1, 12, engine.options["CLIP_stop_at_last_layers"])
-    return random_seed, reuse_seed
+    return random_seed, reuse_seed, shift
 
 
 def _output_column() -> dict[str, gr.components.Component]:
