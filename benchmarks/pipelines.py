@@ -85,14 +85,9 @@ def write_flux_q8(root: Path) -> Path:
 
 
 def write_sd35(root: Path, dtype: torch.dtype, name: str) -> Path:
-    from webui.engine.ldm_export import write_sd3_transformer
-    from webui.engine.synthetic import build_sd3_transformer
+    from webui.engine.ldm_export import write_sd3_checkpoint
 
-    def make(path: Path) -> None:
-        model = build_sd3_transformer("full", device="cuda", dtype=torch.bfloat16)
-        write_sd3_transformer(path, model, dtype, prefix="model.diffusion_model.")
-
-    return _write(root / "Stable-diffusion" / name, make)
+    return _write(root / "Stable-diffusion" / name, lambda p: write_sd3_checkpoint(p, "full", dtype=dtype))
 
 
 def run(root: Path, checkpoint: str, modules: list[str], gpu_weights_mb: int, width: int, height: int, steps: int,

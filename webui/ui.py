@@ -16,9 +16,10 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from webui.engine.assemble import flow_family
+from webui.engine.assemble import checkpoint_family
 from webui.engine.detect import Family
 from webui.engine.engine import Engine
+from webui.engine.flow import FLOW_FAMILIES
 from webui.engine.memory import MB
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
@@ -100,10 +101,10 @@ def module_choices(engine: Engine) -> tuple[list[str], list[str]]:
     return names, [n for n in engine.options["forge_additional_modules"] if n in names]
 
 
-def checkpoint_family(engine: Engine, title: str | None) -> Family | None:
-    """Flux or SD3.x when the checkpoint is one (read from its header, not loaded), else None."""
+def family_of(engine: Engine, title: str | None) -> Family | None:
+    """The checkpoint's family, read from its header (not loaded); None where that does not tell."""
     try:
-        return flow_family(engine.models.find(title)) if title else None
+        return checkpoint_family(engine.models.find(title)) if title else None
     except (UserError, ModelFileError):
         return None
 
@@ -207,11 +208,11 @@ def _txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr
 def fields_for_family(engine: Engine, title: str | None, switched: bool = True) -> tuple[dict, dict, dict, dict]:
     """Show the fields the checkpoint's family uses: Distilled CFG for Flux dev, Shift for SD3.x, Clip skip for
     the SD families. Picking a Flux checkpoint sets CFG to 1, as Forge's Flux preset does."""
-    family = checkpoint_family(engine, title)
+    family = family_of(engine, title)
     flux = family is Family.FLUX
     cfg = gr.update(value=1.0) if flux and switched else gr.update()
     return (gr.update(visible=flux), gr.update(visible=family is Family.SD3, value=engine.options["sd3_shift"]),
-            gr.update(visible=family is None), cfg)
+            gr.update(visible=family not in FLOW_FAMILIES), cfg)
 
 
 def _prompt_row(form: dict[str, gr.components.Component]) -> tuple[gr.Button, gr.Button, gr.Button]:

@@ -31,7 +31,7 @@ from webui.errors import ModelFileError, UserError
 # Where all-in-one files keep each part (ComfyUI's and Stability's layouts).
 INSIDE = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
           "t5": "text_encoders.t5xxl.transformer.", "vae": ("vae.", "first_stage_model.")}
-NEEDED = {Family.FLUX: ("clip_l", "t5", "vae"), Family.SD3: ("clip_l", "clip_g", "t5", "vae")}
+CLIPS = {Family.FLUX: ("clip_l",), Family.SD3: ("clip_l", "clip_g")}
 WHAT = {"clip_l": "CLIP-L text encoder (clip_l.safetensors)", "clip_g": "CLIP-G text encoder (clip_g.safetensors)",
         "t5": "T5-XXL text encoder (t5xxl_fp16 or t5xxl_fp8_e4m3fn.safetensors)",
         "vae": "16-channel VAE (Flux: ae.safetensors)"}
@@ -90,7 +90,7 @@ def load_flow_model(info: CheckpointInfo, family: Family, modules: dict[str, Mod
     denoiser, parts = _denoiser(info, family, dtype)
     vae = load_vae16(_source("vae", modules, parts, family), vae_dtype, family)
     clips = [_load_clip(_source(kind, modules, parts, family), kind, family, dtype)
-             for kind in NEEDED[family] if kind.startswith("clip")]
+             for kind in CLIPS[family]]
     t5 = None
     t5_source = _source("t5", modules, parts, family, optional=family is Family.SD3 or not use_t5)
     if t5_source is not None and (use_t5 or family is Family.FLUX):
@@ -98,18 +98,17 @@ def load_flow_model(info: CheckpointInfo, family: Family, modules: dict[str, Mod
     return LoadedModel(info, family, denoiser, vae, clips, {}, t5=t5)
 
 
-def flow_family(info: CheckpointInfo) -> Family | None:
-    """Flux or SD3.x when the checkpoint is one (from its header or pipeline index), else None."""
+def checkpoint_family(info: CheckpointInfo) -> Family | None:
+    """The family a checkpoint's header (or a diffusers folder's pipeline index) names, before loading it;
+    None where only loading tells (.ckpt files, SD diffusers folders)."""
     if info.kind == "diffusers":
         index = json.loads((info.path / "model_index.json").read_text(encoding="utf-8"))
         return DIFFUSERS_PIPELINES.get(index.get("_class_name", ""))
     if info.kind == "gguf":
-        family = gguf_family(info.path)
-    elif info.kind == "safetensors":
-        family = detect_family(*read_tensor_infos(info.path))
-    else:
-        return None
-    return family if family in NEEDED else None
+        return gguf_family(info.path)
+    if info.kind == "safetensors":
+        return detect_family(*read_tensor_infos(info.path))
+    return None
 
 
 def _load_diffusers_folder(info: CheckpointInfo, family: Family, dtype: torch.dtype,
@@ -136,10 +135,10 @@ def _load_diffusers_folder(info: CheckpointInfo, family: Family, dtype: torch.dt
     return LoadedModel(info, family, denoiser, vae, clips, {}, t5=t5)
 
 
-def load_gguf_unet_model(info: CheckpointInfo, modules: dict[str, ModuleFile], vae_file: Path | None,
-                         dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
-    """An SD1.x/SD2.x/SDXL pipeline around a GGUF UNet, its weights kept quantized."""
-    family = gguf_family(info.path)
+def load_gguf_unet_model(info: CheckpointInfo, family: Family, modules: dict[str, ModuleFile],
+                         vae_file: Path | None, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
+    """An SD1.x/SD2.x/SDXL pipeline around a GGUF UNet (``family`` from ``checkpoint_family``), its weights
+    kept quantized."""
     kinds = ("clip_l", "clip_g") if family is Family.SDXL else ("clip_l",)
     sources = {kind: _source(kind, modules, {}, family) for kind in kinds}
     vae_path = modules["vae"].path if "vae" in modules else vae_file

@@ -103,8 +103,8 @@ def infer_arch(infos: dict[str, TensorInfo], metadata: dict[str, str] | None = N
     family = detect_family(infos, metadata)
     if family in (Family.SD3, Family.FLUX):
         raise ModelFileError(
-            f"This is a {family.value} checkpoint. {family.value} models are recognised but cannot be loaded "
-            "in this version yet; use an SD1.x, SD2.x or SDXL checkpoint."
+            f"This is a {family.value} checkpoint. {family.value} models in .ckpt files cannot be loaded; use a "
+            ".safetensors or .gguf file or a diffusers folder (or convert this one to .safetensors)."
         )
     if family is Family.SDXL:
         encoders = [clip_l_arch(infos, SDXL_CLIP_L), open_clip_arch(infos, SDXL_OPENCLIP, with_projection=True)]
@@ -123,15 +123,19 @@ def infer_arch(infos: dict[str, TensorInfo], metadata: dict[str, str] | None = N
     )
 
 
+def find_prefix(keys: Collection[str], prefixes: tuple[str, ...], marker: str, what: str,
+                name: str = "This file") -> str:
+    """The first of ``prefixes`` under which ``marker`` is a key; a clear error naming ``what`` when none is."""
+    prefix = next((p for p in prefixes if p + marker in keys), None)
+    if prefix is None:
+        shown = " or ".join(repr(p + marker) for p in prefixes)
+        raise ModelFileError(f"{name} is not {what}: it has no tensor {shown}. It has {len(keys)} tensors.")
+    return prefix
+
+
 def flux_prefix(keys: Collection[str]) -> str:
     """The prefix of a Flux transformer's tensors in a file: "" (BFL's layout) or ``model.diffusion_model.``."""
-    prefix = next((p for p in FLUX_PREFIXES if p + FLUX_MARKER in keys), None)
-    if prefix is None:
-        raise ModelFileError(
-            f"This file is not a Flux transformer in Black Forest Labs' layout: it has no {FLUX_MARKER} "
-            f"(bare or under {UNET}). It has {len(keys)} tensors."
-        )
-    return prefix
+    return find_prefix(keys, FLUX_PREFIXES, FLUX_MARKER, "a Flux transformer in Black Forest Labs' layout")
 
 
 def _prediction_type(infos: dict[str, TensorInfo], metadata: dict[str, str] | None) -> str:

@@ -17,7 +17,7 @@ the conversion here takes the width from the config, so tiny test models take th
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from webui.engine.load import build_module
 from webui.errors import ModelFileError
 
 StateDict = dict[str, torch.Tensor]
+Splitter = Callable[[str, torch.Tensor, int], tuple[torch.Tensor, ...]]
 
 # BFL name -> diffusers names. Names ending in "." are modules (their weight and bias follow); the
 # others are whole tensor names. Several diffusers names mean a fused tensor split along dim 0: every
@@ -141,15 +142,13 @@ def _split(key: str, tensor: torch.Tensor, inner: int, parts: int) -> tuple[torc
     return torch.split(tensor, [inner] * (parts - 1) + [rest])
 
 
-def convert_flux_to_diffusers(state_dict: StateDict, config: Mapping[str, Any]) -> StateDict:
-    """BFL names (without prefix) -> ``FluxTransformer2DModel`` names, for any width and depth.
+def rename_by_table(state_dict: StateDict, table: Mapping[str, tuple[str, ...]], split: Splitter) -> StateDict:
+    """Original names -> diffusers names by ``table`` (see ``TOP_LEVEL``); a fused tensor is cut by
+    ``split(key, tensor, parts)`` into views, one per target.
 
-    Consumes ``state_dict``: each tensor is popped as it is converted, and split parts are views of the
-    fused tensor (sharing its storage), so no weight is ever copied. Names the table does not know pass
+    Consumes ``state_dict``: each tensor is popped as it is renamed. Names the table does not know pass
     through unchanged, for ``build_module`` to report.
     """
-    table = flux_key_table(config)
-    inner = config["num_attention_heads"] * config["attention_head_dim"]
     out: StateDict = {}
     for key in list(state_dict):
         tensor = state_dict.pop(key)
@@ -158,9 +157,20 @@ def convert_flux_to_diffusers(state_dict: StateDict, config: Mapping[str, Any]) 
             out[table[key][0]] = tensor
         elif module + "." in table and param in LINEAR_PARAMS:
             targets = table[module + "."]
-            out.update((t + param, part) for t, part in zip(targets, _split(key, tensor, inner, len(targets))))
+            out.update((t + param, part) for t, part in zip(targets, split(key, tensor, len(targets))))
         else:
             out[key] = tensor
+    return out
+
+
+def convert_flux_to_diffusers(state_dict: StateDict, config: Mapping[str, Any]) -> StateDict:
+    """BFL names (without prefix) -> ``FluxTransformer2DModel`` names, for any width and depth.
+
+    Consumes ``state_dict``; split parts are views of the fused tensor (sharing its storage), so no weight
+    is ever copied.
+    """
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    out = rename_by_table(state_dict, flux_key_table(config), lambda key, t, parts: _split(key, t, inner, parts))
     swap_halves(out)
     return out
 

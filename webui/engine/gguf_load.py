@@ -71,27 +71,37 @@ def _infos(contents: GGUFContents) -> dict[str, TensorInfo]:
     return {name: TensorInfo(t.qtype.name, t.shape) for name, t in contents.tensors.items()}
 
 
-def load_gguf_flux_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
-    """The Flux transformer of a GGUF file with BFL names (bare or ``model.diffusion_model.``), on the CPU.
+def load_gguf_transformer(path: str | Path, arch: str, cls: type[torch.nn.Module], what: str,
+                          prefix_of: Callable[[Mapping], str], config_of: Callable[[Mapping], dict],
+                          convert: Callable[[dict, dict], dict], dtype: torch.dtype) -> torch.nn.Module:
+    """A transformer of a GGUF file with its original names (bare or ``model.diffusion_model.``), on the CPU.
 
-    Quantized linear weights stay packed and memory-mapped (``GGUFLinear``); plain tensors (norms,
-    biases, whatever the file keeps in F16/F32) are cast to ``dtype``. The compute dtype of the
-    quantized layers is their input's.
+    ``arch`` is the ``general.architecture`` it must declare (or none); ``prefix_of``, ``config_of`` and
+    ``convert`` are the family's, as for its safetensors files. Quantized linear weights stay packed and
+    memory-mapped (``GGUFLinear``); plain tensors (norms, biases, whatever the file keeps in F16/F32) are
+    cast to ``dtype``. The quantized layers compute in their input's dtype.
     """
     path = Path(path)
     contents = read_gguf(path)
-    if contents.architecture not in (None, "flux"):
-        raise ModelFileError(f"{path.name} holds a {contents.architecture!r} model, not a Flux transformer.")
+    if contents.architecture not in (None, arch):
+        raise ModelFileError(f"{path.name} holds a {contents.architecture!r} model, not {what}.")
     infos = _infos(contents)
-    prefix = flux_prefix(infos)
-    config = flux_config(infos)
     try:
-        tensors = convert_flux_to_diffusers(strip_prefix(gguf_state_dict(contents), prefix), config)
+        prefix, config = prefix_of(infos), config_of(infos)
+        tensors = convert(strip_prefix(gguf_state_dict(contents), prefix), config)
+    except ModelFileError as e:
+        raise ModelFileError(f"{path.name}: {e.message}") from e
     except ValueError as e:  # a fused tensor stored in rows that cannot be split
-        raise ModelFileError(f"{path.name}: {e}. The file is not a Flux transformer as GGUF tools write it.") from e
+        raise ModelFileError(f"{path.name}: {e}. The file is not {what} as GGUF tools write it.") from e
     with init_empty_weights():
-        model = FluxTransformer2DModel(**config)
+        model = cls(**config)
     return replace_with_quantized(model, tensors, dtype, path.name).requires_grad_(False).eval()
+
+
+def load_gguf_flux_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
+    """The Flux transformer of a GGUF file with BFL names (see ``load_gguf_transformer``)."""
+    return load_gguf_transformer(path, "flux", FluxTransformer2DModel, "a Flux transformer", flux_prefix,
+                                 flux_config, convert_flux_to_diffusers, dtype)
 
 
 def gguf_family(path: str | Path) -> Family:

@@ -423,6 +423,13 @@ def write_sd3_transformer(
     return _write_transformer(path, model, dtype, prefix, sd3_to_sai)
 
 
+def _write_random(path: str | Path, build: Callable, write: Callable, size: str, seed: int, dtype: torch.dtype,
+                  device: str | torch.device, prefix: str) -> Path:
+    """A random transformer written in ``dtype``; fp8 files are drawn in bfloat16 first, as they are made."""
+    weights = torch.bfloat16 if dtype in FP8_DTYPES else dtype
+    return write(path, build(size, seed, device, weights), dtype, prefix)
+
+
 def write_flux_checkpoint(
     path: str | Path,
     size: str = "full",
@@ -435,7 +442,7 @@ def write_flux_checkpoint(
 
     Full size in bfloat16 takes 23.8 GB on ``device`` and about as much host memory while writing.
     """
-    return write_flux_transformer(path, build_flux_transformer(size, seed, device, dtype), dtype, prefix)
+    return _write_random(path, build_flux_transformer, write_flux_transformer, size, seed, dtype, device, prefix)
 
 
 def write_sd3_checkpoint(
@@ -450,7 +457,7 @@ def write_sd3_checkpoint(
 
     Full size in bfloat16 takes 16.3 GB on ``device`` and about as much host memory while writing.
     """
-    return write_sd3_transformer(path, build_sd3_transformer(size, seed, device, dtype), dtype, prefix)
+    return _write_random(path, build_sd3_transformer, write_sd3_transformer, size, seed, dtype, device, prefix)
 
 
 def _file_tensors(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> StateDict:

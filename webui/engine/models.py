@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from webui.engine.assemble import flow_family, load_flow_model, load_gguf_unet_model
+from webui.engine.assemble import checkpoint_family, load_flow_model, load_gguf_unet_model
 from webui.engine.files import CheckpointInfo, HashCache, find_checkpoints, find_files, short_hash
+from webui.engine.flow import FLOW_FAMILIES
 from webui.engine.fp8 import cast_weights_fp8
 from webui.engine.load import LoadedModel, load_model
 from webui.engine.memory import MB, MemoryManager
@@ -160,18 +161,19 @@ class ModelManager:
     def _load(self, info: CheckpointInfo, vae_file: Path | None, modules: dict[str, ModuleFile],
               use_t5: bool) -> LoadedModel:
         start = time.perf_counter()
-        family = flow_family(info)
+        family = checkpoint_family(info)
+        flow = family in FLOW_FAMILIES
         # A VAE chosen for another family (Flux's 16-channel ae beside an SDXL checkpoint) is left out, as in Forge.
-        latent_channels = 4 if family is None else 16
-        if "vae" in modules and modules["vae"].width != latent_channels:
+        if "vae" in modules and modules["vae"].width != (16 if flow else 4):
             del modules["vae"]
-        if family is not None:
-            if vae_file is not None and "vae" not in modules and identify(vae_file).width == latent_channels:
-                modules["vae"] = identify(vae_file)
+        if flow:
+            sd_vae = identify(vae_file) if vae_file is not None and "vae" not in modules else None
+            if sd_vae is not None and sd_vae.width == 16:
+                modules["vae"] = sd_vae
             model = load_flow_model(info, family, modules, self.dtypes.flow, self.dtypes.vae,
                                     [self.text_encoder_dir / TOKENIZER_FOLDER], use_t5)
         elif info.kind == "gguf":
-            model = load_gguf_unet_model(info, modules, vae_file, self.dtypes.unet, self.dtypes.vae)
+            model = load_gguf_unet_model(info, family, modules, vae_file, self.dtypes.unet, self.dtypes.vae)
         else:
             chosen_vae = modules["vae"].path if "vae" in modules else vae_file
             model = load_model(info, chosen_vae, self.dtypes.unet, self.dtypes.vae)

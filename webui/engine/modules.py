@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from webui.engine.files import TensorInfo, read_tensor_infos
+from webui.engine.text_encoders import CLIP_MARKER, OPEN_CLIP_MARKER, T5_MARKER, T5_PREFIXES, VAE_MARKER, VAE_PREFIXES
 from webui.errors import ModelFileError, UserError
 
 FIELD = "forge_additional_modules"
 MODULE_SUFFIXES = (".safetensors",)
-VAE_MARKERS = tuple(f"{p}encoder.conv_in.weight" for p in ("first_stage_model.", "vae.", ""))
-T5_MARKERS = tuple(f"{p}encoder.block.0.layer.0.SelfAttention.q.weight" for p in ("text_encoders.t5xxl.transformer.", ""))
-CLIP_EMBEDDINGS = ("text_model.embeddings.token_embedding.weight", "token_embedding.weight")
+VAE_MARKERS = tuple(p + VAE_MARKER for p in VAE_PREFIXES)
+T5_MARKERS = tuple(p + T5_MARKER for p in T5_PREFIXES)
+CLIP_EMBEDDINGS = (CLIP_MARKER, OPEN_CLIP_MARKER)
 CLIP_G_WIDTH = 1280
 
 
@@ -44,7 +45,7 @@ def identify(path: Path) -> ModuleFile:
     infos, _ = read_tensor_infos(path)
     vae = next((k for k in VAE_MARKERS if k in infos), None)
     if vae is not None:
-        return ModuleFile(path, "vae", _vae_latent_channels(infos, vae.removesuffix("encoder.conv_in.weight")))
+        return ModuleFile(path, "vae", _vae_latent_channels(infos, vae.removesuffix(VAE_MARKER)))
     if any(k in infos for k in T5_MARKERS):
         return ModuleFile(path, "t5", 0)
     width = _clip_width(infos)

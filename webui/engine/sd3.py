@@ -28,16 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 from diffusers import SD3Transformer2DModel
 
-from webui.engine.detect import UNET, block_count, strip_prefix, tensor_shape
+from webui.engine.detect import UNET, block_count, find_prefix, strip_prefix, tensor_shape
 from webui.engine.files import Source, TensorInfo, source_infos, source_tensors
-from webui.engine.flux import LINEAR_PARAMS, cast_in_place
-from webui.engine.gguf_file import read_gguf
-from webui.engine.gguf_load import gguf_state_dict
+from webui.engine.flux import LINEAR_PARAMS, cast_in_place, rename_by_table
+from webui.engine.gguf_load import load_gguf_transformer
 from webui.engine.load import build_module
-from webui.engine.quant import replace_with_quantized
 from webui.errors import ModelFileError
 
 StateDict = dict[str, torch.Tensor]
@@ -98,13 +95,7 @@ QK_NORM_MARKER = "joint_blocks.0.x_block.attn.ln_q.weight"
 
 def sd3_prefix(keys: Collection[str]) -> str:
     """The prefix of an SD3 transformer's tensors in a file: ``model.diffusion_model.`` or "" (bare)."""
-    prefix = next((p for p in SD3_PREFIXES if p + SD3_MARKER in keys), None)
-    if prefix is None:
-        raise ModelFileError(
-            f"This file is not an SD3 transformer in Stability AI's layout: it has no {SD3_MARKER} (bare or "
-            f"under {UNET}). It has {len(keys)} tensors. Use an SD3/SD3.5 file as Stability AI publishes it."
-        )
-    return prefix
+    return find_prefix(keys, SD3_PREFIXES, SD3_MARKER, "an SD3 transformer in Stability AI's layout")
 
 
 def sd3_config(infos: Mapping[str, TensorInfo]) -> dict:
@@ -194,24 +185,12 @@ def _split(key: str, tensor: torch.Tensor, inner: int, parts: int) -> tuple[torc
 def convert_sd3_to_diffusers(state_dict: StateDict, config: Mapping[str, Any]) -> StateDict:
     """Stability names (without prefix) -> ``SD3Transformer2DModel`` names, for any width and depth.
 
-    Consumes ``state_dict``: each tensor is popped as it is converted, and q/k/v are views of the fused
-    tensor, so no weight is copied except the two swapped modulations (see ``swap_shift_scale``). Names the
-    table does not know pass through unchanged, for ``build_module`` to report.
+    Consumes ``state_dict`` (``flux.rename_by_table``); q/k/v are views of the fused tensor, so no weight is
+    copied except the two swapped modulations (see ``swap_shift_scale``).
     """
-    table = sd3_key_table(config)
     inner = config["num_attention_heads"] * config["attention_head_dim"]
-    out: StateDict = {}
-    for key in list(state_dict):
-        tensor = state_dict.pop(key)
-        module, _, param = key.rpartition(".")
-        if key in table:
-            out[table[key][0]] = tensor
-        elif module + "." in table and param in LINEAR_PARAMS:
-            targets = table[module + "."]
-            parts = _split(key, tensor, inner, len(targets)) if len(targets) > 1 else (tensor,)
-            out.update((t + param, part) for t, part in zip(targets, parts))
-        else:
-            out[key] = tensor
+    out = rename_by_table(state_dict, sd3_key_table(config),
+                          lambda key, t, parts: _split(key, t, inner, parts) if parts > 1 else (t,))
     swap_shift_scale(out, config)
     return out
 
@@ -244,23 +223,6 @@ def load_sd3_transformer(source: Source, dtype: torch.dtype = torch.bfloat16) ->
 
 
 def load_gguf_sd3_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> SD3Transformer2DModel:
-    """The SD3 transformer of a GGUF file with Stability's names (bare or ``model.diffusion_model.``), on the CPU.
-
-    As ``gguf_load.load_gguf_flux_transformer``: quantized linear weights stay packed and memory-mapped,
-    plain tensors are cast to ``dtype``; the quantized layers compute in their input's dtype.
-    """
-    path = Path(path)
-    contents = read_gguf(path)
-    if contents.architecture not in (None, "sd3"):
-        raise ModelFileError(f"{path.name} holds a {contents.architecture!r} model, not an SD3 transformer.")
-    infos = {name: TensorInfo(t.qtype.name, t.shape) for name, t in contents.tensors.items()}
-    with _naming(path.name):
-        prefix = sd3_prefix(infos.keys())
-        config = sd3_config(infos)
-        try:
-            tensors = convert_sd3_to_diffusers(strip_prefix(gguf_state_dict(contents), prefix), config)
-        except ValueError as e:  # a fused tensor stored in rows that cannot be split
-            raise ModelFileError(f"{e}. The file is not an SD3 transformer as GGUF tools write it.") from e
-    with init_empty_weights():
-        model = SD3Transformer2DModel(**config)
-    return replace_with_quantized(model, tensors, dtype, path.name).requires_grad_(False).eval()
+    """The SD3 transformer of a GGUF file with Stability's names (see ``gguf_load.load_gguf_transformer``)."""
+    return load_gguf_transformer(path, "sd3", SD3Transformer2DModel, "an SD3 transformer", sd3_prefix, sd3_config,
+                                 convert_sd3_to_diffusers, dtype)

@@ -7,8 +7,6 @@ files stay fp8.
 """
 from __future__ import annotations
 
-from collections.abc import Collection
-
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL
@@ -29,6 +27,7 @@ from webui.engine.detect import (
     Family,
     block_count,
     clip_l_arch,
+    find_prefix,
     open_clip_arch,
     strip_prefix,
     tensor_shape,
@@ -56,20 +55,12 @@ VAE_MARKER = "encoder.conv_in.weight"
 VAE16_LATENT_SCALE = {Family.FLUX: (0.3611, 0.1159), Family.SD3: (1.5305, 0.0609)}
 
 
-def _find_prefix(name: str, keys: Collection[str], prefixes: tuple[str, ...], marker: str, what: str) -> str:
-    prefix = next((p for p in prefixes if p + marker in keys), None)
-    if prefix is None:
-        shown = " or ".join(repr(p + marker) for p in prefixes)
-        raise ModelFileError(f"{name} is not {what}: it has no tensor {shown}. It has {len(keys)} tensors.")
-    return prefix
-
-
 def t5_config(infos: dict[str, TensorInfo]) -> dict:
     """A ``T5Config`` (as a dict) for a T5 v1.1 encoder (gated GELU, as T5-XXL) from its tensor shapes.
 
     ``infos`` may carry ComfyUI's ``text_encoders.t5xxl.transformer.`` prefix.
     """
-    infos = strip_prefix(infos, _find_prefix("This file", infos, T5_PREFIXES, T5_MARKER, "a T5 encoder"))
+    infos = strip_prefix(infos, find_prefix(infos, T5_PREFIXES, T5_MARKER, "a T5 encoder"))
     what = "T5 encoder"
     attention = "encoder.block.0.layer.0.SelfAttention."
     buckets, heads = tensor_shape(infos, f"{attention}relative_attention_bias.weight", what)
@@ -109,7 +100,7 @@ def load_t5_encoder(source: Source, dtype: torch.dtype = torch.bfloat16) -> T5En
     """The T5 encoder of a file such as ``t5xxl_fp16.safetensors`` / ``t5xxl_fp8_e4m3fn.safetensors`` (or a
     state dict), bare or under ComfyUI's prefix, on the CPU in ``dtype`` (fp8 weights stay fp8)."""
     name, infos = source_infos(source)
-    prefix = _find_prefix(name, infos, T5_PREFIXES, T5_MARKER, "a T5 encoder")
+    prefix = find_prefix(infos, T5_PREFIXES, T5_MARKER, "a T5 encoder", name)
     config = t5_config(infos)
     state_dict = source_tensors(source, prefix)
     embedding = next(state_dict[k] for k in T5_EMBEDDINGS if k in state_dict)
@@ -134,7 +125,7 @@ def load_clip_file(source: Source, kind: str, dtype: torch.dtype = torch.float16
     name, infos = source_infos(source)
     prefixes = (f"text_encoders.{kind}.transformer.", "")
     if any(p + CLIP_MARKER in infos for p in prefixes):
-        prefix = _find_prefix(name, infos, prefixes, CLIP_MARKER, "a CLIP text encoder")
+        prefix = find_prefix(infos, prefixes, CLIP_MARKER, "a CLIP text encoder", name)
         config = clip_l_arch(infos, prefix).config | {"hidden_act": CLIP_ACTIVATIONS[kind]}
         shape = infos.get(f"{prefix}text_projection.weight") if projection else None
         if shape is not None:
@@ -175,7 +166,7 @@ def load_vae16(source: Source, dtype: torch.dtype, family: Family) -> Autoencode
     if family not in VAE16_LATENT_SCALE:
         raise ValueError(f"family must be one of {[f.value for f in VAE16_LATENT_SCALE]}, not {family}")
     name, infos = source_infos(source)
-    prefix = _find_prefix(name, infos, VAE_PREFIXES, VAE_MARKER, "a VAE in the LDM layout")
+    prefix = find_prefix(infos, VAE_PREFIXES, VAE_MARKER, "a VAE in the LDM layout", name)
     config = vae16_config(infos, prefix, family)
     if config["latent_channels"] != 16:
         raise ModelFileError(f"{name} is a VAE with {config['latent_channels']} latent channels; {family.value} "
