@@ -5,7 +5,8 @@ Needs only Python 3.10+. Before serving it:
 1. re-runs itself inside the project's virtual environment (``.venv``, or ``$WEBUI_VENV``),
    creating it first if needed; ``--skip-venv`` or ``WEBUI_SKIP_VENV=1`` stays in this Python;
 2. installs the missing requirements: torch first (the CUDA build when ``nvidia-smi`` answers,
-   else the CPU build, which is much smaller), then the project with its dependencies;
+   else the CPU build, which is much smaller), then the project with its dependencies (and, with
+   an NVIDIA GPU, bitsandbytes);
    ``--skip-install`` skips the check.
 
 Only the standard library may be imported at the top: this runs before anything is installed.
@@ -23,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 REQUIRED_MODULES = ("torch", "diffusers", "transformers", "safetensors", "gguf", "gradio", "fastapi", "uvicorn",
                     "PIL", "psutil", "accelerate", "torchsde", "tqdm")
+CUDA_MODULES = ("bitsandbytes",)  # pyproject.toml's extra "cuda": 8-bit T5 through bitsandbytes
 TORCH_VERSION = "2.13.0"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 REEXEC_MARK = "WEBUI_LAUNCHER_REEXEC"  # set before re-running in the venv, to stop a re-exec loop
@@ -56,8 +58,9 @@ def enter_venv(venv: Path, argv: list[str]) -> None:
     os.execv(python, [str(python), str(Path(__file__).resolve()), *argv])
 
 
-def missing_modules() -> list[str]:
-    return [name for name in REQUIRED_MODULES if importlib.util.find_spec(name) is None]
+def missing_modules(cuda: bool = False) -> list[str]:
+    wanted = REQUIRED_MODULES + (CUDA_MODULES if cuda else ())
+    return [name for name in wanted if importlib.util.find_spec(name) is None]
 
 
 def has_nvidia_gpu() -> bool:
@@ -75,8 +78,8 @@ def pip_install(*args: str) -> bool:
     return subprocess.run(command).returncode == 0
 
 
-def install_torch() -> None:
-    if has_nvidia_gpu():
+def install_torch(cuda: bool) -> None:
+    if cuda:
         print("Installing torch with CUDA (an NVIDIA GPU answered nvidia-smi).", flush=True)
         ok = pip_install("torch")
     else:
@@ -88,15 +91,17 @@ def install_torch() -> None:
 
 
 def install_requirements() -> None:
-    """Install what is missing: torch first, so that pip does not pick a torch build for us."""
-    missing = missing_modules()
+    """Install what is missing: torch first, so that pip does not pick a torch build for us; with an NVIDIA GPU
+    the CUDA extras too."""
+    cuda = has_nvidia_gpu()
+    missing = missing_modules(cuda)
     if not missing:
         return
     print(f"Missing packages: {', '.join(missing)}", flush=True)
     if "torch" in missing:
-        install_torch()
+        install_torch(cuda)
     print("Installing the web UI and its dependencies.", flush=True)
-    if not pip_install("-e", str(ROOT)):
+    if not pip_install("-e", f"{ROOT}[cuda]" if cuda else str(ROOT)):
         sys.exit("Could not install the requirements; pip said why above.")
     importlib.invalidate_caches()
 

@@ -11,9 +11,9 @@ written as real checkpoint files and loaded by our own loader. Rows:
 3. Flux at GPU Weights = 50 % of the model (goal ≤ 1.15 × max(resident step, streamed bytes ÷
    pinned bandwidth)) and fully streamed (goal ≤ 1.15 × copy floor), beside diffusers' group
    offloading with a side stream;
-4. Flux-dev as a Q8_0 GGUF: resident step beside bf16 (goal ≤ 1.1×), fully streamed (goal ≤ 1.15 ×
-   quantized bytes ÷ pinned bandwidth) and at GPU Weights = 8 GB (goal ≤ 1.15 × max(resident
-   step, streamed bytes ÷ bandwidth));
+4. Flux-dev as a Q8_0 GGUF: resident step beside bf16 (goal ≤ 1.1×) and beside diffusers' own GGUF
+   path on the same file, fully streamed (goal ≤ 1.15 × quantized bytes ÷ pinned bandwidth) and at
+   GPU Weights = 8 GB (goal ≤ 1.15 × max(resident step, streamed bytes ÷ bandwidth));
 5. peak VRAM within budget + activation estimate in every row.
 Step times: the median interval between consecutive denoising steps (synchronised at each step,
 the same way for both loops); Flux steps are medians of single forwards. Bandwidth is measured
@@ -323,22 +323,20 @@ def bench_flux(workdir: Path, bandwidth: float) -> None:
 
 
 def bench_flux_q8(workdir: Path, bandwidth: float) -> None:
-    """Flux-dev as a Q8_0 GGUF (original key names) beside the same weights in bf16."""
-    from gguf import GGMLQuantizationType
+    """Flux-dev as a Q8_0 GGUF (original key names) beside the same architecture in bf16, and beside diffusers'
+    own GGUF path (``from_single_file`` with ``GGUFQuantizationConfig``) on the same file."""
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
-    from webui.engine.flux import load_flux_transformer
-    from webui.engine.gguf_load import load_gguf_flux_transformer, quantize_where_possible, write_gguf
-    from webui.engine.ldm_export import flux_to_bfl
+    from benchmarks.pipelines import write_flux_q8
+    from webui.engine.gguf_load import load_gguf_flux_transformer
+    from webui.engine.synthetic import build_flux_transformer
 
-    bf16_path, q8_path = flux_bf16_file(workdir), workdir / "flux-dev-Q8_0.gguf"
-    bf16 = FluxBench(load_flux_transformer(bf16_path, torch.bfloat16), "Flux-dev bf16")
+    q8_path = write_flux_q8(workdir)
+    bf16 = FluxBench(build_flux_transformer("full", device="cuda", dtype=torch.bfloat16).cpu(), "Flux-dev bf16")
     bf16_ms, bf16_peak = bf16.resident()
     report(Row(bf16.label, "resident step, 1344×768", bf16_ms, None, "ms", "—", None, bf16_peak))
-    if not q8_path.exists():
-        start = time.perf_counter()
-        write_gguf(q8_path, flux_to_bfl(dict(bf16.model.state_dict()), bf16.model.config),
-                   quantize_where_possible(GGMLQuantizationType.Q8_0))
-        print(f"wrote {q8_path.name} ({q8_path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s")
+    config_dir = workdir / "flux-dev-config"
+    bf16.model.save_config(config_dir)
     bf16.manager.release_all()
     del bf16
     gc.collect()
@@ -348,6 +346,18 @@ def bench_flux_q8(workdir: Path, bandwidth: float) -> None:
                q8_peak, f"{q8.size_mb:.0f} MB of weights; reference: bf16 resident in this run"))
     q8.fully_streamed(bandwidth)
     q8.with_gpu_weights(8192, bandwidth, q8_ms, "GPU Weights = 8 GB")
+    q8.manager.release_all()
+    del q8
+    gc.collect()
+    torch.cuda.empty_cache()
+    theirs = FluxTransformer2DModel.from_single_file(
+        str(q8_path), config=str(config_dir), torch_dtype=torch.bfloat16, local_files_only=True,
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16)).to("cuda")
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        theirs_ms = timed(lambda: theirs(**flux_inputs()), repeat=5) * 1000
+    report(Row("Flux-dev Q8_0 GGUF", "diffusers GGUF path, resident", theirs_ms, bf16_ms, "ms", "reference", None,
+               torch.cuda.max_memory_allocated() / MB, "diffusers from_single_file + GGUFQuantizationConfig, same file"))
 
 
 def markdown(command: str, device: str) -> str:

@@ -7,6 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from tests.conftest import make_engine
+from tests.test_flow_pipelines import files, parts  # noqa: F401 (fixtures)
 from webui.engine.request import GenerationRequest
 from webui.engine.samplers import make_scheduler
 
@@ -118,3 +119,75 @@ def test_quantized_flux_on_cuda_matches_the_cpu_and_streams_exactly(tmp_path, st
     assert all(torch.equal(out, resident) for out in outputs["lowvram"]), "streaming changes no value"
     error = ((resident.cpu() - on_cpu).norm() / on_cpu.norm()).item()
     assert error < 1e-4, f"CUDA vs CPU relative error {error:.2e}"
+
+
+@requires_cuda
+def test_weights_placed_on_the_gpu_or_pinned_keep_one_host_copy(tmp_path):
+    """A memory-mapped file's pages are given back once the manager copied them to the GPU or into pinned memory:
+    the weights are held once in host memory, not twice."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_host_pages import rss_file_mb
+    from webui.engine.memory import MB, MemoryManager, MemoryPolicy, SimulatedMemory
+
+    save_file({f"{i}.weight": torch.randn(1024, 1024) for i in range(32)}, tmp_path / "layers.safetensors")
+    module = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(32)])
+    module.load_state_dict(load_file(tmp_path / "layers.safetensors"), assign=True)  # 128 MB, mapped
+    x = torch.randn(4, 1024)
+    with torch.no_grad():
+        expected = module(x)  # every page read
+    before = rss_file_mb()
+    memory = SimulatedMemory(torch.device("cuda"), total_mb=1024)
+    manager = MemoryManager(torch.device("cuda"), memory, min_unit_bytes=4 * MB)
+    manager.register("layers", module)
+    manager.begin(MemoryPolicy(inference_mb=1024 - 64, async_copies=True, pinned=True), 0)
+    manager.prepare(["layers"])
+    component = manager.components["layers"]
+    assert 0 < component.device_bytes() <= 64 * MB and component.streamed_bytes() > 0
+    assert before - rss_file_mb() > 120, "half on the GPU, half pinned: none of the file's pages still resident"
+    with torch.no_grad():
+        assert torch.allclose(module(x.cuda()).cpu(), expected, atol=1e-5)
+    manager.finish()
+    manager.release_all()
+
+
+@requires_cuda
+def test_int8_t5_through_bitsandbytes_matches_the_16_bit_t5_and_streams(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from tests.test_t5_storage import encode
+    from webui.engine.memory import MemoryManager, MemoryPolicy
+    from webui.engine.synthetic import build_t5_encoder
+    from webui.engine.t5_storage import Int8Linear, store_t5
+
+    model = build_t5_encoder(seed=11, dtype=torch.bfloat16)
+    reference = encode(model.cuda()).float()
+    model.cpu()
+    saved = store_t5(model, "bnb-int8", torch.device("cuda"))
+    layer = model.encoder.block[0].layer[0].SelfAttention.q
+    assert isinstance(layer, Int8Linear) and layer.weight.dtype == torch.int8 and layer.weight.device.type == "cpu"
+    assert saved > 0 and model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.bfloat16
+    manager = MemoryManager(torch.device("cuda"), min_unit_bytes=16 * 1024)
+    manager.register("t5", model)
+    outputs = {}
+    for mode in ("always_gpu", "lowvram"):
+        manager.begin(MemoryPolicy(mode=mode, async_copies=True, pinned=True), 0)
+        manager.prepare(["t5"])
+        outputs[mode] = encode(model).float()
+        manager.finish()
+    manager.release_all()
+    assert torch.equal(outputs["always_gpu"], outputs["lowvram"]), "streaming int8 rows changes no value"
+    error = ((outputs["always_gpu"] - reference).norm() / reference.norm()).item()
+    assert error < 0.03, f"int8 vs bf16 T5 relative error {error:.4f}"
+
+
+@requires_cuda
+def test_flux_with_an_int8_t5_draws_nearly_the_same_picture(tmp_path, files):  # noqa: F811
+    pytest.importorskip("bitsandbytes")
+    from tests.test_flow_pipelines import engine_for, flux_request, images
+
+    engine = engine_for(tmp_path, files, "flux-aio.safetensors", device="cuda")
+    engine.options.update({"t5_storage_dtype": "bnb-int8"})
+    int8 = images(engine.txt2img(flux_request("flux-aio.safetensors")))
+    engine.options.update({"t5_storage_dtype": "Automatic"})
+    full = images(engine.txt2img(flux_request("flux-aio.safetensors")))
+    assert abs(int8 - full).mean() < 4

@@ -92,10 +92,10 @@ def files(tmp_path_factory, parts) -> Path:
     return root
 
 
-def engine_for(tmp_path: Path, files: Path, *names: str):
-    engine = make_engine(tmp_path, *(files / "Stable-diffusion" / n for n in names),
-                         extra_args=("--vae-dir", str(files / "VAE"), "--text-encoder-dir", str(files / "text_encoder")))
-    return engine
+def engine_for(tmp_path: Path, files: Path, *names: str, device: str = "cpu"):
+    return make_engine(tmp_path, *(files / "Stable-diffusion" / n for n in names),
+                       extra_args=("--vae-dir", str(files / "VAE"), "--text-encoder-dir", str(files / "text_encoder"),
+                                   "--device", device))
 
 
 def flux_request(checkpoint: str, **overrides) -> GenerationRequest:

@@ -71,6 +71,8 @@ def test_enter_venv_stops_a_reexec_loop(launch, monkeypatch, tmp_path):
 def test_missing_modules(launch, monkeypatch):
     monkeypatch.setattr(launch, "REQUIRED_MODULES", ("json", "no_such_module_for_webui"))
     assert launch.missing_modules() == ["no_such_module_for_webui"]
+    monkeypatch.setattr(launch, "CUDA_MODULES", ("no_such_cuda_module",))
+    assert launch.missing_modules(cuda=True) == ["no_such_module_for_webui", "no_such_cuda_module"]
 
 
 def record_pip(launch, monkeypatch, results: list[bool]) -> list[tuple[str, ...]]:
@@ -85,7 +87,7 @@ def record_pip(launch, monkeypatch, results: list[bool]) -> list[tuple[str, ...]
 
 
 def test_cpu_torch_first_then_the_project(launch, monkeypatch):
-    monkeypatch.setattr(launch, "missing_modules", lambda: ["torch", "gradio"])
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda: ["torch", "gradio"])
     monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: False)
     calls = record_pip(launch, monkeypatch, [False, True, True])  # the CPU index is unreachable here
     launch.install_requirements()
@@ -94,22 +96,24 @@ def test_cpu_torch_first_then_the_project(launch, monkeypatch):
 
 
 def test_cuda_torch_with_an_nvidia_gpu(launch, monkeypatch):
-    monkeypatch.setattr(launch, "missing_modules", lambda: ["torch"])
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda: ["torch", "bitsandbytes"] if cuda else ["torch"])
     monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: True)
     calls = record_pip(launch, monkeypatch, [True, True])
     launch.install_requirements()
-    assert calls == [("torch",), ("-e", str(ROOT))]
+    assert calls == [("torch",), ("-e", f"{ROOT}[cuda]")], "with the CUDA extras (bitsandbytes)"
 
 
 def test_nothing_installed_when_nothing_is_missing(launch, monkeypatch):
-    monkeypatch.setattr(launch, "missing_modules", lambda: [])
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda: [])
+    monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: False)
     calls = record_pip(launch, monkeypatch, [])
     launch.install_requirements()
     assert calls == []
 
 
 def test_failed_install_stops_with_a_message(launch, monkeypatch):
-    monkeypatch.setattr(launch, "missing_modules", lambda: ["gguf"])
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda: ["gguf"])
+    monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: False)
     record_pip(launch, monkeypatch, [False])
     with pytest.raises(SystemExit, match="Could not install"):
         launch.install_requirements()

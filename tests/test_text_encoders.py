@@ -69,9 +69,11 @@ def test_t5_fp8_file_stays_fp8(tmp_path, t5):
     reference.load_state_dict({**{k: v.float() for k, v in fp8.items()},
                                "encoder.embed_tokens.weight": fp8["shared.weight"].float()})
     assert loaded.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float8_e4m3fn
-    # The feed-forward output layer casts its input to its own dtype, so it is upcast.
-    assert loaded.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    # The feed-forward output layer stays fp8 too, computing in its input's dtype (not in fp8).
+    assert loaded.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float8_e4m3fn
     assert torch.equal(t5_output(loaded), t5_output(reference))
+    in_fp16 = load_t5_encoder(save(tmp_path, "t5xxl_fp8_e4m3fn.safetensors", fp8), torch.float16)
+    assert in_fp16.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32, "fp16 overflows there"
 
 
 def test_t5_fp16_keeps_feed_forward_output_in_fp32(t5):

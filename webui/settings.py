@@ -31,6 +31,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "forge_unet_storage_dtype": "Automatic",
     "forge_additional_modules": [],
     "sd3_enable_t5": True,
+    "t5_storage_dtype": "Automatic",
     "sd3_shift": 3.0,
     "samples_save": True,
     "samples_format": "png",
@@ -46,6 +47,7 @@ OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "forge_async_loading": ("Queue", "Async"),
     "forge_pin_shared_memory": ("CPU", "Shared"),
     "forge_unet_storage_dtype": ("Automatic", "float8-e4m3fn", "float8-e5m2"),
+    "t5_storage_dtype": ("Automatic", "float8-e4m3fn", "float8-e5m2", "bnb-int8"),
     "samples_format": ("png",),
 }
 

@@ -84,7 +84,7 @@ class Engine:
             vae = request.vae if request.vae is not None else self.options["sd_vae"]
             modules = request.modules if request.modules is not None else self.options["forge_additional_modules"]
             model = self.models.get(info, vae, self.options["forge_unet_storage_dtype"], tuple(modules),
-                                    self.options["sd3_enable_t5"])
+                                    self.options["sd3_enable_t5"], self.options["t5_storage_dtype"])
             job = Resolved(
                 request=request,
                 sampler=sampler,

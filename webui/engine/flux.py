@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel
 
+from webui.engine import host_pages
 from webui.engine.detect import block_count, flux_prefix, strip_prefix, tensor_shape
 from webui.engine.files import Source, TensorInfo, source_infos, source_tensors
 from webui.engine.fp8 import is_fp8
@@ -176,10 +177,11 @@ def convert_flux_to_diffusers(state_dict: StateDict, config: Mapping[str, Any]) 
 
 
 def cast_in_place(state_dict: StateDict, dtype: torch.dtype) -> None:
-    """Float tensors to ``dtype`` one at a time, each original dropped as soon as its copy exists."""
+    """Float tensors to ``dtype`` one at a time, each original dropped (its file pages too) as soon as its copy exists."""
+    spans = host_pages.model_file_mappings()
     for key, tensor in state_dict.items():
         if tensor.is_floating_point() and not is_fp8(tensor):
-            state_dict[key] = tensor.to(dtype)
+            state_dict[key] = host_pages.cast(tensor, dtype, spans)
 
 
 def load_flux_transformer(source: Source, dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:

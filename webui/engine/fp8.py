@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from webui.engine import host_pages
 from webui.errors import ModelFileError
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -121,17 +122,17 @@ def fp8_state_dict_split(state_dict: StateDict, dtype: torch.dtype) -> tuple[Sta
     """A file's tensors, ready for a module, and its fp8 scales.
 
     Returns ``(weights, scales)``: in ``weights`` fp8 tensors are kept as stored, other floating tensors
-    are cast to ``dtype``, the rest left alone; ``scales`` maps a layer's name to its
+    are cast to ``dtype`` (the file pages of those copied released), the rest left alone; ``scales`` maps a layer's name to its
     ``scale_weight`` (kept in float32). Keys only fp8 matmuls use are dropped.
     """
-    weights, scales = {}, {}
+    weights, scales, spans = {}, {}, host_pages.model_file_mappings()
     for key, tensor in state_dict.items():
         if key.endswith(SCALE_SUFFIX):
             scales[key.removesuffix(SCALE_SUFFIX)] = tensor.float()
         elif key.endswith(UNUSED_SUFFIXES) or key in UNUSED_KEYS:
             continue
         elif tensor.is_floating_point() and not is_fp8(tensor):
-            weights[key] = tensor.to(dtype)
+            weights[key] = host_pages.cast(tensor, dtype, spans)
         else:
             weights[key] = tensor
     return weights, scales

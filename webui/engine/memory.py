@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from webui.engine import host_pages
 from webui.engine.stream import IN_FLIGHT, CopyStats, Streamer, Unit, param_bytes, split_units
 
 log = logging.getLogger(__name__)
@@ -337,30 +338,34 @@ class MemoryManager:
         if component.streamer is not None:
             component.streamer.detach()
             component.streamer = None
-        start, moved = time.perf_counter(), 0
+        start, moved, replaced = time.perf_counter(), 0, []
         for unit in component.units:
             if unit in keep and unit not in component.on_device:
-                moved += self._move(unit, self.device)
+                moved += self._move(unit, self.device, replaced)
                 component.on_device.add(unit)
             elif unit not in keep and unit in component.on_device:
-                moved += self._move(unit, torch.device("cpu"), pin_host)
+                moved += self._move(unit, torch.device("cpu"), replaced, pin_host)
                 component.on_device.discard(unit)
         if moved:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.stats.moved_mb += moved / MB
             self.stats.move_seconds += time.perf_counter() - start
+        if stream and rest and self.policy.pinned and self.device.type == "cuda":
+            for unit in rest:
+                _pin(unit, replaced)
+        host_pages.release(replaced)  # their bytes now live on the device or in pinned memory: one host copy
         if stream and rest:
-            if self.policy.pinned and self.device.type == "cuda":
-                for unit in rest:
-                    _pin(unit)
             component.streamer = Streamer(rest, self.device, self.policy.async_copies, self._copies)
 
-    def _move(self, unit: Unit, target: torch.device, pin_host: bool = True) -> int:
+    def _move(self, unit: Unit, target: torch.device, replaced: list[torch.Tensor], pin_host: bool = True) -> int:
+        """Move a unit's parameters to ``target``; the host tensors they leave go to ``replaced``."""
         moved = 0
         pin = pin_host and target.type == "cpu" and self.policy.pinned and self.device.type == "cuda"
         for param in unit.parameters():
             data = param.data.to(target, non_blocking=True)
+            if data.data_ptr() != param.data.data_ptr():
+                replaced.append(param.data)
             param.data = data.pin_memory() if pin else data
             moved += data.numel() * data.element_size()
         return moved
@@ -397,7 +402,8 @@ def _move_buffers(module: nn.Module, device: torch.device) -> None:
                 sub._buffers[name] = buf.to(device)
 
 
-def _pin(unit: Unit) -> None:
+def _pin(unit: Unit, replaced: list[torch.Tensor]) -> None:
     for param in unit.parameters():
         if not param.data.is_pinned():
+            replaced.append(param.data)
             param.data = param.data.pin_memory()

@@ -24,6 +24,7 @@ from webui.engine.memory import MB, MemoryManager
 from webui.engine.modules import FIELD as MODULE_FIELD
 from webui.engine.modules import MODULE_SUFFIXES, ModuleFile, assign, identify
 from webui.engine.t5_prompts import TOKENIZER_FOLDER
+from webui.engine.t5_storage import check_t5_storage, store_t5
 from webui.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -133,12 +134,12 @@ class ModelManager:
         return assign([identify(files[n]) for n in dict.fromkeys(names)])
 
     def get(self, info: CheckpointInfo, vae_name: str | None, storage: str = "Automatic",
-            module_names: tuple[str, ...] = (), use_t5: bool = True) -> LoadedModel:
-        """The loaded model for this checkpoint, VAE, separate modules and denoiser storage ("Diffusion in Low
-        Bits"), loading it (and unloading the old one) if needed."""
+            module_names: tuple[str, ...] = (), use_t5: bool = True, t5_storage: str = "Automatic") -> LoadedModel:
+        """The loaded model for this checkpoint, VAE, separate modules, denoiser storage ("Diffusion in Low
+        Bits") and T5 storage, loading it (and unloading the old one) if needed."""
         vae_file = self.find_vae(vae_name)
         fp8 = STORAGE_DTYPES[storage]
-        identity = (info, vae_file.name if vae_file else None, fp8, tuple(module_names), use_t5)
+        identity = (info, vae_file.name if vae_file else None, fp8, tuple(module_names), use_t5, t5_storage)
         with self._lock:
             if self.current is not None and self.identity == identity:
                 return self.current
@@ -146,11 +147,14 @@ class ModelManager:
             self.unload()
             sha = self.hashes.sha256(info.path)
             log.info("Loading %s [%s]%s", info.name, short_hash(sha), f" with VAE {vae_file.name}" if vae_file else "")
-            self.current = self._load(info, vae_file, modules, use_t5)
+            self.current = self._load(info, vae_file, modules, use_t5, t5_storage)
             self.current.module_names = list(dict.fromkeys(module_names))
             if fp8 is not None:
                 saved = cast_weights_fp8(self.current.denoiser, fp8)
                 log.info("Diffusion in Low Bits: denoiser weights stored as %s (%.0f MB saved)", fp8, saved / MB)
+            if self.current.t5 is not None and t5_storage != "Automatic":
+                saved = store_t5(self.current.t5.model, t5_storage, self.memory.device)
+                log.info("T5 weights stored as %s (%.0f MB saved)", t5_storage, saved / MB)
             self.current_sha256, self.identity = sha, identity
             for name, module in self.current.components().items():
                 self.memory.register(name, module)
@@ -159,10 +163,12 @@ class ModelManager:
             return self.current
 
     def _load(self, info: CheckpointInfo, vae_file: Path | None, modules: dict[str, ModuleFile],
-              use_t5: bool) -> LoadedModel:
+              use_t5: bool, t5_storage: str) -> LoadedModel:
         start = time.perf_counter()
         family = checkpoint_family(info)
         flow = family in FLOW_FAMILIES
+        if flow:
+            check_t5_storage(t5_storage, self.memory.device)
         # A VAE chosen for another family (Flux's 16-channel ae beside an SDXL checkpoint) is left out, as in Forge.
         if "vae" in modules and modules["vae"].width != (16 if flow else 4):
             del modules["vae"]

@@ -23,6 +23,7 @@ from transformers import (
 )
 from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
 
+from webui.engine import host_pages
 from webui.engine.detect import (
     Family,
     block_count,
@@ -86,31 +87,52 @@ def t5_config(infos: dict[str, TensorInfo]) -> dict:
 
 
 def _unquantized_wo(state_dict: StateDict, dtype: torch.dtype) -> StateDict:
-    """T5's feed-forward casts its input to ``wo``'s dtype, so an fp8 ``wo`` would compute in fp8: those
-    weights are upcast (with their scale, in scaled fp8 files) before the module takes them."""
-    out = dict(state_dict)
+    """fp8 ``wo`` weights upcast (with their scale, in scaled fp8 files) before the module takes them."""
+    out, spans = dict(state_dict), host_pages.model_file_mappings()
     for key in [k for k, v in state_dict.items() if k.endswith(".DenseReluDense.wo.weight") and is_fp8(v)]:
         scale = out.pop(key.removesuffix(".weight") + SCALE_SUFFIX, None)
-        weight = out[key].float()
+        stored, weight = out[key], out[key].float()
         out[key] = (weight if scale is None else weight * scale.float()).to(dtype)
+        host_pages.release([stored], spans)
     return out
+
+
+class FeedForwardInInputDtype(T5DenseGatedActDense):
+    """T5's gated feed-forward whose output layer computes in its input's dtype (made by swapping ``__class__``).
+
+    transformers' forward casts ``wo``'s input to ``wo``'s weight dtype, for a weight kept in float32; with an
+    fp8 weight that would round the activations to fp8. Here an fp8 ``wo`` stays fp8 and upcasts its weight
+    per call, like every other fp8 layer.
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
+        return self.wo(self.dropout(hidden))
 
 
 def load_t5_encoder(source: Source, dtype: torch.dtype = torch.bfloat16) -> T5EncoderModel:
     """The T5 encoder of a file such as ``t5xxl_fp16.safetensors`` / ``t5xxl_fp8_e4m3fn.safetensors`` (or a
-    state dict), bare or under ComfyUI's prefix, on the CPU in ``dtype`` (fp8 weights stay fp8)."""
+    state dict), bare or under ComfyUI's prefix, on the CPU in ``dtype`` (fp8 weights stay fp8).
+
+    In float16 the feed-forward outputs (``wo``) are float32, as transformers' from_pretrained keeps them
+    (``_keep_in_fp32_modules``): T5's activations there overflow fp16.
+    """
     name, infos = source_infos(source)
     prefix = find_prefix(infos, T5_PREFIXES, T5_MARKER, "a T5 encoder", name)
     config = t5_config(infos)
     state_dict = source_tensors(source, prefix)
     embedding = next(state_dict[k] for k in T5_EMBEDDINGS if k in state_dict)
     state_dict.update(dict.fromkeys(T5_EMBEDDINGS, embedding))
-    model = build_module(T5EncoderModel, T5Config(**config), _unquantized_wo(state_dict, dtype), name, dtype)
+    fp16 = dtype == torch.float16
+    model = build_module(T5EncoderModel, T5Config(**config), _unquantized_wo(state_dict, dtype) if fp16 else state_dict,
+                         name, dtype)
     model.encoder.embed_tokens.weight = model.shared.weight  # assigning tensors one by one broke the tie
-    if dtype == torch.float16:  # as transformers' from_pretrained does (_keep_in_fp32_modules): fp16 overflows
-        for module in model.modules():
-            if isinstance(module, T5DenseGatedActDense):
+    for module in model.modules():
+        if isinstance(module, T5DenseGatedActDense):
+            if fp16:
                 module.wo.float()
+            elif is_fp8(module.wo.weight):
+                module.__class__ = FeedForwardInInputDtype
     return model.requires_grad_(False).eval()
 
 
