@@ -127,16 +127,17 @@ def test_weights_placed_on_the_gpu_or_pinned_keep_one_host_copy(tmp_path):
     the weights are held once in host memory, not twice."""
     from safetensors.torch import load_file, save_file
 
-    from tests.test_host_pages import rss_file_mb
+    from tests.test_host_pages import resident_mb
     from webui.engine.memory import MB, MemoryManager, MemoryPolicy, SimulatedMemory
 
-    save_file({f"{i}.weight": torch.randn(1024, 1024) for i in range(32)}, tmp_path / "layers.safetensors")
+    path = tmp_path / "layers.safetensors"
+    save_file({f"{i}.weight": torch.randn(1024, 1024) for i in range(32)}, path)
     module = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(32)])
-    module.load_state_dict(load_file(tmp_path / "layers.safetensors"), assign=True)  # 128 MB, mapped
+    module.load_state_dict(load_file(path), assign=True)  # 128 MB, mapped
     x = torch.randn(4, 1024)
     with torch.no_grad():
         expected = module(x)  # every page read
-    before = rss_file_mb()
+    assert resident_mb(path) > 127
     memory = SimulatedMemory(torch.device("cuda"), total_mb=1024)
     manager = MemoryManager(torch.device("cuda"), memory, min_unit_bytes=4 * MB)
     manager.register("layers", module)
@@ -144,7 +145,7 @@ def test_weights_placed_on_the_gpu_or_pinned_keep_one_host_copy(tmp_path):
     manager.prepare(["layers"])
     component = manager.components["layers"]
     assert 0 < component.device_bytes() <= 64 * MB and component.streamed_bytes() > 0
-    assert before - rss_file_mb() > 120, "half on the GPU, half pinned: none of the file's pages still resident"
+    assert resident_mb(path) < 1, "part on the GPU, the rest pinned: none of the file's pages still resident"
     with torch.no_grad():
         assert torch.allclose(module(x.cuda()).cpu(), expected, atol=1e-5)
     manager.finish()
@@ -160,7 +161,7 @@ def test_int8_t5_through_bitsandbytes_matches_the_16_bit_t5_and_streams(tmp_path
     from webui.engine.t5_storage import Int8Linear, store_t5
 
     model = build_t5_encoder(seed=11, dtype=torch.bfloat16)
-    reference = encode(model.cuda()).float()
+    reference = encode(model.cuda(), "cuda").float()
     model.cpu()
     saved = store_t5(model, "bnb-int8", torch.device("cuda"))
     layer = model.encoder.block[0].layer[0].SelfAttention.q
@@ -172,12 +173,33 @@ def test_int8_t5_through_bitsandbytes_matches_the_16_bit_t5_and_streams(tmp_path
     for mode in ("always_gpu", "lowvram"):
         manager.begin(MemoryPolicy(mode=mode, async_copies=True, pinned=True), 0)
         manager.prepare(["t5"])
-        outputs[mode] = encode(model).float()
+        outputs[mode] = encode(model, "cuda").float()
         manager.finish()
     manager.release_all()
     assert torch.equal(outputs["always_gpu"], outputs["lowvram"]), "streaming int8 rows changes no value"
+    # A tiny random T5 is far less smooth than a trained one: LLM.int8() moved it by 9.4 % when this was written.
     error = ((outputs["always_gpu"] - reference).norm() / reference.norm()).item()
-    assert error < 0.03, f"int8 vs bf16 T5 relative error {error:.4f}"
+    assert error < 0.12, f"int8 vs bf16 T5 relative error {error:.4f}"
+
+
+@requires_cuda
+def test_int8_linear_computes_what_bitsandbytes_linear8bitlt_computes():
+    """The reference: transformers' load_in_8bit layer (bitsandbytes.nn.Linear8bitLt) on the same 16-bit weight."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from webui.engine.t5_storage import to_int8
+
+    weight = torch.randn(384, 256, dtype=torch.float16) * 0.05
+    weight[:, 3] *= 40  # a column of large weights
+    theirs = bnb.nn.Linear8bitLt(256, 384, bias=False, has_fp16_weights=False, threshold=6.0)
+    theirs.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
+    theirs = theirs.cuda()
+    layer = torch.nn.Linear(256, 384, bias=False, dtype=torch.float16)
+    layer.weight.data = weight.clone()
+    ours = to_int8(layer, torch.device("cuda")).cuda()
+    x = torch.randn(8, 256, dtype=torch.float16, device="cuda")
+    x[:, 5] = 9.0  # an input column past the outlier threshold
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
 
 
 @requires_cuda

@@ -181,3 +181,30 @@ def test_vae_decode_goes_tiled_when_a_whole_decode_would_not_fit(tmp_path, sd1_f
     images, stats = generate(engine)
     assert stats.tiled_vae and np.array_equal(images, reference)
     assert "tiled VAE" in stats.line()
+
+
+def test_a_low_bit_layer_unpacking_its_weight_is_counted_against_the_budget():
+    """fp8 and GGUF layers make a 16-bit copy of their weight for each call: the largest one must fit in free
+    memory beside the activations, so a device that holds their stored bytes and nothing more streams them."""
+    from gguf import GGMLQuantizationType as Q
+
+    from webui.engine.fp8 import cast_weights_fp8
+    from webui.engine.gguf_load import quantize
+    from webui.engine.memory import MemoryPolicy
+    from webui.engine.quant import GGUFLinear, QuantTensor
+
+    packed = torch.from_numpy(quantize(np.random.randn(512, 1024).astype(np.float32), Q.Q8_0))
+    fp8 = nn.Sequential(nn.Linear(1024, 2048), nn.Linear(64, 64))
+    cast_weights_fp8(fp8, min_numel=0)
+    modules = {"gguf": nn.Sequential(GGUFLinear(QuantTensor(packed, Q.Q8_0, (512, 1024))), nn.Linear(64, 64)),
+               "fp8": fp8, "plain": nn.Sequential(nn.Linear(1024, 2048))}
+    expected = {"gguf": 512 * 1024 * 2, "fp8": 2048 * 1024 * 2, "plain": 0}
+    for name, module in modules.items():
+        stored_mb = param_bytes(module) / MB
+        memory = SimulatedMemory(torch.device("cpu"), total_mb=int(stored_mb) + 1)
+        manager = MemoryManager(torch.device("cpu"), memory, min_unit_bytes=1)
+        component = manager.register(name, module)
+        assert component.upcast_bytes == expected[name]
+        manager.begin(MemoryPolicy(inference_mb=0), activation=0)
+        manager.prepare([name])
+        assert (component.streamer is not None) == (name != "plain"), name

@@ -17,8 +17,8 @@ from webui.settings import OPTION_CHOICES, OPTION_DEFAULTS
 CPU = torch.device("cpu")
 
 
-def encode(model, seed: int = 0) -> torch.Tensor:
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
+def encode(model, device: str = "cpu", seed: int = 0) -> torch.Tensor:
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed)).to(device)
     with torch.no_grad():
         return model(ids).last_hidden_state
 

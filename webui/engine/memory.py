@@ -4,7 +4,8 @@ Inputs
 - the device's total and free memory (``DeviceMemory``; simulated in tests),
 - the user's GPU Weights = total − ``forge_inference_memory`` (Forge's slider), the launch
   flags, and Forge's swap options (``forge_async_loading``, ``forge_pin_shared_memory``),
-- an activation estimate for the request, made before the run (``activation_bytes``).
+- an activation estimate for the request, made before the run (``activation_bytes``), plus the
+  largest weight a GGUF or fp8 layer of the phase unpacks to 16 bits for one call.
 
 Policy, per phase of a generation (text encoding → denoising → VAE decode):
 - The phase's components must be usable on the device. The weight budget is
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -37,6 +39,7 @@ MB = 1024 * 1024
 TILED_DECODE_BYTES = 1024 * MB  # a tiled VAE decode's peak: one 512x512 tile at a time, and the blending
 UNITS_PER_COMPONENT = 48  # granularity of partial residency: finer packs the budget, coarser streams faster
 MIN_UNIT_BYTES = 4 * MB
+LOW_BIT_DTYPES = (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)  # GGUF blocks, fp8: unpacked per call
 
 
 @dataclass(frozen=True)
@@ -148,8 +151,11 @@ class Component:
     streamer: Streamer | None = None
     nbytes: int = field(init=False)
 
+    upcast_bytes: int = field(init=False)  # the largest weight one of its low-bit layers unpacks for a call
+
     def __post_init__(self) -> None:
         self.nbytes = sum(u.nbytes for u in self.units)
+        self.upcast_bytes = max((_unpacked_bytes(m) for m in self.module.modules()), default=0)
 
     def device_bytes(self) -> int:
         return sum(u.nbytes for u in self.on_device)
@@ -244,6 +250,7 @@ class MemoryManager:
 
     def _arrange(self, needed: list[Component], activation: int) -> None:
         others = [c for c in self.components.values() if c not in needed]
+        activation += max(c.upcast_bytes for c in needed)
         mode = self.policy.mode if self.limited else "always_gpu"
         if mode == "always_gpu":
             for c in self.components.values():
@@ -393,6 +400,15 @@ class MemoryManager:
             "last_generation": self.last.as_dict(),
         }
         return answer
+
+
+def _unpacked_bytes(layer: nn.Module) -> int:
+    """Device bytes of ``layer``'s weight unpacked to 16 bits for one call, if it is stored in fewer (GGUF blocks
+    keep their real shape in ``weight_shape``; fp8 weights are upcast); 0 for other layers."""
+    weight = layer._parameters.get("weight")
+    if weight is None or weight.dtype not in LOW_BIT_DTYPES:
+        return 0
+    return math.prod(getattr(layer, "weight_shape", weight.shape)) * 2
 
 
 def _move_buffers(module: nn.Module, device: torch.device) -> None:

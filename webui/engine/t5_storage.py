@@ -54,6 +54,16 @@ class Int8Linear(nn.Module):
         return f"int8, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def to_int8(layer: nn.Linear, device: torch.device) -> Int8Linear:
+    """``layer`` (16-bit or fp8) as int8 rows, quantized on ``device`` by bitsandbytes, kept on the CPU."""
+    import bitsandbytes.functional as bnb_functional
+
+    half = torch.empty(0, device=device, dtype=torch.float16)
+    weight = upcast_weight(layer, half) if is_fp8(layer.weight) else layer.weight.to(device, torch.float16)
+    rows, scales, _ = bnb_functional.int8_vectorwise_quant(weight)
+    return Int8Linear(rows.cpu(), scales.cpu(), layer.bias)
+
+
 def _quantizable(model: T5EncoderModel) -> list[tuple[nn.Module, str, nn.Module]]:
     """(parent, name, layer) of every Linear (plain or fp8) but the feed-forward outputs."""
     kept = {id(m.wo) for m in model.modules() if isinstance(m, T5DenseGatedActDense)}
@@ -87,13 +97,8 @@ def store_t5(model: T5EncoderModel, storage: str, device: torch.device) -> int:
     layers = _quantizable(model) if target is not None else []
     before = sum(param_bytes(layer) for _, _, layer in layers)
     if target is torch.int8:
-        import bitsandbytes.functional as bnb_functional
-
-        half = torch.empty(0, device=device, dtype=torch.float16)
         for parent, name, layer in layers:
-            weight = upcast_weight(layer, half) if is_fp8(layer.weight) else layer.weight.to(device, torch.float16)
-            rows, scales, _ = bnb_functional.int8_vectorwise_quant(weight)
-            setattr(parent, name, Int8Linear(rows.cpu(), scales.cpu(), layer.bias))
+            setattr(parent, name, to_int8(layer, device))
     elif target is not None:
         for _, _, layer in layers:
             cast_weights_fp8(layer, target, min_numel=0)
