@@ -131,7 +131,7 @@ def test_weights_placed_on_the_gpu_or_pinned_keep_one_host_copy(tmp_path):
     from webui.engine.memory import MB, MemoryManager, MemoryPolicy, SimulatedMemory
 
     path = tmp_path / "layers.safetensors"
-    save_file({f"{i}.weight": torch.randn(1024, 1024) for i in range(32)}, path)
+    save_file({f"{i}.weight": torch.randn(1024, 1024) / 32 for i in range(32)}, path)
     module = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(32)])
     module.load_state_dict(load_file(path), assign=True)  # 128 MB, mapped
     x = torch.randn(4, 1024)

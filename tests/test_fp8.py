@@ -207,7 +207,7 @@ def test_streamed_fp8_model_computes_what_it_does_resident(models, name, monkeyp
                         lambda self, unit, stream=None: ([t.clone() for t in copy_unit(self, unit, stream)[0]], None))
     manager = MemoryManager(CPU, SimulatedMemory(CPU, 0), min_unit_bytes=16 * 1024)
     component = manager.register(name, model)
-    manager.memory.total_bytes = component.nbytes // 2
+    manager.memory.total_bytes = component.nbytes // 2 + component.upcast_bytes
     manager.begin(MemoryPolicy(inference_mb=0), activation=0)
     manager.prepare([name])
     streamer = component.streamer

@@ -12,6 +12,7 @@ from webui.engine.detect import Family
 from webui.engine.files import TensorInfo
 from webui.engine.fp8 import to_fp8
 from webui.engine.ldm_export import open_clip_to_ldm, t5_state_dict, text_state_dict, vae_to_ldm
+from webui.engine.stream import param_bytes, split_units
 from webui.engine.synthetic import build_clip_text, build_t5_encoder, t5_architecture
 from webui.engine.text_encoders import (
     load_clip_file,
@@ -58,7 +59,9 @@ def test_t5_file_loads_identically(tmp_path, t5, layout):
         tensors = {COMFY_T5 + k.replace("shared.", "encoder.embed_tokens."): v for k, v in tensors.items()}
     loaded = load_t5_encoder(save(tmp_path, "t5xxl.safetensors", tensors), torch.float32)
     assert_same_tensors(loaded.state_dict(), t5.state_dict())
-    assert loaded.encoder.embed_tokens.weight is loaded.shared.weight
+    assert loaded.encoder.embed_tokens is loaded.shared, "one embedding module: the memory manager moves it once"
+    units = split_units(loaded, 1024)
+    assert sum(u.nbytes for u in units) == param_bytes(loaded), "every weight in exactly one unit"
     assert torch.equal(t5_output(loaded), t5_output(t5))
 
 

@@ -370,10 +370,13 @@ class MemoryManager:
         moved = 0
         pin = pin_host and target.type == "cpu" and self.policy.pinned and self.device.type == "cuda"
         for param in unit.parameters():
-            data = param.data.to(target, non_blocking=True)
+            if pin:  # straight into page-locked memory: one DMA, no pageable copy to fault in and copy again
+                data = torch.empty(param.shape, dtype=param.dtype, pin_memory=True).copy_(param.data, non_blocking=True)
+            else:
+                data = param.data.to(target, non_blocking=True)
             if data.data_ptr() != param.data.data_ptr():
                 replaced.append(param.data)
-            param.data = data.pin_memory() if pin else data
+            param.data = data
             moved += data.numel() * data.element_size()
         return moved
 

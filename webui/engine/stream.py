@@ -52,11 +52,13 @@ def split_units(root: nn.Module, max_bytes: int) -> list[Unit]:
     root (a VAE is called through ``decode``, not ``forward``) are always split.
     """
     units: list[Unit] = []
+    seen: set[int] = set()
 
     def visit(module: nn.Module, name: str) -> None:
         size = param_bytes(module)
-        if size == 0:
+        if size == 0 or id(module) in seen:  # a module reachable twice (a tied embedding) is one unit
             return
+        seen.add(id(module))
         children = [(n, c) for n, c in module.named_children() if param_bytes(c)]
         never_called = module is root or isinstance(module, (nn.ModuleList, nn.ModuleDict))
         if (size <= max_bytes and not never_called) or not children:

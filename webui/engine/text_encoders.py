@@ -126,7 +126,9 @@ def load_t5_encoder(source: Source, dtype: torch.dtype = torch.bfloat16) -> T5En
     fp16 = dtype == torch.float16
     model = build_module(T5EncoderModel, T5Config(**config), _unquantized_wo(state_dict, dtype) if fp16 else state_dict,
                          name, dtype)
-    model.encoder.embed_tokens.weight = model.shared.weight  # assigning tensors one by one broke the tie
+    # Assigning tensors one by one broke the tie. One module, not two sharing a weight: the memory manager
+    # moves a module's weights around the calls of that module, and only the encoder's is called.
+    model.encoder.embed_tokens = model.shared
     for module in model.modules():
         if isinstance(module, T5DenseGatedActDense):
             if fp16:
