@@ -101,8 +101,8 @@ def status_mb(key: str) -> float:
 
 
 def simulate_card(engine, card_mb: int) -> None:
-    """Make this GPU an ``card_mb`` card for the engine: the manager sees that total, and as free what torch has
-    not reserved of it after a CUDA context's share; the allocator refuses more (an out-of-memory error)."""
+    """Make this GPU a ``card_mb`` card for the engine: the manager sees that total, and as free what torch has
+    not allocated of it after a CUDA context's share; the allocator refuses more (an out-of-memory error)."""
     from webui.engine.memory import DeviceMemory, MemoryManager
 
     class CardMemory(DeviceMemory):
@@ -110,7 +110,7 @@ def simulate_card(engine, card_mb: int) -> None:
             return card_mb * MB
 
         def free(self) -> int:
-            return max(0, (card_mb - CONTEXT_MB) * MB - torch.cuda.memory_reserved(self.device))
+            return max(0, (card_mb - CONTEXT_MB) * MB - torch.cuda.memory_allocated(self.device))
 
     device = torch.device("cuda")
     torch.cuda.set_per_process_memory_fraction((card_mb - CONTEXT_MB) * MB / torch.cuda.get_device_properties(0).total_memory)

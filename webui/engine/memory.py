@@ -67,8 +67,11 @@ class DeviceMemory:
         return psutil.virtual_memory().total
 
     def free(self) -> int:
+        """What could be allocated now: the driver's free memory, plus what torch keeps cached but unused (blocks
+        freed by an eviction stay reserved for reuse, and are ours to fill)."""
         if self.device.type == "cuda":
-            return torch.cuda.mem_get_info(self.device)[0]
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            return torch.cuda.mem_get_info(self.device)[0] + cached
         import psutil
 
         return psutil.virtual_memory().available
