@@ -149,6 +149,12 @@ def test_weights_placed_on_the_gpu_or_pinned_keep_one_host_copy(tmp_path):
     with torch.no_grad():
         assert torch.allclose(module(x.cuda()).cpu(), expected, atol=1e-5)
     manager.finish()
+    manager.begin(MemoryPolicy(mode="lowvram", async_copies=True, pinned=True), 0)
+    manager.prepare(["layers"])
+    assert component.device_bytes() == 0 and manager.stats.moved_mb == 0, "evicting points back at the host copies"
+    with torch.no_grad():
+        assert torch.allclose(module(x.cuda()).cpu(), expected, atol=1e-5)
+    manager.finish()
     manager.release_all()
 
 

@@ -369,7 +369,19 @@ class MemoryManager:
             component.streamer = Streamer(rest, self.device, self.policy.async_copies, self._copies)
 
     def _move(self, unit: Unit, target: torch.device, replaced: list[torch.Tensor], pin_host: bool = True) -> int:
-        """Move a unit's parameters to ``target``; the host tensors they leave go to ``replaced``."""
+        """Move a unit's parameters to ``target``; the host tensors they leave go to ``replaced``.
+
+        A unit that goes to the device keeps its host tensors as its home, so that evicting it copies
+        nothing: its parameters point at them again (host memory holds every weight once, in the
+        mapped file or in pinned memory). Nothing writes to a weight on the device behind the manager.
+        """
+        if target.type == "cpu" and unit.home is not None:
+            for param, host in zip(unit.parameters(), unit.home):
+                param.data = host
+            unit.home = None
+            return 0
+        if target.type != "cpu":
+            unit.home = [param.data for param in unit.parameters()]
         moved = 0
         pin = pin_host and target.type == "cpu" and self.policy.pinned and self.device.type == "cuda"
         for param in unit.parameters():

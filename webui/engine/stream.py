@@ -31,6 +31,7 @@ class Unit:
     module: nn.Module
     recurse: bool
     nbytes: int = field(init=False)  # sizes never change; the planner asks often
+    home: list[torch.Tensor] | None = field(default=None, init=False, repr=False)  # host tensors while on the device
 
     def __post_init__(self) -> None:
         self.nbytes = sum(p.numel() * p.element_size() for p in self.parameters())
