@@ -208,3 +208,14 @@ def test_a_low_bit_layer_unpacking_its_weight_is_counted_against_the_budget():
         manager.begin(MemoryPolicy(inference_mb=0), activation=0)
         manager.prepare([name])
         assert (component.streamer is not None) == (name != "plain"), name
+
+
+def test_a_weight_tied_between_two_modules_is_moved_by_the_later_one():
+    from webui.engine.synthetic import build_t5_encoder
+
+    model = build_t5_encoder(seed=1)  # transformers ties shared.weight and encoder.embed_tokens.weight
+    assert model.shared is not model.encoder.embed_tokens and model.shared.weight is model.encoder.embed_tokens.weight
+    units = split_units(model, 1024)
+    assert sum(u.nbytes for u in units) == param_bytes(model)
+    assert any(u.module is model.encoder.embed_tokens for u in units)
+    assert not any(u.module is model.shared for u in units)

@@ -380,7 +380,7 @@ class MemoryManager:
                 param.data = host
             unit.home = None
             return 0
-        if target.type != "cpu":
+        if target.type != "cpu" and all(param.device.type == "cpu" for param in unit.parameters()):
             unit.home = [param.data for param in unit.parameters()]
         moved = 0
         pin = pin_host and target.type == "cpu" and self.policy.pinned and self.device.type == "cuda"

@@ -71,7 +71,17 @@ def split_units(root: nn.Module, max_bytes: int) -> list[Unit]:
             visit(child, f"{name}.{child_name}" if name else child_name)
 
     visit(root, "")
-    return units
+    # A weight tied between two modules (T5's shared embedding and its encoder's embed_tokens) is moved by the
+    # unit of the later one, which is the one called; a unit left with no weight of its own is dropped.
+    claimed: set[int] = set()
+    kept: list[Unit] = []
+    for unit in reversed(units):
+        weights = {id(p) for p in unit.parameters()}
+        if weights <= claimed:
+            continue
+        claimed |= weights
+        kept.append(unit)
+    return kept[::-1]
 
 
 @dataclass
