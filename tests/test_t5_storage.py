@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -48,13 +49,17 @@ def test_fp8_t5_computes_with_its_rounded_weights_and_keeps_wo(storage):
 
 def test_int8_t5_is_refused_on_the_cpu_with_what_to_do(tmp_path, files):  # noqa: F811
     engine = engine_for(tmp_path, files, "flux-aio.safetensors")
+    engine.options.update({"t5_storage_dtype": "float8-e4m3fn"})
+    fp8 = images(engine.txt2img(flux_request("flux-aio.safetensors")))
+    loaded = engine.models.current
     engine.options.update({"t5_storage_dtype": "bnb-int8"})
     with pytest.raises(UserError) as refused:
         engine.txt2img(flux_request("flux-aio.safetensors"))
     assert refused.value.field == "t5_storage_dtype"
     assert "NVIDIA" in str(refused.value) and "float8-e4m3fn" in str(refused.value)
+    assert engine.models.current is loaded, "refused before the loaded model was let go"
     engine.options.update({"t5_storage_dtype": "float8-e4m3fn"})
-    fp8 = images(engine.txt2img(flux_request("flux-aio.safetensors")))
+    assert np.array_equal(images(engine.txt2img(flux_request("flux-aio.safetensors"))), fp8)
     assert engine.models.current.t5.model.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float8_e4m3fn
     engine.options.update({"t5_storage_dtype": "Automatic"})
     full = images(engine.txt2img(flux_request("flux-aio.safetensors")))

@@ -59,15 +59,16 @@ def release(tensors: Iterable[torch.Tensor], spans: list[tuple[int, int]] | None
     Tensors not on the CPU, not contiguous, or not in a mapped model file (copies, pinned memory) are skipped.
     ``spans`` are ``model_file_mappings()`` when the caller releases tensor by tensor (reading them costs ~1 ms).
     """
+    tensors = [t for t in tensors if t.device.type == "cpu" and t.numel() and t.is_contiguous()]
     madvise = _madvise()
-    spans = (model_file_mappings() if spans is None else spans) if madvise else []
+    if not tensors or madvise is None:  # nothing to give back: /proc is not read
+        return 0
+    spans = model_file_mappings() if spans is None else spans
     if not spans:
         return 0
     starts = [s for s, _ in spans]
     released = 0
     for tensor in tensors:
-        if tensor.device.type != "cpu" or tensor.numel() == 0 or not tensor.is_contiguous():
-            continue
         begin = tensor.data_ptr()
         i = bisect_right(starts, begin) - 1
         if i < 0 or begin >= spans[i][1]:

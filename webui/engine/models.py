@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from webui.engine.assemble import checkpoint_family, load_flow_model, load_gguf_unet_model
+from webui.engine.detect import Family
 from webui.engine.files import CheckpointInfo, HashCache, find_checkpoints, find_files, short_hash
 from webui.engine.flow import FLOW_FAMILIES
 from webui.engine.fp8 import cast_weights_fp8
@@ -144,10 +145,13 @@ class ModelManager:
             if self.current is not None and self.identity == identity:
                 return self.current
             modules = self.find_modules(list(module_names))
+            family = checkpoint_family(info)
+            if family in FLOW_FAMILIES:  # refused before the loaded model is let go
+                check_t5_storage(t5_storage, self.memory.device)
             self.unload()
             sha = self.hashes.sha256(info.path)
             log.info("Loading %s [%s]%s", info.name, short_hash(sha), f" with VAE {vae_file.name}" if vae_file else "")
-            self.current = self._load(info, vae_file, modules, use_t5, t5_storage)
+            self.current = self._load(info, family, vae_file, modules, use_t5)
             self.current.module_names = list(dict.fromkeys(module_names))
             if fp8 is not None:
                 saved = cast_weights_fp8(self.current.denoiser, fp8)
@@ -162,13 +166,10 @@ class ModelManager:
                      sum(c.nbytes for c in self.memory.components.values()) / MB, self.current.load_seconds)
             return self.current
 
-    def _load(self, info: CheckpointInfo, vae_file: Path | None, modules: dict[str, ModuleFile],
-              use_t5: bool, t5_storage: str) -> LoadedModel:
+    def _load(self, info: CheckpointInfo, family: Family | None, vae_file: Path | None,
+              modules: dict[str, ModuleFile], use_t5: bool) -> LoadedModel:
         start = time.perf_counter()
-        family = checkpoint_family(info)
         flow = family in FLOW_FAMILIES
-        if flow:
-            check_t5_storage(t5_storage, self.memory.device)
         # A VAE chosen for another family (Flux's 16-channel ae beside an SDXL checkpoint) is left out, as in Forge.
         if "vae" in modules and modules["vae"].width != (16 if flow else 4):
             del modules["vae"]

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import T5EncoderModel
 from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
 
-from webui.engine.fp8 import FP8_CLASSES, cast_weights_fp8, is_fp8, upcast_weight
+from webui.engine.fp8 import Fp8Linear, cast_weights_fp8, is_fp8, upcast_weight
 from webui.engine.stream import param_bytes
 from webui.errors import UserError
 
@@ -68,7 +68,7 @@ def _quantizable(model: T5EncoderModel) -> list[tuple[nn.Module, str, nn.Module]
     """(parent, name, layer) of every Linear (plain or fp8) but the feed-forward outputs."""
     kept = {id(m.wo) for m in model.modules() if isinstance(m, T5DenseGatedActDense)}
     return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if type(child) in FP8_CLASSES and isinstance(child, nn.Linear) and id(child) not in kept]
+            if type(child) in (nn.Linear, Fp8Linear) and id(child) not in kept]
 
 
 def check_t5_storage(storage: str, device: torch.device) -> None:
