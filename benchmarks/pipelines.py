@@ -169,7 +169,8 @@ def run(root: Path, checkpoint: str, modules: list[str], width: int, height: int
 def in_subprocess(root: Path, **kwargs) -> dict:
     out = subprocess.run([sys.executable, "-m", "benchmarks.pipelines", "--workdir", str(root), "--run",
                           json.dumps(kwargs)], capture_output=True, text=True)
-    sys.stderr.write(out.stderr[-3000:])
+    told = [line for line in out.stderr.splitlines() if "Out of memory" in line or line.startswith("Traceback")]
+    sys.stderr.write("\n".join(told) + "\n" + out.stderr[-2000:])
     if out.returncode:
         raise RuntimeError(f"run failed: {out.returncode}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -129,6 +129,7 @@ def test_weights_placed_on_the_gpu_or_pinned_keep_one_host_copy(tmp_path):
 
     from tests.test_host_pages import resident_mb
     from webui.engine.memory import MB, MemoryManager, MemoryPolicy, SimulatedMemory
+    from webui.engine.pinned import PAGE
 
     path = tmp_path / "layers.safetensors"
     save_file({f"{i}.weight": torch.randn(1024, 1024) / 32 for i in range(32)}, path)
@@ -146,6 +147,9 @@ def test_weights_placed_on_the_gpu_or_pinned_keep_one_host_copy(tmp_path):
     component = manager.components["layers"]
     assert 0 < component.device_bytes() <= 64 * MB and component.streamed_bytes() > 0
     assert resident_mb(path) < 1, "part on the GPU, the rest pinned: none of the file's pages still resident"
+    for unit in component.streamer.units:
+        assert all(unit.pinned.holds(p) for p in unit.parameters()), "streamed from page-locked memory"
+        assert unit.pinned.nbytes <= unit.nbytes + PAGE, "exactly its bytes, not rounded to a power of two"
     with torch.no_grad():
         assert torch.allclose(module(x.cuda()).cpu(), expected, atol=1e-5)
     manager.finish()
@@ -156,6 +160,64 @@ def test_weights_placed_on_the_gpu_or_pinned_keep_one_host_copy(tmp_path):
         assert torch.allclose(module(x.cuda()).cpu(), expected, atol=1e-5)
     manager.finish()
     manager.release_all()
+
+
+@requires_cuda
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0"])
+def test_fused_unpacking_on_cuda_is_the_float32_unpacking_rounded(qtype):
+    """The one-kernel unpacking (Triton for Q8_0, compiled ops for the others) rounds the float32 values once."""
+    from gguf import GGMLQuantizationType as Q
+
+    from tests.test_gguf import quant_tensor
+    from webui.engine.quant import dequantize
+
+    weight = quant_tensor(getattr(Q, qtype), rows=301, blocks_per_row=12, seed=5)  # not a whole number of programs
+    exact = weight.dequantize(torch.float32)
+    for dtype in (torch.bfloat16, torch.float16):
+        fused = dequantize(weight.raw.cuda(), weight.qtype, weight.shape, dtype, fused=True)
+        error = (fused.float().cpu() - exact.to(dtype).float()).abs().max().item()
+        assert fused.dtype == dtype and error <= (0 if qtype == "Q8_0" else 2 ** -8 * exact.abs().max().item()), error
+
+
+@requires_cuda
+def test_pinned_blocks_hold_exactly_their_bytes_and_unlock_when_collected():
+    """torch's pinned allocator would take 64 MB for a 40 MB weight and keep it after use; a block takes the
+    weight's bytes and is unlocked (its tensors still readable) once collected."""
+    import gc
+
+    import psutil
+
+    from webui.engine.pinned import pinned_copies
+
+    sources = [torch.randn(5000, 4000, device="cuda", dtype=torch.bfloat16), torch.arange(7, dtype=torch.uint8),
+               torch.randn(3, 5, device="cuda")]
+    pinned_copies(sources[1:])  # the first registration's own setup is not the block's
+    rss = psutil.Process().memory_info().rss
+    block, copies = pinned_copies(sources)
+    torch.cuda.synchronize()
+    grown_mb = (psutil.Process().memory_info().rss - rss) / 2**20
+    assert 38 < grown_mb < 41, f"{grown_mb:.1f} MB for 38.2 MB of weights"
+    assert all(block.holds(c) and c.device.type == "cpu" and c.data_ptr() % 64 == 0 for c in copies)
+    assert all(torch.equal(c, s.cpu()) for c, s in zip(copies, sources))
+    assert torch.equal(copies[0].to("cuda", non_blocking=True), sources[0])
+    assert copy_waits_s(copies[0]) < 0.05, "page-locked: the copy is queued and the host goes on"
+    del block
+    gc.collect()
+    assert copy_waits_s(copies[0]) > 0.1, "unlocked with its block: a pageable copy waits for the stream"
+    assert torch.equal(copies[2], sources[2].cpu()), "its tensors stay valid as ordinary memory"
+
+
+def copy_waits_s(host: torch.Tensor) -> float:
+    """How long the host waits to queue a copy of ``host`` behind 0.2-0.3 s of GPU work (4e8 clock cycles)."""
+    import time
+
+    torch.cuda.synchronize()
+    torch.cuda._sleep(400_000_000)
+    start = time.perf_counter()
+    host.to("cuda", non_blocking=True)
+    waited = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return waited
 
 
 @requires_cuda

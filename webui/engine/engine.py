@@ -15,7 +15,7 @@ from PIL import Image
 from webui.engine import demo
 from webui.engine.files import CheckpointInfo, HashCache, short_hash
 from webui.engine.generate import Resolved, resolve_seed, txt2img
-from webui.engine.memory import DeviceMemory, MemoryManager, MemoryPolicy
+from webui.engine.memory import DeviceMemory, MemoryManager, MemoryPolicy, use_expandable_segments
 from webui.engine.models import Dtypes, ModelManager
 from webui.engine.outputs import save_image
 from webui.engine.progress import Progress
@@ -56,6 +56,8 @@ class Engine:
         self.options = config.options
         args = config.args
         self.device = pick_device(args.device)
+        if self.device.type == "cuda":
+            use_expandable_segments()
         dtypes = pick_dtypes(self.device, args.no_half, args.no_half_vae)
         demo.ensure_demo_checkpoint(config.paths.builtin_models_dir)
         self.memory = MemoryManager(self.device, memory)

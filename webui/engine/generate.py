@@ -138,8 +138,9 @@ def _with_oom_retry(run: Callable[[], list[Image.Image]], memory: MemoryManager,
                     req: GenerationRequest) -> list[Image.Image]:
     try:
         return run()
-    except torch.OutOfMemoryError:
-        log.warning("Out of memory; freeing caches and retrying with half the resident weights and a tiled VAE.")
+    except torch.OutOfMemoryError as e:
+        log.warning("Out of memory while running %s (%s); freeing caches and retrying with half the resident "
+                    "weights and a tiled VAE.", memory.phase, str(e).splitlines()[0])
     memory.recover_from_oom()
     try:
         return run()

@@ -16,9 +16,13 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from webui.engine.pinned import PinnedBlock
 
 IN_FLIGHT = 3  # streamed units whose device copies may exist at once (in use, prefetched, or being freed)
 
@@ -32,6 +36,7 @@ class Unit:
     recurse: bool
     nbytes: int = field(init=False)  # sizes never change; the planner asks often
     home: list[torch.Tensor] | None = field(default=None, init=False, repr=False)  # host tensors while on the device
+    pinned: PinnedBlock | None = field(default=None, init=False, repr=False)  # page-locked memory its host tensors use
 
     def __post_init__(self) -> None:
         self.nbytes = sum(p.numel() * p.element_size() for p in self.parameters())
