@@ -115,6 +115,19 @@ def test_model_row_shows_the_demo_checkpoint_and_vae_choices(engine):
     assert vaes[:2] == ["Automatic", "None"] and vae == "Automatic"
 
 
+def test_storage_and_swap_options_are_dropdowns_of_the_settings_choices(engine):
+    from webui.settings import OPTION_CHOICES
+    from webui.ui import CHOICE_LABELS
+
+    demo = build_ui(engine, JobQueue(engine))
+    boxes = {c["props"].get("elem_id"): c["props"] for c in demo.config["components"]}
+    for key, label in CHOICE_LABELS.items():
+        box = boxes[key]
+        assert box["label"] == label and box["value"] == engine.options[key]
+        assert [choice[1] for choice in box["choices"]] == list(OPTION_CHOICES[key])
+    assert {"Diffusion in Low Bits", "T5 storage", "Swap Method", "Swap Location"} == set(CHOICE_LABELS.values())
+
+
 def test_gpu_weights_are_stored_as_the_inference_reserve(engine):
     total, _ = total_memory_mb(engine)
     set_gpu_weights(engine, total, total - 2048)

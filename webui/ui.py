@@ -26,11 +26,15 @@ from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.samplers import sampler_names, schedule_type_names
 from webui.errors import ModelFileError, UserError
 from webui.jobs import JobQueue
+from webui.settings import OPTION_CHOICES
 
 POLL_SECONDS = 0.3
 VAE_BUILTIN = ["Automatic", "None"]
 OPTION_LABELS = {"sd_model_checkpoint": "Stable Diffusion checkpoint", "sd_vae": "SD VAE",
                  "forge_additional_modules": "VAE / Text Encoder", "sd3_shift": "Shift"}
+# Forge's storage and swap options, as dropdowns under the model row (choices from the settings store).
+CHOICE_LABELS = {"forge_unet_storage_dtype": "Diffusion in Low Bits", "t5_storage_dtype": "T5 storage",
+                 "forge_async_loading": "Swap Method", "forge_pin_shared_memory": "Swap Location"}
 
 # Ctrl+Enter (Cmd+Enter on macOS) in either prompt box presses Generate, as in A1111.
 CTRL_ENTER_JS = """
@@ -127,6 +131,10 @@ def _model_row(demo: gr.Blocks, engine: Engine) -> gr.Dropdown:
             info=f"Out of {total_mb} MB of {memory_kind}; the rest stays free for computation.",
         )
 
+    with gr.Row(equal_height=True):
+        choices = {key: gr.Dropdown(list(OPTION_CHOICES[key]), value=engine.options[key], label=label, elem_id=key)
+                   for key, label in CHOICE_LABELS.items()}
+
     def model_lists() -> tuple[dict, dict, dict]:
         titles, title = checkpoint_choices(engine)
         vaes, vae = vae_choices(engine)
@@ -138,12 +146,14 @@ def _model_row(demo: gr.Blocks, engine: Engine) -> gr.Dropdown:
         engine.models.refresh()
         return model_lists()
 
-    def on_load() -> tuple[dict, dict, dict, int]:
+    def on_load() -> tuple:
         """Show the settings as they are now: another tab or the API may have changed them."""
-        return *model_lists(), gpu_weights_mb(engine, total_mb)
+        return *model_lists(), gpu_weights_mb(engine, total_mb), *(engine.options[key] for key in choices)
 
     lists = [checkpoint, vae_box, modules_box]
-    demo.load(on_load, outputs=[*lists, gpu_weights], api_visibility="private")
+    demo.load(on_load, outputs=[*lists, gpu_weights, *choices.values()], api_visibility="private")
+    for key, box in choices.items():
+        box.input(partial(set_option, engine, key), box, api_visibility="private")
     refresh.click(refreshed, outputs=lists, api_visibility="private")
     checkpoint.input(partial(set_option, engine, "sd_model_checkpoint"), checkpoint, api_visibility="private")
     vae_box.input(partial(set_option, engine, "sd_vae"), vae_box, api_visibility="private")
