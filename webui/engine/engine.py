@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,6 +17,7 @@ from PIL import Image
 from webui.engine import demo
 from webui.engine.files import CheckpointInfo, HashCache, short_hash
 from webui.engine.generate import Resolved, resolve_seed, txt2img
+from webui.engine.hooks import Hooks, extract_networks
 from webui.engine.memory import DeviceMemory, MemoryManager, MemoryPolicy, use_expandable_segments
 from webui.engine.models import Dtypes, ModelManager
 from webui.engine.outputs import save_image
@@ -66,6 +69,8 @@ class Engine:
             config.paths.text_encoder_dir, HashCache(config.paths.hash_cache_file), self.memory, dtypes,
         )
         self.progress = Progress()
+        self.hooks = Hooks()  # what extensions registered (webui.extensions loads them)
+        self._announced: Callable[[], object] = lambda: None  # the model model_loaded was last fired for (weakly)
         self._generate_lock = threading.Lock()
         log.info("Engine ready on %s (%s); %d checkpoint(s) found.", self.device, dtypes.unet,
                  len(self.models.checkpoints()))
@@ -78,6 +83,7 @@ class Engine:
 
     def txt2img(self, request: GenerationRequest) -> GenerationResult:
         """Validate, load what is needed and generate. Raises UserError for anything the user can fix."""
+        self.hooks.fire("before_generation", request=request)
         request.validate(self.options.as_dict())
         info = self.checkpoint(request.checkpoint)
         sampler, schedule = resolve(request.sampler_name, request.scheduler)
@@ -87,6 +93,12 @@ class Engine:
             modules = request.modules if request.modules is not None else self.options["forge_additional_modules"]
             model = self.models.get(info, vae, self.options["forge_unet_storage_dtype"], tuple(modules),
                                     self.options["sd3_enable_t5"], self.options["t5_storage_dtype"])
+            if self._announced() is not model:
+                self._announced = weakref.ref(model)
+                self.hooks.fire("model_loaded", model=model)
+            prompt, calls = extract_networks(request.prompt)
+            negative, negative_calls = extract_networks(request.negative_prompt)
+            extra_params = self.hooks.activate_networks(model, calls + negative_calls)
             job = Resolved(
                 request=request,
                 sampler=sampler,
@@ -97,8 +109,11 @@ class Engine:
                 model_hash=short_hash(self.models.current_sha256),
                 vae_name=model.vae_name,
                 shift=self.options["sd3_shift"],
+                prompts=(prompt, negative),
+                extra_params=extra_params,
             )
-            result = txt2img(model, self.memory, self.memory_policy(), job, self.progress, self._saver())
+            result = txt2img(model, self.memory, self.memory_policy(), job, self.progress, self._saver(), self.hooks)
+        self.hooks.fire("after_generation", request=request, result=result)
         log.info("txt2img: %d image(s) %dx%d, %d steps, %s, seed %d, %.2f s on %s with %s [%s]%s",
                  len(result.images), request.width, request.height, request.steps, result.sampler_name,
                  result.seed, result.seconds, self.device, info.name, job.model_hash,
@@ -122,6 +137,8 @@ class Engine:
         outdir = Path(self.options["outdir_txt2img_samples"] or self.config.paths.outdir / "txt2img-images")
 
         def save(image: Image.Image, seed: int, prompt: str, infotext: str) -> Path:
-            return save_image(image, outdir, seed, prompt, infotext)
+            path = save_image(image, outdir, seed, prompt, infotext)
+            self.hooks.fire("image_saved", path=path, image=image, infotext=infotext)
+            return path
 
         return save

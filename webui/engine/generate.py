@@ -11,7 +11,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from webui.engine.detect import Family
 from webui.engine.flow import FLOW_FAMILIES, SD3_DEFAULT_SHIFT, StepCallback, denoise_flow, set_timesteps, shift_for
 from webui.engine.fp8 import compute_dtype
+from webui.engine.hooks import Hooks
 from webui.engine.infotext import build_infotext
 from webui.engine.load import TEXT_ENCODERS, LoadedModel
 from webui.engine.memory import MemoryManager, MemoryPolicy, activation_bytes, vae_decode_bytes
@@ -50,6 +51,11 @@ class Resolved:
     model_hash: str
     vae_name: str | None
     shift: float = SD3_DEFAULT_SHIFT  # SD3.x's flow shift (a setting); Flux's follows the resolution
+    prompts: tuple[str, str] | None = None  # prompt and negative prompt without network tags; None: as requested
+    extra_params: dict[str, str] = field(default_factory=dict)  # infotext fields from extensions ("Lora hashes")
+
+    def encoded_prompts(self) -> tuple[str, str]:
+        return self.prompts or (self.request.prompt, self.request.negative_prompt)
 
 
 def resolve_seed(seed: int) -> int:
@@ -57,7 +63,8 @@ def resolve_seed(seed: int) -> int:
 
 
 def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job: Resolved, progress: Progress,
-            save_image: Callable[[Image.Image, int, str, str], Path] | None = None) -> GenerationResult:
+            save_image: Callable[[Image.Image, int, str, str], Path] | None = None,
+            hooks: Hooks | None = None) -> GenerationResult:
     """Run all batches of a request. ``save_image(image, seed, prompt, infotext)`` saves when given.
 
     An out-of-memory error in a batch is retried once with a smaller resident set and a tiled
@@ -84,7 +91,7 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
                 break
             progress.next_batch(batch_no)
             seeds = [job.seed + batch_no * req.batch_size + i for i in range(req.batch_size)]
-            images = _with_oom_retry(lambda: _sample_batch(model, memory, job, seeds, progress, bar, result.timings),
+            images = _with_oom_retry(lambda: _sample_batch(model, memory, job, seeds, progress, bar, result.timings, hooks),
                                      memory, req)
             for image, seed in zip(images, seeds):
                 infotext = infotext_for(model, job, seed)
@@ -131,6 +138,7 @@ def family_params(model: LoadedModel, job: Resolved) -> dict:
     if model.family is Family.SD3:
         params["Shift"] = job.shift
     params.update((f"Module {i}", Path(name).stem) for i, name in enumerate(model.module_names, start=1))
+    params.update(job.extra_params)
     return params
 
 
@@ -151,13 +159,13 @@ def _with_oom_retry(run: Callable[[], list[Image.Image]], memory: MemoryManager,
 
 @torch.inference_mode()
 def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seeds: list[int], progress: Progress,
-                  bar: tqdm, timings: dict[str, float]) -> list[Image.Image]:
+                  bar: tqdm, timings: dict[str, float], hooks: Hooks | None) -> list[Image.Image]:
     req, device = job.request, memory.device
     dtype = compute_dtype(model.denoiser)
     clock = PhaseClock(device, timings)
     memory.prepare([name for name in TEXT_ENCODERS if name in memory.components])
     use_cfg = req.cfg_scale > 1.0
-    cond, uncond = _conditioning(model, req, job.clip_skip, use_cfg, device, dtype)
+    cond, uncond = _conditioning(model, job, use_cfg, device, dtype)
     clock.lap("encode")
     memory.prepare(["denoiser"])
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -167,6 +175,8 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seed
         progress.step(round((i + 1) * req.steps / total), latents, model.family)
         bar.n = progress.job_no * req.steps + progress.sampling_step
         bar.refresh()
+        if hooks is not None:
+            hooks.fire("denoising_step", step=i, total=total, latents=latents)
         return progress.interrupted or progress.skipped
 
     if model.family in FLOW_FAMILIES:
@@ -224,17 +234,20 @@ class PhaseClock:
         self.last = now
 
 
-def _conditioning(model: LoadedModel, req: GenerationRequest, clip_skip: int, use_cfg: bool, device: torch.device,
+def _conditioning(model: LoadedModel, job: Resolved, use_cfg: bool, device: torch.device,
                   dtype: torch.dtype) -> tuple[Conditioning, Conditioning | None]:
-    """Positive and negative conditioning (no negative without CFG), reused while the prompts, clip skip and
-    batch stay the same (as A1111 does): a new seed for the same prompt costs no text encoding."""
-    key = (req.prompt, req.negative_prompt, clip_skip, req.batch_size, use_cfg, dtype)
+    """Positive and negative conditioning (no negative without CFG), reused while the prompts (network tags
+    included: they may change the text encoders), clip skip and batch stay the same (as A1111 does): a new seed
+    for the same prompt costs no text encoding."""
+    req = job.request
+    key = (req.prompt, req.negative_prompt, job.clip_skip, req.batch_size, use_cfg, dtype)
     if model.conditioning_cache[0] == key:
         return model.conditioning_cache[1]
     n = req.batch_size
+    prompt, negative = job.encoded_prompts()
     # One pass for both: the shorter prompt is padded with empty chunks, as A1111 does for CFG.
-    prompts = [req.prompt] * n + ([req.negative_prompt] * n if use_cfg else [])
-    both = encode(model, prompts, clip_skip, device, dtype)
+    prompts = [prompt] * n + ([negative] * n if use_cfg else [])
+    both = encode(model, prompts, job.clip_skip, device, dtype)
     halves = [Conditioning(both.embeds[part], None if both.pooled is None else both.pooled[part])
               for part in (slice(0, n), slice(n, 2 * n))]
     result = (halves[0], halves[1] if use_cfg else None)
