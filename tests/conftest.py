@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from webui import extensions
 from webui.cli import parse_args
+from webui.engine import samplers
 from webui.engine.engine import Engine
 from webui.engine.ldm_export import write_a1111_checkpoint, write_diffusers_folder
 from webui.engine.synthetic import build_synthetic_model
@@ -18,6 +20,14 @@ from webui.settings import AppConfig
 
 FIXTURE_VERSION = "1"
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "test-models" / FIXTURE_VERSION
+
+
+@pytest.fixture(autouse=True)
+def process_wide_registries(monkeypatch):
+    """Samplers and schedule types are process-wide, and extensions add to them: give each test its own copy."""
+    monkeypatch.setattr(samplers, "_samplers", dict(samplers._samplers))
+    monkeypatch.setattr(samplers, "SCHEDULE_TYPES", samplers.SCHEDULE_TYPES)
+    monkeypatch.setattr(extensions, "_claims", {})
 
 
 def _cached(name: str, make) -> Path:

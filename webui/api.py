@@ -13,6 +13,7 @@ from PIL import Image, PngImagePlugin
 
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.errors import UserError
+from webui.extensions import extensions_of
 from webui.jobs import JobQueue
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,8 @@ def user_error_response(error: UserError) -> JSONResponse:
 
 
 def register_api(app: FastAPI, jobs: JobQueue) -> None:
-    """Add the /sdapi/v1 routes to an app (Gradio's, or a bare FastAPI app with --nowebui)."""
+    """Add the /sdapi/v1 routes, and those extensions added, to an app (Gradio's, or a bare FastAPI app with
+    --nowebui)."""
 
     def txt2img(body: Any = Body(...)) -> Any:
         try:
@@ -116,3 +118,5 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
                       summary="Text to image (A1111 request and response shape)")
     app.add_api_route("/sdapi/v1/memory", memory, methods=["GET"], tags=["sdapi"],
                       summary="RAM and VRAM use, where the weights are, and what the last generation moved")
+    for route in extensions_of(jobs.engine).routes:
+        app.add_api_route(route.path, route.endpoint, methods=list(route.methods), tags=[f"extension {route.owner}"])

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--text-encoder-dir", type=Path, default=None,
                        help="text encoder folder (default: <models>/text_encoder)")
     paths.add_argument("--outdir", type=Path, default=None, help="output folder (default: <data-dir>/outputs)")
+    paths.add_argument("--extensions-dir", type=Path, default=None,
+                       help="folder of your extensions (default: <data-dir>/extensions)")
     dev = p.add_argument_group("device and precision")
     dev.add_argument("--device", choices=("auto", "cuda", "cpu", "mps"), default="auto",
                      help="compute device (default: auto = CUDA if present, else MPS, else CPU)")
@@ -40,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--always-gpu", action="store_true", help="keep everything on the GPU, never offload")
     mem.add_argument("--always-offload-from-vram", action="store_true",
                      help="unload models from the GPU after every generation")
+    ext = p.add_argument_group("extensions")
+    ext.add_argument("--disable-all-extensions", action="store_true",
+                     help="load no extensions, not even the built-in ones (extensions-builtin/)")
+    ext.add_argument("--disable-extra-extensions", action="store_true",
+                     help="load only the built-in extensions, not those in --extensions-dir")
     launcher = p.add_argument_group("launcher")
     launcher.add_argument("--skip-venv", action="store_true",
                           help="run with the current Python instead of the project's venv "

@@ -7,6 +7,7 @@ import sys
 from webui.cli import parse_args
 from webui.engine.engine import Engine
 from webui.errors import UserError
+from webui.extensions import load_extensions
 from webui.jobs import JobQueue
 from webui.settings import AppConfig
 
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         engine = Engine(AppConfig.from_args(args))
     except UserError as e:
         sys.exit(f"Cannot start: {e}")
+    load_extensions(engine)
     jobs = JobQueue(engine)
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     if args.nowebui:
@@ -48,6 +50,7 @@ def serve_api_only(jobs: JobQueue, host: str, port: int) -> None:
 
     app = FastAPI(title="Stable Diffusion web UI API", docs_url="/docs")
     register_api(app, jobs)
+    jobs.engine.hooks.fire("app_started", engine=jobs.engine, app=app)
     log.info("API only: http://%s:%d/sdapi/v1 (docs at /docs)", host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
@@ -64,6 +67,7 @@ def serve_ui(engine: Engine, jobs: JobQueue, host: str, args) -> None:
     if args.api:
         register_api(app, jobs)
         log.info("API: %ssdapi/v1", local_url)
+    engine.hooks.fire("app_started", engine=engine, app=app)
     log.info("Web UI: %s", local_url)
     if args.share:
         if share_url:

@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ class Paths:
     text_encoder_dir: Path
     outdir: Path
     builtin_models_dir: Path
+    extensions_dir: Path
 
     @property
     def config_file(self) -> Path:
@@ -85,6 +86,7 @@ class Paths:
             text_encoder_dir=Path(args.text_encoder_dir or models / "text_encoder").resolve(),
             outdir=Path(args.outdir or data / "outputs").resolve(),
             builtin_models_dir=(data / ".cache" / "builtin-models").resolve(),
+            extensions_dir=Path(args.extensions_dir or data / "extensions").resolve(),
         )
 
     def create(self) -> None:
@@ -93,10 +95,15 @@ class Paths:
 
 
 class Options:
-    """User options persisted to config.json; thread-safe; listeners hear every change."""
+    """User options persisted to config.json; thread-safe; listeners hear every change.
+
+    Extensions add their own options with ``register``; they are checked and saved like the built-in ones.
+    """
 
     def __init__(self, path: Path | None):
         self.path = path
+        self._defaults = dict(OPTION_DEFAULTS)
+        self._choices = dict(OPTION_CHOICES)
         self._values = dict(OPTION_DEFAULTS)
         self._lock = threading.RLock()
         self._listeners: list[Callable[[str, Any], None]] = []
@@ -142,6 +149,33 @@ class Options:
             for listener in self._listeners:
                 listener(key, value)
 
+    def register(self, key: str, default: Any, choices: Sequence[str] | None = None) -> None:
+        """Add an option at run time, typed by its default (true/false, whole number, number, text or a list of
+        names), limited to ``choices`` when given. A value config.json already holds is kept if it passes."""
+        if not isinstance(default, (bool, int, float, str, list)):
+            raise ValueError(f"option {key!r}: the default must be a bool, int, float, str or list, not {default!r}")
+        with self._lock:
+            if key in self._defaults:
+                raise ValueError(f"option {key!r} already exists")
+            self._defaults[key] = default
+            if choices is not None:
+                self._choices[key] = tuple(choices)
+            try:
+                self._checked(key, default)
+            except UserError as e:
+                del self._defaults[key]
+                self._choices.pop(key, None)
+                raise ValueError(f"the default does not fit the option: {e}") from None
+            try:
+                self._values[key] = self._checked(key, self._values.get(key, default))
+            except UserError as e:
+                log.warning("config.json: ignoring %s", e)
+                self._values[key] = default
+
+    def choices(self, key: str) -> tuple[str, ...] | None:
+        """The values an option is limited to; None: any value of its type."""
+        return self._choices.get(key)
+
     def subscribe(self, listener: Callable[[str, Any], None]) -> None:
         self._listeners.append(listener)
 
@@ -156,11 +190,10 @@ class Options:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
 
-    @staticmethod
-    def _checked(key: str, value: Any) -> Any:
-        if key not in OPTION_DEFAULTS:
-            return value  # unknown keys (e.g. from A1111 clients or extensions) are kept as given
-        default = OPTION_DEFAULTS[key]
+    def _checked(self, key: str, value: Any) -> Any:
+        if key not in self._defaults:
+            return value  # unknown keys (A1111 clients, extensions not loaded now) are kept as given
+        default = self._defaults[key]
         if isinstance(default, bool):
             if not isinstance(value, bool):
                 raise UserError(f"must be true or false, got {value!r}", field=key)
@@ -178,8 +211,9 @@ class Options:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise UserError(f"must be a list of names, got {value!r}", field=key)
             value = list(value)
-        if key in OPTION_CHOICES and value not in OPTION_CHOICES[key]:
-            raise UserError(f"must be one of {', '.join(OPTION_CHOICES[key])}, got {value!r}", field=key)
+        choices = self._choices.get(key)
+        if choices is not None and not all(v in choices for v in (value if isinstance(value, list) else [value])):
+            raise UserError(f"must be one of {', '.join(choices)}, got {value!r}", field=key)
         return value
 
 

@@ -25,6 +25,7 @@ from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.samplers import sampler_names, schedule_type_names
 from webui.errors import ModelFileError, UserError
+from webui.extensions import Setting, extensions_of
 from webui.jobs import JobQueue
 from webui.settings import OPTION_CHOICES
 
@@ -69,6 +70,7 @@ def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
         checkpoint = _model_row(demo, engine)
         with gr.Tab("txt2img"):
             _txt2img_tab(demo, engine, jobs, checkpoint)
+        _extension_tabs(demo, engine)
         demo.load(None, js=CTRL_ENTER_JS)
     return demo
 
@@ -181,6 +183,43 @@ def set_option(engine: Engine, key: str, value: Any) -> None:
         gr.Warning(str(e))
 
 
+# ---- extensions ------------------------------------------------------------------------------
+
+def _extension_tabs(demo: gr.Blocks, engine: Engine) -> None:
+    """The tabs extensions added (one whose build() fails says so, and its extension is disabled), then the
+    Extensions tab: which extensions run, which failed and why, and their settings."""
+    registry = extensions_of(engine)
+    for tab in registry.tabs:
+        with gr.Tab(tab.title):
+            try:
+                tab.build()
+            except Exception as e:
+                registry.fail(tab.owner, f"building its tab {tab.title!r}")
+                gr.Markdown(f"⚠ Extension {tab.owner} failed building this tab and is disabled: {e}")
+    if not registry.found:
+        return
+    with gr.Tab("Extensions"):
+        table = gr.Markdown(registry.status_markdown(), elem_id="extensions_status")
+        boxes = {setting.key: _setting_input(engine, setting) for setting in registry.settings}
+    for key, box in boxes.items():
+        box.input(partial(set_option, engine, key), box, api_visibility="private")
+    demo.load(lambda: (registry.status_markdown(), *(engine.options[key] for key in boxes)),
+              outputs=[table, *boxes.values()], api_visibility="private")
+
+
+def _setting_input(engine: Engine, setting: Setting) -> gr.components.Component:
+    """An extension's option as the input its type calls for."""
+    value, choices = engine.options[setting.key], engine.options.choices(setting.key)
+    if choices is not None or isinstance(value, list):
+        return gr.Dropdown(list(choices or ()), value=value, label=setting.label, elem_id=setting.key,
+                           multiselect=isinstance(value, list), allow_custom_value=choices is None)
+    if isinstance(value, bool):
+        return gr.Checkbox(value, label=setting.label, elem_id=setting.key)
+    if isinstance(value, (int, float)):
+        return gr.Number(value, label=setting.label, elem_id=setting.key, precision=0 if isinstance(value, int) else None)
+    return gr.Textbox(value, label=setting.label, elem_id=setting.key)
+
+
 # ---- txt2img ---------------------------------------------------------------------------------
 
 def request_from_form(form: dict[str, gr.components.Component], values: tuple) -> GenerationRequest:
@@ -213,6 +252,33 @@ def _txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr
     checkpoint.change(partial(fields_for_family, engine), checkpoint, family_fields, api_visibility="private")
     demo.load(lambda title: fields_for_family(engine, title, switched=False), checkpoint, family_fields,
               api_visibility="private")
+    _network_lists(demo, engine, form["prompt"])
+
+
+def _network_lists(demo: gr.Blocks, engine: Engine, prompt: gr.Textbox) -> None:
+    """A list per prompt network that can name its files (LoRA): picking one adds its tag to the prompt."""
+    listed = {kind: network for kind, (_owner, network) in engine.hooks.networks.items() if hasattr(network, "names")}
+    for kind, network in listed.items():
+        with gr.Row(equal_height=True):
+            box = gr.Dropdown(network.names(), value=None, label=f"{kind.title()} (adds <{kind}:name:1> to the prompt)",
+                              scale=6, elem_id=f"txt2img_{kind}_list")
+            refresh = gr.Button("🔄", scale=0, min_width=48, elem_id=f"txt2img_{kind}_refresh")
+        box.input(partial(add_network_tag, kind), [prompt, box], [prompt, box], api_visibility="private")
+        refresh.click(partial(_refreshed_names, network), outputs=box, api_visibility="private")
+        demo.load(lambda network=network: gr.update(choices=network.names()), outputs=box, api_visibility="private")
+
+
+def add_network_tag(kind: str, prompt: str, name: str | None) -> tuple[str, None]:
+    """The prompt with ``<kind:name:1>`` added (once), and the list cleared for the next pick."""
+    if not name:
+        return prompt, None
+    tag = f"<{kind}:{name}:1>"
+    return (prompt if tag in prompt else f"{prompt.rstrip()} {tag}".lstrip()), None
+
+
+def _refreshed_names(network: Any) -> dict:
+    network.refresh()
+    return gr.update(choices=network.names())
 
 
 def fields_for_family(engine: Engine, title: str | None, switched: bool = True) -> tuple[dict, dict, dict, dict]:

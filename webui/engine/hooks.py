@@ -11,7 +11,8 @@ Events and their arguments:
     app_started          engine, app (the FastAPI app, or None without a web server)
     model_loaded         model (engine.models.LoadedModel)
     before_generation    request (the GenerationRequest; callbacks may change its fields)
-    denoising_step       step, total, latents (the current latents; changing them in place changes the image)
+    denoising_step       step, total, latents (the current latents; for SD1.x/SDXL changing them in place
+                         changes the image, Flux/SD3 pass an unpacked copy)
     after_generation     request, result (the GenerationResult)
     image_saved          path, image, infotext
 """

@@ -168,6 +168,7 @@ class Component:
     units: list[Unit]
     on_device: set[Unit] = field(default_factory=set)
     streamer: Streamer | None = None
+    companion_of: str | None = None  # placed in every phase that places this component (a LoRA's adapters)
     nbytes: int = field(init=False)
 
     upcast_bytes: int = field(init=False)  # the largest weight one of its low-bit layers unpacks for a call
@@ -233,13 +234,18 @@ class MemoryManager:
 
     # ---- registration -----------------------------------------------------------------
 
-    def register(self, name: str, module: nn.Module) -> Component:
-        """Take charge of a module whose weights are in host memory (buffers go to the device: they are small)."""
+    def register(self, name: str, module: nn.Module, companion_of: str | None = None) -> Component:
+        """Take charge of a module whose weights are in host memory (buffers go to the device: they are small).
+        A companion is placed whenever the component it accompanies is."""
         _move_buffers(module, self.device)
         unit_bytes = max(self.min_unit_bytes, param_bytes(module) // UNITS_PER_COMPONENT)
-        component = Component(name, module, split_units(module, unit_bytes))
+        component = Component(name, module, split_units(module, unit_bytes), companion_of=companion_of)
         self.components[name] = component
         return component
+
+    def unregister(self, name: str) -> None:
+        """Let a component go: its weights back to host memory, its streaming hooks removed."""
+        self._place(self.components.pop(name), set(), stream=False, pin_host=False)
 
     def release_all(self) -> None:
         """Forget every component (the model is being unloaded): weights back to the host, unpinned since
@@ -265,6 +271,7 @@ class MemoryManager:
         activation = self.activation if activation is None else activation
         self.phase = ", ".join(names)
         needed = [self.components[n] for n in names]
+        needed += [c for c in self.components.values() if c.companion_of in names]
         self._arrange(needed, activation)
         self.stats.resident_mb = max(self.stats.resident_mb, self.resident_bytes() / MB)
         self.stats.streamed_mb = max(self.stats.streamed_mb, sum(c.streamed_bytes() for c in needed) / MB)

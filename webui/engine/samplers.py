@@ -28,6 +28,8 @@ Schedule types: Automatic; Uniform → ``timestep_spacing="linspace"``; Karras �
 ``use_karras_sigmas=True``; Exponential → ``use_exponential_sigmas=True``; SGM Uniform →
 ``timestep_spacing="trailing"``. Karras and Exponential also use linspace spacing, because
 diffusers takes sigma_min/sigma_max from the spaced timesteps and A1111 uses the full range.
+Extensions add samplers and schedule types at run time (``register_sampler``,
+``register_schedule_type``; webui.extensions calls them and removes them again if the extension fails).
 
 Where a sampler honours schedule types but its diffusers class lacks the one asked for (Euler a
 has no Karras or Exponential sigmas), ``make_scheduler`` raises ``UserError`` on "scheduler"
@@ -198,6 +200,35 @@ def register_sampler(
         default_schedule = find_schedule_type(default_schedule).name
     flow_factory = flow_factory or FLOW_FACTORIES.get(name)
     _samplers[_key(name)] = Sampler(name, factory, tuple(aliases), default_schedule, uses_schedule_type, flow_factory)
+
+
+def unregister_sampler(name: str) -> None:
+    """Remove a sampler (an extension's, when the extension is disabled); an unknown name is ignored."""
+    _samplers.pop(_key(name), None)
+
+
+def register_schedule_type(
+    name: str,
+    label: str,
+    kwargs: dict[str, Any],
+    aliases: tuple[str, ...] | list[str] = (),
+    *,
+    default_rho: float = -1,
+) -> None:
+    """Add a schedule type, or replace the one with that id.
+
+    ``kwargs`` are the diffusers scheduler config arguments it sets, e.g. ``{"timestep_spacing": "linspace",
+    "use_beta_sigmas": True}``; a sampler whose scheduler lacks one of them refuses the schedule type.
+    """
+    global SCHEDULE_TYPES
+    schedule = ScheduleType(_key(name), label, dict(kwargs), tuple(aliases), default_rho)
+    SCHEDULE_TYPES = (*(s for s in SCHEDULE_TYPES if s.name != schedule.name), schedule)
+
+
+def unregister_schedule_type(name: str) -> None:
+    """Remove a schedule type by id (an extension's, when the extension is disabled)."""
+    global SCHEDULE_TYPES
+    SCHEDULE_TYPES = tuple(s for s in SCHEDULE_TYPES if s.name != _key(name))
 
 
 register_sampler("DPM++ 2M", _DPMPP_2M, ["k_dpmpp_2m"], default_schedule="karras")

@@ -1,0 +1,16 @@
+"""LoRA, as a built-in extension: the ``<lora:name:weight>`` prompt network and A1111's LoRA routes.
+
+The work is in ``webui.engine.lora`` (adapters the memory manager places, exact removal); this file
+only registers it through the public extension API.
+"""
+from __future__ import annotations
+
+from webui.engine.lora import LoraLibrary, LoraNetwork
+
+
+def setup(api) -> None:
+    engine = api.engine
+    library = LoraLibrary(engine.config.paths.lora_dir, engine.models.hashes.sha256)
+    api.add_network("lora", LoraNetwork(library, engine.memory))
+    api.add_api_route("/sdapi/v1/loras", library.describe, methods=("GET",))
+    api.add_api_route("/sdapi/v1/refresh-loras", library.refresh, methods=("POST",))

@@ -1,0 +1,214 @@
+"""LoRA through the built-in extension: online on 16-bit and GGUF bases equals the merged fp32 weights,
+removal restores the model exactly, tags and hashes, refusals, and the memory manager's budget."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import make_engine
+from tests.test_flow_pipelines import engine_for, files, flux_request, images, parts  # noqa: F401 (fixtures)
+from tests.test_flux import inputs as flux_inputs
+from webui.engine.detect import Family
+from webui.engine.infotext import parse_infotext
+from webui.engine.lora import _lora_components
+from webui.engine.lora_export import random_lora, write_lora
+from webui.engine.quant import QuantizedLayer, dequantize
+from webui.engine.request import GenerationRequest
+from webui.errors import UserError
+from webui.extensions import load_extensions
+
+FLUX_MODULES = ["ae.safetensors", "clip_l.safetensors", "t5xxl_fp32.safetensors"]
+SD_REQUEST = dict(prompt="a red circle", negative_prompt="blurry", width=64, height=64, steps=3, cfg_scale=5.0,
+                  sampler_name="Euler", seed=11, save_images=False)
+
+
+def with_extensions(engine):
+    load_extensions(engine)
+    assert "lora" in engine.hooks.networks, "LoRA ships as a built-in extension"
+    return engine
+
+
+def lora_folder(engine):
+    folder = engine.config.paths.lora_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def merged_reference(module: nn.Module, weights: dict, component: str, multiplier: float) -> nn.Module:
+    """A float32 copy of ``module`` whose adapted layers hold weight + multiplier * delta (GGUF layers dequantized
+    first), with no hooks: the reference an online LoRA must equal."""
+    reference = copy.deepcopy(module).float()
+    for sub in reference.modules():
+        sub._forward_hooks.clear()
+    for (owner, path), lora in weights.items():
+        if owner != component:
+            continue
+        layer = reference.get_submodule(path)
+        if isinstance(layer, QuantizedLayer):
+            weight = dequantize(layer.weight, layer.qtype, layer.weight_shape, torch.float32)
+            conv = hasattr(layer, "stride")
+            plain = (nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[2:], layer.stride, layer.padding,
+                               layer.dilation, layer.groups) if conv else nn.Linear(weight.shape[1], weight.shape[0]))
+            plain.bias = None if layer.bias is None else nn.Parameter(layer.bias.float())
+            plain.weight = nn.Parameter(weight)
+            parent, _, child = path.rpartition(".")
+            setattr(reference.get_submodule(parent), child, plain)
+            layer = plain
+        layer.weight.data += multiplier * lora.delta()
+    return reference
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+@pytest.mark.parametrize("family,fmt", [("sd1", "kohya"), ("sd1", "diffusers"), ("sdxl", "kohya"),
+                                        ("sdxl", "diffusers")])
+def test_sd_lora_equals_the_merged_float32_weights(tmp_path, request, family, fmt):
+    engine = with_extensions(make_engine(tmp_path, request.getfixturevalue(f"{family}_file")))
+    plain = engine.txt2img(GenerationRequest(**SD_REQUEST))
+    model = engine.models.current
+    weights = random_lora(dict(_lora_components(model)), model.family, rank=4, seed=1)
+    write_lora(lora_folder(engine) / "style.safetensors", weights, model.family, fmt)
+    styled = engine.txt2img(GenerationRequest(**{**SD_REQUEST, "prompt": "a red circle <lora:style:0.7>"}))
+    assert "Lora hashes" in parse_infotext(styled.infotexts[0])
+    assert np.abs(images(styled) - images(plain)).mean() > 1, "the LoRA changes the picture"
+
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(1, 77, model.denoiser.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    added = None
+    if model.family is Family.SDXL:
+        config = model.denoiser.config
+        text_width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(1, text_width), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    call = dict(encoder_hidden_states=context, added_cond_kwargs=added)
+    with torch.no_grad():
+        online = model.denoiser(sample, torch.tensor([500]), **call).sample
+        merged = merged_reference(model.denoiser, weights, "denoiser", 0.7)(sample, torch.tensor([500]), **call).sample
+        encoder = model.text_encoders[0].model
+        tokens = torch.randint(0, encoder.config.vocab_size, (1, 77), generator=torch.Generator().manual_seed(2))
+        online_text = encoder(tokens).last_hidden_state
+        merged_text = merged_reference(encoder, weights, "text_encoder", 0.7)(tokens).last_hidden_state
+    assert relative_error(online, merged) < 1e-5
+    assert relative_error(online_text, merged_text) < 1e-5
+
+    again = engine.txt2img(GenerationRequest(**SD_REQUEST))
+    assert np.array_equal(images(again), images(plain)), "removed: bit-identical to never having applied it"
+    assert "Lora hashes" not in parse_infotext(again.infotexts[0])
+
+
+@pytest.mark.parametrize("checkpoint", ["flux-transformer.safetensors", "flux-Q8_0.gguf"])
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_flux_lora_equals_the_merged_float32_weights_on_16_bit_and_gguf(tmp_path, files, checkpoint, fmt):  # noqa: F811
+    engine = with_extensions(engine_for(tmp_path, files, checkpoint))
+    engine.options.update({"forge_additional_modules": FLUX_MODULES})
+    plain = engine.txt2img(flux_request(checkpoint, batch_size=1))
+    model = engine.models.current
+    weights = random_lora(dict(_lora_components(model)), Family.FLUX, rank=4, seed=2)
+    write_lora(lora_folder(engine) / "flux-style.safetensors", weights, Family.FLUX, fmt)
+    styled = engine.txt2img(flux_request(checkpoint, batch_size=1, prompt="a cat <lora:flux-style:1.2>"))
+    assert np.abs(images(styled) - images(plain)).mean() > 1, "the LoRA changes the picture"
+    x = flux_inputs(model.denoiser.config)
+    with torch.no_grad():
+        online = model.denoiser(**x).sample
+        merged = merged_reference(model.denoiser, weights, "denoiser", 1.2)(**x).sample
+    assert relative_error(online, merged) < 1e-5
+    again = engine.txt2img(flux_request(checkpoint, batch_size=1))
+    assert np.array_equal(images(again), images(plain)), "removed: bit-identical to never having applied it"
+
+
+def test_lora_tags_weights_hashes_and_refusals(tmp_path, sd1_file, sdxl_file):
+    engine = with_extensions(make_engine(tmp_path, sd1_file, sdxl_file))
+    engine.txt2img(GenerationRequest(**SD_REQUEST, checkpoint=sdxl_file.name))
+    sdxl_model = engine.models.current
+    write_lora(lora_folder(engine) / "xl.safetensors",
+               random_lora(dict(_lora_components(sdxl_model)), Family.SDXL, rank=2, seed=3), Family.SDXL, "kohya")
+    del sdxl_model
+    plain = engine.txt2img(GenerationRequest(**SD_REQUEST, checkpoint=sd1_file.name))
+    model = engine.models.current
+    weights = random_lora(dict(_lora_components(model)), Family.SD1, rank=2, seed=4)
+    write_lora(lora_folder(engine) / "a.safetensors", weights, Family.SD1, "kohya")
+    write_lora(lora_folder(engine) / "sub" / "b.safetensors", weights, Family.SD1, "diffusers")
+
+    with pytest.raises(UserError, match="for SDXL") as wrong_family:
+        engine.txt2img(GenerationRequest(**{**SD_REQUEST, "prompt": "x <lora:xl:1>"}, checkpoint=sd1_file.name))
+    assert wrong_family.value.field == "prompt"
+    with pytest.raises(UserError, match="not found") as unknown:
+        engine.txt2img(GenerationRequest(**{**SD_REQUEST, "prompt": "x <lora:nope:1>"}))
+    assert unknown.value.field == "prompt"
+    with pytest.raises(UserError, match="must be numbers"):
+        engine.txt2img(GenerationRequest(**{**SD_REQUEST, "prompt": "x <lora:a:strong>"}))
+
+    both = engine.txt2img(GenerationRequest(**{**SD_REQUEST, "prompt": "a red circle <lora:a:0.5> <lora:sub/b:0.5>"}))
+    single = engine.txt2img(GenerationRequest(**{**SD_REQUEST, "prompt": "a red circle <lora:a:1>"}))
+    assert np.abs(images(both) - images(single)).max() <= 2, "two halves of one LoRA make the whole"
+    hashes = parse_infotext(both.infotexts[0])["Lora hashes"]
+    assert hashes.startswith("a: ") and ", sub/b: " in hashes and len(hashes.split(", ")[0]) == len("a: ") + 12
+    assert both.prompts[0] == "a red circle <lora:a:0.5> <lora:sub/b:0.5>", "the infotext keeps the tags"
+
+    te_only = engine.txt2img(GenerationRequest(**{**SD_REQUEST, "prompt": "a red circle <lora:a:1:0>"}))
+    unet_only = engine.txt2img(GenerationRequest(**{**SD_REQUEST, "prompt": "a red circle <lora:a:te=0:unet=1>"}))
+    assert not np.array_equal(images(te_only), images(plain)) and not np.array_equal(images(unet_only), images(plain))
+    assert not np.array_equal(images(te_only), images(unet_only))
+    assert np.array_equal(images(engine.txt2img(GenerationRequest(**SD_REQUEST))), images(plain))
+
+
+def test_lora_adapters_count_against_the_budget_and_stream_like_weights(tmp_path, sd1_file):
+    from webui.engine.memory import MemoryManager, SimulatedMemory
+
+    engine = with_extensions(make_engine(tmp_path, sd1_file))
+    plain = engine.txt2img(GenerationRequest(**SD_REQUEST))
+    model = engine.models.current
+    write_lora(lora_folder(engine) / "a.safetensors",
+               random_lora(dict(_lora_components(model)), Family.SD1, rank=8, seed=5), Family.SD1, "kohya")
+    tagged = GenerationRequest(**{**SD_REQUEST, "prompt": "a red circle <lora:a:1>"})
+    resident = engine.txt2img(tagged)
+    assert "lora:denoiser" in engine.memory.components and "lora:text_encoder" in engine.memory.components
+    assert engine.memory.components["lora:denoiser"].companion_of == "denoiser"
+
+    small = make_engine(tmp_path / "small", sd1_file)
+    device = torch.device("cpu")
+    small.memory = small.models.memory = MemoryManager(device, SimulatedMemory(device, total_mb=64),
+                                                       min_unit_bytes=16 * 1024)
+    with_extensions(small)
+    small.options.update({"forge_inference_memory": 60})
+    lora_folder(small)
+    (small.config.paths.lora_dir / "a.safetensors").symlink_to(engine.config.paths.lora_dir / "a.safetensors")
+    streamed = small.txt2img(tagged)
+    assert streamed.memory.streamed_mb > 0
+    assert small.memory.components["lora:denoiser"].streamed_bytes() > 0, "the adapters are streamed too"
+    assert np.array_equal(images(streamed), images(resident)), "streamed adapters compute what resident ones do"
+    assert not np.array_equal(images(resident), images(plain))
+
+
+def test_lora_list_in_the_api_and_the_ui_inserts_the_tag(tmp_path, sd1_file):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from webui.api import register_api
+    from webui.engine.synthetic import build_synthetic_model
+    from webui.jobs import JobQueue
+    from webui.ui import add_network_tag, build_ui
+
+    engine = with_extensions(make_engine(tmp_path, sd1_file))
+    unet = build_synthetic_model("sd1", "tiny", seed=1).denoiser
+    weights = random_lora({"denoiser": unet}, Family.SD1, rank=2, seed=6)
+    write_lora(lora_folder(engine) / "a.safetensors", weights, Family.SD1, "kohya")
+    app = FastAPI()
+    register_api(app, JobQueue(engine))
+    client = TestClient(app)
+    listed = client.get("/sdapi/v1/loras").json()
+    assert [entry["name"] for entry in listed] == ["a"] and listed[0]["path"].endswith("a.safetensors")
+    write_lora(lora_folder(engine) / "styles" / "b.safetensors", weights, Family.SD1, "diffusers")
+    assert client.post("/sdapi/v1/refresh-loras").status_code == 200
+    assert [entry["name"] for entry in client.get("/sdapi/v1/loras").json()] == ["a", "styles/b"]
+
+    demo = build_ui(engine, JobQueue(engine))
+    box = next(c["props"] for c in demo.config["components"] if c["props"].get("elem_id") == "txt2img_lora_list")
+    assert [choice[1] for choice in box["choices"]] == ["a", "styles/b"]
+    assert add_network_tag("lora", "a cat", "styles/b") == ("a cat <lora:styles/b:1>", None)
+    assert add_network_tag("lora", "a cat <lora:a:1>", "a") == ("a cat <lora:a:1>", None), "added once"
