@@ -40,7 +40,7 @@ def write_loras(root: Path) -> dict[int, Path]:
         model = load_gguf_flux_transformer(write_flux_q8(root), torch.bfloat16)
         for rank, path in paths.items():
             weights = random_lora({"denoiser": model}, Family.FLUX, rank, seed=rank)
-            write_lora(path, weights, Family.FLUX, "kohya")
+            write_lora(path, weights, Family.FLUX, "kohya", dtype=torch.bfloat16)
             print(f"wrote {path.name} ({path.stat().st_size / 1e9:.2f} GB)", flush=True)
     return paths
 

@@ -281,3 +281,41 @@ def test_flux_with_an_int8_t5_draws_nearly_the_same_picture(tmp_path, files):  #
     engine.options.update({"t5_storage_dtype": "Automatic"})
     full = images(engine.txt2img(flux_request("flux-aio.safetensors")))
     assert abs(int8 - full).mean() < 4
+
+
+@requires_cuda
+def test_lora_on_a_gguf_flux_on_cuda_streams_exactly_and_equals_the_merged_weights(tmp_path, files):  # noqa: F811
+    from tests.test_flow_pipelines import flux_request, images
+    from tests.test_flux import inputs
+    from tests.test_lora import FLUX_MODULES, lora_folder, merged_reference, relative_error, with_extensions
+    from webui.engine.detect import Family
+    from webui.engine.lora import _lora_components
+    from webui.engine.lora_export import random_lora, write_lora
+
+    def engine(name: str, lowvram: bool):  # float32: a tiny random Flux is too chaotic to compare in bf16
+        made = with_extensions(make_engine(
+            tmp_path / name, files / "Stable-diffusion" / "flux-Q8_0.gguf", extra_args=(
+                "--vae-dir", str(files / "VAE"), "--text-encoder-dir", str(files / "text_encoder"), "--device", "cuda",
+                "--no-half", *(["--lowvram"] if lowvram else []))))
+        made.options.update({"forge_additional_modules": FLUX_MODULES, "forge_async_loading": "Async",
+                             "forge_pin_shared_memory": "Shared"})
+        return made
+
+    resident, streamed = engine("resident", False), engine("streamed", True)
+    plain = resident.txt2img(flux_request("flux-Q8_0.gguf", batch_size=1))
+    model = resident.models.current
+    weights = random_lora(dict(_lora_components(model)), Family.FLUX, rank=4, seed=2)
+    for made in (resident, streamed):
+        write_lora(lora_folder(made) / "style.safetensors", weights, Family.FLUX, "kohya")
+    request = flux_request("flux-Q8_0.gguf", batch_size=1, prompt="a cat <lora:style:1>")
+    on_gpu = resident.txt2img(request)
+    assert resident.memory.components["lora:denoiser"].device_bytes() > 0
+    assert np.abs(images(on_gpu) - images(plain)).mean() > 1, "the LoRA changes the picture"
+    lowvram = streamed.txt2img(request)
+    assert lowvram.memory.streamed_mb > 0 and streamed.memory.components["lora:denoiser"].streamed_bytes() > 0
+    assert np.abs(images(lowvram) - images(on_gpu)).max() <= 1, "streamed adapters compute what resident ones do"
+    x = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs(model.denoiser.config).items()}
+    with torch.no_grad():
+        online = model.denoiser(**x).sample
+        merged = merged_reference(model.denoiser, weights, "denoiser", 1.0)(**x).sample
+    assert relative_error(online, merged) < 1e-4, "online LoRA on the Q8_0 weights vs the merged weights"

@@ -58,7 +58,7 @@ def merged_reference(module: nn.Module, weights: dict, component: str, multiplie
             parent, _, child = path.rpartition(".")
             setattr(reference.get_submodule(parent), child, plain)
             layer = plain
-        layer.weight.data += multiplier * lora.delta()
+        layer.weight.data += multiplier * lora.delta().to(layer.weight.device)
     return reference
 
 
@@ -212,3 +212,41 @@ def test_lora_list_in_the_api_and_the_ui_inserts_the_tag(tmp_path, sd1_file):
     assert [choice[1] for choice in box["choices"]] == ["a", "styles/b"]
     assert add_network_tag("lora", "a cat", "styles/b") == ("a cat <lora:styles/b:1>", None)
     assert add_network_tag("lora", "a cat <lora:a:1>", "a") == ("a cat <lora:a:1>", None), "added once"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_locon_on_a_gguf_q8_0_unet_equals_the_merged_float32_weights(tmp_path, family):
+    """Every Linear and Conv2d of a quantized UNet adapted (LoCon), applied online after the layers unpack."""
+    from gguf import GGMLQuantizationType as Q
+
+    from tests.test_gguf_unet import load, unet_inputs, write_unet
+    from webui.engine.hooks import NetworkCall
+    from webui.engine.ldm_export import unet_to_ldm
+    from webui.engine.lora import LoraLibrary, LoraNetwork
+    from webui.engine.memory import MemoryManager
+    from webui.engine.synthetic import build_synthetic_model
+
+    unet = build_synthetic_model(family, "tiny", seed=1).denoiser.float()
+    quantized, _ = load(write_unet(tmp_path, family, unet_to_ldm(unet.state_dict(), unet.config), Q.Q8_0), family)
+    model = UNetOnly(quantized, {"sd1": Family.SD1, "sdxl": Family.SDXL}[family])
+    weights = random_lora({"denoiser": quantized}, model.family, rank=4, targets="all", seed=7)
+    assert any(lora.down.dim() == 4 for lora in weights.values()), "convolutions adapted too"
+    write_lora(tmp_path / "Lora" / "locon.safetensors", weights, model.family, "kohya")
+    network = LoraNetwork(LoraLibrary(tmp_path / "Lora", lambda path: "0" * 64), MemoryManager(torch.device("cpu")))
+    inputs = unet_inputs(quantized.config)
+    with torch.no_grad():
+        before = quantized(**inputs).sample
+        network.activate(model, [NetworkCall("lora", "locon", ("0.6",))])
+        online = quantized(**inputs).sample
+        merged = merged_reference(quantized, weights, "denoiser", 0.6)(**inputs).sample
+        network.activate(model, [])
+        after = quantized(**inputs).sample
+    assert relative_error(online, merged) < 1e-5 and relative_error(online, before) > 1e-3
+    assert torch.equal(after, before), "removed: bit-identical"
+
+
+class UNetOnly:
+    """What a LoRA network reads of a loaded model, for a bare UNet."""
+
+    def __init__(self, denoiser: nn.Module, family: Family):
+        self.denoiser, self.family, self.text_encoders, self.t5 = denoiser, family, [], None
