@@ -50,10 +50,12 @@ def run(root: Path, gpu_weights_mb: int | None) -> dict:
     from webui.cli import parse_args
     from webui.engine.engine import Engine
     from webui.engine.request import GenerationRequest
+    from webui.extensions import load_extensions
     from webui.settings import AppConfig
 
     args = ["--data-dir", str(root / "data"), "--models-dir", str(root), "--device", "cuda"]
     engine = Engine(AppConfig.from_args(parse_args(args)))
+    load_extensions(engine)  # LoRA is a built-in extension
     rss_start = status_mb("VmRSS")
     total_mb = torch.cuda.get_device_properties(0).total_memory / MB
     reserve = 1024 if gpu_weights_mb is None else int(total_mb - gpu_weights_mb)
@@ -69,6 +71,8 @@ def run(root: Path, gpu_weights_mb: int | None) -> dict:
                                     sampler_name="Euler", seed=1, checkpoint=checkpoint, save_images=False)
         start = time.perf_counter()
         result = engine.txt2img(request)
+        if ("Lora hashes" in result.infotexts[0]) != bool(lora):
+            raise RuntimeError(f"the LoRA was {'not ' if lora else ''}applied: {result.infotexts[0]}")
         return {"to_first_step_s": first_step[-1] - start, "s_per_it": result.timings["denoise"] / 20,
                 "wall_s": time.perf_counter() - start, "memory": str(result.memory)}
 
