@@ -29,7 +29,7 @@ from webui.engine.files import load_state_dict, read_safetensors_header
 from webui.engine.fp8 import compute_dtype
 from webui.engine.hooks import NetworkCall
 from webui.engine.load import LoadedModel
-from webui.engine.lora_keys import LoraWeights, convert_lora, lora_family
+from webui.engine.lora_keys import LoraWeights, convert_lora
 from webui.engine.memory import MemoryManager
 from webui.errors import ModelFileError, UserError
 
@@ -109,13 +109,16 @@ class LoraLibrary:
         self._files.update({self.name_of(p): p for p in found})
 
     def find(self, name: str) -> Path:
-        files = self.files()
-        path = files.get(name) or next((p for n, p in files.items() if n.lower() == name.lower()), None)
+        def lookup() -> Path | None:
+            files = self.files()
+            return files.get(name) or next((p for n, p in files.items() if n.lower() == name.lower()), None)
+
+        path = lookup()
         if path is None:
-            self.refresh()
-            path = self.files().get(name)
+            self.refresh()  # a file added since the last look
+            path = lookup()
         if path is None:
-            known = ", ".join(sorted({p.stem for p in files.values()})[:8]) or f"none in {self.folder}"
+            known = ", ".join(self.names()[:8]) or f"none in {self.folder}"
             raise UserError(f"LoRA {name!r} not found (known: {known}). Put .safetensors LoRA files in "
                             f"{self.folder} and refresh.", field="prompt")
         return path
@@ -191,24 +194,23 @@ class LoraNetwork:
         return {"Lora hashes": ", ".join(f"{u.name}: {self.library.short_hash(u.path)}" for u in uses)}
 
     def _read(self, path: Path, model: LoadedModel) -> dict[tuple[str, str], LoraWeights]:
-        tensors = load_state_dict(path)  # header checked first; a clear ModelFileError for a corrupt file
-        family = lora_family(tensors)
-        if family is not None and family is not model.family:
-            raise UserError(f"LoRA {path.stem} is for {family.value}; the loaded model is {model.family.value}. "
-                            "Pick a LoRA made for this model's family.", field="prompt")
-        return convert_lora(tensors, model.family, dict(_lora_components(model)), path.name)
+        """The file's updates for this model; a corrupt file, or one for another family or format, is refused by
+        the reader (header checked first) and the converter, pointed at the prompt tag that asked for it."""
+        try:
+            return convert_lora(load_state_dict(path), model.family, dict(_lora_components(model)), path.name)
+        except ModelFileError as e:
+            raise ModelFileError(e.message, field="prompt") from e
 
     def _apply(self, model: LoadedModel, weights: list[tuple[LoraUse, dict[tuple[str, str], LoraWeights]]]) -> None:
-        components = dict(_lora_components(model))
-        memory_names = dict(_memory_names(model))
+        components = {name: (memory_name, module) for name, memory_name, module in _targets(model)}
         adapters: dict[str, nn.ModuleList] = {}
         for use, by_layer in weights:
             for (component, path), lora in by_layer.items():
-                root = components[component]
+                memory_name, root = components[component]
                 layer = root.get_submodule(path)
                 multiplier = use.unet if component == "denoiser" else use.te
                 adapter = LoraAdapter(lora, multiplier, layer, compute_dtype(root))
-                adapters.setdefault(memory_names[component], nn.ModuleList()).append(adapter)
+                adapters.setdefault(memory_name, nn.ModuleList()).append(adapter)
                 self._handles.append(layer.register_forward_hook(_add_to_output(adapter)))
         for owner, container in adapters.items():
             name = f"lora:{owner}"
@@ -216,20 +218,16 @@ class LoraNetwork:
             self._components.append((name, container))
 
 
+def _targets(model: LoadedModel) -> Iterator[tuple[str, str, nn.Module]]:
+    """(the name LoRA files give a component (diffusers pipeline attributes), the memory manager's name for it
+    (``LoadedModel.components``), the module) for each component a LoRA can adapt."""
+    yield "denoiser", "denoiser", model.denoiser
+    for name, slot in zip(("text_encoder", "text_encoder_2"), model.text_encoders):
+        yield name, name, slot.model
+    if model.t5 is not None:
+        yield ("text_encoder_2" if model.family is Family.FLUX else "text_encoder_3"), "t5", model.t5.model
+
+
 def _lora_components(model: LoadedModel) -> Iterator[tuple[str, nn.Module]]:
-    """Our modules under the component names LoRA files use (diffusers pipeline attributes)."""
-    yield "denoiser", model.denoiser
-    for i, slot in enumerate(model.text_encoders):
-        yield ("text_encoder", "text_encoder_2")[i], slot.model
-    if model.t5 is not None:
-        yield ("text_encoder_2" if model.family is Family.FLUX else "text_encoder_3"), model.t5.model
-
-
-def _memory_names(model: LoadedModel) -> Iterator[tuple[str, str]]:
-    """LoRA component names -> the memory manager's component names (``LoadedModel.components``)."""
-    yield "denoiser", "denoiser"
-    for i in range(len(model.text_encoders)):
-        name = ("text_encoder", "text_encoder_2")[i]
-        yield name, name
-    if model.t5 is not None:
-        yield ("text_encoder_2" if model.family is Family.FLUX else "text_encoder_3"), "t5"
+    """Our modules under the component names LoRA files use."""
+    return ((name, module) for name, _memory_name, module in _targets(model))
