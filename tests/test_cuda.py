@@ -8,6 +8,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from tests.conftest import make_engine
 from tests.test_flow_pipelines import files, parts  # noqa: F401 (fixtures)
+from tests.test_lora import lora_route  # noqa: F401 (fixture)
 from webui.engine.request import GenerationRequest
 from webui.engine.samplers import make_scheduler
 
@@ -180,6 +181,34 @@ def test_fused_unpacking_on_cuda_is_the_float32_unpacking_rounded(qtype):
 
 
 @requires_cuda
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_unpacking_with_a_low_rank_update_is_the_float32_sum(qtype):
+    """A weight unpacked plus ``up @ down``: in the Triton kernel for Q8_0 (the float32 sum rounded once), by
+    addmm_ onto the unpacked weight for the others; conv-shaped weights (rows by the rest) too."""
+    from gguf import GGMLQuantizationType as Q
+
+    from tests.test_gguf import quant_tensor
+    from webui.engine.quant import dequantize, fuses_low_rank
+
+    weight = quant_tensor(getattr(Q, qtype), rows=301, blocks_per_row=13, seed=6)  # not whole tiles either way
+    generator = torch.Generator().manual_seed(0)
+    for shape in (weight.shape, (weight.shape[0], weight.shape[1] // 4, 2, 2)):
+        columns = weight.shape[1]
+        up, down = torch.randn(shape[0], 12, generator=generator), torch.randn(12, columns, generator=generator)
+        exact = weight.dequantize(torch.float32).view(shape) + (up @ down).view(shape)
+        assert fuses_low_rank(weight.raw.cuda(), weight.qtype, shape) == (qtype == "Q8_0")
+        roundings = 1 if qtype == "Q8_0" else 2  # the unpacked weight, then the sum
+        for dtype, ulp in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -8), (torch.float16, 2 ** -10)):
+            tolerance = roundings * ulp
+            plus = (up.to("cuda", dtype), down.to("cuda", dtype))
+            summed = dequantize(weight.raw.cuda(), weight.qtype, shape, dtype, fused=True, plus=plus)
+            reference = weight.dequantize(torch.float32).view(shape) + (plus[0].float() @ plus[1].float()).cpu().view(
+                shape)
+            error = (summed.float().cpu() - reference).abs().max().item() / exact.abs().max().item()
+            assert summed.dtype == dtype and summed.shape == shape and error <= tolerance, (dtype, error)
+
+
+@requires_cuda
 def test_pinned_blocks_hold_exactly_their_bytes_and_unlock_when_collected():
     """torch's pinned allocator would take 64 MB for a 40 MB weight and keep it after use; a block takes the
     weight's bytes and is unlocked (its tensors still readable) once collected."""
@@ -284,7 +313,8 @@ def test_flux_with_an_int8_t5_draws_nearly_the_same_picture(tmp_path, files):  #
 
 
 @requires_cuda
-def test_lora_on_a_gguf_flux_on_cuda_streams_exactly_and_equals_the_merged_weights(tmp_path, files):  # noqa: F811
+def test_lora_on_a_gguf_flux_on_cuda_streams_exactly_and_equals_the_merged_weights(tmp_path, files,  # noqa: F811
+                                                                                   lora_route):  # noqa: F811
     from tests.test_flow_pipelines import flux_request, images
     from tests.test_flux import inputs
     from tests.test_lora import FLUX_MODULES, lora_folder, merged_reference, relative_error, with_extensions

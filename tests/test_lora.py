@@ -12,6 +12,7 @@ from torch import nn
 from tests.conftest import make_engine
 from tests.test_flow_pipelines import engine_for, files, flux_request, images, parts  # noqa: F401 (fixtures)
 from tests.test_flux import inputs as flux_inputs
+from webui.engine import lora as lora_module
 from webui.engine.detect import Family
 from webui.engine.infotext import parse_infotext
 from webui.engine.lora import _lora_components
@@ -24,6 +25,15 @@ from webui.extensions import load_extensions
 FLUX_MODULES = ["ae.safetensors", "clip_l.safetensors", "t5xxl_fp32.safetensors"]
 SD_REQUEST = dict(prompt="a red circle", negative_prompt="blurry", width=64, height=64, steps=3, cfg_scale=5.0,
                   sampler_name="Euler", seed=11, save_images=False)
+
+
+@pytest.fixture(params=["into the weight", "onto the output"])
+def lora_route(request, monkeypatch):
+    """Each of the two ways an adapter adds its update, forced for every layer (else chosen by cost)."""
+    cost = 0.0 if request.param == "into the weight" else float("inf")
+    monkeypatch.setattr(lora_module, "MERGE_COST_FUSED", cost)
+    monkeypatch.setattr(lora_module, "MERGE_COST_ADDMM", cost)
+    return request.param
 
 
 def with_extensions(engine):
@@ -40,10 +50,10 @@ def lora_folder(engine):
 
 def merged_reference(module: nn.Module, weights: dict, component: str, multiplier: float) -> nn.Module:
     """A float32 copy of ``module`` whose adapted layers hold weight + multiplier * delta (GGUF layers dequantized
-    first), with no hooks: the reference an online LoRA must equal."""
+    first), without the adapters: the reference an online LoRA must equal."""
     reference = copy.deepcopy(module).float()
     for sub in reference.modules():
-        sub._forward_hooks.clear()
+        sub.__dict__.pop("forward", None)  # the copy of an adapted layer's routing through its adapter
     for (owner, path), lora in weights.items():
         if owner != component:
             continue
@@ -68,7 +78,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("family,fmt", [("sd1", "kohya"), ("sd1", "diffusers"), ("sdxl", "kohya"),
                                         ("sdxl", "diffusers")])
-def test_sd_lora_equals_the_merged_float32_weights(tmp_path, request, family, fmt):
+def test_sd_lora_equals_the_merged_float32_weights(tmp_path, request, family, fmt, lora_route):
     engine = with_extensions(make_engine(tmp_path, request.getfixturevalue(f"{family}_file")))
     plain = engine.txt2img(GenerationRequest(**SD_REQUEST))
     model = engine.models.current
@@ -103,7 +113,8 @@ def test_sd_lora_equals_the_merged_float32_weights(tmp_path, request, family, fm
 
 @pytest.mark.parametrize("checkpoint", ["flux-transformer.safetensors", "flux-Q8_0.gguf"])
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
-def test_flux_lora_equals_the_merged_float32_weights_on_16_bit_and_gguf(tmp_path, files, checkpoint, fmt):  # noqa: F811
+def test_flux_lora_equals_the_merged_float32_weights_on_16_bit_and_gguf(tmp_path, files, checkpoint, fmt,  # noqa: F811
+                                                                      lora_route):
     engine = with_extensions(engine_for(tmp_path, files, checkpoint))
     engine.options.update({"forge_additional_modules": FLUX_MODULES})
     plain = engine.txt2img(flux_request(checkpoint, batch_size=1))
@@ -215,8 +226,9 @@ def test_lora_list_in_the_api_and_the_ui_inserts_the_tag(tmp_path, sd1_file):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_locon_on_a_gguf_q8_0_unet_equals_the_merged_float32_weights(tmp_path, family):
-    """Every Linear and Conv2d of a quantized UNet adapted (LoCon), applied online after the layers unpack."""
+def test_locon_on_a_gguf_q8_0_unet_equals_the_merged_float32_weights(tmp_path, family, lora_route):
+    """Every Linear and Conv2d of a quantized UNet adapted (LoCon) by two LoRAs at once, applied online after the
+    layers unpack."""
     from gguf import GGMLQuantizationType as Q
 
     from tests.test_gguf_unet import load, unet_inputs, write_unet
@@ -230,15 +242,18 @@ def test_locon_on_a_gguf_q8_0_unet_equals_the_merged_float32_weights(tmp_path, f
     quantized, _ = load(write_unet(tmp_path, family, unet_to_ldm(unet.state_dict(), unet.config), Q.Q8_0), family)
     model = UNetOnly(quantized, {"sd1": Family.SD1, "sdxl": Family.SDXL}[family])
     weights = random_lora({"denoiser": quantized}, model.family, rank=4, targets="all", seed=7)
-    assert any(lora.down.dim() == 4 for lora in weights.values()), "convolutions adapted too"
+    other = random_lora({"denoiser": quantized}, model.family, rank=2, targets="attention", seed=8)
+    assert any(w.down.dim() == 4 for w in weights.values()), "convolutions adapted too"
     write_lora(tmp_path / "Lora" / "locon.safetensors", weights, model.family, "kohya")
+    write_lora(tmp_path / "Lora" / "other.safetensors", other, model.family, "diffusers")
     network = LoraNetwork(LoraLibrary(tmp_path / "Lora", lambda path: "0" * 64), MemoryManager(torch.device("cpu")))
     inputs = unet_inputs(quantized.config)
     with torch.no_grad():
         before = quantized(**inputs).sample
-        network.activate(model, [NetworkCall("lora", "locon", ("0.6",))])
+        network.activate(model, [NetworkCall("lora", "locon", ("0.6",)), NetworkCall("lora", "other", ("-0.5",))])
         online = quantized(**inputs).sample
-        merged = merged_reference(quantized, weights, "denoiser", 0.6)(**inputs).sample
+        merged = merged_reference(merged_reference(quantized, weights, "denoiser", 0.6), other, "denoiser", -0.5)
+        merged = merged(**inputs).sample
         network.activate(model, [])
         after = quantized(**inputs).sample
     assert relative_error(online, merged) < 1e-5 and relative_error(online, before) > 1e-3

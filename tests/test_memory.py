@@ -219,3 +219,34 @@ def test_a_weight_tied_between_two_modules_is_moved_by_the_later_one():
     assert sum(u.nbytes for u in units) == param_bytes(model)
     assert any(u.module is model.encoder.embed_tokens for u in units)
     assert not any(u.module is model.shared for u in units)
+
+
+def test_a_companion_gets_room_before_the_component_it_accompanies():
+    """A LoRA's adapters are hundreds of tiny units: streaming them costs a hook and a copy each. When the budget
+    holds them and part of the model, they stay resident and the model's large units are streamed instead."""
+    from webui.engine.memory import MemoryPolicy
+
+    model = nn.Sequential(*(nn.Linear(256, 256) for _ in range(8)))  # 8 units of 257 kB
+    adapters = nn.ModuleList(nn.Linear(256, 64, bias=False) for _ in range(8))  # 8 units of 64 kB
+    memory = SimulatedMemory(torch.device("cpu"), total_mb=2)
+    manager = MemoryManager(torch.device("cpu"), memory, min_unit_bytes=1)
+    denoiser = manager.register("denoiser", model)
+    lora = manager.register("lora:denoiser", adapters, companion_of="denoiser")
+    manager.begin(MemoryPolicy(inference_mb=0), activation=0)
+    manager.prepare(["denoiser"])
+    assert lora.device_bytes() == lora.nbytes and lora.streamer is None, "the adapters are all on the device"
+    assert 0 < denoiser.streamed_bytes() < denoiser.nbytes
+    window = (IN_FLIGHT + 1) * max(u.nbytes for u in denoiser.units)
+    assert manager.resident_bytes() <= 2 * MB - window, "the adapters' room is not the room for copies in flight"
+
+
+def test_a_smaller_budget_streams_the_same_units_and_a_few_more():
+    """Plans are nested: taking a little room (a LoRA's adapters) streams a few more units and moves nothing else,
+    so only those few need page-locking."""
+    units = [Unit(str(i), nn.Linear(32, 32 + i % 3), recurse=True) for i in range(37)]
+    size = units[0].nbytes
+    plans = [plan_residency(units, budget * size) for budget in range(60, 0, -1)]
+    for larger, smaller in zip(plans, plans[1:]):
+        assert smaller <= larger
+        if larger != set(units):  # past the first step, which sets room aside for copies in flight
+            assert len(larger - smaller) <= 2

@@ -1,9 +1,11 @@
-"""LoRA applied online: each adapted layer adds ``scale * up(down(x))`` to its output.
+"""LoRA applied online: each adapted layer computes with ``weight + scale * up @ down`` for that call only.
 
-The model's weights are never touched. That is what makes a LoRA instant on GGUF and fp8 weights
-(no dequantize, merge, requantize), correct on weights the memory manager streams (the low-rank
-update is computed on the device, from the input, after the layer's copy) and exact to remove:
-taking the hooks away leaves the very computation the model had before.
+The stored weights are never written. That is what makes a LoRA instant on GGUF and fp8 weights
+(no dequantize, merge, requantize), correct on weights the memory manager streams (the update is
+computed on the device, after the layer's copy) and exact to remove: giving the layers back their
+own forward leaves the very computation the model had before. How the update is added — into the
+weight the call unpacks, or onto its output — is chosen per layer and input shape by cost
+(``LoraAdapter``).
 
 The adapters of one model component live in one module registered with the memory manager as a
 companion of that component (``lora:denoiser`` goes wherever ``denoiser`` goes): their bytes
@@ -14,6 +16,7 @@ Prompt tags, as A1111: ``<lora:name:weight>`` (text encoders and denoiser alike)
 """
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from collections.abc import Callable, Iterator
@@ -24,13 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from webui.engine import gguf_kernels
 from webui.engine.detect import Family
 from webui.engine.files import load_state_dict, read_safetensors_header
-from webui.engine.fp8 import compute_dtype
+from webui.engine.fp8 import compute_dtype, is_fp8, upcast_weight
 from webui.engine.hooks import NetworkCall
 from webui.engine.load import LoadedModel
 from webui.engine.lora_keys import LoraWeights, convert_lora
 from webui.engine.memory import MemoryManager
+from webui.engine.quant import LowRank, QuantizedLayer, fuses_low_rank
 from webui.errors import ModelFileError, UserError
 
 log = logging.getLogger(__name__)
@@ -38,32 +43,86 @@ log = logging.getLogger(__name__)
 LORA_SUFFIXES = (".safetensors",)
 
 
+# What adding ``up @ down`` to a layer's weight costs per weight element, relative to what adding ``up(down(x))`` to
+# its output costs per element of activations moved (x read, the output read and written): GPU time on an H100 for
+# Flux's Q8_0 layers, rank 32 (``python3 -m benchmarks.lora_layers``): 0.75 ns a weight element in the unpacking
+# kernel, 2.3 ns by addmm_ onto an unpacked or 16-bit weight, 1.65 ns an activation element.
+MERGE_COST_FUSED = 0.45
+MERGE_COST_ADDMM = 1.4
+
+
 class LoraAdapter(nn.Module):
-    """One layer's low-rank update, added to the layer's output: ``output + (x @ down.T) @ (scale * up).T``.
+    """Every LoRA on one layer, as one low-rank update ``up @ down`` (their ranks side by side, each scale folded into
+    its part of ``up``), computed for each call in whichever of two exact ways costs less:
 
-    The scale is folded into ``up`` once, and the second product accumulates straight into the output
-    (``addmm``): the update costs two thin matmuls per call and no separate scaling or addition pass.
-    For convolutions (LoCon) ``down`` is a convolution with the layer's geometry and ``up`` a 1x1 one."""
+    - added to the layer's output, ``output + (x @ down.T) @ up.T``: two thin matmuls over the activations,
+      cheap for few tokens (text, modulation vectors);
+    - added to the weight the call uses, ``F.linear(x, weight + up @ down)``: one pass over the weight, cheap
+      for many tokens — and nearly free on Q8_0, whose unpacking kernel adds it (``quant.fuses_low_rank``). A
+      GGUF or fp8 weight is added to in its unpacked copy; a 16-bit one into a temporary sum. The stored weight
+      is never written.
 
-    def __init__(self, weights: LoraWeights, multiplier: float, layer: nn.Module, dtype: torch.dtype):
+    The adapter is called as a module from the layer's forward, so a streamed adapter is on the device then.
+    For convolutions (LoCon) ``down`` has the layer's geometry and ``up`` is 1x1."""
+
+    def __init__(self, parts: list[tuple[LoraWeights, float]], layer: nn.Module, dtype: torch.dtype):
         super().__init__()
-        self.down = nn.Parameter(weights.down.to(dtype), requires_grad=False)
-        self.up = nn.Parameter((weights.up.float() * (weights.scale * multiplier)).to(dtype), requires_grad=False)
-        self.conv = (layer.stride, layer.padding, layer.dilation, layer.groups) if self.down.dim() == 4 else None
+        down = torch.cat([w.down.float() for w, _ in parts])
+        up = torch.cat([w.up.float() * (w.scale * multiplier) for w, multiplier in parts], dim=1)
+        self.down = nn.Parameter(down.flatten(1).to(dtype), requires_grad=False)  # (rank, the weight's columns)
+        self.up = nn.Parameter(up.flatten(1).to(dtype), requires_grad=False)  # (the weight's rows, rank)
+        self.conv = (down.shape, (layer.stride, layer.padding, layer.dilation, layer.groups)) if down.dim() == 4 \
+            else None
+        self._merges: dict[torch.Size, bool] = {}  # by input shape: whether to add into the weight
 
-    def forward(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        down, up = self.down.to(x.dtype), self.up.to(x.dtype)  # no-ops unless a layer computes in another dtype
+    def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        up, down = self.up, self.down
+        if up.dtype != x.dtype:  # a layer computing in another dtype than the model's
+            up, down = up.to(x.dtype), down.to(x.dtype)
+        merge = self._merges.get(x.shape)
+        if merge is None:
+            merge = self._merges[x.shape] = self._merge_costs_less(layer, x)
+        if merge:
+            weight, bias = _weight_plus(layer, x, (up, down))
+            return F.linear(x, weight, bias) if self.conv is None else F.conv2d(x, weight, bias, *self.conv[1])
+        output = type(layer).forward(layer, x)
         if self.conv is not None:
-            return output + F.conv2d(F.conv2d(x, down, None, *self.conv), up)
+            shape, geometry = self.conv
+            return output + F.conv2d(F.conv2d(x, down.view(shape), None, *geometry), up[:, :, None, None])
         low = F.linear(x, down)
         return torch.addmm(output.reshape(-1, output.shape[-1]), low.reshape(-1, low.shape[-1]), up.t()).view(
             output.shape)
 
+    def _merge_costs_less(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        rows, columns = self.up.shape[0], self.down.shape[1]
+        in_features = x.shape[1] if self.conv is not None else x.shape[-1]
+        positions = x.numel() // in_features
+        fused = isinstance(layer, QuantizedLayer) and fuses_low_rank(layer.weight, layer.qtype, layer.weight_shape)
+        per_weight_element = MERGE_COST_FUSED if fused else MERGE_COST_ADDMM
+        return rows * columns * per_weight_element < positions * (in_features + 2 * rows)
 
-def _add_to_output(adapter: LoraAdapter) -> Callable:
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return adapter(args[0], output)
-    return hook
+
+def _weight_plus(layer: nn.Module, x: torch.Tensor, plus: LowRank) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's weight for ``x`` (device, dtype) plus ``up @ down``, and its bias."""
+    if isinstance(layer, QuantizedLayer):
+        return layer.weight_and_bias(x, plus)
+    bias = None if layer.bias is None else layer.bias.to(x.device, x.dtype)
+    if is_fp8(layer.weight):
+        weight = upcast_weight(layer, x)  # a fresh copy: added to in place
+        weight.view(weight.shape[0], -1).addmm_(*plus)
+        return weight, bias
+    weight = layer.weight.to(x.device, x.dtype)
+    return torch.addmm(weight.view(weight.shape[0], -1), *plus).view(weight.shape), bias
+
+
+def _adapt(layer: nn.Module, adapter: LoraAdapter) -> None:
+    """Route the layer's forward through the adapter (inside the layer's call, so the layer's own hooks — streaming
+    its weights — still run around it); ``_unadapt`` gives the layer back its own forward."""
+    layer.forward = functools.partial(adapter, layer)
+
+
+def _unadapt(layer: nn.Module) -> None:
+    layer.__dict__.pop("forward", None)
 
 
 @dataclass(frozen=True)
@@ -156,7 +215,7 @@ class LoraNetwork:
         self.memory = memory
         self._applied: tuple[LoraUse, ...] = ()
         self._model: weakref.ref | None = None
-        self._handles: list = []
+        self._layers: list[weakref.ref] = []  # the adapted layers (weakly: an unloaded model is let go)
         self._components: list[tuple[str, nn.Module]] = []  # memory manager name, adapters
 
     def names(self) -> list[str]:
@@ -175,18 +234,19 @@ class LoraNetwork:
         self._applied, self._model = uses, weakref.ref(model)
         if uses:
             log.info("LoRA: %s on %d layers", ", ".join(f"{u.name} ({u.te:g}/{u.unet:g})" for u in uses),
-                     len(self._handles))
+                     len(self._layers))
         return self._infotext(uses)
 
     def remove(self) -> None:
         """Take every adapter off: the model computes exactly as loaded (a model since unloaded is let be)."""
-        for handle in self._handles:
-            handle.remove()
+        for ref in self._layers:
+            if (layer := ref()) is not None:
+                _unadapt(layer)
         for name, container in self._components:
             component = self.memory.components.get(name)
             if component is not None and component.module is container:
                 self.memory.unregister(name)
-        self._handles, self._components, self._applied, self._model = [], [], (), None
+        self._layers, self._components, self._applied, self._model = [], [], (), None
 
     def _infotext(self, uses: tuple[LoraUse, ...]) -> dict[str, str]:
         if not uses:
@@ -203,19 +263,39 @@ class LoraNetwork:
 
     def _apply(self, model: LoadedModel, weights: list[tuple[LoraUse, dict[tuple[str, str], LoraWeights]]]) -> None:
         components = {name: (memory_name, module) for name, memory_name, module in _targets(model)}
-        adapters: dict[str, nn.ModuleList] = {}
+        parts: dict[tuple[str, str], list[tuple[LoraWeights, float]]] = {}
         for use, by_layer in weights:
             for (component, path), lora in by_layer.items():
-                memory_name, root = components[component]
-                layer = root.get_submodule(path)
-                multiplier = use.unet if component == "denoiser" else use.te
-                adapter = LoraAdapter(lora, multiplier, layer, compute_dtype(root))
-                adapters.setdefault(memory_name, nn.ModuleList()).append(adapter)
-                self._handles.append(layer.register_forward_hook(_add_to_output(adapter)))
+                parts.setdefault((component, path), []).append((lora, use.unet if component == "denoiser" else use.te))
+        adapters: dict[str, nn.ModuleList] = {}
+        for (component, path), layer_parts in parts.items():
+            memory_name, root = components[component]
+            layer = root.get_submodule(path)
+            adapter = LoraAdapter(layer_parts, layer, compute_dtype(root))
+            adapters.setdefault(memory_name, nn.ModuleList()).append(adapter)
+            _adapt(layer, adapter)
+            self._layers.append(weakref.ref(layer))
         for owner, container in adapters.items():
             name = f"lora:{owner}"
             self.memory.register(name, container, companion_of=owner)
             self._components.append((name, container))
+
+
+def compile_kernels(model: LoadedModel, device: torch.device) -> None:
+    """Compile the kernel that adds a LoRA while unpacking a GGUF weight, if this model has such weights and runs on
+    CUDA: when the model loads, rather than in the first step of its first LoRA (~0.5 s the first time on a
+    machine; Triton's disk cache makes it milliseconds after)."""
+    if device.type != "cuda":
+        return
+    qtypes = {m.qtype for m in model.denoiser.modules() if isinstance(m, QuantizedLayer)}
+    if not qtypes & gguf_kernels.LOW_RANK_KERNELS.keys():
+        return
+    try:
+        gguf_kernels.compile_low_rank_kernels(device, (compute_dtype(model.denoiser),))
+    except Exception as e:  # compilers' failures have many types; unpacking then adding gives the same weights
+        log.warning("Compiling the LoRA unpacking kernel failed (%s); LoRAs on GGUF weights are added after "
+                    "unpacking instead, which is slower.", e)
+        gguf_kernels.LOW_RANK_KERNELS.clear()
 
 
 def _targets(model: LoadedModel) -> Iterator[tuple[str, str, nn.Module]]:

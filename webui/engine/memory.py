@@ -191,6 +191,10 @@ def plan_residency(units: list[Unit], budget: int) -> set[Unit]:
     while one streamed unit is copied the device computes resident ones: the step then costs
     about max(compute, streamed bytes ÷ bandwidth) instead of their sum. Part of the budget
     is kept for the streamed units' device copies in flight (``stream.IN_FLIGHT``).
+
+    Units are streamed in one fixed order (``spread_order``) until enough bytes are: a smaller
+    budget streams the same units and a few more. So a small change of room (a LoRA taking some)
+    moves a few units, and only those need page-locking, instead of reshuffling the plan.
     Pure and deterministic.
     """
     total = sum(u.nbytes for u in units)
@@ -198,20 +202,19 @@ def plan_residency(units: list[Unit], budget: int) -> set[Unit]:
         return set(units)
     window = (IN_FLIGHT + 1) * max(u.nbytes for u in units)
     must_stream = total - max(budget - window, 0)
-    fraction = min(must_stream / total, 1.0)
-    streamed, seen, resident = 0, 0, set()
-    for unit in units:
-        seen += unit.nbytes
-        if streamed + unit.nbytes / 2 <= fraction * seen:
-            streamed += unit.nbytes
-        else:
-            resident.add(unit)
-    for unit in sorted(resident, key=lambda u: -u.nbytes):  # rounding left too much resident: stream the largest
-        if total - streamed <= budget - window:
+    resident, streamed = set(units), 0
+    for index in spread_order(len(units)):
+        if streamed >= must_stream:
             break
-        resident.discard(unit)
-        streamed += unit.nbytes
+        resident.discard(units[index])
+        streamed += units[index].nbytes
     return resident
+
+
+def spread_order(count: int) -> list[int]:
+    """``range(count)`` in bit-reversed order (0, count/2, count/4, 3count/4, ...): every prefix is spread evenly."""
+    bits = max(count - 1, 1).bit_length()
+    return sorted(range(count), key=lambda i: int(f"{i:0{bits}b}"[::-1], 2))
 
 
 class MemoryManager:
@@ -296,7 +299,9 @@ class MemoryManager:
             for c in others:
                 self._place(c, set(), stream=False)
         room = budget - sum(c.device_bytes() for c in others)
-        for c in needed:
+        # Companions (a LoRA's adapters) are given room first: they are small, and streaming hundreds of tiny
+        # units costs a hook and a copy each, far more per byte than the large units of the component they adapt.
+        for c in sorted(needed, key=lambda c: c.companion_of is None):
             fits_whole = mode == "medvram" and c.nbytes <= room
             keep = set() if mode == "lowvram" else set(c.units) if fits_whole else plan_residency(c.units, room)
             room -= sum(u.nbytes for u in keep)

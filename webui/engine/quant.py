@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 PLAIN_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 QUANTIZED_TYPES = (Q.Q8_0, Q.Q6_K, Q.Q5_K, Q.Q5_1, Q.Q5_0, Q.Q4_K, Q.Q4_1, Q.Q4_0)
 SUPPORTED_TYPES = (*PLAIN_TYPES, *QUANTIZED_TYPES)
+LowRank = tuple[torch.Tensor, torch.Tensor]  # (up, down): a (rows, rank) and a (rank, columns) matrix
 
 
 def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -185,10 +186,12 @@ def _fused(qtype: Q) -> _Fused:
 
 
 def dequantize(raw: torch.Tensor, qtype: Q, shape: Sequence[int], dtype: torch.dtype = torch.float32,
-               fused: bool = False) -> torch.Tensor:
+               fused: bool = False, plus: LowRank | None = None) -> torch.Tensor:
     """The values packed in ``raw`` (uint8 ggml blocks, any shape) as a ``shape`` tensor of ``dtype``, on raw's device.
 
     ``fused`` on a CUDA tensor: one compiled kernel instead of eager ops (see the module's docstring).
+    ``plus``, ``(up, down)`` in ``dtype``: ``up @ down`` is added to the weight (its rows by the rest) — in the
+    unpacking kernel itself where ``fuses_low_rank`` says so, else onto the unpacked copy in place.
     """
     if qtype not in _DEQUANTIZE:
         supported = ", ".join(t.name for t in SUPPORTED_TYPES)
@@ -196,9 +199,27 @@ def dequantize(raw: torch.Tensor, qtype: Q, shape: Sequence[int], dtype: torch.d
     if raw.dtype != torch.uint8 or raw.numel() != packed_bytes(qtype, shape):
         raise ValueError(f"{raw.numel()} bytes of {raw.dtype} cannot hold a {qtype.name} tensor of shape "
                          f"{list(shape)}")
+    return _unpacked(raw, qtype, shape, dtype, fused, plus)
+
+
+def _unpacked(raw: torch.Tensor, qtype: Q, shape: Sequence[int], dtype: torch.dtype, fused: bool,
+              plus: LowRank | None) -> torch.Tensor:
+    """``dequantize`` without its checks, for layers: their bytes were checked once, when made (``QuantTensor``),
+    and some 500 calls a step would repeat them."""
     blocks = raw.reshape(-1, GGML_QUANT_SIZES[qtype][1])
+    if plus is not None and fused and fuses_low_rank(raw, qtype, shape):
+        return gguf_kernels.LOW_RANK_KERNELS[qtype](blocks, (shape[0], math.prod(shape[1:])), *plus).reshape(shape)
     unpack = _fused(qtype) if fused and raw.is_cuda and qtype not in PLAIN_TYPES else _DEQUANTIZE[qtype]
-    return unpack(blocks, dtype).reshape(shape)
+    weight = unpack(blocks, dtype).reshape(shape)
+    if plus is not None:
+        weight.view(shape[0], -1).addmm_(*plus)
+    return weight
+
+
+def fuses_low_rank(raw: torch.Tensor, qtype: Q, shape: Sequence[int]) -> bool:
+    """Whether unpacking this weight can add a low-rank product in the same kernel: a Triton kernel for the type, on
+    CUDA, and rows made of whole blocks."""
+    return raw.is_cuda and qtype in gguf_kernels.LOW_RANK_KERNELS and math.prod(shape[1:]) % 32 == 0
 
 
 @dataclass(eq=False)
@@ -279,9 +300,10 @@ class QuantizedLayer(nn.Module):
         self.weight = nn.Parameter(weight.raw, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
-    def weight_and_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight unpacked for ``x`` (its device and dtype), and the bias in x's dtype."""
-        weight = dequantize(self.weight, self.qtype, self.weight_shape, x.dtype, fused=True)
+    def weight_and_bias(self, x: torch.Tensor, plus: LowRank | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight unpacked for ``x`` (its device and dtype), plus ``up @ down`` if given, and the bias in x's
+        dtype."""
+        weight = _unpacked(self.weight, self.qtype, self.weight_shape, x.dtype, True, plus)
         return weight, None if self.bias is None else self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
