@@ -12,7 +12,8 @@ import math
 import os
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 OPTION_DEFAULTS: dict[str, Any] = {
     "sd_model_checkpoint": "",
     "sd_vae": "Automatic",
+    "sd_checkpoints_limit": 0,  # models kept in memory; 0: automatic (up to 3, within half of the RAM)
     "CLIP_stop_at_last_layers": 1,
     "forge_inference_memory": 1024,
     "forge_async_loading": "Queue",
@@ -36,6 +38,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "samples_save": True,
     "samples_format": "png",
     "outdir_txt2img_samples": "",
+    "grid_save": True,
+    "outdir_txt2img_grids": "",
     "live_previews_enable": True,
     "show_progress_every_n_steps": 1,
     "max_image_side": 4096,
@@ -148,6 +152,27 @@ class Options:
         for key, value in changed.items():
             for listener in self._listeners:
                 listener(key, value)
+
+    @contextmanager
+    def overridden(self, changes: dict[str, Any]) -> Iterator[None]:
+        """Options set for the duration of a block (one X/Y/Z cell, a request's override_settings): checked like
+        any change, never saved, and put back afterwards."""
+        if not changes:
+            yield
+            return
+        with self._lock:
+            checked = {key: self._checked(key, value) for key, value in changes.items()}
+            previous = {key: self._values[key] for key in checked if key in self._values}
+            self._values.update(checked)
+        try:
+            yield
+        finally:
+            with self._lock:
+                for key in checked:
+                    if key in previous:
+                        self._values[key] = previous[key]
+                    else:
+                        self._values.pop(key, None)
 
     def register(self, key: str, default: Any, choices: Sequence[str] | None = None) -> None:
         """Add an option at run time, typed by its default (true/false, whole number, number, text or a list of

@@ -92,7 +92,8 @@ class Engine:
             vae = request.vae if request.vae is not None else self.options["sd_vae"]
             modules = request.modules if request.modules is not None else self.options["forge_additional_modules"]
             model = self.models.get(info, vae, self.options["forge_unet_storage_dtype"], tuple(modules),
-                                    self.options["sd3_enable_t5"], self.options["t5_storage_dtype"])
+                                    self.options["sd3_enable_t5"], self.options["t5_storage_dtype"],
+                                    self.options["sd_checkpoints_limit"])
             if self._announced() is not model:
                 self._announced = weakref.ref(model)
                 self.hooks.fire("model_loaded", model=model)

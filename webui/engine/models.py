@@ -5,7 +5,6 @@ found on disk, so a name can never point outside the model folders.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import re
 import threading
@@ -22,8 +21,10 @@ from webui.engine.flow import FLOW_FAMILIES
 from webui.engine.fp8 import cast_weights_fp8
 from webui.engine.load import LoadedModel, load_model
 from webui.engine.memory import MB, MemoryManager
+from webui.engine.model_cache import CachedModel, ModelCache, keep_limits
 from webui.engine.modules import FIELD as MODULE_FIELD
 from webui.engine.modules import MODULE_SUFFIXES, ModuleFile, assign, identify
+from webui.engine.stream import param_bytes
 from webui.engine.t5_prompts import TOKENIZER_FOLDER
 from webui.engine.t5_storage import check_t5_storage, store_t5
 from webui.errors import UserError
@@ -58,6 +59,8 @@ class ModelManager:
         self.current: LoadedModel | None = None
         self.current_sha256 = ""
         self.identity: tuple = ()
+        self._current_key: tuple | None = None
+        self.cache = ModelCache()
         self._lock = threading.RLock()
         self._checkpoints: list[CheckpointInfo] = []
         self.refresh()
@@ -135,9 +138,11 @@ class ModelManager:
         return assign([identify(files[n]) for n in dict.fromkeys(names)])
 
     def get(self, info: CheckpointInfo, vae_name: str | None, storage: str = "Automatic",
-            module_names: tuple[str, ...] = (), use_t5: bool = True, t5_storage: str = "Automatic") -> LoadedModel:
+            module_names: tuple[str, ...] = (), use_t5: bool = True, t5_storage: str = "Automatic",
+            keep: int = 1) -> LoadedModel:
         """The loaded model for this checkpoint, VAE, separate modules, denoiser storage ("Diffusion in Low
-        Bits") and T5 storage, loading it (and unloading the old one) if needed."""
+        Bits") and T5 storage: the current one, one kept from before (``keep``: the "sd_checkpoints_limit"
+        option, models kept in memory), or loaded now."""
         vae_file = self.find_vae(vae_name)
         fp8 = STORAGE_DTYPES[storage]
         identity = (info, vae_file.name if vae_file else None, fp8, tuple(module_names), use_t5, t5_storage)
@@ -148,23 +153,51 @@ class ModelManager:
             family = checkpoint_family(info)
             if family in FLOW_FAMILIES:  # refused before the loaded model is let go
                 check_t5_storage(t5_storage, self.memory.device)
-            self.unload()
             sha = self.hashes.sha256(info.path)
-            log.info("Loading %s [%s]%s", info.name, short_hash(sha), f" with VAE {vae_file.name}" if vae_file else "")
-            self.current = self._load(info, family, vae_file, modules, use_t5)
-            self.current.module_names = list(dict.fromkeys(module_names))
-            if fp8 is not None:
-                saved = cast_weights_fp8(self.current.denoiser, fp8)
-                log.info("Diffusion in Low Bits: denoiser weights stored as %s (%.0f MB saved)", fp8, saved / MB)
-            if self.current.t5 is not None and t5_storage != "Automatic":
-                saved = store_t5(self.current.t5.model, t5_storage, self.memory.device)
-                log.info("T5 weights stored as %s (%.0f MB saved)", t5_storage, saved / MB)
-            self.current_sha256, self.identity = sha, identity
+            key = (sha, *(_file_identity(f) for f in (vae_file, *(m.path for m in modules.values()))),
+                   *identity[2:])
+            self._set_current_aside()
+            count, nbytes = keep_limits(keep)
+            cached = self.cache.use(key)
+            if cached is None:
+                self.cache.evict(count - 1, nbytes, room=_file_identity(info.path)[1])
+                cached = CachedModel(self._load_new(info, family, vae_file, modules, use_t5, module_names, fp8,
+                                                    t5_storage, sha), sha, 0)
+                cached.nbytes = sum(param_bytes(m) for m in cached.model.modules())
+                self.cache.add(key, cached)
+            else:
+                log.info("Switched to %s [%s], kept in memory (%d model(s) kept: %s)", info.name, short_hash(sha),
+                         len(self.cache), ", ".join(self.cache.names()))
+            self.current, self.current_sha256, self.identity, self._current_key = cached.model, sha, identity, key
+            self.cache.evict(count, nbytes, keep=key)
             for name, module in self.current.components().items():
                 self.memory.register(name, module)
-            log.info("Loaded %s (%s, %.0f MB) into host memory in %.1f s", info.name, self.current.family.value,
-                     sum(c.nbytes for c in self.memory.components.values()) / MB, self.current.load_seconds)
             return self.current
+
+    def _load_new(self, info: CheckpointInfo, family: Family | None, vae_file: Path | None,
+                  modules: dict[str, ModuleFile], use_t5: bool, module_names: tuple[str, ...],
+                  fp8: torch.dtype | None, t5_storage: str, sha: str) -> LoadedModel:
+        log.info("Loading %s [%s]%s", info.name, short_hash(sha), f" with VAE {vae_file.name}" if vae_file else "")
+        model = self._load(info, family, vae_file, modules, use_t5)
+        model.module_names = list(dict.fromkeys(module_names))
+        if fp8 is not None:
+            saved = cast_weights_fp8(model.denoiser, fp8)
+            log.info("Diffusion in Low Bits: denoiser weights stored as %s (%.0f MB saved)", fp8, saved / MB)
+        if model.t5 is not None and t5_storage != "Automatic":
+            saved = store_t5(model.t5.model, t5_storage, self.memory.device)
+            log.info("T5 weights stored as %s (%.0f MB saved)", t5_storage, saved / MB)
+        log.info("Loaded %s (%s, %.0f MB) into host memory in %.1f s", info.name, model.family.value,
+                 sum(param_bytes(m) for m in model.modules()) / MB, model.load_seconds)
+        return model
+
+    def _set_current_aside(self) -> None:
+        """The current model's weights back to host memory and out of the memory manager's hands; it stays in the
+        cache (or leaves it, by the limit), its prompt cache emptied (those tensors may be on the device)."""
+        if self.current is None:
+            return
+        self.memory.release_all()
+        self.current.conditioning_cache = (None, None)
+        self.current, self.current_sha256, self.identity, self._current_key = None, "", (), None
 
     def _load(self, info: CheckpointInfo, family: Family | None, vae_file: Path | None,
               modules: dict[str, ModuleFile], use_t5: bool) -> LoadedModel:
@@ -188,10 +221,16 @@ class ModelManager:
         return model
 
     def unload(self) -> None:
+        """Let every model go, the current one and those kept (A1111's unload-checkpoint)."""
         with self._lock:
-            if self.current is None:
-                return
-            self.memory.release_all()
-            self.current = None
-            self.current_sha256 = ""
-            gc.collect()
+            self._set_current_aside()
+            self.cache.clear()
+
+
+def _file_identity(path: Path | None) -> tuple[str, int, int] | None:
+    """A file (or a diffusers folder) as part of a fingerprint: its path, size and modification time."""
+    if path is None:
+        return None
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    stats = [f.stat() for f in files]
+    return str(path), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)

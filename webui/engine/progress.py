@@ -51,13 +51,27 @@ class Progress:
     started_at: float = 0.0
     interrupted: bool = False
     skipped: bool = False
+    cell_no: int = 0  # the X/Y/Z plot cells done, and how many it has (0: no plot running)
+    cell_count: int = 0
     _latents: torch.Tensor | None = None
     _family: Family = Family.SD1
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reset(self) -> None:
-        """A new job starts (before its model loads): Interrupt and Skip from now on are for it."""
-        self.interrupted = self.skipped = False
+        """A new job starts (before its model loads): Interrupt and Skip from now on are for it. Within an X/Y/Z
+        plot the plot is the job: an Interrupt between two cells still stops it."""
+        self.skipped = False
+        if not self.cell_count:
+            self.interrupted = False
+
+    def begin_plot(self, cells: int) -> None:
+        self.cell_no, self.cell_count, self.interrupted = 0, cells, False
+
+    def next_cell(self) -> None:
+        self.cell_no += 1
+
+    def end_plot(self) -> None:
+        self.cell_no = self.cell_count = 0
 
     def begin(self, job: str, job_count: int, steps: int) -> None:
         with self._lock:
@@ -91,8 +105,10 @@ class Progress:
         """Done fraction over the whole job (all batches)."""
         if not self.job or not self.sampling_steps or not self.job_count:
             return 0.0
-        done = self.job_no + min(self.sampling_step / self.sampling_steps, 1.0)
-        return min(done / self.job_count, 1.0)
+        done = (self.job_no + min(self.sampling_step / self.sampling_steps, 1.0)) / self.job_count
+        if self.cell_count:  # an X/Y/Z plot: over all of its cells
+            done = (self.cell_no + done) / self.cell_count
+        return min(done, 1.0)
 
     @property
     def eta_seconds(self) -> float:

@@ -1,0 +1,242 @@
+"""The X/Y/Z plot: one generation per combination of up to three axes' values, and a labelled grid of them.
+
+Axes that load models (checkpoint, VAE) run in the outer loop, so each model is loaded once per
+plot, not once per cell. Every cell is an ordinary request through the engine — saved with its
+own infotext, placed by the memory manager, its LoRA tags applied — and the seed is fixed for the
+whole plot unless an axis sets it, so cells differ only by their axis values. Progress counts over
+the whole plot; an interrupt stops it after the current cell and returns the grid made so far
+(missing cells grey).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from webui.engine.axis_values import format_value, parse_values
+from webui.engine.generate import resolve_seed
+from webui.engine.grid import combine_grids, draw_grid
+from webui.engine.memory import MB
+from webui.engine.outputs import save_image
+from webui.engine.request import GenerationRequest, GenerationResult
+from webui.engine.samplers import resolve, sampler_names, schedule_type_names
+from webui.errors import UserError
+
+if TYPE_CHECKING:
+    from webui.engine.engine import Engine
+
+
+@dataclass
+class Cell:
+    """What one cell changes: its request, and options set for its generation only (GPU Weights)."""
+
+    request: GenerationRequest
+    options: dict[str, Any] = field(default_factory=dict)
+    first_value: Any = None  # the axis' first value, while its value is applied (Prompt S/R searches for it)
+
+
+@dataclass(frozen=True)
+class Axis:
+    label: str
+    kind: str  # how values are parsed: "int", "float" or "str" (axis_values)
+    apply: Callable[[Engine, Cell, Any], None]
+    expensive: bool = False  # loads a model: run in the outer loop
+    choices: Callable[[Engine], list[str]] | None = None  # the values a UI can offer
+
+
+def _field(name: str) -> Callable[[Engine, Cell, Any], None]:
+    def apply(engine: Engine, cell: Cell, value: Any) -> None:
+        setattr(cell.request, name, value)
+    return apply
+
+
+def _sampler(engine: Engine, cell: Cell, value: str) -> None:
+    cell.request.sampler_name = resolve(value, cell.request.scheduler)[0]
+
+
+def _schedule(engine: Engine, cell: Cell, value: str) -> None:
+    cell.request.scheduler = resolve(cell.request.sampler_name, value)[1]
+
+
+def _prompt_replace(engine: Engine, cell: Cell, value: str) -> None:
+    """Prompt S/R: the axis' first value is searched for, each value replaces it (the first, itself)."""
+    search = cell.first_value
+    if search not in cell.request.prompt and search not in cell.request.negative_prompt:
+        raise UserError(f"Prompt S/R: {search!r} (the first value) is not in the prompt or the negative prompt",
+                        field="value")
+    for name in ("prompt", "negative_prompt"):
+        setattr(cell.request, name, getattr(cell.request, name).replace(search, value))
+
+
+def _checkpoint(engine: Engine, cell: Cell, value: str) -> None:
+    cell.request.checkpoint = engine.models.find(value).name
+
+
+def _vae(engine: Engine, cell: Cell, value: str) -> None:
+    engine.models.find_vae(value)
+    cell.request.vae = value
+
+
+def _size(engine: Engine, cell: Cell, value: str) -> None:
+    width, sep, height = value.lower().replace(" ", "").partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise UserError(f"a size is WIDTHxHEIGHT, like 768x512; got {value!r}", field="value")
+    cell.request.width, cell.request.height = int(width), int(height)
+
+
+def _gpu_weights(engine: Engine, cell: Cell, value: int) -> None:
+    """GPU Weights (MB) as Forge's slider sets it: the device's memory less the inference reserve."""
+    total_mb = engine.memory.memory.total() / MB
+    if not 0 < value <= total_mb:
+        raise UserError(f"GPU Weights must be between 1 and {total_mb:.0f} MB, got {value}", field="value")
+    cell.options["forge_inference_memory"] = int(total_mb - value)
+
+
+BUILTIN_AXES = [
+    Axis("Nothing", "str", lambda engine, cell, value: None),
+    Axis("Seed", "int", _field("seed")),
+    Axis("Steps", "int", _field("steps")),
+    Axis("CFG Scale", "float", _field("cfg_scale")),
+    Axis("Distilled CFG", "float", _field("distilled_cfg_scale")),
+    Axis("Sampler", "str", _sampler, choices=lambda engine: sampler_names()),
+    Axis("Schedule type", "str", _schedule, choices=lambda engine: schedule_type_names()),
+    Axis("Prompt S/R", "str", _prompt_replace),
+    Axis("Checkpoint name", "str", _checkpoint, expensive=True,
+         choices=lambda engine: [c.name for c in engine.models.checkpoints()]),
+    Axis("VAE", "str", _vae, expensive=True,
+         choices=lambda engine: ["Automatic", *(engine.models.vae_name(p) for p in engine.models.vaes())]),
+    Axis("Size", "str", _size),
+    Axis("GPU Weights", "int", _gpu_weights),
+]
+
+
+def extension_axis(label: str, apply: Callable[[GenerationRequest, Any], None],
+                   choices: Callable[[], list[str]] | None) -> Axis:
+    """An axis an extension registered: text values, set on the request by the extension."""
+    return Axis(label, "str", lambda engine, cell, value: apply(cell.request, value),
+                choices=None if choices is None else lambda engine: choices())
+
+
+@dataclass(frozen=True)
+class AxisChoice:
+    """One axis of a plot as the user gave it: which axis, and its values typed as text."""
+
+    label: str = "Nothing"
+    values: str = ""
+
+
+@dataclass
+class PlotResult:
+    """The grid first, then each cell's result in plot order (None where an interrupt stopped the plot)."""
+
+    grid: Image.Image
+    grid_infotext: str
+    grid_path: Path | None
+    cells: list[GenerationResult | None]
+    interrupted: bool
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [self.grid] + [c.images[0] for c in self.cells if c is not None and c.images]
+
+
+def find_axis(axes: list[Axis], wanted: str | int, field: str = "x_type") -> Axis:
+    """An axis by label (any case) or by its index in ``axes``."""
+    if isinstance(wanted, int) and not isinstance(wanted, bool) and 0 <= wanted < len(axes):
+        return axes[wanted]
+    for axis in axes:
+        if isinstance(wanted, str) and axis.label.lower() == wanted.strip().lower():
+            return axis
+    known = ", ".join(a.label for a in axes)
+    raise UserError(f"no X/Y/Z axis {wanted!r}; the axes are: {known}", field=field)
+
+
+def run_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice], axes: list[Axis],
+             save_grid: bool | None = None) -> PlotResult:
+    """Generate every cell of the plot (X, Y, Z = ``choices``), then the grid; UserError before any work for a
+    bad axis or value."""
+    plan = [_parse(find_axis(axes, c.label, f"{name}_type"), c.values, name) for c, name in zip(choices, "xyz")]
+    while len(plan) < 3:
+        plan.append((axes[0], [""]))
+    base = dataclasses.replace(base, seed=resolve_seed(base.seed))
+    shape = [len(values) for _, values in plan]
+    planned = [(index, _cell(engine, base, plan, index)) for index in _order(plan, shape)]  # every value checked
+    cells: dict[tuple[int, int, int], GenerationResult] = {}
+    progress = engine.progress
+    progress.begin_plot(len(planned))
+    try:
+        for index, cell in planned:
+            with engine.options.overridden(cell.options):
+                result = engine.txt2img(cell.request)
+            cells[index] = result
+            progress.next_cell()
+            if result.interrupted or progress.interrupted:
+                break
+    finally:
+        interrupted = progress.interrupted
+        progress.end_plot()
+    return _finish(engine, base, plan, shape, cells, interrupted, save_grid)
+
+
+def _parse(axis: Axis, text: str, name: str) -> tuple[Axis, list]:
+    if axis.label == "Nothing":
+        return axis, [""]
+    values = parse_values(text, axis.kind, f"{name}_values")
+    return axis, values
+
+
+def _order(plan: list[tuple[Axis, list]], shape: list[int]) -> Iterator[tuple[int, int, int]]:
+    """Cell indices (x, y, z), Z outermost, then Y, then X — except that model-loading axes go outside the others."""
+    nesting = sorted((2, 1, 0), key=lambda i: not plan[i][0].expensive)  # stable: z, y, x among equals
+    for combo in itertools.product(*(range(shape[i]) for i in nesting)):
+        index = [0, 0, 0]
+        for axis_no, value_no in zip(nesting, combo):
+            index[axis_no] = value_no
+        yield tuple(index)
+
+
+def _cell(engine: Engine, base: GenerationRequest, plan: list[tuple[Axis, list]], index: tuple[int, int, int]) -> Cell:
+    cell = Cell(dataclasses.replace(base, modules=None if base.modules is None else list(base.modules)))
+    for (axis, values), value_no, name in zip(plan, index, "xyz"):
+        cell.first_value = values[0]
+        try:
+            axis.apply(engine, cell, values[value_no])
+        except UserError as e:
+            raise UserError(f"{axis.label} {format_value(values[value_no])!r}: {e.message}", field=f"{name}_values") \
+                from e
+    return cell
+
+
+def _finish(engine: Engine, base: GenerationRequest, plan: list[tuple[Axis, list]], shape: list[int],
+            cells: dict[tuple[int, int, int], GenerationResult], interrupted: bool,
+            save_grid: bool | None) -> PlotResult:
+    labels = [[_label(axis, value) for value in values] for axis, values in plan]
+    grids = []
+    for z in range(shape[2]):
+        rows = [[_first_image(cells.get((x, y, z))) for x in range(shape[0])] for y in range(shape[1])]
+        grids.append(draw_grid(rows, labels[1], labels[0]))
+    grid = combine_grids(grids, labels[2])
+    made = [cells.get((x, y, z)) for z in range(shape[2]) for y in range(shape[1]) for x in range(shape[0])]
+    first = next((c for c in made if c is not None and c.infotexts), None)
+    summary = "; ".join(f"{name}: {axis.label} = {', '.join(format_value(v) for v in values)}"
+                        for name, (axis, values) in zip("XYZ", plan) if axis.label != "Nothing")
+    infotext = (first.infotexts[0] + "\n" if first else "") + f"X/Y/Z plot: {summary}"
+    save = engine.options["grid_save"] if save_grid is None else save_grid
+    path = None
+    if save and first is not None:
+        outdir = Path(engine.options["outdir_txt2img_grids"] or engine.config.paths.outdir / "txt2img-grids")
+        path = save_image(grid, outdir, first.seed, base.prompt, infotext)
+    return PlotResult(grid, infotext, path, made, interrupted)
+
+
+def _label(axis: Axis, value: Any) -> str:
+    return "" if axis.label == "Nothing" else f"{axis.label}: {format_value(value)}"
+
+
+def _first_image(result: GenerationResult | None) -> Image.Image | None:
+    return result.images[0] if result is not None and result.images else None
