@@ -72,25 +72,6 @@ def _int(item: str, text: str) -> int:
     return int(text)
 
 
-def _parse_int(item: str, room: int) -> list[int]:
-    if re.fullmatch(_INT, item):
-        return [_int(item, item)]
-    match = _INT_RANGE.fullmatch(item)
-    if not match:
-        raise _bad_number(item)
-    start, end = _int(item, match["start"]), _int(item, match["end"])
-    if match["count"] is not None:
-        count = _checked_count(item, _int(item, match["count"]), room)
-        if count == 1:
-            return [start]
-        # numpy.linspace in float, then int() per value, as A1111 does.
-        spacing = (end - start) / (count - 1)
-        return [int(start + i * spacing) for i in range(count - 1)] + [end]
-    step = _int(item, match["step"]) if match["step"] is not None else (1 if end >= start else -1)
-    count = _checked_count(item, _step_count(item, start, end, step), room)
-    return [start + i * step for i in range(count)]
-
-
 def _decimal(item: str, text: str) -> Decimal:
     """The number as the float it will become, kept in decimal (``"0.1"`` stays 0.1) for exact steps."""
     value = float(text)
@@ -99,22 +80,29 @@ def _decimal(item: str, text: str) -> Decimal:
     return Decimal(repr(value))
 
 
-def _parse_float(item: str, room: int) -> list[float]:
-    if re.fullmatch(_FLOAT, item):
-        return [float(_decimal(item, item))]
-    match = _FLOAT_RANGE.fullmatch(item)
+# Per kind: a single number's pattern, a range's, how an endpoint or step is read, and the value it becomes.
+_NUMBERS = {"int": (_INT, _INT_RANGE, _int, int), "float": (_FLOAT, _FLOAT_RANGE, _decimal, float)}
+
+
+def _parse_number(item: str, room: int, kind: str) -> list:
+    """One item of a numeric axis: a number or a range. Whole-number ``[count]`` ranges are spaced in float and
+    truncated per value (A1111 uses numpy.linspace, then int()); decimal ones stay exact."""
+    single, ranged, number, value = _NUMBERS[kind]
+    if re.fullmatch(single, item):
+        return [value(number(item, item))]
+    match = ranged.fullmatch(item)
     if not match:
         raise _bad_number(item)
-    start, end = _decimal(item, match["start"]), _decimal(item, match["end"])
+    start, end = number(item, match["start"]), number(item, match["end"])
     if match["count"] is not None:
         count = _checked_count(item, _int(item, match["count"]), room)
         if count == 1:
-            return [float(start)]
+            return [value(start)]
         spacing = (end - start) / (count - 1)
-        return [float(start + i * spacing) for i in range(count - 1)] + [float(end)]
-    step = _decimal(item, match["step"]) if match["step"] is not None else Decimal(1 if end >= start else -1)
+        return [value(start + i * spacing) for i in range(count - 1)] + [value(end)]
+    step = number(item, match["step"]) if match["step"] is not None else (1 if end >= start else -1)
     count = _checked_count(item, _step_count(item, start, end, step), room)
-    return [float(start + i * step) for i in range(count)]
+    return [value(start + i * step) for i in range(count)]
 
 
 def parse_values(text: str, kind: str, field: str) -> list:
@@ -127,11 +115,10 @@ def parse_values(text: str, kind: str, field: str) -> list:
     if kind == "str":
         values: list = items
     else:
-        parse = _parse_int if kind == "int" else _parse_float
         values = []
         try:
             for item in items:
-                values += parse(item, MAX_VALUES - len(values))
+                values += _parse_number(item, MAX_VALUES - len(values), kind)
         except UserError as e:
             raise UserError(e.message, field=field) from None
     if len(values) > MAX_VALUES:

@@ -30,7 +30,6 @@ AUTOMATIC_RAM_SHARE = 0.5  # ... and only while their weights take at most this 
 @dataclass(eq=False)
 class CachedModel:
     model: LoadedModel
-    sha256: str
     nbytes: int  # its weights in host memory
 
 
@@ -51,9 +50,6 @@ class ModelCache:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def __contains__(self, key: tuple) -> bool:
-        return key in self._entries
 
     def use(self, key: tuple) -> CachedModel | None:
         """The model under ``key``, now the most recently used; None if it is not kept."""
@@ -111,4 +107,3 @@ def forget(entries: list[CachedModel]) -> None:
 def _memory_mb() -> tuple[float, float]:
     vram = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     return psutil.Process().memory_info().rss / MB, vram / MB
-

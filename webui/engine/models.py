@@ -59,7 +59,6 @@ class ModelManager:
         self.current: LoadedModel | None = None
         self.current_sha256 = ""
         self.identity: tuple = ()
-        self._current_key: tuple | None = None
         self.cache = ModelCache()
         self._lock = threading.RLock()
         self._checkpoints: list[CheckpointInfo] = []
@@ -161,14 +160,13 @@ class ModelManager:
             cached = self.cache.use(key)
             if cached is None:
                 self.cache.evict(count - 1, nbytes, room=_file_identity(info.path)[1])
-                cached = CachedModel(self._load_new(info, family, vae_file, modules, use_t5, module_names, fp8,
-                                                    t5_storage, sha), sha, 0)
-                cached.nbytes = sum(param_bytes(m) for m in cached.model.modules())
+                model = self._load_new(info, family, vae_file, modules, use_t5, module_names, fp8, t5_storage, sha)
+                cached = CachedModel(model, sum(param_bytes(m) for m in model.modules()))
                 self.cache.add(key, cached)
             else:
                 log.info("Switched to %s [%s], kept in memory (%d model(s) kept: %s)", info.name, short_hash(sha),
                          len(self.cache), ", ".join(self.cache.names()))
-            self.current, self.current_sha256, self.identity, self._current_key = cached.model, sha, identity, key
+            self.current, self.current_sha256, self.identity = cached.model, sha, identity
             self.cache.evict(count, nbytes, keep=key)
             for name, module in self.current.components().items():
                 self.memory.register(name, module)
@@ -197,7 +195,7 @@ class ModelManager:
             return
         self.memory.release_all()
         self.current.conditioning_cache = (None, None)
-        self.current, self.current_sha256, self.identity, self._current_key = None, "", (), None
+        self.current, self.current_sha256, self.identity = None, "", ()
 
     def _load(self, info: CheckpointInfo, family: Family | None, vae_file: Path | None,
               modules: dict[str, ModuleFile], use_t5: bool) -> LoadedModel:

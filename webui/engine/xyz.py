@@ -140,10 +140,6 @@ class PlotResult:
     cells: list[GenerationResult | None]
     interrupted: bool
 
-    @property
-    def images(self) -> list[Image.Image]:
-        return [self.grid] + [c.images[0] for c in self.cells if c is not None and c.images]
-
 
 def find_axis(axes: list[Axis], wanted: str | int, field: str = "x_type") -> Axis:
     """An axis by label (any case) or by its index in ``axes``."""
@@ -184,10 +180,7 @@ def run_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice],
 
 
 def _parse(axis: Axis, text: str, name: str) -> tuple[Axis, list]:
-    if axis.label == "Nothing":
-        return axis, [""]
-    values = parse_values(text, axis.kind, f"{name}_values")
-    return axis, values
+    return axis, [""] if axis.label == "Nothing" else parse_values(text, axis.kind, f"{name}_values")
 
 
 def _order(plan: list[tuple[Axis, list]], shape: list[int]) -> Iterator[tuple[int, int, int]]:
