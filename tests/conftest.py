@@ -9,13 +9,31 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
 
 from webui import extensions
 from webui.cli import parse_args
 from webui.engine import samplers
+from webui.engine.detect import Family
 from webui.engine.engine import Engine
-from webui.engine.ldm_export import write_a1111_checkpoint, write_diffusers_folder
-from webui.engine.synthetic import build_synthetic_model
+from webui.engine.gguf_load import quantize_where_possible, write_gguf
+from webui.engine.ldm_export import (
+    flux_to_bfl,
+    write_a1111_checkpoint,
+    write_clip_file,
+    write_diffusers_folder,
+    write_t5_file,
+    write_vae16_file,
+)
+from webui.engine.synthetic import (
+    build_clip_text,
+    build_flux_transformer,
+    build_synthetic_model,
+    build_t5_encoder,
+    build_vae16,
+)
+from webui.engine.t5_prompts import TOKENIZER_FOLDER
+from webui.engine.tokenizer import write_t5_tokenizer
 from webui.settings import AppConfig
 
 FIXTURE_VERSION = "1"
@@ -55,6 +73,28 @@ def diffusers_folder(family: str, seed: int = 1) -> Path:
     """The same tiny model as ``single_file`` as a diffusers folder (fp16 weights)."""
     return _cached(f"{family}-{seed}-diffusers", lambda p: write_diffusers_folder(
         p, build_synthetic_model(family, "tiny", seed=seed), dtype=torch.float16))
+
+
+def _write_flux_gguf_models(root: Path) -> None:
+    ckpts, encoders, vaes = root / "Stable-diffusion", root / "text_encoder", root / "VAE"
+    for folder in (ckpts, encoders, vaes):
+        folder.mkdir(parents=True)
+    flux = build_flux_transformer("tiny", seed=1)
+    bfl = flux_to_bfl({k: v.clone() for k, v in flux.state_dict().items()}, flux.config)
+    write_gguf(ckpts / "flux-Q8_0.gguf", bfl, quantize_where_possible(Q.Q8_0), arch="flux")
+    write_clip_file(encoders / "clip_l.safetensors", build_clip_text("clip_l", seed=3), projection=False)
+    write_t5_file(encoders / "t5xxl_fp16.safetensors", build_t5_encoder(seed=5))
+    write_vae16_file(vaes / "ae.safetensors", build_vae16("tiny", Family.FLUX, seed=6))
+    write_t5_tokenizer(encoders / TOKENIZER_FOLDER)
+
+
+def flux_gguf_models() -> Path:
+    """A models folder as a Flux GGUF user has it: Stable-diffusion/flux-Q8_0.gguf, text_encoder/clip_l and
+    t5xxl_fp16 (+ t5_tokenizer), VAE/ae — the files named in FLUX_GGUF_MODULES."""
+    return _cached("flux-gguf-models", _write_flux_gguf_models)
+
+
+FLUX_GGUF_MODULES = ["ae.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"]
 
 
 @pytest.fixture(scope="session")

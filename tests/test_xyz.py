@@ -9,7 +9,7 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import make_engine, single_file
+from tests.conftest import FLUX_GGUF_MODULES, flux_gguf_models, make_engine
 from webui.engine.infotext import parse_infotext
 from webui.engine.memory import MemoryManager, SimulatedMemory
 from webui.engine.request import GenerationRequest
@@ -110,21 +110,28 @@ def test_gpu_weights_axis_sets_the_budget_for_its_cell_only(tmp_path, sd1_file):
     assert engine.options["forge_inference_memory"] == before, "the option is back as it was"
 
 
-def test_sixty_switches_leave_no_memory_behind(tmp_path, sd1_file, sdxl_file):
-    """3 single-file checkpoints in X/Y/Z plots, 60 switches with one model kept: the models that left are gone (weak
-    references dead) and host memory after the run is where it was after the first cycle. (Diffusers folders and
-    Flux GGUF loads still grow host memory outside Python objects, ~50 MB a load: issue 6 is open for it.)"""
-    engine = make_engine(tmp_path, sd1_file, sdxl_file, single_file("sd1", seed=2))
-    engine.options.update({"sd_checkpoints_limit": 1})
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_sixty_switches_leave_no_memory_behind(tmp_path, sd1_file, sd1_folder, device):
+    """A single file, a diffusers folder and a Flux GGUF (with its clip_l, T5 and ae files) in X/Y/Z plots, 60
+    switches with one model kept: the models that left are gone (weak references dead), host memory after the run
+    is where it was after the first cycle, and so is the GPU's allocated memory — back to where it started once
+    the models are unloaded."""
+    flux = flux_gguf_models()
+    engine = make_engine(tmp_path, sd1_file, sd1_folder, flux / "Stable-diffusion" / "flux-Q8_0.gguf",
+                         extra_args=("--vae-dir", str(flux / "VAE"), "--text-encoder-dir", str(flux / "text_encoder"),
+                                     "--device", device))
+    engine.options.update({"sd_checkpoints_limit": 1, "forge_additional_modules": FLUX_GGUF_MODULES})
     users = (tmp_path / "models" / "Stable-diffusion").resolve()
-    names = ", ".join(c.name for c in engine.models.checkpoints() if c.path.parent.resolve() == users)
-    assert len(names.split(", ")) == 3
+    names = [c.name for c in engine.models.checkpoints() if c.path.parent.resolve() == users]
+    assert len(names) == 3
     request = GenerationRequest(**{**BASE, "steps": 1, "cfg_scale": 1.0})
-    checkpoints = AxisChoice("Checkpoint name", names)
+    checkpoints = AxisChoice("Checkpoint name", ", ".join(names))
+    vram_at_start = _allocated(device)
     run_plot(engine, request, [checkpoints], BUILTIN_AXES, save_grid=False)
     first = weakref.ref(engine.models.current.denoiser)
     gc.collect()
-    rss_after_first_cycle = psutil.Process().memory_info().rss
+    rss_after_first_cycle, vram_after_first_cycle = psutil.Process().memory_info().rss, _allocated(device)
     loads = 0
     load = engine.models._load_new
 
@@ -136,12 +143,30 @@ def test_sixty_switches_leave_no_memory_behind(tmp_path, sd1_file, sdxl_file):
     engine.models._load_new = counted
     for _ in range(19):
         plot = run_plot(engine, request, [checkpoints], BUILTIN_AXES, save_grid=False)
-        assert len(plot.cells) == 3 and all(c is not None for c in plot.cells)
+        assert [c.model_name for c in plot.cells] == [engine.models.find(n).model_name for n in names]
     assert loads == 57 and len(engine.models.cache) == 1
     gc.collect()
     assert first() is None, "a model that left is gone: nothing keeps a reference to it"
     grown = psutil.Process().memory_info().rss - rss_after_first_cycle
     assert grown <= max(50 * 2**20, 0.05 * rss_after_first_cycle), f"host memory grew by {grown / 2**20:.0f} MB"
+    assert abs(_allocated(device) - vram_after_first_cycle) <= 16 * 2**20
+    engine.models.unload()
+    assert abs(_allocated(device) - vram_at_start) <= 16 * 2**20, "unloading gives the GPU's memory back"
+
+
+def _allocated(device: str) -> int:
+    return torch.cuda.memory_allocated() if device == "cuda" else 0
+
+
+def test_a_folder_models_own_tokenizer_leaves_with_it(tmp_path, sd1_file, sd1_folder):
+    """The prompt cache holds tokenizers weakly: a diffusers folder's tokenizer (~20 MB) must not outlive its model."""
+    engine = make_engine(tmp_path, sd1_file, sd1_folder)
+    engine.options.update({"sd_checkpoints_limit": 1})
+    engine.txt2img(GenerationRequest(**{**BASE, "steps": 1, "checkpoint": sd1_folder.name}))
+    tokenizer = weakref.ref(engine.models.current.text_encoders[0].tokenizer)
+    engine.txt2img(GenerationRequest(**{**BASE, "steps": 1, "checkpoint": sd1_file.name}))
+    gc.collect()
+    assert tokenizer() is None
 
 
 def test_models_kept_in_memory_are_reused_without_loading(tmp_path, sd1_file, sdxl_file, monkeypatch):

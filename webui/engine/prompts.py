@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import math
 import re
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -182,9 +184,22 @@ class _ChunkBuilder:
         return len(self.tokens) == CHUNK_LENGTH
 
 
-@functools.lru_cache(maxsize=512)
+PROMPTS_CACHED = 512  # per tokenizer
+_chunkers: weakref.WeakKeyDictionary[CLIPTokenizer, Callable[[str], tuple]] = weakref.WeakKeyDictionary()
+
+
 def _prompt_chunks(prompt: str, tokenizer: CLIPTokenizer) -> tuple[tuple[_Chunk, ...], int]:
-    """The prompt's chunks and its A1111 token count. Cached: the UI counter asks on every key."""
+    """The prompt's chunks and its A1111 token count. Cached, as the UI counter asks on every key — per tokenizer
+    and holding it weakly: a diffusers folder brings its own tokenizer, which must leave with its model."""
+    chunker = _chunkers.get(tokenizer)
+    if chunker is None:
+        chunker = functools.lru_cache(PROMPTS_CACHED)(functools.partial(_split_prompt, weakref.ref(tokenizer)))
+        _chunkers[tokenizer] = chunker
+    return chunker(prompt)
+
+
+def _split_prompt(tokenizer_ref: weakref.ref[CLIPTokenizer], prompt: str) -> tuple[tuple[_Chunk, ...], int]:
+    tokenizer = tokenizer_ref()
     runs = parse_prompt_attention(prompt)
     token_ids = tokenizer([text for text, _ in runs], add_special_tokens=False, verbose=False)["input_ids"]
     builder = _ChunkBuilder(tokenizer.convert_tokens_to_ids(",</w>"))
