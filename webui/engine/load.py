@@ -126,7 +126,7 @@ def build_module(cls: type, config: dict | PretrainedConfig, state_dict: dict[st
     when they do not match."""
     with init_empty_weights():
         module = cls(config) if isinstance(config, PretrainedConfig) else cls(**config)
-    expected = module.state_dict().keys()
+    expected = {key: tuple(tensor.shape) for key, tensor in module.state_dict().items()}
     state_dict, scales = fp8_state_dict_split(_match_text_model_prefix(state_dict, expected), dtype)
     missing = sorted(set(expected) - state_dict.keys())
     unexpected = sorted(k for k in state_dict.keys() - set(expected) if not k.endswith(HARMLESS_EXTRA))
@@ -137,9 +137,9 @@ def build_module(cls: type, config: dict | PretrainedConfig, state_dict: dict[st
             "The file may be incomplete or of an unsupported variant."
         )
     for key, tensor in state_dict.items():
-        if key in expected and tuple(tensor.shape) != tuple(module.state_dict()[key].shape):
+        if key in expected and tuple(tensor.shape) != expected[key]:
             raise ModelFileError(f"{filename}: tensor {key} has shape {list(tensor.shape)}, expected "
-                                 f"{list(module.state_dict()[key].shape)}. The file is inconsistent.")
+                                 f"{list(expected[key])}. The file is inconsistent.")
     module.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False, assign=True)
     enable_fp8_compute(module, scales, dtype, filename)  # fp8 weights stay fp8; their layers upcast per call
     return module
