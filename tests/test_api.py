@@ -120,3 +120,61 @@ def test_memory_route_reports_the_last_generation(client):
     assert data["ram"]["total"] > 0 and set(data["webui"]["components"]) == {"text_encoder", "denoiser", "vae"}
     last = data["webui"]["last_generation"]
     assert {"resident_mb", "streamed_mb", "moved_mb", "move_seconds", "peak_vram_mb"} <= set(last)
+
+
+def xyz_args(*axes, **options) -> list:
+    """A1111's script_args for the X/Y/Z plot: up to three (type, values, dropdown) triples, then the options."""
+    args = []
+    for axis in (*axes, (0, "", None), (0, "", None))[:3]:
+        args += list(axis)
+    defaults = {"draw_legend": True, "include_lone_images": False, "include_sub_grids": False, "no_fixed_seeds": False,
+                "vary_seeds_x": False, "vary_seeds_y": False, "vary_seeds_z": False, "margin_size": 0,
+                "csv_mode": False}
+    return args + list((defaults | options).values())
+
+
+PLOT = {**BODY, "batch_size": 1, "script_name": "X/Y/Z plot"}
+
+
+def test_xyz_script_with_forge_axis_indices_returns_the_grid_then_the_cells(client, engine):
+    body = {**PLOT, "script_args": xyz_args((4, "2, 3", None), (6, "3,7", None), include_lone_images=True)}
+    reply = client.post("/sdapi/v1/txt2img", json=body)
+    assert reply.status_code == 200, reply.text
+    info = json.loads(reply.json()["info"])
+    grid, *cells = [decode(b) for b in reply.json()["images"]]
+    assert len(cells) == 4 and grid.width > 2 * 64 and grid.height > 2 * 64
+    assert "X/Y/Z plot: X: Steps = 2, 3; Y: CFG Scale = 3, 7" in grid.text["parameters"] == info["infotexts"][0]
+    for cell, (steps, cfg) in zip(cells, [(2, 3), (3, 3), (2, 7), (3, 7)]):  # X fastest
+        direct = engine.txt2img(GenerationRequest.from_dict({**BODY, "batch_size": 1, "steps": steps, "cfg_scale": cfg,
+                                                             "save_images": False}))
+        assert cell.tobytes() == direct.images[0].tobytes(), f"the cell for steps {steps}, CFG {cfg}"
+    assert info["all_seeds"] == [42] * 5
+
+
+def test_xyz_script_by_label_with_picked_values_and_seeds_varying_along_x(client, engine):
+    body = {**PLOT, "script_args": xyz_args(("Sampler", "ignored when values are picked", ["Euler", "DPM++ 2M"]),
+                                            include_lone_images=True, vary_seeds_x=True, draw_legend=False)}
+    reply = client.post("/sdapi/v1/txt2img", json=body)
+    assert reply.status_code == 200, reply.text
+    info = json.loads(reply.json()["info"])
+    grid, *cells = [decode(b) for b in reply.json()["images"]]
+    assert grid.size == (128, 64), "no legend: the two cells side by side"
+    assert info["all_seeds"][1:] == [42, 43]
+    assert [parse_infotext(c.text["parameters"])["Sampler"] for c in cells] == ["Euler", "DPM++ 2M"]
+    grid_only = client.post("/sdapi/v1/txt2img", json={**body, "script_args": body["script_args"][:9]})
+    assert len(grid_only.json()["images"]) == 1, "the form's defaults: the grid alone"
+
+
+@pytest.mark.parametrize("change,field,words", [
+    ({"script_name": "Prompt matrix"}, "script_name", "x/y/z plot"),
+    ({"script_args": xyz_args((2, "1, 2", None))}, "x_type", "Var. seed"),
+    ({"script_args": xyz_args((1, "1, 2", None), (99, "1", None))}, "y_type", "99"),
+    ({"script_args": xyz_args((4, "two", None))}, "x_values", "two"),
+    ({"script_args": xyz_args((4, "1, 2", None), margin_size=-3)}, "script_args", "margin_size"),
+    ({"script_args": xyz_args((4, "1, 2", None), draw_legend="yes")}, "script_args", "draw_legend"),
+    ({"script_args": "4, 1-2"}, "script_args", "list"),
+])
+def test_bad_xyz_scripts_get_422_naming_the_field(client, change, field, words):
+    reply = client.post("/sdapi/v1/txt2img", json={**PLOT, **change})
+    assert reply.status_code == 422 and reply.json()["field"] == field, reply.text
+    assert words in reply.json()["detail"]

@@ -243,6 +243,7 @@ def test_ui_tabs_and_the_extensions_tab(engine, tmp_path):
         def setup(api):
             api.add_ui_tab("My Tab", build)
             api.add_setting("a_tab_enabled", True, "Enable my tab")
+            api.add_xyz_axis("Style", lambda request, value: None)
         """)
     write(tmp_path, "b-broken-tab", """\
         def build():
@@ -256,8 +257,9 @@ def test_ui_tabs_and_the_extensions_tab(engine, tmp_path):
     registry = load(engine, tmp_path)
     components = build_ui(engine, JobQueue(engine)).config["components"]
     tabs = [c["props"]["label"] for c in components if c["type"] == "tabitem"]
-    assert tabs == ["txt2img", "My Tab", "Broken Tab", "Extensions"]
+    assert tabs == ["txt2img", "X/Y/Z plot", "My Tab", "Broken Tab", "Extensions"]
     props = {c["props"].get("elem_id"): c["props"] for c in components}
+    assert ("Style", "Style") in props["xyz_x_type"]["choices"], "the X/Y/Z tab offers the extension's axis"
     assert props["a_tab_text"]["value"] == "hello from a-tab"
     assert props["a_tab_enabled"]["label"] == "Enable my tab" and props["a_tab_enabled"]["value"] is True
     assert status(registry)["b-broken-tab"] == "RuntimeError building its tab 'Broken Tab': no widgets today"

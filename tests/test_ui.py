@@ -146,3 +146,32 @@ def test_progress_line_shows_percent_step_batch_and_eta():
     text = progress_html(progress, running)
     assert "75%" in text and "step 5/10" in text and "batch 2/2" in text and "ETA 3s" in text
     assert "Waiting in the queue" in progress_html(progress, Future())
+
+
+def test_xyz_tab_runs_a_plot_over_the_txt2img_form(client, engine):
+    """The X/Y/Z tab's Generate: the grid first, then the cells, each the plain generation of its values."""
+    _preview, gallery, status, infotext = client.predict(
+        **SMALL, seed=11, sampler_name="Euler", x_type="Steps", x_values="1-2", y_type="Sampler",
+        y_values_dropdown=["Euler", "DPM++ 2M"], api_name="/xyz_plot")
+    assert "Done" in status and "X/Y/Z plot: X: Steps = 1, 2; Y: Sampler = Euler, DPM++ 2M" in infotext
+    grid, *cells = [Image.open(item["image"]) for item in gallery]
+    assert len(cells) == 4 and grid.width > 128 and grid.height > 128
+    plain, _, _ = txt2img(client, seed=11, steps=2, sampler_name="DPM++ 2M")
+    assert Image.open(plain[0]["image"]).tobytes() == cells[3].tobytes(), "the last cell: 2 steps, DPM++ 2M"
+
+
+def test_xyz_tab_names_a_bad_value(client):
+    _preview, gallery, status, _ = client.predict(**SMALL, x_type="Steps", x_values="two", api_name="/xyz_plot")
+    assert "X values (x_values)" in status and "two" in status
+
+
+def test_axis_with_choices_is_picked_from_a_list(engine):
+    from webui.extensions import plot_axes
+    from webui.ui import axis_inputs
+
+    axes = plot_axes(engine)
+    text, picked, fill = axis_inputs(engine, axes, "Checkpoint name")
+    assert not text["visible"] and picked["visible"] and fill["visible"]
+    assert picked["choices"] == [c.name for c in engine.models.checkpoints()]
+    text, picked, _ = axis_inputs(engine, axes, "CFG Scale")
+    assert text["visible"] and not picked["visible"]

@@ -13,7 +13,7 @@ from tests.conftest import FLUX_GGUF_MODULES, flux_gguf_models, make_engine
 from webui.engine.infotext import parse_infotext
 from webui.engine.memory import MemoryManager, SimulatedMemory
 from webui.engine.request import GenerationRequest
-from webui.engine.xyz import BUILTIN_AXES, AxisChoice, extension_axis, run_plot
+from webui.engine.xyz import BUILTIN_AXES, AxisChoice, PlotOptions, extension_axis, run_plot
 from webui.errors import UserError
 
 BASE = dict(prompt="a red circle", negative_prompt="blurry", width=64, height=64, steps=2, cfg_scale=5.0,
@@ -44,6 +44,18 @@ def test_a_random_seed_is_drawn_once_for_the_whole_plot(tmp_path, sd1_file):
     plot = run_plot(engine, GenerationRequest(**{**BASE, "seed": -1}), [AxisChoice("Steps", "1, 2")], BUILTIN_AXES,
                     save_grid=False)
     assert plot.cells[0].seed == plot.cells[1].seed != -1
+
+
+def test_seeds_vary_along_the_chosen_axes_as_a1111_counts_them(tmp_path, sd1_file):
+    engine = make_engine(tmp_path, sd1_file)
+    choices = [AxisChoice("Steps", "1, 2"), AxisChoice("CFG Scale", "3, 4, 5")]
+    plot = run_plot(engine, GenerationRequest(**BASE), choices, BUILTIN_AXES,
+                    PlotOptions(vary_seeds=(False, True, False), margin_size=6, draw_legend=False), save_grid=False)
+    assert [c.seed for c in plot.cells] == [5, 5, 7, 7, 9, 9], "Y varies: +2 (the width) a row"
+    assert plot.grid.size == (2 * 64 + 6, 3 * 64 + 2 * 6), "no labels, 6 px between cells"
+    kept = run_plot(engine, GenerationRequest(**{**BASE, "seed": -1}), choices[:1], BUILTIN_AXES,
+                    PlotOptions(no_fixed_seeds=True), save_grid=False)
+    assert kept.cells[0].seed != kept.cells[1].seed, "Keep -1 for seeds: each cell draws its own"
 
 
 def test_checkpoints_run_in_the_outer_loop(tmp_path, sd1_file, sdxl_file, monkeypatch):

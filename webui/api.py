@@ -12,8 +12,9 @@ from fastapi.responses import JSONResponse
 from PIL import Image, PngImagePlugin
 
 from webui.engine.request import GenerationRequest, GenerationResult
+from webui.engine.xyz import BUILTIN_AXES, Axis, AxisChoice, PlotOptions, find_axis
 from webui.errors import UserError
-from webui.extensions import extensions_of
+from webui.extensions import extensions_of, plot_axes
 from webui.jobs import JobQueue
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,8 @@ DEFAULT_ONLY_FIELDS: dict[str, Any] = {
     "hr_sampler_name": [None, ""], "hr_scheduler": [None, ""], "hr_prompt": ["", None],
     "hr_negative_prompt": ["", None], "hr_additional_modules": [None, []], "refiner_checkpoint": [None, ""],
     "refiner_switch_at": [None, 0, 0.0], "disable_extra_networks": [False, None], "firstpass_image": [None, ""],
-    "comments": [None, {}], "sampler_index": [None, "Euler", "Euler a"], "script_name": [None, ""],
-    "script_args": [None, []], "alwayson_scripts": [None, {}], "infotext": [None, ""], "force_task_id": None,
+    "comments": [None, {}], "sampler_index": [None, "Euler", "Euler a"], "script_name": None,
+    "script_args": None, "alwayson_scripts": [None, {}], "infotext": [None, ""], "force_task_id": None,
     "override_settings_restore_afterwards": None, "send_images": None,
     "save_images": None, "override_settings": None,
 }
@@ -40,6 +41,27 @@ ENGINE_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_s
                  "sampler_name", "scheduler", "seed", "batch_size", "n_iter")
 OVERRIDES = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip",
              "forge_additional_modules": "modules"}
+
+XYZ_SCRIPT = "x/y/z plot"
+# Forge's txt2img X/Y/Z axes in their order: clients name an axis by its index in this list (those it adds after
+# these are the extensions' axes). The ones this app has are found by label; the others are refused by name.
+FORGE_AXES = (
+    "Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "Hires steps", "CFG Scale", "Distilled CFG Scale",
+    "Prompt S/R", "Prompt order", "Sampler", "Hires sampler", "Checkpoint name", "Negative Guidance minimum sigma",
+    "Sigma Churn", "Sigma min", "Sigma max", "Sigma noise", "Schedule type", "Schedule min sigma",
+    "Schedule max sigma", "Schedule rho", "Beta schedule alpha", "Beta schedule beta", "Eta", "Clip skip",
+    "Denoising", "Initial noise multiplier", "Extra noise", "Hires upscaler", "VAE", "Styles", "UniPC Order",
+    "Face restore", "Token merging ratio", "Token merging ratio high-res", "Always discard next-to-last sigma",
+    "SGM noise multiplier", "Refiner checkpoint", "Refiner switch at", "RNG source", "FP8 mode", "Size",
+)
+# The X/Y/Z script's arguments in A1111's order, with the defaults of its form (missing trailing ones take them).
+XYZ_ARGS: dict[str, Any] = {
+    "x_type": 1, "x_values": "", "x_values_dropdown": None, "y_type": 0, "y_values": "", "y_values_dropdown": None,
+    "z_type": 0, "z_values": "", "z_values_dropdown": None, "draw_legend": True, "include_lone_images": False,
+    "include_sub_grids": False, "no_fixed_seeds": False, "vary_seeds_x": False, "vary_seeds_y": False,
+    "vary_seeds_z": False, "margin_size": 0, "csv_mode": False,
+}
+MAX_MARGIN = 500
 
 
 def request_from_a1111(body: dict[str, Any]) -> tuple[GenerationRequest, bool]:
@@ -64,6 +86,57 @@ def request_from_a1111(body: dict[str, Any]) -> tuple[GenerationRequest, bool]:
         fields[OVERRIDES[key]] = value
     fields["save_images"] = bool(body.get("save_images", False))
     return GenerationRequest.from_dict(fields), bool(body.get("send_images", True))
+
+
+def xyz_script(body: dict[str, Any], axes: list[Axis]) -> tuple[list[AxisChoice], PlotOptions] | None:
+    """The X/Y/Z plot (axes, options) a request asks for with ``script_name`` / ``script_args``; None where it names
+    no script."""
+    name = body.get("script_name")
+    if name in (None, ""):
+        return None
+    if not isinstance(name, str) or name.strip().lower() != XYZ_SCRIPT:
+        raise UserError(f"no script {name!r}; the one script is {XYZ_SCRIPT!r}", field="script_name")
+    given = body.get("script_args") or []
+    if not isinstance(given, list) or len(given) > len(XYZ_ARGS):
+        raise UserError(f"must be a list of at most {len(XYZ_ARGS)} values, in this order: {', '.join(XYZ_ARGS)}",
+                        field="script_args")
+    args = XYZ_ARGS | dict(zip(XYZ_ARGS, given))
+    for key in ("draw_legend", "include_lone_images", "include_sub_grids", "no_fixed_seeds", "vary_seeds_x",
+                "vary_seeds_y", "vary_seeds_z", "csv_mode"):
+        if not isinstance(args[key], bool):
+            raise UserError(f"{key} must be true or false, got {args[key]!r}", field="script_args")
+    margin = args["margin_size"]
+    if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= MAX_MARGIN:
+        raise UserError(f"margin_size must be a whole number of pixels from 0 to {MAX_MARGIN}, got {margin!r}",
+                        field="script_args")
+    choices = [_axis_choice(args, name, axes) for name in "xyz"]
+    options = PlotOptions(args["draw_legend"], args["no_fixed_seeds"],
+                          (args["vary_seeds_x"], args["vary_seeds_y"], args["vary_seeds_z"]), margin,
+                          args["include_lone_images"], args["include_sub_grids"])
+    return choices, options
+
+
+def _axis_choice(args: dict[str, Any], name: str, axes: list[Axis]) -> AxisChoice:
+    """One axis: its type as Forge's index or as a label; its values typed, or picked (``*_values_dropdown``) for
+    an axis with choices when ``csv_mode`` is off."""
+    wanted, text, picked = args[f"{name}_type"], args[f"{name}_values"], args[f"{name}_values_dropdown"]
+    field = f"{name}_type"
+    if isinstance(wanted, int) and not isinstance(wanted, bool):
+        if 0 <= wanted < len(FORGE_AXES):
+            wanted = FORGE_AXES[wanted]
+        elif 0 <= wanted - len(FORGE_AXES) < len(axes) - len(BUILTIN_AXES):  # plot_axes: extensions' axes last
+            wanted = axes[len(BUILTIN_AXES) + wanted - len(FORGE_AXES)].label
+        else:
+            raise UserError(f"no X/Y/Z axis at index {wanted}", field=field)
+    elif not isinstance(wanted, str):
+        raise UserError(f"an axis is a label or Forge's index of it, got {wanted!r}", field=field)
+    axis = find_axis(axes, wanted, field)
+    if not isinstance(text, str):
+        raise UserError(f"must be text, got {text!r}", field=f"{name}_values")
+    if picked is not None and not (isinstance(picked, list) and all(isinstance(v, (str, int, float)) for v in picked)):
+        raise UserError(f"must be a list of values, got {picked!r}", field=f"{name}_values_dropdown")
+    use_picked = axis.choices is not None and not args["csv_mode"] and picked
+    return AxisChoice(axis.label, [str(v) for v in picked] if use_picked else text)
 
 
 def encode_png(image: Image.Image, infotext: str) -> str:
@@ -105,7 +178,11 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
     def txt2img(body: Any = Body(...)) -> Any:
         try:
             request, send_images = request_from_a1111(body)
-            result = jobs.run(request)
+            script = xyz_script(body, plot_axes(jobs.engine))
+            if script is None:
+                result = jobs.run(request)
+            else:
+                result = jobs.run_plot(request, *script, save_grid=request.save_images).as_result()
         except UserError as e:
             return user_error_response(e)
         images = [encode_png(img, text) for img, text in zip(result.images, result.infotexts)] if send_images else []

@@ -34,6 +34,7 @@ from webui.engine.samplers import (
     unregister_sampler,
     unregister_schedule_type,
 )
+from webui.engine.xyz import BUILTIN_AXES, Axis, extension_axis
 from webui.errors import UserError
 from webui.settings import AppConfig
 
@@ -285,3 +286,8 @@ def _import(module_name: str, folder: Path) -> Any:
 def extensions_of(engine: Engine) -> Extensions:
     """What the engine's extensions added; empty where none were loaded."""
     return _loaded.get(engine) or Extensions(engine.hooks)
+
+
+def plot_axes(engine: Engine) -> list[Axis]:
+    """The X/Y/Z plot's axes: the built-in ones, then those enabled extensions added."""
+    return [*BUILTIN_AXES, *(extension_axis(a.label, a.apply, a.choices) for a in extensions_of(engine).axes)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, wait
 from functools import partial
 from typing import Any
@@ -24,8 +24,9 @@ from webui.engine.memory import MB
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.samplers import sampler_names, schedule_type_names
+from webui.engine.xyz import Axis, AxisChoice, PlotOptions, PlotResult, find_axis
 from webui.errors import ModelFileError, UserError
-from webui.extensions import Setting, extensions_of
+from webui.extensions import Setting, extensions_of, plot_axes
 from webui.jobs import JobQueue
 from webui.settings import OPTION_CHOICES
 
@@ -69,7 +70,9 @@ def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
     with gr.Blocks(title="Stable Diffusion web UI", analytics_enabled=False) as demo:
         checkpoint = _model_row(demo, engine)
         with gr.Tab("txt2img"):
-            _txt2img_tab(demo, engine, jobs, checkpoint)
+            form = _txt2img_tab(demo, engine, jobs, checkpoint)
+        with gr.Tab("X/Y/Z plot"):
+            _xyz_tab(engine, jobs, form)
         _extension_tabs(demo, engine)
         demo.load(None, js=CTRL_ENTER_JS)
     return demo
@@ -227,15 +230,17 @@ def request_from_form(form: dict[str, gr.components.Component], values: tuple) -
     return GenerationRequest(**dict(zip(form, values)))
 
 
-def _txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown) -> None:
+def _txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue,
+                 checkpoint: gr.Dropdown) -> dict[str, gr.components.Component]:
+    """The txt2img tab; its form (request field → input), which the X/Y/Z plot tab takes its base request from."""
     form: dict[str, gr.components.Component] = {}
     generate, interrupt, skip = _prompt_row(form)
     with gr.Row():
         with gr.Column(scale=1):
             random_seed, reuse_seed, shift = _settings_column(form, engine)
         with gr.Column(scale=1):
-            out = _output_column()
-    run = _generator(engine, jobs, form, out)
+            out = _output_column("txt2img")
+    run = _generator(engine, form, out, lambda values: jobs.submit(request_from_form(form, values)))
     generate.click(run, inputs=list(form.values()), outputs=list(out.values()), api_name="txt2img",
                    show_progress="hidden", concurrency_limit=None)
     interrupt.click(jobs.interrupt, queue=False, api_name="interrupt")
@@ -253,6 +258,7 @@ def _txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr
     demo.load(lambda title: fields_for_family(engine, title, switched=False), checkpoint, family_fields,
               api_visibility="private")
     _network_lists(demo, engine, form["prompt"])
+    return form
 
 
 def _network_lists(demo: gr.Blocks, engine: Engine, prompt: gr.Textbox) -> None:
@@ -339,15 +345,15 @@ def _settings_column(form: dict[str, gr.components.Component],
     return random_seed, reuse_seed, shift
 
 
-def _output_column() -> dict[str, gr.components.Component]:
-    """The Generate handler's outputs, by name."""
+def _output_column(prefix: str) -> dict[str, gr.components.Component]:
+    """A Generate handler's outputs, by name (elem_ids ``{prefix}_gallery`` ...)."""
     return {
         "preview": gr.Image(label="Preview", type="pil", visible=False, interactive=False, height=320,
-                            elem_id="txt2img_preview"),
-        "gallery": gr.Gallery(label="Output", format="png", columns=4, height=480, elem_id="txt2img_gallery"),
-        "status": gr.HTML(label="Status", elem_id="txt2img_status"),
+                            elem_id=f"{prefix}_preview"),
+        "gallery": gr.Gallery(label="Output", format="png", columns=4, height=480, elem_id=f"{prefix}_gallery"),
+        "status": gr.HTML(label="Status", elem_id=f"{prefix}_status"),
         "infotext": gr.Textbox(label="Generation parameters", lines=4, interactive=False,
-                               elem_id="txt2img_infotext"),
+                               elem_id=f"{prefix}_infotext"),
         "infotexts": gr.State([]),
         "last_seed": gr.State(-1),
     }
@@ -357,21 +363,23 @@ def _selected_infotext(texts: list[str], evt: gr.SelectData) -> str:
     return texts[evt.index] if 0 <= evt.index < len(texts) else ""
 
 
-def _generator(engine: Engine, jobs: JobQueue, form: dict[str, gr.components.Component],
-               out: dict[str, gr.components.Component]):
-    """The Generate handler: submit, report progress and previews until done, then the images."""
+def _generator(engine: Engine, inputs: dict[str, gr.components.Component], out: dict[str, gr.components.Component],
+               submit: Callable[[tuple], Future]):
+    """A Generate handler: submit the values of ``inputs`` (request fields, then any others), report progress and
+    previews until done, then the images. The job's result is a GenerationResult, or a PlotResult shown as one."""
+    labels = {name: box.label for name, box in inputs.items()}
 
     def run(*values: Any) -> Iterator[dict]:
         yield {out["gallery"]: [], out["infotext"]: "", out["status"]: _status_html("Starting…")}
-        future = jobs.submit(request_from_form(form, values))
+        future = submit(values)
         while not wait([future], timeout=POLL_SECONDS).done:
             yield {out["status"]: progress_html(engine.progress, future), out["preview"]: _preview(engine, future)}
-        yield _finished(future, form, out)
+        yield _finished(future, labels, out)
 
-    # Name the parameters after the request fields: API clients call /txt2img with these keywords.
+    # Name the parameters after the inputs: API clients call the endpoint with these keywords.
     run.__signature__ = inspect.Signature(
-        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=field.value)
-         for name, field in form.items()])
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=box.value)
+         for name, box in inputs.items()])
     return run
 
 
@@ -385,13 +393,14 @@ def _preview(engine: Engine, future: Future) -> dict:
                      visible=True)
 
 
-def _finished(future: Future, form: dict[str, gr.components.Component],
-              out: dict[str, gr.components.Component]) -> dict:
+def _finished(future: Future, labels: dict[str, str], out: dict[str, gr.components.Component]) -> dict:
     hidden_preview = gr.update(value=None, visible=False)
     try:
-        result: GenerationResult = future.result()
+        result: GenerationResult | PlotResult = future.result()
+        if isinstance(result, PlotResult):
+            result = result.as_result()
     except UserError as e:
-        message = f"{field_label(e.field, form)}: {e.message}" if e.field else e.message
+        message = f"{field_label(e.field, labels)}: {e.message}" if e.field else e.message
         gr.Warning(message)
         return {out["status"]: _error_html(message), out["preview"]: hidden_preview}
     except Exception as e:  # the queue survived it; show it and stay usable
@@ -407,9 +416,88 @@ def _finished(future: Future, form: dict[str, gr.components.Component],
     }
 
 
-def field_label(field: str, form: dict[str, gr.components.Component]) -> str:
-    """The label the user sees for a request field or option, with the field's own name."""
-    label = form[field].label if field in form else OPTION_LABELS.get(field)
+# ---- X/Y/Z plot ------------------------------------------------------------------------------
+
+VALUES_HINT = "1, 2, 3 · ranges 1-5, 1-10 (+2), 1-10 [5] · quote items holding commas"
+
+
+def _xyz_tab(engine: Engine, jobs: JobQueue, form: dict[str, gr.components.Component]) -> None:
+    """Up to three axes over the txt2img form's request; one generation per cell, then the labelled grid."""
+    axes = plot_axes(engine)
+    inputs: dict[str, gr.components.Component] = {}
+    with gr.Row():
+        with gr.Column(scale=3):
+            for name, default in zip("xyz", ("Seed", "Nothing", "Nothing")):
+                _axis_row(engine, axes, name, default, inputs)
+            with gr.Row():
+                inputs["draw_legend"] = gr.Checkbox(True, label="Draw legend", elem_id="xyz_draw_legend")
+                inputs["include_lone_images"] = gr.Checkbox(True, label="Include Sub Images",
+                                                            elem_id="xyz_include_lone_images")
+                inputs["include_sub_grids"] = gr.Checkbox(False, label="Include Sub Grids",
+                                                          elem_id="xyz_include_sub_grids")
+                inputs["no_fixed_seeds"] = gr.Checkbox(False, label="Keep -1 for seeds", elem_id="xyz_no_fixed_seeds")
+            with gr.Row():
+                for name in "xyz":
+                    inputs[f"vary_seeds_{name}"] = gr.Checkbox(False, label=f"Vary seeds for {name.upper()}",
+                                                               elem_id=f"xyz_vary_seeds_{name}")
+                inputs["margin_size"] = gr.Slider(0, 500, value=0, step=2, precision=0, label="Grid margins (px)",
+                                                  elem_id="xyz_margin_size")
+        with gr.Column(scale=1, min_width=180):
+            generate = gr.Button("Generate plot", variant="primary", size="lg", elem_id="xyz_generate")
+            interrupt = gr.Button("Interrupt", elem_id="xyz_interrupt")
+            gr.Markdown("Prompt, size, sampler and the rest come from the txt2img tab.")
+    out = _output_column("xyz")
+
+    def submit(values: tuple) -> Future:
+        plot = dict(zip(inputs, values[len(form):]))
+        choices = [AxisChoice(plot[f"{n}_type"], plot[f"{n}_values_dropdown"] or plot[f"{n}_values"]) for n in "xyz"]
+        options = PlotOptions(plot["draw_legend"], plot["no_fixed_seeds"],
+                              tuple(plot[f"vary_seeds_{n}"] for n in "xyz"), int(plot["margin_size"]),
+                              plot["include_lone_images"], plot["include_sub_grids"])
+        return jobs.submit_plot(request_from_form(form, values[:len(form)]), choices, options)
+
+    run = _generator(engine, {**form, **inputs}, out, submit)
+    generate.click(run, inputs=[*form.values(), *inputs.values()], outputs=list(out.values()), api_name="xyz_plot",
+                   show_progress="hidden", concurrency_limit=None)
+    interrupt.click(jobs.interrupt, queue=False, api_visibility="private")
+    out["gallery"].select(_selected_infotext, inputs=out["infotexts"], outputs=out["infotext"], queue=False,
+                          api_visibility="private")
+
+
+def _axis_row(engine: Engine, axes: list[Axis], name: str, default: str,
+              inputs: dict[str, gr.components.Component]) -> None:
+    """An axis' type, its values typed (numbers, ranges, prompt replacements) or picked from its choices."""
+    axis_name = name.upper()
+    with gr.Row(equal_height=True):
+        kind = gr.Dropdown([a.label for a in axes], value=default, label=f"{axis_name} type", scale=2,
+                           elem_id=f"xyz_{name}_type")
+        text = gr.Textbox("", label=f"{axis_name} values", placeholder=VALUES_HINT, scale=5,
+                          elem_id=f"xyz_{name}_values")
+        picked = gr.Dropdown([], value=[], multiselect=True, label=f"{axis_name} values", visible=False, scale=5,
+                             allow_custom_value=True, elem_id=f"xyz_{name}_values_dropdown")  # the plot checks them
+        fill = gr.Button("📒", scale=0, min_width=48, visible=False, elem_id=f"xyz_{name}_fill")
+    inputs[f"{name}_type"], inputs[f"{name}_values"], inputs[f"{name}_values_dropdown"] = kind, text, picked
+    kind.change(partial(axis_inputs, engine, axes), kind, [text, picked, fill], api_visibility="private")
+    fill.click(partial(axis_choices, engine, axes), kind, picked, api_visibility="private")
+
+
+def axis_inputs(engine: Engine, axes: list[Axis], label: str) -> tuple[dict, dict, dict]:
+    """An axis with choices (samplers, checkpoints …) is picked from a list (📒 fills in every choice); the others
+    are typed."""
+    listed = find_axis(axes, label).choices is not None
+    return (gr.update(visible=not listed, value=""),
+            gr.update(visible=listed, choices=axis_choices(engine, axes, label) if listed else [], value=[]),
+            gr.update(visible=listed))
+
+
+def axis_choices(engine: Engine, axes: list[Axis], label: str) -> list[str]:
+    choices = find_axis(axes, label).choices
+    return choices(engine) if choices is not None else []
+
+
+def field_label(field: str, labels: dict[str, str]) -> str:
+    """The label the user sees for an input (``labels``: input name → label) or option, with the field's own name."""
+    label = labels.get(field) or OPTION_LABELS.get(field)
     return f"{label} ({field})" if label else field
 
 
@@ -423,6 +511,8 @@ def progress_html(progress: Progress, future: Future) -> str:
     text = f"{percent:.0f}% · step {progress.sampling_step}/{progress.sampling_steps}"
     if progress.job_count > 1:
         text += f" · batch {progress.job_no + 1}/{progress.job_count}"
+    if progress.cell_count:
+        text += f" · cell {min(progress.cell_no + 1, progress.cell_count)}/{progress.cell_count}"
     if percent > 0:
         text += f" · ETA {_duration(progress.eta_seconds)}"
     bar = (f'<div style="height:6px;background:var(--neutral-200,#ddd);border-radius:3px;margin-top:4px">'

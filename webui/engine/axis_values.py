@@ -105,11 +105,15 @@ def _parse_number(item: str, room: int, kind: str) -> list:
     return [value(start + i * step) for i in range(count)]
 
 
-def parse_values(text: str, kind: str, field: str) -> list:
-    """The values typed for one axis: ints, floats or strings by ``kind``; every error names ``field``."""
+def parse_values(text: str | list[str], kind: str, field: str) -> list:
+    """The values typed for one axis (or picked from a list, one item each): ints, floats or strings by ``kind``;
+    every error names ``field``."""
     if kind not in KINDS:
         raise ValueError(f"unknown axis value kind {kind!r}; expected one of {KINDS}")
-    items = _split_items(text, field)
+    if isinstance(text, str):
+        items = _split_items(text, field)
+    else:
+        items = [str(item).strip() for item in text if str(item).strip()]
     if not items:
         raise UserError("no values given; type one or more, separated by commas", field=field)
     if kind == "str":

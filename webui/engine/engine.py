@@ -18,6 +18,7 @@ from webui.engine import demo
 from webui.engine.files import CheckpointInfo, HashCache, short_hash
 from webui.engine.generate import Resolved, resolve_seed, txt2img
 from webui.engine.hooks import Hooks, extract_networks
+from webui.engine.host_pages import limit_heap_arenas
 from webui.engine.memory import DeviceMemory, MemoryManager, MemoryPolicy, use_expandable_segments
 from webui.engine.models import Dtypes, ModelManager
 from webui.engine.outputs import save_image
@@ -59,6 +60,7 @@ class Engine:
         self.options = config.options
         args = config.args
         self.device = pick_device(args.device)
+        limit_heap_arenas()
         if self.device.type == "cuda":
             use_expandable_segments()
         dtypes = pick_dtypes(self.device, args.no_half, args.no_half_vae)

@@ -87,3 +87,33 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype, spans: list[tuple[int, int]])
     if copy is not tensor:
         release([tensor], spans)
     return copy
+
+
+M_ARENA_MAX = -8  # glibc's <malloc.h>
+HEAP_ARENAS = 2
+
+
+@cache
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None)
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None  # musl has neither
+
+
+def limit_heap_arenas() -> None:
+    """Let the C heap keep at most HEAP_ARENAS arenas. glibc gives threads arenas of their own (up to 8 a core),
+    and every model load runs on new threads (transformers reads weights with a pool of four): memory freed in
+    one arena is not reused by the next load's threads, and switching models grows the resident set by several
+    MB a load before it levels off. Large blocks (weights) are mmapped and unaffected."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_ARENA_MAX, HEAP_ARENAS)
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``). Memory a model freed otherwise
+    stays in this process's resident set, kept by the allocator for reuse, and switching models looks like a leak."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from webui.engine.host_pages import trim_heap
 from webui.engine.load import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -85,14 +86,16 @@ class ModelCache:
 
 
 def forget(entries: list[CachedModel]) -> None:
-    """Drop the last references to these models, collect, give the device's cached blocks back, and check: a part
-    still alive afterwards is named in a warning (something kept a reference: a leak)."""
+    """Drop the last references to these models, collect, give the host heap's free pages and the device's cached
+    blocks back, and check: a part still alive afterwards is named in a warning (something kept a reference: a
+    leak)."""
     names = [e.model.info.name for e in entries]
     parts = [(f"{e.model.info.name}: {name}", weakref.ref(module))
              for e in entries for name, module in e.model.components().items()]
     before = _memory_mb()
     entries.clear()
     gc.collect()
+    trim_heap()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     after = _memory_mb()

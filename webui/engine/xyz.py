@@ -102,7 +102,7 @@ BUILTIN_AXES = [
     Axis("Seed", "int", _field("seed")),
     Axis("Steps", "int", _field("steps")),
     Axis("CFG Scale", "float", _field("cfg_scale")),
-    Axis("Distilled CFG", "float", _field("distilled_cfg_scale")),
+    Axis("Distilled CFG Scale", "float", _field("distilled_cfg_scale")),
     Axis("Sampler", "str", _sampler, choices=lambda engine: sampler_names()),
     Axis("Schedule type", "str", _schedule, choices=lambda engine: schedule_type_names()),
     Axis("Prompt S/R", "str", _prompt_replace),
@@ -110,6 +110,7 @@ BUILTIN_AXES = [
          choices=lambda engine: [c.name for c in engine.models.checkpoints()]),
     Axis("VAE", "str", _vae, expensive=True,
          choices=lambda engine: ["Automatic", *(engine.models.vae_name(p) for p in engine.models.vaes())]),
+    Axis("Clip skip", "int", _field("clip_skip")),
     Axis("Size", "str", _size),
     Axis("GPU Weights", "int", _gpu_weights),
 ]
@@ -124,21 +125,56 @@ def extension_axis(label: str, apply: Callable[[GenerationRequest, Any], None],
 
 @dataclass(frozen=True)
 class AxisChoice:
-    """One axis of a plot as the user gave it: which axis, and its values typed as text."""
+    """One axis of a plot as the user gave it: which axis (label, or index in the axis list), and its values typed
+    as text or picked from the axis' choices."""
 
-    label: str = "Nothing"
-    values: str = ""
+    label: str | int = "Nothing"
+    values: str | list[str] = ""
+
+
+@dataclass(frozen=True)
+class PlotOptions:
+    """A1111's X/Y/Z options: seeds, how the grid is drawn, and what is shown beside it."""
+
+    draw_legend: bool = True
+    no_fixed_seeds: bool = False  # "Keep -1 for seeds": every cell draws its own random seed
+    vary_seeds: tuple[bool, bool, bool] = (False, False, False)  # along X, Y, Z: the seed counts up cell by cell
+    margin_size: int = 0  # pixels between cells
+    include_lone_images: bool = False  # each cell's image after the grid
+    include_sub_grids: bool = False  # one grid per Z value after the grid
 
 
 @dataclass
 class PlotResult:
-    """The grid first, then each cell's result in plot order (None where an interrupt stopped the plot)."""
+    """The grid, one grid per Z value, then each cell's result in plot order (None where an interrupt stopped the
+    plot)."""
 
     grid: Image.Image
     grid_infotext: str
     grid_path: Path | None
+    sub_grids: list[Image.Image]
     cells: list[GenerationResult | None]
     interrupted: bool
+    options: PlotOptions
+
+    def as_result(self) -> GenerationResult:
+        """The plot in the shape of one generation's result, as A1111 answers it: the grid, then (as the options
+        ask) one grid per Z value and each cell's image, with seeds, prompts and infotexts side by side."""
+        made = [cell for cell in self.cells if cell is not None and cell.images]
+        if not made:
+            raise UserError("the plot was interrupted before its first image was made")
+        first = made[0]
+        parts = [(self.grid, self.grid_infotext, first)]
+        if self.options.include_sub_grids and len(self.sub_grids) > 1:
+            parts += [(grid, self.grid_infotext, first) for grid in self.sub_grids]
+        if self.options.include_lone_images:
+            parts += [(cell.images[0], cell.infotexts[0], cell) for cell in made]
+        return dataclasses.replace(
+            first, images=[image for image, _, _ in parts], infotexts=[text for _, text, _ in parts],
+            seeds=[cell.seed for _, _, cell in parts], prompts=[cell.prompts[0] for _, _, cell in parts],
+            negative_prompts=[cell.negative_prompts[0] for _, _, cell in parts],
+            paths=[self.grid_path] if self.grid_path else [], interrupted=self.interrupted,
+            seconds=sum(cell.seconds for cell in made))
 
 
 def find_axis(axes: list[Axis], wanted: str | int, field: str = "x_type") -> Axis:
@@ -153,15 +189,17 @@ def find_axis(axes: list[Axis], wanted: str | int, field: str = "x_type") -> Axi
 
 
 def run_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice], axes: list[Axis],
-             save_grid: bool | None = None) -> PlotResult:
+             options: PlotOptions = PlotOptions(), save_grid: bool | None = None) -> PlotResult:
     """Generate every cell of the plot (X, Y, Z = ``choices``), then the grid; UserError before any work for a
     bad axis or value."""
     plan = [_parse(find_axis(axes, c.label, f"{name}_type"), c.values, name) for c, name in zip(choices, "xyz")]
     while len(plan) < 3:
         plan.append((axes[0], [""]))
-    base = dataclasses.replace(base, seed=resolve_seed(base.seed))
+    if not options.no_fixed_seeds:
+        base = dataclasses.replace(base, seed=resolve_seed(base.seed))
     shape = [len(values) for _, values in plan]
-    planned = [(index, _cell(engine, base, plan, index)) for index in _order(plan, shape)]  # every value checked
+    planned = [(index, _cell(engine, base, plan, index, _seed_offset(options, index, shape)))
+               for index in _order(plan, shape)]  # every value checked
     cells: dict[tuple[int, int, int], GenerationResult] = {}
     progress = engine.progress
     progress.begin_plot(len(planned))
@@ -176,7 +214,7 @@ def run_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice],
     finally:
         interrupted = progress.interrupted
         progress.end_plot()
-    return _finish(engine, base, plan, shape, cells, interrupted, save_grid)
+    return _finish(engine, base, plan, shape, cells, interrupted, options, save_grid)
 
 
 def _parse(axis: Axis, text: str, name: str) -> tuple[Axis, list]:
@@ -193,7 +231,16 @@ def _order(plan: list[tuple[Axis, list]], shape: list[int]) -> Iterator[tuple[in
         yield tuple(index)
 
 
-def _cell(engine: Engine, base: GenerationRequest, plan: list[tuple[Axis, list]], index: tuple[int, int, int]) -> Cell:
+def _seed_offset(options: PlotOptions, index: tuple[int, int, int], shape: list[int]) -> int:
+    """How far a cell's seed is from the plot's, as A1111 counts it: +x, +y·width, +z·width·height for the axes
+    whose seeds vary."""
+    x, y, z = index
+    width, height = shape[0], shape[1]
+    return sum(offset for offset, vary in zip((x, y * width, z * width * height), options.vary_seeds) if vary)
+
+
+def _cell(engine: Engine, base: GenerationRequest, plan: list[tuple[Axis, list]], index: tuple[int, int, int],
+          seed_offset: int = 0) -> Cell:
     cell = Cell(dataclasses.replace(base, modules=None if base.modules is None else list(base.modules)))
     for (axis, values), value_no, name in zip(plan, index, "xyz"):
         cell.first_value = values[0]
@@ -202,17 +249,19 @@ def _cell(engine: Engine, base: GenerationRequest, plan: list[tuple[Axis, list]]
         except UserError as e:
             raise UserError(f"{axis.label} {format_value(values[value_no])!r}: {e.message}", field=f"{name}_values") \
                 from e
+    if seed_offset and cell.request.seed != -1:
+        cell.request.seed += seed_offset
     return cell
 
 
 def _finish(engine: Engine, base: GenerationRequest, plan: list[tuple[Axis, list]], shape: list[int],
-            cells: dict[tuple[int, int, int], GenerationResult], interrupted: bool,
+            cells: dict[tuple[int, int, int], GenerationResult], interrupted: bool, options: PlotOptions,
             save_grid: bool | None) -> PlotResult:
-    labels = [[_label(axis, value) for value in values] for axis, values in plan]
+    labels = [[_label(axis, value) if options.draw_legend else "" for value in values] for axis, values in plan]
     grids = []
     for z in range(shape[2]):
         rows = [[_first_image(cells.get((x, y, z))) for x in range(shape[0])] for y in range(shape[1])]
-        grids.append(draw_grid(rows, labels[1], labels[0]))
+        grids.append(draw_grid(rows, labels[1], labels[0], options.margin_size))
     grid = combine_grids(grids, labels[2])
     made = [cells.get((x, y, z)) for z in range(shape[2]) for y in range(shape[1]) for x in range(shape[0])]
     first = next((c for c in made if c is not None and c.infotexts), None)
@@ -224,7 +273,7 @@ def _finish(engine: Engine, base: GenerationRequest, plan: list[tuple[Axis, list
     if save and first is not None:
         outdir = Path(engine.options["outdir_txt2img_grids"] or engine.config.paths.outdir / "txt2img-grids")
         path = save_image(grid, outdir, first.seed, base.prompt, infotext)
-    return PlotResult(grid, infotext, path, made, interrupted)
+    return PlotResult(grid, infotext, path, grids, made, interrupted, options)
 
 
 def _label(axis: Axis, value: Any) -> str:
