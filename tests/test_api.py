@@ -178,3 +178,78 @@ def test_bad_xyz_scripts_get_422_naming_the_field(client, change, field, words):
     reply = client.post("/sdapi/v1/txt2img", json={**PLOT, **change})
     assert reply.status_code == 422 and reply.json()["field"] == field, reply.text
     assert words in reply.json()["detail"]
+
+
+def test_read_routes_have_a1111_shapes(client, engine):
+    models = client.get("/sdapi/v1/sd-models").json()
+    assert {"title", "model_name", "hash", "sha256", "filename", "config"} <= set(models[0])
+    assert "sd1-1" in [m["model_name"] for m in models]
+    client.post("/sdapi/v1/txt2img", json=BODY)  # the first load hashes the file
+    used = next(m for m in client.get("/sdapi/v1/sd-models").json() if m["model_name"] == "sd1-1")
+    assert len(used["sha256"]) == 64 and used["title"] == f"{used['filename'].split('/')[-1]} [{used['hash']}]"
+    assert "Euler a" in [s["name"] for s in client.get("/sdapi/v1/samplers").json()]
+    assert "karras" in [s["name"] for s in client.get("/sdapi/v1/schedulers").json()]
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot"], "img2img": []}
+    assert client.get("/sdapi/v1/cmd-flags").json()["device"] == "cpu"
+    assert client.get("/sdapi/v1/sd-modules").json() == []
+    idle = client.get("/sdapi/v1/progress").json()
+    assert idle["progress"] == 0 and idle["current_image"] is None and {"job", "sampling_step", "queued"} <= set(idle["state"])
+
+
+def test_options_are_the_one_settings_store(client, engine):
+    assert client.get("/sdapi/v1/options").json()["samples_save"] == engine.options["samples_save"]
+    assert client.post("/sdapi/v1/options", json={"forge_inference_memory": 2048, "samples_save": False}).status_code \
+        == 200
+    assert engine.options["forge_inference_memory"] == 2048 and engine.memory_policy().inference_mb == 2048
+    bad = client.post("/sdapi/v1/options", json={"forge_inference_memory": 1024, "forge_async_loading": "Sometimes"})
+    assert bad.status_code == 422 and bad.json()["field"] == "forge_async_loading", bad.text
+    assert engine.options["forge_inference_memory"] == 2048, "nothing stored when one value is bad"
+    whole = client.get("/sdapi/v1/options").json() | {"an_a1111_option": 1}
+    assert client.post("/sdapi/v1/options", json=whole).status_code == 200, "clients post the whole dict back"
+    assert client.get("/sdapi/v1/options").json()["an_a1111_option"] == 1, "options it does not know are kept"
+
+
+def test_unload_and_refresh_checkpoints(client, engine, tmp_path, sdxl_file):
+    client.post("/sdapi/v1/txt2img", json=BODY)
+    assert engine.models.current is not None
+    assert client.post("/sdapi/v1/unload-checkpoint").status_code == 200
+    assert engine.models.current is None and len(engine.models.cache) == 0
+    (tmp_path / "models" / "Stable-diffusion" / sdxl_file.name).symlink_to(sdxl_file)
+    assert "sdxl-1" not in [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()]
+    client.post("/sdapi/v1/refresh-checkpoints")
+    assert "sdxl-1" in [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()]
+
+
+def test_progress_while_generating_has_the_fraction_and_a_preview(client, engine):
+    from webui.api import progress_report
+
+    seen = []
+    engine.hooks.on("denoising_step", lambda step, **_: seen.append(progress_report(engine.progress, 0)))
+    client.post("/sdapi/v1/txt2img", json={**BODY, "batch_size": 1, "steps": 4})
+    assert [round(s["progress"], 2) for s in seen] == [0.25, 0.5, 0.75, 1.0]
+    assert seen[1]["eta_relative"] >= 0 and seen[1]["state"]["sampling_step"] == 2
+    assert decode(seen[1]["current_image"]).size == (8, 8), "the latents' preview"
+
+
+def test_png_info_reads_back_what_txt2img_wrote(client):
+    image = client.post("/sdapi/v1/txt2img", json=BODY).json()["images"][0]
+    info = client.post("/sdapi/v1/png-info", json={"image": f"data:image/png;base64,{image}"}).json()
+    assert info["info"].startswith("a red circle\n") and info["parameters"]["Seed"] == "42"
+    assert info["parameters"]["Sampler"] == "Euler a"
+    for bad in ({"image": "not base64!"}, {"image": base64.b64encode(b"not an image").decode()}, {}):
+        reply = client.post("/sdapi/v1/png-info", json=bad)
+        assert reply.status_code == 422 and reply.json()["field"] == "image", reply.text
+
+
+def test_reload_extensions_and_script_info(client, engine):
+    assert engine.models.current is None
+    assert client.post("/sdapi/v1/reload-checkpoint").status_code == 200
+    assert engine.models.current is not None and engine.models.current.info.model_name == "sd1-1"
+    from webui.extensions import BUILTIN_DIR, find_extensions, load_extensions
+
+    load_extensions(engine, find_extensions(BUILTIN_DIR, builtin=True))
+    listed = {e["name"]: e for e in client.get("/sdapi/v1/extensions").json()}
+    assert listed["lora"]["enabled"] and listed["lora"]["builtin"] and listed["lora"]["error"] is None
+    (script,) = client.get("/sdapi/v1/script-info").json()
+    assert script["name"] == "x/y/z plot" and [a["label"] for a in script["args"]][:3] == \
+        ["x_type", "x_values", "x_values_dropdown"] and len(script["args"]) == 18

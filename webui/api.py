@@ -11,7 +11,12 @@ from fastapi import Body, FastAPI
 from fastapi.responses import JSONResponse
 from PIL import Image, PngImagePlugin
 
+from webui.engine.engine import Engine
+from webui.engine.files import short_hash
+from webui.engine.infotext import parse_infotext, read_png_infotext
+from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
+from webui.engine.samplers import api_samplers, api_schedulers
 from webui.engine.xyz import BUILTIN_AXES, Axis, AxisChoice, PlotOptions, find_axis
 from webui.errors import UserError
 from webui.extensions import extensions_of, plot_axes
@@ -164,6 +169,69 @@ def info_json(result: GenerationResult) -> str:
     }, ensure_ascii=False)
 
 
+def checkpoint_list(engine: Engine) -> list[dict[str, Any]]:
+    """A1111's ``/sdapi/v1/sd-models``: hashes where known (hashing a file is work done on first load)."""
+    models = engine.models
+    entries = []
+    for info in models.checkpoints():
+        sha = models.hashes.cached(info.path)
+        entries.append({"title": models.title(info), "model_name": info.model_name,
+                        "hash": short_hash(sha) if sha else None, "sha256": sha, "filename": str(info.path),
+                        "config": None})
+    return entries
+
+
+def module_list(engine: Engine) -> list[dict[str, Any]]:
+    return [{"model_name": engine.models.module_name(path), "filename": str(path)}
+            for path in engine.models.module_files()]
+
+
+def progress_report(progress: Progress, queued: int) -> dict[str, Any]:
+    """A1111's ``/sdapi/v1/progress``: fraction of the whole job (an X/Y/Z plot counts all its cells), ETA relative
+    to now, A1111's state fields, and the live preview as a base64 PNG."""
+    preview = progress.preview() if progress.active else None
+    return {
+        "progress": progress.fraction,
+        "eta_relative": progress.eta_seconds,
+        "state": {"skipped": progress.skipped, "interrupted": progress.interrupted, "job": progress.job,
+                  "job_count": progress.job_count, "job_timestamp": "", "job_no": progress.job_no,
+                  "sampling_step": progress.sampling_step, "sampling_steps": progress.sampling_steps,
+                  "queued": queued},
+        "current_image": encode_png(preview, "") if preview is not None else None,
+        "textinfo": progress.textinfo or None,
+    }
+
+
+def png_info_of(body: Any) -> dict[str, Any]:
+    """A1111's ``/sdapi/v1/png-info``: the image's infotext, its other text chunks, and the infotext parsed."""
+    data = body.get("image") if isinstance(body, dict) else None
+    if not isinstance(data, str) or not data:
+        raise UserError("send the image as base64 text (a data: URL works too)", field="image")
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[-1], validate=True)))
+        image.load()
+    except (ValueError, OSError) as e:
+        raise UserError(f"is not a base64-encoded image ({e})", field="image") from e
+    infotext = read_png_infotext(image) or ""
+    items = {k: v for k, v in image.info.items() if k != "parameters" and isinstance(v, str)}
+    return {"info": infotext, "items": items, "parameters": parse_infotext(infotext) if infotext else {}}
+
+
+def extension_list(engine: Engine) -> list[dict[str, Any]]:
+    """A1111's ``/sdapi/v1/extensions`` (no git here: remote, branch and commit are empty)."""
+    return [{"name": ext.name, "remote": "", "branch": "", "commit_hash": "", "commit_date": 0, "version": "",
+             "enabled": ext.enabled, "builtin": ext.builtin, "error": ext.error}
+            for ext in extensions_of(engine).extensions]
+
+
+def script_info() -> list[dict[str, Any]]:
+    """A1111's ``/sdapi/v1/script-info`` for the one script: its ``script_args`` in order, with their defaults."""
+    args = [{"label": name, "value": value, "minimum": 0 if name == "margin_size" else None,
+             "maximum": MAX_MARGIN if name == "margin_size" else None, "step": None, "choices": None}
+            for name, value in XYZ_ARGS.items()]
+    return [{"name": XYZ_SCRIPT, "is_alwayson": False, "is_img2img": False, "args": args}]
+
+
 def user_error_response(error: UserError) -> JSONResponse:
     """422 naming the field at fault. Routes answer it themselves: handlers added to a running
     Gradio app would never be installed."""
@@ -188,12 +256,63 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         images = [encode_png(img, text) for img, text in zip(result.images, result.infotexts)] if send_images else []
         return {"images": images, "parameters": body, "info": info_json(result)}
 
-    def memory() -> dict[str, Any]:
-        return jobs.engine.memory.report()
+    engine = jobs.engine
 
-    app.add_api_route("/sdapi/v1/txt2img", txt2img, methods=["POST"], tags=["sdapi"],
-                      summary="Text to image (A1111 request and response shape)")
-    app.add_api_route("/sdapi/v1/memory", memory, methods=["GET"], tags=["sdapi"],
-                      summary="RAM and VRAM use, where the weights are, and what the last generation moved")
+    def memory() -> dict[str, Any]:
+        return engine.memory.report()
+
+    def get_options() -> dict[str, Any]:
+        return engine.options.as_dict()
+
+    def set_options(body: Any = Body(...)) -> Any:
+        """Checked all together before any is stored (the UI reads the same store): a bad one is a 422 naming it."""
+        if not isinstance(body, dict):
+            return user_error_response(UserError("the request body must be a JSON object", field="body"))
+        try:
+            engine.options.update(body)
+        except UserError as e:
+            return user_error_response(e)
+        return None
+
+    def refresh_checkpoints() -> None:
+        engine.models.refresh()
+
+    def unload_checkpoint() -> None:
+        engine.models.unload()
+
+    def png_info(body: Any = Body(...)) -> Any:
+        try:
+            return png_info_of(body)
+        except UserError as e:
+            return user_error_response(e)
+
+    def reload_checkpoint() -> None:
+        """Load the selected checkpoint now, in the generation queue (it waits for the running job)."""
+        jobs.run_call("reload-checkpoint", engine.load_selected)
+
+    routes = [
+        ("/txt2img", txt2img, "POST", "Text to image (A1111 request and response shape)"),
+        ("/png-info", png_info, "POST", "The generation parameters stored in an image (base64), read and parsed"),
+        ("/reload-checkpoint", reload_checkpoint, "POST", "Load the checkpoint the options select"),
+        ("/extensions", lambda: extension_list(engine), "GET", "Extensions found, and whether each runs"),
+        ("/script-info", script_info, "GET", "The scripts' arguments, in order, with defaults"),
+        ("/memory", memory, "GET", "RAM and VRAM use, where the weights are, and what the last generation moved"),
+        ("/options", get_options, "GET", "The settings store (config.json), as the UI sees it"),
+        ("/options", set_options, "POST", "Change settings: checked together, stored, used from the next job"),
+        ("/cmd-flags", lambda: vars(engine.config.args), "GET", "The command-line flags the app runs with"),
+        ("/sd-models", lambda: checkpoint_list(engine), "GET", "Checkpoints found (A1111 shape)"),
+        ("/sd-modules", lambda: module_list(engine), "GET", "VAE and text-encoder files (Forge's VAE / Text Encoder)"),
+        ("/samplers", api_samplers, "GET", "Sampling methods, with their aliases"),
+        ("/schedulers", api_schedulers, "GET", "Schedule types"),
+        ("/refresh-checkpoints", refresh_checkpoints, "POST", "Scan the checkpoint folders again"),
+        ("/unload-checkpoint", unload_checkpoint, "POST", "Let every model go (current and kept), freeing RAM and VRAM"),
+        ("/progress", lambda: progress_report(engine.progress, jobs.pending), "GET",
+         "The running job: fraction done, ETA, step, and a preview of its latents"),
+        ("/interrupt", jobs.interrupt, "POST", "Stop the running job after its current step"),
+        ("/skip", jobs.skip, "POST", "Skip the running job's current image"),
+        ("/scripts", lambda: {"txt2img": [XYZ_SCRIPT], "img2img": []}, "GET", "Scripts a request can name"),
+    ]
+    for path, endpoint, method, summary in routes:
+        app.add_api_route(f"/sdapi/v1{path}", endpoint, methods=[method], tags=["sdapi"], summary=summary)
     for route in extensions_of(jobs.engine).routes:
         app.add_api_route(route.path, route.endpoint, methods=list(route.methods), tags=[f"extension {route.owner}"])

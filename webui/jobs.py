@@ -44,6 +44,10 @@ class JobQueue:
                  save_grid: bool | None = None) -> PlotResult:
         return self.submit_plot(base, choices, options, save_grid).result()
 
+    def run_call(self, name: str, work: Callable[[], Any]) -> Any:
+        """Run other engine work (loading a model) in the queue, after the jobs before it; its result."""
+        return self._submit(name, work).result()
+
     @property
     def pending(self) -> int:
         return self._queue.qsize()

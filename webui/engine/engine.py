@@ -19,6 +19,7 @@ from webui.engine.files import CheckpointInfo, HashCache, short_hash
 from webui.engine.generate import Resolved, resolve_seed, txt2img
 from webui.engine.hooks import Hooks, extract_networks
 from webui.engine.host_pages import limit_heap_arenas
+from webui.engine.load import LoadedModel
 from webui.engine.memory import DeviceMemory, MemoryManager, MemoryPolicy, use_expandable_segments
 from webui.engine.models import Dtypes, ModelManager
 from webui.engine.outputs import save_image
@@ -83,6 +84,23 @@ class Engine:
             return self.models.find(name)
         return self.models.default_checkpoint(self.options["sd_model_checkpoint"])
 
+    def load_selected(self) -> None:
+        """Load the checkpoint (VAE, modules) the options select, as a generation would (A1111's reload-checkpoint)."""
+        with self._generate_lock:
+            self._model(self.checkpoint(None), None, None)
+
+    def _model(self, info: CheckpointInfo, vae: str | None, modules: list[str] | None) -> LoadedModel:
+        """The model a generation uses, loaded or switched to as the options say; extensions hear of a new one."""
+        model = self.models.get(info, vae if vae is not None else self.options["sd_vae"],
+                                self.options["forge_unet_storage_dtype"],
+                                tuple(modules if modules is not None else self.options["forge_additional_modules"]),
+                                self.options["sd3_enable_t5"], self.options["t5_storage_dtype"],
+                                self.options["sd_checkpoints_limit"])
+        if self._announced() is not model:
+            self._announced = weakref.ref(model)
+            self.hooks.fire("model_loaded", model=model)
+        return model
+
     def txt2img(self, request: GenerationRequest) -> GenerationResult:
         """Validate, load what is needed and generate. Raises UserError for anything the user can fix."""
         self.hooks.fire("before_generation", request=request)
@@ -91,14 +109,7 @@ class Engine:
         sampler, schedule = resolve(request.sampler_name, request.scheduler)
         with self._generate_lock:
             self.progress.reset()
-            vae = request.vae if request.vae is not None else self.options["sd_vae"]
-            modules = request.modules if request.modules is not None else self.options["forge_additional_modules"]
-            model = self.models.get(info, vae, self.options["forge_unet_storage_dtype"], tuple(modules),
-                                    self.options["sd3_enable_t5"], self.options["t5_storage_dtype"],
-                                    self.options["sd_checkpoints_limit"])
-            if self._announced() is not model:
-                self._announced = weakref.ref(model)
-                self.hooks.fire("model_loaded", model=model)
+            model = self._model(info, request.vae, request.modules)
             prompt, calls = extract_networks(request.prompt)
             negative, negative_calls = extract_networks(request.negative_prompt)
             extra_params = self.hooks.activate_networks(model, calls + negative_calls)
