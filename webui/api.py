@@ -12,12 +12,12 @@ from fastapi.responses import JSONResponse
 from PIL import Image, PngImagePlugin
 
 from webui.engine.engine import Engine
-from webui.engine.files import short_hash
+from webui.engine.files import checkpoint_title, short_hash
 from webui.engine.infotext import parse_infotext, read_png_infotext
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.samplers import api_samplers, api_schedulers
-from webui.engine.xyz import BUILTIN_AXES, Axis, AxisChoice, PlotOptions, find_axis
+from webui.engine.xyz import BUILTIN_AXES, SCRIPT_ARGS, Axis, AxisChoice, PlotOptions, plot_from_args
 from webui.errors import UserError
 from webui.extensions import extensions_of, plot_axes
 from webui.jobs import JobQueue
@@ -59,13 +59,6 @@ FORGE_AXES = (
     "Face restore", "Token merging ratio", "Token merging ratio high-res", "Always discard next-to-last sigma",
     "SGM noise multiplier", "Refiner checkpoint", "Refiner switch at", "RNG source", "FP8 mode", "Size",
 )
-# The X/Y/Z script's arguments in A1111's order, with the defaults of its form (missing trailing ones take them).
-XYZ_ARGS: dict[str, Any] = {
-    "x_type": 1, "x_values": "", "x_values_dropdown": None, "y_type": 0, "y_values": "", "y_values_dropdown": None,
-    "z_type": 0, "z_values": "", "z_values_dropdown": None, "draw_legend": True, "include_lone_images": False,
-    "include_sub_grids": False, "no_fixed_seeds": False, "vary_seeds_x": False, "vary_seeds_y": False,
-    "vary_seeds_z": False, "margin_size": 0, "csv_mode": False,
-}
 MAX_MARGIN = 500
 
 
@@ -95,53 +88,48 @@ def request_from_a1111(body: dict[str, Any]) -> tuple[GenerationRequest, bool]:
 
 def xyz_script(body: dict[str, Any], axes: list[Axis]) -> tuple[list[AxisChoice], PlotOptions] | None:
     """The X/Y/Z plot (axes, options) a request asks for with ``script_name`` / ``script_args``; None where it names
-    no script."""
+    no script. Types are checked here; an axis type may be Forge's index of it."""
     name = body.get("script_name")
     if name in (None, ""):
         return None
     if not isinstance(name, str) or name.strip().lower() != XYZ_SCRIPT:
         raise UserError(f"no script {name!r}; the one script is {XYZ_SCRIPT!r}", field="script_name")
     given = body.get("script_args") or []
-    if not isinstance(given, list) or len(given) > len(XYZ_ARGS):
-        raise UserError(f"must be a list of at most {len(XYZ_ARGS)} values, in this order: {', '.join(XYZ_ARGS)}",
-                        field="script_args")
-    args = XYZ_ARGS | dict(zip(XYZ_ARGS, given))
-    for key in ("draw_legend", "include_lone_images", "include_sub_grids", "no_fixed_seeds", "vary_seeds_x",
-                "vary_seeds_y", "vary_seeds_z", "csv_mode"):
-        if not isinstance(args[key], bool):
-            raise UserError(f"{key} must be true or false, got {args[key]!r}", field="script_args")
-    margin = args["margin_size"]
+    if not isinstance(given, list) or len(given) > len(SCRIPT_ARGS):
+        raise UserError(f"must be a list of at most {len(SCRIPT_ARGS)} values, in this order: "
+                        f"{', '.join(SCRIPT_ARGS)}", field="script_args")
+    args = dict(zip(SCRIPT_ARGS, given))
+    for key, value in args.items():
+        if isinstance(SCRIPT_ARGS[key], bool) and not isinstance(value, bool):
+            raise UserError(f"{key} must be true or false, got {value!r}", field="script_args")
+    margin = args.get("margin_size", 0)
     if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= MAX_MARGIN:
         raise UserError(f"margin_size must be a whole number of pixels from 0 to {MAX_MARGIN}, got {margin!r}",
                         field="script_args")
-    choices = [_axis_choice(args, name, axes) for name in "xyz"]
-    options = PlotOptions(args["draw_legend"], args["no_fixed_seeds"],
-                          (args["vary_seeds_x"], args["vary_seeds_y"], args["vary_seeds_z"]), margin,
-                          args["include_lone_images"], args["include_sub_grids"])
-    return choices, options
+    for axis in "xyz":
+        _check_axis_args(args, axis, axes)
+    return plot_from_args(args, axes)
 
 
-def _axis_choice(args: dict[str, Any], name: str, axes: list[Axis]) -> AxisChoice:
-    """One axis: its type as Forge's index or as a label; its values typed, or picked (``*_values_dropdown``) for
-    an axis with choices when ``csv_mode`` is off."""
-    wanted, text, picked = args[f"{name}_type"], args[f"{name}_values"], args[f"{name}_values_dropdown"]
+def _check_axis_args(args: dict[str, Any], name: str, axes: list[Axis]) -> None:
+    """One axis' arguments: its type a label or Forge's index (replaced by the label), its values text, its picked
+    values a list."""
     field = f"{name}_type"
+    wanted = args.get(field, SCRIPT_ARGS[field])
     if isinstance(wanted, int) and not isinstance(wanted, bool):
         if 0 <= wanted < len(FORGE_AXES):
-            wanted = FORGE_AXES[wanted]
+            args[field] = FORGE_AXES[wanted]
         elif 0 <= wanted - len(FORGE_AXES) < len(axes) - len(BUILTIN_AXES):  # plot_axes: extensions' axes last
-            wanted = axes[len(BUILTIN_AXES) + wanted - len(FORGE_AXES)].label
+            args[field] = axes[len(BUILTIN_AXES) + wanted - len(FORGE_AXES)].label
         else:
             raise UserError(f"no X/Y/Z axis at index {wanted}", field=field)
     elif not isinstance(wanted, str):
         raise UserError(f"an axis is a label or Forge's index of it, got {wanted!r}", field=field)
-    axis = find_axis(axes, wanted, field)
-    if not isinstance(text, str):
-        raise UserError(f"must be text, got {text!r}", field=f"{name}_values")
+    if not isinstance(args.get(f"{name}_values", ""), str):
+        raise UserError(f"must be text, got {args[f'{name}_values']!r}", field=f"{name}_values")
+    picked = args.get(f"{name}_values_dropdown")
     if picked is not None and not (isinstance(picked, list) and all(isinstance(v, (str, int, float)) for v in picked)):
         raise UserError(f"must be a list of values, got {picked!r}", field=f"{name}_values_dropdown")
-    use_picked = axis.choices is not None and not args["csv_mode"] and picked
-    return AxisChoice(axis.label, [str(v) for v in picked] if use_picked else text)
 
 
 def encode_png(image: Image.Image, infotext: str) -> str:
@@ -175,7 +163,7 @@ def checkpoint_list(engine: Engine) -> list[dict[str, Any]]:
     entries = []
     for info in models.checkpoints():
         sha = models.hashes.cached(info.path)
-        entries.append({"title": models.title(info), "model_name": info.model_name,
+        entries.append({"title": checkpoint_title(info, sha), "model_name": info.model_name,
                         "hash": short_hash(sha) if sha else None, "sha256": sha, "filename": str(info.path),
                         "config": None})
     return entries
@@ -228,7 +216,7 @@ def script_info() -> list[dict[str, Any]]:
     """A1111's ``/sdapi/v1/script-info`` for the one script: its ``script_args`` in order, with their defaults."""
     args = [{"label": name, "value": value, "minimum": 0 if name == "margin_size" else None,
              "maximum": MAX_MARGIN if name == "margin_size" else None, "step": None, "choices": None}
-            for name, value in XYZ_ARGS.items()]
+            for name, value in SCRIPT_ARGS.items()]
     return [{"name": XYZ_SCRIPT, "is_alwayson": False, "is_img2img": False, "args": args}]
 
 

@@ -24,7 +24,7 @@ from webui.engine.memory import MB
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.samplers import sampler_names, schedule_type_names
-from webui.engine.xyz import Axis, AxisChoice, PlotOptions, PlotResult, find_axis
+from webui.engine.xyz import Axis, PlotResult, find_axis, plot_from_args
 from webui.errors import ModelFileError, UserError
 from webui.extensions import Setting, extensions_of, plot_axes
 from webui.jobs import JobQueue
@@ -449,11 +449,8 @@ def _xyz_tab(engine: Engine, jobs: JobQueue, form: dict[str, gr.components.Compo
     out = _output_column("xyz")
 
     def submit(values: tuple) -> Future:
-        plot = dict(zip(inputs, values[len(form):]))
-        choices = [AxisChoice(plot[f"{n}_type"], plot[f"{n}_values_dropdown"] or plot[f"{n}_values"]) for n in "xyz"]
-        options = PlotOptions(plot["draw_legend"], plot["no_fixed_seeds"],
-                              tuple(plot[f"vary_seeds_{n}"] for n in "xyz"), int(plot["margin_size"]),
-                              plot["include_lone_images"], plot["include_sub_grids"])
+        """The inputs are named as A1111's script arguments: the API's path from here on."""
+        choices, options = plot_from_args(dict(zip(inputs, values[len(form):])), axes)
         return jobs.submit_plot(request_from_form(form, values[:len(form)]), choices, options)
 
     run = _generator(engine, {**form, **inputs}, out, submit)

@@ -253,6 +253,11 @@ def short_hash(sha256: str) -> str:
     return sha256[:10]
 
 
+def checkpoint_title(info: CheckpointInfo, sha256: str | None) -> str:
+    """A1111's checkpoint title: "name [hash]" once the hash is known, else the name."""
+    return f"{info.name} [{short_hash(sha256)}]" if sha256 else info.name
+
+
 def _stamp(target: Path) -> list:
     files = _hashed_files(target)
     return [[str(f.relative_to(target)) if target.is_dir() else "", f.stat().st_size, f.stat().st_mtime_ns] for f in files]

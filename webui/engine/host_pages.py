@@ -12,6 +12,9 @@ the page cache while memory lasts, so reading the tensor again (a model reloaded
 access and returns the file's bytes. Only mappings of model files are touched. The caller
 guarantees the tensors are no longer used as they are: a page of a private mapping that was
 written to in place would read back as the file has it. Linux only; elsewhere nothing happens.
+
+The C heap is the other place freed host memory can stay resident: ``limit_heap_arenas`` and
+``trim_heap`` keep glibc from holding on to what a model that left had allocated.
 """
 from __future__ import annotations
 

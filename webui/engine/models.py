@@ -16,7 +16,7 @@ import torch
 
 from webui.engine.assemble import checkpoint_family, load_flow_model, load_gguf_unet_model
 from webui.engine.detect import Family
-from webui.engine.files import CheckpointInfo, HashCache, find_checkpoints, find_files, short_hash
+from webui.engine.files import CheckpointInfo, HashCache, checkpoint_title, find_checkpoints, find_files, short_hash
 from webui.engine.flow import FLOW_FAMILIES
 from webui.engine.fp8 import cast_weights_fp8
 from webui.engine.load import LoadedModel, load_model
@@ -72,9 +72,7 @@ class ModelManager:
         return list(self._checkpoints)
 
     def title(self, info: CheckpointInfo) -> str:
-        """A1111's checkpoint title: "name [hash]" once the hash is known, else the name."""
-        sha = self.hashes.cached(info.path)
-        return f"{info.name} [{short_hash(sha)}]" if sha else info.name
+        return checkpoint_title(info, self.hashes.cached(info.path))
 
     def find(self, name: str) -> CheckpointInfo:
         """A checkpoint by name, title, file stem or short hash, as A1111 accepts them."""
@@ -82,7 +80,8 @@ class ModelManager:
         match = TITLE_RE.match(wanted)
         bare = match.group("name") if match else wanted
         for info in self._checkpoints:
-            if bare in (info.name, info.model_name, self.title(info)) or wanted == self.title(info):
+            title = self.title(info)
+            if bare in (info.name, info.model_name, title) or wanted == title:
                 return info
         if match or re.fullmatch(r"[0-9a-f]{10}", wanted):
             digest = match.group("hash") if match else wanted

@@ -125,10 +125,10 @@ def extension_axis(label: str, apply: Callable[[GenerationRequest, Any], None],
 
 @dataclass(frozen=True)
 class AxisChoice:
-    """One axis of a plot as the user gave it: which axis (label, or index in the axis list), and its values typed
-    as text or picked from the axis' choices."""
+    """One axis of a plot as the user gave it: which axis, and its values typed as text or picked from the axis'
+    choices."""
 
-    label: str | int = "Nothing"
+    label: str = "Nothing"
     values: str | list[str] = ""
 
 
@@ -177,15 +177,39 @@ class PlotResult:
             seconds=sum(cell.seconds for cell in made))
 
 
-def find_axis(axes: list[Axis], wanted: str | int, field: str = "x_type") -> Axis:
-    """An axis by label (any case) or by its index in ``axes``."""
-    if isinstance(wanted, int) and not isinstance(wanted, bool) and 0 <= wanted < len(axes):
-        return axes[wanted]
+def find_axis(axes: list[Axis], wanted: str, field: str = "x_type") -> Axis:
+    """An axis by label, in any case."""
     for axis in axes:
-        if isinstance(wanted, str) and axis.label.lower() == wanted.strip().lower():
+        if axis.label.lower() == wanted.strip().lower():
             return axis
     known = ", ".join(a.label for a in axes)
     raise UserError(f"no X/Y/Z axis {wanted!r}; the axes are: {known}", field=field)
+
+
+# A1111's X/Y/Z script arguments, in its order, with the defaults of its form: the API's ``script_args`` and the
+# UI's inputs carry these names.
+SCRIPT_ARGS: dict[str, Any] = {
+    "x_type": "Seed", "x_values": "", "x_values_dropdown": None, "y_type": "Nothing", "y_values": "",
+    "y_values_dropdown": None, "z_type": "Nothing", "z_values": "", "z_values_dropdown": None, "draw_legend": True,
+    "include_lone_images": False, "include_sub_grids": False, "no_fixed_seeds": False, "vary_seeds_x": False,
+    "vary_seeds_y": False, "vary_seeds_z": False, "margin_size": 0, "csv_mode": False,
+}
+
+
+def plot_from_args(args: dict[str, Any], axes: list[Axis]) -> tuple[list[AxisChoice], PlotOptions]:
+    """The axes and options A1111's script arguments (by name; missing ones take the form's defaults) ask for. An
+    axis with choices takes the values picked (``*_values_dropdown``) unless ``csv_mode`` or none were picked."""
+    args = SCRIPT_ARGS | args
+    choices = []
+    for name in "xyz":
+        axis = find_axis(axes, args[f"{name}_type"], f"{name}_type")
+        picked = args[f"{name}_values_dropdown"]
+        use_picked = axis.choices is not None and not args["csv_mode"] and picked
+        choices.append(AxisChoice(axis.label, [str(v) for v in picked] if use_picked else args[f"{name}_values"]))
+    options = PlotOptions(args["draw_legend"], args["no_fixed_seeds"],
+                          (args["vary_seeds_x"], args["vary_seeds_y"], args["vary_seeds_z"]), int(args["margin_size"]),
+                          args["include_lone_images"], args["include_sub_grids"])
+    return choices, options
 
 
 def run_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice], axes: list[Axis],
