@@ -4,15 +4,9 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -78,42 +72,6 @@ def test_a1111_defaults_are_accepted(client):
     assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_live_server_process(tmp_path, sd1_file):
-    """The real launcher, API only: a good request, a bad one (422 and a log line), then a good one again."""
-    (tmp_path / "models" / "Stable-diffusion").mkdir(parents=True)
-    (tmp_path / "models" / "Stable-diffusion" / sd1_file.name).symlink_to(sd1_file)
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--skip-venv", "--skip-install", "--nowebui",
-                             "--port", str(port), "--data-dir", str(tmp_path), "--device", "cpu"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}/sdapi/v1/txt2img"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                requests.get(f"http://127.0.0.1:{port}/docs", timeout=2)
-                break
-            except requests.ConnectionError:
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()
-                time.sleep(0.5)
-        assert requests.post(url, json=BODY, timeout=120).status_code == 200
-        bad = requests.post(url, json={**BODY, "width": 7}, timeout=60)
-        assert bad.status_code == 422 and bad.json()["field"] == "width"
-        assert requests.post(url, json=BODY, timeout=120).status_code == 200
-        assert "width: must be a multiple of 8" in (tmp_path / "server.log").read_text()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
-
-
 def test_memory_route_reports_the_last_generation(client):
     client.post("/sdapi/v1/txt2img", json=BODY)
     data = client.get("/sdapi/v1/memory").json()
@@ -153,7 +111,8 @@ def test_xyz_script_with_forge_axis_indices_returns_the_grid_then_the_cells(clie
 
 def test_xyz_script_by_label_with_picked_values_and_seeds_varying_along_x(client, engine):
     body = {**PLOT, "script_args": xyz_args(("Sampler", "ignored when values are picked", ["Euler", "DPM++ 2M"]),
-                                            include_lone_images=True, vary_seeds_x=True, draw_legend=False)}
+                                            include_lone_images=True, vary_seeds_x=True, draw_legend=False),
+            "override_settings": {"CLIP_stop_at_last_layers": 2}}
     reply = client.post("/sdapi/v1/txt2img", json=body)
     assert reply.status_code == 200, reply.text
     info = json.loads(reply.json()["info"])
@@ -161,6 +120,8 @@ def test_xyz_script_by_label_with_picked_values_and_seeds_varying_along_x(client
     assert grid.size == (128, 64), "no legend: the two cells side by side"
     assert info["all_seeds"][1:] == [42, 43]
     assert [parse_infotext(c.text["parameters"])["Sampler"] for c in cells] == ["Euler", "DPM++ 2M"]
+    assert all(parse_infotext(c.text["parameters"])["Clip skip"] == "2" for c in cells), "override_settings held"
+    assert engine.options["CLIP_stop_at_last_layers"] == 1
     grid_only = client.post("/sdapi/v1/txt2img", json={**body, "script_args": body["script_args"][:9]})
     assert len(grid_only.json()["images"]) == 1, "the form's defaults: the grid alone"
 
@@ -229,6 +190,7 @@ def test_progress_while_generating_has_the_fraction_and_a_preview(client, engine
     assert [round(s["progress"], 2) for s in seen] == [0.25, 0.5, 0.75, 1.0]
     assert seen[1]["eta_relative"] >= 0 and seen[1]["state"]["sampling_step"] == 2
     assert decode(seen[1]["current_image"]).size == (8, 8), "the latents' preview"
+    assert progress_report(engine.progress, 0, with_image=False)["current_image"] is None
 
 
 def test_png_info_reads_back_what_txt2img_wrote(client):
@@ -253,3 +215,85 @@ def test_reload_extensions_and_script_info(client, engine):
     (script,) = client.get("/sdapi/v1/script-info").json()
     assert script["name"] == "x/y/z plot" and [a["label"] for a in script["args"]][:3] == \
         ["x_type", "x_values", "x_values_dropdown"] and len(script["args"]) == 18
+
+
+def test_override_settings_hold_for_the_request_or_stay_when_asked(client, engine):
+    body = {**BODY, "batch_size": 1, "override_settings": {"forge_inference_memory": 2048, "CLIP_stop_at_last_layers": 2}}
+    reply = client.post("/sdapi/v1/txt2img", json=body)
+    assert reply.status_code == 200, reply.text
+    assert client.get("/sdapi/v1/memory").json()["webui"]["policy"]["inference_mb"] == 2048, "the budget it ran with"
+    assert "Clip skip: 2" in json.loads(reply.json()["info"])["infotexts"][0]
+    assert engine.options["forge_inference_memory"] == 1024 and engine.options["CLIP_stop_at_last_layers"] == 1
+    client.post("/sdapi/v1/txt2img", json={**body, "override_settings_restore_afterwards": False})
+    assert engine.options["forge_inference_memory"] == 2048 and engine.options["CLIP_stop_at_last_layers"] == 2
+    assert json.loads(engine.config.paths.config_file.read_text())["forge_inference_memory"] == 2048, "and saved"
+
+
+@pytest.mark.parametrize("overrides,field", [({"forge_async_loading": "Sometimes"}, "forge_async_loading"),
+                                             ({"no_such_option": 1}, "no_such_option"),
+                                             ({"eta_noise_seed_delta": 31337}, "eta_noise_seed_delta"),
+                                             ({"sd_vae": "missing.safetensors"}, "sd_vae")])
+def test_overrides_this_app_cannot_honour_are_refused_and_nothing_changes(client, engine, overrides, field):
+    before = engine.options.as_dict()
+    reply = client.post("/sdapi/v1/txt2img", json={**BODY, "override_settings": overrides,
+                                                   "override_settings_restore_afterwards": False})
+    assert reply.status_code == 422 and reply.json()["field"] == field, reply.text
+    assert engine.options.as_dict() == before
+
+
+def test_fields_a1111_reads_are_honoured(client, engine, tmp_path):
+    by_index = client.post("/sdapi/v1/txt2img", json={**BODY, "sampler_name": None, "sampler_index": "Euler"})
+    assert "Sampler: Euler," in json.loads(by_index.json()["info"])["infotexts"][0], "sampler_index when no name"
+    named = client.post("/sdapi/v1/txt2img", json={**BODY, "sampler_index": "Euler"})
+    assert "Sampler: Euler a," in json.loads(named.json()["info"])["infotexts"][0], "sampler_name wins"
+    for sampler, eta in (("Euler a", 1), ("Euler", 0), ("DDIM", 0), ("DPM++ 2M", 0.3)):
+        assert client.post("/sdapi/v1/txt2img", json={**BODY, "sampler_name": sampler, "eta": eta}).status_code == 200
+    for sampler, eta in (("Euler a", 0), ("DDIM", 1)):
+        reply = client.post("/sdapi/v1/txt2img", json={**BODY, "sampler_name": sampler, "eta": eta})
+        assert reply.status_code == 422 and reply.json()["field"] == "eta", reply.text
+    hires_off = {"enable_hr": False, "denoising_strength": 0.45, "hr_upscaler": "Latent", "hr_scale": 1.5,
+                 "hr_second_pass_steps": 10, "hr_cfg": 7, "refiner_switch_at": 0.8}
+    plain = client.post("/sdapi/v1/txt2img", json=BODY).json()["images"]
+    assert client.post("/sdapi/v1/txt2img", json={**BODY, **hires_off}).json()["images"] == plain
+    client.post("/sdapi/v1/txt2img", json={**BODY, "save_images": True, "do_not_save_samples": True})
+    assert not list((tmp_path / "outputs").rglob("*.png"))
+    for bad in ({"send_images": "yes"}, {"override_settings_restore_afterwards": 0}):
+        assert client.post("/sdapi/v1/txt2img", json={**BODY, **bad}).json()["field"] == next(iter(bad))
+
+
+def test_options_refuse_missing_files_and_list_what_is_fixed(client, engine):
+    options = client.get("/sdapi/v1/options").json()
+    assert options["randn_source"] == "CPU" and options["eta_noise_seed_delta"] == 0
+    for change, field in (({"sd_model_checkpoint": "missing"}, "sd_model_checkpoint"), ({"sd_vae": "x.pt"}, "sd_vae"),
+                          ({"forge_additional_modules": ["x.safetensors"]}, "forge_additional_modules"),
+                          ({"randn_source": "GPU"}, "randn_source")):
+        reply = client.post("/sdapi/v1/options", json=change)
+        assert reply.status_code == 422 and reply.json()["field"] == field, reply.text
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd1-1"}).status_code == 200
+    assert client.post("/sdapi/v1/options", json=options).status_code == 200, "the whole store posted back"
+    assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    assert client.post("/sdapi/v1/refresh-vae").status_code == 200
+
+
+def test_api_auth_guards_every_route_and_api_log_logs_each_call(engine, caplog):
+    engine.config.args.api_auth = [("alice", "s3cret:x"), ("bob", "pw")]
+    engine.config.args.api_log = True
+    from webui.extensions import BUILTIN_DIR, find_extensions, load_extensions
+
+    load_extensions(engine, find_extensions(BUILTIN_DIR, builtin=True))  # their routes too
+    app = FastAPI()
+    register_api(app, JobQueue(engine))
+    client = TestClient(app)
+    routes = [(r.path, sorted(r.methods)[0]) for r in app.routes if r.path.startswith("/sdapi/")]
+    assert len(routes) >= 25 and ("/sdapi/v1/loras", "GET") in routes
+    for path, method in routes:
+        reply = client.request(method, path)
+        assert reply.status_code == 401 and reply.headers["www-authenticate"] == "Basic", (path, reply.text)
+    assert client.get("/sdapi/v1/memory", auth=("alice", "wrong")).status_code == 401
+    assert client.get("/sdapi/v1/memory", auth=("bob", "s3cret:x")).status_code == 401, "one account's password"
+    with caplog.at_level("INFO", logger="webui.api"):
+        assert client.get("/sdapi/v1/memory", auth=("alice", "s3cret:x")).status_code == 200
+        assert client.post("/sdapi/v1/txt2img", json={**BODY, "width": 7}, auth=("bob", "pw")).status_code == 422
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("API ")]
+    assert lines[-2].startswith("API testclient GET /sdapi/v1/memory 200 ")
+    assert lines[-1].startswith("API testclient POST /sdapi/v1/txt2img 422 ")

@@ -234,7 +234,7 @@ def test_ui_shows_the_fields_of_the_checkpoints_family(tmp_path, files):
 
 def test_api_request_takes_distilled_cfg_and_modules_per_request(tmp_path, files):
     pytest.importorskip("fastapi")
-    from webui.api import request_from_a1111
+    from webui.api import read_txt2img
 
     engine = engine_for(tmp_path, files, "flux-aio.safetensors", "flux-transformer.safetensors")
     whole = images(engine.txt2img(flux_request("flux-aio.safetensors", distilled_cfg_scale=5.0)))
@@ -243,8 +243,8 @@ def test_api_request_takes_distilled_cfg_and_modules_per_request(tmp_path, files
             "batch_size": len(SEEDS), "override_settings": {
                 "sd_model_checkpoint": "flux-transformer.safetensors",
                 "forge_additional_modules": ["ae.safetensors", "clip_l.safetensors", "t5xxl_fp32.safetensors"]}}
-    request, _ = request_from_a1111(body)
-    assert np.array_equal(images(engine.txt2img(request)), whole)
+    call = read_txt2img(body, engine.options)
+    assert np.array_equal(images(engine.txt2img(call.request)), whole)
     assert engine.options["forge_additional_modules"] == [], "a per-request override leaves the settings alone"
     with pytest.raises(UserError) as bad:
         engine.txt2img(flux_request("flux-transformer.safetensors", modules=["../../etc/passwd"]))

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ("port", "listen", "share", "api", "nowebui", "models-dir", "ckpt-dir", "lora-dir", "vae-dir",
          "text-encoder-dir", "outdir", "device", "no-half", "no-half-vae", "lowvram", "medvram", "always-gpu",
-         "always-offload-from-vram", "skip-venv", "skip-install")
+         "always-offload-from-vram", "skip-venv", "skip-install", "api-auth", "api-log", "gradio-auth")
 
 
 def run_launch(*args: str) -> subprocess.CompletedProcess:
@@ -41,6 +41,21 @@ def test_unknown_flag_is_an_error():
     assert result.returncode == 2
     assert "unrecognized arguments: --bogus" in result.stderr
     assert "usage: launch.py" in result.stderr
+
+
+def test_logins_are_user_pass_pairs_and_open_access_is_warned_about():
+    from webui.cli import parse_args
+    from webui.server import open_access_warnings
+
+    args = parse_args(["--api-auth", "alice:pa:ss, bob:x", "--gradio-auth", "carol:y"])
+    assert args.api_auth == [("alice", "pa:ss"), ("bob", "x")] and args.gradio_auth == [("carol", "y")]
+    result = run_launch("--skip-venv", "--skip-install", "--api-auth", "alice")
+    assert result.returncode == 2 and "'alice' is not USER:PASS" in result.stderr
+    assert open_access_warnings(parse_args([])) == [], "local only"
+    warned = open_access_warnings(parse_args(["--listen", "--api"]))
+    assert len(warned) == 2 and "--api-auth" in warned[0] and "--gradio-auth" in warned[1]
+    assert open_access_warnings(parse_args(["--listen", "--nowebui", "--api-auth", "a:b"])) == []
+    assert "public --share link" in open_access_warnings(parse_args(["--share", "--api-auth", "a:b"]))[0]
 
 
 def test_venv_is_the_project_one_unless_webui_venv_says(launch, monkeypatch, tmp_path):

@@ -5,10 +5,16 @@ import base64
 import io
 import json
 import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Body, FastAPI
+from fastapi import Body, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image, PngImagePlugin
 
 from webui.engine.engine import Engine
@@ -16,36 +22,42 @@ from webui.engine.files import checkpoint_title, short_hash
 from webui.engine.infotext import parse_infotext, read_png_infotext
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
-from webui.engine.samplers import api_samplers, api_schedulers
+from webui.engine.samplers import api_samplers, api_schedulers, find_sampler
 from webui.engine.xyz import BUILTIN_AXES, SCRIPT_ARGS, Axis, AxisChoice, PlotOptions, plot_from_args
 from webui.errors import UserError
 from webui.extensions import extensions_of, plot_axes
-from webui.jobs import JobQueue
+from webui.jobs import JobQueue, Overrides
+from webui.settings import Options
 
 log = logging.getLogger(__name__)
 
-# A1111 txt2img fields this version accepts only at their A1111 default: clients send them all.
-DEFAULT_ONLY_FIELDS: dict[str, Any] = {
-    "styles": [None, []], "subseed": [-1, None], "subseed_strength": [0, 0.0, None],
-    "seed_resize_from_h": [-1, 0, None], "seed_resize_from_w": [-1, 0, None],
-    "restore_faces": [False, None], "tiling": [False, None], "do_not_save_samples": [False, None],
-    "do_not_save_grid": [False, None], "eta": [None, 0, 0.0, 1, 1.0], "denoising_strength": [None, 0, 0.0, 0.7, 0.75],
-    "s_min_uncond": [None, 0, 0.0], "s_churn": [None, 0, 0.0], "s_tmax": [None, 0, 0.0], "s_tmin": [None, 0, 0.0],
-    "s_noise": [None, 1, 1.0], "enable_hr": [False, None], "firstphase_width": [0, None], "firstphase_height": [0, None],
-    "hr_scale": [2, 2.0, None], "hr_upscaler": [None, ""], "hr_second_pass_steps": [0, None],
-    "hr_resize_x": [0, None], "hr_resize_y": [0, None], "hr_checkpoint_name": [None, ""],
-    "hr_sampler_name": [None, ""], "hr_scheduler": [None, ""], "hr_prompt": ["", None],
-    "hr_negative_prompt": ["", None], "hr_additional_modules": [None, []], "refiner_checkpoint": [None, ""],
-    "refiner_switch_at": [None, 0, 0.0], "disable_extra_networks": [False, None], "firstpass_image": [None, ""],
-    "comments": [None, {}], "sampler_index": [None, "Euler", "Euler a"], "script_name": None,
-    "script_args": None, "alwayson_scripts": [None, {}], "infotext": [None, ""], "force_task_id": None,
-    "override_settings_restore_afterwards": None, "send_images": None,
-    "save_images": None, "override_settings": None,
-}
+# Every field of A1111/Forge's txt2img request falls in one of these groups. Clients send them all, mostly at
+# their defaults; a value this app cannot honour is a 422 naming the field.
 ENGINE_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "distilled_cfg_scale",
                  "sampler_name", "scheduler", "seed", "batch_size", "n_iter")
-OVERRIDES = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip",
-             "forge_additional_modules": "modules"}
+# Read here (send_images, save_images, the do_not_save_* two, override_settings and its restore flag, sampler_index,
+# eta) or by xyz_script (script_name, script_args); force_task_id names the job for A1111's UI, which has no use here.
+FLAG_FIELDS = ("send_images", "save_images", "do_not_save_samples", "do_not_save_grid",
+               "override_settings_restore_afterwards")
+READ_FIELDS = (*FLAG_FIELDS, "override_settings", "sampler_index", "eta", "script_name", "script_args",
+               "force_task_id")
+# Accepted only at the values that make A1111 do nothing extra.
+DEFAULT_ONLY_FIELDS: dict[str, list] = {
+    "styles": [None, []], "subseed": [-1, None], "subseed_strength": [0, 0.0, None],
+    "seed_resize_from_h": [-1, 0, None], "seed_resize_from_w": [-1, 0, None],
+    "restore_faces": [False, None], "tiling": [False, None], "s_min_uncond": [None, 0, 0.0], "s_churn": [None, 0, 0.0],
+    "s_tmax": [None, 0, 0.0], "s_tmin": [None, 0, 0.0], "s_noise": [None, 1, 1.0], "enable_hr": [False, None],
+    "refiner_checkpoint": [None, "", "None"], "disable_extra_networks": [False, None], "firstpass_image": [None, ""],
+    "comments": [None, {}], "alwayson_scripts": [None, {}], "infotext": [None, ""],
+}
+# A1111 reads these only with enable_hr or a refiner_checkpoint, which this app refuses: any value does nothing.
+IGNORED_FIELDS = ("denoising_strength", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
+                  "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
+                  "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "hr_cfg",
+                  "hr_distilled_cfg", "refiner_switch_at")
+# override_settings keys that are request fields too: the request checks them as strictly as its own fields.
+OVERRIDE_FIELDS = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip",
+                   "forge_additional_modules": "modules"}
 
 XYZ_SCRIPT = "x/y/z plot"
 # Forge's txt2img X/Y/Z axes in their order: clients name an axis by its index in this list (those it adds after
@@ -60,30 +72,71 @@ FORGE_AXES = (
     "SGM noise multiplier", "Refiner checkpoint", "Refiner switch at", "RNG source", "FP8 mode", "Size",
 )
 MAX_MARGIN = 500
+_MISSING = object()
 
 
-def request_from_a1111(body: dict[str, Any]) -> tuple[GenerationRequest, bool]:
-    """A GenerationRequest from an A1111 txt2img body, and whether images are sent back."""
+@dataclass(frozen=True)
+class Txt2ImgCall:
+    """An A1111 txt2img body, read: the engine's request and what the API does around it."""
+
+    request: GenerationRequest
+    overrides: Overrides
+    send_images: bool
+    save_grid: bool
+
+
+def read_txt2img(body: Any, options: Options) -> Txt2ImgCall:
+    """Check every field of an A1111 txt2img body (UserError naming the first one this app cannot honour)."""
     if not isinstance(body, dict):
         raise UserError("the request body must be a JSON object", field="body")
     for key, value in body.items():
-        if key in ENGINE_FIELDS:
+        if key in ENGINE_FIELDS or key in READ_FIELDS or key in IGNORED_FIELDS:
             continue
         if key not in DEFAULT_ONLY_FIELDS:
             raise UserError(f"unknown field {key!r}", field=key)
-        allowed = DEFAULT_ONLY_FIELDS[key]
-        if allowed is not None and value not in allowed:
+        if value not in DEFAULT_ONLY_FIELDS[key]:
             raise UserError(f"this app cannot do {key}={value!r} yet; leave it at its default", field=key)
-    fields = {k: body[k] for k in ENGINE_FIELDS if k in body and body[k] is not None}
-    overrides = body.get("override_settings") or {}
-    if not isinstance(overrides, dict):
+    flags = {key: body.get(key) for key in FLAG_FIELDS}
+    for key, value in flags.items():
+        if value is not None and not isinstance(value, bool):
+            raise UserError(f"must be true or false, got {value!r}", field=key)
+    fields = {k: body[k] for k in ENGINE_FIELDS if body.get(k) is not None}
+    if not fields.get("sampler_name") and body.get("sampler_index"):
+        fields["sampler_name"] = body["sampler_index"]  # A1111's older name for it, used when sampler_name is not
+    overrides = overrides_of(body, options)
+    fields.update({OVERRIDE_FIELDS[k]: v for k, v in overrides.values.items() if k in OVERRIDE_FIELDS})
+    save = bool(flags["save_images"])  # A1111's API saves nothing unless asked
+    fields["save_images"] = save and not flags["do_not_save_samples"]
+    request = GenerationRequest.from_dict(fields)
+    _check_eta(body.get("eta"), request.sampler_name)
+    return Txt2ImgCall(request, overrides, flags["send_images"] is not False, save and not flags["do_not_save_grid"])
+
+
+def overrides_of(body: dict[str, Any], options: Options) -> Overrides:
+    """``override_settings``, checked like any change of options; a key this app has no option for is refused
+    unless it asks for the value the store already keeps for it."""
+    given = body.get("override_settings") or {}
+    if not isinstance(given, dict):
         raise UserError("must be an object of option names to values", field="override_settings")
-    for key, value in overrides.items():
-        if key not in OVERRIDES:
-            raise UserError(f"overriding {key!r} per request is not supported", field=f"override_settings.{key}")
-        fields[OVERRIDES[key]] = value
-    fields["save_images"] = bool(body.get("save_images", False))
-    return GenerationRequest.from_dict(fields), bool(body.get("send_images", True))
+    for key, value in given.items():
+        if not options.knows(key) and options.get(key, _MISSING) != value:
+            raise UserError(f"override_settings: this app has no option {key!r}", field=key)
+    try:
+        values = options.checked(given)
+    except UserError as e:
+        raise UserError(f"override_settings: {e.message}", field=e.field) from None
+    return Overrides(values, restore=body.get("override_settings_restore_afterwards") is not False)
+
+
+def _check_eta(eta: Any, sampler_name: str) -> None:
+    """eta is honoured where it is the one the sampler samples with, or plays no part in it."""
+    if eta is None:
+        return
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        raise UserError(f"must be a number, got {eta!r}", field="eta")
+    sampler, _ = find_sampler(sampler_name)
+    if sampler.eta is not None and eta != sampler.eta:
+        raise UserError(f"{sampler.name} samples with eta {sampler.eta:g} here; it cannot do {eta!r}", field="eta")
 
 
 def xyz_script(body: dict[str, Any], axes: list[Axis]) -> tuple[list[AxisChoice], PlotOptions] | None:
@@ -174,10 +227,10 @@ def module_list(engine: Engine) -> list[dict[str, Any]]:
             for path in engine.models.module_files()]
 
 
-def progress_report(progress: Progress, queued: int) -> dict[str, Any]:
+def progress_report(progress: Progress, queued: int, with_image: bool = True) -> dict[str, Any]:
     """A1111's ``/sdapi/v1/progress``: fraction of the whole job (an X/Y/Z plot counts all its cells), ETA relative
-    to now, A1111's state fields, and the live preview as a base64 PNG."""
-    preview = progress.preview() if progress.active else None
+    to now, A1111's state fields, and the live preview as a base64 PNG (unless ``skip_current_image``)."""
+    preview = progress.preview() if progress.active and with_image else None
     return {
         "progress": progress.fraction,
         "eta_relative": progress.eta_seconds,
@@ -227,24 +280,65 @@ def user_error_response(error: UserError) -> JSONResponse:
                                                   "detail": error.message, "errors": str(error)})
 
 
+def basic_auth(accounts: list[tuple[str, str]]) -> Callable[..., None]:
+    """--api-auth: a dependency every API route has; a wrong or missing login is a 401 asking for one."""
+    security = HTTPBasic(description="--api-auth USER:PASS")
+
+    def check(given: HTTPBasicCredentials = Depends(security)) -> None:
+        user, password = given.username.encode(), given.password.encode()
+        # compare every account in full, so that the time taken tells nothing about which part was wrong
+        matches = [secrets.compare_digest(user, u.encode()) & secrets.compare_digest(password, p.encode())
+                   for u, p in accounts]
+        if not any(matches):
+            raise HTTPException(status_code=401, detail="Incorrect username or password",
+                                headers={"WWW-Authenticate": "Basic"})
+
+    return check
+
+
+class LoggedRoute(APIRoute):
+    """--api-log: one line per API call: client, method, path, status and seconds, as A1111 logs them."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def logged(request: Request) -> Response:
+            start, status = time.perf_counter(), 500
+            try:
+                response = await handler(request)
+                status = response.status_code
+                return response
+            except HTTPException as e:
+                status = e.status_code
+                raise
+            finally:
+                client = request.client.host if request.client else "-"
+                log.info("API %s %s %s %d %.3fs", client, request.method, request.url.path, status,
+                         time.perf_counter() - start)
+
+        return logged
+
+
 def register_api(app: FastAPI, jobs: JobQueue) -> None:
     """Add the /sdapi/v1 routes, and those extensions added, to an app (Gradio's, or a bare FastAPI app with
-    --nowebui)."""
+    --nowebui), behind --api-auth and logged with --api-log."""
+
+    engine = jobs.engine
 
     def txt2img(body: Any = Body(...)) -> Any:
         try:
-            request, send_images = request_from_a1111(body)
-            script = xyz_script(body, plot_axes(jobs.engine))
+            call = read_txt2img(body, engine.options)
+            script = xyz_script(body, plot_axes(engine))
             if script is None:
-                result = jobs.run(request)
+                result = jobs.run(call.request, call.overrides)
             else:
-                result = jobs.run_plot(request, *script, save_grid=request.save_images).as_result()
+                result = jobs.run_plot(call.request, *script, save_grid=call.save_grid,
+                                       overrides=call.overrides).as_result()
         except UserError as e:
             return user_error_response(e)
-        images = [encode_png(img, text) for img, text in zip(result.images, result.infotexts)] if send_images else []
+        images = [encode_png(img, text) for img, text in zip(result.images, result.infotexts)] \
+            if call.send_images else []
         return {"images": images, "parameters": body, "info": info_json(result)}
-
-    engine = jobs.engine
 
     def memory() -> dict[str, Any]:
         return engine.memory.report()
@@ -257,7 +351,7 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         if not isinstance(body, dict):
             return user_error_response(UserError("the request body must be a JSON object", field="body"))
         try:
-            engine.options.update(body)
+            engine.set_options(body)
         except UserError as e:
             return user_error_response(e)
         return None
@@ -273,6 +367,12 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
             return png_info_of(body)
         except UserError as e:
             return user_error_response(e)
+
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        return progress_report(engine.progress, jobs.pending, with_image=not skip_current_image)
+
+    def refresh_vae() -> None:
+        """The VAE and text encoder lists are read from their folders at every call: nothing to do."""
 
     def reload_checkpoint() -> None:
         """Load the selected checkpoint now, in the generation queue (it waits for the running job)."""
@@ -294,13 +394,22 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         ("/schedulers", api_schedulers, "GET", "Schedule types"),
         ("/refresh-checkpoints", refresh_checkpoints, "POST", "Scan the checkpoint folders again"),
         ("/unload-checkpoint", unload_checkpoint, "POST", "Let every model go (current and kept), freeing RAM and VRAM"),
-        ("/progress", lambda: progress_report(engine.progress, jobs.pending), "GET",
+        ("/progress", progress, "GET",
          "The running job: fraction done, ETA, step, and a preview of its latents"),
         ("/interrupt", jobs.interrupt, "POST", "Stop the running job after its current step"),
         ("/skip", jobs.skip, "POST", "Skip the running job's current image"),
         ("/scripts", lambda: {"txt2img": [XYZ_SCRIPT], "img2img": []}, "GET", "Scripts a request can name"),
+        ("/refresh-vae", refresh_vae, "POST", "Scan the VAE folder again (it is read at every call)"),
+        ("/embeddings", lambda: {"loaded": {}, "skipped": {}}, "GET", "Textual inversions (none: not supported yet)"),
+        ("/prompt-styles", lambda: [], "GET", "Saved prompt styles (none: not supported yet)"),
+        ("/upscalers", lambda: [], "GET", "Upscalers (none: hires. fix is not supported yet)"),
     ]
+    args = engine.config.args
+    extra = {"dependencies": [Depends(basic_auth(args.api_auth))] if args.api_auth else None,
+             "route_class_override": LoggedRoute if args.api_log else APIRoute}
     for path, endpoint, method, summary in routes:
-        app.add_api_route(f"/sdapi/v1{path}", endpoint, methods=[method], tags=["sdapi"], summary=summary)
-    for route in extensions_of(jobs.engine).routes:
-        app.add_api_route(route.path, route.endpoint, methods=list(route.methods), tags=[f"extension {route.owner}"])
+        app.router.add_api_route(f"/sdapi/v1{path}", endpoint, methods=[method], tags=["sdapi"], summary=summary, **extra)
+    for route in extensions_of(engine).routes:
+        app.router.add_api_route(route.path, route.endpoint, methods=list(route.methods), tags=[f"extension {route.owner}"],
+                          **extra)
+    app.openapi_schema = None  # made again with these routes at the next /openapi.json

@@ -7,6 +7,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def credentials(text: str) -> list[tuple[str, str]]:
+    """``user:pass[,user2:pass2...]`` (A1111's format; a password may contain ':') as (user, password) pairs."""
+    pairs = []
+    for item in text.split(","):
+        user, colon, password = item.strip().partition(":")
+        if not (user and colon and password):
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} is not USER:PASS (both needed)")
+        pairs.append((user, password))
+    return pairs
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch.py",
@@ -19,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--share", action="store_true", help="make a public Gradio link (needs internet)")
     net.add_argument("--api", action="store_true", help="serve the HTTP API (/sdapi/v1) beside the UI")
     net.add_argument("--nowebui", action="store_true", help="serve only the HTTP API, no UI")
+    net.add_argument("--api-auth", type=credentials, default=None, metavar="USER:PASS[,USER:PASS...]",
+                     help="HTTP basic authentication on every API route")
+    net.add_argument("--api-log", action="store_true", help="log every API call: client, route, status, seconds")
+    net.add_argument("--gradio-auth", type=credentials, default=None, metavar="USER:PASS[,USER:PASS...]",
+                     help="a login page in front of the UI")
     paths = p.add_argument_group("folders")
     paths.add_argument("--data-dir", type=Path, default=ROOT, help="where config.json and cache.json live")
     paths.add_argument("--models-dir", type=Path, default=None, help="models folder (default: <data-dir>/models)")

@@ -6,6 +6,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 from webui.engine.engine import Engine
@@ -17,6 +18,15 @@ from webui.extensions import plot_axes
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Overrides:
+    """Options one job sets for itself (A1111's ``override_settings``): in force while it runs, then put back, or
+    kept once it succeeds when ``restore`` is False (``override_settings_restore_afterwards``)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    restore: bool = True
+
+
 class JobQueue:
     """Jobs (a generation, an X/Y/Z plot) run one at a time on one worker thread, in the order submitted."""
 
@@ -26,23 +36,24 @@ class JobQueue:
         self._worker = threading.Thread(target=self._run, name="generation-queue", daemon=True)
         self._worker.start()
 
-    def submit(self, request: GenerationRequest) -> Future:
+    def submit(self, request: GenerationRequest, overrides: Overrides | None = None) -> Future:
         """Queue a request; the future holds its GenerationResult or the error that stopped it."""
-        return self._submit("txt2img", lambda: self.engine.txt2img(request))
+        return self._submit("txt2img", lambda: self.engine.txt2img(request), overrides)
 
     def submit_plot(self, base: GenerationRequest, choices: list[AxisChoice], options: PlotOptions,
-                    save_grid: bool | None = None) -> Future:
+                    save_grid: bool | None = None, overrides: Overrides | None = None) -> Future:
         """Queue an X/Y/Z plot over ``base`` (its axes: the built-in ones, then those extensions added); the future
         holds its PlotResult."""
         return self._submit("X/Y/Z plot",
-                            lambda: run_plot(self.engine, base, choices, plot_axes(self.engine), options, save_grid))
+                            lambda: run_plot(self.engine, base, choices, plot_axes(self.engine), options, save_grid),
+                            overrides)
 
-    def run(self, request: GenerationRequest) -> GenerationResult:
-        return self.submit(request).result()
+    def run(self, request: GenerationRequest, overrides: Overrides | None = None) -> GenerationResult:
+        return self.submit(request, overrides).result()
 
     def run_plot(self, base: GenerationRequest, choices: list[AxisChoice], options: PlotOptions,
-                 save_grid: bool | None = None) -> PlotResult:
-        return self.submit_plot(base, choices, options, save_grid).result()
+                 save_grid: bool | None = None, overrides: Overrides | None = None) -> PlotResult:
+        return self.submit_plot(base, choices, options, save_grid, overrides).result()
 
     def run_call(self, name: str, work: Callable[[], Any]) -> Any:
         """Run other engine work (loading a model) in the queue, after the jobs before it; its result."""
@@ -58,10 +69,22 @@ class JobQueue:
     def skip(self) -> None:
         self.engine.progress.skip()
 
-    def _submit(self, name: str, work: Callable[[], Any]) -> Future:
+    def _submit(self, name: str, work: Callable[[], Any], overrides: Overrides | None = None) -> Future:
         future: Future = Future()
-        self._queue.put((name, work, future))
+        self._queue.put((name, work if overrides is None else self._overridden(work, overrides), future))
         return future
+
+    def _overridden(self, work: Callable[[], Any], overrides: Overrides) -> Callable[[], Any]:
+        options = self.engine.options
+
+        def run() -> Any:
+            with options.overridden(overrides.values):
+                result = work()
+            if not overrides.restore:
+                options.update(overrides.values)
+            return result
+
+        return run
 
     def _run(self) -> None:
         while True:

@@ -1,6 +1,7 @@
 """Start the app: parse flags, build the engine, serve the UI and/or the API."""
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
@@ -36,10 +37,26 @@ def main(argv: list[str] | None = None) -> None:
     load_extensions(engine)
     jobs = JobQueue(engine)
     host = "0.0.0.0" if args.listen else "127.0.0.1"
+    for warning in open_access_warnings(args):
+        log.warning(warning)
     if args.nowebui:
         serve_api_only(jobs, host, args.port)
     else:
         serve_ui(engine, jobs, host, args)
+
+
+def open_access_warnings(args: argparse.Namespace) -> list[str]:
+    """What others can reach without a password, with the flag that would ask for one."""
+    warnings = []
+    if (args.listen or args.share) and (args.api or args.nowebui) and not args.api_auth:
+        warnings.append("The API is open to anyone who can reach this machine (--listen/--share without "
+                        "--api-auth): they can generate and change settings. Add --api-auth USER:PASS.")
+    if args.share and not args.nowebui and not args.gradio_auth:
+        warnings.append("The public --share link opens the UI to anyone who has it. Add --gradio-auth USER:PASS.")
+    elif args.listen and not args.nowebui and not args.gradio_auth:
+        warnings.append("The UI is open to anyone on your network (--listen without --gradio-auth). "
+                        "Add --gradio-auth USER:PASS.")
+    return warnings
 
 
 def serve_api_only(jobs: JobQueue, host: str, port: int) -> None:
@@ -63,10 +80,11 @@ def serve_ui(engine: Engine, jobs: JobQueue, host: str, args) -> None:
     app, local_url, share_url = demo.launch(
         server_name=host, server_port=args.port, share=args.share, prevent_thread_lock=True,
         inbrowser=False, quiet=True, show_error=True, allowed_paths=[str(engine.config.paths.outdir)],
+        auth=args.gradio_auth, app_kwargs={"docs_url": "/docs"} if args.api else None,
     )
     if args.api:
         register_api(app, jobs)
-        log.info("API: %ssdapi/v1", local_url)
+        log.info("API: %ssdapi/v1 (docs at %sdocs)", local_url, local_url)
     engine.hooks.fire("app_started", engine=engine, app=app)
     log.info("Web UI: %s", local_url)
     if args.share:

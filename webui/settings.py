@@ -47,6 +47,19 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "max_batch_size": 8,
     "max_batch_count": 100,
 }
+# A1111 options for things this app always does one way: listed (clients read and post back the whole store) and
+# accepted at that value only, so that a request asking for another one is refused rather than quietly ignored.
+FIXED_OPTIONS: dict[str, Any] = {
+    "eta_noise_seed_delta": 0,
+    "randn_source": "CPU",  # the initial noise comes from a CPU generator: the same image on any device
+    "emphasis": "Original",
+    "eta_ancestral": 1.0,
+    "eta_ddim": 0.0,
+    "always_discard_next_to_last_sigma": False,
+    "sgm_noise_multiplier": False,
+    "initial_noise_multiplier": 1.0,
+    "token_merging_ratio": 0.0,
+}
 OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "forge_async_loading": ("Queue", "Async"),
     "forge_pin_shared_memory": ("CPU", "Shared"),
@@ -106,9 +119,9 @@ class Options:
 
     def __init__(self, path: Path | None):
         self.path = path
-        self._defaults = dict(OPTION_DEFAULTS)
+        self._defaults = {**OPTION_DEFAULTS, **FIXED_OPTIONS}
         self._choices = dict(OPTION_CHOICES)
-        self._values = dict(OPTION_DEFAULTS)
+        self._values = dict(self._defaults)
         self._lock = threading.RLock()
         self._listeners: list[Callable[[str, Any], None]] = []
         if path is not None and path.exists():
@@ -142,10 +155,20 @@ class Options:
         with self._lock:
             return dict(self._values)
 
+    def knows(self, key: str) -> bool:
+        """Whether ``key`` is an option of this app or of a loaded extension (others are only kept)."""
+        with self._lock:
+            return key in self._defaults
+
+    def checked(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """The values as they would be stored; UserError naming the first bad one. Nothing is changed."""
+        with self._lock:
+            return {key: self._checked(key, value) for key, value in changes.items()}
+
     def update(self, changes: dict[str, Any]) -> None:
         """Set several options at once: all are checked before any is applied, then saved."""
         with self._lock:
-            checked = {key: self._checked(key, value) for key, value in changes.items()}
+            checked = self.checked(changes)
             changed = {k: v for k, v in checked.items() if self._values.get(k) != v}
             self._values.update(checked)
             self.save()
@@ -161,7 +184,7 @@ class Options:
             yield
             return
         with self._lock:
-            checked = {key: self._checked(key, value) for key, value in changes.items()}
+            checked = self.checked(changes)
             previous = {key: self._values[key] for key in checked if key in self._values}
             self._values.update(checked)
         try:
@@ -218,6 +241,11 @@ class Options:
     def _checked(self, key: str, value: Any) -> Any:
         if key not in self._defaults:
             return value  # unknown keys (A1111 clients, extensions not loaded now) are kept as given
+        if key in FIXED_OPTIONS:
+            fixed = FIXED_OPTIONS[key]
+            if value != fixed or isinstance(value, bool) != isinstance(fixed, bool):
+                raise UserError(f"this app always works with {key}={fixed!r}; it cannot do {value!r}", field=key)
+            return fixed
         default = self._defaults[key]
         if isinstance(default, bool):
             if not isinstance(value, bool):

@@ -181,7 +181,7 @@ def set_option(engine: Engine, key: str, value: Any) -> None:
     if value is None:
         return
     try:
-        engine.options.update({key: value})
+        engine.set_options({key: value})
     except UserError as e:
         gr.Warning(str(e))
 

@@ -10,6 +10,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -88,6 +89,18 @@ class Engine:
         """Load the checkpoint (VAE, modules) the options select, as a generation would (A1111's reload-checkpoint)."""
         with self._generate_lock:
             self._model(self.checkpoint(None), None, None)
+
+    def set_options(self, changes: dict[str, Any]) -> None:
+        """Change options (the UI's and the API's one way): checked together, the checkpoint, VAE and module files
+        they newly name must exist, then stored; the next job uses them."""
+        changed = {k: v for k, v in self.options.checked(changes).items() if self.options.get(k) != v}
+        if changed.get("sd_model_checkpoint"):
+            self.models.find(changed["sd_model_checkpoint"])
+        if "sd_vae" in changed:
+            self.models.find_vae(changed["sd_vae"])
+        if "forge_additional_modules" in changed:
+            self.models.find_modules(changed["forge_additional_modules"])
+        self.options.update(changes)
 
     def _model(self, info: CheckpointInfo, vae: str | None, modules: list[str] | None) -> LoadedModel:
         """The model a generation uses, loaded or switched to as the options say; extensions hear of a new one."""

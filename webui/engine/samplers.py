@@ -108,6 +108,9 @@ class Sampler:
     """False for samplers whose own timesteps A1111 always uses (DDIM, UniPC)."""
     flow_factory: SchedulerFactory | None = None
     """The sampler for flow-matching models (Flux, SD3.x), called with ``shift``; None: it has none."""
+    eta: float | None = None
+    """The eta it samples with (A1111's eta_ancestral 1 for ancestral and SDE samplers, eta_ddim 0 for DDIM);
+    None: eta plays no part in it."""
 
 
 _LINSPACE = {"timestep_spacing": "linspace"}
@@ -190,6 +193,7 @@ def register_sampler(
     default_schedule: str | None = None,
     uses_schedule_type: bool = True,
     flow_factory: SchedulerFactory | None = None,
+    eta: float | None = None,
 ) -> None:
     """Add a sampler, or replace the one of that name.
 
@@ -199,7 +203,8 @@ def register_sampler(
     if default_schedule is not None:
         default_schedule = find_schedule_type(default_schedule).name
     flow_factory = flow_factory or FLOW_FACTORIES.get(name)
-    _samplers[_key(name)] = Sampler(name, factory, tuple(aliases), default_schedule, uses_schedule_type, flow_factory)
+    _samplers[_key(name)] = Sampler(name, factory, tuple(aliases), default_schedule, uses_schedule_type, flow_factory,
+                                    eta)
 
 
 def unregister_sampler(name: str) -> None:
@@ -232,17 +237,18 @@ def unregister_schedule_type(name: str) -> None:
 
 
 register_sampler("DPM++ 2M", _DPMPP_2M, ["k_dpmpp_2m"], default_schedule="karras")
-register_sampler("DPM++ SDE", DPMSolverSDEScheduler, ["k_dpmpp_sde"], default_schedule="karras")
-register_sampler("DPM++ 2M SDE", _DPMPP_2M_SDE, ["k_dpmpp_2m_sde"], default_schedule="exponential")
+register_sampler("DPM++ SDE", DPMSolverSDEScheduler, ["k_dpmpp_sde"], default_schedule="karras", eta=1.0)
+register_sampler("DPM++ 2M SDE", _DPMPP_2M_SDE, ["k_dpmpp_2m_sde"], default_schedule="exponential", eta=1.0)
 register_sampler(
-    "Euler a", EulerAncestralDiscreteScheduler, ["k_euler_a", "k_euler_ancestral"], default_schedule="uniform"
+    "Euler a", EulerAncestralDiscreteScheduler, ["k_euler_a", "k_euler_ancestral"], default_schedule="uniform",
+    eta=1.0,
 )
 register_sampler("Euler", EulerDiscreteScheduler, ["k_euler"], default_schedule="uniform")
 register_sampler("LMS", LMSDiscreteScheduler, ["k_lms"], default_schedule="uniform")
 register_sampler("Heun", HeunDiscreteScheduler, ["k_heun"], default_schedule="uniform")
 register_sampler("DPM2", KDPM2DiscreteScheduler, ["k_dpm_2"], default_schedule="karras")
-register_sampler("DPM2 a", KDPM2AncestralDiscreteScheduler, ["k_dpm_2_a"], default_schedule="karras")
-register_sampler("DDIM", _DDIM, ["ddim"], uses_schedule_type=False)
+register_sampler("DPM2 a", KDPM2AncestralDiscreteScheduler, ["k_dpm_2_a"], default_schedule="karras", eta=1.0)
+register_sampler("DDIM", _DDIM, ["ddim"], uses_schedule_type=False, eta=0.0)
 register_sampler("UniPC", _UNIPC, ["unipc"], uses_schedule_type=False)
 
 

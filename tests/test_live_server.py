@@ -1,0 +1,181 @@
+"""The real launcher in its own process, driven over HTTP as scripts drive A1111 and Forge: the UI and the API
+together (--api, --api-auth, --api-log, --listen), one queue, one settings store kept across restarts."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from gradio_client import Client
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+AUTH = ("alice", "pass:word")
+BODY = {"prompt": "a red circle", "negative_prompt": "", "width": 64, "height": 64, "steps": 3, "cfg_scale": 5,
+        "sampler_name": "Euler a", "seed": 42, "batch_size": 1, "n_iter": 1}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def api(self, method: str, route: str, **kwargs) -> requests.Response:
+        return requests.request(method, f"{self.url}/sdapi/v1/{route}", auth=AUTH, timeout=300, **kwargs)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def start_server(data_dir: Path, *flags: str) -> Server:
+    """``launch.py`` on a free port, on the CPU, over ``data_dir`` (its embedded demo model when it holds none);
+    returns once its API answers."""
+    port = free_port()
+    log_path = data_dir / f"server-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "launch.py"), "--skip-venv", "--skip-install", "--port", str(port),
+             "--data-dir", str(data_dir), "--device", "cpu", *flags],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = Server(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.time() + 180
+    while True:
+        try:
+            if requests.get(f"{server.url}/sdapi/v1/memory", timeout=5).status_code in (200, 401):
+                return server
+        except requests.RequestException:
+            if process.poll() is not None or time.time() > deadline:
+                server.stop() if process.poll() is None else None
+                pytest.fail(f"the server did not start:\n{server.log}")
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    live = start_server(tmp_path_factory.mktemp("live"), "--api", "--api-auth", ":".join(AUTH), "--api-log",
+                        "--listen")
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+def pixels(b64_or_path: str) -> bytes:
+    source = b64_or_path if os.path.exists(b64_or_path) else io.BytesIO(base64.b64decode(b64_or_path))
+    return Image.open(source).convert("RGB").tobytes()
+
+
+def test_openapi_docs_auth_and_the_listen_warning(server):
+    schema = requests.get(f"{server.url}/openapi.json", timeout=30).json()
+    assert {"/sdapi/v1/txt2img", "/sdapi/v1/options", "/sdapi/v1/progress", "/sdapi/v1/loras"} <= set(schema["paths"])
+    docs = requests.get(f"{server.url}/docs", timeout=30)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert requests.get(f"{server.url}/sdapi/v1/sd-models", timeout=30).status_code == 401
+    assert requests.get(f"{server.url}/sdapi/v1/sd-models", auth=("alice", "nope"), timeout=30).status_code == 401
+    assert server.api("GET", "sd-models").json()[0]["model_name"] == "demo-sd15-tiny"
+    assert requests.get(server.url, timeout=30).status_code == 200, "the UI has its own login (--gradio-auth)"
+    assert "The UI is open to anyone on your network" in server.log
+    assert "The API is open" not in server.log, "--api-auth was given"
+    assert re.search(r"API 127\.0\.0\.1 GET /sdapi/v1/sd-models 401 ", server.log), "--api-log"
+
+
+def test_the_ui_and_the_api_make_the_same_image_with_the_same_budget(server):
+    """One settings store and one code path: an option set through the API is what a UI generation runs with,
+    and the same request through the Gradio client and /sdapi/v1/txt2img gives byte-identical images."""
+    assert server.api("POST", "options", json={"forge_inference_memory": 1536}).status_code == 200
+    client = Client(server.url, verbose=False)
+    form = {k: v for k, v in BODY.items() if k != "sampler_name"}
+    _preview, gallery, _status, ui_info = client.predict(**form, sampler_name="Euler a", api_name="/txt2img")
+    ui_policy = server.api("GET", "memory").json()["webui"]["policy"]
+    reply = server.api("POST", "txt2img", json=BODY).json()
+    api_policy = server.api("GET", "memory").json()["webui"]["policy"]
+    assert ui_policy == api_policy and api_policy["inference_mb"] == 1536
+    assert pixels(gallery[0]["image"]) == pixels(reply["images"][0])
+    assert ui_info == json.loads(reply["info"])["infotexts"][0]
+
+
+def test_one_queue_in_order_progress_while_running_and_interrupt_stops_only_the_running_job(server):
+    """A long job runs; twenty more are queued one after another from their own threads; progress answers
+    meanwhile; interrupt stops the long one only; the twenty run after it, in the order they came."""
+    results: dict[int, requests.Response] = {}
+
+    def post(key: int, body: dict) -> None:
+        results[key] = server.api("POST", "txt2img", json=body)
+
+    def queued() -> int:
+        return server.api("GET", "progress").json()["state"]["queued"]
+
+    long_job = threading.Thread(target=post, args=(-1, {**BODY, "width": 512, "height": 512, "steps": 150}))
+    long_job.start()
+    deadline = time.time() + 60
+    while server.api("GET", "progress").json()["progress"] == 0:
+        assert time.time() < deadline, "the long job never started"
+        time.sleep(0.1)
+    threads = []
+    for i in range(20):
+        threads.append(threading.Thread(target=post, args=(i, {**BODY, "seed": 1000 + i % 10})))
+        threads[-1].start()
+        while queued() < i + 1:  # this one is in the queue before the next is sent
+            assert time.time() < deadline, "a request never reached the queue"
+            time.sleep(0.02)
+    progress = server.api("GET", "progress").json()
+    assert 0 < progress["progress"] < 1 and progress["state"]["queued"] == 20 and progress["eta_relative"] > 0
+    assert progress["current_image"] is not None and progress["state"]["sampling_steps"] == 150
+    assert server.api("GET", "progress", params={"skip_current_image": "true"}).json()["current_image"] is None
+    assert server.api("POST", "interrupt").status_code == 200
+    for thread in [long_job, *threads]:
+        thread.join(timeout=300)
+    assert all(results[k].status_code == 200 for k in results) and len(results) == 21
+    long_info = json.loads(results[-1].json()["info"])
+    assert long_info["interrupted"] and long_info["width"] == 512
+    infos = [json.loads(results[i].json()["info"]) for i in range(20)]
+    assert not any(info["interrupted"] for info in infos), "interrupt stopped only the running job"
+    assert [info["seed"] for info in infos] == [1000 + i % 10 for i in range(20)]
+    for i in range(10):  # the same seed, ten requests apart: the same image
+        assert pixels(results[i].json()["images"][0]) == pixels(results[i + 10].json()["images"][0])
+    logged = [int(s) for s in re.findall(r"txt2img: 1 image\(s\) 64x64, 3 steps, Euler a, seed (\d+)", server.log)]
+    assert logged[-20:] == [1000 + i % 10 for i in range(20)], "run in the order they came"
+
+
+def test_settings_survive_a_restart_and_bad_requests_leave_the_server_running(tmp_path):
+    first = start_server(tmp_path, "--nowebui")
+    try:
+        assert first.api("POST", "options", json={"samples_save": False, "forge_inference_memory": 900,
+                                                  "an_a1111_option": "kept"}).status_code == 200
+        bad = first.api("POST", "txt2img", json={**BODY, "width": 7})
+        assert bad.status_code == 422 and bad.json()["field"] == "width"
+        assert first.api("POST", "txt2img", json=BODY).status_code == 200
+        assert "width: must be a multiple of 8" in first.log
+    finally:
+        first.stop()
+    second = start_server(tmp_path, "--nowebui")
+    try:
+        options = second.api("GET", "options").json()
+        assert (options["samples_save"], options["forge_inference_memory"], options["an_a1111_option"]) == \
+            (False, 900, "kept")
+    finally:
+        second.stop()
