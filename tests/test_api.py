@@ -297,3 +297,17 @@ def test_api_auth_guards_every_route_and_api_log_logs_each_call(engine, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("API ")]
     assert lines[-2].startswith("API testclient GET /sdapi/v1/memory 200 ")
     assert lines[-1].startswith("API testclient POST /sdapi/v1/txt2img 422 ")
+
+
+def test_a_failing_job_or_route_is_a_500_with_its_message_and_the_server_goes_on(client, engine, monkeypatch):
+    def broken(request):
+        raise RuntimeError("the GPU caught fire")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "txt2img", broken)
+        reply = client.post("/sdapi/v1/txt2img", json=BODY)
+        assert reply.status_code == 500 and reply.json()["error"] == "RuntimeError"
+        assert reply.json()["detail"] == "the GPU caught fire"
+    assert client.post("/sdapi/v1/txt2img", json=BODY).status_code == 200
+    not_json = client.post("/sdapi/v1/txt2img", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert not_json.status_code == 422 and "detail" in not_json.json()

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image, PngImagePlugin
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from webui.engine.engine import Engine
 from webui.engine.files import checkpoint_title, short_hash
@@ -273,11 +275,13 @@ def script_info() -> list[dict[str, Any]]:
     return [{"name": XYZ_SCRIPT, "is_alwayson": False, "is_img2img": False, "args": args}]
 
 
-def user_error_response(error: UserError) -> JSONResponse:
-    """422 naming the field at fault. Routes answer it themselves: handlers added to a running
-    Gradio app would never be installed."""
-    return JSONResponse(status_code=422, content={"error": "UserError", "field": error.field,
-                                                  "detail": error.message, "errors": str(error)})
+def error_response(error: Exception) -> JSONResponse:
+    """A1111's error shape: 422 naming the field at fault for what the user can fix, 500 for anything else."""
+    if isinstance(error, UserError):
+        return JSONResponse(status_code=422, content={"error": "UserError", "field": error.field,
+                                                      "detail": error.message, "errors": str(error)})
+    return JSONResponse(status_code=500, content={"error": type(error).__name__, "detail": str(error),
+                                                  "errors": str(error)})
 
 
 def basic_auth(accounts: list[tuple[str, str]]) -> Callable[..., None]:
@@ -296,27 +300,38 @@ def basic_auth(accounts: list[tuple[str, str]]) -> Callable[..., None]:
     return check
 
 
-class LoggedRoute(APIRoute):
-    """--api-log: one line per API call: client, method, path, status and seconds, as A1111 logs them."""
+def route_class(log_calls: bool) -> type[APIRoute]:
+    """Every API route's: an error a route raises is answered (error_response) and the server goes on; exception
+    handlers cannot do it, as those added to a running Gradio app are never installed. With --api-log, one line
+    per call: client, method, path, status and seconds, as A1111 logs them."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
+    def logged(request: Request, status: int, start: float) -> None:
+        if log_calls:
+            client = request.client.host if request.client else "-"
+            log.info("API %s %s %s %d %.3fs", client, request.method, request.url.path, status,
+                     time.perf_counter() - start)
 
-        async def logged(request: Request) -> Response:
-            start, status = time.perf_counter(), 500
-            try:
-                response = await handler(request)
-                status = response.status_code
+    class ApiRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def answer(request: Request) -> Response:
+                start = time.perf_counter()
+                try:
+                    response = await handler(request)
+                except (StarletteHTTPException, RequestValidationError) as e:  # the app's own handlers answer these
+                    logged(request, getattr(e, "status_code", 422), start)
+                    raise
+                except Exception as e:
+                    if not isinstance(e, UserError):
+                        log.exception("API %s %s failed", request.method, request.url.path)
+                    response = error_response(e)
+                logged(request, response.status_code, start)
                 return response
-            except HTTPException as e:
-                status = e.status_code
-                raise
-            finally:
-                client = request.client.host if request.client else "-"
-                log.info("API %s %s %s %d %.3fs", client, request.method, request.url.path, status,
-                         time.perf_counter() - start)
 
-        return logged
+            return answer
+
+    return ApiRoute
 
 
 def register_api(app: FastAPI, jobs: JobQueue) -> None:
@@ -325,17 +340,14 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
 
     engine = jobs.engine
 
-    def txt2img(body: Any = Body(...)) -> Any:
-        try:
-            call = read_txt2img(body, engine.options)
-            script = xyz_script(body, plot_axes(engine))
-            if script is None:
-                result = jobs.run(call.request, call.overrides)
-            else:
-                result = jobs.run_plot(call.request, *script, save_grid=call.save_grid,
-                                       overrides=call.overrides).as_result()
-        except UserError as e:
-            return user_error_response(e)
+    def txt2img(body: Any = Body(...)) -> dict[str, Any]:
+        call = read_txt2img(body, engine.options)
+        script = xyz_script(body, plot_axes(engine))
+        if script is None:
+            result = jobs.run(call.request, call.overrides)
+        else:
+            result = jobs.run_plot(call.request, *script, save_grid=call.save_grid,
+                                   overrides=call.overrides).as_result()
         images = [encode_png(img, text) for img, text in zip(result.images, result.infotexts)] \
             if call.send_images else []
         return {"images": images, "parameters": body, "info": info_json(result)}
@@ -346,15 +358,11 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
     def get_options() -> dict[str, Any]:
         return engine.options.as_dict()
 
-    def set_options(body: Any = Body(...)) -> Any:
+    def set_options(body: Any = Body(...)) -> None:
         """Checked all together before any is stored (the UI reads the same store): a bad one is a 422 naming it."""
         if not isinstance(body, dict):
-            return user_error_response(UserError("the request body must be a JSON object", field="body"))
-        try:
-            engine.set_options(body)
-        except UserError as e:
-            return user_error_response(e)
-        return None
+            raise UserError("the request body must be a JSON object", field="body")
+        engine.set_options(body)
 
     def refresh_checkpoints() -> None:
         engine.models.refresh()
@@ -362,11 +370,8 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
     def unload_checkpoint() -> None:
         engine.models.unload()
 
-    def png_info(body: Any = Body(...)) -> Any:
-        try:
-            return png_info_of(body)
-        except UserError as e:
-            return user_error_response(e)
+    def png_info(body: Any = Body(...)) -> dict[str, Any]:
+        return png_info_of(body)
 
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
         return progress_report(engine.progress, jobs.pending, with_image=not skip_current_image)
@@ -406,7 +411,7 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
     ]
     args = engine.config.args
     extra = {"dependencies": [Depends(basic_auth(args.api_auth))] if args.api_auth else None,
-             "route_class_override": LoggedRoute if args.api_log else APIRoute}
+             "route_class_override": route_class(args.api_log)}
     for path, endpoint, method, summary in routes:
         app.router.add_api_route(f"/sdapi/v1{path}", endpoint, methods=[method], tags=["sdapi"], summary=summary, **extra)
     for route in extensions_of(engine).routes:
