@@ -47,7 +47,7 @@ def _write(path: Path, make) -> Path:
 def write_modules(root: Path) -> None:
     """Text encoders (fp8 T5-XXL, CLIP-L with and without projection, CLIP-G), VAEs and the tokenizer."""
     from webui.engine.detect import Family
-    from webui.engine.ldm_export import write_clip_file, write_t5_file, write_vae16_file
+    from webui.engine.ldm_export import write_clip_file, write_t5_file, write_vae_file
     from webui.engine.synthetic import build_clip_text, build_t5_encoder, build_vae16
     from webui.engine.tokenizer import write_t5_tokenizer
 
@@ -63,8 +63,8 @@ def write_modules(root: Path) -> None:
         p, build_clip_text("clip_l", "full", seed=1, device="cuda", dtype=bf16), torch.float16, projection=False))
     _write(enc / "clip_g.safetensors", lambda p: write_clip_file(
         p, build_clip_text("clip_g", "full", device="cuda", dtype=bf16), torch.float16))
-    _write(vae / "ae.safetensors", lambda p: write_vae16_file(p, build_vae16("full", Family.FLUX, device="cuda")))
-    _write(vae / "sd3_vae.safetensors", lambda p: write_vae16_file(p, build_vae16("full", Family.SD3, device="cuda")))
+    _write(vae / "ae.safetensors", lambda p: write_vae_file(p, build_vae16("full", Family.FLUX, device="cuda")))
+    _write(vae / "sd3_vae.safetensors", lambda p: write_vae_file(p, build_vae16("full", Family.SD3, device="cuda")))
     if not (enc / "t5_tokenizer").is_dir():
         write_t5_tokenizer(enc / "t5_tokenizer")
 

@@ -23,7 +23,7 @@ from webui.engine.ldm_export import (
     write_clip_file,
     write_diffusers_folder,
     write_t5_file,
-    write_vae16_file,
+    write_vae_file,
 )
 from webui.engine.synthetic import (
     build_clip_text,
@@ -84,7 +84,7 @@ def _write_flux_gguf_models(root: Path) -> None:
     write_gguf(ckpts / "flux-Q8_0.gguf", bfl, quantize_where_possible(Q.Q8_0), arch="flux")
     write_clip_file(encoders / "clip_l.safetensors", build_clip_text("clip_l", seed=3), projection=False)
     write_t5_file(encoders / "t5xxl_fp16.safetensors", build_t5_encoder(seed=5))
-    write_vae16_file(vaes / "ae.safetensors", build_vae16("tiny", Family.FLUX, seed=6))
+    write_vae_file(vaes / "ae.safetensors", build_vae16("tiny", Family.FLUX, seed=6))
     write_t5_tokenizer(encoders / TOKENIZER_FOLDER)
 
 

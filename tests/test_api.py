@@ -152,7 +152,8 @@ def test_read_routes_have_a1111_shapes(client, engine):
     assert "karras" in [s["name"] for s in client.get("/sdapi/v1/schedulers").json()]
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot"], "img2img": []}
     assert client.get("/sdapi/v1/cmd-flags").json()["device"] == "cpu"
-    assert client.get("/sdapi/v1/sd-modules").json() == []
+    modules = [m["model_name"] for m in client.get("/sdapi/v1/sd-modules").json()]
+    assert modules == ["demo-shapes-clip_l.safetensors", "demo-shapes-vae.safetensors"], "the demo's, built in"
     idle = client.get("/sdapi/v1/progress").json()
     assert idle["progress"] == 0 and idle["current_image"] is None and {"job", "sampling_step", "queued"} <= set(idle["state"])
 

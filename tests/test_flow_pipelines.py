@@ -28,7 +28,7 @@ from webui.engine.ldm_export import (
     write_flux_transformer,
     write_sd3_all_in_one,
     write_t5_file,
-    write_vae16_file,
+    write_vae_file,
 )
 from webui.engine.request import GenerationRequest
 from webui.engine.synthetic import (
@@ -87,7 +87,7 @@ def files(tmp_path_factory, parts) -> Path:
     write_gguf(ckpts / "flux-Q8_0.gguf", bfl, quantize_where_possible(Q.Q8_0), arch="flux")
     write_clip_file(encoders / "clip_l.safetensors", parts["clip_l"], f32, projection=False)
     write_t5_file(encoders / "t5xxl_fp32.safetensors", parts["t5"], f32)
-    write_vae16_file(vaes / "ae.safetensors", parts["flux_vae"], f32)
+    write_vae_file(vaes / "ae.safetensors", parts["flux_vae"], f32)
     write_t5_tokenizer(encoders / "t5_tokenizer")
     return root
 
@@ -173,7 +173,7 @@ def test_missing_t5_tokenizer_is_a_clear_error(tmp_path, files, monkeypatch):
         engine.txt2img(flux_request("flux-aio.safetensors"))
     assert "tokenizer" in str(missing.value) and "t5_tokenizer" in str(missing.value)
     assert engine.txt2img(GenerationRequest(steps=1, width=64, height=64, save_images=False,
-                                            checkpoint="demo-sd15-tiny")).images, "the app keeps working"
+                                            checkpoint="demo-shapes")).images, "the app keeps working"
 
 
 def sd3_reference(parts: dict, files: Path, with_t5: bool) -> np.ndarray:
@@ -222,11 +222,13 @@ def test_ui_shows_the_fields_of_the_checkpoints_family(tmp_path, files):
     from webui.ui import fields_for_family, module_choices
 
     engine = engine_for(tmp_path, files, "flux-aio.safetensors", "sd3-aio.safetensors")
-    distilled, shift, clip_skip, cfg = fields_for_family(engine, "flux-aio.safetensors")
+    distilled, shift, clip_skip, cfg, width, _ = fields_for_family(engine, "flux-aio.safetensors")
     assert distilled["visible"] and not shift["visible"] and not clip_skip["visible"] and cfg["value"] == 1.0
-    distilled, shift, clip_skip, cfg = fields_for_family(engine, "sd3-aio.safetensors")
+    distilled, shift, clip_skip, cfg, *_ = fields_for_family(engine, "sd3-aio.safetensors")
     assert not distilled["visible"] and shift["visible"] and shift["value"] == 3.0 and "value" not in cfg
-    distilled, shift, clip_skip, _ = fields_for_family(engine, "demo-sd15-tiny.safetensors")
+    assert "value" not in width, "no declared resolution: the size is left alone"
+    distilled, shift, clip_skip, _, width, height = fields_for_family(engine, "demo-shapes.safetensors")
+    assert width["value"] == height["value"] == 128, "the demo's declared resolution"
     assert not distilled["visible"] and not shift["visible"] and clip_skip["visible"]
     names, chosen = module_choices(engine)
     assert {"ae.safetensors", "clip_l.safetensors", "t5xxl_fp32.safetensors"} <= set(names) and chosen == []

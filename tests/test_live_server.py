@@ -96,7 +96,7 @@ def test_openapi_docs_auth_and_the_listen_warning(server):
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert requests.get(f"{server.url}/sdapi/v1/sd-models", timeout=30).status_code == 401
     assert requests.get(f"{server.url}/sdapi/v1/sd-models", auth=("alice", "nope"), timeout=30).status_code == 401
-    assert server.api("GET", "sd-models").json()[0]["model_name"] == "demo-sd15-tiny"
+    assert server.api("GET", "sd-models").json()[0]["model_name"] == "demo-shapes"
     assert requests.get(server.url, timeout=30).status_code == 200, "the UI has its own login (--gradio-auth)"
     assert "The UI is open to anyone on your network" in server.log
     assert "The API is open" not in server.log, "--api-auth was given"

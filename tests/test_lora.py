@@ -209,18 +209,19 @@ def test_lora_list_in_the_api_and_the_ui_inserts_the_tag(tmp_path, sd1_file):
     unet = build_synthetic_model("sd1", "tiny", seed=1).denoiser
     weights = random_lora({"denoiser": unet}, Family.SD1, rank=2, seed=6)
     write_lora(lora_folder(engine) / "a.safetensors", weights, Family.SD1, "kohya")
+    BUILTIN = ["demo-dusk", "demo-outline"]  # the demo model's, listed after the user's
     app = FastAPI()
     register_api(app, JobQueue(engine))
     client = TestClient(app)
     listed = client.get("/sdapi/v1/loras").json()
-    assert [entry["name"] for entry in listed] == ["a"] and listed[0]["path"].endswith("a.safetensors")
+    assert [entry["name"] for entry in listed] == ["a", *BUILTIN] and listed[0]["path"].endswith("a.safetensors")
     write_lora(lora_folder(engine) / "styles" / "b.safetensors", weights, Family.SD1, "diffusers")
     assert client.post("/sdapi/v1/refresh-loras").status_code == 200
-    assert [entry["name"] for entry in client.get("/sdapi/v1/loras").json()] == ["a", "styles/b"]
+    assert [entry["name"] for entry in client.get("/sdapi/v1/loras").json()] == ["a", "styles/b", *BUILTIN]
 
     demo = build_ui(engine, JobQueue(engine))
     box = next(c["props"] for c in demo.config["components"] if c["props"].get("elem_id") == "txt2img_lora_list")
-    assert [choice[1] for choice in box["choices"]] == ["a", "styles/b"]
+    assert [choice[1] for choice in box["choices"]] == ["a", *BUILTIN, "styles/b"]
     assert add_network_tag("lora", "a cat", "styles/b") == ("a cat <lora:styles/b:1>", None)
     assert add_network_tag("lora", "a cat <lora:a:1>", "a") == ("a cat <lora:a:1>", None), "added once"
 

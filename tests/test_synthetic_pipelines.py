@@ -19,7 +19,7 @@ from webui.engine.ldm_export import (
     write_flux_all_in_one,
     write_sd3_all_in_one,
     write_t5_file,
-    write_vae16_file,
+    write_vae_file,
 )
 from webui.engine.synthetic import (
     build_clip_text,
@@ -154,7 +154,7 @@ def test_clip_file_loads_as_built(tmp_path, clips, kind, projection):
 @pytest.mark.parametrize("family", [Family.FLUX, Family.SD3])
 def test_vae16_file_loads_as_built(tmp_path, family):
     built = build_vae16(family=family)
-    path = write_vae16_file(tmp_path / "ae.safetensors", built)
+    path = write_vae_file(tmp_path / "ae.safetensors", built)
     assert "encoder.conv_in.weight" in read_tensor_infos(path)[0]
     loaded = load_vae16(path, torch.float32, family)
     for key in ("latent_channels", "scaling_factor", "shift_factor", "use_quant_conv", "use_post_quant_conv"):

@@ -61,7 +61,7 @@ def test_generates_an_image_with_its_infotext(client):
     assert len(gallery) == 1
     assert Image.open(gallery[0]["image"]).size == (64, 64)
     assert infotext.startswith("a red apple\nNegative prompt: blurry\n")
-    for part in ("Steps: 2", "Sampler: DPM++ 2M", "Seed: 1234", "Size: 64x64", "Model: demo-sd15-tiny"):
+    for part in ("Steps: 2", "Sampler: DPM++ 2M", "Seed: 1234", "Size: 64x64", "Model: demo-shapes"):
         assert part in infotext
     assert "Done: 1 image(s)" in status and "seed 1234" in status
 
@@ -110,7 +110,7 @@ def test_interrupt_works_while_generating(client):
 
 def test_model_row_shows_the_demo_checkpoint_and_vae_choices(engine):
     titles, selected = checkpoint_choices(engine)
-    assert any(t.startswith("demo-sd15-tiny") for t in titles) and selected in titles
+    assert any(t.startswith("demo-shapes") for t in titles) and selected in titles
     vaes, vae = vae_choices(engine)
     assert vaes[:2] == ["Automatic", "None"] and vae == "Automatic"
 

@@ -21,6 +21,7 @@ from typing import Any
 from webui.errors import UserError
 
 log = logging.getLogger(__name__)
+INSTALL_CACHE = Path(__file__).resolve().parent.parent / ".cache"
 
 OPTION_DEFAULTS: dict[str, Any] = {
     "sd_model_checkpoint": "",
@@ -78,7 +79,8 @@ class Paths:
     vae_dir: Path
     text_encoder_dir: Path
     outdir: Path
-    builtin_models_dir: Path
+    builtin_models_dir: Path  # the demo checkpoints made at first start, shared by every --data-dir of the install
+    builtin_modules_dir: Path  # the VAE and text encoder files its GGUF twin needs
     extensions_dir: Path
 
     @property
@@ -102,7 +104,8 @@ class Paths:
             vae_dir=Path(args.vae_dir or models / "VAE").resolve(),
             text_encoder_dir=Path(args.text_encoder_dir or models / "text_encoder").resolve(),
             outdir=Path(args.outdir or data / "outputs").resolve(),
-            builtin_models_dir=(data / ".cache" / "builtin-models").resolve(),
+            builtin_models_dir=INSTALL_CACHE / "builtin-models",
+            builtin_modules_dir=INSTALL_CACHE / "builtin-modules",
             extensions_dir=Path(args.extensions_dir or data / "extensions").resolve(),
         )
 

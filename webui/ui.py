@@ -19,6 +19,7 @@ from PIL import Image
 from webui.engine.assemble import checkpoint_family
 from webui.engine.detect import Family
 from webui.engine.engine import Engine
+from webui.engine.files import declared_resolution
 from webui.engine.flow import FLOW_FAMILIES
 from webui.engine.memory import MB
 from webui.engine.progress import Progress
@@ -253,7 +254,8 @@ def _txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue,
     demo.load(lambda: engine.options["CLIP_stop_at_last_layers"], outputs=form["clip_skip"],
               api_visibility="private")
     shift.input(partial(set_option, engine, "sd3_shift"), shift, api_visibility="private")
-    family_fields = [form["distilled_cfg_scale"], shift, form["clip_skip"], form["cfg_scale"]]
+    family_fields = [form["distilled_cfg_scale"], shift, form["clip_skip"], form["cfg_scale"], form["width"],
+                     form["height"]]
     checkpoint.change(partial(fields_for_family, engine), checkpoint, family_fields, api_visibility="private")
     demo.load(lambda title: fields_for_family(engine, title, switched=False), checkpoint, family_fields,
               api_visibility="private")
@@ -287,14 +289,24 @@ def _refreshed_names(network: Any) -> dict:
     return gr.update(choices=network.names())
 
 
-def fields_for_family(engine: Engine, title: str | None, switched: bool = True) -> tuple[dict, dict, dict, dict]:
+def fields_for_family(engine: Engine, title: str | None, switched: bool = True) -> tuple[dict, ...]:
     """Show the fields the checkpoint's family uses: Distilled CFG for Flux dev, Shift for SD3.x, Clip skip for
-    the SD families. Picking a Flux checkpoint sets CFG to 1, as Forge's Flux preset does."""
+    the SD families. Picking a Flux checkpoint sets CFG to 1, as Forge's Flux preset does. A checkpoint that says
+    its resolution (the demo model's 128x128) sets width and height to it."""
     family = family_of(engine, title)
     flux = family is Family.FLUX
     cfg = gr.update(value=1.0) if flux and switched else gr.update()
+    size = resolution_of(engine, title)
     return (gr.update(visible=flux), gr.update(visible=family is Family.SD3, value=engine.options["sd3_shift"]),
-            gr.update(visible=family not in FLOW_FAMILIES), cfg)
+            gr.update(visible=family not in FLOW_FAMILIES), cfg,
+            *((gr.update(value=side) for side in size) if size else (gr.update(), gr.update())))
+
+
+def resolution_of(engine: Engine, title: str | None) -> tuple[int, int] | None:
+    try:
+        return declared_resolution(engine.models.find(title)) if title else None
+    except UserError:
+        return None
 
 
 def _prompt_row(form: dict[str, gr.components.Component]) -> tuple[gr.Button, gr.Button, gr.Button]:

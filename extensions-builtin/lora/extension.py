@@ -5,12 +5,13 @@ only registers it through the public extension API.
 """
 from __future__ import annotations
 
+from webui.engine.demo import LORA_DIR
 from webui.engine.lora import LoraLibrary, LoraNetwork, compile_kernels
 
 
 def setup(api) -> None:
     engine = api.engine
-    library = LoraLibrary(engine.config.paths.lora_dir, engine.models.hashes.sha256)
+    library = LoraLibrary(engine.config.paths.lora_dir, engine.models.hashes.sha256, builtin=LORA_DIR)
     api.add_network("lora", LoraNetwork(library, engine.memory))
     api.on("model_loaded", lambda model, **_: compile_kernels(model, engine.memory.device))
     api.add_api_route("/sdapi/v1/loras", library.describe, methods=("GET",))

@@ -1,34 +1,91 @@
-"""The embedded default model: a tiny SD1.x checkpoint the project makes itself.
+"""The embedded default model: the project's own small SD1.x model of coloured shapes (``webui.demo``).
 
-It is written once, as an A1111 single-file checkpoint, into the built-in models folder and
-then loaded like any user file. Its weights are random (a fixed seed), so it draws noise-like
-pictures; it lets a fresh install generate with no download at all.
+Shipped in ``webui/assets/demo``: the checkpoint (A1111 single file) and two LoRAs. At first start the files
+derived from them are written to the built-in models folder: a second checkpoint in another style (the base
+with its "dusk" LoRA merged in) and the GGUF Q8_0 twin of its UNet, with the VAE and text encoder files that a
+GGUF UNet needs beside it. All of them then load like any user file.
 """
 from __future__ import annotations
 
+import filecmp
 import logging
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from gguf import GGMLQuantizationType as Q
+from safetensors.torch import load_file
 
-DEMO_NAME = "demo-sd15-tiny.safetensors"
-DEMO_SEED = 0
+from webui.engine.detect import Family
+from webui.engine.files import CheckpointInfo
+from webui.engine.gguf_load import quantize_where_possible, write_gguf
+from webui.engine.ldm_export import unet_to_ldm, write_a1111_checkpoint, write_clip_file, write_vae_file
+from webui.engine.load import LoadedModel, load_model
+from webui.engine.lora_keys import DENOISER, convert_lora
+from webui.engine.synthetic import SyntheticModel
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"
+LORA_DIR = ASSETS / "Lora"
+DEMO_NAME = "demo-shapes.safetensors"
+LORA_NAMES = {"dusk": "demo-dusk.safetensors", "outline": "demo-outline.safetensors"}
+DEMO_METADATA = {
+    "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1",
+    "modelspec.title": "Demo shapes", "modelspec.resolution": "128x128",
+    "modelspec.description": "One coloured shape on a plain background, trained by webui.demo.train. "
+                             "Prompt like: a large red circle on the left, blue background",
+}
+STYLE_NAME = "demo-shapes-dusk.safetensors"
+GGUF_NAME = "demo-shapes-Q8_0.gguf"
+MODULE_NAMES = {"vae": "demo-shapes-vae.safetensors", "clip_l": "demo-shapes-clip_l.safetensors"}
 log = logging.getLogger(__name__)
 
 
-def ensure_demo_checkpoint(folder: Path) -> Path:
-    """The demo checkpoint's path, writing it first if it is not there yet."""
-    path = folder / DEMO_NAME
-    if path.is_file():
-        return path
-    from webui.engine.ldm_export import write_a1111_checkpoint
-    from webui.engine.synthetic import build_synthetic_model
+def ensure_demo_models(models_dir: Path, modules_dir: Path) -> None:
+    """Put the built-in checkpoints in ``models_dir`` and the GGUF twin's VAE and text encoder in ``modules_dir``,
+    making those not there yet (a few seconds, once per install). Each file is written whole or not at all."""
+    base = models_dir / DEMO_NAME
+    wanted = [base, models_dir / STYLE_NAME, models_dir / GGUF_NAME, *(modules_dir / n for n in MODULE_NAMES.values())]
+    if base.is_file() and not filecmp.cmp(base, ASSETS / DEMO_NAME, shallow=False):
+        for path in wanted:  # made from an earlier version of the shipped model
+            path.unlink(missing_ok=True)
+    if all(path.is_file() for path in wanted):
+        return
+    models_dir.mkdir(parents=True, exist_ok=True)
+    modules_dir.mkdir(parents=True, exist_ok=True)
+    _atomic(base, lambda tmp: shutil.copyfile(ASSETS / DEMO_NAME, tmp))
+    log.info("Writing the built-in demo models (its dusk style and its GGUF Q8_0 twin) to %s", models_dir)
+    model = _load(base)
+    unet, vae, text = model.denoiser, model.vae, model.text_encoders[0].model
+    _atomic(modules_dir / MODULE_NAMES["vae"], lambda tmp: write_vae_file(tmp, vae, torch.float16))
+    _atomic(modules_dir / MODULE_NAMES["clip_l"], lambda tmp: write_clip_file(tmp, text, torch.float16, False))
+    ldm_unet = unet_to_ldm(unet.state_dict(), unet.config)
+    _atomic(models_dir / GGUF_NAME, lambda tmp: write_gguf(tmp, ldm_unet, quantize_where_possible(Q.Q8_0), "sd1"))
+    _merge_lora(unet, text, LORA_DIR / LORA_NAMES["dusk"])
+    style = SyntheticModel("sd1", "demo", unet, vae, [text])
+    metadata = {**DEMO_METADATA, "modelspec.title": "Demo shapes, dusk",
+                "modelspec.description": f"{DEMO_NAME} with {LORA_NAMES['dusk']} merged in: the background darkens "
+                                         "downwards."}
+    _atomic(models_dir / STYLE_NAME, lambda tmp: write_a1111_checkpoint(tmp, style, torch.float16, metadata))
 
-    folder.mkdir(parents=True, exist_ok=True)
-    log.info("Writing the built-in demo model to %s", path)
-    model = build_synthetic_model("sd1", "tiny", seed=DEMO_SEED)
-    tmp = path.with_suffix(".tmp")
-    write_a1111_checkpoint(tmp, model, dtype=torch.float16)
+
+def _load(path: Path) -> LoadedModel:
+    return load_model(CheckpointInfo(path.name, path, "safetensors"), None, torch.float32, torch.float32)
+
+
+def _merge_lora(unet: torch.nn.Module, text: torch.nn.Module, path: Path) -> None:
+    """Add a LoRA's full weight updates to the layers it adapts, for good (a merge, as checkpoint mergers do)."""
+    updates = convert_lora(load_file(str(path)), Family.SD1, {DENOISER: unet, "text_encoder": text}, path.name)
+    modules = {DENOISER: unet, "text_encoder": text}
+    with torch.no_grad():
+        for (component, name), lora in updates.items():
+            modules[component].get_submodule(name).weight += lora.delta()
+
+
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    if path.is_file():
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two processes starting at once write apart
+    write(tmp)
     os.replace(tmp, path)
-    return path

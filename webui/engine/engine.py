@@ -66,11 +66,11 @@ class Engine:
         if self.device.type == "cuda":
             use_expandable_segments()
         dtypes = pick_dtypes(self.device, args.no_half, args.no_half_vae)
-        demo.ensure_demo_checkpoint(config.paths.builtin_models_dir)
+        demo.ensure_demo_models(config.paths.builtin_models_dir, config.paths.builtin_modules_dir)
         self.memory = MemoryManager(self.device, memory)
         self.models = ModelManager(
             list(config.paths.checkpoint_dirs), config.paths.builtin_models_dir, config.paths.vae_dir,
-            config.paths.text_encoder_dir, HashCache(config.paths.hash_cache_file), self.memory, dtypes,
+            config.paths.text_encoder_dir, config.paths.builtin_modules_dir, HashCache(config.paths.hash_cache_file), self.memory, dtypes,
         )
         self.progress = Progress()
         self.hooks = Hooks()  # what extensions registered (webui.extensions loads them)

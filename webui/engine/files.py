@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import struct
 import threading
 from collections.abc import Mapping
@@ -53,6 +54,19 @@ class CheckpointInfo:
     def model_name(self) -> str:
         """A1111's "Model:" value: the file name without folder and extension."""
         return Path(self.name).stem if self.kind != "diffusers" else Path(self.name).name
+
+
+def declared_resolution(info: CheckpointInfo) -> tuple[int, int] | None:
+    """The (width, height) a single-file checkpoint says it was trained at (ModelSpec's ``modelspec.resolution``,
+    e.g. "1024x1024"); None where it does not say."""
+    if info.kind != "safetensors":
+        return None
+    try:
+        text = read_safetensors_header(info.path)[1].get("modelspec.resolution", "")
+    except ModelFileError:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", text)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:

@@ -10,7 +10,7 @@ Flux transformers are written in Black Forest Labs' layout, the inverse of ``flu
 SD3 transformers in Stability AI's, the inverse of ``sd3.convert_sd3_to_diffusers``.
 
 Flux's and SD3's other components are written as the files users download: the separate T5, CLIP and VAE
-files (``write_t5_file``, ``write_clip_file``, ``write_vae16_file``) and the all-in-one checkpoints of
+files (``write_t5_file``, ``write_clip_file``, ``write_vae_file``) and the all-in-one checkpoints of
 Comfy-Org and Stability AI (``write_flux_all_in_one``, ``write_sd3_all_in_one``).
 """
 from __future__ import annotations
@@ -514,8 +514,9 @@ def write_clip_file(
     return _save(path, _file_tensors(_clip_tensors(model, projection), dtype))
 
 
-def write_vae16_file(path: str | Path, vae: AutoencoderKL, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a 16-channel VAE as Flux's ``ae.safetensors`` is: LDM names, bare (float32 in that file)."""
+def write_vae_file(path: str | Path, vae: AutoencoderKL, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a VAE as separate VAE files are (Flux's ``ae.safetensors``, SD's ``*.vae.safetensors``): LDM names,
+    bare."""
     return _save(path, _vae_part("", vae, dtype))
 
 

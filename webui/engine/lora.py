@@ -149,10 +149,12 @@ def parse_call(call: NetworkCall, find: Callable[[str], Path]) -> LoraUse:
 
 
 class LoraLibrary:
-    """The LoRA files under ``folder`` (subfolders included), by name: the path without suffix, or the stem."""
+    """The LoRA files under ``folder`` and then ``builtin`` (the demo's), subfolders included, by name: the path
+    without suffix, or the stem."""
 
-    def __init__(self, folder: Path, sha256: Callable[[Path], str]):
+    def __init__(self, folder: Path, sha256: Callable[[Path], str], builtin: Path | None = None):
         self.folder = folder
+        self.roots = [folder] + ([builtin] if builtin is not None else [])
         self.sha256 = sha256
         self._files: dict[str, Path] | None = None
 
@@ -162,9 +164,9 @@ class LoraLibrary:
         return self._files
 
     def refresh(self) -> None:
-        found = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and p.is_file()) \
-            if self.folder.is_dir() else []
-        self._files = {p.stem: p for p in found}
+        found = [p for root in reversed(self.roots) if root.is_dir()
+                 for p in sorted(root.rglob("*")) if p.suffix.lower() in LORA_SUFFIXES and p.is_file()]
+        self._files = {p.stem: p for p in found}  # the user's win over built-in ones of the same name
         self._files.update({self.name_of(p): p for p in found})
 
     def find(self, name: str) -> Path:
@@ -183,8 +185,11 @@ class LoraLibrary:
         return path
 
     def name_of(self, path: Path) -> str:
-        """A file's name in tags and lists: its path under the LoRA folder, without suffix."""
-        return path.relative_to(self.folder).with_suffix("").as_posix()
+        """A file's name in tags and lists: its path under its LoRA folder, without suffix."""
+        return path.relative_to(self.roots[self._root_index(path)]).with_suffix("").as_posix()
+
+    def _root_index(self, path: Path) -> int:
+        return next(i for i, root in enumerate(self.roots) if path.is_relative_to(root))
 
     def names(self) -> list[str]:
         return sorted(self.name_of(p) for p in set(self.files().values()))
@@ -192,7 +197,8 @@ class LoraLibrary:
     def describe(self) -> list[dict]:
         """A1111's /sdapi/v1/loras answer: name, alias, path and the file's training metadata."""
         answer = []
-        for path in sorted(set(self.files().values())):
+        files = set(self.files().values())
+        for path in sorted(files, key=lambda p: (self._root_index(p), p)):
             try:
                 metadata = read_safetensors_header(path)[1]
             except ModelFileError as e:
@@ -217,6 +223,9 @@ class LoraNetwork:
         self._model: weakref.ref | None = None
         self._layers: list[weakref.ref] = []  # the adapted layers (weakly: an unloaded model is let go)
         self._components: list[tuple[str, nn.Module]] = []  # memory manager name, adapters
+
+    def _root_index(self, path: Path) -> int:
+        return next(i for i, root in enumerate(self.roots) if path.is_relative_to(root))
 
     def names(self) -> list[str]:
         return self.library.names()

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from webui.engine.assemble import checkpoint_family, load_flow_model, load_gguf_unet_model
+from webui.engine.demo import DEMO_NAME
 from webui.engine.detect import Family
 from webui.engine.files import CheckpointInfo, HashCache, checkpoint_title, find_checkpoints, find_files, short_hash
 from webui.engine.flow import FLOW_FAMILIES
@@ -50,10 +51,10 @@ TITLE_RE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-f]{8,10})\]$")
 
 class ModelManager:
     def __init__(self, checkpoint_dirs: list[Path], builtin_dir: Path, vae_dir: Path, text_encoder_dir: Path,
-                 hashes: HashCache, memory: MemoryManager, dtypes: Dtypes):
+                 builtin_modules_dir: Path, hashes: HashCache, memory: MemoryManager, dtypes: Dtypes):
         self.checkpoint_dirs = checkpoint_dirs
         self.builtin_dir = builtin_dir
-        self.vae_dir, self.text_encoder_dir = vae_dir, text_encoder_dir
+        self.vae_dir, self.text_encoder_dir, self.builtin_modules_dir = vae_dir, text_encoder_dir, builtin_modules_dir
         self.hashes = hashes
         self.memory, self.dtypes = memory, dtypes
         self.current: LoadedModel | None = None
@@ -65,8 +66,10 @@ class ModelManager:
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-scan the folders: the user's checkpoints first, the built-in demo model last."""
-        self._checkpoints = find_checkpoints(self.checkpoint_dirs) + find_checkpoints([self.builtin_dir])
+        """Re-scan the folders: the user's checkpoints first, the built-in demo models last (the demo itself first
+        of them: the default when the user has none)."""
+        builtin = sorted(find_checkpoints([self.builtin_dir]), key=lambda info: info.name != DEMO_NAME)
+        self._checkpoints = find_checkpoints(self.checkpoint_dirs) + builtin
 
     def checkpoints(self) -> list[CheckpointInfo]:
         return list(self._checkpoints)
@@ -120,8 +123,10 @@ class ModelManager:
         raise UserError(f"no VAE named {name!r}; known VAEs: {known}", field="sd_vae")
 
     def module_files(self) -> list[Path]:
-        """Files for Forge's "VAE / Text Encoder" selector: the VAE folder's, then the text encoder folder's."""
-        return find_files(self.vae_dir, MODULE_SUFFIXES) + find_files(self.text_encoder_dir, MODULE_SUFFIXES)
+        """Files for Forge's "VAE / Text Encoder" selector: the VAE folder's, the text encoder folder's, then the
+        built-in ones (the demo's)."""
+        return [path for folder in (self.vae_dir, self.text_encoder_dir, self.builtin_modules_dir)
+                for path in find_files(folder, MODULE_SUFFIXES)]
 
     def module_name(self, path: Path) -> str:
         return path.name

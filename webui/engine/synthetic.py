@@ -1,4 +1,4 @@
-"""Stable Diffusion models with random, seeded weights, for tests, the embedded demo and benchmarks.
+"""Stable Diffusion models with random, seeded weights, for tests and benchmarks.
 
 ``build_synthetic_model(family, "tiny")`` gives a model small and fast enough for CPU tests at 64x64 px;
 ``"full"`` gives the real SD1.5 / SD2.1 / SDXL-base architecture for GPU benchmarks (build it on

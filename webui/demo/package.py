@@ -1,0 +1,66 @@
+"""Turn a training run's weights into the files the app ships: ``python -m webui.demo.package RUN_DIR``.
+
+Writes, into ``webui/assets/demo`` (or ``--dest``): the model as an A1111 single-file checkpoint (float16, with
+ModelSpec metadata saying its resolution), and its two LoRAs in kohya's format (sd-scripts' names, the most common
+kind users have). The style checkpoint and the GGUF twin are made from these at first start
+(``webui.engine.demo``), so the repository holds one checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file
+from transformers import CLIPTextModel
+
+from webui.demo.train import TrainConfig, load, text_config, unet_config, vae_config
+from webui.engine.demo import ASSETS, DEMO_METADATA, DEMO_NAME, LORA_DIR, LORA_NAMES
+from webui.engine.detect import Family
+from webui.engine.ldm_export import write_a1111_checkpoint
+from webui.engine.lora_export import Weights, write_lora
+from webui.engine.lora_keys import DENOISER, LoraWeights
+from webui.engine.synthetic import SyntheticModel
+
+
+def trained_model(run: Path) -> SyntheticModel:
+    """The run's VAE, UNet and text encoder, as the exporters take them."""
+    fields = json.loads((run / "config.json").read_text())
+    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    unet = load(UNet2DConditionModel(**unet_config(config.unet_channels, config.text_width, config.size // 8)),
+                run / "unet.safetensors")
+    vae = load(AutoencoderKL(**vae_config(config.vae_channels, config.size)), run / "vae.safetensors")
+    text = load(CLIPTextModel(text_config(config.text_width, config.text_layers)), run / "text_encoder.safetensors")
+    return SyntheticModel("sd1", "demo", unet, vae, [text])
+
+
+def lora_weights(path: Path) -> Weights:
+    """A LoRA the training wrote (``<module path>.lora_down/up.weight``, alpha = rank) as the LoRA writer takes it."""
+    tensors = load_file(str(path))
+    paths = sorted({key.rsplit(".lora_", 1)[0] for key in tensors})
+    return {(DENOISER, p): LoraWeights(tensors[f"{p}.lora_down.weight"].float(), tensors[f"{p}.lora_up.weight"].float(),
+                                       None) for p in paths}
+
+
+def write_shipped_files(run: Path, dest: Path) -> list[Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    written = [write_a1111_checkpoint(dest / DEMO_NAME, trained_model(run), torch.float16, DEMO_METADATA)]
+    for kind, name in LORA_NAMES.items():
+        written.append(write_lora(dest / LORA_DIR.name / name, lora_weights(run / f"lora-{kind}.safetensors"), Family.SD1, "kohya",
+                                  torch.float16))
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run", type=Path, help="the folder webui.demo.train wrote")
+    parser.add_argument("--dest", type=Path, default=ASSETS)
+    args = parser.parse_args(argv)
+    for path in write_shipped_files(args.run, args.dest):
+        print(f"{path} ({path.stat().st_size / 2**20:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
