@@ -349,3 +349,21 @@ def test_lora_on_a_gguf_flux_on_cuda_streams_exactly_and_equals_the_merged_weigh
         online = model.denoiser(**x).sample
         merged = merged_reference(model.denoiser, weights, "denoiser", 1.0)(**x).sample
     assert relative_error(online, merged) < 1e-4, "online LoRA on the Q8_0 weights vs the merged weights"
+
+
+@requires_cuda
+@pytest.mark.parametrize("flags", [(), ("--lowvram",)])
+def test_the_demo_model_and_its_gguf_twin_draw_the_prompt_on_the_gpu(tmp_path, flags):
+    """The demo in half precision on the GPU, resident and streamed, as a single file and as its GGUF twin."""
+    import random
+
+    from webui.demo.shapes import all_scenes, read_picture
+    from webui.engine.demo import DEMO_NAME, GGUF_NAME, MODULE_NAMES
+
+    engine = make_engine(tmp_path, extra_args=("--device", "cuda", *flags))
+    scenes = random.Random(7).sample(all_scenes(), 15)
+    for checkpoint, modules in ((DEMO_NAME, None), (GGUF_NAME, list(MODULE_NAMES.values()))):
+        matched = [read_picture(engine.txt2img(GenerationRequest(
+            prompt=scene.caption(), width=128, height=128, steps=20, seed=seed, save_images=False,
+            checkpoint=checkpoint, modules=modules)).images[0]).matches(scene) for seed, scene in enumerate(scenes)]
+        assert sum(matched) / len(matched) >= 0.9, (checkpoint, flags, matched)
