@@ -394,3 +394,20 @@ def test_example_nan_watchdog_names_the_step(engine, caplog):
     assert np.array_equal(pixels(before), pixels(clean)), "the watchdog changed the image"
     assert np.array_equal(pixels(clean), pixels(after))
     assert len(broken.images) == 1
+
+
+@pytest.mark.parametrize("with_setting", [True, False])
+def test_the_extensions_tab_refreshes_on_page_load_with_or_without_settings(engine, tmp_path, with_setting):
+    """The page-load handler answers per component: with no extension setting it once gave Gradio a tuple for the
+    status table alone, and the tab failed to load."""
+    write(tmp_path, "quiet", "def setup(api):\n" + ("    api.add_setting('quiet_on', True, 'On')\n" if with_setting
+                                                     else "    pass\n"))
+    from webui.ui import build_ui
+
+    load(engine, tmp_path)
+    demo = build_ui(engine, JobQueue(engine))
+    table = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "extensions_status")
+    (handler,) = [f for f in demo.fns.values() if table in f.outputs]
+    answer = handler.fn()
+    assert isinstance(answer, dict) and "| quiet | user | enabled |" in answer[table]
+    assert len(answer) == len(handler.outputs) == 1 + with_setting

@@ -207,8 +207,8 @@ def _extension_tabs(demo: gr.Blocks, engine: Engine) -> None:
         boxes = {setting.key: _setting_input(engine, setting) for setting in registry.settings}
     for key, box in boxes.items():
         box.input(partial(set_option, engine, key), box, api_visibility="private")
-    demo.load(lambda: (registry.status_markdown(), *(engine.options[key] for key in boxes)),
-              outputs=[table, *boxes.values()], api_visibility="private")
+    demo.load(lambda: {table: registry.status_markdown(), **{box: engine.options[key] for key, box in boxes.items()}},
+              outputs=[table, *boxes.values()], api_visibility="private")  # by component: right with no boxes too
 
 
 def _setting_input(engine: Engine, setting: Setting) -> gr.components.Component:
