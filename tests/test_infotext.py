@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from webui.engine.infotext import build_infotext, format_value, parse_infotext, read_png_infotext
+from webui.engine.infotext import build_infotext, format_value, parse_infotext, read_png_infotext, request_fields
 
 A1111_TEXT = (
     "a cat\n"
@@ -44,6 +44,15 @@ def test_parses_a_real_a1111_infotext():
         "Lora hashes": "x: 0123456789ab, y: ba9876543210",
         "Version": "v1.10.1",
     }
+
+
+
+def test_request_fields_of_an_infotext():
+    assert request_fields(A1111_TEXT) == {"prompt": "a cat", "negative_prompt": "ugly, blurry", "steps": 30,
+                                          "sampler_name": "DPM++ 2M", "scheduler": "Karras", "cfg_scale": 7.5,
+                                          "seed": 123, "width": 512, "height": 768}
+    assert request_fields("a dog\nSteps: many, Seed: 5, Clip skip: 2") == \
+        {"prompt": "a dog", "negative_prompt": "", "seed": 5, "clip_skip": 2}, "an unreadable value is left out"
 
 
 def test_builds_a1111_text():

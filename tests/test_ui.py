@@ -13,6 +13,7 @@ from PIL import Image
 from webui.cli import parse_args
 from webui.engine.engine import Engine
 from webui.engine.progress import Progress
+from webui.engine.request import GenerationRequest
 from webui.jobs import JobQueue
 from webui.settings import AppConfig
 from webui.ui import (
@@ -175,3 +176,21 @@ def test_axis_with_choices_is_picked_from_a_list(engine):
     assert picked["choices"] == [c.name for c in engine.models.checkpoints()]
     text, picked, _ = axis_inputs(engine, axes, "CFG Scale")
     assert text["visible"] and not picked["visible"]
+
+
+def test_png_info_reads_a_generated_image_and_sends_it_to_txt2img(client, engine, tmp_path):
+    from gradio_client import handle_file
+
+    from webui.ui import form_updates
+
+    saved = engine.txt2img(GenerationRequest(prompt="a red apple", negative_prompt="blurry", steps=3, width=64,
+                                             height=64, seed=4321, save_images=True))
+    infotext = saved.infotexts[0]
+    assert client.predict(handle_file(str(saved.paths[0])), api_name="/png_info") == infotext
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    assert "no generation parameters" in client.predict(handle_file(str(tmp_path / "plain.png")), api_name="/png_info")
+    form = dict.fromkeys(["prompt", "negative_prompt", "steps", "width", "height", "seed", "n_iter"])
+    updates = dict(zip(form, form_updates(form, infotext)))
+    assert {k: u.get("value") for k, u in updates.items()} == {
+        "prompt": "a red apple", "negative_prompt": "blurry", "steps": 3, "width": 64, "height": 64, "seed": 4321,
+        "n_iter": None}, "the batch count is not in the infotext: left alone"

@@ -21,6 +21,7 @@ from webui.engine.detect import Family
 from webui.engine.engine import Engine
 from webui.engine.files import declared_resolution
 from webui.engine.flow import FLOW_FAMILIES
+from webui.engine.infotext import read_png_infotext, request_fields
 from webui.engine.memory import MB
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
@@ -70,11 +71,14 @@ class FieldSlider(gr.Slider):
 def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
     with gr.Blocks(title="Stable Diffusion web UI", analytics_enabled=False) as demo:
         checkpoint = _model_row(demo, engine)
-        with gr.Tab("txt2img"):
-            form = _txt2img_tab(demo, engine, jobs, checkpoint)
-        with gr.Tab("X/Y/Z plot"):
-            _xyz_tab(engine, jobs, form)
-        _extension_tabs(demo, engine)
+        with gr.Tabs() as tabs:
+            with gr.Tab("txt2img", id="txt2img"):
+                form = _txt2img_tab(demo, engine, jobs, checkpoint)
+            with gr.Tab("X/Y/Z plot", id="xyz"):
+                _xyz_tab(engine, jobs, form)
+            with gr.Tab("PNG Info", id="png_info"):
+                _png_info_tab(form, tabs)
+            _extension_tabs(demo, engine)
         demo.load(None, js=CTRL_ENTER_JS)
     return demo
 
@@ -185,6 +189,36 @@ def set_option(engine: Engine, key: str, value: Any) -> None:
         engine.set_options({key: value})
     except UserError as e:
         gr.Warning(str(e))
+
+
+# ---- PNG Info --------------------------------------------------------------------------------
+
+def _png_info_tab(form: dict[str, gr.components.Component], tabs: gr.Tabs) -> None:
+    """Drop an image: its parameters (A1111's infotext, from PNG text or EXIF); "Send to txt2img" fills the form
+    with them and shows it."""
+    with gr.Row():
+        image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Source", elem_id="pnginfo_image")
+        with gr.Column():
+            parameters = gr.Textbox(label="Parameters", lines=8, interactive=False, elem_id="pnginfo_parameters")
+            send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
+    image.change(png_parameters, image, parameters, api_name="png_info")
+    send.click(lambda text: (*form_updates(form, text), gr.Tabs(selected="txt2img")), parameters,
+               [*form.values(), tabs], api_visibility="private")
+
+
+def png_parameters(path: str | None) -> str:
+    if not path:
+        return ""
+    try:
+        return read_png_infotext(path) or "(this image has no generation parameters)"
+    except OSError as e:
+        return f"(not an image this app can read: {e})"
+
+
+def form_updates(form: dict[str, gr.components.Component], infotext: str) -> list[dict]:
+    """An update per form field: the infotext's value where it has one, the field left alone where not."""
+    fields = request_fields(infotext) if infotext and not infotext.startswith("(") else {}
+    return [gr.update(value=fields[name]) if name in fields else gr.update() for name in form]
 
 
 # ---- extensions ------------------------------------------------------------------------------

@@ -91,6 +91,28 @@ def parse_infotext(text: str) -> dict[str, str]:
     return result
 
 
+# Infotext keys a request takes back ("Send to txt2img", paste), with the type each is read as.
+INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
+    "Steps": ("steps", int), "Sampler": ("sampler_name", str), "Schedule type": ("scheduler", str),
+    "CFG scale": ("cfg_scale", float), "Distilled CFG Scale": ("distilled_cfg_scale", float), "Seed": ("seed", int),
+    "Size-1": ("width", int), "Size-2": ("height", int), "Clip skip": ("clip_skip", int),
+}
+
+
+def request_fields(text: str) -> dict[str, Any]:
+    """The request fields an infotext gives: prompts, steps, sampler, schedule type, CFG, seed, size, clip skip.
+    A value that does not read as its type is left out, as A1111's paste leaves it."""
+    params = parse_infotext(text)
+    fields: dict[str, Any] = {"prompt": params["Prompt"], "negative_prompt": params["Negative prompt"]}
+    for key, (field, kind) in INFOTEXT_FIELDS.items():
+        if key in params:
+            try:
+                fields[field] = int(float(params[key])) if kind is int else kind(params[key])
+            except ValueError:
+                continue
+    return fields
+
+
 def _decode_user_comment(data: bytes | str) -> str:
     """EXIF UserComment: an 8-byte charset tag, then the text (A1111 writes "UNICODE", UTF-16)."""
     if isinstance(data, str):
