@@ -8,15 +8,12 @@ kind users have). The style checkpoint and the GGUF twin are made from these at 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file
-from transformers import CLIPTextModel
 
-from webui.demo.train import TrainConfig, load, text_config, unet_config, vae_config
+from webui.demo.train import load_component, read_config
 from webui.engine.demo import ASSETS, DEMO_METADATA, DEMO_NAME, LORA_DIR, LORA_NAMES
 from webui.engine.detect import Family
 from webui.engine.ldm_export import write_a1111_checkpoint
@@ -27,12 +24,10 @@ from webui.engine.synthetic import SyntheticModel
 
 def trained_model(run: Path) -> SyntheticModel:
     """The run's VAE, UNet and text encoder, as the exporters take them."""
-    fields = json.loads((run / "config.json").read_text())
-    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    unet = load(UNet2DConditionModel(**unet_config(config.unet_channels, config.text_width, config.size // 8)),
-                run / "unet.safetensors")
-    vae = load(AutoencoderKL(**vae_config(config.vae_channels, config.size)), run / "vae.safetensors")
-    text = load(CLIPTextModel(text_config(config.text_width, config.text_layers)), run / "text_encoder.safetensors")
+    config = read_config(run)
+    unet, vae, text = (load_component(name, config, run) for name in ("unet", "vae", "text_encoder"))
+    if unet is None or vae is None or text is None:
+        raise SystemExit(f"{run} lacks one of unet, vae, text_encoder .safetensors: not a finished training run")
     return SyntheticModel("sd1", "demo", unet, vae, [text])
 
 

@@ -20,7 +20,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 from webui.demo.shapes import CAPTION_PARTS, Scene, all_scenes, draw
+from webui.engine.synthetic import clip_config, sd1_unet_config, vae_body
 from webui.engine.tokenizer import clip_tokenizer
 
 SD1_SCALE = 0.18215
@@ -65,24 +66,29 @@ class TrainConfig:
     min_snr: float = 5.0
 
 
-def text_config(width: int, layers: int) -> CLIPTextConfig:
-    """SD1's text encoder, narrower: the real CLIP vocabulary and 77 positions, one head per 64 channels."""
-    return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_size=width, intermediate_size=4 * width,
-                          num_hidden_layers=layers, num_attention_heads=max(1, width // 64), hidden_act="quick_gelu",
-                          projection_dim=width, bos_token_id=49406, eos_token_id=49407)
+# The three components, as SD1.x's with the config's widths (the loaders read them back from the shapes).
+BUILDERS: dict[str, Callable[[TrainConfig], nn.Module]] = {
+    "vae": lambda c: AutoencoderKL(**vae_body(c.vae_channels, 1) | dict(latent_channels=4, sample_size=c.size,
+                                                                        scaling_factor=SD1_SCALE)),
+    "unet": lambda c: UNet2DConditionModel(**sd1_unet_config(c.unet_channels, 1, c.text_width, c.size // 8)),
+    "text_encoder": lambda c: CLIPTextModel(clip_config(c.text_width, c.text_layers, "quick_gelu")),
+}
 
 
-def unet_config(channels: tuple[int, ...], text_width: int, latent_size: int) -> dict:
-    return dict(sample_size=latent_size, block_out_channels=channels, layers_per_block=1,
-                down_block_types=("CrossAttnDownBlock2D",) * (len(channels) - 1) + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(channels) - 1),
-                cross_attention_dim=text_width, attention_head_dim=8, use_linear_projection=False)
+def read_config(run: Path) -> TrainConfig:
+    fields = json.loads((run / "config.json").read_text())
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
-def vae_config(channels: tuple[int, ...], size: int) -> dict:
-    return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=channels, layers_per_block=1,
-                norm_num_groups=32, latent_channels=4, sample_size=size, scaling_factor=SD1_SCALE)
+def load_component(name: str, config: TrainConfig, run: Path | None) -> nn.Module | None:
+    """A component a run wrote (``<name>.safetensors``), or None where it has none."""
+    path = run / f"{name}.safetensors" if run is not None else None
+    if path is None or not path.is_file():
+        return None
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    module = BUILDERS[name](config)
+    module.load_state_dict(state, strict=False)  # float16 files hold the floating-point tensors only
+    return module.eval().requires_grad_(False)
 
 
 class Log:
@@ -94,12 +100,6 @@ class Log:
         self.lines.append(line)
         print(json.dumps(line), flush=True)
         (self.out / "losses.json").write_text(json.dumps(self.lines))
-
-
-def load(module: nn.Module, path: Path) -> nn.Module:
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
-    module.load_state_dict(state, strict=False)  # float16 files hold the floating-point tensors only
-    return module.eval().requires_grad_(False)
 
 
 def save(path: Path, module_or_tensors: nn.Module | dict[str, torch.Tensor]) -> None:
@@ -139,7 +139,7 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def train_vae(config: TrainConfig, every: torch.Tensor, log: Log, device: torch.device) -> AutoencoderKL:
     """The VAE, on pictures of every kind (uint8), then rescaled (``rescale_latents``)."""
-    vae = AutoencoderKL(**vae_config(config.vae_channels, config.size)).to(device).train()
+    vae = BUILDERS["vae"](config).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     generator = torch.Generator(device).manual_seed(config.seed)
     for step in range(config.vae_steps):
@@ -234,11 +234,7 @@ def train_base(config: TrainConfig, latents: torch.Tensor, captions: Captions, l
     """The UNet and the text encoder, trained together (from ``start`` when given, else from scratch); their running
     average (EMA) is what is kept, and written to ``out`` every 1000 steps too."""
     torch.manual_seed(config.seed)
-    if start is None:
-        unet = UNet2DConditionModel(**unet_config(config.unet_channels, config.text_width, config.size // 8))
-        text = CLIPTextModel(text_config(config.text_width, config.text_layers))
-    else:
-        unet, text = start
+    unet, text = start or (BUILDERS["unet"](config), BUILDERS["text_encoder"](config))
     unet, text = unet.to(device).train().requires_grad_(True), text.to(device).train().requires_grad_(True)
     params = [*unet.parameters(), *text.parameters()]
     ema = [p.detach().clone() for p in params]
@@ -348,12 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     log = Log(out)
     scenes = training_scenes(config)
-    earlier = args.resume
-    if earlier is not None and (earlier / "vae.safetensors").is_file():
-        vae = load(AutoencoderKL(**vae_config(config.vae_channels, config.size)), earlier / "vae.safetensors").to(device)
-    else:
+    vae = load_component("vae", config, args.resume)
+    if vae is None:
         vae = train_vae(config, torch.cat([draw_kind(kind, scenes, config, device) for kind in KINDS]), log, device)
         save(out / "vae.safetensors", vae)
+    vae = vae.to(device)
 
     def latents(kind: str) -> torch.Tensor:
         encoded = encode_all(vae, draw_kind(kind, scenes, config, device))
@@ -361,19 +356,13 @@ def main(argv: list[str] | None = None) -> None:
         return encoded
 
     captions = Captions(scenes, device, config.seed)
-    if earlier is not None and (earlier / "unet.safetensors").is_file():
-        unet = load(UNet2DConditionModel(**unet_config(config.unet_channels, config.text_width, config.size // 8)),
-                    earlier / "unet.safetensors").to(device)
-        text = load(CLIPTextModel(text_config(config.text_width, config.text_layers)),
-                    earlier / "text_encoder.safetensors").to(device)
-        if args.continue_base:
-            unet, text = train_base(config, latents("flat"), captions, log, device, out, start=(unet, text))
-            save(out / "unet.safetensors", unet)
-            save(out / "text_encoder.safetensors", text)
-    else:
-        unet, text = train_base(config, latents("flat"), captions, log, device, out)
+    unet, text = (load_component(name, config, args.resume) for name in ("unet", "text_encoder"))
+    if unet is None or args.continue_base:
+        unet, text = train_base(config, latents("flat"), captions, log, device, out,
+                                start=None if unet is None else (unet, text))
         save(out / "unet.safetensors", unet)
         save(out / "text_encoder.safetensors", text)
+    unet, text = unet.to(device), text.to(device)
     if args.skip_loras:
         return
     for seed, name in enumerate(("dusk", "outline"), start=config.seed + 2):

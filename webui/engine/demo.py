@@ -7,7 +7,6 @@ GGUF UNet needs beside it. All of them then load like any user file.
 """
 from __future__ import annotations
 
-import filecmp
 import logging
 import os
 import shutil
@@ -47,14 +46,14 @@ def ensure_demo_models(models_dir: Path, modules_dir: Path) -> None:
     making those not there yet (a few seconds, once per install). Each file is written whole or not at all."""
     base = models_dir / DEMO_NAME
     wanted = [base, models_dir / STYLE_NAME, models_dir / GGUF_NAME, *(modules_dir / n for n in MODULE_NAMES.values())]
-    if base.is_file() and not filecmp.cmp(base, ASSETS / DEMO_NAME, shallow=False):
-        for path in wanted:  # made from an earlier version of the shipped model
+    if base.is_file() and _signature(base) != _signature(ASSETS / DEMO_NAME):
+        for path in wanted:  # made from another version of the shipped model
             path.unlink(missing_ok=True)
     if all(path.is_file() for path in wanted):
         return
     models_dir.mkdir(parents=True, exist_ok=True)
     modules_dir.mkdir(parents=True, exist_ok=True)
-    _atomic(base, lambda tmp: shutil.copyfile(ASSETS / DEMO_NAME, tmp))
+    _atomic(base, lambda tmp: shutil.copy2(ASSETS / DEMO_NAME, tmp))  # its time too: see _signature
     log.info("Writing the built-in demo models (its dusk style and its GGUF Q8_0 twin) to %s", models_dir)
     model = _load(base)
     unet, vae, text = model.denoiser, model.vae, model.text_encoders[0].model
@@ -70,14 +69,20 @@ def ensure_demo_models(models_dir: Path, modules_dir: Path) -> None:
     _atomic(models_dir / STYLE_NAME, lambda tmp: write_a1111_checkpoint(tmp, style, torch.float16, metadata))
 
 
+def _signature(path: Path) -> tuple[int, int]:
+    """Size and modification time: the copy keeps the shipped file's, so a start compares without reading 20 MB."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 def _load(path: Path) -> LoadedModel:
     return load_model(CheckpointInfo(path.name, path, "safetensors"), None, torch.float32, torch.float32)
 
 
 def _merge_lora(unet: torch.nn.Module, text: torch.nn.Module, path: Path) -> None:
     """Add a LoRA's full weight updates to the layers it adapts, for good (a merge, as checkpoint mergers do)."""
-    updates = convert_lora(load_file(str(path)), Family.SD1, {DENOISER: unet, "text_encoder": text}, path.name)
     modules = {DENOISER: unet, "text_encoder": text}
+    updates = convert_lora(load_file(str(path)), Family.SD1, modules, path.name)
     with torch.no_grad():
         for (component, name), lora in updates.items():
             modules[component].get_submodule(name).weight += lora.delta()

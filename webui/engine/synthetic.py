@@ -97,7 +97,9 @@ def _check_choice(what: str, value: object, choices: Iterable) -> None:
         raise ValueError(f"unknown {what} {value!r}; expected one of {tuple(choices)}")
 
 
-def _clip_config(hidden: int, layers: int, act: str, projection_dim: int | None = None) -> CLIPTextConfig:
+def clip_config(hidden: int, layers: int, act: str, projection_dim: int | None = None) -> CLIPTextConfig:
+    """A CLIP text encoder of any width and depth with the real vocabulary and 77 positions, one head per 64
+    channels, as the loaders derive it from a file."""
     return CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
         max_position_embeddings=CLIP_MAX_POSITIONS,
@@ -117,18 +119,22 @@ def _heads_per_64(channels: Iterable[int]) -> tuple[int, ...]:
     return tuple(max(1, c // 64) for c in channels)
 
 
-def _vae_body(size: str) -> dict:
+def vae_body(channels: tuple[int, ...], layers_per_block: int) -> dict:
     """What the VAEs of every family share: 4 levels (8x downscale) and GroupNorm's 32 groups."""
-    full = size == "full"
     return dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512) if full else (32, 32, 64, 64),
-        layers_per_block=2 if full else 1,
+        block_out_channels=channels,
+        layers_per_block=layers_per_block,
         norm_num_groups=32,
     )
+
+
+def _vae_body(size: str) -> dict:
+    full = size == "full"
+    return vae_body((128, 256, 512, 512) if full else (32, 32, 64, 64), 2 if full else 1)
 
 
 def _vae_config(family: str, size: str) -> dict:
@@ -140,20 +146,26 @@ def _vae_config(family: str, size: str) -> dict:
     )
 
 
-def _sd1_architecture(size: str) -> Architecture:
-    full = size == "full"
-    levels = (320, 640, 1280, 1280) if full else (32, 64)
-    text = _clip_config(768, 12, "quick_gelu") if full else _clip_config(32, 3, "quick_gelu")
-    unet = dict(
-        sample_size=64 if full else 8,
+def sd1_unet_config(levels: tuple[int, ...], layers_per_block: int, cross_attention_dim: int,
+                    sample_size: int) -> dict:
+    """An SD1.x UNet of any widths: cross-attention at every level but the deepest, 8 heads (SD1's convention)."""
+    return dict(
+        sample_size=sample_size,
         down_block_types=("CrossAttnDownBlock2D",) * (len(levels) - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(levels) - 1),
         block_out_channels=levels,
-        layers_per_block=2 if full else 1,
-        cross_attention_dim=text.hidden_size,
+        layers_per_block=layers_per_block,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         use_linear_projection=False,
     )
+
+
+def _sd1_architecture(size: str) -> Architecture:
+    full = size == "full"
+    levels = (320, 640, 1280, 1280) if full else (32, 64)
+    text = clip_config(768, 12, "quick_gelu") if full else clip_config(32, 3, "quick_gelu")
+    unet = sd1_unet_config(levels, 2 if full else 1, text.hidden_size, 64 if full else 8)
     return Architecture(unet=unet, vae=_vae_config("sd1", size), text_encoders=(text,))
 
 
@@ -161,7 +173,7 @@ def _sd2_architecture(size: str) -> Architecture:
     full = size == "full"
     levels = (320, 640, 1280, 1280) if full else (64, 128)
     # Diffusers' layer count: one fewer than OpenCLIP-H's 24 resblocks (see the module docstring).
-    text = _clip_config(1024, 23, "gelu") if full else _clip_config(32, 3, "gelu")
+    text = clip_config(1024, 23, "gelu") if full else clip_config(32, 3, "gelu")
     unet = dict(
         sample_size=96 if full else 8,
         down_block_types=("CrossAttnDownBlock2D",) * (len(levels) - 1) + ("DownBlock2D",),
@@ -178,9 +190,9 @@ def _sd2_architecture(size: str) -> Architecture:
 def _sdxl_architecture(size: str) -> Architecture:
     full = size == "full"
     levels = (320, 640, 1280) if full else (32, 64, 64)
-    clip_l = _clip_config(768, 12, "quick_gelu") if full else _clip_config(32, 3, "quick_gelu")
+    clip_l = clip_config(768, 12, "quick_gelu") if full else clip_config(32, 3, "quick_gelu")
     # At least 10 bigG layers: diffusers recognises SDXL files by resblock 9 of the second embedder.
-    clip_g = _clip_config(1280, 32, "gelu", projection_dim=1280) if full else _clip_config(64, 10, "gelu", 32)
+    clip_g = clip_config(1280, 32, "gelu", projection_dim=1280) if full else clip_config(64, 10, "gelu", 32)
     time_embed_dim = 256 if full else 8
     unet = dict(
         sample_size=128 if full else 8,
@@ -412,7 +424,7 @@ def clip_text_architecture(kind: str, size: str) -> CLIPTextConfig:
     _check_choice("kind", kind, CLIP_KINDS)
     _check_choice("size", size, SIZES)
     width, layers = CLIP_TEXT_SIZES[kind][size]
-    return _clip_config(width, layers, CLIP_ACTIVATIONS[kind])
+    return clip_config(width, layers, CLIP_ACTIVATIONS[kind])
 
 
 def build_clip_text(
