@@ -179,9 +179,10 @@ def test_axis_with_choices_is_picked_from_a_list(engine):
 
 
 def test_png_info_reads_a_generated_image_and_sends_it_to_txt2img(client, engine, tmp_path):
+    import gradio as gr
     from gradio_client import handle_file
 
-    from webui.ui import form_updates
+    from webui.ui import form_updates, png_parameters
 
     saved = engine.txt2img(GenerationRequest(prompt="a red apple", negative_prompt="blurry", steps=3, width=64,
                                              height=64, seed=4321, save_images=True))
@@ -189,6 +190,9 @@ def test_png_info_reads_a_generated_image_and_sends_it_to_txt2img(client, engine
     assert client.predict(handle_file(str(saved.paths[0])), api_name="/png_info") == infotext
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     assert "no generation parameters" in client.predict(handle_file(str(tmp_path / "plain.png")), api_name="/png_info")
+    (tmp_path / "notes.png").write_text("not an image")
+    assert png_parameters(str(tmp_path / "notes.png")).startswith("(not an image this app can read")
+    assert all(u == gr.update() for u in form_updates({"prompt": None}, png_parameters(str(tmp_path / "notes.png"))))
     form = dict.fromkeys(["prompt", "negative_prompt", "steps", "width", "height", "seed", "n_iter"])
     updates = dict(zip(form, form_updates(form, infotext)))
     assert {k: u.get("value") for k, u in updates.items()} == {
