@@ -7,71 +7,19 @@ import io
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import requests
 from gradio_client import Client
+from live import Server, start_server
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
 AUTH = ("alice", "pass:word")
 BODY = {"prompt": "a red circle", "negative_prompt": "", "width": 64, "height": 64, "steps": 3, "cfg_scale": 5,
         "sampler_name": "Euler a", "seed": 42, "batch_size": 1, "n_iter": 1}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen
-    url: str
-    log_path: Path
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def api(self, method: str, route: str, **kwargs) -> requests.Response:
-        return requests.request(method, f"{self.url}/sdapi/v1/{route}", auth=AUTH, timeout=300, **kwargs)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-
-
-def start_server(data_dir: Path, *flags: str) -> Server:
-    """``launch.py`` on a free port, on the CPU, over ``data_dir`` (its embedded demo model when it holds none);
-    returns once its API answers."""
-    port = free_port()
-    log_path = data_dir / f"server-{port}.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "launch.py"), "--skip-venv", "--skip-install", "--port", str(port),
-             "--data-dir", str(data_dir), "--device", "cpu", *flags],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    server = Server(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.time() + 180
-    while True:
-        try:
-            if requests.get(f"{server.url}/sdapi/v1/memory", timeout=5).status_code in (200, 401):
-                return server
-        except requests.RequestException:
-            if process.poll() is not None or time.time() > deadline:
-                server.stop() if process.poll() is None else None
-                pytest.fail(f"the server did not start:\n{server.log}")
-            time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,66 @@
+"""The real launcher in its own process, for tests that drive it from outside (HTTP, the Gradio client, a
+browser): ``start_server(data_dir, *flags)`` starts ``launch.py`` on the CPU over its embedded demo model
+("demo-shapes", 128x128 native) and returns once it answers."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+    auth: tuple[str, str] | None = None  # what ``api`` sends: the --api-auth the server was started with
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def api(self, method: str, route: str, **kwargs) -> requests.Response:
+        return requests.request(method, f"{self.url}/sdapi/v1/{route}", auth=self.auth, timeout=300, **kwargs)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def start_server(data_dir: Path, *flags: str) -> Server:
+    """``launch.py`` on a free port, on the CPU, over ``data_dir`` (its embedded demo model when it holds none);
+    returns once its API answers."""
+    port = free_port()
+    log_path = data_dir / f"server-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "launch.py"), "--skip-venv", "--skip-install", "--port", str(port),
+             "--data-dir", str(data_dir), "--device", "cpu", *flags],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    auth = tuple(flags[flags.index("--api-auth") + 1].split(":", 1)) if "--api-auth" in flags else None
+    server = Server(process, f"http://127.0.0.1:{port}", log_path, auth)
+    deadline = time.time() + 180
+    while True:
+        try:
+            if requests.get(f"{server.url}/sdapi/v1/memory", timeout=5).status_code in (200, 401):
+                return server
+        except requests.RequestException:
+            if process.poll() is not None or time.time() > deadline:
+                server.stop() if process.poll() is None else None
+                pytest.fail(f"the server did not start:\n{server.log}")
+            time.sleep(0.5)

@@ -1,0 +1,262 @@
+"""The UI in a real browser: headless Chromium (Debian's, /usr/bin/chromium) driven through Playwright against the
+real launcher (CPU, the embedded demo model, 128x128). A person's steps: type a prompt and press Generate or
+Ctrl+Enter, move GPU Weights, plot X/Y/Z, read a PNG's parameters and send them to txt2img; and what they see.
+
+A full-page screenshot of each test, passed or failed, and the server's log land in $TEST_ARTIFACTS/browser
+(test-artifacts/browser by default)."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urljoin
+
+import pytest
+import requests
+from live import ROOT, Server, start_server
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(f"browser tests need Chromium at {CHROMIUM} (Debian: apt-get install chromium)",
+                allow_module_level=True)
+try:
+    from playwright.sync_api import Browser, Page, expect, sync_playwright
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+except ImportError:
+    pytest.skip("browser tests need Playwright (pip install -e '.[test]')", allow_module_level=True)
+
+# Debian's Chromium, not a browser Playwright downloads; nothing but the local server is reached.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "test-artifacts")) / "browser"
+TIMEOUT_MS = 60_000  # any one wait; a generation here takes a second or two, the first one loads the model
+SIZE = 128  # the demo model's declared resolution
+
+PROMPT = "#txt2img_prompt textarea"
+NEGATIVE = "#txt2img_neg_prompt textarea"
+STATUS = "#txt2img_status"
+INFOTEXT = "#txt2img_infotext textarea"
+ERROR_TOASTS = "[data-testid=toast-body].error"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    live = start_server(tmp_path_factory.mktemp("browser"), "--api")  # --api: the tests read the options store
+    try:
+        yield live
+    finally:
+        live.stop()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(live.log_path, ARTIFACTS / "server.log")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server) -> Iterator[Page]:
+    expect.set_options(timeout=TIMEOUT_MS)
+    tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+    tab.set_default_timeout(TIMEOUT_MS)
+    tab.goto(server.url, wait_until="load")
+    wait_for_the_demo_size(tab)
+    yield tab
+    tab.close()
+
+
+@pytest.fixture(autouse=True)
+def screenshot(page, request) -> Iterator[None]:
+    """The page as it was when the test ended, however it ended."""
+    yield
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    try:
+        page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True, timeout=TIMEOUT_MS)
+    except Exception as e:  # a screenshot that fails must not hide the test's own outcome
+        print(f"no screenshot of {request.node.name}: {e}")
+
+
+def wait_for_the_demo_size(page: Page) -> None:
+    """The page has loaded its settings: the sliders show the demo model's declared size (set on load)."""
+    for side in ("width", "height"):
+        expect(page.locator(f"#txt2img_{side} input[type=number]")).to_have_value(str(SIZE))
+
+
+def set_slider(page: Page, elem_id: str, value: float) -> None:
+    """Type into a slider's number box and press Enter, as a person does; the slider itself follows."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+    expect(page.locator(f"#{elem_id} input[type=range]")).to_have_value(str(value))
+
+
+def generations(server: Server) -> list[tuple[int, int]]:
+    """(steps, seed) of each txt2img generation the server logged, in order."""
+    return [(int(steps), int(seed)) for steps, seed in
+            re.findall(r"INFO webui\.engine\.engine: txt2img: \d+ image\(s\) \d+x\d+, (\d+) steps, [^,]+, seed (\d+)",
+                       server.log)]
+
+
+def wait_until(condition: Callable[[], bool], what: str, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.1)
+
+
+def fetched_image(server: Server, src: str | None) -> Image.Image:
+    """The image an <img> shows, fetched over HTTP as the browser did."""
+    assert src, "the <img> has no src"
+    reply = requests.get(urljoin(server.url + "/", src), timeout=60)
+    assert reply.status_code == 200, f"{src}: HTTP {reply.status_code}"
+    image = Image.open(io.BytesIO(reply.content))
+    image.load()
+    return image
+
+
+def natural_sizes(page: Page, selector: str) -> list[tuple[int, int]]:
+    """The decoded size of every <img> under ``selector``, once all have loaded."""
+    page.wait_for_function("s => [...document.querySelectorAll(s)].every(i => i.complete && i.naturalWidth > 0)",
+                           arg=selector)
+    return [tuple(size) for size in page.locator(selector).evaluate_all(
+        "imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")]
+
+
+def test_generate_shows_the_image_its_parameters_and_done(page, server):
+    page.locator(PROMPT).fill("a red circle")
+    set_slider(page, "txt2img_steps", 3)
+    page.locator("#txt2img_generate").click()
+
+    expect(page.locator(INFOTEXT)).to_have_value(re.compile(r"^a red circle\nSteps: 3, .*Seed: \d+, .*Size: 128x128"))
+    expect(page.locator(STATUS)).to_contain_text(re.compile(r"Done: 1 image\(s\) in \d+s, seed \d+\."))
+    seed = re.search(r"Seed: (\d+)", page.locator(INFOTEXT).input_value())[1]
+    assert f"seed {seed}." in page.locator(STATUS).inner_text(), "the status and the infotext tell one seed"
+    assert generations(server)[-1] == (3, int(seed))
+
+    shown = page.locator("#txt2img_gallery img")
+    expect(shown).to_have_count(1)
+    image = fetched_image(server, shown.get_attribute("src"))
+    assert image.format == "PNG" and image.size == (SIZE, SIZE)
+    assert len(set(image.convert("L").getdata())) > 10, "a picture, not a blank"
+    assert natural_sizes(page, "#txt2img_gallery img") == [(SIZE, SIZE)]
+    assert page.locator(ERROR_TOASTS).count() == 0, page.locator(ERROR_TOASTS).all_inner_texts()
+
+
+def test_ctrl_enter_in_either_prompt_box_generates(page, server):
+    before = len(generations(server))
+    page.locator(PROMPT).fill("a green square")
+    page.locator(PROMPT).press("Control+Enter")
+    expect(page.locator(INFOTEXT)).to_have_value(re.compile(r"^a green square\nSteps: "))
+    expect(page.locator(STATUS)).to_contain_text("Done: 1 image(s)")
+    expect(page.locator("#txt2img_gallery img")).to_have_count(1)
+
+    page.locator(NEGATIVE).fill("blurry")
+    page.locator(NEGATIVE).press("Control+Enter")
+    expect(page.locator(INFOTEXT)).to_have_value(re.compile(r"^a green square\nNegative prompt: blurry\nSteps: "))
+    expect(page.locator(STATUS)).to_contain_text("Done: 1 image(s)")
+    assert len(generations(server)) == before + 2, "one generation per key press"
+
+
+def test_gpu_weights_go_to_the_settings_store_and_stay_after_a_reload(page, server):
+    total = int(page.locator("#gpu_weights input[type=range]").get_attribute("max"))
+    original = server.api("GET", "options").json()["forge_inference_memory"]
+    weights = total - 1536 if original != 1536 else total - 2048  # a value the store does not hold yet
+
+    def stored() -> int:
+        return server.api("GET", "options").json()["forge_inference_memory"]
+
+    try:
+        set_slider(page, "gpu_weights", weights)
+        wait_until(lambda: stored() == total - weights, f"the store holds inference memory {total - weights} MB")
+        page.reload(wait_until="load")
+        wait_for_the_demo_size(page)
+        expect(page.locator("#gpu_weights input[type=number]")).to_have_value(str(weights))
+        expect(page.locator("#gpu_weights input[type=range]")).to_have_value(str(weights))
+        assert int(page.locator("#gpu_weights input[type=range]").get_attribute("max")) == total
+    finally:
+        server.api("POST", "options", json={"forge_inference_memory": original})
+
+
+def test_xyz_plot_shows_the_grid_then_each_cell(page, server):
+    wait_for_the_demo_size(page)
+    page.locator(PROMPT).fill("a yellow triangle")
+    page.get_by_role("tab", name="X/Y/Z plot").click()
+    expect(page.locator("#xyz_x_type input")).to_have_value("Seed")
+    page.locator("#xyz_x_values textarea").fill("1, 2")
+
+    # Picking an axis type clears its values: that round trip done, the values typed next are kept.
+    y_values = page.locator("#xyz_y_values textarea")
+    y_values.fill("left from before")
+    page.locator("#xyz_y_type input").click()
+    page.get_by_role("option", name="Steps", exact=True).click()
+    expect(page.locator("#xyz_y_type input")).to_have_value("Steps")
+    expect(y_values).to_have_value("")
+    y_values.fill("2, 3")
+
+    before = len(generations(server))
+    page.locator("#xyz_generate").click()
+    expect(page.locator("#xyz_status")).to_contain_text("Done: 5 image(s)")
+    expect(page.locator("#xyz_infotext textarea")).to_have_value(
+        re.compile(r"^a yellow triangle\nSteps: 2, .*Seed: 1, .*\nX/Y/Z plot: X: Seed = 1, 2; Y: Steps = 2, 3$", re.S))
+
+    thumbnails = page.locator("#xyz_gallery img")
+    expect(thumbnails).to_have_count(5)  # the grid, then its 4 cells
+    grid, *cells = natural_sizes(page, "#xyz_gallery img")
+    assert cells == [(SIZE, SIZE)] * 4
+    assert grid[0] >= 2 * SIZE and grid[1] >= 2 * SIZE, f"a 2x2 grid of {SIZE}px cells, not {grid}"
+    assert sorted(generations(server)[before:]) == [(2, 1), (2, 2), (3, 1), (3, 2)]
+
+
+def test_png_info_reads_the_parameters_and_sends_them_to_txt2img(page, tmp_path):
+    infotext = ("a blue square\nNegative prompt: blurry\nSteps: 7, Sampler: Euler a, Schedule type: Automatic, "
+                "CFG scale: 6.5, Seed: 99, Size: 128x128")
+    chunk = PngInfo()
+    chunk.add_text("parameters", infotext)
+    path = tmp_path / "with-parameters.png"
+    Image.new("RGB", (SIZE, SIZE), "blue").save(path, pnginfo=chunk)
+
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(path)
+    expect(page.locator("#pnginfo_parameters textarea")).to_have_value(infotext)
+    page.locator("#pnginfo_send_txt2img").click()
+
+    expect(page.get_by_role("tab", name="txt2img")).to_have_attribute("aria-selected", "true")
+    expect(page.locator(PROMPT)).to_be_visible()
+    expect(page.locator(PROMPT)).to_have_value("a blue square")
+    expect(page.locator(NEGATIVE)).to_have_value("blurry")
+    expect(page.locator("#txt2img_steps input[type=number]")).to_have_value("7")
+    expect(page.locator("#txt2img_seed input")).to_have_value("99")
+    expect(page.locator("#txt2img_cfg_scale input[type=number]")).to_have_value("6.5")
+    expect(page.locator("#txt2img_sampling input")).to_have_value("Euler a")
+    expect(page.locator("#txt2img_width input[type=number]")).to_have_value(str(SIZE))
+
+
+@pytest.mark.xfail(reason="webui bug, a race: once the checkpoint's title is not the one the UI was built with (a "
+                          "generation gave it its hash: 'demo-shapes.safetensors [3000fbea9d]'), a page load can show "
+                          "Gradio's 'Error: Value: demo-shapes.safetensors is not in the list of choices': the load "
+                          "event that fits the form to the checkpoint sends the dropdown's built-in value, and the "
+                          "settings load event may already have replaced the session's choices")
+def test_a_page_opened_after_a_generation_loads_without_an_error(page, server):
+    assert server.api("POST", "txt2img", json={"prompt": "a dot", "steps": 1, "width": 64, "height": 64}).ok
+    errors = page.locator(ERROR_TOASTS)
+    for _ in range(2):  # a race: twice gives it more chances to show
+        page.goto(server.url, wait_until="load")
+        wait_for_the_demo_size(page)
+        expect(page.locator("#sd_model_checkpoint input")).to_have_value(re.compile(r"\[[0-9a-f]{10}\]$"))
+        try:  # the page's load events are done by now; an error they met shows at once
+            errors.first.wait_for(state="visible", timeout=2_500)
+        except PlaywrightTimeout:
+            continue
+        pytest.fail(f"the page loaded with an error: {errors.first.inner_text()}")
