@@ -79,6 +79,10 @@ def test_cuda_streaming_matches_resident_within_budget(tmp_path, sdxl_file, swap
     assert stats.streamed_mb > 0 and stats.resident_mb <= stats.budget_mb
     assert np.abs(as_array(result.images) - reference).max() <= 1, "streaming changes no pixel"
     assert stats.peak_vram_mb - baseline <= stats.budget_mb + stats.activation_mb
+    timeline = result.memory_timeline  # what the memory panel plots
+    sampled = [s.device_mb for s in timeline.samples]
+    assert all(mb is not None for mb in sampled) and 0 < max(sampled) <= stats.peak_vram_mb + 1
+    assert timeline.placements["denoiser"].streamed_mb > 0 and timeline.stream_seconds > 0
 
 
 @requires_cuda

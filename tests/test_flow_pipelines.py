@@ -219,7 +219,8 @@ def test_flow_models_refuse_samplers_and_schedules_they_lack(tmp_path, files):
 
 def test_ui_shows_the_fields_of_the_checkpoints_family(tmp_path, files):
     pytest.importorskip("gradio")  # the GPU machine has no UI packages
-    from webui.ui import fields_for_family, module_choices
+    from webui.ui.model_row import module_choices
+    from webui.ui.txt2img import fields_for_family
 
     engine = engine_for(tmp_path, files, "flux-aio.safetensors", "sd3-aio.safetensors")
     distilled, shift, clip_skip, cfg, width, _ = fields_for_family(engine, "flux-aio.safetensors")

@@ -203,7 +203,8 @@ def test_lora_list_in_the_api_and_the_ui_inserts_the_tag(tmp_path, sd1_file):
     from webui.api import register_api
     from webui.engine.synthetic import build_synthetic_model
     from webui.jobs import JobQueue
-    from webui.ui import add_network_tag, build_ui
+    from webui.ui import build_ui
+    from webui.ui.network_browser import add_network_tag, matching
 
     engine = with_extensions(make_engine(tmp_path, sd1_file))
     unet = build_synthetic_model("sd1", "tiny", seed=1).denoiser
@@ -220,10 +221,23 @@ def test_lora_list_in_the_api_and_the_ui_inserts_the_tag(tmp_path, sd1_file):
     assert [entry["name"] for entry in client.get("/sdapi/v1/loras").json()] == ["a", "styles/b", *BUILTIN]
 
     demo = build_ui(engine, JobQueue(engine))
-    box = next(c["props"] for c in demo.config["components"] if c["props"].get("elem_id") == "txt2img_lora_list")
-    assert [choice[1] for choice in box["choices"]] == ["a", *BUILTIN, "styles/b"]
-    assert add_network_tag("lora", "a cat", "styles/b") == ("a cat <lora:styles/b:1>", None)
-    assert add_network_tag("lora", "a cat <lora:a:1>", "a") == ("a cat <lora:a:1>", None), "added once"
+    assert any(c["props"].get("elem_id") == "txt2img_lora_cards" for c in demo.config["components"])
+    network = engine.hooks.networks["lora"][1]
+    assert network.names() == ["a", *BUILTIN, "styles/b"]
+    assert matching(network.names(), "DEMO") == BUILTIN and matching(network.names(), "s b") == ["styles/b"]
+    assert add_network_tag("lora", "a cat", "styles/b") == "a cat <lora:styles/b:1>"
+    assert add_network_tag("lora", "a cat <lora:a:1>", "a") == "a cat <lora:a:1>", "added once"
+
+    from PIL import Image
+
+    from webui.ui.network_browser import CARD_SIZE, card_image, placeholder_card
+
+    Image.new("RGB", (640, 320), (0, 200, 0)).save(lora_folder(engine) / "a.preview.png")
+    (lora_folder(engine) / "styles" / "b.png").write_text("not an image")
+    card = card_image(network, "a")
+    assert card.size == (CARD_SIZE, CARD_SIZE // 2) and card.getpixel((5, 5)) == (0, 200, 0), "a.preview.png, scaled"
+    assert card_image(network, "styles/b") == placeholder_card("styles/b"), "an unreadable preview: the named card"
+    assert card_image(network, "demo-outline").size == (128, 128), "the demo LoRAs come with their previews"
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])

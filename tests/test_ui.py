@@ -5,6 +5,7 @@ import socket
 import time
 from concurrent.futures import Future
 
+import gradio as gr
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
@@ -12,19 +13,14 @@ from PIL import Image
 
 from webui.cli import parse_args
 from webui.engine.engine import Engine
+from webui.engine.infotext import read_png_infotext
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest
 from webui.jobs import JobQueue
 from webui.settings import AppConfig
-from webui.ui import (
-    build_ui,
-    checkpoint_choices,
-    gpu_weights_mb,
-    progress_html,
-    set_gpu_weights,
-    total_memory_mb,
-    vae_choices,
-)
+from webui.ui import build_ui
+from webui.ui.generation import progress_html
+from webui.ui.model_row import checkpoint_choices, gpu_weights_mb, set_gpu_weights, total_memory_mb, vae_choices
 
 SMALL = {"prompt": "a red apple", "width": 64, "height": 64, "steps": 2}
 
@@ -53,7 +49,7 @@ def client(engine):
 
 def txt2img(client: Client, **fields) -> tuple[list[dict], str, str]:
     """Gallery, status HTML and infotext of one Generate."""
-    _preview, gallery, status, infotext = client.predict(**{**SMALL, **fields}, api_name="/txt2img")
+    _preview, gallery, status, infotext, *_plots = client.predict(**{**SMALL, **fields}, api_name="/txt2img")
     return gallery, status, infotext
 
 
@@ -65,6 +61,7 @@ def test_generates_an_image_with_its_infotext(client):
     for part in ("Steps: 2", "Sampler: DPM++ 2M", "Seed: 1234", "Size: 64x64", "Model: demo-shapes"):
         assert part in infotext
     assert "Done: 1 image(s)" in status and "seed 1234" in status
+    assert read_png_infotext(gallery[0]["image"]) == infotext, "the gallery's file (what Download gives) keeps it"
 
 
 def test_batches_give_one_image_each(client):
@@ -87,7 +84,7 @@ def test_unsupported_schedule_names_the_schedule_type(client):
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("width", 100000, "Width: Value 100000 is greater than maximum value 2048"),
+    ("width", 100000, "Width: Value 100000 is greater than maximum value 4096"),
     ("steps", 0, "Sampling steps: Value 0 is less than minimum value 1"),
 ])
 def test_out_of_range_fields_are_refused_by_name(client, field, value, message):
@@ -104,7 +101,7 @@ def test_interrupt_works_while_generating(client):
         assert time.monotonic() < deadline, "no progress was reported"
         time.sleep(0.1)
     client.predict(api_name="/interrupt")
-    _preview, gallery, status, _ = job.result(timeout=60)
+    _preview, gallery, status, *_ = job.result(timeout=60)
     assert "Interrupted" in status
     assert 1 <= len(gallery) < 100
 
@@ -118,7 +115,7 @@ def test_model_row_shows_the_demo_checkpoint_and_vae_choices(engine):
 
 def test_storage_and_swap_options_are_dropdowns_of_the_settings_choices(engine):
     from webui.settings import OPTION_CHOICES
-    from webui.ui import CHOICE_LABELS
+    from webui.ui.model_row import CHOICE_LABELS
 
     demo = build_ui(engine, JobQueue(engine))
     boxes = {c["props"].get("elem_id"): c["props"] for c in demo.config["components"]}
@@ -151,7 +148,7 @@ def test_progress_line_shows_percent_step_batch_and_eta():
 
 def test_xyz_tab_runs_a_plot_over_the_txt2img_form(client, engine):
     """The X/Y/Z tab's Generate: the grid first, then the cells, each the plain generation of its values."""
-    _preview, gallery, status, infotext = client.predict(
+    _preview, gallery, status, infotext, *_plots = client.predict(
         **SMALL, seed=11, sampler_name="Euler", x_type="Steps", x_values="1-2", y_type="Sampler",
         y_values_dropdown=["Euler", "DPM++ 2M"], api_name="/xyz_plot")
     assert "Done" in status and "X/Y/Z plot: X: Steps = 1, 2; Y: Sampler = Euler, DPM++ 2M" in infotext
@@ -162,13 +159,13 @@ def test_xyz_tab_runs_a_plot_over_the_txt2img_form(client, engine):
 
 
 def test_xyz_tab_names_a_bad_value(client):
-    _preview, gallery, status, _ = client.predict(**SMALL, x_type="Steps", x_values="two", api_name="/xyz_plot")
+    _preview, gallery, status, *_ = client.predict(**SMALL, x_type="Steps", x_values="two", api_name="/xyz_plot")
     assert "X values (x_values)" in status and "two" in status
 
 
 def test_axis_with_choices_is_picked_from_a_list(engine):
     from webui.extensions import plot_axes
-    from webui.ui import axis_inputs
+    from webui.ui.xyz_tab import axis_inputs
 
     axes = plot_axes(engine)
     text, picked, fill = axis_inputs(engine, axes, "Checkpoint name")
@@ -182,7 +179,7 @@ def test_png_info_reads_a_generated_image_and_sends_it_to_txt2img(client, engine
     import gradio as gr
     from gradio_client import handle_file
 
-    from webui.ui import form_updates, png_parameters
+    from webui.ui.png_info import form_updates, png_parameters
 
     saved = engine.txt2img(GenerationRequest(prompt="a red apple", negative_prompt="blurry", steps=3, width=64,
                                              height=64, seed=4321, save_images=True))
@@ -198,3 +195,48 @@ def test_png_info_reads_a_generated_image_and_sends_it_to_txt2img(client, engine
     assert {k: u.get("value") for k, u in updates.items()} == {
         "prompt": "a red apple", "negative_prompt": "blurry", "steps": 3, "width": 64, "height": 64, "seed": 4321,
         "n_iter": None}, "the batch count is not in the infotext: left alone"
+
+
+def test_settings_tab_applies_all_or_nothing_and_keeps_it(engine):
+    from webui.settings import OPTION_SECTIONS, Options
+    from webui.ui.settings_tab import apply_settings
+
+    demo = build_ui(engine, JobQueue(engine))
+    boxes = {c["props"].get("elem_id"): c["props"] for c in demo.config["components"]}
+    for labels in OPTION_SECTIONS.values():
+        for key, label in labels.items():
+            assert boxes[key]["label"] == label and boxes[key]["value"] == engine.options[key]
+    values = {key: engine.options[key] for labels in OPTION_SECTIONS.values() for key in labels}
+    message, *shown = apply_settings(engine, {**values, "max_steps": 200, "samples_save": False})
+    assert "2 setting(s) changed: samples_save, max_steps" in message
+    assert Options(engine.options.path)["max_steps"] == 200, "saved in config.json"
+    assert shown[list(values).index("max_steps")] == 200
+    message, *shown = apply_settings(engine, {**values, "max_steps": 0, "max_batch_size": 4})
+    assert "Most sampling steps: must be between 1 and 1000, got 0. Nothing was changed." in message
+    assert engine.options["max_steps"] == 200 and engine.options["max_batch_size"] == 8, "all or nothing"
+    assert all(update == gr.skip() for update in shown), "the inputs keep what was typed, to be corrected"
+    engine.options.update({"max_steps": 150, "samples_save": True})
+
+
+def test_the_step_slider_follows_the_steps_limit(engine):
+    engine.options.update({"max_steps": 300})
+    try:
+        demo = build_ui(engine, JobQueue(engine))
+        steps = next(c["props"] for c in demo.config["components"] if c["props"].get("elem_id") == "txt2img_steps")
+        assert steps["maximum"] == 300
+        assert engine.txt2img(GenerationRequest(prompt="a", width=64, height=64, steps=200)).images
+    finally:
+        engine.options.update({"max_steps": 150})
+
+
+def test_live_preview_period_keeps_latents_every_n_steps():
+    import torch
+
+    from webui.engine.detect import Family
+
+    progress = Progress(preview_every=3)
+    progress.begin("txt2img", job_count=1, steps=9)
+    latents = [torch.full((1, 4, 2, 2), float(i)) for i in range(10)]
+    for step in range(1, 5):
+        progress.step(step, latents[step], Family.SD1)
+    assert progress.sampling_step == 4 and progress._latents is latents[3], "the preview of step 3 until step 6"

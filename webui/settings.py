@@ -68,6 +68,42 @@ OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "t5_storage_dtype": ("Automatic", "float8-e4m3fn", "float8-e5m2", "bnb-int8"),
     "samples_format": ("png",),
 }
+OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "sd_checkpoints_limit": (0, 16),
+    "CLIP_stop_at_last_layers": (1, 12),
+    "forge_inference_memory": (0, 1 << 20),
+    "sd3_shift": (0.1, 20.0),
+    "show_progress_every_n_steps": (1, 1000),
+    "max_image_side": (64, 16384),
+    "max_steps": (1, 1000),
+    "max_batch_size": (1, 64),
+    "max_batch_count": (1, 1000),
+}
+
+# The Settings tab, by section: each option with its label. The others are on the model row and the txt2img tab.
+OPTION_SECTIONS: dict[str, dict[str, str]] = {
+    "Saving images": {
+        "samples_save": "Always save all generated images",
+        "samples_format": "File format for images",
+        "outdir_txt2img_samples": "Output folder for txt2img images (empty: outputs/txt2img-images)",
+        "grid_save": "Always save all generated image grids",
+        "outdir_txt2img_grids": "Output folder for txt2img grids (empty: outputs/txt2img-grids)",
+    },
+    "Live previews": {
+        "live_previews_enable": "Show live previews of the created image",
+        "show_progress_every_n_steps": "Live preview display period (in sampling steps)",
+    },
+    "Models and memory": {
+        "sd_checkpoints_limit": "Checkpoints to keep in memory (0: as many as fit, up to 3, in half of the RAM)",
+        "sd3_enable_t5": "Use the T5 text encoder of SD3.x checkpoints",
+    },
+    "Limits (the API's too)": {
+        "max_image_side": "Largest width or height (pixels)",
+        "max_steps": "Most sampling steps",
+        "max_batch_size": "Largest batch size",
+        "max_batch_count": "Largest batch count",
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -267,6 +303,9 @@ class Options:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise UserError(f"must be a list of names, got {value!r}", field=key)
             value = list(value)
+        low, high = OPTION_RANGES.get(key, (value, value))
+        if isinstance(value, (int, float)) and not low <= value <= high:
+            raise UserError(f"must be between {low} and {high}, got {value}", field=key)
         choices = self._choices.get(key)
         if choices is not None and not all(v in choices for v in (value if isinstance(value, list) else [value])):
             raise UserError(f"must be one of {', '.join(choices)}, got {value!r}", field=key)

@@ -120,8 +120,10 @@ class Engine:
         request.validate(self.options.as_dict())
         info = self.checkpoint(request.checkpoint)
         sampler, schedule = resolve(request.sampler_name, request.scheduler)
-        with self._generate_lock:
+        with self._generate_lock, self.memory.tracing() as trace:
             self.progress.reset()
+            self.progress.preview_every = self.options["show_progress_every_n_steps"]
+            trace.begin_phase("loading")
             model = self._model(info, request.vae, request.modules)
             prompt, calls = extract_networks(request.prompt)
             negative, negative_calls = extract_networks(request.negative_prompt)
@@ -140,6 +142,7 @@ class Engine:
                 extra_params=extra_params,
             )
             result = txt2img(model, self.memory, self.memory_policy(), job, self.progress, self._saver(), self.hooks)
+        result.memory_timeline = trace.timeline()
         self.hooks.fire("after_generation", request=request, result=result)
         log.info("txt2img: %d image(s) %dx%d, %d steps, %s, seed %d, %.2f s on %s with %s [%s]%s",
                  len(result.images), request.width, request.height, request.steps, result.sampler_name,

@@ -95,6 +95,7 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
                                      memory, req)
             for image, seed in zip(images, seeds):
                 infotext = infotext_for(model, job, seed)
+                image.info["parameters"] = infotext  # kept by whatever writes it as PNG (A1111 does the same)
                 result.images.append(image)
                 result.seeds.append(seed)
                 result.prompts.append(req.prompt)

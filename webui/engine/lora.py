@@ -233,6 +233,9 @@ class LoraNetwork:
     def refresh(self) -> None:
         self.library.refresh()
 
+    def path(self, name: str) -> Path:
+        return self.library.find(name)
+
     def activate(self, model: LoadedModel, calls: list[NetworkCall]) -> dict[str, str]:
         uses = tuple(parse_call(call, self.library.find) for call in calls)
         if self._model is not None and self._model() is model and uses == self._applied:

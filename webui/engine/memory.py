@@ -27,12 +27,15 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
 from webui.engine import host_pages
+from webui.engine.memory_trace import PHASE_OF_COMPONENT, MemoryTrace
 from webui.engine.pinned import pinned_copies
 from webui.engine.stream import IN_FLIGHT, CopyStats, Streamer, Unit, param_bytes, split_units
 
@@ -234,6 +237,7 @@ class MemoryManager:
         self.last = GenerationStats()
         self._copies = CopyStats()
         self.phase = "nothing yet"  # the components the last prepare() placed, for messages
+        self.trace: MemoryTrace | None = None
 
     # ---- registration -----------------------------------------------------------------
 
@@ -261,6 +265,21 @@ class MemoryManager:
 
     # ---- one generation ---------------------------------------------------------------
 
+    @contextmanager
+    def tracing(self) -> Iterator[MemoryTrace]:
+        """Record memory over time for the block (the UI's memory panel). A block inside another (a plot's
+        cells) adds to the outer recording."""
+        if self.trace is not None:
+            yield self.trace
+            return
+        self.trace = MemoryTrace(self.device, self.resident_bytes())
+        self.trace.start()
+        try:
+            yield self.trace
+        finally:
+            self.trace.stop()
+            self.trace = None
+
     def begin(self, policy: MemoryPolicy, activation: int) -> None:
         self.policy = policy
         self.activation = activation
@@ -275,7 +294,12 @@ class MemoryManager:
         self.phase = ", ".join(names)
         needed = [self.components[n] for n in names]
         needed += [c for c in self.components.values() if c.companion_of in names]
+        if self.trace is not None:
+            self.trace.begin_phase(PHASE_OF_COMPONENT.get(names[0], "text encoding") if names else "other")
         self._arrange(needed, activation)
+        if self.trace is not None:
+            for c in needed:
+                self.trace.placed(c.name, c.device_bytes(), c.streamed_bytes())
         self.stats.resident_mb = max(self.stats.resident_mb, self.resident_bytes() / MB)
         self.stats.streamed_mb = max(self.stats.streamed_mb, sum(c.streamed_bytes() for c in needed) / MB)
 
@@ -345,6 +369,8 @@ class MemoryManager:
         self._copies.collect()
         self.stats.moved_mb += self._copies.bytes / MB
         self.stats.move_seconds += self._copies.seconds
+        if self.trace is not None:
+            self.trace.streamed(self._copies.seconds, self._copies.bytes)
         if self.device.type == "cuda":
             self.stats.peak_vram_mb = torch.cuda.max_memory_allocated(self.device) / MB
         self.last = self.stats
@@ -396,8 +422,11 @@ class MemoryManager:
         if moved:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - start
             self.stats.moved_mb += moved / MB
-            self.stats.move_seconds += time.perf_counter() - start
+            self.stats.move_seconds += seconds
+            if self.trace is not None:
+                self.trace.moved(start, seconds, moved, self.resident_bytes())
         if stream and rest:
             component.streamer = Streamer(rest, self.device, self.policy.async_copies, self._copies)
 

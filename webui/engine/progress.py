@@ -53,6 +53,7 @@ class Progress:
     skipped: bool = False
     cell_no: int = 0  # the X/Y/Z plot cells done, and how many it has (0: no plot running)
     cell_count: int = 0
+    preview_every: int = 1  # keep the latents for a preview every this many steps ("Live preview display period")
     _latents: torch.Tensor | None = None
     _family: Family = Family.SD1
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -85,7 +86,9 @@ class Progress:
             self.job, self._latents = "", None
 
     def step(self, step: int, latents: torch.Tensor, family: Family) -> None:
-        self.sampling_step, self._latents, self._family = step, latents, family
+        self.sampling_step, self._family = step, family
+        if step % max(self.preview_every, 1) == 0:
+            self._latents = latents
 
     def next_batch(self, job_no: int) -> None:
         self.job_no, self.sampling_step, self.skipped = job_no, 0, False

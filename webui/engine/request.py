@@ -9,6 +9,7 @@ from typing import Any
 from PIL import Image
 
 from webui.engine.memory import GenerationStats
+from webui.engine.memory_trace import MemoryTimeline
 from webui.errors import UserError
 
 MAX_SEED = 2**32 - 1
@@ -111,6 +112,7 @@ class GenerationResult:
     interrupted: bool = False
     seconds: float = 0.0
     memory: GenerationStats | None = None
+    memory_timeline: MemoryTimeline | None = None  # memory over time, from loading to the last image (a plot's: all)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase: encode, denoise, decode
 
     @property

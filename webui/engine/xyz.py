@@ -22,6 +22,7 @@ from webui.engine.axis_values import format_value, parse_values
 from webui.engine.generate import resolve_seed
 from webui.engine.grid import combine_grids, draw_grid
 from webui.engine.memory import MB
+from webui.engine.memory_trace import MemoryTimeline
 from webui.engine.outputs import save_image
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.samplers import resolve, sampler_names, schedule_type_names
@@ -156,6 +157,7 @@ class PlotResult:
     cells: list[GenerationResult | None]
     interrupted: bool
     options: PlotOptions
+    memory_timeline: MemoryTimeline | None = None  # the whole plot's: every cell, every model switch
 
     def as_result(self) -> GenerationResult:
         """The plot in the shape of one generation's result, as A1111 answers it: the grid, then (as the options
@@ -174,7 +176,7 @@ class PlotResult:
             seeds=[cell.seed for _, _, cell in parts], prompts=[cell.prompts[0] for _, _, cell in parts],
             negative_prompts=[cell.negative_prompts[0] for _, _, cell in parts],
             paths=[self.grid_path] if self.grid_path else [], interrupted=self.interrupted,
-            seconds=sum(cell.seconds for cell in made))
+            seconds=sum(cell.seconds for cell in made), memory_timeline=self.memory_timeline)
 
 
 def find_axis(axes: list[Axis], wanted: str, field: str = "x_type") -> Axis:
@@ -228,17 +230,20 @@ def run_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice],
     progress = engine.progress
     progress.begin_plot(len(planned))
     try:
-        for index, cell in planned:
-            with engine.options.overridden(cell.options):
-                result = engine.txt2img(cell.request)
-            cells[index] = result
-            progress.next_cell()
-            if result.interrupted or progress.interrupted:
-                break
+        with engine.memory.tracing() as trace:
+            for index, cell in planned:
+                with engine.options.overridden(cell.options):
+                    result = engine.txt2img(cell.request)
+                cells[index] = result
+                progress.next_cell()
+                if result.interrupted or progress.interrupted:
+                    break
     finally:
         interrupted = progress.interrupted
         progress.end_plot()
-    return _finish(engine, base, plan, shape, cells, interrupted, options, save_grid)
+    plot = _finish(engine, base, plan, shape, cells, interrupted, options, save_grid)
+    plot.memory_timeline = trace.timeline()
+    return plot
 
 
 def _parse(axis: Axis, text: str, name: str) -> tuple[Axis, list]:
@@ -292,6 +297,8 @@ def _finish(engine: Engine, base: GenerationRequest, plan: list[tuple[Axis, list
     summary = "; ".join(f"{name}: {axis.label} = {', '.join(format_value(v) for v in values)}"
                         for name, (axis, values) in zip("XYZ", plan) if axis.label != "Nothing")
     infotext = (first.infotexts[0] + "\n" if first else "") + f"X/Y/Z plot: {summary}"
+    for image in (grid, *grids):
+        image.info["parameters"] = infotext
     save = engine.options["grid_save"] if save_grid is None else save_grid
     path = None
     if save and first is not None:

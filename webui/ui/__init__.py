@@ -1,0 +1,37 @@
+"""The Gradio web UI.
+
+It holds no engine logic: its controls read and write the settings store, its forms become GenerationRequests
+(``txt2img.request_from_form``) submitted through the job queue, the same path the API takes. One module per part of
+the page: the model row, the txt2img tab (with the LoRA browser and the output column and its memory panel), the
+X/Y/Z plot, PNG Info, Settings and the extensions' tabs.
+"""
+from __future__ import annotations
+
+import gradio as gr
+
+from webui.engine.engine import Engine
+from webui.jobs import JobQueue
+from webui.ui.extensions_tab import extension_tabs, extensions_tab
+from webui.ui.model_row import model_row
+from webui.ui.png_info import png_info_tab
+from webui.ui.settings_tab import settings_tab
+from webui.ui.txt2img import CTRL_ENTER_JS, txt2img_tab
+from webui.ui.xyz_tab import xyz_tab
+
+
+def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
+    with gr.Blocks(title="Stable Diffusion web UI", analytics_enabled=False) as demo:
+        checkpoint = model_row(demo, engine)
+        with gr.Tabs() as tabs:
+            with gr.Tab("txt2img", id="txt2img"):
+                form = txt2img_tab(demo, engine, jobs, checkpoint)
+            with gr.Tab("X/Y/Z plot", id="xyz"):
+                xyz_tab(engine, jobs, form)
+            with gr.Tab("PNG Info", id="png_info"):
+                png_info_tab(form, tabs)
+            extension_tabs(engine)
+            with gr.Tab("Settings", id="settings"):
+                settings_tab(demo, engine)
+            extensions_tab(demo, engine)
+        demo.load(None, js=CTRL_ENTER_JS)
+    return demo

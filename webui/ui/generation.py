@@ -1,0 +1,122 @@
+"""A Generate button's side of the page: the job submitted through the queue, progress with ETA and a live preview
+while it runs, then the gallery, the infotext, the status line and the memory panel."""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, wait
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from webui.engine.engine import Engine
+from webui.engine.progress import Progress
+from webui.engine.request import GenerationResult
+from webui.engine.xyz import PlotResult
+from webui.errors import UserError
+from webui.ui.common import Components, duration, error_html, field_label, status_html
+from webui.ui.memory_panel import memory_panel, panel_values
+
+POLL_SECONDS = 0.3
+
+
+def output_column(prefix: str) -> Components:
+    """A Generate handler's outputs, by name (elem_ids ``{prefix}_gallery`` ...)."""
+    out = {
+        "preview": gr.Image(label="Preview", type="pil", visible=False, interactive=False, height=320,
+                            elem_id=f"{prefix}_preview"),
+        "gallery": gr.Gallery(label="Output", format="png", columns=4, height=480, elem_id=f"{prefix}_gallery"),
+        "status": gr.HTML(label="Status", elem_id=f"{prefix}_status"),
+        "infotext": gr.Textbox(label="Generation parameters", lines=4, interactive=False,
+                               elem_id=f"{prefix}_infotext"),
+    }
+    out.update((f"memory_{name}", plot) for name, plot in memory_panel(prefix).items())
+    out["infotexts"], out["last_seed"] = gr.State([]), gr.State(-1)
+    out["gallery"].select(selected_infotext, inputs=out["infotexts"], outputs=out["infotext"], queue=False,
+                          api_visibility="private")
+    return out
+
+
+def selected_infotext(texts: list[str], evt: gr.SelectData) -> str:
+    return texts[evt.index] if 0 <= evt.index < len(texts) else ""
+
+
+def generator(engine: Engine, inputs: Components, out: Components, submit: Callable[[tuple], Future]):
+    """A Generate handler: submit the values of ``inputs`` (request fields, then any others), report progress and
+    previews until done, then the images. The job's result is a GenerationResult, or a PlotResult shown as one."""
+    labels = {name: box.label for name, box in inputs.items()}
+
+    def run(*values: Any) -> Iterator[dict]:
+        yield {out["gallery"]: [], out["infotext"]: "", out["status"]: status_html("Starting…")}
+        future = submit(values)
+        while not wait([future], timeout=POLL_SECONDS).done:
+            yield {out["status"]: progress_html(engine.progress, future), out["preview"]: live_preview(engine, future)}
+        yield finished(future, labels, out)
+
+    # Name the parameters after the inputs: API clients call the endpoint with these keywords.
+    run.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=box.value)
+         for name, box in inputs.items()])
+    return run
+
+
+def live_preview(engine: Engine, future: Future) -> dict:
+    """This job's live preview at output size (its latents are 8x smaller); unchanged while there is none."""
+    running = future.running() and engine.options["live_previews_enable"]
+    image = engine.progress.preview() if running else None
+    if image is None:
+        return gr.skip()
+    return gr.update(value=image.resize((image.width * 8, image.height * 8), Image.Resampling.BILINEAR),
+                     visible=True)
+
+
+def finished(future: Future, labels: dict[str, str], out: Components) -> dict:
+    hidden_preview = gr.update(value=None, visible=False)
+    try:
+        result: GenerationResult | PlotResult = future.result()
+        if isinstance(result, PlotResult):
+            result = result.as_result()
+    except UserError as e:
+        message = f"{field_label(e.field, labels)}: {e.message}" if e.field else e.message
+        gr.Warning(message)
+        return {out["status"]: error_html(message), out["preview"]: hidden_preview}
+    except Exception as e:  # the queue survived it; show it and stay usable
+        return {out["status"]: error_html(f"Generation failed: {type(e).__name__}: {e}"),
+                out["preview"]: hidden_preview}
+    plots = [out[f"memory_{name}"] for name in ("timeline", "weights", "time")]
+    return {
+        out["gallery"]: result.images,
+        out["infotext"]: result.infotexts[0] if result.infotexts else "",
+        out["infotexts"]: result.infotexts,
+        out["last_seed"]: result.seed,
+        out["status"]: status_html(done_text(result)),
+        out["preview"]: hidden_preview,
+        **dict(zip(plots, panel_values(result.memory_timeline))),
+    }
+
+
+def progress_html(progress: Progress, future: Future) -> str:
+    """The progress line of a submitted job: queued, loading, or percent, step, batch and ETA."""
+    if not future.running():
+        return status_html("Waiting in the queue…")
+    if not progress.active:
+        return status_html("Loading the model…")
+    percent = progress.fraction * 100
+    text = f"{percent:.0f}% · step {progress.sampling_step}/{progress.sampling_steps}"
+    if progress.job_count > 1:
+        text += f" · batch {progress.job_no + 1}/{progress.job_count}"
+    if progress.cell_count:
+        text += f" · cell {min(progress.cell_no + 1, progress.cell_count)}/{progress.cell_count}"
+    if percent > 0:
+        text += f" · ETA {duration(progress.eta_seconds)}"
+    bar = (f'<div style="height:6px;background:var(--neutral-200,#ddd);border-radius:3px;margin-top:4px">'
+           f'<div style="width:{percent:.1f}%;height:100%;background:var(--color-accent,#f97316);'
+           f'border-radius:3px"></div></div>')
+    return status_html(text) + bar
+
+
+def done_text(result: GenerationResult) -> str:
+    what = "Interrupted" if result.interrupted else "Done"
+    text = f"{what}: {len(result.images)} image(s) in {duration(result.seconds)}, seed {result.seed}."
+    return f"{text} {result.memory.line()}" if result.memory else text

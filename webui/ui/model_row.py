@@ -1,0 +1,117 @@
+"""The row above the tabs: checkpoint, VAE, Forge's "VAE / Text Encoder" modules, GPU Weights, and Forge's storage
+and swap options. Each control writes the settings store at once; the next generation uses it."""
+from __future__ import annotations
+
+from functools import partial
+
+import gradio as gr
+
+from webui.engine.assemble import checkpoint_family
+from webui.engine.detect import Family
+from webui.engine.engine import Engine
+from webui.engine.memory import MB
+from webui.errors import ModelFileError, UserError
+from webui.settings import OPTION_CHOICES
+from webui.ui.common import OPTION_LABELS, set_option
+
+VAE_BUILTIN = ["Automatic", "None"]
+# Forge's storage and swap options, as dropdowns under the model row (choices from the settings store).
+CHOICE_LABELS = {"forge_unet_storage_dtype": "Diffusion in Low Bits", "t5_storage_dtype": "T5 storage",
+                 "forge_async_loading": "Swap Method", "forge_pin_shared_memory": "Swap Location"}
+
+
+def checkpoint_choices(engine: Engine) -> tuple[list[str], str | None]:
+    """All checkpoint titles, and the one loaded now (else the one the settings select)."""
+    models = engine.models
+    titles = [models.title(info) for info in models.checkpoints()]
+    if models.current is not None:
+        return titles, models.title(models.current.info)
+    try:
+        return titles, models.title(models.default_checkpoint(engine.options["sd_model_checkpoint"]))
+    except UserError:
+        return titles, None
+
+
+def vae_choices(engine: Engine) -> tuple[list[str], str]:
+    names = VAE_BUILTIN + [engine.models.vae_name(path) for path in engine.models.vaes()]
+    selected = engine.options["sd_vae"]
+    return names, selected if selected in names else "Automatic"
+
+
+def total_memory_mb(engine: Engine) -> tuple[int, str]:
+    """Total memory the GPU-weights budget is taken from (the memory manager's view), and what it is."""
+    memory = engine.memory.memory
+    return memory.total() // MB, memory.describe()
+
+
+def module_choices(engine: Engine) -> tuple[list[str], list[str]]:
+    """Forge's "VAE / Text Encoder" list (files of models/VAE and models/text_encoder) and those chosen."""
+    names = [engine.models.module_name(path) for path in engine.models.module_files()]
+    return names, [n for n in engine.options["forge_additional_modules"] if n in names]
+
+
+def family_of(engine: Engine, title: str | None) -> Family | None:
+    """The checkpoint's family, read from its header (not loaded); None where that does not tell."""
+    try:
+        return checkpoint_family(engine.models.find(title)) if title else None
+    except (UserError, ModelFileError):
+        return None
+
+
+def model_row(demo: gr.Blocks, engine: Engine) -> gr.Dropdown:
+    """The row; returns the checkpoint dropdown (the txt2img tab shows the fields of its family)."""
+    total_mb, memory_kind = total_memory_mb(engine)
+    titles, title = checkpoint_choices(engine)
+    vaes, vae = vae_choices(engine)
+    modules, chosen = module_choices(engine)
+    with gr.Row(equal_height=True):
+        checkpoint = gr.Dropdown(titles, value=title, label=OPTION_LABELS["sd_model_checkpoint"], scale=4,
+                                 elem_id="sd_model_checkpoint")
+        refresh = gr.Button("🔄", scale=0, min_width=48, elem_id="refresh_checkpoints")
+        vae_box = gr.Dropdown(vaes, value=vae, label=OPTION_LABELS["sd_vae"], scale=2, elem_id="sd_vae")
+        modules_box = gr.Dropdown(modules, value=chosen, multiselect=True, scale=3, elem_id="forge_additional_modules",
+                                  label=OPTION_LABELS["forge_additional_modules"])
+        gpu_weights = gr.Slider(
+            0, total_mb, step=1, precision=0, scale=3, elem_id="gpu_weights",
+            value=gpu_weights_mb(engine, total_mb), label="GPU Weights (MB)",
+            info=f"Out of {total_mb} MB of {memory_kind}; the rest stays free for computation.",
+        )
+
+    with gr.Row(equal_height=True):
+        choices = {key: gr.Dropdown(list(OPTION_CHOICES[key]), value=engine.options[key], label=label, elem_id=key)
+                   for key, label in CHOICE_LABELS.items()}
+
+    def model_lists() -> tuple[dict, dict, dict]:
+        titles, title = checkpoint_choices(engine)
+        vaes, vae = vae_choices(engine)
+        modules, chosen = module_choices(engine)
+        return (gr.update(choices=titles, value=title), gr.update(choices=vaes, value=vae),
+                gr.update(choices=modules, value=chosen))
+
+    def refreshed() -> tuple[dict, dict, dict]:
+        engine.models.refresh()
+        return model_lists()
+
+    def on_load() -> tuple:
+        """Show the settings as they are now: another tab or the API may have changed them."""
+        return *model_lists(), gpu_weights_mb(engine, total_mb), *(engine.options[key] for key in choices)
+
+    lists = [checkpoint, vae_box, modules_box]
+    demo.load(on_load, outputs=[*lists, gpu_weights, *choices.values()], api_visibility="private")
+    for key, box in choices.items():
+        box.input(partial(set_option, engine, key), box, api_visibility="private")
+    refresh.click(refreshed, outputs=lists, api_visibility="private")
+    checkpoint.input(partial(set_option, engine, "sd_model_checkpoint"), checkpoint, api_visibility="private")
+    vae_box.input(partial(set_option, engine, "sd_vae"), vae_box, api_visibility="private")
+    modules_box.input(partial(set_option, engine, "forge_additional_modules"), modules_box, api_visibility="private")
+    gpu_weights.input(partial(set_gpu_weights, engine, total_mb), gpu_weights, api_visibility="private")
+    return checkpoint
+
+
+def gpu_weights_mb(engine: Engine, total_mb: int) -> int:
+    """Forge's GPU Weights: the memory left for weights once the inference reserve is taken."""
+    return min(max(total_mb - engine.options["forge_inference_memory"], 0), total_mb)
+
+
+def set_gpu_weights(engine: Engine, total_mb: int, weights_mb: float) -> None:
+    set_option(engine, "forge_inference_memory", total_mb - int(weights_mb))

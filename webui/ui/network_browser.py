@@ -1,0 +1,102 @@
+"""A browser per prompt network that lists its files (LoRA): cards with the file's preview image, a search box, and
+a click that adds ``<kind:name:1>`` to the prompt, as A1111's extra networks do."""
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image, ImageDraw, ImageFont
+
+from webui.engine.engine import Engine
+
+PREVIEW_SUFFIXES = (".preview.png", ".png", ".preview.jpg", ".jpg", ".jpeg", ".webp")  # A1111's names for a card
+CARD_SIZE = 192
+
+
+def network_browsers(demo: gr.Blocks, engine: Engine, prompt: gr.Textbox) -> None:
+    for kind, network in browsable_networks(engine).items():
+        with gr.Accordion(f"{kind.title()} — click a card to add <{kind}:name:1> to the prompt", open=True,
+                          elem_id=f"txt2img_{kind}_browser"):
+            with gr.Row(equal_height=True):
+                search = gr.Textbox(placeholder="Search by name", show_label=False, scale=6,
+                                    elem_id=f"txt2img_{kind}_search")
+                refresh = gr.Button("🔄", scale=0, min_width=48, elem_id=f"txt2img_{kind}_refresh")
+            cards = gr.Gallery(show_label=False, columns=6, fit_columns=False, height=260, allow_preview=False,
+                               object_fit="cover", elem_id=f"txt2img_{kind}_cards")
+            shown = gr.State([])  # the names of the cards, in gallery order
+
+        def listed(query: str, network: Any = network, refresh: bool = False) -> tuple[list, list[str]]:
+            if refresh:
+                network.refresh()
+            names = matching(network.names(), query)
+            return [(card_image(network, name), name) for name in names], names
+
+        def picked(prompt_text: str, names: list[str], evt: gr.SelectData, kind: str = kind) -> str:
+            return add_network_tag(kind, prompt_text, names[evt.index] if 0 <= evt.index < len(names) else None)
+
+        search.change(listed, search, [cards, shown], api_visibility="private")
+        refresh.click(lambda query, listed=listed: listed(query, refresh=True), search, [cards, shown],
+                      api_visibility="private")
+        demo.load(listed, search, [cards, shown], api_visibility="private")
+        cards.select(picked, [prompt, shown], prompt, api_visibility="private")
+
+
+def browsable_networks(engine: Engine) -> dict[str, Any]:
+    """The prompt networks that can name their files."""
+    return {kind: network for kind, (_owner, network) in engine.hooks.networks.items() if hasattr(network, "names")}
+
+
+def matching(names: list[str], query: str) -> list[str]:
+    """The names holding every word of the query, in any case."""
+    words = query.lower().split()
+    return [name for name in names if all(word in name.lower() for word in words)]
+
+
+def add_network_tag(kind: str, prompt: str, name: str | None) -> str:
+    """The prompt with ``<kind:name:1>`` added (once)."""
+    if not name:
+        return prompt
+    tag = f"<{kind}:{name}:1>"
+    return prompt if tag in prompt else f"{prompt.rstrip()} {tag}".lstrip()
+
+
+def card_image(network: Any, name: str) -> Image.Image:
+    """The file's preview (``name.preview.png`` or ``name.png`` … beside it), else a card drawn with its name."""
+    path = network.path(name) if hasattr(network, "path") else None
+    preview = find_preview(path) if path is not None else None
+    if preview is None:
+        return placeholder_card(name)
+    try:
+        return preview_card(preview, preview.stat().st_mtime)
+    except OSError:  # unreadable or not an image: the card says the name instead
+        return placeholder_card(name)
+
+
+@lru_cache(maxsize=512)
+def preview_card(path: Path, mtime: float) -> Image.Image:
+    """The preview at card size (cached while the file stays the same)."""
+    with Image.open(path) as image:
+        image.thumbnail((CARD_SIZE, CARD_SIZE))
+        return image.convert("RGB")
+
+
+def find_preview(path: Path) -> Path | None:
+    stem = path.with_suffix("")
+    return next((p for p in (stem.with_name(stem.name + s) for s in PREVIEW_SUFFIXES) if p.is_file()), None)
+
+
+@lru_cache(maxsize=512)
+def placeholder_card(name: str) -> Image.Image:
+    """A card in a colour of the name's own, with the file's name (without folders) across it."""
+    hue = hashlib.sha256(name.encode()).digest()
+    card = Image.new("RGB", (CARD_SIZE, CARD_SIZE), (60 + hue[0] % 120, 60 + hue[1] % 120, 60 + hue[2] % 120))
+    font = ImageFont.load_default(size=22)
+    words = Path(name).name
+    lines = [words[i:i + 12] for i in range(0, len(words), 12)][:5]
+    draw = ImageDraw.Draw(card)
+    for row, line in enumerate(lines):
+        draw.text((CARD_SIZE / 2, 40 + 28 * row), line, fill=(255, 255, 255), font=font, anchor="mt")
+    return card

@@ -1,0 +1,141 @@
+"""The txt2img tab: the form (every field of a GenerationRequest), the LoRA browser, and the output column.
+
+``request_from_form`` is the one place that turns the form into a request; the X/Y/Z tab builds its base request
+with it too.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import gradio as gr
+
+from webui.engine.detect import Family
+from webui.engine.engine import Engine
+from webui.engine.files import declared_resolution
+from webui.engine.flow import FLOW_FAMILIES
+from webui.engine.request import GenerationRequest
+from webui.engine.samplers import sampler_names, schedule_type_names
+from webui.errors import UserError
+from webui.jobs import JobQueue
+from webui.ui.common import OPTION_LABELS, Components, FieldSlider, set_option
+from webui.ui.generation import generator, output_column
+from webui.ui.model_row import family_of
+from webui.ui.network_browser import network_browsers
+
+# Ctrl+Enter (Cmd+Enter on macOS) in either prompt box presses Generate, as in A1111.
+CTRL_ENTER_JS = """
+() => {
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" || !(event.ctrlKey || event.metaKey)) return;
+    if (!event.target.closest("#txt2img_prompt, #txt2img_neg_prompt")) return;
+    event.preventDefault();
+    document.getElementById("txt2img_generate")?.click();
+  });
+}
+"""
+# Form sliders whose maximum is an option of the Settings tab's "Limits".
+SLIDER_LIMITS = {"steps": "max_steps", "width": "max_image_side", "height": "max_image_side",
+                 "batch_size": "max_batch_size", "n_iter": "max_batch_count"}
+
+
+def request_from_form(form: Components, values: tuple) -> GenerationRequest:
+    """The one mapping from UI fields to a request: the form's keys are GenerationRequest fields."""
+    return GenerationRequest(**dict(zip(form, values)))
+
+
+def txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown) -> Components:
+    """The txt2img tab; its form (request field → input), which the X/Y/Z plot tab takes its base request from."""
+    form: Components = {}
+    generate, interrupt, skip = _prompt_row(form)
+    with gr.Row():
+        with gr.Column(scale=1):
+            random_seed, reuse_seed, shift = _settings_column(form, engine)
+            network_browsers(demo, engine, form["prompt"])
+        with gr.Column(scale=1):
+            out = output_column("txt2img")
+    run = generator(engine, form, out, lambda values: jobs.submit(request_from_form(form, values)))
+    generate.click(run, inputs=list(form.values()), outputs=list(out.values()), api_name="txt2img",
+                   show_progress="hidden", concurrency_limit=None)
+    interrupt.click(jobs.interrupt, queue=False, api_name="interrupt")
+    skip.click(jobs.skip, queue=False, api_name="skip")
+    random_seed.click(lambda: -1, outputs=form["seed"], queue=False, api_visibility="private")
+    reuse_seed.click(lambda seed: seed, inputs=out["last_seed"], outputs=form["seed"], queue=False,
+                     api_visibility="private")
+    limited = [form[name] for name in SLIDER_LIMITS]
+    demo.load(lambda: [engine.options["CLIP_stop_at_last_layers"],
+                       *(gr.update(maximum=engine.options[key]) for key in SLIDER_LIMITS.values())],
+              outputs=[form["clip_skip"], *limited], api_visibility="private")
+    shift.input(partial(set_option, engine, "sd3_shift"), shift, api_visibility="private")
+    family_fields = [form["distilled_cfg_scale"], shift, form["clip_skip"], form["cfg_scale"], form["width"],
+                     form["height"]]
+    checkpoint.change(partial(fields_for_family, engine), checkpoint, family_fields, api_visibility="private")
+    demo.load(lambda title: fields_for_family(engine, title, switched=False), checkpoint, family_fields,
+              api_visibility="private")
+    return form
+
+
+def fields_for_family(engine: Engine, title: str | None, switched: bool = True) -> tuple[dict, ...]:
+    """Show the fields the checkpoint's family uses: Distilled CFG for Flux dev, Shift for SD3.x, Clip skip for
+    the SD families. Picking a Flux checkpoint sets CFG to 1, as Forge's Flux preset does. A checkpoint that says
+    its resolution (the demo model's 128x128) sets width and height to it."""
+    family = family_of(engine, title)
+    flux = family is Family.FLUX
+    cfg = gr.update(value=1.0) if flux and switched else gr.update()
+    size = resolution_of(engine, title)
+    return (gr.update(visible=flux), gr.update(visible=family is Family.SD3, value=engine.options["sd3_shift"]),
+            gr.update(visible=family not in FLOW_FAMILIES), cfg,
+            *((gr.update(value=side) for side in size) if size else (gr.update(), gr.update())))
+
+
+def resolution_of(engine: Engine, title: str | None) -> tuple[int, int] | None:
+    try:
+        return declared_resolution(engine.models.find(title)) if title else None
+    except UserError:
+        return None
+
+
+def _prompt_row(form: Components) -> tuple[gr.Button, gr.Button, gr.Button]:
+    with gr.Row():
+        with gr.Column(scale=6):
+            form["prompt"] = gr.Textbox("", label="Prompt", lines=3, elem_id="txt2img_prompt",
+                                        placeholder="Prompt (Ctrl+Enter to generate)")
+            form["negative_prompt"] = gr.Textbox("", label="Negative prompt", lines=2, elem_id="txt2img_neg_prompt",
+                                                 placeholder="Negative prompt (Ctrl+Enter to generate)")
+        with gr.Column(scale=1, min_width=180):
+            generate = gr.Button("Generate", variant="primary", size="lg", elem_id="txt2img_generate")
+            with gr.Row():
+                interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt")
+                skip = gr.Button("Skip", elem_id="txt2img_skip")
+    return generate, interrupt, skip
+
+
+def _slider(name: str, label: str, minimum: float, maximum: float, value: float, step: float = 1) -> FieldSlider:
+    """A form slider; whole steps give whole numbers, as the request wants."""
+    return FieldSlider(minimum, maximum, value=value, step=step, precision=0 if step == int(step) else None,
+                       label=label, elem_id=f"txt2img_{name}")
+
+
+def _settings_column(form: Components, engine: Engine) -> tuple[gr.Button, gr.Button, gr.Slider]:
+    with gr.Row():
+        form["sampler_name"] = gr.Dropdown(sampler_names(), value="DPM++ 2M", label="Sampling method",
+                                           elem_id="txt2img_sampling")
+        form["scheduler"] = gr.Dropdown(schedule_type_names(), value="Automatic", label="Schedule type",
+                                        elem_id="txt2img_scheduler")
+    form["steps"] = _slider("steps", "Sampling steps", 1, engine.options["max_steps"], 20)
+    with gr.Row():
+        form["width"] = _slider("width", "Width", 64, engine.options["max_image_side"], 512, step=8)
+        form["height"] = _slider("height", "Height", 64, engine.options["max_image_side"], 512, step=8)
+    with gr.Row():
+        form["n_iter"] = _slider("batch_count", "Batch count", 1, engine.options["max_batch_count"], 1)
+        form["batch_size"] = _slider("batch_size", "Batch size", 1, engine.options["max_batch_size"], 1)
+    with gr.Row():
+        form["cfg_scale"] = _slider("cfg_scale", "CFG Scale", 1, 30, 7, step=0.5)
+        form["distilled_cfg_scale"] = _slider("distilled_cfg_scale", "Distilled CFG Scale", 0, 30, 3.5, step=0.5)
+        shift = gr.Slider(0.5, 10, value=engine.options["sd3_shift"], step=0.1, label=OPTION_LABELS["sd3_shift"],
+                          elem_id="sd3_shift", visible=False)
+    with gr.Row(equal_height=True):
+        form["seed"] = gr.Number(-1, precision=0, label="Seed", scale=4, elem_id="txt2img_seed")
+        random_seed = gr.Button("🎲", scale=0, min_width=48, elem_id="txt2img_random_seed")
+        reuse_seed = gr.Button("♻️", scale=0, min_width=48, elem_id="txt2img_reuse_seed")
+    form["clip_skip"] = _slider("clip_skip", "Clip skip", 1, 12, engine.options["CLIP_stop_at_last_layers"])
+    return random_seed, reuse_seed, shift
