@@ -17,9 +17,10 @@ from urllib.parse import urljoin
 
 import pytest
 import requests
-from live import ROOT, Server, start_server
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from tests.live import ROOT, Server, start_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -151,7 +152,15 @@ def test_generate_shows_the_image_its_parameters_and_done(page, server):
     assert image.format == "PNG" and image.size == (SIZE, SIZE)
     assert len(set(image.convert("L").getdata())) > 10, "a picture, not a blank"
     assert natural_sizes(page, "#txt2img_gallery img") == [(SIZE, SIZE)]
+    assert image.info.get("parameters") == page.locator(INFOTEXT).input_value(), "a download keeps its parameters"
     assert page.locator(ERROR_TOASTS).count() == 0, page.locator(ERROR_TOASTS).all_inner_texts()
+
+    panel = page.locator("#txt2img_memory")  # memory over time, weights resident vs streamed, where the time went
+    for plot, legend in (("timeline", "RAM (this process)"), ("weights", "resident"), ("time", None)):
+        chart = panel.locator(f"#txt2img_memory_{plot}")
+        expect(chart.locator("canvas, svg").first).to_be_visible()
+        if legend:
+            expect(chart).to_contain_text(legend)
 
 
 def test_ctrl_enter_in_either_prompt_box_generates(page, server):
@@ -243,11 +252,6 @@ def test_png_info_reads_the_parameters_and_sends_them_to_txt2img(page, tmp_path)
     expect(page.locator("#txt2img_width input[type=number]")).to_have_value(str(SIZE))
 
 
-@pytest.mark.xfail(reason="webui bug, a race: once the checkpoint's title is not the one the UI was built with (a "
-                          "generation gave it its hash: 'demo-shapes.safetensors [3000fbea9d]'), a page load can show "
-                          "Gradio's 'Error: Value: demo-shapes.safetensors is not in the list of choices': the load "
-                          "event that fits the form to the checkpoint sends the dropdown's built-in value, and the "
-                          "settings load event may already have replaced the session's choices")
 def test_a_page_opened_after_a_generation_loads_without_an_error(page, server):
     assert server.api("POST", "txt2img", json={"prompt": "a dot", "steps": 1, "width": 64, "height": 64}).ok
     errors = page.locator(ERROR_TOASTS)
@@ -260,3 +264,45 @@ def test_a_page_opened_after_a_generation_loads_without_an_error(page, server):
         except PlaywrightTimeout:
             continue
         pytest.fail(f"the page loaded with an error: {errors.first.inner_text()}")
+
+
+def test_a_lora_card_adds_its_tag_and_the_image_uses_it(page, server):
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator(PROMPT).fill("a red circle")
+    page.locator("#txt2img_lora_search input, #txt2img_lora_search textarea").first.fill("outline")
+    cards = page.locator("#txt2img_lora_cards .thumbnail-item")
+    expect(cards).to_have_count(1)
+    expect(cards.first).to_contain_text("demo-outline")
+    cards.first.click()
+    expect(page.locator(PROMPT)).to_have_value("a red circle <lora:demo-outline:1>")
+    cards.first.click()
+    expect(page.locator(PROMPT)).to_have_value("a red circle <lora:demo-outline:1>")  # added once
+    set_slider(page, "txt2img_steps", 3)
+    page.locator("#txt2img_generate").click()
+    expect(page.locator(INFOTEXT)).to_have_value(re.compile(r"^a red circle <lora:demo-outline:1>\n.*Lora hashes: "
+                                                            r'"demo-outline: [0-9a-f]+"', re.S))
+
+
+def test_settings_apply_all_or_nothing_and_the_form_follows(page, server):
+    def stored(key: str):
+        return server.api("GET", "options").json()[key]
+
+    page.get_by_role("tab", name="Settings").click()
+    max_steps = page.locator("#max_steps input")
+    try:
+        max_steps.fill("0")
+        page.locator("#settings_apply").click()
+        expect(page.locator("#settings_message")).to_contain_text(
+            "Most sampling steps: must be between 1 and 1000, got 0. Nothing was changed.")
+        assert stored("max_steps") == 150
+        max_steps.fill("200")
+        page.locator("#settings_apply").click()
+        expect(page.locator("#settings_message")).to_contain_text("1 setting(s) changed: max_steps.")
+        assert stored("max_steps") == 200
+        page.reload(wait_until="load")
+        wait_for_the_demo_size(page)
+        expect(page.locator("#txt2img_steps input[type=range]")).to_have_attribute("max", "200")
+        page.get_by_role("tab", name="Settings").click()
+        expect(page.locator("#max_steps input")).to_have_value("200")
+    finally:
+        server.api("POST", "options", json={"max_steps": 150})

@@ -92,7 +92,8 @@ def test_the_shipped_files_and_those_made_at_first_start(tmp_path):
     with safe_open(str(shipped), "pt") as f:
         assert f.metadata()["modelspec.resolution"] == "128x128"
         assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in f.keys())
-    assert sorted(p.name for p in LORA_DIR.iterdir()) == ["demo-dusk.safetensors", "demo-outline.safetensors"]
+    assert sorted(p.name for p in LORA_DIR.iterdir()) == ["demo-dusk.preview.png", "demo-dusk.safetensors",
+                                                          "demo-outline.preview.png", "demo-outline.safetensors"]
     models, modules = tmp_path / "models", tmp_path / "modules"
     ensure_demo_models(models, modules)
     made = sorted(p.name for p in [*models.iterdir(), *modules.iterdir()])

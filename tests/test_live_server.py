@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import pytest
 import requests
 from gradio_client import Client
-from live import Server, start_server
 from PIL import Image
+
+from tests.live import Server, start_server
 
 AUTH = ("alice", "pass:word")
 BODY = {"prompt": "a red circle", "negative_prompt": "", "width": 64, "height": 64, "steps": 3, "cfg_scale": 5,
@@ -57,7 +58,7 @@ def test_the_ui_and_the_api_make_the_same_image_with_the_same_budget(server):
     assert server.api("POST", "options", json={"forge_inference_memory": 1536}).status_code == 200
     client = Client(server.url, verbose=False)
     form = {k: v for k, v in BODY.items() if k != "sampler_name"}
-    _preview, gallery, _status, ui_info = client.predict(**form, sampler_name="Euler a", api_name="/txt2img")
+    _preview, gallery, _status, ui_info, *_memory_plots = client.predict(**form, sampler_name="Euler a", api_name="/txt2img")
     ui_policy = server.api("GET", "memory").json()["webui"]["policy"]
     reply = server.api("POST", "txt2img", json=BODY).json()
     api_policy = server.api("GET", "memory").json()["webui"]["policy"]

@@ -240,3 +240,26 @@ def test_live_preview_period_keeps_latents_every_n_steps():
     for step in range(1, 5):
         progress.step(step, latents[step], Family.SD1)
     assert progress.sampling_step == 4 and progress._latents is latents[3], "the preview of step 3 until step 6"
+
+
+@pytest.mark.parametrize("share_url", [None, "https://abc.gradio.live"])
+def test_share_says_where_the_ui_is_or_why_there_is_no_public_link(engine, monkeypatch, caplog, share_url):
+    from webui import server
+
+    launched = {}
+
+    def launch(self, **kwargs):
+        launched.update(kwargs)
+        return None, "http://127.0.0.1:7860/", share_url
+
+    monkeypatch.setattr(gr.Blocks, "launch", launch)
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)
+    args = parse_args(["--share", "--port", "7860"])
+    with caplog.at_level("INFO", logger="webui"):
+        server.serve_ui(engine, JobQueue(engine), "127.0.0.1", args)
+    assert launched["share"] is True
+    if share_url:
+        assert f"Public share link: {share_url}" in caplog.text
+    else:
+        assert "Could not create a public share link" in caplog.text
+        assert "still served locally at http://127.0.0.1:7860/" in caplog.text

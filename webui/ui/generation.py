@@ -26,7 +26,8 @@ def output_column(prefix: str) -> Components:
     out = {
         "preview": gr.Image(label="Preview", type="pil", visible=False, interactive=False, height=320,
                             elem_id=f"{prefix}_preview"),
-        "gallery": gr.Gallery(label="Output", format="png", columns=4, height=480, elem_id=f"{prefix}_gallery"),
+        "gallery": gr.Gallery(label="Output", format="png", columns=4, height=480, object_fit="contain",
+                              elem_id=f"{prefix}_gallery"),
         "status": gr.HTML(label="Status", elem_id=f"{prefix}_status"),
         "infotext": gr.Textbox(label="Generation parameters", lines=4, interactive=False,
                                elem_id=f"{prefix}_infotext"),

@@ -19,7 +19,7 @@ def memory_panel(prefix: str) -> dict[str, gr.components.Component]:
                                elem_id=f"{prefix}_memory_timeline")
         with gr.Row():
             weights = gr.BarPlot(x="component", y="MB", color="where", color_map=WHERE_COLORS,
-                                 title="Weights while they ran", y_title="MB", height=220,
+                                 title="Weights while they ran", y_title="MB", height=220, x_label_angle=-40,
                                  elem_id=f"{prefix}_memory_weights")
             time = gr.BarPlot(x="part", y="seconds", title="Where the time went", y_title="seconds", height=220,
                               x_label_angle=-40, elem_id=f"{prefix}_memory_time")

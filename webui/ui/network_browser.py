@@ -24,7 +24,7 @@ def network_browsers(demo: gr.Blocks, engine: Engine, prompt: gr.Textbox) -> Non
                 search = gr.Textbox(placeholder="Search by name", show_label=False, scale=6,
                                     elem_id=f"txt2img_{kind}_search")
                 refresh = gr.Button("🔄", scale=0, min_width=48, elem_id=f"txt2img_{kind}_refresh")
-            cards = gr.Gallery(show_label=False, columns=6, fit_columns=False, height=260, allow_preview=False,
+            cards = gr.Gallery(show_label=False, columns=6, fit_columns=False, height=180, allow_preview=False,
                                object_fit="cover", elem_id=f"txt2img_{kind}_cards")
             shown = gr.State([])  # the names of the cards, in gallery order
 

@@ -19,7 +19,7 @@ from webui.errors import UserError
 from webui.jobs import JobQueue
 from webui.ui.common import OPTION_LABELS, Components, FieldSlider, set_option
 from webui.ui.generation import generator, output_column
-from webui.ui.model_row import family_of
+from webui.ui.model_row import checkpoint_choices, family_of
 from webui.ui.network_browser import network_browsers
 
 # Ctrl+Enter (Cmd+Enter on macOS) in either prompt box presses Generate, as in A1111.
@@ -68,9 +68,11 @@ def txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.
     shift.input(partial(set_option, engine, "sd3_shift"), shift, api_visibility="private")
     family_fields = [form["distilled_cfg_scale"], shift, form["clip_skip"], form["cfg_scale"], form["width"],
                      form["height"]]
-    checkpoint.change(partial(fields_for_family, engine), checkpoint, family_fields, api_visibility="private")
-    demo.load(lambda title: fields_for_family(engine, title, switched=False), checkpoint, family_fields,
-              api_visibility="private")
+    # The user's pick sets the fields (and Flux's CFG); a page load shows those of the checkpoint the settings hold
+    # now, read here: the dropdown's value in the page may still be the one it was built with.
+    checkpoint.input(partial(fields_for_family, engine), checkpoint, family_fields, api_visibility="private")
+    demo.load(lambda: fields_for_family(engine, checkpoint_choices(engine)[1], switched=False),
+              outputs=family_fields, api_visibility="private")
     return form
 
 
