@@ -1,9 +1,10 @@
 """The real launcher in its own process, for tests that drive it from outside (HTTP, the Gradio client, a
 browser): ``start_server(data_dir, *flags)`` starts ``launch.py`` on the CPU over its embedded demo model
-("demo-shapes", 128x128 native) and returns once it answers."""
+("demo-shapes", 128x128 native) and returns once it serves."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -44,7 +45,7 @@ class Server:
 
 def start_server(data_dir: Path, *flags: str) -> Server:
     """``launch.py`` on a free port, on the CPU, over ``data_dir`` (its embedded demo model when it holds none);
-    returns once its API answers."""
+    returns once it says where it serves (the UI, the API and the extensions' routes are mounted by then)."""
     port = free_port()
     log_path = data_dir / f"server-{port}.log"
     with open(log_path, "w") as log:
@@ -55,12 +56,17 @@ def start_server(data_dir: Path, *flags: str) -> Server:
     auth = tuple(flags[flags.index("--api-auth") + 1].split(":", 1)) if "--api-auth" in flags else None
     server = Server(process, f"http://127.0.0.1:{port}", log_path, auth)
     deadline = time.time() + 180
-    while True:
-        try:
-            if requests.get(f"{server.url}/sdapi/v1/memory", timeout=5).status_code in (200, 401):
-                return server
-        except requests.RequestException:
-            if process.poll() is not None or time.time() > deadline:
-                server.stop() if process.poll() is None else None
-                pytest.fail(f"the server did not start:\n{server.log}")
-            time.sleep(0.5)
+    while not (re.search(r"INFO webui: (Web UI|API only): http", server.log) and answers(server.url)):
+        if process.poll() is not None or time.time() > deadline:
+            server.stop() if process.poll() is None else None
+            pytest.fail(f"the server did not start:\n{server.log}")
+        time.sleep(0.5)
+    return server
+
+
+def answers(url: str) -> bool:
+    try:
+        requests.get(url, timeout=5)
+        return True
+    except requests.RequestException:
+        return False

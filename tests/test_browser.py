@@ -306,3 +306,25 @@ def test_settings_apply_all_or_nothing_and_the_form_follows(page, server):
         expect(page.locator("#max_steps input")).to_have_value("200")
     finally:
         server.api("POST", "options", json={"max_steps": 150})
+
+
+def test_gradio_auth_asks_for_a_login_before_the_ui(browser, tmp_path_factory):
+    login = start_server(tmp_path_factory.mktemp("login"), "--gradio-auth", "carol:s3cret")
+    tab = browser.new_page(viewport={"width": 1000, "height": 700})
+    try:
+        tab.goto(login.url, wait_until="load")
+        expect(tab.locator("input[type=password]")).to_be_visible(timeout=TIMEOUT_MS)
+        assert tab.locator(PROMPT).count() == 0, "no UI before the login"
+        tab.locator("input[type=text]").first.fill("carol")
+        tab.locator("input[type=password]").fill("wrong")
+        tab.locator("input[type=password]").press("Enter")
+        expect(tab.get_by_text(re.compile("Incorrect Credentials", re.I))).to_be_visible(timeout=TIMEOUT_MS)
+        tab.locator("input[type=text]").first.fill("carol")  # the failed attempt emptied the form
+        tab.locator("input[type=password]").fill("s3cret")
+        tab.locator("input[type=password]").press("Enter")
+        expect(tab.locator(PROMPT)).to_be_visible(timeout=TIMEOUT_MS)
+    finally:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        tab.screenshot(path=str(ARTIFACTS / "gradio_auth_after_login.png"))
+        tab.close()
+        login.stop()
