@@ -180,7 +180,7 @@ def test_vae_decode_goes_tiled_when_a_whole_decode_would_not_fit(tmp_path, sd1_f
     engine.memory.memory.total_bytes = model_bytes(engine)["vae"] + 4 * MB  # less than a whole 64x64 decode needs
     images, stats = generate(engine)
     assert stats.tiled_vae and np.array_equal(images, reference)
-    assert "tiled VAE" in stats.line()
+    assert "tiled VAE" in stats.line() and "budget" in stats.line()
 
 
 def test_a_low_bit_layer_unpacking_its_weight_is_counted_against_the_budget():

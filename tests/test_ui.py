@@ -61,6 +61,7 @@ def test_generates_an_image_with_its_infotext(client):
     for part in ("Steps: 2", "Sampler: DPM++ 2M", "Seed: 1234", "Size: 64x64", "Model: demo-shapes"):
         assert part in infotext
     assert "Done: 1 image(s)" in status and "seed 1234" in status
+    assert "MB of weights in RAM (running on the CPU: no GPU budget)" in status and "VRAM" not in status
     assert read_png_infotext(gallery[0]["image"]) == infotext, "the gallery's file (what Download gives) keeps it"
 
 

@@ -151,8 +151,11 @@ class GenerationStats:
     tiled_vae: bool = False
     oom_retries: int = 0
     mode: str = "auto"
+    budgeted: bool = True  # False on a CPU 'device': the weights are in RAM and there is no budget to keep
 
     def line(self) -> str:
+        if not self.budgeted:
+            return f"Memory: {self.resident_mb:.0f} MB of weights in RAM (running on the CPU: no GPU budget)"
         return (f"Memory: {self.resident_mb:.0f} MB resident, {self.streamed_mb:.0f} MB streamed, "
                 f"{self.moved_mb:.0f} MB moved in {self.move_seconds:.2f} s, peak VRAM {self.peak_vram_mb:.0f} MB "
                 f"(budget {self.budget_mb:.0f} MB, activations ~{self.activation_mb:.0f} MB"
@@ -283,7 +286,7 @@ class MemoryManager:
     def begin(self, policy: MemoryPolicy, activation: int) -> None:
         self.policy = policy
         self.activation = activation
-        self.stats = GenerationStats(mode=policy.mode, activation_mb=activation / MB)
+        self.stats = GenerationStats(mode=policy.mode, activation_mb=activation / MB, budgeted=self.limited)
         self._copies = CopyStats()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
