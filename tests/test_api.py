@@ -312,3 +312,14 @@ def test_a_failing_job_or_route_is_a_500_with_its_message_and_the_server_goes_on
     assert client.post("/sdapi/v1/txt2img", json=BODY).status_code == 200
     not_json = client.post("/sdapi/v1/txt2img", content=b"{not json", headers={"Content-Type": "application/json"})
     assert not_json.status_code == 422 and "detail" in not_json.json()
+
+
+def test_cmd_flags_hide_the_passwords():
+    from webui.api import public_flags
+    from webui.cli import parse_args
+
+    args = parse_args(["--api-auth", "alice:pa:ss,bob:x", "--gradio-auth", "carol:y", "--listen"])
+    flags = public_flags(args)
+    assert flags["api_auth"] == [("alice", "***"), ("bob", "***")] and flags["gradio_auth"] == [("carol", "***")]
+    assert flags["listen"] is True and args.api_auth == [("alice", "pa:ss"), ("bob", "x")], "the flags themselves stay"
+    assert public_flags(parse_args([]))["api_auth"] is None

@@ -46,6 +46,8 @@ def test_openapi_docs_auth_and_the_listen_warning(server):
     assert requests.get(f"{server.url}/sdapi/v1/sd-models", timeout=30).status_code == 401
     assert requests.get(f"{server.url}/sdapi/v1/sd-models", auth=("alice", "nope"), timeout=30).status_code == 401
     assert server.api("GET", "sd-models").json()[0]["model_name"] == "demo-shapes"
+    flags = server.api("GET", "cmd-flags").json()
+    assert flags["api_auth"] == [["alice", "***"]] and AUTH[1] not in json.dumps(flags), "no password in the flags"
     assert requests.get(server.url, timeout=30).status_code == 200, "the UI has its own login (--gradio-auth)"
     assert "The UI is open to anyone on your network" in server.log
     assert "The API is open" not in server.log, "--api-auth was given"

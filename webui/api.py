@@ -187,6 +187,18 @@ def _check_axis_args(args: dict[str, Any], name: str, axes: list[Axis]) -> None:
         raise UserError(f"must be a list of values, got {picked!r}", field=f"{name}_values_dropdown")
 
 
+SECRET_FLAGS = ("api_auth", "gradio_auth")
+
+
+def public_flags(args) -> dict:
+    """The flags as A1111's /cmd-flags lists them, with the logins' passwords replaced (the user names stay)."""
+    flags = dict(vars(args))
+    for name in SECRET_FLAGS:
+        if flags.get(name):
+            flags[name] = [(user, "***") for user, _password in flags[name]]
+    return flags
+
+
 def encode_png(image: Image.Image, infotext: str) -> str:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext)
@@ -392,7 +404,8 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         ("/memory", memory, "GET", "RAM and VRAM use, where the weights are, and what the last generation moved"),
         ("/options", get_options, "GET", "The settings store (config.json), as the UI sees it"),
         ("/options", set_options, "POST", "Change settings: checked together, stored, used from the next job"),
-        ("/cmd-flags", lambda: vars(engine.config.args), "GET", "The command-line flags the app runs with"),
+        ("/cmd-flags", lambda: public_flags(engine.config.args), "GET",
+         "The command-line flags the app runs with (passwords hidden)"),
         ("/sd-models", lambda: checkpoint_list(engine), "GET", "Checkpoints found (A1111 shape)"),
         ("/sd-modules", lambda: module_list(engine), "GET", "VAE and text-encoder files (Forge's VAE / Text Encoder)"),
         ("/samplers", api_samplers, "GET", "Sampling methods, with their aliases"),
