@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         enter_venv(venv, argv)
     if not args.skip_install:
         install_requirements()
+    # Every model file is local: Hugging Face libraries must not try the hub (set before they are imported).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from webui.server import main as serve
 
     serve(argv)

@@ -68,6 +68,7 @@ OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "t5_storage_dtype": ("Automatic", "float8-e4m3fn", "float8-e5m2", "bnb-int8"),
     "samples_format": ("png",),
 }
+OUTPUT_FOLDER_OPTIONS = ("outdir_txt2img_samples", "outdir_txt2img_grids")
 OPTION_RANGES: dict[str, tuple[float, float]] = {
     "sd_checkpoints_limit": (0, 16),
     "CLIP_stop_at_last_layers": (1, 12),
@@ -163,8 +164,11 @@ class Options:
         self._values = dict(self._defaults)
         self._lock = threading.RLock()
         self._listeners: list[Callable[[str, Any], None]] = []
-        if path is not None and path.exists():
-            self._load(path)
+        self.problems: list[str] = []  # what went wrong reading config.json, for the UI to show
+        if path is not None:
+            path.with_suffix(".json.tmp").unlink(missing_ok=True)  # a save cut short; config.json is intact
+            if path.exists():
+                self._load(path)
 
     def _load(self, path: Path) -> None:
         try:
@@ -174,13 +178,16 @@ class Options:
         except (OSError, ValueError) as e:
             backup = path.with_suffix(".json.bad")
             shutil.copyfile(path, backup)
-            log.error("config.json is corrupt (%s); kept a copy as %s and started from defaults.", e, backup.name)
+            problem = f"{path} is corrupt ({e}); a copy is kept as {backup.name} and the defaults are in use."
+            log.error(problem)
+            self.problems.append(problem)
             return
         for key, value in stored.items():
             try:
                 self._values[key] = self._checked(key, value)
             except UserError as e:
                 log.warning("config.json: ignoring %s", e)
+                self.problems.append(f"config.json: {key} ignored ({e.message}); its default is in use.")
 
     def __getitem__(self, key: str) -> Any:
         with self._lock:

@@ -23,12 +23,12 @@ from webui.engine.host_pages import limit_heap_arenas
 from webui.engine.load import LoadedModel
 from webui.engine.memory import DeviceMemory, MemoryManager, MemoryPolicy, use_expandable_segments
 from webui.engine.models import Dtypes, ModelManager
-from webui.engine.outputs import save_image
+from webui.engine.outputs import remove_stale_temp_files, save_image
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.samplers import resolve
 from webui.errors import UserError
-from webui.settings import AppConfig
+from webui.settings import OUTPUT_FOLDER_OPTIONS, AppConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,20 @@ class Engine:
             config.paths.text_encoder_dir, config.paths.builtin_modules_dir, HashCache(config.paths.hash_cache_file), self.memory, dtypes,
         )
         self.progress = Progress()
+        self._remove_stale_temp_files()
         self.hooks = Hooks()  # what extensions registered (webui.extensions loads them)
         self._announced: Callable[[], object] = lambda: None  # the model model_loaded was last fired for (weakly)
         self._generate_lock = threading.Lock()
         log.info("Engine ready on %s (%s); %d checkpoint(s) found.", self.device, dtypes.unet,
                  len(self.models.checkpoints()))
+
+    def _remove_stale_temp_files(self) -> None:
+        """Half-written images of a process killed while saving: gone at the next start."""
+        folders = {self.config.paths.outdir, *(Path(self.options[key]) for key in OUTPUT_FOLDER_OPTIONS
+                                               if self.options[key])}
+        removed = sum(remove_stale_temp_files(folder) for folder in folders if folder.is_dir())
+        if removed:
+            log.info("Removed %d half-written image(s) left by a process that was stopped while saving.", removed)
 
     def checkpoint(self, name: str | None) -> CheckpointInfo:
         """The checkpoint a request names, or the one selected in the settings, or the first found."""

@@ -65,6 +65,18 @@ def next_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+TEMP_PNG = re.compile(r"\.[0-9a-f]{16}\.png\.tmp")  # what _write_temp_png names its files
+
+
+def remove_stale_temp_files(outdir: Path) -> int:
+    """Delete the hidden half-written PNGs a killed process left under ``outdir`` (no finished image is ever
+    one of them: a save renames its file into place only once it is complete). Returns how many."""
+    stale = [p for p in Path(outdir).rglob(".*.png.tmp") if TEMP_PNG.fullmatch(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def _write_temp_png(image: Image.Image, folder: Path, infotext: str) -> Path:
     """The image as a hidden, fsynced PNG in ``folder``; created like a normal file (umask applies)."""
     pnginfo = PngInfo()

@@ -21,6 +21,8 @@ from webui.ui.xyz_tab import xyz_tab
 
 def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
     with gr.Blocks(title="Stable Diffusion web UI", analytics_enabled=False) as demo:
+        if engine.options.problems:  # a corrupt config.json: said where the user looks, not only in the log
+            gr.Markdown("\n".join(f"⚠ {problem}" for problem in engine.options.problems), elem_id="startup_problems")
         checkpoint = model_row(demo, engine)
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):

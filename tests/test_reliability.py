@@ -1,0 +1,90 @@
+"""What survives a crash or a corrupt file: config.json, the saved images, and the message the user sees."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from PIL import Image
+
+from tests.conftest import make_engine
+from webui.engine.outputs import remove_stale_temp_files, save_image
+from webui.jobs import JobQueue
+from webui.settings import Options
+from webui.ui import build_ui
+
+WRITER = """
+import itertools, sys
+from pathlib import Path
+from PIL import Image
+from webui.engine.outputs import save_image
+from webui.settings import Options
+
+data = Path(sys.argv[1])
+options = Options(data / "config.json")
+image = Image.new("RGB", (256, 256), "red")
+print("ready", flush=True)
+for i in itertools.count():
+    save_image(image, data / "outputs", i, f"image {i}", f"image {i}\\nSteps: {i}")
+    options.update({"max_steps": 100 + i % 50, "sd_vae": "x" * (i % 4000)})
+"""
+
+
+def test_killing_the_process_while_it_saves_leaves_every_image_and_the_config_whole(tmp_path):
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(WRITER), str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "ready"
+    time.sleep(1.5)  # hundreds of saves
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+
+    images = sorted((tmp_path / "outputs").rglob("*.png"))
+    assert len(images) > 20
+    for path in images:
+        with Image.open(path) as image:
+            image.load()  # the whole file decodes
+            assert image.size == (256, 256) and image.info["parameters"].startswith("image ")
+    assert isinstance(json.loads((tmp_path / "config.json").read_text()), dict)
+    stored = Options(tmp_path / "config.json")
+    assert 100 <= stored["max_steps"] < 150 and not stored.problems
+    assert not (tmp_path / "config.json.tmp").exists(), "a save cut short is removed at the next start"
+
+    finished = set(images)
+    left = remove_stale_temp_files(tmp_path / "outputs")
+    assert left <= 1 and set((tmp_path / "outputs").rglob("*.png")) == finished, "finished images untouched"
+    assert not list((tmp_path / "outputs").rglob("*.tmp"))
+
+
+def test_a_corrupt_config_is_kept_aside_and_the_ui_says_so(tmp_path, sd1_file):
+    (tmp_path / "config.json").write_text('{"max_steps": 200, "sd_vae": ')  # cut short by a crash of another tool
+    engine = make_engine(tmp_path, sd1_file)
+    assert engine.options["max_steps"] == 150, "defaults in use"
+    assert (tmp_path / "config.json.bad").read_text() == '{"max_steps": 200, "sd_vae": '
+    assert "config.json is corrupt" in engine.options.problems[0] and "config.json.bad" in engine.options.problems[0]
+    banner = next(c["props"] for c in build_ui(engine, JobQueue(engine)).config["components"]
+                  if c["props"].get("elem_id") == "startup_problems")
+    assert "⚠" in banner["value"] and "defaults are in use" in banner["value"]
+    engine.options.update({"max_steps": 120})
+    assert Options(tmp_path / "config.json")["max_steps"] == 120 and not Options(tmp_path / "config.json").problems
+
+
+def test_a_wrong_value_in_the_config_is_named_and_the_rest_is_kept(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"max_steps": "many", "max_batch_size": 4}))
+    options = Options(tmp_path / "config.json")
+    assert options["max_steps"] == 150 and options["max_batch_size"] == 4
+    assert options.problems == ["config.json: max_steps ignored (must be a whole number, got 'many'); "
+                                "its default is in use."]
+
+
+def test_half_written_images_are_removed_at_start_and_nothing_else(tmp_path, sd1_file):
+    outputs = tmp_path / "outputs" / "txt2img-images" / "2026-11-22"
+    outputs.mkdir(parents=True)
+    kept = save_image(Image.new("RGB", (8, 8)), outputs.parent, 1, "kept", "kept")
+    (outputs / ".0123456789abcdef.png.tmp").write_bytes(b"\x89PNG half")
+    (outputs / ".notes.png.tmp").write_text("the user's own file: not ours to delete")
+    make_engine(tmp_path, sd1_file)
+    assert not (outputs / ".0123456789abcdef.png.tmp").exists()
+    assert kept.exists() and (outputs / ".notes.png.tmp").exists()
