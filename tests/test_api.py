@@ -323,3 +323,41 @@ def test_cmd_flags_hide_the_passwords():
     assert flags["api_auth"] == [("alice", "***"), ("bob", "***")] and flags["gradio_auth"] == [("carol", "***")]
     assert flags["listen"] is True and args.api_auth == [("alice", "pa:ss"), ("bob", "x")], "the flags themselves stay"
     assert public_flags(parse_args([]))["api_auth"] is None
+
+
+@pytest.mark.parametrize("folder", ["/tmp/elsewhere", "../../escaped", "a/../../b"])
+def test_output_folders_stay_inside_the_outputs_folder(client, engine, folder):
+    for key in ("outdir_txt2img_samples", "outdir_txt2img_grids"):
+        reply = client.post("/sdapi/v1/options", json={key: folder})
+        assert reply.status_code == 422 and reply.json()["field"] == key
+        assert "must be a folder inside" in reply.json()["detail"] and engine.options[key] == ""
+    reply = client.post("/sdapi/v1/txt2img", json={**BODY, "save_images": True,
+                                                     "override_settings": {"outdir_txt2img_samples": folder}})
+    assert reply.status_code == 422 and reply.json()["field"] == "outdir_txt2img_samples"
+
+
+def test_an_output_folder_inside_the_outputs_folder_is_used(client, engine):
+    assert client.post("/sdapi/v1/options", json={"outdir_txt2img_samples": "mine/cats"}).status_code == 200
+    assert client.post("/sdapi/v1/txt2img", json={**BODY, "save_images": True}).status_code == 200
+    assert len(list((engine.config.paths.outdir / "mine" / "cats").rglob("*.png"))) == BODY["batch_size"]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("prompt", "a cat <lora:../../etc/passwd:1>"), ("prompt", "a cat <lora:/etc/passwd:1>"),
+    ("sd_vae", "../../../etc/passwd"), ("sd_vae", "/etc/passwd"),
+    ("sd_model_checkpoint", "../../config.json"), ("sd_model_checkpoint", "/etc/passwd")])
+def test_paths_in_names_are_refused(client, engine, field, value):
+    from webui.extensions import load_extensions
+
+    load_extensions(engine)  # the LoRA network is the built-in extension's
+    body = {**BODY, "prompt": value} if field == "prompt" else {**BODY, "override_settings": {field: value}}
+    reply = client.post("/sdapi/v1/txt2img", json=body)
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["field"] in (field, "prompt")
+
+
+@pytest.mark.parametrize("prompt", ["", "猫が月の上で踊る 🐈‍⬛🌕 " * 120, "e\u0301" * 3000])
+def test_empty_and_long_unicode_prompts_make_an_image(client, prompt):
+    reply = client.post("/sdapi/v1/txt2img", json={**BODY, "prompt": prompt})
+    assert reply.status_code == 200 and len(reply.json()["images"]) == BODY["batch_size"]
+    assert json.loads(reply.json()["info"])["prompt"] == prompt

@@ -68,7 +68,7 @@ OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "t5_storage_dtype": ("Automatic", "float8-e4m3fn", "float8-e5m2", "bnb-int8"),
     "samples_format": ("png",),
 }
-OUTPUT_FOLDER_OPTIONS = ("outdir_txt2img_samples", "outdir_txt2img_grids")
+OUTPUT_FOLDER_OPTIONS = {"outdir_txt2img_samples": "txt2img-images", "outdir_txt2img_grids": "txt2img-grids"}
 OPTION_RANGES: dict[str, tuple[float, float]] = {
     "sd_checkpoints_limit": (0, 16),
     "CLIP_stop_at_last_layers": (1, 12),
@@ -86,9 +86,9 @@ OPTION_SECTIONS: dict[str, dict[str, str]] = {
     "Saving images": {
         "samples_save": "Always save all generated images",
         "samples_format": "File format for images",
-        "outdir_txt2img_samples": "Output folder for txt2img images (empty: outputs/txt2img-images)",
+        "outdir_txt2img_samples": "Folder for txt2img images, inside the outputs folder (empty: txt2img-images)",
         "grid_save": "Always save all generated image grids",
-        "outdir_txt2img_grids": "Output folder for txt2img grids (empty: outputs/txt2img-grids)",
+        "outdir_txt2img_grids": "Folder for txt2img grids, inside the outputs folder (empty: txt2img-grids)",
     },
     "Live previews": {
         "live_previews_enable": "Show live previews of the created image",
@@ -145,6 +145,15 @@ class Paths:
             builtin_modules_dir=INSTALL_CACHE / "builtin-modules",
             extensions_dir=Path(args.extensions_dir or data / "extensions").resolve(),
         )
+
+    def output_folder(self, key: str, value: str, default: str) -> Path:
+        """Where images go for an output-folder option: its value (relative: inside the outputs folder) or
+        ``default``. It must stay inside the outputs folder, so that no request can write elsewhere."""
+        folder = (self.outdir / (value or default)).resolve()
+        if not folder.is_relative_to(self.outdir):
+            raise UserError(f"must be a folder inside {self.outdir} (start with --outdir to save elsewhere), "
+                            f"got {value!r}", field=key)
+        return folder
 
     def create(self) -> None:
         for folder in (*self.checkpoint_dirs[:1], self.lora_dir, self.vae_dir, self.text_encoder_dir, self.outdir):

@@ -82,9 +82,8 @@ class Engine:
 
     def _remove_stale_temp_files(self) -> None:
         """Half-written images of a process killed while saving: gone at the next start."""
-        folders = {self.config.paths.outdir, *(Path(self.options[key]) for key in OUTPUT_FOLDER_OPTIONS
-                                               if self.options[key])}
-        removed = sum(remove_stale_temp_files(folder) for folder in folders if folder.is_dir())
+        outdir = self.config.paths.outdir
+        removed = remove_stale_temp_files(outdir) if outdir.is_dir() else 0
         if removed:
             log.info("Removed %d half-written image(s) left by a process that was stopped while saving.", removed)
 
@@ -103,6 +102,8 @@ class Engine:
         """Change options (the UI's and the API's one way): checked together, the checkpoint, VAE and module files
         they newly name must exist, then stored; the next job uses them."""
         changed = {k: v for k, v in self.options.checked(changes).items() if self.options.get(k) != v}
+        for key in OUTPUT_FOLDER_OPTIONS.keys() & changed.keys():
+            self.config.paths.output_folder(key, changed[key], OUTPUT_FOLDER_OPTIONS[key])
         if changed.get("sd_model_checkpoint"):
             self.models.find(changed["sd_model_checkpoint"])
         if "sd_vae" in changed:
@@ -172,8 +173,11 @@ class Engine:
             pinned=options["forge_pin_shared_memory"] == "Shared",
         )
 
+    def output_folder(self, key: str) -> Path:
+        return self.config.paths.output_folder(key, self.options[key], OUTPUT_FOLDER_OPTIONS[key])
+
     def _saver(self):
-        outdir = Path(self.options["outdir_txt2img_samples"] or self.config.paths.outdir / "txt2img-images")
+        outdir = self.output_folder("outdir_txt2img_samples")
 
         def save(image: Image.Image, seed: int, prompt: str, infotext: str) -> Path:
             path = save_image(image, outdir, seed, prompt, infotext)

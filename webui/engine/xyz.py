@@ -302,8 +302,7 @@ def _finish(engine: Engine, base: GenerationRequest, plan: list[tuple[Axis, list
     save = engine.options["grid_save"] if save_grid is None else save_grid
     path = None
     if save and first is not None:
-        outdir = Path(engine.options["outdir_txt2img_grids"] or engine.config.paths.outdir / "txt2img-grids")
-        path = save_image(grid, outdir, first.seed, base.prompt, infotext)
+        path = save_image(grid, engine.output_folder("outdir_txt2img_grids"), first.seed, base.prompt, infotext)
     return PlotResult(grid, infotext, path, grids, made, interrupted, options)
 
 
