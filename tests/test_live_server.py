@@ -46,6 +46,10 @@ def test_openapi_docs_auth_and_the_listen_warning(server):
     assert requests.get(f"{server.url}/sdapi/v1/sd-models", timeout=30).status_code == 401
     assert requests.get(f"{server.url}/sdapi/v1/sd-models", auth=("alice", "nope"), timeout=30).status_code == 401
     assert server.api("GET", "sd-models").json()[0]["model_name"] == "demo-shapes"
+    config = next(server.log_path.parent.glob("config.json"), server.log_path.parent / "config.json")
+    for path in ("/etc/passwd", str(config), str(server.log_path), "outputs/../config.json"):
+        reply = requests.get(f"{server.url}/gradio_api/file={path}", timeout=30)
+        assert reply.status_code in (403, 404) and "root:" not in reply.text, f"Gradio served {path}"
     flags = server.api("GET", "cmd-flags").json()
     assert flags["api_auth"] == [["alice", "***"]] and AUTH[1] not in json.dumps(flags), "no password in the flags"
     assert requests.get(server.url, timeout=30).status_code == 200, "the UI has its own login (--gradio-auth)"
