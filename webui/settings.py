@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -166,8 +167,10 @@ class Options:
     Extensions add their own options with ``register``; they are checked and saved like the built-in ones.
     """
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, checks: dict[str, Callable[[Any], Any]] | None = None):
+        """``checks``: more tests for some options' values (raising UserError), beyond type, range and choices."""
         self.path = path
+        self._checks = dict(checks or {})
         self._defaults = {**OPTION_DEFAULTS, **FIXED_OPTIONS}
         self._choices = dict(OPTION_CHOICES)
         self._values = dict(self._defaults)
@@ -175,7 +178,7 @@ class Options:
         self._listeners: list[Callable[[str, Any], None]] = []
         self.problems: list[str] = []  # what went wrong reading config.json, for the UI to show
         if path is not None:
-            path.with_suffix(".json.tmp").unlink(missing_ok=True)  # a save cut short; config.json is intact
+            self._temp_path.unlink(missing_ok=True)  # a save cut short; config.json is intact
             if path.exists():
                 self._load(path)
 
@@ -286,12 +289,16 @@ class Options:
         if self.path is None:
             return
         with self._lock:
-            tmp = self.path.with_suffix(".json.tmp")
+            tmp = self._temp_path
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(self._values, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
+
+    @property
+    def _temp_path(self) -> Path:
+        return self.path.with_suffix(".json.tmp")
 
     def _checked(self, key: str, value: Any) -> Any:
         if key not in self._defaults:
@@ -319,9 +326,12 @@ class Options:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise UserError(f"must be a list of names, got {value!r}", field=key)
             value = list(value)
-        low, high = OPTION_RANGES.get(key, (value, value))
-        if isinstance(value, (int, float)) and not low <= value <= high:
-            raise UserError(f"must be between {low} and {high}, got {value}", field=key)
+        if key in OPTION_RANGES:
+            low, high = OPTION_RANGES[key]
+            if not low <= value <= high:
+                raise UserError(f"must be between {low} and {high}, got {value}", field=key)
+        if key in self._checks:
+            self._checks[key](value)
         choices = self._choices.get(key)
         if choices is not None and not all(v in choices for v in (value if isinstance(value, list) else [value])):
             raise UserError(f"must be one of {', '.join(choices)}, got {value!r}", field=key)
@@ -341,4 +351,6 @@ class AppConfig:
         paths = Paths.from_args(args)
         paths.data_dir.mkdir(parents=True, exist_ok=True)
         paths.create()
-        return cls(args, paths, Options(paths.config_file))
+        checks = {key: partial(paths.output_folder, key, default=default)
+                  for key, default in OUTPUT_FOLDER_OPTIONS.items()}  # no request may write elsewhere
+        return cls(args, paths, Options(paths.config_file, checks))

@@ -102,8 +102,6 @@ class Engine:
         """Change options (the UI's and the API's one way): checked together, the checkpoint, VAE and module files
         they newly name must exist, then stored; the next job uses them."""
         changed = {k: v for k, v in self.options.checked(changes).items() if self.options.get(k) != v}
-        for key in OUTPUT_FOLDER_OPTIONS.keys() & changed.keys():
-            self.config.paths.output_folder(key, changed[key], OUTPUT_FOLDER_OPTIONS[key])
         if changed.get("sd_model_checkpoint"):
             self.models.find(changed["sd_model_checkpoint"])
         if "sd_vae" in changed:
@@ -152,7 +150,8 @@ class Engine:
                 extra_params=extra_params,
             )
             result = txt2img(model, self.memory, self.memory_policy(), job, self.progress, self._saver(), self.hooks)
-        result.memory_timeline = trace.timeline()
+        if not trace.running:  # its own recording; a plot's cells leave theirs to the plot
+            result.memory_timeline = trace.timeline()
         self.hooks.fire("after_generation", request=request, result=result)
         log.info("txt2img: %d image(s) %dx%d, %d steps, %s, seed %d, %.2f s on %s with %s [%s]%s",
                  len(result.images), request.width, request.height, request.steps, result.sampler_name,

@@ -87,6 +87,7 @@ class MemoryTrace:
         self._process = psutil.Process()
         self._timeline = MemoryTimeline(str(device))
         self._phase: tuple[str, float] | None = None
+        self.running = True  # until stop()
 
     def now(self) -> float:
         return time.perf_counter() - self._start
@@ -128,6 +129,7 @@ class MemoryTrace:
         SAMPLER.watch(self)
 
     def stop(self) -> None:
+        self.running = False
         SAMPLER.watch(None)
         self.sample()
         with self._lock:

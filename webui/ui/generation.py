@@ -16,7 +16,7 @@ from webui.engine.request import GenerationResult
 from webui.engine.xyz import PlotResult
 from webui.errors import UserError
 from webui.ui.common import Components, duration, error_html, field_label, status_html
-from webui.ui.memory_panel import memory_panel, panel_values
+from webui.ui.memory_panel import PLOTS, memory_panel, panel_values
 
 POLL_SECONDS = 0.3
 
@@ -85,7 +85,7 @@ def finished(future: Future, labels: dict[str, str], out: Components) -> dict:
     except Exception as e:  # the queue survived it; show it and stay usable
         return {out["status"]: error_html(f"Generation failed: {type(e).__name__}: {e}"),
                 out["preview"]: hidden_preview}
-    plots = [out[f"memory_{name}"] for name in ("timeline", "weights", "time")]
+    plots = [out[f"memory_{name}"] for name in PLOTS]
     return {
         out["gallery"]: result.images,
         out["infotext"]: result.infotexts[0] if result.infotexts else "",
