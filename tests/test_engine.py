@@ -157,3 +157,34 @@ def test_sdxl_vae_is_never_float16():
     assert vae_dtype_for(Family.SDXL, torch.float16) == torch.float32
     assert vae_dtype_for(Family.SDXL, torch.bfloat16) == torch.bfloat16
     assert vae_dtype_for(Family.SD1, torch.float16) == torch.float16
+
+
+def test_float16_vae_that_makes_nans_is_kept_in_float32_and_the_batch_decoded_again(engine):
+    request = GenerationRequest(prompt="a cat", seed=3, **SMALL)
+    engine.txt2img(request)
+    vae = engine.models.current.vae
+    with torch.no_grad():  # activations of 1e5 and more: fine in float32, inf (then NaN) in float16
+        vae.decoder.conv_in.weight.mul_(1e5)
+        vae.decoder.conv_in.bias.mul_(1e5)
+    reference = engine.txt2img(request)
+    assert pixels(reference.images).std() > 10 and not reference.notices
+    engine.memory.convert("vae", torch.float16)
+    retried = engine.txt2img(request)
+    assert vae.dtype == torch.float32 and engine.memory.components["vae"].module is vae
+    assert np.abs(pixels(retried.images) - pixels(reference.images)).max() <= 1  # float16-rounded weights
+    (notice,) = retried.notices
+    assert "NaN" in notice and "--no-half-vae" in notice
+    assert not engine.txt2img(request).notices, "said once: the VAE stays in float32"
+
+
+def test_denoiser_that_makes_nans_is_a_clear_error_not_a_black_image(engine):
+    engine.txt2img(GenerationRequest(prompt="warm up", seed=1, **SMALL))
+    weight = engine.models.current.denoiser.conv_in.weight
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight.fill_(float("nan"))
+    with pytest.raises(UserError, match="NaN.*--no-half"):
+        engine.txt2img(GenerationRequest(prompt="a cat", seed=1, **SMALL))
+    with torch.no_grad():
+        weight.copy_(kept)
+    assert engine.txt2img(GenerationRequest(prompt="a cat", seed=1, **SMALL)).images

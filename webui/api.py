@@ -220,7 +220,7 @@ def info_json(result: GenerationResult) -> str:
         "sd_model_hash": result.model_hash, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": None, "extra_generation_params": {}, "index_of_first_image": 0,
         "infotexts": result.infotexts, "styles": [], "job_timestamp": "", "clip_skip": result.clip_skip,
-        "is_using_inpainting_conditioning": False, "interrupted": result.interrupted,
+        "is_using_inpainting_conditioning": False, "interrupted": result.interrupted, "notices": result.notices,
     }, ensure_ascii=False)
 
 

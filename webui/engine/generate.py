@@ -91,7 +91,7 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
                 break
             progress.next_batch(batch_no)
             seeds = [job.seed + batch_no * req.batch_size + i for i in range(req.batch_size)]
-            images = _with_oom_retry(lambda: _sample_batch(model, memory, job, seeds, progress, bar, result.timings, hooks),
+            images = _with_oom_retry(lambda: _sample_batch(model, memory, job, seeds, progress, bar, result, hooks),
                                      memory, req)
             for image, seed in zip(images, seeds):
                 infotext = infotext_for(model, job, seed)
@@ -160,10 +160,10 @@ def _with_oom_retry(run: Callable[[], list[Image.Image]], memory: MemoryManager,
 
 @torch.inference_mode()
 def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seeds: list[int], progress: Progress,
-                  bar: tqdm, timings: dict[str, float], hooks: Hooks | None) -> list[Image.Image]:
+                  bar: tqdm, result: GenerationResult, hooks: Hooks | None) -> list[Image.Image]:
     req, device = job.request, memory.device
     dtype = compute_dtype(model.denoiser)
-    clock = PhaseClock(device, timings)
+    clock = PhaseClock(device, result.timings)
     memory.prepare([name for name in TEXT_ENCODERS if name in memory.components])
     use_cfg = req.cfg_scale > 1.0
     cond, uncond = _conditioning(model, job, use_cfg, device, dtype)
@@ -190,7 +190,11 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seed
     else:
         latents = _denoise_unet(model, req, seeds, generators, noise, cond, uncond if use_cfg else None, on_step)
     clock.lap("denoise")
-    images = decode(model, memory, latents)
+    if not torch.isfinite(latents).all():
+        raise UserError(f"The denoiser made NaN or infinite values (model {model.info.model_name}, "
+                        f"{dtype_name(dtype)}): its weights may be broken, or they overflow in {dtype_name(dtype)}. "
+                        "Try another checkpoint, or start with --no-half to compute in float32.")
+    images = decode(model, memory, latents, result.notices)
     clock.lap("decode")
     return images
 
@@ -291,14 +295,34 @@ def _sdxl_added_conditions(model: LoadedModel, req: GenerationRequest, cond: Con
     return {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids}
 
 
-def decode(model: LoadedModel, memory: MemoryManager, latents: torch.Tensor) -> list[Image.Image]:
-    """VAE decode to PIL images (tiled when a whole decode would not fit), rounded as diffusers does."""
-    vae = model.vae
+def decode(model: LoadedModel, memory: MemoryManager, latents: torch.Tensor,
+           notices: list[str] | None = None) -> list[Image.Image]:
+    """VAE decode to PIL images (tiled when a whole decode would not fit), rounded as diffusers does.
+
+    A half-precision VAE can overflow into NaNs (black images): then the VAE is kept in float32 from now on and the
+    batch decoded again, as A1111 does; what happened is said in ``notices`` and the log."""
+    pixels = _decode_pixels(model.vae, memory, latents)
+    half = compute_dtype(model.vae)
+    if half != torch.float32 and not torch.isfinite(pixels).all():
+        notice = (f"The VAE made NaN values in {dtype_name(half)}; it now runs in float32 (decoded again). "
+                  "Start with --no-half-vae to run the VAE in float32 from the start.")
+        log.warning(notice)
+        memory.convert("vae", torch.float32)
+        pixels = _decode_pixels(model.vae, memory, latents)
+        if notices is not None and notice not in notices:
+            notices.append(notice)
+    pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
+
+
+def _decode_pixels(vae: torch.nn.Module, memory: MemoryManager, latents: torch.Tensor) -> torch.Tensor:
     batch, _, h, w = latents.shape
     dtype = compute_dtype(vae)
     tiled = memory.prepare_decode("vae", vae_decode_bytes(w * 8, h * 8, batch, dtype))
     vae.enable_tiling() if tiled else vae.disable_tiling()
     latents = latents.to(memory.device, dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-    pixels = vae.decode(latents).sample
-    pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
+    return vae.decode(latents).sample
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

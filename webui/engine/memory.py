@@ -257,6 +257,14 @@ class MemoryManager:
         """Let a component go: its weights back to host memory, its streaming hooks removed."""
         self._place(self.components.pop(name), set(), stream=False, pin_host=False)
 
+    def convert(self, name: str, dtype: torch.dtype) -> None:
+        """Keep a component in another dtype from now on (the VAE's float32 retry after float16 overflowed). The
+        conversion happens in host memory, so the device never holds both copies."""
+        component = self.components[name]
+        self.unregister(name)
+        # nn.Module's to(), not diffusers' ModelMixin.to(), which warns about any cast made by hand
+        self.register(name, nn.Module.to(component.module, dtype), component.companion_of)
+
     def release_all(self) -> None:
         """Forget every component (the model is being unloaded): weights back to the host, unpinned since
         nobody will stream them again, and the device's cached blocks returned to the driver."""

@@ -114,6 +114,7 @@ class GenerationResult:
     memory: GenerationStats | None = None
     memory_timeline: MemoryTimeline | None = None  # memory over time, from loading to the last image (a plot's: all)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase: encode, denoise, decode
+    notices: list[str] = field(default_factory=list)  # what the user should know (a VAE kept in float32)
 
     @property
     def seed(self) -> int:

@@ -176,7 +176,8 @@ class PlotResult:
             seeds=[cell.seed for _, _, cell in parts], prompts=[cell.prompts[0] for _, _, cell in parts],
             negative_prompts=[cell.negative_prompts[0] for _, _, cell in parts],
             paths=[self.grid_path] if self.grid_path else [], interrupted=self.interrupted,
-            seconds=sum(cell.seconds for cell in made), memory_timeline=self.memory_timeline)
+            seconds=sum(cell.seconds for cell in made), memory_timeline=self.memory_timeline,
+            notices=list(dict.fromkeys(notice for cell in made for notice in cell.notices)))
 
 
 def find_axis(axes: list[Axis], wanted: str, field: str = "x_type") -> Axis:

@@ -120,4 +120,5 @@ def progress_html(progress: Progress, future: Future) -> str:
 def done_text(result: GenerationResult) -> str:
     what = "Interrupted" if result.interrupted else "Done"
     text = f"{what}: {len(result.images)} image(s) in {duration(result.seconds)}, seed {result.seed}."
-    return f"{text} {result.memory.line()}" if result.memory else text
+    text = f"{text} {result.memory.line()}" if result.memory else text
+    return " ".join([text, *result.notices])
