@@ -1,11 +1,15 @@
 """POST /sdapi/v1/txt2img: A1111's request and response shape, clear 422s, same path as the UI."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import threading
 from pathlib import Path
 
+import anyio
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -58,7 +62,8 @@ def test_images_are_not_saved_unless_asked(client, tmp_path):
                                           ({"steps": 0}, "steps"), ({"sampler_name": "Bogus"}, "sampler_name"),
                                           ({"enable_hr": True}, "enable_hr"), ({"no_such_field": 1}, "no_such_field"),
                                           ({"override_settings": {"sd_model_checkpoint": "missing"}},
-                                           "sd_model_checkpoint")])
+                                           "sd_model_checkpoint"),
+                                          ({"eta": 0.5, "sampler_name": 5}, "sampler_name")])
 def test_bad_requests_get_422_naming_the_field_and_the_server_goes_on(client, change, field):
     reply = client.post("/sdapi/v1/txt2img", json={**BODY, **change})
     assert reply.status_code == 422 and reply.json()["field"] == field, reply.text
@@ -233,7 +238,9 @@ def test_override_settings_hold_for_the_request_or_stay_when_asked(client, engin
 @pytest.mark.parametrize("overrides,field", [({"forge_async_loading": "Sometimes"}, "forge_async_loading"),
                                              ({"no_such_option": 1}, "no_such_option"),
                                              ({"eta_noise_seed_delta": 31337}, "eta_noise_seed_delta"),
-                                             ({"sd_vae": "missing.safetensors"}, "sd_vae")])
+                                             ({"sd_vae": "missing.safetensors"}, "sd_vae"),
+                                             ({"max_image_side": 8192}, "max_image_side"),
+                                             ({"max_steps": 1000}, "max_steps")])
 def test_overrides_this_app_cannot_honour_are_refused_and_nothing_changes(client, engine, overrides, field):
     before = engine.options.as_dict()
     reply = client.post("/sdapi/v1/txt2img", json={**BODY, "override_settings": overrides,
@@ -361,3 +368,55 @@ def test_empty_and_long_unicode_prompts_make_an_image(client, prompt):
     reply = client.post("/sdapi/v1/txt2img", json={**BODY, "prompt": prompt})
     assert reply.status_code == 200 and len(reply.json()["images"]) == BODY["batch_size"]
     assert json.loads(reply.json()["info"])["prompt"] == prompt
+
+
+def test_prompt_length_and_plot_size_have_limits_in_the_settings(client, engine):
+    engine.set_options({"max_prompt_length": 100, "max_plot_cells": 4})
+    for field in ("prompt", "negative_prompt"):
+        reply = client.post("/sdapi/v1/txt2img", json={**BODY, field: "a" * 101})
+        assert reply.status_code == 422 and reply.json()["field"] == field
+        assert "101 characters" in reply.json()["detail"] and "max_prompt_length" in reply.json()["detail"]
+    assert client.post("/sdapi/v1/txt2img", json={**BODY, "prompt": "a" * 100}).status_code == 200
+    plot = {**PLOT, "script_args": xyz_args((4, "1-3", None), (6, "3, 7", None))}
+    reply = client.post("/sdapi/v1/txt2img", json=plot)
+    assert reply.status_code == 422 and "3 x 2 x 1 = 6 cells" in reply.json()["detail"]
+    assert engine.progress.job == "" and not engine.progress.cell_count, "refused before any cell ran"
+
+
+def test_requests_waiting_in_the_queue_hold_no_thread_and_a_full_queue_answers_503(engine):
+    """With fewer worker threads than waiting requests, /progress still answers at once (a waiting txt2img holds
+    no thread); one request more than max_queued_jobs is a 503 saying so; the waiting ones then all run."""
+    jobs = JobQueue(engine)
+    app = FastAPI()
+    register_api(app, jobs)
+    engine.set_options({"max_queued_jobs": 6})
+    release = threading.Event()
+    jobs.submit_call("block the worker", release.wait)
+
+    async def clients() -> list[httpx.Response]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 2
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            waiting = [asyncio.ensure_future(http.post("/sdapi/v1/txt2img", json={**BODY, "batch_size": 1, "seed": i}))
+                       for i in range(6)]
+            try:
+                with anyio.fail_after(30):  # a waiting request that held a thread would starve the others
+                    while jobs.pending < 6:
+                        await asyncio.sleep(0.01)
+                    progress = await http.get("/sdapi/v1/progress")
+                assert progress.json()["state"]["queued"] == 6
+                full = await http.post("/sdapi/v1/txt2img", json=BODY)
+                assert full.status_code == 503 and full.headers["retry-after"], full.text
+                assert "6 jobs are waiting" in full.json()["detail"] and "max_queued_jobs" in full.json()["detail"]
+            finally:
+                release.set()
+            return await asyncio.gather(*waiting)
+
+    replies = anyio.run(clients)
+    assert [json.loads(reply.json()["info"])["seed"] for reply in replies] == list(range(6))
+
+
+def test_whole_numbers_sent_as_floats_make_the_same_image(client):
+    as_ints = client.post("/sdapi/v1/txt2img", json=BODY).json()
+    as_floats = client.post("/sdapi/v1/txt2img", json={**BODY, "width": 64.0, "height": 64.0, "steps": 3.0,
+                                                       "seed": 42.0, "batch_size": 2.0, "n_iter": 1.0}).json()
+    assert as_floats["images"] == as_ints["images"]

@@ -371,3 +371,24 @@ def test_the_demo_model_and_its_gguf_twin_draw_the_prompt_on_the_gpu(tmp_path, f
             prompt=scene.caption(), width=128, height=128, steps=20, seed=seed, save_images=False,
             checkpoint=checkpoint, modules=modules)).images[0]).matches(scene) for seed, scene in enumerate(scenes)]
         assert sum(matched) / len(matched) >= 0.9, (checkpoint, flags, matched)
+
+
+@requires_cuda
+def test_a_float16_vae_that_makes_nans_is_decoded_again_in_float32_on_the_gpu(tmp_path, sd1_file):
+    engine = make_engine(tmp_path, sd1_file, extra_args=("--device", "cuda"))
+    request = GenerationRequest(**REQ)
+    engine.txt2img(request)
+    vae = engine.models.current.vae
+    engine.memory.convert("vae", torch.float16)
+    with torch.no_grad():  # activations of 1e5 and more: inf (then NaN) in float16, fine in float32
+        vae.decoder.conv_in.weight.mul_(1e5)
+        vae.decoder.conv_in.bias.mul_(1e5)
+    retried = engine.txt2img(request)
+    (notice,) = retried.notices
+    assert "--no-half-vae" in notice and as_array(retried.images).std() > 10
+    assert vae.dtype == torch.float32 and vae.device.type == "cuda"
+    again = engine.txt2img(request)
+    assert not again.notices and np.array_equal(as_array(again.images), as_array(retried.images))
+    assert again.memory.moved_mb == 0, "the float32 VAE stays on the GPU like the float16 one did"
+    components = engine.memory.components.values()
+    assert engine.memory.resident_bytes() == sum(c.nbytes for c in components), "no float16 copy left behind"

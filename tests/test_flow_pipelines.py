@@ -237,7 +237,7 @@ def test_ui_shows_the_fields_of_the_checkpoints_family(tmp_path, files):
 
 def test_api_request_takes_distilled_cfg_and_modules_per_request(tmp_path, files):
     pytest.importorskip("fastapi")
-    from webui.api import read_txt2img
+    from webui.api_body import read_txt2img
 
     engine = engine_for(tmp_path, files, "flux-aio.safetensors", "flux-transformer.safetensors")
     whole = images(engine.txt2img(flux_request("flux-aio.safetensors", distilled_cfg_scale=5.0)))

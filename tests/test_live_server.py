@@ -11,12 +11,14 @@ import threading
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 import requests
 from gradio_client import Client
 from PIL import Image
 
 from tests.live import Server, start_server
+from webui.engine.infotext import parse_infotext, read_png_infotext
 
 AUTH = ("alice", "pass:word")
 BODY = {"prompt": "a red circle", "negative_prompt": "", "width": 64, "height": 64, "steps": 3, "cfg_scale": 5,
@@ -134,3 +136,53 @@ def test_settings_survive_a_restart_and_bad_requests_leave_the_server_running(tm
             (False, 900, "kept")
     finally:
         second.stop()
+
+
+def test_twenty_simultaneous_requests_with_interrupts_and_skips_each_get_their_own_images(server):
+    """Twenty clients at once, each with its own prompt and seeds, while interrupts and skips hit whatever runs:
+    every request is answered, every image (returned or saved) carries its own request's prompt and seed, the
+    saved file is the returned image, and the server's memory stays bounded."""
+    process = psutil.Process(server.process.pid)
+    assert server.api("POST", "txt2img", json=BODY).status_code == 200  # warm: the model is loaded
+    rss_before = process.memory_info().rss
+    bodies = {i: {**BODY, "prompt": f"request {i}, a red circle", "seed": 7000 + 10 * i, "steps": 8,
+                  "batch_size": 1 + i % 2, "n_iter": 1 + i % 3, "save_images": True} for i in range(20)}
+    results: dict[int, requests.Response] = {}
+
+    def post(i: int) -> None:
+        results[i] = server.api("POST", "txt2img", json=bodies[i])
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in bodies]
+    for thread in threads:
+        thread.start()
+    rss_peak, hits = rss_before, 0
+    while any(thread.is_alive() for thread in threads):
+        time.sleep(0.7)
+        interrupt = hits % 3 == 0 and hits < 12  # four interrupts, each stops the job running then; skips go on
+        assert server.api("POST", "interrupt" if interrupt else "skip").status_code == 200
+        hits += 1
+        rss_peak = max(rss_peak, process.memory_info().rss)
+    assert sorted(results) == list(bodies) and all(r.status_code == 200 for r in results.values())
+    saved = {}
+    for path in (server.log_path.parent / "outputs").rglob("*.png"):
+        params = parse_infotext(read_png_infotext(path))
+        saved[params["Prompt"], params["Seed"]] = pixels(str(path))
+    interrupted = 0
+    for i, reply in results.items():
+        info = json.loads(reply.json()["info"])
+        interrupted += info["interrupted"]
+        body = bodies[i]
+        seeds = {str(body["seed"] + k) for k in range(body["batch_size"] * body["n_iter"])}
+        assert len(reply.json()["images"]) == len(info["infotexts"]) <= len(seeds)
+        for image, infotext in zip(reply.json()["images"], info["infotexts"]):
+            params = parse_infotext(infotext)
+            assert params["Prompt"] == body["prompt"] and params["Seed"] in seeds, f"request {i} got {infotext}"
+            assert Image.open(io.BytesIO(base64.b64decode(image))).info["parameters"] == infotext
+            key = params["Prompt"], params["Seed"]
+            assert key in saved or info["interrupted"], f"request {i}: {infotext} not saved"
+            assert saved.get(key, pixels(image)) == pixels(image), f"request {i}: another image saved as {key}"
+        if not info["interrupted"]:
+            assert len(info["infotexts"]) == len(seeds), f"request {i} was not interrupted but lost images"
+    assert 0 < interrupted <= 4, "an interrupt stops the job running then, and only that one"
+    assert (rss_peak - rss_before) / 2**20 < 200, f"RSS grew {(rss_peak - rss_before) / 2**20:.0f} MB"
+    assert server.api("GET", "progress").json()["state"]["queued"] == 0

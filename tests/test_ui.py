@@ -16,10 +16,11 @@ from webui.engine.engine import Engine
 from webui.engine.infotext import read_png_infotext
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest
+from webui.errors import Busy
 from webui.jobs import JobQueue
 from webui.settings import AppConfig
 from webui.ui import build_ui
-from webui.ui.generation import progress_html
+from webui.ui.generation import generator, progress_html
 from webui.ui.model_row import checkpoint_choices, gpu_weights_mb, set_gpu_weights, total_memory_mb, vae_choices
 
 SMALL = {"prompt": "a red apple", "width": 64, "height": 64, "steps": 2}
@@ -264,3 +265,12 @@ def test_share_says_where_the_ui_is_or_why_there_is_no_public_link(engine, monke
     else:
         assert "Could not create a public share link" in caplog.text
         assert "still served locally at http://127.0.0.1:7860/" in caplog.text
+
+
+def test_a_job_refused_before_it_is_queued_is_shown_like_any_refused_job(engine):
+    def full_queue(values: tuple) -> Future:
+        raise Busy("100 jobs are waiting already (the most is 100, max_queued_jobs in Settings)")
+
+    out = {name: name for name in ("gallery", "infotext", "status", "preview")}
+    *_, last = generator(engine, {}, out, full_queue)()
+    assert "gen-error" in last["status"] and "max_queued_jobs" in last["status"]

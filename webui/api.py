@@ -1,6 +1,7 @@
 """The AUTOMATIC1111-compatible HTTP API (/sdapi/v1): thin — validate, queue, shape the reply."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -8,7 +9,6 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Request, Response
@@ -17,175 +17,31 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image, PngImagePlugin
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from webui.api_body import (
+    MAX_MARGIN,
+    PNG_INFO_BODY_SCHEMA,
+    XYZ_SCRIPT,
+    options_body_schema,
+    read_txt2img,
+    txt2img_body_schema,
+    xyz_script,
+)
 from webui.engine.engine import Engine
 from webui.engine.files import checkpoint_title, short_hash
 from webui.engine.infotext import parse_infotext, read_png_infotext
 from webui.engine.progress import Progress
-from webui.engine.request import GenerationRequest, GenerationResult
-from webui.engine.samplers import api_samplers, api_schedulers, find_sampler
-from webui.engine.xyz import BUILTIN_AXES, SCRIPT_ARGS, Axis, AxisChoice, PlotOptions, plot_from_args
-from webui.errors import UserError
+from webui.engine.request import GenerationResult
+from webui.engine.samplers import api_samplers, api_schedulers
+from webui.engine.xyz import SCRIPT_ARGS
+from webui.errors import Busy, UserError
 from webui.extensions import extensions_of, plot_axes
-from webui.jobs import JobQueue, Overrides
-from webui.settings import Options
+from webui.jobs import JobQueue
 
 log = logging.getLogger(__name__)
-
-# Every field of A1111/Forge's txt2img request falls in one of these groups. Clients send them all, mostly at
-# their defaults; a value this app cannot honour is a 422 naming the field.
-ENGINE_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "distilled_cfg_scale",
-                 "sampler_name", "scheduler", "seed", "batch_size", "n_iter")
-# Read here (send_images, save_images, the do_not_save_* two, override_settings and its restore flag, sampler_index,
-# eta) or by xyz_script (script_name, script_args); force_task_id names the job for A1111's UI, which has no use here.
-FLAG_FIELDS = ("send_images", "save_images", "do_not_save_samples", "do_not_save_grid",
-               "override_settings_restore_afterwards")
-READ_FIELDS = (*FLAG_FIELDS, "override_settings", "sampler_index", "eta", "script_name", "script_args",
-               "force_task_id")
-# Accepted only at the values that make A1111 do nothing extra.
-DEFAULT_ONLY_FIELDS: dict[str, list] = {
-    "styles": [None, []], "subseed": [-1, None], "subseed_strength": [0, 0.0, None],
-    "seed_resize_from_h": [-1, 0, None], "seed_resize_from_w": [-1, 0, None],
-    "restore_faces": [False, None], "tiling": [False, None], "s_min_uncond": [None, 0, 0.0], "s_churn": [None, 0, 0.0],
-    "s_tmax": [None, 0, 0.0], "s_tmin": [None, 0, 0.0], "s_noise": [None, 1, 1.0], "enable_hr": [False, None],
-    "refiner_checkpoint": [None, "", "None"], "disable_extra_networks": [False, None], "firstpass_image": [None, ""],
-    "comments": [None, {}], "alwayson_scripts": [None, {}], "infotext": [None, ""],
-}
-# A1111 reads these only with enable_hr or a refiner_checkpoint, which this app refuses: any value does nothing.
-IGNORED_FIELDS = ("denoising_strength", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
-                  "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
-                  "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "hr_cfg",
-                  "hr_distilled_cfg", "refiner_switch_at")
-# override_settings keys that are request fields too: the request checks them as strictly as its own fields.
-OVERRIDE_FIELDS = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip",
-                   "forge_additional_modules": "modules"}
-
-XYZ_SCRIPT = "x/y/z plot"
-# Forge's txt2img X/Y/Z axes in their order: clients name an axis by its index in this list (those it adds after
-# these are the extensions' axes). The ones this app has are found by label; the others are refused by name.
-FORGE_AXES = (
-    "Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "Hires steps", "CFG Scale", "Distilled CFG Scale",
-    "Prompt S/R", "Prompt order", "Sampler", "Hires sampler", "Checkpoint name", "Negative Guidance minimum sigma",
-    "Sigma Churn", "Sigma min", "Sigma max", "Sigma noise", "Schedule type", "Schedule min sigma",
-    "Schedule max sigma", "Schedule rho", "Beta schedule alpha", "Beta schedule beta", "Eta", "Clip skip",
-    "Denoising", "Initial noise multiplier", "Extra noise", "Hires upscaler", "VAE", "Styles", "UniPC Order",
-    "Face restore", "Token merging ratio", "Token merging ratio high-res", "Always discard next-to-last sigma",
-    "SGM noise multiplier", "Refiner checkpoint", "Refiner switch at", "RNG source", "FP8 mode", "Size",
-)
-MAX_MARGIN = 500
-_MISSING = object()
-
-
-@dataclass(frozen=True)
-class Txt2ImgCall:
-    """An A1111 txt2img body, read: the engine's request and what the API does around it."""
-
-    request: GenerationRequest
-    overrides: Overrides
-    send_images: bool
-    save_grid: bool
-
-
-def read_txt2img(body: Any, options: Options) -> Txt2ImgCall:
-    """Check every field of an A1111 txt2img body (UserError naming the first one this app cannot honour)."""
-    if not isinstance(body, dict):
-        raise UserError("the request body must be a JSON object", field="body")
-    for key, value in body.items():
-        if key in ENGINE_FIELDS or key in READ_FIELDS or key in IGNORED_FIELDS:
-            continue
-        if key not in DEFAULT_ONLY_FIELDS:
-            raise UserError(f"unknown field {key!r}", field=key)
-        if value not in DEFAULT_ONLY_FIELDS[key]:
-            raise UserError(f"this app cannot do {key}={value!r} yet; leave it at its default", field=key)
-    flags = {key: body.get(key) for key in FLAG_FIELDS}
-    for key, value in flags.items():
-        if value is not None and not isinstance(value, bool):
-            raise UserError(f"must be true or false, got {value!r}", field=key)
-    fields = {k: body[k] for k in ENGINE_FIELDS if body.get(k) is not None}
-    if not fields.get("sampler_name") and body.get("sampler_index"):
-        fields["sampler_name"] = body["sampler_index"]  # A1111's older name for it, used when sampler_name is not
-    overrides = overrides_of(body, options)
-    fields.update({OVERRIDE_FIELDS[k]: v for k, v in overrides.values.items() if k in OVERRIDE_FIELDS})
-    save = bool(flags["save_images"])  # A1111's API saves nothing unless asked
-    fields["save_images"] = save and not flags["do_not_save_samples"]
-    request = GenerationRequest.from_dict(fields)
-    _check_eta(body.get("eta"), request.sampler_name)
-    return Txt2ImgCall(request, overrides, flags["send_images"] is not False, save and not flags["do_not_save_grid"])
-
-
-def overrides_of(body: dict[str, Any], options: Options) -> Overrides:
-    """``override_settings``, checked like any change of options; a key this app has no option for is refused
-    unless it asks for the value the store already keeps for it."""
-    given = body.get("override_settings") or {}
-    if not isinstance(given, dict):
-        raise UserError("must be an object of option names to values", field="override_settings")
-    for key, value in given.items():
-        if not options.knows(key) and options.get(key, _MISSING) != value:
-            raise UserError(f"override_settings: this app has no option {key!r}", field=key)
-    try:
-        values = options.checked(given)
-    except UserError as e:
-        raise UserError(f"override_settings: {e.message}", field=e.field) from None
-    return Overrides(values, restore=body.get("override_settings_restore_afterwards") is not False)
-
-
-def _check_eta(eta: Any, sampler_name: str) -> None:
-    """eta is honoured where it is the one the sampler samples with, or plays no part in it."""
-    if eta is None:
-        return
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
-        raise UserError(f"must be a number, got {eta!r}", field="eta")
-    sampler, _ = find_sampler(sampler_name)
-    if sampler.eta is not None and eta != sampler.eta:
-        raise UserError(f"{sampler.name} samples with eta {sampler.eta:g} here; it cannot do {eta!r}", field="eta")
-
-
-def xyz_script(body: dict[str, Any], axes: list[Axis]) -> tuple[list[AxisChoice], PlotOptions] | None:
-    """The X/Y/Z plot (axes, options) a request asks for with ``script_name`` / ``script_args``; None where it names
-    no script. Types are checked here; an axis type may be Forge's index of it."""
-    name = body.get("script_name")
-    if name in (None, ""):
-        return None
-    if not isinstance(name, str) or name.strip().lower() != XYZ_SCRIPT:
-        raise UserError(f"no script {name!r}; the one script is {XYZ_SCRIPT!r}", field="script_name")
-    given = body.get("script_args") or []
-    if not isinstance(given, list) or len(given) > len(SCRIPT_ARGS):
-        raise UserError(f"must be a list of at most {len(SCRIPT_ARGS)} values, in this order: "
-                        f"{', '.join(SCRIPT_ARGS)}", field="script_args")
-    args = dict(zip(SCRIPT_ARGS, given))
-    for key, value in args.items():
-        if isinstance(SCRIPT_ARGS[key], bool) and not isinstance(value, bool):
-            raise UserError(f"{key} must be true or false, got {value!r}", field="script_args")
-    margin = args.get("margin_size", 0)
-    if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= MAX_MARGIN:
-        raise UserError(f"margin_size must be a whole number of pixels from 0 to {MAX_MARGIN}, got {margin!r}",
-                        field="script_args")
-    for axis in "xyz":
-        _check_axis_args(args, axis, axes)
-    return plot_from_args(args, axes)
-
-
-def _check_axis_args(args: dict[str, Any], name: str, axes: list[Axis]) -> None:
-    """One axis' arguments: its type a label or Forge's index (replaced by the label), its values text, its picked
-    values a list."""
-    field = f"{name}_type"
-    wanted = args.get(field, SCRIPT_ARGS[field])
-    if isinstance(wanted, int) and not isinstance(wanted, bool):
-        if 0 <= wanted < len(FORGE_AXES):
-            args[field] = FORGE_AXES[wanted]
-        elif 0 <= wanted - len(FORGE_AXES) < len(axes) - len(BUILTIN_AXES):  # plot_axes: extensions' axes last
-            args[field] = axes[len(BUILTIN_AXES) + wanted - len(FORGE_AXES)].label
-        else:
-            raise UserError(f"no X/Y/Z axis at index {wanted}", field=field)
-    elif not isinstance(wanted, str):
-        raise UserError(f"an axis is a label or Forge's index of it, got {wanted!r}", field=field)
-    if not isinstance(args.get(f"{name}_values", ""), str):
-        raise UserError(f"must be text, got {args[f'{name}_values']!r}", field=f"{name}_values")
-    picked = args.get(f"{name}_values_dropdown")
-    if picked is not None and not (isinstance(picked, list) and all(isinstance(v, (str, int, float)) for v in picked)):
-        raise UserError(f"must be a list of values, got {picked!r}", field=f"{name}_values_dropdown")
-
 
 SECRET_FLAGS = ("api_auth", "gradio_auth")
 
@@ -287,8 +143,47 @@ def script_info() -> list[dict[str, Any]]:
     return [{"name": XYZ_SCRIPT, "is_alwayson": False, "is_img2img": False, "args": args}]
 
 
+class ApiError(BaseModel):
+    """A refused or failed call, in A1111's shape: what is wrong, and the request field at fault where one is."""
+
+    error: str
+    field: str | None = None
+    detail: str
+    errors: str
+
+
+class RequestNotRead(BaseModel):
+    """FastAPI's own 422: a body that is not JSON, a query parameter of the wrong type."""
+
+    detail: list[dict[str, Any]]
+
+
+class Message(BaseModel):
+    """What the server answers by itself (a body that is not JSON, a login missing)."""
+
+    detail: str
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: {"model": ApiError | RequestNotRead, "description": "A field this app cannot honour, named"},
+    500: {"model": ApiError, "description": "The call failed; the server goes on"},
+}
+QUEUED_RESPONSES = {503: {"model": ApiError, "description": "The generation queue is full (max_queued_jobs)"}}
+LOGIN_RESPONSES = {401: {"model": Message, "description": "No login, or a wrong one (--api-auth)"}}
+BODY_RESPONSES = {400: {"model": Message, "description": "The body is not JSON"}}
+
+
+def json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """openapi_extra for a route that reads its body by hand: the body it takes, for /docs and clients."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def error_response(error: Exception) -> JSONResponse:
-    """A1111's error shape: 422 naming the field at fault for what the user can fix, 500 for anything else."""
+    """A1111's error shape: 422 naming the field at fault for what the user can fix, 503 when the queue is full,
+    500 for anything else."""
+    if isinstance(error, Busy):
+        return JSONResponse(status_code=503, content={"error": "Busy", "detail": error.message, "errors": str(error)},
+                            headers={"Retry-After": "10"})
     if isinstance(error, UserError):
         return JSONResponse(status_code=422, content={"error": "UserError", "field": error.field,
                                                       "detail": error.message, "errors": str(error)})
@@ -352,16 +247,19 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
 
     engine = jobs.engine
 
-    def txt2img(body: Any = Body(...)) -> dict[str, Any]:
+    async def txt2img(body: Any = Body(...)) -> dict[str, Any]:
+        """Async: a request waiting in the queue holds no worker thread, so however many wait, /progress,
+        /interrupt and /skip are answered at once."""
         call = read_txt2img(body, engine.options)
         script = xyz_script(body, plot_axes(engine))
         if script is None:
-            result = jobs.run(call.request, call.overrides)
+            result = await asyncio.wrap_future(jobs.submit(call.request, call.overrides))
         else:
-            result = jobs.run_plot(call.request, *script, save_grid=call.save_grid,
-                                   overrides=call.overrides).as_result()
-        images = [encode_png(img, text) for img, text in zip(result.images, result.infotexts)] \
-            if call.send_images else []
+            plot = await asyncio.wrap_future(jobs.submit_plot(call.request, *script, save_grid=call.save_grid,
+                                                              overrides=call.overrides))
+            result = plot.as_result()
+        images = await run_in_threadpool(lambda: [encode_png(img, text) for img, text in
+                                                  zip(result.images, result.infotexts)] if call.send_images else [])
         return {"images": images, "parameters": body, "info": info_json(result)}
 
     def memory() -> dict[str, Any]:
@@ -391,9 +289,9 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
     def refresh_vae() -> None:
         """The VAE and text encoder lists are read from their folders at every call: nothing to do."""
 
-    def reload_checkpoint() -> None:
+    async def reload_checkpoint() -> None:
         """Load the selected checkpoint now, in the generation queue (it waits for the running job)."""
-        jobs.run_call("reload-checkpoint", engine.load_selected)
+        await asyncio.wrap_future(jobs.submit_call("reload-checkpoint", engine.load_selected))
 
     routes = [
         ("/txt2img", txt2img, "POST", "Text to image (A1111 request and response shape)"),
@@ -425,9 +323,16 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
     args = engine.config.args
     extra = {"dependencies": [Depends(basic_auth(args.api_auth))] if args.api_auth else None,
              "route_class_override": route_class(args.api_log)}
+    responses = ERROR_RESPONSES | (LOGIN_RESPONSES if args.api_auth else {})
+    bodies = {"/txt2img": txt2img_body_schema(), "/options": options_body_schema(), "/png-info": PNG_INFO_BODY_SCHEMA}
+    queued = ("/txt2img", "/reload-checkpoint")
     for path, endpoint, method, summary in routes:
-        app.router.add_api_route(f"/sdapi/v1{path}", endpoint, methods=[method], tags=["sdapi"], summary=summary, **extra)
+        body = bodies.get(path) if method == "POST" else None
+        app.router.add_api_route(
+            f"/sdapi/v1{path}", endpoint, methods=[method], tags=["sdapi"], summary=summary,
+            responses=responses | (QUEUED_RESPONSES if path in queued else {}) | (BODY_RESPONSES if body else {}),
+            openapi_extra=json_body(body) if body else None, **extra)
     for route in extensions_of(engine).routes:
         app.router.add_api_route(route.path, route.endpoint, methods=list(route.methods), tags=[f"extension {route.owner}"],
-                          **extra)
+                                 responses=responses, **extra)
     app.openapi_schema = None  # made again with these routes at the next /openapi.json

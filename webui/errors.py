@@ -18,6 +18,10 @@ class UserError(Exception):
         return f"{self.field}: {self.message}" if self.field else self.message
 
 
+class Busy(UserError):
+    """The generation queue is full: try again later (the API answers 503)."""
+
+
 class ModelFileError(UserError):
     """A model file that cannot be read or understood."""
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from webui.engine.engine import Engine
-from webui.engine.request import GenerationRequest, GenerationResult
-from webui.engine.xyz import AxisChoice, PlotOptions, PlotResult, run_plot
-from webui.errors import UserError
+from webui.engine.request import GenerationRequest
+from webui.engine.xyz import AxisChoice, PlotOptions, run_plot
+from webui.errors import Busy, UserError
 from webui.extensions import plot_axes
 
 log = logging.getLogger(__name__)
@@ -48,16 +48,9 @@ class JobQueue:
                             lambda: run_plot(self.engine, base, choices, plot_axes(self.engine), options, save_grid),
                             overrides)
 
-    def run(self, request: GenerationRequest, overrides: Overrides | None = None) -> GenerationResult:
-        return self.submit(request, overrides).result()
-
-    def run_plot(self, base: GenerationRequest, choices: list[AxisChoice], options: PlotOptions,
-                 save_grid: bool | None = None, overrides: Overrides | None = None) -> PlotResult:
-        return self.submit_plot(base, choices, options, save_grid, overrides).result()
-
-    def run_call(self, name: str, work: Callable[[], Any]) -> Any:
-        """Run other engine work (loading a model) in the queue, after the jobs before it; its result."""
-        return self._submit(name, work).result()
+    def submit_call(self, name: str, work: Callable[[], Any]) -> Future:
+        """Queue other engine work (loading a model), after the jobs before it; the future holds its result."""
+        return self._submit(name, work)
 
     @property
     def pending(self) -> int:
@@ -70,6 +63,10 @@ class JobQueue:
         self.engine.progress.skip()
 
     def _submit(self, name: str, work: Callable[[], Any], overrides: Overrides | None = None) -> Future:
+        most = self.engine.options.get("max_queued_jobs")
+        if self.pending >= most:
+            raise Busy(f"{self.pending} jobs are waiting already (the most is {most}, max_queued_jobs in Settings); "
+                       "try again when some have finished")
         future: Future = Future()
         self._queue.put((name, work if overrides is None else self._overridden(work, overrides), future))
         return future

@@ -48,6 +48,9 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "max_steps": 150,
     "max_batch_size": 8,
     "max_batch_count": 100,
+    "max_prompt_length": 20_000,
+    "max_plot_cells": 1000,
+    "max_queued_jobs": 100,
 }
 # A1111 options for things this app always does one way: listed (clients read and post back the whole store) and
 # accepted at that value only, so that a request asking for another one is refused rather than quietly ignored.
@@ -80,6 +83,19 @@ OPTION_RANGES: dict[str, tuple[float, float]] = {
     "max_steps": (1, 1000),
     "max_batch_size": (1, 64),
     "max_batch_count": (1, 1000),
+    "max_prompt_length": (100, 1_000_000),
+    "max_plot_cells": (1, 100_000),
+    "max_queued_jobs": (1, 10_000),
+}
+# What one request may ask for: set in Settings or POST /options, never by a request's override_settings.
+LIMIT_OPTIONS = {
+    "max_image_side": "Largest width or height (pixels)",
+    "max_steps": "Most sampling steps",
+    "max_batch_size": "Largest batch size",
+    "max_batch_count": "Largest batch count",
+    "max_prompt_length": "Longest prompt or negative prompt (characters)",
+    "max_plot_cells": "Most X/Y/Z plot cells",
+    "max_queued_jobs": "Most jobs waiting in the queue (one more is refused as busy: the API's 503)",
 }
 
 # The Settings tab, by section: each option with its label. The others are on the model row and the txt2img tab.
@@ -99,12 +115,7 @@ OPTION_SECTIONS: dict[str, dict[str, str]] = {
         "sd_checkpoints_limit": "Checkpoints to keep in memory (0: as many as fit, up to 3, in half of the RAM)",
         "sd3_enable_t5": "Use the T5 text encoder of SD3.x checkpoints",
     },
-    "Limits (the API's too)": {
-        "max_image_side": "Largest width or height (pixels)",
-        "max_steps": "Most sampling steps",
-        "max_batch_size": "Largest batch size",
-        "max_batch_count": "Largest batch count",
-    },
+    "Limits (the API's too)": LIMIT_OPTIONS,
 }
 
 

@@ -191,9 +191,12 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seed
         latents = _denoise_unet(model, req, seeds, generators, noise, cond, uncond if use_cfg else None, on_step)
     clock.lap("denoise")
     if not torch.isfinite(latents).all():
-        raise UserError(f"The denoiser made NaN or infinite values (model {model.info.model_name}, "
-                        f"{dtype_name(dtype)}): its weights may be broken, or they overflow in {dtype_name(dtype)}. "
-                        "Try another checkpoint, or start with --no-half to compute in float32.")
+        what = f"The denoiser made NaN or infinite values ({model.info.model_name}, {dtype_name(dtype)})."
+        if dtype == torch.float32:
+            raise UserError(f"{what} Its weights, a LoRA or an extension may be broken: try without the last LoRA "
+                            "or extension, or another checkpoint.")
+        raise UserError(f"{what} It may overflow in {dtype_name(dtype)}: start with --no-half to compute in float32, "
+                        "or try another checkpoint.")
     images = decode(model, memory, latents, result.notices)
     clock.lap("decode")
     return images

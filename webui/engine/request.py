@@ -13,6 +13,8 @@ from webui.engine.memory_trace import MemoryTimeline
 from webui.errors import UserError
 
 MAX_SEED = 2**32 - 1
+MIN_SIDE, SIDE_MULTIPLE = 64, 8  # pixels; latents are 1/8 of the image
+MAX_CFG = 100
 
 
 @dataclass
@@ -46,24 +48,33 @@ class GenerationRequest:
         return asdict(self)
 
     def validate(self, limits: dict[str, Any]) -> None:
-        """Raise UserError naming the first bad field. ``limits`` is the options store's values."""
-        _text(self.prompt, "prompt")
-        _text(self.negative_prompt, "negative_prompt")
+        """Raise UserError naming the first bad field. ``limits`` is the options store's values. Whole numbers sent
+        as floats (JSON clients send 64.0) become ints."""
+        longest = limits.get("max_prompt_length", 20_000)
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(self, name)
+            _text(text, name)
+            if len(text) > longest:
+                raise UserError(f"is {len(text)} characters long; the most is {longest} (max_prompt_length in "
+                                "Settings)", field=name)
         side = limits.get("max_image_side", 4096)
         for name in ("width", "height"):
             value = _whole(getattr(self, name), name)
-            if value % 8 or not 64 <= value <= side:
-                raise UserError(f"must be a multiple of 8 between 64 and {side} pixels, got {value}", field=name)
-        _whole_in(self.steps, "steps", 1, limits.get("max_steps", 150))
-        _whole_in(self.batch_size, "batch_size", 1, limits.get("max_batch_size", 8))
-        _whole_in(self.n_iter, "n_iter", 1, limits.get("max_batch_count", 100))
-        _number_in(self.cfg_scale, "cfg_scale", 0, 100)
-        _number_in(self.distilled_cfg_scale, "distilled_cfg_scale", 0, 100)
+            if value % SIDE_MULTIPLE or not MIN_SIDE <= value <= side:
+                raise UserError(f"must be a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {side} pixels, got "
+                                f"{value}", field=name)
+            setattr(self, name, value)
+        self.steps = _whole_in(self.steps, "steps", 1, limits.get("max_steps", 150))
+        self.batch_size = _whole_in(self.batch_size, "batch_size", 1, limits.get("max_batch_size", 8))
+        self.n_iter = _whole_in(self.n_iter, "n_iter", 1, limits.get("max_batch_count", 100))
+        _number_in(self.cfg_scale, "cfg_scale", 0, MAX_CFG)
+        _number_in(self.distilled_cfg_scale, "distilled_cfg_scale", 0, MAX_CFG)
         seed = _whole(self.seed, "seed")
         if seed != -1 and not 0 <= seed <= MAX_SEED:
             raise UserError(f"must be -1 (random) or between 0 and {MAX_SEED}, got {seed}", field="seed")
+        self.seed = seed
         if self.clip_skip is not None:
-            _whole_in(self.clip_skip, "clip_skip", 1, 12)
+            self.clip_skip = _whole_in(self.clip_skip, "clip_skip", 1, 12)
         for name in ("sampler_name", "scheduler"):
             _text(getattr(self, name), name)
         if self.modules is not None and not (isinstance(self.modules, list) and all(isinstance(m, str) for m in self.modules)):
@@ -87,10 +98,11 @@ def _whole(value: object, name: str) -> int:
     return int(value)
 
 
-def _whole_in(value: object, name: str, low: int, high: int) -> None:
+def _whole_in(value: object, name: str, low: int, high: int) -> int:
     number = _whole(value, name)
     if not low <= number <= high:
         raise UserError(f"must be between {low} and {high}, got {number}", field=name)
+    return number
 
 
 @dataclass

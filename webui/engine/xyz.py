@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,6 +226,10 @@ def run_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice],
     if not options.no_fixed_seeds:
         base = dataclasses.replace(base, seed=resolve_seed(base.seed))
     shape = [len(values) for _, values in plan]
+    most = engine.options.get("max_plot_cells")
+    if math.prod(shape) > most:
+        raise UserError(f"the plot has {' x '.join(map(str, shape))} = {math.prod(shape)} cells; the most is {most} "
+                        "(max_plot_cells in Settings)")
     planned = [(index, _cell(engine, base, plan, index, _seed_offset(options, index, shape)))
                for index in _order(plan, shape)]  # every value checked
     cells: dict[tuple[int, int, int], GenerationResult] = {}

@@ -50,7 +50,11 @@ def generator(engine: Engine, inputs: Components, out: Components, submit: Calla
 
     def run(*values: Any) -> Iterator[dict]:
         yield {out["gallery"]: [], out["infotext"]: "", out["status"]: status_html("Starting…")}
-        future = submit(values)
+        try:
+            future = submit(values)
+        except UserError as e:  # refused before it was queued (the queue is full): shown as a failed job is
+            future = Future()
+            future.set_exception(e)
         while not wait([future], timeout=POLL_SECONDS).done:
             yield {out["status"]: progress_html(engine.progress, future), out["preview"]: live_preview(engine, future)}
         yield finished(future, labels, out)
