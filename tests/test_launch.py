@@ -49,6 +49,7 @@ def test_logins_are_user_pass_pairs_and_open_access_is_warned_about():
 
     args = parse_args(["--api-auth", "alice:pa:ss, bob:x", "--gradio-auth", "carol:y"])
     assert args.api_auth == [("alice", "pa:ss"), ("bob", "x")] and args.gradio_auth == [("carol", "y")]
+    assert parse_args(["--gradio-auth", "carol:y"]).api_auth == [("carol", "y")], "one login for everything"
     result = run_launch("--skip-venv", "--skip-install", "--api-auth", "alice")
     assert result.returncode == 2 and "'alice' is not USER:PASS" in result.stderr
     assert open_access_warnings(parse_args([])) == [], "local only"
@@ -56,6 +57,7 @@ def test_logins_are_user_pass_pairs_and_open_access_is_warned_about():
     assert len(warned) == 2 and "--api-auth" in warned[0] and "--gradio-auth" in warned[1]
     assert open_access_warnings(parse_args(["--listen", "--nowebui", "--api-auth", "a:b"])) == []
     assert "public --share link" in open_access_warnings(parse_args(["--share", "--api-auth", "a:b"]))[0]
+    assert open_access_warnings(parse_args(["--listen", "--api", "--gradio-auth", "a:b"])) == []
 
 
 def test_venv_is_the_project_one_unless_webui_venv_says(launch, monkeypatch, tmp_path):

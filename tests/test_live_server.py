@@ -75,6 +75,33 @@ def test_the_ui_and_the_api_make_the_same_image_with_the_same_budget(server):
     assert ui_info == json.loads(reply["info"])["infotexts"][0]
 
 
+def test_gradio_auth_alone_guards_the_ui_the_api_and_the_files(tmp_path):
+    """--gradio-auth without --api-auth: the same login for every route the server has, generated files included;
+    only the login page and the API's description answer without it."""
+    login = ("carol", "s3cret")
+    live = start_server(tmp_path, "--api", "--gradio-auth", ":".join(login))
+    try:
+        assert live.api("GET", "options").status_code == 401, "the API asks for the UI's login"
+        live.auth = login
+        made = live.api("POST", "txt2img", json={**BODY, "save_images": True})
+        assert made.status_code == 200
+        (image,) = (tmp_path / "outputs").rglob("*.png")
+        guarded = [f"/gradio_api/file={image}", "/config", "/gradio_api/info", "/gradio_api/queue/status",
+                   "/sdapi/v1/loras", "/sdapi/v1/progress"]
+        for route in guarded:
+            assert requests.get(f"{live.url}{route}", timeout=30).status_code == 401, f"{route} without a login"
+        assert requests.post(f"{live.url}/gradio_api/upload", files={"files": b"x"}, timeout=30).status_code == 401
+        session = requests.Session()
+        assert session.post(f"{live.url}/login", data=dict(zip(("username", "password"), login)),
+                            timeout=30).status_code == 200
+        assert session.get(f"{live.url}/gradio_api/file={image}", timeout=30).content == image.read_bytes()
+        for route in ("/", "/openapi.json", "/docs"):
+            assert requests.get(f"{live.url}{route}", timeout=30).status_code == 200, route
+        assert "open to anyone" not in live.log
+    finally:
+        live.stop()
+
+
 def test_one_queue_in_order_progress_while_running_and_interrupt_stops_only_the_running_job(server):
     """A long job runs; twenty more are queued one after another from their own threads; progress answers
     meanwhile; interrupt stops the long one only; the twenty run after it, in the order they came."""

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="HTTP basic authentication on every API route")
     net.add_argument("--api-log", action="store_true", help="log every API call: client, route, status, seconds")
     net.add_argument("--gradio-auth", type=credentials, default=None, metavar="USER:PASS[,USER:PASS...]",
-                     help="a login page in front of the UI")
+                     help="a login page in front of the UI (and, without --api-auth, the same logins for the API)")
     paths = p.add_argument_group("folders")
     paths.add_argument("--data-dir", type=Path, default=ROOT, help="where config.json and cache.json live")
     paths.add_argument("--models-dir", type=Path, default=None, help="models folder (default: <data-dir>/models)")
@@ -73,4 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.gradio_auth and not args.api_auth:
+        args.api_auth = args.gradio_auth  # one login for everything served, unless the API is given its own
+    return args
