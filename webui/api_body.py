@@ -2,8 +2,8 @@
 
 The routes take their bodies as any JSON and check them here, field by field, so that a refusal names the field
 and says what to do (A1111's pydantic models answer a list of validation errors). The schemas below tell clients,
-/docs and the API fuzzer which fields there are and of which types; the limits on their values are settings, so
-they are checked here, not written into the schema.
+/docs and the API fuzzer which fields there are, of which types and within which fixed bounds; the limits set in
+Settings (largest side, most steps...) change at run time, so they are checked here only.
 """
 from __future__ import annotations
 

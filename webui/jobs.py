@@ -33,6 +33,7 @@ class JobQueue:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._queue: queue.Queue[tuple[str, Callable[[], Any], Future]] = queue.Queue()
+        self._submitting = threading.Lock()
         self._worker = threading.Thread(target=self._run, name="generation-queue", daemon=True)
         self._worker.start()
 
@@ -64,11 +65,12 @@ class JobQueue:
 
     def _submit(self, name: str, work: Callable[[], Any], overrides: Overrides | None = None) -> Future:
         most = self.engine.options.get("max_queued_jobs")
-        if self.pending >= most:
-            raise Busy(f"{self.pending} jobs are waiting already (the most is {most}, max_queued_jobs in Settings); "
-                       "try again when some have finished")
         future: Future = Future()
-        self._queue.put((name, work if overrides is None else self._overridden(work, overrides), future))
+        with self._submitting:  # the count and the put together: callers on many threads never pass the cap
+            if self.pending >= most:
+                raise Busy(f"{self.pending} jobs are waiting already (the most is {most}, max_queued_jobs in "
+                           "Settings); try again when some have finished")
+            self._queue.put((name, work if overrides is None else self._overridden(work, overrides), future))
         return future
 
     def _overridden(self, work: Callable[[], Any], overrides: Overrides) -> Callable[[], Any]:

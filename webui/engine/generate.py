@@ -298,8 +298,7 @@ def _sdxl_added_conditions(model: LoadedModel, req: GenerationRequest, cond: Con
     return {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids}
 
 
-def decode(model: LoadedModel, memory: MemoryManager, latents: torch.Tensor,
-           notices: list[str] | None = None) -> list[Image.Image]:
+def decode(model: LoadedModel, memory: MemoryManager, latents: torch.Tensor, notices: list[str]) -> list[Image.Image]:
     """VAE decode to PIL images (tiled when a whole decode would not fit), rounded as diffusers does.
 
     A half-precision VAE can overflow into NaNs (black images): then the VAE is kept in float32 from now on and the
@@ -312,8 +311,7 @@ def decode(model: LoadedModel, memory: MemoryManager, latents: torch.Tensor,
         log.warning(notice)
         memory.convert("vae", torch.float32)
         pixels = _decode_pixels(model.vae, memory, latents)
-        if notices is not None and notice not in notices:
-            notices.append(notice)
+        notices.append(notice)
     pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
 

@@ -52,7 +52,7 @@ def generator(engine: Engine, inputs: Components, out: Components, submit: Calla
         yield {out["gallery"]: [], out["infotext"]: "", out["status"]: status_html("Starting…")}
         try:
             future = submit(values)
-        except UserError as e:  # refused before it was queued (the queue is full): shown as a failed job is
+        except UserError as e:  # refused before it was queued (the queue is full): shown like any refused job
             future = Future()
             future.set_exception(e)
         while not wait([future], timeout=POLL_SECONDS).done:
