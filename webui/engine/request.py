@@ -50,23 +50,23 @@ class GenerationRequest:
     def validate(self, limits: dict[str, Any]) -> None:
         """Raise UserError naming the first bad field. ``limits`` is the options store's values. Whole numbers sent
         as floats (JSON clients send 64.0) become ints."""
-        longest = limits.get("max_prompt_length", 20_000)
+        longest = limits["max_prompt_length"]
         for name in ("prompt", "negative_prompt"):
             text = getattr(self, name)
             _text(text, name)
             if len(text) > longest:
                 raise UserError(f"is {len(text)} characters long; the most is {longest} (max_prompt_length in "
                                 "Settings)", field=name)
-        side = limits.get("max_image_side", 4096)
+        side = limits["max_image_side"]
         for name in ("width", "height"):
             value = _whole(getattr(self, name), name)
             if value % SIDE_MULTIPLE or not MIN_SIDE <= value <= side:
                 raise UserError(f"must be a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {side} pixels, got "
                                 f"{value}", field=name)
             setattr(self, name, value)
-        self.steps = _whole_in(self.steps, "steps", 1, limits.get("max_steps", 150))
-        self.batch_size = _whole_in(self.batch_size, "batch_size", 1, limits.get("max_batch_size", 8))
-        self.n_iter = _whole_in(self.n_iter, "n_iter", 1, limits.get("max_batch_count", 100))
+        self.steps = _whole_in(self.steps, "steps", 1, limits["max_steps"])
+        self.batch_size = _whole_in(self.batch_size, "batch_size", 1, limits["max_batch_size"])
+        self.n_iter = _whole_in(self.n_iter, "n_iter", 1, limits["max_batch_count"])
         _number_in(self.cfg_scale, "cfg_scale", 0, MAX_CFG)
         _number_in(self.distilled_cfg_scale, "distilled_cfg_scale", 0, MAX_CFG)
         seed = _whole(self.seed, "seed")

@@ -226,9 +226,9 @@ def run_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice],
     if not options.no_fixed_seeds:
         base = dataclasses.replace(base, seed=resolve_seed(base.seed))
     shape = [len(values) for _, values in plan]
-    most = engine.options.get("max_plot_cells")
-    if math.prod(shape) > most:
-        raise UserError(f"the plot has {' x '.join(map(str, shape))} = {math.prod(shape)} cells; the most is {most} "
+    count, most = math.prod(shape), engine.options["max_plot_cells"]
+    if count > most:
+        raise UserError(f"the plot has {' x '.join(map(str, shape))} = {count} cells; the most is {most} "
                         "(max_plot_cells in Settings)")
     planned = [(index, _cell(engine, base, plan, index, _seed_offset(options, index, shape)))
                for index in _order(plan, shape)]  # every value checked

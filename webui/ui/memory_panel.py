@@ -2,6 +2,8 @@
 each component's weights were (resident or streamed) and where the time went (phases, moving weights)."""
 from __future__ import annotations
 
+from bisect import bisect_left
+
 import gradio as gr
 import pandas as pd
 
@@ -38,9 +40,11 @@ def panel_values(timeline: MemoryTimeline | None) -> list[dict]:
 def timeline_frame(timeline: MemoryTimeline) -> pd.DataFrame:
     """One row per sample and series: GPU memory allocated (on a GPU), weights on the device, this process's RAM."""
     on_gpu = timeline.device.startswith("cuda")
+    ends = [p.end for p in timeline.phases]  # in time order: a plot's thousands of phases are searched, not scanned
     rows = []
     for sample in timeline.samples:
-        phase = next((p.name for p in timeline.phases if p.start <= sample.seconds <= p.end), "")
+        at = bisect_left(ends, sample.seconds)
+        phase = timeline.phases[at].name if at < len(ends) and timeline.phases[at].start <= sample.seconds else ""
         series = [("RAM (this process)", sample.ram_mb),
                   ("weights on the GPU" if on_gpu else "weights in use", sample.weights_mb)]
         if sample.device_mb is not None:

@@ -13,7 +13,7 @@ from webui.engine.detect import Family
 from webui.engine.engine import Engine
 from webui.engine.files import declared_resolution
 from webui.engine.flow import FLOW_FAMILIES
-from webui.engine.request import GenerationRequest
+from webui.engine.request import MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
 from webui.engine.samplers import sampler_names, schedule_type_names
 from webui.errors import UserError
 from webui.jobs import JobQueue
@@ -125,8 +125,9 @@ def _settings_column(form: Components, engine: Engine) -> tuple[gr.Button, gr.Bu
                                         elem_id="txt2img_scheduler")
     form["steps"] = _slider("steps", "Sampling steps", 1, engine.options["max_steps"], 20)
     with gr.Row():
-        form["width"] = _slider("width", "Width", 64, engine.options["max_image_side"], 512, step=8)
-        form["height"] = _slider("height", "Height", 64, engine.options["max_image_side"], 512, step=8)
+        form["width"] = _slider("width", "Width", MIN_SIDE, engine.options["max_image_side"], 512, step=SIDE_MULTIPLE)
+        form["height"] = _slider("height", "Height", MIN_SIDE, engine.options["max_image_side"], 512,
+                                 step=SIDE_MULTIPLE)
     with gr.Row():
         form["n_iter"] = _slider("batch_count", "Batch count", 1, engine.options["max_batch_count"], 1)
         form["batch_size"] = _slider("batch_size", "Batch size", 1, engine.options["max_batch_size"], 1)
