@@ -37,6 +37,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "sd3_enable_t5": True,
     "t5_storage_dtype": "Automatic",
     "sd3_shift": 3.0,
+    "eta_ancestral": 1.0,  # the eta of ancestral and SDE samplers when a request gives none (A1111's)
+    "eta_ddim": 0.0,  # DDIM's eta when a request gives none
     "samples_save": True,
     "samples_format": "png",
     "outdir_txt2img_samples": "",
@@ -58,8 +60,6 @@ FIXED_OPTIONS: dict[str, Any] = {
     "eta_noise_seed_delta": 0,
     "randn_source": "CPU",  # the initial noise comes from a CPU generator: the same image on any device
     "emphasis": "Original",
-    "eta_ancestral": 1.0,
-    "eta_ddim": 0.0,
     "always_discard_next_to_last_sigma": False,
     "sgm_noise_multiplier": False,
     "initial_noise_multiplier": 1.0,
@@ -78,6 +78,8 @@ OPTION_RANGES: dict[str, tuple[float, float]] = {
     "CLIP_stop_at_last_layers": (1, 12),
     "forge_inference_memory": (0, 1 << 20),
     "sd3_shift": (0.1, 20.0),
+    "eta_ancestral": (0.0, 1.0),
+    "eta_ddim": (0.0, 1.0),
     "show_progress_every_n_steps": (1, 1000),
     "max_image_side": (64, 16384),
     "max_steps": (1, 1000),
@@ -110,6 +112,10 @@ OPTION_SECTIONS: dict[str, dict[str, str]] = {
     "Live previews": {
         "live_previews_enable": "Show live previews of the created image",
         "show_progress_every_n_steps": "Live preview display period (in sampling steps)",
+    },
+    "Sampler parameters": {
+        "eta_ancestral": "Eta for k-diffusion samplers (noise multiplier; ancestral and SDE samplers)",
+        "eta_ddim": "Eta for DDIM (noise multiplier)",
     },
     "Models and memory": {
         "sd_checkpoints_limit": "Checkpoints to keep in memory (0: as many as fit, up to 3, in half of the RAM)",

@@ -38,6 +38,7 @@ class GenerationRequest:
     vae: str | None = None  # None: the "sd_vae" option
     modules: list[str] | None = None  # separate VAE / text encoder files; None: "forge_additional_modules"
     save_images: bool | None = None  # None: the "samples_save" option
+    eta: float | None = None  # noise of ancestral/SDE samplers and DDIM; None: "eta_ancestral" / "eta_ddim"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
@@ -73,6 +74,8 @@ class GenerationRequest:
         if seed != -1 and not 0 <= seed <= MAX_SEED:
             raise UserError(f"must be -1 (random) or between 0 and {MAX_SEED}, got {seed}", field="seed")
         self.seed = seed
+        if self.eta is not None:
+            _number_in(self.eta, "eta", 0, 1)
         if self.clip_skip is not None:
             self.clip_skip = _whole_in(self.clip_skip, "clip_skip", 1, 12)
         for name in ("sampler_name", "scheduler"):
