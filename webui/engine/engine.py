@@ -93,6 +93,14 @@ class Engine:
             return self.models.find(name)
         return self.models.default_checkpoint(self.options["sd_model_checkpoint"])
 
+    def selected_checkpoint_title(self) -> str | None:
+        """The title of the checkpoint the next generation without a checkpoint of its own uses (the settings' one,
+        else the first found), whatever is loaded now; None when there is none."""
+        try:
+            return self.models.title(self.checkpoint(None))
+        except UserError:
+            return None
+
     def load_selected(self) -> None:
         """Load the checkpoint (VAE, modules) the options select, as a generation would (A1111's reload-checkpoint)."""
         with self._generate_lock:
