@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from webui.engine import demo
-from webui.engine.files import CheckpointInfo, HashCache, short_hash
+from webui.engine.files import CheckpointInfo, HashCache, declared_resolution, short_hash
 from webui.engine.generate import Resolved, resolve_seed, txt2img
 from webui.engine.hooks import Hooks, extract_networks
 from webui.engine.host_pages import limit_heap_arenas
@@ -98,6 +98,13 @@ class Engine:
         else the first found), whatever is loaded now; None when there is none."""
         try:
             return self.models.title(self.checkpoint(None))
+        except UserError:
+            return None
+
+    def declared_size(self, checkpoint: str | None) -> tuple[int, int] | None:
+        """The (width, height) a checkpoint (else the selected one) says it was trained at, where its file says."""
+        try:
+            return declared_resolution(self.checkpoint(checkpoint))
         except UserError:
             return None
 
