@@ -24,7 +24,7 @@ from webui.engine.flow import FLOW_FAMILIES, SD3_DEFAULT_SHIFT, StepCallback, de
 from webui.engine.fp8 import compute_dtype
 from webui.engine.hooks import Hooks
 from webui.engine.infotext import build_infotext
-from webui.engine.load import TEXT_ENCODERS, LoadedModel
+from webui.engine.load import TEXT_ENCODERS, LoadedModel, vae_scale_factor
 from webui.engine.memory import MemoryManager, MemoryPolicy, activation_bytes, vae_decode_bytes
 from webui.engine.progress import Progress
 from webui.engine.prompts import Conditioning, encode_prompts
@@ -281,7 +281,13 @@ def encode(model: LoadedModel, prompts: list[str], clip_skip: int, device: torch
 
 
 def _initial_noise(model: LoadedModel, req: GenerationRequest, generators: list[torch.Generator]) -> torch.Tensor:
-    shape = (1, model.latent_channels, req.height // 8, req.width // 8)
+    """One latent per seed, at the image size over the VAE's scale factor (which the size must be a multiple of)."""
+    factor = model.vae_scale_factor
+    for field, side in (("width", req.width), ("height", req.height)):
+        if side % factor:
+            raise UserError(f"must be a multiple of {factor} for this model's VAE ({model.info.model_name} "
+                            f"makes one latent per {factor}x{factor} pixels), got {side}", field=field)
+    shape = (1, model.latent_channels, req.height // factor, req.width // factor)
     return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
 
 
@@ -319,7 +325,8 @@ def decode(model: LoadedModel, memory: MemoryManager, latents: torch.Tensor, not
 def _decode_pixels(vae: torch.nn.Module, memory: MemoryManager, latents: torch.Tensor) -> torch.Tensor:
     batch, _, h, w = latents.shape
     dtype = compute_dtype(vae)
-    tiled = memory.prepare_decode("vae", vae_decode_bytes(w * 8, h * 8, batch, dtype))
+    factor = vae_scale_factor(vae)
+    tiled = memory.prepare_decode("vae", vae_decode_bytes(w * factor, h * factor, batch, dtype))
     vae.enable_tiling() if tiled else vae.disable_tiling()
     latents = latents.to(memory.device, dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
     return vae.decode(latents).sample

@@ -74,6 +74,10 @@ class LoadedModel:
     def latent_channels(self) -> int:
         return self.vae.config.latent_channels
 
+    @property
+    def vae_scale_factor(self) -> int:
+        return vae_scale_factor(self.vae)
+
     def modules(self) -> list[torch.nn.Module]:
         return list(self.components().values())
 
@@ -83,6 +87,12 @@ class LoadedModel:
         if self.t5 is not None:
             encoders["t5"] = self.t5.model
         return {**encoders, "denoiser": self.denoiser, "vae": self.vae}
+
+
+def vae_scale_factor(vae: torch.nn.Module) -> int:
+    """How many pixels a latent is on each side: 8 for every released SD/SDXL/SD3/Flux VAE, but a diffusers folder
+    may hold another (computed as diffusers' pipelines do, from the VAE's levels)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def load_model(info: CheckpointInfo, vae_file: Path | None, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
