@@ -60,7 +60,7 @@ def test_images_are_not_saved_unless_asked(client, tmp_path):
 
 @pytest.mark.parametrize("change,field", [({"width": 7}, "width"), ({"width": 100000}, "width"),
                                           ({"steps": 0}, "steps"), ({"sampler_name": "Bogus"}, "sampler_name"),
-                                          ({"enable_hr": True}, "enable_hr"), ({"no_such_field": 1}, "no_such_field"),
+                                          ({"enable_hr": True}, "enable_hr"), ({"eta": 1.5}, "eta"),
                                           ({"override_settings": {"sd_model_checkpoint": "missing"}},
                                            "sd_model_checkpoint"),
                                           ({"eta": 0.5, "sampler_name": 5}, "sampler_name")])
@@ -70,11 +70,17 @@ def test_bad_requests_get_422_naming_the_field_and_the_server_goes_on(client, ch
     assert client.post("/sdapi/v1/txt2img", json=BODY).status_code == 200
 
 
-def test_a1111_defaults_are_accepted(client):
+def test_a1111_defaults_are_accepted_and_what_changes_nothing_is_named(client):
     body = {**BODY, "styles": [], "subseed": -1, "subseed_strength": 0, "restore_faces": False, "tiling": False,
             "enable_hr": False, "denoising_strength": 0.7, "alwayson_scripts": {}, "override_settings": {},
             "override_settings_restore_afterwards": True, "send_images": True, "save_images": False}
-    assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    reply = client.post("/sdapi/v1/txt2img", json=body)
+    assert reply.status_code == 200 and json.loads(reply.json()["info"])["ignored_fields"] == ["subseed",
+                                                                                               "denoising_strength"]
+    unknown = client.post("/sdapi/v1/txt2img", json={**BODY, "no_such_field": 1, "styles": ["Mine"]})
+    assert unknown.status_code == 200, "A1111 ignores fields it does not know, and styles it does not have"
+    assert json.loads(unknown.json()["info"])["ignored_fields"] == ["no_such_field", "styles"]
+    assert unknown.json()["images"] == reply.json()["images"]
 
 
 def test_memory_route_reports_the_last_generation(client):
@@ -97,6 +103,22 @@ def xyz_args(*axes, **options) -> list:
 
 
 PLOT = {**BODY, "batch_size": 1, "script_name": "X/Y/Z plot"}
+
+
+def test_xyz_axis_indices_count_in_a1111s_list_or_forges_as_the_option_says(client, engine):
+    """Index 9 is Sampler for A1111 (webuiapi's README) and Prompt order for Forge, which adds Distilled CFG Scale
+    8th; the answer says how an index was read."""
+    sampler_axis = {**PLOT, "script_args": xyz_args((9, "Euler, LMS", None))}
+    reply = client.post("/sdapi/v1/txt2img", json=sampler_axis)
+    assert reply.status_code == 200, reply.text
+    assert "X: Sampler = Euler, LMS" in json.loads(reply.json()["info"])["infotexts"][0]
+    assert "x_type 9 read as 'Sampler' (A1111's numbering" in json.loads(reply.json()["info"])["notices"][0]
+    hires = client.post("/sdapi/v1/txt2img", json={**PLOT, "script_args": xyz_args((10, "Euler", None))})
+    assert hires.status_code == 422 and "Hires sampler" in hires.json()["detail"], "A1111's 10: not this app's axis"
+    client.post("/sdapi/v1/options", json={"xyz_axis_numbering": "Forge"})
+    forge = client.post("/sdapi/v1/txt2img", json={**PLOT, "script_args": xyz_args((10, "Euler, LMS", None))})
+    assert forge.json()["images"][0] == reply.json()["images"][0], "Forge's 10 is A1111's 9"
+    assert "Prompt order" in client.post("/sdapi/v1/txt2img", json=sampler_axis).json()["detail"]
 
 
 def test_xyz_script_with_forge_axis_indices_returns_the_grid_then_the_cells(client, engine):
@@ -137,7 +159,7 @@ def test_xyz_script_by_label_with_picked_values_and_seeds_varying_along_x(client
     ({"script_args": xyz_args((1, "1, 2", None), (99, "1", None))}, "y_type", "99"),
     ({"script_args": xyz_args((4, "two", None))}, "x_values", "two"),
     ({"script_args": xyz_args((4, "1, 2", None), margin_size=-3)}, "script_args", "margin_size"),
-    ({"script_args": xyz_args((4, "1, 2", None), draw_legend="yes")}, "script_args", "draw_legend"),
+    ({"script_args": xyz_args((4, "1, 2", None), draw_legend="maybe")}, "script_args", "draw_legend"),
     ({"script_args": "4, 1-2"}, "script_args", "list"),
 ])
 def test_bad_xyz_scripts_get_422_naming_the_field(client, change, field, words):
@@ -254,11 +276,10 @@ def test_fields_a1111_reads_are_honoured(client, engine, tmp_path):
     assert "Sampler: Euler," in json.loads(by_index.json()["info"])["infotexts"][0], "sampler_index when no name"
     named = client.post("/sdapi/v1/txt2img", json={**BODY, "sampler_index": "Euler"})
     assert "Sampler: Euler a," in json.loads(named.json()["info"])["infotexts"][0], "sampler_name wins"
-    for sampler, eta in (("Euler a", 1), ("Euler", 0), ("DDIM", 0), ("DPM++ 2M", 0.3)):
-        assert client.post("/sdapi/v1/txt2img", json={**BODY, "sampler_name": sampler, "eta": eta}).status_code == 200
-    for sampler, eta in (("Euler a", 0), ("DDIM", 1)):
-        reply = client.post("/sdapi/v1/txt2img", json={**BODY, "sampler_name": sampler, "eta": eta})
-        assert reply.status_code == 422 and reply.json()["field"] == "eta", reply.text
+    for sampler in ("Euler a", "DDIM"):  # eta scales the sampler's noise (tests/test_samplers.py: how)
+        by_eta = [client.post("/sdapi/v1/txt2img", json={**BODY, "sampler_name": sampler, "eta": eta}).json()["images"]
+                  for eta in (0, 1)]
+        assert by_eta[0] != by_eta[1], f"{sampler}: eta 0 and 1 gave the same images"
     hires_off = {"enable_hr": False, "denoising_strength": 0.45, "hr_upscaler": "Latent", "hr_scale": 1.5,
                  "hr_second_pass_steps": 10, "hr_cfg": 7, "refiner_switch_at": 0.8}
     plain = client.post("/sdapi/v1/txt2img", json=BODY).json()["images"]

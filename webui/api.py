@@ -6,9 +6,13 @@ import base64
 import io
 import json
 import logging
+import os
 import secrets
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Request, Response
@@ -63,8 +67,9 @@ def encode_png(image: Image.Image, infotext: str) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def info_json(result: GenerationResult) -> str:
-    """A1111's ``info`` string: a JSON object describing the whole result."""
+def info_json(result: GenerationResult, ignored: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
+    """A1111's ``info`` string: a JSON object describing the whole result; ``ignored_fields`` names the request's
+    fields that changed nothing, ``notices`` says what the user should know (how lenient readings were taken too)."""
     req = result.request
     return json.dumps({
         "prompt": req.prompt, "all_prompts": result.prompts,
@@ -76,7 +81,8 @@ def info_json(result: GenerationResult) -> str:
         "sd_model_hash": result.model_hash, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": None, "extra_generation_params": {}, "index_of_first_image": 0,
         "infotexts": result.infotexts, "styles": [], "job_timestamp": "", "clip_skip": result.clip_skip,
-        "is_using_inpainting_conditioning": False, "interrupted": result.interrupted, "notices": result.notices,
+        "is_using_inpainting_conditioning": False, "interrupted": result.interrupted,
+        "notices": [*notes, *result.notices], "ignored_fields": list(ignored),
     }, ensure_ascii=False)
 
 
@@ -111,6 +117,41 @@ def progress_report(progress: Progress, queued: int, with_image: bool = True) ->
         "current_image": encode_png(preview, "") if preview is not None else None,
         "textinfo": progress.textinfo or None,
     }
+
+
+def vae_list(engine: Engine) -> list[dict[str, Any]]:
+    """A1111's ``/sdapi/v1/sd-vae``: the files of the VAE folder."""
+    return [{"model_name": engine.models.vae_name(path), "filename": str(path)} for path in engine.models.vaes()]
+
+
+SERVER_COMMANDS = {"kill": "End the server process at once (--api-server-stop)",
+                   "restart": "Start the server again with the same flags (--api-server-stop)",
+                   "stop": "Stop the server once the running job is interrupted (--api-server-stop)"}
+
+
+def server_command(jobs: JobQueue, name: str) -> Callable[[], dict[str, str]]:
+    """A1111's server-kill/-restart/-stop, allowed only with --api-server-stop (as A1111 adds them only then; here they
+    answer 403 saying so). The answer goes out first; the process acts a moment later."""
+
+    def run() -> dict[str, str]:
+        if not jobs.engine.config.args.api_server_stop:
+            raise HTTPException(status_code=403, detail=f"server-{name} is allowed only when the server is started "
+                                                        "with --api-server-stop")
+        if name != "kill":
+            jobs.interrupt()
+        log.warning("server-%s asked through the API", name)
+        threading.Timer(0.5, SERVER_ACTIONS[name]).start()
+        return {"detail": f"server-{name}: done in a moment"}
+
+    return run
+
+
+SERVER_ACTIONS: dict[str, Callable[[], None]] = {
+    "kill": lambda: os._exit(0),
+    # the same command line in this process (sockets are not inherited, so the port is free for it)
+    "restart": lambda: os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]]),
+    "stop": lambda: os.kill(os.getpid(), signal.SIGINT),  # as Ctrl+C: uvicorn and Gradio shut down cleanly
+}
 
 
 def png_info_of(body: Any) -> dict[str, Any]:
@@ -171,6 +212,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 QUEUED_RESPONSES = {503: {"model": ApiError, "description": "The generation queue is full (max_queued_jobs)"}}
 LOGIN_RESPONSES = {401: {"model": Message, "description": "No login, or a wrong one (--api-auth)"}}
 BODY_RESPONSES = {400: {"model": Message, "description": "The body is not JSON"}}
+COMMAND_RESPONSES = {403: {"model": Message, "description": "The server was not started with --api-server-stop"}}
 
 
 def json_body(schema: dict[str, Any]) -> dict[str, Any]:
@@ -250,23 +292,31 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
     async def txt2img(body: Any = Body(...)) -> dict[str, Any]:
         """Async: a request waiting in the queue holds no worker thread, so however many wait, /progress,
         /interrupt and /skip are answered at once."""
-        call = read_txt2img(body, engine.options)
-        script = xyz_script(body, plot_axes(engine))
+        call = read_txt2img(body, engine.options, engine.declared_size)
+        script = xyz_script(body, plot_axes(engine), engine.options["xyz_axis_numbering"])
         if script is None:
             result = await asyncio.wrap_future(jobs.submit(call.request, call.overrides))
         else:
-            plot = await asyncio.wrap_future(jobs.submit_plot(call.request, *script, save_grid=call.save_grid,
-                                                              overrides=call.overrides))
+            plot = await asyncio.wrap_future(jobs.submit_plot(call.request, script.choices, script.options,
+                                                              save_grid=call.save_grid, overrides=call.overrides))
             result = plot.as_result()
         images = await run_in_threadpool(lambda: [encode_png(img, text) for img, text in
                                                   zip(result.images, result.infotexts)] if call.send_images else [])
-        return {"images": images, "parameters": body, "info": info_json(result)}
+        notes = call.notes + (script.notes if script else ())
+        return {"images": images, "parameters": body, "info": info_json(result, call.ignored, notes)}
 
     def memory() -> dict[str, Any]:
         return engine.memory.report()
 
     def get_options() -> dict[str, Any]:
-        return engine.options.as_dict()
+        """The store, with A1111's options this app keeps as given; sd_model_checkpoint names the checkpoint the next
+        generation uses (clients show it as the current model), as A1111's does once a model is loaded."""
+        options = engine.options.as_dict()
+        title = engine.selected_checkpoint_title()
+        if title is not None:
+            sha = engine.models.hashes.cached(engine.checkpoint(None).path)
+            options |= {"sd_model_checkpoint": title, "sd_checkpoint_hash": sha}
+        return options
 
     def set_options(body: Any = Body(...)) -> None:
         """Checked all together before any is stored (the UI reads the same store): a bad one is a 422 naming it."""
@@ -316,9 +366,15 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         ("/skip", jobs.skip, "POST", "Skip the running job's current image"),
         ("/scripts", lambda: {"txt2img": [XYZ_SCRIPT], "img2img": []}, "GET", "Scripts a request can name"),
         ("/refresh-vae", refresh_vae, "POST", "Scan the VAE folder again (it is read at every call)"),
+        ("/sd-vae", lambda: vae_list(engine), "GET", "VAE files of models/VAE (A1111 shape)"),
         ("/embeddings", lambda: {"loaded": {}, "skipped": {}}, "GET", "Textual inversions (none: not supported yet)"),
         ("/prompt-styles", lambda: [], "GET", "Saved prompt styles (none: not supported yet)"),
         ("/upscalers", lambda: [], "GET", "Upscalers (none: hires. fix is not supported yet)"),
+        ("/latent-upscale-modes", lambda: [], "GET", "Latent upscale modes (none: hires. fix is not supported yet)"),
+        ("/hypernetworks", lambda: [], "GET", "Hypernetworks (none: not supported)"),
+        ("/face-restorers", lambda: [], "GET", "Face restoration models (none: not supported yet)"),
+        ("/realesrgan-models", lambda: [], "GET", "Real-ESRGAN models (none: upscalers are not supported yet)"),
+        *((f"/server-{name}", server_command(jobs, name), "POST", summary) for name, summary in SERVER_COMMANDS.items()),
     ]
     args = engine.config.args
     extra = {"dependencies": [Depends(basic_auth(args.api_auth))] if args.api_auth else None,
@@ -326,11 +382,13 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
     responses = ERROR_RESPONSES | (LOGIN_RESPONSES if args.api_auth else {})
     bodies = {"/txt2img": txt2img_body_schema(), "/options": options_body_schema(), "/png-info": PNG_INFO_BODY_SCHEMA}
     queued = ("/txt2img", "/reload-checkpoint")
+    commands = {f"/server-{name}" for name in SERVER_COMMANDS}
     for path, endpoint, method, summary in routes:
         body = bodies.get(path) if method == "POST" else None
         app.router.add_api_route(
             f"/sdapi/v1{path}", endpoint, methods=[method], tags=["sdapi"], summary=summary,
-            responses=responses | (QUEUED_RESPONSES if path in queued else {}) | (BODY_RESPONSES if body else {}),
+            responses=responses | (QUEUED_RESPONSES if path in queued else {}) | (BODY_RESPONSES if body else {})
+            | (COMMAND_RESPONSES if path in commands else {}),
             openapi_extra=json_body(body) if body else None, **extra)
     for route in extensions_of(engine).routes:
         app.router.add_api_route(route.path, route.endpoint, methods=list(route.methods), tags=[f"extension {route.owner}"],

@@ -8,47 +8,52 @@ Settings (largest side, most steps...) change at run time, so they are checked h
 from __future__ import annotations
 
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 from webui.engine.request import MAX_CFG, MAX_SEED, MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
-from webui.engine.samplers import find_sampler
+from webui.engine.infotext import request_fields
+from webui.engine.samplers import find_schedule_type
 from webui.engine.xyz import BUILTIN_AXES, SCRIPT_ARGS, Axis, AxisChoice, PlotOptions, plot_from_args
 from webui.errors import UserError
 from webui.jobs import Overrides
 from webui.settings import LIMIT_OPTIONS, OPTION_DEFAULTS, Options
 
-# Every field of A1111/Forge's txt2img request falls in one of these groups. Clients send them all, mostly at
-# their defaults; a value this app cannot honour is a 422 naming the field.
+# The fields of A1111/Forge's txt2img request, by what this app does with them. Clients send most of them, mostly at
+# their defaults. A field A1111 ignores is ignored here too and named in the answer's info (``ignored_fields``); a
+# field A1111 honours is honoured, or refused with a 422 naming it where this app cannot do what it asks yet.
 ENGINE_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "distilled_cfg_scale",
-                 "sampler_name", "scheduler", "seed", "batch_size", "n_iter")
+                 "sampler_name", "scheduler", "seed", "batch_size", "n_iter", "eta")
 # Read here (send_images, save_images, the do_not_save_* two, override_settings and its restore flag, sampler_index,
-# eta) or by xyz_script (script_name, script_args); force_task_id names the job for A1111's UI, which has no use here.
+# infotext) or by xyz_script (script_name, script_args); force_task_id names the job for A1111's UI, which has no use
+# here.
 FLAG_FIELDS = ("send_images", "save_images", "do_not_save_samples", "do_not_save_grid",
                "override_settings_restore_afterwards")
-READ_FIELDS = (*FLAG_FIELDS, "override_settings", "sampler_index", "eta", "script_name", "script_args",
+READ_FIELDS = (*FLAG_FIELDS, "override_settings", "sampler_index", "script_name", "script_args", "infotext",
                "force_task_id")
-# Accepted only at the values that make A1111 do nothing extra.
+# Honoured by A1111 and not done here yet: accepted only at the values that make A1111 do nothing extra.
 DEFAULT_ONLY_FIELDS: dict[str, list] = {
-    "styles": [None, []], "subseed": [-1, None], "subseed_strength": [0, 0.0, None],
-    "seed_resize_from_h": [-1, 0, None], "seed_resize_from_w": [-1, 0, None],
+    "subseed_strength": [0, 0.0, None], "seed_resize_from_h": [-1, 0, None], "seed_resize_from_w": [-1, 0, None],
     "restore_faces": [False, None], "tiling": [False, None], "s_min_uncond": [None, 0, 0.0], "s_churn": [None, 0, 0.0],
     "s_tmax": [None, 0, 0.0], "s_tmin": [None, 0, 0.0], "s_noise": [None, 1, 1.0], "enable_hr": [False, None],
-    "refiner_checkpoint": [None, "", "None"], "disable_extra_networks": [False, None], "firstpass_image": [None, ""],
-    "comments": [None, {}], "alwayson_scripts": [None, {}], "infotext": [None, ""],
+    "refiner_checkpoint": [None, "", "None"], "disable_extra_networks": [False, None], "alwayson_scripts": [None, {}],
 }
-# A1111 reads these only with enable_hr or a refiner_checkpoint, which this app refuses: any value does nothing.
-IGNORED_FIELDS = ("denoising_strength", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
-                  "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
-                  "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "hr_cfg",
-                  "hr_distilled_cfg", "refiner_switch_at")
+# What A1111 reads only with enable_hr, a refiner, a variation strength or in img2img: with those off (refused above
+# otherwise) any value changes nothing. Named in ignored_fields like a field A1111 does not know.
+UNUSED_FIELDS = ("denoising_strength", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
+                 "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
+                 "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "hr_cfg",
+                 "hr_distilled_cfg", "refiner_switch_at", "firstpass_image", "subseed", "comments")
+# A1111 applies the prompt styles a request names and skips names it does not have; this app has none yet.
+STYLE_FIELD = "styles"
 # override_settings keys that are request fields too: the request checks them as strictly as its own fields.
 OVERRIDE_FIELDS = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip",
                    "forge_additional_modules": "modules"}
 
 XYZ_SCRIPT = "x/y/z plot"
-# Forge's txt2img X/Y/Z axes in their order: clients name an axis by its index in this list (those it adds after
-# these are the extensions' axes). The ones this app has are found by label; the others are refused by name.
+# Forge's txt2img X/Y/Z axes in their order: clients name an axis by its index in this list or A1111's (those it adds
+# after these are the extensions' axes). The ones this app has are found by label; the others are refused by name.
 FORGE_AXES = (
     "Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "Hires steps", "CFG Scale", "Distilled CFG Scale",
     "Prompt S/R", "Prompt order", "Sampler", "Hires sampler", "Checkpoint name", "Negative Guidance minimum sigma",
@@ -58,6 +63,8 @@ FORGE_AXES = (
     "Face restore", "Token merging ratio", "Token merging ratio high-res", "Always discard next-to-last sigma",
     "SGM noise multiplier", "Refiner checkpoint", "Refiner switch at", "RNG source", "FP8 mode", "Size",
 )
+# A1111 1.10's list: Forge's without Distilled CFG Scale. webuiapi and scripts written for A1111 count in it.
+A1111_AXES = tuple(label for label in FORGE_AXES if label != "Distilled CFG Scale")
 MAX_MARGIN = 500
 _MISSING = object()
 
@@ -70,33 +77,72 @@ class Txt2ImgCall:
     overrides: Overrides
     send_images: bool
     save_grid: bool
+    ignored: tuple[str, ...] = ()  # fields that changed nothing, for info's ignored_fields
+    notes: tuple[str, ...] = ()  # how lenient readings were taken (a default size, an axis index), for info's notices
 
 
-def read_txt2img(body: Any, options: Options) -> Txt2ImgCall:
-    """Check every field of an A1111 txt2img body (UserError naming the first one this app cannot honour)."""
+def read_txt2img(body: Any, options: Options,
+                 declared_size: Callable[[str | None], tuple[int, int] | None] = lambda checkpoint: None) -> Txt2ImgCall:
+    """Check every field of an A1111 txt2img body (UserError naming the first one this app cannot honour).
+    ``declared_size(checkpoint)`` is the resolution a checkpoint says it was trained at: a body without width or
+    height gets it (else A1111's 512)."""
     if not isinstance(body, dict):
         raise UserError("the request body must be a JSON object", field="body")
+    ignored = []
     for key, value in body.items():
-        if key in ENGINE_FIELDS or key in READ_FIELDS or key in IGNORED_FIELDS:
-            continue
-        if key not in DEFAULT_ONLY_FIELDS:
-            raise UserError(f"unknown field {key!r}", field=key)
-        if value not in DEFAULT_ONLY_FIELDS[key]:
-            raise UserError(f"this app cannot do {key}={value!r} yet; leave it at its default", field=key)
+        if key in DEFAULT_ONLY_FIELDS:
+            if value not in DEFAULT_ONLY_FIELDS[key]:
+                raise UserError(f"this app cannot do {key}={value!r} yet; leave it at its default", field=key)
+        elif key == STYLE_FIELD:
+            if value:
+                ignored.append(key)  # A1111 skips style names it does not have: here, all of them
+        elif key in UNUSED_FIELDS or not (key in ENGINE_FIELDS or key in READ_FIELDS):
+            ignored.append(key)
     flags = {key: body.get(key) for key in FLAG_FIELDS}
     for key, value in flags.items():
         if value is not None and not isinstance(value, bool):
             raise UserError(f"must be true or false, got {value!r}", field=key)
-    fields = {k: body[k] for k in ENGINE_FIELDS if body.get(k) is not None}
-    if not fields.get("sampler_name") and body.get("sampler_index"):
-        fields["sampler_name"] = body["sampler_index"]  # A1111's older name for it, used when sampler_name is not
+    fields = {**_infotext_fields(body.get("infotext")), **{k: body[k] for k in ENGINE_FIELDS if body.get(k) is not None}}
+    if body.get("sampler_index"):
+        if fields.get("sampler_name"):
+            if body["sampler_index"] != fields["sampler_name"]:
+                ignored.append("sampler_index")  # A1111's older name for it, read only when sampler_name is not given
+        else:
+            fields["sampler_name"] = body["sampler_index"]
+    if not _known_schedule(fields.get("scheduler", "")):
+        # A1111 samples an unknown schedule type as Automatic (SillyTavern sends "N/A" when it could not list them)
+        ignored.append("scheduler")
+        del fields["scheduler"]
     overrides = overrides_of(body, options)
     fields.update({OVERRIDE_FIELDS[k]: v for k, v in overrides.values.items() if k in OVERRIDE_FIELDS})
+    notes = []
+    if "width" not in fields or "height" not in fields:
+        size = declared_size(fields.get("checkpoint")) or (512, 512)
+        fields = {"width": size[0], "height": size[1]} | fields
+        notes.append(f"no width or height given: {fields['width']}x{fields['height']}, "
+                     f"{'the resolution the checkpoint declares' if size != (512, 512) else 'as A1111'}")
     save = bool(flags["save_images"])  # A1111's API saves nothing unless asked
     fields["save_images"] = save and not flags["do_not_save_samples"]
     request = GenerationRequest.from_dict(fields)
-    _check_eta(body.get("eta"), request.sampler_name)
-    return Txt2ImgCall(request, overrides, flags["send_images"] is not False, save and not flags["do_not_save_grid"])
+    return Txt2ImgCall(request, overrides, flags["send_images"] is not False, save and not flags["do_not_save_grid"],
+                       tuple(ignored), tuple(notes))
+
+
+def _known_schedule(name: Any) -> bool:
+    try:
+        find_schedule_type(name) if isinstance(name, str) else None
+    except UserError:
+        return False
+    return True
+
+
+def _infotext_fields(infotext: Any) -> dict[str, Any]:
+    """A1111's ``infotext`` field: the fields a pasted infotext gives, used where the body gives none."""
+    if infotext in (None, ""):
+        return {}
+    if not isinstance(infotext, str):
+        raise UserError(f"must be the text of an image's parameters, got {infotext!r}", field="infotext")
+    return request_fields(infotext)
 
 
 def overrides_of(body: dict[str, Any], options: Options) -> Overrides:
@@ -118,22 +164,20 @@ def overrides_of(body: dict[str, Any], options: Options) -> Overrides:
     return Overrides(values, restore=body.get("override_settings_restore_afterwards") is not False)
 
 
-def _check_eta(eta: Any, sampler_name: Any) -> None:
-    """eta is honoured where it is the one the sampler samples with, or plays no part in it."""
-    if eta is None:
-        return
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
-        raise UserError(f"must be a number, got {eta!r}", field="eta")
-    if not isinstance(sampler_name, str):
-        return  # the request's own check names sampler_name
-    sampler, _ = find_sampler(sampler_name)
-    if sampler.eta is not None and eta != sampler.eta:
-        raise UserError(f"{sampler.name} samples with eta {sampler.eta:g} here; it cannot do {eta!r}", field="eta")
+@dataclass(frozen=True)
+class XyzCall:
+    """The X/Y/Z plot a request asks for, and how its lenient arguments were read (for info's notices)."""
+
+    choices: list[AxisChoice]
+    options: PlotOptions
+    notes: tuple[str, ...] = ()
 
 
-def xyz_script(body: dict[str, Any], axes: list[Axis]) -> tuple[list[AxisChoice], PlotOptions] | None:
-    """The X/Y/Z plot (axes, options) a request asks for with ``script_name`` / ``script_args``; None where it names
-    no script. Types are checked here; an axis type may be Forge's index of it."""
+def xyz_script(body: dict[str, Any], axes: list[Axis], numbering: str = "A1111") -> XyzCall | None:
+    """The X/Y/Z plot a request asks for with ``script_name`` / ``script_args``; None where it names no script.
+    Types are checked here. An axis type is a label or an index into A1111's or Forge's list of axes (``numbering``:
+    the option ``xyz_axis_numbering``); options may be true/false, "True"/"False" or 1/0 (webuiapi's README sends
+    strings), a dropdown may be "" for none."""
     name = body.get("script_name")
     if name in (None, ""):
         return None
@@ -145,36 +189,68 @@ def xyz_script(body: dict[str, Any], axes: list[Axis]) -> tuple[list[AxisChoice]
                         f"{', '.join(SCRIPT_ARGS)}", field="script_args")
     args = dict(zip(SCRIPT_ARGS, given))
     for key, value in args.items():
-        if isinstance(SCRIPT_ARGS[key], bool) and not isinstance(value, bool):
-            raise UserError(f"{key} must be true or false, got {value!r}", field="script_args")
+        if isinstance(SCRIPT_ARGS[key], bool):
+            args[key] = _flag(key, value)
     margin = args.get("margin_size", 0)
+    if isinstance(margin, str) and margin.strip().isdigit():
+        margin = args["margin_size"] = int(margin)
     if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= MAX_MARGIN:
         raise UserError(f"margin_size must be a whole number of pixels from 0 to {MAX_MARGIN}, got {margin!r}",
                         field="script_args")
-    for axis in "xyz":
-        _check_axis_args(args, axis, axes)
-    return plot_from_args(args, axes)
+    notes = [note for axis in "xyz" if (note := _check_axis_args(args, axis, axes, numbering))]
+    return XyzCall(*plot_from_args(args, axes), tuple(notes))
 
 
-def _check_axis_args(args: dict[str, Any], name: str, axes: list[Axis]) -> None:
-    """One axis' arguments: its type a label or Forge's index (replaced by the label), its values text, its picked
-    values a list."""
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no", "")
+
+
+def _flag(key: str, value: Any) -> bool:
+    """A true/false script argument as clients send it: a boolean, 1/0, or its text."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise UserError(f"{key} must be true or false, got {value!r}", field="script_args")
+
+
+def axis_table(numbering: str) -> tuple[str, ...]:
+    """The txt2img X/Y/Z axes in A1111 1.10's order, or Forge's (which adds Distilled CFG Scale as the 8th)."""
+    return FORGE_AXES if numbering == "Forge" else A1111_AXES
+
+
+def _check_axis_args(args: dict[str, Any], name: str, axes: list[Axis], numbering: str) -> str | None:
+    """One axis' arguments: its type a label or an index in ``numbering``'s list (replaced by the label; the note
+    returned says which), its values text, its picked values a list."""
     field = f"{name}_type"
     wanted = args.get(field, SCRIPT_ARGS[field])
+    if isinstance(wanted, str) and wanted.strip().isdigit():
+        wanted = int(wanted)
+    note = None
     if isinstance(wanted, int) and not isinstance(wanted, bool):
-        if 0 <= wanted < len(FORGE_AXES):
-            args[field] = FORGE_AXES[wanted]
-        elif 0 <= wanted - len(FORGE_AXES) < len(axes) - len(BUILTIN_AXES):  # plot_axes: extensions' axes last
-            args[field] = axes[len(BUILTIN_AXES) + wanted - len(FORGE_AXES)].label
+        table = axis_table(numbering)
+        if 0 <= wanted < len(table):
+            args[field] = table[wanted]
+        elif 0 <= wanted - len(table) < len(axes) - len(BUILTIN_AXES):  # plot_axes: extensions' axes last
+            args[field] = axes[len(BUILTIN_AXES) + wanted - len(table)].label
         else:
-            raise UserError(f"no X/Y/Z axis at index {wanted}", field=field)
+            raise UserError(f"no X/Y/Z axis at index {wanted} in {numbering}'s list (option xyz_axis_numbering)",
+                            field=field)
+        if wanted:
+            note = f"{field} {wanted} read as {args[field]!r} ({numbering}'s numbering: option xyz_axis_numbering)"
     elif not isinstance(wanted, str):
-        raise UserError(f"an axis is a label or Forge's index of it, got {wanted!r}", field=field)
-    if not isinstance(args.get(f"{name}_values", ""), str):
+        raise UserError(f"an axis is a label or its index, got {wanted!r}", field=field)
+    if args.get(f"{name}_values") is None:
+        args[f"{name}_values"] = ""
+    if not isinstance(args[f"{name}_values"], str):
         raise UserError(f"must be text, got {args[f'{name}_values']!r}", field=f"{name}_values")
     picked = args.get(f"{name}_values_dropdown")
+    if picked == "":
+        args[f"{name}_values_dropdown"] = picked = None  # webuiapi's README sends "" for none
     if picked is not None and not (isinstance(picked, list) and all(isinstance(v, (str, int, float)) for v in picked)):
         raise UserError(f"must be a list of values, got {picked!r}", field=f"{name}_values_dropdown")
+    return note
 
 
 JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array", dict: "object"}
@@ -183,27 +259,32 @@ FIELD_BOUNDS = {"width": {"minimum": MIN_SIDE, "multipleOf": SIDE_MULTIPLE},
                 "height": {"minimum": MIN_SIDE, "multipleOf": SIDE_MULTIPLE},
                 "steps": {"minimum": 1}, "batch_size": {"minimum": 1}, "n_iter": {"minimum": 1},
                 "cfg_scale": {"minimum": 0, "maximum": MAX_CFG}, "distilled_cfg_scale": {"minimum": 0, "maximum": MAX_CFG},
-                "seed": {"minimum": -1, "maximum": MAX_SEED}}
+                "seed": {"minimum": -1, "maximum": MAX_SEED}, "eta": {"minimum": 0, "maximum": 1}}
 
 
 def _typed(python_type: Any) -> dict[str, Any]:
-    """A JSON schema for a value of ``python_type``, or null (A1111 clients send null for 'the default')."""
+    """A JSON schema for a value of ``python_type`` (or ``type | None``), or null (A1111 clients send null for 'the
+    default')."""
+    python_type = next((t for t in typing.get_args(python_type) if t is not type(None)), python_type)
     return {"type": [JSON_TYPES[python_type], "null"]}
 
 
 def txt2img_body_schema() -> dict[str, Any]:
-    """The fields read_txt2img takes, with their types; the default-only ones with the values they may have."""
+    """The fields read_txt2img takes, with their types; the default-only ones with the values they may have. Others
+    are allowed: A1111 ignores fields it does not know, and so does this app (naming them in info)."""
     hints = typing.get_type_hints(GenerationRequest)
     defaults = {f.name: f.default for f in fields(GenerationRequest)}
     properties: dict[str, Any] = {name: {**_typed(hints[name]), **FIELD_BOUNDS.get(name, {}), "default": defaults[name]}
                                   for name in ENGINE_FIELDS}
     properties |= {name: _typed(bool) for name in FLAG_FIELDS}
-    properties |= {"override_settings": _typed(dict), "sampler_index": _typed(str), "eta": _typed(float),
-                   "script_name": _typed(str), "script_args": _typed(list), "force_task_id": _typed(str)}
+    properties |= {"override_settings": _typed(dict), "sampler_index": _typed(str), "script_name": _typed(str),
+                   "script_args": _typed(list), "infotext": _typed(str), "force_task_id": _typed(str),
+                   STYLE_FIELD: {**_typed(list), "description": "prompt styles: this app has none yet, so A1111 would "
+                                 "skip every name (ignored)"}}
     properties |= {name: {"enum": values} for name, values in DEFAULT_ONLY_FIELDS.items()}
-    properties |= {name: {"description": "read by A1111 only for hires. fix or a refiner: ignored"}
-                   for name in IGNORED_FIELDS}
-    return {"type": "object", "properties": properties, "additionalProperties": False}
+    properties |= {name: {"description": "read by A1111 only for hires. fix, a refiner, variation seeds or img2img: "
+                          "ignored"} for name in UNUSED_FIELDS}
+    return {"type": "object", "properties": properties, "additionalProperties": True}
 
 
 def options_body_schema() -> dict[str, Any]:

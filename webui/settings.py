@@ -53,6 +53,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "max_prompt_length": 20_000,
     "max_plot_cells": 1000,
     "max_queued_jobs": 100,
+    "xyz_axis_numbering": "A1111",  # which list an X/Y/Z axis index sent to the API counts in
 }
 # A1111 options for things this app always does one way: listed (clients read and post back the whole store) and
 # accepted at that value only, so that a request asking for another one is refused rather than quietly ignored.
@@ -71,6 +72,7 @@ OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "forge_unet_storage_dtype": ("Automatic", "float8-e4m3fn", "float8-e5m2"),
     "t5_storage_dtype": ("Automatic", "float8-e4m3fn", "float8-e5m2", "bnb-int8"),
     "samples_format": ("png",),
+    "xyz_axis_numbering": ("A1111", "Forge"),
 }
 OUTPUT_FOLDER_OPTIONS = {"outdir_txt2img_samples": "txt2img-images", "outdir_txt2img_grids": "txt2img-grids"}
 OPTION_RANGES: dict[str, tuple[float, float]] = {
@@ -122,7 +124,14 @@ OPTION_SECTIONS: dict[str, dict[str, str]] = {
         "sd3_enable_t5": "Use the T5 text encoder of SD3.x checkpoints",
     },
     "Limits (the API's too)": LIMIT_OPTIONS,
+    "API": {
+        "xyz_axis_numbering": "X/Y/Z plot axis numbers in script_args count in the list of (A1111: webuiapi and "
+                              "A1111 scripts; Forge: Forge's, with Distilled CFG Scale 8th); names always work",
+    },
 }
+# A1111 1.10's options with their defaults (names and values only): clients read them from GET /options (send_seed,
+# samples_format...) and post them back. Options of this app's own replace them; the others are kept as given.
+A1111_OPTIONS_FILE = Path(__file__).resolve().parent / "assets" / "a1111_options.json"
 
 
 @dataclass(frozen=True)
@@ -190,7 +199,7 @@ class Options:
         self._checks = dict(checks or {})
         self._defaults = {**OPTION_DEFAULTS, **FIXED_OPTIONS}
         self._choices = dict(OPTION_CHOICES)
-        self._values = dict(self._defaults)
+        self._values = {**json.loads(A1111_OPTIONS_FILE.read_text(encoding="utf-8")), **self._defaults}
         self._lock = threading.RLock()
         self._listeners: list[Callable[[str, Any], None]] = []
         self.problems: list[str] = []  # what went wrong reading config.json, for the UI to show
