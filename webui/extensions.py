@@ -25,6 +25,7 @@ from webui.cli import ROOT
 from webui.engine.engine import Engine
 from webui.engine.hooks import Hooks, Network
 from webui.engine.request import GenerationRequest
+from webui.engine.ksampling import KSampler
 from webui.engine.samplers import (
     SchedulerFactory,
     find_sampler,
@@ -188,12 +189,12 @@ class ExtensionAPI:
 
     def add_sampler(self, name: str, factory: SchedulerFactory, aliases: Sequence[str] = (), *,
                     default_schedule: str | None = None, uses_schedule_type: bool = True,
-                    flow_factory: SchedulerFactory | None = None, eta: float | None = None) -> None:
+                    flow_factory: SchedulerFactory | None = None, ksampler: KSampler | None = None) -> None:
         """A new sampler for every model of the SD families (and for Flux/SD3 with ``flow_factory``); see
         ``webui.engine.samplers.register_sampler``. A name that exists already is refused."""
         _claim("sampler", name, self.name, _exists(find_sampler, name))
         register_sampler(name, factory, tuple(aliases), default_schedule=default_schedule,
-                         uses_schedule_type=uses_schedule_type, flow_factory=flow_factory, eta=eta)
+                         uses_schedule_type=uses_schedule_type, flow_factory=flow_factory, ksampler=ksampler)
 
     def add_schedule_type(self, name: str, label: str, kwargs: dict[str, Any], aliases: Sequence[str] = (), *,
                           default_rho: float = -1) -> None:

@@ -26,7 +26,7 @@ from webui.engine.models import Dtypes, ModelManager
 from webui.engine.outputs import remove_stale_temp_files, save_image
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
-from webui.engine.samplers import resolve
+from webui.engine.samplers import choose
 from webui.errors import UserError
 from webui.settings import OUTPUT_FOLDER_OPTIONS, AppConfig
 
@@ -142,7 +142,7 @@ class Engine:
         self.hooks.fire("before_generation", request=request)
         request.validate(self.options.as_dict())
         info = self.checkpoint(request.checkpoint)
-        sampler, schedule = resolve(request.sampler_name, request.scheduler)
+        sampling = choose(request.sampler_name, request.scheduler, request.eta, self.options.as_dict())
         with self._generate_lock, self.memory.tracing() as trace:
             self.progress.reset()
             self.progress.preview_every = self.options["show_progress_every_n_steps"]
@@ -153,8 +153,7 @@ class Engine:
             extra_params = self.hooks.activate_networks(model, calls + negative_calls)
             job = Resolved(
                 request=request,
-                sampler=sampler,
-                schedule=schedule,
+                sampling=sampling,
                 seed=resolve_seed(request.seed),
                 clip_skip=request.clip_skip or self.options["CLIP_stop_at_last_layers"],
                 save=self.options["samples_save"] if request.save_images is None else request.save_images,

@@ -1,7 +1,8 @@
 """txt2img: a validated request in, images and infotexts out. The only generation path.
 
 The loop follows diffusers' StableDiffusion(XL)Pipeline step for step (same scheduler calls,
-same noise), so the same weights, seed and sampler give the same image as the plain pipeline.
+same noise), so the same weights, seed and sampler give the same image as the plain pipeline;
+sampler / schedule type pairs diffusers has no scheduler for run in sigma space (``ksampling``).
 Noise is drawn on the CPU per image from seed+i, as A1111 does, so seeds mean the same on
 every device.
 """
@@ -29,7 +30,8 @@ from webui.engine.memory import MemoryManager, MemoryPolicy, activation_bytes, v
 from webui.engine.progress import Progress
 from webui.engine.prompts import Conditioning, encode_prompts
 from webui.engine.request import MAX_SEED, GenerationRequest, GenerationResult
-from webui.engine.samplers import make_flow_scheduler, make_scheduler, step_kwargs
+from webui.engine.ksampling import GuidedDenoiser, sample
+from webui.engine.samplers import Sampling, make_flow_scheduler, step_kwargs
 from webui.engine.t5_prompts import MIN_LENGTH as T5_MIN_LENGTH
 from webui.engine.t5_prompts import encode_t5
 from webui.errors import UserError
@@ -43,8 +45,7 @@ class Resolved:
     """The request with every default filled in from the settings."""
 
     request: GenerationRequest
-    sampler: str  # canonical A1111 names, as the infotext writes them
-    schedule: str
+    sampling: Sampling  # sampler, schedule type and eta
     seed: int
     clip_skip: int
     save: bool
@@ -82,7 +83,8 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
                                   compute_dtype(model.denoiser))
     memory.begin(policy, activation)
     result = GenerationResult(request=req, model_name=model.info.model_name, model_hash=job.model_hash,
-                              sampler_name=job.sampler, scheduler=job.schedule, clip_skip=job.clip_skip)
+                              sampler_name=job.sampling.sampler.name, scheduler=job.sampling.schedule.label,
+                              clip_skip=job.clip_skip)
     progress.begin("txt2img", req.n_iter, req.steps)
     bar = tqdm(total=req.n_iter * req.steps, desc="txt2img", unit="it", leave=False)
     try:
@@ -116,8 +118,7 @@ def infotext_for(model: LoadedModel, job: Resolved, seed: int) -> str:
     req = job.request
     params = {
         "Steps": req.steps,
-        "Sampler": job.sampler,
-        "Schedule type": job.schedule,
+        **job.sampling.infotext(),
         "CFG scale": req.cfg_scale,
         "Seed": seed,
         "Size": f"{req.width}x{req.height}",
@@ -183,12 +184,12 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seed
     if model.family in FLOW_FAMILIES:
         shift = shift_for(model.family, model.denoiser.config.get("guidance_embeds", False), req.width, req.height,
                           job.shift)
-        scheduler = make_flow_scheduler(req.sampler_name, req.scheduler, shift)
+        scheduler = make_flow_scheduler(job.sampling, shift)
         set_timesteps(scheduler, req.steps, device)
         latents = denoise_flow(model.denoiser, model.family, scheduler, noise, cond, uncond if use_cfg else None,
                                req.cfg_scale, req.distilled_cfg_scale, step_kwargs(scheduler, generators), on_step)
     else:
-        latents = _denoise_unet(model, req, seeds, generators, noise, cond, uncond if use_cfg else None, on_step)
+        latents = _denoise_unet(model, job, seeds, generators, noise, cond, uncond if use_cfg else None, on_step)
     clock.lap("denoise")
     if not torch.isfinite(latents).all():
         what = f"The denoiser made NaN or infinite values ({model.info.model_name}, {dtype_name(dtype)})."
@@ -202,17 +203,26 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seed
     return images
 
 
-def _denoise_unet(model: LoadedModel, req: GenerationRequest, seeds: list[int], generators: list[torch.Generator],
+def _denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generators: list[torch.Generator],
                   noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
                   on_step: StepCallback) -> torch.Tensor:
-    """SD1/SD2/SDXL: the diffusers StableDiffusion(XL)Pipeline loop; ``uncond`` is None without CFG."""
-    unet = model.denoiser
-    scheduler = make_scheduler(req.sampler_name, req.scheduler, model.scheduler_config, seed=seeds)
-    scheduler.set_timesteps(req.steps, device=noise.device)
-    latents = noise * scheduler.init_noise_sigma
+    """SD1/SD2/SDXL: the diffusers StableDiffusion(XL)Pipeline loop, or the sigma-space one for what diffusers'
+    schedulers cannot do; ``uncond`` is None without CFG."""
+    req, sampling, unet = job.request, job.sampling, model.denoiser
     context = cond.embeds if uncond is None else torch.cat([uncond.embeds, cond.embeds])
     added = _sdxl_added_conditions(model, req, cond, uncond, noise.device, noise.dtype)
-    extra = step_kwargs(scheduler, generators)
+    if not sampling.native:
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return unet(x.to(noise.dtype), t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
+
+        denoiser = GuidedDenoiser(predict, model.scheduler_config, req.cfg_scale, uncond is not None)
+        sdxl = model.family is Family.SDXL
+        return sample(sampling.sampler.ksampler, denoiser, lambda schedule: sampling.sigmas(req.steps, schedule, sdxl),
+                      noise, seeds, generators, sampling.eta, on_step)
+    scheduler = sampling.scheduler(model.scheduler_config, seed=seeds)
+    scheduler.set_timesteps(req.steps, device=noise.device)
+    latents = noise * scheduler.init_noise_sigma
+    extra = step_kwargs(scheduler, generators, sampling.eta)
     total = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
         x = latents if uncond is None else torch.cat([latents] * 2)
