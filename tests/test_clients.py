@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -251,3 +252,21 @@ def test_open_webui_verifies_lists_sets_the_model_and_generates(server):
     assert len(data["images"]) == 1 and "," not in data["images"][0], "plain base64, read as PNG"
     assert image_of(data["images"][0]).size == (128, 128)
     assert json.loads(data["info"])["steps"] == 50  # info is always read
+
+
+def test_server_restart_and_stop_with_api_server_stop(tmp_path):
+    """--api-server-stop: server-restart runs the same command line again (the same process id, the port served
+    again), server-stop ends the process cleanly."""
+    live = start_server(tmp_path, "--nowebui", "--api-server-stop")
+    try:
+        assert live.api("POST", "server-restart").status_code == 200
+        deadline = time.time() + 120
+        while live.log.count("API only: http") < 2:
+            assert live.process.poll() is None and time.time() < deadline, live.log
+            time.sleep(0.5)
+        assert live.api("GET", "sd-models").status_code == 200, "served again after the restart"
+        assert live.api("POST", "server-stop").status_code == 200
+        assert live.process.wait(timeout=60) == 0, live.log
+    finally:
+        if live.process.poll() is None:
+            live.stop()
