@@ -16,6 +16,7 @@ import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+PORT_TAKEN = re.compile(r"address already in use|Cannot find empty port", re.IGNORECASE)
 
 
 def free_port() -> int:
@@ -45,8 +46,16 @@ class Server:
 
 def start_server(data_dir: Path, *flags: str) -> Server:
     """``launch.py`` on a free port, on the CPU, over ``data_dir`` (its embedded demo model when it holds none);
-    returns once it says where it serves (the UI, the API and the extensions' routes are mounted by then)."""
-    port = free_port()
+    returns once it says where it serves (the UI, the API and the extensions' routes are mounted by then). A port
+    another test worker took between the pick and the bind is picked again."""
+    for _ in range(3):
+        server = _start(data_dir, free_port(), flags)
+        if server is not None:
+            return server
+    pytest.fail("the server found no free port in three tries")
+
+
+def _start(data_dir: Path, port: int, flags: tuple[str, ...]) -> Server | None:
     log_path = data_dir / f"server-{port}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
@@ -54,9 +63,12 @@ def start_server(data_dir: Path, *flags: str) -> Server:
              "--data-dir", str(data_dir), "--device", "cpu", *flags],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     auth = tuple(flags[flags.index("--api-auth") + 1].split(":", 1)) if "--api-auth" in flags else None
-    server = Server(process, f"http://127.0.0.1:{port}", log_path, auth)
+    host = flags[flags.index("--server-name") + 1] if "--server-name" in flags else "127.0.0.1"
+    server = Server(process, f"http://{host}:{port}", log_path, auth)
     deadline = time.time() + 180
     while not (re.search(r"INFO webui: (Web UI|API only): http", server.log) and answers(server.url)):
+        if process.poll() is not None and PORT_TAKEN.search(server.log):
+            return None
         if process.poll() is not None or time.time() > deadline:
             server.stop() if process.poll() is None else None
             pytest.fail(f"the server did not start:\n{server.log}")

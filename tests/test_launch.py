@@ -7,11 +7,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
+
+from tests.live import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ("port", "listen", "share", "api", "nowebui", "models-dir", "ckpt-dir", "lora-dir", "vae-dir",
          "text-encoder-dir", "outdir", "device", "no-half", "no-half-vae", "lowvram", "medvram", "always-gpu",
-         "always-offload-from-vram", "skip-venv", "skip-install", "api-auth", "api-log", "gradio-auth")
+         "always-offload-from-vram", "skip-venv", "skip-install", "api-auth", "api-log", "gradio-auth",
+         "server-name", "ckpt", "theme", "autolaunch", "cors-allow-origins", "cors-allow-origins-regex", "precision",
+         "gradio-auth-path", "use-cpu", "loglevel")
 
 
 def run_launch(*args: str) -> subprocess.CompletedProcess:
@@ -34,6 +39,11 @@ def test_help_lists_every_flag():
     for flag in FLAGS:
         assert f"--{flag}" in result.stdout
     assert "launcher" in result.stdout
+    no_effect = result.stdout.split("A1111/Forge flags accepted without effect:")[1]
+    for flag in ("--xformers", "--opt-sdp-attention", "--enable-insecure-extension-access", "--no-download-sd-model",
+                 "--sub-quad-q-chunk-size N", "--directml [N]"):
+        assert flag in no_effect
+    assert "[--xformers]" not in result.stdout, "the usage line keeps to the flags that act"
 
 
 def test_unknown_flag_is_an_error():
@@ -134,3 +144,122 @@ def test_failed_install_stops_with_a_message(launch, monkeypatch):
     record_pip(launch, monkeypatch, [False])
     with pytest.raises(SystemExit, match="Could not install"):
         launch.install_requirements()
+
+
+def command_line(spec: str) -> list[str]:
+    """A value for each flag of a WITHOUT_EFFECT entry, as its metavar asks (two for "X...")."""
+    flag, _, metavar = spec.partition(" ")
+    return [flag] + (["v1", "v2"] if metavar.endswith("...") else ["v"] if metavar else [])
+
+
+def test_every_a1111_and_forge_flag_parses_and_warns_once_with_why():
+    from webui.cli import WITHOUT_EFFECT, parse_args
+
+    specs = [spec for specs in WITHOUT_EFFECT.values() for spec in specs]
+    argv = [arg for spec in specs for arg in command_line(spec)]
+    args = parse_args([*argv, "--xformers", "--port", "7999", "--listen"])
+    assert args.port == 7999 and args.listen, "the flags after them still parse"
+    assert len(args.no_effect) == len(specs), "one line each, --xformers given twice included"
+    for spec, line in zip(specs, args.no_effect):
+        assert line.startswith(f"{spec.split()[0]} has no effect here: ")
+    assert "--xformers has no effect here: attention is PyTorch's scaled-dot-product attention" in args.no_effect[0]
+    assert parse_args(["--directml", "--port", "7999"]).port == 7999, "--directml's value is optional"
+    assert parse_args([]).no_effect == []
+
+
+def test_a1111_flags_with_a_meaning_here(tmp_path):
+    from webui.cli import parse_args
+
+    assert parse_args(["--precision", "full"]).no_half and not parse_args(["--precision", "autocast"]).no_half
+    both = parse_args(["--all-in-fp32"])
+    assert both.no_half and both.no_half_vae
+    assert parse_args(["--vae-in-fp32"]).no_half_vae and not parse_args(["--vae-in-fp32"]).no_half
+    assert parse_args(["--use-cpu", "all"]).device == "cpu" and parse_args(["--always-cpu"]).device == "cpu"
+    other = parse_args(["--use-cpu", "interrogate", "esrgan", "--port", "7999"])
+    assert other.device == "auto" and other.port == 7999
+    assert other.no_effect == ["--use-cpu interrogate esrgan has no effect here: only 'all' and 'sd' mean something "
+                               "(--device cpu)"]
+    assert parse_args(["--always-low-vram"]).lowvram and parse_args(["--always-high-vram"]).always_gpu
+    assert parse_args(["--skip-prepare-environment"]).skip_install
+    assert parse_args(["--loglevel", "debug"]).loglevel == "DEBUG"
+    args = parse_args(["--theme", "dark", "--server-name", "0.0.0.0", "--ckpt", "x.safetensors", "--autolaunch"])
+    assert (args.theme, args.server_name, args.ckpt, args.autolaunch) == ("dark", "0.0.0.0", Path("x.safetensors"), True)
+    logins = tmp_path / "logins.txt"
+    logins.write_text("alice:one, bob:two\ncarol:th:ree\n")
+    args = parse_args(["--gradio-auth", "dave:four", "--gradio-auth-path", str(logins)])
+    assert args.gradio_auth == [("dave", "four"), ("alice", "one"), ("bob", "two"), ("carol", "th:ree")]
+    assert args.api_auth == args.gradio_auth and args.gradio_auth_path == logins, "the flags keep the path"
+    result = run_launch("--skip-venv", "--skip-install", "--gradio-auth-path", str(tmp_path / "missing"))
+    assert result.returncode == 2 and "cannot read" in result.stderr
+    result = run_launch("--skip-venv", "--skip-install", "--theme", "blue")
+    assert result.returncode == 2 and "invalid choice: 'blue'" in result.stderr
+
+
+def test_server_name_counts_as_open_to_the_network():
+    from webui.cli import parse_args
+    from webui.server import bind_address, open_access_warnings
+
+    assert bind_address(parse_args([])) == "127.0.0.1" and bind_address(parse_args(["--listen"])) == "0.0.0.0"
+    assert bind_address(parse_args(["--listen", "--server-name", "10.0.0.5"])) == "10.0.0.5", "A1111: it wins"
+    assert len(open_access_warnings(parse_args(["--server-name", "10.0.0.5", "--api"]))) == 2
+    assert open_access_warnings(parse_args(["--server-name", "localhost", "--api"])) == []
+
+
+def test_a1111_command_line_on_a_live_server(tmp_path, sd1_file, monkeypatch):
+    """--ckpt selects a file outside the model folders, --server-name binds there, --theme, --cors-allow-origins
+    and --autolaunch act, and the flags without effect are each named once in the log."""
+    browser = tmp_path / "browser"
+    browser.write_text(f"#!/bin/sh\necho \"$1\" > {tmp_path / 'opened'}\n")
+    browser.chmod(0o755)
+    monkeypatch.setenv("BROWSER", str(browser))  # what webbrowser.open runs
+    server = start_server(tmp_path, "--api", "--ckpt", str(sd1_file), "--server-name", "127.0.0.2", "--theme", "dark",
+                          "--cors-allow-origins", "http://client.example", "--autolaunch", "--xformers",
+                          "--enable-insecure-extension-access", "--no-download-sd-model", "--opt-sdp-attention")
+    try:
+        assert server.url.startswith("http://127.0.0.2:")
+        with pytest.raises(requests.ConnectionError):
+            requests.get(server.url.replace("127.0.0.2", "127.0.0.1"), timeout=10)
+        assert server.api("GET", "options").json()["sd_model_checkpoint"].startswith(sd1_file.name)
+        assert sd1_file.name in [m["title"].split(" [")[0] for m in server.api("GET", "sd-models").json()]
+        body = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 2, "seed": 1}
+        assert server.api("POST", "txt2img", json=body).json()["info"].find('"sd_model_name": "sd1-1"') > 0
+        page = requests.get(server.url, allow_redirects=False, timeout=30)
+        assert page.status_code == 307 and page.headers["location"] == "?__theme=dark"
+        assert requests.get(f"{server.url}/?__theme=dark", timeout=30).status_code == 200
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+        allowed = requests.options(f"{server.url}/sdapi/v1/txt2img", timeout=30,
+                                   headers={"Origin": "http://client.example", **preflight})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "http://client.example"
+        other = requests.options(f"{server.url}/sdapi/v1/txt2img", timeout=30,
+                                 headers={"Origin": "http://elsewhere.example", **preflight})
+        assert "access-control-allow-origin" not in other.headers
+        assert (tmp_path / "opened").read_text().strip().startswith("http://127.0.0.2:")
+        for flag in ("--xformers", "--enable-insecure-extension-access", "--no-download-sd-model",
+                     "--opt-sdp-attention"):
+            assert server.log.count(f"{flag} has no effect here: ") == 1
+        assert "attention is PyTorch's scaled-dot-product attention (SDPA) already" in server.log
+    finally:
+        server.stop()
+
+
+def test_ckpt_in_a_folder_is_not_listed_twice_one_elsewhere_is_kept_and_a_wrong_one_is_warned_about(
+        tmp_path, sd1_file, sd1_folder, caplog):
+    from tests.conftest import make_engine
+    from webui.server import checkpoint_choice
+
+    engine = make_engine(tmp_path, sd1_file)
+    listed = engine.models.checkpoints()
+    inside = checkpoint_choice(engine, tmp_path / "models" / "Stable-diffusion" / sd1_file.name)
+    assert inside == {"sd_model_checkpoint": engine.models.title(listed[0])} and engine.models.checkpoints() == listed
+    elsewhere = checkpoint_choice(engine, sd1_folder)
+    engine.models.refresh()
+    assert engine.models.checkpoints() == [engine.models.checkpoints()[0], *listed]
+    assert engine.models.checkpoints()[0].path == sd1_folder.resolve()
+    config = tmp_path / "config.json"
+    with engine.options.overridden(elsewhere):
+        assert engine.checkpoint(None).path == sd1_folder.resolve()
+    assert not config.exists() or sd1_folder.name not in config.read_text(), "not saved by itself"
+    assert checkpoint_choice(engine, tmp_path / "missing.safetensors") == {}
+    assert checkpoint_choice(engine, tmp_path / "config.json") == {}
+    assert caplog.text.count("is not a checkpoint") == 2

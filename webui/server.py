@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import webbrowser
+from pathlib import Path
+from typing import Any
 
 from webui.cli import parse_args
 from webui.engine.engine import Engine
@@ -15,8 +18,8 @@ from webui.settings import AppConfig
 log = logging.getLogger("webui")
 
 
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -29,37 +32,92 @@ def configure_logging() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    configure_logging()
+    configure_logging(args.loglevel)
+    for line in args.no_effect:
+        log.warning(line)
     try:
         engine = Engine(AppConfig.from_args(args))
     except UserError as e:
         sys.exit(f"Cannot start: {e}")
     load_extensions(engine)
     jobs = JobQueue(engine)
-    host = "0.0.0.0" if args.listen else "127.0.0.1"
     for warning in open_access_warnings(args):
         log.warning(warning)
-    if args.nowebui:
-        serve_api_only(jobs, host, args.port)
-    else:
-        serve_ui(engine, jobs, host, args)
+    with engine.options.overridden(checkpoint_choice(engine, args.ckpt)):
+        if args.nowebui:
+            serve_api_only(jobs, bind_address(args), args)
+        else:
+            serve_ui(engine, jobs, bind_address(args), args)
+
+
+def bind_address(args: argparse.Namespace) -> str:
+    """The address to serve on: --server-name's, else all of them with --listen, else this machine only."""
+    return args.server_name or ("0.0.0.0" if args.listen else "127.0.0.1")
 
 
 def open_access_warnings(args: argparse.Namespace) -> list[str]:
     """What others can reach without a password, with the flag that would ask for one."""
     warnings = []
-    if (args.listen or args.share) and (args.api or args.nowebui) and not args.api_auth:
-        warnings.append("The API is open to anyone who can reach this machine (--listen/--share without "
-                        "--api-auth): they can generate and change settings. Add --api-auth USER:PASS.")
+    network = bind_address(args) not in ("127.0.0.1", "localhost", "::1")
+    if (network or args.share) and (args.api or args.nowebui) and not args.api_auth:
+        warnings.append("The API is open to anyone who can reach this machine (--listen, --server-name or --share "
+                        "without --api-auth): they can generate and change settings. Add --api-auth USER:PASS.")
     if args.share and not args.nowebui and not args.gradio_auth:
         warnings.append("The public --share link opens the UI to anyone who has it. Add --gradio-auth USER:PASS.")
-    elif args.listen and not args.nowebui and not args.gradio_auth:
-        warnings.append("The UI is open to anyone on your network (--listen without --gradio-auth). "
-                        "Add --gradio-auth USER:PASS.")
+    elif network and not args.nowebui and not args.gradio_auth:
+        warnings.append("The UI is open to anyone on your network (--listen or --server-name without "
+                        "--gradio-auth). Add --gradio-auth USER:PASS.")
     return warnings
 
 
-def serve_api_only(jobs: JobQueue, host: str, port: int) -> None:
+def checkpoint_choice(engine: Engine, path: Path | None) -> dict[str, Any]:
+    """The option change that makes --ckpt's file the checkpoint of this run (not saved for the next one by
+    itself); none when it is not given or not a checkpoint."""
+    if path is None:
+        return {}
+    try:
+        info = engine.models.add_checkpoint(path)
+    except UserError as e:
+        log.warning("--ckpt: %s; using the checkpoint the settings select.", e)
+        return {}
+    log.info("--ckpt: this run uses %s", info.path)
+    return {"sd_model_checkpoint": engine.models.title(info)}
+
+
+def add_middlewares(app: Any, args: argparse.Namespace) -> None:
+    """--cors-allow-origins(-regex) and --theme. Outermost, so that cross-origin preflights are answered before
+    Gradio's own CORS check (which allows only localhost pages); also after Gradio has served its first request:
+    the middleware stack is built again at the next one."""
+    if args.cors_allow_origins or args.cors_allow_origins_regex:
+        from starlette.middleware.cors import CORSMiddleware
+
+        origins = [o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()]
+        app.middleware_stack = None
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_origin_regex=args.cors_allow_origins_regex,
+                           allow_methods=["*"], allow_headers=["*"], allow_credentials=True)
+    if args.theme and not args.nowebui:
+        app.middleware_stack = None
+        app.add_middleware(ThemeRedirect, theme=args.theme)
+
+
+class ThemeRedirect:
+    """--theme: the page opened without a theme is sent to Gradio's ``?__theme=`` (A1111 does it in a script)."""
+
+    def __init__(self, app: Any, theme: str):
+        self.app, self.theme = app, theme
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        query = scope.get("query_string", b"").decode("latin-1")
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/" and "__theme=" not in query:
+            from starlette.responses import RedirectResponse
+
+            target = "?" + "&".join(filter(None, [query, f"__theme={self.theme}"]))  # relative: sub-paths work
+            await RedirectResponse(target, status_code=307)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def serve_api_only(jobs: JobQueue, host: str, args: argparse.Namespace) -> None:
     import uvicorn
     from fastapi import FastAPI
 
@@ -67,12 +125,13 @@ def serve_api_only(jobs: JobQueue, host: str, port: int) -> None:
 
     app = FastAPI(title="Stable Diffusion web UI API", docs_url="/docs")
     register_api(app, jobs)
+    add_middlewares(app, args)
     jobs.engine.hooks.fire("app_started", engine=jobs.engine, app=app)
-    log.info("API only: http://%s:%d/sdapi/v1 (docs at /docs)", host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    log.info("API only: http://%s:%d/sdapi/v1 (docs at /docs)", host, args.port)
+    uvicorn.run(app, host=host, port=args.port, log_level="warning")
 
 
-def serve_ui(engine: Engine, jobs: JobQueue, host: str, args) -> None:
+def serve_ui(engine: Engine, jobs: JobQueue, host: str, args: argparse.Namespace) -> None:
     from webui.api import register_api
     from webui.ui import build_ui
 
@@ -85,6 +144,7 @@ def serve_ui(engine: Engine, jobs: JobQueue, host: str, args) -> None:
     if args.api:
         register_api(app, jobs)
         log.info("API: %ssdapi/v1 (docs at %sdocs)", local_url, local_url)
+    add_middlewares(app, args)
     engine.hooks.fire("app_started", engine=engine, app=app)
     log.info("Web UI: %s", local_url)
     if args.share:
@@ -93,6 +153,8 @@ def serve_ui(engine: Engine, jobs: JobQueue, host: str, args) -> None:
         else:
             log.warning("Could not create a public share link (no internet access, or the tunnel service "
                         "refused). The UI is still served locally at %s.", local_url)
+    if args.autolaunch:
+        webbrowser.open(share_url or local_url)
     demo.block_thread()
 
 

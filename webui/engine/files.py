@@ -208,12 +208,19 @@ def find_checkpoints(roots: list[Path]) -> list[CheckpointInfo]:
                 continue
             dirnames.sort()
             for filename in sorted(filenames):
-                suffix = Path(filename).suffix.lower()
-                if suffix in CHECKPOINT_SUFFIXES:
+                kind = checkpoint_kind(here / filename)
+                if kind:
                     name = (here / filename).relative_to(root).as_posix()
-                    kind = "ckpt" if suffix == ".pt" else suffix[1:]
                     found.setdefault(name, CheckpointInfo(name, here / filename, kind))
     return sorted(found.values(), key=lambda c: c.name.lower())
+
+
+def checkpoint_kind(path: Path) -> str | None:
+    """CheckpointInfo's kind of a checkpoint file (by its suffix) or diffusers folder; None for anything else."""
+    suffix = path.suffix.lower()
+    if suffix in CHECKPOINT_SUFFIXES:
+        return "ckpt" if suffix == ".pt" else suffix[1:]
+    return "diffusers" if is_diffusers_folder(path) else None
 
 
 def find_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:

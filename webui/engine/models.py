@@ -17,7 +17,15 @@ import torch
 from webui.engine.assemble import checkpoint_family, load_flow_model, load_gguf_unet_model
 from webui.engine.demo import DEMO_NAME
 from webui.engine.detect import Family
-from webui.engine.files import CheckpointInfo, HashCache, checkpoint_title, find_checkpoints, find_files, short_hash
+from webui.engine.files import (
+    CheckpointInfo,
+    HashCache,
+    checkpoint_kind,
+    checkpoint_title,
+    find_checkpoints,
+    find_files,
+    short_hash,
+)
 from webui.engine.flow import FLOW_FAMILIES
 from webui.engine.fp8 import cast_weights_fp8
 from webui.engine.load import LoadedModel, load_model
@@ -63,13 +71,29 @@ class ModelManager:
         self.cache = ModelCache()
         self._lock = threading.RLock()
         self._checkpoints: list[CheckpointInfo] = []
+        self._given: list[CheckpointInfo] = []  # checkpoints named by path outside the folders (--ckpt)
         self.refresh()
 
     def refresh(self) -> None:
         """Re-scan the folders: the user's checkpoints first, the built-in demo models last (the demo itself first
         of them: the default when the user has none)."""
         builtin = sorted(find_checkpoints([self.builtin_dir]), key=lambda info: info.name != DEMO_NAME)
-        self._checkpoints = find_checkpoints(self.checkpoint_dirs) + builtin
+        self._checkpoints = self._given + find_checkpoints(self.checkpoint_dirs) + builtin
+
+    def add_checkpoint(self, path: Path) -> CheckpointInfo:
+        """A checkpoint named by its path (A1111's --ckpt): the one found there when it is in a checkpoint folder,
+        else listed first from now on, by its file name."""
+        path = path.resolve()
+        kind = checkpoint_kind(path) if path.exists() else None
+        if kind is None:
+            raise UserError(f"{path} is not a checkpoint (a .safetensors, .gguf, .ckpt or .pt file, or a diffusers "
+                            "folder)", field="sd_model_checkpoint")
+        found = next((info for info in self._checkpoints if info.path.resolve() == path), None)
+        if found is None:
+            found = CheckpointInfo(path.name, path, kind)
+            self._given.append(found)
+            self.refresh()
+        return found
 
     def checkpoints(self) -> list[CheckpointInfo]:
         return list(self._checkpoints)
