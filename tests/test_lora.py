@@ -204,7 +204,7 @@ def test_lora_list_in_the_api_and_the_ui_inserts_the_tag(tmp_path, sd1_file):
     from webui.engine.synthetic import build_synthetic_model
     from webui.jobs import JobQueue
     from webui.ui import build_ui
-    from webui.ui.network_browser import add_network_tag, matching
+    from webui.ui.network_browser import matching, toggle_network_tag
 
     engine = with_extensions(make_engine(tmp_path, sd1_file))
     unet = build_synthetic_model("sd1", "tiny", seed=1).denoiser
@@ -225,8 +225,7 @@ def test_lora_list_in_the_api_and_the_ui_inserts_the_tag(tmp_path, sd1_file):
     network = engine.hooks.networks["lora"][1]
     assert network.names() == ["a", *BUILTIN, "styles/b"]
     assert matching(network.names(), "DEMO") == BUILTIN and matching(network.names(), "s b") == ["styles/b"]
-    assert add_network_tag("lora", "a cat", "styles/b") == "a cat <lora:styles/b:1>"
-    assert add_network_tag("lora", "a cat <lora:a:1>", "a") == "a cat <lora:a:1>", "added once"
+    assert toggle_network_tag("lora", "a cat", "styles/b") == "a cat <lora:styles/b:1>"
 
     from PIL import Image
 

@@ -61,7 +61,7 @@ def test_generates_an_image_with_its_infotext(client):
     assert infotext.startswith("a red apple\nNegative prompt: blurry\n")
     for part in ("Steps: 2", "Sampler: DPM++ 2M", "Seed: 1234", "Size: 64x64", "Model: demo-shapes"):
         assert part in infotext
-    assert "Done: 1 image(s)" in status and "seed 1234" in status
+    assert "Done: 1 image in" in status and "seed 1234" in status
     assert "MB of weights in RAM (running on the CPU: no GPU budget)" in status and "VRAM" not in status
     assert read_png_infotext(gallery[0]["image"]) == infotext, "the gallery's file (what Download gives) keeps it"
 
@@ -115,6 +115,50 @@ def test_model_row_shows_the_demo_checkpoint_and_vae_choices(engine):
     assert vaes[:2] == ["Automatic", "None"] and vae == "Automatic"
 
 
+def test_a_reload_shows_the_selected_checkpoint_and_its_size_not_the_loaded_one(tmp_path):
+    """Generate loads one checkpoint; another is selected (a second tab, the API): the page shows the one Generate
+    uses next, with its declared size."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from webui.ui.txt2img import fields_on_load
+
+    engine = Engine(AppConfig.from_args(parse_args(["--data-dir", str(tmp_path)])))
+    demo = engine.models.find("demo-shapes")
+    with safe_open(str(demo.path), "pt") as f:
+        tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
+    wide = engine.config.paths.checkpoint_dirs[0] / "wide.safetensors"
+    save_file(tensors, str(wide), {**metadata, "modelspec.resolution": "192x128"})
+    engine.models.refresh()
+    engine.set_options({"sd_model_checkpoint": engine.models.title(demo)})
+    engine.txt2img(GenerationRequest(prompt="a dot", width=64, height=64, steps=1))
+    engine.set_options({"sd_model_checkpoint": "wide.safetensors"})
+    _titles, shown = checkpoint_choices(engine)
+    assert shown.startswith("wide") and engine.models.current.info.name != "wide.safetensors"
+    *_, width, height = fields_on_load(engine)
+    assert (width["value"], height["value"]) == (192, 128)
+
+
+def test_gpu_weights_say_they_do_nothing_on_the_cpu(engine, monkeypatch):
+    from webui.ui.model_row import gpu_weights_info
+
+    demo = build_ui(engine, JobQueue(engine))
+    slider = next(c["props"] for c in demo.config["components"] if c["props"].get("elem_id") == "gpu_weights")
+    assert slider["info"].startswith("No effect while running on the CPU")
+    monkeypatch.setattr(engine.memory, "limited", True)  # a GPU's budget
+    assert gpu_weights_info(engine, 8192).startswith("Out of 8192 MB of ")
+
+
+def test_a_second_click_on_a_lora_card_takes_its_tag_back():
+    from webui.ui.network_browser import toggle_network_tag
+
+    assert toggle_network_tag("lora", "a cat", "styles/b") == "a cat <lora:styles/b:1>"
+    assert toggle_network_tag("lora", "a cat <lora:styles/b:1>", "styles/b") == "a cat"
+    assert toggle_network_tag("lora", "<lora:a:0.6> a cat, <lora:ab:1>", "a") == "a cat, <lora:ab:1>", \
+        "at any weight; another LoRA whose name starts alike stays"
+    assert toggle_network_tag("lora", "a cat <lora:a:1>, red", None) == "a cat <lora:a:1>, red"
+
+
 def test_storage_and_swap_options_are_dropdowns_of_the_settings_choices(engine):
     from webui.settings import OPTION_CHOICES
     from webui.ui.model_row import CHOICE_LABELS
@@ -129,22 +173,24 @@ def test_storage_and_swap_options_are_dropdowns_of_the_settings_choices(engine):
 
 
 def test_gpu_weights_are_stored_as_the_inference_reserve(engine):
-    total, _ = total_memory_mb(engine)
+    total = total_memory_mb(engine)
     set_gpu_weights(engine, total, total - 2048)
     assert engine.options["forge_inference_memory"] == 2048
     assert gpu_weights_mb(engine, total) == total - 2048
 
 
 def test_progress_line_shows_percent_step_batch_and_eta():
-    progress = Progress()
+    now = [0.0]
+    progress = Progress(clock=lambda: now[0])
     progress.begin("txt2img", job_count=2, steps=10)
-    progress.started_at -= 10
     progress.next_batch(1)
-    progress.sampling_step = 5
+    for step in (4, 5):
+        now[0] += 2.0
+        progress.step(step, None, progress._family)
     running: Future = Future()
     running.set_running_or_notify_cancel()
     text = progress_html(progress, running)
-    assert "75%" in text and "step 5/10" in text and "batch 2/2" in text and "ETA 3s" in text
+    assert "75% · step 5/10 · batch 2/2 · ETA 10s" in text, "5 steps left at 2 s a step"
     assert "Waiting in the queue" in progress_html(progress, Future())
 
 
@@ -153,7 +199,9 @@ def test_xyz_tab_runs_a_plot_over_the_txt2img_form(client, engine):
     _preview, gallery, status, infotext, *_plots = client.predict(
         **SMALL, seed=11, sampler_name="Euler", x_type="Steps", x_values="1-2", y_type="Sampler",
         y_values_dropdown=["Euler", "DPM++ 2M"], api_name="/xyz_plot")
-    assert "Done" in status and "X/Y/Z plot: X: Steps = 1, 2; Y: Sampler = Euler, DPM++ 2M" in infotext
+    assert "Done: 4 images and 1 grid in" in status, "the grid is not counted as an image"
+    assert "X/Y/Z plot: X: Steps = 1, 2; Y: Sampler = Euler, DPM++ 2M" in infotext
+    assert (engine.progress.job_count, engine.progress.fraction) == (0, 0.0), "idle again, as /progress reports"
     grid, *cells = [Image.open(item["image"]) for item in gallery]
     assert len(cells) == 4 and grid.width > 128 and grid.height > 128
     plain, _, _ = txt2img(client, seed=11, steps=2, sampler_name="DPM++ 2M")
@@ -181,7 +229,7 @@ def test_png_info_reads_a_generated_image_and_sends_it_to_txt2img(client, engine
     import gradio as gr
     from gradio_client import handle_file
 
-    from webui.ui.png_info import form_updates, png_parameters
+    from webui.ui.png_info import NOT_AN_IMAGE, form_updates
 
     saved = engine.txt2img(GenerationRequest(prompt="a red apple", negative_prompt="blurry", steps=3, width=64,
                                              height=64, seed=4321, save_images=True))
@@ -190,13 +238,35 @@ def test_png_info_reads_a_generated_image_and_sends_it_to_txt2img(client, engine
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     assert "no generation parameters" in client.predict(handle_file(str(tmp_path / "plain.png")), api_name="/png_info")
     (tmp_path / "notes.png").write_text("not an image")
-    assert png_parameters(str(tmp_path / "notes.png")).startswith("(not an image this app can read")
-    assert all(u == gr.update() for u in form_updates({"prompt": None}, png_parameters(str(tmp_path / "notes.png"))))
-    form = dict.fromkeys(["prompt", "negative_prompt", "steps", "width", "height", "seed", "n_iter"])
+    said = client.predict(handle_file(str(tmp_path / "notes.png")), api_name="/png_info")
+    assert said == NOT_AN_IMAGE, "said in words, not PIL's error with the server's temporary paths"
+    assert all(u == gr.update() for u in form_updates({"prompt": None}, said))
+    with gr.Blocks():
+        form = {name: gr.Textbox() for name in ("prompt", "negative_prompt", "steps", "width", "height", "seed",
+                                                 "n_iter")}
     updates = dict(zip(form, form_updates(form, infotext)))
     assert {k: u.get("value") for k, u in updates.items()} == {
         "prompt": "a red apple", "negative_prompt": "blurry", "steps": 3, "width": 64, "height": 64, "seed": 4321,
         "n_iter": None}, "the batch count is not in the infotext: left alone"
+
+
+def test_send_to_txt2img_splits_an_old_sampler_name_and_resets_what_the_infotext_lacks():
+    """A1111 1.5's "Sampler: DPM++ 2M Karras" is sampler and schedule type; no "Clip skip" means 1, no "Distilled
+    CFG Scale" its default, whatever the form held before."""
+    from webui.engine.samplers import sampler_names, schedule_type_names
+    from webui.ui.png_info import form_updates
+
+    with gr.Blocks():
+        form = {"prompt": gr.Textbox("typed"), "sampler_name": gr.Dropdown(sampler_names(), value="DPM++ 2M"),
+                "scheduler": gr.Dropdown(schedule_type_names(), value="Automatic"),
+                "distilled_cfg_scale": gr.Slider(0, 30, value=3.5), "clip_skip": gr.Slider(1, 12, value=1),
+                "n_iter": gr.Slider(1, 100, value=1)}
+    infotext = "a fox\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 128x128"
+    values = {name: update.get("value") for name, update in zip(form, form_updates(form, infotext))}
+    assert values == {"prompt": "a fox", "sampler_name": "DPM++ 2M", "scheduler": "Karras",
+                      "distilled_cfg_scale": 3.5, "clip_skip": 1, "n_iter": None}
+    kept = dict(zip(form, form_updates(form, infotext.replace("DPM++ 2M Karras", "Nonesuch"))))
+    assert kept["sampler_name"] == gr.update() and kept["scheduler"] == gr.update(), "unknown here: left as it is"
 
 
 def test_settings_tab_applies_all_or_nothing_and_keeps_it(engine):

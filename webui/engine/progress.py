@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +41,11 @@ def latent_preview(latents: torch.Tensor, family: Family) -> Image.Image:
 
 @dataclass
 class Progress:
-    """A1111's ``shared.state``: what the current job is doing, and the user's interrupt/skip."""
+    """A1111's ``shared.state``: what the current job is doing, and the user's interrupt/skip.
+
+    The ETA comes from the rate measured between the job's first step and its latest (over all cells of an X/Y/Z
+    plot): what comes before the first step (loading the model, encoding the prompt) is not step time, and a plot's
+    estimate does not start over at each cell."""
 
     job: str = ""
     job_count: int = 0
@@ -48,12 +53,14 @@ class Progress:
     sampling_step: int = 0
     sampling_steps: int = 0
     textinfo: str = ""
-    started_at: float = 0.0
     interrupted: bool = False
     skipped: bool = False
     cell_no: int = 0  # the X/Y/Z plot cells done, and how many it has (0: no plot running)
     cell_count: int = 0
     preview_every: int = 1  # keep the latents for a preview every this many steps ("Live preview display period")
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)  # tests give a fake one
+    _first: tuple[float, float] | None = None  # (time, fraction) at the first step of the job or plot
+    _last: tuple[float, float] | None = None  # (time, fraction) at its latest step
     _latents: torch.Tensor | None = None
     _family: Family = Family.SD1
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -66,29 +73,48 @@ class Progress:
             self.interrupted = False
 
     def begin_plot(self, cells: int) -> None:
-        self.cell_no, self.cell_count, self.interrupted = 0, cells, False
+        """A plot starts: its cells' steps are measured together, for one ETA over the whole plot."""
+        with self._lock:
+            self.cell_no, self.cell_count, self.interrupted = 0, cells, False
+            self._first = self._last = None
 
     def next_cell(self) -> None:
         self.cell_no += 1
 
     def end_plot(self) -> None:
-        self.cell_no = self.cell_count = 0
+        with self._lock:
+            self.cell_no = self.cell_count = 0
+            self._idle()
 
     def begin(self, job: str, job_count: int, steps: int) -> None:
+        """The model is loaded, sampling starts (a plot's cell: its next generation)."""
         with self._lock:
             self.job, self.job_count, self.job_no = job, job_count, 0
             self.sampling_step, self.sampling_steps = 0, steps
-            self.started_at = time.time()
             self._latents, self.textinfo = None, ""
+            if not self.cell_count:
+                self._first = self._last = None
 
     def end(self) -> None:
+        """The generation is over; unless a plot goes on, nothing runs any more."""
         with self._lock:
             self.job, self._latents = "", None
+            if not self.cell_count:
+                self._idle()
+
+    def _idle(self) -> None:
+        """No job counted, as A1111's ``state.end()`` leaves it: API clients wait for ``job_count`` 0 (webuiapi's
+        ``util_wait_for_ready``)."""
+        self.job_count = self.job_no = self.sampling_step = 0
+        self._first = self._last = None
 
     def step(self, step: int, latents: torch.Tensor, family: Family) -> None:
         self.sampling_step, self._family = step, family
         if step % max(self.preview_every, 1) == 0:
             self._latents = latents
+        self._last = (self.clock(), self.fraction)
+        if self._first is None:
+            self._first = self._last
 
     def next_batch(self, job_no: int) -> None:
         self.job_no, self.sampling_step, self.skipped = job_no, 0, False
@@ -105,21 +131,34 @@ class Progress:
 
     @property
     def fraction(self) -> float:
-        """Done fraction over the whole job (all batches)."""
-        if not self.job or not self.sampling_steps or not self.job_count:
-            return 0.0
-        done = (self.job_no + min(self.sampling_step / self.sampling_steps, 1.0)) / self.job_count
-        if self.cell_count:  # an X/Y/Z plot: over all of its cells
+        """Done fraction over the whole job (all batches; an X/Y/Z plot: all of its cells)."""
+        done = 0.0
+        if self.job and self.sampling_steps and self.job_count:
+            done = (self.job_no + min(self.sampling_step / self.sampling_steps, 1.0)) / self.job_count
+        if self.cell_count:
             done = (self.cell_no + done) / self.cell_count
         return min(done, 1.0)
 
     @property
+    def measured(self) -> bool:
+        """Whether the job (plot) has a step rate yet: from its second step on."""
+        return self._rate() is not None
+
+    @property
     def eta_seconds(self) -> float:
-        fraction = self.fraction
-        if fraction <= 0:
+        """Seconds left at the measured rate, counted down since the latest step; 0 until ``measured``."""
+        rate = self._rate()
+        if rate is None:
             return 0.0
-        elapsed = time.time() - self.started_at
-        return elapsed / fraction - elapsed
+        (at, done), seconds_per_fraction = rate
+        return max((1.0 - done) * seconds_per_fraction - (self.clock() - at), 0.0)
+
+    def _rate(self) -> tuple[tuple[float, float], float] | None:
+        """The latest step's (time, fraction) and the seconds per whole job since the first step."""
+        first, last = self._first, self._last  # read once: the sampling thread replaces them
+        if first is None or last is None or last[1] <= first[1]:
+            return None
+        return last, (last[0] - first[0]) / (last[1] - first[1])
 
     def preview(self) -> Image.Image | None:
         latents, family = self._latents, self._family

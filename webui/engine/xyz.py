@@ -160,6 +160,17 @@ class PlotResult:
     options: PlotOptions
     memory_timeline: MemoryTimeline | None = None  # the whole plot's: every cell, every model switch
 
+    @property
+    def shown_grids(self) -> list[Image.Image]:
+        """The grids ``as_result`` shows: the plot's, then one per Z value where the options ask for them."""
+        sub_grids = self.sub_grids if self.options.include_sub_grids and len(self.sub_grids) > 1 else []
+        return [self.grid, *sub_grids]
+
+    @property
+    def images_made(self) -> int:
+        """The cells' images (a plot's "Done" counts them apart from its grids)."""
+        return sum(len(cell.images) for cell in self.cells if cell is not None)
+
     def as_result(self) -> GenerationResult:
         """The plot in the shape of one generation's result, as A1111 answers it: the grid, then (as the options
         ask) one grid per Z value and each cell's image, with seeds, prompts and infotexts side by side."""
@@ -167,9 +178,7 @@ class PlotResult:
         if not made:
             raise UserError("the plot was interrupted before its first image was made")
         first = made[0]
-        parts = [(self.grid, self.grid_infotext, first)]
-        if self.options.include_sub_grids and len(self.sub_grids) > 1:
-            parts += [(grid, self.grid_infotext, first) for grid in self.sub_grids]
+        parts = [(grid, self.grid_infotext, first) for grid in self.shown_grids]
         if self.options.include_lone_images:
             parts += [(cell.images[0], cell.infotexts[0], cell) for cell in made]
         return dataclasses.replace(

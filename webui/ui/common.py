@@ -13,6 +13,9 @@ OPTION_LABELS = {"sd_model_checkpoint": "Stable Diffusion checkpoint", "sd_vae":
                  "forge_additional_modules": "VAE / Text Encoder", "sd3_shift": "Shift"}
 
 Components = dict[str, gr.components.Component]
+# Small buttons' symbols: plain Unicode that common fonts have (DejaVu Sans, Segoe UI Symbol, Apple Symbols), not
+# emoji, which show as empty boxes where no emoji font is installed.
+REFRESH, RANDOM_SEED, REUSE_SEED = "↻", "⚄", "♻"
 
 
 class FieldSlider(gr.Slider):
@@ -62,6 +65,11 @@ def field_label(field: str, labels: dict[str, str]) -> str:
 def duration(seconds: float) -> str:
     seconds = max(0, round(seconds))
     return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def counted(number: int, noun: str) -> str:
+    """"1 image", "9 images"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def status_html(text: str) -> str:

@@ -15,7 +15,7 @@ from webui.engine.progress import Progress
 from webui.engine.request import GenerationResult
 from webui.engine.xyz import PlotResult
 from webui.errors import UserError
-from webui.ui.common import Components, duration, error_html, field_label, status_html
+from webui.ui.common import Components, counted, duration, error_html, field_label, status_html
 from webui.ui.memory_panel import PLOTS, memory_panel, panel_values
 
 POLL_SECONDS = 0.3
@@ -80,6 +80,7 @@ def finished(future: Future, labels: dict[str, str], out: Components) -> dict:
     hidden_preview = gr.update(value=None, visible=False)
     try:
         result: GenerationResult | PlotResult = future.result()
+        made = made_text(result)
         if isinstance(result, PlotResult):
             result = result.as_result()
     except UserError as e:
@@ -95,34 +96,44 @@ def finished(future: Future, labels: dict[str, str], out: Components) -> dict:
         out["infotext"]: result.infotexts[0] if result.infotexts else "",
         out["infotexts"]: result.infotexts,
         out["last_seed"]: result.seed,
-        out["status"]: status_html(done_text(result)),
+        out["status"]: status_html(done_text(result, made)),
         out["preview"]: hidden_preview,
         **dict(zip(plots, panel_values(result.memory_timeline))),
     }
 
 
 def progress_html(progress: Progress, future: Future) -> str:
-    """The progress line of a submitted job: queued, loading, or percent, step, batch and ETA."""
+    """The progress line of a submitted job: queued, loading, or percent, step, batch, plot cell and ETA (once the
+    job has a measured step rate)."""
     if not future.running():
         return status_html("Waiting in the queue…")
-    if not progress.active:
+    if not progress.active and not progress.cell_count:
         return status_html("Loading the model…")
     percent = progress.fraction * 100
-    text = f"{percent:.0f}% · step {progress.sampling_step}/{progress.sampling_steps}"
-    if progress.job_count > 1:
-        text += f" · batch {progress.job_no + 1}/{progress.job_count}"
+    parts = [f"{percent:.0f}%"]
+    if progress.active:  # else between two cells of a plot
+        parts.append(f"step {progress.sampling_step}/{progress.sampling_steps}")
+        if progress.job_count > 1:
+            parts.append(f"batch {progress.job_no + 1}/{progress.job_count}")
     if progress.cell_count:
-        text += f" · cell {min(progress.cell_no + 1, progress.cell_count)}/{progress.cell_count}"
-    if percent > 0:
-        text += f" · ETA {duration(progress.eta_seconds)}"
+        parts.append(f"cell {min(progress.cell_no + 1, progress.cell_count)}/{progress.cell_count}")
+    if progress.measured:
+        parts.append(f"ETA {duration(progress.eta_seconds)}")
     bar = (f'<div style="height:6px;background:var(--neutral-200,#ddd);border-radius:3px;margin-top:4px">'
            f'<div style="width:{percent:.1f}%;height:100%;background:var(--color-accent,#f97316);'
            f'border-radius:3px"></div></div>')
-    return status_html(text) + bar
+    return status_html(" · ".join(parts)) + bar
 
 
-def done_text(result: GenerationResult) -> str:
+def made_text(result: GenerationResult | PlotResult) -> str:
+    """What a job made: its images, and a plot's grids besides (the gallery may hold some or none of its cells)."""
+    if isinstance(result, PlotResult):
+        return f"{counted(result.images_made, 'image')} and {counted(len(result.shown_grids), 'grid')}"
+    return counted(len(result.images), "image")
+
+
+def done_text(result: GenerationResult, made: str) -> str:
     what = "Interrupted" if result.interrupted else "Done"
-    text = f"{what}: {len(result.images)} image(s) in {duration(result.seconds)}, seed {result.seed}."
+    text = f"{what}: {made} in {duration(result.seconds)}, seed {result.seed}."
     text = f"{text} {result.memory.line()}" if result.memory else text
     return " ".join([text, *result.notices])

@@ -12,7 +12,7 @@ from webui.engine.engine import Engine
 from webui.engine.memory import MB
 from webui.errors import ModelFileError, UserError
 from webui.settings import OPTION_CHOICES
-from webui.ui.common import OPTION_LABELS, set_option
+from webui.ui.common import OPTION_LABELS, REFRESH, set_option
 
 VAE_BUILTIN = ["Automatic", "None"]
 # Forge's storage and swap options, as dropdowns under the model row (choices from the settings store).
@@ -21,15 +21,10 @@ CHOICE_LABELS = {"forge_unet_storage_dtype": "Diffusion in Low Bits", "t5_storag
 
 
 def checkpoint_choices(engine: Engine) -> tuple[list[str], str | None]:
-    """All checkpoint titles, and the one loaded now (else the one the settings select)."""
+    """All checkpoint titles, and the one the next generation uses (the settings' choice, not the one loaded now:
+    a reload or a second tab shows what Generate will use)."""
     models = engine.models
-    titles = [models.title(info) for info in models.checkpoints()]
-    if models.current is not None:
-        return titles, models.title(models.current.info)
-    try:
-        return titles, models.title(models.default_checkpoint(engine.options["sd_model_checkpoint"]))
-    except UserError:
-        return titles, None
+    return [models.title(info) for info in models.checkpoints()], engine.selected_checkpoint_title()
 
 
 def vae_choices(engine: Engine) -> tuple[list[str], str]:
@@ -38,10 +33,16 @@ def vae_choices(engine: Engine) -> tuple[list[str], str]:
     return names, selected if selected in names else "Automatic"
 
 
-def total_memory_mb(engine: Engine) -> tuple[int, str]:
-    """Total memory the GPU-weights budget is taken from (the memory manager's view), and what it is."""
-    memory = engine.memory.memory
-    return memory.total() // MB, memory.describe()
+def total_memory_mb(engine: Engine) -> int:
+    """Total memory the GPU-weights budget is taken from (the memory manager's view)."""
+    return engine.memory.memory.total() // MB
+
+
+def gpu_weights_info(engine: Engine, total_mb: int) -> str:
+    """What the slider does here: on the CPU there is no GPU to keep weights on (Forge shows it all the same)."""
+    if not engine.memory.limited:
+        return "No effect while running on the CPU: all weights stay in RAM. The value is kept for runs on a GPU."
+    return f"Out of {total_mb} MB of {engine.memory.memory.describe()}; the rest stays free for computation."
 
 
 def module_choices(engine: Engine) -> tuple[list[str], list[str]]:
@@ -60,21 +61,21 @@ def family_of(engine: Engine, title: str | None) -> Family | None:
 
 def model_row(demo: gr.Blocks, engine: Engine) -> gr.Dropdown:
     """The row; returns the checkpoint dropdown (the txt2img tab shows the fields of its family)."""
-    total_mb, memory_kind = total_memory_mb(engine)
+    total_mb = total_memory_mb(engine)
     titles, title = checkpoint_choices(engine)
     vaes, vae = vae_choices(engine)
     modules, chosen = module_choices(engine)
     with gr.Row(equal_height=True):
         checkpoint = gr.Dropdown(titles, value=title, label=OPTION_LABELS["sd_model_checkpoint"], scale=4,
                                  elem_id="sd_model_checkpoint")
-        refresh = gr.Button("🔄", scale=0, min_width=48, elem_id="refresh_checkpoints")
+        refresh = gr.Button(REFRESH, scale=0, min_width=48, elem_id="refresh_checkpoints")
         vae_box = gr.Dropdown(vaes, value=vae, label=OPTION_LABELS["sd_vae"], scale=2, elem_id="sd_vae")
         modules_box = gr.Dropdown(modules, value=chosen, multiselect=True, scale=3, elem_id="forge_additional_modules",
                                   label=OPTION_LABELS["forge_additional_modules"])
         gpu_weights = gr.Slider(
             0, total_mb, step=1, precision=0, scale=3, elem_id="gpu_weights",
             value=gpu_weights_mb(engine, total_mb), label="GPU Weights (MB)",
-            info=f"Out of {total_mb} MB of {memory_kind}; the rest stays free for computation.",
+            info=gpu_weights_info(engine, total_mb),
         )
 
     with gr.Row(equal_height=True):

@@ -1,8 +1,10 @@
 """A browser per prompt network that lists its files (LoRA): cards with the file's preview image, a search box, and
-a click that adds ``<kind:name:1>`` to the prompt, as A1111's extra networks do."""
+a click that adds ``<kind:name:1>`` to the prompt and a second one that removes it, as A1111's extra
+networks do."""
 from __future__ import annotations
 
 import hashlib
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import gradio as gr
 from PIL import Image, ImageDraw, ImageFont
 
 from webui.engine.engine import Engine
+from webui.ui.common import REFRESH
 
 PREVIEW_SUFFIXES = (".preview.png", ".png", ".preview.jpg", ".jpg", ".jpeg", ".webp")  # A1111's names for a card
 CARD_SIZE = 192
@@ -18,12 +21,12 @@ CARD_SIZE = 192
 
 def network_browsers(demo: gr.Blocks, engine: Engine, prompt: gr.Textbox) -> None:
     for kind, network in browsable_networks(engine).items():
-        with gr.Accordion(f"{kind.title()} — click a card to add <{kind}:name:1> to the prompt", open=True,
+        with gr.Accordion(f"{kind.title()} — click a card to add <{kind}:name:1> to the prompt, again to remove it", open=True,
                           elem_id=f"txt2img_{kind}_browser"):
             with gr.Row(equal_height=True):
                 search = gr.Textbox(placeholder="Search by name", show_label=False, scale=6,
                                     elem_id=f"txt2img_{kind}_search")
-                refresh = gr.Button("🔄", scale=0, min_width=48, elem_id=f"txt2img_{kind}_refresh")
+                refresh = gr.Button(REFRESH, scale=0, min_width=48, elem_id=f"txt2img_{kind}_refresh")
             cards = gr.Gallery(show_label=False, columns=6, fit_columns=False, height=180, allow_preview=False,
                                object_fit="cover", elem_id=f"txt2img_{kind}_cards")
             shown = gr.State([])  # the names of the cards, in gallery order
@@ -35,7 +38,7 @@ def network_browsers(demo: gr.Blocks, engine: Engine, prompt: gr.Textbox) -> Non
             return [(card_image(network, name), name) for name in names], names
 
         def picked(prompt_text: str, names: list[str], evt: gr.SelectData, kind: str = kind) -> str:
-            return add_network_tag(kind, prompt_text, names[evt.index] if 0 <= evt.index < len(names) else None)
+            return toggle_network_tag(kind, prompt_text, names[evt.index] if 0 <= evt.index < len(names) else None)
 
         search.change(listed, search, [cards, shown], api_visibility="private")
         refresh.click(lambda query, listed=listed: listed(query, refresh=True), search, [cards, shown],
@@ -55,12 +58,15 @@ def matching(names: list[str], query: str) -> list[str]:
     return [name for name in names if all(word in name.lower() for word in words)]
 
 
-def add_network_tag(kind: str, prompt: str, name: str | None) -> str:
-    """The prompt with ``<kind:name:1>`` added (once)."""
+def toggle_network_tag(kind: str, prompt: str, name: str | None) -> str:
+    """The prompt with ``<kind:name:1>`` added, or, where it holds that network's tag already (at any weight), with
+    the tag removed: a second click takes it back, as in A1111."""
     if not name:
         return prompt
-    tag = f"<{kind}:{name}:1>"
-    return prompt if tag in prompt else f"{prompt.rstrip()} {tag}".lstrip()
+    tag = re.compile(rf"\s*<{re.escape(kind)}:{re.escape(name)}(?::[^>]*)?>")
+    if tag.search(prompt):
+        return tag.sub("", prompt).lstrip()
+    return f"{prompt.rstrip()} <{kind}:{name}:1>".lstrip()
 
 
 def card_image(network: Any, name: str) -> Image.Image:

@@ -1,17 +1,42 @@
 """The PNG Info tab: an image's generation parameters, and "Send to txt2img"."""
 from __future__ import annotations
 
+from typing import Any
+
 import gradio as gr
 
-from webui.engine.infotext import read_png_infotext, request_fields
+from webui.engine.infotext import INFOTEXT_FIELDS, read_png_infotext, request_fields
+from webui.engine.samplers import resolve
+from webui.errors import UserError
 from webui.ui.common import Components
+
+NOT_AN_IMAGE = "(this is not an image: PNG Info reads the parameters of PNG, JPEG and WebP images)"
+# The form fields an infotext carries; where it has none of them, the field goes back to its default.
+CARRIED = {"prompt", "negative_prompt", *(name for name, _kind in INFOTEXT_FIELDS.values())}
+# Values an infotext means by leaving a key out: the generator writes no "Clip skip" for 1 (as A1111's does).
+LEFT_OUT = {"clip_skip": 1}
+
+
+class SourceImage(gr.Image):
+    """The upload box. A file that is not an image reaches ``png_parameters``, which says so, instead of failing
+    in Gradio with PIL's message and the server's temporary paths. ``is_template``: drawn as the stock image box."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        try:
+            return super().preprocess(payload)
+        except OSError:  # PIL's UnidentifiedImageError: not an image at all
+            return payload.path
 
 
 def png_info_tab(form: Components, tabs: gr.Tabs) -> None:
     """Drop an image: its parameters (A1111's infotext, from PNG text or EXIF); "Send to txt2img" fills the form
     with them and shows it."""
     with gr.Row():
-        image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Source", elem_id="pnginfo_image")
+        # image_mode None: the file as it is (a conversion to RGB would write a copy without its parameters)
+        image = SourceImage(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Source",
+                            elem_id="pnginfo_image")
         with gr.Column():
             parameters = gr.Textbox(label="Parameters", lines=8, interactive=False, elem_id="pnginfo_parameters")
             send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
@@ -25,11 +50,23 @@ def png_parameters(path: str | None) -> str:
         return ""
     try:
         return read_png_infotext(path) or "(this image has no generation parameters)"
-    except OSError as e:
-        return f"(not an image this app can read: {e})"
+    except OSError:
+        return NOT_AN_IMAGE
 
 
 def form_updates(form: Components, infotext: str) -> list[dict]:
-    """An update per form field: the infotext's value where it has one, the field left alone where not."""
-    fields = request_fields(infotext) if infotext and not infotext.startswith("(") else {}
+    """An update per form field. Those an infotext carries take its values, or their defaults where it has none
+    (Clip skip 1); an older infotext's combined sampler ("DPM++ 2M Karras") is split into sampler and schedule
+    type. Those it never carries (batch count and size) are left alone, and everything where it is no infotext."""
+    if not infotext or infotext.startswith("("):
+        return [gr.update() for _ in form]
+    defaults = {name: box.value for name, box in form.items() if name in CARRIED}
+    fields = {**defaults, **LEFT_OUT, **request_fields(infotext)}
+    if "sampler_name" in form:
+        try:
+            fields["sampler_name"], fields["scheduler"] = resolve(fields["sampler_name"], fields.get("scheduler"))
+        except UserError as e:  # a sampler this app does not have: the form keeps its own
+            gr.Warning(f"{e.message}. The sampler and schedule type were left as they are.")
+            for name in ("sampler_name", "scheduler"):
+                fields.pop(name, None)
     return [gr.update(value=fields[name]) if name in fields else gr.update() for name in form]

@@ -17,9 +17,9 @@ from webui.engine.request import MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
 from webui.engine.samplers import sampler_names, schedule_type_names
 from webui.errors import UserError
 from webui.jobs import JobQueue
-from webui.ui.common import OPTION_LABELS, Components, FieldSlider, set_option
+from webui.ui.common import OPTION_LABELS, RANDOM_SEED, REUSE_SEED, Components, FieldSlider, set_option
 from webui.ui.generation import generator, output_column
-from webui.ui.model_row import checkpoint_choices, family_of
+from webui.ui.model_row import family_of
 from webui.ui.network_browser import network_browsers
 
 # Ctrl+Enter (Cmd+Enter on macOS) in either prompt box presses Generate, as in A1111.
@@ -71,9 +71,14 @@ def txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.
     # The user's pick sets the fields (and Flux's CFG); a page load shows those of the checkpoint the settings hold
     # now, read here: the dropdown's value in the page may still be the one it was built with.
     checkpoint.input(partial(fields_for_family, engine), checkpoint, family_fields, api_visibility="private")
-    demo.load(lambda: fields_for_family(engine, checkpoint_choices(engine)[1], switched=False),
-              outputs=family_fields, api_visibility="private")
+    demo.load(partial(fields_on_load, engine), outputs=family_fields, api_visibility="private")
     return form
+
+
+def fields_on_load(engine: Engine) -> tuple[dict, ...]:
+    """A page load's fields (and size): those of the checkpoint the model row shows, the one Generate uses next —
+    not the one loaded now."""
+    return fields_for_family(engine, engine.selected_checkpoint_title(), switched=False)
 
 
 def fields_for_family(engine: Engine, title: str | None, switched: bool = True) -> tuple[dict, ...]:
@@ -138,7 +143,7 @@ def _settings_column(form: Components, engine: Engine) -> tuple[gr.Button, gr.Bu
                           elem_id="sd3_shift", visible=False)
     with gr.Row(equal_height=True):
         form["seed"] = gr.Number(-1, precision=0, label="Seed", scale=4, elem_id="txt2img_seed")
-        random_seed = gr.Button("🎲", scale=0, min_width=48, elem_id="txt2img_random_seed")
-        reuse_seed = gr.Button("♻️", scale=0, min_width=48, elem_id="txt2img_reuse_seed")
+        random_seed = gr.Button(RANDOM_SEED, scale=0, min_width=48, elem_id="txt2img_random_seed")
+        reuse_seed = gr.Button(REUSE_SEED, scale=0, min_width=48, elem_id="txt2img_reuse_seed")
     form["clip_skip"] = _slider("clip_skip", "Clip skip", 1, 12, engine.options["CLIP_stop_at_last_layers"])
     return random_seed, reuse_seed, shift

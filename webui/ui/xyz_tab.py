@@ -66,14 +66,14 @@ def _axis_row(engine: Engine, axes: list[Axis], name: str, default: str,
                           elem_id=f"xyz_{name}_values")
         picked = gr.Dropdown([], value=[], multiselect=True, label=f"{axis_name} values", visible=False, scale=5,
                              allow_custom_value=True, elem_id=f"xyz_{name}_values_dropdown")  # the plot checks them
-        fill = gr.Button("📒", scale=0, min_width=48, visible=False, elem_id=f"xyz_{name}_fill")
+        fill = gr.Button("All", scale=0, min_width=48, visible=False, elem_id=f"xyz_{name}_fill")
     inputs[f"{name}_type"], inputs[f"{name}_values"], inputs[f"{name}_values_dropdown"] = kind, text, picked
     kind.change(partial(axis_inputs, engine, axes), kind, [text, picked, fill], api_visibility="private")
     fill.click(partial(axis_choices, engine, axes), kind, picked, api_visibility="private")
 
 
 def axis_inputs(engine: Engine, axes: list[Axis], label: str) -> tuple[dict, dict, dict]:
-    """An axis with choices (samplers, checkpoints …) is picked from a list (📒 fills in every choice); the others
+    """An axis with choices (samplers, checkpoints …) is picked from a list (All fills in every choice); the others
     are typed."""
     listed = find_axis(axes, label).choices is not None
     return (gr.update(visible=not listed, value=""),
