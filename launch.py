@@ -1,4 +1,5 @@
-"""Start the web UI, on a fresh machine too: ``python launch.py [flags]`` (``--help`` lists them).
+"""Start the web UI, on a fresh machine too: ``python launch.py [flags]`` (``--help`` lists them); or run the
+tests in the same environment: ``python launch.py --run-tests [pytest args]``.
 
 Needs only Python 3.10+. Before serving it:
 
@@ -6,7 +7,7 @@ Needs only Python 3.10+. Before serving it:
    creating it first if needed; ``--skip-venv`` or ``WEBUI_SKIP_VENV=1`` stays in this Python;
 2. installs the missing requirements: torch first (the CUDA build when ``nvidia-smi`` answers,
    else the CPU build, which is much smaller), then the project with its dependencies (and, with
-   an NVIDIA GPU, bitsandbytes);
+   an NVIDIA GPU, bitsandbytes; with --run-tests, the test tools);
    ``--skip-install`` skips the check.
 
 Only the standard library may be imported at the top: this runs before anything is installed.
@@ -25,6 +26,8 @@ ROOT = Path(__file__).resolve().parent
 REQUIRED_MODULES = ("torch", "diffusers", "transformers", "safetensors", "gguf", "gradio", "fastapi", "uvicorn",
                     "PIL", "psutil", "accelerate", "torchsde", "tqdm")
 CUDA_MODULES = ("bitsandbytes",)  # pyproject.toml's extra "cuda": 8-bit T5 through bitsandbytes
+TEST_MODULES = ("pytest", "xdist", "requests", "httpx", "playwright", "schemathesis")  # its extra "test"
+MAX_TEST_WORKERS = 8  # pytest-xdist workers: one per core up to this (each holds its own torch and models)
 TORCH_VERSION = "2.13.0"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 REEXEC_MARK = "WEBUI_LAUNCHER_REEXEC"  # set before re-running in the venv, to stop a re-exec loop
@@ -58,8 +61,8 @@ def enter_venv(venv: Path, argv: list[str]) -> None:
     os.execv(python, [str(python), str(Path(__file__).resolve()), *argv])
 
 
-def missing_modules(cuda: bool = False) -> list[str]:
-    wanted = REQUIRED_MODULES + (CUDA_MODULES if cuda else ())
+def missing_modules(cuda: bool = False, tests: bool = False) -> list[str]:
+    wanted = REQUIRED_MODULES + (CUDA_MODULES if cuda else ()) + (TEST_MODULES if tests else ())
     return [name for name in wanted if importlib.util.find_spec(name) is None]
 
 
@@ -90,20 +93,34 @@ def install_torch(cuda: bool) -> None:
         sys.exit("Could not install torch; pip said why above.")
 
 
-def install_requirements() -> None:
+def install_requirements(tests: bool = False) -> None:
     """Install what is missing: torch first, so that pip does not pick a torch build for us; with an NVIDIA GPU
-    the CUDA extras too."""
+    the CUDA extras too, and for ``tests`` the test tools."""
     cuda = has_nvidia_gpu()
-    missing = missing_modules(cuda)
+    missing = missing_modules(cuda, tests)
     if not missing:
         return
     print(f"Missing packages: {', '.join(missing)}", flush=True)
     if "torch" in missing:
         install_torch(cuda)
     print("Installing the web UI and its dependencies.", flush=True)
-    if not pip_install("-e", f"{ROOT}[cuda]" if cuda else str(ROOT)):
+    extras = ",".join(name for name, wanted in (("cuda", cuda), ("test", tests)) if wanted)
+    if not pip_install("-e", f"{ROOT}[{extras}]" if extras else str(ROOT)):
         sys.exit("Could not install the requirements; pip said why above.")
     importlib.invalidate_caches()
+
+
+def run_tests(pytest_args: list[str]) -> None:
+    """Replace this process with pytest over the project's tests, one worker per core (pytest-xdist) unless the
+    arguments say how many; a module's tests stay on one worker, so that its module fixtures (a live server) are
+    made once."""
+    workers = min(os.cpu_count() or 1, MAX_TEST_WORKERS)
+    chosen = any(arg.startswith(("-n", "--numprocesses", "--dist")) or arg == "no:xdist" for arg in pytest_args)
+    parallel = [] if chosen else ["-n", str(workers), "--dist", "loadscope"]
+    command = [sys.executable, "-m", "pytest", *parallel, *pytest_args]
+    print("Running:", " ".join(command), flush=True)
+    os.chdir(ROOT)
+    os.execv(sys.executable, command)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,9 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.skip_venv or os.environ.get("WEBUI_SKIP_VENV") == "1" or in_venv(venv)):
         enter_venv(venv, argv)
     if not args.skip_install:
-        install_requirements()
+        install_requirements(tests=args.run_tests is not None)
     # Every model file is local: Hugging Face libraries must not try the hub (set before they are imported).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.run_tests is not None:
+        run_tests(args.run_tests)
     from webui.server import main as serve
 
     serve(argv)

@@ -1,14 +1,17 @@
 """Shared fixtures: tiny models written by the project's own code in the real file formats.
 
-They are cached in .cache/test-models (keyed by FIXTURE_VERSION) so later runs skip writing them.
+They are cached in .cache/test-models (keyed by FIXTURE_VERSION) so later runs skip writing them; pytest-xdist's
+workers share that cache (one writes a model while the others wait for it) and split the cores between them.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from gguf import GGMLQuantizationType as Q
 
 from webui import extensions
@@ -38,6 +41,8 @@ from webui.settings import AppConfig
 
 FIXTURE_VERSION = "1"
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "test-models" / FIXTURE_VERSION
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # one torch thread pool per core would oversubscribe them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(autouse=True)
@@ -50,14 +55,17 @@ def process_wide_registries(monkeypatch):
 
 def _cached(name: str, make) -> Path:
     path = CACHE / name
-    if not path.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = CACHE / f".{name}.tmp"
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        tmp.unlink(missing_ok=True)
-        make(tmp)
-        tmp.rename(path)
+    if path.exists():
+        return path
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(CACHE / f".{name}.lock"):  # another worker may be writing it
+        if not path.exists():
+            tmp = CACHE / f".{name}.tmp"
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            tmp.unlink(missing_ok=True)
+            make(tmp)
+            tmp.rename(path)
     return path
 
 

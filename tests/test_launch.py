@@ -114,7 +114,7 @@ def record_pip(launch, monkeypatch, results: list[bool]) -> list[tuple[str, ...]
 
 
 def test_cpu_torch_first_then_the_project(launch, monkeypatch):
-    monkeypatch.setattr(launch, "missing_modules", lambda cuda: ["torch", "gradio"])
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: ["torch", "gradio"])
     monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: False)
     calls = record_pip(launch, monkeypatch, [False, True, True])  # the CPU index is unreachable here
     launch.install_requirements()
@@ -123,15 +123,38 @@ def test_cpu_torch_first_then_the_project(launch, monkeypatch):
 
 
 def test_cuda_torch_with_an_nvidia_gpu(launch, monkeypatch):
-    monkeypatch.setattr(launch, "missing_modules", lambda cuda: ["torch", "bitsandbytes"] if cuda else ["torch"])
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: ["torch", "bitsandbytes"] if cuda else ["torch"])
     monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: True)
     calls = record_pip(launch, monkeypatch, [True, True])
     launch.install_requirements()
     assert calls == [("torch",), ("-e", f"{ROOT}[cuda]")], "with the CUDA extras (bitsandbytes)"
 
 
+@pytest.mark.parametrize("cuda,extras", [(False, "[test]"), (True, "[cuda,test]")])
+def test_run_tests_installs_the_test_tools_then_runs_pytest_on_every_core(launch, monkeypatch, cuda, extras):
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: ["xdist"] if tests else [])
+    monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: cuda)
+    calls = record_pip(launch, monkeypatch, [True])
+    launch.install_requirements(tests=True)
+    assert calls == [("-e", f"{ROOT}{extras}")]
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(launch.os, "chdir", lambda path: calls.append(path))
+    monkeypatch.setattr(launch.os, "execv", lambda path, args: calls.append(args))
+    launch.run_tests(["-x", "tests/test_launch.py"])
+    launch.run_tests(["-n", "1"])
+    assert calls[1:] == [ROOT, [sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadscope", "-x",
+                                "tests/test_launch.py"], ROOT, [sys.executable, "-m", "pytest", "-n", "1"]]
+
+
+def test_test_modules_are_the_test_extra(launch):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    names = {name.split(">")[0].split("=")[0].replace("pytest-xdist", "xdist") for name in extra}
+    assert names == set(launch.TEST_MODULES)
+
+
 def test_nothing_installed_when_nothing_is_missing(launch, monkeypatch):
-    monkeypatch.setattr(launch, "missing_modules", lambda cuda: [])
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: [])
     monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: False)
     calls = record_pip(launch, monkeypatch, [])
     launch.install_requirements()
@@ -139,7 +162,7 @@ def test_nothing_installed_when_nothing_is_missing(launch, monkeypatch):
 
 
 def test_failed_install_stops_with_a_message(launch, monkeypatch):
-    monkeypatch.setattr(launch, "missing_modules", lambda cuda: ["gguf"])
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: ["gguf"])
     monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: False)
     record_pip(launch, monkeypatch, [False])
     with pytest.raises(SystemExit, match="Could not install"):

@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "(also: WEBUI_SKIP_VENV=1; the venv is $WEBUI_VENV or .venv)")
     launcher.add_argument("--skip-install", "--skip-prepare-environment", action="store_true",
                           help="do not check or install the required packages")
+    launcher.add_argument("--run-tests", nargs=argparse.REMAINDER, default=None, metavar="PYTEST_ARGS",
+                          help="run the tests instead of the app, in the same venv with the test tools installed; "
+                               "what follows goes to pytest (last flag)")
     add_without_effect(p)
     return p
 
