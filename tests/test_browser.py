@@ -141,7 +141,7 @@ def test_generate_shows_the_image_its_parameters_and_done(page, server):
     page.locator("#txt2img_generate").click()
 
     expect(page.locator(INFOTEXT)).to_have_value(re.compile(r"^a red circle\nSteps: 3, .*Seed: \d+, .*Size: 128x128"))
-    expect(page.locator(STATUS)).to_contain_text(re.compile(r"Done: 1 image\(s\) in \d+s, seed \d+\."))
+    expect(page.locator(STATUS)).to_contain_text(re.compile(r"Done: 1 image in \d+s, seed \d+\."))
     seed = re.search(r"Seed: (\d+)", page.locator(INFOTEXT).input_value())[1]
     assert f"seed {seed}." in page.locator(STATUS).inner_text(), "the status and the infotext tell one seed"
     assert generations(server)[-1] == (3, int(seed))
@@ -168,13 +168,13 @@ def test_ctrl_enter_in_either_prompt_box_generates(page, server):
     page.locator(PROMPT).fill("a green square")
     page.locator(PROMPT).press("Control+Enter")
     expect(page.locator(INFOTEXT)).to_have_value(re.compile(r"^a green square\nSteps: "))
-    expect(page.locator(STATUS)).to_contain_text("Done: 1 image(s)")
+    expect(page.locator(STATUS)).to_contain_text("Done: 1 image in")
     expect(page.locator("#txt2img_gallery img")).to_have_count(1)
 
     page.locator(NEGATIVE).fill("blurry")
     page.locator(NEGATIVE).press("Control+Enter")
     expect(page.locator(INFOTEXT)).to_have_value(re.compile(r"^a green square\nNegative prompt: blurry\nSteps: "))
-    expect(page.locator(STATUS)).to_contain_text("Done: 1 image(s)")
+    expect(page.locator(STATUS)).to_contain_text("Done: 1 image in")
     assert len(generations(server)) == before + 2, "one generation per key press"
 
 
@@ -216,7 +216,7 @@ def test_xyz_plot_shows_the_grid_then_each_cell(page, server):
 
     before = len(generations(server))
     page.locator("#xyz_generate").click()
-    expect(page.locator("#xyz_status")).to_contain_text("Done: 5 image(s)")
+    expect(page.locator("#xyz_status")).to_contain_text("Done: 4 images and 1 grid in")
     expect(page.locator("#xyz_infotext textarea")).to_have_value(
         re.compile(r"^a yellow triangle\nSteps: 2, .*Seed: 1, .*\nX/Y/Z plot: X: Seed = 1, 2; Y: Steps = 2, 3$", re.S))
 
@@ -229,8 +229,12 @@ def test_xyz_plot_shows_the_grid_then_each_cell(page, server):
 
 
 def test_png_info_reads_the_parameters_and_sends_them_to_txt2img(page, tmp_path):
-    infotext = ("a blue square\nNegative prompt: blurry\nSteps: 7, Sampler: Euler a, Schedule type: Automatic, "
-                "CFG scale: 6.5, Seed: 99, Size: 128x128")
+    """An older A1111 infotext: its combined sampler name is split, its missing Clip skip (1) replaces the form's 2,
+    and Generate runs with what was sent. A file that is not an image is said to be one."""
+    page.get_by_role("tab", name="txt2img").click()
+    set_slider(page, "txt2img_clip_skip", 2)
+    infotext = ("a blue square\nNegative prompt: blurry\nSteps: 7, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 99, "
+                "Size: 128x128")
     chunk = PngInfo()
     chunk.add_text("parameters", infotext)
     path = tmp_path / "with-parameters.png"
@@ -248,8 +252,67 @@ def test_png_info_reads_the_parameters_and_sends_them_to_txt2img(page, tmp_path)
     expect(page.locator("#txt2img_steps input[type=number]")).to_have_value("7")
     expect(page.locator("#txt2img_seed input")).to_have_value("99")
     expect(page.locator("#txt2img_cfg_scale input[type=number]")).to_have_value("6.5")
-    expect(page.locator("#txt2img_sampling input")).to_have_value("Euler a")
+    expect(page.locator("#txt2img_sampling input")).to_have_value("DPM++ 2M")
+    expect(page.locator("#txt2img_scheduler input")).to_have_value("Karras")
+    expect(page.locator("#txt2img_clip_skip input[type=number]")).to_have_value("1")
     expect(page.locator("#txt2img_width input[type=number]")).to_have_value(str(SIZE))
+    page.locator("#txt2img_generate").click()
+    expect(page.locator(INFOTEXT)).to_have_value(re.compile(r"Sampler: DPM\+\+ 2M, Schedule type: Karras, .*Seed: 99"))
+    assert page.locator(ERROR_TOASTS).count() == 0, page.locator(ERROR_TOASTS).all_inner_texts()
+
+    notes = tmp_path / "notes.png"
+    notes.write_text("a text file named like an image")
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(notes)
+    expect(page.locator("#pnginfo_parameters textarea")).to_have_value(re.compile(r"^\(this is not an image"))
+    assert page.locator(ERROR_TOASTS).count() == 0, page.locator(ERROR_TOASTS).all_inner_texts()
+
+
+def test_a_reload_shows_the_selected_checkpoint_not_the_loaded_one(page, server):
+    """Another tab (here the API) selects the dusk checkpoint while demo-shapes is loaded: a reload shows what the
+    next Generate uses."""
+    titles = {m["model_name"]: m["title"] for m in server.api("GET", "sd-models").json()}
+    assert server.api("POST", "options", json={"sd_model_checkpoint": titles["demo-shapes"]}).ok
+    assert server.api("POST", "txt2img", json={"prompt": "a dot", "steps": 1, "width": 64, "height": 64}).ok
+    try:
+        assert server.api("POST", "options", json={"sd_model_checkpoint": titles["demo-shapes-dusk"]}).ok
+        page.reload(wait_until="load")
+        wait_for_the_demo_size(page)
+        expect(page.locator("#sd_model_checkpoint input")).to_have_value(re.compile(r"^demo-shapes-dusk\.safetensors"))
+    finally:
+        server.api("POST", "options", json={"sd_model_checkpoint": titles["demo-shapes"]})
+        page.reload(wait_until="load")
+        wait_for_the_demo_size(page)
+
+
+def test_the_small_buttons_draw_their_symbols_without_an_emoji_font(page):
+    """Each symbol drawn in the button's own font differs from what a character no font has draws (the empty box):
+    emoji drew that box where no emoji font is installed."""
+    page.get_by_role("tab", name="txt2img").click()
+    buttons = ["#refresh_checkpoints", "#txt2img_random_seed", "#txt2img_reuse_seed", "#txt2img_lora_refresh"]
+    drawn = page.evaluate("""ids => {
+        const draw = (text, family) => {
+            const canvas = document.createElement("canvas");
+            canvas.width = canvas.height = 64;
+            const context = canvas.getContext("2d");
+            context.font = `40px ${family}`;
+            context.fillText(text, 8, 48);
+            return canvas.toDataURL();
+        };
+        return ids.map(id => {
+            const button = document.querySelector(id);
+            const family = getComputedStyle(button).fontFamily;
+            const text = button.innerText.trim();
+            return [id, text, text !== "" && draw(text, family) !== draw("\\u{10FFFD}", family)];
+        });
+    }""", buttons)
+    missing = [(id_, text) for id_, text, ok in drawn if not ok]
+    assert not missing, f"drawn as an empty box: {missing}"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.locator("#txt2img_seed").scroll_into_view_if_needed()
+    seed, reuse = (page.locator(id_).bounding_box() for id_ in ("#txt2img_seed", "#txt2img_reuse_seed"))
+    page.screenshot(path=str(ARTIFACTS / "seed_buttons.png"), clip={
+        "x": seed["x"], "y": seed["y"], "width": reuse["x"] + reuse["width"] - seed["x"], "height": seed["height"]})
 
 
 def test_a_page_opened_after_a_generation_loads_without_an_error(page, server):
@@ -276,7 +339,9 @@ def test_a_lora_card_adds_its_tag_and_the_image_uses_it(page, server):
     cards.first.click()
     expect(page.locator(PROMPT)).to_have_value("a red circle <lora:demo-outline:1>")
     cards.first.click()
-    expect(page.locator(PROMPT)).to_have_value("a red circle <lora:demo-outline:1>")  # added once
+    expect(page.locator(PROMPT)).to_have_value("a red circle")  # a second click takes it back, as in A1111
+    cards.first.click()
+    expect(page.locator(PROMPT)).to_have_value("a red circle <lora:demo-outline:1>")
     set_slider(page, "txt2img_steps", 3)
     page.locator("#txt2img_generate").click()
     expect(page.locator(INFOTEXT)).to_have_value(re.compile(r"^a red circle <lora:demo-outline:1>\n.*Lora hashes: "
