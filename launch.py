@@ -7,7 +7,7 @@ Needs only Python 3.10+. Before serving it:
    creating it first if needed; ``--skip-venv`` or ``WEBUI_SKIP_VENV=1`` stays in this Python;
 2. installs the missing requirements: torch first (the CUDA build when ``nvidia-smi`` answers,
    else the CPU build, which is much smaller), then the project with its dependencies (and, with
-   an NVIDIA GPU, bitsandbytes; with --run-tests, the test tools);
+   an NVIDIA GPU, bitsandbytes; with --run-tests, the test tools), then k-diffusion without its own;
    ``--skip-install`` skips the check.
 
 Only the standard library may be imported at the top: this runs before anything is installed.
@@ -24,7 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 REQUIRED_MODULES = ("torch", "diffusers", "transformers", "safetensors", "gguf", "gradio", "fastapi", "uvicorn",
-                    "PIL", "psutil", "accelerate", "torchsde", "tqdm")
+                    "PIL", "psutil", "accelerate", "torchsde", "tqdm", "scipy", "torchdiffeq")
+# Installed apart with pip --no-deps, by module: k-diffusion's own dependencies are its training tools; the sampler
+# code the app loads from it needs only the project's (webui/engine/kdiffusion.py).
+NO_DEPS_PACKAGES = {"k_diffusion": "k-diffusion==0.1.1.post1"}
 CUDA_MODULES = ("bitsandbytes",)  # pyproject.toml's extra "cuda": 8-bit T5 through bitsandbytes
 TEST_MODULES = ("pytest", "xdist", "requests", "httpx", "playwright", "schemathesis")  # its extra "test"
 MAX_TEST_WORKERS = 8  # pytest-xdist workers: one per core up to this (each holds its own torch and models)
@@ -62,7 +65,8 @@ def enter_venv(venv: Path, argv: list[str]) -> None:
 
 
 def missing_modules(cuda: bool = False, tests: bool = False) -> list[str]:
-    wanted = REQUIRED_MODULES + (CUDA_MODULES if cuda else ()) + (TEST_MODULES if tests else ())
+    wanted = (REQUIRED_MODULES + tuple(NO_DEPS_PACKAGES) + (CUDA_MODULES if cuda else ())
+              + (TEST_MODULES if tests else ()))
     return [name for name in wanted if importlib.util.find_spec(name) is None]
 
 
@@ -103,10 +107,14 @@ def install_requirements(tests: bool = False) -> None:
     print(f"Missing packages: {', '.join(missing)}", flush=True)
     if "torch" in missing:
         install_torch(cuda)
-    print("Installing the web UI and its dependencies.", flush=True)
-    extras = ",".join(name for name, wanted in (("cuda", cuda), ("test", tests)) if wanted)
-    if not pip_install("-e", f"{ROOT}[{extras}]" if extras else str(ROOT)):
-        sys.exit("Could not install the requirements; pip said why above.")
+    if set(missing) - set(NO_DEPS_PACKAGES):
+        print("Installing the web UI and its dependencies.", flush=True)
+        extras = ",".join(name for name, wanted in (("cuda", cuda), ("test", tests)) if wanted)
+        if not pip_install("-e", f"{ROOT}[{extras}]" if extras else str(ROOT)):
+            sys.exit("Could not install the requirements; pip said why above.")
+    for module, spec in NO_DEPS_PACKAGES.items():
+        if module in missing and not pip_install("--no-deps", spec):
+            sys.exit(f"Could not install {spec}; pip said why above.")
     importlib.invalidate_caches()
 
 

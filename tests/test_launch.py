@@ -153,6 +153,19 @@ def test_test_modules_are_the_test_extra(launch):
     assert names == set(launch.TEST_MODULES)
 
 
+def test_k_diffusion_goes_in_without_its_dependencies(launch, monkeypatch):
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: ["gradio", "k_diffusion"])
+    monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: False)
+    calls = record_pip(launch, monkeypatch, [True, True])
+    launch.install_requirements()
+    assert calls == [("-e", str(ROOT)), ("--no-deps", "k-diffusion==0.1.1.post1")]
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: ["k_diffusion"])
+    calls = record_pip(launch, monkeypatch, [False])
+    with pytest.raises(SystemExit, match="Could not install k-diffusion"):
+        launch.install_requirements()
+    assert calls == [("--no-deps", "k-diffusion==0.1.1.post1")], "alone: the project is in already"
+
+
 def test_nothing_installed_when_nothing_is_missing(launch, monkeypatch):
     monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: [])
     monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: False)
