@@ -330,16 +330,16 @@ def test_prompt_network_tags_reach_their_network_and_leave_the_encoded_text(engi
 
 
 def test_schedule_types_from_extensions(engine, tmp_path):
-    write(tmp_path, "beta-schedule", """\
+    write(tmp_path, "leading-schedule", """\
         def setup(api):
-            api.add_schedule_type("beta", "Beta", {"timestep_spacing": "linspace", "use_beta_sigmas": True})
+            api.add_schedule_type("leading", "Leading", {"timestep_spacing": "leading"})
         """)
     load(engine, tmp_path)
-    assert samplers.schedule_type_names()[-1] == "Beta"
-    assert samplers.resolve("DPM++ 2M Beta") == ("DPM++ 2M", "Beta")
-    beta = generate(engine, sampler_name="Euler", scheduler="Beta")
-    assert "Schedule type: Beta" in beta.infotexts[0]
-    assert not np.array_equal(pixels(beta), pixels(generate(engine, sampler_name="Euler", scheduler="Karras")))
+    assert samplers.schedule_type_names()[-1] == "Leading"
+    assert samplers.resolve("DPM++ 2M Leading") == ("DPM++ 2M", "Leading")
+    leading = generate(engine, sampler_name="Euler", scheduler="Leading")
+    assert "Schedule type: Leading" in leading.infotexts[0]
+    assert not np.array_equal(pixels(leading), pixels(generate(engine, sampler_name="Euler", scheduler="Karras")))
 
 
 # ---- the shipped examples ----------------------------------------------------------------------
@@ -367,6 +367,10 @@ def test_example_sampler_dpmpp_3m_sde(engine):
     second_order = generate(engine, sampler_name="DPM++ 2M SDE", steps=6)
     assert not np.array_equal(pixels(first), pixels(other_seed))
     assert not np.array_equal(pixels(first), pixels(second_order))
+    in_sigma_space = generate(engine, sampler_name="DPM++ 3M SDE", scheduler="KL Optimal", steps=6, eta=0.5)
+    assert "Schedule type: KL Optimal, " in in_sigma_space.infotexts[0] and "Eta: 0.5" in in_sigma_space.infotexts[0]
+    assert np.array_equal(pixels(in_sigma_space),
+                          pixels(generate(engine, sampler_name="DPM++ 3M SDE", scheduler="KL Optimal", steps=6, eta=0.5)))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")

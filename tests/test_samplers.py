@@ -2,7 +2,7 @@ import functools
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
 from webui.engine import samplers
 from webui.errors import UserError
@@ -17,8 +17,14 @@ SD15 = {
     "beta_schedule": "scaled_linear",
     "prediction_type": "epsilon",
 }
-STOCHASTIC = {"Euler a", "DPM++ SDE", "DPM++ 2M SDE", "DPM2 a"}
-A1111_SAMPLERS = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DDIM", "UniPC"]
+STOCHASTIC = {"Euler a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM2 a"}
+A1111_SAMPLERS = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "Euler a", "Euler", "LMS",
+                  "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM", "DDIM CFG++", "PLMS", "UniPC",
+                  "LCM"]
+A1111_SCHEDULE_TYPES = ["Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
+                        "Align Your Steps", "Simple", "Normal", "DDIM", "Beta"]
+WITH_DIFFUSERS_SCHEDULER = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "Euler a", "Euler", "LMS",
+                            "Heun", "DPM2", "DPM2 a", "DDIM", "PLMS", "UniPC"]
 
 
 def denoise(sampler_name: str, noise_seed: int, schedule_type: str = "Automatic", config: dict = SD15, steps: int = 8):
@@ -36,8 +42,8 @@ def denoise(sampler_name: str, noise_seed: int, schedule_type: str = "Automatic"
     return latents
 
 
-@pytest.mark.parametrize("name", A1111_SAMPLERS)
-def test_every_sampler_denoises_reproducibly(name):
+@pytest.mark.parametrize("name", WITH_DIFFUSERS_SCHEDULER)
+def test_every_diffusers_scheduler_denoises_reproducibly(name):
     first = denoise(name, noise_seed=1)
     assert torch.isfinite(first).all()
     assert first.abs().max() < 1000
@@ -52,7 +58,8 @@ def test_schedule_types_run_with_v_prediction(schedule_type):
 
 def test_names_are_a1111s():
     assert samplers.sampler_names() == A1111_SAMPLERS
-    assert samplers.schedule_type_names() == ["Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform"]
+    assert samplers.schedule_type_names() == A1111_SCHEDULE_TYPES
+    assert [name for name in A1111_SAMPLERS if samplers.find_sampler(name)[0].factory] == WITH_DIFFUSERS_SCHEDULER
 
 
 @pytest.mark.parametrize(
@@ -65,6 +72,17 @@ def test_names_are_a1111s():
         (("dpm++ 2m", ""), ("DPM++ 2M", "Automatic")),
         (("DPM++ 2M Karras", "Automatic"), ("DPM++ 2M", "Karras")),
         (("DPM++ 2M SDE Exponential", None), ("DPM++ 2M SDE", "Exponential")),
+        (("DPM++ 2S a Karras", "Automatic"), ("DPM++ 2S a", "Karras")),
+        (("DPM++ 2M SDE Heun Karras", "Automatic"), ("DPM++ 2M SDE Heun", "Karras")),
+        (("k_dpmpp_2s_a", "kl_optimal"), ("DPM++ 2S a", "KL Optimal")),
+        (("k_dpm_fast", "align_your_steps"), ("DPM fast", "Align Your Steps")),
+        (("k_dpm_ad", "polyexponential"), ("DPM adaptive", "Polyexponential")),
+        (("k_dpmpp_2m_sde_heun", "simple"), ("DPM++ 2M SDE Heun", "Simple")),
+        (("restart", "normal"), ("Restart", "Normal")),
+        (("ddim_cfgpp", "ddim"), ("DDIM CFG++", "DDIM")),
+        (("plms", "beta"), ("PLMS", "Beta")),
+        (("lcm", None), ("LCM", "Automatic")),
+        (("Euler Align Your Steps", None), ("Euler", "Align Your Steps")),
     ],
 )
 def test_lookup_accepts_a1111_spellings(asked, expected):
@@ -105,7 +123,21 @@ def test_ddim_ignores_schedule_type_like_a1111():
     assert scheduler.timesteps[0] == 951 and scheduler.timesteps[-1] == 1  # A1111: range(0, 1000, 50) + 1
 
 
-def test_unsupported_schedule_type_names_the_field():
+def test_plms_is_pndm_on_a1111s_ddim_timesteps():
+    scheduler = samplers.make_scheduler("PLMS", "Karras", SD15)
+    assert isinstance(scheduler, PNDMScheduler) and scheduler.config.skip_prk_steps
+    scheduler.set_timesteps(10)
+    # The first step is taken twice (the second order start of the original PLMS), then one per timestep.
+    assert scheduler.timesteps.tolist() == [901, 801, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+
+
+def test_dpmpp_2m_sde_heun_config():
+    config = samplers.make_scheduler("DPM++ 2M SDE Heun", "Automatic", SD15).config
+    assert (config.algorithm_type, config.solver_type, config.use_exponential_sigmas) == ("sde-dpmsolver++", "heun", True)
+
+
+def test_diffusers_scheduler_without_the_schedule_type_names_the_field():
+    """make_scheduler is the diffusers scheduler alone; the engine runs such pairs in sigma space (test_sampling)."""
     with pytest.raises(UserError) as err:
         samplers.make_scheduler("Euler a", "Karras", SD15)
     assert err.value.field == "scheduler"
@@ -147,3 +179,6 @@ def test_api_shapes():
     assert schedulers[0] == {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}
     karras = next(s for s in schedulers if s["name"] == "karras")
     assert karras["label"] == "Karras" and karras["default_rho"] == 7.0
+    assert {"name": "align_your_steps", "label": "Align Your Steps", "aliases": None, "default_rho": -1,
+            "need_inner_model": False} in schedulers
+    assert {"name": "DDIM CFG++", "aliases": ["ddim_cfgpp"], "options": {}} in listed
