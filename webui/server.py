@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import webbrowser
 from pathlib import Path
@@ -85,9 +86,11 @@ def checkpoint_choice(engine: Engine, path: Path | None) -> dict[str, Any]:
 
 
 def add_middlewares(app: Any, args: argparse.Namespace) -> None:
-    """--cors-allow-origins(-regex) and --theme. Outermost, so that cross-origin preflights are answered before
-    Gradio's own CORS check (which allows only localhost pages); also after Gradio has served its first request:
-    the middleware stack is built again at the next one."""
+    """Doubled slashes, --cors-allow-origins(-regex) and --theme. Outermost, so that cross-origin preflights are
+    answered before Gradio's own CORS check (which allows only localhost pages); also after Gradio has served its
+    first request: the middleware stack is built again at the next one."""
+    app.middleware_stack = None
+    app.add_middleware(SingleSlashes)
     if args.cors_allow_origins or args.cors_allow_origins_regex:
         from starlette.middleware.cors import CORSMiddleware
 
@@ -98,6 +101,20 @@ def add_middlewares(app: Any, args: argparse.Namespace) -> None:
     if args.theme and not args.nowebui:
         app.middleware_stack = None
         app.add_middleware(ThemeRedirect, theme=args.theme)
+
+
+class SingleSlashes:
+    """``//sdapi/v1/...`` is ``/sdapi/v1/...``: Open WebUI joins a base URL ending in "/" (as its docs suggest) and
+    the path, and A1111's server answers it."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket") and "//" in scope["path"]:
+            path = re.sub("/{2,}", "/", scope["path"])
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        await self.app(scope, receive, send)
 
 
 class ThemeRedirect:
