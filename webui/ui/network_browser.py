@@ -21,8 +21,8 @@ CARD_SIZE = 192
 
 def network_browsers(demo: gr.Blocks, engine: Engine, prompt: gr.Textbox) -> None:
     for kind, network in browsable_networks(engine).items():
-        with gr.Accordion(f"{kind.title()} — click a card to add <{kind}:name:1> to the prompt, again to remove it", open=True,
-                          elem_id=f"txt2img_{kind}_browser"):
+        with gr.Accordion(f"{kind.title()} — click a card to add <{kind}:name:1> to the prompt, again to remove it",
+                          open=True, elem_id=f"txt2img_{kind}_browser"):
             with gr.Row(equal_height=True):
                 search = gr.Textbox(placeholder="Search by name", show_label=False, scale=6,
                                     elem_id=f"txt2img_{kind}_search")
