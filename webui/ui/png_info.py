@@ -34,9 +34,7 @@ def png_info_tab(form: Components, tabs: gr.Tabs) -> None:
     """Drop an image: its parameters (A1111's infotext, from PNG text or EXIF); "Send to txt2img" fills the form
     with them and shows it."""
     with gr.Row():
-        # image_mode None: the file as it is (a conversion to RGB would write a copy without its parameters)
-        image = SourceImage(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Source",
-                            elem_id="pnginfo_image")
+        image = SourceImage(type="filepath", sources=["upload", "clipboard"], label="Source", elem_id="pnginfo_image")
         with gr.Column():
             parameters = gr.Textbox(label="Parameters", lines=8, interactive=False, elem_id="pnginfo_parameters")
             send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
