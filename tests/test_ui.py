@@ -317,13 +317,15 @@ def test_live_preview_period_keeps_latents_every_n_steps():
 
 @pytest.mark.parametrize("share_url", [None, "https://abc.gradio.live"])
 def test_share_says_where_the_ui_is_or_why_there_is_no_public_link(engine, monkeypatch, caplog, share_url):
+    from fastapi import FastAPI
+
     from webui import server
 
     launched = {}
 
     def launch(self, **kwargs):
         launched.update(kwargs)
-        return None, "http://127.0.0.1:7860/", share_url
+        return FastAPI(), "http://127.0.0.1:7860/", share_url  # the served app gets the launcher's middlewares
 
     monkeypatch.setattr(gr.Blocks, "launch", launch)
     monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)
