@@ -392,3 +392,20 @@ def test_a_float16_vae_that_makes_nans_is_decoded_again_in_float32_on_the_gpu(tm
     assert again.memory.moved_mb == 0, "the float32 VAE stays on the GPU like the float16 one did"
     components = engine.memory.components.values()
     assert engine.memory.resident_bytes() == sum(c.nbytes for c in components), "no float16 copy left behind"
+
+
+@requires_cuda
+@pytest.mark.parametrize("sampler,schedule,eta", [
+    ("Euler a", "Karras", None), ("DPM++ 2S a", "Automatic", None), ("DPM++ 2M SDE Heun", "KL Optimal", None),
+    ("Restart", "Align Your Steps", None), ("LCM", "Simple", None), ("DDIM", "Automatic", 1.0),
+    ("PLMS", "Automatic", None), ("DPM adaptive", "Automatic", 0.5),
+])
+def test_sigma_space_and_new_samplers_on_cuda_draw_what_the_cpu_draws(tmp_path, sd1_file, sampler, schedule, eta):
+    """The k-diffusion path in half precision on the GPU: the same request twice, the same images; close to the
+    float32 CPU's (its noise comes from the same CPU generators and Brownian trees)."""
+    request = {**REQ, "sampler_name": sampler, "scheduler": schedule, "eta": eta}
+    gpu = make_engine(tmp_path / "gpu", sd1_file, extra_args=("--device", "cuda"))
+    first = as_array(gpu.txt2img(GenerationRequest(**request)).images)
+    assert np.array_equal(first, as_array(gpu.txt2img(GenerationRequest(**request)).images)), "same seed, same image"
+    on_cpu = as_array(make_engine(tmp_path / "cpu", sd1_file).txt2img(GenerationRequest(**request)).images)
+    assert np.abs(first - on_cpu).mean() < 3.0, f"{sampler} / {schedule}: the GPU and the CPU draw different pictures"

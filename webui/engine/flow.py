@@ -61,7 +61,9 @@ def denoise_flow(denoiser: torch.nn.Module, family: Family, scheduler, noise: to
     context = cond.embeds if uncond is None else torch.cat([uncond.embeds, cond.embeds])
     pooled = cond.pooled if uncond is None else torch.cat([uncond.pooled, cond.pooled])
     copies = 1 if uncond is None else 2
-    latents = FluxPipeline._pack_latents(noise, batch, channels, h, w) if flux else noise
+    # The scheduler's maths in float32 (as the UNet loop): its ancestral noise is drawn in the velocity's dtype,
+    # and a CPU generator draws other numbers in 16 bits than in 32 (another picture on a GPU).
+    latents = (FluxPipeline._pack_latents(noise, batch, channels, h, w) if flux else noise).float()
     inputs: dict = {}
     if flux:
         inputs["img_ids"] = FluxPipeline._prepare_latent_image_ids(batch, h // 2, w // 2, noise.device, noise.dtype)
@@ -71,10 +73,11 @@ def denoise_flow(denoiser: torch.nn.Module, family: Family, scheduler, noise: to
     unpack = (lambda x: FluxPipeline._unpack_latents(x, h * 8, w * 8, 8)) if flux else (lambda x: x)
     total = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
-        x = torch.cat([latents] * copies)
+        x = torch.cat([latents] * copies).to(noise.dtype)
         timestep = t.expand(x.shape[0]).to(x.dtype)
         velocity = denoiser(hidden_states=x, timestep=timestep / 1000 if flux else timestep,
-                            encoder_hidden_states=context, pooled_projections=pooled, return_dict=False, **inputs)[0]
+                            encoder_hidden_states=context, pooled_projections=pooled, return_dict=False,
+                            **inputs)[0].float()
         if uncond is not None:
             v_uncond, v_cond = velocity.chunk(2)
             velocity = v_uncond + cfg_scale * (v_cond - v_uncond)

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DPMSolverSDEScheduler
+from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from tqdm import tqdm
 
@@ -30,7 +33,7 @@ from webui.engine.memory import MemoryManager, MemoryPolicy, activation_bytes, v
 from webui.engine.progress import Progress
 from webui.engine.prompts import Conditioning, encode_prompts
 from webui.engine.request import MAX_SEED, GenerationRequest, GenerationResult
-from webui.engine.ksampling import GuidedDenoiser, sample
+from webui.engine.ksampling import CpuBrownianNoise, GuidedDenoiser, sample
 from webui.engine.samplers import Sampling, make_flow_scheduler, step_kwargs
 from webui.engine.t5_prompts import MIN_LENGTH as T5_MIN_LENGTH
 from webui.engine.t5_prompts import encode_t5
@@ -221,13 +224,16 @@ def _denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generator
                       noise, seeds, generators, sampling.eta, on_step)
     scheduler = sampling.scheduler(model.scheduler_config, seed=seeds)
     scheduler.set_timesteps(req.steps, device=noise.device)
-    latents = noise * scheduler.init_noise_sigma
+    # The scheduler's maths in float32, whatever the UNet computes in: diffusers draws ancestral noise in the model
+    # output's dtype, and a CPU generator draws other numbers in float16 than in float32 (another picture on a GPU).
+    latents = noise.float() * scheduler.init_noise_sigma
+    brownian_on_cpu(scheduler, latents, seeds)
     extra = step_kwargs(scheduler, generators, sampling.eta)
     total = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
         x = latents if uncond is None else torch.cat([latents] * 2)
-        x = scheduler.scale_model_input(x, t)
-        noise_pred = unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        x = scheduler.scale_model_input(x, t).to(noise.dtype)
+        noise_pred = unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
         if uncond is not None:
             noise_uncond, noise_cond = noise_pred.chunk(2)
             noise_pred = noise_uncond + req.cfg_scale * (noise_cond - noise_uncond)
@@ -235,6 +241,16 @@ def _denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generator
         if on_step(i, total, latents):
             break
     return latents
+
+
+def brownian_on_cpu(scheduler: SchedulerMixin, latents: torch.Tensor, seeds: list[int]) -> None:
+    """diffusers' DPM++ SDE builds its Brownian tree on the latents' device at its first step: build it on the CPU
+    instead (CpuBrownianNoise), as the sigma-space samplers do."""
+    if not isinstance(scheduler, DPMSolverSDEScheduler):
+        return
+    sigmas = scheduler.sigmas.cpu()
+    low, high = sigmas[sigmas > 0].min().item(), sigmas.max().item()
+    scheduler.noise_sampler = CpuBrownianNoise(lambda cpu_x: BrownianTreeNoiseSampler(cpu_x, low, high, seeds), latents)
 
 
 class PhaseClock:

@@ -79,6 +79,20 @@ def seeded_noise(x: torch.Tensor, generators: list[torch.Generator]) -> Callable
     return lambda sigma, sigma_next: torch.cat([torch.randn(shape, generator=g) for g in generators]).to(x)
 
 
+class CpuBrownianNoise:
+    """A Brownian-tree noise sampler built and sampled on the CPU, its noise moved to the latents' device and dtype:
+    A1111's randn_source CPU for SDE samplers, so that a seed draws the same picture on any device (a tree on the
+    GPU draws from the GPU's generator). ``make(x_on_cpu)`` builds the tree (k-diffusion's or diffusers')."""
+
+    def __init__(self, make: Callable[[torch.Tensor], Callable[..., torch.Tensor]], x: torch.Tensor):
+        self.tree = make(x.detach().to("cpu", torch.float32))
+        self.device, self.dtype = x.device, x.dtype
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        return self.tree(torch.as_tensor(sigma).cpu().float(), torch.as_tensor(sigma_next).cpu().float()).to(
+            self.device, self.dtype)
+
+
 def sample(ksampler: KSampler, denoiser: GuidedDenoiser, sigmas_for: Callable[[external.DiscreteSchedule], torch.Tensor],
            noise: torch.Tensor, seeds: list[int], generators: list[torch.Generator], eta: float | None,
            on_step: StepCallback) -> torch.Tensor:
@@ -91,8 +105,10 @@ def sample(ksampler: KSampler, denoiser: GuidedDenoiser, sigmas_for: Callable[[e
     params = inspect.signature(ksampler.function).parameters
     kwargs: dict = {"eta": eta} if ksampler.takes_eta else {}
     if "noise_sampler" in params:
-        kwargs["noise_sampler"] = sampling.BrownianTreeNoiseSampler(
-            x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seeds) if ksampler.brownian else seeded_noise(x, generators)
+        low, high = sigmas[sigmas > 0].min().cpu(), sigmas.max().cpu()
+        kwargs["noise_sampler"] = CpuBrownianNoise(
+            lambda cpu_x: sampling.BrownianTreeNoiseSampler(cpu_x, low, high, seed=seeds), x) \
+            if ksampler.brownian else seeded_noise(x, generators)
     if "sigma_min" in params:  # DPM fast and adaptive pick their own steps within the model's sigmas, as in A1111
         kwargs.update(sigma_min=denoiser.model.sigma_min.item(), sigma_max=denoiser.model.sigma_max.item())
         if "n" in params:
