@@ -398,7 +398,8 @@ def test_a_float16_vae_that_makes_nans_is_decoded_again_in_float32_on_the_gpu(tm
 @pytest.mark.parametrize("sampler,schedule,eta", [
     ("Euler a", "Karras", None), ("DPM++ 2S a", "Automatic", None), ("DPM++ 2M SDE Heun", "KL Optimal", None),
     ("Restart", "Align Your Steps", None), ("LCM", "Simple", None), ("DDIM", "Automatic", 1.0),
-    ("PLMS", "Automatic", None), ("DPM adaptive", "Automatic", 0.5),
+    ("PLMS", "Automatic", None), ("DPM adaptive", "Automatic", 0.5), ("Euler a", "Automatic", None),
+    ("DPM++ SDE", "Karras", None),
 ])
 def test_sigma_space_and_new_samplers_on_cuda_draw_what_the_cpu_draws(tmp_path, sd1_file, sampler, schedule, eta):
     """The k-diffusion path in half precision on the GPU: the same request twice, the same images; close to the
