@@ -29,7 +29,7 @@ REQUIRED_MODULES = ("torch", "diffusers", "transformers", "safetensors", "gguf",
 # code the app loads from it needs only the project's (webui/engine/kdiffusion.py).
 NO_DEPS_PACKAGES = {"k_diffusion": "k-diffusion==0.1.1.post1"}
 CUDA_MODULES = ("bitsandbytes",)  # pyproject.toml's extra "cuda": 8-bit T5 through bitsandbytes
-TEST_MODULES = ("pytest", "xdist", "requests", "httpx", "playwright", "schemathesis")  # its extra "test"
+TEST_MODULES = ("pytest", "xdist", "requests", "httpx", "playwright", "schemathesis", "webuiapi")  # its extra "test"
 MAX_TEST_WORKERS = 8  # pytest-xdist workers: one per core up to this (each holds its own torch and models)
 TORCH_VERSION = "2.13.0"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"

@@ -52,14 +52,14 @@ def server(tmp_path_factory) -> Iterator[Server]:
 
 
 def within_limits(spec: dict) -> dict:
-    """The server's schema, with the limits the test sets as the txt2img fields' maximums (and the fields whose
-    defaults pass them required): data the schema allows then mostly makes an image, instead of mostly asking for a
+    """The server's schema, with the limits the test sets as the txt2img fields' maximums (and the field whose
+    default passes them required): data the schema allows then mostly makes an image, instead of mostly asking for a
     size beyond the limit."""
     fields = spec["paths"]["/sdapi/v1/txt2img"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     for name, limit in {"width": "max_image_side", "height": "max_image_side", "steps": "max_steps",
                         "batch_size": "max_batch_size", "n_iter": "max_batch_count"}.items():
         fields["properties"][name]["maximum"] = LIMITS[limit]
-    fields["required"] = ["width", "height", "steps"]  # their defaults (512, 512, 20) are beyond these limits
+    fields["required"] = ["steps"]  # its default (20) is beyond the limit; a missing size is the demo's 128x128
     return spec
 
 

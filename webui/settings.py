@@ -176,7 +176,10 @@ class Paths:
     def output_folder(self, key: str, value: str, default: str) -> Path:
         """Where images go for an output-folder option: its value (relative: inside the outputs folder) or
         ``default``. It must stay inside the outputs folder, so that no request can write elsewhere."""
-        folder = (self.outdir / (value or default)).resolve()
+        try:
+            folder = (self.outdir / (value or default)).resolve()
+        except (ValueError, OSError) as e:  # a NUL in the name, a name too long for the file system
+            raise UserError(f"is not a usable folder name ({e}), got {value!r}", field=key) from None
         if not folder.is_relative_to(self.outdir):
             raise UserError(f"must be a folder inside {self.outdir} (start with --outdir to save elsewhere), "
                             f"got {value!r}", field=key)
