@@ -88,3 +88,21 @@ def test_half_written_images_are_removed_at_start_and_nothing_else(tmp_path, sd1
     make_engine(tmp_path, sd1_file)
     assert not (outputs / ".0123456789abcdef.png.tmp").exists()
     assert kept.exists() and (outputs / ".notes.png.tmp").exists()
+
+
+def test_a_save_during_an_override_stores_the_values_beneath_it(tmp_path):
+    """An override (a request's override_settings, an X/Y/Z cell, --ckpt) is never saved, even when another option
+    is stored meanwhile; a value stored meanwhile for the overridden option is the one kept afterwards."""
+    path = tmp_path / "config.json"
+    options = Options(path)
+    with options.overridden({"sd3_shift": 5.0, "CLIP_stop_at_last_layers": 2}):
+        with options.overridden({"sd3_shift": 7.0}):
+            assert options["sd3_shift"] == 7.0
+        assert options["sd3_shift"] == 5.0, "the inner override gives back the outer one"
+        options.update({"samples_save": False})
+        saved = json.loads(path.read_text())
+        assert saved["sd3_shift"] == 3.0 and saved["CLIP_stop_at_last_layers"] == 1 and saved["samples_save"] is False
+        options.update({"CLIP_stop_at_last_layers": 3})
+        assert options["CLIP_stop_at_last_layers"] == 3 and json.loads(path.read_text())["CLIP_stop_at_last_layers"] == 3
+    assert options["sd3_shift"] == 3.0 and options["CLIP_stop_at_last_layers"] == 3, "what was stored meanwhile stays"
+    assert Options(path).as_dict()["CLIP_stop_at_last_layers"] == 3

@@ -22,6 +22,7 @@ from typing import Any
 from webui.errors import UserError
 
 log = logging.getLogger(__name__)
+_MISSING = object()  # an option with no stored value
 INSTALL_CACHE = Path(__file__).resolve().parent.parent / ".cache"
 
 OPTION_DEFAULTS: dict[str, Any] = {
@@ -203,6 +204,7 @@ class Options:
         self._defaults = {**OPTION_DEFAULTS, **FIXED_OPTIONS}
         self._choices = dict(OPTION_CHOICES)
         self._values = {**json.loads(A1111_OPTIONS_FILE.read_text(encoding="utf-8")), **self._defaults}
+        self._beneath: dict[str, Any] = {}  # the stored values of options overridden now (what a save writes)
         self._lock = threading.RLock()
         self._listeners: list[Callable[[str, Any], None]] = []
         self.problems: list[str] = []  # what went wrong reading config.json, for the UI to show
@@ -258,6 +260,7 @@ class Options:
             checked = self.checked(changes)
             changed = {k: v for k, v in checked.items() if self._values.get(k) != v}
             self._values.update(checked)
+            self._beneath.update({k: v for k, v in checked.items() if k in self._beneath})
             self.save()
         for key, value in changed.items():
             for listener in self._listeners:
@@ -265,24 +268,28 @@ class Options:
 
     @contextmanager
     def overridden(self, changes: dict[str, Any]) -> Iterator[None]:
-        """Options set for the duration of a block (one X/Y/Z cell, a request's override_settings): checked like
-        any change, never saved, and put back afterwards."""
+        """Options set for the duration of a block (one X/Y/Z cell, a request's override_settings, --ckpt): checked
+        like any change, never saved (a save meanwhile writes the values beneath), and put back afterwards. A value
+        stored meanwhile (update) is the one put back."""
         if not changes:
             yield
             return
         with self._lock:
             checked = self.checked(changes)
-            previous = {key: self._values[key] for key in checked if key in self._values}
+            previous = {key: self._values.get(key, _MISSING) for key in checked}
+            outermost = [key for key in checked if key not in self._beneath]
+            self._beneath.update({key: previous[key] for key in outermost})
             self._values.update(checked)
         try:
             yield
         finally:
             with self._lock:
                 for key in checked:
-                    if key in previous:
-                        self._values[key] = previous[key]
-                    else:
+                    value = self._beneath.pop(key) if key in outermost else previous[key]
+                    if value is _MISSING:
                         self._values.pop(key, None)
+                    else:
+                        self._values[key] = value
 
     def register(self, key: str, default: Any, choices: Sequence[str] | None = None) -> None:
         """Add an option at run time, typed by its default (true/false, whole number, number, text or a list of
@@ -319,8 +326,9 @@ class Options:
             return
         with self._lock:
             tmp = self._temp_path
+            stored = {**self._values, **self._beneath}
             with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self._values, f, indent=2)
+                json.dump({k: v for k, v in stored.items() if v is not _MISSING}, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
