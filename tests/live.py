@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,16 @@ def _start(data_dir: Path, port: int, flags: tuple[str, ...]) -> Server | None:
             pytest.fail(f"the server did not start:\n{server.log}")
         time.sleep(0.5)
     return server
+
+
+@contextmanager
+def serving(data_dir: Path, *flags: str) -> Iterator[Server]:
+    """``start_server`` for a block (a module's fixture): the server is stopped after it, whatever happened."""
+    live = start_server(data_dir, *flags)
+    try:
+        yield live
+    finally:
+        live.stop()
 
 
 def answers(url: str) -> bool:

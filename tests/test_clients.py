@@ -21,7 +21,7 @@ import requests
 import webuiapi
 from PIL import Image
 
-from tests.live import Server, start_server
+from tests.live import Server, serving, start_server
 from webui.engine.infotext import parse_infotext
 
 # A1111's test/test_txt2img.py request, but 64x64 and 3 steps as there.
@@ -36,11 +36,8 @@ A1111_TXT2IMG = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
-    live = start_server(tmp_path_factory.mktemp("clients"), "--nowebui")
-    try:
+    with serving(tmp_path_factory.mktemp("clients"), "--nowebui") as live:
         yield live
-    finally:
-        live.stop()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from schemathesis.checks import (
 )
 from schemathesis.errors import FailureGroup
 
-from tests.live import Server, start_server
+from tests.live import Server, serving
 
 LIMITS = {"max_image_side": 128, "max_steps": 4, "max_batch_size": 1, "max_batch_count": 1, "max_prompt_length": 300,
           "max_plot_cells": 4}
@@ -44,11 +44,8 @@ def hypothesis_storage(tmp_path_factory) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
-    live = start_server(tmp_path_factory.mktemp("fuzz"), "--nowebui")
-    try:
+    with serving(tmp_path_factory.mktemp("fuzz"), "--nowebui") as live:
         yield live
-    finally:
-        live.stop()
 
 
 def within_limits(spec: dict) -> dict:

@@ -309,10 +309,10 @@ def encode(model: LoadedModel, prompts: list[str], clip_skip: int, device: torch
 def _initial_noise(model: LoadedModel, req: GenerationRequest, generators: list[torch.Generator]) -> torch.Tensor:
     """One latent per seed, at the image size over the VAE's scale factor (which the size must be a multiple of)."""
     factor = model.vae_scale_factor
-    for field, side in (("width", req.width), ("height", req.height)):
+    for name, side in (("width", req.width), ("height", req.height)):
         if side % factor:
             raise UserError(f"must be a multiple of {factor} for this model's VAE ({model.info.model_name} "
-                            f"makes one latent per {factor}x{factor} pixels), got {side}", field=field)
+                            f"makes one latent per {factor}x{factor} pixels), got {side}", field=name)
     shape = (1, model.latent_channels, req.height // factor, req.width // factor)
     return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
 
