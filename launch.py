@@ -92,7 +92,8 @@ def install_torch(cuda: bool) -> None:
     else:
         print(f"Installing torch {TORCH_VERSION}, CPU build (no NVIDIA GPU found).", flush=True)
         spec = f"torch=={TORCH_VERSION}"
-        ok = pip_install(spec, "--extra-index-url", TORCH_CPU_INDEX) or pip_install(spec)
+        # one try per package at the CPU index: where it cannot be reached, the default index follows in seconds
+        ok = pip_install(spec, "--extra-index-url", TORCH_CPU_INDEX, "--retries", "1") or pip_install(spec)
     if not ok:
         sys.exit("Could not install torch; pip said why above.")
 
