@@ -118,7 +118,7 @@ def test_cpu_torch_first_then_the_project(launch, monkeypatch):
     monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: False)
     calls = record_pip(launch, monkeypatch, [False, True, True])  # the CPU index is unreachable here
     launch.install_requirements()
-    assert calls == [("torch==2.13.0", "--extra-index-url", "https://download.pytorch.org/whl/cpu"),
+    assert calls == [("torch==2.13.0", "--extra-index-url", "https://download.pytorch.org/whl/cpu", "--retries", "1"),
                      ("torch==2.13.0",), ("-e", str(ROOT))]
 
 
