@@ -276,6 +276,9 @@ def txt2img_body_schema() -> dict[str, Any]:
     defaults = {f.name: f.default for f in fields(GenerationRequest)}
     properties: dict[str, Any] = {name: {**_typed(hints[name]), **FIELD_BOUNDS.get(name, {}), "default": defaults[name]}
                                   for name in ENGINE_FIELDS}
+    for side in ("width", "height"):
+        properties[side]["description"] = ("left out: the resolution the checkpoint declares (ModelSpec), else "
+                                            "A1111's 512")
     properties |= {name: _typed(bool) for name in FLAG_FIELDS}
     properties |= {"override_settings": _typed(dict), "sampler_index": _typed(str), "script_name": _typed(str),
                    "script_args": _typed(list), "infotext": _typed(str), "force_task_id": _typed(str),
