@@ -75,8 +75,8 @@ def test_a1111_defaults_are_accepted_and_what_changes_nothing_is_named(client):
             "enable_hr": False, "denoising_strength": 0.7, "alwayson_scripts": {}, "override_settings": {},
             "override_settings_restore_afterwards": True, "send_images": True, "save_images": False}
     reply = client.post("/sdapi/v1/txt2img", json=body)
-    assert reply.status_code == 200 and json.loads(reply.json()["info"])["ignored_fields"] == ["subseed",
-                                                                                               "denoising_strength"]
+    assert reply.status_code == 200 and json.loads(reply.json()["info"])["ignored_fields"] == ["denoising_strength"]
+    assert json.loads(reply.json()["info"])["all_subseeds"][0] >= 0, "a random variation seed, as A1111 reports it"
     unknown = client.post("/sdapi/v1/txt2img", json={**BODY, "no_such_field": 1, "styles": ["Mine"]})
     assert unknown.status_code == 200, "A1111 ignores fields it does not know, and styles it does not have"
     assert json.loads(unknown.json()["info"])["ignored_fields"] == ["no_such_field", "styles"]
@@ -155,7 +155,7 @@ def test_xyz_script_by_label_with_picked_values_and_seeds_varying_along_x(client
 
 @pytest.mark.parametrize("change,field,words", [
     ({"script_name": "Prompt matrix"}, "script_name", "x/y/z plot"),
-    ({"script_args": xyz_args((2, "1, 2", None))}, "x_type", "Var. seed"),
+    ({"script_args": xyz_args((5, "1, 2", None))}, "x_type", "Hires steps"),
     ({"script_args": xyz_args((1, "1, 2", None), (99, "1", None))}, "y_type", "99"),
     ({"script_args": xyz_args((4, "two", None))}, "x_values", "two"),
     ({"script_args": xyz_args((4, "1, 2", None), margin_size=-3)}, "script_args", "margin_size"),

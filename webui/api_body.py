@@ -24,7 +24,8 @@ from webui.settings import LIMIT_OPTIONS, OPTION_DEFAULTS, Options
 # their defaults. A field A1111 ignores is ignored here too and named in the answer's info (``ignored_fields``); a
 # field A1111 honours is honoured, or refused with a 422 naming it where this app cannot do what it asks yet.
 ENGINE_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "distilled_cfg_scale",
-                 "sampler_name", "scheduler", "seed", "batch_size", "n_iter", "eta")
+                 "sampler_name", "scheduler", "seed", "batch_size", "n_iter", "eta", "subseed", "subseed_strength",
+                 "seed_resize_from_w", "seed_resize_from_h")
 # Read here (send_images, save_images, the do_not_save_* two, override_settings and its restore flag, sampler_index,
 # infotext) or by xyz_script (script_name, script_args); force_task_id names the job for A1111's UI, which has no use
 # here.
@@ -34,17 +35,16 @@ READ_FIELDS = (*FLAG_FIELDS, "override_settings", "sampler_index", "script_name"
                "force_task_id")
 # Honoured by A1111 and not done here yet: accepted only at the values that make A1111 do nothing extra.
 DEFAULT_ONLY_FIELDS: dict[str, list] = {
-    "subseed_strength": [0, 0.0, None], "seed_resize_from_h": [-1, 0, None], "seed_resize_from_w": [-1, 0, None],
     "restore_faces": [False, None], "tiling": [False, None], "s_min_uncond": [None, 0, 0.0], "s_churn": [None, 0, 0.0],
     "s_tmax": [None, 0, 0.0], "s_tmin": [None, 0, 0.0], "s_noise": [None, 1, 1.0], "enable_hr": [False, None],
     "refiner_checkpoint": [None, "", "None"], "disable_extra_networks": [False, None], "alwayson_scripts": [None, {}],
 }
-# What A1111 reads only with enable_hr, a refiner, a variation strength or in img2img: with those off (refused above
-# otherwise) any value changes nothing. Named in ignored_fields like a field A1111 does not know.
+# What A1111 reads only with enable_hr, a refiner or in img2img: with those off (refused above otherwise) any value
+# changes nothing. Named in ignored_fields like a field A1111 does not know.
 UNUSED_FIELDS = ("denoising_strength", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
                  "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
                  "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "hr_cfg",
-                 "hr_distilled_cfg", "refiner_switch_at", "firstpass_image", "subseed", "comments")
+                 "hr_distilled_cfg", "refiner_switch_at", "firstpass_image", "comments")
 # A1111 applies the prompt styles a request names and skips names it does not have; this app has none yet.
 STYLE_FIELD = "styles"
 # override_settings keys that are request fields too: the request checks them as strictly as its own fields.
@@ -98,6 +98,9 @@ def read_txt2img(body: Any, options: Options,
                 ignored.append(key)  # A1111 skips style names it does not have: here, all of them
         elif key in UNUSED_FIELDS or not (key in ENGINE_FIELDS or key in READ_FIELDS):
             ignored.append(key)
+    for key in ("sampler_index", "force_task_id"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise UserError(f"must be text, got {body[key]!r}", field=key)
     flags = {key: body.get(key) for key in FLAG_FIELDS}
     for key, value in flags.items():
         if value is not None and not isinstance(value, bool):
@@ -259,7 +262,8 @@ FIELD_BOUNDS = {"width": {"minimum": MIN_SIDE, "multipleOf": SIDE_MULTIPLE},
                 "height": {"minimum": MIN_SIDE, "multipleOf": SIDE_MULTIPLE},
                 "steps": {"minimum": 1}, "batch_size": {"minimum": 1}, "n_iter": {"minimum": 1},
                 "cfg_scale": {"minimum": 0, "maximum": MAX_CFG}, "distilled_cfg_scale": {"minimum": 0, "maximum": MAX_CFG},
-                "seed": {"minimum": -1, "maximum": MAX_SEED}, "eta": {"minimum": 0, "maximum": 1}}
+                "seed": {"minimum": -1, "maximum": MAX_SEED}, "subseed": {"minimum": -1, "maximum": MAX_SEED},
+                "eta": {"minimum": 0, "maximum": 1}, "subseed_strength": {"minimum": 0, "maximum": 1}}
 
 
 def _typed(python_type: Any) -> dict[str, Any]:
@@ -285,8 +289,8 @@ def txt2img_body_schema() -> dict[str, Any]:
                    STYLE_FIELD: {**_typed(list), "description": "prompt styles: this app has none yet, so A1111 would "
                                  "skip every name (ignored)"}}
     properties |= {name: {"enum": values} for name, values in DEFAULT_ONLY_FIELDS.items()}
-    properties |= {name: {"description": "read by A1111 only for hires. fix, a refiner, variation seeds or img2img: "
-                          "ignored"} for name in UNUSED_FIELDS}
+    properties |= {name: {"description": "read by A1111 only for hires. fix, a refiner or img2img: ignored"}
+                   for name in UNUSED_FIELDS}
     return {"type": "object", "properties": properties, "additionalProperties": True}
 
 

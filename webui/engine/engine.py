@@ -155,6 +155,7 @@ class Engine:
                 request=request,
                 sampling=sampling,
                 seed=resolve_seed(request.seed),
+                subseed=resolve_seed(request.subseed),
                 clip_skip=request.clip_skip or self.options["CLIP_stop_at_last_layers"],
                 save=self.options["samples_save"] if request.save_images is None else request.save_images,
                 model_hash=short_hash(self.models.current_sha256),

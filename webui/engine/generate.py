@@ -30,6 +30,7 @@ from webui.engine.hooks import Hooks
 from webui.engine.infotext import build_infotext
 from webui.engine.load import TEXT_ENCODERS, LoadedModel, vae_scale_factor
 from webui.engine.memory import MemoryManager, MemoryPolicy, activation_bytes, vae_decode_bytes
+from webui.engine.noise import Variation, initial_noise
 from webui.engine.progress import Progress
 from webui.engine.prompts import Conditioning, encode_prompts
 from webui.engine.request import MAX_SEED, GenerationRequest, GenerationResult
@@ -50,6 +51,7 @@ class Resolved:
     request: GenerationRequest
     sampling: Sampling  # sampler, schedule type and eta
     seed: int
+    subseed: int  # the variation seed (used where subseed_strength is above 0)
     clip_skip: int
     save: bool
     model_hash: str
@@ -95,14 +97,17 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
             if progress.interrupted:
                 break
             progress.next_batch(batch_no)
-            seeds = [job.seed + batch_no * req.batch_size + i for i in range(req.batch_size)]
-            images = _with_oom_retry(lambda: _sample_batch(model, memory, job, seeds, progress, bar, result, hooks),
-                                     memory, req)
-            for image, seed in zip(images, seeds):
-                infotext = infotext_for(model, job, seed)
+            first = batch_no * req.batch_size
+            seeds = [job.seed + first + i for i in range(req.batch_size)]
+            subseeds = [job.subseed + first + i for i in range(req.batch_size)]
+            images = _with_oom_retry(lambda: _sample_batch(model, memory, job, seeds, subseeds, progress, bar, result,
+                                                           hooks), memory, req)
+            for image, seed, subseed in zip(images, seeds, subseeds):
+                infotext = infotext_for(model, job, seed, subseed)
                 image.info["parameters"] = infotext  # kept by whatever writes it as PNG (A1111 does the same)
                 result.images.append(image)
                 result.seeds.append(seed)
+                result.subseeds.append(subseed)
                 result.prompts.append(req.prompt)
                 result.negative_prompts.append(req.negative_prompt)
                 result.infotexts.append(infotext)
@@ -117,14 +122,18 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
     return result
 
 
-def infotext_for(model: LoadedModel, job: Resolved, seed: int) -> str:
+def infotext_for(model: LoadedModel, job: Resolved, seed: int, subseed: int) -> str:
     req = job.request
+    varied, resized = req.subseed_strength > 0, req.resize_from
     params = {
         "Steps": req.steps,
         **job.sampling.infotext(),
         "CFG scale": req.cfg_scale,
         "Seed": seed,
         "Size": f"{req.width}x{req.height}",
+        "Variation seed": subseed if varied else None,
+        "Variation seed strength": req.subseed_strength if varied else None,
+        "Seed resize from": f"{resized[0]}x{resized[1]}" if resized else None,
         "Model hash": job.model_hash,
         "Model": model.info.model_name,
         "VAE": job.vae_name,
@@ -163,7 +172,8 @@ def _with_oom_retry(run: Callable[[], list[Image.Image]], memory: MemoryManager,
 
 
 @torch.inference_mode()
-def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seeds: list[int], progress: Progress,
+def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seeds: list[int], subseeds: list[int],
+                  progress: Progress,
                   bar: tqdm, result: GenerationResult, hooks: Hooks | None) -> list[Image.Image]:
     req, device = job.request, memory.device
     dtype = compute_dtype(model.denoiser)
@@ -174,7 +184,7 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seed
     clock.lap("encode")
     memory.prepare(["denoiser"])
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    noise = _initial_noise(model, req, generators).to(device, dtype)
+    noise = _initial_noise(model, req, generators, seeds, subseeds).to(device, dtype)
 
     def on_step(i: int, total: int, latents: torch.Tensor) -> bool:
         progress.step(round((i + 1) * req.steps / total), latents, model.family)
@@ -306,15 +316,20 @@ def encode(model: LoadedModel, prompts: list[str], clip_skip: int, device: torch
     return clip
 
 
-def _initial_noise(model: LoadedModel, req: GenerationRequest, generators: list[torch.Generator]) -> torch.Tensor:
-    """One latent per seed, at the image size over the VAE's scale factor (which the size must be a multiple of)."""
+def _initial_noise(model: LoadedModel, req: GenerationRequest, generators: list[torch.Generator], seeds: list[int],
+                   subseeds: list[int]) -> torch.Tensor:
+    """One latent per seed, at the image size over the VAE's scale factor (which the size must be a multiple of),
+    with A1111's variation seed and seed resize (webui.engine.noise)."""
     factor = model.vae_scale_factor
     for name, side in (("width", req.width), ("height", req.height)):
         if side % factor:
             raise UserError(f"must be a multiple of {factor} for this model's VAE ({model.info.model_name} "
                             f"makes one latent per {factor}x{factor} pixels), got {side}", field=name)
-    shape = (1, model.latent_channels, req.height // factor, req.width // factor)
-    return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+    resized = req.resize_from
+    variation = Variation(subseeds, req.subseed_strength,
+                          (resized[1] // factor, resized[0] // factor) if resized else None)
+    return initial_noise((model.latent_channels, req.height // factor, req.width // factor), generators, seeds,
+                         variation)
 
 
 def _sdxl_added_conditions(model: LoadedModel, req: GenerationRequest, cond: Conditioning,

@@ -39,6 +39,10 @@ class GenerationRequest:
     modules: list[str] | None = None  # separate VAE / text encoder files; None: "forge_additional_modules"
     save_images: bool | None = None  # None: the "samples_save" option
     eta: float | None = None  # noise of ancestral/SDE samplers and DDIM; None: "eta_ancestral" / "eta_ddim"
+    subseed: int = -1  # A1111's variation seed (-1: a random one), mixed in by subseed_strength (0: not at all)
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = -1  # draw the noise at this size and centre it (-1 or 0: at the image's size)
+    seed_resize_from_h: int = -1
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
@@ -47,6 +51,12 @@ class GenerationRequest:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def resize_from(self) -> tuple[int, int] | None:
+        """The (width, height) the starting noise is drawn at, where the request resizes its seed."""
+        size = (self.seed_resize_from_w, self.seed_resize_from_h)
+        return size if min(size) > 0 else None
 
     def validate(self, limits: dict[str, Any]) -> None:
         """Raise UserError naming the first bad field. ``limits`` is the options store's values. Whole numbers sent
@@ -76,6 +86,17 @@ class GenerationRequest:
         self.seed = seed
         if self.eta is not None:
             _number_in(self.eta, "eta", 0, 1)
+        subseed = _whole(self.subseed, "subseed")
+        if subseed != -1 and not 0 <= subseed <= MAX_SEED:
+            raise UserError(f"must be -1 (random) or between 0 and {MAX_SEED}, got {subseed}", field="subseed")
+        self.subseed = subseed
+        _number_in(self.subseed_strength, "subseed_strength", 0, 1)
+        for name in ("seed_resize_from_w", "seed_resize_from_h"):
+            value = _whole(getattr(self, name), name)
+            if value > 0 and (value % SIDE_MULTIPLE or not MIN_SIDE <= value <= side):
+                raise UserError(f"must be -1 or 0 (off), or a multiple of {SIDE_MULTIPLE} between {MIN_SIDE} and {side} "
+                                f"pixels, got {value}", field=name)
+            setattr(self, name, max(value, -1))
         if self.clip_skip is not None:
             self.clip_skip = _whole_in(self.clip_skip, "clip_skip", 1, 12)
         for name in ("sampler_name", "scheduler"):
@@ -115,6 +136,7 @@ class GenerationResult:
     request: GenerationRequest
     images: list[Image.Image] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    subseeds: list[int] = field(default_factory=list)  # each image's variation seed
     prompts: list[str] = field(default_factory=list)
     negative_prompts: list[str] = field(default_factory=list)
     infotexts: list[str] = field(default_factory=list)

@@ -102,6 +102,8 @@ def _gpu_weights(engine: Engine, cell: Cell, value: int) -> None:
 BUILTIN_AXES = [
     Axis("Nothing", "str", lambda engine, cell, value: None),
     Axis("Seed", "int", _field("seed")),
+    Axis("Var. seed", "int", _field("subseed")),
+    Axis("Var. strength", "float", _field("subseed_strength")),
     Axis("Steps", "int", _field("steps")),
     Axis("CFG Scale", "float", _field("cfg_scale")),
     Axis("Distilled CFG Scale", "float", _field("distilled_cfg_scale")),
@@ -112,6 +114,7 @@ BUILTIN_AXES = [
          choices=lambda engine: [c.name for c in engine.models.checkpoints()]),
     Axis("VAE", "str", _vae, expensive=True,
          choices=lambda engine: ["Automatic", *(engine.models.vae_name(p) for p in engine.models.vaes())]),
+    Axis("Eta", "float", _field("eta")),
     Axis("Clip skip", "int", _field("clip_skip")),
     Axis("Size", "str", _size),
     Axis("GPU Weights", "int", _gpu_weights),
@@ -233,7 +236,7 @@ def run_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice],
     while len(plan) < 3:
         plan.append((axes[0], [""]))
     if not options.no_fixed_seeds:
-        base = dataclasses.replace(base, seed=resolve_seed(base.seed))
+        base = dataclasses.replace(base, seed=resolve_seed(base.seed), subseed=resolve_seed(base.subseed))
     shape = [len(values) for _, values in plan]
     count, most = math.prod(shape), engine.options["max_plot_cells"]
     if count > most:
