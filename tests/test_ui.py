@@ -66,6 +66,18 @@ def test_generates_an_image_with_its_infotext(client):
     assert read_png_infotext(gallery[0]["image"]) == infotext, "the gallery's file (what Download gives) keeps it"
 
 
+def test_the_variation_seed_fields_make_the_variation_seeds_picture(client):
+    """Variation strength 1 draws the variation seed's noise: the picture of that seed (DPM++ 2M has no other
+    noise); the infotext says so, and the fields' defaults change nothing."""
+    own, _, _ = txt2img(client, seed=8)
+    varied, _, infotext = txt2img(client, seed=3, subseed=8, subseed_strength=1)
+    assert "Variation seed: 8, Variation seed strength: 1" in infotext
+    pixels = [Image.open(gallery[0]["image"]).convert("RGB").getdata() for gallery in (own, varied)]
+    assert max(abs(a - b) for p, q in zip(*pixels) for a, b in zip(p, q)) <= 1
+    _, _, plain = txt2img(client, seed=3)
+    assert "Variation seed" not in plain
+
+
 def test_batches_give_one_image_each(client):
     gallery, _, infotext = txt2img(client, seed=7, n_iter=2, batch_size=2)
     assert len(gallery) == 4

@@ -145,5 +145,14 @@ def _settings_column(form: Components, engine: Engine) -> tuple[gr.Button, gr.Bu
         form["seed"] = gr.Number(-1, precision=0, label="Seed", scale=4, elem_id="txt2img_seed")
         random_seed = gr.Button(RANDOM_SEED, scale=0, min_width=48, elem_id="txt2img_random_seed")
         reuse_seed = gr.Button(REUSE_SEED, scale=0, min_width=48, elem_id="txt2img_reuse_seed")
+    with gr.Accordion("Variation seed", open=False, elem_id="txt2img_seed_extras"):
+        with gr.Row():
+            form["subseed"] = gr.Number(-1, precision=0, label="Variation seed", elem_id="txt2img_subseed")
+            form["subseed_strength"] = _slider("subseed_strength", "Variation strength", 0, 1, 0, step=0.01)
+        with gr.Row():
+            form["seed_resize_from_w"] = _slider("seed_resize_from_w", "Resize seed from width (0: off)", 0,
+                                                 engine.options["max_image_side"], 0, step=SIDE_MULTIPLE)
+            form["seed_resize_from_h"] = _slider("seed_resize_from_h", "Resize seed from height (0: off)", 0,
+                                                 engine.options["max_image_side"], 0, step=SIDE_MULTIPLE)
     form["clip_skip"] = _slider("clip_skip", "Clip skip", 1, 12, engine.options["CLIP_stop_at_last_layers"])
     return random_seed, reuse_seed, shift
