@@ -79,6 +79,8 @@ def test_variation_seed_in_the_engine_the_infotext_and_a_plot(engine):
     assert params["Variation seed"] == "8" and params["Variation seed strength"] == "0.5" and half.subseeds == [8]
     again = engine.txt2img(GenerationRequest(**{**base, **request_fields(half.infotexts[0]), "save_images": False}))
     assert again.images[0].tobytes() == half.images[0].tobytes(), "its infotext makes it again"
+    ancestral = engine.txt2img(GenerationRequest(**{**base, "sampler_name": "Euler a", "eta": 0.5}))
+    assert request_fields(ancestral.infotexts[0])["eta"] == 0.5, "Eta is read back too"
     resized = engine.txt2img(GenerationRequest(**base, seed_resize_from_w=128, seed_resize_from_h=64))
     assert parse_infotext(resized.infotexts[0])["Seed resize from"] == "128x64"
     assert "Variation seed" not in parse_infotext(own.infotexts[0])

@@ -96,7 +96,7 @@ INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
     "Steps": ("steps", int), "Sampler": ("sampler_name", str), "Schedule type": ("scheduler", str),
     "CFG scale": ("cfg_scale", float), "Distilled CFG Scale": ("distilled_cfg_scale", float), "Seed": ("seed", int),
     "Size-1": ("width", int), "Size-2": ("height", int), "Clip skip": ("clip_skip", int),
-    "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
+    "Eta": ("eta", float), "Eta DDIM": ("eta", float), "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
     "Seed resize from-1": ("seed_resize_from_w", int), "Seed resize from-2": ("seed_resize_from_h", int),
 }
 
