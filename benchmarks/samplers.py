@@ -5,12 +5,14 @@ with random weights, 512², 20 steps, CFG 7, a new prompt for each image, as a u
     python3 -m benchmarks.samplers [--workdir /tmp/bench] [--repeat 3]
 
 Goals: a pair on a diffusers scheduler ≤ 1.05× the pipeline with that scheduler; a sigma-space pair ≤ 1.10× the same
-sampler on its diffusers scheduler (the denoiser wrapper, noise drawn on the CPU and copied each step).
+sampler on its diffusers scheduler (the denoiser wrapper, noise drawn on the CPU and copied each step). The sigma-space
+pairs again on a simulated 2 GB card (the UNet partly streamed), against the same sampler's diffusers pair there.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -18,8 +20,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.memory import engine_for, write_checkpoint
+from benchmarks.pipelines import simulate_card
 
 SIZE, STEPS, CFG = 512, 20, 7.0
+CARD_MB = 2048
 # (sampler, schedule type, the pair it is compared with where no diffusers scheduler runs it)
 CASES = [("DPM++ 2M", "Karras", None), ("Euler a", "Automatic", None), ("DPM++ SDE", "Karras", None),
          ("DPM++ 2M SDE", "Exponential", None), ("DDIM", "Automatic", None),
@@ -28,29 +32,32 @@ CASES = [("DPM++ 2M", "Karras", None), ("Euler a", "Automatic", None), ("DPM++ S
          ("DPM++ 2S a", "Karras", ("Euler a", "Automatic"))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
+PROMPTS = (f"a photo of a cat number {i}" for i in range(1_000_000))  # a new prompt for every image
+
+
+def whole_image(engine, sampler: str, schedule: str) -> float:
+    """Seconds of one image through the engine, as a user gets it."""
+    from webui.engine.request import GenerationRequest
+
+    request = GenerationRequest(prompt=next(PROMPTS), width=SIZE, height=SIZE, steps=STEPS, cfg_scale=CFG,
+                                sampler_name=sampler, scheduler=schedule, seed=1, save_images=False)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.txt2img(request)
+    return time.perf_counter() - start
+
+
+def median_of(repeat: int, run) -> float:
+    run()  # a first image warms its kernels up
+    return statistics.median(run() for _ in range(repeat))
+
+
+def pipeline_over(engine):
+    """The plain diffusers pipeline over the engine's loaded modules; a function timing one of its images."""
     from diffusers import StableDiffusionPipeline
 
-    from webui.engine.request import GenerationRequest
     from webui.engine.samplers import choose
 
-    engine = engine_for(write_checkpoint("sd1", args.workdir / "SD1.5.safetensors"), args.workdir)
-    prompts = (f"a photo of a cat number {i}" for i in range(10_000))
-
-    def ours(sampler: str, schedule: str) -> float:
-        request = GenerationRequest(prompt=next(prompts), width=SIZE, height=SIZE, steps=STEPS, cfg_scale=CFG,
-                                    sampler_name=sampler, scheduler=schedule, seed=1, save_images=False)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.txt2img(request)
-        return time.perf_counter() - start
-
-    ours("DPM++ 2M", "Karras")  # load, place, warm up
     model = engine.models.current
     # The pipeline feeds the VAE latents in the UNet's fp16; ours runs the VAE in bf16: give it an fp16 copy.
     pipe = StableDiffusionPipeline(vae=copy.deepcopy(model.vae).half(), text_encoder=model.text_encoders[0].model,
@@ -62,27 +69,64 @@ def main() -> None:
         pipe.scheduler = choose(sampler, schedule).scheduler(model.scheduler_config, seed=[1])
         torch.cuda.synchronize()
         start = time.perf_counter()
-        pipe(prompt=next(prompts), width=SIZE, height=SIZE, num_inference_steps=STEPS, guidance_scale=CFG,
+        pipe(prompt=next(PROMPTS), width=SIZE, height=SIZE, num_inference_steps=STEPS, guidance_scale=CFG,
              generator=torch.Generator().manual_seed(1))
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    return plain
+
+
+def resident_rows(engine, repeat: int) -> list[str]:
+    from webui.engine.samplers import choose
+
+    whole_image(engine, "DPM++ 2M", "Karras")  # load and place
+    plain = pipeline_over(engine)
     measured: dict[tuple[str, str], float] = {}
     rows = []
     for sampler, schedule, against in CASES:
         path = "diffusers scheduler" if choose(sampler, schedule).native else "sigma space"
-        ours(sampler, schedule)  # its first image warms its kernels up
-        mine = statistics.median(ours(sampler, schedule) for _ in range(args.repeat))
-        measured[(sampler, schedule)] = mine
+        mine = measured[(sampler, schedule)] = median_of(repeat, lambda: whole_image(engine, sampler, schedule))
         if against is None:
-            plain(sampler, schedule)
-            reference, what, goal = statistics.median(plain(sampler, schedule) for _ in range(args.repeat)), \
+            reference, what, goal = median_of(repeat, lambda: plain(sampler, schedule)), \
                 "diffusers pipeline, same scheduler", 1.05
         else:
             reference, what, goal = measured[against], f"ours, {against[0]} / {against[1]}", 1.10
-        ratio = mine / reference
-        rows.append(f"| {sampler} / {schedule} | {path} | {mine * 1000:.0f} ms | {reference * 1000:.0f} ms ({what}) | "
-                    f"{ratio:.2f}× | ≤ {goal:.2f}× | {'yes' if ratio <= goal else '**no**'} |")
+        rows.append(row(f"{sampler} / {schedule}", path, mine, reference, what, goal))
+    return rows
+
+
+def small_card_rows(engine, repeat: int) -> list[str]:
+    """The sigma-space pairs with the UNet partly streamed, against the same sampler's diffusers pair there."""
+    simulate_card(engine, CARD_MB)
+    whole_image(engine, "DPM++ 2M", "Karras")  # load and place on the small card
+    rows = []
+    for sampler, schedule, against in CASES:
+        if against is not None:
+            native = median_of(repeat, lambda: whole_image(engine, *against))
+            sigma = median_of(repeat, lambda: whole_image(engine, sampler, schedule))
+            rows.append(row(f"{sampler} / {schedule}, {CARD_MB} MB card", "sigma space, streamed", sigma, native,
+                            f"ours, {against[0]} / {against[1]}, same card", 1.10))
+    return rows
+
+
+def row(case: str, path: str, mine: float, reference: float, what: str, goal: float) -> str:
+    ratio = mine / reference
+    return (f"| {case} | {path} | {mine * 1000:.0f} ms | {reference * 1000:.0f} ms ({what}) | {ratio:.2f}× | "
+            f"≤ {goal:.2f}× | {'yes' if ratio <= goal else '**no**'} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint = write_checkpoint("sd1", args.workdir / "SD1.5.safetensors")
+    rows = resident_rows(engine_for(checkpoint, args.workdir), args.repeat)
+    gc.collect()
+    torch.cuda.empty_cache()  # the first engine and the pipeline are gone: the card starts empty
+    rows += small_card_rows(engine_for(checkpoint, args.workdir), args.repeat)
     device = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     print(f"## Samplers: whole images (issue 21) — {time.strftime('%Y-%m-%d')}, {device}\n")
     print(f"`python3 -m benchmarks.samplers --repeat {args.repeat}` — SD1.5 full size, random weights, {SIZE}², "
