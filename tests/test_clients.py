@@ -204,8 +204,9 @@ def test_sillytavern_connects_lists_switches_model_and_generates(server):
     current = call("GET", "options").json()["sd_model_checkpoint"]
     titles = [m["title"] for m in call("GET", "sd-models").json()]
     assert current in titles, "its model list preselects the title equal to sd_model_checkpoint"
-    upscalers = call("GET", "upscalers").json() + call("GET", "latent-upscale-modes").json()
-    assert all("name" in u for u in upscalers)
+    upscalers = call("GET", "upscalers").json()
+    assert upscalers[0]["name"] == "None", "its list starts with A1111's first upscaler"
+    assert all("name" in u for u in upscalers + call("GET", "latent-upscale-modes").json())
     vaes = [v["model_name"] for v in call("GET", "sd-vae").json()]
     assert isinstance(vaes, list)
     for title in (titles[-1], current):  # set-model: options, then progress until idle

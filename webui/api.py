@@ -125,6 +125,8 @@ def vae_list(engine: Engine) -> list[dict[str, Any]]:
     return [{"model_name": engine.models.vae_name(path), "filename": str(path)} for path in engine.models.vaes()]
 
 
+# A1111 lists "None" first among its upscalers; SillyTavern builds its list around that first entry.
+NO_UPSCALER = {"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}
 SERVER_COMMANDS = {"kill": "End the server process at once (--api-server-stop)",
                    "restart": "Start the server again with the same flags (--api-server-stop)",
                    "stop": "Stop the server once the running job is interrupted (--api-server-stop)"}
@@ -370,7 +372,7 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         ("/sd-vae", lambda: vae_list(engine), "GET", "VAE files of models/VAE (A1111 shape)"),
         ("/embeddings", lambda: {"loaded": {}, "skipped": {}}, "GET", "Textual inversions (none: not supported yet)"),
         ("/prompt-styles", lambda: [], "GET", "Saved prompt styles (none: not supported yet)"),
-        ("/upscalers", lambda: [], "GET", "Upscalers (none: hires. fix is not supported yet)"),
+        ("/upscalers", lambda: [NO_UPSCALER], "GET", "Upscalers (only A1111's \"None\": hires. fix is not supported yet)"),
         ("/latent-upscale-modes", lambda: [], "GET", "Latent upscale modes (none: hires. fix is not supported yet)"),
         ("/hypernetworks", lambda: [], "GET", "Hypernetworks (none: not supported)"),
         ("/face-restorers", lambda: [], "GET", "Face restoration models (none: not supported yet)"),
