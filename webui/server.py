@@ -95,11 +95,9 @@ def add_middlewares(app: Any, args: argparse.Namespace) -> None:
         from starlette.middleware.cors import CORSMiddleware
 
         origins = [o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()]
-        app.middleware_stack = None
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_origin_regex=args.cors_allow_origins_regex,
                            allow_methods=["*"], allow_headers=["*"], allow_credentials=True)
     if args.theme and not args.nowebui:
-        app.middleware_stack = None
         app.add_middleware(ThemeRedirect, theme=args.theme)
 
 
