@@ -28,13 +28,13 @@ from webui.engine.flow import FLOW_FAMILIES, SD3_DEFAULT_SHIFT, StepCallback, de
 from webui.engine.fp8 import compute_dtype
 from webui.engine.hooks import Hooks
 from webui.engine.infotext import build_infotext
+from webui.engine.ksampling import CpuBrownianNoise, GuidedDenoiser, sample
 from webui.engine.load import TEXT_ENCODERS, LoadedModel, vae_scale_factor
 from webui.engine.memory import MemoryManager, MemoryPolicy, activation_bytes, vae_decode_bytes
 from webui.engine.noise import Variation, initial_noise
 from webui.engine.progress import Progress
 from webui.engine.prompts import Conditioning, encode_prompts
 from webui.engine.request import MAX_SEED, GenerationRequest, GenerationResult
-from webui.engine.ksampling import CpuBrownianNoise, GuidedDenoiser, sample
 from webui.engine.samplers import Sampling, make_flow_scheduler, step_kwargs
 from webui.engine.t5_prompts import MIN_LENGTH as T5_MIN_LENGTH
 from webui.engine.t5_prompts import encode_t5
@@ -173,8 +173,7 @@ def _with_oom_retry(run: Callable[[], list[Image.Image]], memory: MemoryManager,
 
 @torch.inference_mode()
 def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seeds: list[int], subseeds: list[int],
-                  progress: Progress,
-                  bar: tqdm, result: GenerationResult, hooks: Hooks | None) -> list[Image.Image]:
+                  progress: Progress, bar: tqdm, result: GenerationResult, hooks: Hooks | None) -> list[Image.Image]:
     req, device = job.request, memory.device
     dtype = compute_dtype(model.denoiser)
     clock = PhaseClock(device, result.timings)
