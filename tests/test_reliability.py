@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 from PIL import Image
 
 from tests.conftest import make_engine
@@ -106,3 +107,49 @@ def test_a_save_during_an_override_stores_the_values_beneath_it(tmp_path):
         assert options["CLIP_stop_at_last_layers"] == 3 and json.loads(path.read_text())["CLIP_stop_at_last_layers"] == 3
     assert options["sd3_shift"] == 3.0 and options["CLIP_stop_at_last_layers"] == 3, "what was stored meanwhile stays"
     assert Options(path).as_dict()["CLIP_stop_at_last_layers"] == 3
+
+
+def test_options_this_app_does_not_use_are_kept_within_bounds_and_a_null_removes_them(tmp_path):
+    """A value nested 400 deep made GET /options fail for good (it survived restarts); a 95 kB one made every save
+    slow. Such values are refused naming their key; null gives A1111's default back, or removes the key."""
+    from webui.errors import UserError
+    from webui.settings import KEPT_KEYS, KEPT_VALUE_CHARS
+
+    path = tmp_path / "config.json"
+    options = Options(path)
+    nested: list = []
+    for _ in range(400):
+        nested = [nested]
+    for key, value in (("deep", nested), ("big", "x" * (KEPT_VALUE_CHARS + 1)), ("k" * 300, 1)):
+        with pytest.raises(UserError) as refused:
+            options.update({key: value, "samples_save": False})
+        assert refused.value.field == key[:80] and options["samples_save"] is True, "nothing changed"
+    options.update({"my_client_flag": {"a": [1, 2]}, "send_seed": False})
+    assert json.loads(path.read_text())["my_client_flag"] == {"a": [1, 2]}
+    options.update({"my_client_flag": None, "send_seed": None})
+    stored = json.loads(path.read_text())
+    assert "my_client_flag" not in stored and stored["send_seed"] is True, "removed; A1111's default back"
+    with pytest.raises(UserError, match=f"at most {KEPT_KEYS}"):
+        options.update({f"key{i}": i for i in range(KEPT_KEYS + 1)})
+    path.write_text(json.dumps({"deep": nested, "samples_save": False}))  # a config.json poisoned before this check
+    reopened = Options(path)
+    assert "deep" not in reopened.as_dict() and reopened["samples_save"] is False
+    assert any("deep" in problem for problem in reopened.problems)
+    json.dumps(reopened.as_dict())  # what GET /options answers can always be written
+
+
+def test_an_options_save_that_fails_changes_nothing(tmp_path, monkeypatch):
+    """Disk full while saving: the error says so, the old value stays in memory and on disk, no temp file is left."""
+    path = tmp_path / "config.json"
+    options = Options(path)
+    options.update({"samples_save": False})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("webui.settings.os.fsync", disk_full)
+    with pytest.raises(OSError, match="No space left on device.*nothing was changed"):
+        options.update({"samples_save": True, "sd3_shift": 5.0})
+    assert options["samples_save"] is False and options["sd3_shift"] == 3.0
+    assert json.loads(path.read_text())["samples_save"] is False
+    assert not path.with_suffix(".json.tmp").exists()

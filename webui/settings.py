@@ -133,6 +133,12 @@ OPTION_SECTIONS: dict[str, dict[str, str]] = {
 # A1111 1.10's options with their defaults (names and values only): clients read them from GET /options (send_seed,
 # samples_format...) and post them back. Options of this app's own replace them; the others are kept as given.
 A1111_OPTIONS_FILE = Path(__file__).resolve().parent / "assets" / "a1111_options.json"
+# Bounds on what the store keeps of options it does not know (A1111's, other clients'), so that no stored value can
+# make reading the options fail or every save slow; a value beyond them is refused naming its key.
+KEPT_KEY_CHARS = 200
+KEPT_VALUE_CHARS = 10_000  # as JSON
+KEPT_VALUE_DEPTH = 4  # lists and objects inside one another
+KEPT_KEYS = 1_000
 
 
 @dataclass(frozen=True)
@@ -203,7 +209,8 @@ class Options:
         self._checks = dict(checks or {})
         self._defaults = {**OPTION_DEFAULTS, **FIXED_OPTIONS}
         self._choices = dict(OPTION_CHOICES)
-        self._values = {**json.loads(A1111_OPTIONS_FILE.read_text(encoding="utf-8")), **self._defaults}
+        self._a1111 = json.loads(A1111_OPTIONS_FILE.read_text(encoding="utf-8"))
+        self._values = {**self._a1111, **self._defaults}
         self._beneath: dict[str, Any] = {}  # the stored values of options overridden now (what a save writes)
         self._lock = threading.RLock()
         self._listeners: list[Callable[[str, Any], None]] = []
@@ -227,7 +234,7 @@ class Options:
             return
         for key, value in stored.items():
             try:
-                self._values[key] = self._checked(key, value)
+                self._store(key, self._checked(key, value))
             except UserError as e:
                 log.warning("config.json: ignoring %s", e)
                 self.problems.append(f"config.json: {key} ignored ({e.message}); its default is in use.")
@@ -250,18 +257,34 @@ class Options:
             return key in self._defaults
 
     def checked(self, changes: dict[str, Any]) -> dict[str, Any]:
-        """The values as they would be stored; UserError naming the first bad one. Nothing is changed."""
+        """The values as they would be stored; UserError naming the first bad one. Nothing is changed. A null for
+        an option this app does not know asks for its default: A1111's, or none (the key is removed: _MISSING)."""
         with self._lock:
-            return {key: self._checked(key, value) for key, value in changes.items()}
+            checked = {key: self._checked(key, value) for key, value in changes.items()}
+            kept = {k for k in self._values if k not in self._defaults} | {
+                k for k, v in checked.items() if k not in self._defaults and v is not _MISSING}
+            if len(kept) > KEPT_KEYS:
+                new = next(k for k in checked if k not in self._values and k not in self._defaults)
+                raise UserError(f"the store keeps at most {KEPT_KEYS} options this app does not use; send null for "
+                                "some to remove them first", field=new)
+            return checked
 
     def update(self, changes: dict[str, Any]) -> None:
-        """Set several options at once: all are checked before any is applied, then saved."""
+        """Set several options at once: all are checked before any is applied, then saved — all or nothing: when the
+        save fails, nothing changes in memory either."""
         with self._lock:
             checked = self.checked(changes)
-            changed = {k: v for k, v in checked.items() if self._values.get(k) != v}
-            self._values.update(checked)
+            changed = {k: v for k, v in checked.items() if self._values.get(k, _MISSING) != v}
+            before, beneath = dict(self._values), dict(self._beneath)
+            for key, value in checked.items():
+                self._store(key, value)
             self._beneath.update({k: v for k, v in checked.items() if k in self._beneath})
-            self.save()
+            try:
+                self.save()
+            except OSError as e:
+                self._values, self._beneath = before, beneath
+                raise OSError(f"the settings could not be saved to {self.path} ({e.strerror or e}); nothing was "
+                              "changed") from e
         for key, value in changed.items():
             for listener in self._listeners:
                 listener(key, value)
@@ -279,17 +302,14 @@ class Options:
             previous = {key: self._values.get(key, _MISSING) for key in checked}
             outermost = [key for key in checked if key not in self._beneath]
             self._beneath.update({key: previous[key] for key in outermost})
-            self._values.update(checked)
+            for key, value in checked.items():
+                self._store(key, value)
         try:
             yield
         finally:
             with self._lock:
                 for key in checked:
-                    value = self._beneath.pop(key) if key in outermost else previous[key]
-                    if value is _MISSING:
-                        self._values.pop(key, None)
-                    else:
-                        self._values[key] = value
+                    self._store(key, self._beneath.pop(key) if key in outermost else previous[key])
 
     def register(self, key: str, default: Any, choices: Sequence[str] | None = None) -> None:
         """Add an option at run time, typed by its default (true/false, whole number, number, text or a list of
@@ -327,11 +347,38 @@ class Options:
         with self._lock:
             tmp = self._temp_path
             stored = {**self._values, **self._beneath}
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({k: v for k, v in stored.items() if v is not _MISSING}, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump({k: v for k, v in stored.items() if v is not _MISSING}, f, indent=2)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except OSError:
+                tmp.unlink(missing_ok=True)  # config.json keeps what it had
+                raise
+
+    def _store(self, key: str, value: Any) -> None:
+        """Set an option's value in memory; _MISSING removes the key."""
+        if value is _MISSING:
+            self._values.pop(key, None)
+        else:
+            self._values[key] = value
+
+    def _kept(self, key: str, value: Any) -> Any:
+        """An option this app does not know (A1111 clients', an extension's not loaded now), kept as given within
+        bounds; null asks for A1111's default, or for the key to go."""
+        if len(key) > KEPT_KEY_CHARS:
+            raise UserError(f"an option name is at most {KEPT_KEY_CHARS} characters, got {len(key)}", field=key[:80])
+        if value is None:
+            return self._a1111.get(key, _MISSING)
+        if _depth(value) > KEPT_VALUE_DEPTH:
+            raise UserError(f"this app keeps options it does not use only {KEPT_VALUE_DEPTH} lists or objects deep",
+                            field=key)
+        size = len(json.dumps(value))
+        if size > KEPT_VALUE_CHARS:
+            raise UserError(f"this app keeps options it does not use only up to {KEPT_VALUE_CHARS} characters of "
+                            f"JSON, got {size}", field=key)
+        return value
 
     @property
     def _temp_path(self) -> Path:
@@ -339,7 +386,7 @@ class Options:
 
     def _checked(self, key: str, value: Any) -> Any:
         if key not in self._defaults:
-            return value  # unknown keys (A1111 clients, extensions not loaded now) are kept as given
+            return self._kept(key, value)
         if key in FIXED_OPTIONS:
             fixed = FIXED_OPTIONS[key]
             if value != fixed or isinstance(value, bool) != isinstance(fixed, bool):
@@ -373,6 +420,19 @@ class Options:
         if choices is not None and not all(v in choices for v in (value if isinstance(value, list) else [value])):
             raise UserError(f"must be one of {', '.join(choices)}, got {value!r}", field=key)
         return value
+
+
+def _depth(value: Any) -> int:
+    """How many lists or objects deep a JSON value is (iteratively: a hostile value cannot exhaust the stack)."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth + 1)
+            if deepest > KEPT_VALUE_DEPTH:
+                return deepest
+            todo.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 @dataclass
