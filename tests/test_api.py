@@ -441,3 +441,16 @@ def test_whole_numbers_sent_as_floats_make_the_same_image(client):
     as_floats = client.post("/sdapi/v1/txt2img", json={**BODY, "width": 64.0, "height": 64.0, "steps": 3.0,
                                                        "seed": 42.0, "batch_size": 2.0, "n_iter": 1.0}).json()
     assert as_floats["images"] == as_ints["images"]
+
+
+def test_options_keep_unknown_keys_within_bounds_and_a_null_removes_one(client):
+    nested: list = []
+    for _ in range(400):
+        nested = [nested]
+    reply = client.post("/sdapi/v1/options", json={"poison": nested})
+    assert reply.status_code == 422 and reply.json()["field"] == "poison", reply.text
+    assert client.get("/sdapi/v1/options").status_code == 200
+    assert client.post("/sdapi/v1/options", json={"my_flag": 3}).status_code == 200
+    assert client.get("/sdapi/v1/options").json()["my_flag"] == 3
+    assert client.post("/sdapi/v1/options", json={"my_flag": None}).status_code == 200
+    assert "my_flag" not in client.get("/sdapi/v1/options").json()
