@@ -141,3 +141,23 @@ def test_no_infotext_gives_none(tmp_path):
     path = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(path)
     assert read_png_infotext(path) is None
+
+
+def test_png_text_chunks_of_every_kind_are_read_without_the_pixels(tmp_path):
+    """tEXt, zTXt and iTXt (compressed or not), before or after the pixels, as PIL itself reads them once loaded."""
+    from webui.engine.infotext import png_text
+
+    info = PngInfo()
+    info.add_text("plain", "a")
+    info.add_text("squeezed", "b" * 500, zip=True)
+    info.add_itxt("parameters", "ein Fuchs\nSteps: 2, Sampler: Euler, Seed: 5", zip=True)
+    info.add_itxt("open", "ü", zip=False)
+    path = tmp_path / "texts.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    with open(path, "rb") as f:
+        f.read(8)
+        texts = png_text(f)
+    with Image.open(path) as image:
+        image.load()
+        assert texts == {k: str(v) for k, v in image.text.items()}
+    assert read_png_infotext(path) == "ein Fuchs\nSteps: 2, Sampler: Euler, Seed: 5"

@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 import signal
+import struct
 import sys
 import threading
 import time
@@ -36,7 +37,7 @@ from webui.api_body import (
 )
 from webui.engine.engine import Engine
 from webui.engine.files import checkpoint_title, short_hash
-from webui.engine.infotext import parse_infotext, read_png_infotext
+from webui.engine.infotext import PNG_SIGNATURE, parse_infotext, png_text, read_png_infotext
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationResult
 from webui.engine.samplers import api_samplers, api_schedulers
@@ -158,17 +159,24 @@ SERVER_ACTIONS: dict[str, Callable[[], None]] = {
 
 
 def png_info_of(body: Any) -> dict[str, Any]:
-    """A1111's ``/sdapi/v1/png-info``: the image's infotext, its other text chunks, and the infotext parsed."""
+    """A1111's ``/sdapi/v1/png-info``: the image's infotext, its other text chunks, and the infotext parsed. No pixel
+    is decoded (a small PNG can hold a decompression bomb): a PNG's text chunks are walked, other formats' headers
+    read."""
     data = body.get("image") if isinstance(body, dict) else None
     if not isinstance(data, str) or not data:
         raise UserError("send the image as base64 text (a data: URL works too)", field="image")
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[-1], validate=True)))
-        image.load()
-    except (ValueError, OSError) as e:
+        raw = io.BytesIO(base64.b64decode(data.split(",", 1)[-1], validate=True))
+        if raw.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE:
+            items = png_text(raw)
+        else:
+            raw.seek(0)
+            with Image.open(raw) as image:
+                items = {k: v for k, v in image.info.items() if isinstance(v, str)}
+                items["parameters"] = read_png_infotext(image) or ""
+    except (ValueError, OSError, struct.error) as e:
         raise UserError(f"is not a base64-encoded image ({e})", field="image") from e
-    infotext = read_png_infotext(image) or ""
-    items = {k: v for k, v in image.info.items() if k != "parameters" and isinstance(v, str)}
+    infotext = items.pop("parameters", "") or ""
     return {"info": infotext, "items": items, "parameters": parse_infotext(infotext) if infotext else {}}
 
 

@@ -15,8 +15,12 @@ whitespace at the ends of each prompt line, do not survive a round trip.
 """
 from __future__ import annotations
 
+import io
 import json
 import re
+import struct
+import zlib
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -130,11 +134,60 @@ def _decode_user_comment(data: bytes | str) -> str:
 
 
 def read_png_infotext(path_or_image: str | Path | BinaryIO | Image.Image) -> str | None:
-    """The infotext of a PNG ("parameters" text chunk) or JPEG/WebP (EXIF UserComment), if any."""
+    """The infotext of a PNG ("parameters" text chunk) or JPEG/WebP (EXIF UserComment), if any. No pixel is
+    decoded: a PNG's text is read chunk by chunk (png_text), other formats' EXIF from their headers."""
     if isinstance(path_or_image, Image.Image):
         return _read_infotext(path_or_image)
-    with Image.open(path_or_image) as image:
-        return _read_infotext(image)
+    with open(path_or_image, "rb") if isinstance(path_or_image, (str, Path)) else nullcontext(path_or_image) as f:
+        if f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE:
+            return png_text(f).get("parameters") or None
+        f.seek(0)
+        with Image.open(f) as image:
+            return _read_infotext(image)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_TEXT_BYTES = 1 << 20  # a text chunk's size, inflated too: an infotext is a few kB
+
+
+def png_text(stream: BinaryIO) -> dict[str, str]:
+    """A PNG's text chunks (tEXt, zTXt, iTXt, before or after the pixels) from ``stream``, positioned after the
+    signature. Chunks are walked, never decoded: pixels can be a decompression bomb (a 400 kB file of 12000x12000),
+    text is bounded to MAX_TEXT_BYTES. ValueError for a file that is not a whole PNG."""
+    texts: dict[str, str] = {}
+    while header := stream.read(8):
+        if len(header) < 8:
+            raise ValueError("the PNG file ends inside a chunk header")
+        length, kind = struct.unpack(">I4s", header)
+        if kind not in (b"tEXt", b"zTXt", b"iTXt") or length > MAX_TEXT_BYTES:
+            stream.seek(length + 4, io.SEEK_CUR)  # the chunk and its CRC, unread
+            if kind == b"IEND":
+                break
+            continue
+        data = stream.read(length)
+        stream.seek(4, io.SEEK_CUR)
+        key, _, rest = data.partition(b"\0")
+        if kind == b"tEXt":
+            texts[key.decode("latin-1")] = rest.decode("latin-1")
+        elif kind == b"zTXt":
+            texts[key.decode("latin-1")] = _inflate(rest[1:]).decode("latin-1")
+        else:
+            compressed, body = rest[:1] == b"\1", rest[2:]
+            _language, _, body = body.partition(b"\0")
+            _translated, _, body = body.partition(b"\0")
+            texts[key.decode("latin-1")] = (_inflate(body) if compressed else body).decode("utf-8", errors="replace")
+    return texts
+
+
+def _inflate(data: bytes) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, MAX_TEXT_BYTES)
+    except zlib.error as e:
+        raise ValueError(f"a compressed PNG text chunk is broken ({e})") from e
+    if inflater.unconsumed_tail:
+        raise ValueError(f"a compressed PNG text chunk inflates beyond {MAX_TEXT_BYTES} bytes")
+    return out
 
 
 def _read_infotext(image: Image.Image) -> str | None:
