@@ -5,7 +5,6 @@ import asyncio
 import base64
 import io
 import json
-import struct
 import threading
 import zlib
 from pathlib import Path
@@ -17,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image, ImageFile
 
+from tests.bombs import png_bomb, png_chunk
 from webui.api import register_api
 from webui.engine.infotext import parse_infotext
 from webui.engine.request import GenerationRequest
@@ -458,20 +458,11 @@ def test_options_keep_unknown_keys_within_bounds_and_a_null_removes_one(client):
     assert "my_flag" not in client.get("/sdapi/v1/options").json()
 
 
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 def test_png_info_reads_the_text_of_a_decompression_bomb_without_decoding_it(client, monkeypatch):
     """A 12000x12000 PNG of ~0.4 MB (432 MB of pixels) with its parameters after the pixels: the text is read, the
     pixels never are (decoding them took 485 MB per request)."""
-    side = 12000
-    squeeze = zlib.compressobj(9)
-    row = b"\0" * (1 + 3 * side)
-    pixels = b"".join(squeeze.compress(row) for _ in range(side)) + squeeze.flush()
-    bomb = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
-            + png_chunk(b"IDAT", pixels) + png_chunk(b"tEXt", b"parameters\0a bomb\nSteps: 3, Sampler: Euler, Seed: 9")
-            + png_chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"packed")) + png_chunk(b"IEND", b""))
+    parameters = png_chunk(b"tEXt", b"parameters\0a bomb\nSteps: 3, Sampler: Euler, Seed: 9")
+    bomb = png_bomb(parameters + png_chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"packed")))
     assert len(bomb) < 1_000_000
     def no_decoding(image):
         raise AssertionError("the pixels were decoded")

@@ -359,3 +359,20 @@ def test_a_job_refused_before_it_is_queued_is_shown_like_any_refused_job(engine)
     out = {name: name for name in ("gallery", "infotext", "status", "preview")}
     *_, last = generator(engine, {}, out, full_queue)()
     assert "gen-error" in last["status"] and "max_queued_jobs" in last["status"]
+
+
+def test_png_info_reads_a_decompression_bombs_text_without_decoding_it(client, tmp_path, monkeypatch):
+    """Gradio's own image preprocessing decoded and converted every upload: a 0.4 MB PNG of 12000x12000 cost 432 MB.
+    The upload box hands the file on, and its text is read chunk by chunk."""
+    from gradio_client import handle_file
+    from PIL import ImageFile
+
+    from tests.bombs import png_bomb, png_chunk
+
+    def no_decoding(image):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_bomb(png_chunk(b"tEXt", b"parameters\0a bomb\nSteps: 3, Sampler: Euler, Seed: 9")))
+    assert client.predict(handle_file(str(path)), api_name="/png_info") == "a bomb\nSteps: 3, Sampler: Euler, Seed: 9"

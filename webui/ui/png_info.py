@@ -18,16 +18,15 @@ LEFT_OUT = {"clip_skip": 1}
 
 
 class SourceImage(gr.Image):
-    """The upload box. A file that is not an image reaches ``png_parameters``, which says so, instead of failing
-    in Gradio with PIL's message and the server's temporary paths. ``is_template``: drawn as the stock image box."""
+    """The upload box. The file itself reaches ``png_parameters``, which reads its text without decoding a pixel
+    (Gradio's own preprocessing decodes and converts the whole image: a decompression bomb) and says when it is
+    not an image, instead of failing in Gradio with PIL's message and the server's temporary paths.
+    ``is_template``: drawn as the stock image box."""
 
     is_template = True
 
     def preprocess(self, payload: Any) -> Any:
-        try:
-            return super().preprocess(payload)
-        except OSError:  # PIL's UnidentifiedImageError: not an image at all
-            return payload.path
+        return None if payload is None else payload.path
 
 
 def png_info_tab(form: Components, tabs: gr.Tabs) -> None:
