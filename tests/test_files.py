@@ -48,6 +48,28 @@ def test_header_longer_than_file(tmp_path):
         read_safetensors_header(path)
 
 
+def test_a_text_file_named_safetensors_is_refused_without_echoing_its_bytes(tmp_path):
+    """A symlink to /etc/passwd leaked "root:x:0" through the header length it printed."""
+    path = tmp_path / "passwd.safetensors"
+    path.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n" * 4)
+    with pytest.raises(ModelFileError, match="not a safetensors file") as refused:
+        read_safetensors_header(path)
+    assert str(struct.unpack("<Q", b"root:x:0")[0]) not in str(refused.value)
+
+
+@pytest.mark.parametrize("header", [
+    b"[" * 100_000 + b"]" * 100_000,  # deeper than Python's recursion limit: was a RecursionError (a 500)
+    json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}}).encode(),  # a 500 comparing str
+    json.dumps({"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}).encode(),
+    json.dumps({"__metadata__": [1, 2]}).encode(),
+], ids=["deep", "string offsets", "list dtype", "list metadata"])
+def test_headers_that_trip_the_parser_are_corrupt_files(tmp_path, header):
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    with pytest.raises(ModelFileError, match="odd.safetensors"):
+        read_safetensors_header(path)
+
+
 @pytest.mark.parametrize("content", [b"", b"abc", b"\xff" * 64])
 def test_garbage_is_not_a_safetensors_file(tmp_path, content):
     path = tmp_path / "garbage.safetensors"

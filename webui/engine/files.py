@@ -31,7 +31,7 @@ SAFETENSORS_DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 32 * 1024 * 1024  # real headers are kB to a few MB (kohya's tag counts); 100 MB took 13 s to refuse
 
 
 @dataclass(frozen=True)
@@ -78,17 +78,19 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             raise ModelFileError(f"{path.name} is not a safetensors file: it is only {size} bytes long.")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            # the length itself is not said: for a file that is no safetensors it is the file's first 8 bytes
             raise ModelFileError(
-                f"{path.name} is truncated or not a safetensors file: its header claims {header_len} bytes "
-                f"but the file has {size}. Download or copy the file again."
+                f"{path.name} is truncated or not a safetensors file: the header length it starts with does not fit "
+                f"the file ({size} bytes) or passes {MAX_HEADER_BYTES // 2**20} MB. Download or copy the file again."
             )
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelFileError(f"{path.name} has a corrupt safetensors header ({e}). Download it again.") from e
-    if not isinstance(header, dict):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            what = "nested too deep" if isinstance(e, RecursionError) else e
+            raise ModelFileError(f"{path.name} has a corrupt safetensors header ({what}). Download it again.") from e
+    metadata = (header.pop("__metadata__", None) or {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
         raise ModelFileError(f"{path.name} has a corrupt safetensors header. Download it again.")
-    metadata = header.pop("__metadata__", None) or {}
     data_len = size - 8 - header_len
     tensors = {name: _checked_entry(path, name, entry, data_len) for name, entry in header.items()}
     return tensors, {str(k): str(v) for k, v in metadata.items()}
@@ -96,10 +98,13 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
 
 def _checked_entry(path: Path, name: str, entry: object, data_len: int) -> TensorInfo:
     try:
-        dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
     except (TypeError, KeyError, ValueError) as e:
         raise ModelFileError(f"{path.name}: the header entry for tensor {name!r} is malformed.") from e
-    if dtype not in SAFETENSORS_DTYPE_BYTES:
+    if not all(type(n) is int for n in (*shape, begin, end)):
+        raise ModelFileError(f"{path.name}: the header entry for tensor {name!r} has sizes or offsets that are not "
+                             "whole numbers. The file is corrupt.")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BYTES:
         raise ModelFileError(f"{path.name}: tensor {name!r} has unknown dtype {dtype!r}.")
     count = 1
     for d in shape:
