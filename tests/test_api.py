@@ -475,3 +475,19 @@ def test_png_info_reads_the_text_of_a_decompression_bomb_without_decoding_it(cli
                              png_chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"x" * (2 << 20))))
     refused = client.post("/sdapi/v1/png-info", json={"image": base64.b64encode(inflating).decode()})
     assert refused.status_code == 422 and refused.json()["field"] == "image" and "inflates" in refused.json()["detail"]
+
+
+def test_a_disk_that_refuses_the_images_still_returns_them_with_a_notice(client, engine, monkeypatch):
+    """Disk full: the batch was a raw OSError 500 and its images were lost. Now they are returned, and the notice
+    names the folder and the reason."""
+    def disk_full(image, folder, *args):
+        raise OSError(28, "No space left on device", str(folder / "00001.png"))
+
+    monkeypatch.setattr("webui.engine.engine.save_image", disk_full)
+    reply = client.post("/sdapi/v1/txt2img", json={**BODY, "save_images": True})
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["images"]) == 2
+    notices = json.loads(reply.json()["info"])["notices"]
+    assert len(notices) == 1 and "No space left on device" in notices[0] and "txt2img-images" in notices[0]
+    long_name = client.post("/sdapi/v1/options", json={"outdir_txt2img_samples": "x" * 300})
+    assert long_name.status_code == 422 and long_name.json()["field"] == "outdir_txt2img_samples"

@@ -187,6 +187,8 @@ class Paths:
             folder = (self.outdir / (value or default)).resolve()
         except (ValueError, OSError) as e:  # a NUL in the name, a name too long for the file system
             raise UserError(f"is not a usable folder name ({e}), got {value!r}", field=key) from None
+        if any(len(part.encode()) > 255 for part in folder.parts):
+            raise UserError("has a folder name longer than 255 bytes, which no file system takes", field=key)
         if not folder.is_relative_to(self.outdir):
             raise UserError(f"must be a folder inside {self.outdir} (start with --outdir to save elsewhere), "
                             f"got {value!r}", field=key)

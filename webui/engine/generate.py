@@ -112,7 +112,7 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
                 result.negative_prompts.append(req.negative_prompt)
                 result.infotexts.append(infotext)
                 if save_image is not None and job.save and not progress.interrupted:
-                    result.paths.append(save_image(image, seed, req.prompt, infotext))
+                    _save(save_image, image, seed, req.prompt, infotext, result)
         result.interrupted = progress.interrupted
     finally:
         bar.close()
@@ -120,6 +120,21 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
         result.memory = memory.finish()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _save(save_image: Callable[[Image.Image, int, str, str], Path], image: Image.Image, seed: int, prompt: str,
+          infotext: str, result: GenerationResult) -> None:
+    """Save one image; where the disk refuses (full, read-only), the images are still returned, with a notice naming
+    the folder and the reason, once."""
+    try:
+        result.paths.append(save_image(image, seed, prompt, infotext))
+    except OSError as e:
+        where = f" in {Path(e.filename).parent}" if e.filename else ""
+        notice = (f"Images could not be saved{where}: {e.strerror or e}. They are shown here and returned; free some "
+                  "space or choose another folder in Settings.")
+        if notice not in result.notices:
+            log.warning(notice)
+            result.notices.append(notice)
 
 
 def infotext_for(model: LoadedModel, job: Resolved, seed: int, subseed: int) -> str:
