@@ -168,6 +168,13 @@ def test_unknown_fields_are_ignored_and_named_and_a_missing_size_is_the_checkpoi
     assert any("no width or height given: 128x128" in note for note in info["notices"])
 
 
+def test_every_answer_carries_the_security_headers(server):
+    reply = server.api("GET", "sd-models")
+    assert reply.headers["x-frame-options"] == "SAMEORIGIN" and reply.headers["x-content-type-options"] == "nosniff"
+    assert reply.headers["referrer-policy"] == "same-origin" and "frame-ancestors 'self'" in \
+        reply.headers["content-security-policy"]
+
+
 def test_server_commands_need_api_server_stop(server):
     for name in ("kill", "restart", "stop"):
         reply = server.api("POST", f"server-{name}")

@@ -54,7 +54,9 @@ def test_openapi_docs_auth_and_the_listen_warning(server):
         assert reply.status_code in (403, 404) and "root:" not in reply.text, f"Gradio served {path}"
     flags = server.api("GET", "cmd-flags").json()
     assert flags["api_auth"] == [["alice", "***"]] and AUTH[1] not in json.dumps(flags), "no password in the flags"
-    assert requests.get(server.url, timeout=30).status_code == 200, "the UI has its own login (--gradio-auth)"
+    page = requests.get(server.url, timeout=30)
+    assert page.status_code == 200, "the UI has its own login (--gradio-auth)"
+    assert page.headers["x-frame-options"] == "SAMEORIGIN", "no other site may frame the page"
     assert "The UI is open to anyone on your network" in server.log
     assert "The API is open" not in server.log, "--api-auth was given"
     assert re.search(r"API 127\.0\.0\.1 GET /sdapi/v1/sd-models 401 ", server.log), "--api-log"

@@ -90,6 +90,7 @@ def add_middlewares(app: Any, args: argparse.Namespace) -> None:
     answered before Gradio's own CORS check (which allows only localhost pages); also after Gradio has served its
     first request: the middleware stack is built again at the next one."""
     app.middleware_stack = None
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(SingleSlashes)
     if args.cors_allow_origins or args.cors_allow_origins_regex:
         from starlette.middleware.cors import CORSMiddleware
@@ -99,6 +100,31 @@ def add_middlewares(app: Any, args: argparse.Namespace) -> None:
                            allow_methods=["*"], allow_headers=["*"], allow_credentials=True)
     if args.theme and not args.nowebui:
         app.add_middleware(ThemeRedirect, theme=args.theme)
+
+
+class SecurityHeaders:
+    """Headers every answer carries: no other site may frame the page (clickjacking), no type sniffing, and the
+    page's address is not sent to other sites."""
+
+    HEADERS = [(b"x-frame-options", b"SAMEORIGIN"), (b"content-security-policy", b"frame-ancestors 'self'"),
+               (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"same-origin")]
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []),
+                                      *((k, v) for k, v in self.HEADERS if k not in present)]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 class SingleSlashes:
