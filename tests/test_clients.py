@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
 import time
 from collections.abc import Iterator
 
@@ -275,3 +276,36 @@ def test_server_restart_and_stop_with_api_server_stop(tmp_path):
     finally:
         if live.process.poll() is None:
             live.stop()
+
+
+def test_a_client_that_goes_away_is_not_worked_for(server):
+    """A request whose client gave up while it waited is taken out of the queue; one whose client goes away while it
+    runs is interrupted (A1111 generated all three images of three clients that had given up)."""
+    long_job = {"prompt": "a large red circle on the left, blue background", "width": 512, "height": 512,
+                "steps": 150, "seed": 1}
+    before = server.log.count("INFO webui.engine.engine: txt2img:")
+    first = threading.Thread(target=server.api, args=("POST", "txt2img"), kwargs={"json": long_job})
+    first.start()
+    deadline = time.time() + 60
+    while server.api("GET", "progress").json()["progress"] == 0:
+        assert time.time() < deadline, "the first job never started"
+        time.sleep(0.1)
+    with pytest.raises(requests.Timeout):  # waits behind the first, then gives up
+        requests.post(f"{server.url}/sdapi/v1/txt2img", json={**long_job, "seed": 2}, timeout=1.5)
+    while "its job was dropped from the queue" not in server.log:
+        assert time.time() < deadline, server.log[-2000:]
+        time.sleep(0.2)
+    assert server.api("GET", "progress").json()["state"]["queued"] == 0
+    server.api("POST", "interrupt")
+    first.join(timeout=120)
+    with pytest.raises(requests.Timeout):  # runs at once, then its client gives up
+        requests.post(f"{server.url}/sdapi/v1/txt2img", json={**long_job, "seed": 3}, timeout=3)
+    while "its job was interrupted" not in server.log:
+        assert time.time() < deadline + 60, server.log[-2000:]
+        time.sleep(0.2)
+    while server.api("GET", "progress").json()["state"]["job_count"]:
+        assert time.time() < deadline + 120, "the job the client left ran on"
+        time.sleep(0.2)
+    made = server.log.split("INFO webui.engine.engine: txt2img:")[before + 1:]
+    assert len(made) == 2 and all("(interrupted)" in line.splitlines()[0] for line in made), \
+        "the first job (interrupted by hand) and the third (its client went away); the second never ran"

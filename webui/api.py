@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Request, Response
@@ -128,6 +129,8 @@ def vae_list(engine: Engine) -> list[dict[str, Any]]:
 
 # A1111 lists "None" first among its upscalers; SillyTavern builds its list around that first entry.
 NO_UPSCALER = {"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+CLIENT_GONE = 499  # nginx's "client closed request": nobody reads it, the log does
+DISCONNECT_POLL_SECONDS = 0.5
 SERVER_COMMANDS = {"kill": "End the server process at once (--api-server-stop)",
                    "restart": "Start the server again with the same flags (--api-server-stop)",
                    "stop": "Stop the server once the running job is interrupted (--api-server-stop)"}
@@ -300,21 +303,38 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
 
     engine = jobs.engine
 
-    async def txt2img(body: Any = Body(...)) -> dict[str, Any]:
+    async def txt2img(request: Request, body: Any = Body(...)) -> Any:
         """Async: a request waiting in the queue holds no worker thread, so however many wait, /progress,
-        /interrupt and /skip are answered at once."""
+        /interrupt and /skip are answered at once. A client that goes away is not worked for (see ``waited``)."""
         call = read_txt2img(body, engine.options, engine.declared_size)
         script = xyz_script(body, plot_axes(engine), engine.options["xyz_axis_numbering"])
         if script is None:
-            result = await asyncio.wrap_future(jobs.submit(call.request, call.overrides))
+            future = jobs.submit(call.request, call.overrides)
         else:
-            plot = await asyncio.wrap_future(jobs.submit_plot(call.request, script.choices, script.options,
-                                                              save_grid=call.save_grid, overrides=call.overrides))
-            result = plot.as_result()
+            future = jobs.submit_plot(call.request, script.choices, script.options, save_grid=call.save_grid,
+                                      overrides=call.overrides)
+        if not await waited(future, request):
+            return Response(status_code=CLIENT_GONE)
+        result = future.result() if script is None else future.result().as_result()
         images = await run_in_threadpool(lambda: [encode_png(img, text) for img, text in
                                                   zip(result.images, result.infotexts)] if call.send_images else [])
         notes = call.notes + (script.notes if script else ())
         return {"images": images, "parameters": body, "info": info_json(result, call.ignored, notes)}
+
+    async def waited(future: Future, request: Request) -> bool:
+        """Wait for a queued job while its client is there. A client that goes away before the job starts takes it
+        out of the queue; one that goes away while it runs interrupts it (A1111 works on for nobody). False then."""
+        done = asyncio.wrap_future(future)
+        while not future.done():
+            await asyncio.wait([done], timeout=DISCONNECT_POLL_SECONDS)
+            if not future.done() and await request.is_disconnected():
+                dropped = future.cancel()
+                if not dropped and future.running():
+                    jobs.interrupt()
+                log.info("A client went away; its job was %s.", "dropped from the queue" if dropped else "interrupted")
+                return False
+        await done
+        return True
 
     def memory() -> dict[str, Any]:
         return engine.memory.report()

@@ -55,7 +55,9 @@ class JobQueue:
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        """Jobs waiting to run; those whose clients went away (cancelled) no longer count."""
+        with self._queue.mutex:
+            return sum(not future.cancelled() for _name, _work, future in self._queue.queue)
 
     def interrupt(self) -> None:
         self.engine.progress.interrupt()
