@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -491,3 +492,16 @@ def test_a_disk_that_refuses_the_images_still_returns_them_with_a_notice(client,
     assert len(notices) == 1 and "No space left on device" in notices[0] and "txt2img-images" in notices[0]
     long_name = client.post("/sdapi/v1/options", json={"outdir_txt2img_samples": "x" * 300})
     assert long_name.status_code == 422 and long_name.json()["field"] == "outdir_txt2img_samples"
+
+
+def test_a_job_longer_than_max_job_seconds_is_stopped_and_keeps_what_it_made(client, engine):
+    assert client.post("/sdapi/v1/options", json={"max_job_seconds": 1}).status_code == 200
+    start = time.perf_counter()
+    reply = client.post("/sdapi/v1/txt2img", json={**BODY, "width": 512, "height": 512, "steps": 150, "n_iter": 3,
+                                                     "batch_size": 1})
+    assert reply.status_code == 200 and time.perf_counter() - start < 60
+    info = json.loads(reply.json()["info"])
+    assert info["interrupted"] and any("max_job_seconds" in notice for notice in info["notices"])
+    assert 1 <= len(reply.json()["images"]) < 3, "the batch it was on is kept, the later ones never ran"
+    assert client.post("/sdapi/v1/txt2img", json={**BODY, "override_settings": {"max_job_seconds": 0}}).json()[
+        "field"] == "max_job_seconds", "a limit: not per request"

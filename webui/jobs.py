@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from webui.engine.engine import Engine
-from webui.engine.request import GenerationRequest
+from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.xyz import AxisChoice, PlotOptions, run_plot
 from webui.errors import Busy, UserError
 from webui.extensions import plot_axes
@@ -92,11 +92,34 @@ class JobQueue:
             name, work, future = self._queue.get()
             if not future.set_running_or_notify_cancel():
                 continue
+            timer = self._time_limit(name)
             try:
-                future.set_result(work())
+                result = work()
+                if timer is not None and timer.finished.is_set() and isinstance(result, GenerationResult):
+                    result.notices.append(f"Stopped after {timer.interval:g} s (max_job_seconds in Settings); the "
+                                          "images made by then are kept.")
+                future.set_result(result)
             except Exception as e:  # the worker survives anything a job raises; the caller gets it
                 if isinstance(e, UserError):
                     log.error("%s refused: %s", name, e)
                 else:
                     log.exception("%s failed", name)
                 future.set_exception(e)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+
+    def _time_limit(self, name: str) -> threading.Timer | None:
+        """The option max_job_seconds: a job still running then is interrupted (what it made is kept)."""
+        seconds = self.engine.options.get("max_job_seconds")
+        if not seconds:
+            return None
+
+        def time_up() -> None:
+            log.warning("%s ran for %s s (max_job_seconds): interrupted.", name, seconds)
+            self.engine.progress.interrupt()
+
+        timer = threading.Timer(seconds, time_up)
+        timer.daemon = True
+        timer.start()
+        return timer

@@ -54,6 +54,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "max_prompt_length": 20_000,
     "max_plot_cells": 1000,
     "max_queued_jobs": 100,
+    "max_job_seconds": 0,  # 0: no limit
     "xyz_axis_numbering": "A1111",  # which list an X/Y/Z axis index sent to the API counts in
 }
 # A1111 options for things this app always does one way: listed (clients read and post back the whole store) and
@@ -91,6 +92,7 @@ OPTION_RANGES: dict[str, tuple[float, float]] = {
     "max_prompt_length": (100, 1_000_000),
     "max_plot_cells": (1, 100_000),
     "max_queued_jobs": (1, 10_000),
+    "max_job_seconds": (0, 7 * 24 * 3600),
 }
 # What one request may ask for: set in Settings or POST /options, never by a request's override_settings.
 LIMIT_OPTIONS = {
@@ -101,6 +103,7 @@ LIMIT_OPTIONS = {
     "max_prompt_length": "Longest prompt or negative prompt (characters)",
     "max_plot_cells": "Most X/Y/Z plot cells",
     "max_queued_jobs": "Most jobs waiting in the queue (one more is refused as busy: the API's 503)",
+    "max_job_seconds": "Longest a job may run, in seconds (0: no limit); then it is interrupted, what it made is kept",
 }
 
 # The Settings tab, by section: each option with its label. The others are on the model row and the txt2img tab.
