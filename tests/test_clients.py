@@ -176,6 +176,25 @@ def test_every_answer_carries_the_security_headers(server):
         reply.headers["content-security-policy"]
 
 
+def test_a_rebound_host_name_and_another_sites_page_are_refused(server):
+    """DNS rebinding: a page on rebind.example whose name now points at 127.0.0.1 read /cmd-flags and changed options.
+    The server answers only to its own names; a change sent from another site's page is refused; programs (no
+    Origin) and the server's own page are not concerned."""
+    port = server.url.rsplit(":", 1)[1]
+    rebound = requests.get(f"{server.url}/sdapi/v1/cmd-flags", headers={"Host": f"rebind.example:{port}"}, timeout=30)
+    assert rebound.status_code == 403 and "rebind.example" in rebound.json()["detail"]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+        assert requests.get(f"{server.url}/sdapi/v1/sd-models", headers={"Host": host}, timeout=30).ok
+    change = {"send_seed": False}
+    foreign = requests.post(f"{server.url}/sdapi/v1/options", json=change, timeout=30,
+                            headers={"Origin": "http://evil.example"})
+    assert foreign.status_code == 403 and "--cors-allow-origins" in foreign.json()["detail"]
+    assert server.api("GET", "options").json()["send_seed"] is True, "nothing changed"
+    own = requests.post(f"{server.url}/sdapi/v1/options", json=change, timeout=30, headers={"Origin": server.url})
+    assert own.ok and server.api("GET", "options").json()["send_seed"] is False
+    assert server.api("POST", "options", json={"send_seed": True}).ok
+
+
 def test_server_commands_need_api_server_stop(server):
     for name in ("kill", "restart", "stop"):
         reply = server.api("POST", f"server-{name}")

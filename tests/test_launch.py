@@ -299,3 +299,20 @@ def test_ckpt_in_a_folder_is_not_listed_twice_one_elsewhere_is_kept_and_a_wrong_
     assert checkpoint_choice(engine, tmp_path / "missing.safetensors") == {}
     assert checkpoint_choice(engine, tmp_path / "config.json") == {}
     assert caplog.text.count("is not a checkpoint") == 2
+
+
+@pytest.mark.parametrize("flags,answered", [
+    ([], {"localhost", "127.0.0.1", "::1"}),
+    (["--server-name", "127.0.0.2"], {"localhost", "127.0.0.1", "::1", "127.0.0.2"}),
+    (["--allowed-hosts", "Studio.lan, box"], {"localhost", "127.0.0.1", "::1", "studio.lan", "box"}),
+    (["--listen"], None),  # reachable from elsewhere under names it cannot know: any, unless told
+    (["--listen", "--allowed-hosts", "studio.lan"], {"studio.lan", "0.0.0.0"}),
+    (["--share"], None),
+])
+def test_the_host_names_the_server_answers_to(flags, answered):
+    from webui.cli import parse_args
+    from webui.server import answered_hosts, host_name
+
+    assert answered_hosts(parse_args(flags)) == answered
+    assert [host_name(h) for h in ("LocalHost:7860", "[::1]:7860", "127.0.0.1", "::1")] == \
+        ["localhost", "::1", "127.0.0.1", "::1"]

@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 so other machines can connect")
     net.add_argument("--server-name", default=None, metavar="ADDRESS",
                      help="the address (or host name) to serve on, instead of 127.0.0.1 or --listen's 0.0.0.0")
+    net.add_argument("--allowed-hosts", default=None, metavar="HOST[,HOST...]",
+                     help="more host names the server answers to (it answers only to its own addresses when it serves "
+                          "this machine alone: a web page cannot rebind a name to it)")
     net.add_argument("--share", action="store_true", help="make a public Gradio link (needs internet)")
     net.add_argument("--api", action="store_true", help="serve the HTTP API (/sdapi/v1) beside the UI")
     net.add_argument("--nowebui", action="store_true", help="serve only the HTTP API, no UI")

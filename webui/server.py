@@ -90,6 +90,9 @@ def add_middlewares(app: Any, args: argparse.Namespace) -> None:
     answered before Gradio's own CORS check (which allows only localhost pages); also after Gradio has served its
     first request: the middleware stack is built again at the next one."""
     app.middleware_stack = None
+    app.add_middleware(SameSiteOnly, hosts=answered_hosts(args),
+                       origins=[o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()],
+                       origin_regex=args.cors_allow_origins_regex)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(SingleSlashes)
     if args.cors_allow_origins or args.cors_allow_origins_regex:
@@ -100,6 +103,71 @@ def add_middlewares(app: Any, args: argparse.Namespace) -> None:
                            allow_methods=["*"], allow_headers=["*"], allow_credentials=True)
     if args.theme and not args.nowebui:
         app.add_middleware(ThemeRedirect, theme=args.theme)
+
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def answered_hosts(args: argparse.Namespace) -> set[str] | None:
+    """The Host names the server answers to: its own loopback names and address when it serves this machine alone
+    (a page whose name was rebound to 127.0.0.1 is refused), plus --allowed-hosts; None (any) when it is reachable
+    from elsewhere (--listen, a network --server-name, --share), unless --allowed-hosts names them."""
+    extra = {h.strip().lower() for h in (args.allowed_hosts or "").split(",") if h.strip()}
+    address = bind_address(args)
+    local = address in LOOPBACK_NAMES or address.startswith("127.")
+    if (not local or args.share) and not extra:
+        return None
+    return LOOPBACK_NAMES | {address} | extra if local else extra | {address}
+
+
+def host_name(value: str) -> str:
+    """``name`` of a Host header ``name[:port]`` (``[v6]:port`` too), lower case."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class SameSiteOnly:
+    """DNS rebinding and cross-site requests: a Host the server does not answer to is a 403 (a page on
+    rebind.example whose name now points at 127.0.0.1 cannot read or drive it), and a request that changes something
+    (POST, PUT, PATCH, DELETE) from a page of another origin is a 403 unless --cors-allow-origins names it. Programs
+    (webuiapi, SillyTavern's and Open WebUI's servers) send no Origin and are not concerned."""
+
+    def __init__(self, app: Any, hosts: set[str] | None, origins: list[str], origin_regex: str | None):
+        self.app, self.hosts, self.origins = app, hosts, set(origins)
+        self.origin_regex = re.compile(origin_regex) if origin_regex else None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            host = headers.get("host", "")
+            if self.hosts is not None and host_name(host) not in self.hosts:
+                await self._refuse(scope, send, f"this server does not answer to the host {host_name(host)!r} "
+                                                "(start it with --allowed-hosts to add one)")
+                return
+            origin = headers.get("origin")
+            changes = scope["type"] == "websocket" or scope["method"] in ("POST", "PUT", "PATCH", "DELETE")
+            if changes and origin and not self._same_site(origin, host):
+                await self._refuse(scope, send, f"requests from pages of {origin} are refused (start the server with "
+                                                "--cors-allow-origins to allow that site)")
+                return
+        await self.app(scope, receive, send)
+
+    def _same_site(self, origin: str, host: str) -> bool:
+        if origin in self.origins or (self.origin_regex is not None and self.origin_regex.fullmatch(origin)):
+            return True
+        return origin.split("://", 1)[-1].lower() == host.strip().lower()
+
+    @staticmethod
+    async def _refuse(scope: dict, send: Any, message: str) -> None:
+        log.warning("Refused %s %s: %s", scope.get("method", "WEBSOCKET"), scope.get("path"), message)
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        from starlette.responses import JSONResponse
+
+        await JSONResponse({"detail": message}, status_code=403)(scope, None, send)
 
 
 class SecurityHeaders:
