@@ -343,10 +343,9 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         """The store, with A1111's options this app keeps as given; sd_model_checkpoint names the checkpoint the next
         generation uses (clients show it as the current model), as A1111's does once a model is loaded."""
         options = engine.options.as_dict()
-        title = engine.selected_checkpoint_title()
-        if title is not None:
-            sha = engine.models.hashes.cached(engine.checkpoint(None).path)
-            options |= {"sd_model_checkpoint": title, "sd_checkpoint_hash": sha}
+        selected = engine.selected_checkpoint()
+        if selected is not None:
+            options |= dict(zip(("sd_model_checkpoint", "sd_checkpoint_hash"), selected))
         return options
 
     def set_options(body: Any = Body(...)) -> None:

@@ -112,7 +112,7 @@ def read_txt2img(body: Any, options: Options,
                 ignored.append("sampler_index")  # A1111's older name for it, read only when sampler_name is not given
         else:
             fields["sampler_name"] = body["sampler_index"]
-    if not _known_schedule(fields.get("scheduler", "")):
+    if isinstance(fields.get("scheduler"), str) and not _known_schedule(fields["scheduler"]):
         # A1111 samples an unknown schedule type as Automatic (SillyTavern sends "N/A" when it could not list them)
         ignored.append("scheduler")
         del fields["scheduler"]
@@ -131,9 +131,9 @@ def read_txt2img(body: Any, options: Options,
                        tuple(ignored), tuple(notes))
 
 
-def _known_schedule(name: Any) -> bool:
+def _known_schedule(name: str) -> bool:
     try:
-        find_schedule_type(name) if isinstance(name, str) else None
+        find_schedule_type(name)
     except UserError:
         return False
     return True

@@ -93,13 +93,18 @@ class Engine:
             return self.models.find(name)
         return self.models.default_checkpoint(self.options["sd_model_checkpoint"])
 
-    def selected_checkpoint_title(self) -> str | None:
-        """The title of the checkpoint the next generation without a checkpoint of its own uses (the settings' one,
-        else the first found), whatever is loaded now; None when there is none."""
+    def selected_checkpoint(self) -> tuple[str, str | None] | None:
+        """The title and sha256 (where hashed already) of the checkpoint the next generation without a checkpoint of
+        its own uses (the settings' one, else the first found), whatever is loaded now; None when there is none."""
         try:
-            return self.models.title(self.checkpoint(None))
+            info = self.checkpoint(None)
         except UserError:
             return None
+        return self.models.title(info), self.models.hashes.cached(info.path)
+
+    def selected_checkpoint_title(self) -> str | None:
+        selected = self.selected_checkpoint()
+        return selected[0] if selected else None
 
     def declared_size(self, checkpoint: str | None) -> tuple[int, int] | None:
         """The (width, height) a checkpoint (else the selected one) says it was trained at, where its file says."""
