@@ -376,3 +376,6 @@ def test_png_info_reads_a_decompression_bombs_text_without_decoding_it(client, t
     path = tmp_path / "bomb.png"
     path.write_bytes(png_bomb(png_chunk(b"tEXt", b"parameters\0a bomb\nSteps: 3, Sampler: Euler, Seed: 9")))
     assert client.predict(handle_file(str(path)), api_name="/png_info") == "a bomb\nSteps: 3, Sampler: Euler, Seed: 9"
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(path.read_bytes()[:20])  # the file ends inside a chunk header
+    assert "not an image" in client.predict(handle_file(str(cut)), api_name="/png_info")

@@ -155,14 +155,15 @@ def png_text(stream: BinaryIO) -> dict[str, str]:
     signature. Chunks are walked, never decoded: pixels can be a decompression bomb (a 400 kB file of 12000x12000),
     text is bounded to MAX_TEXT_BYTES. ValueError for a file that is not a whole PNG."""
     texts: dict[str, str] = {}
-    while header := stream.read(8):
+    while True:
+        header = stream.read(8)
         if len(header) < 8:
-            raise ValueError("the PNG file ends inside a chunk header")
+            raise ValueError("the PNG file ends before its last chunk: it is cut short")
         length, kind = struct.unpack(">I4s", header)
+        if kind == b"IEND":
+            return texts
         if kind not in (b"tEXt", b"zTXt", b"iTXt") or length > MAX_TEXT_BYTES:
             stream.seek(length + 4, io.SEEK_CUR)  # the chunk and its CRC, unread
-            if kind == b"IEND":
-                break
             continue
         data = stream.read(length)
         stream.seek(4, io.SEEK_CUR)
@@ -176,7 +177,6 @@ def png_text(stream: BinaryIO) -> dict[str, str]:
             _language, _, body = body.partition(b"\0")
             _translated, _, body = body.partition(b"\0")
             texts[key.decode("latin-1")] = (_inflate(body) if compressed else body).decode("utf-8", errors="replace")
-    return texts
 
 
 def _inflate(data: bytes) -> bytes:

@@ -47,7 +47,7 @@ def png_parameters(path: str | None) -> str:
         return ""
     try:
         return read_png_infotext(path) or "(this image has no generation parameters)"
-    except OSError:
+    except (OSError, ValueError):  # not an image, or a PNG whose chunks are broken
         return NOT_AN_IMAGE
 
 
