@@ -26,10 +26,10 @@ SIZE, STEPS, CFG = 512, 20, 7.0
 CARD_MB = 2048
 # (sampler, schedule type, the pair it is compared with where no diffusers scheduler runs it)
 CASES = [("DPM++ 2M", "Karras", None), ("Euler a", "Automatic", None), ("DPM++ SDE", "Karras", None),
-         ("DPM++ 2M SDE", "Exponential", None), ("DDIM", "Automatic", None),
+         ("DPM++ 2M SDE", "Exponential", None), ("DDIM", "Automatic", None), ("DPM2 a", "Automatic", None),
          ("Euler a", "Karras", ("Euler a", "Automatic")), ("DPM++ 2M", "KL Optimal", ("DPM++ 2M", "Karras")),
          ("DPM++ 2M SDE Heun", "Align Your Steps", ("DPM++ 2M SDE", "Exponential")),
-         ("DPM++ 2S a", "Karras", ("Euler a", "Automatic"))]
+         ("DPM++ 2S a", "Karras", ("DPM2 a", "Automatic"))]  # two UNet evaluations a step, like DPM2 a
 
 
 PROMPTS = (f"a photo of a cat number {i}" for i in range(1_000_000))  # a new prompt for every image
