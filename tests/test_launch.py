@@ -66,7 +66,9 @@ def test_logins_are_user_pass_pairs_and_open_access_is_warned_about():
     warned = open_access_warnings(parse_args(["--listen", "--api"]))
     assert len(warned) == 2 and "--api-auth" in warned[0] and "--gradio-auth" in warned[1]
     assert open_access_warnings(parse_args(["--listen", "--nowebui", "--api-auth", "a:b"])) == []
-    assert "public --share link" in open_access_warnings(parse_args(["--share", "--api-auth", "a:b"]))[0]
+    assert parse_args(["--api-auth", "a:b"]).gradio_auth == [("a", "b")], "the UI's routes generate too"
+    assert open_access_warnings(parse_args(["--share", "--api-auth", "a:b"])) == []
+    assert "public --share link" in open_access_warnings(parse_args(["--share"]))[0]
     assert open_access_warnings(parse_args(["--listen", "--api", "--gradio-auth", "a:b"])) == []
 
 

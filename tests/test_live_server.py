@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -49,16 +50,17 @@ def test_openapi_docs_auth_and_the_listen_warning(server):
     assert requests.get(f"{server.url}/sdapi/v1/sd-models", auth=("alice", "nope"), timeout=30).status_code == 401
     assert server.api("GET", "sd-models").json()[0]["model_name"] == "demo-shapes"
     config = next(server.log_path.parent.glob("config.json"), server.log_path.parent / "config.json")
+    session = requests.Session()  # logged in: files outside the outputs folder are still not served
+    assert session.post(f"{server.url}/login", data=dict(zip(("username", "password"), AUTH)), timeout=30).ok
     for path in ("/etc/passwd", str(config), str(server.log_path), "outputs/../config.json"):
-        reply = requests.get(f"{server.url}/gradio_api/file={path}", timeout=30)
+        reply = session.get(f"{server.url}/gradio_api/file={path}", timeout=30)
         assert reply.status_code in (403, 404) and "root:" not in reply.text, f"Gradio served {path}"
     flags = server.api("GET", "cmd-flags").json()
     assert flags["api_auth"] == [["alice", "***"]] and AUTH[1] not in json.dumps(flags), "no password in the flags"
     page = requests.get(server.url, timeout=30)
-    assert page.status_code == 200, "the UI has its own login (--gradio-auth)"
+    assert page.status_code == 200, "the page itself (which shows the login form: its /config needs the login)"
     assert page.headers["x-frame-options"] == "SAMEORIGIN", "no other site may frame the page"
-    assert "The UI is open to anyone on your network" in server.log
-    assert "The API is open" not in server.log, "--api-auth was given"
+    assert "open to anyone" not in server.log, "--api-auth guards the API and the UI"
     assert re.search(r"API 127\.0\.0\.1 GET /sdapi/v1/sd-models 401 ", server.log), "--api-log"
 
 
@@ -66,7 +68,7 @@ def test_the_ui_and_the_api_make_the_same_image_with_the_same_budget(server):
     """One settings store and one code path: an option set through the API is what a UI generation runs with,
     and the same request through the Gradio client and /sdapi/v1/txt2img gives byte-identical images."""
     assert server.api("POST", "options", json={"forge_inference_memory": 1536}).status_code == 200
-    client = Client(server.url, verbose=False)
+    client = Client(server.url, auth=AUTH, verbose=False)
     form = {k: v for k, v in BODY.items() if k != "sampler_name"}
     _preview, gallery, _status, ui_info, *_memory_plots = client.predict(**form, sampler_name="Euler a", api_name="/txt2img")
     ui_policy = server.api("GET", "memory").json()["webui"]["policy"]
@@ -100,6 +102,93 @@ def test_gradio_auth_alone_guards_the_ui_the_api_and_the_files(tmp_path):
         for route in ("/", "/openapi.json", "/docs"):
             assert requests.get(f"{live.url}{route}", timeout=30).status_code == 200, route
         assert "open to anyone" not in live.log
+    finally:
+        live.stop()
+
+
+def test_api_auth_alone_guards_the_uis_routes_too(server):
+    """One rule: with --api-auth alone, Gradio's routes on the same port (which generate) need the same login; it
+    generated images for anyone through /gradio_api/call/txt2img."""
+    call = requests.post(f"{server.url}/gradio_api/call/txt2img", json={"data": []}, timeout=30)
+    assert call.status_code == 401, call.text
+    for route in ("/config", "/gradio_api/info", "/gradio_api/queue/status"):
+        assert requests.get(f"{server.url}{route}", timeout=30).status_code == 401, route
+    session = requests.Session()
+    assert session.post(f"{server.url}/login", data=dict(zip(("username", "password"), AUTH)), timeout=30).ok
+    assert session.get(f"{server.url}/config", timeout=30).status_code == 200
+
+
+def test_uploads_are_capped(server):
+    """Gradio's upload route took files of any size; above 100 MB it is a 413 (the file streamed, never held)."""
+    session = requests.Session()
+    assert session.post(f"{server.url}/login", data=dict(zip(("username", "password"), AUTH)), timeout=30).ok
+    boundary = "b0undary"
+
+    def multipart(megabytes: int) -> Iterator[bytes]:
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\n\r\n'.encode()
+        chunk = bytes(1 << 20)
+        for _ in range(megabytes):
+            yield chunk
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    small = session.post(f"{server.url}/gradio_api/upload", data=multipart(1), headers=headers, timeout=60)
+    assert small.status_code == 200, small.text
+    big = session.post(f"{server.url}/gradio_api/upload", data=multipart(101), headers=headers, timeout=60)
+    assert big.status_code == 413, big.text[:200]
+
+
+def test_wrong_logins_are_slowed_down_per_client(tmp_path):
+    """Five wrong logins within a minute, and the client's next attempts are a 429 with Retry-After (the right login
+    too, until the minute is over); a request carrying no login is not counted, and other routes answer."""
+    login = ("dave", "pa55")
+    live = start_server(tmp_path, "--api", "--api-auth", ":".join(login))
+    try:
+        for _ in range(3):
+            assert requests.get(f"{live.url}/sdapi/v1/options", timeout=30).status_code == 401  # no login: not counted
+        wrong = [requests.get(f"{live.url}/sdapi/v1/options", auth=(login[0], f"guess{i}"), timeout=30).status_code
+                 for i in range(5)]
+        assert wrong == [401] * 5
+        throttled = requests.get(f"{live.url}/sdapi/v1/options", auth=login, timeout=30)
+        assert throttled.status_code == 429 and 0 < int(throttled.headers["retry-after"]) <= 61, throttled.text
+        assert "too many wrong logins" in throttled.json()["detail"]
+        form = requests.post(f"{live.url}/login", data={"username": login[0], "password": "guess"}, timeout=30)
+        assert form.status_code == 429, "Gradio's login form is the same client"
+        assert requests.get(f"{live.url}/openapi.json", timeout=30).status_code == 200
+    finally:
+        live.stop()
+
+
+def test_a_client_that_sends_slowly_is_cut_off(tmp_path):
+    """Slowloris: headers dripped a line at a time, or a body that stops coming, held their connection for ever;
+    --timeout-keep-alive (here 2 s) is how long a client has for its headers and may pause in its body."""
+    live = start_server(tmp_path, "--api", "--timeout-keep-alive", "2")
+    try:
+        host, port = live.url.removeprefix("http://").rsplit(":", 1)
+
+        def seconds_until_closed(first: bytes, drip: bytes) -> float:
+            start = time.monotonic()
+            with socket.create_connection((host, int(port)), timeout=30) as conn:
+                conn.sendall(first)
+                while time.monotonic() - start < 20:
+                    try:
+                        conn.sendall(drip)
+                    except OSError:  # closed by the server
+                        break
+                    conn.settimeout(0.5)
+                    try:
+                        if conn.recv(1024) == b"":
+                            break
+                    except TimeoutError:
+                        continue
+            return time.monotonic() - start
+
+        head = f"GET /sdapi/v1/options HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
+        assert seconds_until_closed(head, b"X-Slow: 1\r\n") < 6, "headers dripped"
+        body = f"POST /sdapi/v1/png-info HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n" \
+               f"Content-Length: 1000\r\n\r\n{{".encode()
+        assert seconds_until_closed(body, b"") < 6, "a body that stalls"
+        assert live.api("GET", "options").status_code == 200, "a client that sends its request at once is served"
     finally:
         live.stop()
 

@@ -75,7 +75,7 @@ WITHOUT_EFFECT: dict[str, tuple[str, ...]] = {
         "--unix-filenames-sanitization", "--filenames-max-length N", "--gradio-allowed-path DIR", "--administrator",
         "--allow-code"),
     "the server has no such option (put a reverse proxy in front for TLS or a sub-path)": (
-        "--subpath PATH", "--add-stop-route", "--timeout-keep-alive N", "--tls-keyfile FILE",
+        "--subpath PATH", "--add-stop-route", "--tls-keyfile FILE",
         "--tls-certfile FILE", "--disable-tls-verify"),
     "--share makes the public link": ("--ngrok TOKEN", "--ngrok-region REGION", "--ngrok-options JSON"),
     "settings live in <data-dir>/config.json (--data-dir)": ("--ui-settings-file FILE",),
@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--api", action="store_true", help="serve the HTTP API (/sdapi/v1) beside the UI")
     net.add_argument("--nowebui", action="store_true", help="serve only the HTTP API, no UI")
     net.add_argument("--api-auth", type=credentials, default=None, metavar="USER:PASS[,USER:PASS...]",
-                     help="HTTP basic authentication on every API route")
+                     help="HTTP basic authentication on every API route (and, without --gradio-auth, the same "
+                          "logins for the UI)")
     net.add_argument("--api-log", action="store_true", help="log every API call: client, route, status, seconds")
     net.add_argument("--api-server-stop", action="store_true",
                      help="allow POST /sdapi/v1/server-kill, -restart and -stop (else they answer 403)")
@@ -157,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a login page in front of the UI (and, without --api-auth, the same logins for the API)")
     net.add_argument("--gradio-auth-path", type=Path, default=None, metavar="FILE",
                      help="--gradio-auth's logins read from a file (USER:PASS pairs, one or more a line)")
+    net.add_argument("--timeout-keep-alive", type=float, default=30, metavar="SECONDS",
+                     help="how long a client may take to send a request's headers, or pause while sending its body, "
+                          "and how long an idle connection is kept (default 30)")
     net.add_argument("--cors-allow-origins", default=None, metavar="ORIGIN[,ORIGIN...]",
                      help="web pages of these origins may call the API (Open WebUI, browser apps)")
     net.add_argument("--cors-allow-origins-regex", default=None, metavar="REGEX",
@@ -232,6 +236,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.use_cpu:
         args.no_effect = [*args.no_effect, f"--use-cpu {' '.join(args.use_cpu)} has no effect here: only 'all' "
                                            "and 'sd' mean something (--device cpu)"]
+    # One rule: when any login is configured, every route that does work needs one. The API takes the UI's logins
+    # unless it is given its own; the UI (its Gradio routes generate too) takes the API's unless it has its own.
     if args.gradio_auth and not args.api_auth:
-        args.api_auth = args.gradio_auth  # one login for everything served, unless the API is given its own
+        args.api_auth = args.gradio_auth
+    elif args.api_auth and not args.gradio_auth:
+        args.gradio_auth = args.api_auth
     return args

@@ -13,10 +13,14 @@ from webui.cli import parse_args
 from webui.engine.engine import Engine
 from webui.errors import UserError
 from webui.extensions import load_extensions
+from webui.guards import LoginThrottle, with_deadlines
 from webui.jobs import JobQueue
 from webui.settings import AppConfig
 
 log = logging.getLogger("webui")
+
+# Gradio's upload route takes any size without a limit: a 4096x4096 PNG (the default largest side) of noise is 48 MB.
+MAX_UPLOAD = "100mb"
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -93,6 +97,8 @@ def add_middlewares(app: Any, args: argparse.Namespace) -> None:
     app.add_middleware(SameSiteOnly, hosts=answered_hosts(args),
                        origins=[o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()],
                        origin_regex=args.cors_allow_origins_regex)
+    if args.api_auth or args.gradio_auth:
+        app.add_middleware(LoginThrottle)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(SingleSlashes)
     if args.cors_allow_origins or args.cors_allow_origins_regex:
@@ -226,6 +232,13 @@ class ThemeRedirect:
         await self.app(scope, receive, send)
 
 
+def http_protocol(args: argparse.Namespace) -> type:
+    """uvicorn's HTTP protocol with --timeout-keep-alive's deadlines for slow clients."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    return with_deadlines(AutoHTTPProtocol, args.timeout_keep_alive)
+
+
 def serve_api_only(jobs: JobQueue, host: str, args: argparse.Namespace) -> None:
     import uvicorn
     from fastapi import FastAPI
@@ -237,18 +250,22 @@ def serve_api_only(jobs: JobQueue, host: str, args: argparse.Namespace) -> None:
     add_middlewares(app, args)
     jobs.engine.hooks.fire("app_started", engine=jobs.engine, app=app)
     log.info("API only: http://%s:%d/sdapi/v1 (docs at /docs)", host, args.port)
-    uvicorn.run(app, host=host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=host, port=args.port, log_level="warning", http=http_protocol(args))
 
 
 def serve_ui(engine: Engine, jobs: JobQueue, host: str, args: argparse.Namespace) -> None:
     from webui.api import register_api
     from webui.ui import build_ui
 
+    import uvicorn.config
+
     demo = build_ui(engine, jobs)
+    # Gradio makes uvicorn's Config itself, with no way to choose its protocol: the default one is replaced.
+    uvicorn.config.HTTP_PROTOCOLS["auto"] = http_protocol(args)
     app, local_url, share_url = demo.launch(
         server_name=host, server_port=args.port, share=args.share, prevent_thread_lock=True,
         inbrowser=False, quiet=True, show_error=True, allowed_paths=[str(engine.config.paths.outdir)],
-        auth=args.gradio_auth, app_kwargs={"docs_url": "/docs"} if args.api else None,
+        auth=args.gradio_auth, max_file_size=MAX_UPLOAD, app_kwargs={"docs_url": "/docs"} if args.api else None,
     )
     if args.api:
         register_api(app, jobs)

@@ -20,7 +20,8 @@ from webui.ui.xyz_tab import xyz_tab
 
 
 def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
-    with gr.Blocks(title="Stable Diffusion web UI", analytics_enabled=False) as demo:
+    # delete_cache: uploads older than a day are removed every hour, and all of them when the server stops
+    with gr.Blocks(title="Stable Diffusion web UI", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         if engine.options.problems:  # a corrupt config.json: said where the user looks, not only in the log
             gr.Markdown("\n".join(f"⚠ {problem}" for problem in engine.options.problems), elem_id="startup_problems")
         checkpoint = model_row(demo, engine)
