@@ -60,7 +60,9 @@ def server(tmp_path_factory) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        # rebind.example resolves to 127.0.0.1, as a DNS-rebinding attacker's name would
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM),
+                                     args=[*CHROMIUM_ARGS, "--host-resolver-rules=MAP rebind.example 127.0.0.1"])
         try:
             yield chromium
         finally:
@@ -393,3 +395,60 @@ def test_gradio_auth_asks_for_a_login_before_the_ui(browser, tmp_path_factory):
         tab.screenshot(path=str(ARTIFACTS / "gradio_auth_after_login.png"))
         tab.close()
         login.stop()
+
+
+ATTACKER_PAGE = """<!doctype html><title>attacker</title><script>
+async function attack(target) {
+  const tries = {};
+  const simple = {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"}};
+  const sent = async (name, request) => {
+    try { await request; tries[name] = "sent"; } catch (e) { tries[name] = "failed: " + e; }
+  };
+  await sent("options", fetch(target + "/sdapi/v1/options", {...simple, body: JSON.stringify({samples_format: "jpg"})}));
+  await sent("txt2img", fetch(target + "/sdapi/v1/txt2img",
+                              {...simple, body: JSON.stringify({prompt: "from another site", steps: 7, seed: 7007})}));
+  const form = new FormData();
+  form.append("files", new Blob(["x".repeat(5000)]), "planted.png");
+  await sent("upload", fetch(target + "/gradio_api/upload", {method: "POST", mode: "no-cors", body: form}));
+  try {
+    const flags = await fetch(target + "/sdapi/v1/cmd-flags");
+    tries.read = "read: " + (await flags.text()).slice(0, 40);
+  } catch (e) { tries.read = "unreadable"; }
+  return tries;
+}
+</script>"""
+
+
+def test_another_sites_page_and_a_rebound_name_cannot_drive_the_server(browser, server, tmp_path):
+    """The browser as the attacker: a page of another origin sends the server the requests a form or fetch may send
+    without asking (options, txt2img, an upload) and tries to read /cmd-flags; a page whose name was rebound to
+    127.0.0.1 (Chromium's resolver mapped) loads from the server's port. Nothing changes, nothing is generated or
+    read, and the rebound name gets a 403 for the page and the API alike."""
+    import http.server
+    import threading
+
+    (tmp_path / "index.html").write_text(ATTACKER_PAGE)
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    before = (server.api("GET", "options").json()["samples_format"], len(generations(server)))
+    tab = browser.new_page()
+    try:
+        tab.goto(f"http://127.0.0.1:{site.server_address[1]}/index.html", wait_until="load")
+        tries = tab.evaluate("target => attack(target)", server.url)
+        assert tries["read"] == "unreadable", tries
+        assert all(tries[name] == "sent" for name in ("options", "txt2img", "upload")), tries
+        assert server.log.count("Refused POST") >= 3, "the three changes reached the server and were refused"
+        assert (server.api("GET", "options").json()["samples_format"], len(generations(server))) == before
+    finally:
+        tab.close()
+        site.shutdown()
+
+    tab = browser.new_page()
+    try:
+        answer = tab.goto(f"http://rebind.example:{server.url.rsplit(':', 1)[1]}/", wait_until="load")
+        assert answer.status == 403 and "rebind.example" in tab.content()
+        assert tab.evaluate("async () => (await fetch('/sdapi/v1/cmd-flags')).status") == 403
+    finally:
+        tab.screenshot(path=str(ARTIFACTS / "rebound_name_refused.png"))
+        tab.close()

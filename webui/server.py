@@ -153,12 +153,25 @@ class SameSiteOnly:
                                                 "(start it with --allowed-hosts to add one)")
                 return
             origin = headers.get("origin")
-            changes = scope["type"] == "websocket" or scope["method"] in ("POST", "PUT", "PATCH", "DELETE")
-            if changes and origin and not self._same_site(origin, host):
-                await self._refuse(scope, send, f"requests from pages of {origin} are refused (start the server with "
-                                                "--cors-allow-origins to allow that site)")
-                return
+            if origin and not self._same_site(origin, host):
+                if scope["type"] == "websocket" or scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+                    await self._refuse(scope, send, f"requests from pages of {origin} are refused (start the server "
+                                                    "with --cors-allow-origins to allow that site)")
+                    return
+                send = self._unreadable(send)
         await self.app(scope, receive, send)
+
+    @staticmethod
+    def _unreadable(send: Any) -> Any:
+        """``send`` without CORS headers: Gradio's CORS layer lets any localhost page (another port, another app)
+        read the answers; only the server's own page and --cors-allow-origins' sites may."""
+        async def without_cors(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [(k, v) for k, v in message.get("headers", [])
+                                      if not k.lower().startswith(b"access-control-allow-")]
+            await send(message)
+
+        return without_cors
 
     def _same_site(self, origin: str, host: str) -> bool:
         if origin in self.origins or (self.origin_regex is not None and self.origin_regex.fullmatch(origin)):
