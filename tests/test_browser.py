@@ -452,3 +452,21 @@ def test_another_sites_page_and_a_rebound_name_cannot_drive_the_server(browser, 
     finally:
         tab.screenshot(path=str(ARTIFACTS / "rebound_name_refused.png"))
         tab.close()
+
+
+def test_a_closed_tab_stops_its_job(browser, server):
+    """A job whose page went away is not worked on: the tab is closed while its long job runs, and the job is
+    interrupted (it went on to its last step for nobody)."""
+    tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+    tab.set_default_timeout(TIMEOUT_MS)
+    tab.goto(server.url, wait_until="load")
+    wait_for_the_demo_size(tab)
+    tab.locator(PROMPT).fill("a long job nobody waits for")
+    set_slider(tab, "txt2img_steps", 150)
+    set_slider(tab, "txt2img_width", 512)
+    set_slider(tab, "txt2img_height", 512)
+    tab.locator("#txt2img_generate").click()
+    expect(tab.locator(STATUS)).to_contain_text(re.compile(r"\d+%"))
+    tab.close()
+    wait_until(lambda: "its job was interrupted" in server.log, "the job of the closed tab is interrupted")
+    wait_until(lambda: not server.api("GET", "progress").json()["state"]["job"], "the queue is idle again", 30)

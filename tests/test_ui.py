@@ -357,7 +357,7 @@ def test_a_job_refused_before_it_is_queued_is_shown_like_any_refused_job(engine)
         raise Busy("100 jobs are waiting already (the most is 100, max_queued_jobs in Settings)")
 
     out = {name: name for name in ("gallery", "infotext", "status", "preview")}
-    *_, last = generator(engine, {}, out, full_queue)()
+    *_, last = generator(JobQueue(engine), {}, out, full_queue)()
     assert "gen-error" in last["status"] and "max_queued_jobs" in last["status"]
 
 

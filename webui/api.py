@@ -328,10 +328,7 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         while not future.done():
             await asyncio.wait([done], timeout=DISCONNECT_POLL_SECONDS)
             if not future.done() and await request.is_disconnected():
-                dropped = future.cancel()
-                if not dropped and future.running():
-                    jobs.interrupt()
-                log.info("A client went away; its job was %s.", "dropped from the queue" if dropped else "interrupted")
+                jobs.abandon(future)
                 return False
         await done
         return True

@@ -34,6 +34,7 @@ class JobQueue:
         self.engine = engine
         self._queue: queue.Queue[tuple[str, Callable[[], Any], Future]] = queue.Queue()
         self._submitting = threading.Lock()
+        self._running: Future | None = None
         self._worker = threading.Thread(target=self._run, name="generation-queue", daemon=True)
         self._worker.start()
 
@@ -61,6 +62,15 @@ class JobQueue:
 
     def interrupt(self) -> None:
         self.engine.progress.interrupt()
+
+    def abandon(self, future: Future) -> None:
+        """The job of a client that went away (an API caller, a closed browser tab): taken out of the queue if it
+        waits, interrupted if it runs (A1111 works on for nobody); logged."""
+        if future.cancel():
+            log.info("A client went away; its job was dropped from the queue.")
+        elif self._running is future and not future.done():
+            self.interrupt()
+            log.info("A client went away; its job was interrupted.")
 
     def skip(self) -> None:
         self.engine.progress.skip()
@@ -93,6 +103,7 @@ class JobQueue:
             if not future.set_running_or_notify_cancel():
                 continue
             timer = self._time_limit(name)
+            self._running = future
             try:
                 result = work()
                 if timer is not None and timer.finished.is_set() and isinstance(result, GenerationResult):
@@ -106,6 +117,7 @@ class JobQueue:
                     log.exception("%s failed", name)
                 future.set_exception(e)
             finally:
+                self._running = None
                 if timer is not None:
                     timer.cancel()
 

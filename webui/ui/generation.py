@@ -15,6 +15,7 @@ from webui.engine.progress import Progress
 from webui.engine.request import GenerationResult
 from webui.engine.xyz import PlotResult
 from webui.errors import UserError
+from webui.jobs import JobQueue
 from webui.ui.common import Components, counted, duration, error_html, field_label, status_html
 from webui.ui.memory_panel import PLOTS, memory_panel, panel_values
 
@@ -43,9 +44,10 @@ def selected_infotext(texts: list[str], evt: gr.SelectData) -> str:
     return texts[evt.index] if 0 <= evt.index < len(texts) else ""
 
 
-def generator(engine: Engine, inputs: Components, out: Components, submit: Callable[[tuple], Future]):
+def generator(jobs: JobQueue, inputs: Components, out: Components, submit: Callable[[tuple], Future]):
     """A Generate handler: submit the values of ``inputs`` (request fields, then any others), report progress and
     previews until done, then the images. The job's result is a GenerationResult, or a PlotResult shown as one."""
+    engine = jobs.engine
     labels = {name: box.label for name, box in inputs.items()}
 
     def run(*values: Any) -> Iterator[dict]:
@@ -55,8 +57,13 @@ def generator(engine: Engine, inputs: Components, out: Components, submit: Calla
         except UserError as e:  # refused before it was queued (the queue is full): shown like any refused job
             future = Future()
             future.set_exception(e)
-        while not wait([future], timeout=POLL_SECONDS).done:
-            yield {out["status"]: progress_html(engine.progress, future), out["preview"]: live_preview(engine, future)}
+        try:
+            while not wait([future], timeout=POLL_SECONDS).done:
+                yield {out["status"]: progress_html(engine.progress, future),
+                       out["preview"]: live_preview(engine, future)}
+        finally:  # Gradio stops the handler when its page goes away (a closed tab, a reload): so does the job
+            if not future.done():
+                jobs.abandon(future)
         yield finished(future, labels, out)
 
     # Name the parameters after the inputs: API clients call the endpoint with these keywords.

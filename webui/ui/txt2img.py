@@ -53,7 +53,7 @@ def txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.
             network_browsers(demo, engine, form["prompt"])
         with gr.Column(scale=1):
             out = output_column("txt2img")
-    run = generator(engine, form, out, lambda values: jobs.submit(request_from_form(form, values)))
+    run = generator(jobs, form, out, lambda values: jobs.submit(request_from_form(form, values)))
     generate.click(run, inputs=list(form.values()), outputs=list(out.values()), api_name="txt2img",
                    show_progress="hidden", concurrency_limit=None)
     interrupt.click(jobs.interrupt, queue=False, api_name="interrupt")

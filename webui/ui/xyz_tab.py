@@ -49,7 +49,7 @@ def xyz_tab(engine: Engine, jobs: JobQueue, form: Components) -> None:
         choices, options = plot_from_args(dict(zip(inputs, values[len(form):])), axes)
         return jobs.submit_plot(request_from_form(form, values[:len(form)]), choices, options)
 
-    run = generator(engine, {**form, **inputs}, out, submit)
+    run = generator(jobs, {**form, **inputs}, out, submit)
     generate.click(run, inputs=[*form.values(), *inputs.values()], outputs=list(out.values()), api_name="xyz_plot",
                    show_progress="hidden", concurrency_limit=None)
     interrupt.click(jobs.interrupt, queue=False, api_visibility="private")
