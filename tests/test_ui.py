@@ -4,6 +4,7 @@ from __future__ import annotations
 import socket
 import time
 from concurrent.futures import Future
+from pathlib import Path
 
 import gradio as gr
 import pytest
@@ -379,3 +380,25 @@ def test_png_info_reads_a_decompression_bombs_text_without_decoding_it(client, t
     cut = tmp_path / "cut.png"
     cut.write_bytes(path.read_bytes()[:20])  # the file ends inside a chunk header
     assert "not an image" in client.predict(handle_file(str(cut)), api_name="/png_info")
+
+
+def test_a_preview_that_is_a_decompression_bomb_is_not_decoded(tmp_path, monkeypatch):
+    """A LoRA's preview beside it in the models folder is a stranger's file too: one of 12000x12000 pixels in 0.4 MB
+    was decoded (432 MB) to draw its card; now its size is read from the header and the card shows the name."""
+    from PIL import ImageFile
+
+    from tests.bombs import png_bomb
+    from webui.ui.network_browser import card_image, placeholder_card
+
+    (tmp_path / "bomb.safetensors").write_bytes(b"")
+    (tmp_path / "bomb.preview.png").write_bytes(png_bomb(b""))
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: decoded.append(image.size))
+
+    class Network:
+        @staticmethod
+        def path(name: str) -> Path:
+            return tmp_path / f"{name}.safetensors"
+
+    assert card_image(Network(), "bomb") == placeholder_card("bomb")
+    assert decoded == [], "no pixel decoded"

@@ -81,10 +81,15 @@ def card_image(network: Any, name: str) -> Image.Image:
         return placeholder_card(name)
 
 
+PREVIEW_MAX_PIXELS = 4096 * 4096  # a preview is a card's picture; a 0.4 MB PNG of 12000x12000 decodes to 432 MB
+
+
 @lru_cache(maxsize=512)
 def preview_card(path: Path, mtime: float) -> Image.Image:
     """The preview at card size (cached while the file stays the same)."""
     with Image.open(path) as image:
+        if image.width * image.height > PREVIEW_MAX_PIXELS:  # its pixels are never decoded: it could be a bomb
+            raise OSError(f"{path.name} is {image.width}x{image.height}, too large for a preview")
         image.thumbnail((CARD_SIZE, CARD_SIZE))
         return image.convert("RGB")
 
