@@ -300,3 +300,31 @@ def test_eta_option_is_the_default(engine):
     pixels, infotext = image(engine, sampler_name="Euler a", scheduler="Karras")
     assert parse_infotext(infotext)["Eta"] == "0"
     assert np.array_equal(pixels, image(engine, sampler_name="Euler a", scheduler="Karras", eta=0.0)[0])
+
+
+def test_brownian_noise_drawn_ahead_is_the_noise_drawn_when_asked():
+    """Given the schedule, the next step's tree noise is drawn on a worker while the GPU works: the noise of every
+    call (neighbouring sigmas, others, a step asked twice) and a whole DPM++ 2M SDE run are what they were without."""
+    from webui.engine.ksampling import CpuBrownianNoise
+
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigmas = sampling.get_sigmas_karras(10, 0.03, 14.6)
+
+    def tree(cpu_x: torch.Tensor):
+        return sampling.BrownianTreeNoiseSampler(cpu_x, sigmas[-2], sigmas[0], seed=[1, 2])
+
+    calls = [(sigmas[i], sigmas[i + 1]) for i in range(len(sigmas) - 2)]
+    calls[4:4] = [(sigmas[3], sigmas[4]), (torch.tensor(5.0), torch.tensor(4.0))]  # asked again; not the schedule's
+    plain, ahead = CpuBrownianNoise(tree, x), CpuBrownianNoise(tree, x, sigmas)
+    for n, (sigma, sigma_next) in enumerate(calls):
+        assert torch.equal(plain(sigma, sigma_next), ahead(sigma, sigma_next))
+        assert n > 0 or ahead.ahead is not None, "the next step's noise is being drawn"
+    assert ahead._step_of(sigmas[7]) == 7 and ahead._step_of(sigmas[7].clone()) is None
+
+    def denoise(latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return latents / (1 + sigma.view(-1, 1, 1, 1) ** 2)
+
+    runs = [sampling.sample_dpmpp_2m_sde(denoise, x * sigmas[0], sigmas, disable=True,
+                                         noise_sampler=CpuBrownianNoise(tree, x, given))
+            for given in (None, sigmas)]
+    assert torch.equal(*runs)
