@@ -1,6 +1,9 @@
 """The generation path end to end on the tiny SD1 checkpoint: seeds, batches, infotext, errors."""
 from __future__ import annotations
 
+import hashlib
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from tests.conftest import make_engine, single_file
+from webui.engine import files
 from webui.engine.infotext import parse_infotext, read_png_infotext
 from webui.engine.ldm_export import VAE_PREFIX, ldm_state_dict
 from webui.engine.request import GenerationRequest
@@ -148,6 +152,34 @@ def test_interrupt_pressed_while_the_model_loads_stops_the_job(tmp_path, sd1_fil
     assert result.interrupted and result.images == []
     monkeypatch.setattr(engine.models, "get", load)
     assert len(engine.txt2img(GenerationRequest(prompt="a cat", seed=1, **SMALL)).images) == 1
+
+
+class PressingInterrupt:
+    """sha256 that presses Interrupt when its second chunk comes, from inside the hashing (like interrupt_after)."""
+
+    def __init__(self, progress):
+        self.progress, self.chunks, self.hash = progress, 0, hashlib.sha256()
+
+    def update(self, chunk: bytes) -> None:
+        self.chunks += 1
+        if self.chunks == 2:
+            self.progress.interrupt()
+        self.hash.update(chunk)
+
+    def hexdigest(self) -> str:
+        return self.hash.hexdigest()
+
+
+def test_interrupt_pressed_while_the_checkpoint_is_hashed_stops_the_hashing(tmp_path, sd1_file, monkeypatch):
+    """A checkpoint is hashed before it loads; hashing a huge one (or /dev/zero) went on whatever the user pressed."""
+    engine = make_engine(tmp_path, sd1_file)
+    monkeypatch.setattr(files, "hashlib", SimpleNamespace(sha256=lambda: PressingInterrupt(engine.progress)))
+    with pytest.raises(UserError, match="Interrupted while hashing sd1-1.safetensors"):
+        engine.txt2img(GenerationRequest(prompt="a cat", seed=1, **SMALL))
+    monkeypatch.undo()
+    engine.load_selected()  # a job of its own: the Interrupt before it is not for it
+    result = engine.txt2img(GenerationRequest(prompt="a cat", seed=1, **SMALL))
+    assert result.model_hash == hashlib.sha256(sd1_file.read_bytes()).hexdigest()[:10] and len(result.images) == 1
 
 
 def test_sdxl_vae_is_never_float16():

@@ -68,11 +68,12 @@ class Engine:
         dtypes = pick_dtypes(self.device, args.no_half, args.no_half_vae)
         demo.ensure_demo_models(config.paths.builtin_models_dir, config.paths.builtin_modules_dir)
         self.memory = MemoryManager(self.device, memory)
+        self.progress = Progress()
+        hashes = HashCache(config.paths.hash_cache_file, lambda: self.progress.interrupted)
         self.models = ModelManager(
             list(config.paths.checkpoint_dirs), config.paths.builtin_models_dir, config.paths.vae_dir,
-            config.paths.text_encoder_dir, config.paths.builtin_modules_dir, HashCache(config.paths.hash_cache_file), self.memory, dtypes,
+            config.paths.text_encoder_dir, config.paths.builtin_modules_dir, hashes, self.memory, dtypes,
         )
-        self.progress = Progress()
         self._remove_stale_temp_files()
         self.hooks = Hooks()  # what extensions registered (webui.extensions loads them)
         self._announced: Callable[[], object] = lambda: None  # the model model_loaded was last fired for (weakly)
@@ -116,6 +117,7 @@ class Engine:
     def load_selected(self) -> None:
         """Load the checkpoint (VAE, modules) the options select, as a generation would (A1111's reload-checkpoint)."""
         with self._generate_lock:
+            self.progress.reset()  # a job of its own: an Interrupt of the job before does not stop its hashing
             self._model(self.checkpoint(None), None, None)
 
     def set_options(self, changes: dict[str, Any]) -> None:

@@ -7,21 +7,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import pickle
 import re
+import stat
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import torch
 from safetensors.torch import load_file
 
-from webui.errors import ModelFileError
+from webui.errors import ModelFileError, UserError
 
+log = logging.getLogger(__name__)
 V = TypeVar("V")
 # A model part given as a file, or as tensors already read (a part of an all-in-one checkpoint).
 Source = str | Path | Mapping[str, torch.Tensor]
@@ -32,6 +34,8 @@ SAFETENSORS_DTYPE_BYTES = {
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }
 MAX_HEADER_BYTES = 32 * 1024 * 1024  # real headers are kB to a few MB (kohya's tag counts); 100 MB took 13 s to refuse
+NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # not on Windows, which has no fifos to wait on
+HASH_CHUNK = 1 << 20  # hashing checks for an Interrupt between chunks of this many bytes
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,8 @@ def declared_resolution(info: CheckpointInfo) -> tuple[int, int] | None:
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Tensor infos and metadata of a .safetensors file, after checking that its header is honest."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_model_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) < 8:
             raise ModelFileError(f"{path.name} is not a safetensors file: it is only {size} bytes long.")
@@ -93,7 +97,34 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         raise ModelFileError(f"{path.name} has a corrupt safetensors header. Download it again.")
     data_len = size - 8 - header_len
     tensors = {name: _checked_entry(path, name, entry, data_len) for name, entry in header.items()}
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    return tensors, {_text(k): _text(v) for k, v in metadata.items()}
+
+
+def _text(value: object) -> str:
+    """A metadata value as text that can be sent as UTF-8: JSON's "\\ud800" escapes give lone surrogates, which made
+    the JSON answers listing the file (/sdapi/v1/loras) fail."""
+    return str(value).encode("utf-8", "replace").decode("utf-8")
+
+
+def _unreadable(path: Path, error: OSError) -> ModelFileError:
+    return ModelFileError(f"{path.name} could not be read ({error.strerror}).")
+
+
+def open_model_file(path: Path) -> BinaryIO:
+    """A model file opened for reading, refused unless it is a regular file: opening a fifo blocks until a writer
+    comes, a device (a symlink to /dev/zero) never ends, and either can take a listed file's place. The open itself
+    does not wait for a fifo (O_NONBLOCK, then cleared); the check is on what was opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | NONBLOCK | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise _unreadable(path, e) from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ModelFileError(f"{path.name} is not a regular file (it is a fifo, a device, a folder or a link to one); "
+                             "a model file must be a regular file.")
+    if NONBLOCK:
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def _checked_entry(path: Path, name: str, entry: object, data_len: int) -> TensorInfo:
@@ -179,14 +210,17 @@ def source_tensors(source: Source, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A .ckpt/.pt state dict, unpickled with ``weights_only=True``: a file that carries code is refused."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
-        raise ModelFileError(
-            f"{path.name} was refused: it is not a plain weights pickle (it may carry code, or be corrupt). "
-            f"Only weights are loaded from .ckpt files. Convert it to .safetensors. Details: {str(e)[:200]}"
-        ) from e
+    """A .ckpt/.pt state dict, unpickled with ``weights_only=True``: a file that carries code is refused. The
+    unpickler's message is not passed on: it quotes the file (the names of a global, a byte), which may be any file
+    a symlink points at."""
+    with open_model_file(path) as f:
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # the unpickler fails on a file that is no pickle with IndexError, KeyError, ...
+            raise ModelFileError(
+                f"{path.name} was refused: it is not a plain weights pickle (it may carry code, or be corrupt). "
+                "Only weights are loaded from .ckpt files. Convert it to .safetensors."
+            ) from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -198,25 +232,65 @@ def is_diffusers_folder(path: Path) -> bool:
     return (path / "model_index.json").is_file()
 
 
+def walk_folder(root: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """``os.walk`` of a models folder, the walk every listing of model files uses: symlinked folders are followed, but
+    each real folder is entered once (a symlink loop was walked forever), names come sorted, and names that are not
+    UTF-8 are left out (they made the JSON lists of models fail). A caller may empty the folder names to not go
+    deeper."""
+    seen: set[tuple[int, int]] = set()
+    if not _first_visit(root, seen):
+        return
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in sorted(dirnames) if _is_text(here, d) and _first_visit(here / d, seen)]
+        yield here, dirnames, [f for f in sorted(filenames) if _is_text(here, f)]
+
+
+def _first_visit(folder: Path, seen: set[tuple[int, int]]) -> bool:
+    """Whether this real folder (device, inode) is not walked yet, marking it walked; False for one that cannot be
+    read."""
+    try:
+        status = folder.stat()
+    except OSError:
+        return False
+    identity = (status.st_dev, status.st_ino)
+    if identity in seen:
+        return False
+    seen.add(identity)
+    return True
+
+
+def _is_text(folder: Path, name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        log.warning("Skipped %r in %s: its name is not UTF-8.", name, folder)
+        return False
+
+
+def regular_files(root: Path) -> Iterator[Path]:
+    """The regular files under a models folder (symlinks to them too), as ``walk_folder`` finds them: a fifo or a
+    device (a symlink to /dev/zero) is never listed, its reading would not end."""
+    for here, _, filenames in walk_folder(root):
+        yield from (here / name for name in filenames if (here / name).is_file())
+
+
 def find_checkpoints(roots: list[Path]) -> list[CheckpointInfo]:
     """Every checkpoint under the given folders, recursively, named by path relative to its root."""
     found: dict[str, CheckpointInfo] = {}
     for root in roots:
-        if not root.is_dir():
-            continue
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            here = Path(dirpath)
+        for here, dirnames, filenames in walk_folder(root):
             if is_diffusers_folder(here) and here != root:
                 name = here.relative_to(root).as_posix()
                 found.setdefault(name, CheckpointInfo(name, here, "diffusers"))
                 dirnames.clear()
                 continue
-            dirnames.sort()
-            for filename in sorted(filenames):
-                kind = checkpoint_kind(here / filename)
+            for path in (here / filename for filename in filenames):
+                kind = checkpoint_kind(path) if path.is_file() else None
                 if kind:
-                    name = (here / filename).relative_to(root).as_posix()
-                    found.setdefault(name, CheckpointInfo(name, here / filename, kind))
+                    name = path.relative_to(root).as_posix()
+                    found.setdefault(name, CheckpointInfo(name, path, kind))
     return sorted(found.values(), key=lambda c: c.name.lower())
 
 
@@ -229,17 +303,19 @@ def checkpoint_kind(path: Path) -> str | None:
 
 
 def find_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """Files with the given suffixes under a folder, recursively, sorted by name."""
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes), key=lambda p: str(p).lower())
+    """Regular files with the given suffixes under a folder, recursively, sorted by name."""
+    return sorted((p for p in regular_files(root) if p.suffix.lower() in suffixes), key=lambda p: str(p).lower())
 
 
 class HashCache:
-    """sha256 of model files, computed once and kept in a JSON file keyed by path, size and mtime."""
+    """sha256 of model files, computed once and kept in a JSON file keyed by path, size and mtime.
 
-    def __init__(self, path: Path):
+    Hashing runs inside the job that needs the hash (a model's load, a LoRA's infotext) and stops at the job's
+    Interrupt (``interrupted``, checked between chunks): a huge file never holds the queue past one."""
+
+    def __init__(self, path: Path, interrupted: Callable[[], bool]):
         self.path = path
+        self.interrupted = interrupted
         self._lock = threading.Lock()
         try:
             self._data = json.loads(path.read_text(encoding="utf-8")).get("hashes", {})
@@ -247,13 +323,16 @@ class HashCache:
             self._data = {}
 
     def sha256(self, target: Path) -> str:
-        stamp = _stamp(target)
+        try:
+            stamp = _stamp(target)
+        except OSError as e:  # gone, or no longer readable, since it was listed
+            raise _unreadable(target, e) from e
         key = str(target.resolve())
         with self._lock:
             entry = self._data.get(key)
             if entry and entry.get("stamp") == stamp:
                 return entry["sha256"]
-        digest = _sha256_of(target)
+        digest = _sha256_of(target, self.interrupted)
         with self._lock:
             self._data[key] = {"stamp": stamp, "sha256": digest}
             self._save()
@@ -291,14 +370,17 @@ def _stamp(target: Path) -> list:
 
 def _hashed_files(target: Path) -> list[Path]:
     if target.is_dir():
-        return sorted(p for p in target.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+        return sorted(p for p in regular_files(target) if p.suffix in (".safetensors", ".bin", ".json"))
     return [target]
 
 
-def _sha256_of(target: Path) -> str:
+def _sha256_of(target: Path, interrupted: Callable[[], bool]) -> str:
     h = hashlib.sha256()
     for f in _hashed_files(target):
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
+        with open_model_file(f) as fh:
+            while chunk := fh.read(HASH_CHUNK):
+                if interrupted():
+                    raise UserError(f"Interrupted while hashing {target.name}; it is hashed from the start the next "
+                                    "time it is used.")
                 h.update(chunk)
     return h.hexdigest()

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
+from webui.engine.files import open_model_file
 from webui.engine.quant import SUPPORTED_TYPES
 from webui.errors import ModelFileError
 
@@ -90,7 +91,8 @@ class _CheckedReader(GGUFReader):
     def __init__(self, path: Path):
         self.path = path
         self.described: list[_Described] = []
-        super().__init__(path, mode="c")
+        with open_model_file(path) as file:  # a regular file (the mapping outlives the file object)
+            super().__init__(file, mode="c")
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         file_size, names = len(self.data), set()
@@ -171,10 +173,10 @@ def read_gguf(path: str | Path) -> GGUFContents:
     except ModelFileError:
         raise
     except OSError as e:
-        raise ModelFileError(f"{path.name} could not be opened ({e}).") from e
-    except READER_ERRORS as e:
-        raise ModelFileError(f"{path.name} is not a readable GGUF file ({type(e).__name__}: {e}). It may be "
-                             "truncated or corrupt: download or copy it again.") from e
+        raise ModelFileError(f"{path.name} could not be mapped into memory ({e.strerror}).") from e
+    except READER_ERRORS as e:  # its message is not passed on: it may quote the file (a byte, a key)
+        raise ModelFileError(f"{path.name} is not a readable GGUF file ({type(e).__name__} reading its header). It "
+                             "may be truncated or corrupt: download or copy it again.") from e
     contents = GGUFContents(path, metadata)
     for described in reader.described:
         data = reader.data[described.start:described.start + described.nbytes]

@@ -29,7 +29,7 @@ from torch import nn
 
 from webui.engine import gguf_kernels
 from webui.engine.detect import Family
-from webui.engine.files import load_state_dict, read_safetensors_header
+from webui.engine.files import find_files, load_state_dict, read_safetensors_header
 from webui.engine.fp8 import compute_dtype, is_fp8, upcast_weight
 from webui.engine.hooks import NetworkCall
 from webui.engine.load import LoadedModel
@@ -164,8 +164,7 @@ class LoraLibrary:
         return self._files
 
     def refresh(self) -> None:
-        found = [p for root in reversed(self.roots) if root.is_dir()
-                 for p in sorted(root.rglob("*")) if p.suffix.lower() in LORA_SUFFIXES and p.is_file()]
+        found = [p for root in reversed(self.roots) for p in sorted(find_files(root, LORA_SUFFIXES))]
         self._files = {p.stem: p for p in found}  # the user's win over built-in ones of the same name
         self._files.update({self.name_of(p): p for p in found})
 

@@ -24,6 +24,7 @@ from webui.engine.files import (
     checkpoint_title,
     find_checkpoints,
     find_files,
+    regular_files,
     short_hash,
 )
 from webui.engine.flow import FLOW_FAMILIES
@@ -257,6 +258,6 @@ def _file_identity(path: Path | None) -> tuple[str, int, int] | None:
     """A file (or a diffusers folder) as part of a fingerprint: its path, size and modification time."""
     if path is None:
         return None
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    files = [path] if path.is_file() else list(regular_files(path))
     stats = [f.stat() for f in files]
     return str(path), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
