@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import tracemalloc
 
 import gguf
 import numpy as np
@@ -15,6 +17,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
 from tests.test_flux import inputs
+from webui.engine import gguf_file
 from webui.engine.gguf_file import read_gguf
 from webui.engine.gguf_load import (
     gguf_state_dict,
@@ -274,7 +277,7 @@ def test_truncated_file_is_refused(small_gguf):
         read_gguf(small_gguf)
 
 
-@pytest.mark.parametrize("content", [b"", b"GGUF", b"not a gguf file at all", b"GGUF\x03\x00\x00\x00" + b"\xff" * 40])
+@pytest.mark.parametrize("content", [b"", b"GGUF", b"not a gguf file at all", b"GGUF\x03\x00\x00\x00" + b"\xff" * 3])
 def test_garbage_is_not_a_readable_gguf_file(tmp_path, content):
     path = tmp_path / "bad.gguf"
     path.write_bytes(content)
@@ -288,3 +291,74 @@ def test_flux_loader_refuses_other_architectures(tmp_path, small_gguf):
         load_gguf_flux_transformer(path)
     with pytest.raises(ModelFileError, match="not a Flux transformer in Black Forest Labs' layout"):
         load_gguf_flux_transformer(small_gguf)
+
+
+# ---- counts that lie (issue 22) ------------------------------------------------------------------------------
+
+
+def gguf_string(text: bytes) -> bytes:
+    return struct.pack("<Q", len(text)) + text
+
+
+def gguf_array(key: bytes, item_type: gguf.GGUFValueType, count: int, payload: bytes) -> bytes:
+    """A metadata entry holding an array: the key, the array type, its item type and count, then ``payload``."""
+    return gguf_string(key) + struct.pack("<IIQ", gguf.GGUFValueType.ARRAY, item_type, count) + payload
+
+
+def raw_gguf(path, tensor_count: int, kv_count: int, entries: bytes) -> os.PathLike:
+    """A GGUF v3 file from its counts and metadata bytes as given, true or not."""
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, tensor_count, kv_count) + entries)
+    return path
+
+
+U8, STRING, ARRAY = gguf.GGUFValueType.UINT8, gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
+
+
+@pytest.mark.parametrize("tensor_count, kv_count, entries, message", [
+    (0, 1, gguf_array(b"big", U8, 20_000_000, bytes(64)),
+     r"metadata 'big' claims 20000000 values, more than the 64 bytes left in the file can hold"),
+    (0, 1, gguf_array(b"tokenizer.ggml.tokens", STRING, 20_000_000, bytes(64)),
+     r"metadata 'tokenizer.ggml.tokens' claims 20000000 values, more than the 64 bytes left"),
+    (0, 1, gguf_array(b"big", U8, 1_000_001, bytes(1_000_001)),
+     r"metadata 'big' claims 1000001 array values \(with the arrays before it\), more than this app reads "
+     r"\(1,000,000\)"),
+    (0, 10**12, b"", r"the header claims 1000000000000 metadata entries, more than the 0 bytes left"),
+    (0, 10_000, bytes(13 * 10_000), r"the header claims 10000 metadata entries, more than this app reads"),
+    (10**9, 0, bytes(64), r"the header claims 1000000000 tensors, more than the 64 bytes left"),
+    (0, 1, struct.pack("<Q", 2**40) + bytes(16),
+     r"a metadata key claims 1099511627776 bytes of text, more than the 16 bytes left"),
+    (0, 1, gguf_array(b"nested", ARRAY, 1, struct.pack("<IQ", U8, 20_000_000)),
+     r"metadata 'nested' is an array of arrays"),
+], ids=["array", "strings", "all arrays", "entries", "too many entries", "tensors", "string", "nested"])
+def test_counts_that_lie_are_refused_before_they_are_read(tmp_path, tensor_count, kv_count, entries, message):
+    """A 20 MB file claiming an array of 20 million values held the queue 6 minutes and took 14 GB: GGUFReader makes
+    numpy objects per value, as many as the file says."""
+    path = raw_gguf(tmp_path / "hostile.gguf", tensor_count, kv_count, entries)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelFileError, match="hostile.gguf: " + message):
+            read_gguf(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20
+
+
+def test_long_arrays_are_checked_and_left_out(tmp_path, monkeypatch):
+    """A tokenizer's vocabulary (256k strings in real files) is read past, not parsed: nothing here uses it; an
+    array short enough is kept."""
+    monkeypatch.setattr(gguf_file, "MAX_PARSED_VALUES", 4)
+    path = tmp_path / "vocabulary.gguf"
+    writer = gguf.GGUFWriter(path, "flux")
+    writer.add_array("tokenizer.ggml.tokens", [f"token{i}" for i in range(10)])
+    writer.add_array("small", [1, 2, 3])
+    writer.add_tensor("a.weight", np.ones((2, 32), np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    contents = read_gguf(path)
+    assert contents.metadata["small"] == [1, 2, 3] and "tokenizer.ggml.tokens" not in contents.metadata
+    assert contents.architecture == "flux" and list(contents.tensors) == ["a.weight"]
+
+    strings = gguf_string(b"a") * 4 + struct.pack("<Q", 2**40)  # the fifth runs past the end
+    cut = raw_gguf(tmp_path / "cut.gguf", 0, 1, gguf_array(b"tokens", STRING, 5, strings))
+    with pytest.raises(ModelFileError, match="cut.gguf: the strings of metadata 'tokens' run past the end"):
+        read_gguf(cut)
