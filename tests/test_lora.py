@@ -3,10 +3,13 @@ removal restores the model exactly, tags and hashes, refusals, and the memory ma
 from __future__ import annotations
 
 import copy
+import os
+import struct
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tests.conftest import make_engine
@@ -19,7 +22,7 @@ from webui.engine.lora import _lora_components
 from webui.engine.lora_export import random_lora, write_lora
 from webui.engine.quant import QuantizedLayer, dequantize
 from webui.engine.request import GenerationRequest
-from webui.errors import UserError
+from webui.errors import ModelFileError, UserError
 from webui.extensions import load_extensions
 
 FLUX_MODULES = ["ae.safetensors", "clip_l.safetensors", "t5xxl_fp32.safetensors"]
@@ -279,3 +282,71 @@ class UNetOnly:
 
     def __init__(self, denoiser: nn.Module, family: Family):
         self.denoiser, self.family, self.text_encoders, self.t5 = denoiser, family, [], None
+
+
+# ---- bad files fail their request, never the extension (issue 22) ------------------------------------------------
+
+
+def header_only(path, header: bytes) -> None:
+    """A .safetensors file of just this header, made by hand (no writer makes a bad one)."""
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+
+
+def test_a_bad_lora_file_fails_its_request_not_the_extension(tmp_path, sd1_file):
+    """An alpha of several values, a rank of 0, a file deleted since the list was made: each raised something else
+    than a UserError, which disabled the LoRA extension until a restart (later tags dropped without a word)."""
+    engine = with_extensions(make_engine(tmp_path, sd1_file))
+    plain = engine.txt2img(GenerationRequest(**SD_REQUEST))
+    folder = lora_folder(engine)
+    write_lora(folder / "a.safetensors", random_lora(dict(_lora_components(engine.models.current)), Family.SD1,
+                                                     rank=2, seed=4), Family.SD1, "kohya")
+    tensors = load_file(folder / "a.safetensors")
+    alpha = next(key for key in tensors if key.endswith(".alpha"))
+    save_file({**tensors, alpha: torch.ones(3)}, folder / "alphas.safetensors")
+    empty = {key: value[:, :0] if key.endswith("lora_up.weight") else value[:0] if key.endswith("down.weight")
+             else value for key, value in tensors.items()}
+    save_file(empty, folder / "rank0.safetensors")
+    save_file(tensors, folder / "gone.safetensors")
+    engine.hooks.networks["lora"][1].refresh()
+    (folder / "gone.safetensors").unlink()
+    for name, message in [("alphas", "has 3 alpha values"), ("rank0", "has an empty down or up matrix"),
+                          ("gone", "could not be read")]:
+        with pytest.raises(ModelFileError, match=f"{name}.safetensors.* {message}") as refused:
+            engine.txt2img(GenerationRequest(**{**SD_REQUEST, "prompt": f"a red circle <lora:{name}:1>"}))
+        assert refused.value.field == "prompt" and not engine.hooks.disabled
+    tagged = engine.txt2img(GenerationRequest(**{**SD_REQUEST, "prompt": "a red circle <lora:a:1>"}))
+    assert not np.array_equal(images(tagged), images(plain)), "the extension still applies LoRAs"
+
+
+def test_bad_lora_files_are_listed_by_the_api_and_refused_with_a_422(tmp_path, sd1_file):
+    """/sdapi/v1/loras answered 500 for a header's "\\ud800" (not UTF-8 once decoded), for a file name that is not
+    UTF-8 and for a file deleted since the list was made; each readable name is listed with what could be read of
+    it, and a tag naming a bad file is a 422 that names it."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from webui.api import register_api
+    from webui.jobs import JobQueue
+
+    engine = with_extensions(make_engine(tmp_path, sd1_file))
+    folder = lora_folder(engine)
+    header_only(folder / "surrogate.safetensors", b'{"__metadata__": {"ss_output_name": "\\ud800"}}')
+    header_only(folder / "deep.safetensors", b"[" * 100_000 + b"]" * 100_000)
+    header_only(folder / "gone.safetensors", b"{}")
+    header_only(folder / os.fsdecode(b"\xff.safetensors"), b"{}")
+    app = FastAPI()
+    register_api(app, JobQueue(engine))
+    client = TestClient(app)
+    assert client.get("/sdapi/v1/loras").status_code == 200
+    (folder / "gone.safetensors").unlink()
+    reply = client.get("/sdapi/v1/loras")
+    assert reply.status_code == 200, reply.text
+    listed = {entry["name"]: entry for entry in reply.json()}
+    assert {"surrogate", "deep", "gone"} <= listed.keys() and listed["surrogate"]["alias"] == "?"
+    assert "nested too deep" in listed["deep"]["metadata"]["error"]
+    assert "gone.safetensors could not be read" in listed["gone"]["metadata"]["error"]
+    for name in ("deep", "gone"):
+        body = {**SD_REQUEST, "save_images": False, "prompt": f"a red circle <lora:{name}:1>"}
+        refused = client.post("/sdapi/v1/txt2img", json=body)
+        assert refused.status_code == 422 and f"{name}.safetensors" in refused.json()["detail"], refused.text
+    assert client.get("/sdapi/v1/loras").status_code == 200 and not engine.hooks.disabled

@@ -359,6 +359,8 @@ def _pieces(base: str, parts: Mapping[str, torch.Tensor], layer: Layer, model: n
         raise ModelFileError(f"{filename}: LoRA layer {base} has no {' or '.join(missing)} matrix; the file is "
                              "incomplete or damaged.")
     down, up = parts["down"], parts["up"]
+    if down.numel() == 0 or up.numel() == 0:  # rank 0: its scale alpha / rank divides by zero
+        raise ModelFileError(f"{filename}: LoRA layer {base} has an empty down or up matrix; the file is damaged.")
     shapes = [weight_shape(model.get_submodule(m)) for m in layer.modules]
     fits = (down.dim() >= 2 and up.dim() >= 2 and up.shape[1] == down.shape[0] and all(s == 1 for s in up.shape[2:])
             and all(shape[1:] == tuple(down.shape[1:]) for shape in shapes)
@@ -369,6 +371,16 @@ def _pieces(base: str, parts: Mapping[str, torch.Tensor], layer: Layer, model: n
             f"{filename}: LoRA layer {base} (down {list(down.shape)}, up {list(up.shape)}) does not fit "
             f"{layer.component} {' + '.join(layer.modules)} (weight {ours}). The LoRA is for another model or "
             "variant than the one loaded.")
-    alpha = float(parts["alpha"]) if "alpha" in parts else None
+    alpha = _alpha(base, parts, filename)
     rows = (swapped_halves(up) if layer.swapped else up).split([shape[0] for shape in shapes])
     return [(module, LoraWeights(down, part, alpha)) for module, part in zip(layer.modules, rows)]
+
+
+def _alpha(base: str, parts: Mapping[str, torch.Tensor], filename: str) -> float | None:
+    """The layer's alpha, one number (None: not given)."""
+    if "alpha" not in parts:
+        return None
+    if parts["alpha"].numel() != 1:
+        raise ModelFileError(f"{filename}: LoRA layer {base} has {parts['alpha'].numel()} alpha values instead of "
+                             "one; the file is damaged.")
+    return float(parts["alpha"])
