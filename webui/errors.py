@@ -24,7 +24,3 @@ class Busy(UserError):
 
 class ModelFileError(UserError):
     """A model file that cannot be read or understood."""
-
-
-class Interrupted(Exception):
-    """Raised inside the sampling loop when the user pressed Interrupt."""

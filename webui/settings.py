@@ -218,7 +218,6 @@ class Options:
         self._values = {**self._a1111, **self._defaults}
         self._beneath: dict[str, Any] = {}  # the stored values of options overridden now (what a save writes)
         self._lock = threading.RLock()
-        self._listeners: list[Callable[[str, Any], None]] = []
         self.problems: list[str] = []  # what went wrong reading config.json, for the UI to show
         if path is not None:
             self._temp_path.unlink(missing_ok=True)  # a save cut short; config.json is intact
@@ -279,7 +278,6 @@ class Options:
         save fails, nothing changes in memory either."""
         with self._lock:
             checked = self.checked(changes)
-            changed = {k: v for k, v in checked.items() if self._values.get(k, _MISSING) != v}
             before, beneath = dict(self._values), dict(self._beneath)
             for key, value in checked.items():
                 self._store(key, value)
@@ -290,9 +288,6 @@ class Options:
                 self._values, self._beneath = before, beneath
                 raise OSError(f"the settings could not be saved to {self.path} ({e.strerror or e}); nothing was "
                               "changed") from e
-        for key, value in changed.items():
-            for listener in self._listeners:
-                listener(key, value)
 
     @contextmanager
     def overridden(self, changes: dict[str, Any]) -> Iterator[None]:
@@ -342,9 +337,6 @@ class Options:
     def choices(self, key: str) -> tuple[str, ...] | None:
         """The values an option is limited to; None: any value of its type."""
         return self._choices.get(key)
-
-    def subscribe(self, listener: Callable[[str, Any], None]) -> None:
-        self._listeners.append(listener)
 
     def save(self) -> None:
         if self.path is None:

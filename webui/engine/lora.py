@@ -223,9 +223,6 @@ class LoraNetwork:
         self._layers: list[weakref.ref] = []  # the adapted layers (weakly: an unloaded model is let go)
         self._components: list[tuple[str, nn.Module]] = []  # memory manager name, adapters
 
-    def _root_index(self, path: Path) -> int:
-        return next(i for i, root in enumerate(self.roots) if path.is_relative_to(root))
-
     def names(self) -> list[str]:
         return self.library.names()
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +48,6 @@ class GenerationRequest:
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @property
     def resize_from(self) -> tuple[int, int] | None:

@@ -81,10 +81,6 @@ def _ids_and_weights(prompt: str, tokenizer: PreTrainedTokenizerBase) -> tuple[l
     return ids + [tokenizer.eos_token_id], weights + [1.0]
 
 
-def t5_token_count(prompt: str, tokenizer: PreTrainedTokenizerBase) -> int:
-    return len(_ids_and_weights(prompt, tokenizer)[0])
-
-
 def encode_t5(prompts: list[str], slot: T5Slot, device: torch.device, dtype: torch.dtype,
               min_length: int = MIN_LENGTH) -> torch.Tensor:
     """(B, L, D) T5 hidden states; L is a multiple of ``min_length`` that fits the longest prompt."""
