@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent
 REQUIRED_MODULES = ("torch", "diffusers", "transformers", "safetensors", "gguf", "gradio", "fastapi", "uvicorn",
                     "PIL", "psutil", "accelerate", "torchsde", "tqdm", "scipy", "torchdiffeq")
 # Installed apart with pip --no-deps, by module: k-diffusion's own dependencies are its training tools; the sampler
-# code the app loads from it needs only the project's (webui/engine/kdiffusion.py).
+# code the app loads from it needs only the project's (webui/engine/sampling/kdiffusion.py).
 NO_DEPS_PACKAGES = {"k_diffusion": "k-diffusion==0.1.1.post1"}
 CUDA_MODULES = ("bitsandbytes",)  # pyproject.toml's extra "cuda": 8-bit T5 through bitsandbytes
 TEST_MODULES = ("pytest", "xdist", "requests", "httpx", "playwright", "schemathesis", "webuiapi")  # its extra "test"

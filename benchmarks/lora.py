@@ -30,9 +30,9 @@ RANKS = (32, 128)
 
 
 def write_loras(root: Path) -> dict[int, Path]:
-    from webui.engine.detect import Family
-    from webui.engine.gguf_load import load_gguf_flux_transformer
-    from webui.engine.lora_export import random_lora, write_lora
+    from webui.engine.formats.detect import Family
+    from webui.engine.weights.gguf_load import load_gguf_flux_transformer
+    from webui.synthetic.lora_export import random_lora, write_lora
 
     folder = root / "Lora"
     folder.mkdir(parents=True, exist_ok=True)

@@ -42,8 +42,8 @@ def q8_0_blocks(rows: int, cols: int) -> torch.Tensor:
 
 
 def main() -> None:
-    from webui.engine import gguf_kernels
-    from webui.engine.quant import dequantize
+    from webui.engine.weights import gguf_kernels
+    from webui.engine.weights.quant import dequantize
 
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}\n")
     print("| layer | rank | the layer | onto the output | into the weight | fused |\n|---|---|---|---|---|---|")

@@ -120,8 +120,8 @@ class StepClock(Progress):
 # ---- SD1.5 / SDXL through the whole engine --------------------------------------------------------
 
 def write_checkpoint(family: str, path: Path) -> Path:
-    from webui.engine.ldm_export import write_a1111_checkpoint
-    from webui.engine.synthetic import build_synthetic_model
+    from webui.synthetic.builders import build_synthetic_model
+    from webui.synthetic.ldm_export import write_a1111_checkpoint
 
     if not path.exists():
         model = build_synthetic_model(family, "full", device="cuda")
@@ -149,7 +149,7 @@ def bench_unet_family(name: str, family: str, size: int, workdir: Path) -> None:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from webui.engine.request import GenerationRequest
-    from webui.engine.samplers import make_scheduler
+    from webui.engine.sampling.samplers import make_scheduler
 
     engine = engine_for(write_checkpoint(family, workdir / f"{name}.safetensors"), workdir)
     request = dict(prompt="a photo of a cat", negative_prompt="", width=size, height=size, cfg_scale=7.0,
@@ -243,7 +243,7 @@ class FluxBench:
     """One Flux transformer under our memory manager: step time, streamed bytes and peak VRAM per policy."""
 
     def __init__(self, model, label: str):
-        from webui.engine.memory import MemoryManager, activation_bytes
+        from webui.engine.memory.manager import MemoryManager, activation_bytes
 
         self.model, self.label, self.inputs = model, label, flux_inputs()
         self.manager = MemoryManager(torch.device("cuda"))
@@ -262,13 +262,13 @@ class FluxBench:
         return step * 1000, self.component.streamed_bytes(), torch.cuda.max_memory_allocated() / MB
 
     def resident(self) -> tuple[float, float]:
-        from webui.engine.memory import MemoryPolicy
+        from webui.engine.memory.manager import MemoryPolicy
 
         ms, _, peak = self.step(MemoryPolicy(inference_mb=1024))
         return ms, peak
 
     def with_gpu_weights(self, weights_mb: float, bandwidth: float, resident_ms: float, what: str) -> None:
-        from webui.engine.memory import MemoryPolicy
+        from webui.engine.memory.manager import MemoryPolicy
 
         policy = MemoryPolicy(inference_mb=int(self.total_mb - weights_mb), async_copies=True, pinned=True)
         ms, streamed, peak = self.step(policy)
@@ -279,7 +279,7 @@ class FluxBench:
                    f"peak ≤ {budget_mb:.0f} MB: {'yes' if peak <= budget_mb else 'no'}"))
 
     def fully_streamed(self, bandwidth: float) -> float:
-        from webui.engine.memory import MemoryPolicy
+        from webui.engine.memory.manager import MemoryPolicy
 
         ms, streamed, peak = self.step(MemoryPolicy(mode="lowvram", async_copies=True, pinned=True))
         floor = streamed / bandwidth * 1000
@@ -289,7 +289,7 @@ class FluxBench:
 
 
 def flux_bf16_file(workdir: Path) -> Path:
-    from webui.engine.ldm_export import write_flux_checkpoint
+    from webui.synthetic.ldm_export import write_flux_checkpoint
 
     path = workdir / "flux-dev-bf16.safetensors"
     if not path.exists():
@@ -301,7 +301,7 @@ def flux_bf16_file(workdir: Path) -> Path:
 def bench_flux(workdir: Path, bandwidth: float) -> None:
     from diffusers.hooks import apply_group_offloading
 
-    from webui.engine.flux import load_flux_transformer
+    from webui.engine.families.flux import load_flux_transformer
 
     start = time.perf_counter()
     bench = FluxBench(load_flux_transformer(flux_bf16_file(workdir), torch.bfloat16), "Flux-dev bf16")
@@ -328,8 +328,8 @@ def bench_flux_q8(workdir: Path, bandwidth: float) -> None:
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
     from benchmarks.pipelines import write_flux_q8
-    from webui.engine.gguf_load import load_gguf_flux_transformer
-    from webui.engine.synthetic import build_flux_transformer
+    from webui.engine.weights.gguf_load import load_gguf_flux_transformer
+    from webui.synthetic.builders import build_flux_transformer
 
     q8_path = write_flux_q8(workdir)
     bf16 = FluxBench(build_flux_transformer("full", device="cuda", dtype=torch.bfloat16).cpu(), "Flux-dev bf16")

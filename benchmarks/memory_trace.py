@@ -18,7 +18,7 @@ from unittest import mock
 import torch
 
 from benchmarks.memory import engine_for, write_checkpoint
-from webui.engine.memory_trace import SAMPLE_SECONDS, SAMPLER, MemoryTrace
+from webui.engine.memory.trace import SAMPLE_SECONDS, SAMPLER, MemoryTrace
 
 
 def image_seconds(engine, request) -> tuple[float, int]:

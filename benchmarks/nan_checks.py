@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.memory import engine_for, write_checkpoint
-from webui.engine.fp8 import compute_dtype
+from webui.engine.weights.fp8 import compute_dtype
 
 
 def check_seconds(tensor: torch.Tensor, repeat: int) -> float:

@@ -46,10 +46,10 @@ def _write(path: Path, make) -> Path:
 
 def write_modules(root: Path) -> None:
     """Text encoders (fp8 T5-XXL, CLIP-L with and without projection, CLIP-G), VAEs and the tokenizer."""
-    from webui.engine.detect import Family
-    from webui.engine.ldm_export import write_clip_file, write_t5_file, write_vae_file
-    from webui.engine.synthetic import build_clip_text, build_t5_encoder, build_vae16
-    from webui.engine.tokenizer import write_t5_tokenizer
+    from webui.engine.conditioning.tokenizer import write_t5_tokenizer
+    from webui.engine.formats.detect import Family
+    from webui.synthetic.builders import build_clip_text, build_t5_encoder, build_vae16
+    from webui.synthetic.ldm_export import write_clip_file, write_t5_file, write_vae_file
 
     enc, vae = root / "text_encoder", root / "VAE"
     enc.mkdir(parents=True, exist_ok=True)
@@ -72,9 +72,9 @@ def write_modules(root: Path) -> None:
 def write_flux_q8(root: Path) -> Path:
     from gguf import GGMLQuantizationType
 
-    from webui.engine.gguf_load import quantize_where_possible, write_gguf
-    from webui.engine.ldm_export import flux_to_bfl
-    from webui.engine.synthetic import build_flux_transformer, flux_architecture
+    from webui.engine.weights.gguf_load import quantize_where_possible, write_gguf
+    from webui.synthetic.builders import build_flux_transformer, flux_architecture
+    from webui.synthetic.ldm_export import flux_to_bfl
 
     def make(path: Path) -> None:
         model = build_flux_transformer("full", device="cuda", dtype=torch.bfloat16)
@@ -88,7 +88,7 @@ def write_flux_q8(root: Path) -> Path:
 
 
 def write_sd35(root: Path, dtype: torch.dtype, name: str) -> Path:
-    from webui.engine.ldm_export import write_sd3_checkpoint
+    from webui.synthetic.ldm_export import write_sd3_checkpoint
 
     return _write(root / "Stable-diffusion" / name, lambda p: write_sd3_checkpoint(p, "full", dtype=dtype))
 
@@ -103,7 +103,7 @@ def status_mb(key: str) -> float:
 def simulate_card(engine, card_mb: int) -> None:
     """Make this GPU a ``card_mb`` card for the engine: the manager sees that total, and as free what torch has
     not allocated of it after a CUDA context's share; the allocator refuses more (an out-of-memory error)."""
-    from webui.engine.memory import DeviceMemory, MemoryManager
+    from webui.engine.memory.manager import DeviceMemory, MemoryManager
 
     class CardMemory(DeviceMemory):
         def total(self) -> int:

@@ -56,7 +56,7 @@ def pipeline_over(engine):
     """The plain diffusers pipeline over the engine's loaded modules; a function timing one of its images."""
     from diffusers import StableDiffusionPipeline
 
-    from webui.engine.samplers import choose
+    from webui.engine.sampling.samplers import choose
 
     model = engine.models.current
     # The pipeline feeds the VAE latents in the UNet's fp16; ours runs the VAE in bf16: give it an fp16 copy.
@@ -78,7 +78,7 @@ def pipeline_over(engine):
 
 
 def resident_rows(engine, repeat: int) -> list[str]:
-    from webui.engine.samplers import choose
+    from webui.engine.sampling.samplers import choose
 
     whole_image(engine, "DPM++ 2M", "Karras")  # load and place
     plain = pipeline_over(engine)

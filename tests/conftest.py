@@ -16,11 +16,12 @@ from gguf import GGMLQuantizationType as Q
 
 from webui import extensions
 from webui.cli import parse_args
-from webui.engine import samplers
-from webui.engine.detect import Family
+from webui.demo.derive import ensure_demo_models
 from webui.engine.engine import Engine
-from webui.engine.gguf_load import quantize_where_possible, write_gguf
-from webui.engine.ldm_export import (
+from webui.engine.formats.detect import Family
+from webui.engine.sampling import samplers
+from webui.engine.weights.gguf_load import quantize_where_possible, write_gguf
+from webui.synthetic.ldm_export import (
     flux_to_bfl,
     write_a1111_checkpoint,
     write_clip_file,
@@ -28,21 +29,28 @@ from webui.engine.ldm_export import (
     write_t5_file,
     write_vae_file,
 )
-from webui.engine.synthetic import (
+from webui.synthetic.builders import (
     build_clip_text,
     build_flux_transformer,
     build_synthetic_model,
     build_t5_encoder,
     build_vae16,
 )
-from webui.engine.t5_prompts import TOKENIZER_FOLDER
-from webui.engine.tokenizer import write_t5_tokenizer
+from webui.engine.conditioning.t5_prompts import TOKENIZER_FOLDER
+from webui.engine.conditioning.tokenizer import write_t5_tokenizer
 from webui.settings import AppConfig
 
 FIXTURE_VERSION = "1"
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "test-models" / FIXTURE_VERSION
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # one torch thread pool per core would oversubscribe them
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_models() -> None:
+    """The demo model's derived files, which the server writes at start: engines made here start without it."""
+    paths = AppConfig.from_args(parse_args([])).paths
+    ensure_demo_models(paths.builtin_models_dir, paths.builtin_modules_dir)
 
 
 @pytest.fixture(autouse=True)

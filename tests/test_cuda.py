@@ -10,7 +10,7 @@ from tests.conftest import make_engine
 from tests.test_flow_pipelines import files, parts  # noqa: F401 (fixtures)
 from tests.test_lora import lora_route  # noqa: F401 (fixture)
 from webui.engine.request import GenerationRequest
-from webui.engine.samplers import make_scheduler
+from webui.engine.sampling.samplers import make_scheduler
 
 pytestmark = pytest.mark.cuda
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -49,7 +49,7 @@ def test_cuda_half_precision_matches_diffusers_and_the_cpu(tmp_path, request, fa
 
 
 def cuda_engine(tmp_path, checkpoint, *flags):
-    from webui.engine.memory import MemoryManager
+    from webui.engine.memory.manager import MemoryManager
 
     engine = make_engine(tmp_path, checkpoint, extra_args=("--device", "cuda", *flags))
     engine.memory = engine.models.memory = MemoryManager(torch.device("cuda"), min_unit_bytes=256 * 1024)
@@ -59,7 +59,7 @@ def cuda_engine(tmp_path, checkpoint, *flags):
 @requires_cuda
 @pytest.mark.parametrize("swap", [("Queue", "CPU"), ("Async", "Shared")])
 def test_cuda_streaming_matches_resident_within_budget(tmp_path, sdxl_file, swap):
-    from webui.engine.memory import MB
+    from webui.engine.memory.manager import MB
 
     resident = cuda_engine(tmp_path / "resident", sdxl_file)
     reference = as_array(resident.txt2img(GenerationRequest(**REQ)).images)
@@ -94,10 +94,10 @@ def test_quantized_flux_on_cuda_matches_the_cpu_and_streams_exactly(tmp_path, st
 
     from tests.test_flux import inputs
     from tests.test_gguf import bfl_state_dict
-    from webui.engine.fp8 import cast_weights_fp8
-    from webui.engine.gguf_load import load_gguf_flux_transformer, quantize_where_possible, write_gguf
-    from webui.engine.memory import MemoryManager, MemoryPolicy
-    from webui.engine.synthetic import build_flux_transformer
+    from webui.engine.memory.manager import MemoryManager, MemoryPolicy
+    from webui.engine.weights.fp8 import cast_weights_fp8
+    from webui.engine.weights.gguf_load import load_gguf_flux_transformer, quantize_where_possible, write_gguf
+    from webui.synthetic.builders import build_flux_transformer
 
     model = build_flux_transformer("tiny", seed=3)
     if storage == "fp8":
@@ -133,8 +133,8 @@ def test_weights_placed_on_the_gpu_or_pinned_keep_one_host_copy(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from tests.test_host_pages import resident_mb
-    from webui.engine.memory import MB, MemoryManager, MemoryPolicy, SimulatedMemory
-    from webui.engine.pinned import PAGE
+    from webui.engine.memory.manager import MB, MemoryManager, MemoryPolicy, SimulatedMemory
+    from webui.engine.memory.pinned import PAGE
 
     path = tmp_path / "layers.safetensors"
     save_file({f"{i}.weight": torch.randn(1024, 1024) / 32 for i in range(32)}, path)
@@ -174,7 +174,7 @@ def test_fused_unpacking_on_cuda_is_the_float32_unpacking_rounded(qtype):
     from gguf import GGMLQuantizationType as Q
 
     from tests.test_gguf import quant_tensor
-    from webui.engine.quant import dequantize
+    from webui.engine.weights.quant import dequantize
 
     weight = quant_tensor(getattr(Q, qtype), rows=301, blocks_per_row=12, seed=5)  # not a whole number of programs
     exact = weight.dequantize(torch.float32)
@@ -192,7 +192,7 @@ def test_unpacking_with_a_low_rank_update_is_the_float32_sum(qtype):
     from gguf import GGMLQuantizationType as Q
 
     from tests.test_gguf import quant_tensor
-    from webui.engine.quant import dequantize, fuses_low_rank
+    from webui.engine.weights.quant import dequantize, fuses_low_rank
 
     weight = quant_tensor(getattr(Q, qtype), rows=301, blocks_per_row=13, seed=6)  # not whole tiles either way
     generator = torch.Generator().manual_seed(0)
@@ -220,7 +220,7 @@ def test_pinned_blocks_hold_exactly_their_bytes_and_unlock_when_collected():
 
     import psutil
 
-    from webui.engine.pinned import pinned_copies
+    from webui.engine.memory.pinned import pinned_copies
 
     sources = [torch.randn(5000, 4000, device="cuda", dtype=torch.bfloat16), torch.arange(7, dtype=torch.uint8),
                torch.randn(3, 5, device="cuda")]
@@ -257,9 +257,9 @@ def copy_waits_s(host: torch.Tensor) -> float:
 def test_int8_t5_through_bitsandbytes_matches_the_16_bit_t5_and_streams(tmp_path):
     pytest.importorskip("bitsandbytes")
     from tests.test_t5_storage import encode
-    from webui.engine.memory import MemoryManager, MemoryPolicy
-    from webui.engine.synthetic import build_t5_encoder
-    from webui.engine.t5_storage import Int8Linear, store_t5
+    from webui.engine.memory.manager import MemoryManager, MemoryPolicy
+    from webui.engine.weights.t5_storage import Int8Linear, store_t5
+    from webui.synthetic.builders import build_t5_encoder
 
     model = build_t5_encoder(seed=11, dtype=torch.bfloat16)
     reference = encode(model.cuda(), "cuda").float()
@@ -287,7 +287,7 @@ def test_int8_t5_through_bitsandbytes_matches_the_16_bit_t5_and_streams(tmp_path
 def test_int8_linear_computes_what_bitsandbytes_linear8bitlt_computes():
     """The reference: transformers' load_in_8bit layer (bitsandbytes.nn.Linear8bitLt) on the same 16-bit weight."""
     bnb = pytest.importorskip("bitsandbytes")
-    from webui.engine.t5_storage import to_int8
+    from webui.engine.weights.t5_storage import to_int8
 
     weight = torch.randn(384, 256, dtype=torch.float16) * 0.05
     weight[:, 3] *= 40  # a column of large weights
@@ -322,9 +322,9 @@ def test_lora_on_a_gguf_flux_on_cuda_streams_exactly_and_equals_the_merged_weigh
     from tests.test_flow_pipelines import flux_request, images
     from tests.test_flux import inputs
     from tests.test_lora import FLUX_MODULES, lora_folder, merged_reference, relative_error, with_extensions
-    from webui.engine.detect import Family
-    from webui.engine.lora import _lora_components
-    from webui.engine.lora_export import random_lora, write_lora
+    from webui.engine.formats.detect import Family
+    from webui.engine.lora.network import _lora_components
+    from webui.synthetic.lora_export import random_lora, write_lora
 
     def engine(name: str, lowvram: bool):  # float32: a tiny random Flux is too chaotic to compare in bf16
         made = with_extensions(make_engine(
@@ -362,7 +362,7 @@ def test_the_demo_model_and_its_gguf_twin_draw_the_prompt_on_the_gpu(tmp_path, f
     import random
 
     from webui.demo.shapes import all_scenes, read_picture
-    from webui.engine.demo import DEMO_NAME, GGUF_NAME, MODULE_NAMES
+    from webui.engine.loading.demo import DEMO_NAME, GGUF_NAME, MODULE_NAMES
 
     engine = make_engine(tmp_path, extra_args=("--device", "cuda", *flags))
     scenes = random.Random(7).sample(all_scenes(), 15)

@@ -8,9 +8,10 @@ import pytest
 from safetensors import safe_open
 
 from webui.cli import parse_args
+from webui.demo.derive import ensure_demo_models
 from webui.demo.shapes import COLOURS, Scene, all_scenes, draw, read_picture, to_pil
-from webui.engine.demo import ASSETS, DEMO_NAME, GGUF_NAME, LORA_DIR, MODULE_NAMES, STYLE_NAME, ensure_demo_models
 from webui.engine.engine import Engine
+from webui.engine.loading.demo import ASSETS, DEMO_NAME, GGUF_NAME, LORA_DIR, MODULE_NAMES, STYLE_NAME
 from webui.engine.request import GenerationRequest
 from webui.errors import UserError
 from webui.extensions import BUILTIN_DIR, find_extensions, load_extensions

@@ -6,11 +6,11 @@ import torch
 from safetensors.torch import save_file
 
 from tests.conftest import single_file
-from webui.engine.detect import Family, detect_family, infer_arch
-from webui.engine.files import TensorInfo, read_safetensors_header
-from webui.engine.ldm_export import ldm_state_dict
-from webui.engine.synthetic import build_synthetic_model
+from webui.engine.formats.detect import Family, detect_family, infer_arch
+from webui.engine.formats.files import TensorInfo, read_safetensors_header
 from webui.errors import ModelFileError
+from webui.synthetic.builders import build_synthetic_model
+from webui.synthetic.ldm_export import ldm_state_dict
 
 COMPARED = ("block_out_channels", "layers_per_block", "cross_attention_dim", "use_linear_projection",
             "down_block_types", "up_block_types", "in_channels", "out_channels")

@@ -11,12 +11,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from tests.conftest import make_engine, single_file
-from webui.engine import files
+from webui.engine.formats import files
 from webui.engine.infotext import parse_infotext, read_png_infotext
-from webui.engine.ldm_export import VAE_PREFIX, ldm_state_dict
 from webui.engine.request import GenerationRequest
-from webui.engine.synthetic import build_synthetic_model
 from webui.errors import ModelFileError, UserError
+from webui.synthetic.builders import build_synthetic_model
+from webui.synthetic.ldm_export import VAE_PREFIX, ldm_state_dict
 
 SMALL = dict(width=64, height=64, steps=3, cfg_scale=5.0)
 
@@ -183,8 +183,8 @@ def test_interrupt_pressed_while_the_checkpoint_is_hashed_stops_the_hashing(tmp_
 
 
 def test_sdxl_vae_is_never_float16():
-    from webui.engine.detect import Family
-    from webui.engine.load import vae_dtype_for
+    from webui.engine.formats.detect import Family
+    from webui.engine.loading.load import vae_dtype_for
 
     assert vae_dtype_for(Family.SDXL, torch.float16) == torch.float32
     assert vae_dtype_for(Family.SDXL, torch.bfloat16) == torch.bfloat16

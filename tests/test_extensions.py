@@ -18,10 +18,10 @@ from tests.conftest import make_engine
 from webui import extensions
 from webui.api import register_api
 from webui.cli import parse_args
-from webui.engine import samplers
 from webui.engine.hooks import NetworkCall
 from webui.engine.infotext import parse_infotext
 from webui.engine.request import GenerationRequest
+from webui.engine.sampling import samplers
 from webui.errors import UserError
 from webui.extensions import BUILTIN_DIR, discover, extensions_of, find_extensions, load_extensions
 from webui.jobs import JobQueue

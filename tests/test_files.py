@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from webui.engine.files import (
+from webui.engine.formats.files import (
     HASH_CHUNK,
     HashCache,
     find_checkpoints,
@@ -21,7 +21,7 @@ from webui.engine.files import (
     read_safetensors_header,
     short_hash,
 )
-from webui.engine.gguf_file import read_gguf
+from webui.engine.formats.gguf_file import read_gguf
 from webui.errors import ModelFileError, UserError
 
 
@@ -138,12 +138,12 @@ def test_gguf_checkpoint_is_recognised_and_asks_for_its_text_encoders(tmp_path):
     from gguf import GGMLQuantizationType as Q
 
     from tests.conftest import make_engine
-    from webui.engine.detect import Family, detect_family
-    from webui.engine.files import read_tensor_infos
-    from webui.engine.gguf_load import quantize_where_possible, write_gguf
-    from webui.engine.ldm_export import flux_to_bfl
+    from webui.engine.formats.detect import Family, detect_family
+    from webui.engine.formats.files import read_tensor_infos
     from webui.engine.request import GenerationRequest
-    from webui.engine.synthetic import build_flux_transformer
+    from webui.engine.weights.gguf_load import quantize_where_possible, write_gguf
+    from webui.synthetic.builders import build_flux_transformer
+    from webui.synthetic.ldm_export import flux_to_bfl
 
     model = build_flux_transformer("tiny")
     path = write_gguf(tmp_path / "flux-tiny-Q8_0.gguf", flux_to_bfl(model.state_dict(), model.config),

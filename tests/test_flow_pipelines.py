@@ -17,10 +17,10 @@ from gguf import GGMLQuantizationType as Q
 from transformers import T5TokenizerFast
 
 from tests.conftest import make_engine
-from webui.engine.detect import Family
-from webui.engine.gguf_load import quantize_where_possible, write_gguf
+from webui.engine.formats.detect import Family
 from webui.engine.infotext import parse_infotext
-from webui.engine.ldm_export import (
+from webui.engine.weights.gguf_load import quantize_where_possible, write_gguf
+from webui.synthetic.ldm_export import (
     flux_to_bfl,
     sd3_to_sai,
     write_clip_file,
@@ -31,14 +31,14 @@ from webui.engine.ldm_export import (
     write_vae_file,
 )
 from webui.engine.request import GenerationRequest
-from webui.engine.synthetic import (
+from webui.synthetic.builders import (
     build_clip_text,
     build_flux_transformer,
     build_sd3_transformer,
     build_t5_encoder,
     build_vae16,
 )
-from webui.engine.tokenizer import clip_tokenizer, write_t5_tokenizer
+from webui.engine.conditioning.tokenizer import clip_tokenizer, write_t5_tokenizer
 from webui.errors import UserError
 
 PROMPT = "a red circle on the left, blue background"
@@ -167,7 +167,7 @@ def test_flux_cfg_uses_the_negative_prompt_and_sizes_must_be_multiples_of_16(tmp
 
 
 def test_missing_t5_tokenizer_is_a_clear_error(tmp_path, files, monkeypatch):
-    monkeypatch.setattr("webui.engine.t5_prompts.HUB_CACHE_REPOS", ())
+    monkeypatch.setattr("webui.engine.conditioning.t5_prompts.HUB_CACHE_REPOS", ())
     engine = make_engine(tmp_path, files / "Stable-diffusion" / "flux-aio.safetensors")
     with pytest.raises(UserError) as missing:
         engine.txt2img(flux_request("flux-aio.safetensors"))

@@ -8,11 +8,11 @@ from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpo
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import single_file
-from webui.engine.files import TensorInfo, read_safetensors_header
-from webui.engine.flux import convert_flux_to_diffusers, flux_config, load_flux_transformer, rope_axes
-from webui.engine.ldm_export import flux_to_bfl, write_flux_transformer
-from webui.engine.synthetic import build_flux_transformer, flux_architecture
+from webui.engine.families.flux import convert_flux_to_diffusers, flux_config, load_flux_transformer, rope_axes
+from webui.engine.formats.files import TensorInfo, read_safetensors_header
 from webui.errors import ModelFileError
+from webui.synthetic.builders import build_flux_transformer, flux_architecture
+from webui.synthetic.ldm_export import flux_to_bfl, write_flux_transformer
 
 PREFIX = "model.diffusion_model."
 # black-forest-labs/FLUX.1-dev's transformer config (out_channels: null there, i.e. in_channels).

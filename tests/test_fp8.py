@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tests.test_flux import inputs as flux_inputs
-from webui.engine import fp8
-from webui.engine.files import load_state_dict, read_safetensors_header
-from webui.engine.fp8 import (
+from webui.engine.formats.files import load_state_dict, read_safetensors_header
+from webui.engine.weights import fp8
+from webui.engine.weights.fp8 import (
     Fp8Conv2d,
     Fp8Linear,
     cast_weights_fp8,
@@ -23,10 +23,10 @@ from webui.engine.fp8 import (
     fp8_state_dict_split,
     to_fp8,
 )
-from webui.engine.memory import MemoryManager, MemoryPolicy, SimulatedMemory
-from webui.engine.stream import Streamer
-from webui.engine.synthetic import build_flux_transformer, build_synthetic_model, flux_architecture
+from webui.engine.memory.manager import MemoryManager, MemoryPolicy, SimulatedMemory
+from webui.engine.memory.stream import Streamer
 from webui.errors import ModelFileError
+from webui.synthetic.builders import build_flux_transformer, build_synthetic_model, flux_architecture
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 CPU = torch.device("cpu")
@@ -255,7 +255,7 @@ def test_diffusion_in_low_bits_option_stores_the_unet_in_fp8_and_back(tmp_path, 
     import numpy as np
 
     from tests.conftest import make_engine
-    from webui.engine import models
+    from webui.engine.loading import models
     from webui.engine.request import GenerationRequest
 
     # The tiny UNet's layers are all below the size threshold that real models pass: convert them all.

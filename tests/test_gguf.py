@@ -17,18 +17,18 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
 from tests.test_flux import inputs
-from webui.engine import gguf_file
-from webui.engine.gguf_file import read_gguf
-from webui.engine.gguf_load import (
+from webui.engine.formats import gguf_file
+from webui.engine.formats.gguf_file import read_gguf
+from webui.engine.weights.gguf_load import (
     gguf_state_dict,
     load_gguf_flux_transformer,
     quantize_where_possible,
     stored_shape,
     write_gguf,
 )
-from webui.engine.ldm_export import flux_to_bfl
-from webui.engine.memory import MemoryManager, MemoryPolicy, SimulatedMemory
-from webui.engine.quant import (
+from webui.engine.memory.manager import MemoryManager, MemoryPolicy, SimulatedMemory
+from webui.synthetic.ldm_export import flux_to_bfl
+from webui.engine.weights.quant import (
     PLAIN_TYPES,
     SUPPORTED_TYPES,
     GGUFConv2d,
@@ -38,8 +38,8 @@ from webui.engine.quant import (
     dequantize,
     replace_with_quantized,
 )
-from webui.engine.synthetic import build_flux_transformer, build_synthetic_model
 from webui.errors import ModelFileError
+from webui.synthetic.builders import build_flux_transformer, build_synthetic_model
 
 # Where each block type keeps its fp16 scales (d, and dmin/m where it has one): random bytes anywhere else are valid.
 FP16_AT = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),

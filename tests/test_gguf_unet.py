@@ -10,13 +10,13 @@ import torch
 from diffusers import UNet2DConditionModel
 from gguf import GGMLQuantizationType as Q
 
-from webui.engine.detect import FLUX_MARKER, UNET, Family
-from webui.engine.gguf_file import read_gguf
-from webui.engine.gguf_load import gguf_family, load_gguf_unet, quantize_where_possible, write_gguf
-from webui.engine.ldm_export import unet_to_ldm
-from webui.engine.quant import PLAIN_TYPES, GGUFConv2d, GGUFLinear, QuantizedLayer
-from webui.engine.synthetic import architecture, build_synthetic_model
+from webui.engine.formats.detect import FLUX_MARKER, UNET, Family
+from webui.engine.formats.gguf_file import read_gguf
+from webui.engine.formats.ldm_keys import unet_to_ldm
+from webui.engine.weights.gguf_load import gguf_family, load_gguf_unet, quantize_where_possible, write_gguf
+from webui.engine.weights.quant import PLAIN_TYPES, GGUFConv2d, GGUFLinear, QuantizedLayer
 from webui.errors import ModelFileError
+from webui.synthetic.builders import architecture, build_synthetic_model
 
 # What ComfyUI-GGUF's converter writes in general.architecture: it cannot tell SD2 UNets from SD1's.
 DECLARED = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl"}

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from webui.engine import host_pages
-from webui.engine.fp8 import fp8_state_dict_split
+from webui.engine.memory import host_pages
+from webui.engine.weights.fp8 import fp8_state_dict_split
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
 MB = 1024 * 1024

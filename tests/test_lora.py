@@ -15,15 +15,15 @@ from torch import nn
 from tests.conftest import make_engine
 from tests.test_flow_pipelines import engine_for, files, flux_request, images, parts  # noqa: F401 (fixtures)
 from tests.test_flux import inputs as flux_inputs
-from webui.engine import lora as lora_module
-from webui.engine.detect import Family
+from webui.engine.formats.detect import Family
 from webui.engine.infotext import parse_infotext
-from webui.engine.lora import _lora_components
-from webui.engine.lora_export import random_lora, write_lora
-from webui.engine.quant import QuantizedLayer, dequantize
+from webui.engine.lora import network as lora_module
+from webui.engine.lora.network import _lora_components
 from webui.engine.request import GenerationRequest
+from webui.engine.weights.quant import QuantizedLayer, dequantize
 from webui.errors import ModelFileError, UserError
 from webui.extensions import load_extensions
+from webui.synthetic.lora_export import random_lora, write_lora
 
 FLUX_MODULES = ["ae.safetensors", "clip_l.safetensors", "t5xxl_fp32.safetensors"]
 SD_REQUEST = dict(prompt="a red circle", negative_prompt="blurry", width=64, height=64, steps=3, cfg_scale=5.0,
@@ -172,7 +172,7 @@ def test_lora_tags_weights_hashes_and_refusals(tmp_path, sd1_file, sdxl_file):
 
 
 def test_lora_adapters_count_against_the_budget_and_stream_like_weights(tmp_path, sd1_file):
-    from webui.engine.memory import MemoryManager, SimulatedMemory
+    from webui.engine.memory.manager import MemoryManager, SimulatedMemory
 
     engine = with_extensions(make_engine(tmp_path, sd1_file))
     plain = engine.txt2img(GenerationRequest(**SD_REQUEST))
@@ -204,8 +204,8 @@ def test_lora_list_in_the_api_and_the_ui_inserts_the_tag(tmp_path, sd1_file):
     from fastapi.testclient import TestClient
 
     from webui.api import register_api
-    from webui.engine.synthetic import build_synthetic_model
     from webui.jobs import JobQueue
+    from webui.synthetic.builders import build_synthetic_model
     from webui.ui import build_ui
     from webui.ui.network_browser import matching, toggle_network_tag
 
@@ -249,11 +249,11 @@ def test_locon_on_a_gguf_q8_0_unet_equals_the_merged_float32_weights(tmp_path, f
     from gguf import GGMLQuantizationType as Q
 
     from tests.test_gguf_unet import load, unet_inputs, write_unet
+    from webui.engine.formats.ldm_keys import unet_to_ldm
     from webui.engine.hooks import NetworkCall
-    from webui.engine.ldm_export import unet_to_ldm
-    from webui.engine.lora import LoraLibrary, LoraNetwork
-    from webui.engine.memory import MemoryManager
-    from webui.engine.synthetic import build_synthetic_model
+    from webui.engine.lora.network import LoraLibrary, LoraNetwork
+    from webui.engine.memory.manager import MemoryManager
+    from webui.synthetic.builders import build_synthetic_model
 
     unet = build_synthetic_model(family, "tiny", seed=1).denoiser.float()
     quantized, _ = load(write_unet(tmp_path, family, unet_to_ldm(unet.state_dict(), unet.config), Q.Q8_0), family)

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 from safetensors.torch import load_file
 
-from webui.engine.detect import Family
-from webui.engine.fp8 import cast_weights_fp8
-from webui.engine.lora_export import FORMATS, random_lora, write_lora
-from webui.engine.lora_keys import LoraWeights, convert_lora, lora_family
-from webui.engine.quant import GGUFLinear, QuantTensor
-from webui.engine.synthetic import (
+from webui.engine.formats.detect import Family
+from webui.engine.lora.keys import LoraWeights, convert_lora, lora_family
+from webui.engine.weights.fp8 import cast_weights_fp8
+from webui.engine.weights.quant import GGUFLinear, QuantTensor
+from webui.synthetic.lora_export import FORMATS, random_lora, write_lora
+from webui.synthetic.builders import (
     build_clip_text,
     build_flux_transformer,
     build_sd3_transformer,
@@ -352,7 +352,7 @@ def test_a_layer_missing_a_matrix_is_refused(models, drop, missing):
 def test_full_weight_differences_are_skipped_and_logged(models, caplog):
     state_dict = sd1_lora(models) | {"lora_unet_input_blocks_1_1_norm.diff": torch.ones(32),
                                      "lora_unet_input_blocks_1_1_proj_in.diff_b": torch.ones(32)}
-    with caplog.at_level(logging.INFO, logger="webui.engine.lora_keys"):
+    with caplog.at_level(logging.INFO, logger="webui.engine.lora.keys"):
         converted = convert_lora(state_dict, Family.SD1, models[Family.SD1], "x")
     assert len(converted) == 1
     assert "x: ignored 2 full-weight difference tensors" in caplog.text

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from tests.conftest import make_engine
-from webui.engine.memory import MB, MemoryManager, SimulatedMemory, plan_residency
+from webui.engine.memory.manager import MB, MemoryManager, SimulatedMemory, plan_residency
+from webui.engine.memory.stream import IN_FLIGHT, Unit, param_bytes, split_units
 from webui.engine.request import GenerationRequest
-from webui.engine.stream import IN_FLIGHT, Unit, param_bytes, split_units
 from webui.errors import UserError
 
 REQ = dict(prompt="a red circle", negative_prompt="blurry", width=64, height=64, steps=3, cfg_scale=5.0, seed=11,
@@ -145,7 +145,7 @@ def test_out_of_memory_is_retried_then_explained(tmp_path, sd1_file):
 def test_every_streamed_weight_is_in_place_when_its_module_runs(tmp_path, request, family, monkeypatch):
     """On the CPU a 'device copy' is the host tensor itself; clone it so a module that computes with a
     host tensor (its hooks never fired) is caught, as it would fail on a GPU."""
-    from webui.engine import stream
+    from webui.engine.memory import stream
 
     copy = stream.Streamer._copy
     monkeypatch.setattr(stream.Streamer, "_copy",
@@ -188,10 +188,10 @@ def test_a_low_bit_layer_unpacking_its_weight_is_counted_against_the_budget():
     memory beside the activations, so a device that holds their stored bytes and nothing more streams them."""
     from gguf import GGMLQuantizationType as Q
 
-    from webui.engine.fp8 import cast_weights_fp8
-    from webui.engine.gguf_load import quantize
-    from webui.engine.memory import MemoryPolicy
-    from webui.engine.quant import GGUFLinear, QuantTensor
+    from webui.engine.memory.manager import MemoryPolicy
+    from webui.engine.weights.fp8 import cast_weights_fp8
+    from webui.engine.weights.gguf_load import quantize
+    from webui.engine.weights.quant import GGUFLinear, QuantTensor
 
     packed = torch.from_numpy(quantize(np.random.randn(512, 1024).astype(np.float32), Q.Q8_0))
     fp8 = nn.Sequential(nn.Linear(1024, 2048), nn.Linear(64, 64))
@@ -211,7 +211,7 @@ def test_a_low_bit_layer_unpacking_its_weight_is_counted_against_the_budget():
 
 
 def test_a_weight_tied_between_two_modules_is_moved_by_the_later_one():
-    from webui.engine.synthetic import build_t5_encoder
+    from webui.synthetic.builders import build_t5_encoder
 
     model = build_t5_encoder(seed=1)  # transformers ties shared.weight and encoder.embed_tokens.weight
     assert model.shared is not model.encoder.embed_tokens and model.shared.weight is model.encoder.embed_tokens.weight
@@ -224,7 +224,7 @@ def test_a_weight_tied_between_two_modules_is_moved_by_the_later_one():
 def test_a_companion_gets_room_before_the_component_it_accompanies():
     """A LoRA's adapters are hundreds of tiny units: streaming them costs a hook and a copy each. When the budget
     holds them and part of the model, they stay resident and the model's large units are streamed instead."""
-    from webui.engine.memory import MemoryPolicy
+    from webui.engine.memory.manager import MemoryPolicy
 
     model = nn.Sequential(*(nn.Linear(256, 256) for _ in range(8)))  # 8 units of 257 kB
     adapters = nn.ModuleList(nn.Linear(256, 64, bias=False) for _ in range(8))  # 8 units of 64 kB

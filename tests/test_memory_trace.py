@@ -5,8 +5,8 @@ import pytest
 
 from tests.conftest import make_engine
 from tests.test_memory import REQ, model_bytes, set_budget, simulated_engine
-from webui.engine.memory import MB
-from webui.engine.memory_trace import MemorySample, thinned
+from webui.engine.memory.manager import MB
+from webui.engine.memory.trace import MemorySample, thinned
 from webui.engine.request import GenerationRequest
 from webui.engine.xyz import AxisChoice, PlotOptions, run_plot
 from webui.extensions import plot_axes

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from webui.engine.infotext import parse_infotext, request_fields
-from webui.engine.noise import Variation, initial_noise, slerp
 from webui.engine.request import GenerationRequest
+from webui.engine.sampling.noise import Variation, initial_noise, slerp
 from webui.engine.xyz import AxisChoice, run_plot
 from webui.extensions import plot_axes
 

@@ -7,7 +7,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from webui.engine.detect import Family
+from webui.engine.formats.detect import Family
 from webui.engine.progress import Progress
 from webui.ui.generation import progress_html
 

@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from webui.engine.prompts import (
+from webui.engine.conditioning.prompts import (
     BREAK,
     Conditioning,
     TextEncoderSlot,
@@ -16,7 +16,7 @@ from webui.engine.prompts import (
     parse_prompt_attention,
     token_count,
 )
-from webui.engine.tokenizer import clip_tokenizer
+from webui.engine.conditioning.tokenizer import clip_tokenizer
 from webui.errors import UserError
 
 T = 77  # tokens per chunk, as the encoder sees it

@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from tests.conftest import make_engine
 from webui.engine.request import GenerationRequest
-from webui.engine.samplers import make_scheduler
+from webui.engine.sampling.samplers import make_scheduler
 
 PROMPT = "a red circle on the left, blue background"
 NEGATIVE = "blurry"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
-from webui.engine import samplers
+from webui.engine.sampling import samplers
 from webui.errors import UserError
 
 # diffusers feeds torch tensors to numpy; NumPy 2 warns thousands of times per run.

@@ -10,12 +10,13 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from webui.engine import samplers, schedules
 from webui.engine.infotext import parse_infotext
-from webui.engine.kdiffusion import external, sampling
-from webui.engine.ksampling import GuidedDenoiser, sample, seeded_noise
 from webui.engine.request import GenerationRequest
-from webui.engine.sampler_functions import CFGPP_SCALE, restart_steps, sample_ddim_cfgpp, sample_lcm, sample_restart
+from webui.engine.sampling import samplers
+from webui.engine.sampling import schedules
+from webui.engine.sampling.kdiffusion import external, sampling
+from webui.engine.sampling.ksampling import GuidedDenoiser, sample, seeded_noise
+from webui.engine.sampling.sampler_functions import CFGPP_SCALE, restart_steps, sample_ddim_cfgpp, sample_lcm, sample_restart
 from webui.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning", "ignore:Should have:UserWarning")
@@ -305,7 +306,7 @@ def test_eta_option_is_the_default(engine):
 def test_brownian_noise_drawn_ahead_is_the_noise_drawn_when_asked():
     """Given the schedule, the next step's tree noise is drawn on a worker while the GPU works: the noise of every
     call (neighbouring sigmas, others, a step asked twice) and a whole DPM++ 2M SDE run are what they were without."""
-    from webui.engine.ksampling import CpuBrownianNoise
+    from webui.engine.sampling.ksampling import CpuBrownianNoise
 
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sigmas = sampling.get_sigmas_karras(10, 0.03, 14.6)

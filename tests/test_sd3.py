@@ -14,14 +14,14 @@ from safetensors.torch import load_file, save_file
 
 from tests.conftest import single_file
 from tests.test_flux import assert_same_tensors, infos_of
-from webui.engine.files import read_safetensors_header
-from webui.engine.gguf_file import read_gguf
-from webui.engine.gguf_load import quantize_where_possible, write_gguf
-from webui.engine.ldm_export import sd3_to_sai, write_sd3_transformer
-from webui.engine.quant import PLAIN_TYPES, GGUFConv2d, GGUFLinear, QuantizedLayer, dequantize
-from webui.engine.sd3 import convert_sd3_to_diffusers, load_gguf_sd3_transformer, load_sd3_transformer, sd3_config
-from webui.engine.synthetic import build_sd3_transformer, sd3_architecture
+from webui.engine.families.sd3 import convert_sd3_to_diffusers, load_gguf_sd3_transformer, load_sd3_transformer, sd3_config
+from webui.engine.formats.files import read_safetensors_header
+from webui.engine.formats.gguf_file import read_gguf
+from webui.engine.weights.gguf_load import quantize_where_possible, write_gguf
+from webui.engine.weights.quant import PLAIN_TYPES, GGUFConv2d, GGUFLinear, QuantizedLayer, dequantize
 from webui.errors import ModelFileError
+from webui.synthetic.builders import build_sd3_transformer, sd3_architecture
+from webui.synthetic.ldm_export import sd3_to_sai, write_sd3_transformer
 
 PREFIX = "model.diffusion_model."
 # The transformer configs of stabilityai/stable-diffusion-3.5-large, -3.5-medium and -3-medium-diffusers

@@ -18,7 +18,7 @@ from diffusers.loaders.single_file_utils import (
 )
 from safetensors import safe_open
 
-from webui.engine.ldm_export import (
+from webui.synthetic.ldm_export import (
     LDM_SCHEDULE_KEYS,
     V_PREDICTION_KEY,
     ldm_state_dict,
@@ -26,7 +26,7 @@ from webui.engine.ldm_export import (
     write_a1111_checkpoint,
     write_diffusers_folder,
 )
-from webui.engine.synthetic import FAMILIES, architecture, build_synthetic_model
+from webui.synthetic.builders import FAMILIES, architecture, build_synthetic_model
 
 
 @functools.cache

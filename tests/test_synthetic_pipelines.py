@@ -10,26 +10,26 @@ from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES, is_t5_in_s
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5TokenizerFast
 
 from tests.test_flux import inputs as flux_inputs
-from webui.engine.detect import Family
-from webui.engine.files import load_state_dict, read_tensor_infos
-from webui.engine.flux import load_flux_transformer
-from webui.engine.fp8 import FP8_DTYPES, to_fp8
-from webui.engine.ldm_export import (
+from webui.engine.families.flux import load_flux_transformer
+from webui.engine.formats.detect import Family
+from webui.engine.formats.files import load_state_dict, read_tensor_infos
+from webui.engine.weights.fp8 import FP8_DTYPES, to_fp8
+from webui.synthetic.ldm_export import (
     write_clip_file,
     write_flux_all_in_one,
     write_sd3_all_in_one,
     write_t5_file,
     write_vae_file,
 )
-from webui.engine.synthetic import (
+from webui.synthetic.builders import (
     build_clip_text,
     build_flux_transformer,
     build_t5_encoder,
     build_vae16,
     t5_architecture,
 )
-from webui.engine.text_encoders import load_clip_file, load_t5_encoder, load_vae16
-from webui.engine.tokenizer import clip_tokenizer, write_t5_tokenizer
+from webui.engine.conditioning.text_encoders import load_clip_file, load_t5_encoder, load_vae16
+from webui.engine.conditioning.tokenizer import clip_tokenizer, write_t5_tokenizer
 
 E4M3 = torch.float8_e4m3fn
 PROMPT = "a photo of a cat"

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from tests.test_flow_pipelines import engine_for, files, flux_request, images, parts  # noqa: F401 (fixtures)
-from webui.engine.fp8 import Fp8Linear, to_fp8
-from webui.engine.synthetic import build_t5_encoder
-from webui.engine.t5_storage import STORAGE, store_t5
+from webui.engine.weights.fp8 import Fp8Linear, to_fp8
+from webui.engine.weights.t5_storage import STORAGE, store_t5
 from webui.errors import UserError
 from webui.settings import OPTION_CHOICES, OPTION_DEFAULTS
+from webui.synthetic.builders import build_t5_encoder
 
 CPU = torch.device("cpu")
 

@@ -8,13 +8,13 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
 from tests.test_synthetic_pipelines import assert_same, clip_outputs, t5_output
-from webui.engine.detect import Family
-from webui.engine.files import TensorInfo
-from webui.engine.fp8 import to_fp8
-from webui.engine.ldm_export import open_clip_to_ldm, t5_state_dict, text_state_dict, vae_to_ldm
-from webui.engine.stream import param_bytes, split_units
-from webui.engine.synthetic import build_clip_text, build_t5_encoder, t5_architecture
-from webui.engine.text_encoders import (
+from webui.engine.formats.detect import Family
+from webui.engine.formats.files import TensorInfo
+from webui.engine.memory.stream import param_bytes, split_units
+from webui.engine.weights.fp8 import to_fp8
+from webui.synthetic.builders import build_clip_text, build_t5_encoder, t5_architecture
+from webui.synthetic.ldm_export import open_clip_to_ldm, t5_state_dict, text_state_dict, vae_to_ldm
+from webui.engine.conditioning.text_encoders import (
     load_clip_file,
     load_t5_encoder,
     load_vae16,

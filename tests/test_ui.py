@@ -267,7 +267,7 @@ def test_png_info_reads_a_generated_image_and_sends_it_to_txt2img(client, engine
 def test_send_to_txt2img_splits_an_old_sampler_name_and_resets_what_the_infotext_lacks():
     """A1111 1.5's "Sampler: DPM++ 2M Karras" is sampler and schedule type; no "Clip skip" means 1, no "Distilled
     CFG Scale" its default, whatever the form held before."""
-    from webui.engine.samplers import sampler_names, schedule_type_names
+    from webui.engine.sampling.samplers import sampler_names, schedule_type_names
     from webui.ui.png_info import form_updates
 
     with gr.Blocks():
@@ -318,7 +318,7 @@ def test_the_step_slider_follows_the_steps_limit(engine):
 def test_live_preview_period_keeps_latents_every_n_steps():
     import torch
 
-    from webui.engine.detect import Family
+    from webui.engine.formats.detect import Family
 
     progress = Progress(preview_every=3)
     progress.begin("txt2img", job_count=1, steps=9)

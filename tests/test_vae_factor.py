@@ -11,10 +11,10 @@ from diffusers import AutoencoderKL
 
 from tests.conftest import make_engine
 from tests.test_reference import NEGATIVE, PROMPT, reference_images
-from webui.engine.ldm_export import write_diffusers_folder
 from webui.engine.request import GenerationRequest
-from webui.engine.synthetic import build_synthetic_model
 from webui.errors import UserError
+from webui.synthetic.builders import build_synthetic_model
+from webui.synthetic.ldm_export import write_diffusers_folder
 
 
 def folder_with_vae_levels(path: Path, levels: int) -> Path:

@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import FLUX_GGUF_MODULES, flux_gguf_models, make_engine
 from webui.engine.infotext import parse_infotext
-from webui.engine.memory import MemoryManager, SimulatedMemory
+from webui.engine.memory.manager import MemoryManager, SimulatedMemory
 from webui.engine.request import GenerationRequest
 from webui.engine.xyz import BUILTIN_AXES, AxisChoice, PlotOptions, extension_axis, run_plot
 from webui.errors import UserError

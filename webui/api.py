@@ -37,11 +37,11 @@ from webui.api_body import (
     xyz_script,
 )
 from webui.engine.engine import Engine
-from webui.engine.files import checkpoint_title, short_hash
+from webui.engine.formats.files import checkpoint_title, short_hash
 from webui.engine.infotext import PNG_SIGNATURE, parse_infotext, png_text, read_png_infotext
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationResult
-from webui.engine.samplers import api_samplers, api_schedulers
+from webui.engine.sampling.samplers import api_samplers, api_schedulers
 from webui.engine.xyz import SCRIPT_ARGS
 from webui.errors import Busy, UserError
 from webui.extensions import extensions_of, plot_axes

@@ -6,7 +6,7 @@ registers carries its name, so an extension that fails (on import, in ``setup``,
 its UI tab) is logged with its name and disabled with all it added, and the app goes on. The
 engine's ``hooks.disabled`` is the one record of which extensions failed and why.
 
-Samplers and schedule types are process-wide (``webui.engine.samplers``); the rest is kept per
+Samplers and schedule types are process-wide (``webui.engine.sampling.samplers``); the rest is kept per
 engine, in the ``Extensions`` that ``extensions_of(engine)`` returns. docs/extensions.md is the guide.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ from webui.cli import ROOT
 from webui.engine.engine import Engine
 from webui.engine.hooks import Hooks, Network
 from webui.engine.request import GenerationRequest
-from webui.engine.ksampling import KSampler
-from webui.engine.samplers import (
+from webui.engine.sampling.ksampling import KSampler
+from webui.engine.sampling.samplers import (
     SchedulerFactory,
     find_sampler,
     find_schedule_type,
@@ -191,7 +191,7 @@ class ExtensionAPI:
                     default_schedule: str | None = None, uses_schedule_type: bool = True,
                     flow_factory: SchedulerFactory | None = None, ksampler: KSampler | None = None) -> None:
         """A new sampler for every model of the SD families (and for Flux/SD3 with ``flow_factory``); see
-        ``webui.engine.samplers.register_sampler``. A name that exists already is refused."""
+        ``webui.engine.sampling.samplers.register_sampler``. A name that exists already is refused."""
         _claim("sampler", name, self.name, _exists(find_sampler, name))
         register_sampler(name, factory, tuple(aliases), default_schedule=default_schedule,
                          uses_schedule_type=uses_schedule_type, flow_factory=flow_factory, ksampler=ksampler)

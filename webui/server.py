@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from webui.cli import parse_args
+from webui.demo.derive import ensure_demo_models
 from webui.engine.engine import Engine
 from webui.errors import UserError
 from webui.extensions import load_extensions
@@ -41,7 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     for line in args.no_effect:
         log.warning(line)
     try:
-        engine = Engine(AppConfig.from_args(args))
+        config = AppConfig.from_args(args)
+        ensure_demo_models(config.paths.builtin_models_dir, config.paths.builtin_modules_dir)
+        engine = Engine(config)
     except UserError as e:
         sys.exit(f"Cannot start: {e}")
     load_extensions(engine)

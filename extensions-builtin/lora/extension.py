@@ -1,12 +1,12 @@
 """LoRA, as a built-in extension: the ``<lora:name:weight>`` prompt network and A1111's LoRA routes.
 
-The work is in ``webui.engine.lora`` (adapters the memory manager places, exact removal); this file
+The work is in ``webui.engine.lora.network`` (adapters the memory manager places, exact removal); this file
 only registers it through the public extension API.
 """
 from __future__ import annotations
 
-from webui.engine.demo import LORA_DIR
-from webui.engine.lora import LoraLibrary, LoraNetwork, compile_kernels
+from webui.engine.loading.demo import LORA_DIR
+from webui.engine.lora.network import LoraLibrary, LoraNetwork, compile_kernels
 
 
 def setup(api) -> None:

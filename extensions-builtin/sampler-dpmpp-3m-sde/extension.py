@@ -12,8 +12,8 @@ import functools
 
 from diffusers import DPMSolverMultistepScheduler
 
-from webui.engine.kdiffusion import sampling
-from webui.engine.ksampling import KSampler
+from webui.engine.sampling.kdiffusion import sampling
+from webui.engine.sampling.ksampling import KSampler
 
 
 def setup(api) -> None:

@@ -3,7 +3,7 @@
 Writes, into ``webui/assets/demo`` (or ``--dest``): the model as an A1111 single-file checkpoint (float16, with
 ModelSpec metadata saying its resolution), and its two LoRAs in kohya's format (sd-scripts' names, the most common
 kind users have). The style checkpoint and the GGUF twin are made from these at first start
-(``webui.engine.demo``), so the repository holds one checkpoint.
+(``webui.engine.loading.demo``), so the repository holds one checkpoint.
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from webui.demo.train import load_component, read_config
-from webui.engine.demo import ASSETS, DEMO_METADATA, DEMO_NAME, LORA_DIR, LORA_NAMES
-from webui.engine.detect import Family
-from webui.engine.ldm_export import write_a1111_checkpoint
-from webui.engine.lora_export import Weights, write_lora
-from webui.engine.lora_keys import DENOISER, LoraWeights
-from webui.engine.synthetic import SyntheticModel
+from webui.engine.formats.detect import Family
+from webui.engine.loading.demo import ASSETS, DEMO_METADATA, DEMO_NAME, LORA_DIR, LORA_NAMES
+from webui.engine.lora.keys import DENOISER, LoraWeights
+from webui.synthetic.builders import SyntheticModel
+from webui.synthetic.ldm_export import write_a1111_checkpoint
+from webui.synthetic.lora_export import Weights, write_lora
 
 
 def trained_model(run: Path) -> SyntheticModel:

@@ -33,8 +33,8 @@ from torch import nn
 from transformers import CLIPTextModel
 
 from webui.demo.shapes import CAPTION_PARTS, Scene, all_scenes, draw
-from webui.engine.synthetic import clip_config, sd1_unet_config, vae_body
-from webui.engine.tokenizer import clip_tokenizer
+from webui.engine.conditioning.tokenizer import clip_tokenizer
+from webui.synthetic.builders import clip_config, sd1_unet_config, vae_body
 
 SD1_SCALE = 0.18215
 SD1_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")

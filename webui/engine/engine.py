@@ -15,18 +15,17 @@ from typing import Any
 import torch
 from PIL import Image
 
-from webui.engine import demo
-from webui.engine.files import CheckpointInfo, HashCache, declared_resolution, short_hash
+from webui.engine.formats.files import CheckpointInfo, HashCache, declared_resolution, short_hash
 from webui.engine.generate import Resolved, resolve_seed, txt2img
 from webui.engine.hooks import Hooks, extract_networks
-from webui.engine.host_pages import limit_heap_arenas
-from webui.engine.load import LoadedModel
-from webui.engine.memory import DeviceMemory, MemoryManager, MemoryPolicy, use_expandable_segments
-from webui.engine.models import Dtypes, ModelManager
+from webui.engine.loading.load import LoadedModel
+from webui.engine.loading.models import Dtypes, ModelManager
+from webui.engine.memory.host_pages import limit_heap_arenas
+from webui.engine.memory.manager import DeviceMemory, MemoryManager, MemoryPolicy, use_expandable_segments
 from webui.engine.outputs import remove_stale_temp_files, save_image
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
-from webui.engine.samplers import choose
+from webui.engine.sampling.samplers import choose
 from webui.errors import UserError
 from webui.settings import OUTPUT_FOLDER_OPTIONS, AppConfig
 
@@ -66,7 +65,6 @@ class Engine:
         if self.device.type == "cuda":
             use_expandable_segments()
         dtypes = pick_dtypes(self.device, args.no_half, args.no_half_vae)
-        demo.ensure_demo_models(config.paths.builtin_models_dir, config.paths.builtin_modules_dir)
         self.memory = MemoryManager(self.device, memory)
         self.progress = Progress()
         hashes = HashCache(config.paths.hash_cache_file, lambda: self.progress.interrupted)

@@ -23,21 +23,21 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from tqdm import tqdm
 
-from webui.engine.detect import Family
-from webui.engine.flow import FLOW_FAMILIES, SD3_DEFAULT_SHIFT, StepCallback, denoise_flow, set_timesteps, shift_for
-from webui.engine.fp8 import compute_dtype
+from webui.engine.conditioning.prompts import Conditioning, encode_prompts
+from webui.engine.conditioning.t5_prompts import MIN_LENGTH as T5_MIN_LENGTH
+from webui.engine.conditioning.t5_prompts import encode_t5
+from webui.engine.formats.detect import Family
 from webui.engine.hooks import Hooks
 from webui.engine.infotext import build_infotext
-from webui.engine.ksampling import CpuBrownianNoise, GuidedDenoiser, sample
-from webui.engine.load import TEXT_ENCODERS, LoadedModel, vae_scale_factor
-from webui.engine.memory import MemoryManager, MemoryPolicy, activation_bytes, vae_decode_bytes
-from webui.engine.noise import Variation, initial_noise
+from webui.engine.loading.load import TEXT_ENCODERS, LoadedModel, vae_scale_factor
+from webui.engine.memory.manager import MemoryManager, MemoryPolicy, activation_bytes, vae_decode_bytes
 from webui.engine.progress import Progress
-from webui.engine.prompts import Conditioning, encode_prompts
 from webui.engine.request import MAX_SEED, GenerationRequest, GenerationResult
-from webui.engine.samplers import Sampling, make_flow_scheduler, step_kwargs
-from webui.engine.t5_prompts import MIN_LENGTH as T5_MIN_LENGTH
-from webui.engine.t5_prompts import encode_t5
+from webui.engine.sampling.flow import FLOW_FAMILIES, SD3_DEFAULT_SHIFT, StepCallback, denoise_flow, set_timesteps, shift_for
+from webui.engine.sampling.ksampling import CpuBrownianNoise, GuidedDenoiser, sample
+from webui.engine.sampling.noise import Variation, initial_noise
+from webui.engine.sampling.samplers import Sampling, make_flow_scheduler, step_kwargs
+from webui.engine.weights.fp8 import compute_dtype
 from webui.errors import UserError
 
 VERSION = "webui-0.1"
@@ -333,7 +333,7 @@ def encode(model: LoadedModel, prompts: list[str], clip_skip: int, device: torch
 def _initial_noise(model: LoadedModel, req: GenerationRequest, generators: list[torch.Generator], seeds: list[int],
                    subseeds: list[int]) -> torch.Tensor:
     """One latent per seed, at the image size over the VAE's scale factor (which the size must be a multiple of),
-    with A1111's variation seed and seed resize (webui.engine.noise)."""
+    with A1111's variation seed and seed resize (webui.engine.sampling.noise)."""
     factor = model.vae_scale_factor
     for name, side in (("width", req.width), ("height", req.height)):
         if side % factor:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from webui.engine.detect import Family
+from webui.engine.formats.detect import Family
 
 # Linear maps from the 4 latent channels to RGB, a cheap preview of what the VAE would decode.
 LATENT_RGB = {

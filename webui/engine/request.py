@@ -8,8 +8,8 @@ from typing import Any
 
 from PIL import Image
 
-from webui.engine.memory import GenerationStats
-from webui.engine.memory_trace import MemoryTimeline
+from webui.engine.memory.manager import GenerationStats
+from webui.engine.memory.trace import MemoryTimeline
 from webui.errors import UserError
 
 MAX_SEED = 2**32 - 1

@@ -22,11 +22,11 @@ from PIL import Image
 from webui.engine.axis_values import format_value, parse_values
 from webui.engine.generate import resolve_seed
 from webui.engine.grid import combine_grids, draw_grid
-from webui.engine.memory import MB
-from webui.engine.memory_trace import MemoryTimeline
+from webui.engine.memory.manager import MB
+from webui.engine.memory.trace import MemoryTimeline
 from webui.engine.outputs import save_image
 from webui.engine.request import GenerationRequest, GenerationResult
-from webui.engine.samplers import resolve, sampler_names, schedule_type_names
+from webui.engine.sampling.samplers import resolve, sampler_names, schedule_type_names
 from webui.errors import UserError
 
 if TYPE_CHECKING:

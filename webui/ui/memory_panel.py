@@ -7,7 +7,7 @@ from bisect import bisect_left
 import gradio as gr
 import pandas as pd
 
-from webui.engine.memory_trace import MemoryTimeline
+from webui.engine.memory.trace import MemoryTimeline
 
 PLOTS = ("timeline", "weights", "time")
 WHERE_COLORS = {"resident": "#16a34a", "streamed": "#f97316"}

@@ -6,10 +6,10 @@ from functools import partial
 
 import gradio as gr
 
-from webui.engine.assemble import checkpoint_family
-from webui.engine.detect import Family
 from webui.engine.engine import Engine
-from webui.engine.memory import MB
+from webui.engine.formats.detect import Family
+from webui.engine.loading.assemble import checkpoint_family
+from webui.engine.memory.manager import MB
 from webui.errors import ModelFileError, UserError
 from webui.settings import OPTION_CHOICES
 from webui.ui.common import OPTION_LABELS, REFRESH, set_option

@@ -6,7 +6,7 @@ from typing import Any
 import gradio as gr
 
 from webui.engine.infotext import INFOTEXT_FIELDS, read_png_infotext, request_fields
-from webui.engine.samplers import resolve
+from webui.engine.sampling.samplers import resolve
 from webui.errors import UserError
 from webui.ui.common import Components
 

@@ -9,12 +9,12 @@ from functools import partial
 
 import gradio as gr
 
-from webui.engine.detect import Family
 from webui.engine.engine import Engine
-from webui.engine.files import declared_resolution
-from webui.engine.flow import FLOW_FAMILIES
+from webui.engine.formats.detect import Family
+from webui.engine.formats.files import declared_resolution
 from webui.engine.request import MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
-from webui.engine.samplers import sampler_names, schedule_type_names
+from webui.engine.sampling.flow import FLOW_FAMILIES
+from webui.engine.sampling.samplers import sampler_names, schedule_type_names
 from webui.errors import UserError
 from webui.jobs import JobQueue
 from webui.ui.common import OPTION_LABELS, RANDOM_SEED, REUSE_SEED, Components, FieldSlider, set_option

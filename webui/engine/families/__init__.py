@@ -1,0 +1,1 @@
+"""One module per model family that has its own assembly and loop."""

@@ -1,0 +1,200 @@
+"""Flux transformers (the denoiser alone) from single files in Black Forest Labs' original layout.
+
+BFL's files name tensors ``double_blocks.N.img_attn.qkv.weight``, ``single_blocks.N.linear1.weight``,
+``img_in.weight`` ...; ComfyUI/Forge save the same names under ``model.diffusion_model.``.
+
+The architecture comes from tensor shapes, as in ``detect``:
+
+* Widths (inner, input, text, pooled, output) come from the embedders' and final layer's shapes.
+* The head dim is the size of a q-norm scale (an RMSNorm over one head): 128 in every released Flux.
+* The rotary axes split each head's channels 1 : 3.5 : 3.5 between (time, row, column), as Flux's
+  (16, 56, 56) does for 128 channels; other head dims keep that ratio, rounded to even sizes since
+  rotary embeddings rotate channel pairs (see ``rope_axes``).
+* ``patch_size`` is 1: Flux packs 2x2 latent patches into 64 channels before the transformer.
+
+diffusers' own ``convert_flux_transformer_checkpoint_to_diffusers`` hard-codes a 3072-wide model;
+the conversion here takes the width from the config, so tiny test models take the same path.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from diffusers import FluxTransformer2DModel
+
+from webui.engine.formats.detect import block_count, flux_prefix, strip_prefix, tensor_shape
+from webui.engine.formats.files import Source, TensorInfo, source_infos, source_tensors
+from webui.engine.loading.load import build_module
+from webui.engine.memory import host_pages
+from webui.engine.weights.fp8 import is_fp8
+from webui.errors import ModelFileError
+
+StateDict = dict[str, torch.Tensor]
+Splitter = Callable[[str, torch.Tensor, int], tuple[torch.Tensor, ...]]
+
+# BFL name -> diffusers names. Names ending in "." are modules (their weight and bias follow); the
+# others are whole tensor names. Several diffusers names mean a fused tensor split along dim 0: every
+# part but the last is one inner width, the last takes the rest (q/k/v, or q/k/v/mlp in linear1).
+TOP_LEVEL: dict[str, tuple[str, ...]] = {
+    "img_in.": ("x_embedder.",),
+    "txt_in.": ("context_embedder.",),
+    "time_in.in_layer.": ("time_text_embed.timestep_embedder.linear_1.",),
+    "time_in.out_layer.": ("time_text_embed.timestep_embedder.linear_2.",),
+    "vector_in.in_layer.": ("time_text_embed.text_embedder.linear_1.",),
+    "vector_in.out_layer.": ("time_text_embed.text_embedder.linear_2.",),
+    "final_layer.linear.": ("proj_out.",),
+    "final_layer.adaLN_modulation.1.": ("norm_out.linear.",),
+}
+GUIDANCE: dict[str, tuple[str, ...]] = {
+    "guidance_in.in_layer.": ("time_text_embed.guidance_embedder.linear_1.",),
+    "guidance_in.out_layer.": ("time_text_embed.guidance_embedder.linear_2.",),
+}
+DOUBLE_BLOCK: dict[str, tuple[str, ...]] = {
+    "img_mod.lin.": ("norm1.linear.",),
+    "txt_mod.lin.": ("norm1_context.linear.",),
+    "img_attn.qkv.": ("attn.to_q.", "attn.to_k.", "attn.to_v."),
+    "txt_attn.qkv.": ("attn.add_q_proj.", "attn.add_k_proj.", "attn.add_v_proj."),
+    "img_attn.norm.query_norm.scale": ("attn.norm_q.weight",),
+    "img_attn.norm.key_norm.scale": ("attn.norm_k.weight",),
+    "txt_attn.norm.query_norm.scale": ("attn.norm_added_q.weight",),
+    "txt_attn.norm.key_norm.scale": ("attn.norm_added_k.weight",),
+    "img_attn.proj.": ("attn.to_out.0.",),
+    "txt_attn.proj.": ("attn.to_add_out.",),
+    "img_mlp.0.": ("ff.net.0.proj.",),
+    "img_mlp.2.": ("ff.net.2.",),
+    "txt_mlp.0.": ("ff_context.net.0.proj.",),
+    "txt_mlp.2.": ("ff_context.net.2.",),
+}
+SINGLE_BLOCK: dict[str, tuple[str, ...]] = {
+    "modulation.lin.": ("norm.linear.",),
+    "linear1.": ("attn.to_q.", "attn.to_k.", "attn.to_v.", "proj_mlp."),
+    "norm.query_norm.scale": ("attn.norm_q.weight",),
+    "norm.key_norm.scale": ("attn.norm_k.weight",),
+    "linear2.": ("proj_out.",),
+}
+# BFL's final modulation outputs (shift, scale); diffusers' AdaLayerNormContinuous expects (scale, shift).
+SWAPPED_HALVES = ("norm_out.linear.weight", "norm_out.linear.bias")
+LINEAR_PARAMS = ("weight", "bias")
+WHAT = "Flux transformer"  # named in messages about missing tensors
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Rotary channels per (time, row, column) axis: Flux's (16, 56, 56) at 128, the same ratio elsewhere.
+
+    Each spatial axis gets 7/16 of the channels rounded down to an even count, time the rest.
+    """
+    spatial = head_dim * 7 // 16 // 2 * 2
+    return (head_dim - 2 * spatial, spatial, spatial)
+
+
+def flux_config(infos: dict[str, TensorInfo]) -> dict:
+    """A diffusers ``FluxTransformer2DModel`` config from the tensor shapes of a BFL-layout transformer.
+
+    ``infos`` may carry the ``model.diffusion_model.`` prefix; tensors outside it are ignored.
+    """
+    infos = strip_prefix(infos, flux_prefix(infos))
+    inner, in_channels = tensor_shape(infos, "img_in.weight", WHAT)
+    (head_dim,) = tensor_shape(infos, "double_blocks.0.img_attn.norm.query_norm.scale", WHAT)
+    if inner % head_dim:
+        raise ModelFileError(f"This Flux transformer's width {inner} is not a whole number of {head_dim}-channel "
+                             "attention heads; the file is inconsistent.")
+    return {
+        "patch_size": 1,
+        "in_channels": in_channels,
+        "out_channels": tensor_shape(infos, "final_layer.linear.weight", WHAT)[0],
+        "num_layers": block_count(infos, "double_blocks"),
+        "num_single_layers": block_count(infos, "single_blocks"),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": inner // head_dim,
+        "joint_attention_dim": tensor_shape(infos, "txt_in.weight", WHAT)[1],
+        "pooled_projection_dim": tensor_shape(infos, "vector_in.in_layer.weight", WHAT)[1],
+        "guidance_embeds": "guidance_in.in_layer.weight" in infos,
+        "axes_dims_rope": rope_axes(head_dim),
+    }
+
+
+def flux_key_table(config: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """Every BFL name of a model with ``config``'s depth -> its diffusers names (see ``TOP_LEVEL``)."""
+    table = dict(TOP_LEVEL) | (GUIDANCE if config["guidance_embeds"] else {})
+    blocks = (("double_blocks", "transformer_blocks", DOUBLE_BLOCK, config["num_layers"]),
+              ("single_blocks", "single_transformer_blocks", SINGLE_BLOCK, config["num_single_layers"]))
+    for bfl, diffusers, names, count in blocks:
+        for i in range(count):
+            for old, new in names.items():
+                table[f"{bfl}.{i}.{old}"] = tuple(f"{diffusers}.{i}.{n}" for n in new)
+    return table
+
+
+def swap_halves(state_dict: StateDict) -> None:
+    """Swap the two halves of the final modulation (its own inverse), in place."""
+    for key in SWAPPED_HALVES:
+        if key in state_dict:
+            first, second = state_dict[key].chunk(2)
+            state_dict[key] = torch.cat([second, first])
+
+
+def _split(key: str, tensor: torch.Tensor, inner: int, parts: int) -> tuple[torch.Tensor, ...]:
+    """``tensor`` cut along dim 0 into ``parts`` (views): all but the last ``inner`` rows, the last the rest."""
+    rest = tensor.shape[0] - inner * (parts - 1)
+    if rest <= 0:
+        raise ModelFileError(f"Flux tensor {key} has {tensor.shape[0]} rows, too few for {parts} parts of "
+                             f"width {inner}; the file is inconsistent.")
+    return torch.split(tensor, [inner] * (parts - 1) + [rest])
+
+
+def rename_by_table(state_dict: StateDict, table: Mapping[str, tuple[str, ...]], split: Splitter) -> StateDict:
+    """Original names -> diffusers names by ``table`` (see ``TOP_LEVEL``); a fused tensor is cut by
+    ``split(key, tensor, parts)`` into views, one per target.
+
+    Consumes ``state_dict``: each tensor is popped as it is renamed. Names the table does not know pass
+    through unchanged, for ``build_module`` to report.
+    """
+    out: StateDict = {}
+    for key in list(state_dict):
+        tensor = state_dict.pop(key)
+        module, _, param = key.rpartition(".")
+        if key in table:
+            out[table[key][0]] = tensor
+        elif module + "." in table and param in LINEAR_PARAMS:
+            targets = table[module + "."]
+            out.update((t + param, part) for t, part in zip(targets, split(key, tensor, len(targets))))
+        else:
+            out[key] = tensor
+    return out
+
+
+def convert_flux_to_diffusers(state_dict: StateDict, config: Mapping[str, Any]) -> StateDict:
+    """BFL names (without prefix) -> ``FluxTransformer2DModel`` names, for any width and depth.
+
+    Consumes ``state_dict``; split parts are views of the fused tensor (sharing its storage), so no weight
+    is ever copied.
+    """
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    out = rename_by_table(state_dict, flux_key_table(config), lambda key, t, parts: _split(key, t, inner, parts))
+    swap_halves(out)
+    return out
+
+
+def cast_in_place(state_dict: StateDict, dtype: torch.dtype) -> None:
+    """Float tensors to ``dtype`` one at a time, each original dropped (its file pages too) as soon as its copy exists."""
+    spans = host_pages.model_file_mappings()
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not is_fp8(tensor):
+            state_dict[key] = host_pages.cast(tensor, dtype, spans)
+
+
+def load_flux_transformer(source: Source, dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
+    """The Flux transformer of a BFL-layout single file (bare or ``model.diffusion_model.``) or of the tensors
+    read from one, on the CPU.
+
+    The architecture is checked against the header before any tensor data is read (a ``.ckpt`` is
+    unpickled twice for that; Flux ships as safetensors). Tensors of other components in the file
+    (VAE, text encoders) are dropped. Peak memory is one copy of the weights plus one tensor.
+    """
+    name, infos = source_infos(source)
+    config = flux_config(infos)
+    state_dict = source_tensors(source, flux_prefix(infos))
+    cast_in_place(state_dict, dtype)
+    converted = convert_flux_to_diffusers(state_dict, config)
+    return build_module(FluxTransformer2DModel, config, converted, name, dtype).requires_grad_(False).eval()

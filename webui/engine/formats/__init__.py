@@ -1,0 +1,1 @@
+"""File formats: safetensors and GGUF readers that check every header, architecture detection from the tensors, key maps."""

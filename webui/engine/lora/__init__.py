@@ -1,0 +1,1 @@
+"""LoRA and its key tables: adapters the memory manager places, exact removal."""

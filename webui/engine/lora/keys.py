@@ -1,0 +1,386 @@
+"""LoRA files, in the formats users have, as low-rank updates of our model's modules.
+
+A LoRA holds, per adapted layer, a down matrix (rank x in), an up matrix (out x rank) and optionally
+alpha; the layer's weight changes by ``(alpha / rank) * up @ down``. Files differ in how they name layers:
+
+* kohya / A1111 (``lora_unet_…``, ``lora_te1_…``): underscore-joined names of the original checkpoint
+  layout (LDM for SD1/SD2/SDXL, Black Forest Labs' for Flux, Stability AI's for SD3) or of diffusers'
+  (kohya's diffusers variant, ``lora_transformer_`` for Flux/SD3), with ``.lora_down.weight``,
+  ``.lora_up.weight`` and ``.alpha``; text encoders under transformers' names.
+* diffusers / PEFT: ``unet.`` or ``transformer.`` (or nothing, or ``base_model.model.``) and
+  ``text_encoder.``, ``text_encoder_2.``, ``text_encoder_3.`` before diffusers' names, with
+  ``.lora_A.weight``/``.lora_B.weight`` or the older ``.lora.down.weight``/``.lora.up.weight``, and ``.alpha``
+  where a file has it (PEFT's own files have none: alpha = rank).
+* ComfyUI's: the original names with dots under ``diffusion_model.`` (or ``transformer.``, or bare), text
+  encoders under ``text_encoders.clip_l.transformer.`` etc.
+
+Underscore-joined names are ambiguous (module names contain underscores), so a name is never split: it is
+looked up among the names our own model's layers have in every layout. The original layout's names come
+from the checkpoint writers' key maps (``formats.ldm_keys.unet_to_ldm``, ``flux.flux_key_table``,
+``sd3.sd3_key_table``). Where the original layout fuses layers (Flux's and SD3's q/k/v, Flux's single-block
+``linear1`` = q/k/v/mlp), the up matrix's rows are cut at our layers' widths and every part keeps the shared
+down matrix and alpha; where it stores a layer's output halves swapped (the final modulation's shift and
+scale), the up matrix's halves are swapped back.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from webui.engine.families.flux import flux_key_table, swap_halves
+from webui.engine.families.sd3 import sd3_key_table, swap_shift_scale
+from webui.engine.formats.detect import Family
+from webui.engine.formats.ldm_keys import unet_to_ldm
+from webui.engine.weights.quant import QuantizedLayer
+from webui.errors import ModelFileError
+
+log = logging.getLogger(__name__)
+
+DENOISER = "denoiser"
+MMDIT = (Family.FLUX, Family.SD3)
+STYLES = ("kohya", "diffusers", "comfy")
+# Layers a LoRA can adapt: ours, and the quantized layers that replace them (fp8 layers subclass them).
+ADAPTABLE = (nn.Linear, nn.Conv2d, QuantizedLayer)
+
+
+class TextEncoder(NamedTuple):
+    component: str  # the diffusers pipeline attribute, our key in ``modules``
+    comfy: str  # ComfyUI's name for it (``text_encoders.<comfy>.transformer.``)
+    kohya: tuple[str, ...]  # sd-scripts' prefix, then those older trainers used
+
+
+TEXT_ENCODERS: dict[Family, tuple[TextEncoder, ...]] = {
+    Family.SD1: (TextEncoder("text_encoder", "clip_l", ("lora_te_",)),),
+    Family.SD2: (TextEncoder("text_encoder", "clip_h", ("lora_te_",)),),
+    Family.SDXL: (TextEncoder("text_encoder", "clip_l", ("lora_te1_",)),
+                  TextEncoder("text_encoder_2", "clip_g", ("lora_te2_",))),
+    Family.FLUX: (TextEncoder("text_encoder", "clip_l", ("lora_te1_", "lora_te_")),
+                  TextEncoder("text_encoder_2", "t5xxl", ("lora_te3_", "lora_te2_"))),
+    Family.SD3: (TextEncoder("text_encoder", "clip_l", ("lora_te1_",)),
+                 TextEncoder("text_encoder_2", "clip_g", ("lora_te2_",)),
+                 TextEncoder("text_encoder_3", "t5xxl", ("lora_te3_",))),
+}
+
+# Tensor name endings of a LoRA's parts, in every format.
+PARTS = {
+    ".lora_down.weight": "down", ".lora_A.weight": "down", ".lora.down.weight": "down",
+    ".lora_up.weight": "up", ".lora_B.weight": "up", ".lora.up.weight": "up",
+    ".alpha": "alpha",
+}
+# Full-weight differences some LoRAs add for norms and biases (Flux trainers): not low-rank, ignored.
+SKIPPED = (".diff", ".diff_b")
+# Name parts of LyCORIS algorithms other than LoRA/LoCon, and of DoRA (a LoRA that also rescales the weight).
+UNSUPPORTED = {
+    "hada_": "a LyCORIS LoHa", "lokr_": "a LyCORIS LoKr", "on_input": "a LyCORIS (IA)^3", "oft_": "a LyCORIS OFT",
+    "boft_": "a LyCORIS BOFT", "lora_mid": "a LyCORIS LoCon with Tucker decomposition (lora_mid)",
+    "dora_scale": "a DoRA", "lora_magnitude_vector": "a DoRA",
+}
+_UNSUPPORTED_PART = re.compile(r"(?:^|\.)(" + "|".join(UNSUPPORTED) + ")")
+
+
+@dataclass
+class LoraWeights:
+    """One adapted layer's low-rank update: delta W = (alpha / rank) * up @ down."""
+
+    down: torch.Tensor  # (rank, in_features) for Linear; (rank, in_ch, kh, kw) for Conv2d (LoCon)
+    up: torch.Tensor  # (out_features, rank); (out_ch, rank, 1, 1) for Conv2d
+    alpha: float | None  # None: alpha = rank
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """The full weight update in float32, shaped like the layer's weight."""
+        delta = self.up.float().flatten(1) @ self.down.float().flatten(1)
+        return (delta * self.scale).reshape(self.up.shape[0], *self.down.shape[1:])
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer as LoRA files name it: our modules it covers, in the order of its output rows (several where the
+    original layout fuses them), and whether that layout stores its output halves swapped."""
+
+    component: str
+    modules: tuple[str, ...]
+    swapped: bool = False
+
+
+def components(family: Family) -> tuple[str, ...]:
+    """The components a LoRA of ``family`` may adapt, as keys of ``modules``."""
+    return (DENOISER, *(te.component for te in TEXT_ENCODERS[family]))
+
+
+def weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The shape of a layer's weight as computed, also for quantized layers whose stored bytes differ."""
+    return tuple(getattr(module, "weight_shape", None) or module.weight.shape)
+
+
+def swapped_halves(up: torch.Tensor) -> torch.Tensor:
+    """``up`` with the two halves of its rows exchanged (its own inverse)."""
+    first, second = up.chunk(2)
+    return torch.cat([second, first])
+
+
+def file_name(style: str, prefix: str, name: str) -> str:
+    """A layer's name in a file: kohya joins its dotted name with underscores."""
+    return prefix + (name.replace(".", "_") if style == "kohya" else name)
+
+
+def prefixes(family: Family, component: str, style: str, original: bool) -> tuple[str, ...]:
+    """What files of ``style`` put before ``component``'s layer names (in the original layout if ``original``,
+    else diffusers'); the first is what ``lora_export`` writes, the others are read too."""
+    if component != DENOISER:
+        te = next(te for te in TEXT_ENCODERS[family] if te.component == component)
+        return {"kohya": te.kohya, "diffusers": (f"{component}.",), "comfy": (f"text_encoders.{te.comfy}.transformer.",)
+                }[style]
+    mmdit = family in MMDIT
+    if style == "kohya":
+        if original:
+            return ("lora_unet_", "lora_flux_") if family is Family.FLUX else ("lora_unet_",)
+        return ("lora_transformer_", "lora_unet_") if mmdit else ("lora_unet_",)
+    if style == "diffusers":
+        return ("transformer." if mmdit else "unet.", "", "base_model.model.")
+    return ("diffusion_model.", "model.diffusion_model.")
+
+
+def adaptable(model: nn.Module) -> list[str]:
+    """The paths of ``model``'s layers a LoRA can adapt."""
+    return [name for name, module in model.named_modules() if isinstance(module, ADAPTABLE)]
+
+
+def layers(family: Family, component: str, paths: Iterable[str], original: bool,
+           config: Mapping[str, Any] | None = None) -> dict[str, Layer]:
+    """The layers of ``component`` at ``paths`` by dotted name: the original checkpoint's names if ``original``
+    (for the denoiser, whose ``config`` they depend on), else diffusers'. Text encoders have transformers'
+    names in both (CLIP's under ``text_model.``, as files have them). Flux's and SD3's original names cover
+    every layer of ``config``'s model, whichever ``paths`` are given."""
+    if component != DENOISER:
+        return {_checkpoint_name(p): Layer(component, (p,)) for p in paths}
+    if not original:
+        return {p: Layer(component, (p,)) for p in paths}
+    if family in MMDIT:
+        return _mmdit_layers(family, config)
+    # The values ride through the renaming unchanged: each LDM name ends up with our module's path.
+    ldm = unet_to_ldm({f"{p}.weight": p for p in paths}, config)
+    return {key.removesuffix(".weight"): Layer(component, (path,)) for key, path in ldm.items()}
+
+
+def _checkpoint_name(path: str) -> str:
+    """A text encoder layer's name in files: transformers 5 flattens ``CLIPTextModel`` (no ``text_model.``), which
+    files keep (``ldm_export.text_state_dict``); T5's and ``CLIPTextModelWithProjection``'s are as they are."""
+    return f"text_model.{path}" if path.startswith("encoder.layers.") else path
+
+
+def _mmdit_layers(family: Family, config: Mapping[str, Any]) -> dict[str, Layer]:
+    """BFL's or Stability's layer names from the loaders' key tables; which layers are stored with swapped
+    halves is asked of the loaders' own swap function, on a probe of two numbered rows per layer."""
+    if family is Family.FLUX:
+        table, swap = flux_key_table(config), lambda state_dict: swap_halves(state_dict)
+    else:
+        table, swap = sd3_key_table(config), lambda state_dict: swap_shift_scale(state_dict, config)
+    modules = {name[:-1]: tuple(t[:-1] for t in targets) for name, targets in table.items() if name.endswith(".")}
+    probe = {f"{targets[0]}.weight": torch.arange(2) for targets in modules.values() if len(targets) == 1}
+    swap(probe)
+    swapped = {key.removesuffix(".weight") for key, rows in probe.items() if rows[0] == 1}
+    return {name: Layer(DENOISER, targets, targets[0] in swapped) for name, targets in modules.items()}
+
+
+def _aliases(family: Family, modules: Mapping[str, nn.Module]) -> dict[str, Layer]:
+    """Every name a LoRA file may give one of our layers (without the part's suffix) -> that layer."""
+    aliases: dict[str, Layer] = {}
+    for component in components(family):
+        if component not in modules:
+            continue
+        model = modules[component]
+        for original in (True, False) if component == DENOISER else (False,):
+            named = layers(family, component, adaptable(model), original, getattr(model, "config", None))
+            for style in STYLES:
+                for prefix in prefixes(family, component, style, original):
+                    aliases.update((file_name(style, prefix, name), layer) for name, layer in named.items())
+    return aliases
+
+
+def _split_key(key: str) -> tuple[str, str | None]:
+    """A tensor name -> (the layer's name in the file, "down"/"up"/"alpha"), or (key, None) for other tensors."""
+    for suffix, part in PARTS.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], part
+    return key, None
+
+
+# Evidence of a LoRA's family, from names with dots turned into underscores: (pattern, families it fits).
+_DENOISER = r"^(?:(?:lora_unet|lora_transformer|lora_flux|unet|transformer|diffusion_model|model_diffusion_model" \
+            r"|base_model_model)_)?"
+_UNET_ATTENTION = r"(?:input_blocks_\d+_1|middle_block_1|output_blocks_\d+_1|(?:down_blocks_\d+_|up_blocks_\d+_|" \
+                  r"mid_block_)attentions_\d+)"
+_UNETS = {Family.SD1, Family.SD2, Family.SDXL}
+_NAME_EVIDENCE = [(re.compile(pattern), frozenset(families)) for pattern, families in (
+    (_DENOISER + r"(?:double_blocks|single_blocks|single_transformer_blocks|img_in|txt_in|time_in|vector_in"
+     r"|guidance_in|x_embedder(?!_proj)|time_text_embed_guidance)", {Family.FLUX}),
+    (_DENOISER + r"(?:joint_blocks|x_embedder_proj|t_embedder|y_embedder|pos_embed|transformer_blocks_\d+_attn2_)",
+     {Family.SD3}),
+    (_DENOISER + r"(?:transformer_blocks|context_embedder|norm_out|proj_out|time_text_embed|final_layer)", MMDIT),
+    # SDXL's first up level has attention, SD1/SD2's first down level; only SDXL stacks transformer blocks.
+    (_DENOISER + r"(?:output_blocks_0_1|up_blocks_0_attentions|label_emb|add_embedding)_", {Family.SDXL}),
+    (_DENOISER + _UNET_ATTENTION + r"_transformer_blocks_[1-9]", {Family.SDXL}),
+    (_DENOISER + r"(?:input_blocks_1_1|down_blocks_0_attentions)_", {Family.SD1, Family.SD2}),
+    (_DENOISER + r"(?:input_blocks|middle_block|output_blocks|down_blocks|mid_block|up_blocks|time_embed|conv_in"
+     r"|conv_out|out_2)", _UNETS),
+    (r"^(?:lora_te2|text_encoder_2|text_encoders_clip_g_transformer)_text_model_", {Family.SDXL, Family.SD3}),
+    (r"^(?:lora_te\d?|text_encoder(?:_\d)?|text_encoders_t5xxl_transformer)_encoder_block_", MMDIT),
+    (r"^text_encoder_3_", {Family.SD3}),
+    (r"^lora_te_", {Family.SD1, Family.SD2, Family.FLUX}),
+    (r"^lora_te1_", {Family.SDXL, Family.FLUX, Family.SD3}),
+)]
+# Real models' widths, as down matrices' inputs: the UNets' cross-attention (their text encoders' width), and
+# the MMDiTs' image stream (Flux-dev/schnell; SD3 and SD3.5 Medium, SD3.5 Large).
+_WIDTH_EVIDENCE = [(re.compile(_DENOISER + pattern), widths) for pattern, widths in (
+    (_UNET_ATTENTION + r"_transformer_blocks_\d+_attn2_to_[kv]$",
+     {768: {Family.SD1}, 1024: {Family.SD2}, 2048: {Family.SDXL}}),
+    (r"transformer_blocks_\d+_attn_to_q$", {3072: {Family.FLUX}, 1536: {Family.SD3}, 2432: {Family.SD3}}),
+)]
+# The UNets' attention projections: convolutions in SD1 only.
+_UNET_PROJECTION = re.compile(_DENOISER + _UNET_ATTENTION + r"_proj_(?:in|out)$")
+
+
+def _evidence(state_dict: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, frozenset[Family]]]:
+    """(key, the families it fits) for every key that tells something about the LoRA's family."""
+    for key, tensor in state_dict.items():
+        base, part = _split_key(key)
+        name = base.replace(".", "_")
+        yield from ((key, families) for pattern, families in _NAME_EVIDENCE if pattern.match(name))
+        if part != "down":
+            continue
+        for pattern, widths in _WIDTH_EVIDENCE:
+            if pattern.match(name) and tensor.shape[1] in widths:
+                yield key, frozenset(widths[tensor.shape[1]])
+        if _UNET_PROJECTION.match(name):
+            yield key, frozenset({Family.SD1} if tensor.dim() == 4 else {Family.SD2, Family.SDXL})
+
+
+def _ruled_out(state_dict: Mapping[str, torch.Tensor]) -> dict[Family, str]:
+    """Each family some key of the LoRA does not fit, with the first such key."""
+    ruled_out: dict[Family, str] = {}
+    for key, families in _evidence(state_dict):
+        for family in Family:
+            if family not in families:
+                ruled_out.setdefault(family, key)
+    return ruled_out
+
+
+def lora_family(state_dict: Mapping[str, torch.Tensor]) -> Family | None:
+    """The family a LoRA is for, from its keys and shapes; None when they fit several (or none).
+
+    Names tell Flux and SD3 apart from the UNets (and often from each other), SDXL from SD1/SD2 by which
+    levels have attention or stacked transformer blocks, and SD1 from SD2 by shapes (SD1's attention
+    projections are convolutions); real models' widths tell all of them apart.
+    """
+    ruled_out = _ruled_out(state_dict)
+    fitting = [family for family in Family if family not in ruled_out]
+    return fitting[0] if len(fitting) == 1 else None
+
+
+def convert_lora(state_dict: Mapping[str, torch.Tensor], family: Family, modules: Mapping[str, nn.Module],
+                 filename: str) -> dict[tuple[str, str], LoraWeights]:
+    """A LoRA file's tensors as updates of our modules, keyed by (component, module path in that component).
+
+    ``modules`` maps the components of ``components(family)`` to our modules ("denoiser", "text_encoder",
+    ...); a component left out cannot be adapted, so LoRA layers for it are refused like any unknown layer.
+    Fused layers are split and swapped halves put back in our order (see the module docstring). Tensors are
+    kept in the file's dtype (parts of fused layers are views).
+
+    Ignored, with a log line: ``.diff``/``.diff_b`` full-weight differences. Refused with a ``ModelFileError``:
+    LyCORIS algorithms other than LoRA/LoCon and DoRA; a LoRA for another family; layers that match no module
+    of ours or whose shapes do not fit it; a layer missing its down or up matrix.
+    """
+    _refuse_unsupported(state_dict, filename)
+    _check_family(state_dict, family, filename)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unknown, skipped = [], 0
+    for key, tensor in state_dict.items():
+        base, part = _split_key(key)
+        if part is not None:
+            groups.setdefault(base, {})[part] = tensor
+        elif key.endswith(SKIPPED):
+            skipped += 1
+        else:
+            unknown.append(key)
+    aliases = _aliases(family, modules)
+    unknown += [base for base in groups if base not in aliases]
+    if unknown:
+        raise ModelFileError(
+            f"{filename}: {len(unknown)} of this LoRA's layers match no layer of the loaded {family.value} model, "
+            f"e.g. {', '.join(unknown[:2])}. The LoRA is for another model, or in a format not supported.")
+    out: dict[tuple[str, str], LoraWeights] = {}
+    for base, parts in groups.items():
+        layer = aliases[base]
+        for module, lora in _pieces(base, parts, layer, modules[layer.component], filename):
+            if (layer.component, module) in out:
+                raise ModelFileError(f"{filename}: this LoRA adapts {layer.component} layer {module} twice "
+                                     f"(once as {base}); the file is inconsistent.")
+            out[layer.component, module] = lora
+    if skipped:
+        log.info("%s: ignored %d full-weight difference tensors (.diff/.diff_b), which are not LoRA layers",
+                 filename, skipped)
+    return out
+
+
+def _refuse_unsupported(state_dict: Mapping[str, torch.Tensor], filename: str) -> None:
+    for key in state_dict:
+        if match := _UNSUPPORTED_PART.search(key):
+            raise ModelFileError(f"{filename} is {UNSUPPORTED[match[1]]} file (tensors like {key}), which is not "
+                                 "supported: only LoRA and LoCon files are. Use a LoRA version of it, or convert it.")
+
+
+def _check_family(state_dict: Mapping[str, torch.Tensor], family: Family, filename: str) -> None:
+    ruled_out = _ruled_out(state_dict)
+    fitting = [f.value for f in Family if f not in ruled_out]
+    if family in ruled_out and fitting:
+        raise ModelFileError(f"{filename}: this LoRA is for {' or '.join(fitting)} (it has {ruled_out[family]}), "
+                             f"the loaded model is {family.value}. Load a {' or '.join(fitting)} model to use it.")
+
+
+def _pieces(base: str, parts: Mapping[str, torch.Tensor], layer: Layer, model: nn.Module,
+            filename: str) -> list[tuple[str, LoraWeights]]:
+    """One file layer's update for each of our modules it covers, checked against their shapes."""
+    missing = [part for part in ("down", "up") if part not in parts]
+    if missing:
+        raise ModelFileError(f"{filename}: LoRA layer {base} has no {' or '.join(missing)} matrix; the file is "
+                             "incomplete or damaged.")
+    down, up = parts["down"], parts["up"]
+    if down.numel() == 0 or up.numel() == 0:  # rank 0: its scale alpha / rank divides by zero
+        raise ModelFileError(f"{filename}: LoRA layer {base} has an empty down or up matrix; the file is damaged.")
+    shapes = [weight_shape(model.get_submodule(m)) for m in layer.modules]
+    fits = (down.dim() >= 2 and up.dim() >= 2 and up.shape[1] == down.shape[0] and all(s == 1 for s in up.shape[2:])
+            and all(shape[1:] == tuple(down.shape[1:]) for shape in shapes)
+            and sum(shape[0] for shape in shapes) == up.shape[0])
+    if not fits:
+        ours = " + ".join(f"{list(shape)}" for shape in shapes)
+        raise ModelFileError(
+            f"{filename}: LoRA layer {base} (down {list(down.shape)}, up {list(up.shape)}) does not fit "
+            f"{layer.component} {' + '.join(layer.modules)} (weight {ours}). The LoRA is for another model or "
+            "variant than the one loaded.")
+    alpha = _alpha(base, parts, filename)
+    rows = (swapped_halves(up) if layer.swapped else up).split([shape[0] for shape in shapes])
+    return [(module, LoraWeights(down, part, alpha)) for module, part in zip(layer.modules, rows)]
+
+
+def _alpha(base: str, parts: Mapping[str, torch.Tensor], filename: str) -> float | None:
+    """The layer's alpha, one number (None: not given)."""
+    if "alpha" not in parts:
+        return None
+    if parts["alpha"].numel() != 1:
+        raise ModelFileError(f"{filename}: LoRA layer {base} has {parts['alpha'].numel()} alpha values instead of "
+                             "one; the file is damaged.")
+    return float(parts["alpha"])

@@ -1,0 +1,519 @@
+"""THE memory manager: where every weight lives, decided in one place.
+
+Inputs
+- the device's total and free memory (``DeviceMemory``; simulated in tests),
+- the user's GPU Weights = total − ``forge_inference_memory`` (Forge's slider), the launch
+  flags, and Forge's swap options (``forge_async_loading``, ``forge_pin_shared_memory``),
+- an activation estimate for the request, made before the run (``activation_bytes``), plus the
+  largest weight a GGUF or fp8 layer of the phase unpacks to 16 bits for one call.
+
+Policy, per phase of a generation (text encoding → denoising → VAE decode):
+- The phase's components must be usable on the device. The weight budget is
+  min(GPU Weights, what is ours on the device + free − activation estimate).
+- If every component fits, everything stays resident: consecutive generations move 0 bytes.
+- Else other components are evicted (whole) to host memory, least needed first, and if the
+  phase's component still does not fit, it gets a per-unit residency plan: the largest units
+  stay resident while the budget allows, the rest are streamed (``stream.Streamer``).
+- Flags: ``--always-gpu`` everything resident, never evicted; ``--lowvram`` every unit of the
+  active component streamed; ``--medvram`` only the active component on the device, whole;
+  ``--always-offload-from-vram`` everything back to host memory after each generation.
+
+Everything the manager moves is counted in ``GenerationStats``; one log line per generation.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+from webui.engine.memory import host_pages
+from webui.engine.memory.pinned import pinned_copies
+from webui.engine.memory.stream import IN_FLIGHT, CopyStats, Streamer, Unit, param_bytes, split_units
+from webui.engine.memory.trace import PHASE_OF_COMPONENT, MemoryTrace
+
+log = logging.getLogger(__name__)
+MB = 1024 * 1024
+TILED_DECODE_BYTES = 1024 * MB  # a tiled VAE decode's peak: one 512x512 tile at a time, and the blending
+UNITS_PER_COMPONENT = 48  # granularity of partial residency: finer packs the budget, coarser streams faster
+MIN_UNIT_BYTES = 4 * MB
+LOW_BIT_DTYPES = (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)  # GGUF blocks, fp8: unpacked per call
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    mode: str = "auto"  # "auto" | "always_gpu" | "lowvram" | "medvram"
+    offload_after: bool = False
+    inference_mb: int = 1024
+    async_copies: bool = False
+    pinned: bool = False
+    budget_scale: float = 1.0  # < 1 after an out-of-memory error: retry with a smaller resident set
+    tiled_vae: bool = False
+
+
+class DeviceMemory:
+    """Total and free memory of the compute device. CPU 'devices' report system RAM and are never limiting."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def total(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_properties(self.device).total_memory
+        import psutil
+
+        return psutil.virtual_memory().total
+
+    def free(self) -> int:
+        """What could be allocated now: the driver's free memory, plus what torch keeps cached but unused (blocks
+        freed by an eviction stay reserved for reuse, and are ours to fill)."""
+        if self.device.type == "cuda":
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            return torch.cuda.mem_get_info(self.device)[0] + cached
+        import psutil
+
+        return psutil.virtual_memory().available
+
+    def describe(self) -> str:
+        if self.device.type == "cuda":
+            return f"{torch.cuda.get_device_name(self.device)} memory"
+        return "system RAM (no CUDA device)"
+
+
+class SimulatedMemory(DeviceMemory):
+    """A device of a given size whose use is exactly what the manager put there (for tests)."""
+
+    def __init__(self, device: torch.device, total_mb: int):
+        super().__init__(device)
+        self.total_bytes = total_mb * MB
+        self.manager: MemoryManager | None = None
+
+    def total(self) -> int:
+        return self.total_bytes
+
+    def free(self) -> int:
+        used = self.manager.resident_bytes() if self.manager else 0
+        return self.total_bytes - used
+
+
+def use_expandable_segments() -> None:
+    """Let torch's CUDA allocator grow and shrink its segments in place, unless the user configured it.
+
+    Streamed units of many sizes come and go on the device every step; in torch's default fixed
+    segments the free space fragments until an allocation fails with memory free (measured: Flux
+    Q8_0 on an 8 GB budget ran out asking for 52 MB with 858 MB reserved but unusable). Works
+    before or after CUDA is initialised; it applies to segments made from then on.
+    """
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
+        return
+    set_settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    (set_settings or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
+
+
+def activation_bytes(family: str, width: int, height: int, batch: int, cfg: bool, dtype: torch.dtype) -> int:
+    """Peak activation memory of one denoiser call, estimated before the run.
+
+    Linear in the latent area and in the batch (doubled with CFG), with memory-efficient
+    attention. The per-family coefficients are bytes per latent pixel per image at 2-byte
+    precision, measured on the GPU machine (benchmarks/memory.py: SD1.5 667 MB at 512², SDXL
+    2578 MB at 1024², both with CFG; Flux 498 MB at 1344x768) with a 25 % margin.
+    """
+    per_pixel = {"SD1.x": 66_000, "SD2.x": 66_000, "SDXL": 93_000, "Flux": 20_000, "SD3.x": 20_000}.get(family, 93_000)
+    images = batch * (2 if cfg else 1)
+    scale = torch.finfo(dtype).bits / 16
+    return int(per_pixel * (width // 8) * (height // 8) * images * scale) + 256 * MB
+
+
+def vae_decode_bytes(width: int, height: int, batch: int, dtype: torch.dtype) -> int:
+    """Peak memory of a full (untiled) VAE decode: the decoder's last blocks hold several
+    128–256-channel tensors at full resolution."""
+    return int(width * height * batch * 2_000 * torch.finfo(dtype).bits / 16)
+
+
+@dataclass
+class GenerationStats:
+    """What memory did during one generation; the log line, the UI and /sdapi/v1/memory show it."""
+
+    resident_mb: float = 0.0
+    streamed_mb: float = 0.0
+    moved_mb: float = 0.0
+    move_seconds: float = 0.0
+    peak_vram_mb: float = 0.0
+    budget_mb: float = 0.0
+    activation_mb: float = 0.0
+    tiled_vae: bool = False
+    oom_retries: int = 0
+    mode: str = "auto"
+    budgeted: bool = True  # False on a CPU 'device': the weights are in RAM and there is no budget to keep
+
+    def line(self) -> str:
+        if not self.budgeted:
+            return f"Memory: {self.resident_mb:.0f} MB of weights in RAM (running on the CPU: no GPU budget)"
+        return (f"Memory: {self.resident_mb:.0f} MB resident, {self.streamed_mb:.0f} MB streamed, "
+                f"{self.moved_mb:.0f} MB moved in {self.move_seconds:.2f} s, peak VRAM {self.peak_vram_mb:.0f} MB "
+                f"(budget {self.budget_mb:.0f} MB, activations ~{self.activation_mb:.0f} MB"
+                f"{', tiled VAE' if self.tiled_vae else ''}, {self.mode})")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(eq=False)
+class Component:
+    """A model component (UNet, VAE, a text encoder) cut into units; each unit is on the device or the host."""
+
+    name: str
+    module: nn.Module
+    units: list[Unit]
+    on_device: set[Unit] = field(default_factory=set)
+    streamer: Streamer | None = None
+    companion_of: str | None = None  # placed in every phase that places this component (a LoRA's adapters)
+    nbytes: int = field(init=False)
+
+    upcast_bytes: int = field(init=False)  # the largest weight one of its low-bit layers unpacks for a call
+
+    def __post_init__(self) -> None:
+        self.nbytes = sum(u.nbytes for u in self.units)
+        self.upcast_bytes = max((_unpacked_bytes(m) for m in self.module.modules()), default=0)
+
+    def device_bytes(self) -> int:
+        return sum(u.nbytes for u in self.on_device)
+
+    def streamed_bytes(self) -> int:
+        return self.nbytes - self.device_bytes() if self.streamer else 0
+
+
+def plan_residency(units: list[Unit], budget: int) -> set[Unit]:
+    """The units to keep on the device within ``budget``; the others are streamed.
+
+    ``units`` are in execution order. The streamed ones are spread evenly along it, so that
+    while one streamed unit is copied the device computes resident ones: the step then costs
+    about max(compute, streamed bytes ÷ bandwidth) instead of their sum. Part of the budget
+    is kept for the streamed units' device copies in flight (``stream.IN_FLIGHT``).
+
+    Units are streamed in one fixed order (``spread_order``) until enough bytes are: a smaller
+    budget streams the same units and a few more. So a small change of room (a LoRA taking some)
+    moves a few units, and only those need page-locking, instead of reshuffling the plan.
+    Pure and deterministic.
+    """
+    total = sum(u.nbytes for u in units)
+    if total <= budget:
+        return set(units)
+    window = (IN_FLIGHT + 1) * max(u.nbytes for u in units)
+    must_stream = total - max(budget - window, 0)
+    resident, streamed = set(units), 0
+    for index in spread_order(len(units)):
+        if streamed >= must_stream:
+            break
+        resident.discard(units[index])
+        streamed += units[index].nbytes
+    return resident
+
+
+def spread_order(count: int) -> list[int]:
+    """``range(count)`` in bit-reversed order (0, count/2, count/4, 3count/4, ...): every prefix is spread evenly."""
+    bits = max(count - 1, 1).bit_length()
+    return sorted(range(count), key=lambda i: int(f"{i:0{bits}b}"[::-1], 2))
+
+
+class MemoryManager:
+    """Owns the placement of every registered component's weights."""
+
+    def __init__(self, device: torch.device, memory: DeviceMemory | None = None, min_unit_bytes: int = MIN_UNIT_BYTES):
+        self.device = device
+        self.min_unit_bytes = min_unit_bytes
+        self.memory = memory or DeviceMemory(device)
+        if isinstance(self.memory, SimulatedMemory):
+            self.memory.manager = self
+        # On a real CPU the weights are already where the compute is: there is nothing to plan.
+        self.limited = device.type != "cpu" or isinstance(self.memory, SimulatedMemory)
+        self.components: dict[str, Component] = {}
+        self.policy = MemoryPolicy()
+        self.stats = GenerationStats()
+        self.last = GenerationStats()
+        self._copies = CopyStats()
+        self.phase = "nothing yet"  # the components the last prepare() placed, for messages
+        self.trace: MemoryTrace | None = None
+
+    # ---- registration -----------------------------------------------------------------
+
+    def register(self, name: str, module: nn.Module, companion_of: str | None = None) -> Component:
+        """Take charge of a module whose weights are in host memory (buffers go to the device: they are small).
+        A companion is placed whenever the component it accompanies is."""
+        _move_buffers(module, self.device)
+        unit_bytes = max(self.min_unit_bytes, param_bytes(module) // UNITS_PER_COMPONENT)
+        component = Component(name, module, split_units(module, unit_bytes), companion_of=companion_of)
+        self.components[name] = component
+        return component
+
+    def unregister(self, name: str) -> None:
+        """Let a component go: its weights back to host memory, its streaming hooks removed."""
+        self._place(self.components.pop(name), set(), stream=False, pin_host=False)
+
+    def convert(self, name: str, dtype: torch.dtype) -> None:
+        """Keep a component in another dtype from now on (the VAE's float32 retry after float16 overflowed). The
+        conversion happens in host memory, so the device never holds both copies."""
+        component = self.components[name]
+        self.unregister(name)
+        # nn.Module's to(), not diffusers' ModelMixin.to(), which warns about any cast made by hand
+        self.register(name, nn.Module.to(component.module, dtype), component.companion_of)
+
+    def release_all(self) -> None:
+        """Forget every component (the model is being unloaded): weights back to the host, unpinned since
+        nobody will stream them again, and the device's cached blocks returned to the driver."""
+        for component in self.components.values():
+            self._place(component, set(), stream=False, pin_host=False)
+        self.components.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- one generation ---------------------------------------------------------------
+
+    @contextmanager
+    def tracing(self) -> Iterator[MemoryTrace]:
+        """Record memory over time for the block (the UI's memory panel). A block inside another (a plot's
+        cells) adds to the outer recording."""
+        if self.trace is not None:
+            yield self.trace
+            return
+        self.trace = MemoryTrace(self.device, self.resident_bytes())
+        self.trace.start()
+        try:
+            yield self.trace
+        finally:
+            self.trace.stop()
+            self.trace = None
+
+    def begin(self, policy: MemoryPolicy, activation: int) -> None:
+        self.policy = policy
+        self.activation = activation
+        self.stats = GenerationStats(mode=policy.mode, activation_mb=activation / MB, budgeted=self.limited)
+        self._copies = CopyStats()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def prepare(self, names: list[str], activation: int | None = None) -> None:
+        """Make the named components usable on the device for the next phase."""
+        activation = self.activation if activation is None else activation
+        self.phase = ", ".join(names)
+        needed = [self.components[n] for n in names]
+        needed += [c for c in self.components.values() if c.companion_of in names]
+        if self.trace is not None:
+            self.trace.begin_phase(PHASE_OF_COMPONENT.get(names[0], "text encoding") if names else "other")
+        self._arrange(needed, activation)
+        if self.trace is not None:
+            for c in needed:
+                self.trace.placed(c.name, c.device_bytes(), c.streamed_bytes())
+        self.stats.resident_mb = max(self.stats.resident_mb, self.resident_bytes() / MB)
+        self.stats.streamed_mb = max(self.stats.streamed_mb, sum(c.streamed_bytes() for c in needed) / MB)
+
+    def _arrange(self, needed: list[Component], activation: int) -> None:
+        others = [c for c in self.components.values() if c not in needed]
+        activation += max(c.upcast_bytes for c in needed)
+        mode = self.policy.mode if self.limited else "always_gpu"
+        if mode == "always_gpu":
+            for c in self.components.values():
+                self._place(c, set(c.units), stream=False)
+            return
+        budget = int(self.weight_budget(activation) * self.policy.budget_scale)
+        self.stats.budget_mb = budget / MB
+        if mode == "auto" and sum(c.nbytes for c in self.components.values()) <= budget:
+            for c in self.components.values():
+                self._place(c, set(c.units), stream=False)
+            return
+        if mode == "auto":
+            self._evict(others, budget - sum(c.nbytes for c in needed))
+        else:  # medvram and lowvram: only the active components on the device
+            for c in others:
+                self._place(c, set(), stream=False)
+        room = budget - sum(c.device_bytes() for c in others)
+        # Companions (a LoRA's adapters) are given room first: they are small, and streaming hundreds of tiny
+        # units costs a hook and a copy each, far more per byte than the large units of the component they adapt.
+        for c in sorted(needed, key=lambda c: c.companion_of is None):
+            fits_whole = mode == "medvram" and c.nbytes <= room
+            keep = set() if mode == "lowvram" else set(c.units) if fits_whole else plan_residency(c.units, room)
+            room -= sum(u.nbytes for u in keep)
+            self._place(c, keep, stream=True)
+
+    def prepare_decode(self, name: str, decode_bytes: int) -> bool:
+        """Place the VAE for decoding. True when the decode must be tiled: a whole one would not fit."""
+        vae = self.components[name]
+        tiled = self.policy.tiled_vae or (self.limited and self.weight_budget(decode_bytes) < vae.nbytes)
+        self.prepare([name], activation=TILED_DECODE_BYTES if tiled else decode_bytes)
+        self.stats.tiled_vae = self.stats.tiled_vae or tiled
+        return tiled
+
+    def recover_from_oom(self) -> None:
+        """After an out-of-memory error: free what can be freed and halve the weights' budget for the retry."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.policy = replace(self.policy, budget_scale=self.policy.budget_scale / 2, tiled_vae=True)
+        self.stats.oom_retries += 1
+
+    def explain_oom(self, width: int, height: int, batch: int) -> str:
+        total, free = self.memory.total() / MB, self.memory.free() / MB
+        return (f"Out of GPU memory at {width}x{height}, batch {batch}: it needs about {self.activation / MB:.0f} MB "
+                f"for activations beside {self.resident_bytes() / MB:.0f} MB of weights on the device, and only "
+                f"{free:.0f} MB of {total:.0f} MB were free after a retry with half the weights and a tiled VAE. "
+                "Lower the resolution or the batch size, lower GPU Weights, or start with --lowvram.")
+
+    def weight_budget(self, activation: int) -> int:
+        """Bytes the weights may use on the device now: the user's GPU Weights, capped by what is free."""
+        total = self.memory.total()
+        gpu_weights = total - self.policy.inference_mb * MB
+        ours = self.resident_bytes()
+        return max(0, min(gpu_weights, ours + self.memory.free() - activation))
+
+    def finish(self) -> GenerationStats:
+        """Close the generation's accounting (and offload everything if the flag says so)."""
+        if self.policy.offload_after:
+            for c in self.components.values():
+                self._place(c, set(), stream=False)
+        self._copies.collect()
+        self.stats.moved_mb += self._copies.bytes / MB
+        self.stats.move_seconds += self._copies.seconds
+        if self.trace is not None:
+            self.trace.streamed(self._copies.seconds, self._copies.bytes)
+        if self.device.type == "cuda":
+            self.stats.peak_vram_mb = torch.cuda.max_memory_allocated(self.device) / MB
+        self.last = self.stats
+        log.info(self.stats.line())
+        return self.stats
+
+    def resident_bytes(self) -> int:
+        return sum(c.device_bytes() for c in self.components.values())
+
+    # ---- moving -----------------------------------------------------------------------
+
+    def _evict(self, candidates: list[Component], room: int) -> None:
+        """Move whole components to the host until the resident ones fit in ``room``."""
+        resident = sum(c.device_bytes() for c in candidates)
+        for c in sorted(candidates, key=lambda c: -c.device_bytes()):
+            if resident <= max(room, 0):
+                break
+            resident -= c.device_bytes()
+            self._place(c, set(), stream=False)
+
+    def _place(self, component: Component, keep: set[Unit], stream: bool, pin_host: bool = True) -> None:
+        """Put exactly ``keep`` on the device; stream the rest if asked, else leave it on the host.
+
+        Freed device memory stays in torch's cache for the next phase: returning it to the driver on
+        every eviction would cost a cudaMalloc per generation."""
+        rest = [u for u in component.units if u not in keep]
+        unchanged = keep == component.on_device and (
+            set(rest) == set(component.streamer.units) if component.streamer else not (stream and rest))
+        if unchanged:
+            return
+        if component.streamer is not None:
+            component.streamer.detach()
+            component.streamer = None
+        start, moved, spans = time.perf_counter(), 0, None
+        pin = stream and self.policy.pinned and self.device.type == "cuda"
+        for unit in component.units:
+            replaced: list[torch.Tensor] = []
+            if unit in keep and unit not in component.on_device:
+                moved += self._move(unit, self.device, replaced)
+                component.on_device.add(unit)
+            elif unit not in keep and unit in component.on_device:
+                moved += self._move(unit, torch.device("cpu"), replaced, pin_host)
+                component.on_device.discard(unit)
+            if pin and unit not in keep:
+                _pin(unit, replaced)
+            if replaced:  # their bytes now live on the device or in pinned memory: one host copy, unit by unit
+                spans = host_pages.model_file_mappings() if spans is None else spans
+                host_pages.release(replaced, spans)
+        if moved:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - start
+            self.stats.moved_mb += moved / MB
+            self.stats.move_seconds += seconds
+            if self.trace is not None:
+                self.trace.moved(start, seconds, moved, self.resident_bytes())
+        if stream and rest:
+            component.streamer = Streamer(rest, self.device, self.policy.async_copies, self._copies)
+
+    def _move(self, unit: Unit, target: torch.device, replaced: list[torch.Tensor], pin_host: bool = True) -> int:
+        """Move a unit's parameters to ``target``; the host tensors they leave go to ``replaced``.
+
+        A unit that goes to the device keeps its host tensors as its home, so that evicting it copies
+        nothing: its parameters point at them again (host memory holds every weight once, in the
+        mapped file or in pinned memory). Nothing writes to a weight on the device behind the manager.
+        """
+        params = unit.parameters()
+        if target.type == "cpu" and unit.home is not None:
+            for param, host in zip(params, unit.home):
+                param.data = host
+            unit.home = None
+            return 0
+        if target.type != "cpu" and all(param.device.type == "cpu" for param in params):
+            unit.home = [param.data for param in params]
+        if pin_host and target.type == "cpu" and self.policy.pinned and self.device.type == "cuda":
+            # straight into page-locked memory: one DMA, no pageable copy to fault in and copy again
+            unit.pinned, copies = pinned_copies([param.data for param in params])
+        else:
+            copies = [param.data.to(target, non_blocking=True) for param in params]
+        for param, data in zip(params, copies):
+            if data.data_ptr() != param.data.data_ptr():
+                replaced.append(param.data)
+            param.data = data
+        return sum(data.numel() * data.element_size() for data in copies)
+
+    def report(self) -> dict:
+        """A1111's /sdapi/v1/memory answer ("ram", "cuda"), plus where our weights are and the last generation."""
+        import psutil
+
+        ram = psutil.virtual_memory()
+        answer = {"ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total}}
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            stats = torch.cuda.memory_stats(self.device)
+            answer["cuda"] = {
+                "system": {"free": free, "used": total - free, "total": total},
+                **{key: {"current": stats.get(f"{key}_bytes.all.current", 0), "peak": stats.get(f"{key}_bytes.all.peak", 0)}
+                   for key in ("active", "allocated", "reserved", "inactive_split")},
+                "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+            }
+        answer["webui"] = {
+            "device": str(self.device),
+            "policy": asdict(self.policy),
+            "components": {name: {"total_mb": c.nbytes / MB, "device_mb": c.device_bytes() / MB,
+                                  "streamed_mb": c.streamed_bytes() / MB} for name, c in self.components.items()},
+            "last_generation": self.last.as_dict(),
+        }
+        return answer
+
+
+def _unpacked_bytes(layer: nn.Module) -> int:
+    """Device bytes of ``layer``'s weight unpacked to 16 bits for one call, if it is stored in fewer (GGUF blocks
+    keep their real shape in ``weight_shape``; fp8 weights are upcast); 0 for other layers."""
+    weight = layer._parameters.get("weight")
+    if weight is None or weight.dtype not in LOW_BIT_DTYPES:
+        return 0
+    return math.prod(getattr(layer, "weight_shape", weight.shape)) * 2
+
+
+def _move_buffers(module: nn.Module, device: torch.device) -> None:
+    for sub in module.modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None:
+                sub._buffers[name] = buf.to(device)
+
+
+def _pin(unit: Unit, replaced: list[torch.Tensor]) -> None:
+    """Put a unit's host weights in one page-locked block of their exact size (unless they all are pinned)."""
+    params = unit.parameters()
+    if unit.pinned is not None and all(unit.pinned.holds(param.data) for param in params):
+        return
+    unit.pinned, copies = pinned_copies([param.data for param in params])
+    for param, data in zip(params, copies):
+        replaced.append(param.data)
+        param.data = data

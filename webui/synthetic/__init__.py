@@ -1,0 +1,1 @@
+"""Random full-size and tiny models and the writers of their files in real formats (A1111 checkpoints, diffusers folders, GGUF, LoRAs): what tests, benchmarks and the demo model's first start need, never the generation path."""
