@@ -243,14 +243,16 @@ class FluxBench:
     """One Flux transformer under our memory manager: step time, streamed bytes and peak VRAM per policy."""
 
     def __init__(self, model, label: str):
-        from webui.engine.memory.manager import MemoryManager, activation_bytes
+        from webui.engine.families.flux import Flux
+        from webui.engine.memory.activation import activation_bytes
+        from webui.engine.memory.manager import MemoryManager
 
         self.model, self.label, self.inputs = model, label, flux_inputs()
         self.manager = MemoryManager(torch.device("cuda"))
         self.component = self.manager.register("transformer", model)
         self.size_mb = self.component.nbytes / MB
         self.total_mb = torch.cuda.get_device_properties(0).total_memory / MB
-        self.activation = activation_bytes("Flux", 1344, 768, 1, False, torch.bfloat16)
+        self.activation = activation_bytes(Flux.activation_per_pixel, 1344, 768, 1, False, torch.bfloat16)
 
     def step(self, policy) -> tuple[float, float, float]:
         """(ms a step, bytes streamed a step, peak MB)."""

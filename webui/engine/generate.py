@@ -1,10 +1,8 @@
 """txt2img: a validated request in, images and infotexts out. The only generation path.
 
-The loop follows diffusers' StableDiffusion(XL)Pipeline step for step (same scheduler calls,
-same noise), so the same weights, seed and sampler give the same image as the plain pipeline;
-sampler / schedule type pairs diffusers has no scheduler for run in sigma space (``ksampling``).
-Noise is drawn on the CPU per image from seed+i, as A1111 does, so seeds mean the same on
-every device.
+Orchestration only: encode → denoise → decode, each step asking the model's family (``model.kind``,
+``webui.engine.families``) for what is its own. Noise is drawn on the CPU per image from seed+i, as
+A1111 does, so seeds mean the same on every device.
 """
 from __future__ import annotations
 
@@ -17,26 +15,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DPMSolverSDEScheduler
-from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from tqdm import tqdm
 
-from webui.engine.conditioning.prompts import Conditioning, encode_prompts
-from webui.engine.conditioning.t5_prompts import MIN_LENGTH as T5_MIN_LENGTH
-from webui.engine.conditioning.t5_prompts import encode_t5
-from webui.engine.formats.detect import Family
+from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.hooks import Hooks
 from webui.engine.infotext import build_infotext
 from webui.engine.loading.load import TEXT_ENCODERS, LoadedModel, vae_scale_factor
-from webui.engine.memory.manager import MemoryManager, MemoryPolicy, activation_bytes, vae_decode_bytes
+from webui.engine.memory.activation import activation_bytes
+from webui.engine.memory.manager import MemoryManager, MemoryPolicy, vae_decode_bytes
 from webui.engine.progress import Progress
 from webui.engine.request import MAX_SEED, GenerationRequest, GenerationResult
-from webui.engine.sampling.flow import FLOW_FAMILIES, SD3_DEFAULT_SHIFT, StepCallback, denoise_flow, set_timesteps, shift_for
-from webui.engine.sampling.ksampling import CpuBrownianNoise, GuidedDenoiser, sample
+from webui.engine.sampling.flow import SD3_DEFAULT_SHIFT
 from webui.engine.sampling.noise import Variation, initial_noise
-from webui.engine.sampling.samplers import Sampling, make_flow_scheduler, step_kwargs
+from webui.engine.sampling.samplers import Sampling
 from webui.engine.weights.fp8 import compute_dtype
 from webui.errors import UserError
 
@@ -78,13 +70,9 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
     """
     req = job.request
     start = time.perf_counter()
-    if model.family in FLOW_FAMILIES:
-        for name in ("width", "height"):
-            if getattr(req, name) % 16:
-                raise UserError(f"{model.family.value} needs a multiple of 16 pixels, got {getattr(req, name)}",
-                                field=name)
+    model.kind.check_size(req.width, req.height)
     cfg = req.cfg_scale > 1.0
-    activation = activation_bytes(model.family.value, req.width, req.height, req.batch_size, cfg,
+    activation = activation_bytes(model.kind.activation_per_pixel, req.width, req.height, req.batch_size, cfg,
                                   compute_dtype(model.denoiser))
     memory.begin(policy, activation)
     result = GenerationResult(request=req, model_name=model.info.model_name, model_hash=job.model_hash,
@@ -160,12 +148,9 @@ def infotext_for(model: LoadedModel, job: Resolved, seed: int, subseed: int) -> 
 
 
 def family_params(model: LoadedModel, job: Resolved) -> dict:
-    """Infotext fields only some families have: Flux's distilled CFG, SD3's shift, Forge's module names."""
-    params: dict = {}
-    if model.family is Family.FLUX and model.denoiser.config.guidance_embeds:
-        params["Distilled CFG Scale"] = job.request.distilled_cfg_scale
-    if model.family is Family.SD3:
-        params["Shift"] = job.shift
+    """Infotext fields only some models have: the family's own (Flux's distilled CFG, SD3's shift), Forge's module
+    names, the extensions'."""
+    params = model.kind.infotext_fields(model, job)
     params.update((f"Module {i}", Path(name).stem) for i, name in enumerate(model.module_names, start=1))
     params.update(job.extra_params)
     return params
@@ -208,15 +193,7 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seed
             hooks.fire("denoising_step", step=i, total=total, latents=latents)
         return progress.interrupted or progress.skipped
 
-    if model.family in FLOW_FAMILIES:
-        shift = shift_for(model.family, model.denoiser.config.get("guidance_embeds", False), req.width, req.height,
-                          job.shift)
-        scheduler = make_flow_scheduler(job.sampling, shift)
-        set_timesteps(scheduler, req.steps, device)
-        latents = denoise_flow(model.denoiser, model.family, scheduler, noise, cond, uncond if use_cfg else None,
-                               req.cfg_scale, req.distilled_cfg_scale, step_kwargs(scheduler, generators), on_step)
-    else:
-        latents = _denoise_unet(model, job, seeds, generators, noise, cond, uncond if use_cfg else None, on_step)
+    latents = model.kind.denoise(model, job, seeds, generators, noise, cond, uncond if use_cfg else None, on_step)
     clock.lap("denoise")
     if not torch.isfinite(latents).all():
         what = f"The denoiser made NaN or infinite values ({model.info.model_name}, {dtype_name(dtype)})."
@@ -228,53 +205,6 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seed
     images = decode(model, memory, latents, result.notices)
     clock.lap("decode")
     return images
-
-
-def _denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generators: list[torch.Generator],
-                  noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
-                  on_step: StepCallback) -> torch.Tensor:
-    """SD1/SD2/SDXL: the diffusers StableDiffusion(XL)Pipeline loop, or the sigma-space one for what diffusers'
-    schedulers cannot do; ``uncond`` is None without CFG."""
-    req, sampling, unet = job.request, job.sampling, model.denoiser
-    context = cond.embeds if uncond is None else torch.cat([uncond.embeds, cond.embeds])
-    added = _sdxl_added_conditions(model, req, cond, uncond, noise.device, noise.dtype)
-    if not sampling.native:
-        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return unet(x.to(noise.dtype), t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
-
-        denoiser = GuidedDenoiser(predict, model.scheduler_config, req.cfg_scale, uncond is not None)
-        sdxl = model.family is Family.SDXL
-        return sample(sampling.sampler.ksampler, denoiser, lambda schedule: sampling.sigmas(req.steps, schedule, sdxl),
-                      noise, seeds, generators, sampling.eta, on_step)
-    scheduler = sampling.scheduler(model.scheduler_config, seed=seeds)
-    scheduler.set_timesteps(req.steps, device=noise.device)
-    # The scheduler's maths in float32, whatever the UNet computes in: diffusers draws ancestral noise in the model
-    # output's dtype, and a CPU generator draws other numbers in float16 than in float32 (another picture on a GPU).
-    latents = noise.float() * scheduler.init_noise_sigma
-    brownian_on_cpu(scheduler, latents, seeds)
-    extra = step_kwargs(scheduler, generators, sampling.eta)
-    total = len(scheduler.timesteps)
-    for i, t in enumerate(scheduler.timesteps):
-        x = latents if uncond is None else torch.cat([latents] * 2)
-        x = scheduler.scale_model_input(x, t).to(noise.dtype)
-        noise_pred = unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
-        if uncond is not None:
-            noise_uncond, noise_cond = noise_pred.chunk(2)
-            noise_pred = noise_uncond + req.cfg_scale * (noise_cond - noise_uncond)
-        latents = scheduler.step(noise_pred, t, latents, **extra).prev_sample
-        if on_step(i, total, latents):
-            break
-    return latents
-
-
-def brownian_on_cpu(scheduler: SchedulerMixin, latents: torch.Tensor, seeds: list[int]) -> None:
-    """diffusers' DPM++ SDE builds its Brownian tree on the latents' device at its first step: build it on the CPU
-    instead (CpuBrownianNoise), as the sigma-space samplers do."""
-    if not isinstance(scheduler, DPMSolverSDEScheduler):
-        return
-    sigmas = scheduler.sigmas.cpu()
-    low, high = sigmas[sigmas > 0].min().item(), sigmas.max().item()
-    scheduler.noise_sampler = CpuBrownianNoise(lambda cpu_x: BrownianTreeNoiseSampler(cpu_x, low, high, seeds), latents)
 
 
 class PhaseClock:
@@ -305,29 +235,12 @@ def _conditioning(model: LoadedModel, job: Resolved, use_cfg: bool, device: torc
     prompt, negative = job.encoded_prompts()
     # One pass for both: the shorter prompt is padded with empty chunks, as A1111 does for CFG.
     prompts = [prompt] * n + ([negative] * n if use_cfg else [])
-    both = encode(model, prompts, job.clip_skip, device, dtype)
+    both = model.kind.encode(model, prompts, job.clip_skip, device, dtype)
     halves = [Conditioning(both.embeds[part], None if both.pooled is None else both.pooled[part])
               for part in (slice(0, n), slice(n, 2 * n))]
     result = (halves[0], halves[1] if use_cfg else None)
     model.conditioning_cache = (key, result)
     return result
-
-
-def encode(model: LoadedModel, prompts: list[str], clip_skip: int, device: torch.device,
-           dtype: torch.dtype) -> Conditioning:
-    """Each family's text conditioning. Flux: T5's tokens and CLIP-L's pooled output. SD3.x: both CLIPs'
-    tokens side by side, widened to T5's width and followed by T5's tokens (zeros without T5), and the
-    two CLIPs' pooled outputs."""
-    clip = encode_prompts(prompts, model.text_encoders, clip_skip, device=device, dtype=dtype)
-    if model.family is Family.FLUX:
-        return Conditioning(encode_t5(prompts, model.t5, device, dtype), clip.pooled)
-    if model.family is Family.SD3:
-        width = model.denoiser.config.joint_attention_dim
-        t5 = encode_t5(prompts, model.t5, device, dtype) if model.t5 is not None else \
-            torch.zeros(len(prompts), T5_MIN_LENGTH, width, device=device, dtype=dtype)
-        widened = torch.nn.functional.pad(clip.embeds, (0, width - clip.embeds.shape[-1]))
-        return Conditioning(torch.cat([widened, t5], dim=1), clip.pooled)
-    return clip
 
 
 def _initial_noise(model: LoadedModel, req: GenerationRequest, generators: list[torch.Generator], seeds: list[int],
@@ -344,19 +257,6 @@ def _initial_noise(model: LoadedModel, req: GenerationRequest, generators: list[
                           (resized[1] // factor, resized[0] // factor) if resized else None)
     return initial_noise((model.latent_channels, req.height // factor, req.width // factor), generators, seeds,
                          variation)
-
-
-def _sdxl_added_conditions(model: LoadedModel, req: GenerationRequest, cond: Conditioning,
-                           uncond: Conditioning | None, device: torch.device, dtype: torch.dtype) -> dict | None:
-    """SDXL's micro-conditioning: pooled text and (original size, crop, target size)."""
-    if model.family is not Family.SDXL:
-        return None
-    size = [req.height, req.width, 0, 0, req.height, req.width]
-    time_ids = torch.tensor([size] * req.batch_size, device=device, dtype=dtype)
-    pooled = cond.pooled if uncond is None else torch.cat([uncond.pooled, cond.pooled])
-    if uncond is not None:
-        time_ids = torch.cat([time_ids, time_ids])
-    return {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids}
 
 
 def decode(model: LoadedModel, memory: MemoryManager, latents: torch.Tensor, notices: list[str]) -> list[Image.Image]:

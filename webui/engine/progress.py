@@ -14,22 +14,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from webui.engine.families.protocol import LatentRgb
+from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
 
-# Linear maps from the 4 latent channels to RGB, a cheap preview of what the VAE would decode.
-LATENT_RGB = {
-    Family.SDXL: ([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
-                   [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]], [0.1084, -0.0175, -0.0011]),
-    Family.SD1: ([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
-                  [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]], [0.0, 0.0, 0.0]),
-}
-
-
-def latent_preview(latents: torch.Tensor, family: Family) -> Image.Image:
-    """The first image of a latent batch as an approximate RGB picture (8x smaller than the output)."""
+def latent_preview(latents: torch.Tensor, latent_rgb: LatentRgb | None) -> Image.Image:
+    """The first image of a latent batch as an approximate RGB picture (8x smaller than the output), through the
+    family's linear latent → RGB map, a cheap preview of what the VAE would decode."""
     x = latents[0].detach().float().cpu()
-    if x.shape[0] == 4:
-        factors, bias = LATENT_RGB.get(family, LATENT_RGB[Family.SD1])
+    if latent_rgb is not None and x.shape[0] == 4:
+        factors, bias = latent_rgb
         rgb = torch.einsum("chw,cr->hwr", x, torch.tensor(factors)) + torch.tensor(bias)
     else:  # 16-channel latents (Flux, SD3.x): the mean over channels, stretched, shows the composition
         gray = x.mean(0)
@@ -62,6 +56,7 @@ class Progress:
     _first: tuple[float, float] | None = None  # (time, fraction) at the first step of the job or plot
     _last: tuple[float, float] | None = None  # (time, fraction) at its latest step
     _latents: torch.Tensor | None = None
+    families: Families = field(default_factory=Families, repr=False)  # the engine's registry: preview colours
     _family: Family = Family.SD1
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -162,4 +157,4 @@ class Progress:
 
     def preview(self) -> Image.Image | None:
         latents, family = self._latents, self._family
-        return None if latents is None else latent_preview(latents, family)
+        return None if latents is None else latent_preview(latents, self.families[family].latent_rgb)

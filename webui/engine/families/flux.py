@@ -17,18 +17,26 @@ the conversion here takes the width from the config, so tiny test models take th
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import FluxTransformer2DModel
 
-from webui.engine.formats.detect import block_count, flux_prefix, strip_prefix, tensor_shape
+from webui.engine.conditioning.prompts import Conditioning, encode_prompts
+from webui.engine.conditioning.t5_prompts import encode_t5
+from webui.engine.families.base import FlowFamily
+from webui.engine.formats.detect import Family, block_count, flux_prefix, strip_prefix, tensor_shape
 from webui.engine.formats.files import Source, TensorInfo, source_infos, source_tensors
 from webui.engine.loading.load import build_module
 from webui.engine.memory import host_pages
 from webui.engine.weights.fp8 import is_fp8
 from webui.errors import ModelFileError
+
+if TYPE_CHECKING:
+    from webui.engine.generate import Resolved
+    from webui.engine.loading.load import LoadedModel
 
 StateDict = dict[str, torch.Tensor]
 Splitter = Callable[[str, torch.Tensor, int], tuple[torch.Tensor, ...]]
@@ -77,6 +85,8 @@ SINGLE_BLOCK: dict[str, tuple[str, ...]] = {
 SWAPPED_HALVES = ("norm_out.linear.weight", "norm_out.linear.bias")
 LINEAR_PARAMS = ("weight", "bias")
 WHAT = "Flux transformer"  # named in messages about missing tensors
+# Flux-dev's scheduler config: mu runs linearly from 0.5 at 256 image tokens to 1.15 at 4096.
+FLUX_BASE_SHIFT, FLUX_MAX_SHIFT, FLUX_BASE_SEQ, FLUX_MAX_SEQ = 0.5, 1.15, 256, 4096
 
 
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
@@ -198,3 +208,31 @@ def load_flux_transformer(source: Source, dtype: torch.dtype = torch.bfloat16) -
     cast_in_place(state_dict, dtype)
     converted = convert_flux_to_diffusers(state_dict, config)
     return build_module(FluxTransformer2DModel, config, converted, name, dtype).requires_grad_(False).eval()
+
+
+class Flux(FlowFamily):
+    """T5's tokens and CLIP-L's pooled output; Flux dev's shift grows with the image (diffusers'
+    ``calculate_shift``) and its distilled guidance scale is an input of the transformer; Flux schnell (no
+    guidance embedder) runs unshifted."""
+
+    families = (Family.FLUX,)
+    activation_per_pixel = 20_000
+
+    def encode(self, model: LoadedModel, prompts: list[str], clip_skip: int, device: torch.device,
+               dtype: torch.dtype) -> Conditioning:
+        clip = encode_prompts(prompts, model.text_encoders, clip_skip, device=device, dtype=dtype)
+        return Conditioning(encode_t5(prompts, model.t5, device, dtype), clip.pooled)
+
+    def shift(self, model: LoadedModel, job: Resolved) -> float:
+        req = job.request
+        return flux_shift(req.width, req.height) if model.denoiser.config.get("guidance_embeds", False) else 1.0
+
+    def infotext_fields(self, model: LoadedModel, job: Resolved) -> dict:
+        return {"Distilled CFG Scale": job.request.distilled_cfg_scale} if model.denoiser.config.guidance_embeds else {}
+
+
+def flux_shift(width: int, height: int) -> float:
+    """Flux-dev's resolution-dependent shift: exp(mu), mu linear in the number of image tokens."""
+    tokens = (height // 16) * (width // 16)
+    slope = (FLUX_MAX_SHIFT - FLUX_BASE_SHIFT) / (FLUX_MAX_SEQ - FLUX_BASE_SEQ)
+    return math.exp(FLUX_BASE_SHIFT + slope * (tokens - FLUX_BASE_SEQ))

@@ -25,17 +25,25 @@ import math
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import SD3Transformer2DModel
 
+from webui.engine.conditioning.prompts import Conditioning, encode_prompts
+from webui.engine.conditioning.t5_prompts import MIN_LENGTH as T5_MIN_LENGTH
+from webui.engine.conditioning.t5_prompts import encode_t5
+from webui.engine.families.base import FlowFamily
 from webui.engine.families.flux import LINEAR_PARAMS, cast_in_place, rename_by_table
-from webui.engine.formats.detect import UNET, block_count, find_prefix, strip_prefix, tensor_shape
+from webui.engine.formats.detect import UNET, Family, block_count, find_prefix, strip_prefix, tensor_shape
 from webui.engine.formats.files import Source, TensorInfo, source_infos, source_tensors
 from webui.engine.loading.load import build_module
 from webui.engine.weights.gguf_load import load_gguf_transformer
 from webui.errors import ModelFileError
+
+if TYPE_CHECKING:
+    from webui.engine.generate import Resolved
+    from webui.engine.loading.load import LoadedModel
 
 StateDict = dict[str, torch.Tensor]
 
@@ -226,3 +234,26 @@ def load_gguf_sd3_transformer(path: str | Path, dtype: torch.dtype = torch.bfloa
     """The SD3 transformer of a GGUF file with Stability's names (see ``gguf_load.load_gguf_transformer``)."""
     return load_gguf_transformer(path, "sd3", SD3Transformer2DModel, "an SD3 transformer", sd3_prefix, sd3_config,
                                  convert_sd3_to_diffusers, dtype)
+
+
+class StableDiffusion3(FlowFamily):
+    """Both CLIPs' tokens side by side, widened to T5's width and followed by T5's tokens (zeros without T5), and
+    the two CLIPs' pooled outputs; the flow shift is a setting (``sd3_shift``)."""
+
+    families = (Family.SD3,)
+    activation_per_pixel = 20_000
+
+    def encode(self, model: LoadedModel, prompts: list[str], clip_skip: int, device: torch.device,
+               dtype: torch.dtype) -> Conditioning:
+        clip = encode_prompts(prompts, model.text_encoders, clip_skip, device=device, dtype=dtype)
+        width = model.denoiser.config.joint_attention_dim
+        t5 = encode_t5(prompts, model.t5, device, dtype) if model.t5 is not None else \
+            torch.zeros(len(prompts), T5_MIN_LENGTH, width, device=device, dtype=dtype)
+        widened = torch.nn.functional.pad(clip.embeds, (0, width - clip.embeds.shape[-1]))
+        return Conditioning(torch.cat([widened, t5], dim=1), clip.pooled)
+
+    def shift(self, model: LoadedModel, job: Resolved) -> float:
+        return job.shift
+
+    def infotext_fields(self, model: LoadedModel, job: Resolved) -> dict:
+        return {"Shift": job.shift}

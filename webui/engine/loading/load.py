@@ -10,6 +10,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import init_empty_weights
@@ -42,6 +43,9 @@ from webui.engine.formats.files import CheckpointInfo, TensorInfo, load_state_di
 from webui.engine.weights.fp8 import compute_dtype, enable_fp8_compute, fp8_state_dict_split
 from webui.errors import ModelFileError
 
+if TYPE_CHECKING:
+    from webui.engine.families.protocol import FamilyModel
+
 log = logging.getLogger(__name__)
 
 # Keys real checkpoints carry that no diffusers module holds (schedule arrays, EMA scalars,
@@ -65,6 +69,7 @@ class LoadedModel:
     module_names: list[str] = field(default_factory=list)  # separate VAE / text encoder files in use
     load_seconds: float = 0.0
     conditioning_cache: tuple = (None, None)  # (key, (cond, uncond)) of the last prompts encoded
+    kind: FamilyModel = field(init=False, repr=False)  # what its family does; the model manager's registry sets it
 
     @property
     def prediction_type(self) -> str:

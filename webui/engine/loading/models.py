@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
 from webui.engine.loading.assemble import checkpoint_family, load_flow_model, load_gguf_unet_model
 from webui.engine.loading.demo import DEMO_NAME
@@ -60,12 +61,14 @@ TITLE_RE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-f]{8,10})\]$")
 
 class ModelManager:
     def __init__(self, checkpoint_dirs: list[Path], builtin_dir: Path, vae_dir: Path, text_encoder_dir: Path,
-                 builtin_modules_dir: Path, hashes: HashCache, memory: MemoryManager, dtypes: Dtypes):
+                 builtin_modules_dir: Path, hashes: HashCache, memory: MemoryManager, dtypes: Dtypes,
+                 families: Families | None = None):
         self.checkpoint_dirs = checkpoint_dirs
         self.builtin_dir = builtin_dir
         self.vae_dir, self.text_encoder_dir, self.builtin_modules_dir = vae_dir, text_encoder_dir, builtin_modules_dir
         self.hashes = hashes
         self.memory, self.dtypes = memory, dtypes
+        self.families = families or Families()
         self.current: LoadedModel | None = None
         self.current_sha256 = ""
         self.identity: tuple = ()
@@ -206,6 +209,7 @@ class ModelManager:
                   fp8: torch.dtype | None, t5_storage: str, sha: str) -> LoadedModel:
         log.info("Loading %s [%s]%s", info.name, short_hash(sha), f" with VAE {vae_file.name}" if vae_file else "")
         model = self._load(info, family, vae_file, modules, use_t5)
+        model.kind = self.families[model.family]
         model.module_names = list(dict.fromkeys(module_names))
         if fp8 is not None:
             saved = cast_weights_fp8(model.denoiser, fp8)

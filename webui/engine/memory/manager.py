@@ -117,20 +117,6 @@ def use_expandable_segments() -> None:
     (set_settings or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
 
 
-def activation_bytes(family: str, width: int, height: int, batch: int, cfg: bool, dtype: torch.dtype) -> int:
-    """Peak activation memory of one denoiser call, estimated before the run.
-
-    Linear in the latent area and in the batch (doubled with CFG), with memory-efficient
-    attention. The per-family coefficients are bytes per latent pixel per image at 2-byte
-    precision, measured on the GPU machine (benchmarks/memory.py: SD1.5 667 MB at 512², SDXL
-    2578 MB at 1024², both with CFG; Flux 498 MB at 1344x768) with a 25 % margin.
-    """
-    per_pixel = {"SD1.x": 66_000, "SD2.x": 66_000, "SDXL": 93_000, "Flux": 20_000, "SD3.x": 20_000}.get(family, 93_000)
-    images = batch * (2 if cfg else 1)
-    scale = torch.finfo(dtype).bits / 16
-    return int(per_pixel * (width // 8) * (height // 8) * images * scale) + 256 * MB
-
-
 def vae_decode_bytes(width: int, height: int, batch: int, dtype: torch.dtype) -> int:
     """Peak memory of a full (untiled) VAE decode: the decoder's last blocks hold several
     128–256-channel tensors at full resolution."""

@@ -3,18 +3,13 @@
 The loop follows diffusers' FluxPipeline and StableDiffusion3Pipeline step for step, with the
 "Simple" schedule both use for Flux (sigmas ``linspace(1, 1/N, N)``, then shifted):
 
-* SD3.x: ``shift`` is a setting (3.0 as Stability ships SD3.5).
-* Flux dev: the shift grows with the image's token count (diffusers' ``calculate_shift``, exp(mu)),
-  and the distilled guidance scale ("Distilled CFG") is an input of the transformer. Flux schnell
-  (no guidance embedder) uses no shift.
+* The shift is each family's (``families.sd3``, ``families.flux``).
+* Flux dev: the distilled guidance scale ("Distilled CFG") is an input of the transformer.
 * CFG is real classifier-free guidance for both (Flux usually runs at CFG 1: no negative pass).
 
 Flux sees the latent image as a sequence of 2x2 patches (packing) with (0, row, column) position ids.
 """
 from __future__ import annotations
-
-import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -22,26 +17,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.formats.detect import Family
+from webui.engine.sampling.ksampling import StepCallback
 
 FLOW_FAMILIES = (Family.FLUX, Family.SD3)
 SD3_DEFAULT_SHIFT = 3.0
-# Flux-dev's scheduler config: mu runs linearly from 0.5 at 256 image tokens to 1.15 at 4096.
-FLUX_BASE_SHIFT, FLUX_MAX_SHIFT, FLUX_BASE_SEQ, FLUX_MAX_SEQ = 0.5, 1.15, 256, 4096
-
-StepCallback = Callable[[int, int, torch.Tensor], bool]  # (step, total, latents) -> stop?
-
-
-def flux_shift(width: int, height: int) -> float:
-    """Flux-dev's resolution-dependent shift: exp(mu), mu linear in the number of image tokens."""
-    tokens = (height // 16) * (width // 16)
-    slope = (FLUX_MAX_SHIFT - FLUX_BASE_SHIFT) / (FLUX_MAX_SEQ - FLUX_BASE_SEQ)
-    return math.exp(FLUX_BASE_SHIFT + slope * (tokens - FLUX_BASE_SEQ))
-
-
-def shift_for(family: Family, guidance_embeds: bool, width: int, height: int, sd3_shift: float) -> float:
-    if family is Family.SD3:
-        return sd3_shift
-    return flux_shift(width, height) if guidance_embeds else 1.0
 
 
 def set_timesteps(scheduler, steps: int, device: torch.device) -> None:

@@ -1,0 +1,37 @@
+"""What a model family tells the engine (see the package docstring for how the engine uses it)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from webui.engine.conditioning.prompts import Conditioning
+from webui.engine.formats.detect import Family
+from webui.engine.sampling.ksampling import StepCallback
+
+if TYPE_CHECKING:
+    from webui.engine.generate import Resolved
+    from webui.engine.loading.load import LoadedModel
+
+LatentRgb = tuple[list[list[float]], list[float]]  # per latent channel an RGB row, and an RGB bias
+
+
+class FamilyModel(Protocol):
+    families: tuple[Family, ...]  # the detected families it serves
+    activation_per_pixel: int  # denoise activations, bytes per latent pixel per image at 2-byte precision
+    latent_rgb: LatentRgb | None  # the live preview's latent → RGB map; None: a gray mean over the channels
+
+    def check_size(self, width: int, height: int) -> None:
+        """Raise a UserError for an image size the denoiser cannot take."""
+
+    def encode(self, model: LoadedModel, prompts: list[str], clip_skip: int, device: torch.device,
+               dtype: torch.dtype) -> Conditioning:
+        """The prompts' text conditioning, one row per prompt."""
+
+    def denoise(self, model: LoadedModel, job: Resolved, seeds: list[int], generators: list[torch.Generator],
+                noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
+                on_step: StepCallback) -> torch.Tensor:
+        """Latents denoised from ``noise``; ``uncond`` is None without CFG."""
+
+    def infotext_fields(self, model: LoadedModel, job: Resolved) -> dict:
+        """The infotext fields only this family writes."""

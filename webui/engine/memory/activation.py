@@ -1,0 +1,19 @@
+"""The denoiser's activation memory, estimated before a run from the family's measured coefficient."""
+from __future__ import annotations
+
+import torch
+
+from webui.engine.memory.manager import MB
+
+
+def activation_bytes(per_pixel: int, width: int, height: int, batch: int, cfg: bool, dtype: torch.dtype) -> int:
+    """Peak activation memory of one denoiser call, estimated before the run.
+
+    Linear in the latent area and in the batch (doubled with CFG), with memory-efficient
+    attention. ``per_pixel`` (each family's ``activation_per_pixel``) is bytes per latent pixel per
+    image at 2-byte precision, measured on the GPU machine (benchmarks/memory.py: SD1.5 667 MB at
+    512², SDXL 2578 MB at 1024², both with CFG; Flux 498 MB at 1344x768) with a 25 % margin.
+    """
+    images = batch * (2 if cfg else 1)
+    scale = torch.finfo(dtype).bits / 16
+    return int(per_pixel * (width // 8) * (height // 8) * images * scale) + 256 * MB

@@ -1,0 +1,68 @@
+"""Denoising for the UNet families (SD1.x, SD2.x, SDXL): epsilon or v prediction.
+
+The loop follows diffusers' StableDiffusion(XL)Pipeline step for step (same scheduler calls, same
+noise), so the same weights, seed and sampler give the same image as the plain pipeline; sampler /
+schedule type pairs diffusers has no scheduler for run in sigma space (``ksampling``).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import DPMSolverSDEScheduler
+from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from webui.engine.conditioning.prompts import Conditioning
+from webui.engine.sampling.ksampling import CpuBrownianNoise, GuidedDenoiser, StepCallback, sample
+from webui.engine.sampling.samplers import step_kwargs
+
+if TYPE_CHECKING:
+    from webui.engine.generate import Resolved
+    from webui.engine.loading.load import LoadedModel
+
+
+def denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generators: list[torch.Generator],
+                 noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None, on_step: StepCallback,
+                 added: dict | None, sdxl: bool) -> torch.Tensor:
+    """The diffusers StableDiffusion(XL)Pipeline loop, or the sigma-space one for what diffusers' schedulers cannot
+    do; ``uncond`` is None without CFG, ``added`` the UNet's added conditions (SDXL's), ``sdxl`` picks the sigma
+    schedules' SDXL variants."""
+    req, sampling, unet = job.request, job.sampling, model.denoiser
+    context = cond.embeds if uncond is None else torch.cat([uncond.embeds, cond.embeds])
+    if not sampling.native:
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return unet(x.to(noise.dtype), t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
+
+        denoiser = GuidedDenoiser(predict, model.scheduler_config, req.cfg_scale, uncond is not None)
+        return sample(sampling.sampler.ksampler, denoiser, lambda schedule: sampling.sigmas(req.steps, schedule, sdxl),
+                      noise, seeds, generators, sampling.eta, on_step)
+    scheduler = sampling.scheduler(model.scheduler_config, seed=seeds)
+    scheduler.set_timesteps(req.steps, device=noise.device)
+    # The scheduler's maths in float32, whatever the UNet computes in: diffusers draws ancestral noise in the model
+    # output's dtype, and a CPU generator draws other numbers in float16 than in float32 (another picture on a GPU).
+    latents = noise.float() * scheduler.init_noise_sigma
+    brownian_on_cpu(scheduler, latents, seeds)
+    extra = step_kwargs(scheduler, generators, sampling.eta)
+    total = len(scheduler.timesteps)
+    for i, t in enumerate(scheduler.timesteps):
+        x = latents if uncond is None else torch.cat([latents] * 2)
+        x = scheduler.scale_model_input(x, t).to(noise.dtype)
+        noise_pred = unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
+        if uncond is not None:
+            noise_uncond, noise_cond = noise_pred.chunk(2)
+            noise_pred = noise_uncond + req.cfg_scale * (noise_cond - noise_uncond)
+        latents = scheduler.step(noise_pred, t, latents, **extra).prev_sample
+        if on_step(i, total, latents):
+            break
+    return latents
+
+
+def brownian_on_cpu(scheduler: SchedulerMixin, latents: torch.Tensor, seeds: list[int]) -> None:
+    """diffusers' DPM++ SDE builds its Brownian tree on the latents' device at its first step: build it on the CPU
+    instead (CpuBrownianNoise), as the sigma-space samplers do."""
+    if not isinstance(scheduler, DPMSolverSDEScheduler):
+        return
+    sigmas = scheduler.sigmas.cpu()
+    low, high = sigmas[sigmas > 0].min().item(), sigmas.max().item()
+    scheduler.noise_sampler = CpuBrownianNoise(lambda cpu_x: BrownianTreeNoiseSampler(cpu_x, low, high, seeds), latents)
