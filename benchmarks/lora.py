@@ -31,7 +31,7 @@ RANKS = (32, 128)
 
 def write_loras(root: Path) -> dict[int, Path]:
     from webui.engine.formats.detect import Family
-    from webui.engine.weights.gguf_load import load_gguf_flux_transformer
+    from webui.engine.families.flux import load_gguf_flux_transformer
     from webui.synthetic.lora_export import random_lora, write_lora
 
     folder = root / "Lora"

@@ -330,7 +330,7 @@ def bench_flux_q8(workdir: Path, bandwidth: float) -> None:
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
     from benchmarks.pipelines import write_flux_q8
-    from webui.engine.weights.gguf_load import load_gguf_flux_transformer
+    from webui.engine.families.flux import load_gguf_flux_transformer
     from webui.synthetic.builders import build_flux_transformer
 
     q8_path = write_flux_q8(workdir)

@@ -96,7 +96,8 @@ def test_quantized_flux_on_cuda_matches_the_cpu_and_streams_exactly(tmp_path, st
     from tests.test_gguf import bfl_state_dict
     from webui.engine.memory.manager import MemoryManager, MemoryPolicy
     from webui.engine.weights.fp8 import cast_weights_fp8
-    from webui.engine.weights.gguf_load import load_gguf_flux_transformer, quantize_where_possible, write_gguf
+    from webui.engine.families.flux import load_gguf_flux_transformer
+    from webui.engine.weights.gguf_load import quantize_where_possible, write_gguf
     from webui.synthetic.builders import build_flux_transformer
 
     model = build_flux_transformer("tiny", seed=3)

@@ -17,11 +17,11 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
 from tests.test_flux import inputs
+from webui.engine.families.flux import load_gguf_flux_transformer
 from webui.engine.formats import gguf_file
 from webui.engine.formats.gguf_file import read_gguf
 from webui.engine.weights.gguf_load import (
     gguf_state_dict,
-    load_gguf_flux_transformer,
     quantize_where_possible,
     stored_shape,
     write_gguf,

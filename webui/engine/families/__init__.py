@@ -12,20 +12,26 @@ and loop). The contract is ``protocol.FamilyModel``:
   manager's budget (``memory.activation``); the VAE decode's estimate is the same for all.
 * ``latent_rgb``: the linear latent → RGB map of the live preview (None: 16-channel latents,
   previewed as their mean).
+* ``clip_kinds``: its CLIP text encoders, in order (what assembly from files looks for).
 * ``check_size(width, height)``: sizes its denoiser cannot take, refused before anything runs.
 * ``encode(model, prompts, clip_skip, device, dtype)``: prompts → ``Conditioning`` (CLIP alone,
   CLIP + T5, ...).
 * ``denoise(model, job, seeds, generators, noise, cond, uncond, on_step)``: noise → latents. The
   UNet families share diffusers' eps/v loop (``sampling.unet_loop``) through ``base.UNetFamily``,
   the flow-matching ones the flow loop (``sampling.flow``) through ``base.FlowFamily``; a family
-  adds only what it feeds the loop (SDXL's micro-conditioning, a flow shift).
+  adds only what it feeds the loop (SDXL's micro-conditioning; a flow shift, and how the
+  transformer sees the latents: Flux's packed patches, ``sampling.flow.FlowLayout``).
 * ``infotext_fields(model, job)``: the PNG "parameters" fields only it writes.
 
-``registry.Families`` holds one instance of each and finds the one for a detected family; the
-engine owns it (given to the model manager and the progress) rather than a module-level table.
-``generate`` asks ``model.kind`` (the loaded model's family) and has no family branch.
+A flow family also says how it is assembled from files (``loading.assemble``): its transformer's
+loaders (single file, GGUF) and diffusers class, whether it needs T5, its diffusers folder names.
 
-Still spread, to move here next: detection (``formats.detect``), assembly from files
-(``loading.assemble``/``load``), the flow loop's Flux packing (``sampling.flow``) and the LoRA key
-tables (``lora.keys``). The Flux and SD3.x modules also hold their transformers' converters.
+``registry.Families`` holds one instance of each and finds the one for a detected family; the
+model manager sets ``LoadedModel.kind`` from it and the progress reads preview colours from it,
+rather than from a module-level table. ``generate`` asks ``model.kind`` and has no family branch.
+
+Still spread, to move here next: detection from tensors (``formats.detect``, ``weights.gguf_load``),
+the UNet families' assembly (``loading.load``: CLIP layers, VAE upcast, SD2's v test) and the LoRA
+key tables and family evidence (``lora.keys``). The Flux and SD3.x modules also hold their
+transformers' converters and loaders.
 """

@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextModel
 
 from webui.engine.conditioning.prompts import Conditioning, encode_prompts
 from webui.engine.conditioning.t5_prompts import encode_t5
-from webui.engine.families.base import FlowFamily
+from webui.engine.families.base import FlowFamily, FlowFiles
 from webui.engine.formats.detect import Family, block_count, flux_prefix, strip_prefix, tensor_shape
 from webui.engine.formats.files import Source, TensorInfo, source_infos, source_tensors
 from webui.engine.loading.load import build_module
 from webui.engine.memory import host_pages
 from webui.engine.weights.fp8 import is_fp8
+from webui.engine.weights.gguf_load import load_gguf_transformer
 from webui.errors import ModelFileError
 
 if TYPE_CHECKING:
@@ -210,6 +213,12 @@ def load_flux_transformer(source: Source, dtype: torch.dtype = torch.bfloat16) -
     return build_module(FluxTransformer2DModel, config, converted, name, dtype).requires_grad_(False).eval()
 
 
+
+def load_gguf_flux_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
+    """The Flux transformer of a GGUF file with BFL names (see ``gguf_load.load_gguf_transformer``)."""
+    return load_gguf_transformer(path, "flux", FluxTransformer2DModel, "a Flux transformer", flux_prefix,
+                                 flux_config, convert_flux_to_diffusers, dtype)
+
 class Flux(FlowFamily):
     """T5's tokens and CLIP-L's pooled output; Flux dev's shift grows with the image (diffusers'
     ``calculate_shift``) and its distilled guidance scale is an input of the transformer; Flux schnell (no
@@ -217,6 +226,9 @@ class Flux(FlowFamily):
 
     families = (Family.FLUX,)
     activation_per_pixel = 20_000
+    clip_kinds = ("clip_l",)
+    files = FlowFiles(FluxTransformer2DModel, (CLIPTextModel,), load_flux_transformer, load_gguf_flux_transformer,
+                      t5_required=True)
 
     def encode(self, model: LoadedModel, prompts: list[str], clip_skip: int, device: torch.device,
                dtype: torch.dtype) -> Conditioning:
@@ -226,6 +238,29 @@ class Flux(FlowFamily):
     def shift(self, model: LoadedModel, job: Resolved) -> float:
         req = job.request
         return flux_shift(req.width, req.height) if model.denoiser.config.get("guidance_embeds", False) else 1.0
+
+    def pack(self, noise: torch.Tensor) -> torch.Tensor:
+        """Flux sees the latent image as a sequence of 2x2 patches."""
+        batch, channels, h, w = noise.shape
+        return FluxPipeline._pack_latents(noise, batch, channels, h, w)
+
+    def unpack(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = noise.shape
+        return FluxPipeline._unpack_latents(latents, h * 8, w * 8, 8)
+
+    def inputs(self, denoiser: torch.nn.Module, noise: torch.Tensor, context: torch.Tensor, copies: int,
+               distilled_cfg: float) -> dict:
+        """(0, row, column) position ids of the patches, zeros for the text tokens, and Flux dev's distilled
+        guidance scale."""
+        batch, _, h, w = noise.shape
+        inputs = {"img_ids": FluxPipeline._prepare_latent_image_ids(batch, h // 2, w // 2, noise.device, noise.dtype),
+                  "txt_ids": torch.zeros(context.shape[1], 3, device=noise.device, dtype=noise.dtype)}
+        if denoiser.config.guidance_embeds:
+            inputs["guidance"] = torch.full((batch * copies,), distilled_cfg, device=noise.device, dtype=torch.float32)
+        return inputs
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        return t / 1000
 
     def infotext_fields(self, model: LoadedModel, job: Resolved) -> dict:
         return {"Distilled CFG Scale": job.request.distilled_cfg_scale} if model.denoiser.config.guidance_embeds else {}

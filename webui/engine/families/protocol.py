@@ -20,6 +20,7 @@ class FamilyModel(Protocol):
     families: tuple[Family, ...]  # the detected families it serves
     activation_per_pixel: int  # denoise activations, bytes per latent pixel per image at 2-byte precision
     latent_rgb: LatentRgb | None  # the live preview's latent → RGB map; None: a gray mean over the channels
+    clip_kinds: tuple[str, ...]  # its CLIP text encoders, in order ("clip_l", "clip_g")
 
     def check_size(self, width: int, height: int) -> None:
         """Raise a UserError for an image size the denoiser cannot take."""

@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import SD3Transformer2DModel
+from transformers import CLIPTextModelWithProjection
 
 from webui.engine.conditioning.prompts import Conditioning, encode_prompts
 from webui.engine.conditioning.t5_prompts import MIN_LENGTH as T5_MIN_LENGTH
 from webui.engine.conditioning.t5_prompts import encode_t5
-from webui.engine.families.base import FlowFamily
+from webui.engine.families.base import FlowFamily, FlowFiles
 from webui.engine.families.flux import LINEAR_PARAMS, cast_in_place, rename_by_table
 from webui.engine.formats.detect import UNET, Family, block_count, find_prefix, strip_prefix, tensor_shape
 from webui.engine.formats.files import Source, TensorInfo, source_infos, source_tensors
@@ -242,6 +243,9 @@ class StableDiffusion3(FlowFamily):
 
     families = (Family.SD3,)
     activation_per_pixel = 20_000
+    clip_kinds = ("clip_l", "clip_g")
+    files = FlowFiles(SD3Transformer2DModel, (CLIPTextModelWithProjection,) * 2, load_sd3_transformer,
+                      load_gguf_sd3_transformer, t5_required=False)
 
     def encode(self, model: LoadedModel, prompts: list[str], clip_skip: int, device: torch.device,
                dtype: torch.dtype) -> Conditioning:

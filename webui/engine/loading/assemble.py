@@ -13,25 +13,24 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel, T5TokenizerFast
+from diffusers import AutoencoderKL
+from transformers import CLIPTextModelWithProjection, T5EncoderModel, T5TokenizerFast
 
 from webui.engine.conditioning.t5_prompts import T5Slot, find_t5_tokenizer
 from webui.engine.conditioning.text_encoders import load_clip_file, load_t5_encoder, load_vae16
 from webui.engine.conditioning.tokenizer import clip_tokenizer
-from webui.engine.families.flux import load_flux_transformer
-from webui.engine.families.sd3 import load_gguf_sd3_transformer, load_sd3_transformer
+from webui.engine.families.base import FlowFamily
+from webui.engine.families.protocol import FamilyModel
 from webui.engine.formats.detect import Family, ModelArch, detect_family
 from webui.engine.formats.files import CheckpointInfo, load_state_dict, read_tensor_infos
 from webui.engine.loading.load import LoadedModel, TextEncoderSlot, clip_slot, load_vae_file, vae_dtype_for
 from webui.engine.loading.modules import FIELD, ModuleFile
-from webui.engine.weights.gguf_load import gguf_family, load_gguf_flux_transformer, load_gguf_unet
+from webui.engine.weights.gguf_load import gguf_family, load_gguf_unet
 from webui.errors import ModelFileError, UserError
 
 # Where all-in-one files keep each part (ComfyUI's and Stability's layouts).
 INSIDE = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
           "t5": "text_encoders.t5xxl.transformer.", "vae": ("vae.", "first_stage_model.")}
-CLIPS = {Family.FLUX: ("clip_l",), Family.SD3: ("clip_l", "clip_g")}
 WHAT = {"clip_l": "CLIP-L text encoder (clip_l.safetensors)", "clip_g": "CLIP-G text encoder (clip_g.safetensors)",
         "t5": "T5-XXL text encoder (t5xxl_fp16 or t5xxl_fp8_e4m3fn.safetensors)",
         "vae": "16-channel VAE (Flux: ae.safetensors)"}
@@ -49,15 +48,13 @@ def _split(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
     return parts
 
 
-def _denoiser(info: CheckpointInfo, family: Family, dtype: torch.dtype) -> tuple[torch.nn.Module, dict]:
+def _denoiser(info: CheckpointInfo, flow: FlowFamily, dtype: torch.dtype) -> tuple[torch.nn.Module, dict]:
     """The transformer and the checkpoint's other parts (none in a GGUF)."""
     if info.kind == "gguf":
-        load = load_gguf_flux_transformer if family is Family.FLUX else load_gguf_sd3_transformer
-        return load(info.path, dtype), {}
+        return flow.files.load_gguf_transformer(info.path, dtype), {}
     state_dict = load_state_dict(info.path)
     parts = _split(state_dict)
-    load = load_flux_transformer if family is Family.FLUX else load_sd3_transformer
-    return load(state_dict, dtype), parts
+    return flow.files.load_transformer(state_dict, dtype), parts
 
 
 def _source(role: str, modules: dict[str, ModuleFile], parts: dict, family: Family, optional: bool = False):
@@ -71,29 +68,31 @@ def _source(role: str, modules: dict[str, ModuleFile], parts: dict, family: Fami
                     "Encoder' (files in models/VAE and models/text_encoder).", FIELD)
 
 
-def _load_clip(source, kind: str, family: Family, dtype: torch.dtype) -> TextEncoderSlot:
-    """CLIP-G pools through its text projection (SDXL, SD3); CLIP-L pools without one (SD3, Flux)."""
+def _load_clip(source, kind: str, family: Family, dtype: torch.dtype, pool_all: bool = False) -> TextEncoderSlot:
+    """CLIP-G pools through its text projection (SDXL, SD3); CLIP-L pools without one where ``pool_all`` (SD3,
+    Flux)."""
     model = load_clip_file(source, kind, dtype, projection=kind == "clip_g")
     if kind == "clip_g" and not isinstance(model, CLIPTextModelWithProjection):
         raise ModelFileError(f"{family.value} pools its prompt through CLIP-G's text projection, and this CLIP-G "
                              "file has none (text_projection.weight): use the clip_g file made for SD3 or SDXL.")
     tokenizer = clip_tokenizer("!" if kind == "clip_g" else "<|endoftext|>")
-    return clip_slot(model, tokenizer, family, pooled=family in (Family.FLUX, Family.SD3) or kind == "clip_g")
+    return clip_slot(model, tokenizer, family, pooled=pool_all or kind == "clip_g")
 
 
-def load_flow_model(info: CheckpointInfo, family: Family, modules: dict[str, ModuleFile], dtype: torch.dtype,
+def load_flow_model(info: CheckpointInfo, flow: FlowFamily, modules: dict[str, ModuleFile], dtype: torch.dtype,
                     vae_dtype: torch.dtype, tokenizer_dirs: list[Path], use_t5: bool = True) -> LoadedModel:
     """A Flux or SD3.x pipeline; ``use_t5=False`` runs SD3.x on its CLIPs alone (Flux needs T5)."""
+    family = flow.family
     vae_dtype = vae_dtype_for(family, vae_dtype)
     if info.kind == "diffusers":
-        return _load_diffusers_folder(info, family, dtype, vae_dtype)
-    denoiser, parts = _denoiser(info, family, dtype)
+        return _load_diffusers_folder(info, flow, dtype, vae_dtype)
+    denoiser, parts = _denoiser(info, flow, dtype)
     vae = load_vae16(_source("vae", modules, parts, family), vae_dtype, family)
-    clips = [_load_clip(_source(kind, modules, parts, family), kind, family, dtype)
-             for kind in CLIPS[family]]
+    clips = [_load_clip(_source(kind, modules, parts, family), kind, family, dtype, pool_all=True)
+             for kind in flow.clip_kinds]
     t5 = None
-    t5_source = _source("t5", modules, parts, family, optional=family is Family.SD3 or not use_t5)
-    if t5_source is not None and (use_t5 or family is Family.FLUX):
+    t5_source = _source("t5", modules, parts, family, optional=not flow.files.t5_required or not use_t5)
+    if t5_source is not None and (use_t5 or flow.files.t5_required):
         t5 = T5Slot(load_t5_encoder(t5_source, dtype), find_t5_tokenizer(tokenizer_dirs))
     return LoadedModel(info, family, denoiser, vae, clips, {}, t5=t5)
 
@@ -111,42 +110,42 @@ def checkpoint_family(info: CheckpointInfo) -> Family | None:
     return None
 
 
-def _load_diffusers_folder(info: CheckpointInfo, family: Family, dtype: torch.dtype,
+def _load_diffusers_folder(info: CheckpointInfo, flow: FlowFamily, dtype: torch.dtype,
                            vae_dtype: torch.dtype) -> LoadedModel:
-    folder = info.path
-    transformer = FluxTransformer2DModel if family is Family.FLUX else SD3Transformer2DModel
-    denoiser = transformer.from_pretrained(folder / "transformer", torch_dtype=dtype, local_files_only=True)
+    folder, family = info.path, flow.family
+    files = flow.files
+    denoiser = files.transformer_class.from_pretrained(folder / "transformer", torch_dtype=dtype, local_files_only=True)
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype, local_files_only=True)
-    clip_classes = [CLIPTextModel] if family is Family.FLUX else [CLIPTextModelWithProjection] * 2
     clips = []
-    for i, cls in enumerate(clip_classes):
+    for i, cls in enumerate(files.diffusers_clip_classes):
         suffix = "" if i == 0 else "_2"
         model = cls.from_pretrained(folder / f"text_encoder{suffix}", dtype=dtype, local_files_only=True)
         clips.append(clip_slot(model, clip_tokenizer("!" if i else "<|endoftext|>"), family, pooled=True))
-    t5_name = "text_encoder_2" if family is Family.FLUX else "text_encoder_3"
+    t5_name = files.diffusers_t5_folder
     t5 = None
     if (folder / t5_name).is_dir():
         tokenizer_dir = folder / t5_name.replace("text_encoder", "tokenizer")
         tokenizer = T5TokenizerFast.from_pretrained(tokenizer_dir, local_files_only=True) \
             if tokenizer_dir.is_dir() else find_t5_tokenizer([])
         t5 = T5Slot(T5EncoderModel.from_pretrained(folder / t5_name, dtype=dtype, local_files_only=True), tokenizer)
-    elif family is Family.FLUX:
-        raise ModelFileError(f"{folder.name}: this Flux pipeline folder has no {t5_name} (T5).")
+    elif files.t5_required:
+        raise ModelFileError(f"{folder.name}: this {family.value} pipeline folder has no {t5_name} (T5).")
     return LoadedModel(info, family, denoiser, vae, clips, {}, t5=t5)
 
 
-def load_gguf_unet_model(info: CheckpointInfo, family: Family, modules: dict[str, ModuleFile],
-                         vae_file: Path | None, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
-    """An SD1.x/SD2.x/SDXL pipeline around a GGUF UNet (``family`` from ``checkpoint_family``), its weights
-    kept quantized."""
-    kinds = ("clip_l", "clip_g") if family is Family.SDXL else ("clip_l",)
-    sources = {kind: _source(kind, modules, {}, family) for kind in kinds}
+def load_gguf_unet_model(info: CheckpointInfo, family: Family, unet_family: FamilyModel,
+                         modules: dict[str, ModuleFile], vae_file: Path | None, dtype: torch.dtype,
+                         vae_dtype: torch.dtype) -> LoadedModel:
+    """An SD1.x/SD2.x/SDXL pipeline around a GGUF UNet (``family`` from ``checkpoint_family``, ``unet_family``
+    what it is), its weights kept quantized."""
+    sources = {kind: _source(kind, modules, {}, family) for kind in unet_family.clip_kinds}
     vae_path = modules["vae"].path if "vae" in modules else vae_file
     if vae_path is None:
         raise UserError(f"{info.path.name} is a GGUF UNet without a VAE: choose the {family.value} VAE in 'VAE / Text "
                         "Encoder' (or as SD VAE).", FIELD)
     slots = [_load_clip(source, kind, family, dtype) for kind, source in sources.items()]
-    pooled_dim = slots[-1].model.config.projection_dim if family is Family.SDXL else None
+    # The UNet of a family with CLIP-G (SDXL) takes its pooled output.
+    pooled_dim = slots[-1].model.config.projection_dim if "clip_g" in unet_family.clip_kinds else None
     unet, _ = load_gguf_unet(info.path, dtype, pooled_dim)
     vae = load_vae_file(vae_path, family, vae_dtype_for(family, vae_dtype))
     return LoadedModel(info, family, unet, vae, slots, ModelArch(family, {}, None).scheduler_config,

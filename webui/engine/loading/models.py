@@ -241,10 +241,11 @@ class ModelManager:
             sd_vae = identify(vae_file) if vae_file is not None and "vae" not in modules else None
             if sd_vae is not None and sd_vae.width == 16:
                 modules["vae"] = sd_vae
-            model = load_flow_model(info, family, modules, self.dtypes.flow, self.dtypes.vae,
+            model = load_flow_model(info, self.families[family], modules, self.dtypes.flow, self.dtypes.vae,
                                     [self.text_encoder_dir / TOKENIZER_FOLDER], use_t5)
         elif info.kind == "gguf":
-            model = load_gguf_unet_model(info, family, modules, vae_file, self.dtypes.unet, self.dtypes.vae)
+            model = load_gguf_unet_model(info, family, self.families[family], modules, vae_file, self.dtypes.unet,
+                                         self.dtypes.vae)
         else:
             chosen_vae = modules["vae"].path if "vae" in modules else vae_file
             model = load_model(info, chosen_vae, self.dtypes.unet, self.dtypes.vae)

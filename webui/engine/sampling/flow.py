@@ -7,13 +7,15 @@ The loop follows diffusers' FluxPipeline and StableDiffusion3Pipeline step for s
 * Flux dev: the distilled guidance scale ("Distilled CFG") is an input of the transformer.
 * CFG is real classifier-free guidance for both (Flux usually runs at CFG 1: no negative pass).
 
-Flux sees the latent image as a sequence of 2x2 patches (packing) with (0, row, column) position ids.
+How each family's transformer sees the latents (Flux: 2x2 patches with position ids) is its ``FlowLayout``.
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.formats.detect import Family
@@ -31,36 +33,45 @@ def set_timesteps(scheduler, steps: int, device: torch.device) -> None:
         scheduler.set_timesteps(steps, device=device)
 
 
-def denoise_flow(denoiser: torch.nn.Module, family: Family, scheduler, noise: torch.Tensor, cond: Conditioning,
+class FlowLayout(Protocol):
+    """How a family's transformer sees the latents, and what else it takes beside the text (``families.base``:
+    the latents as they are and nothing else; ``families.flux``: packed 2x2 patches, positions, guidance)."""
+
+    def pack(self, noise: torch.Tensor) -> torch.Tensor:
+        """The transformer's view of (B, C, h, w) latents."""
+
+    def unpack(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Packed latents back to ``noise``'s (B, C, h, w) shape."""
+
+    def inputs(self, denoiser: torch.nn.Module, noise: torch.Tensor, context: torch.Tensor, copies: int,
+               distilled_cfg: float) -> dict:
+        """Keyword inputs of every call beside latents, timestep and text (``copies``: 2 with CFG)."""
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The scheduler's timestep (0..1000) as the transformer takes it."""
+
+
+def denoise_flow(denoiser: torch.nn.Module, layout: FlowLayout, scheduler, noise: torch.Tensor, cond: Conditioning,
                  uncond: Conditioning | None, cfg_scale: float, distilled_cfg: float, extra: dict,
                  on_step: StepCallback) -> torch.Tensor:
     """Latents (B, C, h, w) denoised from ``noise``; ``uncond`` is None without CFG."""
-    batch, channels, h, w = noise.shape
-    flux = family is Family.FLUX
     context = cond.embeds if uncond is None else torch.cat([uncond.embeds, cond.embeds])
     pooled = cond.pooled if uncond is None else torch.cat([uncond.pooled, cond.pooled])
     copies = 1 if uncond is None else 2
     # The scheduler's maths in float32 (as the UNet loop): its ancestral noise is drawn in the velocity's dtype,
     # and a CPU generator draws other numbers in 16 bits than in 32 (another picture on a GPU).
-    latents = (FluxPipeline._pack_latents(noise, batch, channels, h, w) if flux else noise).float()
-    inputs: dict = {}
-    if flux:
-        inputs["img_ids"] = FluxPipeline._prepare_latent_image_ids(batch, h // 2, w // 2, noise.device, noise.dtype)
-        inputs["txt_ids"] = torch.zeros(context.shape[1], 3, device=noise.device, dtype=noise.dtype)
-        if denoiser.config.guidance_embeds:
-            inputs["guidance"] = torch.full((batch * copies,), distilled_cfg, device=noise.device, dtype=torch.float32)
-    unpack = (lambda x: FluxPipeline._unpack_latents(x, h * 8, w * 8, 8)) if flux else (lambda x: x)
+    latents = layout.pack(noise).float()
+    inputs = layout.inputs(denoiser, noise, context, copies, distilled_cfg)
     total = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
         x = torch.cat([latents] * copies).to(noise.dtype)
         timestep = t.expand(x.shape[0]).to(x.dtype)
-        velocity = denoiser(hidden_states=x, timestep=timestep / 1000 if flux else timestep,
-                            encoder_hidden_states=context, pooled_projections=pooled, return_dict=False,
-                            **inputs)[0].float()
+        velocity = denoiser(hidden_states=x, timestep=layout.timestep(timestep), encoder_hidden_states=context,
+                            pooled_projections=pooled, return_dict=False, **inputs)[0].float()
         if uncond is not None:
             v_uncond, v_cond = velocity.chunk(2)
             velocity = v_uncond + cfg_scale * (v_cond - v_uncond)
         latents = scheduler.step(velocity, t, latents, **extra, return_dict=False)[0]
-        if on_step(i, total, unpack(latents)):
+        if on_step(i, total, layout.unpack(latents, noise)):
             break
-    return unpack(latents)
+    return layout.unpack(latents, noise)

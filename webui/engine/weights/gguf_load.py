@@ -22,13 +22,12 @@ import gguf
 import numpy as np
 import torch
 from accelerate import init_empty_weights
-from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-from webui.engine.families.flux import convert_flux_to_diffusers, flux_config
-from webui.engine.formats.detect import FLUX_MARKER, FLUX_PREFIXES, UNET, Family, flux_prefix, strip_prefix, unet_config
+from webui.engine.formats.detect import FLUX_MARKER, FLUX_PREFIXES, UNET, Family, strip_prefix, unet_config
 from webui.engine.formats.files import TensorInfo
 from webui.engine.formats.gguf_file import ORIG_SHAPE_KEY, GGUFContents, GGUFTensor, read_gguf
 from webui.engine.weights.quant import PLAIN_TYPES, QuantTensor, replace_with_quantized
@@ -96,12 +95,6 @@ def load_gguf_transformer(path: str | Path, arch: str, cls: type[torch.nn.Module
     with init_empty_weights():
         model = cls(**config)
     return replace_with_quantized(model, tensors, dtype, path.name).requires_grad_(False).eval()
-
-
-def load_gguf_flux_transformer(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> FluxTransformer2DModel:
-    """The Flux transformer of a GGUF file with BFL names (see ``load_gguf_transformer``)."""
-    return load_gguf_transformer(path, "flux", FluxTransformer2DModel, "a Flux transformer", flux_prefix,
-                                 flux_config, convert_flux_to_diffusers, dtype)
 
 
 def gguf_family(path: str | Path) -> Family:
