@@ -19,8 +19,8 @@ from webui.engine.sampling.unet_loop import denoise_unet
 from webui.errors import UserError
 
 if TYPE_CHECKING:
-    from webui.engine.generate import Resolved
     from webui.engine.families.protocol import LatentRgb
+    from webui.engine.generate import Resolved
     from webui.engine.loading.load import LoadedModel
 
 
