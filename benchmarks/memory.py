@@ -31,9 +31,8 @@ from pathlib import Path
 
 import torch
 
+from webui.engine.memory import MB
 from webui.engine.progress import Progress
-
-MB = 1024 * 1024
 
 
 @dataclass

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-MB = 1024 * 1024
+from webui.engine.memory import MB
+
 GB = 1024 * MB
 CONTEXT_MB = 512  # what a CUDA context and cuBLAS take on a card before torch allocates anything
 FLUX_MODULES = ["ae.safetensors", "clip_l.safetensors", "t5xxl_fp8_e4m3fn.safetensors"]

@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+import psutil
 from fastapi import Body, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -36,12 +37,10 @@ from webui.api_body import (
     txt2img_body_schema,
     xyz_script,
 )
-from webui.engine.engine import Engine
-from webui.engine.formats.files import checkpoint_title, short_hash
+from webui.engine.engine import Engine, MemoryState
 from webui.engine.infotext import PNG_SIGNATURE, parse_infotext, png_text, read_png_infotext
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationResult
-from webui.engine.sampling.samplers import api_samplers, api_schedulers
 from webui.engine.xyz import SCRIPT_ARGS
 from webui.errors import Busy, UserError
 from webui.extensions import extensions_of, plot_axes
@@ -91,13 +90,11 @@ def info_json(result: GenerationResult, ignored: Sequence[str] = (), notes: Sequ
 
 def checkpoint_list(engine: Engine) -> list[dict[str, Any]]:
     """A1111's ``/sdapi/v1/sd-models``: hashes where known (hashing a file is work done on first load)."""
-    models = engine.models
     entries = []
-    for info in models.checkpoints():
-        sha = models.hashes.cached(info.path)
-        entries.append({"title": checkpoint_title(info, sha), "model_name": info.model_name,
-                        "hash": short_hash(sha) if sha else None, "sha256": sha, "filename": str(info.path),
-                        "config": None})
+    for info in engine.models.checkpoints():
+        named = engine.checkpoint_id(info)
+        entries.append({"title": named.title, "model_name": info.model_name, "hash": named.short_hash,
+                        "sha256": named.sha256, "filename": str(info.path), "config": None})
     return entries
 
 
@@ -119,6 +116,29 @@ def progress_report(progress: Progress, queued: int, with_image: bool = True) ->
                   "queued": queued},
         "current_image": encode_png(preview, "") if preview is not None else None,
         "textinfo": progress.textinfo or None,
+    }
+
+
+def memory_report(engine: Engine) -> dict[str, Any]:
+    """A1111's ``/sdapi/v1/memory`` answer ("ram", "cuda"), plus where our weights are and the last generation."""
+    ram = psutil.virtual_memory()
+    state = engine.memory_state()
+    answer = {"ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total}}
+    if state.cuda is not None:
+        answer["cuda"] = cuda_report(state)
+    answer["webui"] = {"device": state.device, "policy": state.policy, "components": state.components,
+                       "last_generation": state.last_generation}
+    return answer
+
+
+def cuda_report(state: MemoryState) -> dict[str, Any]:
+    """A1111's "cuda" part: the device's free and total memory, torch's allocator counters."""
+    free, total, stats = state.cuda
+    return {
+        "system": {"free": free, "used": total - free, "total": total},
+        **{key: {"current": stats.get(f"{key}_bytes.all.current", 0), "peak": stats.get(f"{key}_bytes.all.peak", 0)}
+           for key in ("active", "allocated", "reserved", "inactive_split")},
+        "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
     }
 
 
@@ -333,9 +353,6 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         await done
         return True
 
-    def memory() -> dict[str, Any]:
-        return engine.memory.report()
-
     def get_options() -> dict[str, Any]:
         """The store, with A1111's options this app keeps as given; sd_model_checkpoint names the checkpoint the next
         generation uses (clients show it as the current model), as A1111's does once a model is loaded."""
@@ -376,15 +393,16 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         ("/reload-checkpoint", reload_checkpoint, "POST", "Load the checkpoint the options select"),
         ("/extensions", lambda: extension_list(engine), "GET", "Extensions found, and whether each runs"),
         ("/script-info", script_info, "GET", "The scripts' arguments, in order, with defaults"),
-        ("/memory", memory, "GET", "RAM and VRAM use, where the weights are, and what the last generation moved"),
+        ("/memory", lambda: memory_report(engine), "GET",
+         "RAM and VRAM use, where the weights are, and what the last generation moved"),
         ("/options", get_options, "GET", "The settings store (config.json), as the UI sees it"),
         ("/options", set_options, "POST", "Change settings: checked together, stored, used from the next job"),
         ("/cmd-flags", lambda: public_flags(engine.config.args), "GET",
          "The command-line flags the app runs with (passwords hidden)"),
         ("/sd-models", lambda: checkpoint_list(engine), "GET", "Checkpoints found (A1111 shape)"),
         ("/sd-modules", lambda: module_list(engine), "GET", "VAE and text-encoder files (Forge's VAE / Text Encoder)"),
-        ("/samplers", api_samplers, "GET", "Sampling methods, with their aliases"),
-        ("/schedulers", api_schedulers, "GET", "Schedule types"),
+        ("/samplers", engine.api_samplers, "GET", "Sampling methods, with their aliases"),
+        ("/schedulers", engine.api_schedulers, "GET", "Schedule types"),
         ("/refresh-checkpoints", refresh_checkpoints, "POST", "Scan the checkpoint folders again"),
         ("/unload-checkpoint", unload_checkpoint, "POST", "Let every model go (current and kept), freeing RAM and VRAM"),
         ("/progress", progress, "GET",

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
+from webui.engine.engine import Engine
 from webui.engine.infotext import request_fields
 from webui.engine.request import MAX_CFG, MAX_SEED, MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
-from webui.engine.sampling.samplers import find_schedule_type
 from webui.engine.xyz import BUILTIN_AXES, SCRIPT_ARGS, Axis, AxisChoice, PlotOptions, plot_from_args
 from webui.errors import UserError
 from webui.jobs import Overrides
@@ -112,7 +112,7 @@ def read_txt2img(body: Any, options: Options,
                 ignored.append("sampler_index")  # A1111's older name for it, read only when sampler_name is not given
         else:
             fields["sampler_name"] = body["sampler_index"]
-    if isinstance(fields.get("scheduler"), str) and not _known_schedule(fields["scheduler"]):
+    if isinstance(fields.get("scheduler"), str) and not Engine.known_schedule_type(fields["scheduler"]):
         # A1111 samples an unknown schedule type as Automatic (SillyTavern sends "N/A" when it could not list them)
         ignored.append("scheduler")
         del fields["scheduler"]
@@ -129,14 +129,6 @@ def read_txt2img(body: Any, options: Options,
     request = GenerationRequest.from_dict(fields)
     return Txt2ImgCall(request, overrides, flags["send_images"] is not False, save and not flags["do_not_save_grid"],
                        tuple(ignored), tuple(notes))
-
-
-def _known_schedule(name: str) -> bool:
-    try:
-        find_schedule_type(name)
-    except UserError:
-        return False
-    return True
 
 
 def _infotext_fields(infotext: Any) -> dict[str, Any]:

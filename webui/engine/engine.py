@@ -9,24 +9,29 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
 
-from webui.engine.formats.files import CheckpointInfo, HashCache, declared_resolution, short_hash
+from webui.engine.formats.detect import Family
+from webui.engine.formats.files import CheckpointInfo, HashCache, checkpoint_title, declared_resolution, short_hash
 from webui.engine.generate import Resolved, resolve_seed, txt2img
-from webui.engine.hooks import Hooks, extract_networks
+from webui.engine.hooks import Hooks, Network, extract_networks
+from webui.engine.loading.assemble import checkpoint_family
 from webui.engine.loading.load import LoadedModel
 from webui.engine.loading.models import Dtypes, ModelManager
+from webui.engine.memory import MB
 from webui.engine.memory.host_pages import limit_heap_arenas
 from webui.engine.memory.manager import DeviceMemory, MemoryManager, MemoryPolicy, use_expandable_segments
 from webui.engine.outputs import remove_stale_temp_files, save_image
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
-from webui.engine.sampling.samplers import choose
-from webui.errors import UserError
+from webui.engine.sampling import samplers
+from webui.engine.sampling.flow import FLOW_FAMILIES
+from webui.errors import ModelFileError, UserError
 from webui.settings import OUTPUT_FOLDER_OPTIONS, AppConfig
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,40 @@ def pick_dtypes(device: torch.device, no_half: bool, no_half_vae: bool) -> Dtype
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     half = torch.bfloat16 if bf16 else torch.float16
     return Dtypes(unet=torch.float16, flow=half, vae=torch.float32 if no_half_vae else half)
+
+
+class CheckpointId(NamedTuple):
+    """How A1111 names a checkpoint: its title, and its sha256 and short hash where the file was hashed already
+    (hashing is work done at its first load)."""
+
+    title: str
+    sha256: str | None
+    short_hash: str | None
+
+
+@dataclass(frozen=True)
+class FamilyFields:
+    """The form fields only some families read, for a checkpoint: the UI shows those its family uses."""
+
+    distilled_cfg: bool  # Flux's guidance (its CFG is 1, as Forge's Flux preset sets it)
+    shift: bool  # SD3.x's flow shift
+    clip_skip: bool  # the CLIP-only families' (the flow families' T5 has no layers to skip)
+
+    @classmethod
+    def of(cls, family: Family | None) -> FamilyFields:
+        return cls(distilled_cfg=family is Family.FLUX, shift=family is Family.SD3,
+                   clip_skip=family not in FLOW_FAMILIES)
+
+
+@dataclass(frozen=True)
+class MemoryState:
+    """Where the engine's memory stands now, as figures: the API shapes them into A1111's /memory answer."""
+
+    device: str
+    policy: dict[str, Any]  # the memory policy of the last generation
+    components: dict[str, dict[str, float]]  # per loaded component: MB in all, on the device, streamed
+    last_generation: dict[str, Any]
+    cuda: tuple[int, int, dict[str, int]] | None  # on CUDA: free and total bytes, torch's allocator counters
 
 
 class Engine:
@@ -99,7 +138,11 @@ class Engine:
             info = self.checkpoint(None)
         except UserError:
             return None
-        return self.models.title(info), self.models.hashes.cached(info.path)
+        return self.checkpoint_id(info)[:2]
+
+    def checkpoint_id(self, info: CheckpointInfo) -> CheckpointId:
+        sha = self.models.hashes.cached(info.path)
+        return CheckpointId(checkpoint_title(info, sha), sha, short_hash(sha) if sha else None)
 
     def selected_checkpoint_title(self) -> str | None:
         selected = self.selected_checkpoint()
@@ -111,6 +154,80 @@ class Engine:
             return declared_resolution(self.checkpoint(checkpoint))
         except UserError:
             return None
+
+    def checkpoint_fields(self, title: str | None) -> FamilyFields:
+        """The family-specific fields of a checkpoint, read from its header (not loaded); where that does not tell
+        (no title, .ckpt files, SD diffusers folders, a file that cannot be read) those of the SD families."""
+        try:
+            family = checkpoint_family(self.models.find(title)) if title else None
+        except (UserError, ModelFileError):
+            family = None
+        return FamilyFields.of(family)
+
+    def gpu_total_mb(self) -> int:
+        """The device memory Forge's GPU Weights is a part of (the slider's maximum)."""
+        return self.memory.memory.total() // MB
+
+    def gpu_description(self) -> str | None:
+        """The device GPU Weights applies to, in words; None on the CPU, where there is no GPU budget."""
+        return self.memory.memory.describe() if self.memory.limited else None
+
+    def gpu_weights_mb(self) -> int:
+        """Forge's GPU Weights: the memory left for weights once the inference reserve (the option that stores
+        it, as Forge's does) is taken."""
+        return max(self.gpu_total_mb() - self.options["forge_inference_memory"], 0)
+
+    def inference_reserve_mb(self, weights_mb: float) -> int:
+        """The reserve option's value for GPU Weights of ``weights_mb`` (the one conversion that way)."""
+        return self.gpu_total_mb() - int(weights_mb)
+
+    def set_gpu_weights_mb(self, weights_mb: float) -> None:
+        self.set_options({"forge_inference_memory": self.inference_reserve_mb(weights_mb)})
+
+    def browsable_networks(self) -> dict[str, Network]:
+        """The prompt networks extensions registered that can name their files (the UI's network browsers)."""
+        return {kind: network for kind, (_owner, network) in self.hooks.networks.items() if hasattr(network, "names")}
+
+    def memory_state(self) -> MemoryState:
+        """The memory manager's figures, and torch's own on CUDA (the real device's, also where tests simulate one)."""
+        memory = self.memory
+        cuda = None
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            cuda = free, total, torch.cuda.memory_stats(self.device)
+        components = {name: {"total_mb": c.nbytes / MB, "device_mb": c.device_bytes() / MB,
+                             "streamed_mb": c.streamed_bytes() / MB} for name, c in memory.components.items()}
+        return MemoryState(str(self.device), asdict(memory.policy), components, memory.last.as_dict(), cuda)
+
+    @staticmethod
+    def sampler_names() -> list[str]:
+        return samplers.sampler_names()
+
+    @staticmethod
+    def schedule_type_names() -> list[str]:
+        return samplers.schedule_type_names()
+
+    @staticmethod
+    def known_schedule_type(name: str) -> bool:
+        """Whether a schedule type of that label, id or alias exists (A1111's API samples others as Automatic)."""
+        try:
+            samplers.find_schedule_type(name)
+        except UserError:
+            return False
+        return True
+
+    @staticmethod
+    def canonical_sampler(name: str, schedule_type: str | None) -> tuple[str, str]:
+        """(sampler, schedule type) as the infotext names them; an older combined name ("DPM++ 2M Karras") split."""
+        return samplers.resolve(name, schedule_type)
+
+    @staticmethod
+    def api_samplers() -> list[dict[str, Any]]:
+        return samplers.api_samplers()
+
+    @staticmethod
+    def api_schedulers() -> list[dict[str, Any]]:
+        return samplers.api_schedulers()
 
     def load_selected(self) -> None:
         """Load the checkpoint (VAE, modules) the options select, as a generation would (A1111's reload-checkpoint)."""
@@ -147,7 +264,7 @@ class Engine:
         self.hooks.fire("before_generation", request=request)
         request.validate(self.options.as_dict())
         info = self.checkpoint(request.checkpoint)
-        sampling = choose(request.sampler_name, request.scheduler, request.eta, self.options.as_dict())
+        sampling = samplers.choose(request.sampler_name, request.scheduler, request.eta, self.options.as_dict())
         with self._generate_lock, self.memory.tracing() as trace:
             self.progress.reset()
             self.progress.preview_every = self.options["show_progress_every_n_steps"]

@@ -22,7 +22,6 @@ from PIL import Image
 from webui.engine.axis_values import format_value, parse_values
 from webui.engine.generate import resolve_seed
 from webui.engine.grid import combine_grids, draw_grid
-from webui.engine.memory.manager import MB
 from webui.engine.memory.trace import MemoryTimeline
 from webui.engine.outputs import save_image
 from webui.engine.request import GenerationRequest, GenerationResult
@@ -93,10 +92,10 @@ def _size(engine: Engine, cell: Cell, value: str) -> None:
 
 def _gpu_weights(engine: Engine, cell: Cell, value: int) -> None:
     """GPU Weights (MB) as Forge's slider sets it: the device's memory less the inference reserve."""
-    total_mb = engine.memory.memory.total() / MB
+    total_mb = engine.gpu_total_mb()
     if not 0 < value <= total_mb:
-        raise UserError(f"GPU Weights must be between 1 and {total_mb:.0f} MB, got {value}", field="value")
-    cell.options["forge_inference_memory"] = int(total_mb - value)
+        raise UserError(f"GPU Weights must be between 1 and {total_mb} MB, got {value}", field="value")
+    cell.options["forge_inference_memory"] = engine.inference_reserve_mb(value)
 
 
 BUILTIN_AXES = [

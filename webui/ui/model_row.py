@@ -7,10 +7,7 @@ from functools import partial
 import gradio as gr
 
 from webui.engine.engine import Engine
-from webui.engine.formats.detect import Family
-from webui.engine.loading.assemble import checkpoint_family
-from webui.engine.memory.manager import MB
-from webui.errors import ModelFileError, UserError
+from webui.errors import UserError
 from webui.settings import OPTION_CHOICES
 from webui.ui.common import OPTION_LABELS, REFRESH, set_option
 
@@ -34,29 +31,22 @@ def vae_choices(engine: Engine) -> tuple[list[str], str]:
 
 
 def total_memory_mb(engine: Engine) -> int:
-    """Total memory the GPU-weights budget is taken from (the memory manager's view)."""
-    return engine.memory.memory.total() // MB
+    """The GPU Weights slider's maximum."""
+    return engine.gpu_total_mb()
 
 
 def gpu_weights_info(engine: Engine, total_mb: int) -> str:
     """What the slider does here: on the CPU there is no GPU to keep weights on (Forge shows it all the same)."""
-    if not engine.memory.limited:
+    device = engine.gpu_description()
+    if device is None:
         return "No effect while running on the CPU: all weights stay in RAM. The value is kept for runs on a GPU."
-    return f"Out of {total_mb} MB of {engine.memory.memory.describe()}; the rest stays free for computation."
+    return f"Out of {total_mb} MB of {device}; the rest stays free for computation."
 
 
 def module_choices(engine: Engine) -> tuple[list[str], list[str]]:
     """Forge's "VAE / Text Encoder" list (files of models/VAE and models/text_encoder) and those chosen."""
     names = [engine.models.module_name(path) for path in engine.models.module_files()]
     return names, [n for n in engine.options["forge_additional_modules"] if n in names]
-
-
-def family_of(engine: Engine, title: str | None) -> Family | None:
-    """The checkpoint's family, read from its header (not loaded); None where that does not tell."""
-    try:
-        return checkpoint_family(engine.models.find(title)) if title else None
-    except (UserError, ModelFileError):
-        return None
 
 
 def model_row(demo: gr.Blocks, engine: Engine) -> gr.Dropdown:
@@ -110,9 +100,13 @@ def model_row(demo: gr.Blocks, engine: Engine) -> gr.Dropdown:
 
 
 def gpu_weights_mb(engine: Engine, total_mb: int) -> int:
-    """Forge's GPU Weights: the memory left for weights once the inference reserve is taken."""
-    return min(max(total_mb - engine.options["forge_inference_memory"], 0), total_mb)
+    """The slider's value: GPU Weights, within the slider's range (0 … ``total_mb``)."""
+    return min(engine.gpu_weights_mb(), total_mb)
 
 
 def set_gpu_weights(engine: Engine, total_mb: int, weights_mb: float) -> None:
-    set_option(engine, "forge_inference_memory", total_mb - int(weights_mb))
+    """The slider's input (within its range, as Gradio checked), stored by the engine; a refusal is a warning."""
+    try:
+        engine.set_gpu_weights_mb(min(weights_mb, total_mb))
+    except UserError as e:
+        gr.Warning(str(e))

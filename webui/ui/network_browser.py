@@ -20,7 +20,7 @@ CARD_SIZE = 192
 
 
 def network_browsers(demo: gr.Blocks, engine: Engine, prompt: gr.Textbox) -> None:
-    for kind, network in browsable_networks(engine).items():
+    for kind, network in engine.browsable_networks().items():
         with gr.Accordion(f"{kind.title()} — click a card to add <{kind}:name:1> to the prompt, again to remove it",
                           open=True, elem_id=f"txt2img_{kind}_browser"):
             with gr.Row(equal_height=True):
@@ -45,11 +45,6 @@ def network_browsers(demo: gr.Blocks, engine: Engine, prompt: gr.Textbox) -> Non
                       api_visibility="private")
         demo.load(listed, search, [cards, shown], api_visibility="private")
         cards.select(picked, [prompt, shown], prompt, api_visibility="private")
-
-
-def browsable_networks(engine: Engine) -> dict[str, Any]:
-    """The prompt networks that can name their files."""
-    return {kind: network for kind, (_owner, network) in engine.hooks.networks.items() if hasattr(network, "names")}
 
 
 def matching(names: list[str], query: str) -> list[str]:

@@ -5,8 +5,8 @@ from typing import Any
 
 import gradio as gr
 
+from webui.engine.engine import Engine
 from webui.engine.infotext import INFOTEXT_FIELDS, read_png_infotext, request_fields
-from webui.engine.sampling.samplers import resolve
 from webui.errors import UserError
 from webui.ui.common import Components
 
@@ -61,7 +61,8 @@ def form_updates(form: Components, infotext: str) -> list[dict]:
     fields = {**defaults, **LEFT_OUT, **request_fields(infotext)}
     if "sampler_name" in form:
         try:
-            fields["sampler_name"], fields["scheduler"] = resolve(fields["sampler_name"], fields.get("scheduler"))
+            sampler = Engine.canonical_sampler(fields["sampler_name"], fields.get("scheduler"))
+            fields["sampler_name"], fields["scheduler"] = sampler
         except UserError as e:  # a sampler this app does not have: the form keeps its own
             gr.Warning(f"{e.message}. The sampler and schedule type were left as they are.")
             for name in ("sampler_name", "scheduler"):

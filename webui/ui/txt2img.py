@@ -10,16 +10,10 @@ from functools import partial
 import gradio as gr
 
 from webui.engine.engine import Engine
-from webui.engine.formats.detect import Family
-from webui.engine.formats.files import declared_resolution
 from webui.engine.request import MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
-from webui.engine.sampling.flow import FLOW_FAMILIES
-from webui.engine.sampling.samplers import sampler_names, schedule_type_names
-from webui.errors import UserError
 from webui.jobs import JobQueue
 from webui.ui.common import OPTION_LABELS, RANDOM_SEED, REUSE_SEED, Components, FieldSlider, set_option
 from webui.ui.generation import generator, output_column
-from webui.ui.model_row import family_of
 from webui.ui.network_browser import network_browsers
 
 # Ctrl+Enter (Cmd+Enter on macOS) in either prompt box presses Generate, as in A1111.
@@ -85,20 +79,12 @@ def fields_for_family(engine: Engine, title: str | None, switched: bool = True) 
     """Show the fields the checkpoint's family uses: Distilled CFG for Flux dev, Shift for SD3.x, Clip skip for
     the SD families. Picking a Flux checkpoint sets CFG to 1, as Forge's Flux preset does. A checkpoint that says
     its resolution (the demo model's 128x128) sets width and height to it."""
-    family = family_of(engine, title)
-    flux = family is Family.FLUX
-    cfg = gr.update(value=1.0) if flux and switched else gr.update()
-    size = resolution_of(engine, title)
-    return (gr.update(visible=flux), gr.update(visible=family is Family.SD3, value=engine.options["sd3_shift"]),
-            gr.update(visible=family not in FLOW_FAMILIES), cfg,
+    fields = engine.checkpoint_fields(title)
+    cfg = gr.update(value=1.0) if fields.distilled_cfg and switched else gr.update()
+    size = engine.declared_size(title) if title else None
+    return (gr.update(visible=fields.distilled_cfg), gr.update(visible=fields.shift, value=engine.options["sd3_shift"]),
+            gr.update(visible=fields.clip_skip), cfg,
             *((gr.update(value=side) for side in size) if size else (gr.update(), gr.update())))
-
-
-def resolution_of(engine: Engine, title: str | None) -> tuple[int, int] | None:
-    try:
-        return declared_resolution(engine.models.find(title)) if title else None
-    except UserError:
-        return None
 
 
 def _prompt_row(form: Components) -> tuple[gr.Button, gr.Button, gr.Button]:
@@ -124,9 +110,9 @@ def _slider(name: str, label: str, minimum: float, maximum: float, value: float,
 
 def _settings_column(form: Components, engine: Engine) -> tuple[gr.Button, gr.Button, gr.Slider]:
     with gr.Row():
-        form["sampler_name"] = gr.Dropdown(sampler_names(), value="DPM++ 2M", label="Sampling method",
+        form["sampler_name"] = gr.Dropdown(engine.sampler_names(), value="DPM++ 2M", label="Sampling method",
                                            elem_id="txt2img_sampling")
-        form["scheduler"] = gr.Dropdown(schedule_type_names(), value="Automatic", label="Schedule type",
+        form["scheduler"] = gr.Dropdown(engine.schedule_type_names(), value="Automatic", label="Schedule type",
                                         elem_id="txt2img_scheduler")
     form["steps"] = _slider("steps", "Sampling steps", 1, engine.options["max_steps"], 20)
     with gr.Row():

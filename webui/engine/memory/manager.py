@@ -34,13 +34,12 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from webui.engine.memory import host_pages
+from webui.engine.memory import MB, host_pages
 from webui.engine.memory.pinned import pinned_copies
 from webui.engine.memory.stream import IN_FLIGHT, CopyStats, Streamer, Unit, param_bytes, split_units
 from webui.engine.memory.trace import PHASE_OF_COMPONENT, MemoryTrace
 
 log = logging.getLogger(__name__)
-MB = 1024 * 1024
 TILED_DECODE_BYTES = 1024 * MB  # a tiled VAE decode's peak: one 512x512 tile at a time, and the blending
 UNITS_PER_COMPONENT = 48  # granularity of partial residency: finer packs the budget, coarser streams faster
 MIN_UNIT_BYTES = 4 * MB
@@ -452,30 +451,6 @@ class MemoryManager:
                 replaced.append(param.data)
             param.data = data
         return sum(data.numel() * data.element_size() for data in copies)
-
-    def report(self) -> dict:
-        """A1111's /sdapi/v1/memory answer ("ram", "cuda"), plus where our weights are and the last generation."""
-        import psutil
-
-        ram = psutil.virtual_memory()
-        answer = {"ram": {"free": ram.available, "used": ram.total - ram.available, "total": ram.total}}
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            stats = torch.cuda.memory_stats(self.device)
-            answer["cuda"] = {
-                "system": {"free": free, "used": total - free, "total": total},
-                **{key: {"current": stats.get(f"{key}_bytes.all.current", 0), "peak": stats.get(f"{key}_bytes.all.peak", 0)}
-                   for key in ("active", "allocated", "reserved", "inactive_split")},
-                "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
-            }
-        answer["webui"] = {
-            "device": str(self.device),
-            "policy": asdict(self.policy),
-            "components": {name: {"total_mb": c.nbytes / MB, "device_mb": c.device_bytes() / MB,
-                                  "streamed_mb": c.streamed_bytes() / MB} for name, c in self.components.items()},
-            "last_generation": self.last.as_dict(),
-        }
-        return answer
 
 
 def _unpacked_bytes(layer: nn.Module) -> int:

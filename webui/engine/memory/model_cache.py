@@ -19,11 +19,11 @@ import psutil
 import torch
 
 from webui.engine.loading.load import LoadedModel
+from webui.engine.memory import MB
 from webui.engine.memory.host_pages import trim_heap
 
 log = logging.getLogger(__name__)
 
-MB = 1024 * 1024
 AUTOMATIC_COUNT = 3  # models kept at most when the limit is automatic
 AUTOMATIC_RAM_SHARE = 0.5  # ... and only while their weights take at most this share of the host's RAM
 

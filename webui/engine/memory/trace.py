@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-MB = 1024 * 1024
+from webui.engine.memory import MB
+
 SAMPLE_SECONDS = 0.1
 MAX_SAMPLES = 400  # a long plot is shown at this many points, each the peak of its stretch
 PHASE_OF_COMPONENT = {"denoiser": "denoising", "vae": "VAE decode"}  # any other component encodes text
