@@ -66,7 +66,9 @@ def test_images_are_not_saved_unless_asked(client, tmp_path):
                                           ({"enable_hr": True}, "enable_hr"), ({"eta": 1.5}, "eta"),
                                           ({"override_settings": {"sd_model_checkpoint": "missing"}},
                                            "sd_model_checkpoint"),
-                                          ({"eta": 0.5, "sampler_name": 5}, "sampler_name")])
+                                          ({"eta": 0.5, "sampler_name": 5}, "sampler_name"),
+                                          ({"styles": False}, "styles"), ({"styles": [1]}, "styles"),
+                                          ({"script_args": False}, "script_args")])
 def test_bad_requests_get_422_naming_the_field_and_the_server_goes_on(client, change, field):
     reply = client.post("/sdapi/v1/txt2img", json={**BODY, **change})
     assert reply.status_code == 422 and reply.json()["field"] == field, reply.text

@@ -101,6 +101,11 @@ def read_txt2img(body: Any, options: Options,
     for key in ("sampler_index", "force_task_id"):
         if body.get(key) is not None and not isinstance(body[key], str):
             raise UserError(f"must be text, got {body[key]!r}", field=key)
+    for key in (STYLE_FIELD, "script_args"):  # lists in A1111's request model, which refuses anything else
+        if body.get(key) is not None and not isinstance(body[key], list):
+            raise UserError(f"must be a list, got {body[key]!r}", field=key)
+    if not all(isinstance(name, str) for name in body.get(STYLE_FIELD) or []):
+        raise UserError(f"must be a list of style names, got {body[STYLE_FIELD]!r}", field=STYLE_FIELD)
     flags = {key: body.get(key) for key in FLAG_FIELDS}
     for key, value in flags.items():
         if value is not None and not isinstance(value, bool):
