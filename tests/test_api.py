@@ -68,7 +68,8 @@ def test_images_are_not_saved_unless_asked(client, tmp_path):
                                            "sd_model_checkpoint"),
                                           ({"eta": 0.5, "sampler_name": 5}, "sampler_name"),
                                           ({"styles": False}, "styles"), ({"styles": [1]}, "styles"),
-                                          ({"script_args": False}, "script_args")])
+                                          ({"script_args": False}, "script_args"),
+                                          ({"s_min_uncond": False}, "s_min_uncond"), ({"tiling": 0}, "tiling")])
 def test_bad_requests_get_422_naming_the_field_and_the_server_goes_on(client, change, field):
     reply = client.post("/sdapi/v1/txt2img", json={**BODY, **change})
     assert reply.status_code == 422 and reply.json()["field"] == field, reply.text

@@ -91,7 +91,8 @@ def read_txt2img(body: Any, options: Options,
     ignored = []
     for key, value in body.items():
         if key in DEFAULT_ONLY_FIELDS:
-            if value not in DEFAULT_ONLY_FIELDS[key]:
+            # typed: false is no number (s_min_uncond) and 0 no flag (tiling), though Python finds them equal
+            if not any(value == default and type(value) is type(default) for default in DEFAULT_ONLY_FIELDS[key]):
                 raise UserError(f"this app cannot do {key}={value!r} yet; leave it at its default", field=key)
         elif key == STYLE_FIELD:
             if value:
