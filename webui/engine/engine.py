@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 
+from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
 from webui.engine.formats.files import CheckpointInfo, HashCache, checkpoint_title, declared_resolution, short_hash
 from webui.engine.generate import Resolved, resolve_seed, txt2img
@@ -105,11 +106,13 @@ class Engine:
             use_expandable_segments()
         dtypes = pick_dtypes(self.device, args.no_half, args.no_half_vae)
         self.memory = MemoryManager(self.device, memory)
-        self.progress = Progress()
+        self.families = Families()  # one registry: the loaded models' families and the previews' colours
+        self.progress = Progress(families=self.families)
         hashes = HashCache(config.paths.hash_cache_file, lambda: self.progress.interrupted)
         self.models = ModelManager(
             list(config.paths.checkpoint_dirs), config.paths.builtin_models_dir, config.paths.vae_dir,
             config.paths.text_encoder_dir, config.paths.builtin_modules_dir, hashes, self.memory, dtypes,
+            families=self.families,
         )
         self._remove_stale_temp_files()
         self.hooks = Hooks()  # what extensions registered (webui.extensions loads them)
