@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 
+from webui.engine.families.protocol import FamilyFields
 from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
 from webui.engine.formats.files import CheckpointInfo, HashCache, checkpoint_title, declared_resolution, short_hash
@@ -31,7 +32,6 @@ from webui.engine.outputs import remove_stale_temp_files, save_image
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.sampling import samplers
-from webui.engine.sampling.flow import FLOW_FAMILIES
 from webui.errors import ModelFileError, UserError
 from webui.settings import OUTPUT_FOLDER_OPTIONS, AppConfig
 
@@ -67,20 +67,6 @@ class CheckpointId(NamedTuple):
     title: str
     sha256: str | None
     short_hash: str | None
-
-
-@dataclass(frozen=True)
-class FamilyFields:
-    """The form fields only some families read, for a checkpoint: the UI shows those its family uses."""
-
-    distilled_cfg: bool  # Flux's guidance (its CFG is 1, as Forge's Flux preset sets it)
-    shift: bool  # SD3.x's flow shift
-    clip_skip: bool  # the CLIP-only families' (the flow families' T5 has no layers to skip)
-
-    @classmethod
-    def of(cls, family: Family | None) -> FamilyFields:
-        return cls(distilled_cfg=family is Family.FLUX, shift=family is Family.SD3,
-                   clip_skip=family not in FLOW_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -165,7 +151,7 @@ class Engine:
             family = checkpoint_family(self.models.find(title)) if title else None
         except (UserError, ModelFileError):
             family = None
-        return FamilyFields.of(family)
+        return self.families[family or Family.SD1].form_fields
 
     def gpu_total_mb(self) -> int:
         """The device memory Forge's GPU Weights is a part of (the slider's maximum)."""

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from webui.engine.conditioning.prompts import Conditioning, encode_prompts
+from webui.engine.families.protocol import FamilyFields
 from webui.engine.formats.detect import Family
 from webui.engine.formats.files import Source
 from webui.engine.sampling.flow import denoise_flow, set_timesteps
@@ -31,6 +32,7 @@ class UNetFamily:
     activation_per_pixel: int = 0
     latent_rgb: LatentRgb | None = None
     clip_kinds: tuple[str, ...] = ("clip_l",)
+    form_fields = FamilyFields(clip_skip=True)
     sdxl_sigmas = False  # the sigma-space schedules' SDXL variants
 
     def check_size(self, width: int, height: int) -> None:
@@ -80,6 +82,7 @@ class FlowFamily:
     activation_per_pixel: int = 0
     latent_rgb: LatentRgb | None = None
     clip_kinds: tuple[str, ...] = ()
+    form_fields = FamilyFields()
     files: FlowFiles
 
     @property

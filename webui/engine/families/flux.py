@@ -29,6 +29,7 @@ from transformers import CLIPTextModel
 from webui.engine.conditioning.prompts import Conditioning, encode_prompts
 from webui.engine.conditioning.t5_prompts import encode_t5
 from webui.engine.families.base import FlowFamily, FlowFiles
+from webui.engine.families.protocol import FamilyFields
 from webui.engine.formats.detect import Family, block_count, flux_prefix, strip_prefix, tensor_shape
 from webui.engine.formats.files import Source, TensorInfo, source_infos, source_tensors
 from webui.engine.loading.load import build_module
@@ -227,6 +228,7 @@ class Flux(FlowFamily):
     families = (Family.FLUX,)
     activation_per_pixel = 20_000
     clip_kinds = ("clip_l",)
+    form_fields = FamilyFields(distilled_cfg=True)
     files = FlowFiles(FluxTransformer2DModel, (CLIPTextModel,), load_flux_transformer, load_gguf_flux_transformer,
                       t5_required=True)
 

@@ -1,6 +1,7 @@
 """What a model family tells the engine (see the package docstring for how the engine uses it)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -16,11 +17,21 @@ if TYPE_CHECKING:
 LatentRgb = tuple[list[list[float]], list[float]]  # per latent channel an RGB row, and an RGB bias
 
 
+@dataclass(frozen=True)
+class FamilyFields:
+    """The form fields only some families read: the UI shows those its family uses."""
+
+    distilled_cfg: bool = False  # Flux's guidance (its CFG is 1, as Forge's Flux preset sets it)
+    shift: bool = False  # SD3.x's flow shift
+    clip_skip: bool = False  # the CLIP-only families' (the flow families' T5 has no layers to skip)
+
+
 class FamilyModel(Protocol):
     families: tuple[Family, ...]  # the detected families it serves
     activation_per_pixel: int  # denoise activations, bytes per latent pixel per image at 2-byte precision
     latent_rgb: LatentRgb | None  # the live preview's latent → RGB map; None: a gray mean over the channels
     clip_kinds: tuple[str, ...]  # its CLIP text encoders, in order ("clip_l", "clip_g")
+    form_fields: FamilyFields  # the form fields it reads beyond the common ones
 
     def check_size(self, width: int, height: int) -> None:
         """Raise a UserError for an image size the denoiser cannot take."""

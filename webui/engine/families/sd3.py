@@ -35,6 +35,7 @@ from webui.engine.conditioning.prompts import Conditioning, encode_prompts
 from webui.engine.conditioning.t5_prompts import MIN_LENGTH as T5_MIN_LENGTH
 from webui.engine.conditioning.t5_prompts import encode_t5
 from webui.engine.families.base import FlowFamily, FlowFiles
+from webui.engine.families.protocol import FamilyFields
 from webui.engine.families.flux import LINEAR_PARAMS, cast_in_place, rename_by_table
 from webui.engine.formats.detect import UNET, Family, block_count, find_prefix, strip_prefix, tensor_shape
 from webui.engine.formats.files import Source, TensorInfo, source_infos, source_tensors
@@ -244,6 +245,7 @@ class StableDiffusion3(FlowFamily):
     families = (Family.SD3,)
     activation_per_pixel = 20_000
     clip_kinds = ("clip_l", "clip_g")
+    form_fields = FamilyFields(shift=True)
     files = FlowFiles(SD3Transformer2DModel, (CLIPTextModelWithProjection,) * 2, load_sd3_transformer,
                       load_gguf_sd3_transformer, t5_required=False)
 
