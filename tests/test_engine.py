@@ -183,12 +183,14 @@ def test_interrupt_pressed_while_the_checkpoint_is_hashed_stops_the_hashing(tmp_
 
 
 def test_sdxl_vae_is_never_float16():
+    from webui.engine.families.registry import Families
     from webui.engine.formats.detect import Family
     from webui.engine.loading.load import vae_dtype_for
 
-    assert vae_dtype_for(Family.SDXL, torch.float16) == torch.float32
-    assert vae_dtype_for(Family.SDXL, torch.bfloat16) == torch.bfloat16
-    assert vae_dtype_for(Family.SD1, torch.float16) == torch.float16
+    families = Families()
+    assert vae_dtype_for(families[Family.SDXL], torch.float16) == torch.float32
+    assert vae_dtype_for(families[Family.SDXL], torch.bfloat16) == torch.bfloat16
+    assert vae_dtype_for(families[Family.SD1], torch.float16) == torch.float16
 
 
 def test_float16_vae_that_makes_nans_is_kept_in_float32_and_the_batch_decoded_again(engine):

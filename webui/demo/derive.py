@@ -14,6 +14,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from safetensors.torch import load_file
 
+from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
 from webui.engine.formats.files import CheckpointInfo
 from webui.engine.formats.ldm_keys import unet_to_ldm
@@ -63,7 +64,7 @@ def _signature(path: Path) -> tuple[int, int]:
 
 
 def _load(path: Path) -> LoadedModel:
-    return load_model(CheckpointInfo(path.name, path, "safetensors"), None, torch.float32, torch.float32)
+    return load_model(CheckpointInfo(path.name, path, "safetensors"), None, torch.float32, torch.float32, Families())
 
 
 def _merge_lora(unet: torch.nn.Module, text: torch.nn.Module, path: Path) -> None:

@@ -6,8 +6,8 @@ the spirit of Forge's ``backend/diffusion_engine/*`` (one class per family, chos
 state dict looks like) and diffusers' per-family pipelines (each with its own ``encode_prompt``
 and loop). The contract is ``protocol.FamilyModel``:
 
-* ``families``: which ``formats.detect.Family`` results it serves (detection stays one pass over
-  the tensors; SD1.x and SD2.x differ only in their files, so one class serves both).
+* ``family``: the ``formats.detect.Family`` it serves (detection stays one pass over the tensors;
+  SD2.x is SD1.x's class with its own text encoder's names and A1111's v-prediction test).
 * ``activation_per_pixel``: the denoise phase's activation bytes per latent pixel, for the memory
   manager's budget (``memory.activation``); the VAE decode's estimate is the same for all.
 * ``latent_rgb``: the linear latent → RGB map of the live preview (None: 16-channel latents,
@@ -22,6 +22,14 @@ and loop). The contract is ``protocol.FamilyModel``:
   adds only what it feeds the loop (SDXL's micro-conditioning; a flow shift, and how the
   transformer sees the latents: Flux's packed patches, ``sampling.flow.FlowLayout``).
 * ``infotext_fields(model, job)``: the PNG "parameters" fields only it writes.
+* Assembly from files: ``latent_channels`` (a VAE file of another width is not its own), ``vae_upcast``
+  (its VAE overflows in float16), ``clip_penultimate`` (which CLIP layer it reads); the UNet families'
+  ``prediction_type`` (SD2.x's test for files that do not say).
+* Its LoRA key table (``lora.layout``): ``lora_text_encoders`` (the text encoders a LoRA may adapt and
+  the names trainers give them), ``lora_prefixes`` (what files put before the denoiser's names) and
+  ``lora_layers(paths, config)`` (the denoiser's layers under the original checkpoint's names: LDM's
+  from ``formats.ldm_keys`` for the UNets, the loaders' key tables for the transformers, where one
+  name may cover fused layers or swapped halves). ``lora.keys`` reads files with these tables.
 
 A flow family also says how it is assembled from files (``loading.assemble``): its transformer's
 loaders (single file, GGUF) and diffusers class, whether it needs T5, its diffusers folder names.
@@ -30,8 +38,9 @@ loaders (single file, GGUF) and diffusers class, whether it needs T5, its diffus
 model manager sets ``LoadedModel.kind`` from it and the progress reads preview colours from it,
 rather than from a module-level table. ``generate`` asks ``model.kind`` and has no family branch.
 
-Still spread, to move here next: detection from tensors (``formats.detect``, ``weights.gguf_load``),
-the UNet families' assembly (``loading.load``: CLIP layers, VAE upcast, SD2's v test) and the LoRA
-key tables and family evidence (``lora.keys``). The Flux and SD3.x modules also hold their
-transformers' converters and loaders.
+Kept outside on purpose, because each compares all families at once: detection from tensors
+(``formats.detect`` for single files, ``weights.gguf_load`` for GGUF; what checkpoints do not store,
+such as a UNet's head count or a VAE's scaling, follows each family's convention there), and which
+family a LoRA file is for (``lora.keys``: evidence that fits some families and rules out others).
+The Flux and SD3.x modules also hold their transformers' converters and loaders.
 """

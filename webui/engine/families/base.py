@@ -2,10 +2,10 @@
 (SD3.x, Flux). Each shares one loop; a family module adds only what differs."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,6 +13,8 @@ from webui.engine.conditioning.prompts import Conditioning, encode_prompts
 from webui.engine.families.protocol import FamilyFields
 from webui.engine.formats.detect import Family
 from webui.engine.formats.files import Source
+from webui.engine.formats.ldm_keys import unet_to_ldm
+from webui.engine.lora.layout import DENOISER, DenoiserPrefixes, LoraLayer, LoraTextEncoder
 from webui.engine.sampling.flow import denoise_flow, set_timesteps
 from webui.engine.sampling.ksampling import StepCallback
 from webui.engine.sampling.samplers import make_flow_scheduler, step_kwargs
@@ -28,12 +30,21 @@ if TYPE_CHECKING:
 class UNetFamily:
     """CLIP conditioning and diffusers' UNet loop; SDXL adds its micro-conditioning."""
 
-    families: tuple[Family, ...] = ()
+    family: Family
     activation_per_pixel: int = 0
     latent_rgb: LatentRgb | None = None
     clip_kinds: tuple[str, ...] = ("clip_l",)
     form_fields = FamilyFields(clip_skip=True)
+    latent_channels = 4
+    vae_upcast = False
+    clip_penultimate = False
+    lora_text_encoders: tuple[LoraTextEncoder, ...] = ()
+    lora_prefixes = DenoiserPrefixes()
     sdxl_sigmas = False  # the sigma-space schedules' SDXL variants
+
+    def prediction_type(self, unet: torch.nn.Module, declared: str) -> str:
+        """What the UNet predicts, where its file says ``declared`` (or says nothing: "epsilon")."""
+        return declared
 
     def check_size(self, width: int, height: int) -> None:
         """Any multiple of the VAE's scale factor (checked with the noise)."""
@@ -55,6 +66,11 @@ class UNetFamily:
 
     def infotext_fields(self, model: LoadedModel, job: Resolved) -> dict:
         return {}
+
+    def lora_layers(self, paths: Iterable[str], config: Mapping[str, Any]) -> dict[str, LoraLayer]:
+        """LDM's names, from the checkpoint writers' key map: each LDM name ends up with our module's path."""
+        ldm = unet_to_ldm({f"{p}.weight": p for p in paths}, config)
+        return {key.removesuffix(".weight"): LoraLayer(DENOISER, (path,)) for key, path in ldm.items()}
 
 
 @dataclass(frozen=True)
@@ -78,17 +94,18 @@ class FlowFamily:
     (``sampling.flow.FlowLayout``; as they are here); 16-channel latents, previewed as their mean. Assembled from
     a transformer, a 16-channel VAE, CLIPs that all pool and T5 (``loading.assemble``)."""
 
-    families: tuple[Family, ...] = ()
+    family: Family
     activation_per_pixel: int = 0
     latent_rgb: LatentRgb | None = None
     clip_kinds: tuple[str, ...] = ()
     form_fields = FamilyFields()
+    latent_channels = 16
+    vae_upcast = True
+    clip_penultimate = False
     files: FlowFiles
-
-    @property
-    def family(self) -> Family:
-        """A flow family serves one detected family."""
-        return self.families[0]
+    lora_text_encoders: tuple[LoraTextEncoder, ...] = ()
+    lora_prefixes = DenoiserPrefixes(kohya_diffusers=("lora_transformer_", "lora_unet_"),
+                                     diffusers=("transformer.", "", "base_model.model."))
 
     def check_size(self, width: int, height: int) -> None:
         """The transformers see 2x2 patches of 8x8-pixel latents."""
@@ -112,6 +129,25 @@ class FlowFamily:
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def key_table(self, config: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+        """The original layout's names (``name.`` prefixes) -> our module paths they cover, in row order."""
+        raise NotImplementedError
+
+    def swap_stored_halves(self, state_dict: dict[str, torch.Tensor], config: Mapping[str, Any]) -> None:
+        """Exchange, in place, the output halves of the layers the original layout stores swapped."""
+        raise NotImplementedError
+
+    def lora_layers(self, paths: Iterable[str], config: Mapping[str, Any]) -> dict[str, LoraLayer]:
+        """Every layer of ``config``'s transformer under its original name (whichever ``paths``), from the loader's
+        key table; which are stored with swapped halves is asked of the loader's own swap, on a probe of two
+        numbered rows per layer."""
+        table = self.key_table(config)
+        modules = {name[:-1]: tuple(t[:-1] for t in targets) for name, targets in table.items() if name.endswith(".")}
+        probe = {f"{targets[0]}.weight": torch.arange(2) for targets in modules.values() if len(targets) == 1}
+        self.swap_stored_halves(probe, config)
+        swapped = {key.removesuffix(".weight") for key, rows in probe.items() if rows[0] == 1}
+        return {name: LoraLayer(DENOISER, targets, targets[0] in swapped) for name, targets in modules.items()}
 
     def denoise(self, model: LoadedModel, job: Resolved, seeds: list[int], generators: list[torch.Generator],
                 noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,

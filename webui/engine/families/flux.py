@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ from webui.engine.families.protocol import FamilyFields
 from webui.engine.formats.detect import Family, block_count, flux_prefix, strip_prefix, tensor_shape
 from webui.engine.formats.files import Source, TensorInfo, source_infos, source_tensors
 from webui.engine.loading.load import build_module
+from webui.engine.lora.layout import LoraTextEncoder
 from webui.engine.memory import host_pages
 from webui.engine.weights.fp8 import is_fp8
 from webui.engine.weights.gguf_load import load_gguf_transformer
@@ -220,17 +222,27 @@ def load_gguf_flux_transformer(path: str | Path, dtype: torch.dtype = torch.bflo
     return load_gguf_transformer(path, "flux", FluxTransformer2DModel, "a Flux transformer", flux_prefix,
                                  flux_config, convert_flux_to_diffusers, dtype)
 
+
 class Flux(FlowFamily):
     """T5's tokens and CLIP-L's pooled output; Flux dev's shift grows with the image (diffusers'
     ``calculate_shift``) and its distilled guidance scale is an input of the transformer; Flux schnell (no
     guidance embedder) runs unshifted."""
 
-    families = (Family.FLUX,)
+    family = Family.FLUX
     activation_per_pixel = 20_000
     clip_kinds = ("clip_l",)
     form_fields = FamilyFields(distilled_cfg=True)
     files = FlowFiles(FluxTransformer2DModel, (CLIPTextModel,), load_flux_transformer, load_gguf_flux_transformer,
                       t5_required=True)
+    lora_text_encoders = (LoraTextEncoder("text_encoder", "clip_l", ("lora_te1_", "lora_te_")),
+                          LoraTextEncoder("text_encoder_2", "t5xxl", ("lora_te3_", "lora_te2_")))
+    lora_prefixes = replace(FlowFamily.lora_prefixes, kohya_original=("lora_unet_", "lora_flux_"))
+
+    def key_table(self, config: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+        return flux_key_table(config)
+
+    def swap_stored_halves(self, state_dict: StateDict, config: Mapping[str, Any]) -> None:
+        swap_halves(state_dict)
 
     def encode(self, model: LoadedModel, prompts: list[str], clip_skip: int, device: torch.device,
                dtype: torch.dtype) -> Conditioning:

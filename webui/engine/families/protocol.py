@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.formats.detect import Family
+from webui.engine.lora.layout import DenoiserPrefixes, LoraLayer, LoraTextEncoder
 from webui.engine.sampling.ksampling import StepCallback
 
 if TYPE_CHECKING:
@@ -27,11 +29,16 @@ class FamilyFields:
 
 
 class FamilyModel(Protocol):
-    families: tuple[Family, ...]  # the detected families it serves
+    family: Family  # the detected family it serves
     activation_per_pixel: int  # denoise activations, bytes per latent pixel per image at 2-byte precision
     latent_rgb: LatentRgb | None  # the live preview's latent → RGB map; None: a gray mean over the channels
     clip_kinds: tuple[str, ...]  # its CLIP text encoders, in order ("clip_l", "clip_g")
     form_fields: FamilyFields  # the form fields it reads beyond the common ones
+    latent_channels: int  # its VAE's (a VAE file of another width is not its own)
+    vae_upcast: bool  # its VAE overflows in float16 (black or NaN images; diffusers marks it force_upcast)
+    clip_penultimate: bool  # its CLIPs' penultimate layer without the final norm is read (else the last, normed)
+    lora_text_encoders: tuple[LoraTextEncoder, ...]  # the text encoders a LoRA may adapt, as files name them
+    lora_prefixes: DenoiserPrefixes  # what LoRA files put before its denoiser's layer names
 
     def check_size(self, width: int, height: int) -> None:
         """Raise a UserError for an image size the denoiser cannot take."""
@@ -47,3 +54,7 @@ class FamilyModel(Protocol):
 
     def infotext_fields(self, model: LoadedModel, job: Resolved) -> dict:
         """The infotext fields only this family writes."""
+
+    def lora_layers(self, paths: Iterable[str], config: Mapping[str, Any]) -> dict[str, LoraLayer]:
+        """The denoiser's layers at ``paths`` by their names in the original checkpoint layout (for the
+        denoiser of ``config``)."""

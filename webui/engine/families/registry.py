@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from webui.engine.families.flux import Flux
 from webui.engine.families.protocol import FamilyModel
-from webui.engine.families.sd import StableDiffusion
+from webui.engine.families.sd import StableDiffusion, StableDiffusion2
 from webui.engine.families.sd3 import StableDiffusion3
 from webui.engine.families.sdxl import StableDiffusionXL
 from webui.engine.formats.detect import Family
@@ -13,8 +13,9 @@ class Families:
     """One instance of each family; adding a family is adding its module and its line here."""
 
     def __init__(self) -> None:
-        kinds: tuple[FamilyModel, ...] = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())
-        self._by_family = {family: kind for kind in kinds for family in kind.families}
+        kinds: tuple[FamilyModel, ...] = (StableDiffusion(), StableDiffusion2(), StableDiffusionXL(),
+                                          StableDiffusion3(), Flux())
+        self._by_family = {kind.family: kind for kind in kinds}
 
     def __getitem__(self, family: Family) -> FamilyModel:
         return self._by_family[family]

@@ -40,6 +40,7 @@ from webui.engine.families.flux import LINEAR_PARAMS, cast_in_place, rename_by_t
 from webui.engine.formats.detect import UNET, Family, block_count, find_prefix, strip_prefix, tensor_shape
 from webui.engine.formats.files import Source, TensorInfo, source_infos, source_tensors
 from webui.engine.loading.load import build_module
+from webui.engine.lora.layout import LoraTextEncoder
 from webui.engine.weights.gguf_load import load_gguf_transformer
 from webui.errors import ModelFileError
 
@@ -242,12 +243,22 @@ class StableDiffusion3(FlowFamily):
     """Both CLIPs' tokens side by side, widened to T5's width and followed by T5's tokens (zeros without T5), and
     the two CLIPs' pooled outputs; the flow shift is a setting (``sd3_shift``)."""
 
-    families = (Family.SD3,)
+    family = Family.SD3
     activation_per_pixel = 20_000
     clip_kinds = ("clip_l", "clip_g")
     form_fields = FamilyFields(shift=True)
+    clip_penultimate = True
     files = FlowFiles(SD3Transformer2DModel, (CLIPTextModelWithProjection,) * 2, load_sd3_transformer,
                       load_gguf_sd3_transformer, t5_required=False)
+    lora_text_encoders = (LoraTextEncoder("text_encoder", "clip_l", ("lora_te1_",)),
+                          LoraTextEncoder("text_encoder_2", "clip_g", ("lora_te2_",)),
+                          LoraTextEncoder("text_encoder_3", "t5xxl", ("lora_te3_",)))
+
+    def key_table(self, config: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+        return sd3_key_table(config)
+
+    def swap_stored_halves(self, state_dict: StateDict, config: Mapping[str, Any]) -> None:
+        swap_shift_scale(state_dict, config)
 
     def encode(self, model: LoadedModel, prompts: list[str], clip_skip: int, device: torch.device,
                dtype: torch.dtype) -> Conditioning:

@@ -9,18 +9,23 @@ import torch
 from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.families.base import UNetFamily
 from webui.engine.formats.detect import Family
+from webui.engine.lora.layout import LoraTextEncoder
 
 if TYPE_CHECKING:
     from webui.engine.generate import Resolved
 
 
 class StableDiffusionXL(UNetFamily):
-    families = (Family.SDXL,)
+    family = Family.SDXL
     activation_per_pixel = 93_000
     latent_rgb = ([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
                    [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]], [0.1084, -0.0175, -0.0011])
     clip_kinds = ("clip_l", "clip_g")
     sdxl_sigmas = True
+    vae_upcast = True
+    clip_penultimate = True
+    lora_text_encoders = (LoraTextEncoder("text_encoder", "clip_l", ("lora_te1_",)),
+                          LoraTextEncoder("text_encoder_2", "clip_g", ("lora_te2_",)))
 
     def added_conditions(self, job: Resolved, cond: Conditioning, uncond: Conditioning | None, device: torch.device,
                          dtype: torch.dtype) -> dict | None:

@@ -68,27 +68,28 @@ def _source(role: str, modules: dict[str, ModuleFile], parts: dict, family: Fami
                     "Encoder' (files in models/VAE and models/text_encoder).", FIELD)
 
 
-def _load_clip(source, kind: str, family: Family, dtype: torch.dtype, pool_all: bool = False) -> TextEncoderSlot:
+def _load_clip(source, kind: str, for_family: FamilyModel, dtype: torch.dtype,
+               pool_all: bool = False) -> TextEncoderSlot:
     """CLIP-G pools through its text projection (SDXL, SD3); CLIP-L pools without one where ``pool_all`` (SD3,
     Flux)."""
     model = load_clip_file(source, kind, dtype, projection=kind == "clip_g")
     if kind == "clip_g" and not isinstance(model, CLIPTextModelWithProjection):
-        raise ModelFileError(f"{family.value} pools its prompt through CLIP-G's text projection, and this CLIP-G "
-                             "file has none (text_projection.weight): use the clip_g file made for SD3 or SDXL.")
+        raise ModelFileError(f"{for_family.family.value} pools its prompt through CLIP-G's text projection, and this "
+                             "CLIP-G file has none (text_projection.weight): use the clip_g file made for SD3 or SDXL.")
     tokenizer = clip_tokenizer("!" if kind == "clip_g" else "<|endoftext|>")
-    return clip_slot(model, tokenizer, family, pooled=pool_all or kind == "clip_g")
+    return clip_slot(model, tokenizer, for_family, pooled=pool_all or kind == "clip_g")
 
 
 def load_flow_model(info: CheckpointInfo, flow: FlowFamily, modules: dict[str, ModuleFile], dtype: torch.dtype,
                     vae_dtype: torch.dtype, tokenizer_dirs: list[Path], use_t5: bool = True) -> LoadedModel:
     """A Flux or SD3.x pipeline; ``use_t5=False`` runs SD3.x on its CLIPs alone (Flux needs T5)."""
     family = flow.family
-    vae_dtype = vae_dtype_for(family, vae_dtype)
+    vae_dtype = vae_dtype_for(flow, vae_dtype)
     if info.kind == "diffusers":
         return _load_diffusers_folder(info, flow, dtype, vae_dtype)
     denoiser, parts = _denoiser(info, flow, dtype)
     vae = load_vae16(_source("vae", modules, parts, family), vae_dtype, family)
-    clips = [_load_clip(_source(kind, modules, parts, family), kind, family, dtype, pool_all=True)
+    clips = [_load_clip(_source(kind, modules, parts, family), kind, flow, dtype, pool_all=True)
              for kind in flow.clip_kinds]
     t5 = None
     t5_source = _source("t5", modules, parts, family, optional=not flow.files.t5_required or not use_t5)
@@ -120,7 +121,7 @@ def _load_diffusers_folder(info: CheckpointInfo, flow: FlowFamily, dtype: torch.
     for i, cls in enumerate(files.diffusers_clip_classes):
         suffix = "" if i == 0 else "_2"
         model = cls.from_pretrained(folder / f"text_encoder{suffix}", dtype=dtype, local_files_only=True)
-        clips.append(clip_slot(model, clip_tokenizer("!" if i else "<|endoftext|>"), family, pooled=True))
+        clips.append(clip_slot(model, clip_tokenizer("!" if i else "<|endoftext|>"), flow, pooled=True))
     t5_name = files.diffusers_t5_folder
     t5 = None
     if (folder / t5_name).is_dir():
@@ -133,20 +134,20 @@ def _load_diffusers_folder(info: CheckpointInfo, flow: FlowFamily, dtype: torch.
     return LoadedModel(info, family, denoiser, vae, clips, {}, t5=t5)
 
 
-def load_gguf_unet_model(info: CheckpointInfo, family: Family, unet_family: FamilyModel,
-                         modules: dict[str, ModuleFile], vae_file: Path | None, dtype: torch.dtype,
-                         vae_dtype: torch.dtype) -> LoadedModel:
-    """An SD1.x/SD2.x/SDXL pipeline around a GGUF UNet (``family`` from ``checkpoint_family``, ``unet_family``
-    what it is), its weights kept quantized."""
+def load_gguf_unet_model(info: CheckpointInfo, unet_family: FamilyModel, modules: dict[str, ModuleFile],
+                         vae_file: Path | None, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
+    """An SD1.x/SD2.x/SDXL pipeline around a GGUF UNet (``unet_family`` the one ``checkpoint_family`` read), its
+    weights kept quantized."""
+    family = unet_family.family
     sources = {kind: _source(kind, modules, {}, family) for kind in unet_family.clip_kinds}
     vae_path = modules["vae"].path if "vae" in modules else vae_file
     if vae_path is None:
         raise UserError(f"{info.path.name} is a GGUF UNet without a VAE: choose the {family.value} VAE in 'VAE / Text "
                         "Encoder' (or as SD VAE).", FIELD)
-    slots = [_load_clip(source, kind, family, dtype) for kind, source in sources.items()]
+    slots = [_load_clip(source, kind, unet_family, dtype) for kind, source in sources.items()]
     # The UNet of a family with CLIP-G (SDXL) takes its pooled output.
     pooled_dim = slots[-1].model.config.projection_dim if "clip_g" in unet_family.clip_kinds else None
     unet, _ = load_gguf_unet(info.path, dtype, pooled_dim)
-    vae = load_vae_file(vae_path, family, vae_dtype_for(family, vae_dtype))
+    vae = load_vae_file(vae_path, family, vae_dtype_for(unet_family, vae_dtype))
     return LoadedModel(info, family, unet, vae, slots, ModelArch(family, {}, None).scheduler_config,
                        vae_name=vae_path.name)

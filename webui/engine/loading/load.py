@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from accelerate import init_empty_weights
@@ -40,11 +40,13 @@ from webui.engine.conditioning.prompts import TextEncoderSlot
 from webui.engine.conditioning.t5_prompts import T5Slot
 from webui.engine.conditioning.tokenizer import clip_tokenizer
 from webui.engine.formats.files import CheckpointInfo, TensorInfo, load_state_dict, read_tensor_infos
-from webui.engine.weights.fp8 import compute_dtype, enable_fp8_compute, fp8_state_dict_split
+from webui.engine.weights.fp8 import enable_fp8_compute, fp8_state_dict_split
 from webui.errors import ModelFileError
 
 if TYPE_CHECKING:
+    from webui.engine.families.base import UNetFamily
     from webui.engine.families.protocol import FamilyModel
+    from webui.engine.families.registry import Families
 
 log = logging.getLogger(__name__)
 
@@ -100,22 +102,24 @@ def vae_scale_factor(vae: torch.nn.Module) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def load_model(info: CheckpointInfo, vae_file: Path | None, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
+def load_model(info: CheckpointInfo, vae_file: Path | None, dtype: torch.dtype, vae_dtype: torch.dtype,
+               families: Families) -> LoadedModel:
     """Load an SD1.x/SD2.x/SDXL checkpoint (and optionally a separate VAE) into host memory; the memory
-    manager places it."""
+    manager places it. Which family it is shows only once it is read."""
     if info.kind == "diffusers":
-        model = _load_diffusers_folder(info, dtype, vae_dtype)
+        model = _load_diffusers_folder(info, dtype, vae_dtype, families)
     else:
-        model = _load_single_file(info, dtype, vae_dtype)
+        model = _load_single_file(info, dtype, vae_dtype, families)
     if vae_file is not None:
-        model.vae = load_vae_file(vae_file, model.family, vae_dtype_for(model.family, vae_dtype))
+        model.vae = load_vae_file(vae_file, model.family, vae_dtype_for(families[model.family], vae_dtype))
         model.vae_name = vae_file.name
     for module in model.modules():
         module.requires_grad_(False).eval()
     return model
 
 
-def _load_single_file(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
+def _load_single_file(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: torch.dtype,
+                      families: Families) -> LoadedModel:
     _, metadata = read_tensor_infos(info.path) if info.kind == "safetensors" else ({}, {})
     sd = load_state_dict(info.path)
     if any(k.endswith(".scale_weight") for k in sd):
@@ -125,13 +129,12 @@ def _load_single_file(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: torch
     arch = infer_arch(infos, metadata)
     if arch.vae is None:
         raise ModelFileError(f"{info.path.name} has no VAE inside; pick a VAE from models/VAE.")
-    name = info.path.name
+    name, kind = info.path.name, families[arch.family]
     unet = build_module(UNet2DConditionModel, arch.unet, convert_ldm_unet_checkpoint(sd, arch.unet), name, dtype)
     vae = build_module(AutoencoderKL, arch.vae, convert_ldm_vae_checkpoint(sd, arch.vae), name,
-                       vae_dtype_for(arch.family, vae_dtype))
-    slots = [_text_encoder_slot(enc, sd, arch.family, name, dtype) for enc in arch.text_encoders]
-    if arch.family is Family.SD2 and arch.prediction_type == "epsilon" and _sd2_predicts_v(unet):
-        arch.prediction_type = "v_prediction"
+                       vae_dtype_for(kind, vae_dtype))
+    slots = [_text_encoder_slot(enc, sd, kind, name, dtype) for enc in arch.text_encoders]
+    arch.prediction_type = cast("UNetFamily", kind).prediction_type(unet, arch.prediction_type)
     return LoadedModel(info, arch.family, unet, vae, slots, arch.scheduler_config)
 
 
@@ -169,7 +172,7 @@ def _match_text_model_prefix(state_dict: dict[str, torch.Tensor], expected) -> d
     return renamed
 
 
-def _text_encoder_slot(enc: TextEncoderArch, sd: dict, family: Family, filename: str,
+def _text_encoder_slot(enc: TextEncoderArch, sd: dict, kind: FamilyModel, filename: str,
                        dtype: torch.dtype) -> TextEncoderSlot:
     config = CLIPTextConfig(**enc.config)
     cls = CLIPTextModelWithProjection if enc.with_projection else CLIPTextModel
@@ -187,31 +190,19 @@ def _text_encoder_slot(enc: TextEncoderArch, sd: dict, family: Family, filename:
         converted = convert_open_clip_checkpoint(shell, kept, prefix=enc.prefix)
         tokenizer = clip_tokenizer("!")
     model = build_module(cls, config, converted, filename, dtype)
-    return clip_slot(model, tokenizer, family, pooled=enc.with_projection)
+    return clip_slot(model, tokenizer, kind, pooled=enc.with_projection)
 
 
-def clip_slot(model: torch.nn.Module, tokenizer: CLIPTokenizer, family: Family, pooled: bool) -> TextEncoderSlot:
-    """SDXL and SD3 read the penultimate layer without the final norm; SD1/SD2 the last, normed (Flux only pools)."""
-    penultimate = family in (Family.SDXL, Family.SD3)
+def clip_slot(model: torch.nn.Module, tokenizer: CLIPTokenizer, kind: FamilyModel, pooled: bool) -> TextEncoderSlot:
+    """A CLIP as ``kind`` reads it: the penultimate layer without the final norm (SDXL, SD3), else the last."""
+    penultimate = kind.clip_penultimate
     return TextEncoderSlot(model=model, tokenizer=tokenizer, final_layer_norm=not penultimate,
                            min_clip_skip=2 if penultimate else 1, pooled=pooled)
 
 
-@torch.no_grad()
-def _sd2_predicts_v(unet: UNet2DConditionModel) -> bool:
-    """A1111's test for SD2 files that do not say: a v-model's output at t=999 sits far below the input."""
-    dtype = compute_dtype(unet)
-    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=dtype)
-    context = torch.zeros(1, 77, unet.config.cross_attention_dim, dtype=dtype)
-    out = unet(x, torch.tensor([999]), encoder_hidden_states=context).sample.float()
-    return bool((out - x).mean() < -1)
-
-
-def vae_dtype_for(family: Family, requested: torch.dtype) -> torch.dtype:
-    """SDXL's, Flux's and SD3's VAEs overflow in float16 (black or NaN images; diffusers marks them
-    force_upcast): float32 instead. SD1/SD2's work in float16."""
-    upcast = family in (Family.SDXL, Family.FLUX, Family.SD3) and requested == torch.float16
-    return torch.float32 if upcast else requested
+def vae_dtype_for(kind: FamilyModel, requested: torch.dtype) -> torch.dtype:
+    """float32 for a VAE that overflows in float16 (SDXL's, Flux's, SD3's), else what is asked."""
+    return torch.float32 if kind.vae_upcast and requested == torch.float16 else requested
 
 
 def load_vae_file(path: Path, family: Family, dtype: torch.dtype) -> AutoencoderKL:
@@ -228,7 +219,8 @@ def load_vae_file(path: Path, family: Family, dtype: torch.dtype) -> Autoencoder
     return build_module(AutoencoderKL, config, convert_ldm_vae_checkpoint(sd, config), path.name, dtype)
 
 
-def _load_diffusers_folder(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: torch.dtype) -> LoadedModel:
+def _load_diffusers_folder(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: torch.dtype,
+                           families: Families) -> LoadedModel:
     folder = info.path
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     pipeline = index.get("_class_name", "")
@@ -237,8 +229,6 @@ def _load_diffusers_folder(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: 
                              "(StableDiffusionPipeline and StableDiffusionXLPipeline are).")
     sdxl = pipeline == "StableDiffusionXLPipeline"
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype_for(Family.SDXL if sdxl else Family.SD1,
-                                                                              vae_dtype), local_files_only=True)
     names = [("text_encoder", "tokenizer", CLIPTextModel)]
     if sdxl:
         names.append(("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection))
@@ -246,11 +236,13 @@ def _load_diffusers_folder(info: CheckpointInfo, dtype: torch.dtype, vae_dtype: 
                 for te, tok, cls in names]
     # SD2's text encoder is OpenCLIP (gelu); SD1's is OpenAI CLIP (quick_gelu). Width says nothing at tiny sizes.
     family = Family.SDXL if sdxl else Family.SD2 if encoders[0][0].config.hidden_act == "gelu" else Family.SD1
+    kind = families[family]
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype_for(kind, vae_dtype), local_files_only=True)
     slots = []
     for model, tok_dir, cls in encoders:
         default = clip_tokenizer("!" if family is Family.SD2 or cls is CLIPTextModelWithProjection else "<|endoftext|>")
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True) if tok_dir.is_dir() else default
-        slots.append(clip_slot(model, tokenizer, family, pooled=cls is CLIPTextModelWithProjection))
+        slots.append(clip_slot(model, tokenizer, kind, pooled=cls is CLIPTextModelWithProjection))
     scheduler_config = ModelArch(family, {}, None).scheduler_config
     sched_file = folder / "scheduler" / "scheduler_config.json"
     if sched_file.is_file():

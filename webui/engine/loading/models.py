@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from webui.engine.families.base import FlowFamily
 from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
 from webui.engine.loading.assemble import checkpoint_family, load_flow_model, load_gguf_unet_model
@@ -35,7 +36,6 @@ from webui.engine.loading.modules import MODULE_SUFFIXES, ModuleFile, assign, id
 from webui.engine.memory.manager import MB, MemoryManager
 from webui.engine.memory.model_cache import CachedModel, ModelCache, keep_limits
 from webui.engine.memory.stream import param_bytes
-from webui.engine.sampling.flow import FLOW_FAMILIES
 from webui.engine.weights.fp8 import cast_weights_fp8
 from webui.engine.weights.t5_storage import check_t5_storage, store_t5
 from webui.errors import UserError
@@ -182,7 +182,7 @@ class ModelManager:
                 return self.current
             modules = self.find_modules(list(module_names))
             family = checkpoint_family(info)
-            if family in FLOW_FAMILIES:  # refused before the loaded model is let go
+            if family is not None and isinstance(self.families[family], FlowFamily):  # before the model is let go
                 check_t5_storage(t5_storage, self.memory.device)
             sha = self.hashes.sha256(info.path)
             key = (sha, *(_file_identity(f) for f in (vae_file, *(m.path for m in modules.values()))),
@@ -233,22 +233,21 @@ class ModelManager:
     def _load(self, info: CheckpointInfo, family: Family | None, vae_file: Path | None,
               modules: dict[str, ModuleFile], use_t5: bool) -> LoadedModel:
         start = time.perf_counter()
-        flow = family in FLOW_FAMILIES
+        kind = self.families[family] if family is not None else None  # None: known once read (.ckpt, folders)
         # A VAE chosen for another family (Flux's 16-channel ae beside an SDXL checkpoint) is left out, as in Forge.
-        if "vae" in modules and modules["vae"].width != (16 if flow else 4):
+        if "vae" in modules and modules["vae"].width != (kind.latent_channels if kind else 4):
             del modules["vae"]
-        if flow:
+        if isinstance(kind, FlowFamily):
             sd_vae = identify(vae_file) if vae_file is not None and "vae" not in modules else None
             if sd_vae is not None and sd_vae.width == 16:
                 modules["vae"] = sd_vae
-            model = load_flow_model(info, self.families[family], modules, self.dtypes.flow, self.dtypes.vae,
+            model = load_flow_model(info, kind, modules, self.dtypes.flow, self.dtypes.vae,
                                     [self.text_encoder_dir / TOKENIZER_FOLDER], use_t5)
-        elif info.kind == "gguf":
-            model = load_gguf_unet_model(info, family, self.families[family], modules, vae_file, self.dtypes.unet,
-                                         self.dtypes.vae)
+        elif kind is not None and info.kind == "gguf":
+            model = load_gguf_unet_model(info, kind, modules, vae_file, self.dtypes.unet, self.dtypes.vae)
         else:
             chosen_vae = modules["vae"].path if "vae" in modules else vae_file
-            model = load_model(info, chosen_vae, self.dtypes.unet, self.dtypes.vae)
+            model = load_model(info, chosen_vae, self.dtypes.unet, self.dtypes.vae, self.families)
         model.load_seconds = time.perf_counter() - start
         return model
 

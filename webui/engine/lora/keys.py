@@ -15,9 +15,10 @@ alpha; the layer's weight changes by ``(alpha / rank) * up @ down``. Files diffe
   encoders under ``text_encoders.clip_l.transformer.`` etc.
 
 Underscore-joined names are ambiguous (module names contain underscores), so a name is never split: it is
-looked up among the names our own model's layers have in every layout. The original layout's names come
-from the checkpoint writers' key maps (``formats.ldm_keys.unet_to_ldm``, ``flux.flux_key_table``,
-``sd3.sd3_key_table``). Where the original layout fuses layers (Flux's and SD3's q/k/v, Flux's single-block
+looked up among the names our own model's layers have in every layout. Each family gives its table
+(``lora.layout``: text encoders, prefixes, and the original layout's names from the loaders' key maps,
+``FamilyModel.lora_layers``); which family a LoRA file is for is read here, from evidence across all of
+them. Where the original layout fuses layers (Flux's and SD3's q/k/v, Flux's single-block
 ``linear1`` = q/k/v/mlp), the up matrix's rows are cut at our layers' widths and every part keeps the shared
 down matrix and alpha; where it stores a layer's output halves swapped (the final modulation's shift and
 scale), the up matrix's halves are swapped back.
@@ -28,44 +29,22 @@ import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
-from webui.engine.families.flux import flux_key_table, swap_halves
-from webui.engine.families.sd3 import sd3_key_table, swap_shift_scale
+from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
-from webui.engine.formats.ldm_keys import unet_to_ldm
+from webui.engine.lora.layout import DENOISER, LoraLayer
 from webui.engine.weights.quant import QuantizedLayer
 from webui.errors import ModelFileError
 
 log = logging.getLogger(__name__)
 
-DENOISER = "denoiser"
-MMDIT = (Family.FLUX, Family.SD3)
 STYLES = ("kohya", "diffusers", "comfy")
 # Layers a LoRA can adapt: ours, and the quantized layers that replace them (fp8 layers subclass them).
 ADAPTABLE = (nn.Linear, nn.Conv2d, QuantizedLayer)
-
-
-class TextEncoder(NamedTuple):
-    component: str  # the diffusers pipeline attribute, our key in ``modules``
-    comfy: str  # ComfyUI's name for it (``text_encoders.<comfy>.transformer.``)
-    kohya: tuple[str, ...]  # sd-scripts' prefix, then those older trainers used
-
-
-TEXT_ENCODERS: dict[Family, tuple[TextEncoder, ...]] = {
-    Family.SD1: (TextEncoder("text_encoder", "clip_l", ("lora_te_",)),),
-    Family.SD2: (TextEncoder("text_encoder", "clip_h", ("lora_te_",)),),
-    Family.SDXL: (TextEncoder("text_encoder", "clip_l", ("lora_te1_",)),
-                  TextEncoder("text_encoder_2", "clip_g", ("lora_te2_",))),
-    Family.FLUX: (TextEncoder("text_encoder", "clip_l", ("lora_te1_", "lora_te_")),
-                  TextEncoder("text_encoder_2", "t5xxl", ("lora_te3_", "lora_te2_"))),
-    Family.SD3: (TextEncoder("text_encoder", "clip_l", ("lora_te1_",)),
-                 TextEncoder("text_encoder_2", "clip_g", ("lora_te2_",)),
-                 TextEncoder("text_encoder_3", "t5xxl", ("lora_te3_",))),
-}
 
 # Tensor name endings of a LoRA's parts, in every format.
 PARTS = {
@@ -106,19 +85,9 @@ class LoraWeights:
         return (delta * self.scale).reshape(self.up.shape[0], *self.down.shape[1:])
 
 
-@dataclass(frozen=True)
-class Layer:
-    """A layer as LoRA files name it: our modules it covers, in the order of its output rows (several where the
-    original layout fuses them), and whether that layout stores its output halves swapped."""
-
-    component: str
-    modules: tuple[str, ...]
-    swapped: bool = False
-
-
 def components(family: Family) -> tuple[str, ...]:
     """The components a LoRA of ``family`` may adapt, as keys of ``modules``."""
-    return (DENOISER, *(te.component for te in TEXT_ENCODERS[family]))
+    return (DENOISER, *(te.component for te in Families()[family].lora_text_encoders))
 
 
 def weight_shape(module: nn.Module) -> tuple[int, ...]:
@@ -140,18 +109,15 @@ def file_name(style: str, prefix: str, name: str) -> str:
 def prefixes(family: Family, component: str, style: str, original: bool) -> tuple[str, ...]:
     """What files of ``style`` put before ``component``'s layer names (in the original layout if ``original``,
     else diffusers'); the first is what ``lora_export`` writes, the others are read too."""
+    kind = Families()[family]
     if component != DENOISER:
-        te = next(te for te in TEXT_ENCODERS[family] if te.component == component)
+        te = next(te for te in kind.lora_text_encoders if te.component == component)
         return {"kohya": te.kohya, "diffusers": (f"{component}.",), "comfy": (f"text_encoders.{te.comfy}.transformer.",)
                 }[style]
-    mmdit = family in MMDIT
+    denoiser = kind.lora_prefixes
     if style == "kohya":
-        if original:
-            return ("lora_unet_", "lora_flux_") if family is Family.FLUX else ("lora_unet_",)
-        return ("lora_transformer_", "lora_unet_") if mmdit else ("lora_unet_",)
-    if style == "diffusers":
-        return ("transformer." if mmdit else "unet.", "", "base_model.model.")
-    return ("diffusion_model.", "model.diffusion_model.")
+        return denoiser.kohya_original if original else denoiser.kohya_diffusers
+    return denoiser.diffusers if style == "diffusers" else denoiser.comfy
 
 
 def adaptable(model: nn.Module) -> list[str]:
@@ -160,20 +126,15 @@ def adaptable(model: nn.Module) -> list[str]:
 
 
 def layers(family: Family, component: str, paths: Iterable[str], original: bool,
-           config: Mapping[str, Any] | None = None) -> dict[str, Layer]:
+           config: Mapping[str, Any] | None = None) -> dict[str, LoraLayer]:
     """The layers of ``component`` at ``paths`` by dotted name: the original checkpoint's names if ``original``
-    (for the denoiser, whose ``config`` they depend on), else diffusers'. Text encoders have transformers'
-    names in both (CLIP's under ``text_model.``, as files have them). Flux's and SD3's original names cover
-    every layer of ``config``'s model, whichever ``paths`` are given."""
+    (for the denoiser, whose ``config`` they depend on: the family's ``lora_layers``), else diffusers'. Text
+    encoders have transformers' names in both (CLIP's under ``text_model.``, as files have them)."""
     if component != DENOISER:
-        return {_checkpoint_name(p): Layer(component, (p,)) for p in paths}
+        return {_checkpoint_name(p): LoraLayer(component, (p,)) for p in paths}
     if not original:
-        return {p: Layer(component, (p,)) for p in paths}
-    if family in MMDIT:
-        return _mmdit_layers(family, config)
-    # The values ride through the renaming unchanged: each LDM name ends up with our module's path.
-    ldm = unet_to_ldm({f"{p}.weight": p for p in paths}, config)
-    return {key.removesuffix(".weight"): Layer(component, (path,)) for key, path in ldm.items()}
+        return {p: LoraLayer(component, (p,)) for p in paths}
+    return Families()[family].lora_layers(paths, config)
 
 
 def _checkpoint_name(path: str) -> str:
@@ -182,23 +143,9 @@ def _checkpoint_name(path: str) -> str:
     return f"text_model.{path}" if path.startswith("encoder.layers.") else path
 
 
-def _mmdit_layers(family: Family, config: Mapping[str, Any]) -> dict[str, Layer]:
-    """BFL's or Stability's layer names from the loaders' key tables; which layers are stored with swapped
-    halves is asked of the loaders' own swap function, on a probe of two numbered rows per layer."""
-    if family is Family.FLUX:
-        table, swap = flux_key_table(config), lambda state_dict: swap_halves(state_dict)
-    else:
-        table, swap = sd3_key_table(config), lambda state_dict: swap_shift_scale(state_dict, config)
-    modules = {name[:-1]: tuple(t[:-1] for t in targets) for name, targets in table.items() if name.endswith(".")}
-    probe = {f"{targets[0]}.weight": torch.arange(2) for targets in modules.values() if len(targets) == 1}
-    swap(probe)
-    swapped = {key.removesuffix(".weight") for key, rows in probe.items() if rows[0] == 1}
-    return {name: Layer(DENOISER, targets, targets[0] in swapped) for name, targets in modules.items()}
-
-
-def _aliases(family: Family, modules: Mapping[str, nn.Module]) -> dict[str, Layer]:
+def _aliases(family: Family, modules: Mapping[str, nn.Module]) -> dict[str, LoraLayer]:
     """Every name a LoRA file may give one of our layers (without the part's suffix) -> that layer."""
-    aliases: dict[str, Layer] = {}
+    aliases: dict[str, LoraLayer] = {}
     for component in components(family):
         if component not in modules:
             continue
@@ -225,6 +172,7 @@ _DENOISER = r"^(?:(?:lora_unet|lora_transformer|lora_flux|unet|transformer|diffu
 _UNET_ATTENTION = r"(?:input_blocks_\d+_1|middle_block_1|output_blocks_\d+_1|(?:down_blocks_\d+_|up_blocks_\d+_|" \
                   r"mid_block_)attentions_\d+)"
 _UNETS = {Family.SD1, Family.SD2, Family.SDXL}
+MMDIT = (Family.FLUX, Family.SD3)
 _NAME_EVIDENCE = [(re.compile(pattern), frozenset(families)) for pattern, families in (
     (_DENOISER + r"(?:double_blocks|single_blocks|single_transformer_blocks|img_in|txt_in|time_in|vector_in"
      r"|guidance_in|x_embedder(?!_proj)|time_text_embed_guidance)", {Family.FLUX}),
@@ -351,7 +299,7 @@ def _check_family(state_dict: Mapping[str, torch.Tensor], family: Family, filena
                              f"the loaded model is {family.value}. Load a {' or '.join(fitting)} model to use it.")
 
 
-def _pieces(base: str, parts: Mapping[str, torch.Tensor], layer: Layer, model: nn.Module,
+def _pieces(base: str, parts: Mapping[str, torch.Tensor], layer: LoraLayer, model: nn.Module,
             filename: str) -> list[tuple[str, LoraWeights]]:
     """One file layer's update for each of our modules it covers, checked against their shapes."""
     missing = [part for part in ("down", "up") if part not in parts]

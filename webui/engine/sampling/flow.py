@@ -18,10 +18,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from webui.engine.conditioning.prompts import Conditioning
-from webui.engine.formats.detect import Family
 from webui.engine.sampling.ksampling import StepCallback
 
-FLOW_FAMILIES = (Family.FLUX, Family.SD3)
 SD3_DEFAULT_SHIFT = 3.0
 
 
