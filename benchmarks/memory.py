@@ -148,7 +148,6 @@ def bench_unet_family(name: str, family: str, size: int, workdir: Path) -> None:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from webui.engine.request import GenerationRequest
-    from webui.engine.sampling.samplers import make_scheduler
 
     engine = engine_for(write_checkpoint(family, workdir / f"{name}.safetensors"), workdir)
     request = dict(prompt="a photo of a cat", negative_prompt="", width=size, height=size, cfg_scale=7.0,
@@ -176,7 +175,7 @@ def bench_unet_family(name: str, family: str, size: int, workdir: Path) -> None:
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     # The pipeline feeds the VAE latents in the UNet's fp16; ours runs the VAE in bf16: give it an fp16 copy.
     parts = dict(vae=copy.deepcopy(model.vae).half(), text_encoder=model.text_encoders[0].model, tokenizer=model.text_encoders[0].tokenizer,
-                 unet=model.denoiser, scheduler=make_scheduler("Euler", "Automatic", model.scheduler_config))
+                 unet=model.denoiser, scheduler=engine.samplers.make_scheduler("Euler", "Automatic", model.scheduler_config))
     if family == "sdxl":
         parts.update(text_encoder_2=model.text_encoders[1].model, tokenizer_2=model.text_encoders[1].tokenizer)
     else:

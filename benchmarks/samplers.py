@@ -56,8 +56,6 @@ def pipeline_over(engine):
     """The plain diffusers pipeline over the engine's loaded modules; a function timing one of its images."""
     from diffusers import StableDiffusionPipeline
 
-    from webui.engine.sampling.samplers import choose
-
     model = engine.models.current
     # The pipeline feeds the VAE latents in the UNet's fp16; ours runs the VAE in bf16: give it an fp16 copy.
     pipe = StableDiffusionPipeline(vae=copy.deepcopy(model.vae).half(), text_encoder=model.text_encoders[0].model,
@@ -66,7 +64,7 @@ def pipeline_over(engine):
     pipe.set_progress_bar_config(disable=True)
 
     def plain(sampler: str, schedule: str) -> float:
-        pipe.scheduler = choose(sampler, schedule).scheduler(model.scheduler_config, seed=[1])
+        pipe.scheduler = engine.samplers.choose(sampler, schedule).scheduler(model.scheduler_config, seed=[1])
         torch.cuda.synchronize()
         start = time.perf_counter()
         pipe(prompt=next(PROMPTS), width=SIZE, height=SIZE, num_inference_steps=STEPS, guidance_scale=CFG,
@@ -78,14 +76,12 @@ def pipeline_over(engine):
 
 
 def resident_rows(engine, repeat: int) -> list[str]:
-    from webui.engine.sampling.samplers import choose
-
     whole_image(engine, "DPM++ 2M", "Karras")  # load and place
     plain = pipeline_over(engine)
     measured: dict[tuple[str, str], float] = {}
     rows = []
     for sampler, schedule, against in CASES:
-        path = "diffusers scheduler" if choose(sampler, schedule).native else "sigma space"
+        path = "diffusers scheduler" if engine.samplers.choose(sampler, schedule).native else "sigma space"
         mine = measured[(sampler, schedule)] = median_of(repeat, lambda: whole_image(engine, sampler, schedule))
         if against is None:
             reference, what, goal = median_of(repeat, lambda: plain(sampler, schedule)), \

@@ -14,12 +14,10 @@ import torch
 from filelock import FileLock
 from gguf import GGMLQuantizationType as Q
 
-from webui import extensions
 from webui.cli import parse_args
 from webui.demo.derive import ensure_demo_models
 from webui.engine.engine import Engine
 from webui.engine.formats.detect import Family
-from webui.engine.sampling import samplers
 from webui.engine.weights.gguf_load import quantize_where_possible, write_gguf
 from webui.synthetic.ldm_export import (
     flux_to_bfl,
@@ -51,14 +49,6 @@ def demo_models() -> None:
     """The demo model's derived files, which the server writes at start: engines made here start without it."""
     paths = AppConfig.from_args(parse_args([])).paths
     ensure_demo_models(paths.builtin_models_dir, paths.builtin_modules_dir)
-
-
-@pytest.fixture(autouse=True)
-def process_wide_registries(monkeypatch):
-    """Samplers and schedule types are process-wide, and extensions add to them: give each test its own copy."""
-    monkeypatch.setattr(samplers, "_samplers", dict(samplers._samplers))
-    monkeypatch.setattr(samplers, "SCHEDULE_TYPES", samplers.SCHEDULE_TYPES)
-    monkeypatch.setattr(extensions, "_claims", {})
 
 
 def _cached(name: str, make) -> Path:

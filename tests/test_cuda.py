@@ -10,7 +10,6 @@ from tests.conftest import make_engine
 from tests.test_flow_pipelines import files, parts  # noqa: F401 (fixtures)
 from tests.test_lora import lora_route  # noqa: F401 (fixture)
 from webui.engine.request import GenerationRequest
-from webui.engine.sampling.samplers import make_scheduler
 
 pytestmark = pytest.mark.cuda
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -34,7 +33,7 @@ def test_cuda_half_precision_matches_diffusers_and_the_cpu(tmp_path, request, fa
 
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     pipe = cls.from_pretrained(folder, torch_dtype=torch.float16, local_files_only=True).to("cuda")
-    pipe.scheduler = make_scheduler(REQ["sampler_name"], REQ["scheduler"], gpu.models.current.scheduler_config)
+    pipe.scheduler = gpu.samplers.make_scheduler(REQ["sampler_name"], REQ["scheduler"], gpu.models.current.scheduler_config)
     pipe.set_progress_bar_config(disable=True)
     latents = torch.cat([torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in (77, 78)])
     ref = pipe(prompt=REQ["prompt"], negative_prompt=REQ["negative_prompt"], width=64, height=64,

@@ -21,7 +21,6 @@ from webui.cli import parse_args
 from webui.engine.hooks import NetworkCall
 from webui.engine.infotext import parse_infotext
 from webui.engine.request import GenerationRequest
-from webui.engine.sampling import samplers
 from webui.errors import UserError
 from webui.extensions import BUILTIN_DIR, discover, extensions_of, find_extensions, load_extensions
 from webui.jobs import JobQueue
@@ -156,7 +155,7 @@ def test_broken_extensions_are_logged_by_name_disabled_and_generation_goes_on(en
         assert f"Extension {name} failed while loading; it is disabled." in logged
     assert logged.count("Extension step-raises failed in denoising_step; it is disabled.") == 1
     # What the failed setup had registered is gone; failed modules are not left imported.
-    assert "Half Done" not in samplers.sampler_names() and registry.tabs == []
+    assert "Half Done" not in engine.samplers.sampler_names() and registry.tabs == []
     assert [c.owner for c in engine.hooks.callbacks["before_generation"]] == []
     assert "webui_ext_setup_raises" not in sys.modules
     # Generation went on, the failing callback ran once, the good one at every step of both generations.
@@ -178,7 +177,7 @@ def test_refused_registrations_fail_only_that_extension(engine, tmp_path):
     assert "a sampler named 'euler a' already exists" in errors["c-sampler-clash"]
     assert "must start with '/'" in errors["d-bad-route"]
     assert "unknown event 'never'" in errors["e-bad-event"]
-    assert samplers.find_sampler("Euler a")[0].factory is EulerAncestralDiscreteScheduler
+    assert engine.samplers.find_sampler("Euler a")[0].factory is EulerAncestralDiscreteScheduler
 
 
 # ---- what an extension can add -----------------------------------------------------------------
@@ -335,8 +334,8 @@ def test_schedule_types_from_extensions(engine, tmp_path):
             api.add_schedule_type("leading", "Leading", {"timestep_spacing": "leading"})
         """)
     load(engine, tmp_path)
-    assert samplers.schedule_type_names()[-1] == "Leading"
-    assert samplers.resolve("DPM++ 2M Leading") == ("DPM++ 2M", "Leading")
+    assert engine.samplers.schedule_type_names()[-1] == "Leading"
+    assert engine.samplers.resolve("DPM++ 2M Leading") == ("DPM++ 2M", "Leading")
     leading = generate(engine, sampler_name="Euler", scheduler="Leading")
     assert "Schedule type: Leading" in leading.infotexts[0]
     assert not np.array_equal(pixels(leading), pixels(generate(engine, sampler_name="Euler", scheduler="Karras")))
@@ -354,10 +353,10 @@ def test_the_shipped_extensions_load_enabled(engine):
 def test_example_sampler_dpmpp_3m_sde(engine):
     registry = load_extensions(engine, builtin("sampler-dpmpp-3m-sde"))
     assert status(registry) == {"sampler-dpmpp-3m-sde": None}
-    assert "DPM++ 3M SDE" in samplers.sampler_names()
+    assert "DPM++ 3M SDE" in engine.samplers.sampler_names()
     assert {"name": "DPM++ 3M SDE", "aliases": ["k_dpmpp_3m_sde"], "options": {"scheduler": "exponential"}} \
-        in samplers.api_samplers()
-    config = samplers.make_scheduler("DPM++ 3M SDE", "Automatic", {"prediction_type": "epsilon"}).config
+        in engine.samplers.api_samplers()
+    config = engine.samplers.make_scheduler("DPM++ 3M SDE", "Automatic", {"prediction_type": "epsilon"}).config
     assert (config.algorithm_type, config.solver_order, config.use_exponential_sigmas) == ("sde-dpmsolver++", 3, True)
 
     first = generate(engine, sampler_name="DPM++ 3M SDE", steps=6)

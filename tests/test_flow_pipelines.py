@@ -246,7 +246,7 @@ def test_api_request_takes_distilled_cfg_and_modules_per_request(tmp_path, files
             "batch_size": len(SEEDS), "override_settings": {
                 "sd_model_checkpoint": "flux-transformer.safetensors",
                 "forge_additional_modules": ["ae.safetensors", "clip_l.safetensors", "t5xxl_fp32.safetensors"]}}
-    call = read_txt2img(body, engine.options)
+    call = read_txt2img(body, engine.options, engine.known_schedule_type)
     assert np.array_equal(images(engine.txt2img(call.request)), whole)
     assert engine.options["forge_additional_modules"] == [], "a per-request override leaves the settings alone"
     with pytest.raises(UserError) as bad:

@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from tests.conftest import make_engine
 from webui.engine.request import GenerationRequest
-from webui.engine.sampling.samplers import make_scheduler
+from webui.engine.sampling.samplers import SamplerRegistry
 
 PROMPT = "a red circle on the left, blue background"
 NEGATIVE = "blurry"
@@ -24,7 +24,7 @@ def reference_images(folder: Path, sdxl: bool, sampler: str, schedule: str, seed
                      scheduler_config: dict) -> np.ndarray:
     cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     pipe = cls.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
-    pipe.scheduler = make_scheduler(sampler, schedule, scheduler_config, seed=seeds)
+    pipe.scheduler = SamplerRegistry().make_scheduler(sampler, schedule, scheduler_config, seed=seeds)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, num_inference_steps=steps,
                guidance_scale=7.0, num_images_per_prompt=len(seeds), output_type="pil",

@@ -7,6 +7,8 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from webui.engine.sampling import samplers
 from webui.errors import UserError
 
+REGISTRY = samplers.SamplerRegistry()
+
 # diffusers feeds torch tensors to numpy; NumPy 2 warns thousands of times per run.
 pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
 
@@ -32,7 +34,7 @@ def denoise(sampler_name: str, noise_seed: int, schedule_type: str = "Automatic"
 
     The starting latents are always the same; ``noise_seed`` feeds only the sampler's own noise.
     """
-    scheduler = samplers.make_scheduler(sampler_name, schedule_type, config, seed=noise_seed)
+    scheduler = REGISTRY.make_scheduler(sampler_name, schedule_type, config, seed=noise_seed)
     scheduler.set_timesteps(steps)
     latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
     generator = torch.Generator().manual_seed(noise_seed)
@@ -57,9 +59,9 @@ def test_schedule_types_run_with_v_prediction(schedule_type):
 
 
 def test_names_are_a1111s():
-    assert samplers.sampler_names() == A1111_SAMPLERS
-    assert samplers.schedule_type_names() == A1111_SCHEDULE_TYPES
-    assert [name for name in A1111_SAMPLERS if samplers.find_sampler(name)[0].factory] == WITH_DIFFUSERS_SCHEDULER
+    assert REGISTRY.sampler_names() == A1111_SAMPLERS
+    assert REGISTRY.schedule_type_names() == A1111_SCHEDULE_TYPES
+    assert [name for name in A1111_SAMPLERS if REGISTRY.find_sampler(name)[0].factory] == WITH_DIFFUSERS_SCHEDULER
 
 
 @pytest.mark.parametrize(
@@ -86,17 +88,17 @@ def test_names_are_a1111s():
     ],
 )
 def test_lookup_accepts_a1111_spellings(asked, expected):
-    assert samplers.resolve(*asked) == expected
+    assert REGISTRY.resolve(*asked) == expected
 
 
 def test_dpmpp_2m_config():
-    scheduler = samplers.make_scheduler("DPM++ 2M", "Automatic", SD15)
+    scheduler = REGISTRY.make_scheduler("DPM++ 2M", "Automatic", SD15)
     assert isinstance(scheduler, DPMSolverMultistepScheduler)
     assert scheduler.config.algorithm_type == "dpmsolver++"
     assert scheduler.config.solver_order == 2
     assert scheduler.config.use_karras_sigmas  # A1111's default for DPM++ 2M
     assert scheduler.config.beta_schedule == "scaled_linear"
-    sde = samplers.make_scheduler("DPM++ 2M SDE", "Automatic", SD15)
+    sde = REGISTRY.make_scheduler("DPM++ 2M SDE", "Automatic", SD15)
     assert sde.config.algorithm_type == "sde-dpmsolver++" and sde.config.use_exponential_sigmas
 
 
@@ -110,12 +112,12 @@ def test_dpmpp_2m_config():
     ],
 )
 def test_schedule_type_config(schedule_type, expected):
-    config = samplers.make_scheduler("Euler", schedule_type, SD15).config
+    config = REGISTRY.make_scheduler("Euler", schedule_type, SD15).config
     assert {k: config[k] for k in expected} == expected
 
 
 def test_ddim_ignores_schedule_type_like_a1111():
-    scheduler = samplers.make_scheduler("DDIM", "Karras", {**SD15, "timestep_spacing": "trailing", "clip_sample": True})
+    scheduler = REGISTRY.make_scheduler("DDIM", "Karras", {**SD15, "timestep_spacing": "trailing", "clip_sample": True})
     assert isinstance(scheduler, DDIMScheduler)
     config = scheduler.config
     assert (config.timestep_spacing, config.steps_offset, config.clip_sample, config.set_alpha_to_one) == ("leading", 1, False, False)
@@ -124,7 +126,7 @@ def test_ddim_ignores_schedule_type_like_a1111():
 
 
 def test_plms_is_pndm_on_a1111s_ddim_timesteps():
-    scheduler = samplers.make_scheduler("PLMS", "Karras", SD15)
+    scheduler = REGISTRY.make_scheduler("PLMS", "Karras", SD15)
     assert isinstance(scheduler, PNDMScheduler) and scheduler.config.skip_prk_steps
     scheduler.set_timesteps(10)
     # The first step is taken twice (the second order start of the original PLMS), then one per timestep.
@@ -132,50 +134,50 @@ def test_plms_is_pndm_on_a1111s_ddim_timesteps():
 
 
 def test_dpmpp_2m_sde_heun_config():
-    config = samplers.make_scheduler("DPM++ 2M SDE Heun", "Automatic", SD15).config
+    config = REGISTRY.make_scheduler("DPM++ 2M SDE Heun", "Automatic", SD15).config
     assert (config.algorithm_type, config.solver_type, config.use_exponential_sigmas) == ("sde-dpmsolver++", "heun", True)
 
 
 def test_diffusers_scheduler_without_the_schedule_type_names_the_field():
     """make_scheduler is the diffusers scheduler alone; the engine runs such pairs in sigma space (test_sampling)."""
     with pytest.raises(UserError) as err:
-        samplers.make_scheduler("Euler a", "Karras", SD15)
+        REGISTRY.make_scheduler("Euler a", "Karras", SD15)
     assert err.value.field == "scheduler"
     assert "Uniform" in err.value.message and "SGM Uniform" in err.value.message
 
 
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(UserError) as err:
-        samplers.make_scheduler("Eulerish", "Automatic", SD15)
+        REGISTRY.make_scheduler("Eulerish", "Automatic", SD15)
     assert err.value.field == "sampler_name" and "DPM++ 2M" in err.value.message
     with pytest.raises(UserError) as err:
-        samplers.make_scheduler("Euler", "Fancy", SD15)
+        REGISTRY.make_scheduler("Euler", "Fancy", SD15)
     assert err.value.field == "scheduler" and "Karras" in err.value.message
 
 
 def test_zero_snr_model_needs_a_scheduler_that_supports_it():
     zsnr = {**SD15, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
-    assert samplers.make_scheduler("Euler", "SGM Uniform", zsnr).config.rescale_betas_zero_snr
+    assert REGISTRY.make_scheduler("Euler", "SGM Uniform", zsnr).config.rescale_betas_zero_snr
     with pytest.raises(UserError) as err:
-        samplers.make_scheduler("Heun", "Automatic", zsnr)
+        REGISTRY.make_scheduler("Heun", "Automatic", zsnr)
     assert err.value.field == "sampler_name"
 
 
-def test_register_sampler_for_extensions(monkeypatch):
-    monkeypatch.setattr(samplers, "_samplers", dict(samplers._samplers))
+def test_register_sampler_for_extensions():
+    registry = samplers.SamplerRegistry()
     factory = functools.partial(EulerDiscreteScheduler, interpolation_type="log_linear")
-    samplers.register_sampler("Euler LL", factory, aliases=["k_euler_ll"], default_schedule="Karras")
-    assert samplers.sampler_names()[-1] == "Euler LL"
-    scheduler = samplers.make_scheduler("k_euler_ll", "Automatic", SD15)
+    registry.register_sampler("Euler LL", factory, aliases=["k_euler_ll"], default_schedule="Karras")
+    assert registry.sampler_names()[-1] == "Euler LL"
+    scheduler = registry.make_scheduler("k_euler_ll", "Automatic", SD15)
     assert scheduler.config.interpolation_type == "log_linear" and scheduler.config.use_karras_sigmas
-    assert samplers.api_samplers()[-1] == {"name": "Euler LL", "aliases": ["k_euler_ll"], "options": {"scheduler": "karras"}}
+    assert registry.api_samplers()[-1] == {"name": "Euler LL", "aliases": ["k_euler_ll"], "options": {"scheduler": "karras"}}
 
 
 def test_api_shapes():
-    listed = samplers.api_samplers()
+    listed = REGISTRY.api_samplers()
     assert listed[0] == {"name": "DPM++ 2M", "aliases": ["k_dpmpp_2m"], "options": {"scheduler": "karras"}}
     assert {"name": "Euler", "aliases": ["k_euler"], "options": {}} in listed
-    schedulers = samplers.api_schedulers()
+    schedulers = REGISTRY.api_schedulers()
     assert schedulers[0] == {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}
     karras = next(s for s in schedulers if s["name"] == "karras")
     assert karras["label"] == "Karras" and karras["default_rho"] == 7.0

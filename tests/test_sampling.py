@@ -25,6 +25,7 @@ SD15 = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "
         "prediction_type": "epsilon"}
 V_PRED = {**SD15, "prediction_type": "v_prediction"}
 SEEDS = [1, 2]
+REGISTRY = samplers.SamplerRegistry()
 NEVER = lambda *args: False  # noqa: E731  (an on_step that never stops)
 
 
@@ -49,7 +50,7 @@ def model_schedule(config: dict = SD15) -> external.DiscreteSchedule:
 def ksample(name: str, schedule_type: str = "Automatic", eta: float | None = None, seeds: list[int] = SEEDS,
             config: dict = SD15, steps: int = 6, guided: bool = False) -> torch.Tensor:
     """The sigma-space path, whatever ``native`` says, on the fake UNet."""
-    choice = samplers.choose(name, schedule_type, eta)
+    choice = REGISTRY.choose(name, schedule_type, eta)
     denoiser = GuidedDenoiser(fake_unet, config, 7.0, guided)
     return sample(choice.sampler.ksampler, denoiser, lambda model: choice.sigmas(steps, model, False), noise(),
                   seeds, generators(seeds), choice.eta, NEVER)
@@ -57,7 +58,7 @@ def ksample(name: str, schedule_type: str = "Automatic", eta: float | None = Non
 
 def diffusers_sample(name: str, schedule_type: str, config: dict = SD15, steps: int = 6) -> torch.Tensor:
     """The same sampling with the diffusers scheduler, the noise drawn from the same generators."""
-    scheduler = samplers.make_scheduler(name, schedule_type, config, seed=SEEDS)
+    scheduler = REGISTRY.make_scheduler(name, schedule_type, config, seed=SEEDS)
     scheduler.set_timesteps(steps)
     x, gens = noise() * scheduler.init_noise_sigma, generators(SEEDS)
     for t in scheduler.timesteps:
@@ -66,14 +67,14 @@ def diffusers_sample(name: str, schedule_type: str, config: dict = SD15, steps: 
     return x
 
 
-K_SAMPLERS = [name for name in samplers.sampler_names() if samplers.find_sampler(name)[0].ksampler is not None]
+K_SAMPLERS = [name for name in REGISTRY.sampler_names() if REGISTRY.find_sampler(name)[0].ksampler is not None]
 STOCHASTIC = {"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "Euler a", "DPM2 a", "DPM fast",
               "DPM adaptive", "LCM"}
 
 
 @pytest.mark.parametrize("name", K_SAMPLERS)
 def test_every_sigma_space_sampler_runs_every_schedule_type_reproducibly(name):
-    for schedule_type in samplers.schedule_type_names():
+    for schedule_type in REGISTRY.schedule_type_names():
         first = ksample(name, schedule_type)
         assert torch.isfinite(first).all() and first.abs().max() < 1000, schedule_type
         assert torch.equal(first, ksample(name, schedule_type)), schedule_type
@@ -92,11 +93,11 @@ def test_sigma_space_matches_the_diffusers_scheduler(name, schedule_type, config
 
 
 def test_pairs_diffusers_can_run_stay_with_diffusers():
-    assert samplers.choose("Euler a", "Automatic").native and samplers.choose("DPM++ 2M", "Karras").native
-    assert samplers.choose("Euler", "Beta").native and samplers.choose("DDIM", "Karras", eta=0.7).native
-    assert not samplers.choose("Euler a", "Karras").native, "diffusers' Euler a has no Karras sigmas"
-    assert not samplers.choose("Euler a", "Automatic", eta=0.5).native, "diffusers' Euler a samples at eta 1"
-    assert not samplers.choose("Euler", "Align Your Steps").native and not samplers.choose("DPM++ 2S a").native
+    assert REGISTRY.choose("Euler a", "Automatic").native and REGISTRY.choose("DPM++ 2M", "Karras").native
+    assert REGISTRY.choose("Euler", "Beta").native and REGISTRY.choose("DDIM", "Karras", eta=0.7).native
+    assert not REGISTRY.choose("Euler a", "Karras").native, "diffusers' Euler a has no Karras sigmas"
+    assert not REGISTRY.choose("Euler a", "Automatic", eta=0.5).native, "diffusers' Euler a samples at eta 1"
+    assert not REGISTRY.choose("Euler", "Align Your Steps").native and not REGISTRY.choose("DPM++ 2S a").native
 
 
 # ---- eta ------------------------------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def test_stochastic_samplers_add_no_noise_at_eta_0(name):
     ],
 )
 def test_eta_from_request_else_option_and_its_infotext(name, eta, options, expected):
-    choice = samplers.choose(name, "Automatic", eta, {**samplers.ETA_DEFAULTS, **options})
+    choice = REGISTRY.choose(name, "Automatic", eta, {**samplers.ETA_DEFAULTS, **options})
     extra = {k: v for k, v in choice.infotext().items() if k not in ("Sampler", "Schedule type")}
     assert (choice.eta, extra) == expected
 
@@ -225,20 +226,20 @@ def test_simple_ddim_normal_and_polyexponential_schedules():
     assert torch.equal(schedules.ddim(10, model, False)[:-1], trained[[901 - 100 * i for i in range(10)]])
     assert len(schedules.ddim(7, model, False)) == 9  # range(0, 1000, 142) has 8 timesteps, as in A1111
     assert torch.allclose(schedules.polyexponential(8, model, False), schedules.exponential(8, model, False))
-    assert samplers.find_schedule_type("Normal").sigmas is schedules.uniform
+    assert REGISTRY.find_schedule_type("Normal").sigmas is schedules.uniform
     assert schedules.sgm_uniform(4, model, False)[-2] > model.sigma_min * 2, "SGM Uniform stops short of sigma_min"
 
 
 @pytest.mark.parametrize("name", ["DPM2", "DPM2 a"])
 def test_dpm2_drops_the_next_to_last_sigma_as_a1111(name):
-    choice = samplers.choose(name, "Karras")
+    choice = REGISTRY.choose(name, "Karras")
     sigmas = choice.sigmas(5, model_schedule(), False)
     full = schedules.karras(6, model_schedule(), False)
     assert len(sigmas) == 6 and torch.equal(sigmas, torch.cat([full[:-2], full[-1:]]))
 
 
 def test_sigma_space_stops_when_asked():
-    choice = samplers.choose("Euler", "Karras")
+    choice = REGISTRY.choose("Euler", "Karras")
     seen: list[int] = []
     out = sample(choice.sampler.ksampler, GuidedDenoiser(fake_unet, SD15, 1.0, False),
                  lambda model: choice.sigmas(6, model, False), noise(), SEEDS, generators(SEEDS), None,
@@ -248,12 +249,12 @@ def test_sigma_space_stops_when_asked():
 
 def test_flow_models_take_their_evenly_spaced_schedule_only():
     for label in ("Automatic", "Uniform", "Simple", "Normal"):
-        assert samplers.make_flow_scheduler(samplers.choose("Euler", label), 3.0) is not None
+        assert samplers.make_flow_scheduler(REGISTRY.choose("Euler", label), 3.0) is not None
     with pytest.raises(UserError) as err:
-        samplers.make_flow_scheduler(samplers.choose("Euler", "Karras"), 3.0)
+        samplers.make_flow_scheduler(REGISTRY.choose("Euler", "Karras"), 3.0)
     assert err.value.field == "scheduler" and "Simple" in err.value.message
     with pytest.raises(UserError) as err:
-        samplers.make_flow_scheduler(samplers.choose("Euler a", "Automatic", 0.5), 3.0)
+        samplers.make_flow_scheduler(REGISTRY.choose("Euler a", "Automatic", 0.5), 3.0)
     assert err.value.field == "eta"
 
 
@@ -270,8 +271,8 @@ def image(engine, **fields) -> tuple[np.ndarray, str]:
 def test_every_sampler_and_every_schedule_type_make_an_image(engine):
     """Every sampler with Automatic and a schedule type diffusers lacks, every schedule type with a sampler diffusers
     runs and one it cannot (every pair runs in test_every_sigma_space_sampler_runs_every_schedule_type_reproducibly)."""
-    pairs = [(name, schedule_type) for name in samplers.sampler_names() for schedule_type in ("Automatic", "KL Optimal")]
-    pairs += [(name, schedule_type) for name in ("DPM++ 2M", "Euler a") for schedule_type in samplers.schedule_type_names()]
+    pairs = [(name, schedule_type) for name in REGISTRY.sampler_names() for schedule_type in ("Automatic", "KL Optimal")]
+    pairs += [(name, schedule_type) for name in ("DPM++ 2M", "Euler a") for schedule_type in REGISTRY.schedule_type_names()]
     for name, schedule_type in pairs:
         pixels, infotext = image(engine, sampler_name=name, scheduler=schedule_type)
         assert pixels.std() > 1, (name, schedule_type)

@@ -254,11 +254,11 @@ def test_png_info_reads_a_generated_image_and_sends_it_to_txt2img(client, engine
     (tmp_path / "notes.png").write_text("not an image")
     said = client.predict(handle_file(str(tmp_path / "notes.png")), api_name="/png_info")
     assert said == NOT_AN_IMAGE, "said in words, not PIL's error with the server's temporary paths"
-    assert all(u == gr.update() for u in form_updates({"prompt": None}, said))
+    assert all(u == gr.update() for u in form_updates({"prompt": None}, said, engine.canonical_sampler))
     with gr.Blocks():
         form = {name: gr.Textbox() for name in ("prompt", "negative_prompt", "steps", "width", "height", "seed",
                                                  "n_iter")}
-    updates = dict(zip(form, form_updates(form, infotext)))
+    updates = dict(zip(form, form_updates(form, infotext, engine.canonical_sampler)))
     assert {k: u.get("value") for k, u in updates.items()} == {
         "prompt": "a red apple", "negative_prompt": "blurry", "steps": 3, "width": 64, "height": 64, "seed": 4321,
         "n_iter": None}, "the batch count is not in the infotext: left alone"
@@ -267,19 +267,20 @@ def test_png_info_reads_a_generated_image_and_sends_it_to_txt2img(client, engine
 def test_send_to_txt2img_splits_an_old_sampler_name_and_resets_what_the_infotext_lacks():
     """A1111 1.5's "Sampler: DPM++ 2M Karras" is sampler and schedule type; no "Clip skip" means 1, no "Distilled
     CFG Scale" its default, whatever the form held before."""
-    from webui.engine.sampling.samplers import sampler_names, schedule_type_names
+    from webui.engine.sampling.samplers import SamplerRegistry
     from webui.ui.png_info import form_updates
 
+    registry = SamplerRegistry()
     with gr.Blocks():
-        form = {"prompt": gr.Textbox("typed"), "sampler_name": gr.Dropdown(sampler_names(), value="DPM++ 2M"),
-                "scheduler": gr.Dropdown(schedule_type_names(), value="Automatic"),
+        form = {"prompt": gr.Textbox("typed"), "sampler_name": gr.Dropdown(registry.sampler_names(), value="DPM++ 2M"),
+                "scheduler": gr.Dropdown(registry.schedule_type_names(), value="Automatic"),
                 "distilled_cfg_scale": gr.Slider(0, 30, value=3.5), "clip_skip": gr.Slider(1, 12, value=1),
                 "n_iter": gr.Slider(1, 100, value=1)}
     infotext = "a fox\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 128x128"
-    values = {name: update.get("value") for name, update in zip(form, form_updates(form, infotext))}
+    values = {name: update.get("value") for name, update in zip(form, form_updates(form, infotext, registry.resolve))}
     assert values == {"prompt": "a fox", "sampler_name": "DPM++ 2M", "scheduler": "Karras",
                       "distilled_cfg_scale": 3.5, "clip_skip": 1, "n_iter": None}
-    kept = dict(zip(form, form_updates(form, infotext.replace("DPM++ 2M Karras", "Nonesuch"))))
+    kept = dict(zip(form, form_updates(form, infotext.replace("DPM++ 2M Karras", "Nonesuch"), registry.resolve)))
     assert kept["sampler_name"] == gr.update() and kept["scheduler"] == gr.update(), "unknown here: left as it is"
 
 

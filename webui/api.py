@@ -326,7 +326,7 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
     async def txt2img(request: Request, body: Any = Body(...)) -> Any:
         """Async: a request waiting in the queue holds no worker thread, so however many wait, /progress,
         /interrupt and /skip are answered at once. A client that goes away is not worked for (see ``waited``)."""
-        call = read_txt2img(body, engine.options, engine.declared_size)
+        call = read_txt2img(body, engine.options, engine.known_schedule_type, engine.declared_size)
         script = xyz_script(body, plot_axes(engine), engine.options["xyz_axis_numbering"])
         if script is None:
             future = jobs.submit(call.request, call.overrides)

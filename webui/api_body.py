@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-from webui.engine.engine import Engine
 from webui.engine.infotext import request_fields
 from webui.engine.request import MAX_CFG, MAX_SEED, MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
 from webui.engine.xyz import BUILTIN_AXES, SCRIPT_ARGS, Axis, AxisChoice, PlotOptions, plot_from_args
@@ -81,9 +80,10 @@ class Txt2ImgCall:
     notes: tuple[str, ...] = ()  # how lenient readings were taken (a default size, an axis index), for info's notices
 
 
-def read_txt2img(body: Any, options: Options,
+def read_txt2img(body: Any, options: Options, known_schedule_type: Callable[[str], bool],
                  declared_size: Callable[[str | None], tuple[int, int] | None] = lambda checkpoint: None) -> Txt2ImgCall:
     """Check every field of an A1111 txt2img body (UserError naming the first one this app cannot honour).
+    ``known_schedule_type(name)`` says whether the engine has a schedule type (A1111 samples others as Automatic).
     ``declared_size(checkpoint)`` is the resolution a checkpoint says it was trained at: a body without width or
     height gets it (else A1111's 512)."""
     if not isinstance(body, dict):
@@ -118,7 +118,7 @@ def read_txt2img(body: Any, options: Options,
                 ignored.append("sampler_index")  # A1111's older name for it, read only when sampler_name is not given
         else:
             fields["sampler_name"] = body["sampler_index"]
-    if isinstance(fields.get("scheduler"), str) and not Engine.known_schedule_type(fields["scheduler"]):
+    if isinstance(fields.get("scheduler"), str) and not known_schedule_type(fields["scheduler"]):
         # A1111 samples an unknown schedule type as Automatic (SillyTavern sends "N/A" when it could not list them)
         ignored.append("scheduler")
         del fields["scheduler"]

@@ -6,8 +6,9 @@ registers carries its name, so an extension that fails (on import, in ``setup``,
 its UI tab) is logged with its name and disabled with all it added, and the app goes on. The
 engine's ``hooks.disabled`` is the one record of which extensions failed and why.
 
-Samplers and schedule types are process-wide (``webui.engine.sampling.samplers``); the rest is kept per
-engine, in the ``Extensions`` that ``extensions_of(engine)`` returns. docs/extensions.md is the guide.
+What an extension adds to the engine (callbacks, prompt networks, samplers and schedule types) it adds through
+the ``Engine``; the rest is kept per engine, in the ``Extensions`` that ``extensions_of(engine)`` returns.
+docs/extensions.md is the guide.
 """
 from __future__ import annotations
 
@@ -26,17 +27,8 @@ from webui.engine.engine import Engine
 from webui.engine.hooks import Hooks, Network
 from webui.engine.request import GenerationRequest
 from webui.engine.sampling.ksampling import KSampler
-from webui.engine.sampling.samplers import (
-    SchedulerFactory,
-    find_sampler,
-    find_schedule_type,
-    register_sampler,
-    register_schedule_type,
-    unregister_sampler,
-    unregister_schedule_type,
-)
+from webui.engine.sampling.samplers import SamplerRegistry, SchedulerFactory
 from webui.engine.xyz import BUILTIN_AXES, Axis, extension_axis
-from webui.errors import UserError
 from webui.settings import AppConfig
 
 log = logging.getLogger(__name__)
@@ -95,7 +87,8 @@ class Extensions:
 
     The lists show only what enabled extensions added."""
 
-    hooks: Hooks
+    hooks: Hooks  # the engine's
+    samplers: SamplerRegistry  # the engine's
     found: list[Extension] = field(default_factory=list)
     added: list[UiTab | XyzAxis | ApiRoute | Setting] = field(default_factory=list)
 
@@ -129,7 +122,7 @@ class Extensions:
         error = sys.exc_info()[1]
         log.exception("Extension %s failed %s; it is disabled.", name, doing)
         self.hooks.disable(name, f"{type(error).__name__} {doing}: {error}")
-        _release(name)
+        self.samplers.release(name)
 
     def status_markdown(self) -> str:
         """A table of the extensions: where each comes from, and whether it runs or why not."""
@@ -140,31 +133,7 @@ class Extensions:
         return "\n".join(rows)
 
 
-# Samplers and schedule types are process-wide: which extension added each, to remove them if it fails.
-_claims: dict[tuple[str, str], str] = {}  # ("sampler" | "schedule type", lower-case name) -> extension
 _loaded: weakref.WeakKeyDictionary[Engine, Extensions] = weakref.WeakKeyDictionary()
-
-
-def _claim(kind: str, name: str, owner: str, exists: bool) -> None:
-    key = (kind, name.strip().lower())
-    if exists and _claims.get(key) != owner:
-        raise ValueError(f"a {kind} named {name!r} already exists")
-    _claims[key] = owner
-
-
-def _release(owner: str) -> None:
-    for (kind, name), claimant in list(_claims.items()):
-        if claimant == owner:
-            (unregister_sampler if kind == "sampler" else unregister_schedule_type)(name)
-            del _claims[(kind, name)]
-
-
-def _exists(find: Callable[[str], Any], name: str) -> bool:
-    try:
-        find(name)
-        return True
-    except UserError:
-        return False
 
 
 class ExtensionAPI:
@@ -182,26 +151,22 @@ class ExtensionAPI:
 
     def add_network(self, kind: str, network: Network) -> None:
         """Handle the prompt tags ``<kind:name:args>``: before each generation ``network.activate(model, calls)``."""
-        taken = self.engine.hooks.networks.get(kind.lower())
-        if taken is not None and taken[0] != self.name:
-            raise ValueError(f"the network kind {kind!r} belongs to {taken[0]}")
-        self.engine.hooks.add_network(kind, network, owner=self.name)
+        self.engine.add_network(kind, network, owner=self.name)
 
     def add_sampler(self, name: str, factory: SchedulerFactory, aliases: Sequence[str] = (), *,
                     default_schedule: str | None = None, uses_schedule_type: bool = True,
                     flow_factory: SchedulerFactory | None = None, ksampler: KSampler | None = None) -> None:
         """A new sampler for every model of the SD families (and for Flux/SD3 with ``flow_factory``); see
-        ``webui.engine.sampling.samplers.register_sampler``. A name that exists already is refused."""
-        _claim("sampler", name, self.name, _exists(find_sampler, name))
-        register_sampler(name, factory, tuple(aliases), default_schedule=default_schedule,
-                         uses_schedule_type=uses_schedule_type, flow_factory=flow_factory, ksampler=ksampler)
+        ``webui.engine.sampling.samplers.SamplerRegistry.register_sampler``. A name that exists already is refused."""
+        self.engine.samplers.register_sampler(name, factory, tuple(aliases), default_schedule=default_schedule,
+                                              uses_schedule_type=uses_schedule_type, flow_factory=flow_factory,
+                                              ksampler=ksampler, owner=self.name)
 
     def add_schedule_type(self, name: str, label: str, kwargs: dict[str, Any], aliases: Sequence[str] = (), *,
                           default_rho: float = -1) -> None:
         """A new schedule type: ``kwargs`` are the diffusers scheduler config arguments it sets."""
-        exists = _exists(find_schedule_type, name) or _exists(find_schedule_type, label)
-        _claim("schedule type", name, self.name, exists)
-        register_schedule_type(name, label, kwargs, tuple(aliases), default_rho=default_rho)
+        self.engine.samplers.register_schedule_type(name, label, kwargs, tuple(aliases), default_rho=default_rho,
+                                                    owner=self.name)
 
     def add_setting(self, key: str, default: Any, label: str, choices: Sequence[str] | None = None) -> None:
         """A new option in the settings store (config.json), typed by ``default``; shown in the Extensions tab."""
@@ -250,7 +215,7 @@ def discover(config: AppConfig) -> list[Extension]:
 def load_extensions(engine: Engine, found: list[Extension] | None = None) -> Extensions:
     """Import and set up each extension (default: ``discover``) once, at start. Never raises: a failing
     extension is logged and disabled."""
-    registry = Extensions(engine.hooks)
+    registry = Extensions(engine.hooks, engine.samplers)
     _loaded[engine] = registry
     modules: set[str] = set()
     for ext in (discover(engine.config) if found is None else found):
@@ -286,7 +251,7 @@ def _import(module_name: str, folder: Path) -> Any:
 
 def extensions_of(engine: Engine) -> Extensions:
     """What the engine's extensions added; empty where none were loaded."""
-    return _loaded.get(engine) or Extensions(engine.hooks)
+    return _loaded.get(engine) or Extensions(engine.hooks, engine.samplers)
 
 
 def plot_axes(engine: Engine) -> list[Axis]:

@@ -31,7 +31,7 @@ from webui.engine.memory.manager import DeviceMemory, MemoryManager, MemoryPolic
 from webui.engine.outputs import remove_stale_temp_files, save_image
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
-from webui.engine.sampling import samplers
+from webui.engine.sampling.samplers import SamplerRegistry
 from webui.errors import ModelFileError, UserError
 from webui.settings import OUTPUT_FOLDER_OPTIONS, AppConfig
 
@@ -102,6 +102,7 @@ class Engine:
         )
         self._remove_stale_temp_files()
         self.hooks = Hooks()  # what extensions registered (webui.extensions loads them)
+        self.samplers = SamplerRegistry()  # A1111's samplers and schedule types, and those extensions add
         self._announced: Callable[[], object] = lambda: None  # the model model_loaded was last fired for (weakly)
         self._generate_lock = threading.Lock()
         log.info("Engine ready on %s (%s); %d checkpoint(s) found.", self.device, dtypes.unet,
@@ -188,35 +189,36 @@ class Engine:
                              "streamed_mb": c.streamed_bytes() / MB} for name, c in memory.components.items()}
         return MemoryState(str(self.device), asdict(memory.policy), components, memory.last.as_dict(), cuda)
 
-    @staticmethod
-    def sampler_names() -> list[str]:
-        return samplers.sampler_names()
+    def sampler_names(self) -> list[str]:
+        return self.samplers.sampler_names()
 
-    @staticmethod
-    def schedule_type_names() -> list[str]:
-        return samplers.schedule_type_names()
+    def schedule_type_names(self) -> list[str]:
+        return self.samplers.schedule_type_names()
 
-    @staticmethod
-    def known_schedule_type(name: str) -> bool:
+    def known_schedule_type(self, name: str) -> bool:
         """Whether a schedule type of that label, id or alias exists (A1111's API samples others as Automatic)."""
         try:
-            samplers.find_schedule_type(name)
+            self.samplers.find_schedule_type(name)
         except UserError:
             return False
         return True
 
-    @staticmethod
-    def canonical_sampler(name: str, schedule_type: str | None) -> tuple[str, str]:
+    def canonical_sampler(self, name: str, schedule_type: str | None) -> tuple[str, str]:
         """(sampler, schedule type) as the infotext names them; an older combined name ("DPM++ 2M Karras") split."""
-        return samplers.resolve(name, schedule_type)
+        return self.samplers.resolve(name, schedule_type)
 
-    @staticmethod
-    def api_samplers() -> list[dict[str, Any]]:
-        return samplers.api_samplers()
+    def api_samplers(self) -> list[dict[str, Any]]:
+        return self.samplers.api_samplers()
 
-    @staticmethod
-    def api_schedulers() -> list[dict[str, Any]]:
-        return samplers.api_schedulers()
+    def api_schedulers(self) -> list[dict[str, Any]]:
+        return self.samplers.api_schedulers()
+
+    def add_network(self, kind: str, network: Network, owner: str) -> None:
+        """Hand the prompt tags ``<kind:...>`` to ``network``; a kind belongs to the extension that added it first."""
+        taken = self.hooks.networks.get(kind.lower())
+        if taken is not None and taken[0] != owner:
+            raise ValueError(f"the network kind {kind!r} belongs to {taken[0]}")
+        self.hooks.add_network(kind, network, owner=owner)
 
     def load_selected(self) -> None:
         """Load the checkpoint (VAE, modules) the options select, as a generation would (A1111's reload-checkpoint)."""
@@ -253,7 +255,7 @@ class Engine:
         self.hooks.fire("before_generation", request=request)
         request.validate(self.options.as_dict())
         info = self.checkpoint(request.checkpoint)
-        sampling = samplers.choose(request.sampler_name, request.scheduler, request.eta, self.options.as_dict())
+        sampling = self.samplers.choose(request.sampler_name, request.scheduler, request.eta, self.options.as_dict())
         with self._generate_lock, self.memory.tracing() as trace:
             self.progress.reset()
             self.progress.preview_every = self.options["show_progress_every_n_steps"]

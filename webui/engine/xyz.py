@@ -25,7 +25,6 @@ from webui.engine.grid import combine_grids, draw_grid
 from webui.engine.memory.trace import MemoryTimeline
 from webui.engine.outputs import save_image
 from webui.engine.request import GenerationRequest, GenerationResult
-from webui.engine.sampling.samplers import resolve, sampler_names, schedule_type_names
 from webui.errors import UserError
 
 if TYPE_CHECKING:
@@ -57,11 +56,11 @@ def _field(name: str) -> Callable[[Engine, Cell, Any], None]:
 
 
 def _sampler(engine: Engine, cell: Cell, value: str) -> None:
-    cell.request.sampler_name = resolve(value, cell.request.scheduler)[0]
+    cell.request.sampler_name = engine.canonical_sampler(value, cell.request.scheduler)[0]
 
 
 def _schedule(engine: Engine, cell: Cell, value: str) -> None:
-    cell.request.scheduler = resolve(cell.request.sampler_name, value)[1]
+    cell.request.scheduler = engine.canonical_sampler(cell.request.sampler_name, value)[1]
 
 
 def _prompt_replace(engine: Engine, cell: Cell, value: str) -> None:
@@ -106,8 +105,8 @@ BUILTIN_AXES = [
     Axis("Steps", "int", _field("steps")),
     Axis("CFG Scale", "float", _field("cfg_scale")),
     Axis("Distilled CFG Scale", "float", _field("distilled_cfg_scale")),
-    Axis("Sampler", "str", _sampler, choices=lambda engine: sampler_names()),
-    Axis("Schedule type", "str", _schedule, choices=lambda engine: schedule_type_names()),
+    Axis("Sampler", "str", _sampler, choices=lambda engine: engine.sampler_names()),
+    Axis("Schedule type", "str", _schedule, choices=lambda engine: engine.schedule_type_names()),
     Axis("Prompt S/R", "str", _prompt_replace),
     Axis("Checkpoint name", "str", _checkpoint, expensive=True,
          choices=lambda engine: [c.name for c in engine.models.checkpoints()]),

@@ -31,7 +31,7 @@ def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
             with gr.Tab("X/Y/Z plot", id="xyz"):
                 xyz_tab(engine, jobs, form)
             with gr.Tab("PNG Info", id="png_info"):
-                png_info_tab(form, tabs)
+                png_info_tab(engine, form, tabs)
             extension_tabs(engine)
             with gr.Tab("Settings", id="settings"):
                 settings_tab(demo, engine)

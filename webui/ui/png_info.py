@@ -1,6 +1,7 @@
 """The PNG Info tab: an image's generation parameters, and "Send to txt2img"."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
@@ -29,7 +30,7 @@ class SourceImage(gr.Image):
         return None if payload is None else payload.path
 
 
-def png_info_tab(form: Components, tabs: gr.Tabs) -> None:
+def png_info_tab(engine: Engine, form: Components, tabs: gr.Tabs) -> None:
     """Drop an image: its parameters (A1111's infotext, from PNG text or EXIF); "Send to txt2img" fills the form
     with them and shows it."""
     with gr.Row():
@@ -38,8 +39,8 @@ def png_info_tab(form: Components, tabs: gr.Tabs) -> None:
             parameters = gr.Textbox(label="Parameters", lines=8, interactive=False, elem_id="pnginfo_parameters")
             send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
     image.change(png_parameters, image, parameters, api_name="png_info")
-    send.click(lambda text: (*form_updates(form, text), gr.Tabs(selected="txt2img")), parameters,
-               [*form.values(), tabs], api_visibility="private")
+    send.click(lambda text: (*form_updates(form, text, engine.canonical_sampler), gr.Tabs(selected="txt2img")),
+               parameters, [*form.values(), tabs], api_visibility="private")
 
 
 def png_parameters(path: str | None) -> str:
@@ -51,17 +52,19 @@ def png_parameters(path: str | None) -> str:
         return NOT_AN_IMAGE
 
 
-def form_updates(form: Components, infotext: str) -> list[dict]:
+def form_updates(form: Components, infotext: str,
+                 canonical_sampler: Callable[[str, str | None], tuple[str, str]]) -> list[dict]:
     """An update per form field. Those an infotext carries take its values, or their defaults where it has none
     (Clip skip 1); an older infotext's combined sampler ("DPM++ 2M Karras") is split into sampler and schedule
-    type. Those it never carries (batch count and size) are left alone, and everything where it is no infotext."""
+    type by ``canonical_sampler`` (the engine's: its extensions' samplers too). Those it never carries (batch count and
+    size) are left alone, and everything where it is no infotext."""
     if not infotext or infotext.startswith("("):
         return [gr.update() for _ in form]
     defaults = {name: box.value for name, box in form.items() if name in CARRIED}
     fields = {**defaults, **LEFT_OUT, **request_fields(infotext)}
     if "sampler_name" in form:
         try:
-            sampler = Engine.canonical_sampler(fields["sampler_name"], fields.get("scheduler"))
+            sampler = canonical_sampler(fields["sampler_name"], fields.get("scheduler"))
             fields["sampler_name"], fields["scheduler"] = sampler
         except UserError as e:  # a sampler this app does not have: the form keeps its own
             gr.Warning(f"{e.message}. The sampler and schedule type were left as they are.")

@@ -44,8 +44,9 @@ any), so another eta runs in sigma space.
 
 Names: lookup ignores case and treats runs of spaces and underscores alike ("euler_a" finds "Euler a");
 A1111's aliases work, and old combined names such as "DPM++ 2M Karras" are split into sampler and
-schedule type, the suffix winning over the schedule type given. Extensions add samplers and schedule
-types at run time (``register_sampler``, ``register_schedule_type``).
+schedule type, the suffix winning over the schedule type given. Each engine has its own ``SamplerRegistry``:
+A1111's samplers and schedule types, and those its extensions add at run time (``register_sampler``,
+``register_schedule_type``).
 
 Seeds: noise comes from the generation's per-image CPU generators (``step_kwargs`` passes them to the
 scheduler), SDE noise from Brownian trees seeded with the image seeds; a seed gives the same image on
@@ -57,7 +58,7 @@ import functools
 import inspect
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -146,7 +147,7 @@ def _factory_takes_eta(factory: SchedulerFactory | None) -> bool:
 
 
 _LINSPACE = {"timestep_spacing": "linspace"}
-SCHEDULE_TYPES = (
+A1111_SCHEDULE_TYPES = (
     ScheduleType("automatic", "Automatic", {}),
     ScheduleType("uniform", "Uniform", _LINSPACE, schedules.uniform, need_inner_model=True),
     ScheduleType("karras", "Karras", {**_LINSPACE, "use_karras_sigmas": True}, schedules.karras, default_rho=7.0),
@@ -200,150 +201,226 @@ FLOW_FACTORIES: dict[str, SchedulerFactory] = {
     "UniPC": _flow_solver(functools.partial(UniPCMultistepScheduler, solver_order=3, solver_type="bh1")),
 }
 
-_samplers: dict[str, Sampler] = {}
-
-
 def _key(name: str) -> str:
     return re.sub(r"[\s_]+", "_", name.strip().lower())
 
 
-def sampler_names() -> list[str]:
-    return [s.name for s in _samplers.values()]
+class SamplerRegistry:
+    """The samplers and schedule types one engine offers: A1111's, then those its extensions add, with which
+    extension added each (``owner``), so that a failing extension's go with it (``release``)."""
 
+    def __init__(self) -> None:
+        self._samplers: dict[str, Sampler] = {}
+        self._schedules: tuple[ScheduleType, ...] = A1111_SCHEDULE_TYPES
+        self._owners: dict[tuple[str, str], str] = {}  # ("sampler" | "schedule type", lower-case name) -> extension
+        self._register_a1111_samplers()
 
-def schedule_type_names() -> list[str]:
-    return [s.label for s in SCHEDULE_TYPES]
+    @property
+    def all_samplers(self) -> tuple[Sampler, ...]:
+        return tuple(self._samplers.values())
 
+    @property
+    def all_schedule_types(self) -> tuple[ScheduleType, ...]:
+        return self._schedules
 
-def find_schedule_type(name: str | None) -> ScheduleType:
-    """The schedule type by label, id or alias; empty means Automatic (as A1111's API)."""
-    key = _key(name or "automatic")
-    for schedule in SCHEDULE_TYPES:
-        if key in {_key(n) for n in (schedule.name, schedule.label, *schedule.aliases)}:
-            return schedule
-    raise UserError(f"unknown schedule type {name!r}; choose one of: {', '.join(schedule_type_names())}", "scheduler")
+    def sampler_names(self) -> list[str]:
+        return [s.name for s in self._samplers.values()]
 
+    def schedule_type_names(self) -> list[str]:
+        return [s.label for s in self._schedules]
 
-def register_sampler(
-    name: str,
-    factory: SchedulerFactory | None = None,
-    aliases: tuple[str, ...] | list[str] = (),
-    *,
-    default_schedule: str | None = None,
-    uses_schedule_type: bool = True,
-    flow_factory: SchedulerFactory | None = None,
-    ksampler: KSampler | None = None,
-) -> None:
-    """Add a sampler, or replace the one of that name.
+    def find_schedule_type(self, name: str | None) -> ScheduleType:
+        """The schedule type by label, id or alias; empty means Automatic (as A1111's API)."""
+        key = _key(name or "automatic")
+        for schedule in self._schedules:
+            if key in {_key(n) for n in (schedule.name, schedule.label, *schedule.aliases)}:
+                return schedule
+        raise UserError(f"unknown schedule type {name!r}; choose one of: {', '.join(self.schedule_type_names())}",
+                        "scheduler")
 
-    ``factory`` is called with diffusers scheduler config keyword arguments (a scheduler class or a
-    ``functools.partial`` of one); only the arguments its signature accepts are passed. ``ksampler`` runs
-    it in sigma space, with every schedule type and eta; give one or both.
-    """
-    if factory is None and ksampler is None:
-        raise ValueError(f"sampler {name!r} needs a diffusers factory or a sigma-space function")
-    if default_schedule is not None:
-        default_schedule = find_schedule_type(default_schedule).name
-    flow_factory = flow_factory or FLOW_FACTORIES.get(name)
-    _samplers[_key(name)] = Sampler(name, factory, tuple(aliases), default_schedule, uses_schedule_type, flow_factory,
-                                    ksampler)
+    def register_sampler(
+        self,
+        name: str,
+        factory: SchedulerFactory | None = None,
+        aliases: tuple[str, ...] | list[str] = (),
+        *,
+        default_schedule: str | None = None,
+        uses_schedule_type: bool = True,
+        flow_factory: SchedulerFactory | None = None,
+        ksampler: KSampler | None = None,
+        owner: str | None = None,
+    ) -> None:
+        """Add a sampler, or replace the one of that name.
 
+        ``factory`` is called with diffusers scheduler config keyword arguments (a scheduler class or a
+        ``functools.partial`` of one); only the arguments its signature accepts are passed. ``ksampler`` runs
+        it in sigma space, with every schedule type and eta; give one or both. ``owner``: the extension adding
+        it, which may not replace a sampler it did not add.
+        """
+        if owner is not None:
+            self._claim("sampler", name, owner, self._exists(self.find_sampler, name))
+        if factory is None and ksampler is None:
+            raise ValueError(f"sampler {name!r} needs a diffusers factory or a sigma-space function")
+        if default_schedule is not None:
+            default_schedule = self.find_schedule_type(default_schedule).name
+        flow_factory = flow_factory or FLOW_FACTORIES.get(name)
+        self._samplers[_key(name)] = Sampler(name, factory, tuple(aliases), default_schedule, uses_schedule_type,
+                                             flow_factory, ksampler)
 
-def unregister_sampler(name: str) -> None:
-    """Remove a sampler (an extension's, when the extension is disabled); an unknown name is ignored."""
-    _samplers.pop(_key(name), None)
+    def unregister_sampler(self, name: str) -> None:
+        """Remove a sampler; an unknown name is ignored."""
+        self._samplers.pop(_key(name), None)
 
+    def register_schedule_type(
+        self,
+        name: str,
+        label: str,
+        kwargs: dict[str, Any],
+        aliases: tuple[str, ...] | list[str] = (),
+        *,
+        default_rho: float = -1,
+        owner: str | None = None,
+    ) -> None:
+        """Add a schedule type, or replace the one with that id.
 
-def register_schedule_type(
-    name: str,
-    label: str,
-    kwargs: dict[str, Any],
-    aliases: tuple[str, ...] | list[str] = (),
-    *,
-    default_rho: float = -1,
-) -> None:
-    """Add a schedule type, or replace the one with that id.
+        ``kwargs`` are the diffusers scheduler config arguments it sets, e.g. ``{"timestep_spacing": "leading"}``;
+        a sampler whose diffusers scheduler lacks one of them refuses the schedule type. ``owner``: the extension
+        adding it, which may not replace a schedule type it did not add.
+        """
+        if owner is not None:
+            exists = self._exists(self.find_schedule_type, name) or self._exists(self.find_schedule_type, label)
+            self._claim("schedule type", name, owner, exists)
+        schedule = ScheduleType(_key(name), label, dict(kwargs), aliases=tuple(aliases), default_rho=default_rho)
+        self._schedules = (*(s for s in self._schedules if s.name != schedule.name), schedule)
 
-    ``kwargs`` are the diffusers scheduler config arguments it sets, e.g. ``{"timestep_spacing": "leading"}``;
-    a sampler whose diffusers scheduler lacks one of them refuses the schedule type.
-    """
-    global SCHEDULE_TYPES
-    schedule = ScheduleType(_key(name), label, dict(kwargs), aliases=tuple(aliases), default_rho=default_rho)
-    SCHEDULE_TYPES = (*(s for s in SCHEDULE_TYPES if s.name != schedule.name), schedule)
+    def unregister_schedule_type(self, name: str) -> None:
+        """Remove a schedule type by id."""
+        self._schedules = tuple(s for s in self._schedules if s.name != _key(name))
 
+    def release(self, owner: str) -> None:
+        """Remove the samplers and schedule types an extension added (it failed)."""
+        for (kind, name), claimant in list(self._owners.items()):
+            if claimant == owner:
+                (self.unregister_sampler if kind == "sampler" else self.unregister_schedule_type)(name)
+                del self._owners[(kind, name)]
 
-def unregister_schedule_type(name: str) -> None:
-    """Remove a schedule type by id (an extension's, when the extension is disabled)."""
-    global SCHEDULE_TYPES
-    SCHEDULE_TYPES = tuple(s for s in SCHEDULE_TYPES if s.name != _key(name))
+    def _claim(self, kind: str, name: str, owner: str, exists: bool) -> None:
+        key = (kind, name.strip().lower())
+        if exists and self._owners.get(key) != owner:
+            raise ValueError(f"a {kind} named {name!r} already exists")
+        self._owners[key] = owner
 
+    @staticmethod
+    def _exists(find: Callable[[str], Any], name: str) -> bool:
+        try:
+            find(name)
+            return True
+        except UserError:
+            return False
 
-_SDE = dict(brownian=True)
-register_sampler("DPM++ 2M", _DPMPP_2M, ["k_dpmpp_2m"], default_schedule="karras",
-                 ksampler=KSampler(sampling.sample_dpmpp_2m))
-register_sampler("DPM++ SDE", DPMSolverSDEScheduler, ["k_dpmpp_sde"], default_schedule="karras",
-                 ksampler=KSampler(sampling.sample_dpmpp_sde, **_SDE))
-register_sampler("DPM++ 2M SDE", _DPMPP_2M_SDE, ["k_dpmpp_2m_sde"], default_schedule="exponential",
-                 ksampler=KSampler(sampling.sample_dpmpp_2m_sde, **_SDE))
-register_sampler("DPM++ 2M SDE Heun", functools.partial(_DPMPP_2M_SDE, solver_type="heun"), ["k_dpmpp_2m_sde_heun"],
-                 default_schedule="exponential",
-                 ksampler=KSampler(functools.partial(sampling.sample_dpmpp_2m_sde, solver_type="heun"), **_SDE))
-register_sampler("DPM++ 2S a", None, ["k_dpmpp_2s_a"], ksampler=KSampler(sampling.sample_dpmpp_2s_ancestral))
-register_sampler("Euler a", EulerAncestralDiscreteScheduler, ["k_euler_a", "k_euler_ancestral"],
-                 default_schedule="uniform", ksampler=KSampler(sampling.sample_euler_ancestral))
-register_sampler("Euler", EulerDiscreteScheduler, ["k_euler"], default_schedule="uniform",
-                 ksampler=KSampler(sampling.sample_euler))
-register_sampler("LMS", LMSDiscreteScheduler, ["k_lms"], default_schedule="uniform", ksampler=KSampler(sampling.sample_lms))
-register_sampler("Heun", HeunDiscreteScheduler, ["k_heun"], default_schedule="uniform",
-                 ksampler=KSampler(sampling.sample_heun))
-register_sampler("DPM2", KDPM2DiscreteScheduler, ["k_dpm_2"], default_schedule="karras",
-                 ksampler=KSampler(sampling.sample_dpm_2, discard_penultimate=True))
-register_sampler("DPM2 a", KDPM2AncestralDiscreteScheduler, ["k_dpm_2_a"], default_schedule="karras",
-                 ksampler=KSampler(sampling.sample_dpm_2_ancestral, discard_penultimate=True))
-register_sampler("DPM fast", None, ["k_dpm_fast"], ksampler=KSampler(sampling.sample_dpm_fast))
-register_sampler("DPM adaptive", None, ["k_dpm_ad"], ksampler=KSampler(sampling.sample_dpm_adaptive))
-register_sampler("Restart", None, ["restart"], default_schedule="karras", ksampler=KSampler(sample_restart))
-register_sampler("DDIM", _DDIM, ["ddim"], uses_schedule_type=False)
-register_sampler("DDIM CFG++", None, ["ddim_cfgpp"], default_schedule="ddim", uses_schedule_type=False,
-                 ksampler=KSampler(sample_ddim_cfgpp))
-register_sampler("PLMS", _PLMS, ["plms"], uses_schedule_type=False)
-register_sampler("UniPC", _UNIPC, ["unipc"], uses_schedule_type=False)
-register_sampler("LCM", None, ["lcm"], ksampler=KSampler(sample_lcm))
+    def _register_a1111_samplers(self) -> None:
+        add = self.register_sampler
+        sde = dict(brownian=True)
+        add("DPM++ 2M", _DPMPP_2M, ["k_dpmpp_2m"], default_schedule="karras",
+            ksampler=KSampler(sampling.sample_dpmpp_2m))
+        add("DPM++ SDE", DPMSolverSDEScheduler, ["k_dpmpp_sde"], default_schedule="karras",
+            ksampler=KSampler(sampling.sample_dpmpp_sde, **sde))
+        add("DPM++ 2M SDE", _DPMPP_2M_SDE, ["k_dpmpp_2m_sde"], default_schedule="exponential",
+            ksampler=KSampler(sampling.sample_dpmpp_2m_sde, **sde))
+        add("DPM++ 2M SDE Heun", functools.partial(_DPMPP_2M_SDE, solver_type="heun"), ["k_dpmpp_2m_sde_heun"],
+            default_schedule="exponential",
+            ksampler=KSampler(functools.partial(sampling.sample_dpmpp_2m_sde, solver_type="heun"), **sde))
+        add("DPM++ 2S a", None, ["k_dpmpp_2s_a"], ksampler=KSampler(sampling.sample_dpmpp_2s_ancestral))
+        add("Euler a", EulerAncestralDiscreteScheduler, ["k_euler_a", "k_euler_ancestral"], default_schedule="uniform",
+            ksampler=KSampler(sampling.sample_euler_ancestral))
+        add("Euler", EulerDiscreteScheduler, ["k_euler"], default_schedule="uniform",
+            ksampler=KSampler(sampling.sample_euler))
+        add("LMS", LMSDiscreteScheduler, ["k_lms"], default_schedule="uniform", ksampler=KSampler(sampling.sample_lms))
+        add("Heun", HeunDiscreteScheduler, ["k_heun"], default_schedule="uniform",
+            ksampler=KSampler(sampling.sample_heun))
+        add("DPM2", KDPM2DiscreteScheduler, ["k_dpm_2"], default_schedule="karras",
+            ksampler=KSampler(sampling.sample_dpm_2, discard_penultimate=True))
+        add("DPM2 a", KDPM2AncestralDiscreteScheduler, ["k_dpm_2_a"], default_schedule="karras",
+            ksampler=KSampler(sampling.sample_dpm_2_ancestral, discard_penultimate=True))
+        add("DPM fast", None, ["k_dpm_fast"], ksampler=KSampler(sampling.sample_dpm_fast))
+        add("DPM adaptive", None, ["k_dpm_ad"], ksampler=KSampler(sampling.sample_dpm_adaptive))
+        add("Restart", None, ["restart"], default_schedule="karras", ksampler=KSampler(sample_restart))
+        add("DDIM", _DDIM, ["ddim"], uses_schedule_type=False)
+        add("DDIM CFG++", None, ["ddim_cfgpp"], default_schedule="ddim", uses_schedule_type=False,
+            ksampler=KSampler(sample_ddim_cfgpp))
+        add("PLMS", _PLMS, ["plms"], uses_schedule_type=False)
+        add("UniPC", _UNIPC, ["unipc"], uses_schedule_type=False)
+        add("LCM", None, ["lcm"], ksampler=KSampler(sample_lcm))
 
+    def _lookup_sampler(self, name: str) -> Sampler | None:
+        key = _key(name)
+        return next((s for s in self._samplers.values() if key in {_key(n) for n in (s.name, *s.aliases)}), None)
 
-def _lookup_sampler(name: str) -> Sampler | None:
-    key = _key(name)
-    return next((s for s in _samplers.values() if key in {_key(n) for n in (s.name, *s.aliases)}), None)
+    def _split_legacy_name(self, name: str) -> tuple[Sampler, ScheduleType] | None:
+        """Split names from before A1111 had schedule types, such as "DPM++ 2M Karras"."""
+        key = _key(name)
+        for schedule in self._schedules[1:]:
+            for suffix in (schedule.label, *schedule.aliases):
+                suffix_key = "_" + _key(suffix)
+                sampler = self._lookup_sampler(key[: -len(suffix_key)]) if key.endswith(suffix_key) else None
+                if sampler is not None:
+                    return sampler, schedule
+        return None
 
+    def find_sampler(self, sampler_name: str, schedule_type: str | None = "Automatic") -> tuple[Sampler, ScheduleType]:
+        """The sampler and the schedule type asked for, legacy combined names split."""
+        schedule = self.find_schedule_type(schedule_type)
+        sampler = self._lookup_sampler(sampler_name or "")
+        if sampler is not None:
+            return sampler, schedule
+        legacy = self._split_legacy_name(sampler_name or "")
+        if legacy is not None:
+            return legacy
+        raise UserError(f"unknown sampler {sampler_name!r}; choose one of: {', '.join(self.sampler_names())}",
+                        "sampler_name")
 
-def _split_legacy_name(name: str) -> tuple[Sampler, ScheduleType] | None:
-    """Split names from before A1111 had schedule types, such as "DPM++ 2M Karras"."""
-    key = _key(name)
-    for schedule in SCHEDULE_TYPES[1:]:
-        for suffix in (schedule.label, *schedule.aliases):
-            suffix_key = "_" + _key(suffix)
-            sampler = _lookup_sampler(key[: -len(suffix_key)]) if key.endswith(suffix_key) else None
-            if sampler is not None:
-                return sampler, schedule
-    return None
+    def resolve(self, sampler_name: str, schedule_type: str | None = "Automatic") -> tuple[str, str]:
+        """Canonical (sampler name, schedule type label) for the infotext, e.g. ("Euler a", "Automatic")."""
+        sampler, schedule = self.find_sampler(sampler_name, schedule_type)
+        return sampler.name, schedule.label
 
+    def choose(self, sampler_name: str, schedule_type: str | None = "Automatic", eta: float | None = None,
+               eta_defaults: Mapping[str, Any] = ETA_DEFAULTS) -> Sampling:
+        """The sampling a request asks for; ``eta`` None takes the option (``eta_defaults``: the options store)."""
+        sampler, schedule = self.find_sampler(sampler_name, schedule_type)
+        if not sampler.takes_eta:
+            return Sampling(self, sampler, schedule)
+        return Sampling(self, sampler, schedule, float(eta if eta is not None else eta_defaults[sampler.eta_option]))
 
-def find_sampler(sampler_name: str, schedule_type: str | None = "Automatic") -> tuple[Sampler, ScheduleType]:
-    """The sampler and the schedule type asked for, legacy combined names split."""
-    schedule = find_schedule_type(schedule_type)
-    sampler = _lookup_sampler(sampler_name or "")
-    if sampler is not None:
-        return sampler, schedule
-    legacy = _split_legacy_name(sampler_name or "")
-    if legacy is not None:
-        return legacy
-    raise UserError(f"unknown sampler {sampler_name!r}; choose one of: {', '.join(sampler_names())}", "sampler_name")
+    def make_scheduler(self, sampler_name: str, schedule_type: str | None, base_config: dict[str, Any], *,
+                       seed: int | list[int] | None = None) -> SchedulerMixin:
+        """The diffusers scheduler of a sampler and schedule type (for the plain diffusers pipeline)."""
+        return self.choose(sampler_name, schedule_type).scheduler(base_config, seed=seed)
 
+    def api_samplers(self) -> list[dict[str, Any]]:
+        """The body of A1111's ``GET /sdapi/v1/samplers``."""
+        return [
+            {
+                "name": s.name,
+                "aliases": list(s.aliases),
+                "options": {"scheduler": s.default_schedule}
+                if s.uses_schedule_type and s.default_schedule not in (None, "uniform") else {},
+            }
+            for s in self._samplers.values()
+        ]
 
-def resolve(sampler_name: str, schedule_type: str | None = "Automatic") -> tuple[str, str]:
-    """Canonical (sampler name, schedule type label) for the infotext, e.g. ("Euler a", "Automatic")."""
-    sampler, schedule = find_sampler(sampler_name, schedule_type)
-    return sampler.name, schedule.label
+    def api_schedulers(self) -> list[dict[str, Any]]:
+        """The body of A1111's ``GET /sdapi/v1/schedulers``."""
+        return [
+            {
+                "name": s.name,
+                "label": s.label,
+                "aliases": list(s.aliases) or None,
+                "default_rho": s.default_rho,
+                "need_inner_model": s.need_inner_model,
+            }
+            for s in self._schedules
+        ]
 
 
 def _accepted(factory: SchedulerFactory) -> Callable[[str], bool]:
@@ -363,6 +440,8 @@ def _diffusers_can(factory: SchedulerFactory, schedule: ScheduleType | None) -> 
 class Sampling:
     """A request's sampler, schedule type and eta, resolved once: what the generation and its infotext use."""
 
+    registry: SamplerRegistry = field(compare=False, repr=False)
+    """Where they were found: the default schedule types, and the choices an error names."""
     sampler: Sampler
     schedule: ScheduleType
     """As asked (the infotext's); ``used_schedule`` is the one that shapes the sigmas."""
@@ -375,7 +454,7 @@ class Sampling:
         sampler = self.sampler
         if sampler.uses_schedule_type and self.schedule.name != "automatic":
             return self.schedule
-        return find_schedule_type(sampler.default_schedule) if sampler.default_schedule else None
+        return self.registry.find_schedule_type(sampler.default_schedule) if sampler.default_schedule else None
 
     @property
     def native(self) -> bool:
@@ -400,7 +479,7 @@ class Sampling:
             raise UserError(f"sampler {sampler.name} has no diffusers scheduler", "sampler_name")
         accepts = _accepted(sampler.factory)
         if not _diffusers_can(sampler.factory, schedule):
-            usable = [s.label for s in SCHEDULE_TYPES if _diffusers_can(sampler.factory, s)]
+            usable = [s.label for s in self.registry.all_schedule_types if _diffusers_can(sampler.factory, s)]
             raise UserError(f"sampler {sampler.name} does not support schedule type {schedule.label}; "
                             f"choose one of: {', '.join(usable)}", "scheduler")
         kwargs = {k: base_config[k] for k in TRAINING_KEYS if base_config.get(k) not in (None, False)}
@@ -414,9 +493,9 @@ class Sampling:
 
     def sigmas(self, steps: int, model: external.DiscreteSchedule, sdxl: bool) -> torch.Tensor:
         """The sigma-space path's noise levels for ``steps`` steps over the model's training sigmas."""
-        schedule = self.used_schedule or find_schedule_type("uniform")
+        schedule = self.used_schedule or self.registry.find_schedule_type("uniform")
         if schedule.sigmas is None:
-            usable = [s.label for s in SCHEDULE_TYPES if s.sigmas is not None]
+            usable = [s.label for s in self.registry.all_schedule_types if s.sigmas is not None]
             raise UserError(f"sampler {self.sampler.name} cannot run schedule type {schedule.label}; "
                             f"choose one of: {', '.join(usable)}", "scheduler")
         discard = self.sampler.ksampler is not None and self.sampler.ksampler.discard_penultimate
@@ -432,21 +511,6 @@ class Sampling:
         return params
 
 
-def choose(sampler_name: str, schedule_type: str | None = "Automatic", eta: float | None = None,
-           eta_defaults: Mapping[str, Any] = ETA_DEFAULTS) -> Sampling:
-    """The sampling a request asks for; ``eta`` None takes the option (``eta_defaults``: the options store)."""
-    sampler, schedule = find_sampler(sampler_name, schedule_type)
-    if not sampler.takes_eta:
-        return Sampling(sampler, schedule)
-    return Sampling(sampler, schedule, float(eta if eta is not None else eta_defaults[sampler.eta_option]))
-
-
-def make_scheduler(sampler_name: str, schedule_type: str | None, base_config: dict[str, Any], *,
-                   seed: int | list[int] | None = None) -> SchedulerMixin:
-    """The diffusers scheduler of a sampler and schedule type (for the plain diffusers pipeline)."""
-    return choose(sampler_name, schedule_type).scheduler(base_config, seed=seed)
-
-
 def make_flow_scheduler(sampling: Sampling, shift: float) -> SchedulerMixin:
     """A new scheduler for one generation of a flow-matching model, its sigmas shifted by ``shift``.
 
@@ -455,11 +519,11 @@ def make_flow_scheduler(sampling: Sampling, shift: float) -> SchedulerMixin:
     """
     sampler, schedule = sampling.sampler, sampling.schedule
     if sampler.flow_factory is None:
-        usable = [s.name for s in _samplers.values() if s.flow_factory is not None]
+        usable = [s.name for s in sampling.registry.all_samplers if s.flow_factory is not None]
         raise UserError(f"sampler {sampler.name} does not work with flow-matching models (Flux, SD3.x); "
                         f"choose one of: {', '.join(usable)}", "sampler_name")
     if schedule.name not in FLOW_SCHEDULES:
-        usable = [s.label for s in SCHEDULE_TYPES if s.name in FLOW_SCHEDULES]
+        usable = [s.label for s in sampling.registry.all_schedule_types if s.name in FLOW_SCHEDULES]
         raise UserError(f"Flux and SD3.x models use their own evenly spaced flow-matching schedule; choose "
                         f"{', '.join(usable)} instead of {schedule.label}", "scheduler")
     if sampling.eta not in (None, 1.0):
@@ -476,29 +540,3 @@ def step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | list[tor
         kwargs["eta"] = eta
     return kwargs
 
-
-def api_samplers() -> list[dict[str, Any]]:
-    """The body of A1111's ``GET /sdapi/v1/samplers``."""
-    return [
-        {
-            "name": s.name,
-            "aliases": list(s.aliases),
-            "options": {"scheduler": s.default_schedule}
-            if s.uses_schedule_type and s.default_schedule not in (None, "uniform") else {},
-        }
-        for s in _samplers.values()
-    ]
-
-
-def api_schedulers() -> list[dict[str, Any]]:
-    """The body of A1111's ``GET /sdapi/v1/schedulers``."""
-    return [
-        {
-            "name": s.name,
-            "label": s.label,
-            "aliases": list(s.aliases) or None,
-            "default_rho": s.default_rho,
-            "need_inner_model": s.need_inner_model,
-        }
-        for s in SCHEDULE_TYPES
-    ]
