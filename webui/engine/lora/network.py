@@ -296,14 +296,7 @@ def compile_kernels(model: LoadedModel, device: torch.device) -> None:
     if device.type != "cuda":
         return
     qtypes = {m.qtype for m in model.denoiser.modules() if isinstance(m, QuantizedLayer)}
-    if not qtypes & gguf_kernels.LOW_RANK_KERNELS.keys():
-        return
-    try:
-        gguf_kernels.compile_low_rank_kernels(device, (compute_dtype(model.denoiser),))
-    except Exception as e:  # compilers' failures have many types; unpacking then adding gives the same weights
-        log.warning("Compiling the LoRA unpacking kernel failed (%s); LoRAs on GGUF weights are added after "
-                    "unpacking instead, which is slower.", e)
-        gguf_kernels.LOW_RANK_KERNELS.clear()
+    gguf_kernels.low_rank_kernels.prepare(device, (compute_dtype(model.denoiser),), qtypes)
 
 
 def _targets(model: LoadedModel) -> Iterator[tuple[str, str, nn.Module]]:

@@ -18,6 +18,7 @@ little more than the plain one (H100, Flux's 12288x3072 MLP layer over 4032 toke
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -28,6 +29,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the compiled or eager ops are used
     triton = None
+
+log = logging.getLogger(__name__)
 
 BLOCKS_PER_PROGRAM = 64  # ggml blocks of 32 values each program unpacks: 2048 values
 TILE_ROWS, TILE_BLOCKS = 64, 2  # a tile of the weight each program unpacks with a low-rank update (H100: fastest)
@@ -104,5 +107,32 @@ def compile_low_rank_kernels(device: torch.device, dtypes: tuple[torch.dtype, ..
                            torch.zeros((16, 32), dtype=dtype, device=device))
 
 
+class LowRankKernels:
+    """The kernels that add a low-rank update while unpacking a weight, by type. This object alone turns them off:
+    there are none without Triton, and none once compiling them failed on this machine (LoRAs are then added after
+    unpacking: the same weights, slower)."""
+
+    def __init__(self, kernels: dict[Q, Callable[..., torch.Tensor]]) -> None:
+        self._kernels = dict(kernels)
+
+    def __contains__(self, qtype: object) -> bool:
+        return qtype in self._kernels
+
+    def __getitem__(self, qtype: Q) -> Callable[..., torch.Tensor]:
+        return self._kernels[qtype]
+
+    def prepare(self, device: torch.device, dtypes: tuple[torch.dtype, ...], qtypes: set[Q]) -> None:
+        """Compile the kernels now for a model with weights of ``qtypes`` computing in ``dtypes``, where there is one
+        for them (``compile_low_rank_kernels``); where compiling fails, say so and use none from now on."""
+        if not qtypes & self._kernels.keys():
+            return
+        try:
+            compile_low_rank_kernels(device, dtypes)
+        except Exception as e:  # compilers' failures have many types; unpacking then adding gives the same weights
+            log.warning("Compiling the LoRA unpacking kernel failed (%s); LoRAs on GGUF weights are added after "
+                        "unpacking instead, which is slower.", e)
+            self._kernels = {}
+
+
 KERNELS: dict[Q, Callable[[torch.Tensor, torch.dtype], torch.Tensor]] = {Q.Q8_0: q8_0} if triton is not None else {}
-LOW_RANK_KERNELS: dict[Q, Callable[..., torch.Tensor]] = {Q.Q8_0: q8_0_plus_low_rank} if triton is not None else {}
+low_rank_kernels = LowRankKernels({Q.Q8_0: q8_0_plus_low_rank} if triton is not None else {})

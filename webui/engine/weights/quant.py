@@ -208,7 +208,7 @@ def _unpacked(raw: torch.Tensor, qtype: Q, shape: Sequence[int], dtype: torch.dt
     and some 500 calls a step would repeat them."""
     blocks = raw.reshape(-1, GGML_QUANT_SIZES[qtype][1])
     if plus is not None and fused and fuses_low_rank(raw, qtype, shape):
-        return gguf_kernels.LOW_RANK_KERNELS[qtype](blocks, (shape[0], math.prod(shape[1:])), *plus).reshape(shape)
+        return gguf_kernels.low_rank_kernels[qtype](blocks, (shape[0], math.prod(shape[1:])), *plus).reshape(shape)
     unpack = _fused(qtype) if fused and raw.is_cuda and qtype not in PLAIN_TYPES else _DEQUANTIZE[qtype]
     weight = unpack(blocks, dtype).reshape(shape)
     if plus is not None:
@@ -219,7 +219,7 @@ def _unpacked(raw: torch.Tensor, qtype: Q, shape: Sequence[int], dtype: torch.dt
 def fuses_low_rank(raw: torch.Tensor, qtype: Q, shape: Sequence[int]) -> bool:
     """Whether unpacking this weight can add a low-rank product in the same kernel: a Triton kernel for the type, on
     CUDA, and rows made of whole blocks."""
-    return raw.is_cuda and qtype in gguf_kernels.LOW_RANK_KERNELS and math.prod(shape[1:]) % 32 == 0
+    return raw.is_cuda and qtype in gguf_kernels.low_rank_kernels and math.prod(shape[1:]) % 32 == 0
 
 
 @dataclass(eq=False)
