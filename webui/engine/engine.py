@@ -267,6 +267,7 @@ class Engine:
             job = Resolved(
                 request=request,
                 sampling=sampling,
+                cfg=request.cfg_scale > 1.0,
                 seed=resolve_seed(request.seed),
                 subseed=resolve_seed(request.subseed),
                 clip_skip=request.clip_skip or self.options["CLIP_stop_at_last_layers"],

@@ -38,10 +38,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Resolved:
-    """The request with every default filled in from the settings."""
+    """The request with every default filled in from the settings, and what it asks for resolved once (the sampling,
+    whether CFG runs), handed down to the family's denoising loop."""
 
     request: GenerationRequest
     sampling: Sampling  # sampler, schedule type and eta
+    cfg: bool  # whether CFG runs (a scale above 1): the negative prompt is encoded and each step predicts twice
     seed: int
     subseed: int  # the variation seed (used where subseed_strength is above 0)
     clip_skip: int
@@ -71,8 +73,7 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
     req = job.request
     start = time.perf_counter()
     model.kind.check_size(req.width, req.height)
-    cfg = req.cfg_scale > 1.0
-    activation = activation_bytes(model.kind.activation_per_pixel, req.width, req.height, req.batch_size, cfg,
+    activation = activation_bytes(model.kind.activation_per_pixel, req.width, req.height, req.batch_size, job.cfg,
                                   compute_dtype(model.denoiser))
     memory.begin(policy, activation)
     result = GenerationResult(request=req, model_name=model.info.model_name, model_hash=job.model_hash,
@@ -178,8 +179,7 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seed
     dtype = compute_dtype(model.denoiser)
     clock = PhaseClock(device, result.timings)
     memory.prepare([name for name in TEXT_ENCODERS if name in memory.components])
-    use_cfg = req.cfg_scale > 1.0
-    cond, uncond = _conditioning(model, job, use_cfg, device, dtype)
+    cond, uncond = _conditioning(model, job, device, dtype)
     clock.lap("encode")
     memory.prepare(["denoiser"])
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -193,7 +193,7 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seed
             hooks.fire("denoising_step", step=i, total=total, latents=latents)
         return progress.interrupted or progress.skipped
 
-    latents = model.kind.denoise(model, job, seeds, generators, noise, cond, uncond if use_cfg else None, on_step)
+    latents = model.kind.denoise(model, job, seeds, generators, noise, cond, uncond, on_step)
     clock.lap("denoise")
     if not torch.isfinite(latents).all():
         what = f"The denoiser made NaN or infinite values ({model.info.model_name}, {dtype_name(dtype)})."
@@ -222,23 +222,23 @@ class PhaseClock:
         self.last = now
 
 
-def _conditioning(model: LoadedModel, job: Resolved, use_cfg: bool, device: torch.device,
+def _conditioning(model: LoadedModel, job: Resolved, device: torch.device,
                   dtype: torch.dtype) -> tuple[Conditioning, Conditioning | None]:
     """Positive and negative conditioning (no negative without CFG), reused while the prompts (network tags
     included: they may change the text encoders), clip skip and batch stay the same (as A1111 does): a new seed
     for the same prompt costs no text encoding."""
     req = job.request
-    key = (req.prompt, req.negative_prompt, job.clip_skip, req.batch_size, use_cfg, dtype)
+    key = (req.prompt, req.negative_prompt, job.clip_skip, req.batch_size, job.cfg, dtype)
     if model.conditioning_cache[0] == key:
         return model.conditioning_cache[1]
     n = req.batch_size
     prompt, negative = job.encoded_prompts()
     # One pass for both: the shorter prompt is padded with empty chunks, as A1111 does for CFG.
-    prompts = [prompt] * n + ([negative] * n if use_cfg else [])
+    prompts = [prompt] * n + ([negative] * n if job.cfg else [])
     both = model.kind.encode(model, prompts, job.clip_skip, device, dtype)
     halves = [Conditioning(both.embeds[part], None if both.pooled is None else both.pooled[part])
               for part in (slice(0, n), slice(n, 2 * n))]
-    result = (halves[0], halves[1] if use_cfg else None)
+    result = (halves[0], halves[1] if job.cfg else None)
     model.conditioning_cache = (key, result)
     return result
 

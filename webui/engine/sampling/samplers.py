@@ -388,9 +388,15 @@ class SamplerRegistry:
                eta_defaults: Mapping[str, Any] = ETA_DEFAULTS) -> Sampling:
         """The sampling a request asks for; ``eta`` None takes the option (``eta_defaults``: the options store)."""
         sampler, schedule = self.find_sampler(sampler_name, schedule_type)
-        if not sampler.takes_eta:
-            return Sampling(self, sampler, schedule)
-        return Sampling(self, sampler, schedule, float(eta if eta is not None else eta_defaults[sampler.eta_option]))
+        if sampler.takes_eta:
+            eta = float(eta if eta is not None else eta_defaults[sampler.eta_option])
+        else:
+            eta = None
+        if sampler.uses_schedule_type and schedule.name != "automatic":
+            used = schedule
+        else:
+            used = self.find_schedule_type(sampler.default_schedule) if sampler.default_schedule else None
+        return Sampling(self, sampler, schedule, eta, used, _runs_natively(sampler, eta, used))
 
     def make_scheduler(self, sampler_name: str, schedule_type: str | None, base_config: dict[str, Any], *,
                        seed: int | list[int] | None = None) -> SchedulerMixin:
@@ -436,37 +442,33 @@ def _diffusers_can(factory: SchedulerFactory, schedule: ScheduleType | None) -> 
     return schedule is None or (schedule.kwargs is not None and all(accepts(key) for key in schedule.kwargs))
 
 
+def _runs_natively(sampler: Sampler, eta: float | None, schedule: ScheduleType | None) -> bool:
+    """Whether a diffusers scheduler runs the sampler with this schedule type and eta (else: sigma space)."""
+    if sampler.factory is None:
+        return False
+    if sampler.ksampler is None:
+        return True
+    if eta not in (None, 1.0) and not _factory_takes_eta(sampler.factory):
+        return False
+    return _diffusers_can(sampler.factory, schedule)
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """A request's sampler, schedule type and eta, resolved once: what the generation and its infotext use."""
+    """A request's sampler, schedule type and eta, resolved once (``SamplerRegistry.choose``): what the generation
+    and its infotext use, handed down to the loops."""
 
     registry: SamplerRegistry = field(compare=False, repr=False)
-    """Where they were found: the default schedule types, and the choices an error names."""
+    """Where they were found: the choices an error names, and Uniform for the sigma-space samplers without a default."""
     sampler: Sampler
     schedule: ScheduleType
     """As asked (the infotext's); ``used_schedule`` is the one that shapes the sigmas."""
-    eta: float | None = None
+    eta: float | None
     """The eta it samples with; None where eta plays no part in the sampler."""
-
-    @property
-    def used_schedule(self) -> ScheduleType | None:
-        """The schedule type the sampler runs with; None: its diffusers scheduler's own timesteps."""
-        sampler = self.sampler
-        if sampler.uses_schedule_type and self.schedule.name != "automatic":
-            return self.schedule
-        return self.registry.find_schedule_type(sampler.default_schedule) if sampler.default_schedule else None
-
-    @property
-    def native(self) -> bool:
-        """True where a diffusers scheduler runs the pair and the eta; False: the sigma-space path."""
-        sampler = self.sampler
-        if sampler.factory is None:
-            return False
-        if sampler.ksampler is None:
-            return True
-        if self.eta not in (None, 1.0) and not _factory_takes_eta(sampler.factory):
-            return False
-        return _diffusers_can(sampler.factory, self.used_schedule)
+    used_schedule: ScheduleType | None
+    """The schedule type the sampler runs with; None: its diffusers scheduler's own timesteps."""
+    native: bool
+    """True where a diffusers scheduler runs the pair and the eta; False: the sigma-space path."""
 
     def scheduler(self, base_config: dict[str, Any], *, seed: int | list[int] | None = None) -> SchedulerMixin:
         """A new diffusers scheduler for one generation (``native`` pairs).
