@@ -27,7 +27,7 @@ from webui.engine.loading.load import LoadedModel
 from webui.engine.loading.models import Dtypes, ModelManager
 from webui.engine.memory import MB
 from webui.engine.memory.host_pages import limit_heap_arenas
-from webui.engine.memory.manager import DeviceMemory, MemoryManager, MemoryPolicy, use_expandable_segments
+from webui.engine.memory.manager import DeviceMemory, MemoryManager, MemoryMode, MemoryPolicy, use_expandable_segments
 from webui.engine.outputs import remove_stale_temp_files, save_image
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
@@ -291,8 +291,8 @@ class Engine:
     def memory_policy(self) -> MemoryPolicy:
         """Flags and options as the memory manager needs them, read at every generation."""
         args, options = self.config.args, self.options
-        mode = ("always_gpu" if args.always_gpu else "lowvram" if args.lowvram
-                else "medvram" if args.medvram else "auto")
+        mode = (MemoryMode.ALWAYS_GPU if args.always_gpu else MemoryMode.LOWVRAM if args.lowvram
+                else MemoryMode.MEDVRAM if args.medvram else MemoryMode.AUTO)
         return MemoryPolicy(
             mode=mode,
             offload_after=args.always_offload_from_vram,

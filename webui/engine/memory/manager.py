@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
 
 import torch
 from torch import nn
@@ -46,15 +47,27 @@ MIN_UNIT_BYTES = 4 * MB
 LOW_BIT_DTYPES = (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)  # GGUF blocks, fp8: unpacked per call
 
 
+class MemoryMode(StrEnum):
+    """The launch flags' memory modes (above); their values are what the log line and the /memory answer say."""
+
+    AUTO = "auto"
+    ALWAYS_GPU = "always_gpu"
+    LOWVRAM = "lowvram"
+    MEDVRAM = "medvram"
+
+
 @dataclass(frozen=True)
 class MemoryPolicy:
-    mode: str = "auto"  # "auto" | "always_gpu" | "lowvram" | "medvram"
+    mode: MemoryMode = MemoryMode.AUTO  # given as the mode or its value ("lowvram")
     offload_after: bool = False
     inference_mb: int = 1024
     async_copies: bool = False
     pinned: bool = False
     budget_scale: float = 1.0  # < 1 after an out-of-memory error: retry with a smaller resident set
     tiled_vae: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", MemoryMode(self.mode))
 
 
 class DeviceMemory:
@@ -135,7 +148,7 @@ class GenerationStats:
     activation_mb: float = 0.0
     tiled_vae: bool = False
     oom_retries: int = 0
-    mode: str = "auto"
+    mode: MemoryMode = MemoryMode.AUTO
     budgeted: bool = True  # False on a CPU 'device': the weights are in RAM and there is no budget to keep
 
     def line(self) -> str:
@@ -302,18 +315,18 @@ class MemoryManager:
     def _arrange(self, needed: list[Component], activation: int) -> None:
         others = [c for c in self.components.values() if c not in needed]
         activation += max(c.upcast_bytes for c in needed)
-        mode = self.policy.mode if self.limited else "always_gpu"
-        if mode == "always_gpu":
+        mode = self.policy.mode if self.limited else MemoryMode.ALWAYS_GPU
+        if mode is MemoryMode.ALWAYS_GPU:
             for c in self.components.values():
                 self._place(c, set(c.units), stream=False)
             return
         budget = int(self.weight_budget(activation) * self.policy.budget_scale)
         self.stats.budget_mb = budget / MB
-        if mode == "auto" and sum(c.nbytes for c in self.components.values()) <= budget:
+        if mode is MemoryMode.AUTO and sum(c.nbytes for c in self.components.values()) <= budget:
             for c in self.components.values():
                 self._place(c, set(c.units), stream=False)
             return
-        if mode == "auto":
+        if mode is MemoryMode.AUTO:
             self._evict(others, budget - sum(c.nbytes for c in needed))
         else:  # medvram and lowvram: only the active components on the device
             for c in others:
@@ -322,8 +335,11 @@ class MemoryManager:
         # Companions (a LoRA's adapters) are given room first: they are small, and streaming hundreds of tiny
         # units costs a hook and a copy each, far more per byte than the large units of the component they adapt.
         for c in sorted(needed, key=lambda c: c.companion_of is None):
-            fits_whole = mode == "medvram" and c.nbytes <= room
-            keep = set() if mode == "lowvram" else set(c.units) if fits_whole else plan_residency(c.units, room)
+            fits_whole = mode is MemoryMode.MEDVRAM and c.nbytes <= room
+            if mode is MemoryMode.LOWVRAM:
+                keep = set()
+            else:
+                keep = set(c.units) if fits_whole else plan_residency(c.units, room)
             room -= sum(u.nbytes for u in keep)
             self._place(c, keep, stream=True)
 
