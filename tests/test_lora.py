@@ -15,6 +15,7 @@ from torch import nn
 from tests.conftest import make_engine
 from tests.test_flow_pipelines import engine_for, files, flux_request, images, parts  # noqa: F401 (fixtures)
 from tests.test_flux import inputs as flux_inputs
+from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
 from webui.engine.infotext import parse_infotext
 from webui.engine.lora import network as lora_module
@@ -282,6 +283,7 @@ class UNetOnly:
 
     def __init__(self, denoiser: nn.Module, family: Family):
         self.denoiser, self.family, self.text_encoders, self.t5 = denoiser, family, [], None
+        self.kind = Families()[family]
 
 
 # ---- bad files fail their request, never the extension (issue 22) ------------------------------------------------

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from webui.engine.formats.detect import Family
 from webui.engine.formats.files import find_files, load_state_dict, read_safetensors_header
 from webui.engine.hooks import NetworkCall
 from webui.engine.loading.load import LoadedModel
@@ -303,10 +302,11 @@ def _targets(model: LoadedModel) -> Iterator[tuple[str, str, nn.Module]]:
     """(the name LoRA files give a component (diffusers pipeline attributes), the memory manager's name for it
     (``LoadedModel.components``), the module) for each component a LoRA can adapt."""
     yield "denoiser", "denoiser", model.denoiser
-    for name, slot in zip(("text_encoder", "text_encoder_2"), model.text_encoders):
+    names = [encoder.component for encoder in model.kind.lora_text_encoders]  # the CLIPs', then T5's
+    for name, slot in zip(names, model.text_encoders):
         yield name, name, slot.model
     if model.t5 is not None:
-        yield ("text_encoder_2" if model.family is Family.FLUX else "text_encoder_3"), "t5", model.t5.model
+        yield names[len(model.text_encoders)], "t5", model.t5.model
 
 
 def _lora_components(model: LoadedModel) -> Iterator[tuple[str, nn.Module]]:
