@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from diffusers import EulerAncestralDiscreteScheduler
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -397,6 +398,34 @@ def test_example_nan_watchdog_names_the_step(engine, caplog):
     assert len(warnings) == 1 and "became NaN/inf at denoising step 2 of 4" in warnings[0]
     assert np.array_equal(pixels(before), pixels(clean)), "the watchdog changed the image"
     assert np.array_equal(pixels(clean), pixels(after))
+
+
+def test_nan_watchdog_reads_the_device_once_a_batch_and_reports_an_interrupted_one_later(monkeypatch, caplog):
+    """Reading a device value makes the host wait for the GPU: never at each step (issue 24)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nan_watchdog", BUILTIN_DIR / "nan-watchdog" / "extension.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reads = []
+    for name in ("item", "__int__", "__bool__", "__float__", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
+    watchdog, fine, bad = module.Watchdog(), torch.zeros(4), torch.tensor([0.0, float("nan"), 0.0, 0.0])
+    with caplog.at_level(logging.WARNING):
+        watchdog.reset()
+        for step, latents in enumerate([fine, bad, bad]):
+            watchdog.check(step=step, total=4, latents=latents)
+        assert reads == [] and not caplog.records, "no read before the batch's last step"
+        watchdog.check(step=3, total=4, latents=bad)
+        assert len(reads) == 1 and "became NaN/inf at denoising step 2 of 4" in caplog.records[-1].getMessage()
+        watchdog.check(step=0, total=4, latents=bad)  # the next batch of the same generation: reported once
+        watchdog.reset()  # a generation interrupted after its first step, then the next one begins
+        watchdog.check(step=0, total=5, latents=fine)
+        watchdog.check(step=1, total=5, latents=bad)
+        watchdog.reset()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "step 2 of 5" in messages[-1]
 
 
 @pytest.mark.parametrize("with_setting", [True, False])
