@@ -109,6 +109,30 @@ def test_text_encoder_leaves_when_the_denoiser_needs_the_room(tmp_path, sd1_file
     assert stats.streamed_mb == 0 and te.device_bytes() == 0 and stats.moved_mb >= sizes["text_encoder"] / MB
 
 
+def test_text_encoding_and_decoding_stream_beside_the_denoiser_rather_than_evict_it():
+    """They run once an image; the denoiser runs at every step and is the largest: evicting it to make a text
+    encoder resident brings it back for every image (issue 24: 60.9 GB moved for one SDXL image on a 6 GB card)."""
+    from webui.engine.memory.manager import MemoryPolicy
+
+    def layers(n: int) -> nn.Module:
+        return nn.Sequential(*(nn.Linear(256, 256) for _ in range(n)))  # units of 257 kB
+
+    manager = MemoryManager(torch.device("cpu"), SimulatedMemory(torch.device("cpu"), total_mb=6), min_unit_bytes=1)
+    denoiser, text_encoder = manager.register("denoiser", layers(16)), manager.register("text_encoder", layers(8))
+    manager.register("vae", layers(2))
+    assert denoiser.nbytes + text_encoder.nbytes > 6 * MB, "the text encoder does not fit beside the denoiser"
+    moved = []
+    for image in range(3):
+        manager.begin(MemoryPolicy(inference_mb=0), activation=0)
+        manager.prepare(["text_encoder"], once=True)
+        assert 0 < text_encoder.streamed_bytes() < text_encoder.nbytes or image == 0
+        manager.prepare(["denoiser"])
+        assert denoiser.device_bytes() == denoiser.nbytes
+        assert not manager.prepare_decode("vae", decode_bytes=0)
+        moved.append(manager.finish().moved_mb)
+    assert max(moved[1:]) < denoiser.nbytes / MB, "the denoiser is never moved again"
+
+
 def test_always_offload_from_vram_empties_the_device_after_each_generation(tmp_path, sd1_file):
     engine = simulated_engine(tmp_path, sd1_file, flags=("--always-offload-from-vram",))
     generate(engine)

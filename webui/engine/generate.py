@@ -178,7 +178,7 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seed
     req, device = job.request, memory.device
     dtype = compute_dtype(model.denoiser)
     clock = PhaseClock(device, result.timings)
-    memory.prepare([name for name in TEXT_ENCODERS if name in memory.components])
+    memory.prepare([name for name in TEXT_ENCODERS if name in memory.components], once=True)
     cond, uncond = _conditioning(model, job, device, dtype)
     clock.lap("encode")
     memory.prepare(["denoiser"])

@@ -11,9 +11,12 @@ Policy, per phase of a generation (text encoding → denoising → VAE decode):
 - The phase's components must be usable on the device. The weight budget is
   min(GPU Weights, what is ours on the device + free − activation estimate).
 - If every component fits, everything stays resident: consecutive generations move 0 bytes.
-- Else other components are evicted (whole) to host memory, least needed first, and if the
-  phase's component still does not fit, it gets a per-unit residency plan: the largest units
-  stay resident while the budget allows, the rest are streamed (``stream.Streamer``).
+- Else, for the denoiser (called at every step), other components are evicted (whole) to host
+  memory, largest first, and if it still does not fit, it gets a per-unit residency plan: the
+  largest units stay resident while the budget allows, the rest are streamed
+  (``stream.Streamer``). A phase that calls its components once (text encoding, VAE decode)
+  evicts others only as far as it needs to stream beside them, smallest first: bringing the
+  denoiser back costs more than streaming a text encoder once (issue 24).
 - Flags: ``--always-gpu`` everything resident, never evicted; ``--lowvram`` every unit of the
   active component streamed; ``--medvram`` only the active component on the device, whole;
   ``--always-offload-from-vram`` everything back to host memory after each generation.
@@ -188,6 +191,11 @@ class Component:
         return self.nbytes - self.device_bytes() if self.streamer else 0
 
 
+def _streaming_floor(component: Component) -> int:
+    """The least device memory ``component`` runs in: every unit streamed, those in flight on the device."""
+    return min(component.nbytes, (IN_FLIGHT + 1) * max((u.nbytes for u in component.units), default=0))
+
+
 def plan_residency(units: list[Unit], budget: int) -> set[Unit]:
     """The units to keep on the device within ``budget``; the others are streamed.
 
@@ -297,22 +305,23 @@ class MemoryManager:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def prepare(self, names: list[str], activation: int | None = None) -> None:
-        """Make the named components usable on the device for the next phase."""
+    def prepare(self, names: list[str], activation: int | None = None, once: bool = False) -> None:
+        """Make the named components usable on the device for the next phase. ``once``: the phase calls them once
+        (text encoding, a decode), so the others keep their place where these can stream beside them."""
         activation = self.activation if activation is None else activation
         self.phase = ", ".join(names)
         needed = [self.components[n] for n in names]
         needed += [c for c in self.components.values() if c.companion_of in names]
         if self.trace is not None:
             self.trace.begin_phase(PHASE_OF_COMPONENT.get(names[0], "text encoding") if names else "other")
-        self._arrange(needed, activation)
+        self._arrange(needed, activation, once)
         if self.trace is not None:
             for c in needed:
                 self.trace.placed(c.name, c.device_bytes(), c.streamed_bytes())
         self.stats.resident_mb = max(self.stats.resident_mb, self.resident_bytes() / MB)
         self.stats.streamed_mb = max(self.stats.streamed_mb, sum(c.streamed_bytes() for c in needed) / MB)
 
-    def _arrange(self, needed: list[Component], activation: int) -> None:
+    def _arrange(self, needed: list[Component], activation: int, once: bool) -> None:
         others = [c for c in self.components.values() if c not in needed]
         activation += max(c.upcast_bytes for c in needed)
         mode = self.policy.mode if self.limited else MemoryMode.ALWAYS_GPU
@@ -326,7 +335,9 @@ class MemoryManager:
             for c in self.components.values():
                 self._place(c, set(c.units), stream=False)
             return
-        if mode is MemoryMode.AUTO:
+        if mode is MemoryMode.AUTO and once:
+            self._evict(others, budget - sum(_streaming_floor(c) for c in needed), smallest_first=True)
+        elif mode is MemoryMode.AUTO:
             self._evict(others, budget - sum(c.nbytes for c in needed))
         else:  # medvram and lowvram: only the active components on the device
             for c in others:
@@ -347,7 +358,7 @@ class MemoryManager:
         """Place the VAE for decoding. True when the decode must be tiled: a whole one would not fit."""
         vae = self.components[name]
         tiled = self.policy.tiled_vae or (self.limited and self.weight_budget(decode_bytes) < vae.nbytes)
-        self.prepare([name], activation=TILED_DECODE_BYTES if tiled else decode_bytes)
+        self.prepare([name], activation=TILED_DECODE_BYTES if tiled else decode_bytes, once=True)
         self.stats.tiled_vae = self.stats.tiled_vae or tiled
         return tiled
 
@@ -394,10 +405,11 @@ class MemoryManager:
 
     # ---- moving -----------------------------------------------------------------------
 
-    def _evict(self, candidates: list[Component], room: int) -> None:
-        """Move whole components to the host until the resident ones fit in ``room``."""
+    def _evict(self, candidates: list[Component], room: int, smallest_first: bool = False) -> None:
+        """Move whole components to the host until the resident ones fit in ``room``: the largest first, which
+        frees the room in fewest moves, or the smallest first, which costs the fewest bytes to bring back."""
         resident = sum(c.device_bytes() for c in candidates)
-        for c in sorted(candidates, key=lambda c: -c.device_bytes()):
+        for c in sorted(candidates, key=lambda c: c.device_bytes() if smallest_first else -c.device_bytes()):
             if resident <= max(room, 0):
                 break
             resident -= c.device_bytes()
