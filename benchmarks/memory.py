@@ -144,9 +144,26 @@ def engine_for(checkpoint: Path, workdir: Path):
     return Engine(AppConfig.from_args(parse_args(["--data-dir", str(data), "--device", "cuda"])))
 
 
-def bench_unet_family(name: str, family: str, size: int, workdir: Path) -> None:
+def diffusers_pipeline(engine):
+    """The plain diffusers pipeline (SD or SDXL) over the engine's loaded modules, with Euler."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    model = engine.models.current
+    sdxl = len(model.text_encoders) == 2
+    # The pipeline feeds the VAE latents in the UNet's fp16; ours runs the VAE in bf16: give it an fp16 copy.
+    parts = dict(vae=copy.deepcopy(model.vae).half(), text_encoder=model.text_encoders[0].model,
+                 tokenizer=model.text_encoders[0].tokenizer, unet=model.denoiser,
+                 scheduler=engine.samplers.make_scheduler("Euler", "Automatic", model.scheduler_config))
+    if sdxl:
+        parts.update(text_encoder_2=model.text_encoders[1].model, tokenizer_2=model.text_encoders[1].tokenizer)
+    else:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline)(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bench_unet_family(name: str, family: str, size: int, workdir: Path) -> None:
     from webui.engine.request import GenerationRequest
 
     engine = engine_for(write_checkpoint(family, workdir / f"{name}.safetensors"), workdir)
@@ -171,17 +188,7 @@ def bench_unet_family(name: str, family: str, size: int, workdir: Path) -> None:
     new_prompts = [engine.txt2img(GenerationRequest(steps=10, **{**request, "prompt": f"a photo of cat {i}"}))
                    for i in range(3)]
 
-    model = engine.models.current
-    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    # The pipeline feeds the VAE latents in the UNet's fp16; ours runs the VAE in bf16: give it an fp16 copy.
-    parts = dict(vae=copy.deepcopy(model.vae).half(), text_encoder=model.text_encoders[0].model, tokenizer=model.text_encoders[0].tokenizer,
-                 unet=model.denoiser, scheduler=engine.samplers.make_scheduler("Euler", "Automatic", model.scheduler_config))
-    if family == "sdxl":
-        parts.update(text_encoder_2=model.text_encoders[1].model, tokenizer_2=model.text_encoders[1].tokenizer)
-    else:
-        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = cls(**parts)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(engine)
 
     clock = StepClock()
 
