@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageFile
 
 from tests.bombs import png_bomb, png_chunk
+import webui.api
 from webui.api import register_api
 from webui.engine.infotext import parse_infotext
 from webui.engine.request import GenerationRequest
@@ -59,6 +60,25 @@ def test_images_are_not_saved_unless_asked(client, tmp_path):
     assert not list((tmp_path / "outputs").rglob("*.png"))
     client.post("/sdapi/v1/txt2img", json={**BODY, "save_images": True, "send_images": False})
     assert len(list((tmp_path / "outputs").rglob("*.png"))) == 2
+
+
+def test_saved_images_are_sent_as_their_files_not_encoded_again(client, engine, monkeypatch):
+    """One PNG encoding an image (0.1-0.2 s at 1024²): the route sends the saved files' bytes (issue 24)."""
+    encoded = []
+    encode = webui.api.encode_png
+    monkeypatch.setattr(webui.api, "encode_png", lambda image, text: encoded.append(1) or encode(image, text))
+    sent = client.post("/sdapi/v1/txt2img", json={**BODY, "save_images": True}).json()["images"]
+    files = sorted(engine.config.paths.outdir.rglob("*.png"))
+    assert encoded == [] and [base64.b64decode(b) for b in sent] == [f.read_bytes() for f in files]
+    files[1].unlink()  # gone before the answer is made: encoded from the image instead
+    result = engine.txt2img(GenerationRequest.from_dict({**BODY, "save_images": False}))
+    result.paths = [files[0], files[1]]
+    again = webui.api.response_images(result)
+    assert len(encoded) == 1 and base64.b64decode(again[0]) == files[0].read_bytes()
+    assert decode(again[1]).tobytes() == decode(sent[1]).tobytes()
+    assert decode(again[1]).text["parameters"] == decode(sent[1]).text["parameters"]
+    not_saved = client.post("/sdapi/v1/txt2img", json=BODY).json()["images"]
+    assert len(encoded) == 3 and [decode(b).tobytes() for b in not_saved] == [decode(b).tobytes() for b in sent]
 
 
 @pytest.mark.parametrize("change,field", [({"width": 7}, "width"), ({"width": 100000}, "width"),

@@ -68,6 +68,19 @@ def encode_png(image: Image.Image, infotext: str) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def response_images(result: GenerationResult) -> list[str]:
+    """The result's images as base64 PNGs with their infotexts. Saved images are sent as their files' bytes, the
+    same PNG: encoding a 1024² PNG takes 0.1-0.2 s of CPU, which a route that also saved would spend twice."""
+    saved = result.paths if len(result.paths) == len(result.images) else [None] * len(result.images)
+    images = []
+    for image, infotext, path in zip(result.images, result.infotexts, saved):
+        try:
+            images.append(base64.b64encode(path.read_bytes()).decode("ascii") if path else encode_png(image, infotext))
+        except OSError:  # moved or deleted since it was saved
+            images.append(encode_png(image, infotext))
+    return images
+
+
 def info_json(result: GenerationResult, ignored: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
     """A1111's ``info`` string: a JSON object describing the whole result; ``ignored_fields`` names the request's
     fields that changed nothing, ``notices`` says what the user should know (how lenient readings were taken too)."""
@@ -336,8 +349,7 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         if not await waited(future, request):
             return Response(status_code=CLIENT_GONE)
         result = future.result() if script is None else future.result().as_result()
-        images = await run_in_threadpool(lambda: [encode_png(img, text) for img, text in
-                                                  zip(result.images, result.infotexts)] if call.send_images else [])
+        images = await run_in_threadpool(response_images, result) if call.send_images else []
         notes = call.notes + (script.notes if script else ())
         return {"images": images, "parameters": body, "info": info_json(result, call.ignored, notes)}
 
