@@ -55,8 +55,16 @@ def txt2img(client: Client, **fields) -> tuple[list[dict], str, str]:
     return gallery, status, infotext
 
 
-def test_generates_an_image_with_its_infotext(client):
+def test_generates_an_image_with_its_infotext(client, engine, monkeypatch):
+    encoded, save = [], Image.Image.save  # the generated images (with their infotext), not the live previews
+
+    def counted(self, *args, **kwargs):
+        encoded.extend([1] if "parameters" in self.info else [])
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", counted)
     gallery, status, infotext = txt2img(client, seed=1234, negative_prompt="blurry")
+    assert len(encoded) == 1, "the saved file is shown, not the image encoded again (0.1-0.2 s at 1024²)"
     assert len(gallery) == 1
     assert Image.open(gallery[0]["image"]).size == (64, 64)
     assert infotext.startswith("a red apple\nNegative prompt: blurry\n")
@@ -65,6 +73,8 @@ def test_generates_an_image_with_its_infotext(client):
     assert "Done: 1 image in" in status and "seed 1234" in status
     assert "MB of weights in RAM (running on the CPU: no GPU budget)" in status and "VRAM" not in status
     assert read_png_infotext(gallery[0]["image"]) == infotext, "the gallery's file (what Download gives) keeps it"
+    [saved] = [p for p in engine.output_folder("outdir_txt2img_samples").rglob("*.png") if "-1234-" in p.name]
+    assert Path(gallery[0]["image"]).read_bytes() == saved.read_bytes(), "the saved file, not encoded again"
 
 
 def test_the_variation_seed_fields_make_the_variation_seeds_picture(client):

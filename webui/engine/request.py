@@ -153,3 +153,8 @@ class GenerationResult:
     @property
     def seed(self) -> int:
         return self.seeds[0] if self.seeds else -1
+
+    def saved_files(self) -> list[Path | None]:
+        """Each image's saved PNG (with its infotext), or None where it was not saved: the faces send the file
+        rather than encode the image again (a 1024² PNG takes 0.1-0.2 s of CPU)."""
+        return list(self.paths) if len(self.paths) == len(self.images) else [None] * len(self.images)

@@ -99,7 +99,7 @@ def finished(future: Future, labels: dict[str, str], out: Components) -> dict:
                 out["preview"]: hidden_preview}
     plots = [out[f"memory_{name}"] for name in PLOTS]
     return {
-        out["gallery"]: result.images,
+        out["gallery"]: [str(path) if path else image for image, path in zip(result.images, result.saved_files())],
         out["infotext"]: result.infotexts[0] if result.infotexts else "",
         out["infotexts"]: result.infotexts,
         out["last_seed"]: result.seed,
