@@ -163,6 +163,16 @@ def diffusers_pipeline(engine):
     return pipe
 
 
+def pipeline_image(pipe, prompt: str, size: int, steps: int, cfg: float) -> float:
+    """Seconds of one image of a diffusers pipeline, synchronised only around it."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    pipe(prompt=prompt, width=size, height=size, num_inference_steps=steps, guidance_scale=cfg,
+         generator=torch.Generator().manual_seed(1))
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def bench_unet_family(name: str, family: str, size: int, workdir: Path) -> None:
     from webui.engine.request import GenerationRequest
 

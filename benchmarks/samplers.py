@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.memory import engine_for, write_checkpoint
+from benchmarks.memory import engine_for, pipeline_image, write_checkpoint
 from benchmarks.pipelines import simulate_card
+from benchmarks.table import print_table
 
 SIZE, STEPS, CFG = 512, 20, 7.0
 CARD_MB = 2048
@@ -65,12 +66,7 @@ def pipeline_over(engine):
 
     def plain(sampler: str, schedule: str) -> float:
         pipe.scheduler = engine.samplers.choose(sampler, schedule).scheduler(model.scheduler_config, seed=[1])
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        pipe(prompt=next(PROMPTS), width=SIZE, height=SIZE, num_inference_steps=STEPS, guidance_scale=CFG,
-             generator=torch.Generator().manual_seed(1))
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return pipeline_image(pipe, next(PROMPTS), SIZE, STEPS, CFG)
 
     return plain
 
@@ -123,13 +119,10 @@ def main() -> None:
     gc.collect()
     torch.cuda.empty_cache()  # the first engine and the pipeline are gone: the card starts empty
     rows += small_card_rows(engine_for(checkpoint, args.workdir), args.repeat)
-    device = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    print(f"## Samplers: whole images (issue 21) — {time.strftime('%Y-%m-%d')}, {device}\n")
-    print(f"`python3 -m benchmarks.samplers --repeat {args.repeat}` — SD1.5 full size, random weights, {SIZE}², "
-          f"{STEPS} steps, CFG {CFG:g}, a new prompt each image; medians of {args.repeat}.\n")
-    print("| sampler / schedule type | runs on | ours | reference | ratio | goal | met |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    print_table("Samplers: whole images (issue 21)",
+                f"`python3 -m benchmarks.samplers --repeat {args.repeat}` — SD1.5 full size, random weights, {SIZE}², "
+                f"{STEPS} steps, CFG {CFG:g}, a new prompt each image; medians of {args.repeat}.",
+                ["sampler / schedule type", "runs on", "ours", "reference", "ratio", "goal", "met"], rows)
 
 
 if __name__ == "__main__":

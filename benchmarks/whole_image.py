@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.memory import diffusers_pipeline, engine_for, pinned_bandwidth, write_checkpoint
+from benchmarks.memory import diffusers_pipeline, engine_for, pinned_bandwidth, pipeline_image, write_checkpoint
 from benchmarks.pipelines import CONTEXT_MB, simulate_card
+from benchmarks.table import print_table
 from webui.engine.memory import MB
 
 STEPS, CFG = 20, 7.0
@@ -50,12 +51,7 @@ def ours(engine, size: int):
 
 
 def reference(pipe, size: int) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    pipe(prompt=next(PROMPTS), width=size, height=size, num_inference_steps=STEPS, guidance_scale=CFG,
-         generator=torch.Generator().manual_seed(1))
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return pipeline_image(pipe, next(PROMPTS), size, STEPS, CFG)
 
 
 def median(repeat: int, run) -> float:
@@ -133,14 +129,11 @@ def main() -> None:
             print(rows[-1], flush=True)
             gc.collect()  # the engine and the pipeline of this card are gone: the next card starts empty
             torch.cuda.empty_cache()
-    device = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    print(f"\n## Whole images (issue 24) — {time.strftime('%Y-%m-%d')}, {device}\n")
-    print(f"`python3 -m benchmarks.whole_image --only {args.only} --cards {args.cards} --repeat {args.repeat}` — "
-          f"{STEPS} steps, Euler, CFG {CFG:g}, a new prompt each image, medians of {args.repeat}; pinned host→GPU "
-          f"{bandwidth / 1e9:.1f} GB/s.\n")
-    print("| model | where | ours | reference | ratio | goal | met | peak VRAM | moved per image |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    print_table("Whole images (issue 24)",
+                f"`python3 -m benchmarks.whole_image --only {args.only} --cards {args.cards} --repeat {args.repeat}` — "
+                f"{STEPS} steps, Euler, CFG {CFG:g}, a new prompt each image, medians of {args.repeat}; pinned "
+                f"host→GPU {bandwidth / 1e9:.1f} GB/s.",
+                ["model", "where", "ours", "reference", "ratio", "goal", "met", "peak VRAM", "moved per image"], rows)
 
 
 if __name__ == "__main__":
