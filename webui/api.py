@@ -14,7 +14,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -69,14 +70,17 @@ def encode_png(image: Image.Image, infotext: str) -> str:
 
 
 def response_images(result: GenerationResult) -> list[str]:
-    """The result's images as base64 PNGs with their infotexts; saved ones as their files' bytes, the same PNG."""
-    images = []
-    for image, infotext, path in zip(result.images, result.infotexts, result.saved_files()):
+    """The result's images as base64 PNGs with their infotexts; saved ones as their files' bytes, the same PNG. Those
+    not saved are encoded side by side (Pillow's encoder lets other threads run: a batch of 4 takes one image's time
+    on 4 cores)."""
+    def one(image: Image.Image, infotext: str, path: Path | None) -> str:
         try:
-            images.append(base64.b64encode(path.read_bytes()).decode("ascii") if path else encode_png(image, infotext))
+            return base64.b64encode(path.read_bytes()).decode("ascii") if path else encode_png(image, infotext)
         except OSError:  # moved or deleted since it was saved
-            images.append(encode_png(image, infotext))
-    return images
+            return encode_png(image, infotext)
+
+    with ThreadPoolExecutor(max_workers=min(len(result.images), os.cpu_count() or 1) or 1) as pool:
+        return list(pool.map(one, result.images, result.infotexts, result.saved_files()))
 
 
 def info_json(result: GenerationResult, ignored: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
