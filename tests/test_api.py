@@ -20,6 +20,7 @@ from PIL import Image, ImageFile
 from tests.bombs import png_bomb, png_chunk
 import webui.api
 from webui.api import register_api
+from webui.engine import outputs
 from webui.engine.infotext import parse_infotext
 from webui.engine.request import GenerationRequest
 from webui.jobs import JobQueue
@@ -65,20 +66,20 @@ def test_images_are_not_saved_unless_asked(client, tmp_path):
 def test_saved_images_are_sent_as_their_files_not_encoded_again(client, engine, monkeypatch):
     """One PNG encoding an image (0.1-0.2 s at 1024²): the route sends the saved files' bytes (issue 24)."""
     encoded = []
-    encode = webui.api.encode_png
-    monkeypatch.setattr(webui.api, "encode_png", lambda image, text: encoded.append(1) or encode(image, text))
+    encode = outputs.png_bytes
+    monkeypatch.setattr(outputs, "png_bytes", lambda image, text: encoded.append(1) or encode(image, text))
     sent = client.post("/sdapi/v1/txt2img", json={**BODY, "save_images": True}).json()["images"]
     files = sorted(engine.config.paths.outdir.rglob("*.png"))
-    assert encoded == [] and [base64.b64decode(b) for b in sent] == [f.read_bytes() for f in files]
+    assert len(encoded) == 2 and [base64.b64decode(b) for b in sent] == [f.read_bytes() for f in files]
     files[1].unlink()  # gone before the answer is made: encoded from the image instead
     result = engine.txt2img(GenerationRequest.from_dict({**BODY, "save_images": False}))
     result.paths = [files[0], files[1]]
     again = webui.api.response_images(result)
-    assert len(encoded) == 1 and base64.b64decode(again[0]) == files[0].read_bytes()
+    assert len(encoded) == 3 and base64.b64decode(again[0]) == files[0].read_bytes()
     assert decode(again[1]).tobytes() == decode(sent[1]).tobytes()
     assert decode(again[1]).text["parameters"] == decode(sent[1]).text["parameters"]
     not_saved = client.post("/sdapi/v1/txt2img", json=BODY).json()["images"]
-    assert len(encoded) == 3 and [decode(b).tobytes() for b in not_saved] == [decode(b).tobytes() for b in sent]
+    assert len(encoded) == 5 and [decode(b).tobytes() for b in not_saved] == [decode(b).tobytes() for b in sent]
 
 
 @pytest.mark.parametrize("change,field", [({"width": 7}, "width"), ({"width": 100000}, "width"),
@@ -504,7 +505,7 @@ def test_png_info_reads_the_text_of_a_decompression_bomb_without_decoding_it(cli
 def test_a_disk_that_refuses_the_images_still_returns_them_with_a_notice(client, engine, monkeypatch):
     """Disk full: the batch was a raw OSError 500 and its images were lost. Now they are returned, and the notice
     names the folder and the reason."""
-    def disk_full(image, folder, *args):
+    def disk_full(image, folder, *args, **kwargs):
         raise OSError(28, "No space left on device", str(folder / "00001.png"))
 
     monkeypatch.setattr("webui.engine.engine.save_image", disk_full)

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -40,6 +40,7 @@ from webui.api_body import (
 )
 from webui.engine.engine import Engine, MemoryState
 from webui.engine.infotext import PNG_SIGNATURE, parse_infotext, png_text, read_png_infotext
+from webui.engine.outputs import png_bytes, png_files
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationResult
 from webui.engine.xyz import SCRIPT_ARGS
@@ -62,25 +63,25 @@ def public_flags(args) -> dict:
 
 
 def encode_png(image: Image.Image, infotext: str) -> str:
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", infotext)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(png_bytes(image, infotext)).decode("ascii")
 
 
 def response_images(result: GenerationResult) -> list[str]:
-    """The result's images as base64 PNGs with their infotexts; saved ones as their files' bytes, the same PNG. Those
-    not saved are encoded side by side (Pillow's encoder lets other threads run: a batch of 4 takes one image's time
-    on 4 cores)."""
-    def one(image: Image.Image, infotext: str, path: Path | None) -> str:
-        try:
-            return base64.b64encode(path.read_bytes()).decode("ascii") if path else encode_png(image, infotext)
-        except OSError:  # moved or deleted since it was saved
-            return encode_png(image, infotext)
+    """The result's images as base64 PNGs with their infotexts: saved ones as their files' bytes (the same PNG), the
+    others encoded now, side by side."""
+    pngs = [_read(path) for path in result.saved_files()]
+    missing = [i for i, png in enumerate(pngs) if png is None]
+    encoded = png_files([result.images[i] for i in missing], [result.infotexts[i] for i in missing])
+    for i, png in zip(missing, encoded):
+        pngs[i] = png
+    return [base64.b64encode(png).decode("ascii") for png in pngs]
 
-    with ThreadPoolExecutor(max_workers=min(len(result.images), os.cpu_count() or 1) or 1) as pool:
-        return list(pool.map(one, result.images, result.infotexts, result.saved_files()))
+
+def _read(path: Path | None) -> bytes | None:
+    try:
+        return path.read_bytes() if path else None
+    except OSError:  # moved or deleted since it was saved
+        return None
 
 
 def info_json(result: GenerationResult, ignored: Sequence[str] = (), notes: Sequence[str] = ()) -> str:

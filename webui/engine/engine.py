@@ -307,8 +307,8 @@ class Engine:
     def _saver(self):
         outdir = self.output_folder("outdir_txt2img_samples")
 
-        def save(image: Image.Image, seed: int, prompt: str, infotext: str) -> Path:
-            path = save_image(image, outdir, seed, prompt, infotext)
+        def save(image: Image.Image, seed: int, prompt: str, infotext: str, png: bytes) -> Path:
+            path = save_image(image, outdir, seed, prompt, infotext, png=png)
             self.hooks.fire("image_saved", path=path, image=image, infotext=infotext)
             return path
 

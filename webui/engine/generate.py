@@ -24,6 +24,7 @@ from webui.engine.infotext import build_infotext
 from webui.engine.loading.load import TEXT_ENCODERS, LoadedModel, vae_scale_factor
 from webui.engine.memory.activation import activation_bytes
 from webui.engine.memory.manager import MemoryManager, MemoryPolicy, vae_decode_bytes
+from webui.engine.outputs import png_files
 from webui.engine.progress import Progress
 from webui.engine.request import MAX_SEED, GenerationRequest, GenerationResult
 from webui.engine.sampling.flow import SD3_DEFAULT_SHIFT
@@ -34,6 +35,8 @@ from webui.errors import UserError
 
 VERSION = "webui-0.1"
 log = logging.getLogger(__name__)
+# Saves one image (image, seed, prompt, infotext, its PNG bytes) and returns the file's path.
+SaveImage = Callable[[Image.Image, int, str, str, bytes], Path]
 
 
 @dataclass
@@ -63,7 +66,7 @@ def resolve_seed(seed: int) -> int:
 
 
 def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job: Resolved, progress: Progress,
-            save_image: Callable[[Image.Image, int, str, str], Path] | None = None,
+            save_image: SaveImage | None = None,
             hooks: Hooks | None = None) -> GenerationResult:
     """Run all batches of a request. ``save_image(image, seed, prompt, infotext)`` saves when given.
 
@@ -91,17 +94,20 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
             subseeds = [job.subseed + first + i for i in range(req.batch_size)]
             images = _with_oom_retry(lambda: _sample_batch(model, memory, job, seeds, subseeds, progress, bar, result,
                                                            hooks), memory, req)
-            for image, seed, subseed in zip(images, seeds, subseeds):
-                infotext = infotext_for(model, job, seed, subseed)
+            infotexts = [infotext_for(model, job, seed, subseed) for seed, subseed in zip(seeds, subseeds)]
+            for image, infotext in zip(images, infotexts):
                 image.info["parameters"] = infotext  # kept by whatever writes it as PNG (A1111 does the same)
+            saving = save_image is not None and job.save and not progress.interrupted
+            pngs = png_files(images, infotexts) if saving else [b""] * len(images)
+            for image, seed, subseed, infotext, png in zip(images, seeds, subseeds, infotexts, pngs):
                 result.images.append(image)
                 result.seeds.append(seed)
                 result.subseeds.append(subseed)
                 result.prompts.append(req.prompt)
                 result.negative_prompts.append(req.negative_prompt)
                 result.infotexts.append(infotext)
-                if save_image is not None and job.save and not progress.interrupted:
-                    _save(save_image, image, seed, req.prompt, infotext, result)
+                if saving:
+                    _save(save_image, image, seed, req.prompt, infotext, png, result)
         result.interrupted = progress.interrupted
     finally:
         bar.close()
@@ -111,12 +117,12 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
     return result
 
 
-def _save(save_image: Callable[[Image.Image, int, str, str], Path], image: Image.Image, seed: int, prompt: str,
-          infotext: str, result: GenerationResult) -> None:
+def _save(save_image: SaveImage, image: Image.Image, seed: int, prompt: str, infotext: str, png: bytes,
+          result: GenerationResult) -> None:
     """Save one image; where the disk refuses (full, read-only), the images are still returned, with a notice naming
     the folder and the reason, once."""
     try:
-        result.paths.append(save_image(image, seed, prompt, infotext))
+        result.paths.append(save_image(image, seed, prompt, infotext, png))
     except OSError as e:
         where = f" in {Path(e.filename).parent}" if e.filename else ""
         notice = (f"Images could not be saved{where}: {e.strerror or e}. They are shown here and returned; free some "

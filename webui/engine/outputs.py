@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import os
 import re
 import secrets
 import threading
 import unicodedata
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
@@ -77,16 +79,30 @@ def remove_stale_temp_files(outdir: Path) -> int:
     return len(stale)
 
 
-def _write_temp_png(image: Image.Image, folder: Path, infotext: str) -> Path:
-    """The image as a hidden, fsynced PNG in ``folder``; created like a normal file (umask applies)."""
+def png_bytes(image: Image.Image, infotext: str) -> bytes:
+    """The image as a PNG file's bytes, with its infotext in A1111's ``parameters`` text chunk (none if empty)."""
     pnginfo = PngInfo()
     if infotext:
         pnginfo.add_text("parameters", infotext)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=pnginfo)
+    return buffer.getvalue()
+
+
+def png_files(images: list[Image.Image], infotexts: list[str]) -> list[bytes]:
+    """``png_bytes`` of each, side by side: Pillow's encoder lets other threads run (a 1024² PNG takes 0.1-0.2 s
+    of CPU; a batch takes about one image's time on enough cores)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(len(images), os.cpu_count() or 1))) as pool:
+        return list(pool.map(png_bytes, images, infotexts))
+
+
+def _write_temp_png(png: bytes, folder: Path) -> Path:
+    """A PNG file's bytes as a hidden, fsynced file in ``folder``; created like a normal file (umask applies)."""
     path = folder / f".{secrets.token_hex(8)}.png.tmp"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as file:
-            image.save(file, format="PNG", pnginfo=pnginfo)
+            file.write(png)
             file.flush()
             os.fsync(file.fileno())
     except BaseException:
@@ -116,11 +132,13 @@ def save_image(
     prompt: str,
     infotext: str,
     date: datetime.date | None = None,
+    png: bytes | None = None,
 ) -> Path:
-    """Save ``image`` with its infotext as the day's next numbered PNG; returns its path."""
+    """Save ``image`` with its infotext as the day's next numbered PNG (``png``: its bytes, encoded already by
+    ``png_files``); returns its path."""
     folder = Path(outdir) / (date or datetime.date.today()).isoformat()
     folder.mkdir(parents=True, exist_ok=True)
-    temp = _write_temp_png(image, folder, infotext)
+    temp = _write_temp_png(png_bytes(image, infotext) if png is None else png, folder)
     try:
         with _folder_locked(folder) as dir_fd:
             path = folder / file_name(next_number(folder), seed, prompt)
