@@ -10,7 +10,8 @@ from webui.engine.formats.detect import Family
 
 
 class Families:
-    """One instance of each family; adding a family is adding its module and its line here."""
+    """One instance of each family; adding a family is adding its module and its line here. It holds no state:
+    the engine keeps one, and code given only a ``Family`` (``lora.keys``) makes its own."""
 
     def __init__(self) -> None:
         kinds: tuple[FamilyModel, ...] = (StableDiffusion(), StableDiffusion2(), StableDiffusionXL(),
