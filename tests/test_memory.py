@@ -133,6 +133,35 @@ def test_text_encoding_and_decoding_stream_beside_the_denoiser_rather_than_evict
     assert max(moved[1:]) < denoiser.nbytes / MB, "the denoiser is never moved again"
 
 
+def test_a_phase_plan_moves_nothing_and_evicts_by_what_the_phase_calls():
+    """``plan_phase`` decides, ``_place`` moves: planning a phase (what an estimate would do) changes no placement."""
+    from webui.engine.memory.manager import Component, MemoryMode, plan_phase
+
+    def component(name: str, layers: int) -> Component:
+        c = Component(name, nn.Sequential(*(nn.Linear(256, 256) for _ in range(layers))), [])
+        c.units = split_units(c.module, 1)
+        c.nbytes, c.on_device = sum(u.nbytes for u in c.units), set(c.units)  # all on the device now
+        return c
+
+    denoiser, text_encoder, vae = component("denoiser", 16), component("text_encoder", 8), component("vae", 2)
+    everything = [denoiser, text_encoder, vae]
+
+    def plan(needed: list[Component], once: bool, budget: int) -> dict[str, tuple[int, bool]]:
+        placed = plan_phase(everything, needed, budget, MemoryMode.AUTO, once)
+        return {c.name: (sum(u.nbytes for u in keep), stream) for c, keep, stream in placed}
+
+    roomy = plan([text_encoder], True, denoiser.nbytes + text_encoder.nbytes)
+    assert set(roomy) == {"text_encoder"} and 0 < roomy["text_encoder"][0] < text_encoder.nbytes, \
+        "it streams part of itself beside the others, evicting none"
+    tight = plan([text_encoder], True, denoiser.nbytes + text_encoder.nbytes // 2)
+    assert tight == {"vae": (0, False), "text_encoder": (0, True)}, "the smallest leaves, the denoiser stays"
+    whole = plan([text_encoder], False, denoiser.nbytes + text_encoder.nbytes // 2)
+    assert whole["denoiser"] == (0, False), "made whole, the text encoder evicts the largest"
+    assert plan([denoiser], False, denoiser.nbytes + text_encoder.nbytes // 2) == {
+        "text_encoder": (0, False), "denoiser": (denoiser.nbytes, True)}, "the VAE fits beside it and stays"
+    assert all(c.on_device == set(c.units) for c in everything), "planning moved nothing"
+
+
 def test_always_offload_from_vram_empties_the_device_after_each_generation(tmp_path, sd1_file):
     engine = simulated_engine(tmp_path, sd1_file, flags=("--always-offload-from-vram",))
     generate(engine)

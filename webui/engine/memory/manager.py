@@ -196,6 +196,53 @@ def _streaming_floor(component: Component) -> int:
     return min(component.nbytes, (IN_FLIGHT + 1) * max((u.nbytes for u in component.units), default=0))
 
 
+Placement = tuple[Component, set[Unit], bool]  # a component, its units to keep on the device, whether to stream the rest
+
+
+def plan_phase(components: list[Component], needed: list[Component], budget: int, mode: MemoryMode,
+               once: bool) -> list[Placement]:
+    """Where every unit goes for a phase that runs ``needed`` within ``budget`` bytes of weights: the policy of the
+    module docstring, as placements to make in order (evictions first). Pure: it reads where units are, moves none.
+
+    ``once``: the phase calls its components once (text encoding, a decode), so others are evicted only as far as
+    these need to stream beside them, smallest first; else (the denoiser) as far as these fit whole, largest first.
+    """
+    if mode is MemoryMode.ALWAYS_GPU or (mode is MemoryMode.AUTO and sum(c.nbytes for c in components) <= budget):
+        return [(c, set(c.units), False) for c in components]
+    others = [c for c in components if c not in needed]
+    if mode is MemoryMode.AUTO:
+        wanted = sum(_streaming_floor(c) if once else c.nbytes for c in needed)
+        evicted = _to_evict(others, budget - wanted, smallest_first=once)
+    else:  # medvram and lowvram: only the active components on the device
+        evicted = others
+    placements: list[Placement] = [(c, set(), False) for c in evicted]
+    room = budget - sum(c.device_bytes() for c in others if c not in evicted)
+    # Companions (a LoRA's adapters) are given room first: they are small, and streaming hundreds of tiny
+    # units costs a hook and a copy each, far more per byte than the large units of the component they adapt.
+    for c in sorted(needed, key=lambda c: c.companion_of is None):
+        if mode is MemoryMode.LOWVRAM:
+            keep = set()
+        elif mode is MemoryMode.MEDVRAM and c.nbytes <= room:
+            keep = set(c.units)
+        else:
+            keep = plan_residency(c.units, room)
+        room -= sum(u.nbytes for u in keep)
+        placements.append((c, keep, True))
+    return placements
+
+
+def _to_evict(candidates: list[Component], room: int, smallest_first: bool) -> list[Component]:
+    """Whole components to move to the host until the resident ones fit in ``room``: the largest first, which frees
+    the room in fewest moves, or the smallest first, which costs the fewest bytes to bring back."""
+    resident, evicted = sum(c.device_bytes() for c in candidates), []
+    for c in sorted(candidates, key=lambda c: c.device_bytes() if smallest_first else -c.device_bytes()):
+        if resident <= max(room, 0):
+            break
+        resident -= c.device_bytes()
+        evicted.append(c)
+    return evicted
+
+
 def plan_residency(units: list[Unit], budget: int) -> set[Unit]:
     """The units to keep on the device within ``budget``; the others are streamed.
 
@@ -322,37 +369,14 @@ class MemoryManager:
         self.stats.streamed_mb = max(self.stats.streamed_mb, sum(c.streamed_bytes() for c in needed) / MB)
 
     def _arrange(self, needed: list[Component], activation: int, once: bool) -> None:
-        others = [c for c in self.components.values() if c not in needed]
         activation += max(c.upcast_bytes for c in needed)
         mode = self.policy.mode if self.limited else MemoryMode.ALWAYS_GPU
-        if mode is MemoryMode.ALWAYS_GPU:
-            for c in self.components.values():
-                self._place(c, set(c.units), stream=False)
-            return
-        budget = int(self.weight_budget(activation) * self.policy.budget_scale)
-        self.stats.budget_mb = budget / MB
-        if mode is MemoryMode.AUTO and sum(c.nbytes for c in self.components.values()) <= budget:
-            for c in self.components.values():
-                self._place(c, set(c.units), stream=False)
-            return
-        if mode is MemoryMode.AUTO and once:
-            self._evict(others, budget - sum(_streaming_floor(c) for c in needed), smallest_first=True)
-        elif mode is MemoryMode.AUTO:
-            self._evict(others, budget - sum(c.nbytes for c in needed))
-        else:  # medvram and lowvram: only the active components on the device
-            for c in others:
-                self._place(c, set(), stream=False)
-        room = budget - sum(c.device_bytes() for c in others)
-        # Companions (a LoRA's adapters) are given room first: they are small, and streaming hundreds of tiny
-        # units costs a hook and a copy each, far more per byte than the large units of the component they adapt.
-        for c in sorted(needed, key=lambda c: c.companion_of is None):
-            fits_whole = mode is MemoryMode.MEDVRAM and c.nbytes <= room
-            if mode is MemoryMode.LOWVRAM:
-                keep = set()
-            else:
-                keep = set(c.units) if fits_whole else plan_residency(c.units, room)
-            room -= sum(u.nbytes for u in keep)
-            self._place(c, keep, stream=True)
+        budget = 0
+        if mode is not MemoryMode.ALWAYS_GPU:
+            budget = int(self.weight_budget(activation) * self.policy.budget_scale)
+            self.stats.budget_mb = budget / MB
+        for component, keep, stream in plan_phase(list(self.components.values()), needed, budget, mode, once):
+            self._place(component, keep, stream)
 
     def prepare_decode(self, name: str, decode_bytes: int) -> bool:
         """Place the VAE for decoding. True when the decode must be tiled: a whole one would not fit."""
@@ -404,16 +428,6 @@ class MemoryManager:
         return sum(c.device_bytes() for c in self.components.values())
 
     # ---- moving -----------------------------------------------------------------------
-
-    def _evict(self, candidates: list[Component], room: int, smallest_first: bool = False) -> None:
-        """Move whole components to the host until the resident ones fit in ``room``: the largest first, which
-        frees the room in fewest moves, or the smallest first, which costs the fewest bytes to bring back."""
-        resident = sum(c.device_bytes() for c in candidates)
-        for c in sorted(candidates, key=lambda c: c.device_bytes() if smallest_first else -c.device_bytes()):
-            if resident <= max(room, 0):
-                break
-            resident -= c.device_bytes()
-            self._place(c, set(), stream=False)
 
     def _place(self, component: Component, keep: set[Unit], stream: bool, pin_host: bool = True) -> None:
         """Put exactly ``keep`` on the device; stream the rest if asked, else leave it on the host.
