@@ -214,10 +214,7 @@ class Engine:
         return self.samplers.api_schedulers()
 
     def add_network(self, kind: str, network: Network, owner: str) -> None:
-        """Hand the prompt tags ``<kind:...>`` to ``network``; a kind belongs to the extension that added it first."""
-        taken = self.hooks.networks.get(kind.lower())
-        if taken is not None and taken[0] != owner:
-            raise ValueError(f"the network kind {kind!r} belongs to {taken[0]}")
+        """Hand the prompt tags ``<kind:...>`` to ``network`` (``Hooks.add_network``: the first owner keeps a kind)."""
         self.hooks.add_network(kind, network, owner=owner)
 
     def load_selected(self) -> None:
@@ -267,7 +264,6 @@ class Engine:
             job = Resolved(
                 request=request,
                 sampling=sampling,
-                cfg=request.cfg_scale > 1.0,
                 seed=resolve_seed(request.seed),
                 subseed=resolve_seed(request.subseed),
                 clip_skip=request.clip_skip or self.options["CLIP_stop_at_last_layers"],

@@ -46,7 +46,6 @@ class Resolved:
 
     request: GenerationRequest
     sampling: Sampling  # sampler, schedule type and eta
-    cfg: bool  # whether CFG runs (a scale above 1): the negative prompt is encoded and each step predicts twice
     seed: int
     subseed: int  # the variation seed (used where subseed_strength is above 0)
     clip_skip: int
@@ -56,6 +55,11 @@ class Resolved:
     shift: float = SD3_DEFAULT_SHIFT  # SD3.x's flow shift (a setting); Flux's follows the resolution
     prompts: tuple[str, str] | None = None  # prompt and negative prompt without network tags; None: as requested
     extra_params: dict[str, str] = field(default_factory=dict)  # infotext fields from extensions ("Lora hashes")
+
+    @property
+    def cfg(self) -> bool:
+        """Whether CFG runs (a scale above 1): the negative prompt is encoded and each step predicts twice."""
+        return self.request.cfg_scale > 1.0
 
     def encoded_prompts(self) -> tuple[str, str]:
         return self.prompts or (self.request.prompt, self.request.negative_prompt)

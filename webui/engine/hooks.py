@@ -76,6 +76,10 @@ class Hooks:
         self.callbacks[event].append(_Callback(owner, fn))
 
     def add_network(self, kind: str, network: Network, owner: str = "builtin") -> None:
+        """Hand the prompt tags ``<kind:...>`` to ``network``; a kind belongs to the owner that added it first."""
+        taken = self.networks.get(kind.lower())
+        if taken is not None and taken[0] != owner:
+            raise ValueError(f"the network kind {kind!r} belongs to {taken[0]}")
         self.networks[kind.lower()] = (owner, network)
 
     def fire(self, event: str, **kwargs: Any) -> None:
