@@ -165,6 +165,20 @@ def test_generate_shows_the_image_its_parameters_and_done(page, server):
             expect(chart).to_contain_text(legend)
 
 
+def test_will_it_fit_is_told_beside_generate_and_follows_the_form(page, server):
+    """After a job the forecast knows this machine's rates: more steps, a longer time (on the CPU: no VRAM)."""
+    forecast = page.locator("#txt2img_forecast")
+    set_slider(page, "txt2img_steps", 3)
+    page.locator("#txt2img_generate").click()
+    expect(page.locator(STATUS)).to_contain_text("Done")
+    told = re.compile(r"Will it fit\? RAM \+\d+\.\d of [\d.]+ GB free · ~(\d+\.\d) s")
+    expect(forecast).to_contain_text(told)
+    three_steps = float(told.search(forecast.inner_text())[1])
+    set_slider(page, "txt2img_steps", 30)
+    wait_until(lambda: float(told.search(forecast.inner_text())[1]) > three_steps, "the forecast follows the steps")
+    set_slider(page, "txt2img_steps", 3)
+
+
 def test_ctrl_enter_in_either_prompt_box_generates(page, server):
     before = len(generations(server))
     page.locator(PROMPT).fill("a green square")

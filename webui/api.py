@@ -39,11 +39,12 @@ from webui.api_body import (
     xyz_script,
 )
 from webui.engine.engine import Engine, MemoryState
+from webui.engine.forecast import Forecast
 from webui.engine.infotext import PNG_SIGNATURE, parse_infotext, png_text, read_png_infotext
 from webui.engine.outputs import png_bytes, png_files
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationResult
-from webui.engine.xyz import SCRIPT_ARGS
+from webui.engine.xyz import SCRIPT_ARGS, PlotForecast, forecast_plot
 from webui.errors import Busy, UserError
 from webui.extensions import extensions_of, plot_axes
 from webui.jobs import JobQueue
@@ -356,6 +357,21 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         notes = call.notes + (script.notes if script else ())
         return {"images": images, "parameters": body, "info": info_json(result, call.ignored, notes)}
 
+    async def estimate(body: Any = Body(...)) -> dict[str, Any]:
+        """Will it fit? A txt2img body's forecast (an X/Y/Z script's: every cell's), made in the queue after the jobs
+        before it, with the model it names loaded as the generation would load it; nothing is generated."""
+        call = read_txt2img(body, engine.options, engine.known_schedule_type, engine.declared_size)
+        script = xyz_script(body, plot_axes(engine), engine.options["xyz_axis_numbering"])
+
+        def work() -> Forecast | PlotForecast:
+            forecast = engine.forecast(call.request, load=True)  # the body's model loaded; a plot's cells of others
+            if script is None:                                   # are named, not loaded
+                return forecast
+            return forecast_plot(engine, call.request, script.choices, plot_axes(engine), script.options)
+
+        forecast = await asyncio.wrap_future(jobs.submit_call("estimate", work, call.overrides))
+        return forecast.as_dict() | {"ignored_fields": list(call.ignored)}
+
     async def waited(future: Future, request: Request) -> bool:
         """Wait for a queued job while its client is there. A client that goes away before the job starts takes it
         out of the queue; one that goes away while it runs interrupts it (A1111 works on for nobody). False then."""
@@ -404,6 +420,8 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
 
     routes = [
         ("/txt2img", txt2img, "POST", "Text to image (A1111 request and response shape)"),
+        ("/estimate", estimate, "POST", "Will it fit? A txt2img body's peak VRAM, RAM and time on this machine, "
+         "forecast without generating (this app's; loads the model it names)"),
         ("/png-info", png_info, "POST", "The generation parameters stored in an image (base64), read and parsed"),
         ("/reload-checkpoint", reload_checkpoint, "POST", "Load the checkpoint the options select"),
         ("/extensions", lambda: extension_list(engine), "GET", "Extensions found, and whether each runs"),
@@ -440,8 +458,8 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
     extra = {"dependencies": [Depends(basic_auth(args.api_auth))] if args.api_auth else None,
              "route_class_override": route_class(args.api_log)}
     responses = ERROR_RESPONSES | (LOGIN_RESPONSES if args.api_auth else {})
-    bodies = {"/txt2img": txt2img_body_schema(), "/options": options_body_schema(), "/png-info": PNG_INFO_BODY_SCHEMA}
-    queued = ("/txt2img", "/reload-checkpoint")
+    bodies = {"/txt2img": txt2img_body_schema(), "/estimate": txt2img_body_schema(), "/options": options_body_schema(), "/png-info": PNG_INFO_BODY_SCHEMA}
+    queued = ("/txt2img", "/reload-checkpoint", "/estimate")
     commands = {f"/server-{name}" for name in SERVER_COMMANDS}
     for path, endpoint, method, summary in routes:
         body = bodies.get(path) if method == "POST" else None

@@ -50,9 +50,10 @@ class JobQueue:
                             lambda: run_plot(self.engine, base, choices, plot_axes(self.engine), options, save_grid),
                             overrides)
 
-    def submit_call(self, name: str, work: Callable[[], Any]) -> Future:
-        """Queue other engine work (loading a model), after the jobs before it; the future holds its result."""
-        return self._submit(name, work)
+    def submit_call(self, name: str, work: Callable[[], Any], overrides: Overrides | None = None) -> Future:
+        """Queue other engine work (loading a model, a forecast), after the jobs before it; the future holds its
+        result."""
+        return self._submit(name, work, overrides)
 
     @property
     def pending(self) -> int:

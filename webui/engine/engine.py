@@ -19,6 +19,7 @@ from PIL import Image
 from webui.engine.families.protocol import FamilyFields
 from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
+from webui.engine.forecast import Forecast, Rates, forecast_job
 from webui.engine.formats.files import CheckpointInfo, HashCache, checkpoint_title, declared_resolution, short_hash
 from webui.engine.generate import Resolved, resolve_seed, txt2img
 from webui.engine.hooks import Hooks, Network, extract_networks
@@ -31,11 +32,12 @@ from webui.engine.memory.manager import DeviceMemory, MemoryManager, MemoryMode,
 from webui.engine.outputs import remove_stale_temp_files, save_image
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
-from webui.engine.sampling.samplers import SamplerRegistry
+from webui.engine.sampling.samplers import SamplerRegistry, Sampling
 from webui.errors import ModelFileError, UserError
 from webui.settings import OUTPUT_FOLDER_OPTIONS, AppConfig
 
 log = logging.getLogger(__name__)
+FORECAST_WAIT_SECONDS = 0.5  # a forecast that need not load waits this long for a running job, then says it runs
 
 
 def pick_device(choice: str) -> torch.device:
@@ -105,6 +107,7 @@ class Engine:
         self.samplers = SamplerRegistry()  # A1111's samplers and schedule types, and those extensions add
         self._announced: Callable[[], object] = lambda: None  # the model model_loaded was last fired for (weakly)
         self._generate_lock = threading.Lock()
+        self._rates: dict[tuple, Rates] = {}  # per model (the model manager's identity): measured at its last job
         log.info("Engine ready on %s (%s); %d checkpoint(s) found.", self.device, dtypes.unet,
                  len(self.models.checkpoints()))
 
@@ -235,13 +238,16 @@ class Engine:
             self.models.find_modules(changed["forge_additional_modules"])
         self.options.update(changes)
 
+    def _model_choice(self, vae: str | None, modules: list[str] | None) -> tuple:
+        """What besides the checkpoint makes the model a generation uses: VAE, storage, modules, T5 (the options'
+        where the request does not say)."""
+        return (vae if vae is not None else self.options["sd_vae"], self.options["forge_unet_storage_dtype"],
+                tuple(modules if modules is not None else self.options["forge_additional_modules"]),
+                self.options["sd3_enable_t5"], self.options["t5_storage_dtype"])
+
     def _model(self, info: CheckpointInfo, vae: str | None, modules: list[str] | None) -> LoadedModel:
         """The model a generation uses, loaded or switched to as the options say; extensions hear of a new one."""
-        model = self.models.get(info, vae if vae is not None else self.options["sd_vae"],
-                                self.options["forge_unet_storage_dtype"],
-                                tuple(modules if modules is not None else self.options["forge_additional_modules"]),
-                                self.options["sd3_enable_t5"], self.options["t5_storage_dtype"],
-                                self.options["sd_checkpoints_limit"])
+        model = self.models.get(info, *self._model_choice(vae, modules), self.options["sd_checkpoints_limit"])
         if self._announced() is not model:
             self._announced = weakref.ref(model)
             self.hooks.fire("model_loaded", model=model)
@@ -258,23 +264,15 @@ class Engine:
             self.progress.preview_every = self.options["show_progress_every_n_steps"]
             trace.begin_phase("loading")
             model = self._model(info, request.vae, request.modules)
-            prompt, calls = extract_networks(request.prompt)
-            negative, negative_calls = extract_networks(request.negative_prompt)
-            extra_params = self.hooks.activate_networks(model, calls + negative_calls)
-            job = Resolved(
-                request=request,
-                sampling=sampling,
-                seed=resolve_seed(request.seed),
-                subseed=resolve_seed(request.subseed),
-                clip_skip=request.clip_skip or self.options["CLIP_stop_at_last_layers"],
-                save=self.options["samples_save"] if request.save_images is None else request.save_images,
-                model_hash=short_hash(self.models.current_sha256),
-                vae_name=model.vae_name,
-                shift=self.options["sd3_shift"],
-                prompts=(prompt, negative),
-                extra_params=extra_params,
-            )
-            result = txt2img(model, self.memory, self.memory_policy(), job, self.progress, self._saver(), self.hooks)
+            job = self._job(request, sampling, model, activate=True)
+            policy = self.memory_policy()
+            rates = self._rates.setdefault(self.models.identity, Rates())
+            forecast = forecast_job(model, self.memory, policy, job, rates)
+            forecast.check_host()
+            result = txt2img(model, self.memory, policy, job, self.progress, self._saver(), self.hooks)
+            result.forecast = forecast
+            if not result.interrupted:
+                rates.learn(forecast, result)
         if not trace.running:  # its own recording; a plot's cells leave theirs to the plot
             result.memory_timeline = trace.timeline()
         self.hooks.fire("after_generation", request=request, result=result)
@@ -283,6 +281,47 @@ class Engine:
                  result.seed, result.seconds, self.device, info.name, job.model_hash,
                  " (interrupted)" if result.interrupted else "")
         return result
+
+    def _job(self, request: GenerationRequest, sampling: Sampling, model: LoadedModel, activate: bool) -> Resolved:
+        """The request resolved against the settings for ``model``; ``activate``: its prompts' networks (LoRAs) are
+        put in place (a generation), else only taken out of the prompts (a forecast)."""
+        prompt, calls = extract_networks(request.prompt)
+        negative, negative_calls = extract_networks(request.negative_prompt)
+        extra_params = self.hooks.activate_networks(model, calls + negative_calls) if activate else {}
+        return Resolved(
+            request=request,
+            sampling=sampling,
+            seed=resolve_seed(request.seed),
+            subseed=resolve_seed(request.subseed),
+            clip_skip=request.clip_skip or self.options["CLIP_stop_at_last_layers"],
+            save=self.options["samples_save"] if request.save_images is None else request.save_images,
+            model_hash=short_hash(self.models.current_sha256),
+            vae_name=model.vae_name,
+            shift=self.options["sd3_shift"],
+            prompts=(prompt, negative),
+            extra_params=extra_params,
+        )
+
+    def forecast(self, request: GenerationRequest, load: bool = False) -> Forecast:
+        """Will it fit? The request's peak VRAM, host RAM and time, forecast from the memory manager's plan and the
+        rates measured here (``webui.engine.forecast``); nothing is generated or moved. The forecast needs the
+        model's weights: ``load`` loads it as a generation would; else a model not loaded now is a UserError."""
+        request.validate(self.options.as_dict())
+        info = self.checkpoint(request.checkpoint)
+        sampling = self.samplers.choose(request.sampler_name, request.scheduler, request.eta, self.options.as_dict())
+        if not self._generate_lock.acquire(timeout=-1 if load else FORECAST_WAIT_SECONDS):
+            raise UserError("a job is running; the forecast can be made when it is done")
+        try:
+            model = (self._model(info, request.vae, request.modules) if load
+                     else self.models.loaded(info, *self._model_choice(request.vae, request.modules)))
+            if model is None:
+                raise UserError(f"{info.name} is not loaded: a forecast needs the sizes of its weights. Generate once "
+                                "or load it first.")
+            job = self._job(request, sampling, model, activate=False)
+            model.kind.check_size(request.width, request.height)
+            return forecast_job(model, self.memory, self.memory_policy(), job, self._rates.get(self.models.identity))
+        finally:
+            self._generate_lock.release()
 
     def memory_policy(self) -> MemoryPolicy:
         """Flags and options as the memory manager needs them, read at every generation."""

@@ -22,7 +22,7 @@ from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.hooks import Hooks
 from webui.engine.infotext import build_infotext
 from webui.engine.loading.load import TEXT_ENCODERS, LoadedModel, vae_scale_factor
-from webui.engine.memory.activation import activation_bytes
+from webui.engine.memory.activation import activation_bytes, encode_activation_bytes
 from webui.engine.memory.manager import MemoryManager, MemoryPolicy, vae_decode_bytes
 from webui.engine.outputs import png_files
 from webui.engine.progress import Progress
@@ -65,6 +65,25 @@ class Resolved:
         return self.prompts or (self.request.prompt, self.request.negative_prompt)
 
 
+@dataclass(frozen=True)
+class PhaseEstimates:
+    """A job's activation memory per phase (bytes), estimated before it runs: each phase is planned with its own."""
+
+    encode: int
+    denoise: int
+    decode: int
+
+    @classmethod
+    def of(cls, model: LoadedModel, job: Resolved) -> PhaseEstimates:
+        req, rows = job.request, job.request.batch_size * (2 if job.cfg else 1)
+        return cls(
+            encode=encode_activation_bytes(model.kind.encode_activation_per_prompt, rows),
+            denoise=activation_bytes(model.kind.activation_per_pixel, req.width, req.height, req.batch_size, job.cfg,
+                                     compute_dtype(model.denoiser)),
+            decode=vae_decode_bytes(req.width, req.height, req.batch_size, compute_dtype(model.vae)),
+        )
+
+
 def resolve_seed(seed: int) -> int:
     return random.randint(0, MAX_SEED) if seed == -1 else int(seed)
 
@@ -80,9 +99,8 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
     req = job.request
     start = time.perf_counter()
     model.kind.check_size(req.width, req.height)
-    activation = activation_bytes(model.kind.activation_per_pixel, req.width, req.height, req.batch_size, job.cfg,
-                                  compute_dtype(model.denoiser))
-    memory.begin(policy, activation)
+    estimates = PhaseEstimates.of(model, job)
+    memory.begin(policy, estimates.denoise)
     result = GenerationResult(request=req, model_name=model.info.model_name, model_hash=job.model_hash,
                               sampler_name=job.sampling.sampler.name, scheduler=job.sampling.schedule.label,
                               clip_skip=job.clip_skip)
@@ -96,8 +114,8 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
             first = batch_no * req.batch_size
             seeds = [job.seed + first + i for i in range(req.batch_size)]
             subseeds = [job.subseed + first + i for i in range(req.batch_size)]
-            images = _with_oom_retry(lambda: _sample_batch(model, memory, job, seeds, subseeds, progress, bar, result,
-                                                           hooks), memory, req)
+            images = _with_oom_retry(lambda: _sample_batch(model, memory, job, estimates, seeds, subseeds, progress, bar,
+                                                           result, hooks), memory, req)
             infotexts = [infotext_for(model, job, seed, subseed) for seed, subseed in zip(seeds, subseeds)]
             for image, infotext in zip(images, infotexts):
                 image.info["parameters"] = infotext  # kept by whatever writes it as PNG (A1111 does the same)
@@ -183,12 +201,14 @@ def _with_oom_retry(run: Callable[[], list[Image.Image]], memory: MemoryManager,
 
 
 @torch.inference_mode()
-def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, seeds: list[int], subseeds: list[int],
-                  progress: Progress, bar: tqdm, result: GenerationResult, hooks: Hooks | None) -> list[Image.Image]:
+def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, estimates: PhaseEstimates,
+                  seeds: list[int], subseeds: list[int], progress: Progress, bar: tqdm, result: GenerationResult,
+                  hooks: Hooks | None) -> list[Image.Image]:
     req, device = job.request, memory.device
     dtype = compute_dtype(model.denoiser)
     clock = PhaseClock(device, result.timings)
-    memory.prepare([name for name in TEXT_ENCODERS if name in memory.components], once=True)
+    if not encoded_already(model, job):
+        prepare_encoders(memory, estimates)
     cond, uncond = _conditioning(model, job, device, dtype)
     clock.lap("encode")
     memory.prepare(["denoiser"])
@@ -232,15 +252,30 @@ class PhaseClock:
         self.last = now
 
 
+def prepare_encoders(memory: MemoryManager, estimates: PhaseEstimates) -> None:
+    memory.prepare([name for name in TEXT_ENCODERS if name in memory.components], estimates.encode, once=True)
+
+
+def encoded_already(model: LoadedModel, job: Resolved) -> bool:
+    """Whether the job's conditioning is the one kept from the last prompts encoded (then the text encoders are not
+    placed at all: on a small card that leaves the denoiser where it is)."""
+    return model.conditioning_cache[0] == _conditioning_key(job, compute_dtype(model.denoiser))
+
+
+def _conditioning_key(job: Resolved, dtype: torch.dtype) -> tuple:
+    req = job.request
+    return req.prompt, req.negative_prompt, job.clip_skip, req.batch_size, job.cfg, dtype
+
+
 def _conditioning(model: LoadedModel, job: Resolved, device: torch.device,
                   dtype: torch.dtype) -> tuple[Conditioning, Conditioning | None]:
     """Positive and negative conditioning (no negative without CFG), reused while the prompts (network tags
     included: they may change the text encoders), clip skip and batch stay the same (as A1111 does): a new seed
     for the same prompt costs no text encoding."""
-    req = job.request
-    key = (req.prompt, req.negative_prompt, job.clip_skip, req.batch_size, job.cfg, dtype)
+    key = _conditioning_key(job, dtype)
     if model.conditioning_cache[0] == key:
         return model.conditioning_cache[1]
+    req = job.request
     n = req.batch_size
     prompt, negative = job.encoded_prompts()
     # One pass for both: the shorter prompt is padded with empty chunks, as A1111 does for CFG.

@@ -4,13 +4,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from webui.engine.memory.manager import GenerationStats
 from webui.engine.memory.trace import MemoryTimeline
 from webui.errors import UserError
+
+if TYPE_CHECKING:
+    from webui.engine.forecast import Forecast
 
 MAX_SEED = 2**32 - 1
 MIN_SIDE, SIDE_MULTIPLE = 64, 8  # pixels; latents are 1/8 of the image
@@ -149,6 +152,7 @@ class GenerationResult:
     memory_timeline: MemoryTimeline | None = None  # memory over time, from loading to the last image (a plot's: all)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase: encode, denoise, decode
     notices: list[str] = field(default_factory=list)  # what the user should know (a VAE kept in float32)
+    forecast: Forecast | None = None  # what was forecast before it ran (benchmarks compare it with what happened)
 
     @property
     def seed(self) -> int:

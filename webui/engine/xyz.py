@@ -29,6 +29,7 @@ from webui.errors import UserError
 
 if TYPE_CHECKING:
     from webui.engine.engine import Engine
+    from webui.engine.forecast import Forecast
 
 
 @dataclass
@@ -226,10 +227,56 @@ def plot_from_args(args: dict[str, Any], axes: list[Axis]) -> tuple[list[AxisCho
     return choices, options
 
 
-def run_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice], axes: list[Axis],
-             options: PlotOptions = PlotOptions(), save_grid: bool | None = None) -> PlotResult:
-    """Generate every cell of the plot (X, Y, Z = ``choices``), then the grid; UserError before any work for a
-    bad axis or value."""
+Index = tuple[int, int, int]
+Plan = list[tuple[Axis, list]]  # each axis (X, Y, Z), and its values
+
+
+@dataclass(frozen=True)
+class PlotForecast:
+    """Will the plot fit? Each cell's forecast (``webui.engine.forecast``) in plot order; the plot's peak is its
+    largest cell's, its time their sum."""
+
+    cells: list[Forecast]
+    unknown: list[str]  # cells that could not be forecast, and why (a checkpoint not loaded yet)
+
+    @property
+    def seconds(self) -> float | None:
+        times = [cell.seconds for cell in self.cells]
+        return None if self.unknown or None in times else sum(times)
+
+    def summary(self) -> str:
+        count = len(self.cells) + len(self.unknown)
+        cells = f"{count} cell{'s' if count != 1 else ''}"
+        if not self.cells:
+            return f"{cells}: {self.unknown[0]}"
+        peak = max(self.cells, key=lambda cell: (cell.peak_vram, cell.host_bytes))
+        text = f"{cells}, the largest: {peak.summary()}"
+        seconds = self.seconds
+        text += f" · the plot ~{seconds:.0f} s" if seconds is not None else ""
+        return text + (f" · not forecast: {'; '.join(self.unknown)}" if self.unknown else "")
+
+    def as_dict(self) -> dict:
+        return {"cells": [cell.as_dict() for cell in self.cells], "not_forecast": self.unknown,
+                "peak_vram_mb": max((cell.as_dict()["peak_vram_mb"] or 0 for cell in self.cells), default=None),
+                "seconds": self.seconds, "summary": self.summary()}
+
+
+def forecast_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice], axes: list[Axis],
+                  options: PlotOptions = PlotOptions()) -> PlotForecast:
+    """Every cell's forecast with the model loaded now (cells of other checkpoints are named, not loaded)."""
+    forecasts, unknown = [], []
+    for index, cell in plan_cells(engine, base, choices, axes, options)[2]:
+        with engine.options.overridden(cell.options):
+            try:
+                forecasts.append(engine.forecast(cell.request))
+            except UserError as e:
+                unknown.append(f"cell {'/'.join(str(i + 1) for i in index)}: {e.message}")
+    return PlotForecast(forecasts, unknown)
+
+
+def plan_cells(engine: Engine, base: GenerationRequest, choices: list[AxisChoice], axes: list[Axis],
+               options: PlotOptions) -> tuple[Plan, list[int], list[tuple[Index, Cell]]]:
+    """The plot's axes, its shape and its cells in the order they run; UserError for a bad axis or value."""
     plan = [_parse(find_axis(axes, c.label, f"{name}_type"), c.values, name) for c, name in zip(choices, "xyz")]
     while len(plan) < 3:
         plan.append((axes[0], [""]))
@@ -240,8 +287,15 @@ def run_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice],
     if count > most:
         raise UserError(f"the plot has {' x '.join(map(str, shape))} = {count} cells; the most is {most} "
                         "(max_plot_cells in Settings)")
-    planned = [(index, _cell(engine, base, plan, index, _seed_offset(options, index, shape)))
-               for index in _order(plan, shape)]  # every value checked
+    return plan, shape, [(index, _cell(engine, base, plan, index, _seed_offset(options, index, shape)))
+                         for index in _order(plan, shape)]  # every value checked
+
+
+def run_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice], axes: list[Axis],
+             options: PlotOptions = PlotOptions(), save_grid: bool | None = None) -> PlotResult:
+    """Generate every cell of the plot (X, Y, Z = ``choices``), then the grid; UserError before any work for a
+    bad axis or value."""
+    plan, shape, planned = plan_cells(engine, base, choices, axes, options)
     cells: dict[tuple[int, int, int], GenerationResult] = {}
     progress = engine.progress
     progress.begin_plot(len(planned))

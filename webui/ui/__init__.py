@@ -29,7 +29,7 @@ def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
             with gr.Tab("txt2img", id="txt2img"):
                 form = txt2img_tab(demo, engine, jobs, checkpoint)
             with gr.Tab("X/Y/Z plot", id="xyz"):
-                xyz_tab(engine, jobs, form)
+                xyz_tab(demo, engine, jobs, form)
             with gr.Tab("PNG Info", id="png_info"):
                 png_info_tab(engine, form, tabs)
             extension_tabs(engine)

@@ -13,6 +13,7 @@ from webui.engine.engine import Engine
 from webui.engine.request import MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
 from webui.jobs import JobQueue
 from webui.ui.common import OPTION_LABELS, RANDOM_SEED, REUSE_SEED, Components, FieldSlider, set_option
+from webui.ui.forecast import FORECAST_FIELDS, forecast_box, forecast_html, keep_forecast_fresh
 from webui.ui.generation import generator, output_column
 from webui.ui.network_browser import network_browsers
 
@@ -40,7 +41,7 @@ def request_from_form(form: Components, values: tuple) -> GenerationRequest:
 def txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown) -> Components:
     """The txt2img tab; its form (request field → input), which the X/Y/Z plot tab takes its base request from."""
     form: Components = {}
-    generate, interrupt, skip = _prompt_row(form)
+    generate, interrupt, skip, forecast = _prompt_row(form)
     with gr.Row():
         with gr.Column(scale=1):
             random_seed, reuse_seed, shift = _settings_column(form, engine)
@@ -48,8 +49,10 @@ def txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.
         with gr.Column(scale=1):
             out = output_column("txt2img")
     run = generator(jobs, form, out, lambda values: jobs.submit(request_from_form(form, values)))
-    generate.click(run, inputs=list(form.values()), outputs=list(out.values()), api_name="txt2img",
-                   show_progress="hidden", concurrency_limit=None)
+    done = generate.click(run, inputs=list(form.values()), outputs=list(out.values()), api_name="txt2img",
+                          show_progress="hidden", concurrency_limit=None)
+    keep_forecast_fresh(forecast, lambda *values: forecast_html(lambda: engine.forecast(request_from_form(form, values))),
+                        list(form.values()), [form[name] for name in FORECAST_FIELDS] + [checkpoint], demo, done)
     interrupt.click(jobs.interrupt, queue=False, api_name="interrupt")
     skip.click(jobs.skip, queue=False, api_name="skip")
     random_seed.click(lambda: -1, outputs=form["seed"], queue=False, api_visibility="private")
@@ -87,7 +90,7 @@ def fields_for_family(engine: Engine, title: str | None, switched: bool = True) 
             *((gr.update(value=side) for side in size) if size else (gr.update(), gr.update())))
 
 
-def _prompt_row(form: Components) -> tuple[gr.Button, gr.Button, gr.Button]:
+def _prompt_row(form: Components) -> tuple[gr.Button, gr.Button, gr.Button, gr.HTML]:
     with gr.Row():
         with gr.Column(scale=6):
             form["prompt"] = gr.Textbox("", label="Prompt", lines=3, elem_id="txt2img_prompt",
@@ -99,7 +102,8 @@ def _prompt_row(form: Components) -> tuple[gr.Button, gr.Button, gr.Button]:
             with gr.Row():
                 interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt")
                 skip = gr.Button("Skip", elem_id="txt2img_skip")
-    return generate, interrupt, skip
+            forecast = forecast_box("txt2img")
+    return generate, interrupt, skip, forecast
 
 
 def _slider(name: str, label: str, minimum: float, maximum: float, value: float, step: float = 1) -> FieldSlider:

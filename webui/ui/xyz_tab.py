@@ -8,17 +8,19 @@ from functools import partial
 import gradio as gr
 
 from webui.engine.engine import Engine
-from webui.engine.xyz import Axis, find_axis, plot_from_args
+from webui.engine.request import GenerationRequest
+from webui.engine.xyz import Axis, AxisChoice, PlotForecast, PlotOptions, find_axis, forecast_plot, plot_from_args
 from webui.extensions import plot_axes
 from webui.jobs import JobQueue
 from webui.ui.common import Components
+from webui.ui.forecast import forecast_box, forecast_html, keep_forecast_fresh
 from webui.ui.generation import generator, output_column
 from webui.ui.txt2img import request_from_form
 
 VALUES_HINT = "1, 2, 3 · ranges 1-5, 1-10 (+2), 1-10 [5] · quote items holding commas"
 
 
-def xyz_tab(engine: Engine, jobs: JobQueue, form: Components) -> None:
+def xyz_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, form: Components) -> None:
     """Up to three axes over the txt2img form's request; one generation per cell, then the labelled grid."""
     axes = plot_axes(engine)
     inputs: Components = {}
@@ -43,15 +45,27 @@ def xyz_tab(engine: Engine, jobs: JobQueue, form: Components) -> None:
             generate = gr.Button("Generate plot", variant="primary", size="lg", elem_id="xyz_generate")
             interrupt = gr.Button("Interrupt", elem_id="xyz_interrupt")
             gr.Markdown("Prompt, size, sampler and the rest come from the txt2img tab.")
+            forecast = forecast_box("xyz")
     out = output_column("xyz")
 
+    def plot(values: tuple) -> tuple[GenerationRequest, list[AxisChoice], PlotOptions]:
+        return request_from_form(form, values[:len(form)]), *plot_from_args(dict(zip(inputs, values[len(form):])), axes)
+
     def submit(values: tuple) -> Future:
-        choices, options = plot_from_args(dict(zip(inputs, values[len(form):])), axes)
-        return jobs.submit_plot(request_from_form(form, values[:len(form)]), choices, options)
+        return jobs.submit_plot(*plot(values))
+
+    def forecast_text(*values) -> str:
+        def forecast() -> PlotForecast:
+            base, choices, options = plot(values)
+            return forecast_plot(engine, base, choices, axes, options)
+
+        return forecast_html(forecast)
 
     run = generator(jobs, {**form, **inputs}, out, submit)
-    generate.click(run, inputs=[*form.values(), *inputs.values()], outputs=list(out.values()), api_name="xyz_plot",
-                   show_progress="hidden", concurrency_limit=None)
+    done = generate.click(run, inputs=[*form.values(), *inputs.values()], outputs=list(out.values()),
+                          api_name="xyz_plot", show_progress="hidden", concurrency_limit=None)
+    triggers = [inputs[f"{name}_{part}"] for name in "xyz" for part in ("type", "values", "values_dropdown")]
+    keep_forecast_fresh(forecast, forecast_text, [*form.values(), *inputs.values()], triggers, demo, done)
     interrupt.click(jobs.interrupt, queue=False, api_visibility="private")
 
 

@@ -8,8 +8,9 @@ and loop). The contract is ``protocol.FamilyModel``:
 
 * ``family``: the ``formats.detect.Family`` it serves (detection stays one pass over the tensors;
   SD2.x is SD1.x's class with its own text encoder's names and A1111's v-prediction test).
-* ``activation_per_pixel``: the denoise phase's activation bytes per latent pixel, for the memory
-  manager's budget (``memory.activation``); the VAE decode's estimate is the same for all.
+* ``activation_per_pixel`` and ``encode_activation_per_prompt``: the denoise and text-encoding phases'
+  activation bytes, for the memory manager's budget of each phase (``memory.activation``); the VAE
+  decode's estimate is the same for all.
 * ``latent_rgb``: the linear latent → RGB map of the live preview (None: 16-channel latents,
   previewed as their mean).
 * ``clip_kinds``: its CLIP text encoders, in order (what assembly from files looks for).

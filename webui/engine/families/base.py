@@ -15,6 +15,7 @@ from webui.engine.formats.detect import Family
 from webui.engine.formats.files import Source
 from webui.engine.formats.ldm_keys import unet_to_ldm
 from webui.engine.lora.layout import DENOISER, DenoiserPrefixes, LoraLayer, LoraTextEncoder
+from webui.engine.memory import MB
 from webui.engine.sampling.flow import denoise_flow, set_timesteps
 from webui.engine.sampling.ksampling import StepCallback
 from webui.engine.sampling.samplers import make_flow_scheduler, step_kwargs
@@ -32,6 +33,8 @@ class UNetFamily:
 
     family: Family
     activation_per_pixel: int = 0
+    # CLIP at 77 tokens keeps its hidden states (clip skip): a few MB a prompt, rounded up (benchmarks/activations.py)
+    encode_activation_per_prompt = 16 * MB
     latent_rgb: LatentRgb | None = None
     clip_kinds: tuple[str, ...] = ("clip_l",)
     form_fields = FamilyFields(clip_skip=True)
@@ -96,6 +99,8 @@ class FlowFamily:
 
     family: Family
     activation_per_pixel: int = 0
+    # T5-XXL over up to 512 tokens: its attention scores and float32 feed-forward outputs (benchmarks/activations.py)
+    encode_activation_per_prompt = 192 * MB
     latent_rgb: LatentRgb | None = None
     clip_kinds: tuple[str, ...] = ()
     form_fields = FamilyFields()

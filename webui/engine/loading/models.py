@@ -176,7 +176,7 @@ class ModelManager:
         option, models kept in memory), or loaded now."""
         vae_file = self.find_vae(vae_name)
         fp8 = STORAGE_DTYPES[storage]
-        identity = (info, vae_file.name if vae_file else None, fp8, tuple(module_names), use_t5, t5_storage)
+        identity = self._identity(info, vae_name, storage, module_names, use_t5, t5_storage)
         with self._lock:
             if self.current is not None and self.identity == identity:
                 return self.current
@@ -203,6 +203,20 @@ class ModelManager:
             for name, module in self.current.components().items():
                 self.memory.register(name, module)
             return self.current
+
+    def loaded(self, info: CheckpointInfo, vae_name: str | None, storage: str = "Automatic",
+               module_names: tuple[str, ...] = (), use_t5: bool = True,
+               t5_storage: str = "Automatic") -> LoadedModel | None:
+        """The current model if it is the one ``get`` would give for these arguments (else None: it would load or
+        switch)."""
+        identity = self._identity(info, vae_name, storage, module_names, use_t5, t5_storage)
+        current = self.current
+        return current if current is not None and self.identity == identity else None
+
+    def _identity(self, info: CheckpointInfo, vae_name: str | None, storage: str, module_names: tuple[str, ...],
+                  use_t5: bool, t5_storage: str) -> tuple:
+        vae_file = self.find_vae(vae_name)
+        return info, vae_file.name if vae_file else None, STORAGE_DTYPES[storage], tuple(module_names), use_t5, t5_storage
 
     def _load_new(self, info: CheckpointInfo, family: Family | None, vae_file: Path | None,
                   modules: dict[str, ModuleFile], use_t5: bool, module_names: tuple[str, ...],

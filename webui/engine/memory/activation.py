@@ -1,9 +1,11 @@
-"""The denoiser's activation memory, estimated before a run from the family's measured coefficient."""
+"""Each phase's activation memory, estimated before a run from the family's measured coefficients."""
 from __future__ import annotations
 
 import torch
 
-from webui.engine.memory.manager import MB
+from webui.engine.memory import MB
+
+MARGIN = 256 * MB  # small tensors, the allocator's rounding, cuBLAS workspaces
 
 
 def activation_bytes(per_pixel: int, width: int, height: int, batch: int, cfg: bool, dtype: torch.dtype) -> int:
@@ -16,4 +18,9 @@ def activation_bytes(per_pixel: int, width: int, height: int, batch: int, cfg: b
     """
     images = batch * (2 if cfg else 1)
     scale = torch.finfo(dtype).bits / 16
-    return int(per_pixel * (width // 8) * (height // 8) * images * scale) + 256 * MB
+    return int(per_pixel * (width // 8) * (height // 8) * images * scale) + MARGIN
+
+
+def encode_activation_bytes(per_prompt: int, prompts: int) -> int:
+    """Peak activation memory of encoding ``prompts`` prompts at once (each family's ``encode_activation_per_prompt``)."""
+    return per_prompt * prompts + MARGIN

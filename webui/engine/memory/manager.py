@@ -96,6 +96,12 @@ class DeviceMemory:
 
         return psutil.virtual_memory().available
 
+    def host_available(self) -> int:
+        """Host RAM a job may still take (the OS's estimate of what can be had without swapping)."""
+        import psutil
+
+        return psutil.virtual_memory().available
+
     def describe(self) -> str:
         if self.device.type == "cuda":
             return f"{torch.cuda.get_device_name(self.device)} memory"
@@ -103,19 +109,26 @@ class DeviceMemory:
 
 
 class SimulatedMemory(DeviceMemory):
-    """A device of a given size whose use is exactly what the manager put there (for tests)."""
+    """A device of a given size whose use is exactly what the manager put there: tests' small cards, and a
+    forecast's plan (``memory.planning``), where ``capacity`` is what the real device had for our weights then."""
 
-    def __init__(self, device: torch.device, total_mb: int):
+    def __init__(self, device: torch.device, total_mb: float, capacity: int | None = None,
+                 host_mb: float | None = None):
         super().__init__(device)
-        self.total_bytes = total_mb * MB
+        self.total_bytes = int(total_mb * MB)
+        self.capacity = capacity  # None: all of the device, whatever its size is set to later
+        self.host_bytes = None if host_mb is None else int(host_mb * MB)  # None: the machine's real RAM
         self.manager: MemoryManager | None = None
 
     def total(self) -> int:
         return self.total_bytes
 
+    def host_available(self) -> int:
+        return super().host_available() if self.host_bytes is None else self.host_bytes
+
     def free(self) -> int:
         used = self.manager.resident_bytes() if self.manager else 0
-        return self.total_bytes - used
+        return (self.total_bytes if self.capacity is None else self.capacity) - used
 
 
 def use_expandable_segments() -> None:
@@ -176,6 +189,7 @@ class Component:
     on_device: set[Unit] = field(default_factory=set)
     streamer: Streamer | None = None
     companion_of: str | None = None  # placed in every phase that places this component (a LoRA's adapters)
+    streaming: bool = False  # its units off the device are streamed when it runs (a Streamer, or a planned one)
     nbytes: int = field(init=False)
 
     upcast_bytes: int = field(init=False)  # the largest weight one of its low-bit layers unpacks for a call
@@ -188,7 +202,11 @@ class Component:
         return sum(u.nbytes for u in self.on_device)
 
     def streamed_bytes(self) -> int:
-        return self.nbytes - self.device_bytes() if self.streamer else 0
+        return self.nbytes - self.device_bytes() if self.streaming else 0
+
+    def in_flight_bytes(self) -> int:
+        """Device memory its streamed units' copies take at most while it runs."""
+        return IN_FLIGHT * max((u.nbytes for u in self.units), default=0) if self.streamed_bytes() else 0
 
 
 def _streaming_floor(component: Component) -> int:
@@ -369,7 +387,7 @@ class MemoryManager:
         self.stats.streamed_mb = max(self.stats.streamed_mb, sum(c.streamed_bytes() for c in needed) / MB)
 
     def _arrange(self, needed: list[Component], activation: int, once: bool) -> None:
-        activation += max(c.upcast_bytes for c in needed)
+        activation = phase_activation(needed, activation)
         mode = self.policy.mode if self.limited else MemoryMode.ALWAYS_GPU
         budget = 0
         if mode is not MemoryMode.ALWAYS_GPU:
@@ -403,10 +421,12 @@ class MemoryManager:
 
     def weight_budget(self, activation: int) -> int:
         """Bytes the weights may use on the device now: the user's GPU Weights, capped by what is free."""
-        total = self.memory.total()
-        gpu_weights = total - self.policy.inference_mb * MB
-        ours = self.resident_bytes()
-        return max(0, min(gpu_weights, ours + self.memory.free() - activation))
+        gpu_weights = self.memory.total() - self.policy.inference_mb * MB
+        return max(0, min(gpu_weights, self.capacity() - activation))
+
+    def capacity(self) -> int:
+        """Device memory ours to use: what our weights hold now, and what is free."""
+        return self.resident_bytes() + self.memory.free()
 
     def finish(self) -> GenerationStats:
         """Close the generation's accounting (and offload everything if the flag says so)."""
@@ -467,6 +487,7 @@ class MemoryManager:
                 self.trace.moved(start, seconds, moved, self.resident_bytes())
         if stream and rest:
             component.streamer = Streamer(rest, self.device, self.policy.async_copies, self._copies)
+        component.streaming = component.streamer is not None
 
     def _move(self, unit: Unit, target: torch.device, replaced: list[torch.Tensor], pin_host: bool = True) -> int:
         """Move a unit's parameters to ``target``; the host tensors they leave go to ``replaced``.
@@ -493,6 +514,11 @@ class MemoryManager:
                 replaced.append(param.data)
             param.data = data
         return sum(data.numel() * data.element_size() for data in copies)
+
+
+def phase_activation(needed: list[Component], activation: int) -> int:
+    """A phase's activation estimate, and the largest weight one of its low-bit layers unpacks for a call."""
+    return activation + max((c.upcast_bytes for c in needed), default=0)
 
 
 def _unpacked_bytes(layer: nn.Module) -> int:
