@@ -9,7 +9,9 @@ the manager sees that total, the allocator refuses more than it less a CUDA cont
 for computation. The floor is our resident whole image plus the bytes that must cross the bus for the image at the
 pinned bandwidth measured in the run: per step, what of the denoiser does not fit beside its activations (measured
 in the resident run), and per image the text encoders and VAE when they cannot stay beside it. Goals: resident
-≤ 1.0× the pipeline; on a card ≤ 1.15× the floor and ≤ 0.6× diffusers' offload; peak VRAM within the card.
+≤ 1.0× the pipeline; on a card ≤ 1.15× the floor and ≤ 0.6× diffusers' offload; peak VRAM within the card; the
+forecast made before the image ("will it fit?", from the rates of the images before it) within ±15 % of its peak VRAM
+and time.
 """
 from __future__ import annotations
 
@@ -50,6 +52,18 @@ def ours(engine, size: int):
     return time.perf_counter() - start, result
 
 
+def forecast_cell(result, seconds: float) -> str:
+    """The forecast made before the image beside what it did: peak VRAM and time, each as forecast ÷ measured."""
+    forecast = result.forecast
+    peak, measured_peak = forecast.peak_vram / MB, result.memory.peak_vram_mb
+    if forecast.seconds is None:
+        return f"peak {peak:.0f} MB ({peak / measured_peak:.2f}×), time unknown"
+    ratios = (peak / measured_peak, forecast.seconds / seconds)
+    met = all(abs(r - 1) <= 0.15 for r in ratios)
+    return (f"peak {peak:.0f} MB ({ratios[0]:.2f}×), {forecast.seconds * 1000:.0f} ms ({ratios[1]:.2f}×)"
+            f"{'' if met else ' **off**'}")
+
+
 def reference(pipe, size: int) -> float:
     return pipeline_image(pipe, next(PROMPTS), size, STEPS, CFG)
 
@@ -66,14 +80,15 @@ def sizes_mb(engine) -> dict[str, float]:
 def resident_row(name: str, checkpoint: Path, size: int, workdir: Path, repeat: int) -> tuple[str, Resident]:
     engine = engine_for(checkpoint, workdir)
     mine = median(repeat, lambda: ours(engine, size)[0])
-    _, result = ours(engine, size)
+    last, result = ours(engine, size)
     activation = result.memory.peak_vram_mb - sum(sizes_mb(engine).values())
     pipe = diffusers_pipeline(engine)
     plain = median(repeat, lambda: reference(pipe, size))
     engine.models.unload()
     ratio = mine / plain
     row = (f"| {name} {size}² | resident | {mine * 1000:.0f} ms | pipeline {plain * 1000:.0f} ms | {ratio:.2f}× | "
-           f"≤ 1.0× | {'yes' if ratio <= 1.0 else '**no**'} | {result.memory.peak_vram_mb:.0f} MB | 0 |")
+           f"≤ 1.0× | {'yes' if ratio <= 1.0 else '**no**'} | {result.memory.peak_vram_mb:.0f} MB | 0 | "
+           f"{forecast_cell(result, last)} |")
     return row, Resident(mine, activation)
 
 
@@ -91,7 +106,7 @@ def card_row(name: str, checkpoint: Path, size: int, workdir: Path, repeat: int,
     engine = engine_for(checkpoint, workdir)
     simulate_card(engine, card_mb)
     mine = median(repeat, lambda: ours(engine, size)[0])
-    _, result = ours(engine, size)
+    last, result = ours(engine, size)
     floor = floor_seconds(sizes_mb(engine), card_mb, base.activation_mb, base.seconds, bandwidth)
     pipe = diffusers_pipeline(engine)
     engine.models.unload()
@@ -105,7 +120,7 @@ def card_row(name: str, checkpoint: Path, size: int, workdir: Path, repeat: int,
     met = ratio <= 1.15 and stats.peak_vram_mb <= card_mb - CONTEXT_MB
     return (f"| {name} {size}² | {card_mb // 1024} GB card | {mine * 1000:.0f} ms | floor {floor * 1000:.0f} ms; "
             f"{versus} | {ratio:.2f}× | ≤ 1.15× floor | {'yes' if met else '**no**'} | "
-            f"{stats.peak_vram_mb:.0f} MB | {stats.moved_mb / 1024:.1f} GB |")
+            f"{stats.peak_vram_mb:.0f} MB | {stats.moved_mb / 1024:.1f} GB | {forecast_cell(result, last)} |")
 
 
 def main() -> None:
@@ -133,7 +148,8 @@ def main() -> None:
                 f"`python3 -m benchmarks.whole_image --only {args.only} --cards {args.cards} --repeat {args.repeat}` — "
                 f"{STEPS} steps, Euler, CFG {CFG:g}, a new prompt each image, medians of {args.repeat}; pinned "
                 f"host→GPU {bandwidth / 1e9:.1f} GB/s.",
-                ["model", "where", "ours", "reference", "ratio", "goal", "met", "peak VRAM", "moved per image"], rows)
+                ["model", "where", "ours", "reference", "ratio", "goal", "met", "peak VRAM", "moved per image",
+                 "forecast before it (÷ measured)"], rows)
 
 
 if __name__ == "__main__":
