@@ -124,6 +124,8 @@ def test_broken_extensions_are_logged_by_name_disabled_and_generation_goes_on(en
             raise RuntimeError("setup boom")
         """)
     write(tmp_path, "step-raises", """\
+        from diffusers import EulerDiscreteScheduler
+
         calls = 0
 
         def explode(step, total, latents):
@@ -132,6 +134,7 @@ def test_broken_extensions_are_logged_by_name_disabled_and_generation_goes_on(en
             raise ValueError("step boom")
 
         def setup(api):
+            api.add_sampler("Steps Then Fails", EulerDiscreteScheduler)
             api.on("denoising_step", explode)
         """)
     write(tmp_path, "steady", """\
@@ -142,6 +145,7 @@ def test_broken_extensions_are_logged_by_name_disabled_and_generation_goes_on(en
         """)
     with caplog.at_level(logging.ERROR):
         registry = load(engine, tmp_path)
+        assert "Steps Then Fails" in engine.samplers.sampler_names()
         first = generate(engine)
         second = generate(engine)
 
@@ -157,6 +161,7 @@ def test_broken_extensions_are_logged_by_name_disabled_and_generation_goes_on(en
     assert logged.count("Extension step-raises failed in denoising_step; it is disabled.") == 1
     # What the failed setup had registered is gone; failed modules are not left imported.
     assert "Half Done" not in engine.samplers.sampler_names() and registry.tabs == []
+    assert "Steps Then Fails" not in engine.samplers.sampler_names(), "a callback's failure takes its samplers too"
     assert [c.owner for c in engine.hooks.callbacks["before_generation"]] == []
     assert "webui_ext_setup_raises" not in sys.modules
     # Generation went on, the failing callback ran once, the good one at every step of both generations.

@@ -27,7 +27,7 @@ from webui.engine.engine import Engine
 from webui.engine.hooks import Hooks, Network
 from webui.engine.request import GenerationRequest
 from webui.engine.sampling.ksampling import KSampler
-from webui.engine.sampling.samplers import SamplerRegistry, SchedulerFactory
+from webui.engine.sampling.samplers import SchedulerFactory
 from webui.engine.xyz import BUILTIN_AXES, Axis, extension_axis
 from webui.settings import AppConfig
 
@@ -87,8 +87,7 @@ class Extensions:
 
     The lists show only what enabled extensions added."""
 
-    hooks: Hooks  # the engine's
-    samplers: SamplerRegistry  # the engine's
+    hooks: Hooks  # the engine's (disabling an owner there releases its samplers too)
     found: list[Extension] = field(default_factory=list)
     added: list[UiTab | XyzAxis | ApiRoute | Setting] = field(default_factory=list)
 
@@ -122,7 +121,6 @@ class Extensions:
         error = sys.exc_info()[1]
         log.exception("Extension %s failed %s; it is disabled.", name, doing)
         self.hooks.disable(name, f"{type(error).__name__} {doing}: {error}")
-        self.samplers.release(name)
 
     def status_markdown(self) -> str:
         """A table of the extensions: where each comes from, and whether it runs or why not."""
@@ -215,7 +213,7 @@ def discover(config: AppConfig) -> list[Extension]:
 def load_extensions(engine: Engine, found: list[Extension] | None = None) -> Extensions:
     """Import and set up each extension (default: ``discover``) once, at start. Never raises: a failing
     extension is logged and disabled."""
-    registry = Extensions(engine.hooks, engine.samplers)
+    registry = Extensions(engine.hooks)
     _loaded[engine] = registry
     modules: set[str] = set()
     for ext in (discover(engine.config) if found is None else found):
@@ -251,7 +249,7 @@ def _import(module_name: str, folder: Path) -> Any:
 
 def extensions_of(engine: Engine) -> Extensions:
     """What the engine's extensions added; empty where none were loaded."""
-    return _loaded.get(engine) or Extensions(engine.hooks, engine.samplers)
+    return _loaded.get(engine) or Extensions(engine.hooks)
 
 
 def plot_axes(engine: Engine) -> list[Axis]:

@@ -103,8 +103,8 @@ class Engine:
             families=self.families,
         )
         self._remove_stale_temp_files()
-        self.hooks = Hooks()  # what extensions registered (webui.extensions loads them)
         self.samplers = SamplerRegistry()  # A1111's samplers and schedule types, and those extensions add
+        self.hooks = Hooks(releases=[self.samplers.release])  # what extensions registered (webui.extensions loads them)
         self._announced: Callable[[], object] = lambda: None  # the model model_loaded was last fired for (weakly)
         self._generate_lock = threading.Lock()
         self._rates: dict[tuple, Rates] = {}  # per model (the model manager's identity): measured at its last job

@@ -2,8 +2,8 @@
 
 The engine fires an event at each of ``EVENTS``; every callback registered for it is called with
 the event's keyword arguments. A callback that raises is logged with its owner's name and the
-owner (an extension) is disabled: its callbacks and networks are removed and the generation goes
-on. Network tags in prompts (``<lora:name:1.0>``) are handed to the ``Network`` registered for
+owner (an extension) is disabled: its callbacks and networks are removed, and what it added to the
+engine's other registries (``releases``: samplers) too, and the generation goes on. Network tags in prompts (``<lora:name:1.0>``) are handed to the ``Network`` registered for
 their kind before each generation, with an empty list when the prompt has none, so that what
 was applied for the previous generation can be removed.
 
@@ -69,6 +69,8 @@ class Hooks:
     callbacks: dict[str, list[_Callback]] = field(default_factory=lambda: {event: [] for event in EVENTS})
     networks: dict[str, tuple[str, Network]] = field(default_factory=dict)  # kind -> (owner, network)
     disabled: dict[str, str] = field(default_factory=dict)  # owner -> why
+    # told the owner disabled here: what it added elsewhere (samplers, schedule types) goes too
+    releases: list[Callable[[str], None]] = field(default_factory=list)
 
     def on(self, event: str, fn: Callable[..., Any], owner: str = "builtin") -> None:
         if event not in self.callbacks:
@@ -95,6 +97,8 @@ class Hooks:
         for event, callbacks in self.callbacks.items():
             self.callbacks[event] = [c for c in callbacks if c.owner != owner]
         self.networks = {kind: entry for kind, entry in self.networks.items() if entry[0] != owner}
+        for release in self.releases:
+            release(owner)
 
     def activate_networks(self, model: Any, calls: list[NetworkCall]) -> dict[str, str]:
         """Hand each registered network its tags (maybe none); tags of unknown kinds are logged and ignored,
