@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html
 import io
 import json
 import logging
@@ -43,6 +44,9 @@ from webui.engine.forecast import Forecast
 from webui.engine.infotext import PNG_SIGNATURE, parse_infotext, png_text, read_png_infotext
 from webui.engine.outputs import png_bytes, png_files
 from webui.engine.progress import Progress
+from webui.engine.upscale.extras import ExtrasResult
+from webui.engine.upscale.found import UpscalerInfo
+from webui.engine.upscale.request import ExtrasCall, extras_body_schema, read_extras
 from webui.engine.request import GenerationResult
 from webui.engine.xyz import SCRIPT_ARGS, PlotForecast, forecast_plot
 from webui.errors import Busy, UserError
@@ -164,8 +168,21 @@ def vae_list(engine: Engine) -> list[dict[str, Any]]:
     return [{"model_name": engine.models.vae_name(path), "filename": str(path)} for path in engine.models.vaes()]
 
 
-# A1111 lists "None" first among its upscalers; SillyTavern builds its list around that first entry.
-NO_UPSCALER = {"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+def upscaler_entry(info: UpscalerInfo) -> dict[str, Any]:
+    """A1111's ``/sdapi/v1/upscalers`` entry ("None" comes first: SillyTavern builds its list around it): a model
+    file's folder kind, path and the scale its name says; nothing is ever downloaded, so no URL."""
+    return {"name": info.name, "model_name": info.folder, "model_path": str(info.path) if info.path else None,
+            "model_url": None, "scale": info.scale}
+
+
+def extras_reply(call: ExtrasCall, result: ExtrasResult, batch: bool) -> dict[str, Any]:
+    """A1111's Extras answer: the images as base64 PNGs (the source's parameters kept, the "Postprocess" line
+    added), ``html_info`` the line as its UI shows it; ``info`` (this app's) names the fields ignored."""
+    images = [base64.b64encode(png).decode("ascii") for png in result.pngs]
+    line = result.infotexts[-1] if result.infotexts else ""
+    reply = {"html_info": f"<p>{'<br>'.join(html.escape(part) for part in line.splitlines())}</p>",
+             "info": json.dumps({"ignored_fields": call.ignored, "infotexts": result.infotexts})}
+    return reply | ({"images": images} if batch else {"image": images[0]})
 CLIENT_GONE = 499  # nginx's "client closed request": nobody reads it, the log does
 DISCONNECT_POLL_SECONDS = 0.5
 SERVER_COMMANDS = {"kill": "End the server process at once (--api-server-stop)",
@@ -414,6 +431,21 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
     def refresh_vae() -> None:
         """The VAE and text encoder lists are read from their folders at every call: nothing to do."""
 
+    async def extras(request: Request, body: Any, batch: bool) -> Any:
+        """Read the body (its images decoded off the event loop), upscale in the queue, answer in A1111's shape."""
+        call = await run_in_threadpool(read_extras, body, batch, engine.options["max_image_side"],
+                                       engine.options["max_batch_count"])
+        future = jobs.submit_call("extras", lambda: engine.extras(call.request, call.parameters))
+        if not await waited(future, request):
+            return Response(status_code=CLIENT_GONE)
+        return await run_in_threadpool(extras_reply, call, future.result(), batch)
+
+    async def extra_single_image(request: Request, body: Any = Body(...)) -> Any:
+        return await extras(request, body, batch=False)
+
+    async def extra_batch_images(request: Request, body: Any = Body(...)) -> Any:
+        return await extras(request, body, batch=True)
+
     async def reload_checkpoint() -> None:
         """Load the selected checkpoint now, in the generation queue (it waits for the running job)."""
         await asyncio.wrap_future(jobs.submit_call("reload-checkpoint", engine.load_selected))
@@ -424,6 +456,10 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
          "forecast without generating (this app's; loads the model it names)"),
         ("/png-info", png_info, "POST", "The generation parameters stored in an image (base64), read and parsed"),
         ("/reload-checkpoint", reload_checkpoint, "POST", "Load the checkpoint the options select"),
+        ("/extra-single-image", extra_single_image, "POST",
+         "Extras: upscale one image (A1111 request and response shape; face restoration is not supported)"),
+        ("/extra-batch-images", extra_batch_images, "POST",
+         "Extras: upscale several images (A1111 request and response shape; face restoration is not supported)"),
         ("/extensions", lambda: extension_list(engine), "GET", "Extensions found, and whether each runs"),
         ("/script-info", script_info, "GET", "The scripts' arguments, in order, with defaults"),
         ("/memory", lambda: memory_report(engine), "GET",
@@ -447,7 +483,9 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         ("/sd-vae", lambda: vae_list(engine), "GET", "VAE files of models/VAE (A1111 shape)"),
         ("/embeddings", lambda: {"loaded": {}, "skipped": {}}, "GET", "Textual inversions (none: not supported yet)"),
         ("/prompt-styles", lambda: [], "GET", "Saved prompt styles (none: not supported yet)"),
-        ("/upscalers", lambda: [NO_UPSCALER], "GET", "Upscalers (only A1111's \"None\": hires. fix is not supported yet)"),
+        ("/upscalers", lambda: [upscaler_entry(info) for info in engine.upscalers()], "GET",
+         "Upscalers: A1111's built-in None, Lanczos and Nearest, then the model files of models/ESRGAN, RealESRGAN, "
+         "SwinIR, DAT, HAT and upscale_models"),
         ("/latent-upscale-modes", lambda: [], "GET", "Latent upscale modes (none: hires. fix is not supported yet)"),
         ("/hypernetworks", lambda: [], "GET", "Hypernetworks (none: not supported)"),
         ("/face-restorers", lambda: [], "GET", "Face restoration models (none: not supported yet)"),
@@ -458,8 +496,9 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
     extra = {"dependencies": [Depends(basic_auth(args.api_auth))] if args.api_auth else None,
              "route_class_override": route_class(args.api_log)}
     responses = ERROR_RESPONSES | (LOGIN_RESPONSES if args.api_auth else {})
-    bodies = {"/txt2img": txt2img_body_schema(), "/estimate": txt2img_body_schema(), "/options": options_body_schema(), "/png-info": PNG_INFO_BODY_SCHEMA}
-    queued = ("/txt2img", "/reload-checkpoint", "/estimate")
+    bodies = {"/txt2img": txt2img_body_schema(), "/estimate": txt2img_body_schema(), "/options": options_body_schema(), "/png-info": PNG_INFO_BODY_SCHEMA,
+              "/extra-single-image": extras_body_schema(batch=False), "/extra-batch-images": extras_body_schema(batch=True)}
+    queued = ("/extra-single-image", "/extra-batch-images", "/txt2img", "/reload-checkpoint", "/estimate")
     commands = {f"/server-{name}" for name in SERVER_COMMANDS}
     for path, endpoint, method, summary in routes:
         body = bodies.get(path) if method == "POST" else None

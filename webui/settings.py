@@ -56,6 +56,9 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "max_queued_jobs": 100,
     "max_job_seconds": 0,  # 0: no limit
     "xyz_axis_numbering": "A1111",  # which list an X/Y/Z axis index sent to the API counts in
+    "outdir_extras_samples": "",
+    "ESRGAN_tile": 192,  # upscaler models run on tiles of this many pixels (0: the whole image at once)
+    "ESRGAN_tile_overlap": 8,  # pixels the tiles overlap, blended so that no seam shows
 }
 # A1111 options for things this app always does one way: listed (clients read and post back the whole store) and
 # accepted at that value only, so that a request asking for another one is refused rather than quietly ignored.
@@ -76,7 +79,8 @@ OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "samples_format": ("png",),
     "xyz_axis_numbering": ("A1111", "Forge"),
 }
-OUTPUT_FOLDER_OPTIONS = {"outdir_txt2img_samples": "txt2img-images", "outdir_txt2img_grids": "txt2img-grids"}
+OUTPUT_FOLDER_OPTIONS = {"outdir_txt2img_samples": "txt2img-images", "outdir_txt2img_grids": "txt2img-grids",
+                         "outdir_extras_samples": "extras-images"}
 OPTION_RANGES: dict[str, tuple[float, float]] = {
     "sd_checkpoints_limit": (0, 16),
     "CLIP_stop_at_last_layers": (1, 12),
@@ -93,6 +97,8 @@ OPTION_RANGES: dict[str, tuple[float, float]] = {
     "max_plot_cells": (1, 100_000),
     "max_queued_jobs": (1, 10_000),
     "max_job_seconds": (0, 7 * 24 * 3600),
+    "ESRGAN_tile": (0, 4096),
+    "ESRGAN_tile_overlap": (0, 512),
 }
 # What one request may ask for: set in Settings or POST /options, never by a request's override_settings.
 LIMIT_OPTIONS = {
@@ -114,10 +120,15 @@ OPTION_SECTIONS: dict[str, dict[str, str]] = {
         "outdir_txt2img_samples": "Folder for txt2img images, inside the outputs folder (empty: txt2img-images)",
         "grid_save": "Always save all generated image grids",
         "outdir_txt2img_grids": "Folder for txt2img grids, inside the outputs folder (empty: txt2img-grids)",
+        "outdir_extras_samples": "Folder for Extras images, inside the outputs folder (empty: extras-images)",
     },
     "Live previews": {
         "live_previews_enable": "Show live previews of the created image",
         "show_progress_every_n_steps": "Live preview display period (in sampling steps)",
+    },
+    "Upscaling": {
+        "ESRGAN_tile": "Tile size for upscaler models, in pixels (0: no tiling)",
+        "ESRGAN_tile_overlap": "Tile overlap for upscaler models, in pixels",
     },
     "Sampler parameters": {
         "eta_ancestral": "Eta for k-diffusion samplers (noise multiplier; ancestral and SDE samplers)",
@@ -142,6 +153,8 @@ KEPT_KEY_CHARS = 200
 KEPT_VALUE_CHARS = 10_000  # as JSON
 KEPT_VALUE_DEPTH = 4  # lists and objects inside one another
 KEPT_KEYS = 1_000
+# Upscaler model folders under models/: A1111's, then Forge's (webui.engine.upscale lists their files).
+UPSCALER_FOLDERS = ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "upscale_models")
 
 
 @dataclass(frozen=True)
@@ -164,6 +177,10 @@ class Paths:
     @property
     def hash_cache_file(self) -> Path:
         return self.data_dir / "cache.json"
+
+    @property
+    def upscaler_dirs(self) -> tuple[Path, ...]:
+        return tuple(self.models_dir / name for name in UPSCALER_FOLDERS)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Paths:

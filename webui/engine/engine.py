@@ -31,6 +31,9 @@ from webui.engine.memory.host_pages import limit_heap_arenas
 from webui.engine.memory.manager import DeviceMemory, MemoryManager, MemoryMode, MemoryPolicy, use_expandable_segments
 from webui.engine.outputs import remove_stale_temp_files, save_image
 from webui.engine.progress import Progress
+from webui.engine.upscale.extras import ExtrasRequest, ExtrasResult, run_extras, save_extras
+from webui.engine.upscale.found import UpscalerInfo, find_upscalers
+from webui.engine.upscale.model import UpscaleSetup
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.sampling.samplers import SamplerRegistry, Sampling
 from webui.errors import ModelFileError, UserError
@@ -348,3 +351,28 @@ class Engine:
             return path
 
         return save
+
+    def upscalers(self) -> list[UpscalerInfo]:
+        """A1111's upscaler list: the built-in ones (None, Lanczos, Nearest), then the model files of the upscaler
+        folders, read at every call (as the VAE list)."""
+        return find_upscalers(self.config.paths.upscaler_dirs)
+
+    def extras(self, request: ExtrasRequest, parameters: list[str | None] | None = None) -> ExtrasResult:
+        """The Extras tab's job (``upscale.extras``) for one image or a batch, one job at a time with generations (it
+        uses the device too); upscaler models are placed by the memory manager. ``parameters``: each image's
+        generation parameters, kept in its PNG. Saved to outdir_extras_samples when the request says so."""
+        parameters = parameters or [None] * len(request.images)
+        setup = UpscaleSetup(self.memory, self.memory_policy(), self.models.dtypes.unet, self.options["ESRGAN_tile"],
+                             self.options["ESRGAN_tile_overlap"], lambda: self.progress.interrupted)
+        with self._generate_lock:
+            self.progress.reset()
+            self.progress.begin("extras", len(request.images), 1)
+            try:
+                result = run_extras(request, self.upscalers(), setup, self.options["max_image_side"], parameters)
+            finally:
+                self.progress.end()
+        if request.save:
+            result.paths = save_extras(result, self.output_folder("outdir_extras_samples"), parameters)
+        log.info("extras: %d image(s) with %s%s in %.2f s", len(result.images), request.upscaler_1,
+                 f" and {request.upscaler_2}" if request.blends else "", result.seconds)
+        return result

@@ -12,6 +12,7 @@ import gradio as gr
 from webui.engine.engine import Engine
 from webui.jobs import JobQueue
 from webui.ui.extensions_tab import extension_tabs, extensions_tab
+from webui.ui.extras_tab import extras_tab
 from webui.ui.model_row import model_row
 from webui.ui.png_info import png_info_tab
 from webui.ui.settings_tab import settings_tab
@@ -30,6 +31,8 @@ def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
                 form = txt2img_tab(demo, engine, jobs, checkpoint)
             with gr.Tab("X/Y/Z plot", id="xyz"):
                 xyz_tab(demo, engine, jobs, form)
+            with gr.Tab("Extras", id="extras"):
+                extras_tab(demo, engine, jobs)
             with gr.Tab("PNG Info", id="png_info"):
                 png_info_tab(engine, form, tabs)
             extension_tabs(engine)

@@ -35,6 +35,7 @@ SAFETENSORS_DTYPE_BYTES = {
 }
 MAX_HEADER_BYTES = 32 * 1024 * 1024  # real headers are kB to a few MB (kohya's tag counts); 100 MB took 13 s to refuse
 NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # not on Windows, which has no fifos to wait on
+STATE_DICT_WRAPPERS = ("state_dict", "params_ema", "params")  # the first found holds the weights
 HASH_CHUNK = 1 << 20  # hashing checks for an Interrupt between chunks of this many bytes
 
 
@@ -221,8 +222,9 @@ def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"{path.name} was refused: it is not a plain weights pickle (it may carry code, or be corrupt). "
                 "Only weights are loaded from .ckpt files. Convert it to .safetensors."
             ) from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    # A1111's checkpoints keep their weights under "state_dict"; BasicSR's upscalers under "params_ema" or "params"
+    if isinstance(obj, dict):
+        obj = next((obj[key] for key in STATE_DICT_WRAPPERS if isinstance(obj.get(key), dict)), obj)
     if not isinstance(obj, dict):
         raise ModelFileError(f"{path.name} does not hold a state dict.")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
