@@ -91,8 +91,9 @@ class ExtrasRequest:
                                 f"from {SIZE_MULTIPLE} to {max_side} pixels (max_image_side in Settings)",
                                 field=name if self.resize_mode == RESIZE_TO else "upscaling_resize")
 
-    def infotext(self, image: Image.Image) -> str:
-        """A1111's "Postprocess ..." line for one image; empty when upscaler 1 is None (nothing is done)."""
+    def infotext(self) -> str:
+        """A1111's "Postprocess ..." line (the same for every image); empty when upscaler 1 is None (nothing is
+        done)."""
         if self.upscaler_1 == NONE:
             return ""
         params: dict[str, object] = {}
@@ -203,7 +204,7 @@ def run_extras(request: ExtrasRequest, upscalers: list[UpscalerInfo], setup: Ups
         if request.blends:
             others = upscale_all(request, second, "upscaler_2", setup)
             images = [Image.blend(a, b, request.extras_upscaler_2_visibility) for a, b in zip(images, others)]
-    lines = [request.infotext(image) for image in request.images]
+    lines = [request.infotext()] * len(images)
     pngs = [extras_png(image, given, line) for image, given, line in zip(images, parameters, lines)]
     return ExtrasResult(images, lines, pngs, seconds=time.perf_counter() - start)
 
