@@ -35,7 +35,9 @@ from webui.api_body import (
     PNG_INFO_BODY_SCHEMA,
     XYZ_SCRIPT,
     options_body_schema,
+    read_img2img,
     read_txt2img,
+    img2img_body_schema,
     txt2img_body_schema,
     xyz_script,
 )
@@ -102,7 +104,8 @@ def info_json(result: GenerationResult, ignored: Sequence[str] = (), notes: Sequ
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": result.model_name,
         "sd_model_hash": result.model_hash, "seed_resize_from_w": req.seed_resize_from_w,
         "seed_resize_from_h": req.seed_resize_from_h,
-        "denoising_strength": None, "extra_generation_params": {}, "index_of_first_image": 0,
+        "denoising_strength": req.denoising_strength if req.init_images is not None else None,
+        "extra_generation_params": {}, "index_of_first_image": 0,
         "infotexts": result.infotexts, "styles": [], "job_timestamp": "", "clip_skip": result.clip_skip,
         "is_using_inpainting_conditioning": False, "interrupted": result.interrupted,
         "notices": [*notes, *result.notices], "ignored_fields": list(ignored),
@@ -374,6 +377,19 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         notes = call.notes + (script.notes if script else ())
         return {"images": images, "parameters": body, "info": info_json(result, call.ignored, notes)}
 
+    async def img2img(request: Request, body: Any = Body(...)) -> Any:
+        """txt2img's route from init images (A1111's img2img body, ``read_img2img``); the images are decoded off the
+        event loop. The answer's parameters leave the init images out unless include_init_images, as A1111's."""
+        call = await run_in_threadpool(read_img2img, body, engine.options, engine.known_schedule_type,
+                                       engine.declared_size)
+        future = jobs.submit_img2img(call.request, call.overrides)
+        if not await waited(future, request):
+            return Response(status_code=CLIENT_GONE)
+        result = future.result()
+        images = await run_in_threadpool(response_images, result) if call.send_images else []
+        parameters = body if body.get("include_init_images") else {**body, "init_images": None, "mask": None}
+        return {"images": images, "parameters": parameters, "info": info_json(result, call.ignored, call.notes)}
+
     async def estimate(body: Any = Body(...)) -> dict[str, Any]:
         """Will it fit? A txt2img body's forecast (an X/Y/Z script's: every cell's), made in the queue after the jobs
         before it, with the model it names loaded as the generation would load it; nothing is generated."""
@@ -452,6 +468,7 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
 
     routes = [
         ("/txt2img", txt2img, "POST", "Text to image (A1111 request and response shape)"),
+        ("/img2img", img2img, "POST", "Image to image (A1111 request and response shape; no inpainting yet)"),
         ("/estimate", estimate, "POST", "Will it fit? A txt2img body's peak VRAM, RAM and time on this machine, "
          "forecast without generating (this app's; loads the model it names)"),
         ("/png-info", png_info, "POST", "The generation parameters stored in an image (base64), read and parsed"),
@@ -496,9 +513,9 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
     extra = {"dependencies": [Depends(basic_auth(args.api_auth))] if args.api_auth else None,
              "route_class_override": route_class(args.api_log)}
     responses = ERROR_RESPONSES | (LOGIN_RESPONSES if args.api_auth else {})
-    bodies = {"/txt2img": txt2img_body_schema(), "/estimate": txt2img_body_schema(), "/options": options_body_schema(), "/png-info": PNG_INFO_BODY_SCHEMA,
+    bodies = {"/txt2img": txt2img_body_schema(), "/img2img": img2img_body_schema(), "/estimate": txt2img_body_schema(), "/options": options_body_schema(), "/png-info": PNG_INFO_BODY_SCHEMA,
               "/extra-single-image": extras_body_schema(batch=False), "/extra-batch-images": extras_body_schema(batch=True)}
-    queued = ("/extra-single-image", "/extra-batch-images", "/txt2img", "/reload-checkpoint", "/estimate")
+    queued = ("/extra-single-image", "/extra-batch-images", "/txt2img", "/img2img", "/reload-checkpoint", "/estimate")
     commands = {f"/server-{name}" for name in SERVER_COMMANDS}
     for path, endpoint, method, summary in routes:
         body = bodies.get(path) if method == "POST" else None

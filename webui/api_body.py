@@ -7,10 +7,16 @@ Settings (largest side, most steps...) change at run time, so they are checked h
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import struct
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
+
+from PIL import Image
 
 from webui.engine.infotext import request_fields
 from webui.engine.request import MAX_CFG, MAX_SEED, MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
@@ -135,6 +141,75 @@ def read_txt2img(body: Any, options: Options, known_schedule_type: Callable[[str
     request = GenerationRequest.from_dict(fields)
     return Txt2ImgCall(request, overrides, flags["send_images"] is not False, save and not flags["do_not_save_grid"],
                        tuple(ignored), tuple(notes))
+
+
+# img2img's own fields (A1111's StableDiffusionProcessingImg2Img), by what this app does with them.
+IMG2IMG_FIELDS = ("init_images", "denoising_strength", "resize_mode")
+# Inpainting: refused where a value asks for it (a mask, or how a mask is used), until it is done here.
+INPAINT_FIELDS: dict[str, list] = {
+    "mask": [None, ""], "latent_mask": [None, ""], "mask_blur": [None, 4], "mask_blur_x": [None, 4],
+    "mask_blur_y": [None, 4], "mask_round": [None, True], "inpainting_fill": [None, 0], "inpaint_full_res": [None, True],
+    "inpaint_full_res_padding": [None, 0], "inpainting_mask_invert": [None, 0],
+}
+# Honoured by A1111's img2img and not done here: accepted at the value that changes nothing.
+IMG2IMG_DEFAULT_ONLY = {"initial_noise_multiplier": [None, 1, 1.0]}
+# A1111's img2img has no such field (hires. fix is txt2img's) or reads it only for an instruct-pix2pix model
+# (image_cfg_scale): ignored, and named in info. include_init_images only shapes the answer's parameters.
+IMG2IMG_IGNORED = ("enable_hr", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
+                   "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
+                   "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "hr_cfg",
+                   "hr_distilled_cfg", "firstpass_image", "image_cfg_scale")
+IMG2IMG_READ = ("include_init_images",)
+MAX_DECODED_SIDE_FACTOR = 4  # an init image may be this many times the largest side a generation may have
+
+
+def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str], bool],
+                 declared_size: Callable[[str | None], tuple[int, int] | None] = lambda checkpoint: None) -> Txt2ImgCall:
+    """Check every field of an A1111 img2img body: its own (init images in base64, with or without a data: prefix;
+    denoising strength; resize mode), inpainting's (refused: not done yet), and txt2img's (``read_txt2img``). An
+    img2img script is refused: there is none."""
+    if not isinstance(body, dict):
+        raise UserError("the request body must be a JSON object", field="body")
+    for key, allowed in (INPAINT_FIELDS | IMG2IMG_DEFAULT_ONLY).items():
+        value = body.get(key)
+        if not any(value == default and type(value) is type(default) for default in allowed):
+            what = "inpainting is not supported yet" if key in INPAINT_FIELDS else f"this app cannot do {key}={value!r} yet"
+            raise UserError(f"{what}; leave it at its default", field=key)
+    if body.get("script_name") not in (None, ""):
+        raise UserError(f"no img2img script {body['script_name']!r}: there is none yet", field="script_name")
+    given = body.get("init_images")
+    if not isinstance(given, list) or not given:
+        raise UserError("send one image or more, each in base64 (a data: URL works too)", field="init_images")
+    largest = options["max_image_side"] * MAX_DECODED_SIDE_FACTOR
+    images = [decode_image(data, "init_images", largest) for data in given]
+    mine = (*IMG2IMG_FIELDS, *INPAINT_FIELDS, *IMG2IMG_DEFAULT_ONLY, *IMG2IMG_IGNORED, *IMG2IMG_READ, "script_name",
+            "script_args")
+    call = read_txt2img({k: v for k, v in body.items() if k not in mine}, options, known_schedule_type, declared_size)
+    request = call.request
+    request.init_images = images
+    for key in ("denoising_strength", "resize_mode"):
+        if body.get(key) is not None:
+            setattr(request, key, body[key])
+    ignored = [key for key in IMG2IMG_IGNORED if key in body]
+    if body.get("script_args"):
+        ignored.append("script_args")  # A1111 reads them only for a script
+    return replace(call, ignored=call.ignored + tuple(ignored))
+
+
+def decode_image(data: Any, field: str, largest: int) -> Image.Image:
+    """An image sent as base64 (a data: URL too), decoded whole; refused naming ``field`` where it is no image or
+    a side is above ``largest`` pixels (checked from its header, before any pixel is decoded)."""
+    if not isinstance(data, str) or not data:
+        raise UserError("each image must be base64 text (a data: URL works too)", field=field)
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[-1], validate=True)))
+        if max(image.size) > largest:
+            raise UserError(f"an image of {image.width}x{image.height} pixels is larger than this app decodes "
+                            f"({largest} pixels a side)", field=field)
+        image.load()
+    except (binascii.Error, ValueError, OSError, SyntaxError, struct.error, Image.DecompressionBombError) as e:
+        raise UserError(f"is not a base64-encoded image ({e})", field=field) from e
+    return image
 
 
 def _infotext_fields(infotext: Any) -> dict[str, Any]:
@@ -290,6 +365,28 @@ def txt2img_body_schema() -> dict[str, Any]:
     properties |= {name: {"description": "read by A1111 only for hires. fix, a refiner or img2img: ignored"}
                    for name in UNUSED_FIELDS}
     return {"type": "object", "properties": properties, "additionalProperties": True}
+
+
+def img2img_body_schema() -> dict[str, Any]:
+    """read_img2img's fields: txt2img's (hires. fix's ignored), img2img's own, inpainting's at the values allowed."""
+    schema = txt2img_body_schema()
+    properties = {k: v for k, v in schema["properties"].items() if k not in IMG2IMG_IGNORED}
+    properties |= {
+        "init_images": {"type": "array", "minItems": 1, "items": {"type": "string"},
+                        "description": "images in base64 (PNG, JPEG, WebP...), a data: URL too: one for the whole "
+                                       "batch, or one for each image of it"},
+        "denoising_strength": {"type": ["number", "null"], "minimum": 0, "maximum": 1, "default": 0.75},
+        "resize_mode": {"type": ["integer", "null"], "minimum": 0, "maximum": 3, "default": 0,
+                        "description": "0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent "
+                                       "upscale)"},
+        "include_init_images": _typed(bool),
+    }
+    properties |= {name: {"enum": values, "description": "inpainting is not supported yet"}
+                   for name, values in INPAINT_FIELDS.items()}
+    properties |= {name: {"enum": values} for name, values in IMG2IMG_DEFAULT_ONLY.items()}
+    properties |= {name: {"description": "not read by A1111's img2img (or only for instruct-pix2pix): ignored"}
+                   for name in IMG2IMG_IGNORED}
+    return {**schema, "properties": properties, "required": ["init_images"]}
 
 
 def options_body_schema() -> dict[str, Any]:

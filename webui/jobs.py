@@ -42,6 +42,10 @@ class JobQueue:
         """Queue a request; the future holds its GenerationResult or the error that stopped it."""
         return self._submit("txt2img", lambda: self.engine.txt2img(request), overrides)
 
+    def submit_img2img(self, request: GenerationRequest, overrides: Overrides | None = None) -> Future:
+        """Queue an img2img request (one with init images); the future holds its GenerationResult."""
+        return self._submit("img2img", lambda: self.engine.img2img(request), overrides)
+
     def submit_plot(self, base: GenerationRequest, choices: list[AxisChoice], options: PlotOptions,
                     save_grid: bool | None = None, overrides: Overrides | None = None) -> Future:
         """Queue an X/Y/Z plot over ``base`` (its axes: the built-in ones, then those extensions added); the future

@@ -43,6 +43,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "samples_save": True,
     "samples_format": "png",
     "outdir_txt2img_samples": "",
+    "outdir_img2img_samples": "",
+    "img2img_fix_steps": False,  # img2img runs exactly the steps asked for (of a longer schedule), not strength x steps
     "grid_save": True,
     "outdir_txt2img_grids": "",
     "live_previews_enable": True,
@@ -80,7 +82,8 @@ OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "xyz_axis_numbering": ("A1111", "Forge"),
 }
 OUTPUT_FOLDER_OPTIONS = {"outdir_txt2img_samples": "txt2img-images", "outdir_txt2img_grids": "txt2img-grids",
-                         "outdir_extras_samples": "extras-images"}
+                         "outdir_extras_samples": "extras-images",
+                         "outdir_img2img_samples": "img2img-images"}
 OPTION_RANGES: dict[str, tuple[float, float]] = {
     "sd_checkpoints_limit": (0, 16),
     "CLIP_stop_at_last_layers": (1, 12),
@@ -121,10 +124,15 @@ OPTION_SECTIONS: dict[str, dict[str, str]] = {
         "grid_save": "Always save all generated image grids",
         "outdir_txt2img_grids": "Folder for txt2img grids, inside the outputs folder (empty: txt2img-grids)",
         "outdir_extras_samples": "Folder for Extras images, inside the outputs folder (empty: extras-images)",
+        "outdir_img2img_samples": "Folder for img2img images, inside the outputs folder (empty: img2img-images)",
     },
     "Live previews": {
         "live_previews_enable": "Show live previews of the created image",
         "show_progress_every_n_steps": "Live preview display period (in sampling steps)",
+    },
+    "img2img": {
+        "img2img_fix_steps": "With img2img, do exactly the amount of steps the slider specifies (normally you'd do "
+                             "less with less denoising)",
     },
     "Upscaling": {
         "ESRGAN_tile": "Tile size for upscaler models, in pixels (0: no tiling)",

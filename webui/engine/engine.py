@@ -16,12 +16,13 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 
+from webui.engine import init_image
 from webui.engine.families.protocol import FamilyFields
 from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
 from webui.engine.forecast import Forecast, Rates, forecast_job
 from webui.engine.formats.files import CheckpointInfo, HashCache, checkpoint_title, declared_resolution, short_hash
-from webui.engine.generate import Resolved, resolve_seed, txt2img
+from webui.engine.generate import Resolved, generate, resolve_seed
 from webui.engine.hooks import Hooks, Network, extract_networks
 from webui.engine.loading.assemble import checkpoint_family
 from webui.engine.loading.load import LoadedModel
@@ -258,6 +259,18 @@ class Engine:
 
     def txt2img(self, request: GenerationRequest) -> GenerationResult:
         """Validate, load what is needed and generate. Raises UserError for anything the user can fix."""
+        if request.init_images is not None:
+            raise UserError("txt2img starts from noise: send init images to img2img", field="init_images")
+        return self._generate(request)
+
+    def img2img(self, request: GenerationRequest) -> GenerationResult:
+        """txt2img's path from the request's init images (``GenerationRequest.init_images``, denoising strength,
+        resize mode). Raises UserError for anything the user can fix."""
+        if not request.init_images:
+            raise UserError("img2img needs an init image", field="init_images")
+        return self._generate(request)
+
+    def _generate(self, request: GenerationRequest) -> GenerationResult:
         self.hooks.fire("before_generation", request=request)
         request.validate(self.options.as_dict())
         info = self.checkpoint(request.checkpoint)
@@ -272,15 +285,15 @@ class Engine:
             rates = self._rates.setdefault(self.models.identity, Rates())
             forecast = forecast_job(model, self.memory, policy, job, rates)
             forecast.check_host()
-            result = txt2img(model, self.memory, policy, job, self.progress, self._saver(), self.hooks)
+            result = generate(model, self.memory, policy, job, self.progress, self._saver(job.mode), self.hooks)
             result.forecast = forecast
             if not result.interrupted:
                 rates.learn(forecast, result)
         if not trace.running:  # its own recording; a plot's cells leave theirs to the plot
             result.memory_timeline = trace.timeline()
         self.hooks.fire("after_generation", request=request, result=result)
-        log.info("txt2img: %d image(s) %dx%d, %d steps, %s, seed %d, %.2f s on %s with %s [%s]%s",
-                 len(result.images), request.width, request.height, request.steps, result.sampler_name,
+        log.info("%s: %d image(s) %dx%d, %d steps, %s, seed %d, %.2f s on %s with %s [%s]%s",
+                 job.mode, len(result.images), request.width, request.height, request.steps, result.sampler_name,
                  result.seed, result.seconds, self.device, info.name, job.model_hash,
                  " (interrupted)" if result.interrupted else "")
         return result
@@ -303,6 +316,10 @@ class Engine:
             shift=self.options["sd3_shift"],
             prompts=(prompt, negative),
             extra_params=extra_params,
+            init_images=None if request.init_images is None else [
+                init_image.prepare(image, request.resize_mode, request.width, request.height, model.vae_scale_factor)
+                for image in request.init_images],
+            fix_steps=self.options["img2img_fix_steps"],
         )
 
     def forecast(self, request: GenerationRequest, load: bool = False) -> Forecast:
@@ -342,8 +359,8 @@ class Engine:
     def output_folder(self, key: str) -> Path:
         return self.config.paths.output_folder(key, self.options[key], OUTPUT_FOLDER_OPTIONS[key])
 
-    def _saver(self):
-        outdir = self.output_folder("outdir_txt2img_samples")
+    def _saver(self, mode: str):
+        outdir = self.output_folder(f"outdir_{mode}_samples")
 
         def save(image: Image.Image, seed: int, prompt: str, infotext: str, png: bytes) -> Path:
             path = save_image(image, outdir, seed, prompt, infotext, png=png)

@@ -28,21 +28,23 @@ MIN_MOVE_SECONDS = 0.05  # copies shorter than this measure latency, not bandwid
 class JobShape:
     """What the time of a job scales with."""
 
-    steps: int
+    steps: int  # denoising steps that run (img2img: the strength's part of the schedule)
     batches: int
     batch_size: int
     rows: int  # denoiser rows a call: the batch, twice with CFG
     latent_pixels: int  # of one image
     pixels: int  # of one image
     encodes: bool  # whether its prompts are encoded (not those of the last job)
+    init_pixels: int = 0  # img2img: pixels of the init images the VAE encodes (once for all batches)
 
     @classmethod
     def of(cls, model: LoadedModel, job: Resolved) -> JobShape:
         req = job.request
         factor = model.vae_scale_factor
-        return cls(req.steps, req.n_iter, req.batch_size, req.batch_size * (2 if job.cfg else 1),
+        return cls(job.steps.run, req.n_iter, req.batch_size, req.batch_size * (2 if job.cfg else 1),
                    (req.width // factor) * (req.height // factor), req.width * req.height,
-                   not encoded_already(model, job))
+                   not encoded_already(model, job),
+                   sum(image.width * image.height for image in job.init_images or ()))
 
 
 @dataclass
@@ -52,11 +54,14 @@ class Rates:
     step_seconds_per_pixel: float | None = None  # the denoiser's compute, a step, per latent pixel of a row
     encode_seconds_per_prompt: float | None = None
     decode_seconds_per_pixel: float | None = None
+    image_encode_seconds_per_pixel: float | None = None  # img2img's VAE encode; known after the first img2img
     bandwidth: float | None = None  # host → device bytes a second, as the copies were measured
 
-    def known(self) -> bool:
-        return None not in (self.step_seconds_per_pixel, self.encode_seconds_per_prompt,
-                            self.decode_seconds_per_pixel)
+    def known(self, shape: JobShape) -> bool:
+        """Whether every rate ``shape``'s phases need was measured."""
+        needed = (self.step_seconds_per_pixel, self.encode_seconds_per_prompt, self.decode_seconds_per_pixel,
+                  *((self.image_encode_seconds_per_pixel,) if shape.init_pixels else ()))
+        return None not in needed
 
     def learn(self, forecast: Forecast, result: GenerationResult) -> None:
         """Take the rates a finished job shows: each phase's time less what its moves cost (the plan says how many
@@ -71,11 +76,15 @@ class Rates:
                  for phase, moved in forecast.moved_by_phase().items()}
         if shape.encodes:
             self.encode_seconds_per_prompt = max(timings["encode"] - moves["text encoding"], 0.0) / shape.rows
-        step = max(timings["denoise"] - moves["denoising"], 0.0) / (shape.steps * shape.batches)
-        streaming = forecast.streamed_seconds_a_step(self.bandwidth)
-        compute = step - streaming if not forecast.async_copies else step if streaming < step else None
-        if compute is not None:
-            self.step_seconds_per_pixel = compute / (shape.latent_pixels * shape.rows)
+        if shape.init_pixels and "encode image" in timings:
+            self.image_encode_seconds_per_pixel = (max(timings["encode image"] - moves["image encoding"], 0.0)
+                                                   / shape.init_pixels)
+        if shape.steps:
+            step = max(timings["denoise"] - moves["denoising"], 0.0) / (shape.steps * shape.batches)
+            streaming = forecast.streamed_seconds_a_step(self.bandwidth)
+            compute = step - streaming if not forecast.async_copies else step if streaming < step else None
+            if compute is not None:
+                self.step_seconds_per_pixel = compute / (shape.latent_pixels * shape.rows)
         self.decode_seconds_per_pixel = (max(timings["decode"] - moves["decode"], 0.0)
                                          / (shape.pixels * shape.batch_size * shape.batches))
 
@@ -110,7 +119,7 @@ class Forecast:
 
     def moved_by_phase(self) -> dict[str, int]:
         """Bytes each phase moves over the whole job."""
-        moved = {"text encoding": 0, "denoising": 0, "decode": 0}
+        moved = {"image encoding": 0, "text encoding": 0, "denoising": 0, "decode": 0}
         for phases, times in ((self.first, 1), (self.later, self.shape.batches - 1)):
             for name, plan in phases:
                 moved[name] += plan.moved * times
@@ -119,7 +128,7 @@ class Forecast:
     def bus_bytes(self) -> int:
         """Bytes the job copies between host and device: its placements, and its streamed weights at every call
         (the denoiser's once a step: a sampler that calls it twice a step copies twice that)."""
-        calls = {"text encoding": 1, "denoising": self.shape.steps, "decode": 1}
+        calls = {"image encoding": 1, "text encoding": 1, "denoising": self.shape.steps, "decode": 1}
         return sum(self.moved_by_phase().values()) + sum(
             plan.streamed * calls[name] * times
             for phases, times in ((self.first, 1), (self.later, self.shape.batches - 1)) for name, plan in phases)
@@ -132,13 +141,14 @@ class Forecast:
     def seconds(self) -> float | None:
         """The job's time from the measured rates; None before the model's first generation on this machine."""
         rates, shape = self.rates, self.shape
-        if not rates.known():
+        if not rates.known(shape):
             return None
         compute = rates.step_seconds_per_pixel * shape.latent_pixels * shape.rows
         streaming = self.streamed_seconds_a_step(rates.bandwidth)
         step = max(compute, streaming) if self.async_copies else compute + streaming
         moved = sum(self.moved_by_phase().values())
         return ((rates.encode_seconds_per_prompt * shape.rows if shape.encodes else 0.0)
+                + (rates.image_encode_seconds_per_pixel * shape.init_pixels if shape.init_pixels else 0.0)
                 + shape.batches * (shape.steps * step + rates.decode_seconds_per_pixel * shape.pixels * shape.batch_size)
                 + (moved / rates.bandwidth if rates.bandwidth else 0.0))
 
@@ -198,6 +208,9 @@ def forecast_job(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy
     batches, tiled = [], False
     for batch in range(min(shape.batches, 2)):
         named = []
+        if batch == 0 and job.init_images is not None:  # encoded once for every batch
+            planner.prepare_decode("vae", estimates.encode_image)
+            named.append(("image encoding", planner.phases[-1]))
         if batch == 0 and shape.encodes:
             prepare_encoders(planner, estimates)
             named.append(("text encoding", planner.phases[-1]))
@@ -208,7 +221,8 @@ def forecast_job(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy
         batches.append(named)
     kept = shape.batches * shape.batch_size * shape.pixels * PIXEL_BYTES
     transient = shape.batch_size * shape.pixels * HOST_BYTES_PER_BATCH_PIXEL
-    activations = 0 if memory.limited else max(estimates.encode, estimates.denoise, estimates.decode)
+    activations = 0 if memory.limited else max(estimates.encode, estimates.denoise, estimates.decode,
+                                                estimates.encode_image)
     return Forecast(shape, batches[0], batches[1] if len(batches) > 1 else [], memory.limited, memory.memory.total(),
                     memory.capacity(), kept + transient + activations, memory.memory.host_available(),
                     policy.async_copies, tiled, replace(rates) if rates else Rates())  # as they are now

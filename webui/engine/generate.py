@@ -1,8 +1,10 @@
-"""txt2img: a validated request in, images and infotexts out. The only generation path.
+"""txt2img and img2img: a validated request in, images and infotexts out. The only generation path.
 
 Orchestration only: encode → denoise → decode, each step asking the model's family (``model.kind``,
 ``webui.engine.families``) for what is its own. Noise is drawn on the CPU per image from seed+i, as
-A1111 does, so seeds mean the same on every device.
+A1111 does, so seeds mean the same on every device. img2img is the same path from init latents: the init
+images are VAE-encoded once (a phase of their own), noised to where the denoising strength starts, and the
+family denoises the rest of the schedule (``Resolved.steps``).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -23,13 +26,14 @@ from webui.engine.hooks import Hooks
 from webui.engine.infotext import build_infotext
 from webui.engine.loading.load import TEXT_ENCODERS, LoadedModel, vae_scale_factor
 from webui.engine.memory.activation import activation_bytes, encode_activation_bytes
-from webui.engine.memory.manager import MemoryManager, MemoryPolicy, vae_decode_bytes
+from webui.engine.memory.manager import MemoryManager, MemoryPolicy, vae_decode_bytes, vae_encode_bytes
 from webui.engine.outputs import png_files
 from webui.engine.progress import Progress
 from webui.engine.request import MAX_SEED, GenerationRequest, GenerationResult
 from webui.engine.sampling.flow import SD3_DEFAULT_SHIFT
 from webui.engine.sampling.noise import Variation, initial_noise
 from webui.engine.sampling.samplers import Sampling
+from webui.engine.sampling.steps import DenoiseSteps
 from webui.engine.weights.fp8 import compute_dtype
 from webui.errors import UserError
 
@@ -37,6 +41,7 @@ VERSION = "webui-0.1"
 log = logging.getLogger(__name__)
 # Saves one image (image, seed, prompt, infotext, its PNG bytes) and returns the file's path.
 SaveImage = Callable[[Image.Image, int, str, str, bytes], Path]
+T = TypeVar("T")
 
 
 @dataclass
@@ -55,6 +60,8 @@ class Resolved:
     shift: float = SD3_DEFAULT_SHIFT  # SD3.x's flow shift (a setting); Flux's follows the resolution
     prompts: tuple[str, str] | None = None  # prompt and negative prompt without network tags; None: as requested
     extra_params: dict[str, str] = field(default_factory=dict)  # infotext fields from extensions ("Lora hashes")
+    init_images: list[Image.Image] | None = None  # img2img's init images as the VAE encodes them; None: txt2img
+    fix_steps: bool = False  # img2img runs exactly the requested steps (A1111's option img2img_fix_steps)
 
     @property
     def cfg(self) -> bool:
@@ -64,6 +71,18 @@ class Resolved:
     def encoded_prompts(self) -> tuple[str, str]:
         return self.prompts or (self.request.prompt, self.request.negative_prompt)
 
+    @property
+    def mode(self) -> str:
+        return "txt2img" if self.init_images is None else "img2img"
+
+    @property
+    def steps(self) -> DenoiseSteps:
+        """The steps that run: the request's (txt2img), or img2img's last ones of a schedule, as A1111 counts."""
+        req = self.request
+        if self.init_images is None:
+            return DenoiseSteps(req.steps, req.steps)
+        return DenoiseSteps.img2img(req.steps, req.denoising_strength, self.fix_steps)
+
 
 @dataclass(frozen=True)
 class PhaseEstimates:
@@ -72,6 +91,7 @@ class PhaseEstimates:
     encode: int
     denoise: int
     decode: int
+    encode_image: int = 0  # img2img: the VAE encoding the largest init image (they are encoded one at a time)
 
     @classmethod
     def of(cls, model: LoadedModel, job: Resolved) -> PhaseEstimates:
@@ -81,6 +101,8 @@ class PhaseEstimates:
             denoise=activation_bytes(model.kind.activation_per_pixel, req.width, req.height, req.batch_size, job.cfg,
                                      compute_dtype(model.denoiser)),
             decode=vae_decode_bytes(req.width, req.height, req.batch_size, compute_dtype(model.vae)),
+            encode_image=max((vae_encode_bytes(*image.size, 1, compute_dtype(model.vae))
+                              for image in job.init_images or ()), default=0),
         )
 
 
@@ -88,10 +110,11 @@ def resolve_seed(seed: int) -> int:
     return random.randint(0, MAX_SEED) if seed == -1 else int(seed)
 
 
-def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job: Resolved, progress: Progress,
-            save_image: SaveImage | None = None,
-            hooks: Hooks | None = None) -> GenerationResult:
-    """Run all batches of a request. ``save_image(image, seed, prompt, infotext)`` saves when given.
+def generate(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job: Resolved, progress: Progress,
+             save_image: SaveImage | None = None,
+             hooks: Hooks | None = None) -> GenerationResult:
+    """Run all batches of a request (img2img: from its init images, encoded once for them all).
+    ``save_image(image, seed, prompt, infotext)`` saves when given.
 
     An out-of-memory error in a batch is retried once with a smaller resident set and a tiled
     VAE; images already made are kept either way.
@@ -104,9 +127,12 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
     result = GenerationResult(request=req, model_name=model.info.model_name, model_hash=job.model_hash,
                               sampler_name=job.sampling.sampler.name, scheduler=job.sampling.schedule.label,
                               clip_skip=job.clip_skip)
-    progress.begin("txt2img", req.n_iter, req.steps)
-    bar = tqdm(total=req.n_iter * req.steps, desc="txt2img", unit="it", leave=False)
+    steps = job.steps.run
+    progress.begin(job.mode, req.n_iter, steps)
+    bar = tqdm(total=req.n_iter * steps, desc=job.mode, unit="it", leave=False)
     try:
+        init = None if job.init_images is None else _with_oom_retry(
+            lambda: encode_init(model, memory, job, estimates, result), memory, req)
         for batch_no in range(req.n_iter):
             if progress.interrupted:
                 break
@@ -114,8 +140,8 @@ def txt2img(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, job
             first = batch_no * req.batch_size
             seeds = [job.seed + first + i for i in range(req.batch_size)]
             subseeds = [job.subseed + first + i for i in range(req.batch_size)]
-            images = _with_oom_retry(lambda: _sample_batch(model, memory, job, estimates, seeds, subseeds, progress, bar,
-                                                           result, hooks), memory, req)
+            images = _with_oom_retry(lambda: _sample_batch(model, memory, job, estimates, seeds, subseeds, init,
+                                                           progress, bar, result, hooks), memory, req)
             infotexts = [infotext_for(model, job, seed, subseed) for seed, subseed in zip(seeds, subseeds)]
             for image, infotext in zip(images, infotexts):
                 image.info["parameters"] = infotext  # kept by whatever writes it as PNG (A1111 does the same)
@@ -169,6 +195,7 @@ def infotext_for(model: LoadedModel, job: Resolved, seed: int, subseed: int) -> 
         "Model hash": job.model_hash,
         "Model": model.info.model_name,
         "VAE": job.vae_name,
+        "Denoising strength": req.denoising_strength if job.init_images is not None else None,
         "Clip skip": job.clip_skip if job.clip_skip != 1 else None,
         **family_params(model, job),
         "Version": VERSION,
@@ -185,8 +212,7 @@ def family_params(model: LoadedModel, job: Resolved) -> dict:
     return params
 
 
-def _with_oom_retry(run: Callable[[], list[Image.Image]], memory: MemoryManager,
-                    req: GenerationRequest) -> list[Image.Image]:
+def _with_oom_retry(run: Callable[[], T], memory: MemoryManager, req: GenerationRequest) -> T:
     try:
         return run()
     except torch.OutOfMemoryError as e:
@@ -202,8 +228,8 @@ def _with_oom_retry(run: Callable[[], list[Image.Image]], memory: MemoryManager,
 
 @torch.inference_mode()
 def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, estimates: PhaseEstimates,
-                  seeds: list[int], subseeds: list[int], progress: Progress, bar: tqdm, result: GenerationResult,
-                  hooks: Hooks | None) -> list[Image.Image]:
+                  seeds: list[int], subseeds: list[int], init: torch.Tensor | None, progress: Progress, bar: tqdm,
+                  result: GenerationResult, hooks: Hooks | None) -> list[Image.Image]:
     req, device = job.request, memory.device
     dtype = compute_dtype(model.denoiser)
     clock = PhaseClock(device, result.timings)
@@ -215,15 +241,18 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     noise = _initial_noise(model, req, generators, seeds, subseeds).to(device, dtype)
 
+    steps = job.steps.run
+
     def on_step(i: int, total: int, latents: torch.Tensor) -> bool:
-        progress.step(round((i + 1) * req.steps / total), latents, model.family)
-        bar.n = progress.job_no * req.steps + progress.sampling_step
+        progress.step(round((i + 1) * steps / total), latents, model.family)
+        bar.n = progress.job_no * steps + progress.sampling_step
         bar.refresh()
         if hooks is not None:
             hooks.fire("denoising_step", step=i, total=total, latents=latents)
         return progress.interrupted or progress.skipped
 
-    latents = model.kind.denoise(model, job, seeds, generators, noise, cond, uncond, on_step)
+    latents = init if steps == 0 else model.kind.denoise(model, job, seeds, generators, noise, cond, uncond, on_step,
+                                                         init)
     clock.lap("denoise")
     if not torch.isfinite(latents).all():
         what = f"The denoiser made NaN or infinite values ({model.info.model_name}, {dtype_name(dtype)})."
@@ -305,21 +334,61 @@ def _initial_noise(model: LoadedModel, req: GenerationRequest, generators: list[
 
 
 def decode(model: LoadedModel, memory: MemoryManager, latents: torch.Tensor, notices: list[str]) -> list[Image.Image]:
-    """VAE decode to PIL images (tiled when a whole decode would not fit), rounded as diffusers does.
+    """VAE decode to PIL images (tiled when a whole decode would not fit), rounded as diffusers does."""
+    pixels = _in_float32_after_nan(model, memory, lambda: _decode_pixels(model.vae, memory, latents), notices)
+    pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
 
-    A half-precision VAE can overflow into NaNs (black images): then the VAE is kept in float32 from now on and the
-    batch decoded again, as A1111 does; what happened is said in ``notices`` and the log."""
-    pixels = _decode_pixels(model.vae, memory, latents)
+
+@torch.inference_mode()
+def encode_init(model: LoadedModel, memory: MemoryManager, job: Resolved, estimates: PhaseEstimates,
+                result: GenerationResult) -> torch.Tensor:
+    """img2img's init latents, one row per image of the batch (one init image serves them all), at the request's
+    latent size: latent upscale resizes them there (bilinear, as A1111)."""
+    clock = PhaseClock(memory.device, result.timings)
+    req, factor = job.request, model.vae_scale_factor
+    size = (req.height // factor, req.width // factor)
+    rows = []
+    for image in job.init_images:
+        latents = encode(model, memory, image, estimates.encode_image, result.notices)
+        rows.append(latents if latents.shape[-2:] == size
+                    else torch.nn.functional.interpolate(latents, size=size, mode="bilinear"))
+    init = torch.cat(rows)
+    clock.lap("encode image")
+    return init.expand(req.batch_size, -1, -1, -1) if len(init) == 1 else init
+
+
+def encode(model: LoadedModel, memory: MemoryManager, image: Image.Image, activation: int,
+           notices: list[str]) -> torch.Tensor:
+    """One image to latents as the denoiser sees them (float32, scaled and shifted by the VAE's factors): the mean
+    of the VAE's latent distribution, so that a seed's noise is all the randomness (tiled when a whole encode would
+    not fit in ``activation``'s room)."""
+    vae = model.vae
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
+
+    def run() -> torch.Tensor:
+        tiled = memory.prepare_decode("vae", activation)
+        vae.enable_tiling() if tiled else vae.disable_tiling()
+        return vae.encode(pixels.to(memory.device, compute_dtype(vae))).latent_dist.mode()
+
+    latents = _in_float32_after_nan(model, memory, run, notices).float()
+    return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
+def _in_float32_after_nan(model: LoadedModel, memory: MemoryManager, run: Callable[[], torch.Tensor],
+                          notices: list[str]) -> torch.Tensor:
+    """``run()`` of the VAE. A half-precision VAE can overflow into NaNs (black images): then the VAE is kept in
+    float32 from now on and run again, as A1111 does; what happened is said in ``notices`` and the log."""
+    out = run()
     half = compute_dtype(model.vae)
-    if half != torch.float32 and not torch.isfinite(pixels).all():
-        notice = (f"The VAE made NaN values in {dtype_name(half)}; it now runs in float32 (decoded again). "
+    if half != torch.float32 and not torch.isfinite(out).all():
+        notice = (f"The VAE made NaN values in {dtype_name(half)}; it now runs in float32 (run again). "
                   "Start with --no-half-vae to run the VAE in float32 from the start.")
         log.warning(notice)
         memory.convert("vae", torch.float32)
-        pixels = _decode_pixels(model.vae, memory, latents)
+        out = run()
         notices.append(notice)
-    pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
+    return out
 
 
 def _decode_pixels(vae: torch.nn.Module, memory: MemoryManager, latents: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,7 @@ INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
     "Size-1": ("width", int), "Size-2": ("height", int), "Clip skip": ("clip_skip", int),
     "Eta": ("eta", float), "Eta DDIM": ("eta", float), "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
     "Seed resize from-1": ("seed_resize_from_w", int), "Seed resize from-2": ("seed_resize_from_h", int),
+    "Denoising strength": ("denoising_strength", float),
 }
 
 

@@ -1,4 +1,4 @@
-"""A txt2img request, checked field by field before any work starts, and its result."""
+"""A txt2img or img2img request, checked field by field before any work starts, and its result."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from webui.engine.init_image import LATENT_UPSCALE
 from webui.engine.memory.manager import GenerationStats
 from webui.engine.memory.trace import MemoryTimeline
 from webui.errors import UserError
@@ -46,6 +47,9 @@ class GenerationRequest:
     subseed_strength: float = 0.0
     seed_resize_from_w: int = -1  # draw the noise at this size and centre it (-1 or 0: at the image's size)
     seed_resize_from_h: int = -1
+    init_images: list[Image.Image] | None = None  # img2img's init images (one for the batch, or one an image); None: txt2img
+    denoising_strength: float = 0.75  # img2img: 0 keeps the init image, 1 starts from noise alone
+    resize_mode: int = 0  # img2img: how the init images get the size (webui.engine.init_image.RESIZE_MODES)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
@@ -101,8 +105,28 @@ class GenerationRequest:
             self.clip_skip = _whole_in(self.clip_skip, "clip_skip", 1, 12)
         for name in ("sampler_name", "scheduler"):
             _text(getattr(self, name), name)
+        if self.init_images is not None:
+            self._check_img2img(side)
         if self.modules is not None and not (isinstance(self.modules, list) and all(isinstance(m, str) for m in self.modules)):
             raise UserError(f"must be a list of file names, got {self.modules!r}", field="modules")
+
+    def _check_img2img(self, side: int) -> None:
+        """A1111's rules: one init image serves the whole batch; several make the batch, at most batch_size. Latent
+        upscale encodes each at its own size: that must be within the largest side too."""
+        images = self.init_images
+        if not isinstance(images, list) or not images or not all(isinstance(i, Image.Image) for i in images):
+            raise UserError("must be one image or more", field="init_images")
+        if len(images) > 1:
+            if len(images) > self.batch_size:
+                raise UserError(f"{len(images)} images for a batch of {self.batch_size}: send one image, or one for "
+                                "each image of the batch", field="init_images")
+            self.batch_size = len(images)
+        _number_in(self.denoising_strength, "denoising_strength", 0, 1)
+        self.resize_mode = _whole_in(self.resize_mode, "resize_mode", 0, 3)
+        largest = max(max(image.size) for image in images)
+        if self.resize_mode == LATENT_UPSCALE and largest > side:
+            raise UserError(f"latent upscale encodes the image at its own size, and {largest} pixels is above the "
+                            f"largest side, {side}: choose another resize mode", field="init_images")
 
 
 def _number_in(value: object, name: str, low: float, high: float) -> None:

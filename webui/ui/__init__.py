@@ -3,7 +3,7 @@
 It holds no engine logic: its controls read and write the settings store, its forms become GenerationRequests
 (``txt2img.request_from_form``) submitted through the job queue, the same path the API takes. One module per part of
 the page: the model row, the txt2img tab (with the LoRA browser and the output column and its memory panel), the
-X/Y/Z plot, PNG Info, Settings and the extensions' tabs.
+img2img tab (the same with an init image), the X/Y/Z plot, PNG Info, Settings and the extensions' tabs.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import gradio as gr
 from webui.engine.engine import Engine
 from webui.jobs import JobQueue
 from webui.ui.extensions_tab import extension_tabs, extensions_tab
+from webui.ui.img2img import img2img_tab
 from webui.ui.extras_tab import extras_tab
 from webui.ui.model_row import model_row
 from webui.ui.png_info import png_info_tab
@@ -29,12 +30,14 @@ def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
                 form = txt2img_tab(demo, engine, jobs, checkpoint)
+            with gr.Tab("img2img", id="img2img"):
+                img2img_form = img2img_tab(demo, engine, jobs, checkpoint)
             with gr.Tab("X/Y/Z plot", id="xyz"):
                 xyz_tab(demo, engine, jobs, form)
             with gr.Tab("Extras", id="extras"):
                 extras_tab(demo, engine, jobs)
             with gr.Tab("PNG Info", id="png_info"):
-                png_info_tab(engine, form, tabs)
+                png_info_tab(engine, form, tabs, img2img_form)
             extension_tabs(engine)
             with gr.Tab("Settings", id="settings"):
                 settings_tab(demo, engine)

@@ -19,16 +19,16 @@ PREVIEW_SUFFIXES = (".preview.png", ".png", ".preview.jpg", ".jpg", ".jpeg", ".w
 CARD_SIZE = 192
 
 
-def network_browsers(demo: gr.Blocks, engine: Engine, prompt: gr.Textbox) -> None:
+def network_browsers(demo: gr.Blocks, engine: Engine, prompt: gr.Textbox, tab: str = "txt2img") -> None:
     for kind, network in engine.browsable_networks().items():
         with gr.Accordion(f"{kind.title()} — click a card to add <{kind}:name:1> to the prompt, again to remove it",
-                          open=True, elem_id=f"txt2img_{kind}_browser"):
+                          open=True, elem_id=f"{tab}_{kind}_browser"):
             with gr.Row(equal_height=True):
                 search = gr.Textbox(placeholder="Search by name", show_label=False, scale=6,
-                                    elem_id=f"txt2img_{kind}_search")
-                refresh = gr.Button(REFRESH, scale=0, min_width=48, elem_id=f"txt2img_{kind}_refresh")
+                                    elem_id=f"{tab}_{kind}_search")
+                refresh = gr.Button(REFRESH, scale=0, min_width=48, elem_id=f"{tab}_{kind}_refresh")
             cards = gr.Gallery(show_label=False, columns=6, fit_columns=False, height=180, allow_preview=False,
-                               object_fit="cover", elem_id=f"txt2img_{kind}_cards")
+                               object_fit="cover", elem_id=f"{tab}_{kind}_cards")
             shown = gr.State([])  # the names of the cards, in gallery order
 
         def listed(query: str, network: Any = network, refresh: bool = False) -> tuple[list, list[str]]:

@@ -1,4 +1,4 @@
-"""The PNG Info tab: an image's generation parameters, and "Send to txt2img"."""
+"""The PNG Info tab: an image's generation parameters, and "Send to txt2img" / "Send to img2img"."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,17 +30,25 @@ class SourceImage(gr.Image):
         return None if payload is None else payload.path
 
 
-def png_info_tab(engine: Engine, form: Components, tabs: gr.Tabs) -> None:
+def png_info_tab(engine: Engine, form: Components, tabs: gr.Tabs, img2img_form: Components | None = None) -> None:
     """Drop an image: its parameters (A1111's infotext, from PNG text or EXIF); "Send to txt2img" fills the form
-    with them and shows it."""
+    with them and shows it; "Send to img2img" fills img2img's, the image its init image, as A1111's does."""
     with gr.Row():
         image = SourceImage(type="filepath", sources=["upload", "clipboard"], label="Source", elem_id="pnginfo_image")
         with gr.Column():
             parameters = gr.Textbox(label="Parameters", lines=8, interactive=False, elem_id="pnginfo_parameters")
             send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
+            send_img2img = gr.Button("Send to img2img", elem_id="pnginfo_send_img2img", visible=bool(img2img_form))
     image.change(png_parameters, image, parameters, api_name="png_info")
     send.click(lambda text: (*form_updates(form, text, engine.canonical_sampler), gr.Tabs(selected="txt2img")),
                parameters, [*form.values(), tabs], api_visibility="private")
+    if img2img_form:
+        def to_img2img(path: str | None, text: str) -> tuple:
+            updates = form_updates(img2img_form, text, engine.canonical_sampler)
+            updates[list(img2img_form).index("init_images")] = gr.update(value=path) if path else gr.update()
+            return (*updates, gr.Tabs(selected="img2img"))
+
+        send_img2img.click(to_img2img, [image, parameters], [*img2img_form.values(), tabs], api_visibility="private")
 
 
 def png_parameters(path: str | None) -> str:

@@ -1,10 +1,13 @@
 """The txt2img tab: the form (every field of a GenerationRequest), the LoRA browser, and the output column.
 
-``request_from_form`` is the one place that turns the form into a request; the X/Y/Z tab builds its base request
+``generation_tab`` builds it, and the img2img tab (``webui.ui.img2img``) with its image inputs added;
+``request_from_form`` is the one place that turns a form into a request; the X/Y/Z tab builds its base request
 with it too.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Future
 from functools import partial
 
 import gradio as gr
@@ -17,14 +20,15 @@ from webui.ui.forecast import FORECAST_FIELDS, forecast_box, forecast_html, keep
 from webui.ui.generation import generator, output_column
 from webui.ui.network_browser import network_browsers
 
-# Ctrl+Enter (Cmd+Enter on macOS) in either prompt box presses Generate, as in A1111.
+# Ctrl+Enter (Cmd+Enter on macOS) in either prompt box of a tab presses its Generate, as in A1111.
 CTRL_ENTER_JS = """
 () => {
   document.addEventListener("keydown", (event) => {
     if (event.key !== "Enter" || !(event.ctrlKey || event.metaKey)) return;
-    if (!event.target.closest("#txt2img_prompt, #txt2img_neg_prompt")) return;
+    const box = event.target.closest("#txt2img_prompt, #txt2img_neg_prompt, #img2img_prompt, #img2img_neg_prompt");
+    if (!box) return;
     event.preventDefault();
-    document.getElementById("txt2img_generate")?.click();
+    document.getElementById(box.id.split("_")[0] + "_generate")?.click();
   });
 }
 """
@@ -40,21 +44,34 @@ def request_from_form(form: Components, values: tuple) -> GenerationRequest:
 
 def txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown) -> Components:
     """The txt2img tab; its form (request field → input), which the X/Y/Z plot tab takes its base request from."""
+    return generation_tab(demo, engine, jobs, checkpoint, "txt2img", jobs.submit)
+
+
+def generation_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown, tab: str,
+                   submit: Callable[[GenerationRequest], Future],
+                   more_inputs: Callable[[Components], None] = lambda form: None) -> Components:
+    """A generation tab (elem_ids ``{tab}_...``): prompts, ``more_inputs`` (img2img's image, strength, resize mode),
+    the txt2img fields and the LoRA browser, the output column; Generate hands ``submit`` the form's request. Its
+    Generate, Interrupt and Skip are the API's ``/{tab}``, ``/interrupt`` and ``/skip`` (txt2img's)."""
     form: Components = {}
-    generate, interrupt, skip, forecast = _prompt_row(form)
+    generate, interrupt, skip, forecast = _prompt_row(form, tab)
     with gr.Row():
         with gr.Column(scale=1):
-            random_seed, reuse_seed, shift = _settings_column(form, engine)
-            network_browsers(demo, engine, form["prompt"])
+            more_inputs(form)
+            random_seed, reuse_seed, shift = _settings_column(form, engine, tab)
+            network_browsers(demo, engine, form["prompt"], tab)
         with gr.Column(scale=1):
-            out = output_column("txt2img")
-    run = generator(jobs, form, out, lambda values: jobs.submit(request_from_form(form, values)))
-    done = generate.click(run, inputs=list(form.values()), outputs=list(out.values()), api_name="txt2img",
+            out = output_column(tab)
+    run = generator(jobs, form, out, lambda values: submit(request_from_form(form, values)))
+    done = generate.click(run, inputs=list(form.values()), outputs=list(out.values()), api_name=tab,
                           show_progress="hidden", concurrency_limit=None)
     keep_forecast_fresh(forecast, lambda *values: forecast_html(lambda: engine.forecast(request_from_form(form, values))),
                         list(form.values()), [form[name] for name in FORECAST_FIELDS] + [checkpoint], demo, done)
-    interrupt.click(jobs.interrupt, queue=False, api_name="interrupt")
-    skip.click(jobs.skip, queue=False, api_name="skip")
+    first = tab == "txt2img"  # one API name each for Interrupt and Skip
+    interrupt.click(jobs.interrupt, queue=False, api_name="interrupt" if first else None,
+                    api_visibility="public" if first else "private")
+    skip.click(jobs.skip, queue=False, api_name="skip" if first else None,
+               api_visibility="public" if first else "private")
     random_seed.click(lambda: -1, outputs=form["seed"], queue=False, api_visibility="private")
     reuse_seed.click(lambda seed: seed, inputs=out["last_seed"], outputs=form["seed"], queue=False,
                      api_visibility="private")
@@ -90,34 +107,36 @@ def fields_for_family(engine: Engine, title: str | None, switched: bool = True) 
             *((gr.update(value=side) for side in size) if size else (gr.update(), gr.update())))
 
 
-def _prompt_row(form: Components) -> tuple[gr.Button, gr.Button, gr.Button, gr.HTML]:
+def _prompt_row(form: Components, tab: str) -> tuple[gr.Button, gr.Button, gr.Button, gr.HTML]:
     with gr.Row():
         with gr.Column(scale=6):
-            form["prompt"] = gr.Textbox("", label="Prompt", lines=3, elem_id="txt2img_prompt",
+            form["prompt"] = gr.Textbox("", label="Prompt", lines=3, elem_id=f"{tab}_prompt",
                                         placeholder="Prompt (Ctrl+Enter to generate)")
-            form["negative_prompt"] = gr.Textbox("", label="Negative prompt", lines=2, elem_id="txt2img_neg_prompt",
+            form["negative_prompt"] = gr.Textbox("", label="Negative prompt", lines=2, elem_id=f"{tab}_neg_prompt",
                                                  placeholder="Negative prompt (Ctrl+Enter to generate)")
         with gr.Column(scale=1, min_width=180):
-            generate = gr.Button("Generate", variant="primary", size="lg", elem_id="txt2img_generate")
+            generate = gr.Button("Generate", variant="primary", size="lg", elem_id=f"{tab}_generate")
             with gr.Row():
-                interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt")
-                skip = gr.Button("Skip", elem_id="txt2img_skip")
-            forecast = forecast_box("txt2img")
+                interrupt = gr.Button("Interrupt", elem_id=f"{tab}_interrupt")
+                skip = gr.Button("Skip", elem_id=f"{tab}_skip")
+            forecast = forecast_box(tab)
     return generate, interrupt, skip, forecast
 
 
-def _slider(name: str, label: str, minimum: float, maximum: float, value: float, step: float = 1) -> FieldSlider:
+def slider(name: str, label: str, minimum: float, maximum: float, value: float, step: float = 1,
+           tab: str = "txt2img") -> FieldSlider:
     """A form slider; whole steps give whole numbers, as the request wants."""
     return FieldSlider(minimum, maximum, value=value, step=step, precision=0 if step == int(step) else None,
-                       label=label, elem_id=f"txt2img_{name}")
+                       label=label, elem_id=f"{tab}_{name}")
 
 
-def _settings_column(form: Components, engine: Engine) -> tuple[gr.Button, gr.Button, gr.Slider]:
+def _settings_column(form: Components, engine: Engine, tab: str) -> tuple[gr.Button, gr.Button, gr.Slider]:
+    _slider = partial(slider, tab=tab)
     with gr.Row():
         form["sampler_name"] = gr.Dropdown(engine.sampler_names(), value="DPM++ 2M", label="Sampling method",
-                                           elem_id="txt2img_sampling")
+                                           elem_id=f"{tab}_sampling")
         form["scheduler"] = gr.Dropdown(engine.schedule_type_names(), value="Automatic", label="Schedule type",
-                                        elem_id="txt2img_scheduler")
+                                        elem_id=f"{tab}_scheduler")
     form["steps"] = _slider("steps", "Sampling steps", 1, engine.options["max_steps"], 20)
     with gr.Row():
         form["width"] = _slider("width", "Width", MIN_SIDE, engine.options["max_image_side"], 512, step=SIDE_MULTIPLE)
@@ -130,14 +149,14 @@ def _settings_column(form: Components, engine: Engine) -> tuple[gr.Button, gr.Bu
         form["cfg_scale"] = _slider("cfg_scale", "CFG Scale", 1, 30, 7, step=0.5)
         form["distilled_cfg_scale"] = _slider("distilled_cfg_scale", "Distilled CFG Scale", 0, 30, 3.5, step=0.5)
         shift = gr.Slider(0.5, 10, value=engine.options["sd3_shift"], step=0.1, label=OPTION_LABELS["sd3_shift"],
-                          elem_id="sd3_shift", visible=False)
+                          elem_id=f"{tab}_sd3_shift", visible=False)
     with gr.Row(equal_height=True):
-        form["seed"] = gr.Number(-1, precision=0, label="Seed", scale=4, elem_id="txt2img_seed")
-        random_seed = gr.Button(RANDOM_SEED, scale=0, min_width=48, elem_id="txt2img_random_seed")
-        reuse_seed = gr.Button(REUSE_SEED, scale=0, min_width=48, elem_id="txt2img_reuse_seed")
-    with gr.Accordion("Variation seed", open=False, elem_id="txt2img_seed_extras"):
+        form["seed"] = gr.Number(-1, precision=0, label="Seed", scale=4, elem_id=f"{tab}_seed")
+        random_seed = gr.Button(RANDOM_SEED, scale=0, min_width=48, elem_id=f"{tab}_random_seed")
+        reuse_seed = gr.Button(REUSE_SEED, scale=0, min_width=48, elem_id=f"{tab}_reuse_seed")
+    with gr.Accordion("Variation seed", open=False, elem_id=f"{tab}_seed_extras"):
         with gr.Row():
-            form["subseed"] = gr.Number(-1, precision=0, label="Variation seed", elem_id="txt2img_subseed")
+            form["subseed"] = gr.Number(-1, precision=0, label="Variation seed", elem_id=f"{tab}_subseed")
             form["subseed_strength"] = _slider("subseed_strength", "Variation strength", 0, 1, 0, step=0.01)
         with gr.Row():
             form["seed_resize_from_w"] = _slider("seed_resize_from_w", "Resize seed from width (0: off)", 0,

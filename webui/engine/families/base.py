@@ -63,9 +63,9 @@ class UNetFamily:
 
     def denoise(self, model: LoadedModel, job: Resolved, seeds: list[int], generators: list[torch.Generator],
                 noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
-                on_step: StepCallback) -> torch.Tensor:
+                on_step: StepCallback, init: torch.Tensor | None = None) -> torch.Tensor:
         added = self.added_conditions(job, cond, uncond, noise.device, noise.dtype)
-        return denoise_unet(model, job, seeds, generators, noise, cond, uncond, on_step, added, self.sdxl_sigmas)
+        return denoise_unet(model, job, seeds, generators, noise, cond, uncond, on_step, added, self.sdxl_sigmas, init)
 
     def infotext_fields(self, model: LoadedModel, job: Resolved) -> dict:
         return {}
@@ -156,9 +156,9 @@ class FlowFamily:
 
     def denoise(self, model: LoadedModel, job: Resolved, seeds: list[int], generators: list[torch.Generator],
                 noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
-                on_step: StepCallback) -> torch.Tensor:
-        req = job.request
+                on_step: StepCallback, init: torch.Tensor | None = None) -> torch.Tensor:
+        req, steps = job.request, job.steps
         scheduler = make_flow_scheduler(job.sampling, self.shift(model, job))
-        set_timesteps(scheduler, req.steps, noise.device)
+        set_timesteps(scheduler, steps.total, noise.device)
         return denoise_flow(model.denoiser, self, scheduler, noise, cond, uncond, req.cfg_scale,
-                            req.distilled_cfg_scale, step_kwargs(scheduler, generators), on_step)
+                            req.distilled_cfg_scale, step_kwargs(scheduler, generators), on_step, steps.start, init)

@@ -50,8 +50,9 @@ class FamilyModel(Protocol):
 
     def denoise(self, model: LoadedModel, job: Resolved, seeds: list[int], generators: list[torch.Generator],
                 noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
-                on_step: StepCallback) -> torch.Tensor:
-        """Latents denoised from ``noise``; ``uncond`` is None without CFG."""
+                on_step: StepCallback, init: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents denoised from ``noise``; ``uncond`` is None without CFG. img2img gives ``init`` latents: then the
+        last ``job.steps.run`` steps of the schedule run, from ``init`` noised to the first of them."""
 
     def infotext_fields(self, model: LoadedModel, job: Resolved) -> dict:
         """The infotext fields only this family writes."""

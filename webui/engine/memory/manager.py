@@ -151,6 +151,12 @@ def vae_decode_bytes(width: int, height: int, batch: int, dtype: torch.dtype) ->
     return int(width * height * batch * 2_000 * torch.finfo(dtype).bits / 16)
 
 
+def vae_encode_bytes(width: int, height: int, batch: int, dtype: torch.dtype) -> int:
+    """Peak memory of a full (untiled) VAE encode (img2img's init image): the encoder's first blocks hold
+    128-channel tensors at full resolution."""
+    return int(width * height * batch * 1_000 * torch.finfo(dtype).bits / 16)
+
+
 @dataclass
 class GenerationStats:
     """What memory did during one generation; the log line, the UI and /sdapi/v1/memory show it."""

@@ -1,6 +1,7 @@
 """Denoising for the flow-matching families, Flux and SD3.x.
 
-The loop follows diffusers' FluxPipeline and StableDiffusion3Pipeline step for step, with the
+The loop follows diffusers' FluxPipeline and StableDiffusion3Pipeline (from init latents: their Img2Img pipelines)
+step for step, with the
 "Simple" schedule both use for Flux (sigmas ``linspace(1, 1/N, N)``, then shifted):
 
 * The shift is each family's (``families.sd3``, ``families.flux``).
@@ -51,17 +52,21 @@ class FlowLayout(Protocol):
 
 def denoise_flow(denoiser: torch.nn.Module, layout: FlowLayout, scheduler, noise: torch.Tensor, cond: Conditioning,
                  uncond: Conditioning | None, cfg_scale: float, distilled_cfg: float, extra: dict,
-                 on_step: StepCallback) -> torch.Tensor:
-    """Latents (B, C, h, w) denoised from ``noise``; ``uncond`` is None without CFG."""
+                 on_step: StepCallback, start: int = 0, init: torch.Tensor | None = None) -> torch.Tensor:
+    """Latents (B, C, h, w) denoised from ``noise``; ``uncond`` is None without CFG. With ``init`` latents (img2img)
+    the schedule's steps from ``start`` on run, from ``init`` mixed with the noise at that step's sigma."""
     context = cond.embeds if uncond is None else torch.cat([uncond.embeds, cond.embeds])
     pooled = cond.pooled if uncond is None else torch.cat([uncond.pooled, cond.pooled])
     copies = 1 if uncond is None else 2
     # The scheduler's maths in float32 (as the UNet loop): its ancestral noise is drawn in the velocity's dtype,
     # and a CPU generator draws other numbers in 16 bits than in 32 (another picture on a GPU).
     latents = layout.pack(noise).float()
+    timesteps = scheduler.timesteps[start * scheduler.order:]
+    if init is not None:
+        latents = noised(scheduler, layout.pack(init).float(), latents, start * scheduler.order)
     inputs = layout.inputs(denoiser, noise, context, copies, distilled_cfg)
-    total = len(scheduler.timesteps)
-    for i, t in enumerate(scheduler.timesteps):
+    total = len(timesteps)
+    for i, t in enumerate(timesteps):
         x = torch.cat([latents] * copies).to(noise.dtype)
         timestep = t.expand(x.shape[0]).to(x.dtype)
         velocity = denoiser(hidden_states=x, timestep=layout.timestep(timestep), encoder_hidden_states=context,
@@ -73,3 +78,14 @@ def denoise_flow(denoiser: torch.nn.Module, layout: FlowLayout, scheduler, noise
         if on_step(i, total, layout.unpack(latents, noise)):
             break
     return layout.unpack(latents, noise)
+
+
+def noised(scheduler, init: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
+    """``init`` at the noise level of the schedule's step ``index``, (1 - sigma) init + sigma noise, by the
+    scheduler's own call (FlowMatch's ``scale_noise``, the flow solvers' ``add_noise``); the loop starts there."""
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(index)
+    t = scheduler.timesteps[index:index + 1].repeat(len(init))
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(init, t, noise)
+    return scheduler.add_noise(init, noise, t)

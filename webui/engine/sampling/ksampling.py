@@ -136,22 +136,27 @@ class CpuBrownianNoise:
 
 def sample(ksampler: KSampler, denoiser: GuidedDenoiser, sigmas_for: Callable[[external.DiscreteSchedule], torch.Tensor],
            noise: torch.Tensor, seeds: list[int], generators: list[torch.Generator], eta: float | None,
-           on_step: StepCallback) -> torch.Tensor:
-    """Latents denoised from ``noise`` (one row per seed and generator) over ``sigmas_for(model schedule)``.
+           on_step: StepCallback, start: int = 0, init: torch.Tensor | None = None) -> torch.Tensor:
+    """Latents denoised from ``noise`` (one row per seed and generator) over ``sigmas_for(model schedule)``; with
+    ``init`` latents (img2img), from ``init`` plus the noise at the schedule's sigma ``start`` on, as A1111 does.
 
     ``on_step(i, total, denoised)`` returning True stops early with the latest denoised prediction."""
-    sigmas = sigmas_for(denoiser.model).to(noise.device)  # schedules are computed on the CPU
+    schedule = sigmas_for(denoiser.model).to(noise.device)  # schedules are computed on the CPU
+    sigmas = schedule[start:]
     denoiser.model.to(noise.device)
-    x = noise.float() * sigmas[0]
+    x = noise.float() * sigmas[0] if init is None else init.float() + noise.float() * sigmas[0]
     params = inspect.signature(ksampler.function).parameters
     kwargs: dict = {"eta": eta} if ksampler.takes_eta else {}
-    if "noise_sampler" in params:
-        low, high = sigmas[sigmas > 0].min().cpu(), sigmas.max().cpu()
+    if "noise_sampler" in params:  # the tree spans the whole schedule (A1111's, img2img's too)
+        low, high = schedule[schedule > 0].min().cpu(), schedule.max().cpu()
         kwargs["noise_sampler"] = CpuBrownianNoise(
             lambda cpu_x: sampling.BrownianTreeNoiseSampler(cpu_x, low, high, seed=seeds), x, sigmas) \
             if ksampler.brownian else seeded_noise(x, generators)
     if "sigma_min" in params:  # DPM fast and adaptive pick their own steps within the model's sigmas, as in A1111
-        kwargs.update(sigma_min=denoiser.model.sigma_min.item(), sigma_max=denoiser.model.sigma_max.item())
+        if init is None:
+            kwargs.update(sigma_min=denoiser.model.sigma_min.item(), sigma_max=denoiser.model.sigma_max.item())
+        else:  # img2img: within the part of the schedule that runs (its last sigma, 0, they cannot take)
+            kwargs.update(sigma_min=sigmas[-2].item(), sigma_max=sigmas[0].item())
         if "n" in params:
             kwargs["n"] = len(sigmas) - 1
     else:

@@ -1,7 +1,8 @@
 """Denoising for the UNet families (SD1.x, SD2.x, SDXL): epsilon or v prediction.
 
-The loop follows diffusers' StableDiffusion(XL)Pipeline step for step (same scheduler calls, same
-noise), so the same weights, seed and sampler give the same image as the plain pipeline; sampler /
+The loop follows diffusers' StableDiffusion(XL)Pipeline and (from init latents) StableDiffusion(XL)Img2ImgPipeline
+step for step (same scheduler calls, same noise), so the same weights, seed and sampler give the same image as the
+plain pipeline; sampler /
 schedule type pairs diffusers has no scheduler for run in sigma space (``ksampling``).
 """
 from __future__ import annotations
@@ -24,28 +25,35 @@ if TYPE_CHECKING:
 
 def denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generators: list[torch.Generator],
                  noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None, on_step: StepCallback,
-                 added: dict | None, sdxl: bool) -> torch.Tensor:
+                 added: dict | None, sdxl: bool, init: torch.Tensor | None = None) -> torch.Tensor:
     """The diffusers StableDiffusion(XL)Pipeline loop, or the sigma-space one for what diffusers' schedulers cannot
     do; ``uncond`` is None without CFG, ``added`` the UNet's added conditions (SDXL's), ``sdxl`` picks the sigma
-    schedules' SDXL variants."""
-    req, sampling, unet = job.request, job.sampling, model.denoiser
+    schedules' SDXL variants. With ``init`` latents (img2img) the schedule's last ``job.steps.run`` steps run, from
+    ``init`` noised to the first of them."""
+    req, sampling, unet, steps = job.request, job.sampling, model.denoiser, job.steps
     context = cond.embeds if uncond is None else torch.cat([uncond.embeds, cond.embeds])
     if not sampling.native:
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return unet(x.to(noise.dtype), t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
 
         denoiser = GuidedDenoiser(predict, model.scheduler_config, req.cfg_scale, uncond is not None)
-        return sample(sampling.sampler.ksampler, denoiser, lambda schedule: sampling.sigmas(req.steps, schedule, sdxl),
-                      noise, seeds, generators, sampling.eta, on_step)
+        return sample(sampling.sampler.ksampler, denoiser, lambda schedule: sampling.sigmas(steps.total, schedule, sdxl),
+                      noise, seeds, generators, sampling.eta, on_step, steps.start, init)
     scheduler = sampling.scheduler(model.scheduler_config, seed=seeds)
-    scheduler.set_timesteps(req.steps, device=noise.device)
+    scheduler.set_timesteps(steps.total, device=noise.device)
+    timesteps = scheduler.timesteps[steps.start * scheduler.order:]
     # The scheduler's maths in float32, whatever the UNet computes in: diffusers draws ancestral noise in the model
     # output's dtype, and a CPU generator draws other numbers in float16 than in float32 (another picture on a GPU).
-    latents = noise.float() * scheduler.init_noise_sigma
+    if init is None:
+        latents = noise.float() * scheduler.init_noise_sigma
+    else:
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(steps.start * scheduler.order)
+        latents = scheduler.add_noise(init.float(), noise.float(), timesteps[:1].repeat(len(init)))
     brownian_on_cpu(scheduler, latents, seeds)
     extra = step_kwargs(scheduler, generators, sampling.eta)
-    total = len(scheduler.timesteps)
-    for i, t in enumerate(scheduler.timesteps):
+    total = len(timesteps)
+    for i, t in enumerate(timesteps):
         x = latents if uncond is None else torch.cat([latents] * 2)
         x = scheduler.scale_model_input(x, t).to(noise.dtype)
         noise_pred = unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()

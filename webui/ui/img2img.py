@@ -1,0 +1,38 @@
+"""The img2img tab: the txt2img tab's form and output column (``txt2img.generation_tab``) with an init image,
+the denoising strength and the resize mode; Generate goes to the queue's img2img."""
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from webui.engine.engine import Engine
+from webui.engine.init_image import RESIZE_MODES
+from webui.jobs import JobQueue
+from webui.ui.common import Components
+from webui.ui.txt2img import generation_tab, slider
+
+
+class InitImage(gr.Image):
+    """The init image box: the request takes a list of init images (one here, for the whole batch). ``is_template``:
+    drawn as the stock image box."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        image = super().preprocess(payload)
+        return None if image is None else [image]
+
+
+def img2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown) -> Components:
+    """The img2img tab; its form (request field → input), which PNG Info's "Send to img2img" fills."""
+    return generation_tab(demo, engine, jobs, checkpoint, "img2img", jobs.submit_img2img, _image_inputs)
+
+
+def _image_inputs(form: Components) -> None:
+    form["init_images"] = InitImage(type="pil", image_mode="RGBA", sources=["upload", "clipboard"], label="Image",
+                                    height=360, elem_id="img2img_image")
+    form["resize_mode"] = gr.Radio([(name, i) for i, name in enumerate(RESIZE_MODES)],
+                                   value=0, label="Resize mode", elem_id="img2img_resize_mode")
+    form["denoising_strength"] = slider("denoising_strength", "Denoising strength", 0, 1, 0.75, step=0.01,
+                                        tab="img2img")
