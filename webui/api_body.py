@@ -145,17 +145,16 @@ def read_txt2img(body: Any, options: Options, known_schedule_type: Callable[[str
 
 # img2img's own fields (A1111's StableDiffusionProcessingImg2Img), by what this app does with them.
 IMG2IMG_FIELDS = ("init_images", "denoising_strength", "resize_mode")
-# Inpainting: refused where a value asks for it (a mask, or how a mask is used), until it is done here.
-INPAINT_FIELDS: dict[str, list] = {
-    "mask": [None, ""], "latent_mask": [None, ""], "mask_blur": [None, 4], "mask_blur_x": [None, 4],
-    "mask_blur_y": [None, 4], "mask_round": [None, True], "inpainting_fill": [None, 0], "inpaint_full_res": [None, True],
-    "inpaint_full_res_padding": [None, 0], "inpainting_mask_invert": [None, 0],
-}
+# Inpainting: a mask is refused until it is done here. How a mask is used A1111 reads only with a mask: ignored.
+MASK_FIELDS: dict[str, list] = {"mask": [None, ""], "latent_mask": [None, ""]}
+MASK_USE_FIELDS = ("mask_blur", "mask_blur_x", "mask_blur_y", "mask_round", "inpainting_fill", "inpaint_full_res",
+                   "inpaint_full_res_padding", "inpainting_mask_invert")
 # Honoured by A1111's img2img and not done here: accepted at the value that changes nothing.
 IMG2IMG_DEFAULT_ONLY = {"initial_noise_multiplier": [None, 1, 1.0]}
-# A1111's img2img has no such field (hires. fix is txt2img's) or reads it only for an instruct-pix2pix model
-# (image_cfg_scale): ignored, and named in info. include_init_images only shapes the answer's parameters.
-IMG2IMG_IGNORED = ("enable_hr", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
+# A1111's img2img has no such field (hires. fix is txt2img's), reads it only for an instruct-pix2pix model
+# (image_cfg_scale) or with a mask: ignored, and named in info. include_init_images only shapes the answer's
+# parameters.
+IMG2IMG_IGNORED = (*MASK_USE_FIELDS, "enable_hr", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
                    "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
                    "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "hr_cfg",
                    "hr_distilled_cfg", "firstpass_image", "image_cfg_scale")
@@ -166,14 +165,14 @@ MAX_DECODED_SIDE_FACTOR = 4  # an init image may be this many times the largest 
 def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str], bool],
                  declared_size: Callable[[str | None], tuple[int, int] | None] = lambda checkpoint: None) -> Txt2ImgCall:
     """Check every field of an A1111 img2img body: its own (init images in base64, with or without a data: prefix;
-    denoising strength; resize mode), inpainting's (refused: not done yet), and txt2img's (``read_txt2img``). An
-    img2img script is refused: there is none."""
+    denoising strength; resize mode), a mask (refused: inpainting is not done yet), and txt2img's
+    (``read_txt2img``). An img2img script is refused: there is none."""
     if not isinstance(body, dict):
         raise UserError("the request body must be a JSON object", field="body")
-    for key, allowed in (INPAINT_FIELDS | IMG2IMG_DEFAULT_ONLY).items():
+    for key, allowed in (MASK_FIELDS | IMG2IMG_DEFAULT_ONLY).items():
         value = body.get(key)
         if not any(value == default and type(value) is type(default) for default in allowed):
-            what = "inpainting is not supported yet" if key in INPAINT_FIELDS else f"this app cannot do {key}={value!r} yet"
+            what = "inpainting is not supported yet" if key in MASK_FIELDS else f"this app cannot do {key}={value!r} yet"
             raise UserError(f"{what}; leave it at its default", field=key)
     if body.get("script_name") not in (None, ""):
         raise UserError(f"no img2img script {body['script_name']!r}: there is none yet", field="script_name")
@@ -182,7 +181,7 @@ def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str
         raise UserError("send one image or more, each in base64 (a data: URL works too)", field="init_images")
     largest = options["max_image_side"] * MAX_DECODED_SIDE_FACTOR
     images = [decode_image(data, "init_images", largest) for data in given]
-    mine = (*IMG2IMG_FIELDS, *INPAINT_FIELDS, *IMG2IMG_DEFAULT_ONLY, *IMG2IMG_IGNORED, *IMG2IMG_READ, "script_name",
+    mine = (*IMG2IMG_FIELDS, *MASK_FIELDS, *IMG2IMG_DEFAULT_ONLY, *IMG2IMG_IGNORED, *IMG2IMG_READ, "script_name",
             "script_args")
     call = read_txt2img({k: v for k, v in body.items() if k not in mine}, options, known_schedule_type, declared_size)
     request = call.request
@@ -368,7 +367,7 @@ def txt2img_body_schema() -> dict[str, Any]:
 
 
 def img2img_body_schema() -> dict[str, Any]:
-    """read_img2img's fields: txt2img's (hires. fix's ignored), img2img's own, inpainting's at the values allowed."""
+    """read_img2img's fields: txt2img's (hires. fix's ignored), img2img's own, a mask only at none."""
     schema = txt2img_body_schema()
     properties = {k: v for k, v in schema["properties"].items() if k not in IMG2IMG_IGNORED}
     properties |= {
@@ -382,9 +381,10 @@ def img2img_body_schema() -> dict[str, Any]:
         "include_init_images": _typed(bool),
     }
     properties |= {name: {"enum": values, "description": "inpainting is not supported yet"}
-                   for name, values in INPAINT_FIELDS.items()}
+                   for name, values in MASK_FIELDS.items()}
     properties |= {name: {"enum": values} for name, values in IMG2IMG_DEFAULT_ONLY.items()}
-    properties |= {name: {"description": "not read by A1111's img2img (or only for instruct-pix2pix): ignored"}
+    properties |= {name: {"description": "not read by A1111's img2img without a mask (or only for instruct-pix2pix, "
+                                         "or only in txt2img): ignored"}
                    for name in IMG2IMG_IGNORED}
     return {**schema, "properties": properties, "required": ["init_images"]}
 
