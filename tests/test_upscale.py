@@ -227,8 +227,11 @@ def test_extras_saved_in_a1111_folder_with_png_info(upscaling, tmp_path):
 
 
 def test_model_on_a_limited_device_is_a_memory_manager_component(upscaling, monkeypatch):
-    """On a budgeted device the upscaler is registered, placed by prepare and let go after the job."""
+    """On a budgeted device the upscaler is registered, placed by prepare (on this small card: streamed) and let go
+    after the job; the image is the one the CPU makes without the memory manager."""
     spandrel_or_skip()
+    request = ExtrasRequest([picture()], upscaler_1=COMPACT_NAME)
+    plain = upscaling.extras(request).images[0]
     cpu = torch.device("cpu")
     manager = MemoryManager(cpu, SimulatedMemory(cpu, total_mb=64), min_unit_bytes=1024)
     upscaling.memory = upscaling.models.memory = manager
@@ -236,8 +239,9 @@ def test_model_on_a_limited_device_is_a_memory_manager_component(upscaling, monk
     prepare = manager.prepare
     monkeypatch.setattr(manager, "prepare", lambda names, *a, **k: placed.append(
         (list(names), manager.components[names[0]].nbytes)) or prepare(names, *a, **k))
-    upscaling.extras(ExtrasRequest([picture()], upscaler_1=COMPACT_NAME))
+    streamed = upscaling.extras(request).images[0]
     assert placed and placed[0][0] == ["upscaler"] and placed[0][1] > 0
+    assert manager.last.streamed_mb > 0 and streamed.tobytes() == plain.tobytes()
     assert "upscaler" not in manager.components and manager.last.activation_mb > 0
 
 
