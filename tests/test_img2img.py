@@ -26,6 +26,7 @@ from transformers import T5TokenizerFast
 
 from tests.conftest import make_engine
 from tests.test_api import client  # noqa: F401 (the API's fixture)
+from tests.test_clients import api, server  # noqa: F401 (a live server and webuiapi's client of it)
 from tests.test_flow_pipelines import engine_for, files, parts  # noqa: F401 (the flow models' fixtures)
 from tests.test_forecast import planned, record_phases
 from tests.test_memory import model_bytes, set_budget, simulated_engine
@@ -397,3 +398,14 @@ def test_a1111s_own_img2img_test_request_works(client):
         assert len(reply.json()["images"]) == 1
     ignored = json.loads(reply.json()["info"])["ignored_fields"]
     assert {"inpaint_full_res", "inpainting_mask_invert", "mask_blur"} <= set(ignored)
+
+
+def test_webuiapi_img2img_with_its_defaults(api):
+    """webuiapi's img2img (its payload at its defaults: data: URLs, inpainting's fields, image_cfg_scale 1.5) against
+    a live server."""
+    result = api.img2img(images=[init_picture(128, 128)], prompt="a large red circle on the left, green background",
+                         width=128, height=128, seed=7, denoising_strength=0.5)
+    assert result.image.size == (128, 128) and result.info["all_seeds"] == [7]
+    assert result.info["denoising_strength"] == 0.5
+    assert parse_infotext(result.image.info["parameters"])["Denoising strength"] == "0.5"
+    assert {"image_cfg_scale", "inpainting_fill"} <= set(result.info["ignored_fields"])
