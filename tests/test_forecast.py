@@ -19,8 +19,8 @@ def record_phases(engine) -> list[tuple[tuple[str, ...], int, int]]:
     memory, seen = engine.memory, []
     real = memory.prepare
 
-    def prepare(names, activation=None, once=False):
-        real(names, activation, once)
+    def prepare(names, activation=None, once=False, phase=None):
+        real(names, activation, once, phase)
         needed = [c for c in memory.components.values() if c.name in names or c.companion_of in names]
         seen.append((tuple(c.name for c in needed), memory.resident_bytes(), sum(c.streamed_bytes() for c in needed)))
 

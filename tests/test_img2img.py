@@ -409,3 +409,9 @@ def test_webuiapi_img2img_with_its_defaults(api):
     assert result.info["denoising_strength"] == 0.5
     assert parse_infotext(result.image.info["parameters"])["Denoising strength"] == "0.5"
     assert {"image_cfg_scale", "inpainting_fill"} <= set(result.info["ignored_fields"])
+
+
+def test_the_memory_trace_names_the_image_encoding(tmp_path, sd1_file):
+    engine = simulated_engine(tmp_path, sd1_file)
+    timeline = engine.img2img(request(sd1_file.name)).memory_timeline
+    assert [p.name for p in timeline.phases] == ["loading", "VAE encode", "text encoding", "denoising", "VAE decode"]

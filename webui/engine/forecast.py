@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from webui.engine.generate import PhaseEstimates, Resolved, encoded_already, prepare_encoders
+from webui.engine.generate import IMAGE_ENCODE_PHASE, PhaseEstimates, Resolved, encoded_already, prepare_encoders
 from webui.engine.loading.load import LoadedModel
 from webui.engine.memory import MB
 from webui.engine.memory.manager import MemoryManager, MemoryPolicy
@@ -209,7 +209,7 @@ def forecast_job(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy
     for batch in range(min(shape.batches, 2)):
         named = []
         if batch == 0 and job.init_images is not None:  # encoded once for every batch
-            planner.prepare_decode("vae", estimates.encode_image)
+            planner.prepare_decode("vae", estimates.encode_image, phase=IMAGE_ENCODE_PHASE)
             named.append(("image encoding", planner.phases[-1]))
         if batch == 0 and shape.encodes:
             prepare_encoders(planner, estimates)

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # Saves one image (image, seed, prompt, infotext, its PNG bytes) and returns the file's path.
 SaveImage = Callable[[Image.Image, int, str, str, bytes], Path]
 T = TypeVar("T")
+IMAGE_ENCODE_PHASE = "VAE encode"  # img2img's init images through the VAE, as the memory trace names it
 
 
 @dataclass
@@ -367,7 +368,7 @@ def encode(model: LoadedModel, memory: MemoryManager, image: Image.Image, activa
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
 
     def run() -> torch.Tensor:
-        tiled = memory.prepare_decode("vae", activation)
+        tiled = memory.prepare_decode("vae", activation, phase=IMAGE_ENCODE_PHASE)
         vae.enable_tiling() if tiled else vae.disable_tiling()
         return vae.encode(pixels.to(memory.device, compute_dtype(vae))).latent_dist.mode()
 

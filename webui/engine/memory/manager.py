@@ -376,15 +376,17 @@ class MemoryManager:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def prepare(self, names: list[str], activation: int | None = None, once: bool = False) -> None:
+    def prepare(self, names: list[str], activation: int | None = None, once: bool = False,
+                phase: str | None = None) -> None:
         """Make the named components usable on the device for the next phase. ``once``: the phase calls them once
-        (text encoding, a decode), so the others keep their place where these can stream beside them."""
+        (text encoding, a decode), so the others keep their place where these can stream beside them. ``phase``:
+        its name in the memory trace, where the first component's usual phase is not it (img2img's VAE encode)."""
         activation = self.activation if activation is None else activation
         self.phase = ", ".join(names)
         needed = [self.components[n] for n in names]
         needed += [c for c in self.components.values() if c.companion_of in names]
         if self.trace is not None:
-            self.trace.begin_phase(PHASE_OF_COMPONENT.get(names[0], "text encoding") if names else "other")
+            self.trace.begin_phase(phase or (PHASE_OF_COMPONENT.get(names[0], "text encoding") if names else "other"))
         self._arrange(needed, activation, once)
         if self.trace is not None:
             for c in needed:
@@ -402,11 +404,12 @@ class MemoryManager:
         for component, keep, stream in plan_phase(list(self.components.values()), needed, budget, mode, once):
             self._place(component, keep, stream)
 
-    def prepare_decode(self, name: str, decode_bytes: int) -> bool:
-        """Place the VAE for decoding. True when the decode must be tiled: a whole one would not fit."""
+    def prepare_decode(self, name: str, decode_bytes: int, phase: str | None = None) -> bool:
+        """Place the VAE for decoding (or, ``phase`` "VAE encode", encoding). True when it must be tiled: a whole
+        one would not fit."""
         vae = self.components[name]
         tiled = self.policy.tiled_vae or (self.limited and self.weight_budget(decode_bytes) < vae.nbytes)
-        self.prepare([name], activation=TILED_DECODE_BYTES if tiled else decode_bytes, once=True)
+        self.prepare([name], activation=TILED_DECODE_BYTES if tiled else decode_bytes, once=True, phase=phase)
         self.stats.tiled_vae = self.stats.tiled_vae or tiled
         return tiled
 

@@ -31,7 +31,7 @@ class MemorySample:
 
 @dataclass(frozen=True)
 class Phase:
-    name: str  # "loading", "text encoding", "denoising", "VAE decode"
+    name: str  # "loading", "text encoding", "denoising", "VAE decode" (img2img: "VAE encode" first)
     start: float
     end: float
 
