@@ -4,11 +4,11 @@
 
 Full-size architectures with random weights (values do not change memory), at the precision the
 engine computes in. For each phase — text encoding, one denoiser call (batch 1 and 2: CFG runs the
-two halves as one batch), a whole (untiled) VAE decode — the peak memory torch allocated above what
-was allocated before the call (weights and inputs), at several sizes. Printed beside what the
-engine estimates today (``FamilyModel.activation_per_pixel`` through ``memory.activation``, and
-``memory.manager.vae_decode_bytes``), with the per-pixel coefficient each measurement implies:
-bytes per latent pixel per image at 2-byte precision for the denoiser, per output pixel for decode.
+two halves as one batch), a whole (untiled) VAE decode and encode (img2img's) — the peak memory torch
+allocated above what was allocated before the call (weights and inputs), at several sizes. Printed beside what
+the engine estimates today (``FamilyModel.activation_per_pixel`` through ``memory.activation``, and
+``memory.manager.vae_decode_bytes`` / ``vae_encode_bytes``), with the per-pixel coefficient each measurement
+implies: bytes per latent pixel per image at 2-byte precision for the denoiser, per image pixel for the VAE.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
 from webui.engine.memory import MB
 from webui.engine.memory.activation import activation_bytes
-from webui.engine.memory.manager import vae_decode_bytes
+from webui.engine.memory.manager import vae_decode_bytes, vae_encode_bytes
 
 
 @dataclass
@@ -82,6 +82,10 @@ def decode_rows(name: str, vae: torch.nn.Module, sizes: list[tuple[int, int]]) -
         scale = torch.finfo(dtype).bits / 16
         rows.append(Measured(name, f"decode ({str(dtype).removeprefix('torch.')})", f"{width}×{height}", 1,
                              peak / MB, vae_decode_bytes(width, height, 1, dtype) / MB, peak / (width * height) / scale))
+        pixels = torch.randn(1, 3, height, width, device="cuda", dtype=dtype)
+        peak = peak_above_now(lambda: vae.encode(pixels).latent_dist.mode())
+        rows.append(Measured(name, f"VAE encode ({str(dtype).removeprefix('torch.')})", f"{width}×{height}", 1,
+                             peak / MB, vae_encode_bytes(width, height, 1, dtype) / MB, peak / (width * height) / scale))
     return rows
 
 
