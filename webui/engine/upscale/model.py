@@ -125,7 +125,7 @@ def model_on_device(descriptor: Any, setup: UpscaleSetup,
     memory.begin(setup.policy, activation)
     memory.register(COMPONENT, module)
     try:
-        memory.prepare([COMPONENT])
+        memory.prepare([COMPONENT], phase="upscale")  # its name in the memory panel, where a job traces it
         yield upscale
     finally:
         memory.unregister(COMPONENT)
