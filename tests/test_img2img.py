@@ -172,7 +172,8 @@ def test_resize_modes_follow_a1111():
     wide = init_picture(120, 60)  # 2:1 into a square
     assert resize(wide, 0, 64, 64).size == (64, 64)
     cropped = np.asarray(resize(wide, 1, 64, 64))  # covers the square: the middle of the wide picture
-    assert np.abs(cropped.astype(int) - np.asarray(wide.resize((128, 64), Image.Resampling.LANCZOS))[:, 32:96]).max() <= 1
+    middle = np.asarray(wide.resize((128, 64), Image.Resampling.LANCZOS))[:, 32:96]
+    assert np.abs(cropped.astype(int) - middle).max() <= 1
     filled = np.asarray(resize(wide, 2, 64, 64)).astype(int)  # fits inside: bands above and below, no black
     assert filled[:16].std(axis=0).max() < 1e-6 and filled[0].sum() > 0  # each band column is the edge row stretched
     assert np.abs(filled[16:48] - np.asarray(wide.resize((64, 32), Image.Resampling.LANCZOS))).max() == 0
@@ -234,7 +235,8 @@ def test_the_api_route_answers_in_a1111s_shape(client, engine):
     assert parse_infotext(images[0].info["parameters"])["Denoising strength"] == "0.6"
     assert data["parameters"]["init_images"] is None and data["parameters"]["prompt"] == PROMPT
     info = json.loads(data["info"])
-    assert info["denoising_strength"] == 0.6 and info["all_seeds"] == SEEDS and "image_cfg_scale" in info["ignored_fields"]
+    assert info["denoising_strength"] == 0.6 and info["all_seeds"] == SEEDS
+    assert "image_cfg_scale" in info["ignored_fields"]
     direct = engine.img2img(request(None))
     assert np.array_equal(as_array(images), as_array(direct.images)), "the route is the engine's img2img"
     bare = client.post("/sdapi/v1/img2img", json={**WEBUIAPI_BODY, "init_images": [b64(init_picture(), prefix="")],
@@ -415,3 +417,18 @@ def test_the_memory_trace_names_the_image_encoding(tmp_path, sd1_file):
     engine = simulated_engine(tmp_path, sd1_file)
     timeline = engine.img2img(request(sd1_file.name)).memory_timeline
     assert [p.name for p in timeline.phases] == ["loading", "VAE encode", "text encoding", "denoising", "VAE decode"]
+
+
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning", "ignore:Should have:UserWarning")  # as test_sampling
+def test_every_sampler_runs_img2img(tmp_path, sd1_file):
+    """Each sampler from the init latents, diffusers' or sigma-space (DPM fast and adaptive within the part of the
+    schedule that runs, as A1111): it runs its steps and changes the picture, less at a lower strength."""
+    engine = make_engine(tmp_path, sd1_file)
+    kept = as_array(engine.img2img(request(sd1_file.name, denoising_strength=0.0, batch_size=1)).images)
+    for name in engine.sampler_names():
+        light, strong = (as_array(engine.img2img(request(sd1_file.name, sampler_name=name, denoising_strength=s,
+                                                         batch_size=1, steps=3)).images) for s in (0.4, 0.9))
+        assert 0 < np.abs(light - kept).mean() < np.abs(strong - kept).mean(), name
+    with pytest.raises(UserError) as error:  # one step at the lowest noise level: no interval to choose steps in
+        engine.img2img(request(sd1_file.name, sampler_name="DPM fast", denoising_strength=0.1, steps=3))
+    assert error.value.field == "denoising_strength"

@@ -172,7 +172,8 @@ def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str
     for key, allowed in (MASK_FIELDS | IMG2IMG_DEFAULT_ONLY).items():
         value = body.get(key)
         if not any(value == default and type(value) is type(default) for default in allowed):
-            what = "inpainting is not supported yet" if key in MASK_FIELDS else f"this app cannot do {key}={value!r} yet"
+            what = ("inpainting is not supported yet" if key in MASK_FIELDS
+                    else f"this app cannot do {key}={value!r} yet")
             raise UserError(f"{what}; leave it at its default", field=key)
     if body.get("script_name") not in (None, ""):
         raise UserError(f"no img2img script {body['script_name']!r}: there is none yet", field="script_name")

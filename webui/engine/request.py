@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from webui.engine.init_image import LATENT_UPSCALE
+from webui.engine.init_image import LATENT_UPSCALE, RESIZE_MODES
 from webui.engine.memory.manager import GenerationStats
 from webui.engine.memory.trace import MemoryTimeline
 from webui.errors import UserError
@@ -47,7 +47,7 @@ class GenerationRequest:
     subseed_strength: float = 0.0
     seed_resize_from_w: int = -1  # draw the noise at this size and centre it (-1 or 0: at the image's size)
     seed_resize_from_h: int = -1
-    init_images: list[Image.Image] | None = None  # img2img's init images (one for the batch, or one an image); None: txt2img
+    init_images: list[Image.Image] | None = None  # img2img's (one for the batch, or one an image); None: txt2img
     denoising_strength: float = 0.75  # img2img: 0 keeps the init image, 1 starts from noise alone
     resize_mode: int = 0  # img2img: how the init images get the size (webui.engine.init_image.RESIZE_MODES)
 
@@ -122,7 +122,7 @@ class GenerationRequest:
                                 "each image of the batch", field="init_images")
             self.batch_size = len(images)
         _number_in(self.denoising_strength, "denoising_strength", 0, 1)
-        self.resize_mode = _whole_in(self.resize_mode, "resize_mode", 0, 3)
+        self.resize_mode = _whole_in(self.resize_mode, "resize_mode", 0, len(RESIZE_MODES) - 1)
         largest = max(max(image.size) for image in images)
         if self.resize_mode == LATENT_UPSCALE and largest > side:
             raise UserError(f"latent upscale encodes the image at its own size, and {largest} pixels is above the "

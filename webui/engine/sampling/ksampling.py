@@ -155,8 +155,14 @@ def sample(ksampler: KSampler, denoiser: GuidedDenoiser, sigmas_for: Callable[[e
     if "sigma_min" in params:  # DPM fast and adaptive pick their own steps within the model's sigmas, as in A1111
         if init is None:
             kwargs.update(sigma_min=denoiser.model.sigma_min.item(), sigma_max=denoiser.model.sigma_max.item())
-        else:  # img2img: within the part of the schedule that runs (its last sigma, 0, they cannot take)
-            kwargs.update(sigma_min=sigmas[-2].item(), sigma_max=sigmas[0].item())
+        else:  # img2img: within the part of the schedule that runs (its last sigma, 0, they cannot take; with one
+            # step, down to the model's smallest, where A1111 fails on an empty interval)
+            low = sigmas[-2] if len(sigmas) > 2 else denoiser.model.sigma_min
+            if not sigmas[0] > low * 1.001:  # the same level (to float precision): an empty interval
+                raise UserError("DPM fast and DPM adaptive take their own steps between two noise levels, and this "
+                                "strength leaves them only the lowest one: raise the denoising strength or the steps",
+                                field="denoising_strength")
+            kwargs.update(sigma_min=low.item(), sigma_max=sigmas[0].item())
         if "n" in params:
             kwargs["n"] = len(sigmas) - 1
     else:

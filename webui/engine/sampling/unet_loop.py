@@ -37,8 +37,9 @@ def denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generators
             return unet(x.to(noise.dtype), t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
 
         denoiser = GuidedDenoiser(predict, model.scheduler_config, req.cfg_scale, uncond is not None)
-        return sample(sampling.sampler.ksampler, denoiser, lambda schedule: sampling.sigmas(steps.total, schedule, sdxl),
-                      noise, seeds, generators, sampling.eta, on_step, steps.start, init)
+        return sample(sampling.sampler.ksampler, denoiser,
+                      lambda schedule: sampling.sigmas(steps.total, schedule, sdxl), noise, seeds, generators,
+                      sampling.eta, on_step, steps.start, init)
     scheduler = sampling.scheduler(model.scheduler_config, seed=seeds)
     scheduler.set_timesteps(steps.total, device=noise.device)
     timesteps = scheduler.timesteps[steps.start * scheduler.order:]
