@@ -233,6 +233,19 @@ def test_a1111_flags_with_a_meaning_here(tmp_path):
     assert result.returncode == 2 and "invalid choice: 'blue'" in result.stderr
 
 
+def test_a1111_upscaler_folder_flags_put_those_folders_elsewhere(tmp_path):
+    from webui.cli import parse_args
+    from webui.settings import Paths
+
+    mine = tmp_path / "my-esrgan"
+    paths = Paths.from_args(parse_args(["--data-dir", str(tmp_path), "--esrgan-models-path", str(mine),
+                                        "--dat-models-path", str(tmp_path / "dat")]))
+    models = tmp_path / "models"
+    assert paths.upscaler_dirs == (mine, models / "RealESRGAN", models / "SwinIR", tmp_path / "dat", models / "HAT",
+                                   models / "upscale_models")
+    assert parse_args(["--realesrgan-models-path", "x", "--swinir-models-path", "y"]).no_effect == []
+
+
 def test_server_name_counts_as_open_to_the_network():
     from webui.cli import parse_args
     from webui.server import bind_address, open_access_warnings

@@ -60,10 +60,11 @@ WITHOUT_EFFECT: dict[str, tuple[str, ...]] = {
     "the launcher checks only what it needs: Python 3.10+ and the packages that are missing": (
         "-f", "--skip-python-version-check", "--skip-version-check", "--reinstall-torch", "--update-check",
         "--update-all-extensions", "--log-startup", "--dump-sysinfo", "--test-server", "--tests DIR", "--no-tests"),
-    "this app has no face restoration, upscaler, interrogator, ControlNet, hypernetwork or embedding models": (
+    "this app has no face restoration, BSRGAN/ScuNET/LDSR upscaler, interrogator, ControlNet, hypernetwork or "
+    "embedding models": (
         "--gfpgan-dir DIR", "--gfpgan-model FILE", "--gfpgan-models-path DIR", "--codeformer-models-path DIR",
-        "--esrgan-models-path DIR", "--bsrgan-models-path DIR", "--realesrgan-models-path DIR",
-        "--dat-models-path DIR", "--clip-models-path DIR", "--deepdanbooru", "--unload-gfpgan",
+        "--bsrgan-models-path DIR", "--scunet-models-path DIR", "--ldsr-models-path DIR", "--clip-models-path DIR",
+        "--deepdanbooru", "--unload-gfpgan",
         "--embeddings-dir DIR", "--textual-inversion-templates-dir DIR", "--hypernetwork-dir DIR",
         "--controlnet-dir DIR", "--controlnet-preprocessor-models-dir DIR"),
     "this UI has no such option": (
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--vae-dir", type=Path, default=None, help="VAE folder (default: <models>/VAE)")
     paths.add_argument("--text-encoder-dir", type=Path, default=None,
                        help="text encoder folder (default: <models>/text_encoder)")
+    for folder in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT"):
+        paths.add_argument(f"--{folder.lower()}-models-path", type=Path, default=None, metavar="DIR",
+                           help=f"{folder} upscaler models (default: <models>/{folder})")
     paths.add_argument("--outdir", type=Path, default=None, help="output folder (default: <data-dir>/outputs)")
     paths.add_argument("--extensions-dir", type=Path, default=None,
                        help="folder of your extensions (default: <data-dir>/extensions)")

@@ -162,7 +162,9 @@ KEPT_VALUE_CHARS = 10_000  # as JSON
 KEPT_VALUE_DEPTH = 4  # lists and objects inside one another
 KEPT_KEYS = 1_000
 # Upscaler model folders under models/: A1111's, then Forge's (webui.engine.upscale lists their files).
-UPSCALER_FOLDERS = ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "upscale_models")
+# The upscaler folders under models/, and the A1111 flag that puts each elsewhere (--esrgan-models-path DIR ...)
+UPSCALER_FOLDERS = {"ESRGAN": "esrgan_models_path", "RealESRGAN": "realesrgan_models_path",
+                    "SwinIR": "swinir_models_path", "DAT": "dat_models_path", "HAT": None, "upscale_models": None}
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,7 @@ class Paths:
     builtin_models_dir: Path  # the demo checkpoints made at first start, shared by every --data-dir of the install
     builtin_modules_dir: Path  # the VAE and text encoder files its GGUF twin needs
     extensions_dir: Path
+    upscaler_dirs: tuple[Path, ...] = ()
 
     @property
     def config_file(self) -> Path:
@@ -185,10 +188,6 @@ class Paths:
     @property
     def hash_cache_file(self) -> Path:
         return self.data_dir / "cache.json"
-
-    @property
-    def upscaler_dirs(self) -> tuple[Path, ...]:
-        return tuple(self.models_dir / name for name in UPSCALER_FOLDERS)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Paths:
@@ -206,6 +205,8 @@ class Paths:
             builtin_models_dir=INSTALL_CACHE / "builtin-models",
             builtin_modules_dir=INSTALL_CACHE / "builtin-modules",
             extensions_dir=Path(args.extensions_dir or data / "extensions").resolve(),
+            upscaler_dirs=tuple(Path((flag and getattr(args, flag)) or models / name).resolve()
+                                for name, flag in UPSCALER_FOLDERS.items()),
         )
 
     def output_folder(self, key: str, value: str, default: str) -> Path:
