@@ -15,6 +15,7 @@ Only the standard library may be imported at the top: this runs before anything 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -32,6 +33,9 @@ CUDA_MODULES = ("bitsandbytes",)  # pyproject.toml's extra "cuda": 8-bit T5 thro
 TEST_MODULES = ("pytest", "xdist", "requests", "httpx", "playwright", "schemathesis", "webuiapi")  # its extra "test"
 MAX_TEST_WORKERS = 8  # pytest-xdist workers: one per core up to this (each holds its own torch and models)
 TORCH_VERSION = "2.13.0"
+TORCHVISION_CPU = "torchvision==0.28.0+cpu"  # built for TORCH_VERSION's CPU build (only PyTorch's CPU index has it)
+UPSCALE_MODULES = ("torchvision", "spandrel")  # pyproject.toml's extra "upscale": upscaler model files
+UPSCALERS_LEFT_OUT = ".webui-no-upscalers"  # in the venv: spandrel could not be installed; not tried again
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 REEXEC_MARK = "WEBUI_LAUNCHER_REEXEC"  # set before re-running in the venv, to stop a re-exec loop
 
@@ -66,7 +70,7 @@ def enter_venv(venv: Path, argv: list[str]) -> None:
 
 def missing_modules(cuda: bool = False, tests: bool = False) -> list[str]:
     wanted = (REQUIRED_MODULES + tuple(NO_DEPS_PACKAGES) + (CUDA_MODULES if cuda else ())
-              + (TEST_MODULES if tests else ()))
+              + (TEST_MODULES if tests else ()) + (() if upscalers_left_out() else UPSCALE_MODULES))
     return [name for name in wanted if importlib.util.find_spec(name) is None]
 
 
@@ -108,7 +112,7 @@ def install_requirements(tests: bool = False) -> None:
     print(f"Missing packages: {', '.join(missing)}", flush=True)
     if "torch" in missing:
         install_torch(cuda)
-    if set(missing) - set(NO_DEPS_PACKAGES):
+    if set(missing) - set(NO_DEPS_PACKAGES) - set(UPSCALE_MODULES):
         print("Installing the web UI and its dependencies.", flush=True)
         extras = ",".join(name for name, wanted in (("cuda", cuda), ("test", tests)) if wanted)
         if not pip_install("-e", f"{ROOT}[{extras}]" if extras else str(ROOT)):
@@ -116,7 +120,29 @@ def install_requirements(tests: bool = False) -> None:
     for module, spec in NO_DEPS_PACKAGES.items():
         if module in missing and not pip_install("--no-deps", spec):
             sys.exit(f"Could not install {spec}; pip said why above.")
+    if set(missing) & set(UPSCALE_MODULES):
+        install_upscalers(cuda)
     importlib.invalidate_caches()
+
+
+def upscalers_left_out() -> bool:
+    """Whether an earlier start found no spandrel to be had (install_upscalers)."""
+    return (Path(sys.prefix) / UPSCALERS_LEFT_OUT).exists()
+
+
+def install_upscalers(cuda: bool) -> None:
+    """spandrel, which reads upscaler model files: it needs a torchvision built for the installed torch, taken from
+    where torch came from (PyPI beside a CUDA torch; PyTorch's CPU index beside the CPU one, where PyPI's CUDA build
+    would not even import). Where that cannot be had the app runs without upscaler model files and says so when one
+    is asked for; a marker in the venv stops the next starts from trying again."""
+    if cuda:
+        torchvision = ("torchvision", f"torch=={importlib.metadata.version('torch')}")
+    else:
+        torchvision = (TORCHVISION_CPU, "--no-deps", "--extra-index-url", TORCH_CPU_INDEX, "--retries", "1")
+    if not (pip_install(*torchvision) and pip_install("spandrel>=0.4")):
+        print("Upscaler model files (ESRGAN, RealESRGAN, ...) will not load: spandrel and a torchvision built for "
+              "this torch could not be installed (pip said why above). Lanczos and Nearest work.", flush=True)
+        (Path(sys.prefix) / UPSCALERS_LEFT_OUT).touch()
 
 
 def run_tests(pytest_args: list[str]) -> None:
