@@ -432,3 +432,20 @@ def test_every_sampler_runs_img2img(tmp_path, sd1_file):
     with pytest.raises(UserError) as error:  # one step at the lowest noise level: no interval to choose steps in
         engine.img2img(request(sd1_file.name, sampler_name="DPM fast", denoising_strength=0.1, steps=3))
     assert error.value.field == "denoising_strength"
+
+
+def test_send_to_img2img_takes_the_picked_image_and_its_parameters(tmp_path):
+    """A gallery's Send to img2img (txt2img's and img2img's own): the picked image becomes the init image, its
+    infotext fills the form (denoising strength too), and the img2img tab shows."""
+    engine = Engine(AppConfig.from_args(parse_args(["--data-dir", str(tmp_path)])))
+    demo = build_ui(engine, JobQueue(engine))
+    sends = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "send"]
+    assert len(sends) == 2
+    picked = tmp_path / "picked.png"
+    init_picture().save(picked)
+    texts = ["a cat\nSteps: 7, Seed: 5", "a dog\nSteps: 9, Sampler: Euler, Seed: 6, Size: 64x96, Denoising strength: 0.4"]
+    *updates, tab = sends[0]([(str(tmp_path / "other.png"), None), (str(picked), None)], texts, 1)
+    values = [update.get("value") for update in updates]
+    assert str(picked) in values and "a dog" in values and 0.4 in values and 96 in values and "Euler" in values
+    assert tab.selected == "img2img"
+    assert all("value" not in update for update in sends[1](None, [], 0)[:-1]), "no image yet: nothing changes"

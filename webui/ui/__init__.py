@@ -12,7 +12,7 @@ import gradio as gr
 from webui.engine.engine import Engine
 from webui.jobs import JobQueue
 from webui.ui.extensions_tab import extension_tabs, extensions_tab
-from webui.ui.img2img import img2img_tab
+from webui.ui.img2img import img2img_tab, send_to_img2img
 from webui.ui.extras_tab import extras_tab
 from webui.ui.model_row import model_row
 from webui.ui.png_info import png_info_tab
@@ -29,18 +29,20 @@ def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
         checkpoint = model_row(demo, engine)
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
-                form = txt2img_tab(demo, engine, jobs, checkpoint)
+                txt2img = txt2img_tab(demo, engine, jobs, checkpoint)
             with gr.Tab("img2img", id="img2img"):
-                img2img_form = img2img_tab(demo, engine, jobs, checkpoint)
+                img2img = img2img_tab(demo, engine, jobs, checkpoint)
             with gr.Tab("X/Y/Z plot", id="xyz"):
-                xyz_tab(demo, engine, jobs, form)
+                xyz_tab(demo, engine, jobs, txt2img.form)
             with gr.Tab("Extras", id="extras"):
                 extras_tab(demo, engine, jobs)
             with gr.Tab("PNG Info", id="png_info"):
-                png_info_tab(engine, form, tabs, img2img_form)
+                png_info_tab(engine, txt2img.form, tabs, img2img.form)
             extension_tabs(engine)
             with gr.Tab("Settings", id="settings"):
                 settings_tab(demo, engine)
             extensions_tab(demo, engine)
+        for source in (txt2img, img2img):
+            send_to_img2img(engine, source, img2img, tabs)
         demo.load(None, js=CTRL_ENTER_JS)
     return demo

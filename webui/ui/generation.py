@@ -34,14 +34,15 @@ def output_column(prefix: str) -> Components:
                                elem_id=f"{prefix}_infotext"),
     }
     out.update((f"memory_{name}", plot) for name, plot in memory_panel(prefix).items())
-    out["infotexts"], out["last_seed"] = gr.State([]), gr.State(-1)
-    out["gallery"].select(selected_infotext, inputs=out["infotexts"], outputs=out["infotext"], queue=False,
-                          api_visibility="private")
+    out["infotexts"], out["last_seed"], out["selected"] = gr.State([]), gr.State(-1), gr.State(0)
+    out["gallery"].select(selected_infotext, inputs=out["infotexts"], outputs=[out["infotext"], out["selected"]],
+                          queue=False, api_visibility="private")
     return out
 
 
-def selected_infotext(texts: list[str], evt: gr.SelectData) -> str:
-    return texts[evt.index] if 0 <= evt.index < len(texts) else ""
+def selected_infotext(texts: list[str], evt: gr.SelectData) -> tuple[str, int]:
+    """The picked image's infotext, and which it is (what Send to img2img sends)."""
+    return (texts[evt.index] if 0 <= evt.index < len(texts) else ""), evt.index
 
 
 def generator(jobs: JobQueue, inputs: Components, out: Components, submit: Callable[[tuple], Future]):
@@ -103,6 +104,7 @@ def finished(future: Future, labels: dict[str, str], out: Components) -> dict:
         out["infotext"]: result.infotexts[0] if result.infotexts else "",
         out["infotexts"]: result.infotexts,
         out["last_seed"]: result.seed,
+        out["selected"]: 0,
         out["status"]: status_html(done_text(result, made)),
         out["preview"]: hidden_preview,
         **dict(zip(plots, panel_values(result.memory_timeline))),

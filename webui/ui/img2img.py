@@ -10,7 +10,8 @@ from webui.engine.engine import Engine
 from webui.engine.init_image import RESIZE_MODES
 from webui.jobs import JobQueue
 from webui.ui.common import Components
-from webui.ui.txt2img import generation_tab, slider
+from webui.ui.png_info import img2img_updates
+from webui.ui.txt2img import GenerationTab, generation_tab, slider
 
 
 class InitImage(gr.Image):
@@ -24,9 +25,24 @@ class InitImage(gr.Image):
         return None if image is None else [image]
 
 
-def img2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown) -> Components:
-    """The img2img tab; its form (request field → input), which PNG Info's "Send to img2img" fills."""
+def img2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown) -> GenerationTab:
+    """The img2img tab; its form (request field → input) is what "Send to img2img" fills."""
     return generation_tab(demo, engine, jobs, checkpoint, "img2img", jobs.submit_img2img, _image_inputs)
+
+
+def send_to_img2img(engine: Engine, source: GenerationTab, img2img: GenerationTab, tabs: gr.Tabs) -> None:
+    """A gallery's Send to img2img (A1111's): the picked image (the first before any is picked) and its
+    parameters into img2img's form, and the img2img tab shown."""
+    def send(gallery: list[tuple[str, str | None]] | None, infotexts: list[str], selected: int) -> tuple:
+        if not gallery:
+            return (*(gr.update() for _ in img2img.form), gr.update())
+        index = min(selected, len(gallery) - 1)
+        text = infotexts[index] if index < len(infotexts) else ""
+        return (*img2img_updates(img2img.form, gallery[index][0], text, engine.canonical_sampler),
+                gr.Tabs(selected="img2img"))
+
+    source.send_to_img2img.click(send, [source.out["gallery"], source.out["infotexts"], source.out["selected"]],
+                                 [*img2img.form.values(), tabs], api_visibility="private")
 
 
 def _image_inputs(form: Components) -> None:

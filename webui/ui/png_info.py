@@ -43,12 +43,9 @@ def png_info_tab(engine: Engine, form: Components, tabs: gr.Tabs, img2img_form: 
     send.click(lambda text: (*form_updates(form, text, engine.canonical_sampler), gr.Tabs(selected="txt2img")),
                parameters, [*form.values(), tabs], api_visibility="private")
     if img2img_form:
-        def to_img2img(path: str | None, text: str) -> tuple:
-            updates = form_updates(img2img_form, text, engine.canonical_sampler)
-            updates[list(img2img_form).index("init_images")] = gr.update(value=path) if path else gr.update()
-            return (*updates, gr.Tabs(selected="img2img"))
-
-        send_img2img.click(to_img2img, [image, parameters], [*img2img_form.values(), tabs], api_visibility="private")
+        send_img2img.click(lambda path, text: (*img2img_updates(img2img_form, path, text, engine.canonical_sampler),
+                                               gr.Tabs(selected="img2img")),
+                           [image, parameters], [*img2img_form.values(), tabs], api_visibility="private")
 
 
 def png_parameters(path: str | None) -> str:
@@ -58,6 +55,15 @@ def png_parameters(path: str | None) -> str:
         return read_png_infotext(path) or "(this image has no generation parameters)"
     except (OSError, ValueError):  # not an image, or a PNG whose chunks are broken
         return NOT_AN_IMAGE
+
+
+def img2img_updates(form: Components, image: str | None, infotext: str,
+                    canonical_sampler: Callable[[str, str | None], tuple[str, str]]) -> list[dict]:
+    """Send to img2img (from PNG Info or a gallery): the image file becomes the init image, its infotext fills
+    the rest of img2img's form as ``form_updates`` does."""
+    updates = form_updates(form, infotext, canonical_sampler)
+    updates[list(form).index("init_images")] = gr.update(value=image) if image else gr.update()
+    return updates
 
 
 def form_updates(form: Components, infotext: str,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from functools import partial
 
 import gradio as gr
@@ -37,19 +38,28 @@ SLIDER_LIMITS = {"steps": "max_steps", "width": "max_image_side", "height": "max
                  "batch_size": "max_batch_size", "n_iter": "max_batch_count"}
 
 
+@dataclass(frozen=True)
+class GenerationTab:
+    """A generation tab's parts: its form (request field → input), its output column, its Send to img2img."""
+
+    form: Components
+    out: Components
+    send_to_img2img: gr.Button
+
+
 def request_from_form(form: Components, values: tuple) -> GenerationRequest:
     """The one mapping from UI fields to a request: the form's keys are GenerationRequest fields."""
     return GenerationRequest(**dict(zip(form, values)))
 
 
-def txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown) -> Components:
-    """The txt2img tab; its form (request field → input), which the X/Y/Z plot tab takes its base request from."""
+def txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown) -> GenerationTab:
+    """The txt2img tab; its form (request field → input) is what the X/Y/Z plot tab takes its base request from."""
     return generation_tab(demo, engine, jobs, checkpoint, "txt2img", jobs.submit)
 
 
 def generation_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown, tab: str,
                    submit: Callable[[GenerationRequest], Future],
-                   more_inputs: Callable[[Components], None] = lambda form: None) -> Components:
+                   more_inputs: Callable[[Components], None] = lambda form: None) -> GenerationTab:
     """A generation tab (elem_ids ``{tab}_...``): prompts, ``more_inputs`` (img2img's image, strength, resize mode),
     the txt2img fields and the LoRA browser, the output column; Generate hands ``submit`` the form's request. Its
     Generate, Interrupt and Skip are the API's ``/{tab}``, ``/interrupt`` and ``/skip`` (txt2img's)."""
@@ -62,6 +72,7 @@ def generation_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: 
             network_browsers(demo, engine, form["prompt"], tab)
         with gr.Column(scale=1):
             out = output_column(tab)
+            send = gr.Button("Send to img2img", size="sm", elem_id=f"{tab}_send_img2img")
     run = generator(jobs, form, out, lambda values: submit(request_from_form(form, values)))
     done = generate.click(run, inputs=list(form.values()), outputs=list(out.values()), api_name=tab,
                           show_progress="hidden", concurrency_limit=None)
@@ -86,7 +97,7 @@ def generation_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: 
     # now, read here: the dropdown's value in the page may still be the one it was built with.
     checkpoint.input(partial(fields_for_family, engine), checkpoint, family_fields, api_visibility="private")
     demo.load(partial(fields_on_load, engine), outputs=family_fields, api_visibility="private")
-    return form
+    return GenerationTab(form, out, send)
 
 
 def fields_on_load(engine: Engine) -> tuple[dict, ...]:
