@@ -449,3 +449,14 @@ def test_send_to_img2img_takes_the_picked_image_and_its_parameters(tmp_path):
     assert str(picked) in values and "a dog" in values and 0.4 in values and 96 in values and "Euler" in values
     assert tab.selected == "img2img"
     assert all("value" not in update for update in sends[1](None, [], 0)[:-1]), "no image yet: nothing changes"
+
+
+def test_resize_by_sets_the_size_from_the_image():
+    """A1111's Resize by: the init image's size times the scale, whole multiples of 8 within the limits."""
+    from webui.ui.img2img import resized_by
+
+    width, height = resized_by([init_picture(300, 200)], 1.5, 4096)
+    assert (width["value"], height["value"]) == (448, 296)
+    assert [u["value"] for u in resized_by([init_picture(300, 200)], 0.05, 4096)] == [64, 64]
+    assert [u["value"] for u in resized_by([init_picture(3000, 2000)], 4, 4096)] == [4096, 4096]
+    assert all("value" not in u for u in resized_by(None, 2, 4096))
