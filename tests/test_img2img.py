@@ -30,7 +30,7 @@ from tests.test_clients import api, server  # noqa: F401 (a live server and webu
 from tests.test_flow_pipelines import engine_for, files, parts  # noqa: F401 (the flow models' fixtures)
 from tests.test_forecast import planned, record_phases
 from tests.test_memory import model_bytes, set_budget, simulated_engine
-from tests.test_ui import free_port
+from tests.test_ui import ui_client
 from webui.cli import parse_args
 from webui.demo.shapes import COLOURS, all_scenes, draw, read_picture, to_pil
 from webui.engine.engine import Engine
@@ -335,12 +335,8 @@ def test_flow_families_equal_diffusers_img2img(tmp_path, parts, files, latent_me
 def ui(tmp_path_factory) -> Client:
     """The web UI over the demo model, as tests.test_ui serves it."""
     engine = Engine(AppConfig.from_args(parse_args(["--data-dir", str(tmp_path_factory.mktemp("data"))])))
-    demo = build_ui(engine, JobQueue(engine))
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
-    try:
-        yield Client(url, verbose=False)
-    finally:
-        demo.close()
+    with ui_client(engine) as client:
+        yield client
 
 
 def test_the_img2img_tab_generates_from_its_image(ui, tmp_path):

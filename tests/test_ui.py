@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
@@ -39,14 +41,21 @@ def engine(tmp_path_factory) -> Engine:
     return Engine(AppConfig.from_args(parse_args(["--data-dir", str(data)])))
 
 
-@pytest.fixture(scope="module")
-def client(engine):
+@contextmanager
+def ui_client(engine: Engine) -> Iterator[Client]:
+    """The web UI over ``engine`` on a free port, and a Gradio client of it."""
     demo = build_ui(engine, JobQueue(engine))
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     try:
         yield Client(url, verbose=False)
     finally:
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    with ui_client(engine) as client:
+        yield client
 
 
 def txt2img(client: Client, **fields) -> tuple[list[dict], str, str]:

@@ -47,9 +47,9 @@ def network_browsers(demo: gr.Blocks, engine: Engine, prompt: gr.Textbox, tab: s
         cards.select(picked, [prompt, shown], prompt, api_visibility="private")
 
 
-def matching(names: list[str], query: str) -> list[str]:
-    """The names holding every word of the query, in any case."""
-    words = query.lower().split()
+def matching(names: list[str], query: str | None) -> list[str]:
+    """The names holding every word of the query, in any case (a search box not drawn yet sends None: all)."""
+    words = (query or "").lower().split()
     return [name for name in names if all(word in name.lower() for word in words)]
 
 
