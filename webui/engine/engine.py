@@ -37,7 +37,7 @@ from webui.engine.upscale.found import UpscalerInfo, find_upscalers
 from webui.engine.upscale.model import UpscaleSetup
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.sampling.samplers import SamplerRegistry, Sampling
-from webui.errors import ModelFileError, UserError
+from webui.errors import Busy, ModelFileError, UserError
 from webui.settings import OUTPUT_FOLDER_OPTIONS, AppConfig
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ class Engine:
         self.hooks = Hooks(releases=[self.samplers.release])  # what extensions registered (webui.extensions loads them)
         self._announced: Callable[[], object] = lambda: None  # the model model_loaded was last fired for (weakly)
         self._generate_lock = threading.Lock()
+        self._forecast_lock = threading.Lock()
         self._rates: dict[tuple, Rates] = {}  # per model (the model manager's identity): measured at its last job
         log.info("Engine ready on %s (%s); %d checkpoint(s) found.", self.device, dtypes.unet,
                  len(self.models.checkpoints()))
@@ -329,8 +330,12 @@ class Engine:
         request.validate(self.options.as_dict())
         info = self.checkpoint(request.checkpoint)
         sampling = self.samplers.choose(request.sampler_name, request.scheduler, request.eta, self.options.as_dict())
+        with self._forecast_lock:  # one forecast at a time: a form change sends several at once
+            return self._forecast(request, info, sampling, load)
+
+    def _forecast(self, request: GenerationRequest, info: CheckpointInfo, sampling: Sampling, load: bool) -> Forecast:
         if not self._generate_lock.acquire(timeout=-1 if load else FORECAST_WAIT_SECONDS):
-            raise UserError("a job is running; the forecast can be made when it is done")
+            raise Busy("a job is running; the forecast can be made when it is done")
         try:
             model = (self._model(info, request.vae, request.modules) if load
                      else self.models.loaded(info, *self._model_choice(request.vae, request.modules)))

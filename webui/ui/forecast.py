@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import gradio as gr
 
-from webui.errors import UserError
+from webui.errors import Busy, UserError
 
 # The fields a forecast changes with: the job's shape, and the checkpoint (its weights' sizes).
 FORECAST_FIELDS = ("steps", "width", "height", "n_iter", "batch_size", "cfg_scale")
@@ -17,11 +17,13 @@ def forecast_box(prefix: str) -> gr.HTML:
     return gr.HTML(elem_id=f"{prefix}_forecast", padding=False)
 
 
-def forecast_html(forecast: Callable[[], object]) -> str:
-    """``forecast()``'s summary (a Forecast or a PlotForecast), or why there is none (a model not loaded yet, a job
-    running, a field out of range)."""
+def forecast_html(forecast: Callable[[], object]) -> str | dict:
+    """``forecast()``'s summary (a Forecast or a PlotForecast), or why there is none (a model not loaded yet, a field
+    out of range); while a job runs the last forecast stays (the job's end forecasts again)."""
     try:
         text = forecast().summary()
+    except Busy:
+        return gr.skip()
     except UserError as e:
         text = e.message
     return (f'<div class="forecast" style="font-size:0.85em;opacity:0.8">Will it fit? {html.escape(text)}</div>')
