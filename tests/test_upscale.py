@@ -16,12 +16,12 @@ import pytest
 import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from PIL import Image
 from safetensors.torch import save_file
 
 from tests.conftest import make_engine
-from tests.test_ui import free_port
+from tests.test_ui import ui_client
 from webui.api import register_api
 from webui.engine.memory.manager import MemoryManager, SimulatedMemory
 from webui.engine.outputs import png_bytes
@@ -30,7 +30,6 @@ from webui.engine.upscale.model import to_image, to_tensor
 from webui.engine.upscale.tiles import upscale_tiled
 from webui.errors import UserError
 from webui.jobs import JobQueue
-from webui.ui import build_ui
 from webui.ui.extras_tab import upscale_form
 
 ESRGAN_NAME, COMPACT_NAME = "4x-tiny-esrgan", "realesr-tiny-x2"
@@ -305,15 +304,10 @@ def test_a_file_spandrel_does_not_know_is_a_clear_error(client, models):
 def test_extras_tab_upscales_saves_and_names_a_bad_input(upscaling, tmp_path):
     source = tmp_path / "source.png"
     source.write_bytes(png_bytes(picture(), "a red circle\nSteps: 3, Seed: 7, Size: 40x24"))
-    demo = build_ui(upscaling, JobQueue(upscaling))
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
-    try:
-        client = Client(url, verbose=False)
+    with ui_client(upscaling) as client:  # the file is read while the server runs: its close empties Gradio's cache
         made, status, infotext = client.predict(handle_file(str(source)), "Scale by", 2, 512, 512, True, "Lanczos",
                                                 "Nearest", 0, api_name="/extras")
-    finally:
-        demo.close()
-    assert Image.open(made).size == (80, 48) and "80x48" in status and "saved as" in status
+        assert Image.open(made).size == (80, 48) and "80x48" in status and "saved as" in status
     assert infotext == "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"
     [saved] = (tmp_path / "outputs" / "extras-images").rglob("*.png")
     assert Image.open(saved).text["parameters"].startswith("a red circle")
