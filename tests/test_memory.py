@@ -128,7 +128,7 @@ def test_text_encoding_and_decoding_stream_beside_the_denoiser_rather_than_evict
         assert 0 < text_encoder.streamed_bytes() < text_encoder.nbytes or image == 0
         manager.prepare(["denoiser"])
         assert denoiser.device_bytes() == denoiser.nbytes
-        assert not manager.prepare_decode("vae", decode_bytes=0)
+        assert not manager.prepare_vae("vae", activation=0)
         moved.append(manager.finish().moved_mb)
     assert max(moved[1:]) < denoiser.nbytes / MB, "the denoiser is never moved again"
 

@@ -209,14 +209,14 @@ def forecast_job(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy
     for batch in range(min(shape.batches, 2)):
         named = []
         if batch == 0 and job.init_images is not None:  # encoded once for every batch
-            planner.prepare_decode("vae", estimates.encode_image, phase=IMAGE_ENCODE_PHASE)
+            planner.prepare_vae("vae", estimates.encode_image, phase=IMAGE_ENCODE_PHASE)
             named.append(("image encoding", planner.phases[-1]))
         if batch == 0 and shape.encodes:
             prepare_encoders(planner, estimates)
             named.append(("text encoding", planner.phases[-1]))
         planner.prepare(["denoiser"])
         named.append(("denoising", planner.phases[-1]))
-        tiled = planner.prepare_decode("vae", estimates.decode)
+        tiled = planner.prepare_vae("vae", estimates.decode)
         named.append(("decode", planner.phases[-1]))
         batches.append(named)
     kept = shape.batches * shape.batch_size * shape.pixels * PIXEL_BYTES

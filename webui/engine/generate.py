@@ -368,7 +368,7 @@ def encode(model: LoadedModel, memory: MemoryManager, image: Image.Image, activa
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
 
     def run() -> torch.Tensor:
-        tiled = memory.prepare_decode("vae", activation, phase=IMAGE_ENCODE_PHASE)
+        tiled = memory.prepare_vae("vae", activation, phase=IMAGE_ENCODE_PHASE)
         vae.enable_tiling() if tiled else vae.disable_tiling()
         return vae.encode(pixels.to(memory.device, compute_dtype(vae))).latent_dist.mode()
 
@@ -396,7 +396,7 @@ def _decode_pixels(vae: torch.nn.Module, memory: MemoryManager, latents: torch.T
     batch, _, h, w = latents.shape
     dtype = compute_dtype(vae)
     factor = vae_scale_factor(vae)
-    tiled = memory.prepare_decode("vae", vae_decode_bytes(w * factor, h * factor, batch, dtype))
+    tiled = memory.prepare_vae("vae", vae_decode_bytes(w * factor, h * factor, batch, dtype))
     vae.enable_tiling() if tiled else vae.disable_tiling()
     latents = latents.to(memory.device, dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
     return vae.decode(latents).sample

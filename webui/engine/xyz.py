@@ -22,6 +22,7 @@ from PIL import Image
 from webui.engine.axis_values import format_value, parse_values
 from webui.engine.generate import resolve_seed
 from webui.engine.grid import combine_grids, draw_grid
+from webui.engine.memory import MB
 from webui.engine.memory.trace import MemoryTimeline
 from webui.engine.outputs import save_image
 from webui.engine.request import GenerationRequest, GenerationResult
@@ -257,7 +258,7 @@ class PlotForecast:
 
     def as_dict(self) -> dict:
         return {"cells": [cell.as_dict() for cell in self.cells], "not_forecast": self.unknown,
-                "peak_vram_mb": max((cell.as_dict()["peak_vram_mb"] or 0 for cell in self.cells), default=None),
+                "peak_vram_mb": max((cell.peak_vram / MB for cell in self.cells), default=None),
                 "seconds": self.seconds, "summary": self.summary()}
 
 

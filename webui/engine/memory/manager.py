@@ -92,9 +92,7 @@ class DeviceMemory:
         if self.device.type == "cuda":
             cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             return torch.cuda.mem_get_info(self.device)[0] + cached
-        import psutil
-
-        return psutil.virtual_memory().available
+        return self.host_available()
 
     def host_available(self) -> int:
         """Host RAM a job may still take (the OS's estimate of what can be had without swapping)."""
@@ -405,12 +403,12 @@ class MemoryManager:
         for component, keep, stream in plan_phase(list(self.components.values()), needed, budget, mode, once):
             self._place(component, keep, stream)
 
-    def prepare_decode(self, name: str, decode_bytes: int, phase: str | None = None) -> bool:
-        """Place the VAE for decoding (or, ``phase`` "VAE encode", encoding). True when it must be tiled: a whole
-        one would not fit."""
+    def prepare_vae(self, name: str, activation: int, phase: str | None = None) -> bool:
+        """Place the VAE for decoding (or, ``phase`` "VAE encode", encoding) with ``activation`` bytes of room. True
+        when it must be tiled: a whole pass would not fit."""
         vae = self.components[name]
-        tiled = self.policy.tiled_vae or (self.limited and self.weight_budget(decode_bytes) < vae.nbytes)
-        self.prepare([name], activation=TILED_DECODE_BYTES if tiled else decode_bytes, once=True, phase=phase)
+        tiled = self.policy.tiled_vae or (self.limited and self.weight_budget(activation) < vae.nbytes)
+        self.prepare([name], activation=TILED_DECODE_BYTES if tiled else activation, once=True, phase=phase)
         self.stats.tiled_vae = self.stats.tiled_vae or tiled
         return tiled
 

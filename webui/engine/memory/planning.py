@@ -2,7 +2,7 @@
 and stream, and its peak device memory ("will it fit?", ``webui.engine.forecast``).
 
 A ``PlanningManager`` is a copy of the real manager whose placements only update where units are said to be: the
-job's phases call the very same ``prepare`` and ``prepare_decode`` on it as on the real one, so the plan is the
+job's phases call the very same ``prepare`` and ``prepare_vae`` on it as on the real one, so the plan is the
 policy's, not a second model of it.
 """
 from __future__ import annotations

@@ -20,6 +20,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.sampling.ksampling import StepCallback
+from webui.engine.sampling.steps import noised_to
 
 SD3_DEFAULT_SHIFT = 3.0
 
@@ -63,7 +64,7 @@ def denoise_flow(denoiser: torch.nn.Module, layout: FlowLayout, scheduler, noise
     latents = layout.pack(noise).float()
     timesteps = scheduler.timesteps[start * scheduler.order:]
     if init is not None:
-        latents = noised(scheduler, layout.pack(init).float(), latents, start * scheduler.order)
+        latents = noised_to(scheduler, layout.pack(init).float(), latents, start * scheduler.order)
     inputs = layout.inputs(denoiser, noise, context, copies, distilled_cfg)
     total = len(timesteps)
     for i, t in enumerate(timesteps):
@@ -78,14 +79,3 @@ def denoise_flow(denoiser: torch.nn.Module, layout: FlowLayout, scheduler, noise
         if on_step(i, total, layout.unpack(latents, noise)):
             break
     return layout.unpack(latents, noise)
-
-
-def noised(scheduler, init: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
-    """``init`` at the noise level of the schedule's step ``index``, (1 - sigma) init + sigma noise, by the
-    scheduler's own call (FlowMatch's ``scale_noise``, the flow solvers' ``add_noise``); the loop starts there."""
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(index)
-    t = scheduler.timesteps[index:index + 1].repeat(len(init))
-    if hasattr(scheduler, "scale_noise"):
-        return scheduler.scale_noise(init, t, noise)
-    return scheduler.add_noise(init, noise, t)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 MAX_STRENGTH = 0.999  # A1111 caps the strength so that a schedule's first, pure-noise step is never where it starts
 
 
@@ -29,3 +31,14 @@ class DenoiseSteps:
         if fix_steps:
             return cls(int(steps / strength), steps)
         return cls(steps, min(int(strength * steps) + 1, steps))
+
+
+def noised_to(scheduler, init: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
+    """img2img's start: ``init`` at the noise level of the schedule's step ``index`` by the scheduler's own call
+    (FlowMatch's ``scale_noise``; ``add_noise`` of the UNet schedulers and the flow solvers), which begins there."""
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(index)
+    t = scheduler.timesteps[index:index + 1].repeat(len(init))
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(init, t, noise)
+    return scheduler.add_noise(init, noise, t)

@@ -17,6 +17,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.sampling.ksampling import CpuBrownianNoise, GuidedDenoiser, StepCallback, sample
 from webui.engine.sampling.samplers import step_kwargs
+from webui.engine.sampling.steps import noised_to
 
 if TYPE_CHECKING:
     from webui.engine.generate import Resolved
@@ -48,9 +49,7 @@ def denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generators
     if init is None:
         latents = noise.float() * scheduler.init_noise_sigma
     else:
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(steps.start * scheduler.order)
-        latents = scheduler.add_noise(init.float(), noise.float(), timesteps[:1].repeat(len(init)))
+        latents = noised_to(scheduler, init.float(), noise.float(), steps.start * scheduler.order)
     brownian_on_cpu(scheduler, latents, seeds)
     extra = step_kwargs(scheduler, generators, sampling.eta)
     total = len(timesteps)
