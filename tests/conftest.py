@@ -75,10 +75,11 @@ def single_file(family: str, seed: int = 1, **kwargs) -> Path:
                                                           dtype=torch.float16))
 
 
-def diffusers_folder(family: str, seed: int = 1) -> Path:
+def diffusers_folder(family: str, seed: int = 1, **kwargs) -> Path:
     """The same tiny model as ``single_file`` as a diffusers folder (fp16 weights)."""
-    return _cached(f"{family}-{seed}-diffusers", lambda p: write_diffusers_folder(
-        p, build_synthetic_model(family, "tiny", seed=seed), dtype=torch.float16))
+    suffix = "".join(f"-{k}={v}" for k, v in sorted(kwargs.items()))
+    return _cached(f"{family}-{seed}{suffix}-diffusers", lambda p: write_diffusers_folder(
+        p, build_synthetic_model(family, "tiny", seed=seed, **kwargs), dtype=torch.float16))
 
 
 def _write_flux_gguf_models(root: Path) -> None:

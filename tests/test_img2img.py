@@ -46,7 +46,7 @@ from webui.engine.infotext import parse_infotext, request_fields
 from webui.engine.init_image import resize
 from webui.engine.request import GenerationRequest
 from webui.engine.sampling.samplers import SamplerRegistry
-from webui.engine.sampling.steps import DenoiseSteps
+from webui.engine.sampling.steps import DenoiseSteps, InitLatents
 from webui.errors import UserError
 
 PROMPT = "a red circle on the left, blue background"
@@ -124,7 +124,7 @@ def test_sigma_space_img2img_matches_the_diffusers_scheduler(name, schedule_type
     choice = REGISTRY.choose(name, schedule_type)
     ours = sample(choice.sampler.ksampler, GuidedDenoiser(fake_unet, SD15, 7.0, False),
                   lambda model: choice.sigmas(steps.total, model, False), noise(), [1, 2], generators([1, 2]),
-                  choice.eta, NEVER, steps.start, init)
+                  choice.eta, NEVER, steps.start, InitLatents(init))
     scheduler = REGISTRY.make_scheduler(name, schedule_type, SD15, seed=[1, 2])
     scheduler.set_timesteps(steps.total)
     start = steps.start * scheduler.order
@@ -247,8 +247,8 @@ def test_the_api_route_answers_in_a1111s_shape(client, engine):
 
 
 @pytest.mark.parametrize("change, field, words", [
-    ({"mask": "AAAA"}, "mask", "inpainting is not supported yet"),
-    ({"latent_mask": "AAAA"}, "latent_mask", "inpainting is not supported yet"),
+    ({"mask": "AAAA"}, "mask", "base64"),
+    ({"latent_mask": "AAAA"}, "latent_mask", "cannot"),
     ({"init_images": ["not an image"]}, "init_images", "base64"),
     ({"init_images": [base64.b64encode(b"GIF89a but not really").decode()]}, "init_images", "image"),
     ({"init_images": []}, "init_images", "image"),

@@ -19,7 +19,9 @@ from typing import Any
 from PIL import Image
 
 from webui.engine.infotext import request_fields
-from webui.engine.request import MAX_CFG, MAX_SEED, MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
+from webui.engine.inpaint import FILLS
+from webui.engine.request import (MAX_CFG, MAX_MASK_BLUR, MAX_MASK_PADDING, MAX_SEED, MIN_SIDE, SIDE_MULTIPLE,
+                                  GenerationRequest)
 from webui.engine.xyz import BUILTIN_AXES, SCRIPT_ARGS, Axis, AxisChoice, PlotOptions, plot_from_args
 from webui.errors import UserError
 from webui.jobs import Overrides
@@ -145,36 +147,32 @@ def read_txt2img(body: Any, options: Options, known_schedule_type: Callable[[str
 
 # img2img's own fields (A1111's StableDiffusionProcessingImg2Img), by what this app does with them.
 IMG2IMG_FIELDS = ("init_images", "denoising_strength", "resize_mode")
-# Inpainting: a mask is refused until it is done here. How a mask is used A1111 reads only with a mask: ignored.
-MASK_FIELDS: dict[str, list] = {"mask": [None, ""], "latent_mask": [None, ""]}
+# How a mask is used: read with a mask; A1111 reads them only with one, so without one they are ignored and named.
 MASK_USE_FIELDS = ("mask_blur", "mask_blur_x", "mask_blur_y", "mask_round", "inpainting_fill", "inpaint_full_res",
                    "inpaint_full_res_padding", "inpainting_mask_invert")
 # Honoured by A1111's img2img and not done here: accepted at the value that changes nothing.
-IMG2IMG_DEFAULT_ONLY = {"initial_noise_multiplier": [None, 1, 1.0]}
-# A1111's img2img has no such field (hires. fix is txt2img's), reads it only for an instruct-pix2pix model
-# (image_cfg_scale) or with a mask: ignored, and named in info. include_init_images only shapes the answer's
-# parameters.
-IMG2IMG_IGNORED = (*MASK_USE_FIELDS, "enable_hr", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
+IMG2IMG_DEFAULT_ONLY = {"initial_noise_multiplier": [None, 1, 1.0], "latent_mask": [None, ""]}
+# A1111's img2img has no such field (hires. fix is txt2img's) or reads it only for an instruct-pix2pix model
+# (image_cfg_scale): ignored, and named in info. include_init_images only shapes the answer's parameters.
+IMG2IMG_IGNORED = ("enable_hr", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
                    "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
                    "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "hr_cfg",
                    "hr_distilled_cfg", "firstpass_image", "image_cfg_scale")
-IMG2IMG_READ = ("include_init_images",)
+IMG2IMG_READ = ("include_init_images", "mask")
 MAX_DECODED_SIDE_FACTOR = 4  # an init image may be this many times the largest side a generation may have
 
 
 def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str], bool],
                  declared_size: Callable[[str | None], tuple[int, int] | None] = lambda checkpoint: None) -> Txt2ImgCall:
     """Check every field of an A1111 img2img body: its own (init images in base64, with or without a data: prefix;
-    denoising strength; resize mode), a mask (refused: inpainting is not done yet), and txt2img's
-    (``read_txt2img``). An img2img script is refused: there is none."""
+    denoising strength; resize mode), a mask with how it is used (inpainting), and txt2img's (``read_txt2img``). An
+    img2img script is refused: there is none."""
     if not isinstance(body, dict):
         raise UserError("the request body must be a JSON object", field="body")
-    for key, allowed in (MASK_FIELDS | IMG2IMG_DEFAULT_ONLY).items():
+    for key, allowed in IMG2IMG_DEFAULT_ONLY.items():
         value = body.get(key)
         if not any(value == default and type(value) is type(default) for default in allowed):
-            what = ("inpainting is not supported yet" if key in MASK_FIELDS
-                    else f"this app cannot do {key}={value!r} yet")
-            raise UserError(f"{what}; leave it at its default", field=key)
+            raise UserError(f"this app cannot do {key}={value!r} yet; leave it at its default", field=key)
     if body.get("script_name") not in (None, ""):
         raise UserError(f"no img2img script {body['script_name']!r}: there is none yet", field="script_name")
     given = body.get("init_images")
@@ -182,15 +180,16 @@ def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str
         raise UserError("send one image or more, each in base64 (a data: URL works too)", field="init_images")
     largest = options["max_image_side"] * MAX_DECODED_SIDE_FACTOR
     images = [decode_image(data, "init_images", largest) for data in given]
-    mine = (*IMG2IMG_FIELDS, *MASK_FIELDS, *IMG2IMG_DEFAULT_ONLY, *IMG2IMG_IGNORED, *IMG2IMG_READ, "script_name",
+    mask = None if body.get("mask") in (None, "") else decode_image(body["mask"], "mask", largest)
+    mine = (*IMG2IMG_FIELDS, *MASK_USE_FIELDS, *IMG2IMG_DEFAULT_ONLY, *IMG2IMG_IGNORED, *IMG2IMG_READ, "script_name",
             "script_args")
     call = read_txt2img({k: v for k, v in body.items() if k not in mine}, options, known_schedule_type, declared_size)
     request = call.request
-    request.init_images = images
-    for key in ("denoising_strength", "resize_mode"):
+    request.init_images, request.mask = images, mask
+    for key in (*IMG2IMG_FIELDS[1:], *(MASK_USE_FIELDS if mask is not None else ())):
         if body.get(key) is not None:
             setattr(request, key, body[key])
-    ignored = [key for key in IMG2IMG_IGNORED if key in body]
+    ignored = [key for key in (*IMG2IMG_IGNORED, *(MASK_USE_FIELDS if mask is None else ())) if key in body]
     if body.get("script_args"):
         ignored.append("script_args")  # A1111 reads them only for a script
     return replace(call, ignored=call.ignored + tuple(ignored))
@@ -224,7 +223,8 @@ def _infotext_fields(infotext: Any) -> dict[str, Any]:
 def overrides_of(body: dict[str, Any], options: Options) -> Overrides:
     """``override_settings``, checked like any change of options; a key this app has no option for is refused
     unless it asks for the value the store already keeps for it."""
-    given = body.get("override_settings") or {}
+    given = body.get("override_settings")
+    given = {} if given is None else given
     if not isinstance(given, dict):
         raise UserError("must be an object of option names to values", field="override_settings")
     for key, value in given.items():
@@ -368,7 +368,7 @@ def txt2img_body_schema() -> dict[str, Any]:
 
 
 def img2img_body_schema() -> dict[str, Any]:
-    """read_img2img's fields: txt2img's (hires. fix's ignored), img2img's own, a mask only at none."""
+    """read_img2img's fields: txt2img's (hires. fix's ignored), img2img's own, inpainting's."""
     schema = txt2img_body_schema()
     properties = {k: v for k, v in schema["properties"].items() if k not in IMG2IMG_IGNORED}
     properties |= {
@@ -381,11 +381,25 @@ def img2img_body_schema() -> dict[str, Any]:
                                        "upscale)"},
         "include_init_images": _typed(bool),
     }
-    properties |= {name: {"enum": values, "description": "inpainting is not supported yet"}
-                   for name, values in MASK_FIELDS.items()}
+    flag = {"type": ["boolean", "integer"], "minimum": 0, "maximum": 1}
+    properties |= {
+        "mask": {"type": ["string", "null"], "description": "inpainting: a mask in base64 the init images' size, "
+                                                            "white where repainted; the fields below are read with it"},
+        "mask_blur": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_MASK_BLUR,
+                      "description": "sets mask_blur_x and mask_blur_y"},
+        "mask_blur_x": {"type": "integer", "minimum": 0, "maximum": MAX_MASK_BLUR, "default": 4},
+        "mask_blur_y": {"type": "integer", "minimum": 0, "maximum": MAX_MASK_BLUR, "default": 4},
+        "inpainting_fill": {"type": "integer", "minimum": 0, "maximum": len(FILLS) - 1, "default": 0,
+                            "description": "masked content: " + ", ".join(f"{i} {n}" for i, n in enumerate(FILLS))},
+        "inpaint_full_res": flag | {"default": True, "description": "inpaint area: only masked (true), or the whole "
+                                                                     "picture"},
+        "inpaint_full_res_padding": {"type": "integer", "minimum": 0, "maximum": MAX_MASK_PADDING, "default": 0},
+        "inpainting_mask_invert": flag | {"default": 0, "description": "1: inpaint what is not masked"},
+        "mask_round": _typed(bool),
+    }
     properties |= {name: {"enum": values} for name, values in IMG2IMG_DEFAULT_ONLY.items()}
-    properties |= {name: {"description": "not read by A1111's img2img without a mask (or only for instruct-pix2pix, "
-                                         "or only in txt2img): ignored"}
+    properties |= {name: {"description": "not read by A1111's img2img (only for instruct-pix2pix, or only in "
+                                         "txt2img): ignored"}
                    for name in IMG2IMG_IGNORED}
     return {**schema, "properties": properties, "required": ["init_images"]}
 

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 
-from webui.engine import init_image
+from webui.engine.inpaint import init_pictures
 from webui.engine.families.protocol import FamilyFields
 from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
@@ -305,6 +305,7 @@ class Engine:
         prompt, calls = extract_networks(request.prompt)
         negative, negative_calls = extract_networks(request.negative_prompt)
         extra_params = self.hooks.activate_networks(model, calls + negative_calls) if activate else {}
+        init_images, inpainting = init_pictures(request, model.vae_scale_factor)
         return Resolved(
             request=request,
             sampling=sampling,
@@ -317,9 +318,8 @@ class Engine:
             shift=self.options["sd3_shift"],
             prompts=(prompt, negative),
             extra_params=extra_params,
-            init_images=None if request.init_images is None else [
-                init_image.prepare(image, request.resize_mode, request.width, request.height, model.vae_scale_factor)
-                for image in request.init_images],
+            init_images=init_images,
+            inpaint=inpainting,
             fix_steps=self.options["img2img_fix_steps"],
         )
 

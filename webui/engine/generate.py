@@ -4,7 +4,9 @@ Orchestration only: encode → denoise → decode, each step asking the model's 
 ``webui.engine.families``) for what is its own. Noise is drawn on the CPU per image from seed+i, as
 A1111 does, so seeds mean the same on every device. img2img is the same path from init latents: the init
 images are VAE-encoded once (a phase of their own), noised to where the denoising strength starts, and the
-family denoises the rest of the schedule (``Resolved.steps``).
+family denoises the rest of the schedule (``Resolved.steps``). Inpainting is img2img with a mask: the pictures are
+prepared by ``inpaint``, the loops keep what the mask keeps (``sampling.steps.InitLatents``), and each image is put
+back into the original.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.hooks import Hooks
 from webui.engine.infotext import build_infotext
+from webui.engine.inpaint import FILLS, INPAINT_AREAS, LATENT_NOISE, LATENT_NOTHING, MASK_MODES, ORIGINAL, InpaintImages
 from webui.engine.loading.load import TEXT_ENCODERS, LoadedModel, vae_scale_factor
 from webui.engine.memory.activation import activation_bytes, encode_activation_bytes
 from webui.engine.memory.manager import MemoryManager, MemoryPolicy, vae_decode_bytes, vae_encode_bytes
@@ -33,7 +36,7 @@ from webui.engine.request import MAX_SEED, GenerationRequest, GenerationResult
 from webui.engine.sampling.flow import SD3_DEFAULT_SHIFT
 from webui.engine.sampling.noise import Variation, initial_noise
 from webui.engine.sampling.samplers import Sampling
-from webui.engine.sampling.steps import DenoiseSteps
+from webui.engine.sampling.steps import DenoiseSteps, InitLatents
 from webui.engine.weights.fp8 import compute_dtype
 from webui.errors import UserError
 
@@ -62,6 +65,7 @@ class Resolved:
     prompts: tuple[str, str] | None = None  # prompt and negative prompt without network tags; None: as requested
     extra_params: dict[str, str] = field(default_factory=dict)  # infotext fields from extensions ("Lora hashes")
     init_images: list[Image.Image] | None = None  # img2img's init images as the VAE encodes them; None: txt2img
+    inpaint: InpaintImages | None = None  # img2img with a mask: the mask, and how the images go back
     fix_steps: bool = False  # img2img runs exactly the requested steps (A1111's option img2img_fix_steps)
 
     @property
@@ -74,7 +78,7 @@ class Resolved:
 
     @property
     def mode(self) -> str:
-        return "txt2img" if self.init_images is None else "img2img"
+        return "txt2img" if self.init_images is None else "img2img"  # inpainting is img2img's (its folder too)
 
     @property
     def steps(self) -> DenoiseSteps:
@@ -134,6 +138,8 @@ def generate(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, jo
     try:
         init = None if job.init_images is None else _with_oom_retry(
             lambda: encode_init(model, memory, job, estimates, result), memory, req)
+        if job.inpaint is not None:
+            result.notices.extend(job.inpaint.notices)
         for batch_no in range(req.n_iter):
             if progress.interrupted:
                 break
@@ -143,6 +149,8 @@ def generate(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, jo
             subseeds = [job.subseed + first + i for i in range(req.batch_size)]
             images = _with_oom_retry(lambda: _sample_batch(model, memory, job, estimates, seeds, subseeds, init,
                                                            progress, bar, result, hooks), memory, req)
+            if job.inpaint is not None:
+                images = [job.inpaint.finish(image, i) for i, image in enumerate(images)]
             infotexts = [infotext_for(model, job, seed, subseed) for seed, subseed in zip(seeds, subseeds)]
             for image, infotext in zip(images, infotexts):
                 image.info["parameters"] = infotext  # kept by whatever writes it as PNG (A1111 does the same)
@@ -197,11 +205,25 @@ def infotext_for(model: LoadedModel, job: Resolved, seed: int, subseed: int) -> 
         "Model": model.info.model_name,
         "VAE": job.vae_name,
         "Denoising strength": req.denoising_strength if job.init_images is not None else None,
+        **(inpaint_params(job) if job.inpaint is not None else {}),
         "Clip skip": job.clip_skip if job.clip_skip != 1 else None,
         **family_params(model, job),
         "Version": VERSION,
     }
     return build_infotext(req.prompt, req.negative_prompt, params)
+
+
+def inpaint_params(job: Resolved) -> dict:
+    """A1111's inpainting fields, each where it is not what a paste takes for granted (masked content original, the
+    whole picture, inpaint masked)."""
+    req, only_masked = job.request, job.inpaint.paste_to is not None
+    return {
+        "Mask blur": req.mask_blur_x if req.mask_blur_x == req.mask_blur_y else None,
+        "Mask mode": MASK_MODES[1] if req.inpainting_mask_invert else None,
+        "Masked content": FILLS[req.inpainting_fill] if req.inpainting_fill != ORIGINAL else None,
+        "Inpaint area": INPAINT_AREAS[1] if only_masked else None,
+        "Masked area padding": req.inpaint_full_res_padding if only_masked else None,
+    }
 
 
 def family_params(model: LoadedModel, job: Resolved) -> dict:
@@ -229,7 +251,7 @@ def _with_oom_retry(run: Callable[[], T], memory: MemoryManager, req: Generation
 
 @torch.inference_mode()
 def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, estimates: PhaseEstimates,
-                  seeds: list[int], subseeds: list[int], init: torch.Tensor | None, progress: Progress, bar: tqdm,
+                  seeds: list[int], subseeds: list[int], init: InitLatents | None, progress: Progress, bar: tqdm,
                   result: GenerationResult, hooks: Hooks | None) -> list[Image.Image]:
     req, device = job.request, memory.device
     dtype = compute_dtype(model.denoiser)
@@ -241,6 +263,8 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
     memory.prepare(["denoiser"])
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     noise = _initial_noise(model, req, generators, seeds, subseeds).to(device, dtype)
+    if init is not None and init.repaint is not None:
+        init = masked_content(init, noise, req.inpainting_fill)
 
     steps = job.steps.run
 
@@ -252,8 +276,10 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
             hooks.fire("denoising_step", step=i, total=total, latents=latents)
         return progress.interrupted or progress.skipped
 
-    latents = init if steps == 0 else model.kind.denoise(model, job, seeds, generators, noise, cond, uncond, on_step,
-                                                         init)
+    latents = init.latents if steps == 0 else model.kind.denoise(model, job, seeds, generators, noise, cond, uncond,
+                                                                 on_step, init)
+    if init is not None and init.blends:
+        latents = init.kept(latents, init.latents)  # whatever the sampler left there (an interrupted one)
     clock.lap("denoise")
     if not torch.isfinite(latents).all():
         what = f"The denoiser made NaN or infinite values ({model.info.model_name}, {dtype_name(dtype)})."
@@ -334,6 +360,16 @@ def _initial_noise(model: LoadedModel, req: GenerationRequest, generators: list[
                          variation)
 
 
+def masked_content(init: InitLatents, noise: torch.Tensor, fill: int) -> InitLatents:
+    """The init latents a batch starts from: "latent noise" puts the batch's noise where the picture is repainted,
+    "latent nothing" zeros (A1111's); "fill" and "original" changed the picture itself."""
+    if fill == LATENT_NOISE:
+        return replace(init, latents=init.kept(noise.float(), init.latents))
+    if fill == LATENT_NOTHING:
+        return replace(init, latents=init.kept(torch.zeros_like(init.latents), init.latents))
+    return init
+
+
 def decode(model: LoadedModel, memory: MemoryManager, latents: torch.Tensor, notices: list[str]) -> list[Image.Image]:
     """VAE decode to PIL images (tiled when a whole decode would not fit), rounded as diffusers does."""
     pixels = _in_float32_after_nan(model, memory, lambda: _decode_pixels(model.vae, memory, latents), notices)
@@ -343,29 +379,46 @@ def decode(model: LoadedModel, memory: MemoryManager, latents: torch.Tensor, not
 
 @torch.inference_mode()
 def encode_init(model: LoadedModel, memory: MemoryManager, job: Resolved, estimates: PhaseEstimates,
-                result: GenerationResult) -> torch.Tensor:
+                result: GenerationResult) -> InitLatents:
     """img2img's init latents, one row per image of the batch (one init image serves them all), at the request's
-    latent size: latent upscale resizes them there (bilinear, as A1111)."""
+    latent size: latent upscale resizes them there (bilinear, as A1111). Inpainting adds the latent mask, and for an
+    inpainting model its extra input: the mask and the latents of the picture with the masked part grey."""
     clock = PhaseClock(memory.device, result.timings)
     req, factor = job.request, model.vae_scale_factor
     size = (req.height // factor, req.width // factor)
-    rows = []
-    for image in job.init_images:
-        latents = encode(model, memory, image, estimates.encode_image, result.notices)
-        rows.append(latents if latents.shape[-2:] == size
-                    else torch.nn.functional.interpolate(latents, size=size, mode="bilinear"))
-    init = torch.cat(rows)
+
+    def batch(rows: list[torch.Tensor]) -> torch.Tensor:
+        rows = [row if row.shape[-2:] == size else torch.nn.functional.interpolate(row, size=size, mode="bilinear")
+                for row in rows]
+        return torch.cat(rows).expand(req.batch_size, -1, -1, -1) if len(rows) == 1 else torch.cat(rows)
+
+    pictures = [to_pixels(image) for image in job.init_images]
+    init = InitLatents(batch([encode(model, memory, p, estimates.encode_image, result.notices) for p in pictures]))
+    if job.inpaint is not None:
+        repaint = job.inpaint.latent_mask(*size, rounded=req.mask_round).to(memory.device)
+        extra = None
+        if model.denoiser.config.in_channels == 2 * model.latent_channels + 1:  # an inpainting model
+            mask = job.inpaint.pixel_mask()
+            masked = batch([encode(model, memory, p * (1 - mask), estimates.encode_image, result.notices)
+                            for p in pictures])
+            small = torch.nn.functional.interpolate(mask, size=size).to(memory.device)
+            extra = torch.cat([small.expand(len(masked), -1, -1, -1), masked], dim=1)
+        init = InitLatents(init.latents, repaint, extra)
     clock.lap("encode image")
-    return init.expand(req.batch_size, -1, -1, -1) if len(init) == 1 else init
+    return init
 
 
-def encode(model: LoadedModel, memory: MemoryManager, image: Image.Image, activation: int,
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """(1, 3, H, W) float32 in [-1, 1], as the VAE takes a picture."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
+
+
+def encode(model: LoadedModel, memory: MemoryManager, pixels: torch.Tensor, activation: int,
            notices: list[str]) -> torch.Tensor:
-    """One image to latents as the denoiser sees them (float32, scaled and shifted by the VAE's factors): the mean
-    of the VAE's latent distribution, so that a seed's noise is all the randomness (tiled when a whole encode would
-    not fit in ``activation``'s room)."""
+    """A picture (``to_pixels``) to latents as the denoiser sees them (float32, scaled and shifted by the VAE's
+    factors): the mean of the VAE's latent distribution, so that a seed's noise is all the randomness (tiled when a
+    whole encode would not fit in ``activation``'s room)."""
     vae = model.vae
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
 
     def run() -> torch.Tensor:
         tiled = memory.prepare_vae("vae", activation, phase=IMAGE_ENCODE_PHASE)

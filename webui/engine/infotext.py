@@ -26,6 +26,8 @@ from typing import Any, BinaryIO
 
 from PIL import Image
 
+from webui.engine.inpaint import FILLS, INPAINT_AREAS, MASK_MODES
+
 # A1111's pattern: a key, then a JSON-quoted value or anything up to the next comma.
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _KEY = re.compile(r"\w[\w \-/]+")
@@ -95,14 +97,17 @@ def parse_infotext(text: str) -> dict[str, str]:
     return result
 
 
-# Infotext keys a request takes back ("Send to txt2img", paste), with the type each is read as.
-INFOTEXT_FIELDS: dict[str, tuple[str, type]] = {
+# Infotext keys a request takes back ("Send to txt2img", paste), with the type each is read as (names: the index of
+# the name written).
+INFOTEXT_FIELDS: dict[str, tuple[str, type | tuple[str, ...]]] = {
     "Steps": ("steps", int), "Sampler": ("sampler_name", str), "Schedule type": ("scheduler", str),
     "CFG scale": ("cfg_scale", float), "Distilled CFG Scale": ("distilled_cfg_scale", float), "Seed": ("seed", int),
     "Size-1": ("width", int), "Size-2": ("height", int), "Clip skip": ("clip_skip", int),
     "Eta": ("eta", float), "Eta DDIM": ("eta", float), "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
     "Seed resize from-1": ("seed_resize_from_w", int), "Seed resize from-2": ("seed_resize_from_h", int),
-    "Denoising strength": ("denoising_strength", float),
+    "Denoising strength": ("denoising_strength", float), "Mask blur": ("mask_blur", int),
+    "Mask mode": ("inpainting_mask_invert", MASK_MODES), "Masked content": ("inpainting_fill", FILLS),
+    "Inpaint area": ("inpaint_full_res", INPAINT_AREAS), "Masked area padding": ("inpaint_full_res_padding", int),
 }
 
 
@@ -114,7 +119,8 @@ def request_fields(text: str) -> dict[str, Any]:
     for key, (field, kind) in INFOTEXT_FIELDS.items():
         if key in params:
             try:
-                fields[field] = int(float(params[key])) if kind is int else kind(params[key])
+                fields[field] = (kind.index(params[key]) if isinstance(kind, tuple)
+                                 else int(float(params[key])) if kind is int else kind(params[key]))
             except ValueError:
                 continue
     return fields

@@ -11,16 +11,21 @@ BACKGROUND = "#ffffff"  # what shows through a transparent init image (A1111's i
 def prepare(image: Image.Image, mode: int, width: int, height: int, factor: int) -> Image.Image:
     """An RGB image of ``width`` x ``height`` (latent upscale: of its own size, down to a multiple of the VAE's
     ``factor``), turned as its EXIF says, transparency flattened onto white."""
+    image = flatten(image)
+    if mode == LATENT_UPSCALE:
+        width, height = (max(side // factor * factor, factor) for side in image.size)
+        return image if image.size == (width, height) else _resize(image, width, height)
+    return resize(image, mode, width, height)
+
+
+def flatten(image: Image.Image) -> Image.Image:
+    """RGB, turned as its EXIF says, transparency flattened onto white (A1111's img2img background colour)."""
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         flat = Image.new("RGBA", rgba.size, BACKGROUND)
         image = Image.alpha_composite(flat, rgba)
-    image = image.convert("RGB")
-    if mode == LATENT_UPSCALE:
-        width, height = (max(side // factor * factor, factor) for side in image.size)
-        return image if image.size == (width, height) else _resize(image, width, height)
-    return resize(image, mode, width, height)
+    return image.convert("RGB")
 
 
 def resize(image: Image.Image, mode: int, width: int, height: int) -> Image.Image:
@@ -33,7 +38,7 @@ def resize(image: Image.Image, mode: int, width: int, height: int) -> Image.Imag
     scaled_w = width if covers else image.width * height // image.height
     scaled_h = image.height * width // image.width if covers else height
     scaled = _resize(image, scaled_w, scaled_h)
-    canvas = Image.new("RGB", (width, height))
+    canvas = Image.new(image.mode, (width, height))
     canvas.paste(scaled, box=(width // 2 - scaled_w // 2, height // 2 - scaled_h // 2))
     if mode == 2:
         _fill(canvas, scaled, ratio, source_ratio)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from webui.engine.init_image import LATENT_UPSCALE, RESIZE_MODES
+from webui.engine.inpaint import FILLS, InpaintOptions
 from webui.engine.memory.manager import GenerationStats
 from webui.engine.memory.trace import MemoryTimeline
 from webui.errors import UserError
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 MAX_SEED = 2**32 - 1
 MIN_SIDE, SIDE_MULTIPLE = 64, 8  # pixels; latents are 1/8 of the image
 MAX_CFG = 100
+MAX_MASK_BLUR = 128  # pixels (A1111's slider goes to 64)
+MAX_MASK_PADDING = 1024  # pixels around the masked part ("only masked"; A1111's slider goes to 256)
 
 
 @dataclass
@@ -50,6 +53,16 @@ class GenerationRequest:
     init_images: list[Image.Image] | None = None  # img2img's (one for the batch, or one an image); None: txt2img
     denoising_strength: float = 0.75  # img2img: 0 keeps the init image, 1 starts from noise alone
     resize_mode: int = 0  # img2img: how the init images get the size (webui.engine.init_image.RESIZE_MODES)
+    # Inpainting (img2img with a mask), with A1111's API defaults (its UI's differ: original, whole picture, 32)
+    mask: Image.Image | None = None  # white where repainted; an RGBA mask with transparency: its opaque part
+    mask_blur: int | None = None  # sets mask_blur_x and mask_blur_y, as A1111's
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    inpainting_fill: int = 0  # masked content: fill, original, latent noise, latent nothing (webui.engine.inpaint)
+    inpaint_full_res: bool = True  # inpaint area: only masked (with padding), else the whole picture
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0  # 1: inpaint what is not masked
+    mask_round: bool = True  # the latent mask rounded to 0 or 1 (else the blur's shades blend)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
@@ -61,6 +74,10 @@ class GenerationRequest:
         """The (width, height) the starting noise is drawn at, where the request resizes its seed."""
         size = (self.seed_resize_from_w, self.seed_resize_from_h)
         return size if min(size) > 0 else None
+
+    def inpaint_options(self) -> InpaintOptions:
+        return InpaintOptions(self.mask_blur_x, self.mask_blur_y, self.inpainting_fill, bool(self.inpaint_full_res),
+                              self.inpaint_full_res_padding, bool(self.inpainting_mask_invert))
 
     def validate(self, limits: dict[str, Any]) -> None:
         """Raise UserError naming the first bad field. ``limits`` is the options store's values. Whole numbers sent
@@ -107,6 +124,8 @@ class GenerationRequest:
             _text(getattr(self, name), name)
         if self.init_images is not None:
             self._check_img2img(side)
+        if self.mask is not None:
+            self._check_mask()
         if self.modules is not None and not (isinstance(self.modules, list) and all(isinstance(m, str) for m in self.modules)):
             raise UserError(f"must be a list of file names, got {self.modules!r}", field="modules")
 
@@ -129,10 +148,41 @@ class GenerationRequest:
                             f"largest side, {side}: choose another resize mode", field="init_images")
 
 
+    def _check_mask(self) -> None:
+        """The mask is the init images' size (they are cut out and put back by it); its fields in their ranges."""
+        if self.init_images is None:
+            raise UserError("a mask inpaints an init image: send init images with it (img2img)", field="mask")
+        if not isinstance(self.mask, Image.Image):
+            raise UserError("must be an image (white where the picture is repainted)", field="mask")
+        for image in self.init_images:
+            if image.size != self.mask.size:
+                raise UserError(f"is {self.mask.width}x{self.mask.height} and the init image {image.width}x"
+                                f"{image.height}: draw or send the mask at the image's size", field="mask")
+        if self.resize_mode == LATENT_UPSCALE:
+            raise UserError("inpainting resizes the picture itself: choose another resize mode with a mask",
+                            field="resize_mode")
+        if self.mask_blur is not None:
+            self.mask_blur_x = self.mask_blur_y = _whole_in(self.mask_blur, "mask_blur", 0, MAX_MASK_BLUR)
+        for name in ("mask_blur_x", "mask_blur_y"):
+            setattr(self, name, _whole_in(getattr(self, name), name, 0, MAX_MASK_BLUR))
+        self.inpainting_fill = _whole_in(self.inpainting_fill, "inpainting_fill", 0, len(FILLS) - 1)
+        self.inpaint_full_res = bool(_flag(self.inpaint_full_res, "inpaint_full_res"))
+        self.inpaint_full_res_padding = _whole_in(self.inpaint_full_res_padding, "inpaint_full_res_padding", 0,
+                                                  MAX_MASK_PADDING)
+        self.inpainting_mask_invert = _flag(self.inpainting_mask_invert, "inpainting_mask_invert")
+        if not isinstance(self.mask_round, bool):
+            raise UserError(f"must be true or false, got {self.mask_round!r}", field="mask_round")
+
+
 def _number_in(value: object, name: str, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not low <= value <= high:
         raise UserError(f"must be a number between {low} and {high}, got {value!r}", field=name)
+
+
+def _flag(value: object, name: str) -> int:
+    """A choice of two sent as true/false or 1/0 (A1111's UI sends the radio's index, its API a boolean)."""
+    return int(value) if isinstance(value, bool) else _whole_in(value, name, 0, 1)
 
 
 def _text(value: object, name: str) -> None:

@@ -252,19 +252,21 @@ def build_synthetic_model(
     seed: int = 0,
     device: str | torch.device = "cpu",
     prediction_type: str = "epsilon",
+    inpainting: bool = False,
 ) -> SyntheticModel:
     """Build ``family`` at ``size`` with random weights that depend only on ``seed`` and the device type.
 
     ``device="meta"`` builds the architecture without memory. The caller's global RNG state is left
     untouched. ``prediction_type`` is what the exported scheduler config says ("v_prediction" for
-    SD2-768-style models); the weights don't depend on it.
+    SD2-768-style models); the weights don't depend on it. ``inpainting``: an inpainting model's UNet, whose
+    input has 9 channels (the latents, the mask, the masked picture's latents).
     """
     arch = architecture(family, size)
     device = torch.device(device)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**arch.unet)
+        unet = UNet2DConditionModel(**arch.unet, **({"in_channels": 9} if inpainting else {}))
         vae = AutoencoderKL(**arch.vae)
         text_encoders = [CLIPTextModel(arch.text_encoders[0])]
         if family == "sdxl":

@@ -19,6 +19,7 @@ from webui.engine.memory import MB
 from webui.engine.sampling.flow import denoise_flow, set_timesteps
 from webui.engine.sampling.ksampling import StepCallback
 from webui.engine.sampling.samplers import make_flow_scheduler, step_kwargs
+from webui.engine.sampling.steps import InitLatents
 from webui.engine.sampling.unet_loop import denoise_unet
 from webui.errors import UserError
 
@@ -63,7 +64,7 @@ class UNetFamily:
 
     def denoise(self, model: LoadedModel, job: Resolved, seeds: list[int], generators: list[torch.Generator],
                 noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
-                on_step: StepCallback, init: torch.Tensor | None = None) -> torch.Tensor:
+                on_step: StepCallback, init: InitLatents | None = None) -> torch.Tensor:
         added = self.added_conditions(job, cond, uncond, noise.device, noise.dtype)
         return denoise_unet(model, job, seeds, generators, noise, cond, uncond, on_step, added, self.sdxl_sigmas, init)
 
@@ -156,7 +157,7 @@ class FlowFamily:
 
     def denoise(self, model: LoadedModel, job: Resolved, seeds: list[int], generators: list[torch.Generator],
                 noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
-                on_step: StepCallback, init: torch.Tensor | None = None) -> torch.Tensor:
+                on_step: StepCallback, init: InitLatents | None = None) -> torch.Tensor:
         req, steps = job.request, job.steps
         scheduler = make_flow_scheduler(job.sampling, self.shift(model, job))
         set_timesteps(scheduler, steps.total, noise.device)

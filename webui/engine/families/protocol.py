@@ -11,6 +11,7 @@ from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.formats.detect import Family
 from webui.engine.lora.layout import DenoiserPrefixes, LoraLayer, LoraTextEncoder
 from webui.engine.sampling.ksampling import StepCallback
+from webui.engine.sampling.steps import InitLatents
 
 if TYPE_CHECKING:
     from webui.engine.generate import Resolved
@@ -50,9 +51,10 @@ class FamilyModel(Protocol):
 
     def denoise(self, model: LoadedModel, job: Resolved, seeds: list[int], generators: list[torch.Generator],
                 noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
-                on_step: StepCallback, init: torch.Tensor | None = None) -> torch.Tensor:
-        """Latents denoised from ``noise``; ``uncond`` is None without CFG. img2img gives ``init`` latents: then the
-        last ``job.steps.run`` steps of the schedule run, from ``init`` noised to the first of them."""
+                on_step: StepCallback, init: InitLatents | None = None) -> torch.Tensor:
+        """Latents denoised from ``noise``; ``uncond`` is None without CFG. img2img gives ``init``: then the last
+        ``job.steps.run`` steps of the schedule run, from its latents noised to the first of them; inpainting keeps
+        what its mask keeps (``sampling.steps.InitLatents``)."""
 
     def infotext_fields(self, model: LoadedModel, job: Resolved) -> dict:
         """The infotext fields only this family writes."""

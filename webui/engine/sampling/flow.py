@@ -20,7 +20,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.sampling.ksampling import StepCallback
-from webui.engine.sampling.steps import noised_to
+from webui.engine.sampling.steps import InitLatents, noise_at, noised_to
 
 SD3_DEFAULT_SHIFT = 3.0
 
@@ -53,18 +53,22 @@ class FlowLayout(Protocol):
 
 def denoise_flow(denoiser: torch.nn.Module, layout: FlowLayout, scheduler, noise: torch.Tensor, cond: Conditioning,
                  uncond: Conditioning | None, cfg_scale: float, distilled_cfg: float, extra: dict,
-                 on_step: StepCallback, start: int = 0, init: torch.Tensor | None = None) -> torch.Tensor:
-    """Latents (B, C, h, w) denoised from ``noise``; ``uncond`` is None without CFG. With ``init`` latents (img2img)
-    the schedule's steps from ``start`` on run, from ``init`` mixed with the noise at that step's sigma."""
+                 on_step: StepCallback, start: int = 0, init: InitLatents | None = None) -> torch.Tensor:
+    """Latents (B, C, h, w) denoised from ``noise``; ``uncond`` is None without CFG. With ``init`` (img2img) the
+    schedule's steps from ``start`` on run, from its latents mixed with the noise at that step's sigma; inpainting
+    puts the kept part back after each step, as diffusers' SD3 and Flux Inpaint pipelines do."""
     context = cond.embeds if uncond is None else torch.cat([uncond.embeds, cond.embeds])
     pooled = cond.pooled if uncond is None else torch.cat([uncond.pooled, cond.pooled])
     copies = 1 if uncond is None else 2
     # The scheduler's maths in float32 (as the UNet loop): its ancestral noise is drawn in the velocity's dtype,
     # and a CPU generator draws other numbers in 16 bits than in 32 (another picture on a GPU).
-    latents = layout.pack(noise).float()
+    packed_noise = latents = layout.pack(noise).float()
     timesteps = scheduler.timesteps[start * scheduler.order:]
     if init is not None:
-        latents = noised_to(scheduler, layout.pack(init).float(), latents, start * scheduler.order)
+        original = layout.pack(init.latents)
+        latents = noised_to(scheduler, original, packed_noise, start * scheduler.order)
+        if init.blends:
+            repaint = layout.pack(init.repaint.expand(len(noise), noise.shape[1], -1, -1))
     inputs = layout.inputs(denoiser, noise, context, copies, distilled_cfg)
     total = len(timesteps)
     for i, t in enumerate(timesteps):
@@ -76,6 +80,9 @@ def denoise_flow(denoiser: torch.nn.Module, layout: FlowLayout, scheduler, noise
             v_uncond, v_cond = velocity.chunk(2)
             velocity = v_uncond + cfg_scale * (v_cond - v_uncond)
         latents = scheduler.step(velocity, t, latents, **extra, return_dict=False)[0]
+        if init is not None and init.blends:  # the kept part at the next step's noise level (none after the last)
+            kept = original if i == total - 1 else noise_at(scheduler, original, packed_noise, timesteps[i + 1:i + 2])
+            latents = init.kept(latents, kept, repaint)
         if on_step(i, total, layout.unpack(latents, noise)):
             break
     return layout.unpack(latents, noise)

@@ -21,6 +21,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from webui.engine.sampling.kdiffusion import external, sampling
+from webui.engine.sampling.steps import InitLatents
 from webui.errors import UserError
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (scaled latents, timesteps) -> eps or v
@@ -47,9 +48,12 @@ class GuidedDenoiser:
     """The UNet as k-diffusion sees it: denoised latents at a sigma, with classifier-free guidance.
 
     ``predict`` gets the latents twice over (unconditional first) when ``guided``. After each call
-    ``last_uncond`` holds the unconditional prediction (the conditional one without guidance), for CFG++."""
+    ``last_uncond`` holds the unconditional prediction (the conditional one without guidance), for CFG++. Inpainting
+    with a model that is not for it (``init.blends``) puts the kept part of the init latents into each prediction,
+    as A1111's CFG denoiser does."""
 
-    def __init__(self, predict: Predict, scheduler_config: dict, cfg_scale: float, guided: bool):
+    def __init__(self, predict: Predict, scheduler_config: dict, cfg_scale: float, guided: bool,
+                 init: InitLatents | None = None):
         if scheduler_config.get("rescale_betas_zero_snr"):
             raise UserError("this zero-terminal-SNR model has an infinite top sigma: choose a sampler and schedule "
                             "type diffusers runs (e.g. Euler with SGM Uniform)", "scheduler")
@@ -59,15 +63,19 @@ class GuidedDenoiser:
         wrapper = external.DiscreteVDDPMDenoiser if v_prediction else external.DiscreteEpsDDPMDenoiser
         self.model = wrapper(predict, alphas_cumprod, quantize=False)
         self.cfg_scale, self.guided = cfg_scale, guided
+        self.init = init if init is not None and init.blends else None
         self.last_uncond: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cfg_scale: float | None = None) -> torch.Tensor:
         if not self.guided:
             self.last_uncond = self.model(x, sigma)
-            return self.last_uncond
+            return self._kept(self.last_uncond)
         uncond, cond = self.model(torch.cat([x, x]), torch.cat([sigma, sigma])).chunk(2)
         self.last_uncond = uncond
-        return uncond + (self.cfg_scale if cfg_scale is None else cfg_scale) * (cond - uncond)
+        return self._kept(uncond + (self.cfg_scale if cfg_scale is None else cfg_scale) * (cond - uncond))
+
+    def _kept(self, denoised: torch.Tensor) -> torch.Tensor:
+        return denoised if self.init is None else self.init.kept(denoised, self.init.latents)
 
 
 class _Stopped(Exception):
@@ -136,15 +144,15 @@ class CpuBrownianNoise:
 
 def sample(ksampler: KSampler, denoiser: GuidedDenoiser, sigmas_for: Callable[[external.DiscreteSchedule], torch.Tensor],
            noise: torch.Tensor, seeds: list[int], generators: list[torch.Generator], eta: float | None,
-           on_step: StepCallback, start: int = 0, init: torch.Tensor | None = None) -> torch.Tensor:
+           on_step: StepCallback, start: int = 0, init: InitLatents | None = None) -> torch.Tensor:
     """Latents denoised from ``noise`` (one row per seed and generator) over ``sigmas_for(model schedule)``; with
-    ``init`` latents (img2img), from ``init`` plus the noise at the schedule's sigma ``start`` on, as A1111 does.
+    ``init`` (img2img), from its latents plus the noise at the schedule's sigma ``start`` on, as A1111 does.
 
     ``on_step(i, total, denoised)`` returning True stops early with the latest denoised prediction."""
     schedule = sigmas_for(denoiser.model).to(noise.device)  # schedules are computed on the CPU
     sigmas = schedule[start:]
     denoiser.model.to(noise.device)
-    x = noise.float() * sigmas[0] if init is None else init.float() + noise.float() * sigmas[0]
+    x = noise.float() * sigmas[0] if init is None else init.latents + noise.float() * sigmas[0]
     params = inspect.signature(ksampler.function).parameters
     kwargs: dict = {"eta": eta} if ksampler.takes_eta else {}
     if "noise_sampler" in params:  # the tree spans the whole schedule (A1111's, img2img's too)

@@ -1,5 +1,6 @@
 """Which steps of a schedule a generation runs: all of them (txt2img), or the last ones from the noise level the
-denoising strength starts at (img2img), counted as A1111 counts them."""
+denoising strength starts at (img2img), counted as A1111 counts them; and where img2img and inpainting start from
+(``InitLatents``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,12 +34,44 @@ class DenoiseSteps:
         return cls(steps, min(int(strength * steps) + 1, steps))
 
 
+@dataclass(frozen=True)
+class InitLatents:
+    """Where img2img starts: its init latents. Inpainting adds where the picture is repainted: a model that is not
+    an inpainting model has the rest put back after each step, at the step's noise level (as diffusers' Inpaint
+    pipelines do; the sigma-space loop puts it back into each prediction, as A1111 does); an inpainting model is
+    given the mask and the masked picture's latents as extra input channels instead, and sees for itself."""
+
+    latents: torch.Tensor  # (B, C, h, w) float32
+    repaint: torch.Tensor | None = None  # (1 or B, 1, h, w): 1 where repainted, 0 where kept; None: everywhere
+    extra: torch.Tensor | None = None  # an inpainting model's extra input: (B, 1 + C, h, w), mask then latents
+
+    @property
+    def blends(self) -> bool:
+        """Whether the kept part is put back during denoising (inpainting with a model that is not for it)."""
+        return self.repaint is not None and self.extra is None
+
+    def kept(self, latents: torch.Tensor, original: torch.Tensor, repaint: torch.Tensor | None = None) -> torch.Tensor:
+        """``latents`` where repainted, ``original`` where kept (``repaint``: the mask in the loop's layout)."""
+        mask = self.repaint if repaint is None else repaint
+        return (1 - mask) * original + mask * latents
+
+    def extra_rows(self, rows: int) -> torch.Tensor:
+        """The extra input channels for ``rows`` rows of latents (twice the batch with CFG), in the model's dtype
+        by the caller."""
+        return torch.cat([self.extra] * (rows // len(self.extra)))
+
+
 def noised_to(scheduler, init: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
-    """img2img's start: ``init`` at the noise level of the schedule's step ``index`` by the scheduler's own call
-    (FlowMatch's ``scale_noise``; ``add_noise`` of the UNet schedulers and the flow solvers), which begins there."""
+    """img2img's start: ``init`` at the noise level of the schedule's step ``index`` by the scheduler's own call,
+    which begins there."""
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(index)
-    t = scheduler.timesteps[index:index + 1].repeat(len(init))
+    return noise_at(scheduler, init, noise, scheduler.timesteps[index:index + 1].repeat(len(init)))
+
+
+def noise_at(scheduler, init: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``init`` noised to timestep ``t`` by the scheduler's own call (FlowMatch's ``scale_noise``; ``add_noise`` of
+    the UNet schedulers and the flow solvers)."""
     if hasattr(scheduler, "scale_noise"):
         return scheduler.scale_noise(init, t, noise)
     return scheduler.add_noise(init, noise, t)

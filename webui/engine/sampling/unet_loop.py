@@ -17,7 +17,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.sampling.ksampling import CpuBrownianNoise, GuidedDenoiser, StepCallback, sample
 from webui.engine.sampling.samplers import step_kwargs
-from webui.engine.sampling.steps import noised_to
+from webui.engine.sampling.steps import InitLatents, noise_at, noised_to
 
 if TYPE_CHECKING:
     from webui.engine.generate import Resolved
@@ -26,18 +26,24 @@ if TYPE_CHECKING:
 
 def denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generators: list[torch.Generator],
                  noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None, on_step: StepCallback,
-                 added: dict | None, sdxl: bool, init: torch.Tensor | None = None) -> torch.Tensor:
+                 added: dict | None, sdxl: bool, init: InitLatents | None = None) -> torch.Tensor:
     """The diffusers StableDiffusion(XL)Pipeline loop, or the sigma-space one for what diffusers' schedulers cannot
     do; ``uncond`` is None without CFG, ``added`` the UNet's added conditions (SDXL's), ``sdxl`` picks the sigma
-    schedules' SDXL variants. With ``init`` latents (img2img) the schedule's last ``job.steps.run`` steps run, from
-    ``init`` noised to the first of them."""
+    schedules' SDXL variants. With ``init`` (img2img) the schedule's last ``job.steps.run`` steps run, from its
+    latents noised to the first of them; inpainting as diffusers' StableDiffusion(XL)InpaintPipeline."""
     req, sampling, unet, steps = job.request, job.sampling, model.denoiser, job.steps
     context = cond.embeds if uncond is None else torch.cat([uncond.embeds, cond.embeds])
+    extra = init is not None and init.extra is not None
+
+    def model_input(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(noise.dtype)
+        return torch.cat([x, init.extra_rows(len(x)).to(x)], dim=1) if extra else x
+
     if not sampling.native:
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return unet(x.to(noise.dtype), t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
+            return unet(model_input(x), t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
 
-        denoiser = GuidedDenoiser(predict, model.scheduler_config, req.cfg_scale, uncond is not None)
+        denoiser = GuidedDenoiser(predict, model.scheduler_config, req.cfg_scale, uncond is not None, init)
         return sample(sampling.sampler.ksampler, denoiser,
                       lambda schedule: sampling.sigmas(steps.total, schedule, sdxl), noise, seeds, generators,
                       sampling.eta, on_step, steps.start, init)
@@ -49,18 +55,22 @@ def denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generators
     if init is None:
         latents = noise.float() * scheduler.init_noise_sigma
     else:
-        latents = noised_to(scheduler, init.float(), noise.float(), steps.start * scheduler.order)
+        latents = noised_to(scheduler, init.latents, noise.float(), steps.start * scheduler.order)
     brownian_on_cpu(scheduler, latents, seeds)
-    extra = step_kwargs(scheduler, generators, sampling.eta)
+    step_extra = step_kwargs(scheduler, generators, sampling.eta)
     total = len(timesteps)
     for i, t in enumerate(timesteps):
         x = latents if uncond is None else torch.cat([latents] * 2)
-        x = scheduler.scale_model_input(x, t).to(noise.dtype)
+        x = model_input(scheduler.scale_model_input(x, t))
         noise_pred = unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
         if uncond is not None:
             noise_uncond, noise_cond = noise_pred.chunk(2)
             noise_pred = noise_uncond + req.cfg_scale * (noise_cond - noise_uncond)
-        latents = scheduler.step(noise_pred, t, latents, **extra).prev_sample
+        latents = scheduler.step(noise_pred, t, latents, **step_extra).prev_sample
+        if init is not None and init.blends:  # the kept part at the next step's noise level (none after the last)
+            original = init.latents if i == total - 1 else noise_at(scheduler, init.latents, noise.float(),
+                                                                    timesteps[i + 1:i + 2])
+            latents = init.kept(latents, original)
         if on_step(i, total, latents):
             break
     return latents
