@@ -64,6 +64,11 @@ def forecast_cell(result, seconds: float) -> str:
             f"{'' if met else ' **off**'}")
 
 
+def phases(result) -> str:
+    """Where the image's time went, by phase (ms)."""
+    return " / ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in result.timings.items())
+
+
 def reference(pipe, size: int) -> float:
     return pipeline_image(pipe, next(PROMPTS), size, STEPS, CFG)
 
@@ -88,7 +93,7 @@ def resident_row(name: str, checkpoint: Path, size: int, workdir: Path, repeat: 
     ratio = mine / plain
     row = (f"| {name} {size}² | resident | {mine * 1000:.0f} ms | pipeline {plain * 1000:.0f} ms | {ratio:.2f}× | "
            f"≤ 1.0× | {'yes' if ratio <= 1.0 else '**no**'} | {result.memory.peak_vram_mb:.0f} MB | 0 | "
-           f"{forecast_cell(result, last)} |")
+           f"{forecast_cell(result, last)} | {phases(result)} |")
     return row, Resident(mine, activation)
 
 
@@ -120,7 +125,8 @@ def card_row(name: str, checkpoint: Path, size: int, workdir: Path, repeat: int,
     met = ratio <= 1.15 and stats.peak_vram_mb <= card_mb - CONTEXT_MB
     return (f"| {name} {size}² | {card_mb // 1024} GB card | {mine * 1000:.0f} ms | floor {floor * 1000:.0f} ms; "
             f"{versus} | {ratio:.2f}× | ≤ 1.15× floor | {'yes' if met else '**no**'} | "
-            f"{stats.peak_vram_mb:.0f} MB | {stats.moved_mb / 1024:.1f} GB | {forecast_cell(result, last)} |")
+            f"{stats.peak_vram_mb:.0f} MB | {stats.moved_mb / 1024:.1f} GB | {forecast_cell(result, last)} | "
+            f"{phases(result)} |")
 
 
 def main() -> None:
@@ -149,7 +155,7 @@ def main() -> None:
                 f"{STEPS} steps, Euler, CFG {CFG:g}, a new prompt each image, medians of {args.repeat}; pinned "
                 f"host→GPU {bandwidth / 1e9:.1f} GB/s.",
                 ["model", "where", "ours", "reference", "ratio", "goal", "met", "peak VRAM", "moved per image",
-                 "forecast before it (÷ measured)"], rows)
+                 "forecast before it (÷ measured)", "phases (ms)"], rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from webui.engine.weights.fp8 import compute_dtype
 
 class StableDiffusion(UNetFamily):
     family = Family.SD1
-    activation_per_pixel = 66_000
+    activation_per_pixel = 21_000
     latent_rgb = ([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
                    [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]], [0.0, 0.0, 0.0])
     lora_text_encoders = (LoraTextEncoder("text_encoder", "clip_l", ("lora_te_",)),)

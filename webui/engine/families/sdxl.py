@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 class StableDiffusionXL(UNetFamily):
     family = Family.SDXL
-    activation_per_pixel = 93_000
+    activation_per_pixel = 13_000
     latent_rgb = ([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
                    [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]], [0.1084, -0.0175, -0.0011])
     clip_kinds = ("clip_l", "clip_g")

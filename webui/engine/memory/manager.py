@@ -145,14 +145,16 @@ def use_expandable_segments() -> None:
 
 def vae_decode_bytes(width: int, height: int, batch: int, dtype: torch.dtype) -> int:
     """Peak memory of a full (untiled) VAE decode: the decoder's last blocks hold several
-    128–256-channel tensors at full resolution."""
-    return int(width * height * batch * 2_000 * torch.finfo(dtype).bits / 16)
+    128–256-channel tensors at full resolution (2,440 bytes a pixel at 2-byte precision measured on an H100 for
+    SD1.5's and SDXL's VAEs, benchmarks/activations.py; 6 % margin)."""
+    return int(width * height * batch * 2_600 * torch.finfo(dtype).bits / 16)
 
 
 def vae_encode_bytes(width: int, height: int, batch: int, dtype: torch.dtype) -> int:
     """Peak memory of a full (untiled) VAE encode (img2img's init image): the encoder's first blocks hold
     128-channel tensors at full resolution. Its live tensors peak at 0.83 of the decoder's at the same size (counted
-    op by op for the 4- and 16-channel VAEs at 256² and 512²): the decode's coefficient scaled by that."""
+    op by op for the 4- and 16-channel VAEs at 256² and 512²); 1,537 bytes a pixel measured on an H100
+    (benchmarks/activations.py), 10 % under this."""
     return int(width * height * batch * 1_700 * torch.finfo(dtype).bits / 16)
 
 
