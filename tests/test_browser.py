@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urljoin
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -491,3 +492,31 @@ def test_a_closed_tab_stops_its_job(browser, server):
     tab.close()
     wait_until(lambda: "its job was interrupted" in server.log, "the job of the closed tab is interrupted")
     wait_until(lambda: not server.api("GET", "progress").json()["state"]["job"], "the queue is idle again", 30)
+
+
+def test_painting_on_the_img2img_image_inpaints_only_there(page, server, tmp_path):
+    """The brush is the canvas's tool once an image is in it: a stroke painted across the picture is the mask,
+    the image changes under the stroke (and its blur) and nowhere else, and the infotext has the mask's blur."""
+    picture = tmp_path / "init.png"
+    Image.new("RGB", (SIZE, SIZE), (40, 90, 230)).save(picture)
+    page.get_by_role("tab", name="img2img").click()
+    page.locator("#img2img_image input[type=file]").set_input_files(picture)
+    canvas = page.locator("#img2img_image canvas").first
+    expect(canvas).to_be_visible()
+    page.wait_for_timeout(1000)  # the editor draws the uploaded image before it takes strokes
+    box = canvas.bounding_box()
+    middle_x, middle_y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(middle_x - 40, middle_y)
+    page.mouse.down()
+    page.mouse.move(middle_x + 40, middle_y, steps=20)
+    page.mouse.up()
+    page.locator("#img2img_prompt textarea").fill("a large yellow circle in the centre, blue background")
+    set_slider(page, "img2img_denoising_strength", 0.9)
+    page.locator("#img2img_generate").click()
+    expect(page.locator("#img2img_infotext textarea")).to_have_value(re.compile(r"Mask blur: 4"))
+    image = np.asarray(fetched_image(server, page.locator("#img2img_gallery img").first.get_attribute("src"))
+                       .convert("RGB")).astype(int)
+    corners = image[:16, :16], image[-16:, -16:]
+    assert all((corner == (40, 90, 230)).all() for corner in corners), "outside the stroke nothing changes"
+    assert np.abs(image[SIZE // 2 - 4:SIZE // 2 + 4] - (40, 90, 230)).mean() > 10, "under the stroke it does"
+    assert page.locator(ERROR_TOASTS).count() == 0, page.locator(ERROR_TOASTS).all_inner_texts()

@@ -339,17 +339,23 @@ def ui(tmp_path_factory) -> Client:
         yield client
 
 
+def canvas(background, *layers) -> dict:
+    """The img2img canvas's value as a client sends it: the image, and the layers painted on it."""
+    return {"background": handle_file(str(background)), "layers": [handle_file(str(layer)) for layer in layers],
+            "composite": None}
+
+
 def test_the_img2img_tab_generates_from_its_image(ui, tmp_path):
     path = tmp_path / "init.png"
     init_picture(100, 60).save(path)
     _preview, gallery, status, infotext, *_plots = ui.predict(
-        prompt="a large red circle on the left, blue background", init_images=handle_file(str(path)), resize_mode=1,
+        prompt="a large red circle on the left, blue background", init_images=canvas(path), resize_mode=1,
         denoising_strength=0.5, width=64, height=96, steps=4, seed=3, api_name="/img2img")
     assert "Done" in status and len(gallery) == 1
     assert Image.open(gallery[0]["image"]).size == (64, 96)
     assert parse_infotext(infotext)["Denoising strength"] == "0.5" and parse_infotext(infotext)["Steps"] == "4"
     _preview, gallery, status, *_ = ui.predict(prompt="no image", steps=2, width=64, height=64, api_name="/img2img")
-    assert "Image (init_images): img2img needs an init image" in status  # refused, naming the field by its label
+    assert "(init_images): img2img needs an init image" in status  # refused, naming the field by its label
 
 
 def test_png_info_sends_parameters_and_image_to_img2img():

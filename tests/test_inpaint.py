@@ -13,14 +13,15 @@ import pytest
 import torch
 from diffusers import FluxInpaintPipeline, StableDiffusion3InpaintPipeline, StableDiffusionInpaintPipeline
 from diffusers import StableDiffusionXLInpaintPipeline
+from gradio_client import handle_file
 from PIL import Image
 
 from tests.conftest import diffusers_folder, make_engine, single_file
 from tests.test_api import client  # noqa: F401 (the API's fixture)
 from tests.test_clients import api, image_of, server  # noqa: F401 (a live server and webuiapi's client of it)
 from tests.test_flow_pipelines import engine_for, files, parts  # noqa: F401 (the flow models' fixtures)
-from tests.test_img2img import (NEGATIVE, PROMPT, SEEDS, STEPS, WEBUIAPI_BODY, as_array, b64, flow_reference,
-                                init_picture, latent_mean, request)  # noqa: F401 (latent_mean: a fixture)
+from tests.test_img2img import (NEGATIVE, PROMPT, SEEDS, STEPS, WEBUIAPI_BODY, as_array, b64, canvas, flow_reference,
+                                init_picture, latent_mean, request, ui)  # noqa: F401 (latent_mean, ui: fixtures)
 from tests.test_sampling import NEVER, REGISTRY, SD15, fake_unet, generators, noise
 from webui.cli import parse_args
 from webui.demo.shapes import COLOURS, POSITIONS, SIZES, all_scenes, draw, read_picture, to_pil
@@ -345,3 +346,33 @@ def test_webuiapi_inpaints(api):
     params = parse_infotext(result.image.info["parameters"])
     assert result.image.size == (128, 128) and params["Mask blur"] == "2" and params["Inpaint area"] == "Only masked"
     assert not {"inpainting_fill", "mask_blur"} & set(result.info["ignored_fields"])
+
+
+def test_the_img2img_tab_inpaints_what_is_painted(ui, tmp_path):
+    """Strokes painted on the image are the mask (their layer's opaque part); the Inpainting accordion's fields are
+    used; an uploaded mask takes the strokes' place; a mask of another size is refused naming its box."""
+    picture, layer = tmp_path / "init.png", tmp_path / "strokes.png"
+    init_picture(64, 64).save(picture)
+    strokes = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    strokes.paste((255, 255, 255, 255), BOX)
+    strokes.save(layer)
+    fields = dict(prompt="a large red circle on the left, blue background", denoising_strength=0.9, width=64,
+                  height=64, steps=4, seed=3, mask_blur=0, inpaint_full_res=0, api_name="/img2img")
+    _preview, gallery, status, infotext, *_ = ui.predict(init_images=canvas(picture, layer), **fields)
+    assert "Done" in status, status
+    image, original = np.asarray(Image.open(gallery[0]["image"]).convert("RGB")).astype(int), np.asarray(
+        init_picture()).astype(int)
+    masked = np.asarray(mask_picture()) > 0
+    assert (image[~masked] == original[~masked]).all() and np.abs(image[masked] - original[masked]).mean() > 5
+    assert parse_infotext(infotext)["Mask blur"] == "0"
+    unpainted = ui.predict(init_images=canvas(picture), **fields)[3]
+    assert "Mask blur" not in parse_infotext(unpainted)  # nothing painted: img2img
+    upload = tmp_path / "mask.png"
+    mask_picture(64, 64, (0, 0, 32, 64)).save(upload)
+    _preview, gallery, status, infotext, *_ = ui.predict(init_images=canvas(picture, layer), mask=handle_file(
+        str(upload)), **fields)
+    image = np.asarray(Image.open(gallery[0]["image"]).convert("RGB")).astype(int)
+    assert (image[:, 32:] == original[:, 32:]).all() and np.abs(image[:, :32] - original[:, :32]).mean() > 5
+    mask_picture(32, 32).save(upload)
+    status = ui.predict(init_images=canvas(picture), mask=handle_file(str(upload)), **fields)[2]
+    assert "Mask (white is repainted; instead of painting) (mask): is 32x32" in status, status

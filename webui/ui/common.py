@@ -13,6 +13,11 @@ OPTION_LABELS = {"sd_model_checkpoint": "Stable Diffusion checkpoint", "sd_vae":
                  "forge_additional_modules": "VAE / Text Encoder", "sd3_shift": "Shift"}
 
 Components = dict[str, gr.components.Component]
+
+
+class RequestFields(dict):
+    """What one input gives several request fields (img2img's canvas: the init image and the mask painted on it):
+    ``request_from_form`` takes them all, in the form's order."""
 # Small buttons' symbols: plain Unicode that common fonts have (DejaVu Sans, Segoe UI Symbol, Apple Symbols), not
 # emoji, which show as empty boxes where no emoji font is installed.
 REFRESH, RANDOM_SEED, REUSE_SEED = "↻", "⚄", "♻"

@@ -1,6 +1,7 @@
 """The img2img tab: the txt2img tab's form and output column (``txt2img.generation_tab``) with an init image,
 the resize mode, A1111's "Resize by" (width and height from the image's size) and the denoising strength; Generate
-goes to the queue's img2img."""
+goes to the queue's img2img. Painting on the image (or uploading a mask) inpaints: the painted part is the mask,
+used as the Inpainting accordion's fields say (A1111's Inpaint and Inpaint upload tabs in one)."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,22 +11,49 @@ from PIL import Image
 
 from webui.engine.engine import Engine
 from webui.engine.init_image import RESIZE_MODES
+from webui.engine.inpaint import FILLS, INPAINT_AREAS, MASK_MODES, ORIGINAL
 from webui.engine.request import MIN_SIDE, SIDE_MULTIPLE
 from webui.jobs import JobQueue
-from webui.ui.common import Components
+from webui.ui.common import Components, RequestFields
 from webui.ui.png_info import img2img_updates
 from webui.ui.txt2img import GenerationTab, generation_tab, slider
 
 
-class InitImage(gr.Image):
-    """The init image box: the request takes a list of init images (one here, for the whole batch). ``is_template``:
-    drawn as the stock image box."""
+BRUSH = gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24)  # the mask's strokes: one colour
+
+
+class InitCanvas(gr.ImageEditor):
+    """The init image, to paint on where it is to be repainted: the request's init images (one, for the whole
+    batch) and, where anything is painted, the mask (every layer's strokes). ``is_template``: drawn as the stock
+    image editor."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        value = super().preprocess(payload)
+        if value is None or value["background"] is None:
+            return RequestFields(init_images=None)
+        return RequestFields(init_images=[value["background"]], mask=painted_mask(value["layers"]))
+
+
+class MaskUpload(gr.Image):
+    """A mask as a picture (A1111's Inpaint upload): white is repainted. Given, it is the mask; else the strokes
+    are. ``is_template``: drawn as the stock image box."""
 
     is_template = True
 
     def preprocess(self, payload: Any) -> Any:
         image = super().preprocess(payload)
-        return None if image is None else [image]
+        return RequestFields() if image is None else RequestFields(mask=image)
+
+
+def painted_mask(layers: list[Image.Image]) -> Image.Image | None:
+    """Where any layer is painted (not transparent), white; None where nothing is."""
+    mask = None
+    for layer in layers:
+        alpha = layer.convert("RGBA").getchannel("A").point(lambda value: 255 if value else 0)
+        mask = alpha if mask is None else Image.composite(alpha, mask, alpha)
+    return mask if mask is not None and mask.getbbox() else None
 
 
 def img2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown) -> GenerationTab:
@@ -34,9 +62,9 @@ def img2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.
     tab = generation_tab(demo, engine, jobs, checkpoint, "img2img", jobs.submit_img2img,
                          lambda form: _image_inputs(form, extra))
     form = tab.form
-    extra["resize_by"].input(lambda images, by: resized_by(images, by, engine.options["max_image_side"]),
-                             [form["init_images"], extra["resize_by"]], [form["width"], form["height"]],
-                             api_visibility="private")
+    extra["resize_by"].input(
+        lambda canvas, by: resized_by(canvas.get("init_images"), by, engine.options["max_image_side"]),
+        [form["init_images"], extra["resize_by"]], [form["width"], form["height"]], api_visibility="private")
     return tab
 
 
@@ -64,11 +92,27 @@ def send_to_img2img(engine: Engine, source: GenerationTab, img2img: GenerationTa
 
 
 def _image_inputs(form: Components, extra: dict[str, gr.Slider]) -> None:
-    form["init_images"] = InitImage(type="pil", image_mode="RGBA", sources=["upload", "clipboard"], label="Image",
-                                    height=360, elem_id="img2img_image")
+    form["init_images"] = InitCanvas(type="pil", image_mode="RGBA", sources=["upload", "clipboard"],
+                                     label="Image (paint on it to inpaint)", height=420, brush=BRUSH,
+                                     eraser=gr.Eraser(default_size=24), layers=False, transforms=(),
+                                     elem_id="img2img_image")
     form["resize_mode"] = gr.Radio([(name, i) for i, name in enumerate(RESIZE_MODES)],
                                    value=0, label="Resize mode", elem_id="img2img_resize_mode")
     extra["resize_by"] = gr.Slider(0.05, 4, value=1, step=0.05, label="Resize by (sets width and height)",
                                    elem_id="img2img_resize_by")
     form["denoising_strength"] = slider("denoising_strength", "Denoising strength", 0, 1, 0.75, step=0.01,
                                         tab="img2img")
+    with gr.Accordion("Inpainting (where a mask is painted or uploaded)", open=False, elem_id="img2img_inpaint"):
+        form["mask"] = MaskUpload(type="pil", image_mode="RGBA", sources=["upload", "clipboard"],
+                                  label="Mask (white is repainted; instead of painting)", height=200,
+                                  elem_id="img2img_mask")
+        form["mask_blur"] = slider("mask_blur", "Mask blur", 0, 64, 4, tab="img2img")
+        form["inpainting_mask_invert"] = gr.Radio([(name, i) for i, name in enumerate(MASK_MODES)], value=0,
+                                                  label="Mask mode", elem_id="img2img_mask_mode")
+        form["inpainting_fill"] = gr.Radio([(name, i) for i, name in enumerate(FILLS)], value=ORIGINAL,
+                                           label="Masked content", elem_id="img2img_inpainting_fill")
+        with gr.Row():
+            form["inpaint_full_res"] = gr.Radio([(name, i) for i, name in enumerate(INPAINT_AREAS)], value=0,
+                                                label="Inpaint area", elem_id="img2img_inpaint_full_res")
+            form["inpaint_full_res_padding"] = slider("inpaint_full_res_padding", "Only masked padding, pixels", 0,
+                                                      256, 32, step=4, tab="img2img")

@@ -16,7 +16,8 @@ import gradio as gr
 from webui.engine.engine import Engine
 from webui.engine.request import MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
 from webui.jobs import JobQueue
-from webui.ui.common import OPTION_LABELS, RANDOM_SEED, REUSE_SEED, Components, FieldSlider, set_option
+from webui.ui.common import (OPTION_LABELS, RANDOM_SEED, REUSE_SEED, Components, FieldSlider, RequestFields,
+                              set_option)
 from webui.ui.forecast import FORECAST_FIELDS, forecast_box, forecast_html, keep_forecast_fresh
 from webui.ui.generation import generator, output_column
 from webui.ui.network_browser import network_browsers
@@ -48,8 +49,12 @@ class GenerationTab:
 
 
 def request_from_form(form: Components, values: tuple) -> GenerationRequest:
-    """The one mapping from UI fields to a request: the form's keys are GenerationRequest fields."""
-    return GenerationRequest(**dict(zip(form, values)))
+    """The one mapping from UI fields to a request: the form's keys are GenerationRequest fields, and an input
+    that gives several (``RequestFields``) gives them all."""
+    fields: dict = {}
+    for name, value in zip(form, values):
+        fields.update(value if isinstance(value, RequestFields) else {name: value})
+    return GenerationRequest(**fields)
 
 
 def txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown) -> GenerationTab:
