@@ -84,7 +84,8 @@ def test_saved_images_are_sent_as_their_files_not_encoded_again(client, engine, 
 
 @pytest.mark.parametrize("change,field", [({"width": 7}, "width"), ({"width": 100000}, "width"),
                                           ({"steps": 0}, "steps"), ({"sampler_name": "Bogus"}, "sampler_name"),
-                                          ({"enable_hr": True}, "enable_hr"), ({"eta": 1.5}, "eta"),
+                                          ({"enable_hr": "yes"}, "enable_hr"), ({"eta": 1.5}, "eta"),
+                                          ({"enable_hr": True, "hr_scale": 9}, "hr_scale"),
                                           ({"override_settings": {"sd_model_checkpoint": "missing"}},
                                            "sd_model_checkpoint"),
                                           ({"eta": 0.5, "sampler_name": 5}, "sampler_name"),
@@ -141,7 +142,9 @@ def test_xyz_axis_indices_count_in_a1111s_list_or_forges_as_the_option_says(clie
     assert "X: Sampler = Euler, LMS" in json.loads(reply.json()["info"])["infotexts"][0]
     assert "x_type 9 read as 'Sampler' (A1111's numbering" in json.loads(reply.json()["info"])["notices"][0]
     hires = client.post("/sdapi/v1/txt2img", json={**PLOT, "script_args": xyz_args((10, "Euler", None))})
-    assert hires.status_code == 422 and "Hires sampler" in hires.json()["detail"], "A1111's 10: not this app's axis"
+    assert "x_type 10 read as 'Hires sampler'" in json.loads(hires.json()["info"])["notices"][0]
+    churn = client.post("/sdapi/v1/txt2img", json={**PLOT, "script_args": xyz_args((13, "1", None))})
+    assert churn.status_code == 422 and "Sigma Churn" in churn.json()["detail"], "A1111's 13: not this app's axis"
     client.post("/sdapi/v1/options", json={"xyz_axis_numbering": "Forge"})
     forge = client.post("/sdapi/v1/txt2img", json={**PLOT, "script_args": xyz_args((10, "Euler, LMS", None))})
     assert forge.json()["images"][0] == reply.json()["images"][0], "Forge's 10 is A1111's 9"
@@ -182,7 +185,7 @@ def test_xyz_script_by_label_with_picked_values_and_seeds_varying_along_x(client
 
 @pytest.mark.parametrize("change,field,words", [
     ({"script_name": "Prompt matrix"}, "script_name", "x/y/z plot"),
-    ({"script_args": xyz_args((5, "1, 2", None))}, "x_type", "Hires steps"),
+    ({"script_args": xyz_args((13, "1, 2", None))}, "x_type", "Sigma Churn"),
     ({"script_args": xyz_args((1, "1, 2", None), (99, "1", None))}, "y_type", "99"),
     ({"script_args": xyz_args((4, "two", None))}, "x_values", "two"),
     ({"script_args": xyz_args((4, "1, 2", None), margin_size=-3)}, "script_args", "margin_size"),

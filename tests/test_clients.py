@@ -68,7 +68,7 @@ def test_a1111_txt2img_requests_are_performed(server, change):
     assert image_of(data["images"][0]).size == (64, change.get("height", 64))
 
 
-@pytest.mark.parametrize("field", ["enable_hr", "tiling", "restore_faces"])
+@pytest.mark.parametrize("field", ["tiling", "restore_faces"])
 def test_a1111_features_not_here_yet_are_refused_by_name(server, field):
     reply = server.api("POST", "txt2img", json={**A1111_TXT2IMG, field: True})
     assert reply.status_code == 422 and reply.json()["field"] == field, reply.text

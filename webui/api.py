@@ -43,6 +43,7 @@ from webui.api_body import (
 )
 from webui.engine.engine import Engine, MemoryState
 from webui.engine.forecast import Forecast
+from webui.engine.hires import LATENT_MODES
 from webui.engine.infotext import PNG_SIGNATURE, parse_infotext, png_text, read_png_infotext
 from webui.engine.outputs import png_bytes, png_files
 from webui.engine.progress import Progress
@@ -104,7 +105,7 @@ def info_json(result: GenerationResult, ignored: Sequence[str] = (), notes: Sequ
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": result.model_name,
         "sd_model_hash": result.model_hash, "seed_resize_from_w": req.seed_resize_from_w,
         "seed_resize_from_h": req.seed_resize_from_h,
-        "denoising_strength": req.denoising_strength if req.init_images is not None else None,
+        "denoising_strength": req.denoising_strength if req.init_images is not None or req.enable_hr else None,
         "extra_generation_params": {}, "index_of_first_image": 0,
         "infotexts": result.infotexts, "styles": [], "job_timestamp": "", "clip_skip": result.clip_skip,
         "is_using_inpainting_conditioning": False, "interrupted": result.interrupted,
@@ -503,10 +504,12 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         ("/upscalers", lambda: [upscaler_entry(info) for info in engine.upscalers()], "GET",
          "Upscalers: A1111's built-in None, Lanczos and Nearest, then the model files of models/ESRGAN, RealESRGAN, "
          "SwinIR, DAT, HAT and upscale_models"),
-        ("/latent-upscale-modes", lambda: [], "GET", "Latent upscale modes (none: hires. fix is not supported yet)"),
+        ("/latent-upscale-modes", lambda: [{"name": name} for name in LATENT_MODES], "GET",
+         "Hires. fix's latent upscale modes (its hr_upscaler may also name any of /upscalers)"),
         ("/hypernetworks", lambda: [], "GET", "Hypernetworks (none: not supported)"),
         ("/face-restorers", lambda: [], "GET", "Face restoration models (none: not supported yet)"),
-        ("/realesrgan-models", lambda: [], "GET", "Real-ESRGAN models (none: upscalers are not supported yet)"),
+        ("/realesrgan-models", lambda: [], "GET", "A1111's Real-ESRGAN download list (empty: nothing is downloaded "
+         "here; Real-ESRGAN files in models/RealESRGAN are in /upscalers)"),
         *((f"/server-{name}", server_command(jobs, name), "POST", summary) for name, summary in SERVER_COMMANDS.items()),
     ]
     args = engine.config.args

@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image
 
 from webui.engine.infotext import request_fields
+from webui.engine.hires import MAX_SCALE as MAX_HIRES_SCALE
 from webui.engine.inpaint import FILLS
 from webui.engine.request import (MAX_CFG, MAX_MASK_BLUR, MAX_MASK_PADDING, MAX_SEED, MIN_SIDE, SIDE_MULTIPLE,
                                   GenerationRequest)
@@ -43,15 +44,18 @@ READ_FIELDS = (*FLAG_FIELDS, "override_settings", "sampler_index", "script_name"
 # Honoured by A1111 and not done here yet: accepted only at the values that make A1111 do nothing extra.
 DEFAULT_ONLY_FIELDS: dict[str, list] = {
     "restore_faces": [False, None], "tiling": [False, None], "s_min_uncond": [None, 0, 0.0], "s_churn": [None, 0, 0.0],
-    "s_tmax": [None, 0, 0.0], "s_tmin": [None, 0, 0.0], "s_noise": [None, 1, 1.0], "enable_hr": [False, None],
+    "s_tmax": [None, 0, 0.0], "s_tmin": [None, 0, 0.0], "s_noise": [None, 1, 1.0],
     "refiner_checkpoint": [None, "", "None"], "disable_extra_networks": [False, None], "alwayson_scripts": [None, {}],
 }
-# What A1111 reads only with enable_hr, a refiner or in img2img: with those off (refused above otherwise) any value
-# changes nothing. Named in ignored_fields like a field A1111 does not know.
-UNUSED_FIELDS = ("denoising_strength", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
-                 "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
-                 "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "hr_cfg",
-                 "hr_distilled_cfg", "refiner_switch_at", "firstpass_image", "comments")
+# Hires. fix's fields: read with enable_hr; A1111 reads them only then, so without it they are ignored and named.
+HIRES_FIELDS = ("denoising_strength", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
+                "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt",
+                "hr_negative_prompt", "hr_cfg", "hr_distilled_cfg")
+# What A1111 reads only with a refiner or in img2img, or no longer reads (firstphase_*, A1111 before 1.0), or what
+# Forge reads for a hires checkpoint's modules (only the request's own are done here): with those off (refused above
+# otherwise) any value changes nothing. Named in ignored_fields like a field A1111 does not know.
+UNUSED_FIELDS = ("firstphase_width", "firstphase_height", "hr_additional_modules", "refiner_switch_at",
+                 "firstpass_image", "comments")
 # A1111 applies the prompt styles a request names and skips names it does not have; this app has none yet.
 STYLE_FIELD = "styles"
 # override_settings keys that are request fields too: the request checks them as strictly as its own fields.
@@ -105,7 +109,10 @@ def read_txt2img(body: Any, options: Options, known_schedule_type: Callable[[str
         elif key == STYLE_FIELD:
             if value:
                 ignored.append(key)  # A1111 skips style names it does not have: here, all of them
-        elif key in UNUSED_FIELDS or not (key in ENGINE_FIELDS or key in READ_FIELDS):
+        elif key in HIRES_FIELDS:
+            if body.get("enable_hr") is not True:
+                ignored.append(key)
+        elif key in UNUSED_FIELDS or not (key in ENGINE_FIELDS or key in READ_FIELDS or key == "enable_hr"):
             ignored.append(key)
     for key in ("sampler_index", "force_task_id"):
         if body.get(key) is not None and not isinstance(body[key], str):
@@ -115,11 +122,12 @@ def read_txt2img(body: Any, options: Options, known_schedule_type: Callable[[str
             raise UserError(f"must be a list, got {body[key]!r}", field=key)
     if not all(isinstance(name, str) for name in body.get(STYLE_FIELD) or []):
         raise UserError(f"must be a list of style names, got {body[STYLE_FIELD]!r}", field=STYLE_FIELD)
-    flags = {key: body.get(key) for key in FLAG_FIELDS}
+    flags = {key: body.get(key) for key in (*FLAG_FIELDS, "enable_hr")}
     for key, value in flags.items():
         if value is not None and not isinstance(value, bool):
             raise UserError(f"must be true or false, got {value!r}", field=key)
-    fields = {**_infotext_fields(body.get("infotext")), **{k: body[k] for k in ENGINE_FIELDS if body.get(k) is not None}}
+    read = (*ENGINE_FIELDS, "enable_hr", *HIRES_FIELDS) if flags["enable_hr"] else ENGINE_FIELDS
+    fields = {**_infotext_fields(body.get("infotext")), **{k: body[k] for k in read if body.get(k) is not None}}
     if body.get("sampler_index"):
         if fields.get("sampler_name"):
             if body["sampler_index"] != fields["sampler_name"]:
@@ -154,10 +162,8 @@ MASK_USE_FIELDS = ("mask_blur", "mask_blur_x", "mask_blur_y", "mask_round", "inp
 IMG2IMG_DEFAULT_ONLY = {"initial_noise_multiplier": [None, 1, 1.0], "latent_mask": [None, ""]}
 # A1111's img2img has no such field (hires. fix is txt2img's) or reads it only for an instruct-pix2pix model
 # (image_cfg_scale): ignored, and named in info. include_init_images only shapes the answer's parameters.
-IMG2IMG_IGNORED = ("enable_hr", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
-                   "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
-                   "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "hr_cfg",
-                   "hr_distilled_cfg", "firstpass_image", "image_cfg_scale")
+IMG2IMG_IGNORED = ("enable_hr", *(name for name in HIRES_FIELDS if name != "denoising_strength"), "firstphase_width",
+                   "firstphase_height", "hr_additional_modules", "firstpass_image", "image_cfg_scale")
 IMG2IMG_READ = ("include_init_images", "mask")
 MAX_DECODED_SIDE_FACTOR = 4  # an init image may be this many times the largest side a generation may have
 
@@ -336,7 +342,20 @@ FIELD_BOUNDS = {"width": {"minimum": MIN_SIDE, "multipleOf": SIDE_MULTIPLE},
                 "steps": {"minimum": 1}, "batch_size": {"minimum": 1}, "n_iter": {"minimum": 1},
                 "cfg_scale": {"minimum": 0, "maximum": MAX_CFG}, "distilled_cfg_scale": {"minimum": 0, "maximum": MAX_CFG},
                 "seed": {"minimum": -1, "maximum": MAX_SEED}, "subseed": {"minimum": -1, "maximum": MAX_SEED},
-                "eta": {"minimum": 0, "maximum": 1}, "subseed_strength": {"minimum": 0, "maximum": 1}}
+                "eta": {"minimum": 0, "maximum": 1}, "subseed_strength": {"minimum": 0, "maximum": 1},
+                "denoising_strength": {"minimum": 0, "maximum": 1}, "hr_scale": {"minimum": 1, "maximum": MAX_HIRES_SCALE},
+                "hr_second_pass_steps": {"minimum": 0}, "hr_resize_x": {"minimum": 0}, "hr_resize_y": {"minimum": 0},
+                "hr_cfg": {"minimum": 0, "maximum": MAX_CFG}, "hr_distilled_cfg": {"minimum": 0, "maximum": MAX_CFG}}
+
+
+def _described(python_type: Any, name: str) -> str:
+    """A field's type and bounds in words, for a field whose schema cannot hold them (it is checked only with
+    another's value)."""
+    kind = JSON_TYPES[next((t for t in typing.get_args(python_type) if t is not type(None)), python_type)]
+    bounds = FIELD_BOUNDS.get(name, {})
+    limits = [f"{word} {bounds[key]}" for key, word in (("minimum", "at least"), ("maximum", "at most"))
+              if key in bounds]
+    return f"{kind} {' and '.join(limits)}".strip()
 
 
 def _typed(python_type: Any) -> dict[str, Any]:
@@ -362,8 +381,13 @@ def txt2img_body_schema() -> dict[str, Any]:
                    STYLE_FIELD: {**_typed(list), "description": "prompt styles: this app has none yet, so A1111 would "
                                  "skip every name (ignored)"}}
     properties |= {name: {"enum": values} for name, values in DEFAULT_ONLY_FIELDS.items()}
-    properties |= {name: {"description": "read by A1111 only for hires. fix, a refiner or img2img: ignored"}
+    properties |= {name: {"description": "read by A1111 only for a refiner or img2img, or no longer: ignored"}
                    for name in UNUSED_FIELDS}
+    properties["enable_hr"] = {**_typed(bool), "default": False, "description": "hires. fix: the hr_* fields and "
+                               "denoising_strength are read with it (A1111 ignores them without, and so does this app: "
+                               "their types and bounds are checked only then)"}
+    properties |= {name: {"description": f"read with enable_hr: {_described(hints[name], name)}, default "
+                                         f"{defaults[name]!r}"} for name in HIRES_FIELDS}
     return {"type": "object", "properties": properties, "additionalProperties": True}
 
 
@@ -381,21 +405,20 @@ def img2img_body_schema() -> dict[str, Any]:
                                        "upscale)"},
         "include_init_images": _typed(bool),
     }
-    flag = {"type": ["boolean", "integer"], "minimum": 0, "maximum": 1}
+    # read only with a mask (A1111 ignores them without, and so does this app): their types and bounds in words
     properties |= {
         "mask": {"type": ["string", "null"], "description": "inpainting: a mask in base64 the init images' size, "
                                                             "white where repainted; the fields below are read with it"},
-        "mask_blur": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_MASK_BLUR,
-                      "description": "sets mask_blur_x and mask_blur_y"},
-        "mask_blur_x": {"type": "integer", "minimum": 0, "maximum": MAX_MASK_BLUR, "default": 4},
-        "mask_blur_y": {"type": "integer", "minimum": 0, "maximum": MAX_MASK_BLUR, "default": 4},
-        "inpainting_fill": {"type": "integer", "minimum": 0, "maximum": len(FILLS) - 1, "default": 0,
-                            "description": "masked content: " + ", ".join(f"{i} {n}" for i, n in enumerate(FILLS))},
-        "inpaint_full_res": flag | {"default": True, "description": "inpaint area: only masked (true), or the whole "
-                                                                     "picture"},
-        "inpaint_full_res_padding": {"type": "integer", "minimum": 0, "maximum": MAX_MASK_PADDING, "default": 0},
-        "inpainting_mask_invert": flag | {"default": 0, "description": "1: inpaint what is not masked"},
-        "mask_round": _typed(bool),
+        "mask_blur": {"description": f"with a mask: sets mask_blur_x and mask_blur_y, 0 to {MAX_MASK_BLUR}"},
+        "mask_blur_x": {"description": f"with a mask: 0 to {MAX_MASK_BLUR}, default 4"},
+        "mask_blur_y": {"description": f"with a mask: 0 to {MAX_MASK_BLUR}, default 4"},
+        "inpainting_fill": {"description": "with a mask: masked content, " + ", ".join(
+            f"{i} {n}" for i, n in enumerate(FILLS)) + ", default 0"},
+        "inpaint_full_res": {"description": "with a mask: inpaint area, only masked (true or 1, the default), or the "
+                                            "whole picture"},
+        "inpaint_full_res_padding": {"description": f"with a mask: 0 to {MAX_MASK_PADDING} pixels, default 0"},
+        "inpainting_mask_invert": {"description": "with a mask: 1 (or true) inpaints what is not masked, default 0"},
+        "mask_round": {"description": "with a mask: the latent mask rounded (true, the default) or blended"},
     }
     properties |= {name: {"enum": values} for name, values in IMG2IMG_DEFAULT_ONLY.items()}
     properties |= {name: {"description": "not read by A1111's img2img (only for instruct-pix2pix, or only in "

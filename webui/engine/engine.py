@@ -16,14 +16,15 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 
-from webui.engine.inpaint import init_pictures
 from webui.engine.families.protocol import FamilyFields
 from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
 from webui.engine.forecast import Forecast, Rates, forecast_job
 from webui.engine.formats.files import CheckpointInfo, HashCache, checkpoint_title, declared_resolution, short_hash
 from webui.engine.generate import Resolved, generate, resolve_seed
+from webui.engine.hires import resolve_hires
 from webui.engine.hooks import Hooks, Network, extract_networks
+from webui.engine.inpaint import init_pictures
 from webui.engine.loading.assemble import checkpoint_family
 from webui.engine.loading.load import LoadedModel
 from webui.engine.loading.models import Dtypes, ModelManager
@@ -306,7 +307,7 @@ class Engine:
         negative, negative_calls = extract_networks(request.negative_prompt)
         extra_params = self.hooks.activate_networks(model, calls + negative_calls) if activate else {}
         init_images, inpainting = init_pictures(request, model.vae_scale_factor)
-        return Resolved(
+        job = Resolved(
             request=request,
             sampling=sampling,
             seed=resolve_seed(request.seed),
@@ -322,6 +323,13 @@ class Engine:
             inpaint=inpainting,
             fix_steps=self.options["img2img_fix_steps"],
         )
+        if request.enable_hr:
+            options = self.options.as_dict()
+            job.hires = resolve_hires(job, model.kind.size_multiple, self.options["max_image_side"],
+                                      lambda sampler, schedule: self.samplers.choose(sampler, schedule, request.eta,
+                                                                                     options),
+                                      self.upscalers(), self._upscale_setup())
+        return job
 
     def forecast(self, request: GenerationRequest, load: bool = False) -> Forecast:
         """Will it fit? The request's peak VRAM, host RAM and time, forecast from the memory manager's plan and the
@@ -379,13 +387,17 @@ class Engine:
         folders, read at every call (as the VAE list)."""
         return find_upscalers(self.config.paths.upscaler_dirs)
 
+    def _upscale_setup(self) -> UpscaleSetup:
+        """How upscaler models run here (Extras, hires. fix): the memory manager, the policy, the tiling options."""
+        return UpscaleSetup(self.memory, self.memory_policy(), self.models.dtypes.unet, self.options["ESRGAN_tile"],
+                            self.options["ESRGAN_tile_overlap"], lambda: self.progress.interrupted)
+
     def extras(self, request: ExtrasRequest, parameters: list[str | None] | None = None) -> ExtrasResult:
         """The Extras tab's job (``upscale.extras``) for one image or a batch, one job at a time with generations (it
         uses the device too); upscaler models are placed by the memory manager. ``parameters``: each image's
         generation parameters, kept in its PNG. Saved to outdir_extras_samples when the request says so."""
         parameters = parameters or [None] * len(request.images)
-        setup = UpscaleSetup(self.memory, self.memory_policy(), self.models.dtypes.unet, self.options["ESRGAN_tile"],
-                             self.options["ESRGAN_tile_overlap"], lambda: self.progress.interrupted)
+        setup = self._upscale_setup()
         with self._generate_lock:
             self.progress.reset()
             self.progress.begin("extras", len(request.images), 1)

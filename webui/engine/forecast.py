@@ -33,18 +33,23 @@ class JobShape:
     batch_size: int
     rows: int  # denoiser rows a call: the batch, twice with CFG
     latent_pixels: int  # of one image
-    pixels: int  # of one image
+    pixels: int  # of one image as it is decoded (hires. fix: at the hires size)
     encodes: bool  # whether its prompts are encoded (not those of the last job)
     init_pixels: int = 0  # img2img: pixels of the init images the VAE encodes (once for all batches)
+    hires_steps: int = 0  # hires. fix: the second pass's steps, each over hires_latent_pixels
+    hires_latent_pixels: int = 0
 
     @classmethod
     def of(cls, model: LoadedModel, job: Resolved) -> JobShape:
         req = job.request
         factor = model.vae_scale_factor
+        final = job.hires.job.request if job.hires is not None else req
         return cls(job.steps.run, req.n_iter, req.batch_size, req.batch_size * (2 if job.cfg else 1),
-                   (req.width // factor) * (req.height // factor), req.width * req.height,
+                   (req.width // factor) * (req.height // factor), final.width * final.height,
                    not encoded_already(model, job),
-                   sum(image.width * image.height for image in job.init_images or ()))
+                   sum(image.width * image.height for image in job.init_images or ()),
+                   job.hires.job.steps.run if job.hires is not None else 0,
+                   (final.width // factor) * (final.height // factor) if job.hires is not None else 0)
 
 
 @dataclass
@@ -119,7 +124,7 @@ class Forecast:
 
     def moved_by_phase(self) -> dict[str, int]:
         """Bytes each phase moves over the whole job."""
-        moved = {"image encoding": 0, "text encoding": 0, "denoising": 0, "decode": 0}
+        moved = {"image encoding": 0, "text encoding": 0, "denoising": 0, "hires denoising": 0, "decode": 0}
         for phases, times in ((self.first, 1), (self.later, self.shape.batches - 1)):
             for name, plan in phases:
                 moved[name] += plan.moved * times
@@ -128,13 +133,14 @@ class Forecast:
     def bus_bytes(self) -> int:
         """Bytes the job copies between host and device: its placements, and its streamed weights at every call
         (the denoiser's once a step: a sampler that calls it twice a step copies twice that)."""
-        calls = {"image encoding": 1, "text encoding": 1, "denoising": self.shape.steps, "decode": 1}
+        calls = {"image encoding": 1, "text encoding": 1, "denoising": self.shape.steps,
+                 "hires denoising": self.shape.hires_steps, "decode": 1}
         return sum(self.moved_by_phase().values()) + sum(
             plan.streamed * calls[name] * times
             for phases, times in ((self.first, 1), (self.later, self.shape.batches - 1)) for name, plan in phases)
 
-    def streamed_seconds_a_step(self, bandwidth: float | None) -> float:
-        denoising = next(plan for name, plan in self.first if name == "denoising")
+    def streamed_seconds_a_step(self, bandwidth: float | None, phase: str = "denoising") -> float:
+        denoising = next(plan for name, plan in self.first if name == phase)
         return denoising.streamed / bandwidth if bandwidth else 0.0
 
     @property
@@ -143,13 +149,17 @@ class Forecast:
         rates, shape = self.rates, self.shape
         if not rates.known(shape):
             return None
-        compute = rates.step_seconds_per_pixel * shape.latent_pixels * shape.rows
-        streaming = self.streamed_seconds_a_step(rates.bandwidth)
-        step = max(compute, streaming) if self.async_copies else compute + streaming
+        def step(latent_pixels: int, phase: str) -> float:
+            compute = rates.step_seconds_per_pixel * latent_pixels * shape.rows
+            streaming = self.streamed_seconds_a_step(rates.bandwidth, phase)
+            return max(compute, streaming) if self.async_copies else compute + streaming
+
+        hires = shape.hires_steps * step(shape.hires_latent_pixels, "hires denoising") if shape.hires_steps else 0.0
         moved = sum(self.moved_by_phase().values())
         return ((rates.encode_seconds_per_prompt * shape.rows if shape.encodes else 0.0)
                 + (rates.image_encode_seconds_per_pixel * shape.init_pixels if shape.init_pixels else 0.0)
-                + shape.batches * (shape.steps * step + rates.decode_seconds_per_pixel * shape.pixels * shape.batch_size)
+                + shape.batches * (shape.steps * step(shape.latent_pixels, "denoising") + hires
+                                   + rates.decode_seconds_per_pixel * shape.pixels * shape.batch_size)
                 + (moved / rates.bandwidth if rates.bandwidth else 0.0))
 
     def check_host(self) -> None:
@@ -216,6 +226,9 @@ def forecast_job(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy
             named.append(("text encoding", planner.phases[-1]))
         planner.prepare(["denoiser"])
         named.append(("denoising", planner.phases[-1]))
+        if job.hires is not None:  # the upscaler's time and moves (an image upscaler's) are not forecast
+            planner.prepare(["denoiser"], estimates.hires_denoise)
+            named.append(("hires denoising", planner.phases[-1]))
         tiled = planner.prepare_vae("vae", estimates.decode)
         named.append(("decode", planner.phases[-1]))
         batches.append(named)

@@ -6,7 +6,8 @@ A1111 does, so seeds mean the same on every device. img2img is the same path fro
 images are VAE-encoded once (a phase of their own), noised to where the denoising strength starts, and the
 family denoises the rest of the schedule (``Resolved.steps``). Inpainting is img2img with a mask: the pictures are
 prepared by ``inpaint``, the loops keep what the mask keeps (``sampling.steps.InitLatents``), and each image is put
-back into the original.
+back into the original. Hires. fix adds a second pass to each batch: the first pass's latents upscaled (or its
+images through an image upscaler, encoded again), then img2img at the hires size (``Resolved.hires``).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from tqdm import tqdm
 
 from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.hooks import Hooks
+from webui.engine.formats.detect import Family
+from webui.engine.hires import HiresPass, upscale_latents
 from webui.engine.infotext import build_infotext
 from webui.engine.inpaint import FILLS, INPAINT_AREAS, LATENT_NOISE, LATENT_NOTHING, MASK_MODES, ORIGINAL, InpaintImages
 from webui.engine.loading.load import TEXT_ENCODERS, LoadedModel, vae_scale_factor
@@ -67,6 +70,8 @@ class Resolved:
     init_images: list[Image.Image] | None = None  # img2img's init images as the VAE encodes them; None: txt2img
     inpaint: InpaintImages | None = None  # img2img with a mask: the mask, and how the images go back
     fix_steps: bool = False  # img2img runs exactly the requested steps (A1111's option img2img_fix_steps)
+    hires: HiresPass | None = None  # txt2img's hires. fix: its second pass
+    second_pass: bool = False  # this job is a hires pass: img2img's steps from latents it is given
 
     @property
     def cfg(self) -> bool:
@@ -84,9 +89,14 @@ class Resolved:
     def steps(self) -> DenoiseSteps:
         """The steps that run: the request's (txt2img), or img2img's last ones of a schedule, as A1111 counts."""
         req = self.request
-        if self.init_images is None:
+        if self.init_images is None and not self.second_pass:
             return DenoiseSteps(req.steps, req.steps)
         return DenoiseSteps.img2img(req.steps, req.denoising_strength, self.fix_steps)
+
+    @property
+    def steps_a_batch(self) -> int:
+        """The steps each batch runs: its pass's, and the hires pass's."""
+        return self.steps.run + (self.hires.job.steps.run if self.hires is not None else 0)
 
 
 @dataclass(frozen=True)
@@ -97,18 +107,30 @@ class PhaseEstimates:
     denoise: int
     decode: int
     encode_image: int = 0  # img2img: the VAE encoding the largest init image (they are encoded one at a time)
+    hires_denoise: int = 0  # hires. fix: its pass's denoise, at the hires size
+    hires_encode: int = 0  # hires. fix with an image upscaler: an upscaled image through the VAE
 
     @classmethod
     def of(cls, model: LoadedModel, job: Resolved) -> PhaseEstimates:
         req, rows = job.request, job.request.batch_size * (2 if job.cfg else 1)
+        vae_dtype = compute_dtype(model.vae)
+        final = job.hires.job.request if job.hires is not None else req
         return cls(
             encode=encode_activation_bytes(model.kind.encode_activation_per_prompt, rows),
-            denoise=activation_bytes(model.kind.activation_per_pixel, req.width, req.height, req.batch_size, job.cfg,
-                                     compute_dtype(model.denoiser)),
-            decode=vae_decode_bytes(req.width, req.height, req.batch_size, compute_dtype(model.vae)),
-            encode_image=max((vae_encode_bytes(*image.size, 1, compute_dtype(model.vae))
-                              for image in job.init_images or ()), default=0),
+            denoise=denoise_bytes(model, job),
+            decode=vae_decode_bytes(final.width, final.height, req.batch_size, vae_dtype),
+            encode_image=max((vae_encode_bytes(*image.size, 1, vae_dtype) for image in job.init_images or ()),
+                             default=0),
+            hires_denoise=0 if job.hires is None else denoise_bytes(model, job.hires.job),
+            hires_encode=0 if job.hires is None or job.hires.latent else vae_encode_bytes(final.width, final.height,
+                                                                                          1, vae_dtype),
         )
+
+
+def denoise_bytes(model: LoadedModel, job: Resolved) -> int:
+    req = job.request
+    return activation_bytes(model.kind.activation_per_pixel, req.width, req.height, req.batch_size, job.cfg,
+                            compute_dtype(model.denoiser))
 
 
 def resolve_seed(seed: int) -> int:
@@ -132,7 +154,7 @@ def generate(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, jo
     result = GenerationResult(request=req, model_name=model.info.model_name, model_hash=job.model_hash,
                               sampler_name=job.sampling.sampler.name, scheduler=job.sampling.schedule.label,
                               clip_skip=job.clip_skip)
-    steps = job.steps.run
+    steps = job.steps_a_batch
     progress.begin(job.mode, req.n_iter, steps)
     bar = tqdm(total=req.n_iter * steps, desc=job.mode, unit="it", leave=False)
     try:
@@ -204,8 +226,9 @@ def infotext_for(model: LoadedModel, job: Resolved, seed: int, subseed: int) -> 
         "Model hash": job.model_hash,
         "Model": model.info.model_name,
         "VAE": job.vae_name,
-        "Denoising strength": req.denoising_strength if job.init_images is not None else None,
+        "Denoising strength": req.denoising_strength if job.init_images is not None or job.hires else None,
         **(inpaint_params(job) if job.inpaint is not None else {}),
+        **(hires_params(job) if job.hires is not None else {}),
         "Clip skip": job.clip_skip if job.clip_skip != 1 else None,
         **family_params(model, job),
         "Version": VERSION,
@@ -223,6 +246,26 @@ def inpaint_params(job: Resolved) -> dict:
         "Masked content": FILLS[req.inpainting_fill] if req.inpainting_fill != ORIGINAL else None,
         "Inpaint area": INPAINT_AREAS[1] if only_masked else None,
         "Masked area padding": req.inpaint_full_res_padding if only_masked else None,
+    }
+
+
+def hires_params(job: Resolved) -> dict:
+    """A1111's hires fields: the factor or the size asked, the steps where set, the upscaler, and the second pass's
+    sampler, schedule type, prompts and CFG where they are its own."""
+    req, second = job.request, job.hires.job.request
+    resized = req.hr_resize_x or req.hr_resize_y
+    return {
+        "Hires upscale": None if resized else req.hr_scale,
+        "Hires resize": f"{req.hr_resize_x}x{req.hr_resize_y}" if resized else None,
+        "Hires steps": req.hr_second_pass_steps or None,
+        "Hires upscaler": req.hr_upscaler,
+        "Hires sampler": second.sampler_name if second.sampler_name != req.sampler_name else None,
+        "Hires schedule type": second.scheduler if second.scheduler != req.scheduler else None,
+        "Hires prompt": second.prompt if second.prompt != req.prompt else None,
+        "Hires negative prompt": second.negative_prompt if second.negative_prompt != req.negative_prompt else None,
+        "Hires CFG Scale": second.cfg_scale if second.cfg_scale != req.cfg_scale else None,
+        "Hires Distilled CFG Scale": (second.distilled_cfg_scale
+                                      if second.distilled_cfg_scale != req.distilled_cfg_scale else None),
     }
 
 
@@ -253,34 +296,42 @@ def _with_oom_retry(run: Callable[[], T], memory: MemoryManager, req: Generation
 def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, estimates: PhaseEstimates,
                   seeds: list[int], subseeds: list[int], init: InitLatents | None, progress: Progress, bar: tqdm,
                   result: GenerationResult, hooks: Hooks | None) -> list[Image.Image]:
+    """One batch: its pass (and hires. fix's), then the decode."""
+    clock = PhaseClock(memory.device, result.timings)
+    latents = _denoise_pass(model, memory, job, None, seeds, subseeds, init, _StepReport(progress, bar, hooks, job, 0, model.family),
+                            clock, "")
+    if job.hires is not None:
+        init = InitLatents(_to_hires_size(model, memory, job, estimates, latents, result.notices))
+        clock.lap("hires upscale")
+        latents = _denoise_pass(model, memory, job.hires.job, estimates.hires_denoise, seeds, subseeds, init,
+                                _StepReport(progress, bar, hooks, job, job.steps.run, model.family),
+                                clock, "hires ")
+    images = decode(model, memory, latents, result.notices)
+    clock.lap("decode")
+    return images
+
+
+def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, activation: int | None, seeds: list[int],
+                  subseeds: list[int], init: InitLatents | None, report: _StepReport, clock: PhaseClock,
+                  prefix: str) -> torch.Tensor:
+    """A pass's prompts encoded (unless they are the last ones), then its latents denoised from the seeds' noise
+    (img2img, a hires pass: from ``init``). ``activation``: the denoise's, where not the job's."""
     req, device = job.request, memory.device
     dtype = compute_dtype(model.denoiser)
-    clock = PhaseClock(device, result.timings)
     if not encoded_already(model, job):
-        prepare_encoders(memory, estimates)
+        prepare_encoders(memory, PhaseEstimates.of(model, job))
     cond, uncond = _conditioning(model, job, device, dtype)
-    clock.lap("encode")
-    memory.prepare(["denoiser"])
+    clock.lap(prefix + "encode")
+    memory.prepare(["denoiser"], activation)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     noise = _initial_noise(model, req, generators, seeds, subseeds).to(device, dtype)
     if init is not None and init.repaint is not None:
         init = masked_content(init, noise, req.inpainting_fill)
-
-    steps = job.steps.run
-
-    def on_step(i: int, total: int, latents: torch.Tensor) -> bool:
-        progress.step(round((i + 1) * steps / total), latents, model.family)
-        bar.n = progress.job_no * steps + progress.sampling_step
-        bar.refresh()
-        if hooks is not None:
-            hooks.fire("denoising_step", step=i, total=total, latents=latents)
-        return progress.interrupted or progress.skipped
-
-    latents = init.latents if steps == 0 else model.kind.denoise(model, job, seeds, generators, noise, cond, uncond,
-                                                                 on_step, init)
+    latents = init.latents if job.steps.run == 0 else model.kind.denoise(model, job, seeds, generators, noise, cond,
+                                                                         uncond, report, init)
     if init is not None and init.blends:
         latents = init.kept(latents, init.latents)  # whatever the sampler left there (an interrupted one)
-    clock.lap("denoise")
+    clock.lap(prefix + "denoise")
     if not torch.isfinite(latents).all():
         what = f"The denoiser made NaN or infinite values ({model.info.model_name}, {dtype_name(dtype)})."
         if dtype == torch.float32:
@@ -288,9 +339,42 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
                             "or extension, or another checkpoint.")
         raise UserError(f"{what} It may overflow in {dtype_name(dtype)}: start with --no-half to compute in float32, "
                         "or try another checkpoint.")
-    images = decode(model, memory, latents, result.notices)
-    clock.lap("decode")
-    return images
+    return latents
+
+
+class _StepReport:
+    """A pass's step callback: progress (counted over the batch's passes, ``done`` before this one), the console
+    bar, the extensions' denoising_step hook; True stops the pass (interrupt, skip)."""
+
+    def __init__(self, progress: Progress, bar: tqdm, hooks: Hooks | None, job: Resolved, done: int, family: Family):
+        self.progress, self.bar, self.hooks, self.job, self.done, self.family = progress, bar, hooks, job, done, family
+
+    def __call__(self, i: int, total: int, latents: torch.Tensor) -> bool:
+        progress, steps = self.progress, self.job.steps_a_batch
+        run = (self.job.hires.job if self.done and self.job.hires is not None else self.job).steps.run
+        progress.step(self.done + round((i + 1) * run / total), latents, self.family)
+        self.bar.n = progress.job_no * steps + progress.sampling_step
+        self.bar.refresh()
+        if self.hooks is not None:
+            self.hooks.fire("denoising_step", step=i, total=total, latents=latents)
+        return progress.interrupted or progress.skipped
+
+
+def _to_hires_size(model: LoadedModel, memory: MemoryManager, job: Resolved, estimates: PhaseEstimates,
+                   latents: torch.Tensor, notices: list[str]) -> torch.Tensor:
+    """The first pass at the hires size: its latents upscaled (a latent mode), or its images decoded, upscaled by the
+    image upscaler, cut to the size and encoded again."""
+    hires, factor = job.hires, model.vae_scale_factor
+    if hires.latent:
+        return upscale_latents(latents.float(), hires.upscaler, hires.size, factor)
+    rows = []
+    for image in decode(model, memory, latents, notices):
+        width, height = hires.size.target
+        upscaled = hires.upscale(image)
+        left, top = (upscaled.width - width) // 2, (upscaled.height - height) // 2
+        pixels = to_pixels(upscaled.crop((left, top, left + width, top + height)))
+        rows.append(encode(model, memory, pixels, estimates.hires_encode, notices))
+    return torch.cat(rows)
 
 
 class PhaseClock:

@@ -108,7 +108,13 @@ INFOTEXT_FIELDS: dict[str, tuple[str, type | tuple[str, ...]]] = {
     "Denoising strength": ("denoising_strength", float), "Mask blur": ("mask_blur", int),
     "Mask mode": ("inpainting_mask_invert", MASK_MODES), "Masked content": ("inpainting_fill", FILLS),
     "Inpaint area": ("inpaint_full_res", INPAINT_AREAS), "Masked area padding": ("inpaint_full_res_padding", int),
+    "Hires upscale": ("hr_scale", float), "Hires resize-1": ("hr_resize_x", int), "Hires resize-2": ("hr_resize_y", int),
+    "Hires steps": ("hr_second_pass_steps", int), "Hires upscaler": ("hr_upscaler", str),
+    "Hires sampler": ("hr_sampler_name", str), "Hires schedule type": ("hr_scheduler", str),
+    "Hires prompt": ("hr_prompt", str), "Hires negative prompt": ("hr_negative_prompt", str),
+    "Hires CFG Scale": ("hr_cfg", float), "Hires Distilled CFG Scale": ("hr_distilled_cfg", float),
 }
+HIRES_KEYS = ("Hires upscale", "Hires resize")  # an infotext with either was made with hires. fix (A1111's paste)
 
 
 def request_fields(text: str) -> dict[str, Any]:
@@ -123,6 +129,8 @@ def request_fields(text: str) -> dict[str, Any]:
                                  else int(float(params[key])) if kind is int else kind(params[key]))
             except ValueError:
                 continue
+    if any(key in params for key in HIRES_KEYS):
+        fields["enable_hr"] = True
     return fields
 
 

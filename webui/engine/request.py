@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from webui.engine.hires import MAX_SCALE as MAX_HIRES_SCALE
+from webui.engine.hires import SAME_CHECKPOINT
 from webui.engine.init_image import LATENT_UPSCALE, RESIZE_MODES
 from webui.engine.inpaint import FILLS, InpaintOptions
 from webui.engine.memory.manager import GenerationStats
@@ -63,6 +65,20 @@ class GenerationRequest:
     inpaint_full_res_padding: int = 0
     inpainting_mask_invert: int = 0  # 1: inpaint what is not masked
     mask_round: bool = True  # the latent mask rounded to 0 or 1 (else the blur's shades blend)
+    # Hires. fix (txt2img): the first pass upscaled, then img2img at denoising_strength there (A1111's fields)
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"  # a latent mode (webui.engine.hires.LATENT_MODES) or an image upscaler's name
+    hr_second_pass_steps: int = 0  # 0: the request's steps
+    hr_resize_x: int = 0  # a size instead of hr_scale (0: from the other side's, or from hr_scale)
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None  # None, "" or "Use same sampler": the request's
+    hr_scheduler: str | None = None  # None, "" or "Use same scheduler": the request's
+    hr_prompt: str = ""  # "": the request's
+    hr_negative_prompt: str = ""
+    hr_cfg: float | None = None  # Forge's Hires CFG Scale; None: the request's
+    hr_distilled_cfg: float | None = None  # Forge's Hires Distilled CFG Scale; None: the request's
+    hr_checkpoint_name: str | None = None  # only the request's own ("Use same checkpoint") is done here
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
@@ -126,6 +142,8 @@ class GenerationRequest:
             self._check_img2img(side)
         if self.mask is not None:
             self._check_mask()
+        if self.enable_hr:
+            self._check_hires(limits)
         if self.modules is not None and not (isinstance(self.modules, list) and all(isinstance(m, str) for m in self.modules)):
             raise UserError(f"must be a list of file names, got {self.modules!r}", field="modules")
 
@@ -172,6 +190,33 @@ class GenerationRequest:
         self.inpainting_mask_invert = _flag(self.inpainting_mask_invert, "inpainting_mask_invert")
         if not isinstance(self.mask_round, bool):
             raise UserError(f"must be true or false, got {self.mask_round!r}", field="mask_round")
+
+
+    def _check_hires(self, limits: dict[str, Any]) -> None:
+        """The hires fields in their ranges (the size against the model, the upscaler and sampler against what
+        there is, are the engine's to check)."""
+        if self.init_images is not None:
+            raise UserError("hires. fix is txt2img's: img2img sets its size itself", field="enable_hr")
+        _number_in(self.hr_scale, "hr_scale", 1, MAX_HIRES_SCALE)
+        _number_in(self.denoising_strength, "denoising_strength", 0, 1)
+        self.hr_second_pass_steps = _whole_in(self.hr_second_pass_steps, "hr_second_pass_steps", 0, limits["max_steps"])
+        for name in ("hr_resize_x", "hr_resize_y"):
+            setattr(self, name, _whole_in(getattr(self, name), name, 0, limits["max_image_side"]))
+        _text(self.hr_upscaler, "hr_upscaler")
+        for name in ("hr_sampler_name", "hr_scheduler", "hr_checkpoint_name"):
+            if getattr(self, name) is not None:
+                _text(getattr(self, name), name)
+        for name in ("hr_prompt", "hr_negative_prompt"):
+            _text(getattr(self, name), name)
+            if len(getattr(self, name)) > limits["max_prompt_length"]:
+                raise UserError(f"is longer than {limits['max_prompt_length']} characters (max_prompt_length in "
+                                "Settings)", field=name)
+        for name in ("hr_cfg", "hr_distilled_cfg"):
+            if getattr(self, name) is not None:
+                _number_in(getattr(self, name), name, 0, MAX_CFG)
+        if self.hr_checkpoint_name not in (None, "", SAME_CHECKPOINT, self.checkpoint):
+            raise UserError("a second checkpoint for the hires pass is not supported yet: leave it at \"Use same "
+                            "checkpoint\"", field="hr_checkpoint_name")
 
 
 def _number_in(value: object, name: str, low: float, high: float) -> None:

@@ -22,6 +22,7 @@ from PIL import Image
 from webui.engine.axis_values import format_value, parse_values
 from webui.engine.generate import resolve_seed
 from webui.engine.grid import combine_grids, draw_grid
+from webui.engine.hires import LATENT_MODES
 from webui.engine.memory import MB
 from webui.engine.memory.trace import MemoryTimeline
 from webui.engine.outputs import save_image
@@ -59,6 +60,10 @@ def _field(name: str) -> Callable[[Engine, Cell, Any], None]:
 
 def _sampler(engine: Engine, cell: Cell, value: str) -> None:
     cell.request.sampler_name = engine.canonical_sampler(value, cell.request.scheduler)[0]
+
+
+def _hires_sampler(engine: Engine, cell: Cell, value: str) -> None:
+    cell.request.hr_sampler_name = engine.canonical_sampler(value, cell.request.hr_scheduler)[0]
 
 
 def _schedule(engine: Engine, cell: Cell, value: str) -> None:
@@ -115,6 +120,11 @@ BUILTIN_AXES = [
     Axis("VAE", "str", _vae, expensive=True,
          choices=lambda engine: ["Automatic", *(engine.models.vae_name(p) for p in engine.models.vaes())]),
     Axis("Eta", "float", _field("eta")),
+    Axis("Denoising", "float", _field("denoising_strength")),
+    Axis("Hires steps", "int", _field("hr_second_pass_steps")),
+    Axis("Hires sampler", "str", _hires_sampler, choices=lambda engine: engine.sampler_names()),
+    Axis("Hires upscaler", "str", _field("hr_upscaler"),
+         choices=lambda engine: [*LATENT_MODES, *(info.name for info in engine.upscalers())]),
     Axis("Clip skip", "int", _field("clip_skip")),
     Axis("Size", "str", _size),
     Axis("GPU Weights", "int", _gpu_weights),

@@ -13,9 +13,10 @@ from webui.ui.common import Components
 
 NOT_AN_IMAGE = "(this is not an image: PNG Info reads the parameters of PNG, JPEG and WebP images)"
 # The form fields an infotext carries; where it has none of them, the field goes back to its default.
-CARRIED = {"prompt", "negative_prompt", *(name for name, _kind in INFOTEXT_FIELDS.values())}
-# Values an infotext means by leaving a key out: the generator writes no "Clip skip" for 1 (as A1111's does).
-LEFT_OUT = {"clip_skip": 1}
+CARRIED = {"prompt", "negative_prompt", "enable_hr", *(name for name, _kind in INFOTEXT_FIELDS.values())}
+# Values an infotext means by leaving a key out: the generator writes no "Clip skip" for 1 (as A1111's does), and no
+# hires field without hires. fix.
+LEFT_OUT = {"clip_skip": 1, "enable_hr": False}
 
 
 class SourceImage(gr.Image):

@@ -14,6 +14,7 @@ from functools import partial
 import gradio as gr
 
 from webui.engine.engine import Engine
+from webui.engine.hires import LATENT_MODES, SAME_SAMPLER, SAME_SCHEDULER
 from webui.engine.request import MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
 from webui.jobs import JobQueue
 from webui.ui.common import (OPTION_LABELS, RANDOM_SEED, REUSE_SEED, Components, FieldSlider, RequestFields,
@@ -58,22 +59,55 @@ def request_from_form(form: Components, values: tuple) -> GenerationRequest:
 
 
 def txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown) -> GenerationTab:
-    """The txt2img tab; its form (request field → input) is what the X/Y/Z plot tab takes its base request from."""
-    return generation_tab(demo, engine, jobs, checkpoint, "txt2img", jobs.submit)
+    """The txt2img tab, with Hires. fix; its form (request field → input) is what the X/Y/Z plot tab takes its base
+    request from."""
+    return generation_tab(demo, engine, jobs, checkpoint, "txt2img", jobs.submit,
+                          more_settings=lambda form: hires_inputs(form, engine))
+
+
+def hires_inputs(form: Components, engine: Engine) -> None:
+    """A1111's Hires. fix block: on or off, the upscaler (latent modes, then the image upscalers), hires steps (0: the
+    same), denoising strength, upscale by or resize to, and the second pass's own sampler, schedule type and
+    prompts ("Use same ..." and empty: the first pass's)."""
+    _slider = partial(slider, tab="txt2img")
+    largest = engine.options["max_image_side"]
+    with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hires_fix"):
+        form["enable_hr"] = gr.Checkbox(False, label="Hires. fix", elem_id="txt2img_enable_hr")
+        with gr.Row():
+            form["hr_upscaler"] = gr.Dropdown([*LATENT_MODES, *(info.name for info in engine.upscalers())],
+                                              value="Latent", label="Upscaler", elem_id="txt2img_hr_upscaler")
+            form["hr_second_pass_steps"] = _slider("hires_steps", "Hires steps", 0, engine.options["max_steps"], 0)
+            form["denoising_strength"] = _slider("denoising_strength", "Denoising strength", 0, 1, 0.7, step=0.01)
+        with gr.Row():
+            form["hr_scale"] = _slider("hr_scale", "Upscale by", 1, 4, 2, step=0.05)
+            form["hr_resize_x"] = _slider("hr_resize_x", "Resize width to", 0, largest, 0, step=SIDE_MULTIPLE)
+            form["hr_resize_y"] = _slider("hr_resize_y", "Resize height to", 0, largest, 0, step=SIDE_MULTIPLE)
+        with gr.Row():
+            form["hr_sampler_name"] = gr.Dropdown([SAME_SAMPLER, *engine.sampler_names()], value=SAME_SAMPLER,
+                                                  label="Hires sampling method", elem_id="txt2img_hr_sampler")
+            form["hr_scheduler"] = gr.Dropdown([SAME_SCHEDULER, *engine.schedule_type_names()], value=SAME_SCHEDULER,
+                                               label="Hires schedule type", elem_id="txt2img_hr_scheduler")
+        form["hr_prompt"] = gr.Textbox("", label="Hires prompt", lines=2, placeholder="(empty: the prompt)",
+                                       elem_id="txt2img_hr_prompt")
+        form["hr_negative_prompt"] = gr.Textbox("", label="Hires negative prompt", lines=2,
+                                                placeholder="(empty: the negative prompt)", elem_id="txt2img_hr_neg_prompt")
 
 
 def generation_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown, tab: str,
                    submit: Callable[[GenerationRequest], Future],
-                   more_inputs: Callable[[Components], None] = lambda form: None) -> GenerationTab:
+                   more_inputs: Callable[[Components], None] = lambda form: None,
+                   more_settings: Callable[[Components], None] = lambda form: None) -> GenerationTab:
     """A generation tab (elem_ids ``{tab}_...``): prompts, ``more_inputs`` (img2img's image, strength, resize mode),
-    the txt2img fields and the LoRA browser, the output column; Generate hands ``submit`` the form's request. Its
-    Generate, Interrupt and Skip are the API's ``/{tab}``, ``/interrupt`` and ``/skip`` (txt2img's)."""
+    the txt2img fields, ``more_settings`` below them (txt2img's Hires. fix) and the LoRA browser, the output column;
+    Generate hands ``submit`` the form's request. Its Generate, Interrupt and Skip are the API's ``/{tab}``,
+    ``/interrupt`` and ``/skip`` (txt2img's)."""
     form: Components = {}
     generate, interrupt, skip, forecast = _prompt_row(form, tab)
     with gr.Row():
         with gr.Column(scale=1):
             more_inputs(form)
             random_seed, reuse_seed, shift = _settings_column(form, engine, tab)
+            more_settings(form)
             network_browsers(demo, engine, form["prompt"], tab)
         with gr.Column(scale=1):
             out = output_column(tab)

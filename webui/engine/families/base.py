@@ -34,6 +34,7 @@ class UNetFamily:
 
     family: Family
     activation_per_pixel: int = 0
+    size_multiple = 8  # pixels: one latent per 8x8
     # CLIP at 77 tokens keeps its hidden states (clip skip): a few MB a prompt, rounded up (benchmarks/activations.py)
     encode_activation_per_prompt = 16 * MB
     latent_rgb: LatentRgb | None = None
@@ -100,6 +101,7 @@ class FlowFamily:
 
     family: Family
     activation_per_pixel: int = 0
+    size_multiple = 16  # pixels: 2x2 patches of 8x8-pixel latents
     # T5-XXL over up to 512 tokens: its attention scores and float32 feed-forward outputs (benchmarks/activations.py)
     encode_activation_per_prompt = 192 * MB
     latent_rgb: LatentRgb | None = None

@@ -32,6 +32,7 @@ class FamilyFields:
 class FamilyModel(Protocol):
     family: Family  # the detected family it serves
     activation_per_pixel: int  # denoise activations, bytes per latent pixel per image at 2-byte precision
+    size_multiple: int  # an image's sides are a multiple of this many pixels (check_size refuses others)
     encode_activation_per_prompt: int  # text encoding's activations, bytes per prompt encoded
     latent_rgb: LatentRgb | None  # the live preview's latent → RGB map; None: a gray mean over the channels
     clip_kinds: tuple[str, ...]  # its CLIP text encoders, in order ("clip_l", "clip_g")

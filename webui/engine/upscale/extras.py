@@ -154,13 +154,14 @@ def builtin_step(name: str, scale: float) -> ImageStep:
 
 
 @contextmanager
-def upscaler_steps(info: UpscalerInfo, field_name: str, setup: UpscaleSetup,
-                   largest: tuple[int, int]) -> Iterator[Callable[[float], ImageStep]]:
-    """One pass of the upscaler for a factor: a built-in resize, or the model file loaded and placed for the block."""
+def upscaler_steps(info: UpscalerInfo, field_name: str, setup: UpscaleSetup, largest: tuple[int, int],
+                   own_job: bool = True) -> Iterator[Callable[[float], ImageStep]]:
+    """One pass of the upscaler for a factor: a built-in resize, or the model file loaded and placed for the block
+    (``own_job``: as ``model.model_on_device``)."""
     if info.path is None:
         yield lambda scale: builtin_step(info.name, scale)
         return
-    with model_on_device(load_upscaler(info.path, field_name), setup, largest) as run:
+    with model_on_device(load_upscaler(info.path, field_name), setup, largest, own_job) as run:
         yield lambda scale: run
 
 

@@ -100,12 +100,12 @@ class UpscaleSetup:
 
 
 @contextmanager
-def model_on_device(descriptor: Any, setup: UpscaleSetup,
-                    largest: tuple[int, int]) -> Iterator[Callable[[Image.Image], Image.Image]]:
+def model_on_device(descriptor: Any, setup: UpscaleSetup, largest: tuple[int, int],
+                    own_job: bool = True) -> Iterator[Callable[[Image.Image], Image.Image]]:
     """A function that runs the model once over an image (tiled), while the model is placed; ``largest``: the
     largest (width, height) it will be given, for the activation estimate. On a GPU the model is a memory-manager
     component for the block (resident, or streamed where it does not fit beside what is there); on the CPU it just
-    runs."""
+    runs. ``own_job``: the block is the manager's job (Extras); else a phase of the running one (hires. fix)."""
     memory = setup.memory
     dtype = setup.half if descriptor.supports_half else torch.float32
     module = descriptor.model.to(dtype)
@@ -122,11 +122,13 @@ def model_on_device(descriptor: Any, setup: UpscaleSetup,
         return
     width, height = (min(side, setup.tile or side) for side in largest)
     activation = width * height * descriptor.scale ** 2 * ACTIVATION_PER_OUTPUT_PIXEL * torch.finfo(dtype).bits // 8
-    memory.begin(setup.policy, activation)
+    if own_job:
+        memory.begin(setup.policy, activation)
     memory.register(COMPONENT, module)
     try:
-        memory.prepare([COMPONENT], phase="upscale")  # its name in the memory panel, where a job traces it
+        memory.prepare([COMPONENT], activation, phase="upscale")  # its name in the memory panel, where traced
         yield upscale
     finally:
         memory.unregister(COMPONENT)
-        memory.finish()
+        if own_job:
+            memory.finish()
