@@ -41,7 +41,10 @@ def timed(run) -> tuple[float, object]:
 
 
 def phases(result) -> str:
-    return " / ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in result.timings.items())
+    """Each phase's time (ms), and the out-of-memory retries (a retried batch's phases add up)."""
+    retries = result.memory.oom_retries
+    return " / ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in result.timings.items()) + (
+        f" — {retries} out-of-memory retr{'y' if retries == 1 else 'ies'}" if retries else "")
 
 
 def reference_second_pass(engine, steps: int) -> float:

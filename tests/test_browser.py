@@ -500,9 +500,11 @@ def test_painting_on_the_img2img_image_inpaints_only_there(page, server, tmp_pat
     picture = tmp_path / "init.png"
     Image.new("RGB", (SIZE, SIZE), (40, 90, 230)).save(picture)
     page.get_by_role("tab", name="img2img").click()
+    expect(page.locator("#img2img_image").get_by_text("Upload an image")).to_be_visible()  # the editor is drawn
     page.locator("#img2img_image input[type=file]").set_input_files(picture)
     canvas = page.locator("#img2img_image canvas").first
     expect(canvas).to_be_visible()
+    expect(page.locator("#img2img_image").get_by_text("Upload an image")).to_be_hidden()
     page.wait_for_timeout(1000)  # the editor draws the uploaded image before it takes strokes
     box = canvas.bounding_box()
     middle_x, middle_y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
