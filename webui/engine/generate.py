@@ -25,9 +25,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from webui.engine.conditioning.prompts import Conditioning
-from webui.engine.hooks import Hooks
 from webui.engine.formats.detect import Family
 from webui.engine.hires import HiresPass, upscale_latents
+from webui.engine.hooks import Hooks
 from webui.engine.infotext import build_infotext
 from webui.engine.inpaint import FILLS, INPAINT_AREAS, LATENT_NOISE, LATENT_NOTHING, MASK_MODES, ORIGINAL, InpaintImages
 from webui.engine.loading.load import TEXT_ENCODERS, LoadedModel, vae_scale_factor
@@ -37,6 +37,7 @@ from webui.engine.outputs import png_files
 from webui.engine.progress import Progress
 from webui.engine.request import MAX_SEED, GenerationRequest, GenerationResult
 from webui.engine.sampling.flow import SD3_DEFAULT_SHIFT
+from webui.engine.sampling.ksampling import StepCallback
 from webui.engine.sampling.noise import Variation, initial_noise
 from webui.engine.sampling.samplers import Sampling
 from webui.engine.sampling.steps import DenoiseSteps, InitLatents
@@ -298,28 +299,28 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
                   result: GenerationResult, hooks: Hooks | None) -> list[Image.Image]:
     """One batch: its pass (and hires. fix's), then the decode."""
     clock = PhaseClock(memory.device, result.timings)
-    latents = _denoise_pass(model, memory, job, None, seeds, subseeds, init, _StepReport(progress, bar, hooks, job, 0, model.family),
-                            clock, "")
+    report = _StepReport(progress, bar, hooks, model.family, job.steps_a_batch)
+    latents = _denoise_pass(model, memory, job, estimates, estimates.denoise, seeds, subseeds, init,
+                            report.of_pass(0, job.steps.run), clock, "")
     if job.hires is not None:
         init = InitLatents(_to_hires_size(model, memory, job, estimates, latents, result.notices))
         clock.lap("hires upscale")
-        latents = _denoise_pass(model, memory, job.hires.job, estimates.hires_denoise, seeds, subseeds, init,
-                                _StepReport(progress, bar, hooks, job, job.steps.run, model.family),
-                                clock, "hires ")
+        latents = _denoise_pass(model, memory, job.hires.job, estimates, estimates.hires_denoise, seeds, subseeds,
+                                init, report.of_pass(job.steps.run, job.hires.job.steps.run), clock, "hires ")
     images = decode(model, memory, latents, result.notices)
     clock.lap("decode")
     return images
 
 
-def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, activation: int | None, seeds: list[int],
-                  subseeds: list[int], init: InitLatents | None, report: _StepReport, clock: PhaseClock,
-                  prefix: str) -> torch.Tensor:
+def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, estimates: PhaseEstimates, activation: int,
+                  seeds: list[int], subseeds: list[int], init: InitLatents | None, report: StepCallback,
+                  clock: PhaseClock, prefix: str) -> torch.Tensor:
     """A pass's prompts encoded (unless they are the last ones), then its latents denoised from the seeds' noise
-    (img2img, a hires pass: from ``init``). ``activation``: the denoise's, where not the job's."""
+    (img2img, a hires pass: from ``init``) with ``activation`` bytes of room. ``prefix`` names its timings."""
     req, device = job.request, memory.device
     dtype = compute_dtype(model.denoiser)
     if not encoded_already(model, job):
-        prepare_encoders(memory, PhaseEstimates.of(model, job))
+        prepare_encoders(memory, estimates)
     cond, uncond = _conditioning(model, job, device, dtype)
     clock.lap(prefix + "encode")
     memory.prepare(["denoiser"], activation)
@@ -343,21 +344,24 @@ def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, acti
 
 
 class _StepReport:
-    """A pass's step callback: progress (counted over the batch's passes, ``done`` before this one), the console
-    bar, the extensions' denoising_step hook; True stops the pass (interrupt, skip)."""
+    """A batch's step reports: progress counted over its passes (``steps`` in all), the console bar, the extensions'
+    denoising_step hook."""
 
-    def __init__(self, progress: Progress, bar: tqdm, hooks: Hooks | None, job: Resolved, done: int, family: Family):
-        self.progress, self.bar, self.hooks, self.job, self.done, self.family = progress, bar, hooks, job, done, family
+    def __init__(self, progress: Progress, bar: tqdm, hooks: Hooks | None, family: Family, steps: int):
+        self.progress, self.bar, self.hooks, self.family, self.steps = progress, bar, hooks, family, steps
 
-    def __call__(self, i: int, total: int, latents: torch.Tensor) -> bool:
-        progress, steps = self.progress, self.job.steps_a_batch
-        run = (self.job.hires.job if self.done and self.job.hires is not None else self.job).steps.run
-        progress.step(self.done + round((i + 1) * run / total), latents, self.family)
-        self.bar.n = progress.job_no * steps + progress.sampling_step
-        self.bar.refresh()
-        if self.hooks is not None:
-            self.hooks.fire("denoising_step", step=i, total=total, latents=latents)
-        return progress.interrupted or progress.skipped
+    def of_pass(self, done: int, run: int) -> StepCallback:
+        """The step callback of a pass of ``run`` steps after ``done`` others; True stops it (interrupt, skip)."""
+        def on_step(i: int, total: int, latents: torch.Tensor) -> bool:
+            progress = self.progress
+            progress.step(done + round((i + 1) * run / total), latents, self.family)
+            self.bar.n = progress.job_no * self.steps + progress.sampling_step
+            self.bar.refresh()
+            if self.hooks is not None:
+                self.hooks.fire("denoising_step", step=i, total=total, latents=latents)
+            return progress.interrupted or progress.skipped
+
+        return on_step
 
 
 def _to_hires_size(model: LoadedModel, memory: MemoryManager, job: Resolved, estimates: PhaseEstimates,
