@@ -328,7 +328,7 @@ class Engine:
             job.hires = resolve_hires(job, model.kind.size_multiple, self.options["max_image_side"],
                                       lambda sampler, schedule: self.samplers.choose(sampler, schedule, request.eta,
                                                                                      options),
-                                      self.upscalers(), self._upscale_setup())
+                                      self.upscalers, self._upscale_setup())
         return job
 
     def forecast(self, request: GenerationRequest, load: bool = False) -> Forecast:

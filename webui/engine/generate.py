@@ -367,18 +367,12 @@ class _StepReport:
 def _to_hires_size(model: LoadedModel, memory: MemoryManager, job: Resolved, estimates: PhaseEstimates,
                    latents: torch.Tensor, notices: list[str]) -> torch.Tensor:
     """The first pass at the hires size: its latents upscaled (a latent mode), or its images decoded, upscaled by the
-    image upscaler, cut to the size and encoded again."""
+    image upscaler and encoded again."""
     hires, factor = job.hires, model.vae_scale_factor
     if hires.latent:
         return upscale_latents(latents.float(), hires.upscaler, hires.size, factor)
-    rows = []
-    for image in decode(model, memory, latents, notices):
-        width, height = hires.size.target
-        upscaled = hires.upscale(image)
-        left, top = (upscaled.width - width) // 2, (upscaled.height - height) // 2
-        pixels = to_pixels(upscaled.crop((left, top, left + width, top + height)))
-        rows.append(encode(model, memory, pixels, estimates.hires_encode, notices))
-    return torch.cat(rows)
+    images = hires.upscale(decode(model, memory, latents, notices))
+    return torch.cat([encode(model, memory, to_pixels(image), estimates.hires_encode, notices) for image in images])
 
 
 class PhaseClock:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from webui.engine.hooks import extract_networks
-from webui.engine.upscale.extras import upscale, upscaler_steps
+from webui.engine.upscale.extras import crop_centre, upscale, upscaler_steps
 from webui.engine.upscale.found import NONE, UpscalerInfo, find_upscaler
 from webui.engine.upscale.model import UpscaleSetup
 from webui.errors import UserError
@@ -45,13 +45,13 @@ class HiresSize:
 @dataclass
 class HiresPass:
     """Hires. fix's second pass, resolved: its job (the request at the hires size with the hires steps, sampler,
-    prompts and CFG) and how the first pass gets there: a latent mode, or ``upscale``, an image upscaler taking an
-    image to the size the hires size is cut from."""
+    prompts and CFG) and how the first pass gets there: a latent mode, or ``upscale``, an image upscaler taking a
+    batch's images to the hires size (the upscaled size's middle)."""
 
     job: Resolved
     size: HiresSize
     upscaler: str
-    upscale: Callable[[Image.Image], Image.Image] | None = None
+    upscale: Callable[[list[Image.Image]], list[Image.Image]] | None = None
 
     @property
     def latent(self) -> bool:
@@ -59,9 +59,10 @@ class HiresPass:
 
 
 def resolve_hires(job: Resolved, size_multiple: int, largest: int, choose: Callable[[str, str], Sampling],
-                  upscalers: list[UpscalerInfo], setup: UpscaleSetup) -> HiresPass:
+                  upscalers: Callable[[], list[UpscalerInfo]], setup: UpscaleSetup) -> HiresPass:
     """``job``'s hires pass: ``choose(sampler, schedule type)`` resolves its sampling (the request's where it says
-    "Use same ..."), ``upscalers`` are those an image upscaler's name is looked up in."""
+    "Use same ..."), ``upscalers()`` lists those an image upscaler's name is looked up in (the folders are read only
+    for one)."""
     req = job.request
     size = hires_size(req, size_multiple, largest)
     sampler = req.hr_sampler_name if req.hr_sampler_name not in (None, "", SAME_SAMPLER) else req.sampler_name
@@ -81,20 +82,23 @@ def resolve_hires(job: Resolved, size_multiple: int, largest: int, choose: Calla
     pass_job = replace(job, request=second, sampling=sampling, prompts=prompts, second_pass=True, hires=None)
     if req.hr_upscaler in LATENT_MODES:
         return HiresPass(pass_job, size, req.hr_upscaler)
-    info = find_upscaler(upscalers, req.hr_upscaler, "hr_upscaler")
-    return HiresPass(pass_job, size, req.hr_upscaler, image_upscale(info, setup, size.upscaled))
+    info = find_upscaler(upscalers(), req.hr_upscaler, "hr_upscaler")
+    return HiresPass(pass_job, size, req.hr_upscaler, image_upscale(info, setup, size))
 
 
 def image_upscale(info: UpscalerInfo, setup: UpscaleSetup,
-                  size: tuple[int, int]) -> Callable[[Image.Image], Image.Image]:
-    """An image to ``size`` through an image upscaler (its model placed by the memory manager for the call, as one
-    phase of the running job; "None": resized), as A1111's resize with an upscaler."""
-    def run(image: Image.Image) -> Image.Image:
+                  size: HiresSize) -> Callable[[list[Image.Image]], list[Image.Image]]:
+    """A batch's images to the hires size through an image upscaler, as A1111's resize with an upscaler: to the
+    upscaled size (its model loaded and placed by the memory manager once for the batch, a phase of the running job;
+    "None": resized), then its middle."""
+    def run(images: list[Image.Image]) -> list[Image.Image]:
         if info.name == NONE:
-            return image.resize(size, Image.Resampling.LANCZOS)
-        scale = max(size[0] / image.width, size[1] / image.height)
-        with upscaler_steps(info, "hr_upscaler", setup, image.size, own_job=False) as steps:
-            return upscale(image, scale, steps(scale), size)
+            upscaled = [image.resize(size.upscaled, Image.Resampling.LANCZOS) for image in images]
+        else:
+            scale = max(size.upscaled[0] / images[0].width, size.upscaled[1] / images[0].height)
+            with upscaler_steps(info, "hr_upscaler", setup, images[0].size, own_job=False) as steps:
+                upscaled = [upscale(image, scale, steps(scale), size.upscaled) for image in images]
+        return [crop_centre(image, *size.target) for image in upscaled]
 
     return run
 

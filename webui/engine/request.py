@@ -98,13 +98,7 @@ class GenerationRequest:
     def validate(self, limits: dict[str, Any]) -> None:
         """Raise UserError naming the first bad field. ``limits`` is the options store's values. Whole numbers sent
         as floats (JSON clients send 64.0) become ints."""
-        longest = limits["max_prompt_length"]
-        for name in ("prompt", "negative_prompt"):
-            text = getattr(self, name)
-            _text(text, name)
-            if len(text) > longest:
-                raise UserError(f"is {len(text)} characters long; the most is {longest} (max_prompt_length in "
-                                "Settings)", field=name)
+        self._check_prompts(("prompt", "negative_prompt"), limits["max_prompt_length"])
         side = limits["max_image_side"]
         for name in ("width", "height"):
             value = _whole(getattr(self, name), name)
@@ -146,6 +140,14 @@ class GenerationRequest:
             self._check_hires(limits)
         if self.modules is not None and not (isinstance(self.modules, list) and all(isinstance(m, str) for m in self.modules)):
             raise UserError(f"must be a list of file names, got {self.modules!r}", field="modules")
+
+    def _check_prompts(self, names: tuple[str, ...], longest: int) -> None:
+        for name in names:
+            text = getattr(self, name)
+            _text(text, name)
+            if len(text) > longest:
+                raise UserError(f"is {len(text)} characters long; the most is {longest} (max_prompt_length in "
+                                "Settings)", field=name)
 
     def _check_img2img(self, side: int) -> None:
         """A1111's rules: one init image serves the whole batch; several make the batch, at most batch_size. Latent
@@ -206,11 +208,7 @@ class GenerationRequest:
         for name in ("hr_sampler_name", "hr_scheduler", "hr_checkpoint_name"):
             if getattr(self, name) is not None:
                 _text(getattr(self, name), name)
-        for name in ("hr_prompt", "hr_negative_prompt"):
-            _text(getattr(self, name), name)
-            if len(getattr(self, name)) > limits["max_prompt_length"]:
-                raise UserError(f"is longer than {limits['max_prompt_length']} characters (max_prompt_length in "
-                                "Settings)", field=name)
+        self._check_prompts(("hr_prompt", "hr_negative_prompt"), limits["max_prompt_length"])
         for name in ("hr_cfg", "hr_distilled_cfg"):
             if getattr(self, name) is not None:
                 _number_in(getattr(self, name), name, 0, MAX_CFG)
