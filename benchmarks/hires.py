@@ -19,6 +19,7 @@ import torch
 from benchmarks.memory import diffusers_pipeline, engine_for, write_checkpoint
 from benchmarks.pipelines import CONTEXT_MB, simulate_card
 from benchmarks.table import print_table
+from benchmarks.whole_image import phases
 
 CFG, STRENGTH = 7.0, 0.5
 PROMPTS = (f"a photo of a cat number {i}" for i in range(1_000_000))
@@ -38,13 +39,6 @@ def timed(run) -> tuple[float, object]:
     result = run()
     torch.cuda.synchronize()
     return time.perf_counter() - start, result
-
-
-def phases(result) -> str:
-    """Each phase's time (ms), and the out-of-memory retries (a retried batch's phases add up)."""
-    retries = result.memory.oom_retries
-    return " / ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in result.timings.items()) + (
-        f" — {retries} out-of-memory retr{'y' if retries == 1 else 'ies'}" if retries else "")
 
 
 def reference_second_pass(engine, steps: int) -> float:

@@ -158,9 +158,24 @@ def test_weights_placed_on_the_gpu_or_pinned_keep_one_host_copy(tmp_path):
     with torch.no_grad():
         assert torch.allclose(module(x.cuda()).cpu(), expected, atol=1e-5)
     manager.finish()
-    manager.begin(MemoryPolicy(mode="lowvram", async_copies=True, pinned=True), 0)
+    placed = MemoryPolicy(inference_mb=1024 - 64, async_copies=True, pinned=True)
+    lowvram = MemoryPolicy(mode="lowvram", async_copies=True, pinned=True)
+    resident_mb_before = component.device_bytes() / MB
+    manager.begin(lowvram, 0)
     manager.prepare(["layers"])
-    assert component.device_bytes() == 0 and manager.stats.moved_mb == 0, "evicting points back at the host copies"
+    assert component.device_bytes() == 0 and manager.stats.moved_mb == resident_mb_before, (
+        "a unit whose host copy was the file's (given back) is evicted into page-locked memory, once")
+    assert all(unit.pinned.holds(p) for unit in component.units for p in unit.parameters())
+    assert resident_mb(path) < 1
+    with torch.no_grad():
+        assert torch.allclose(module(x.cuda()).cpu(), expected, atol=1e-5)
+    manager.finish()
+    manager.begin(placed, 0)
+    manager.prepare(["layers"])
+    manager.finish()
+    manager.begin(lowvram, 0)
+    manager.prepare(["layers"])
+    assert component.device_bytes() == 0 and manager.stats.moved_mb == 0, "then evicting points back at it"
     with torch.no_grad():
         assert torch.allclose(module(x.cuda()).cpu(), expected, atol=1e-5)
     manager.finish()
@@ -210,6 +225,80 @@ def test_unpacking_with_a_low_rank_update_is_the_float32_sum(qtype):
                 shape)
             error = (summed.float().cpu() - reference).abs().max().item() / exact.abs().max().item()
             assert summed.dtype == dtype and summed.shape == shape and error <= tolerance, (dtype, error)
+
+
+@requires_cuda
+def test_a_component_evicted_for_another_comes_back_from_page_locked_memory(tmp_path):
+    """Swap Location "Shared": a component evicted every image for the denoiser (the text encoders on a small card)
+    goes to page-locked memory at its first eviction (its file's pages were given back when it was copied), so
+    each return is a full-speed copy; the host still holds its weights once."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_host_pages import resident_mb
+    from webui.engine.memory.manager import MB, MemoryManager, MemoryPolicy, SimulatedMemory
+
+    def mapped(name: str, layers: int) -> tuple:
+        path = tmp_path / f"{name}.safetensors"
+        save_file({f"{i}.weight": torch.randn(1024, 1024) / 32 for i in range(layers)}, path)
+        module = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(layers)])
+        module.load_state_dict(load_file(path), assign=True)
+        return path, module
+
+    encoder_file, encoder = mapped("encoder", 8)  # 32 MB
+    _, denoiser = mapped("denoiser", 16)  # 64 MB: the two do not fit 80 MB together
+    x = torch.randn(4, 1024)
+    with torch.no_grad():
+        expected = encoder(x)
+    manager = MemoryManager(torch.device("cuda"), SimulatedMemory(torch.device("cuda"), total_mb=1024),
+                            min_unit_bytes=4 * MB)
+    manager.register("encoder", encoder)
+    manager.register("denoiser", denoiser)
+    manager.begin(MemoryPolicy(inference_mb=1024 - 80, async_copies=True, pinned=True), 0)
+    for _ in range(3):
+        manager.prepare(["encoder"])
+        with torch.no_grad():
+            assert torch.allclose(encoder(x.cuda()).cpu(), expected, atol=1e-5)
+        manager.prepare(["denoiser"])
+        units = manager.components["encoder"].units
+        assert manager.components["encoder"].device_bytes() == 0
+        assert all(unit.pinned.holds(p) for unit in units for p in unit.parameters()), "evicted to locked memory"
+    assert resident_mb(encoder_file) < 1, "held once: in page-locked memory, not also in the file's pages"
+    manager.finish()
+
+
+@requires_cuda
+def test_a_refused_page_lock_streams_from_pageable_memory(tmp_path, sdxl_file, monkeypatch, caplog):
+    """Swap Location "Shared" where the system will lock no more memory: the image is the same, streamed from
+    pageable memory, said once in the log, and CUDA goes on working (the refusal is not left to surface later)."""
+    from webui.engine.memory import pinned
+    from webui.engine.memory.manager import MB
+
+    reference = as_array(cuda_engine(tmp_path / "resident", sdxl_file).txt2img(GenerationRequest(**REQ)).images)
+    real = pinned._register
+
+    def refused(address: int, length: int) -> None:
+        real(address, length)
+        try:
+            real(address, length)  # a range locked already: the driver genuinely refuses
+        finally:
+            torch.cuda.cudart().cudaHostUnregister(address)
+
+    monkeypatch.setattr(pinned, "_register", refused)
+    engine = cuda_engine(tmp_path / "streamed", sdxl_file)
+    engine.options.update({"forge_async_loading": "Async", "forge_pin_shared_memory": "Shared"})
+    engine.txt2img(GenerationRequest(**REQ))
+    unet_mb = engine.memory.components["denoiser"].nbytes / MB
+    total_mb = torch.cuda.get_device_properties(0).total_memory / MB
+    engine.options.update({"forge_inference_memory": int(total_mb - unet_mb * 0.5)})
+    with caplog.at_level("WARNING"):
+        first = engine.txt2img(GenerationRequest(**REQ))
+        again = engine.txt2img(GenerationRequest(**REQ))
+    assert first.memory.streamed_mb > 0
+    assert np.abs(as_array(first.images) - reference).max() <= 1 and np.array_equal(as_array(again.images),
+                                                                                      as_array(first.images))
+    assert all(u.pinned is None for u in engine.memory.components["denoiser"].units)
+    refusals = [r for r in caplog.records if "page-lock" in r.getMessage()]
+    assert len(refusals) == 1 and "pageable" in refusals[0].getMessage()
 
 
 @requires_cuda

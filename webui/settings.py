@@ -31,8 +31,11 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "sd_checkpoints_limit": 0,  # models kept in memory; 0: automatic (up to 3, within half of the RAM)
     "CLIP_stop_at_last_layers": 1,
     "forge_inference_memory": 1024,
-    "forge_async_loading": "Queue",
-    "forge_pin_shared_memory": "CPU",
+    # Streamed weights copied ahead on a side stream from page-locked memory: 10x the pageable, in-line copies
+    # of Forge's defaults (Queue, CPU) on a small card (BENCHMARKS.md, issue 24). Pinning falls back to pageable
+    # memory by itself where the system refuses it.
+    "forge_async_loading": "Async",
+    "forge_pin_shared_memory": "Shared",
     "forge_unet_storage_dtype": "Automatic",
     "forge_additional_modules": [],
     "sd3_enable_t5": True,

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 TILED_DECODE_BYTES = 1024 * MB  # a tiled VAE decode's peak: one 512x512 tile at a time, and the blending
 UNITS_PER_COMPONENT = 48  # granularity of partial residency: finer packs the budget, coarser streams faster
 MIN_UNIT_BYTES = 4 * MB
+PIN_RESERVE = 2048 * MB  # host RAM page-locking leaves to the system
 LOW_BIT_DTYPES = (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)  # GGUF blocks, fp8: unpacked per call
 
 
@@ -318,6 +319,7 @@ class MemoryManager:
         self.last = GenerationStats()
         self._copies = CopyStats()
         self.phase = "nothing yet"  # the components the last prepare() placed, for messages
+        self._pinning_refused = False  # the system refused to page-lock host memory: pageable from then on
         self.trace: MemoryTrace | None = None
 
     # ---- registration -----------------------------------------------------------------
@@ -473,7 +475,7 @@ class MemoryManager:
             component.streamer.detach()
             component.streamer = None
         start, moved, spans = time.perf_counter(), 0, None
-        pin = stream and self.policy.pinned and self.device.type == "cuda"
+        pin = stream and self._pinning()
         for unit in component.units:
             replaced: list[torch.Tensor] = []
             if unit in keep and unit not in component.on_device:
@@ -483,7 +485,7 @@ class MemoryManager:
                 moved += self._move(unit, torch.device("cpu"), replaced, pin_host)
                 component.on_device.discard(unit)
             if pin and unit not in keep:
-                _pin(unit, replaced)
+                self._pin(unit, replaced)
             if replaced:  # their bytes now live on the device or in pinned memory: one host copy, unit by unit
                 spans = host_pages.model_file_mappings() if spans is None else spans
                 host_pages.release(replaced, spans)
@@ -505,25 +507,60 @@ class MemoryManager:
         A unit that goes to the device keeps its host tensors as its home, so that evicting it copies
         nothing: its parameters point at them again (host memory holds every weight once, in the
         mapped file or in pinned memory). Nothing writes to a weight on the device behind the manager.
+        With Swap Location "Shared", a home in the mapped file (whose pages were given back once copied) is
+        replaced by a page-locked copy at its first eviction: a component evicted every image (text encoders
+        beside a denoiser that needs the room) then comes back at full bus speed instead of faulting the file in.
         """
         params = unit.parameters()
         if target.type == "cpu" and unit.home is not None:
-            for param, host in zip(params, unit.home):
+            locked = unit.pinned is not None and all(unit.pinned.holds(host) for host in unit.home)
+            copies = None if locked or not pin_host or not self._pinning() else self._page_locked(
+                unit, [param.data for param in params])
+            for param, host in zip(params, copies or unit.home):
                 param.data = host
             unit.home = None
-            return 0
+            return sum(copy.nbytes for copy in copies or ())
         if target.type != "cpu" and all(param.device.type == "cpu" for param in params):
             unit.home = [param.data for param in params]
-        if pin_host and target.type == "cpu" and self.policy.pinned and self.device.type == "cuda":
+        copies = None
+        if pin_host and target.type == "cpu" and self._pinning():
             # straight into page-locked memory: one DMA, no pageable copy to fault in and copy again
-            unit.pinned, copies = pinned_copies([param.data for param in params])
-        else:
+            copies = self._page_locked(unit, [param.data for param in params])
+        if copies is None:
             copies = [param.data.to(target, non_blocking=True) for param in params]
         for param, data in zip(params, copies):
             if data.data_ptr() != param.data.data_ptr():
                 replaced.append(param.data)
             param.data = data
         return sum(data.numel() * data.element_size() for data in copies)
+
+    def _pinning(self) -> bool:
+        """Whether host copies go to page-locked memory: Swap Location "Shared", on CUDA, until the system refuses."""
+        return self.policy.pinned and self.device.type == "cuda" and not self._pinning_refused
+
+    def _pin(self, unit: Unit, replaced: list[torch.Tensor]) -> None:
+        """Put a unit's host weights in one page-locked block of their exact size (unless they all are pinned)."""
+        params = unit.parameters()
+        if not self._pinning() or unit.pinned is not None and all(unit.pinned.holds(p.data) for p in params):
+            return
+        copies = self._page_locked(unit, [param.data for param in params])
+        for param, data in zip(params, copies or ()):
+            replaced.append(param.data)
+            param.data = data
+
+    def _page_locked(self, unit: Unit, tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Copies of a unit's weights in a new page-locked block, or None: where that would leave the system less
+        than ``PIN_RESERVE`` of RAM (locked pages cannot be swapped or reclaimed), or where the system will not lock
+        more (pageable memory from then on, said once in the log): streaming goes on, with slower copies."""
+        if self.memory.host_available() < unit.nbytes + PIN_RESERVE:
+            return None
+        try:
+            unit.pinned, copies = pinned_copies(tensors)
+        except MemoryError as e:
+            self._pinning_refused = True
+            log.warning("%s Streaming goes on from pageable memory (slower copies).", e)
+            return None
+        return copies
 
 
 def phase_activation(needed: list[Component], activation: int) -> int:
@@ -547,12 +584,3 @@ def _move_buffers(module: nn.Module, device: torch.device) -> None:
                 sub._buffers[name] = buf.to(device)
 
 
-def _pin(unit: Unit, replaced: list[torch.Tensor]) -> None:
-    """Put a unit's host weights in one page-locked block of their exact size (unless they all are pinned)."""
-    params = unit.parameters()
-    if unit.pinned is not None and all(unit.pinned.holds(param.data) for param in params):
-        return
-    unit.pinned, copies = pinned_copies([param.data for param in params])
-    for param, data in zip(params, copies):
-        replaced.append(param.data)
-        param.data = data

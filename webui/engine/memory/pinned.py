@@ -13,6 +13,8 @@ ordinary memory, for as long as anyone holds them.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import mmap
 import weakref
 from collections.abc import Sequence
@@ -25,6 +27,41 @@ PAGE = mmap.PAGESIZE
 
 def _aligned(nbytes: int, to: int) -> int:
     return -(-nbytes // to) * to
+
+
+def _register(address: int, length: int) -> None:
+    """Page-lock ``length`` bytes at ``address``, or raise MemoryError saying why the system refused.
+
+    A refusal is also left as the CUDA runtime's "last error", which torch's check after its next kernel launch
+    would raise as that kernel's failure; it is read away here. Where the runtime cannot be reached to do so, the
+    refusal is a RuntimeError (not a MemoryError, which callers take as "go on unpinned")."""
+    error = torch.cuda.cudart().cudaHostRegister(address, length, 0)
+    if int(error):
+        message = (f"Could not page-lock {length / 2**20:.0f} MB of host memory for streaming "
+                   f"({torch.cuda.cudart().cudaGetErrorString(error)}): free some RAM, or set Swap Location "
+                   "(forge_pin_shared_memory) to CPU.")
+        runtime = _cuda_runtime()
+        if runtime is None:
+            raise RuntimeError(message)
+        runtime.cudaGetLastError()
+        raise MemoryError(message)
+
+
+@functools.cache
+def _cuda_runtime() -> ctypes.CDLL | None:
+    """The CUDA runtime library torch uses (the one already mapped into this process), or None where it is not a
+    separate library that can be found (a static build, no /proc)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "/libcudart" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
 
 
 def _unregister(address: int) -> None:
@@ -40,11 +77,7 @@ class PinnedBlock:
         start = -self._storage.data_ptr() % PAGE
         self._bytes = self._storage[start:start + length]
         address = self._bytes.data_ptr()
-        error = torch.cuda.cudart().cudaHostRegister(address, length, 0)
-        if int(error):
-            raise MemoryError(f"Could not page-lock {length / 2**20:.0f} MB of host memory for streaming "
-                              f"({torch.cuda.cudart().cudaGetErrorString(error)}). Set Swap Location to CPU "
-                              "(forge_pin_shared_memory) or free some RAM.")
+        _register(address, length)
         weakref.finalize(self, _unregister, address).atexit = False  # at exit the process's memory goes anyway
         self._used = 0
 
