@@ -43,6 +43,10 @@ from webui.api_body import (
 )
 from webui.engine.engine import Engine, MemoryState
 from webui.engine.forecast import Forecast
+from webui.engine.inpaint import FILLS
+from webui.engine.outpaint import DIRECTIONS
+from webui.engine.outpaint import MAX_BLUR as OUTPAINT_MAX_BLUR
+from webui.engine.outpaint import SCRIPT_TITLE as OUTPAINT_SCRIPT
 from webui.engine.hires import LATENT_MODES
 from webui.engine.infotext import PNG_SIGNATURE, parse_infotext, png_text, read_png_infotext
 from webui.engine.outputs import png_bytes, png_files
@@ -249,11 +253,19 @@ def extension_list(engine: Engine) -> list[dict[str, Any]]:
 
 
 def script_info() -> list[dict[str, Any]]:
-    """A1111's ``/sdapi/v1/script-info`` for the one script: its ``script_args`` in order, with their defaults."""
+    """A1111's ``/sdapi/v1/script-info``: each script's ``script_args`` in order, with their defaults."""
     args = [{"label": name, "value": value, "minimum": 0 if name == "margin_size" else None,
              "maximum": MAX_MARGIN if name == "margin_size" else None, "step": None, "choices": None}
             for name, value in SCRIPT_ARGS.items()]
-    return [{"name": XYZ_SCRIPT, "is_alwayson": False, "is_img2img": False, "args": args}]
+    outpaint = [{"label": "Pixels to expand", "value": 128, "minimum": 8, "maximum": 256, "step": 8, "choices": None},
+                {"label": "Mask blur", "value": 4, "minimum": 0, "maximum": OUTPAINT_MAX_BLUR, "step": 1,
+                 "choices": None},
+                {"label": "Masked content", "value": FILLS[0], "minimum": None, "maximum": None, "step": None,
+                 "choices": list(FILLS)},
+                {"label": "Outpainting direction", "value": list(DIRECTIONS), "minimum": None, "maximum": None,
+                 "step": None, "choices": list(DIRECTIONS)}]
+    return [{"name": XYZ_SCRIPT, "is_alwayson": False, "is_img2img": False, "args": args},
+            {"name": OUTPAINT_SCRIPT.lower(), "is_alwayson": False, "is_img2img": True, "args": outpaint}]
 
 
 class ApiError(BaseModel):
@@ -469,7 +481,8 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
 
     routes = [
         ("/txt2img", txt2img, "POST", "Text to image (A1111 request and response shape)"),
-        ("/img2img", img2img, "POST", "Image to image (A1111 request and response shape; no inpainting yet)"),
+        ("/img2img", img2img, "POST", "Image to image, inpainting, and outpainting as A1111's script (A1111 request "
+         "and response shape)"),
         ("/estimate", estimate, "POST", "Will it fit? A txt2img body's peak VRAM, RAM and time on this machine, "
          "forecast without generating (this app's; loads the model it names)"),
         ("/png-info", png_info, "POST", "The generation parameters stored in an image (base64), read and parsed"),
@@ -496,7 +509,8 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
          "The running job: fraction done, ETA, step, and a preview of its latents"),
         ("/interrupt", jobs.interrupt, "POST", "Stop the running job after its current step"),
         ("/skip", jobs.skip, "POST", "Skip the running job's current image"),
-        ("/scripts", lambda: {"txt2img": [XYZ_SCRIPT], "img2img": []}, "GET", "Scripts a request can name"),
+        ("/scripts", lambda: {"txt2img": [XYZ_SCRIPT], "img2img": [OUTPAINT_SCRIPT.lower()]}, "GET",
+         "Scripts a request can name"),
         ("/refresh-vae", refresh_vae, "POST", "Scan the VAE folder again (it is read at every call)"),
         ("/sd-vae", lambda: vae_list(engine), "GET", "VAE files of models/VAE (A1111 shape)"),
         ("/embeddings", lambda: {"loaded": {}, "skipped": {}}, "GET", "Textual inversions (none: not supported yet)"),

@@ -21,6 +21,8 @@ from PIL import Image
 from webui.engine.infotext import request_fields
 from webui.engine.hires import MAX_SCALE as MAX_HIRES_SCALE
 from webui.engine.inpaint import FILLS
+from webui.engine.outpaint import SCRIPT_TITLE as OUTPAINT_SCRIPT
+from webui.engine.outpaint import Outpaint
 from webui.engine.request import (MAX_CFG, MAX_MASK_BLUR, MAX_MASK_PADDING, MAX_SEED, MIN_SIDE, SIDE_MULTIPLE,
                                   GenerationRequest)
 from webui.engine.xyz import BUILTIN_AXES, SCRIPT_ARGS, Axis, AxisChoice, PlotOptions, plot_from_args
@@ -171,16 +173,15 @@ MAX_DECODED_SIDE_FACTOR = 4  # an init image may be this many times the largest 
 def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str], bool],
                  declared_size: Callable[[str | None], tuple[int, int] | None] = lambda checkpoint: None) -> Txt2ImgCall:
     """Check every field of an A1111 img2img body: its own (init images in base64, with or without a data: prefix;
-    denoising strength; resize mode), a mask with how it is used (inpainting), and txt2img's (``read_txt2img``). An
-    img2img script is refused: there is none."""
+    denoising strength; resize mode), a mask with how it is used (inpainting), txt2img's (``read_txt2img``), and
+    the one img2img script there is, outpainting (``img2img_script``)."""
     if not isinstance(body, dict):
         raise UserError("the request body must be a JSON object", field="body")
     for key, allowed in IMG2IMG_DEFAULT_ONLY.items():
         value = body.get(key)
         if not any(value == default and type(value) is type(default) for default in allowed):
             raise UserError(f"this app cannot do {key}={value!r} yet; leave it at its default", field=key)
-    if body.get("script_name") not in (None, ""):
-        raise UserError(f"no img2img script {body['script_name']!r}: there is none yet", field="script_name")
+    outpaint = img2img_script(body)
     given = body.get("init_images")
     if not isinstance(given, list) or not given:
         raise UserError("send one image or more, each in base64 (a data: URL works too)", field="init_images")
@@ -196,9 +197,25 @@ def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str
         if body.get(key) is not None:
             setattr(request, key, body[key])
     ignored = [key for key in (*IMG2IMG_IGNORED, *(MASK_USE_FIELDS if mask is None else ())) if key in body]
-    if body.get("script_args"):
+    if outpaint is not None:
+        for key, value in outpaint.fields().items():  # the script sets the mask and its use, and makes one image
+            setattr(request, key, value)
+        ignored += [key for key in ("mask", *MASK_USE_FIELDS, "width", "height", "resize_mode")
+                    if key in body and key not in ignored]
+        ignored += [key for key in ("batch_size", "n_iter") if body.get(key) not in (None, 1)]
+    elif body.get("script_args"):
         ignored.append("script_args")  # A1111 reads them only for a script
     return replace(call, ignored=call.ignored + tuple(ignored))
+
+
+def img2img_script(body: dict[str, Any]) -> Outpaint | None:
+    """The img2img script a request names (A1111's titles, any case): the one there is, outpainting."""
+    name = body.get("script_name")
+    if name in (None, ""):
+        return None
+    if not isinstance(name, str) or name.lower() != OUTPAINT_SCRIPT.lower():
+        raise UserError(f"no img2img script {name!r}; the one there is is {OUTPAINT_SCRIPT!r}", field="script_name")
+    return Outpaint.from_args(body.get("script_args") or [])
 
 
 def decode_image(data: Any, field: str, largest: int) -> Image.Image:

@@ -267,9 +267,12 @@ class Engine:
 
     def img2img(self, request: GenerationRequest) -> GenerationResult:
         """txt2img's path from the request's init images (``GenerationRequest.init_images``, denoising strength,
-        resize mode). Raises UserError for anything the user can fix."""
+        resize mode), outpainted first where the request says so. Raises UserError for anything the user can fix."""
         if not request.init_images:
             raise UserError("img2img needs an init image", field="init_images")
+        outpaint = request.outpainting()
+        if outpaint is not None:
+            request = outpaint.applied(request, self.options["max_image_side"])
         return self._generate(request)
 
     def _generate(self, request: GenerationRequest) -> GenerationResult:

@@ -14,6 +14,7 @@ from webui.engine.init_image import LATENT_UPSCALE, RESIZE_MODES
 from webui.engine.inpaint import FILLS, InpaintOptions
 from webui.engine.memory.manager import GenerationStats
 from webui.engine.memory.trace import MemoryTimeline
+from webui.engine.outpaint import Outpaint
 from webui.errors import UserError
 
 if TYPE_CHECKING:
@@ -79,6 +80,11 @@ class GenerationRequest:
     hr_cfg: float | None = None  # Forge's Hires CFG Scale; None: the request's
     hr_distilled_cfg: float | None = None  # Forge's Hires Distilled CFG Scale; None: the request's
     hr_checkpoint_name: str | None = None  # only the request's own ("Use same checkpoint") is done here
+    # img2img: A1111's "Poor man's outpainting" script (webui.engine.outpaint), on where a direction is chosen
+    outpaint_directions: list[str] | None = None  # the sides extended: left, right, up, down
+    outpaint_pixels: int = 128
+    outpaint_mask_blur: int = 4
+    outpaint_fill: int = 0  # masked content, as inpainting_fill
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
@@ -90,6 +96,13 @@ class GenerationRequest:
         """The (width, height) the starting noise is drawn at, where the request resizes its seed."""
         size = (self.seed_resize_from_w, self.seed_resize_from_h)
         return size if min(size) > 0 else None
+
+    def outpainting(self) -> Outpaint | None:
+        """The outpainting the request asks for (checked), or None."""
+        if not self.outpaint_directions:
+            return None
+        return Outpaint.from_args([self.outpaint_pixels, self.outpaint_mask_blur, self.outpaint_fill,
+                                   self.outpaint_directions])
 
     def inpaint_options(self) -> InpaintOptions:
         return InpaintOptions(self.mask_blur_x, self.mask_blur_y, self.inpainting_fill, bool(self.inpaint_full_res),

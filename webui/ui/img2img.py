@@ -1,7 +1,8 @@
 """The img2img tab: the txt2img tab's form and output column (``txt2img.generation_tab``) with an init image,
 the resize mode, A1111's "Resize by" (width and height from the image's size) and the denoising strength; Generate
 goes to the queue's img2img. Painting on the image (or uploading a mask) inpaints: the painted part is the mask,
-used as the Inpainting accordion's fields say (A1111's Inpaint and Inpaint upload tabs in one)."""
+used as the Inpainting accordion's fields say (A1111's Inpaint and Inpaint upload tabs in one). Choosing an
+outpainting direction extends the image and paints the new border instead (A1111's "Poor man's outpainting")."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,7 +12,9 @@ from PIL import Image
 
 from webui.engine.engine import Engine
 from webui.engine.init_image import RESIZE_MODES
-from webui.engine.inpaint import FILLS, INPAINT_AREAS, MASK_MODES, ORIGINAL
+from webui.engine.inpaint import FILL, FILLS, INPAINT_AREAS, MASK_MODES, ORIGINAL
+from webui.engine.outpaint import DIRECTIONS, SCRIPT_TITLE
+from webui.engine.outpaint import MAX_BLUR as OUTPAINT_MAX_BLUR
 from webui.engine.request import MIN_SIDE, SIDE_MULTIPLE
 from webui.jobs import JobQueue
 from webui.ui.common import Components, RequestFields
@@ -116,3 +119,14 @@ def _image_inputs(form: Components, extra: dict[str, gr.Slider]) -> None:
                                                 label="Inpaint area", elem_id="img2img_inpaint_full_res")
             form["inpaint_full_res_padding"] = slider("inpaint_full_res_padding", "Only masked padding, pixels", 0,
                                                       256, 32, step=4, tab="img2img")
+    with gr.Accordion(f"Outpainting ({SCRIPT_TITLE})", open=False, elem_id="img2img_outpaint"):
+        form["outpaint_directions"] = gr.CheckboxGroup(list(DIRECTIONS), value=[],
+                                                       label="Outpainting direction (none: off)",
+                                                       elem_id="img2img_outpaint_direction")
+        with gr.Row():
+            form["outpaint_pixels"] = slider("outpaint_pixels", "Pixels to expand", 8, 256, 128, step=8,
+                                             tab="img2img")
+            form["outpaint_mask_blur"] = slider("outpaint_mask_blur", "Mask blur", 0, OUTPAINT_MAX_BLUR, 4,
+                                                tab="img2img")
+        form["outpaint_fill"] = gr.Radio([(name, i) for i, name in enumerate(FILLS)], value=FILL,
+                                         label="Masked content", elem_id="img2img_outpaint_fill")
