@@ -317,3 +317,23 @@ def test_extras_tab_upscales_saves_and_names_a_bad_input(upscaling, tmp_path):
     assert "Source (image): drop an image" in status
     _, status, _ = upscale_form(upscaling, jobs, labels, str(source), 0, 9, 512, 512, True, "Lanczos", "None", 0)
     assert "Resize by (upscaling_resize)" in status
+
+
+def test_send_to_extras_takes_the_picked_image(upscaling, tmp_path):
+    """The galleries' Send to extras (txt2img's and img2img's) and PNG Info's: the picked image (the first before
+    one is picked) becomes the Extras tab's source, and that tab shows; with nothing to send, nothing changes."""
+    from webui.ui import build_ui
+
+    demo = build_ui(upscaling, JobQueue(upscaling))
+    gallery_sends = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "send_picked"]
+    assert len(gallery_sends) == 2
+    picked = tmp_path / "picked.png"
+    picture().save(picked)
+    image, tab = gallery_sends[0]([(str(tmp_path / "other.png"), None), (str(picked), None)], 1)
+    assert image["value"] == str(picked) and tab.selected == "extras"
+    assert all("value" not in update for update in gallery_sends[1](None, 0)), "no image yet: nothing changes"
+    png_info_send = next(f.fn for f in demo.fns.values()
+                         if f.outputs and getattr(f.outputs[0], "elem_id", None) == "extras_image"
+                         and f.fn not in gallery_sends)
+    image, tab = png_info_send(str(picked))
+    assert image["value"] == str(picked) and tab.selected == "extras"

@@ -13,7 +13,7 @@ from webui.engine.engine import Engine
 from webui.jobs import JobQueue
 from webui.ui.extensions_tab import extension_tabs, extensions_tab
 from webui.ui.img2img import img2img_tab, send_to_img2img
-from webui.ui.extras_tab import extras_tab
+from webui.ui.extras_tab import extras_tab, send_to_extras
 from webui.ui.model_row import model_row
 from webui.ui.png_info import png_info_tab
 from webui.ui.settings_tab import settings_tab
@@ -35,14 +35,15 @@ def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
             with gr.Tab("X/Y/Z plot", id="xyz"):
                 xyz_tab(demo, engine, jobs, txt2img.form)
             with gr.Tab("Extras", id="extras"):
-                extras_tab(demo, engine, jobs)
+                extras_image = extras_tab(demo, engine, jobs)
             with gr.Tab("PNG Info", id="png_info"):
-                png_info_tab(engine, txt2img.form, tabs, img2img.form)
+                png_info_tab(engine, txt2img.form, tabs, img2img.form, extras_image)
             extension_tabs(engine)
             with gr.Tab("Settings", id="settings"):
                 settings_tab(demo, engine)
             extensions_tab(demo, engine)
         for source in (txt2img, img2img):
             send_to_img2img(engine, source, img2img, tabs)
+            send_to_extras(source, extras_image, tabs)
         demo.load(None, js=CTRL_ENTER_JS)
     return demo

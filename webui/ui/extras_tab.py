@@ -15,6 +15,7 @@ from webui.errors import UserError
 from webui.jobs import JobQueue
 from webui.ui.common import counted, duration, error_html, field_label, status_html
 from webui.ui.png_info import SourceImage
+from webui.ui.txt2img import GenerationTab
 
 SCALE_BY, SCALE_TO = "Scale by", "Scale to"
 # The form's inputs by request field, in the order the handler takes them; their labels name them in errors.
@@ -22,9 +23,9 @@ FIELDS = ("image", "resize_mode", "upscaling_resize", "upscaling_resize_w", "ups
           "upscaler_1", "upscaler_2", "extras_upscaler_2_visibility")
 
 
-def extras_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue) -> None:
+def extras_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue) -> gr.Image:
     """Source image, resize by or to, upscaler 1 and 2 with the second's visibility, Generate; the result, a status
-    line and the "Postprocess" parameters."""
+    line and the "Postprocess" parameters. Its source image is returned: what "Send to extras" fills."""
     names = [info.name for info in engine.upscalers()]
     with gr.Row():
         with gr.Column():
@@ -56,6 +57,19 @@ def extras_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue) -> None:
     upscalers = [form["upscaler_1"], form["upscaler_2"]]  # files added since the page was made are listed at a load
     demo.load(lambda: [gr.update(choices=[info.name for info in engine.upscalers()])] * 2, outputs=upscalers,
               api_visibility="private")
+    return form["image"]
+
+
+def send_to_extras(source: GenerationTab, extras_image: gr.Image, tabs: gr.Tabs) -> None:
+    """A gallery's Send to extras (A1111's): the picked image (the first before any is picked) becomes the Extras
+    tab's source, and that tab shows."""
+    def send_picked(gallery: list[tuple[str, str | None]] | None, selected: int) -> tuple:
+        if not gallery:
+            return gr.update(), gr.update()
+        return gr.update(value=gallery[min(selected, len(gallery) - 1)][0]), gr.Tabs(selected="extras")
+
+    source.send_to_extras.click(send_picked, [source.out["gallery"], source.out["selected"]], [extras_image, tabs],
+                                api_visibility="private")
 
 
 def upscale_form(engine: Engine, jobs: JobQueue, labels: dict[str, str], path: str | None, *values: object

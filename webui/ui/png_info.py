@@ -1,4 +1,5 @@
-"""The PNG Info tab: an image's generation parameters, and "Send to txt2img" / "Send to img2img"."""
+"""The PNG Info tab: an image's generation parameters, and "Send to txt2img" / "Send to img2img" / "Send to
+extras"."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -31,15 +32,18 @@ class SourceImage(gr.Image):
         return None if payload is None else payload.path
 
 
-def png_info_tab(engine: Engine, form: Components, tabs: gr.Tabs, img2img_form: Components | None = None) -> None:
+def png_info_tab(engine: Engine, form: Components, tabs: gr.Tabs, img2img_form: Components | None = None,
+                 extras_image: gr.Image | None = None) -> None:
     """Drop an image: its parameters (A1111's infotext, from PNG text or EXIF); "Send to txt2img" fills the form
-    with them and shows it; "Send to img2img" fills img2img's, the image its init image, as A1111's does."""
+    with them and shows it; "Send to img2img" fills img2img's, the image its init image, as A1111's does; "Send to
+    extras" makes the image the Extras tab's source."""
     with gr.Row():
         image = SourceImage(type="filepath", sources=["upload", "clipboard"], label="Source", elem_id="pnginfo_image")
         with gr.Column():
             parameters = gr.Textbox(label="Parameters", lines=8, interactive=False, elem_id="pnginfo_parameters")
             send = gr.Button("Send to txt2img", elem_id="pnginfo_send_txt2img")
             send_img2img = gr.Button("Send to img2img", elem_id="pnginfo_send_img2img", visible=bool(img2img_form))
+            send_extras = gr.Button("Send to extras", elem_id="pnginfo_send_extras", visible=extras_image is not None)
     image.change(png_parameters, image, parameters, api_name="png_info")
     send.click(lambda text: (*form_updates(form, text, engine.canonical_sampler), gr.Tabs(selected="txt2img")),
                parameters, [*form.values(), tabs], api_visibility="private")
@@ -47,6 +51,10 @@ def png_info_tab(engine: Engine, form: Components, tabs: gr.Tabs, img2img_form: 
         send_img2img.click(lambda path, text: (*img2img_updates(img2img_form, path, text, engine.canonical_sampler),
                                                gr.Tabs(selected="img2img")),
                            [image, parameters], [*img2img_form.values(), tabs], api_visibility="private")
+    if extras_image is not None:
+        send_extras.click(lambda path: (gr.update(value=path) if path else gr.update(),
+                                        gr.Tabs(selected="extras") if path else gr.update()),
+                          image, [extras_image, tabs], api_visibility="private")
 
 
 def png_parameters(path: str | None) -> str:

@@ -42,11 +42,13 @@ SLIDER_LIMITS = {"steps": "max_steps", "width": "max_image_side", "height": "max
 
 @dataclass(frozen=True)
 class GenerationTab:
-    """A generation tab's parts: its form (request field → input), its output column, its Send to img2img."""
+    """A generation tab's parts: its form (request field → input), its output column, its Send to img2img and Send
+    to extras."""
 
     form: Components
     out: Components
     send_to_img2img: gr.Button
+    send_to_extras: gr.Button
 
 
 def request_from_form(form: Components, values: tuple) -> GenerationRequest:
@@ -111,7 +113,9 @@ def generation_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: 
             network_browsers(demo, engine, form["prompt"], tab)
         with gr.Column(scale=1):
             out = output_column(tab)
-            send = gr.Button("Send to img2img", size="sm", elem_id=f"{tab}_send_img2img")
+            with gr.Row():
+                send = gr.Button("Send to img2img", size="sm", elem_id=f"{tab}_send_img2img")
+                send_extras = gr.Button("Send to extras", size="sm", elem_id=f"{tab}_send_extras")
     run = generator(jobs, form, out, lambda values: submit(request_from_form(form, values)))
     done = generate.click(run, inputs=list(form.values()), outputs=list(out.values()), api_name=tab,
                           show_progress="hidden", concurrency_limit=None)
@@ -136,7 +140,7 @@ def generation_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: 
     # now, read here: the dropdown's value in the page may still be the one it was built with.
     checkpoint.input(partial(fields_for_family, engine), checkpoint, family_fields, api_visibility="private")
     demo.load(partial(fields_on_load, engine), outputs=family_fields, api_visibility="private")
-    return GenerationTab(form, out, send)
+    return GenerationTab(form, out, send, send_extras)
 
 
 def fields_on_load(engine: Engine) -> tuple[dict, ...]:
