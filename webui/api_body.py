@@ -20,6 +20,7 @@ from PIL import Image
 
 from webui.engine.infotext import request_fields
 from webui.engine.hires import MAX_SCALE as MAX_HIRES_SCALE
+from webui.engine.init_image import MAX_DECODED_SIDE_FACTOR
 from webui.engine.inpaint import FILLS
 from webui.engine.outpaint import SCRIPT_TITLE as OUTPAINT_SCRIPT
 from webui.engine.outpaint import Outpaint
@@ -167,7 +168,6 @@ IMG2IMG_DEFAULT_ONLY = {"initial_noise_multiplier": [None, 1, 1.0], "latent_mask
 IMG2IMG_IGNORED = ("enable_hr", *(name for name in HIRES_FIELDS if name != "denoising_strength"), "firstphase_width",
                    "firstphase_height", "hr_additional_modules", "firstpass_image", "image_cfg_scale")
 IMG2IMG_READ = ("include_init_images", "mask")
-MAX_DECODED_SIDE_FACTOR = 4  # an init image may be this many times the largest side a generation may have
 
 
 def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str], bool],

@@ -69,7 +69,7 @@ WITHOUT_EFFECT: dict[str, tuple[str, ...]] = {
         "--controlnet-dir DIR", "--controlnet-preprocessor-models-dir DIR"),
     "this UI has no such option": (
         "--no-progressbar-hiding", "--max-batch-count N", "--localizations-dir DIR", "--show-negative-prompt",
-        "--ui-config-file FILE", "--hide-ui-dir-config", "--gradio-img2img-tool X", "--gradio-inpaint-tool X",
+        "--ui-config-file FILE", "--gradio-img2img-tool X", "--gradio-inpaint-tool X",
         "--use-textbox-seed", "--styles-file FILE", "--no-prompt-history", "--gradio-debug", "--gradio-queue",
         "--no-gradio-queue", "--ui-debug-mode", "--disable-console-progressbars", "--enable-console-prompts",
         "--freeze-settings", "--freeze-settings-in-sections X", "--freeze-specific-settings X",
@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
         paths.add_argument(f"--{folder.lower()}-models-path", type=Path, default=None, metavar="DIR",
                            help=f"{folder} upscaler models (default: <models>/{folder})")
     paths.add_argument("--outdir", type=Path, default=None, help="output folder (default: <data-dir>/outputs)")
+    paths.add_argument("--hide-ui-dir-config", action="store_true",
+                       help="refuse folders typed in the UI (img2img's batch from a folder reads and writes the "
+                            "server's): for a UI others reach")
     paths.add_argument("--extensions-dir", type=Path, default=None,
                        help="folder of your extensions (default: <data-dir>/extensions)")
     dev = p.add_argument_group("device and precision")

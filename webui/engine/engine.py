@@ -19,6 +19,7 @@ from PIL import Image
 from webui.engine.families.protocol import FamilyFields
 from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
+from webui.engine.folder_batch import FolderBatch, run_folder_batch
 from webui.engine.forecast import Forecast, Rates, forecast_job
 from webui.engine.formats.files import CheckpointInfo, HashCache, checkpoint_title, declared_resolution, short_hash
 from webui.engine.generate import Resolved, generate, resolve_seed
@@ -274,6 +275,12 @@ class Engine:
         if outpaint is not None:
             request = outpaint.applied(request, self.options["max_image_side"])
         return self._generate(request)
+
+    def img2img_folder(self, base: GenerationRequest, batch: FolderBatch) -> GenerationResult:
+        """A1111's img2img Batch tab: ``base`` over every image of a folder on the server (``folder_batch``), one
+        result for all; refused under --hide-ui-dir-config."""
+        return run_folder_batch(self.img2img, self.progress, base, batch, self.options["max_image_side"],
+                                folders_allowed=not self.config.args.hide_ui_dir_config)
 
     def _generate(self, request: GenerationRequest) -> GenerationResult:
         self.hooks.fire("before_generation", request=request)

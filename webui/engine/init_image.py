@@ -6,6 +6,7 @@ from PIL import Image, ImageOps
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
 LATENT_UPSCALE = 3  # the image is encoded at its own size and its latents are resized (bilinear), as A1111 does
 BACKGROUND = "#ffffff"  # what shows through a transparent init image (A1111's img2img_background_color default)
+MAX_DECODED_SIDE_FACTOR = 4  # an init image may be this many times the largest side a generation may have
 
 
 def prepare(image: Image.Image, mode: int, width: int, height: int, factor: int) -> Image.Image:

@@ -2,15 +2,18 @@
 the resize mode, A1111's "Resize by" (width and height from the image's size) and the denoising strength; Generate
 goes to the queue's img2img. Painting on the image (or uploading a mask) inpaints: the painted part is the mask,
 used as the Inpainting accordion's fields say (A1111's Inpaint and Inpaint upload tabs in one). Choosing an
-outpainting direction extends the image and paints the new border instead (A1111's "Poor man's outpainting")."""
+outpainting direction extends the image and paints the new border instead (A1111's "Poor man's outpainting").
+"Generate the batch" runs the form over every image of a folder (A1111's Batch tab)."""
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any
 
 import gradio as gr
 from PIL import Image
 
 from webui.engine.engine import Engine
+from webui.engine.folder_batch import DEFAULT_PNG_INFO_FIELDS, PNG_INFO_FIELDS, FolderBatch
 from webui.engine.init_image import RESIZE_MODES
 from webui.engine.inpaint import FILL, FILLS, INPAINT_AREAS, MASK_MODES, ORIGINAL
 from webui.engine.outpaint import DIRECTIONS, SCRIPT_TITLE
@@ -19,9 +22,12 @@ from webui.engine.request import MIN_SIDE, SIDE_MULTIPLE
 from webui.jobs import JobQueue
 from webui.ui.common import Components, RequestFields
 from webui.ui.png_info import img2img_updates
-from webui.ui.txt2img import GenerationTab, generation_tab, slider
+from webui.ui.generation import generator
+from webui.ui.txt2img import GenerationTab, generation_tab, request_from_form, slider
 
 
+BATCH_FIELDS = ("img2img_batch_input_dir", "img2img_batch_output_dir", "img2img_batch_inpaint_mask_dir",
+                "img2img_batch_use_png_info", "img2img_batch_png_info_dir", "img2img_batch_png_info_props")
 BRUSH = gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24)  # the mask's strokes: one colour
 
 
@@ -61,13 +67,26 @@ def painted_mask(layers: list[Image.Image]) -> Image.Image | None:
 
 def img2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.Dropdown) -> GenerationTab:
     """The img2img tab; its form (request field → input) is what "Send to img2img" fills."""
-    extra: dict[str, gr.Slider] = {}
+    extra: Components = {}
     tab = generation_tab(demo, engine, jobs, checkpoint, "img2img", jobs.submit_img2img,
                          lambda form: _image_inputs(form, extra))
     form = tab.form
     extra["resize_by"].input(
         lambda canvas, by: resized_by(canvas.get("init_images"), by, engine.options["max_image_side"]),
         [form["init_images"], extra["resize_by"]], [form["width"], form["height"]], api_visibility="private")
+    batch = {name: extra[name] for name in BATCH_FIELDS}
+
+    def submit_batch(values: tuple) -> Future:
+        base = request_from_form(form, values[:len(form)])
+        folders = dict(zip(BATCH_FIELDS, values[len(form):]))
+        job = FolderBatch(folders["img2img_batch_input_dir"], folders["img2img_batch_output_dir"],
+                          folders["img2img_batch_inpaint_mask_dir"], bool(folders["img2img_batch_use_png_info"]),
+                          folders["img2img_batch_png_info_dir"], tuple(folders["img2img_batch_png_info_props"] or ()))
+        return jobs.submit_call("img2img batch", lambda: engine.img2img_folder(base, job))
+
+    extra["batch_generate"].click(generator(jobs, {**form, **batch}, tab.out, submit_batch),
+                                  inputs=[*form.values(), *batch.values()], outputs=list(tab.out.values()),
+                                  api_name="img2img_batch", show_progress="hidden", concurrency_limit=None)
     return tab
 
 
@@ -94,7 +113,7 @@ def send_to_img2img(engine: Engine, source: GenerationTab, img2img: GenerationTa
                                  [*img2img.form.values(), tabs], api_visibility="private")
 
 
-def _image_inputs(form: Components, extra: dict[str, gr.Slider]) -> None:
+def _image_inputs(form: Components, extra: Components) -> None:
     form["init_images"] = InitCanvas(type="pil", image_mode="RGBA", sources=["upload", "clipboard"],
                                      label="Image (paint on it to inpaint)", height=420, brush=BRUSH,
                                      eraser=gr.Eraser(default_size=24), layers=False, transforms=(),
@@ -119,6 +138,22 @@ def _image_inputs(form: Components, extra: dict[str, gr.Slider]) -> None:
                                                 label="Inpaint area", elem_id="img2img_inpaint_full_res")
             form["inpaint_full_res_padding"] = slider("inpaint_full_res_padding", "Only masked padding, pixels", 0,
                                                       256, 32, step=4, tab="img2img")
+    with gr.Accordion("Batch from a folder (folders on the server)", open=False, elem_id="img2img_batch"):
+        extra["img2img_batch_input_dir"] = gr.Textbox(label="Input directory", elem_id="img2img_batch_input_dir")
+        extra["img2img_batch_output_dir"] = gr.Textbox(label="Output directory (empty: the img2img outputs folder)",
+                                                       elem_id="img2img_batch_output_dir")
+        extra["img2img_batch_inpaint_mask_dir"] = gr.Textbox(
+            label="Inpaint batch mask directory (masks named as the images, or one for all; empty: no inpainting)",
+            elem_id="img2img_batch_inpaint_mask_dir")
+        with gr.Row():
+            extra["img2img_batch_use_png_info"] = gr.Checkbox(False, label="Append png info to prompts",
+                                                              elem_id="img2img_batch_use_png_info")
+            extra["img2img_batch_png_info_dir"] = gr.Textbox(label="PNG info directory (empty: the input directory)",
+                                                             elem_id="img2img_batch_png_info_dir")
+        extra["img2img_batch_png_info_props"] = gr.CheckboxGroup(
+            list(PNG_INFO_FIELDS), value=list(DEFAULT_PNG_INFO_FIELDS), label="Parameters to take from png info",
+            elem_id="img2img_batch_png_info_props")
+        extra["batch_generate"] = gr.Button("Generate the batch", elem_id="img2img_batch_generate")
     with gr.Accordion(f"Outpainting ({SCRIPT_TITLE})", open=False, elem_id="img2img_outpaint"):
         form["outpaint_directions"] = gr.CheckboxGroup(list(DIRECTIONS), value=[],
                                                        label="Outpainting direction (none: off)",

@@ -38,16 +38,18 @@ class ExtrasCall:
     ignored: list[str]
 
 
-def open_image(source: str | Path | BinaryIO, field: str, max_side: int) -> tuple[Image.Image, str | None]:
-    """An image (a file, or its bytes) as RGB, and its generation parameters; its size is read from the header and
-    checked against ``max_side`` before any pixel is decoded (a small file can hold a decompression bomb)."""
+def open_image(source: str | Path | BinaryIO, field: str, max_side: int, mode: str | None = "RGB"
+               ) -> tuple[Image.Image, str | None]:
+    """An image (a file, or its bytes) in ``mode`` (None: as stored), and its generation parameters; its size is read
+    from the header and checked against ``max_side`` before any pixel is decoded (a small file can hold a
+    decompression bomb)."""
     try:
         image = Image.open(source)
         if max(image.size) > max_side:
             raise UserError(f"is {image.width}x{image.height}; sides up to {max_side} pixels are taken "
                             "(max_image_side in Settings)", field=field)
         image.load()
-        return image.convert("RGB"), read_png_infotext(image)
+        return image.convert(mode) if mode else image, read_png_infotext(image)
     except UserError:
         raise
     except (ValueError, OSError, Image.DecompressionBombError, SyntaxError) as e:
