@@ -157,3 +157,23 @@ def test_the_estimate_route_forecasts_a_txt2img_body_and_a_plot_without_generati
     assert len(plot["cells"]) == 2 and plot["seconds"] == pytest.approx(steps2 + steps4) and steps4 > steps2
     bad = client.post("/sdapi/v1/estimate", json={**BODY, "width": 65})
     assert bad.status_code == 422 and "width" in bad.text
+
+
+def test_the_estimate_route_forecasts_an_img2img_body_and_its_outpainting(client, engine):
+    """A body with init_images is read as img2img: the VAE encode is a phase of its plan; an outpainting one is
+    planned at its canvas's size (larger than the same body without the script)."""
+    from tests.test_img2img import b64, init_picture
+
+    body = {**BODY, "init_images": [b64(init_picture())], "denoising_strength": 0.5}
+    plain = client.post("/sdapi/v1/estimate", json=body)
+    assert plain.status_code == 200, plain.text
+    assert [p["phase"] for p in plain.json()["first_batch"]][0] == "image encoding"
+    outpainted = client.post("/sdapi/v1/estimate", json={**body, "script_name": "Poor man's outpainting",
+                                                          "script_args": [64, 4, 0, ["left", "right"]]}).json()
+    encode = [next(p for p in reply["first_batch"] if p["phase"] == "image encoding")["activation_mb"]
+              for reply in (plain.json(), outpainted)]
+    assert encode[1] > encode[0], "the canvas is larger than the image"
+    assert "width" in outpainted["ignored_fields"]
+    assert not list(engine.config.paths.outdir.rglob("*.png")), "nothing generated"
+    bad = client.post("/sdapi/v1/estimate", json={**body, "denoising_strength": 2})
+    assert bad.status_code == 422 and bad.json()["field"] == "denoising_strength"

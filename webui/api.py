@@ -404,10 +404,13 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         return {"images": images, "parameters": parameters, "info": info_json(result, call.ignored, call.notes)}
 
     async def estimate(body: Any = Body(...)) -> dict[str, Any]:
-        """Will it fit? A txt2img body's forecast (an X/Y/Z script's: every cell's), made in the queue after the jobs
-        before it, with the model it names loaded as the generation would load it; nothing is generated."""
-        call = read_txt2img(body, engine.options, engine.known_schedule_type, engine.declared_size)
-        script = xyz_script(body, plot_axes(engine), engine.options["xyz_axis_numbering"])
+        """Will it fit? A txt2img body's forecast (an X/Y/Z script's: every cell's), or an img2img body's (one with
+        init_images), made in the queue after the jobs before it, with the model it names loaded as the generation
+        would load it; nothing is generated."""
+        img2img = isinstance(body, dict) and body.get("init_images") is not None
+        read = read_img2img if img2img else read_txt2img
+        call = read(body, engine.options, engine.known_schedule_type, engine.declared_size)
+        script = None if img2img else xyz_script(body, plot_axes(engine), engine.options["xyz_axis_numbering"])
 
         def work() -> Forecast | PlotForecast:
             forecast = engine.forecast(call.request, load=True)  # the body's model loaded; a plot's cells of others
@@ -483,8 +486,8 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         ("/txt2img", txt2img, "POST", "Text to image (A1111 request and response shape)"),
         ("/img2img", img2img, "POST", "Image to image, inpainting, and outpainting as A1111's script (A1111 request "
          "and response shape)"),
-        ("/estimate", estimate, "POST", "Will it fit? A txt2img body's peak VRAM, RAM and time on this machine, "
-         "forecast without generating (this app's; loads the model it names)"),
+        ("/estimate", estimate, "POST", "Will it fit? A txt2img or img2img body's peak VRAM, RAM and time on this "
+         "machine, forecast without generating (this app's; loads the model it names)"),
         ("/png-info", png_info, "POST", "The generation parameters stored in an image (base64), read and parsed"),
         ("/reload-checkpoint", reload_checkpoint, "POST", "Load the checkpoint the options select"),
         ("/extra-single-image", extra_single_image, "POST",

@@ -271,10 +271,12 @@ class Engine:
         resize mode), outpainted first where the request says so. Raises UserError for anything the user can fix."""
         if not request.init_images:
             raise UserError("img2img needs an init image", field="init_images")
-        outpaint = request.outpainting()
-        if outpaint is not None:
-            request = outpaint.applied(request, self.options["max_image_side"])
-        return self._generate(request)
+        return self._generate(self._outpainted(request))
+
+    def _outpainted(self, request: GenerationRequest) -> GenerationRequest:
+        """An outpainting request as the inpainting of its canvas (``outpaint``); any other as it is."""
+        outpaint = request.outpainting() if request.init_images else None
+        return request if outpaint is None else outpaint.applied(request, self.options["max_image_side"])
 
     def img2img_folder(self, base: GenerationRequest, batch: FolderBatch) -> GenerationResult:
         """A1111's img2img Batch tab: ``base`` over every image of a folder on the server (``folder_batch``), one
@@ -345,6 +347,7 @@ class Engine:
         """Will it fit? The request's peak VRAM, host RAM and time, forecast from the memory manager's plan and the
         rates measured here (``webui.engine.forecast``); nothing is generated or moved. The forecast needs the
         model's weights: ``load`` loads it as a generation would; else a model not loaded now is a UserError."""
+        request = self._outpainted(request)
         request.validate(self.options.as_dict())
         info = self.checkpoint(request.checkpoint)
         sampling = self.samplers.choose(request.sampler_name, request.scheduler, request.eta, self.options.as_dict())
