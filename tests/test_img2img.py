@@ -256,7 +256,7 @@ def test_the_api_route_answers_in_a1111s_shape(client, engine):
     ({"denoising_strength": "high"}, "denoising_strength", "number"),
     ({"resize_mode": 7}, "resize_mode", "between 0 and 3"),
     ({"script_name": "x/y/z plot"}, "script_name", "img2img script"),
-    ({"initial_noise_multiplier": 1.5}, "initial_noise_multiplier", "cannot"),
+    ({"initial_noise_multiplier": 2.5}, "initial_noise_multiplier", "between 0 and 2.0"),
 ])
 def test_the_api_refuses_bad_input_naming_the_field(client, change, field, words):
     reply = client.post("/sdapi/v1/img2img", json={**WEBUIAPI_BODY, "init_images": [b64(init_picture())], **change})
@@ -462,3 +462,38 @@ def test_resize_by_sets_the_size_from_the_image():
     assert [u["value"] for u in resized_by([init_picture(300, 200)], 0.05, 4096)] == [64, 64]
     assert [u["value"] for u in resized_by([init_picture(3000, 2000)], 4, 4096)] == [4096, 4096]
     assert all("value" not in u for u in resized_by(None, 2, 4096))
+
+
+def test_the_initial_noise_multiplier_scales_only_the_starting_noise():
+    """A1111's initial_noise_multiplier: img2img starts from init + noise x multiplier x the first sigma; the noise of
+    later steps is the sampler's own. The same as handing the sampler noise already scaled."""
+    init = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    steps = DenoiseSteps.img2img(6, 0.6, False)
+    choice = REGISTRY.choose("Euler a", "Automatic")
+
+    def run(start_noise, multiplier):
+        return sample(choice.sampler.ksampler, GuidedDenoiser(fake_unet, SD15, 7.0, False),
+                      lambda model: choice.sigmas(steps.total, model, False), start_noise, [1, 2], generators([1, 2]),
+                      choice.eta, NEVER, steps.start, InitLatents(init, noise_multiplier=multiplier))
+
+    scaled = run(noise(), 0.6)
+    assert torch.equal(scaled, run(noise() * 0.6, 1.0))
+    assert not torch.allclose(scaled, run(noise(), 1.0))
+
+
+def test_the_noise_multiplier_through_the_engine_and_the_api(tmp_path, sd1_file, client):
+    """A request's multiplier (else the option's) changes the image, is written in the infotext as A1111 writes it
+    ("Noise multiplier") and read back by a paste; txt2img has none."""
+    engine = make_engine(tmp_path / "app", sd1_file)
+    plain = engine.img2img(request(None))
+    half = engine.img2img(request(None, initial_noise_multiplier=0.5))
+    assert np.abs(as_array(half.images) - as_array(plain.images)).mean() > 1
+    assert "Noise multiplier" not in plain.infotexts[0]
+    assert parse_infotext(half.infotexts[0])["Noise multiplier"] == "0.5"
+    assert request_fields(half.infotexts[0])["initial_noise_multiplier"] == 0.5
+    engine.options.update({"initial_noise_multiplier": 0.5})
+    assert np.array_equal(as_array(engine.img2img(request(None)).images), as_array(half.images)), "the option's"
+    assert "Noise multiplier" not in engine.txt2img(request(None, init_images=None)).infotexts[0]
+    reply = client.post("/sdapi/v1/img2img", json={**WEBUIAPI_BODY, "init_images": [b64(init_picture())],
+                                                   "initial_noise_multiplier": 0.8})
+    assert reply.status_code == 200 and "Noise multiplier: 0.8" in json.loads(reply.json()["info"])["infotexts"][0]

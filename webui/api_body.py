@@ -157,12 +157,12 @@ def read_txt2img(body: Any, options: Options, known_schedule_type: Callable[[str
 
 
 # img2img's own fields (A1111's StableDiffusionProcessingImg2Img), by what this app does with them.
-IMG2IMG_FIELDS = ("init_images", "denoising_strength", "resize_mode")
+IMG2IMG_FIELDS = ("init_images", "denoising_strength", "resize_mode", "initial_noise_multiplier")
 # How a mask is used: read with a mask; A1111 reads them only with one, so without one they are ignored and named.
 MASK_USE_FIELDS = ("mask_blur", "mask_blur_x", "mask_blur_y", "mask_round", "inpainting_fill", "inpaint_full_res",
                    "inpaint_full_res_padding", "inpainting_mask_invert")
 # Honoured by A1111's img2img and not done here: accepted at the value that changes nothing.
-IMG2IMG_DEFAULT_ONLY = {"initial_noise_multiplier": [None, 1, 1.0], "latent_mask": [None, ""]}
+IMG2IMG_DEFAULT_ONLY = {"latent_mask": [None, ""]}
 # A1111's img2img has no such field (hires. fix is txt2img's) or reads it only for an instruct-pix2pix model
 # (image_cfg_scale): ignored, and named in info. include_init_images only shapes the answer's parameters.
 IMG2IMG_IGNORED = ("enable_hr", *(name for name in HIRES_FIELDS if name != "denoising_strength"), "firstphase_width",

@@ -48,6 +48,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "outdir_txt2img_samples": "",
     "outdir_img2img_samples": "",
     "img2img_fix_steps": False,  # img2img runs exactly the steps asked for (of a longer schedule), not strength x steps
+    "initial_noise_multiplier": 1.0,  # img2img's starting noise times this (A1111's)
     "grid_save": True,
     "outdir_txt2img_grids": "",
     "live_previews_enable": True,
@@ -73,7 +74,6 @@ FIXED_OPTIONS: dict[str, Any] = {
     "emphasis": "Original",
     "always_discard_next_to_last_sigma": False,
     "sgm_noise_multiplier": False,
-    "initial_noise_multiplier": 1.0,
     "token_merging_ratio": 0.0,
 }
 OPTION_CHOICES: dict[str, tuple[str, ...]] = {
@@ -105,6 +105,7 @@ OPTION_RANGES: dict[str, tuple[float, float]] = {
     "max_job_seconds": (0, 7 * 24 * 3600),
     "ESRGAN_tile": (0, 4096),
     "ESRGAN_tile_overlap": (0, 512),
+    "initial_noise_multiplier": (0.0, 2.0),
 }
 # What one request may ask for: set in Settings or POST /options, never by a request's override_settings.
 LIMIT_OPTIONS = {
@@ -136,6 +137,7 @@ OPTION_SECTIONS: dict[str, dict[str, str]] = {
     "img2img": {
         "img2img_fix_steps": "With img2img, do exactly the amount of steps the slider specifies (normally you'd do "
                              "less with less denoising)",
+        "initial_noise_multiplier": "Noise multiplier for img2img",
     },
     "Upscaling": {
         "ESRGAN_tile": "Tile size for upscaler models, in pixels (0: no tiling)",

@@ -335,6 +335,9 @@ class Engine:
             inpaint=inpainting,
             fix_steps=self.options["img2img_fix_steps"],
         )
+        if init_images is not None:
+            multiplier = request.initial_noise_multiplier
+            job.noise_multiplier = self.options["initial_noise_multiplier"] if multiplier is None else multiplier
         if request.enable_hr:
             options = self.options.as_dict()
             job.hires = resolve_hires(job, model.kind.size_multiple, self.options["max_image_side"],

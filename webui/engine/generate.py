@@ -70,6 +70,7 @@ class Resolved:
     extra_params: dict[str, str] = field(default_factory=dict)  # infotext fields from extensions ("Lora hashes")
     init_images: list[Image.Image] | None = None  # img2img's init images as the VAE encodes them; None: txt2img
     inpaint: InpaintImages | None = None  # img2img with a mask: the mask, and how the images go back
+    noise_multiplier: float = 1.0  # img2img: its starting noise times this (A1111's initial_noise_multiplier)
     fix_steps: bool = False  # img2img runs exactly the requested steps (A1111's option img2img_fix_steps)
     hires: HiresPass | None = None  # txt2img's hires. fix: its second pass
     second_pass: bool = False  # this job is a hires pass: img2img's steps from latents it is given
@@ -228,6 +229,7 @@ def infotext_for(model: LoadedModel, job: Resolved, seed: int, subseed: int) -> 
         "Model": model.info.model_name,
         "VAE": job.vae_name,
         "Denoising strength": req.denoising_strength if job.init_images is not None or job.hires else None,
+        "Noise multiplier": job.noise_multiplier if job.noise_multiplier != 1 else None,
         **(inpaint_params(job) if job.inpaint is not None else {}),
         **(hires_params(job) if job.hires is not None else {}),
         "Clip skip": job.clip_skip if job.clip_skip != 1 else None,
@@ -475,7 +477,8 @@ def encode_init(model: LoadedModel, memory: MemoryManager, job: Resolved, estima
         return torch.cat(rows).expand(req.batch_size, -1, -1, -1) if len(rows) == 1 else torch.cat(rows)
 
     pictures = [to_pixels(image) for image in job.init_images]
-    init = InitLatents(batch([encode(model, memory, p, estimates.encode_image, result.notices) for p in pictures]))
+    init = InitLatents(batch([encode(model, memory, p, estimates.encode_image, result.notices) for p in pictures]),
+                       noise_multiplier=job.noise_multiplier)
     if job.inpaint is not None:
         repaint = job.inpaint.latent_mask(*size, rounded=req.mask_round).to(memory.device)
         extra = None
@@ -485,7 +488,7 @@ def encode_init(model: LoadedModel, memory: MemoryManager, job: Resolved, estima
                             for p in pictures])
             small = torch.nn.functional.interpolate(mask, size=size).to(memory.device)
             extra = torch.cat([small.expand(len(masked), -1, -1, -1), masked], dim=1)
-        init = InitLatents(init.latents, repaint, extra)
+        init = replace(init, repaint=repaint, extra=extra)
     clock.lap("encode image")
     return init
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 MAX_SEED = 2**32 - 1
 MIN_SIDE, SIDE_MULTIPLE = 64, 8  # pixels; latents are 1/8 of the image
 MAX_CFG = 100
+MAX_NOISE_MULTIPLIER = 2.0  # A1111's option slider goes to 1.5
 MAX_MASK_BLUR = 128  # pixels (A1111's slider goes to 64)
 MAX_MASK_PADDING = 1024  # pixels around the masked part ("only masked"; A1111's slider goes to 256)
 
@@ -56,6 +57,7 @@ class GenerationRequest:
     init_images: list[Image.Image] | None = None  # img2img's (one for the batch, or one an image); None: txt2img
     denoising_strength: float = 0.75  # img2img: 0 keeps the init image, 1 starts from noise alone
     resize_mode: int = 0  # img2img: how the init images get the size (webui.engine.init_image.RESIZE_MODES)
+    initial_noise_multiplier: float | None = None  # img2img: the starting noise times this (None: the option)
     # Inpainting (img2img with a mask), with A1111's API defaults (its UI's differ: original, whole picture, 32)
     mask: Image.Image | None = None  # white where repainted; an RGBA mask with transparency: its opaque part
     mask_blur: int | None = None  # sets mask_blur_x and mask_blur_y, as A1111's
@@ -174,6 +176,8 @@ class GenerationRequest:
                                 "each image of the batch", field="init_images")
             self.batch_size = len(images)
         _number_in(self.denoising_strength, "denoising_strength", 0, 1)
+        if self.initial_noise_multiplier is not None:
+            _number_in(self.initial_noise_multiplier, "initial_noise_multiplier", 0, MAX_NOISE_MULTIPLIER)
         self.resize_mode = _whole_in(self.resize_mode, "resize_mode", 0, len(RESIZE_MODES) - 1)
         largest = max(max(image.size) for image in images)
         if self.resize_mode == LATENT_UPSCALE and largest > side:

@@ -66,7 +66,7 @@ def denoise_flow(denoiser: torch.nn.Module, layout: FlowLayout, scheduler, noise
     timesteps = scheduler.timesteps[start * scheduler.order:]
     if init is not None:
         original = layout.pack(init.latents)
-        latents = noised_to(scheduler, original, packed_noise, start * scheduler.order)
+        latents = noised_to(scheduler, original, init.start_noise(packed_noise), start * scheduler.order)
         if init.blends:
             repaint = layout.pack(init.repaint.expand(len(noise), noise.shape[1], -1, -1))
     inputs = layout.inputs(denoiser, noise, context, copies, distilled_cfg)

@@ -152,7 +152,7 @@ def sample(ksampler: KSampler, denoiser: GuidedDenoiser, sigmas_for: Callable[[e
     schedule = sigmas_for(denoiser.model).to(noise.device)  # schedules are computed on the CPU
     sigmas = schedule[start:]
     denoiser.model.to(noise.device)
-    x = noise.float() * sigmas[0] if init is None else init.latents + noise.float() * sigmas[0]
+    x = noise.float() * sigmas[0] if init is None else init.latents + init.start_noise(noise.float()) * sigmas[0]
     params = inspect.signature(ksampler.function).parameters
     kwargs: dict = {"eta": eta} if ksampler.takes_eta else {}
     if "noise_sampler" in params:  # the tree spans the whole schedule (A1111's, img2img's too)

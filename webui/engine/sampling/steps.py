@@ -44,11 +44,16 @@ class InitLatents:
     latents: torch.Tensor  # (B, C, h, w) float32
     repaint: torch.Tensor | None = None  # (1 or B, 1, h, w): 1 where repainted, 0 where kept; None: everywhere
     extra: torch.Tensor | None = None  # an inpainting model's extra input: (B, 1 + C, h, w), mask then latents
+    noise_multiplier: float = 1.0  # A1111's initial_noise_multiplier: the starting noise times this
 
     @property
     def blends(self) -> bool:
         """Whether the kept part is put back during denoising (inpainting with a model that is not for it)."""
         return self.repaint is not None and self.extra is None
+
+    def start_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """The noise the init latents start from (A1111 scales only that, not the noise of later steps)."""
+        return noise if self.noise_multiplier == 1 else noise * self.noise_multiplier
 
     def kept(self, latents: torch.Tensor, original: torch.Tensor, repaint: torch.Tensor | None = None) -> torch.Tensor:
         """``latents`` where repainted, ``original`` where kept (``repaint``: the mask in the loop's layout)."""

@@ -55,7 +55,7 @@ def denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generators
     if init is None:
         latents = noise.float() * scheduler.init_noise_sigma
     else:
-        latents = noised_to(scheduler, init.latents, noise.float(), steps.start * scheduler.order)
+        latents = noised_to(scheduler, init.latents, init.start_noise(noise.float()), steps.start * scheduler.order)
     brownian_on_cpu(scheduler, latents, seeds)
     step_extra = step_kwargs(scheduler, generators, sampling.eta)
     total = len(timesteps)
