@@ -26,7 +26,7 @@ from transformers import T5TokenizerFast
 
 from tests.conftest import make_engine
 from tests.test_api import client  # noqa: F401 (the API's fixture)
-from tests.test_clients import api, server  # noqa: F401 (a live server and webuiapi's client of it)
+from tests.test_clients import api, image_of, server  # noqa: F401 (a live server and webuiapi's client of it)
 from tests.test_flow_pipelines import engine_for, files, parts  # noqa: F401 (the flow models' fixtures)
 from tests.test_forecast import planned, record_phases
 from tests.test_memory import model_bytes, set_budget, simulated_engine
@@ -255,7 +255,7 @@ def test_the_api_route_answers_in_a1111s_shape(client, engine):
     ({"denoising_strength": 1.5}, "denoising_strength", "between 0 and 1"),
     ({"denoising_strength": "high"}, "denoising_strength", "number"),
     ({"resize_mode": 7}, "resize_mode", "between 0 and 3"),
-    ({"script_name": "x/y/z plot"}, "script_name", "img2img script"),
+    ({"script_name": "loopback"}, "script_name", "img2img script"),
     ({"initial_noise_multiplier": 2.5}, "initial_noise_multiplier", "between 0 and 2.0"),
 ])
 def test_the_api_refuses_bad_input_naming_the_field(client, change, field, words):
@@ -497,3 +497,23 @@ def test_the_noise_multiplier_through_the_engine_and_the_api(tmp_path, sd1_file,
     reply = client.post("/sdapi/v1/img2img", json={**WEBUIAPI_BODY, "init_images": [b64(init_picture())],
                                                    "initial_noise_multiplier": 0.8})
     assert reply.status_code == 200 and "Noise multiplier: 0.8" in json.loads(reply.json()["info"])["infotexts"][0]
+
+
+def test_an_xyz_plot_over_img2img(client, engine):
+    """The X/Y/Z plot of an img2img body (A1111's img2img script): each cell is an img2img of the init image, the
+    grid saved with img2img's grids; /scripts and /script-info list it for img2img."""
+    from tests.test_api import xyz_args
+
+    body = {**WEBUIAPI_BODY, "init_images": [b64(init_picture())], "batch_size": 1, "script_name": "X/Y/Z plot",
+            "save_images": True,
+            "script_args": xyz_args(("Denoising", "0.2, 0.9", None), include_lone_images=True)}
+    reply = client.post("/sdapi/v1/img2img", json=body)
+    assert reply.status_code == 200, reply.text
+    grid, low, high = (np.asarray(image_of(data)).astype(int) for data in reply.json()["images"])
+    assert grid.shape[1] > low.shape[1] and low.shape == high.shape == (64, 64, 3)
+    original = np.asarray(init_picture()).astype(int)
+    assert np.abs(low - original).mean() < np.abs(high - original).mean(), "more denoising, further from the image"
+    infotexts = json.loads(reply.json()["info"])["infotexts"]
+    assert "Denoising strength: 0.2" in infotexts[1] and "Denoising strength: 0.9" in infotexts[2]
+    assert any("img2img-grids" in p.parts for p in engine.config.paths.outdir.rglob("*.png")), "with img2img's grids"
+    assert "x/y/z plot" in client.get("/sdapi/v1/scripts").json()["img2img"]

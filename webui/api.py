@@ -265,6 +265,7 @@ def script_info() -> list[dict[str, Any]]:
                 {"label": "Outpainting direction", "value": list(DIRECTIONS), "minimum": None, "maximum": None,
                  "step": None, "choices": list(DIRECTIONS)}]
     return [{"name": XYZ_SCRIPT, "is_alwayson": False, "is_img2img": False, "args": args},
+            {"name": XYZ_SCRIPT, "is_alwayson": False, "is_img2img": True, "args": args},
             {"name": OUTPAINT_SCRIPT.lower(), "is_alwayson": False, "is_img2img": True, "args": outpaint}]
 
 
@@ -395,13 +396,20 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         event loop. The answer's parameters leave the init images out unless include_init_images, as A1111's."""
         call = await run_in_threadpool(read_img2img, body, engine.options, engine.known_schedule_type,
                                        engine.declared_size)
-        future = jobs.submit_img2img(call.request, call.overrides)
+        script = None if call.request.outpaint_directions else xyz_script(body, plot_axes(engine),
+                                                                           engine.options["xyz_axis_numbering"])
+        if script is None:
+            future = jobs.submit_img2img(call.request, call.overrides)
+        else:
+            future = jobs.submit_plot(call.request, script.choices, script.options, save_grid=call.save_grid,
+                                      overrides=call.overrides)
         if not await waited(future, request):
             return Response(status_code=CLIENT_GONE)
-        result = future.result()
+        result = future.result() if script is None else future.result().as_result()
         images = await run_in_threadpool(response_images, result) if call.send_images else []
         parameters = body if body.get("include_init_images") else {**body, "init_images": None, "mask": None}
-        return {"images": images, "parameters": parameters, "info": info_json(result, call.ignored, call.notes)}
+        notes = call.notes + (script.notes if script else ())
+        return {"images": images, "parameters": parameters, "info": info_json(result, call.ignored, notes)}
 
     async def estimate(body: Any = Body(...)) -> dict[str, Any]:
         """Will it fit? A txt2img body's forecast (an X/Y/Z script's: every cell's), or an img2img body's (one with
@@ -410,7 +418,8 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         img2img = isinstance(body, dict) and body.get("init_images") is not None
         read = read_img2img if img2img else read_txt2img
         call = read(body, engine.options, engine.known_schedule_type, engine.declared_size)
-        script = None if img2img else xyz_script(body, plot_axes(engine), engine.options["xyz_axis_numbering"])
+        script = None if call.request.outpaint_directions else xyz_script(body, plot_axes(engine),
+                                                                           engine.options["xyz_axis_numbering"])
 
         def work() -> Forecast | PlotForecast:
             forecast = engine.forecast(call.request, load=True)  # the body's model loaded; a plot's cells of others
@@ -512,7 +521,7 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
          "The running job: fraction done, ETA, step, and a preview of its latents"),
         ("/interrupt", jobs.interrupt, "POST", "Stop the running job after its current step"),
         ("/skip", jobs.skip, "POST", "Skip the running job's current image"),
-        ("/scripts", lambda: {"txt2img": [XYZ_SCRIPT], "img2img": [OUTPAINT_SCRIPT.lower()]}, "GET",
+        ("/scripts", lambda: {"txt2img": [XYZ_SCRIPT], "img2img": [OUTPAINT_SCRIPT.lower(), XYZ_SCRIPT]}, "GET",
          "Scripts a request can name"),
         ("/refresh-vae", refresh_vae, "POST", "Scan the VAE folder again (it is read at every call)"),
         ("/sd-vae", lambda: vae_list(engine), "GET", "VAE files of models/VAE (A1111 shape)"),

@@ -203,18 +203,20 @@ def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str
         ignored += [key for key in ("mask", *MASK_USE_FIELDS, "width", "height", "resize_mode")
                     if key in body and key not in ignored]
         ignored += [key for key in ("batch_size", "n_iter") if body.get(key) not in (None, 1)]
-    elif body.get("script_args"):
+    elif body.get("script_args") and body.get("script_name") in (None, ""):
         ignored.append("script_args")  # A1111 reads them only for a script
     return replace(call, ignored=call.ignored + tuple(ignored))
 
 
 def img2img_script(body: dict[str, Any]) -> Outpaint | None:
-    """The img2img script a request names (A1111's titles, any case): the one there is, outpainting."""
+    """The outpainting an img2img request's script asks for (A1111's title, any case); None for none or the X/Y/Z
+    plot (``xyz_script`` reads that one); another name is refused."""
     name = body.get("script_name")
-    if name in (None, ""):
+    if name in (None, "") or (isinstance(name, str) and name.strip().lower() == XYZ_SCRIPT):
         return None
-    if not isinstance(name, str) or name.lower() != OUTPAINT_SCRIPT.lower():
-        raise UserError(f"no img2img script {name!r}; the one there is is {OUTPAINT_SCRIPT!r}", field="script_name")
+    if not isinstance(name, str) or name.strip().lower() != OUTPAINT_SCRIPT.lower():
+        raise UserError(f"no img2img script {name!r}; the scripts are {OUTPAINT_SCRIPT!r} and {XYZ_SCRIPT!r}",
+                        field="script_name")
     return Outpaint.from_args(body.get("script_args") or [])
 
 

@@ -51,6 +51,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "initial_noise_multiplier": 1.0,  # img2img's starting noise times this (A1111's)
     "grid_save": True,
     "outdir_txt2img_grids": "",
+    "outdir_img2img_grids": "",
     "live_previews_enable": True,
     "show_progress_every_n_steps": 1,
     "max_image_side": 4096,
@@ -85,6 +86,7 @@ OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "xyz_axis_numbering": ("A1111", "Forge"),
 }
 OUTPUT_FOLDER_OPTIONS = {"outdir_txt2img_samples": "txt2img-images", "outdir_txt2img_grids": "txt2img-grids",
+                         "outdir_img2img_grids": "img2img-grids",
                          "outdir_extras_samples": "extras-images",
                          "outdir_img2img_samples": "img2img-images"}
 OPTION_RANGES: dict[str, tuple[float, float]] = {
@@ -127,6 +129,7 @@ OPTION_SECTIONS: dict[str, dict[str, str]] = {
         "outdir_txt2img_samples": "Folder for txt2img images, inside the outputs folder (empty: txt2img-images)",
         "grid_save": "Always save all generated image grids",
         "outdir_txt2img_grids": "Folder for txt2img grids, inside the outputs folder (empty: txt2img-grids)",
+        "outdir_img2img_grids": "Folder for img2img grids, inside the outputs folder (empty: img2img-grids)",
         "outdir_extras_samples": "Folder for Extras images, inside the outputs folder (empty: extras-images)",
         "outdir_img2img_samples": "Folder for img2img images, inside the outputs folder (empty: img2img-images)",
     },

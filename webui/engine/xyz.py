@@ -307,6 +307,7 @@ def run_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice],
     """Generate every cell of the plot (X, Y, Z = ``choices``), then the grid; UserError before any work for a
     bad axis or value."""
     plan, shape, planned = plan_cells(engine, base, choices, axes, options)
+    generate = engine.txt2img if base.init_images is None else engine.img2img
     cells: dict[tuple[int, int, int], GenerationResult] = {}
     progress = engine.progress
     progress.begin_plot(len(planned))
@@ -314,7 +315,7 @@ def run_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice],
         with engine.memory.tracing() as trace:
             for index, cell in planned:
                 with engine.options.overridden(cell.options):
-                    result = engine.txt2img(cell.request)
+                    result = generate(cell.request)
                 cells[index] = result
                 progress.next_cell()
                 if result.interrupted or progress.interrupted:
@@ -383,7 +384,8 @@ def _finish(engine: Engine, base: GenerationRequest, plan: list[tuple[Axis, list
     save = engine.options["grid_save"] if save_grid is None else save_grid
     path = None
     if save and first is not None:
-        path = save_image(grid, engine.output_folder("outdir_txt2img_grids"), first.seed, base.prompt, infotext)
+        folder = "outdir_txt2img_grids" if base.init_images is None else "outdir_img2img_grids"
+        path = save_image(grid, engine.output_folder(folder), first.seed, base.prompt, infotext)
     return PlotResult(grid, infotext, path, grids, made, interrupted, options)
 
 
