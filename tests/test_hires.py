@@ -145,19 +145,31 @@ def test_bad_hires_input_names_the_field(tmp_path, sd1_file, change, field):
     assert error.value.field == field
 
 
-def test_the_forecast_plans_the_hires_pass(tmp_path, sd1_file):
-    """The second pass is a phase of its own, planned with its activation estimate as it then runs."""
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_the_forecast_plans_the_hires_pass(tmp_path, sd1_file, upscaler):
+    """The second pass is a phase of its own, planned with its activation estimate as it then runs; an image
+    upscaler's decode and encode too, and its time is learnt (per upscaler) and forecast from the next job on."""
     engine = simulated_engine(tmp_path, sd1_file)
-    job = hires_request(sd1_file.name)
+    job = hires_request(sd1_file.name, hr_upscaler=upscaler, batch_size=1)
     engine.txt2img(job)
     forecast = engine.forecast(job)
     seen = record_phases(engine)
-    engine.txt2img(job)
-    assert [name for name, _ in forecast.first][-3:] == ["denoising", "hires denoising", "decode"]
+    result = engine.txt2img(job)
+    names = [name for name, _ in forecast.first]
+    image_upscaler = upscaler == "Lanczos"
+    tail = ["denoising", *(["hires upscale"] * 2 if image_upscaler else []), "hires denoising", "decode"]
+    assert names[-len(tail):] == tail
     hires = dict(forecast.first)["hires denoising"]
     assert hires.activation > dict(forecast.first)["denoising"].activation
     assert forecast.shape.hires_steps == DenoiseSteps.img2img(STEPS, 0.6, False).run
     assert planned(forecast) == seen
+    assert (forecast.shape.upscaler == upscaler) == image_upscaler and forecast.seconds is not None
+    assert (upscaler in forecast.rates.upscale_seconds_per_pixel) == image_upscaler
+    again = engine.forecast(job)
+    assert again.seconds == pytest.approx(sum(result.timings.values()), rel=0.9), "the same order as measured"
+    if image_upscaler:
+        other = engine.forecast(hires_request(sd1_file.name, hr_upscaler="Nearest", batch_size=1))
+        assert other.seconds is None and "known after" in other.summary(), "not measured for that upscaler yet"
 
 
 def test_the_api_runs_hires_fix(client):

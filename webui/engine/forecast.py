@@ -38,6 +38,7 @@ class JobShape:
     init_pixels: int = 0  # img2img: pixels of the init images the VAE encodes (once for all batches)
     hires_steps: int = 0  # hires. fix: the second pass's steps, each over hires_latent_pixels
     hires_latent_pixels: int = 0
+    upscaler: str | None = None  # hires. fix with an image upscaler: its name (its time is learnt per upscaler)
 
     @classmethod
     def of(cls, model: LoadedModel, job: Resolved) -> JobShape:
@@ -49,7 +50,8 @@ class JobShape:
                    not encoded_already(model, job),
                    sum(image.width * image.height for image in job.init_images or ()),
                    job.hires.job.steps.run if job.hires is not None else 0,
-                   (final.width // factor) * (final.height // factor) if job.hires is not None else 0)
+                   (final.width // factor) * (final.height // factor) if job.hires is not None else 0,
+                   job.hires.upscaler if job.hires is not None and not job.hires.latent else None)
 
 
 @dataclass
@@ -61,11 +63,14 @@ class Rates:
     decode_seconds_per_pixel: float | None = None
     image_encode_seconds_per_pixel: float | None = None  # img2img's VAE encode; known after the first img2img
     bandwidth: float | None = None  # host → device bytes a second, as the copies were measured
+    # hires. fix's image upscale (the first pass decoded, upscaled, encoded again), per upscaler, per output pixel
+    upscale_seconds_per_pixel: dict[str, float] = field(default_factory=dict)
 
     def known(self, shape: JobShape) -> bool:
         """Whether every rate ``shape``'s phases need was measured."""
         needed = (self.step_seconds_per_pixel, self.encode_seconds_per_prompt, self.decode_seconds_per_pixel,
-                  *((self.image_encode_seconds_per_pixel,) if shape.init_pixels else ()))
+                  *((self.image_encode_seconds_per_pixel,) if shape.init_pixels else ()),
+                  *((self.upscale_seconds_per_pixel.get(shape.upscaler),) if shape.upscaler else ()))
         return None not in needed
 
     def learn(self, forecast: Forecast, result: GenerationResult) -> None:
@@ -92,6 +97,10 @@ class Rates:
                 self.step_seconds_per_pixel = compute / (shape.latent_pixels * shape.rows)
         self.decode_seconds_per_pixel = (max(timings["decode"] - moves["decode"], 0.0)
                                          / (shape.pixels * shape.batch_size * shape.batches))
+        if shape.upscaler and "hires upscale" in timings:  # a new dict: a forecast made before keeps its rates
+            upscale = max(timings["hires upscale"] - moves["hires upscale"], 0.0)
+            self.upscale_seconds_per_pixel = {**self.upscale_seconds_per_pixel, shape.upscaler: upscale / (
+                shape.pixels * shape.batch_size * shape.batches)}
 
 
 @dataclass(frozen=True)
@@ -124,7 +133,8 @@ class Forecast:
 
     def moved_by_phase(self) -> dict[str, int]:
         """Bytes each phase moves over the whole job."""
-        moved = {"image encoding": 0, "text encoding": 0, "denoising": 0, "hires denoising": 0, "decode": 0}
+        moved = {"image encoding": 0, "text encoding": 0, "denoising": 0, "hires upscale": 0, "hires denoising": 0,
+                 "decode": 0}
         for phases, times in ((self.first, 1), (self.later, self.shape.batches - 1)):
             for name, plan in phases:
                 moved[name] += plan.moved * times
@@ -133,7 +143,7 @@ class Forecast:
     def bus_bytes(self) -> int:
         """Bytes the job copies between host and device: its placements, and its streamed weights at every call
         (the denoiser's once a step: a sampler that calls it twice a step copies twice that)."""
-        calls = {"image encoding": 1, "text encoding": 1, "denoising": self.shape.steps,
+        calls = {"image encoding": 1, "text encoding": 1, "denoising": self.shape.steps, "hires upscale": 1,
                  "hires denoising": self.shape.hires_steps, "decode": 1}
         return sum(self.moved_by_phase().values()) + sum(
             plan.streamed * calls[name] * times
@@ -155,6 +165,8 @@ class Forecast:
             return max(compute, streaming) if self.async_copies else compute + streaming
 
         hires = shape.hires_steps * step(shape.hires_latent_pixels, "hires denoising") if shape.hires_steps else 0.0
+        if shape.upscaler:
+            hires += rates.upscale_seconds_per_pixel[shape.upscaler] * shape.pixels * shape.batch_size
         moved = sum(self.moved_by_phase().values())
         return ((rates.encode_seconds_per_prompt * shape.rows if shape.encodes else 0.0)
                 + (rates.image_encode_seconds_per_pixel * shape.init_pixels if shape.init_pixels else 0.0)
@@ -226,7 +238,12 @@ def forecast_job(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy
             named.append(("text encoding", planner.phases[-1]))
         planner.prepare(["denoiser"])
         named.append(("denoising", planner.phases[-1]))
-        if job.hires is not None:  # the upscaler's time and moves (an image upscaler's) are not forecast
+        if job.hires is not None and not job.hires.latent:  # the first pass decoded, upscaled, encoded again
+            planner.prepare_vae("vae", estimates.hires_decode)
+            named.append(("hires upscale", planner.phases[-1]))
+            planner.prepare_vae("vae", estimates.hires_encode, phase=IMAGE_ENCODE_PHASE)
+            named.append(("hires upscale", planner.phases[-1]))
+        if job.hires is not None:
             planner.prepare(["denoiser"], estimates.hires_denoise)
             named.append(("hires denoising", planner.phases[-1]))
         tiled = planner.prepare_vae("vae", estimates.decode)

@@ -111,6 +111,7 @@ class PhaseEstimates:
     encode_image: int = 0  # img2img: the VAE encoding the largest init image (they are encoded one at a time)
     hires_denoise: int = 0  # hires. fix: its pass's denoise, at the hires size
     hires_encode: int = 0  # hires. fix with an image upscaler: an upscaled image through the VAE
+    hires_decode: int = 0  # hires. fix with an image upscaler: the first pass's batch decoded, at its own size
 
     @classmethod
     def of(cls, model: LoadedModel, job: Resolved) -> PhaseEstimates:
@@ -126,6 +127,8 @@ class PhaseEstimates:
             hires_denoise=0 if job.hires is None else denoise_bytes(model, job.hires.job),
             hires_encode=0 if job.hires is None or job.hires.latent else vae_encode_bytes(final.width, final.height,
                                                                                           1, vae_dtype),
+            hires_decode=0 if job.hires is None or job.hires.latent else vae_decode_bytes(req.width, req.height,
+                                                                                          req.batch_size, vae_dtype),
         )
 
 
