@@ -248,7 +248,6 @@ def test_the_api_route_answers_in_a1111s_shape(client, engine):
 
 @pytest.mark.parametrize("change, field, words", [
     ({"mask": "AAAA"}, "mask", "base64"),
-    ({"latent_mask": "AAAA"}, "latent_mask", "cannot"),
     ({"init_images": ["not an image"]}, "init_images", "base64"),
     ({"init_images": [base64.b64encode(b"GIF89a but not really").decode()]}, "init_images", "image"),
     ({"init_images": []}, "init_images", "image"),

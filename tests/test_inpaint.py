@@ -376,3 +376,28 @@ def test_the_img2img_tab_inpaints_what_is_painted(ui, tmp_path):
     mask_picture(32, 32).save(upload)
     status = ui.predict(init_images=canvas(picture), mask=handle_file(str(upload)), **fields)[2]
     assert "Mask (white is repainted; instead of painting) (mask): is 32x32" in status, status
+
+
+def test_a_latent_mask_replaces_the_mask_for_the_latents_only(tmp_path, sd1_file, client):
+    """A1111's latent_mask: the latents are kept or repainted by it, taken as it is, while the picture still goes
+    back through the mask. Black everywhere keeps every latent: inside the mask the picture is the init image through
+    the VAE alone (strength 0). The API reads it with a mask, names it ignored without one, refuses a non-image."""
+    engine = make_engine(tmp_path / "app", sd1_file)
+    fields = dict(mask=mask_picture(), mask_blur=0, inpainting_fill=1, inpaint_full_res=False, denoising_strength=0.9,
+                  batch_size=1)
+    plain = as_array(engine.img2img(request(None, **fields)).images)
+    same = as_array(engine.img2img(request(None, **fields, latent_mask=mask_picture(16, 16, (4, 2, 12, 10)))).images)
+    assert np.abs(same - plain).max() <= 1, "the same mask at another size: the same latents"
+    kept = as_array(engine.img2img(request(None, **fields, latent_mask=Image.new("L", (8, 8)))).images)
+    through_vae = as_array(engine.img2img(request(None, denoising_strength=0.0, batch_size=1)).images)
+    masked = np.asarray(mask_picture()) > 0
+    assert np.abs(kept[0][masked] - through_vae[0][masked]).max() <= 1
+    assert np.abs(plain[0][masked] - through_vae[0][masked]).mean() > 5
+    body = {**WEBUIAPI_BODY, "init_images": [b64(init_picture())], "mask": b64(mask_picture()),
+            "latent_mask": b64(Image.new("L", (8, 8))), "batch_size": 1}
+    reply = client.post("/sdapi/v1/img2img", json=body)
+    assert reply.status_code == 200 and "latent_mask" not in json.loads(reply.json()["info"])["ignored_fields"]
+    reply = client.post("/sdapi/v1/img2img", json={**body, "mask": None})
+    assert reply.status_code == 200 and "latent_mask" in json.loads(reply.json()["info"])["ignored_fields"]
+    reply = client.post("/sdapi/v1/img2img", json={**body, "latent_mask": "AAAA"})
+    assert reply.status_code == 422 and reply.json()["field"] == "latent_mask"

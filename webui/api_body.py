@@ -160,9 +160,7 @@ def read_txt2img(body: Any, options: Options, known_schedule_type: Callable[[str
 IMG2IMG_FIELDS = ("init_images", "denoising_strength", "resize_mode", "initial_noise_multiplier")
 # How a mask is used: read with a mask; A1111 reads them only with one, so without one they are ignored and named.
 MASK_USE_FIELDS = ("mask_blur", "mask_blur_x", "mask_blur_y", "mask_round", "inpainting_fill", "inpaint_full_res",
-                   "inpaint_full_res_padding", "inpainting_mask_invert")
-# Honoured by A1111's img2img and not done here: accepted at the value that changes nothing.
-IMG2IMG_DEFAULT_ONLY = {"latent_mask": [None, ""]}
+                   "inpaint_full_res_padding", "inpainting_mask_invert", "latent_mask")
 # A1111's img2img has no such field (hires. fix is txt2img's) or reads it only for an instruct-pix2pix model
 # (image_cfg_scale): ignored, and named in info. include_init_images only shapes the answer's parameters.
 IMG2IMG_IGNORED = ("enable_hr", *(name for name in HIRES_FIELDS if name != "denoising_strength"), "firstphase_width",
@@ -177,10 +175,6 @@ def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str
     the one img2img script there is, outpainting (``img2img_script``)."""
     if not isinstance(body, dict):
         raise UserError("the request body must be a JSON object", field="body")
-    for key, allowed in IMG2IMG_DEFAULT_ONLY.items():
-        value = body.get(key)
-        if not any(value == default and type(value) is type(default) for default in allowed):
-            raise UserError(f"this app cannot do {key}={value!r} yet; leave it at its default", field=key)
     outpaint = img2img_script(body)
     given = body.get("init_images")
     if not isinstance(given, list) or not given:
@@ -188,8 +182,9 @@ def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str
     largest = options["max_image_side"] * MAX_DECODED_SIDE_FACTOR
     images = [decode_image(data, "init_images", largest) for data in given]
     mask = None if body.get("mask") in (None, "") else decode_image(body["mask"], "mask", largest)
-    mine = (*IMG2IMG_FIELDS, *MASK_USE_FIELDS, *IMG2IMG_DEFAULT_ONLY, *IMG2IMG_IGNORED, *IMG2IMG_READ, "script_name",
-            "script_args")
+    if mask is not None and body.get("latent_mask") not in (None, ""):
+        body = {**body, "latent_mask": decode_image(body["latent_mask"], "latent_mask", largest)}
+    mine = (*IMG2IMG_FIELDS, *MASK_USE_FIELDS, *IMG2IMG_IGNORED, *IMG2IMG_READ, "script_name", "script_args")
     call = read_txt2img({k: v for k, v in body.items() if k not in mine}, options, known_schedule_type, declared_size)
     request = call.request
     request.init_images, request.mask = images, mask
@@ -438,8 +433,9 @@ def img2img_body_schema() -> dict[str, Any]:
         "inpaint_full_res_padding": {"description": f"with a mask: 0 to {MAX_MASK_PADDING} pixels, default 0"},
         "inpainting_mask_invert": {"description": "with a mask: 1 (or true) inpaints what is not masked, default 0"},
         "mask_round": {"description": "with a mask: the latent mask rounded (true, the default) or blended"},
+        "latent_mask": {"type": ["string", "null"], "description": "with a mask: another mask in base64 for the "
+                                                                   "latents only, taken as it is (A1111's)"},
     }
-    properties |= {name: {"enum": values} for name, values in IMG2IMG_DEFAULT_ONLY.items()}
     properties |= {name: {"description": "not read by A1111's img2img (only for instruct-pix2pix, or only in "
                                          "txt2img): ignored"}
                    for name in IMG2IMG_IGNORED}

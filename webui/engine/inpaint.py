@@ -4,6 +4,7 @@ scaled to its size); the masked content filled; and each finished image put back
 is laid over it through the blurred mask. The latents' side is ``sampling.steps.InitLatents``."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,11 +50,14 @@ class InpaintImages:
     overlays: list[Image.Image]  # "RGBA" at the result's size: each original where it is kept, laid over the result
     paste_to: tuple[int, int, int, int] | None  # (x, y, width, height) the generation fills (only masked)
     notices: tuple[str, ...] = ()
+    latent: Image.Image | None = None  # A1111's latent_mask: used as it is for the latents instead of ``mask``
 
     def latent_mask(self, height: int, width: int, rounded: bool = True) -> torch.Tensor:
         """(1, 1, height, width) float32: 1 where the latents are repainted, 0 where kept; rounded (A1111's
-        mask_round) unless asked to keep the blur's shades."""
-        small = np.asarray(self.mask.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+        mask_round) unless asked to keep the blur's shades. A request's latent mask is taken as it is (not blurred,
+        inverted nor cut out), resized to the latents, as A1111 takes it."""
+        source = self.mask if self.latent is None else self.latent.convert("L")
+        small = np.asarray(source.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32) / 255
         return torch.from_numpy(np.round(small) if rounded else small)[None, None]
 
     def pixel_mask(self) -> torch.Tensor:
@@ -85,6 +89,8 @@ def init_pictures(request: GenerationRequest, factor: int) -> tuple[list[Image.I
                 for image in request.init_images], None
     inpainting = prepare([init_image.flatten(image) for image in request.init_images], request.mask,
                          request.inpaint_options(), request.resize_mode, request.width, request.height)
+    if request.latent_mask is not None:
+        inpainting = dataclasses.replace(inpainting, latent=request.latent_mask)
     return inpainting.images, inpainting
 
 

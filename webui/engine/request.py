@@ -68,6 +68,7 @@ class GenerationRequest:
     inpaint_full_res_padding: int = 0
     inpainting_mask_invert: int = 0  # 1: inpaint what is not masked
     mask_round: bool = True  # the latent mask rounded to 0 or 1 (else the blur's shades blend)
+    latent_mask: Image.Image | None = None  # A1111's: another mask for the latents only, taken as it is (a script's)
     # Hires. fix (txt2img): the first pass upscaled, then img2img at denoising_strength there (A1111's fields)
     enable_hr: bool = False
     hr_scale: float = 2.0
@@ -209,6 +210,8 @@ class GenerationRequest:
         self.inpainting_mask_invert = _flag(self.inpainting_mask_invert, "inpainting_mask_invert")
         if not isinstance(self.mask_round, bool):
             raise UserError(f"must be true or false, got {self.mask_round!r}", field="mask_round")
+        if self.latent_mask is not None and not isinstance(self.latent_mask, Image.Image):
+            raise UserError("must be an image (white where the latents are repainted)", field="latent_mask")
 
 
     def _check_hires(self, limits: dict[str, Any]) -> None:
