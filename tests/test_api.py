@@ -208,7 +208,8 @@ def test_read_routes_have_a1111_shapes(client, engine):
     assert "Euler a" in [s["name"] for s in client.get("/sdapi/v1/samplers").json()]
     assert "karras" in [s["name"] for s in client.get("/sdapi/v1/schedulers").json()]
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot"],
-                                                       "img2img": ["poor man's outpainting", "x/y/z plot"]}
+                                                       "img2img": ["poor man's outpainting", "outpainting mk2",
+                                                                   "x/y/z plot"]}
     assert client.get("/sdapi/v1/cmd-flags").json()["device"] == "cpu"
     modules = [m["model_name"] for m in client.get("/sdapi/v1/sd-modules").json()]
     assert modules == ["demo-shapes-clip_l.safetensors", "demo-shapes-vae.safetensors"], "the demo's, built in"
@@ -271,7 +272,8 @@ def test_reload_extensions_and_script_info(client, engine):
     load_extensions(engine, find_extensions(BUILTIN_DIR, builtin=True))
     listed = {e["name"]: e for e in client.get("/sdapi/v1/extensions").json()}
     assert listed["lora"]["enabled"] and listed["lora"]["builtin"] and listed["lora"]["error"] is None
-    script, img2img_plot, outpaint = client.get("/sdapi/v1/script-info").json()
+    script, img2img_plot, outpaint, mk2 = client.get("/sdapi/v1/script-info").json()
+    assert mk2["name"] == "outpainting mk2" and len(mk2["args"]) == 6
     assert outpaint["name"] == "poor man's outpainting" and outpaint["is_img2img"]
     assert img2img_plot["is_img2img"] and img2img_plot["args"] == script["args"] and not script["is_img2img"]
     assert script["name"] == "x/y/z plot" and [a["label"] for a in script["args"]][:3] == \

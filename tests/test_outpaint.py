@@ -11,22 +11,25 @@ from PIL import Image
 from tests.conftest import make_engine
 from tests.test_api import client  # noqa: F401 (the API's fixture)
 from tests.test_clients import image_of
+from webui.engine.infotext import parse_infotext
 from tests.test_img2img import WEBUIAPI_BODY, as_array, b64, canvas, init_picture, request, ui  # noqa: F401 (ui)
-from webui.engine.outpaint import DIRECTIONS, SCRIPT_TITLE, Outpaint
+from webui.engine.outpaint import DIRECTIONS, MK2_TITLE, SCRIPT_TITLE, Outpaint, matched_noise
 from webui.errors import UserError
 
 
 def test_the_canvas_grows_the_chosen_sides_to_multiples_of_64():
     picture = init_picture(100, 64)
-    canvas, mask = Outpaint(pixels=32, mask_blur=4, directions=("left", "right")).canvas(picture)
+    canvas, mask, latent_mask = Outpaint(pixels=32, mask_blur=4, directions=("left", "right")).canvas(picture)
     assert canvas.size == mask.size == (192, 64)  # 100 + 2 x 32 = 164, up to 192: 46 more each side
     assert np.array_equal(np.asarray(canvas)[:, 46:146], np.asarray(picture)), "the picture in the middle"
     assert not np.asarray(canvas)[:, :46].any() and not np.asarray(canvas)[:, 146:].any(), "black where new"
     painted = np.asarray(mask) == 255
     # the new sides and twice the blur into the picture are painted; up and down are not extended, so kept
     assert painted[:, :54].all() and painted[:, 138:].all() and not painted[:, 54:138].any()
+    latent = np.asarray(latent_mask) == 255  # A1111's: half the blur into the picture
+    assert latent[:, :48].all() and latent[:, 144:].all() and not latent[:, 48:144].any()
 
-    canvas, mask = Outpaint(pixels=40, mask_blur=0, directions=("up",)).canvas(init_picture(64, 70))
+    canvas, mask, _ = Outpaint(pixels=40, mask_blur=0, directions=("up",)).canvas(init_picture(64, 70))
     assert canvas.size == (64, 128) and Outpaint(pixels=40, directions=("up",)).margins(64, 70) == (0, 58, 0, 0)
     assert (np.asarray(mask)[:58] == 255).all() and not np.asarray(mask)[58:].any()
     left, top, right, bottom = Outpaint(pixels=8, directions=("down",)).margins(100, 64)
@@ -40,8 +43,9 @@ def test_outpainting_is_the_inpainting_of_its_canvas(tmp_path, sd1_file):
     engine = make_engine(tmp_path, sd1_file)
     outpaint = Outpaint(pixels=16, mask_blur=2, fill=0, directions=("left", "down"))
     result = engine.img2img(request(None, **outpaint.fields(), batch_size=2, denoising_strength=0.8))
-    canvas, mask = outpaint.canvas(init_picture())
-    by_hand = engine.img2img(request(None, init_images=[canvas], mask=mask, mask_blur=4, inpainting_fill=0,
+    canvas, mask, latent_mask = outpaint.canvas(init_picture())
+    by_hand = engine.img2img(request(None, init_images=[canvas], mask=mask, latent_mask=latent_mask, mask_blur=4,
+                                     inpainting_fill=0,
                                      inpaint_full_res=False, width=128, height=128, batch_size=1,
                                      denoising_strength=0.8))
     assert len(result.images) == 1 and result.images[0].size == (128, 128)
@@ -92,6 +96,14 @@ def test_the_api_outpaints_with_a1111s_script_request(client):
     assert SCRIPT_TITLE.lower() in client.get("/sdapi/v1/scripts").json()["img2img"]
     info = next(s for s in client.get("/sdapi/v1/script-info").json() if s["name"] == SCRIPT_TITLE.lower())
     assert info["is_img2img"] and [a["value"] for a in info["args"]] == [128, 4, "fill", list(DIRECTIONS)]
+    mk2 = {**body, "script_name": "Outpainting mk2", "script_args": ["", 32, 4, ["right"], 1.0, 0.05]}
+    reply = client.post("/sdapi/v1/img2img", json=mk2)
+    assert reply.status_code == 200, reply.text
+    assert [image_of(i).size for i in reply.json()["images"]] == [(128, 64)] * WEBUIAPI_BODY["batch_size"]
+    assert "batch_size" not in json.loads(reply.json()["info"])["ignored_fields"], "mk2 makes the batch"
+    reply = client.post("/sdapi/v1/img2img", json={**mk2, "script_args": ["", 32, 40]})
+    assert reply.status_code == 422 and reply.json()["field"] == "script_args"
+    assert "outpainting mk2" in client.get("/sdapi/v1/scripts").json()["img2img"]
 
 
 def test_the_img2img_tab_outpaints_where_a_direction_is_chosen(ui, tmp_path):
@@ -107,3 +119,37 @@ def test_the_img2img_tab_outpaints_where_a_direction_is_chosen(ui, tmp_path):
     assert image.shape == (64, 128, 3)
     assert (image[:, :48] == np.asarray(init_picture()).astype(int)[:, :48]).all(), "the picture kept"
     assert image[:, 64:].mean() > 5, "the new side painted"
+
+
+def test_matched_noise_takes_the_pictures_colours_and_keeps_the_picture():
+    """mk2's start: the painted part's values are the kept part's, rank for rank, channel by channel; the kept part
+    is untouched; the same call gives the same noise."""
+    picture = np.asarray(init_picture(64, 48), dtype=np.float64) / 255
+    painted = np.zeros((48, 64), bool)
+    painted[:, 40:] = True
+    noise = matched_noise(picture, painted, 1.0, 0.05, np.random.default_rng(0))
+    assert np.array_equal(noise[~painted], picture[~painted])
+    for c in range(3):
+        made, kept = np.sort(noise[..., c][painted]), np.sort(picture[..., c][~painted])
+        assert np.allclose(np.quantile(made, [0.1, 0.5, 0.9]), np.quantile(kept, [0.1, 0.5, 0.9]), atol=0.02)
+    assert noise[painted].std() > 0.05, "not one flat colour"
+    assert np.array_equal(noise, matched_noise(picture, painted, 1.0, 0.05, np.random.default_rng(0)))
+
+
+def test_outpainting_mk2_paints_the_border_from_matched_noise(tmp_path, sd1_file):
+    """mk2 on the same path: the border starts from matched noise (masked content original), the blur four times the
+    script's on the extended axis only, a batch of images; the picture is kept beyond the blur."""
+    engine = make_engine(tmp_path, sd1_file)
+    outpaint = Outpaint(pixels=32, mask_blur=2, directions=("right",), method=MK2_TITLE)
+    result = engine.img2img(request(None, **outpaint.fields(), batch_size=2, denoising_strength=0.8))
+    assert [image.size for image in result.images] == [(128, 64)] * 2
+    params = parse_infotext(result.infotexts[0])
+    assert params.get("Mask blur") is None and "Masked content" not in params, "8 across, 0 down; original"
+    canvas, mask, latent_mask = outpaint.canvas(init_picture())
+    by_hand = engine.img2img(request(None, init_images=[canvas], mask=mask, latent_mask=latent_mask, mask_blur_x=8,
+                                     mask_blur_y=0, inpainting_fill=1, inpaint_full_res=False, width=128, height=64,
+                                     batch_size=2, denoising_strength=0.8))
+    assert np.array_equal(as_array(result.images), as_array(by_hand.images))
+    image = as_array(result.images)[0]
+    assert np.array_equal(image[:, :40], np.asarray(init_picture())[:, :40]), "kept beyond the blur's reach"
+    assert image[:, 64:].mean() > 5

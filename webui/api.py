@@ -46,6 +46,8 @@ from webui.engine.forecast import Forecast
 from webui.engine.inpaint import FILLS
 from webui.engine.outpaint import DIRECTIONS
 from webui.engine.outpaint import MAX_BLUR as OUTPAINT_MAX_BLUR
+from webui.engine.outpaint import MAX_MK2_BLUR as OUTPAINT_MAX_MK2_BLUR
+from webui.engine.outpaint import MK2_TITLE as OUTPAINT_MK2
 from webui.engine.outpaint import SCRIPT_TITLE as OUTPAINT_SCRIPT
 from webui.engine.hires import LATENT_MODES
 from webui.engine.infotext import PNG_SIGNATURE, parse_infotext, png_text, read_png_infotext
@@ -264,9 +266,15 @@ def script_info() -> list[dict[str, Any]]:
                  "choices": list(FILLS)},
                 {"label": "Outpainting direction", "value": list(DIRECTIONS), "minimum": None, "maximum": None,
                  "step": None, "choices": list(DIRECTIONS)}]
+    mk2 = [{"label": "", "value": None, "minimum": None, "maximum": None, "step": None, "choices": None},
+           {**outpaint[0]}, {**outpaint[1], "value": 8, "maximum": OUTPAINT_MAX_MK2_BLUR}, outpaint[3],
+           {"label": "Fall-off exponent (lower=higher detail)", "value": 1.0, "minimum": 0.0, "maximum": 4.0,
+            "step": 0.01, "choices": None},
+           {"label": "Color variation", "value": 0.05, "minimum": 0.0, "maximum": 1.0, "step": 0.01, "choices": None}]
     return [{"name": XYZ_SCRIPT, "is_alwayson": False, "is_img2img": False, "args": args},
             {"name": XYZ_SCRIPT, "is_alwayson": False, "is_img2img": True, "args": args},
-            {"name": OUTPAINT_SCRIPT.lower(), "is_alwayson": False, "is_img2img": True, "args": outpaint}]
+            {"name": OUTPAINT_SCRIPT.lower(), "is_alwayson": False, "is_img2img": True, "args": outpaint},
+            {"name": OUTPAINT_MK2.lower(), "is_alwayson": False, "is_img2img": True, "args": mk2}]
 
 
 class ApiError(BaseModel):
@@ -521,7 +529,8 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
          "The running job: fraction done, ETA, step, and a preview of its latents"),
         ("/interrupt", jobs.interrupt, "POST", "Stop the running job after its current step"),
         ("/skip", jobs.skip, "POST", "Skip the running job's current image"),
-        ("/scripts", lambda: {"txt2img": [XYZ_SCRIPT], "img2img": [OUTPAINT_SCRIPT.lower(), XYZ_SCRIPT]}, "GET",
+        ("/scripts", lambda: {"txt2img": [XYZ_SCRIPT], "img2img": [OUTPAINT_SCRIPT.lower(), OUTPAINT_MK2.lower(),
+                                                                  XYZ_SCRIPT]}, "GET",
          "Scripts a request can name"),
         ("/refresh-vae", refresh_vae, "POST", "Scan the VAE folder again (it is read at every call)"),
         ("/sd-vae", lambda: vae_list(engine), "GET", "VAE files of models/VAE (A1111 shape)"),

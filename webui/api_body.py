@@ -22,7 +22,7 @@ from webui.engine.infotext import request_fields
 from webui.engine.hires import MAX_SCALE as MAX_HIRES_SCALE
 from webui.engine.init_image import MAX_DECODED_SIDE_FACTOR
 from webui.engine.inpaint import FILLS
-from webui.engine.outpaint import SCRIPT_TITLE as OUTPAINT_SCRIPT
+from webui.engine.outpaint import METHODS as OUTPAINT_METHODS
 from webui.engine.outpaint import Outpaint
 from webui.engine.request import (MAX_CFG, MAX_MASK_BLUR, MAX_MASK_PADDING, MAX_SEED, MIN_SIDE, SIDE_MULTIPLE,
                                   GenerationRequest)
@@ -197,22 +197,24 @@ def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str
             setattr(request, key, value)
         ignored += [key for key in ("mask", *MASK_USE_FIELDS, "width", "height", "resize_mode")
                     if key in body and key not in ignored]
-        ignored += [key for key in ("batch_size", "n_iter") if body.get(key) not in (None, 1)]
+        if not outpaint.mk2:  # poor man's makes one image; mk2 a batch
+            ignored += [key for key in ("batch_size", "n_iter") if body.get(key) not in (None, 1)]
     elif body.get("script_args") and body.get("script_name") in (None, ""):
         ignored.append("script_args")  # A1111 reads them only for a script
     return replace(call, ignored=call.ignored + tuple(ignored))
 
 
 def img2img_script(body: dict[str, Any]) -> Outpaint | None:
-    """The outpainting an img2img request's script asks for (A1111's title, any case); None for none or the X/Y/Z
+    """The outpainting an img2img request's script asks for (A1111's titles, any case); None for none or the X/Y/Z
     plot (``xyz_script`` reads that one); another name is refused."""
     name = body.get("script_name")
     if name in (None, "") or (isinstance(name, str) and name.strip().lower() == XYZ_SCRIPT):
         return None
-    if not isinstance(name, str) or name.strip().lower() != OUTPAINT_SCRIPT.lower():
-        raise UserError(f"no img2img script {name!r}; the scripts are {OUTPAINT_SCRIPT!r} and {XYZ_SCRIPT!r}",
-                        field="script_name")
-    return Outpaint.from_args(body.get("script_args") or [])
+    method = next((m for m in OUTPAINT_METHODS if isinstance(name, str) and name.strip().lower() == m.lower()), None)
+    if method is None:
+        raise UserError(f"no img2img script {name!r}; the scripts are {', '.join(map(repr, OUTPAINT_METHODS))} and "
+                        f"{XYZ_SCRIPT!r}", field="script_name")
+    return Outpaint.from_args(body.get("script_args") or [], method)
 
 
 def decode_image(data: Any, field: str, largest: int) -> Image.Image:

@@ -83,11 +83,14 @@ class GenerationRequest:
     hr_cfg: float | None = None  # Forge's Hires CFG Scale; None: the request's
     hr_distilled_cfg: float | None = None  # Forge's Hires Distilled CFG Scale; None: the request's
     hr_checkpoint_name: str | None = None  # only the request's own ("Use same checkpoint") is done here
-    # img2img: A1111's "Poor man's outpainting" script (webui.engine.outpaint), on where a direction is chosen
+    # img2img: A1111's outpainting scripts (webui.engine.outpaint), on where a direction is chosen
     outpaint_directions: list[str] | None = None  # the sides extended: left, right, up, down
+    outpaint_method: str = "Poor man's outpainting"  # or "Outpainting mk2"
     outpaint_pixels: int = 128
     outpaint_mask_blur: int = 4
-    outpaint_fill: int = 0  # masked content, as inpainting_fill
+    outpaint_fill: int = 0  # poor man's masked content, as inpainting_fill
+    outpaint_noise_q: float = 1.0  # mk2's fall-off exponent
+    outpaint_color_variation: float = 0.05  # mk2's
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
@@ -104,8 +107,10 @@ class GenerationRequest:
         """The outpainting the request asks for (checked), or None."""
         if not self.outpaint_directions:
             return None
-        return Outpaint.from_args([self.outpaint_pixels, self.outpaint_mask_blur, self.outpaint_fill,
-                                   self.outpaint_directions])
+        directions = self.outpaint_directions
+        return Outpaint(self.outpaint_pixels, self.outpaint_mask_blur, self.outpaint_fill,
+                        tuple(directions) if isinstance(directions, (list, tuple)) else None, self.outpaint_method,
+                        self.outpaint_noise_q, self.outpaint_color_variation).checked()
 
     def inpaint_options(self) -> InpaintOptions:
         return InpaintOptions(self.mask_blur_x, self.mask_blur_y, self.inpainting_fill, bool(self.inpaint_full_res),

@@ -16,7 +16,7 @@ from webui.engine.engine import Engine
 from webui.engine.folder_batch import DEFAULT_PNG_INFO_FIELDS, PNG_INFO_FIELDS, FolderBatch
 from webui.engine.init_image import RESIZE_MODES
 from webui.engine.inpaint import FILL, FILLS, INPAINT_AREAS, MASK_MODES, ORIGINAL
-from webui.engine.outpaint import DIRECTIONS, SCRIPT_TITLE
+from webui.engine.outpaint import DIRECTIONS, METHODS, SCRIPT_TITLE
 from webui.engine.outpaint import MAX_BLUR as OUTPAINT_MAX_BLUR
 from webui.engine.request import MIN_SIDE, SIDE_MULTIPLE
 from webui.jobs import JobQueue
@@ -154,14 +154,22 @@ def _image_inputs(form: Components, extra: Components) -> None:
             list(PNG_INFO_FIELDS), value=list(DEFAULT_PNG_INFO_FIELDS), label="Parameters to take from png info",
             elem_id="img2img_batch_png_info_props")
         extra["batch_generate"] = gr.Button("Generate the batch", elem_id="img2img_batch_generate")
-    with gr.Accordion(f"Outpainting ({SCRIPT_TITLE})", open=False, elem_id="img2img_outpaint"):
+    with gr.Accordion("Outpainting (A1111's Poor man's outpainting and Outpainting mk2)", open=False,
+                      elem_id="img2img_outpaint"):
         form["outpaint_directions"] = gr.CheckboxGroup(list(DIRECTIONS), value=[],
                                                        label="Outpainting direction (none: off)",
                                                        elem_id="img2img_outpaint_direction")
+        form["outpaint_method"] = gr.Radio(list(METHODS), value=SCRIPT_TITLE, label="Method",
+                                           elem_id="img2img_outpaint_method")
         with gr.Row():
             form["outpaint_pixels"] = slider("outpaint_pixels", "Pixels to expand", 8, 256, 128, step=8,
                                              tab="img2img")
             form["outpaint_mask_blur"] = slider("outpaint_mask_blur", "Mask blur", 0, OUTPAINT_MAX_BLUR, 4,
                                                 tab="img2img")
         form["outpaint_fill"] = gr.Radio([(name, i) for i, name in enumerate(FILLS)], value=FILL,
-                                         label="Masked content", elem_id="img2img_outpaint_fill")
+                                         label="Masked content (poor man's)", elem_id="img2img_outpaint_fill")
+        with gr.Row():
+            form["outpaint_noise_q"] = slider("outpaint_noise_q", "Fall-off exponent (mk2; lower: more detail)", 0,
+                                              4, 1, step=0.01, tab="img2img")
+            form["outpaint_color_variation"] = slider("outpaint_color_variation", "Color variation (mk2)", 0, 1,
+                                                      0.05, step=0.01, tab="img2img")
