@@ -241,6 +241,23 @@ def test_xyz_tab_runs_a_plot_over_the_txt2img_form(client, engine):
     assert Image.open(plain[0]["image"]).tobytes() == cells[3].tobytes(), "the last cell: 2 steps, DPM++ 2M"
 
 
+def test_xyz_tab_plots_over_the_img2img_form(client, tmp_path):
+    """"Plot over" img2img: the img2img form's request (its image) is the base, each cell an img2img."""
+    from tests.test_img2img import canvas, init_picture
+
+    picture = tmp_path / "init.png"
+    init_picture().save(picture)
+    _preview, gallery, status, infotext, *_ = client.predict(
+        xyz_base="img2img", img2img_prompt="a red circle", img2img_init_images=canvas(picture), img2img_steps=3,
+        img2img_width=64, img2img_height=64, x_type="Denoising", x_values="0.3, 0.9", api_name="/xyz_plot")
+    assert "Done: 2 images and 1 grid in" in status, status
+    assert "Denoising strength: 0.3" in infotext and "X/Y/Z plot: X: Denoising = 0.3, 0.9" in infotext
+    assert all(Image.open(item["image"]).size == (64, 64) for item in gallery[1:])
+    _preview, gallery, status, *_ = client.predict(xyz_base="img2img", img2img_prompt="no image", x_type="Steps",
+                                                   x_values="1, 2", api_name="/xyz_plot")
+    assert "init image" in status, status
+
+
 def test_xyz_tab_names_a_bad_value(client):
     _preview, gallery, status, *_ = client.predict(**SMALL, x_type="Steps", x_values="two", api_name="/xyz_plot")
     assert "X values (x_values)" in status and "two" in status

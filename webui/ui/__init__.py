@@ -33,7 +33,7 @@ def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
             with gr.Tab("img2img", id="img2img"):
                 img2img = img2img_tab(demo, engine, jobs, checkpoint)
             with gr.Tab("X/Y/Z plot", id="xyz"):
-                xyz_tab(demo, engine, jobs, txt2img.form)
+                xyz_tab(demo, engine, jobs, txt2img.form, img2img.form)
             with gr.Tab("Extras", id="extras"):
                 extras_image = extras_tab(demo, engine, jobs)
             with gr.Tab("PNG Info", id="png_info"):

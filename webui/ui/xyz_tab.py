@@ -1,5 +1,6 @@
-"""The X/Y/Z plot tab: up to three axes over the txt2img form's request, one generation per cell, then the
-labelled grid. Its inputs are named as A1111's script arguments, so the API's path is the same from there on."""
+"""The X/Y/Z plot tab: up to three axes over the txt2img form's request (or the img2img form's: "Plot over"), one
+generation per cell, then the labelled grid. Its inputs are named as A1111's script arguments, so the API's path is
+the same from there on."""
 from __future__ import annotations
 
 from concurrent.futures import Future
@@ -10,6 +11,7 @@ import gradio as gr
 from webui.engine.engine import Engine
 from webui.engine.request import GenerationRequest
 from webui.engine.xyz import Axis, AxisChoice, PlotForecast, PlotOptions, find_axis, forecast_plot, plot_from_args
+from webui.errors import UserError
 from webui.extensions import plot_axes
 from webui.jobs import JobQueue
 from webui.ui.common import Components
@@ -20,10 +22,13 @@ from webui.ui.txt2img import request_from_form
 VALUES_HINT = "1, 2, 3 · ranges 1-5, 1-10 (+2), 1-10 [5] · quote items holding commas"
 
 
-def xyz_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, form: Components) -> None:
-    """Up to three axes over the txt2img form's request; one generation per cell, then the labelled grid."""
+def xyz_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, form: Components,
+            img2img_form: Components | None = None) -> None:
+    """Up to three axes over the txt2img form's request, or the img2img form's (its image, each cell an img2img);
+    one generation per cell, then the labelled grid."""
     axes = plot_axes(engine)
     inputs: Components = {}
+    forms = {"txt2img": form, **({"img2img": img2img_form} if img2img_form else {})}
     with gr.Row():
         with gr.Column(scale=3):
             for name, default in zip("xyz", ("Seed", "Nothing", "Nothing")):
@@ -44,12 +49,28 @@ def xyz_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, form: Components) -
         with gr.Column(scale=1, min_width=180):
             generate = gr.Button("Generate plot", variant="primary", size="lg", elem_id="xyz_generate")
             interrupt = gr.Button("Interrupt", elem_id="xyz_interrupt")
-            gr.Markdown("Prompt, size, sampler and the rest come from the txt2img tab.")
+            base = gr.Radio(list(forms), value="txt2img", label="Plot over the request of the tab",
+                            elem_id="xyz_base", visible=len(forms) > 1)
+            gr.Markdown("Prompt, size, sampler and the rest come from that tab (img2img: its image too).")
             forecast = forecast_box("xyz")
     out = output_column("xyz")
 
+    # The handlers take every form's values, then the tab chosen, then the plot's own (in the API, the img2img
+    # form's fields are named img2img_<field>)
+    given = {name: box for tab, fields in forms.items()
+             for name, box in ((f"{tab}_{key}" if tab != "txt2img" else key, box) for key, box in fields.items())}
+    given["xyz_base"] = base
+
     def plot(values: tuple) -> tuple[GenerationRequest, list[AxisChoice], PlotOptions]:
-        return request_from_form(form, values[:len(form)]), *plot_from_args(dict(zip(inputs, values[len(form):])), axes)
+        start, chosen = 0, values[len(given) - 1]
+        for tab, fields in forms.items():
+            if tab == chosen:
+                request = request_from_form(fields, values[start:start + len(fields)])
+            start += len(fields)
+        if chosen == "img2img" and not request.init_images:
+            raise UserError("a plot over img2img needs an init image: put one in the img2img tab",
+                            field="init_images")
+        return request, *plot_from_args(dict(zip(inputs, values[len(given):])), axes)
 
     def submit(values: tuple) -> Future:
         return jobs.submit_plot(*plot(values))
@@ -61,11 +82,11 @@ def xyz_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, form: Components) -
 
         return forecast_html(forecast)
 
-    run = generator(jobs, {**form, **inputs}, out, submit)
-    done = generate.click(run, inputs=[*form.values(), *inputs.values()], outputs=list(out.values()),
+    run = generator(jobs, {**given, **inputs}, out, submit)
+    done = generate.click(run, inputs=[*given.values(), *inputs.values()], outputs=list(out.values()),
                           api_name="xyz_plot", show_progress="hidden", concurrency_limit=None)
-    triggers = [inputs[f"{name}_{part}"] for name in "xyz" for part in ("type", "values", "values_dropdown")]
-    keep_forecast_fresh(forecast, forecast_text, [*form.values(), *inputs.values()], triggers, demo, done)
+    triggers = [base] + [inputs[f"{name}_{part}"] for name in "xyz" for part in ("type", "values", "values_dropdown")]
+    keep_forecast_fresh(forecast, forecast_text, [*given.values(), *inputs.values()], triggers, demo, done)
     interrupt.click(jobs.interrupt, queue=False, api_visibility="private")
 
 
