@@ -4,6 +4,7 @@ handling (blur, invert, only masked, masked content); the demo model repainting 
 A1111's shape, with its own tests' requests and webuiapi's."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
@@ -15,6 +16,7 @@ from diffusers import FluxInpaintPipeline, StableDiffusion3InpaintPipeline, Stab
 from diffusers import StableDiffusionXLInpaintPipeline
 from gradio_client import handle_file
 from PIL import Image
+from transformers import T5TokenizerFast
 
 from tests.conftest import diffusers_folder, make_engine, single_file
 from tests.test_api import client  # noqa: F401 (the API's fixture)
@@ -124,6 +126,47 @@ def test_flow_families_equal_diffusers_inpaint(tmp_path, parts, files, latent_me
         ref = flow_reference(StableDiffusion3InpaintPipeline, parts, files, family, run, guidance_scale=5.0,
                              negative_prompt=NEGATIVE, mask_image=masks)
     assert_same(as_array(result.images), with_original_kept(ref))
+
+
+def test_flux_fill_equals_diffusers_fill_pipeline(tmp_path, parts, files, latent_mean):
+    """A Flux Fill transformer (its input 384 wide, known from the file) is given the masked picture's latents and
+    the mask's 8x8 patches beside the latents, as diffusers' FluxFillPipeline gives them, and nothing is put back
+    during denoising: the same images, from noise (denoising strength 1)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline
+
+    from webui.engine.conditioning.tokenizer import clip_tokenizer
+    from webui.synthetic.builders import build_flux_transformer
+    from webui.synthetic.ldm_export import write_flux_transformer
+
+    fill = build_flux_transformer("tiny", seed=9, fill=True)
+    (tmp_path / "models").mkdir()
+    path = write_flux_transformer(tmp_path / "models" / "flux-fill.safetensors", fill, torch.float32)
+    engine = make_engine(tmp_path / "app", path, extra_args=("--vae-dir", str(files / "VAE"), "--text-encoder-dir",
+                                                             str(files / "text_encoder")))
+    engine.options.update({"forge_additional_modules": ["ae.safetensors", "clip_l.safetensors",
+                                                        "t5xxl_fp32.safetensors"]})
+    result = engine.img2img(inpaint_request(path.name, sampler_name="Euler", denoising_strength=1.0, cfg_scale=1.0,
+                                            distilled_cfg_scale=3.5))
+    assert engine.models.current.denoiser.config.in_channels == 384
+    clip_l = copy.deepcopy(parts["clip_l"])
+    pipe = FluxFillPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                  base_image_seq_len=256, max_image_seq_len=4096),
+        vae=parts["flux_vae"], text_encoder=clip_l.text_model if hasattr(clip_l, "text_model") else clip_l,
+        tokenizer=clip_tokenizer(), text_encoder_2=parts["t5"],
+        tokenizer_2=T5TokenizerFast.from_pretrained(files / "text_encoder" / "t5_tokenizer", local_files_only=True),
+        transformer=fill)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=PROMPT, image=init_picture(), mask_image=mask_picture(), height=64, width=64,
+               num_inference_steps=STEPS, guidance_scale=3.5, num_images_per_prompt=len(SEEDS), max_sequence_length=256,
+               sigmas=list(np.linspace(1.0, 1 / STEPS, STEPS)),
+               generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS])
+    assert_same(as_array(result.images), with_original_kept(as_array(out.images)))
+    for no_mask in (engine.txt2img, engine.img2img):
+        with pytest.raises(UserError) as refused:
+            no_mask(inpaint_request(path.name, mask=None, init_images=None if no_mask == engine.txt2img else
+                                    [init_picture()], cfg_scale=1.0))
+        assert "inpainting model" in str(refused.value) and refused.value.field in ("mask", "checkpoint")
 
 
 @pytest.mark.parametrize("name, schedule_type", [("Euler a", "Uniform"), ("DPM++ 2S a", "Karras")])

@@ -484,13 +484,10 @@ def encode_init(model: LoadedModel, memory: MemoryManager, job: Resolved, estima
                        noise_multiplier=job.noise_multiplier)
     if job.inpaint is not None:
         repaint = job.inpaint.latent_mask(*size, rounded=req.mask_round).to(memory.device)
-        extra = None
-        if model.denoiser.config.in_channels == 2 * model.latent_channels + 1:  # an inpainting model
-            mask = job.inpaint.pixel_mask()
-            masked = batch([encode(model, memory, p * (1 - mask), estimates.encode_image, result.notices)
-                            for p in pictures])
-            small = torch.nn.functional.interpolate(mask, size=size).to(memory.device)
-            extra = torch.cat([small.expand(len(masked), -1, -1, -1), masked], dim=1)
+        mask = job.inpaint.pixel_mask()
+        extra = model.kind.inpainting_input(  # an inpainting model's (9-channel UNets, Flux Fill), else None
+            model.denoiser, mask, lambda: batch([encode(model, memory, p * (1 - mask), estimates.encode_image,
+                                                        result.notices) for p in pictures]))
         init = replace(init, repaint=repaint, extra=extra)
     clock.lap("encode image")
     return init

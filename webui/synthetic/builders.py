@@ -347,9 +347,12 @@ def build_flux_transformer(
     seed: int = 0,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    fill: bool = False,
 ) -> FluxTransformer2DModel:
-    """Flux at ``size`` with random weights (see ``_random_model``); full size in bfloat16 takes 23.8 GB."""
-    return _random_model(FluxTransformer2DModel, flux_architecture(size), seed, device, dtype)
+    """Flux at ``size`` with random weights (see ``_random_model``); full size in bfloat16 takes 23.8 GB. ``fill``:
+    Flux Fill's input width (the latents, the masked picture's latents and the mask's 8x8 patches, packed)."""
+    config = flux_architecture(size) | ({"in_channels": 4 * (16 + 16 + 64)} if fill else {})
+    return _random_model(FluxTransformer2DModel, config, seed, device, dtype)
 
 
 def sd3_architecture(size: str) -> dict:

@@ -72,6 +72,18 @@ class UNetFamily:
     def infotext_fields(self, model: LoadedModel, job: Resolved) -> dict:
         return {}
 
+    def is_inpainting(self, denoiser: torch.nn.Module) -> bool:
+        return denoiser.config.in_channels == 2 * self.latent_channels + 1
+
+    def inpainting_input(self, denoiser: torch.nn.Module, mask: torch.Tensor,
+                         masked: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """A 9-channel UNet's: the mask at the latents' size, then the masked picture's latents."""
+        if not self.is_inpainting(denoiser):
+            return None
+        latents = masked()
+        small = torch.nn.functional.interpolate(mask, size=latents.shape[-2:]).to(latents.device)
+        return torch.cat([small.expand(len(latents), -1, -1, -1), latents], dim=1)
+
     def lora_layers(self, paths: Iterable[str], config: Mapping[str, Any]) -> dict[str, LoraLayer]:
         """LDM's names, from the checkpoint writers' key map: each LDM name ends up with our module's path."""
         ldm = unet_to_ldm({f"{p}.weight": p for p in paths}, config)
@@ -137,6 +149,14 @@ class FlowFamily:
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def is_inpainting(self, denoiser: torch.nn.Module) -> bool:
+        return False
+
+    def inpainting_input(self, denoiser: torch.nn.Module, mask: torch.Tensor,
+                         masked: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """None: the flow families' inpainting puts the kept part back (Flux Fill has its own)."""
+        return None
 
     def key_table(self, config: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
         """The original layout's names (``name.`` prefixes) -> our module paths they cover, in row order."""

@@ -93,6 +93,7 @@ LINEAR_PARAMS = ("weight", "bias")
 WHAT = "Flux transformer"  # named in messages about missing tensors
 # Flux-dev's scheduler config: mu runs linearly from 0.5 at 256 image tokens to 1.15 at 4096.
 FLUX_BASE_SHIFT, FLUX_MAX_SHIFT, FLUX_BASE_SEQ, FLUX_MAX_SEQ = 0.5, 1.15, 256, 4096
+FILL_MASK_PATCH = 8  # Flux Fill sees its mask as 8x8-pixel patches, one latent each
 
 
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
@@ -278,6 +279,22 @@ class Flux(FlowFamily):
 
     def infotext_fields(self, model: LoadedModel, job: Resolved) -> dict:
         return {"Distilled CFG Scale": job.request.distilled_cfg_scale} if model.denoiser.config.guidance_embeds else {}
+
+    def is_inpainting(self, denoiser: torch.nn.Module) -> bool:
+        return denoiser.config.in_channels == 4 * (2 * self.latent_channels + FILL_MASK_PATCH ** 2)
+
+    def inpainting_input(self, denoiser: torch.nn.Module, mask: torch.Tensor,
+                         masked: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """Flux Fill's (a transformer whose input is 384 wide, not 64): the masked picture's latents, then the mask's
+        8x8-pixel patches as 64 channels at the latents' size, in the order diffusers' FluxFillPipeline packs them
+        (``pack`` makes its 320 input channels of them)."""
+        if not self.is_inpainting(denoiser):
+            return None
+        patch = FILL_MASK_PATCH
+        latents = masked()
+        _, _, h, w = latents.shape
+        patches = mask[:, 0].view(1, h, patch, w, patch).permute(0, 2, 4, 1, 3).reshape(1, patch * patch, h, w)
+        return torch.cat([latents, patches.to(latents).expand(len(latents), -1, -1, -1)], dim=1)
 
 
 def flux_shift(width: int, height: int) -> float:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -59,6 +59,15 @@ class FamilyModel(Protocol):
 
     def infotext_fields(self, model: LoadedModel, job: Resolved) -> dict:
         """The infotext fields only this family writes."""
+
+    def is_inpainting(self, denoiser: torch.nn.Module) -> bool:
+        """Whether ``denoiser`` is an inpainting model (known from its input width): it needs a mask."""
+
+    def inpainting_input(self, denoiser: torch.nn.Module, mask: torch.Tensor,
+                         masked: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """An inpainting model's extra input (B, C, h, w), known from its input width, from the pixel ``mask``
+        (1, 1, H, W: 1 repainted) and the latents of the picture with the masked part grey (``masked()``,
+        encoded only where needed); None for a model that is not one (the kept part is put back instead)."""
 
     def lora_layers(self, paths: Iterable[str], config: Mapping[str, Any]) -> dict[str, LoraLayer]:
         """The denoiser's layers at ``paths`` by their names in the original checkpoint layout (for the
