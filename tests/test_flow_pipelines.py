@@ -105,17 +105,23 @@ def flux_request(checkpoint: str, **overrides) -> GenerationRequest:
     return GenerationRequest(**(fields | overrides))
 
 
-def flux_reference(parts: dict, files: Path) -> np.ndarray:
+def flux_pipeline(cls, parts: dict, files: Path, transformer: torch.nn.Module | None = None):
+    """diffusers' Flux pipeline ``cls`` over the modules the test files were written from (another transformer:
+    ``transformer``)."""
     clip_l = copy.deepcopy(parts["clip_l"])
-    pipe = FluxPipeline(
+    pipe = cls(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                   base_image_seq_len=256, max_image_seq_len=4096),
         vae=parts["flux_vae"], text_encoder=clip_l.text_model if hasattr(clip_l, "text_model") else clip_l,
         tokenizer=clip_tokenizer(), text_encoder_2=parts["t5"],
         tokenizer_2=T5TokenizerFast.from_pretrained(files / "text_encoder" / "t5_tokenizer", local_files_only=True),
-        transformer=parts["flux"])
+        transformer=parts["flux"] if transformer is None else transformer)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(prompt=PROMPT, width=SIZE, height=SIZE, num_inference_steps=STEPS, guidance_scale=3.5,
+    return pipe
+
+
+def flux_reference(parts: dict, files: Path) -> np.ndarray:
+    out = flux_pipeline(FluxPipeline, parts, files)(prompt=PROMPT, width=SIZE, height=SIZE, num_inference_steps=STEPS, guidance_scale=3.5,
                num_images_per_prompt=len(SEEDS), max_sequence_length=256, generator=generators())
     return np.stack([np.asarray(img) for img in out.images]).astype(int)
 

@@ -4,7 +4,6 @@ handling (blur, invert, only masked, masked content); the demo model repainting 
 A1111's shape, with its own tests' requests and webuiapi's."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import random
@@ -16,7 +15,6 @@ from diffusers import FluxInpaintPipeline, StableDiffusion3InpaintPipeline, Stab
 from diffusers import StableDiffusionXLInpaintPipeline
 from gradio_client import handle_file
 from PIL import Image
-from transformers import T5TokenizerFast
 
 from tests.conftest import diffusers_folder, make_engine, single_file
 from tests.test_api import client  # noqa: F401 (the API's fixture)
@@ -132,9 +130,9 @@ def test_flux_fill_equals_diffusers_fill_pipeline(tmp_path, parts, files, latent
     """A Flux Fill transformer (its input 384 wide, known from the file) is given the masked picture's latents and
     the mask's 8x8 patches beside the latents, as diffusers' FluxFillPipeline gives them, and nothing is put back
     during denoising: the same images, from noise (denoising strength 1)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline
+    from diffusers import FluxFillPipeline
 
-    from webui.engine.conditioning.tokenizer import clip_tokenizer
+    from tests.test_flow_pipelines import flux_pipeline
     from webui.synthetic.builders import build_flux_transformer
     from webui.synthetic.ldm_export import write_flux_transformer
 
@@ -148,16 +146,7 @@ def test_flux_fill_equals_diffusers_fill_pipeline(tmp_path, parts, files, latent
     result = engine.img2img(inpaint_request(path.name, sampler_name="Euler", denoising_strength=1.0, cfg_scale=1.0,
                                             distilled_cfg_scale=3.5))
     assert engine.models.current.denoiser.config.in_channels == 384
-    clip_l = copy.deepcopy(parts["clip_l"])
-    pipe = FluxFillPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                  base_image_seq_len=256, max_image_seq_len=4096),
-        vae=parts["flux_vae"], text_encoder=clip_l.text_model if hasattr(clip_l, "text_model") else clip_l,
-        tokenizer=clip_tokenizer(), text_encoder_2=parts["t5"],
-        tokenizer_2=T5TokenizerFast.from_pretrained(files / "text_encoder" / "t5_tokenizer", local_files_only=True),
-        transformer=fill)
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(prompt=PROMPT, image=init_picture(), mask_image=mask_picture(), height=64, width=64,
+    out = flux_pipeline(FluxFillPipeline, parts, files, fill)(prompt=PROMPT, image=init_picture(), mask_image=mask_picture(), height=64, width=64,
                num_inference_steps=STEPS, guidance_scale=3.5, num_images_per_prompt=len(SEEDS), max_sequence_length=256,
                sigmas=list(np.linspace(1.0, 1 / STEPS, STEPS)),
                generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS])
