@@ -105,6 +105,26 @@ def test_an_inpainting_model_equals_diffusers(tmp_path, latent_mean, sampler, sc
                                                            schedule, 0.6))
 
 
+def test_an_inpainting_model_draws_in_txt2img_as_a1111_conditions_it(tmp_path, latent_mean):
+    """Without a mask a 9-channel UNet is told all of a grey picture is masked (A1111's txt2img conditioning): the
+    same images as diffusers' inpainting pipeline with a white mask, from noise; hires. fix with one is refused."""
+    checkpoint = single_file("sd1", inpainting=True)
+    engine = make_engine(tmp_path, checkpoint)
+    result = engine.txt2img(inpaint_request(checkpoint.name, mask=None, init_images=None, sampler_name="Euler a"))
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(diffusers_folder("sd1", inpainting=True),
+                                                          torch_dtype=torch.float32, local_files_only=True)
+    pipe.scheduler = SamplerRegistry().make_scheduler("Euler a", "Automatic", engine.models.current.scheduler_config,
+                                                      seed=SEEDS)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, image=init_picture(), mask_image=Image.new("L", (64, 64), 255),
+               strength=1.0, num_inference_steps=STEPS, guidance_scale=7.0, height=64, width=64,
+               num_images_per_prompt=len(SEEDS), generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS])
+    assert np.abs(as_array(result.images) - as_array(out.images)).max() <= 1
+    with pytest.raises(UserError) as refused:
+        engine.txt2img(inpaint_request(checkpoint.name, mask=None, init_images=None, enable_hr=True))
+    assert refused.value.field == "enable_hr"
+
+
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_flow_families_equal_diffusers_inpaint(tmp_path, parts, files, latent_mean, monkeypatch, family):
     """diffusers' SD3 inpaint pipeline (0.42) decodes without the VAE's shift factor, which its SD3 txt2img and
@@ -151,11 +171,12 @@ def test_flux_fill_equals_diffusers_fill_pipeline(tmp_path, parts, files, latent
                sigmas=list(np.linspace(1.0, 1 / STEPS, STEPS)),
                generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS])
     assert_same(as_array(result.images), with_original_kept(as_array(out.images)))
-    for no_mask in (engine.txt2img, engine.img2img):
-        with pytest.raises(UserError) as refused:
-            no_mask(inpaint_request(path.name, mask=None, init_images=None if no_mask == engine.txt2img else
-                                    [init_picture()], cfg_scale=1.0))
-        assert "inpainting model" in str(refused.value) and refused.value.field in ("mask", "checkpoint")
+    # txt2img: A1111's conditioning, all of a grey picture masked: the same as img2img with a white mask, from noise
+    txt2img = engine.txt2img(inpaint_request(path.name, mask=None, init_images=None, sampler_name="Euler",
+                                             cfg_scale=1.0, distilled_cfg_scale=3.5))
+    full = engine.img2img(inpaint_request(path.name, mask=Image.new("L", (64, 64), 255), sampler_name="Euler",
+                                          denoising_strength=1.0, cfg_scale=1.0, distilled_cfg_scale=3.5))
+    assert np.array_equal(as_array(txt2img.images), as_array(full.images))
 
 
 @pytest.mark.parametrize("name, schedule_type", [("Euler a", "Uniform"), ("DPM++ 2S a", "Karras")])

@@ -108,7 +108,7 @@ class PhaseEstimates:
     encode: int
     denoise: int
     decode: int
-    encode_image: int = 0  # img2img: the VAE encoding the largest init image (they are encoded one at a time)
+    encode_image: int = 0  # img2img (an inpainting model's txt2img too): the VAE encoding the largest init image
     hires_denoise: int = 0  # hires. fix: its pass's denoise, at the hires size
     hires_encode: int = 0  # hires. fix with an image upscaler: an upscaled image through the VAE
     hires_decode: int = 0  # hires. fix with an image upscaler: the first pass's batch decoded, at its own size
@@ -123,7 +123,8 @@ class PhaseEstimates:
             denoise=denoise_bytes(model, job),
             decode=vae_decode_bytes(final.width, final.height, req.batch_size, vae_dtype),
             encode_image=max((vae_encode_bytes(*image.size, 1, vae_dtype) for image in job.init_images or ()),
-                             default=0),
+                             default=vae_encode_bytes(req.width, req.height, 1, vae_dtype)
+                             if model.kind.is_inpainting(model.denoiser) else 0),
             hires_denoise=0 if job.hires is None else denoise_bytes(model, job.hires.job),
             hires_encode=0 if job.hires is None or job.hires.latent else vae_encode_bytes(final.width, final.height,
                                                                                           1, vae_dtype),
@@ -163,8 +164,7 @@ def generate(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, jo
     progress.begin(job.mode, req.n_iter, steps)
     bar = tqdm(total=req.n_iter * steps, desc=job.mode, unit="it", leave=False)
     try:
-        init = None if job.init_images is None else _with_oom_retry(
-            lambda: encode_init(model, memory, job, estimates, result), memory, req)
+        init = _with_oom_retry(lambda: encode_init(model, memory, job, estimates, result), memory, req)
         if job.inpaint is not None:
             result.notices.extend(job.inpaint.notices)
         for batch_no in range(req.n_iter):
@@ -333,7 +333,7 @@ def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
     noise = _initial_noise(model, req, generators, seeds, subseeds).to(device, dtype)
     if init is not None and init.repaint is not None:
         init = masked_content(init, noise, req.inpainting_fill)
-    latents = init.latents if job.steps.run == 0 else model.kind.denoise(model, job, seeds, generators, noise, cond,
+    latents = init.latents if job.steps.run == 0 and init is not None else model.kind.denoise(model, job, seeds, generators, noise, cond,
                                                                          uncond, report, init)
     if init is not None and init.blends:
         latents = init.kept(latents, init.latents)  # whatever the sampler left there (an interrupted one)
@@ -466,10 +466,15 @@ def decode(model: LoadedModel, memory: MemoryManager, latents: torch.Tensor, not
 
 @torch.inference_mode()
 def encode_init(model: LoadedModel, memory: MemoryManager, job: Resolved, estimates: PhaseEstimates,
-                result: GenerationResult) -> InitLatents:
+                result: GenerationResult) -> InitLatents | None:
     """img2img's init latents, one row per image of the batch (one init image serves them all), at the request's
-    latent size: latent upscale resizes them there (bilinear, as A1111). Inpainting adds the latent mask, and for an
-    inpainting model its extra input: the mask and the latents of the picture with the masked part grey."""
+    latent size: latent upscale resizes them there (bilinear, as A1111). Inpainting adds the latent mask. An
+    inpainting model (9-channel UNets, Flux Fill) gets its extra input: the mask and the latents of the picture with
+    the masked part grey; without a mask (txt2img, img2img without one) all of it masked, as A1111 conditions it
+    (txt2img: a grey picture). None: txt2img with another model."""
+    inpainting_model = model.kind.is_inpainting(model.denoiser)
+    if job.init_images is None and not inpainting_model:
+        return None
     clock = PhaseClock(memory.device, result.timings)
     req, factor = job.request, model.vae_scale_factor
     size = (req.height // factor, req.width // factor)
@@ -479,16 +484,19 @@ def encode_init(model: LoadedModel, memory: MemoryManager, job: Resolved, estima
                 for row in rows]
         return torch.cat(rows).expand(req.batch_size, -1, -1, -1) if len(rows) == 1 else torch.cat(rows)
 
-    pictures = [to_pixels(image) for image in job.init_images]
-    init = InitLatents(batch([encode(model, memory, p, estimates.encode_image, result.notices) for p in pictures]),
-                       noise_multiplier=job.noise_multiplier)
+    if job.init_images is None:
+        pictures, init = [torch.zeros(1, 3, req.height, req.width)], InitLatents(None)
+    else:
+        pictures = [to_pixels(image) for image in job.init_images]
+        init = InitLatents(batch([encode(model, memory, p, estimates.encode_image, result.notices) for p in pictures]),
+                           noise_multiplier=job.noise_multiplier)
     if job.inpaint is not None:
-        repaint = job.inpaint.latent_mask(*size, rounded=req.mask_round).to(memory.device)
-        mask = job.inpaint.pixel_mask()
-        extra = model.kind.inpainting_input(  # an inpainting model's (9-channel UNets, Flux Fill), else None
+        init = replace(init, repaint=job.inpaint.latent_mask(*size, rounded=req.mask_round).to(memory.device))
+    if inpainting_model:
+        mask = job.inpaint.pixel_mask() if job.inpaint is not None else torch.ones(1, 1, req.height, req.width)
+        init = replace(init, extra=model.kind.inpainting_input(
             model.denoiser, mask, lambda: batch([encode(model, memory, p * (1 - mask), estimates.encode_image,
-                                                        result.notices) for p in pictures]))
-        init = replace(init, repaint=repaint, extra=extra)
+                                                        result.notices) for p in pictures])))
     clock.lap("encode image")
     return init
 

@@ -64,7 +64,7 @@ def denoise_flow(denoiser: torch.nn.Module, layout: FlowLayout, scheduler, noise
     # and a CPU generator draws other numbers in 16 bits than in 32 (another picture on a GPU).
     packed_noise = latents = layout.pack(noise).float()
     timesteps = scheduler.timesteps[start * scheduler.order:]
-    if init is not None:
+    if init is not None and init.from_image:
         original = layout.pack(init.latents)
         latents = noised_to(scheduler, original, init.start_noise(packed_noise), start * scheduler.order)
         if init.blends:

@@ -152,7 +152,8 @@ def sample(ksampler: KSampler, denoiser: GuidedDenoiser, sigmas_for: Callable[[e
     schedule = sigmas_for(denoiser.model).to(noise.device)  # schedules are computed on the CPU
     sigmas = schedule[start:]
     denoiser.model.to(noise.device)
-    x = noise.float() * sigmas[0] if init is None else init.latents + init.start_noise(noise.float()) * sigmas[0]
+    img2img = init is not None and init.from_image
+    x = init.latents + init.start_noise(noise.float()) * sigmas[0] if img2img else noise.float() * sigmas[0]
     params = inspect.signature(ksampler.function).parameters
     kwargs: dict = {"eta": eta} if ksampler.takes_eta else {}
     if "noise_sampler" in params:  # the tree spans the whole schedule (A1111's, img2img's too)
@@ -161,7 +162,7 @@ def sample(ksampler: KSampler, denoiser: GuidedDenoiser, sigmas_for: Callable[[e
             lambda cpu_x: sampling.BrownianTreeNoiseSampler(cpu_x, low, high, seed=seeds), x, sigmas) \
             if ksampler.brownian else seeded_noise(x, generators)
     if "sigma_min" in params:  # DPM fast and adaptive pick their own steps within the model's sigmas, as in A1111
-        if init is None:
+        if not img2img:
             kwargs.update(sigma_min=denoiser.model.sigma_min.item(), sigma_max=denoiser.model.sigma_max.item())
         else:  # img2img: within the part of the schedule that runs (its last sigma, 0, they cannot take; with one
             # step, down to the model's smallest, where A1111 fails on an empty interval)

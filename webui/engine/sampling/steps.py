@@ -41,7 +41,7 @@ class InitLatents:
     pipelines do; the sigma-space loop puts it back into each prediction, as A1111 does); an inpainting model is
     given the mask and the masked picture's latents as extra input channels instead, and sees for itself."""
 
-    latents: torch.Tensor  # (B, C, h, w) float32
+    latents: torch.Tensor | None  # (B, C, h, w) float32; None: txt2img with an inpainting model (``extra`` alone)
     repaint: torch.Tensor | None = None  # (1 or B, 1, h, w): 1 where repainted, 0 where kept; None: everywhere
     extra: torch.Tensor | None = None  # an inpainting model's extra input: (B, 1 + C, h, w), mask then latents
     noise_multiplier: float = 1.0  # A1111's initial_noise_multiplier: the starting noise times this
@@ -50,6 +50,11 @@ class InitLatents:
     def blends(self) -> bool:
         """Whether the kept part is put back during denoising (inpainting with a model that is not for it)."""
         return self.repaint is not None and self.extra is None
+
+    @property
+    def from_image(self) -> bool:
+        """Whether denoising starts from these latents (img2img), not from noise alone."""
+        return self.latents is not None
 
     def start_noise(self, noise: torch.Tensor) -> torch.Tensor:
         """The noise the init latents start from (A1111 scales only that, not the noise of later steps)."""

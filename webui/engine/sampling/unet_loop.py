@@ -52,7 +52,7 @@ def denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generators
     timesteps = scheduler.timesteps[steps.start * scheduler.order:]
     # The scheduler's maths in float32, whatever the UNet computes in: diffusers draws ancestral noise in the model
     # output's dtype, and a CPU generator draws other numbers in float16 than in float32 (another picture on a GPU).
-    if init is None:
+    if init is None or not init.from_image:
         latents = noise.float() * scheduler.init_noise_sigma
     else:
         latents = noised_to(scheduler, init.latents, init.start_noise(noise.float()), steps.start * scheduler.order)
