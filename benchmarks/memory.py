@@ -123,6 +123,7 @@ def write_checkpoint(family: str, path: Path) -> Path:
     from webui.synthetic.ldm_export import write_a1111_checkpoint
 
     if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         model = build_synthetic_model(family, "full", device="cuda")
         write_a1111_checkpoint(path, model, dtype=torch.float16)
         del model

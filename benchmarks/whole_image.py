@@ -64,10 +64,7 @@ class Case:
 
 
 def sd_file(family: str, name: str) -> Callable[[Path], str]:
-    def write(root: Path) -> str:
-        (root / "Stable-diffusion").mkdir(parents=True, exist_ok=True)
-        return write_checkpoint(family, root / "Stable-diffusion" / f"{name}.safetensors").name
-    return write
+    return lambda root: write_checkpoint(family, root / "Stable-diffusion" / f"{name}.safetensors").name
 
 
 def flux_file(root: Path) -> str:

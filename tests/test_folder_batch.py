@@ -56,6 +56,14 @@ def test_png_info_adds_the_prompt_and_sets_the_fields_asked(tmp_path, sd1_file, 
     assert first["Prompt"] == "oil painting a blue square" and first["Negative prompt"] == "blurry fog"
     assert first["Seed"] == "77" and first["Steps"] == "4" and first.get("CFG scale") != "4", "only what is asked"
     assert second["Prompt"] == "oil painting" and second["Seed"] != "77", "no PNG info: the form's"
+    info = folders / "info"  # PNG info from files of the same names elsewhere: only their text is read
+    info.mkdir()
+    (info / "a.png").write_bytes(png_bytes(Image.new("RGB", (8, 8)), "a red star\nSteps: 3, Seed: 5, CFG scale: 4"))
+    (info / "b.png").write_bytes(b"broken")
+    result = engine.img2img_folder(base(prompt="ink"), FolderBatch(
+        str(folders / "in"), use_png_info=True, png_info_dir=str(info), png_info_fields=("Prompt", "Seed")))
+    first, second = (parse_infotext(text) for text in result.infotexts)
+    assert (first["Prompt"], first["Seed"]) == ("ink a red star", "5") and second["Prompt"] == "ink"
     with pytest.raises(UserError) as bad:
         engine.img2img_folder(base(), FolderBatch(str(folders / "in"), use_png_info=True,
                                                   png_info_fields=("Model",)))

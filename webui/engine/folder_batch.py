@@ -10,13 +10,14 @@ notices; the others go on. An output file of the same name is never overwritten:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from webui.engine.infotext import request_fields
+from webui.engine.infotext import read_png_infotext, request_fields
 from webui.engine.init_image import MAX_DECODED_SIDE_FACTOR
 from webui.engine.outputs import png_bytes
 from webui.engine.progress import Progress
@@ -61,6 +62,11 @@ def run_folder_batch(img2img: Callable[[GenerationRequest], GenerationResult], p
         raise UserError(f"no PNG info field {sorted(unknown)[0]!r}; there are {', '.join(PNG_INFO_FIELDS)}",
                         field="img2img_batch_png_info_props")
     largest = max_side * MAX_DECODED_SIDE_FACTOR
+
+    @functools.lru_cache(maxsize=1)  # one mask for the whole folder is read once
+    def read_mask(path: Path) -> Image.Image:
+        return open_image(path, "img2img_batch_inpaint_mask_dir", largest, mode=None)[0]
+
     made: list[GenerationResult] = []
     skipped: list[str] = []
     progress.begin_plot(len(inputs))
@@ -68,7 +74,9 @@ def run_folder_batch(img2img: Callable[[GenerationRequest], GenerationResult], p
         for path in inputs:
             try:
                 image, infotext = open_image(path, "img2img_batch_input_dir", largest, mode=None)
-                request = dataclasses.replace(base, init_images=[image], mask=_mask_for(path, masks, largest),
+                mask_file = _mask_file(path, masks)
+                request = dataclasses.replace(base, init_images=[image],
+                                              mask=None if mask_file is None else read_mask(mask_file),
                                               save_images=False if output else base.save_images)
                 if batch.use_png_info:
                     request = _with_png_info(request, _infotext(path, infotext, info_dir), batch.png_info_fields)
@@ -101,26 +109,25 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _mask_for(path: Path, masks: list[Path], largest: int) -> Image.Image | None:
+def _mask_file(path: Path, masks: list[Path]) -> Path | None:
     """The mask of the same name (any image type), or the mask folder's only image; None without a mask folder."""
     if not masks:
         return None
     named = [m for m in masks if m.stem == path.stem]
     if not named and len(masks) > 1:
         raise UserError(f"no mask named {path.stem}.* in the mask folder", field="img2img_batch_inpaint_mask_dir")
-    mask, _ = open_image((named or masks)[0], "img2img_batch_inpaint_mask_dir", largest, mode=None)
-    return mask
+    return (named or masks)[0]
 
 
 def _infotext(path: Path, own: str | None, info_dir: Path | None) -> str:
-    """The PNG info of the input, or of the file of its name in the PNG info folder."""
+    """The PNG info of the input, or of the file of its name in the PNG info folder (its text only: no pixel is
+    decoded; a file that cannot be read gives none, as A1111's batch takes it)."""
     if info_dir is None:
         return own or ""
-    other = info_dir / path.name
-    if not other.is_file():
+    try:
+        return read_png_infotext(info_dir / path.name) or ""
+    except (OSError, ValueError):
         return ""
-    _, text = open_image(other, "img2img_batch_png_info_dir", 1 << 30, mode=None)
-    return text or ""
 
 
 def _with_png_info(request: GenerationRequest, infotext: str, wanted: tuple[str, ...]) -> GenerationRequest:

@@ -333,8 +333,10 @@ def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
     noise = _initial_noise(model, req, generators, seeds, subseeds).to(device, dtype)
     if init is not None and init.repaint is not None:
         init = masked_content(init, noise, req.inpainting_fill)
-    latents = init.latents if job.steps.run == 0 and init is not None else model.kind.denoise(model, job, seeds, generators, noise, cond,
-                                                                         uncond, report, init)
+    if job.steps.run == 0 and init is not None:  # img2img at strength 0: the init image through the VAE alone
+        latents = init.latents
+    else:
+        latents = model.kind.denoise(model, job, seeds, generators, noise, cond, uncond, report, init)
     if init is not None and init.blends:
         latents = init.kept(latents, init.latents)  # whatever the sampler left there (an interrupted one)
     clock.lap(prefix + "denoise")

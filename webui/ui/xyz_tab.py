@@ -28,7 +28,7 @@ def xyz_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, form: Components,
     one generation per cell, then the labelled grid."""
     axes = plot_axes(engine)
     inputs: Components = {}
-    forms = {"txt2img": form, **({"img2img": img2img_form} if img2img_form else {})}
+    tabs = ["txt2img", "img2img"] if img2img_form else ["txt2img"]
     with gr.Row():
         with gr.Column(scale=3):
             for name, default in zip("xyz", ("Seed", "Nothing", "Nothing")):
@@ -49,24 +49,20 @@ def xyz_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, form: Components,
         with gr.Column(scale=1, min_width=180):
             generate = gr.Button("Generate plot", variant="primary", size="lg", elem_id="xyz_generate")
             interrupt = gr.Button("Interrupt", elem_id="xyz_interrupt")
-            base = gr.Radio(list(forms), value="txt2img", label="Plot over the request of the tab",
-                            elem_id="xyz_base", visible=len(forms) > 1)
+            base = gr.Radio(tabs, value="txt2img", label="Plot over the request of the tab", elem_id="xyz_base",
+                            visible=len(tabs) > 1)
             gr.Markdown("Prompt, size, sampler and the rest come from that tab (img2img: its image too).")
             forecast = forecast_box("xyz")
     out = output_column("xyz")
 
     # The handlers take every form's values, then the tab chosen, then the plot's own (in the API, the img2img
     # form's fields are named img2img_<field>)
-    given = {name: box for tab, fields in forms.items()
-             for name, box in ((f"{tab}_{key}" if tab != "txt2img" else key, box) for key, box in fields.items())}
-    given["xyz_base"] = base
+    given = {**form, **{f"img2img_{key}": box for key, box in (img2img_form or {}).items()}, "xyz_base": base}
 
     def plot(values: tuple) -> tuple[GenerationRequest, list[AxisChoice], PlotOptions]:
-        start, chosen = 0, values[len(given) - 1]
-        for tab, fields in forms.items():
-            if tab == chosen:
-                request = request_from_form(fields, values[start:start + len(fields)])
-            start += len(fields)
+        chosen = values[len(given) - 1]
+        fields, start = (form, 0) if chosen == "txt2img" else (img2img_form, len(form))
+        request = request_from_form(fields, values[start:start + len(fields)])
         if chosen == "img2img" and not request.init_images:
             raise UserError("a plot over img2img needs an init image: put one in the img2img tab",
                             field="init_images")

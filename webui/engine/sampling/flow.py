@@ -71,13 +71,14 @@ def denoise_flow(denoiser: torch.nn.Module, layout: FlowLayout, scheduler, noise
             repaint = layout.pack(init.repaint.expand(len(noise), noise.shape[1], -1, -1))
     inputs = layout.inputs(denoiser, noise, context, copies, distilled_cfg)
     # an inpainting model's extra input (Flux Fill's), beside the latents in the transformer's layout
-    fill = None if init is None or init.extra is None else layout.pack(init.extra_rows(len(noise) * copies))
+    fill = None if init is None or init.extra is None else layout.pack(
+        init.extra_rows(len(noise) * copies)).to(noise.device, noise.dtype)
     total = len(timesteps)
     for i, t in enumerate(timesteps):
         x = torch.cat([latents] * copies).to(noise.dtype)
         timestep = t.expand(x.shape[0]).to(x.dtype)
         if fill is not None:
-            x = torch.cat([x, fill.to(x)], dim=-1)
+            x = torch.cat([x, fill], dim=-1)
         velocity = denoiser(hidden_states=x, timestep=layout.timestep(timestep), encoder_hidden_states=context,
                             pooled_projections=pooled, return_dict=False, **inputs)[0].float()
         if uncond is not None:
