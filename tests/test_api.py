@@ -455,7 +455,9 @@ def test_requests_waiting_in_the_queue_hold_no_thread_and_a_full_queue_answers_5
             waiting = [asyncio.ensure_future(http.post("/sdapi/v1/txt2img", json={**BODY, "batch_size": 1, "seed": i}))
                        for i in range(6)]
             try:
-                with anyio.fail_after(30):  # a waiting request that held a thread would starve the others
+                # a waiting request that held a thread would starve the others: they would never all be queued.
+                # The deadline only bounds that wait; on a loaded 2-core CI machine 30 s was once not enough.
+                with anyio.fail_after(120):
                     while jobs.pending < 6:
                         await asyncio.sleep(0.01)
                     progress = await http.get("/sdapi/v1/progress")
