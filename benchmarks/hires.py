@@ -57,7 +57,7 @@ def reference_second_pass(engine, steps: int) -> float:
 def row(name: str, where: str, seconds: float, result, reference: str) -> str:
     stats = result.memory
     return (f"| {name} | {where} | {seconds * 1000:.0f} ms | {reference} | {stats.peak_vram_mb:.0f} MB | "
-            f"{stats.moved_mb / 1024:.1f} GB | {phases(result)} |")
+            f"{stats.moved_mb / 1024:.1f} GB | {phases(result, seconds)} |")
 
 
 def resident_rows(checkpoint: Path, workdir: Path, steps: int) -> list[str]:

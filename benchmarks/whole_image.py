@@ -195,14 +195,17 @@ def forecast_cell(result, seconds: float) -> str:
         return f"peak {peak:.0f} MB ({peak / measured_peak:.2f}×), time unknown"
     ratios = (peak / measured_peak, forecast.seconds / seconds)
     met = all(abs(r - 1) <= 0.15 for r in ratios)
+    by_phase = " / ".join(f"{name} {phase * 1000:.0f}" for name, phase in forecast.phase_seconds().items())
     return (f"peak {peak:.0f} MB ({ratios[0]:.2f}×), {forecast.seconds * 1000:.0f} ms ({ratios[1]:.2f}×)"
-            f"{'' if met else ' **off**'}")
+            f"{'' if met else f' **off** ({by_phase})'}")
 
 
-def phases(result) -> str:
-    """Each phase's time (ms), and the out-of-memory retries (a retried batch's phases add up)."""
-    retries = result.memory.oom_retries
-    return " / ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in result.timings.items()) + (
+def phases(result, seconds: float) -> str:
+    """Each phase's time (ms), the whole image's time outside them, and the out-of-memory retries (a retried
+    batch's phases add up)."""
+    retries, outside = result.memory.oom_retries, seconds - sum(result.timings.values())
+    return " / ".join(f"{name} {phase * 1000:.0f}" for name, phase in result.timings.items()) + (
+        f" / other {outside * 1000:.0f}") + (
         f" — {retries} out-of-memory retr{'y' if retries == 1 else 'ies'}" if retries else "")
 
 
@@ -232,7 +235,7 @@ def resident_row(case: Case, engine, root: Path, repeat: int) -> tuple[str, Resi
     ratio = mine / plain
     row = (f"| {case.label} | resident | {mine * 1000:.0f} ms | pipeline {plain * 1000:.0f} ms | {ratio:.2f}× | "
            f"≤ 1.0× | {'yes' if ratio <= 1.0 else '**no**'} | {result.memory.peak_vram_mb:.0f} MB | 0 | "
-           f"{forecast_cell(result, last)} | {phases(result)} |")
+           f"{forecast_cell(result, last)} | {phases(result, last)} |")
     return row, Resident(mine, activation)
 
 
@@ -298,7 +301,7 @@ def card_row(case: Case, checkpoint: str, root: Path, swap: tuple[str, str], rep
     return (f"| {case.label} | {card_mb // 1024} GB card | {mine * 1000:.0f} ms | floor {floor * 1000:.0f} ms; "
             f"{versus} | {ratio:.2f}× | ≤ 1.15× floor | {'yes' if met else '**no**'} | "
             f"{stats.peak_vram_mb:.0f} MB | {stats.moved_mb / 1024:.1f} GB | {forecast_cell(result, last)} | "
-            f"{phases(result)} |")
+            f"{phases(result, last)} |")
 
 
 def main() -> None:

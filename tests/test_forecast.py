@@ -86,6 +86,8 @@ def test_time_comes_from_the_rates_measured_at_the_last_job(tmp_path, sd1_file):
     again = engine.forecast(GenerationRequest(**REQ))  # same prompts: no text encoding; nothing moves or streams
     measured = result.timings["denoise"] + result.timings["decode"]
     assert again.seconds == pytest.approx(measured)
+    assert again.phase_seconds() == pytest.approx({"denoise": result.timings["denoise"],
+                                                   "decode": result.timings["decode"]}), "named as the job's timings"
     longer = engine.forecast(GenerationRequest(**{**REQ, "steps": REQ["steps"] * 2, "n_iter": 2}))
     assert longer.seconds == pytest.approx(2 * (2 * result.timings["denoise"] + result.timings["decode"]))
     assert "~" in longer.summary() and longer.as_dict()["seconds"] == pytest.approx(longer.seconds)
@@ -177,3 +179,42 @@ def test_the_estimate_route_forecasts_an_img2img_body_and_its_outpainting(client
     assert not list(engine.config.paths.outdir.rglob("*.png")), "nothing generated"
     bad = client.post("/sdapi/v1/estimate", json={**body, "denoising_strength": 2})
     assert bad.status_code == 422 and bad.json()["field"] == "denoising_strength"
+
+
+@pytest.mark.parametrize("swap_location", ["Shared", "CPU"])
+def test_a_plan_counts_the_copies_evictions_make_on_a_gpu(swap_location):
+    """On a GPU an evicted unit points back at its host tensors (no copy), except at its first eviction with
+    Swap Location "Shared", which page-locks them: counted once, then free. Planned only: nothing is moved."""
+    from torch import nn
+
+    from webui.engine.memory.manager import MemoryPolicy
+    from webui.engine.memory.planning import PlanningManager
+
+    gpu = torch.device("cuda")
+    real = MemoryManager(gpu, SimulatedMemory(gpu, 64), min_unit_bytes=1)
+    real.register("a", nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024)))  # 8 MB
+    real.register("b", nn.Sequential(nn.Linear(1024, 2048), nn.Linear(2048, 1024)))  # 16 MB
+    plan = PlanningManager(real, MemoryPolicy(pinned=swap_location == "Shared", inference_mb=0), 0)
+    plan.memory.capacity = 20 * MB  # not both at once
+    for names in (["a"], ["b"], ["a"], ["b"]):
+        plan.prepare(names)
+    moved = [round(phase.moved / MB) for phase in plan.phases]
+    assert moved == ([8, 16 + 8, 8 + 16, 16] if swap_location == "Shared" else [8, 16, 8, 16])
+
+
+def test_page_locking_is_not_taken_for_the_bus_bandwidth():
+    """A component's first eviction into page-locked memory waits for the system to lock its pages: once, not a
+    rate. The bandwidth the next forecast uses is the copies' own."""
+    from webui.engine.forecast import Forecast
+    from webui.engine.memory.manager import GenerationStats
+    from webui.engine.memory.planning import PhasePlan
+    from webui.engine.request import GenerationResult
+
+    shape = JobShape(steps=1, batches=1, batch_size=1, rows=1, latent_pixels=1, pixels=1, encodes=False)
+    plans = [("denoising", PhasePlan(("denoiser",), 0, 0, 0, 0, 0)), ("decode", PhasePlan(("vae",), 0, 0, 0, 0, 0))]
+    forecast = Forecast(shape, plans, [], True, 8 * MB, 8 * MB, 0, 1, async_copies=True, tiled_decode=False)
+    rates = Rates()
+    stats = GenerationStats(moved_mb=1000.0, move_seconds=1.5, page_lock_seconds=1.0)
+    rates.learn(forecast, GenerationResult(GenerationRequest(), memory=stats,
+                                           timings={"encode": 0.0, "denoise": 1.0, "decode": 0.1}))
+    assert rates.bandwidth == pytest.approx(1000 * MB / 0.5)

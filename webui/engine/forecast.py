@@ -22,6 +22,9 @@ GB = 1024 * MB
 PIXEL_BYTES = 3  # an RGB image, one byte a channel
 HOST_BYTES_PER_BATCH_PIXEL = PIXEL_BYTES * (4 + 1 + 1)  # a batch's float32 pixels, its uint8 arrays, its PNG bytes
 MIN_MOVE_SECONDS = 0.05  # copies shorter than this measure latency, not bandwidth
+# the plan's phases by the names the job's timings give them
+TIMING_NAMES = {"text encoding": "encode", "image encoding": "encode image", "denoising": "denoise",
+                "hires upscale": "hires upscale", "hires denoising": "hires denoise", "decode": "decode"}
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,9 @@ class Rates:
         stats, shape, timings = result.memory, forecast.shape, result.timings
         if stats is None or not {"encode", "denoise", "decode"} <= timings.keys():
             return
-        if stats.move_seconds > MIN_MOVE_SECONDS:
-            self.bandwidth = stats.moved_mb * MB / stats.move_seconds
+        copying = stats.move_seconds - stats.page_lock_seconds  # page-locking is once a component, not a rate
+        if copying > MIN_MOVE_SECONDS:
+            self.bandwidth = stats.moved_mb * MB / copying
         moves = {phase: moved / self.bandwidth if self.bandwidth else 0.0
                  for phase, moved in forecast.moved_by_phase().items()}
         if shape.encodes:
@@ -156,23 +160,33 @@ class Forecast:
     @property
     def seconds(self) -> float | None:
         """The job's time from the measured rates; None before the model's first generation on this machine."""
+        phases = self.phase_seconds()
+        return None if phases is None else sum(phases.values())
+
+    def phase_seconds(self) -> dict[str, float] | None:
+        """The job's time by phase, each with its moves, named as ``GenerationResult.timings`` names them."""
         rates, shape = self.rates, self.shape
         if not rates.known(shape):
             return None
+
         def step(latent_pixels: int, phase: str) -> float:
             compute = rates.step_seconds_per_pixel * latent_pixels * shape.rows
             streaming = self.streamed_seconds_a_step(rates.bandwidth, phase)
             return max(compute, streaming) if self.async_copies else compute + streaming
 
-        hires = shape.hires_steps * step(shape.hires_latent_pixels, "hires denoising") if shape.hires_steps else 0.0
-        if shape.upscaler:
-            hires += rates.upscale_seconds_per_pixel[shape.upscaler] * shape.pixels * shape.batch_size
-        moved = sum(self.moved_by_phase().values())
-        return ((rates.encode_seconds_per_prompt * shape.rows if shape.encodes else 0.0)
-                + (rates.image_encode_seconds_per_pixel * shape.init_pixels if shape.init_pixels else 0.0)
-                + shape.batches * (shape.steps * step(shape.latent_pixels, "denoising") + hires
-                                   + rates.decode_seconds_per_pixel * shape.pixels * shape.batch_size)
-                + (moved / rates.bandwidth if rates.bandwidth else 0.0))
+        compute = {
+            "text encoding": rates.encode_seconds_per_prompt * shape.rows if shape.encodes else 0.0,
+            "image encoding": rates.image_encode_seconds_per_pixel * shape.init_pixels if shape.init_pixels else 0.0,
+            "denoising": shape.batches * shape.steps * step(shape.latent_pixels, "denoising"),
+            "hires upscale": shape.batches * rates.upscale_seconds_per_pixel[shape.upscaler] * shape.pixels
+            * shape.batch_size if shape.upscaler else 0.0,
+            "hires denoising": shape.batches * shape.hires_steps * step(shape.hires_latent_pixels, "hires denoising")
+            if shape.hires_steps else 0.0,
+            "decode": shape.batches * rates.decode_seconds_per_pixel * shape.pixels * shape.batch_size,
+        }
+        moved = self.moved_by_phase()
+        return {TIMING_NAMES[phase]: seconds + (moved[phase] / rates.bandwidth if rates.bandwidth else 0.0)
+                for phase, seconds in compute.items() if seconds or moved[phase]}
 
     def check_host(self) -> None:
         """Refuse a job that cannot fit in host RAM at all, before it runs (the OOM killer would end the app)."""

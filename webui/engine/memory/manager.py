@@ -167,6 +167,7 @@ class GenerationStats:
     streamed_mb: float = 0.0
     moved_mb: float = 0.0
     move_seconds: float = 0.0
+    page_lock_seconds: float = 0.0  # of move_seconds: the system page-locking host memory (once a component)
     peak_vram_mb: float = 0.0
     budget_mb: float = 0.0
     activation_mb: float = 0.0
@@ -554,12 +555,15 @@ class MemoryManager:
         more (pageable memory from then on, said once in the log): streaming goes on, with slower copies."""
         if self.memory.host_available() < unit.nbytes + PIN_RESERVE:
             return None
+        start = time.perf_counter()
         try:
             unit.pinned, copies = pinned_copies(tensors)
         except MemoryError as e:
             self._pinning_refused = True
             log.warning("%s Streaming goes on from pageable memory (slower copies).", e)
             return None
+        finally:
+            self.stats.page_lock_seconds += time.perf_counter() - start
         return copies
 
 

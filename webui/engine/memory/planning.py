@@ -40,6 +40,8 @@ class PlanningManager(MemoryManager):
         self.limited = real.limited
         self.components = {name: _planned(c) for name, c in real.components.items()}
         self.policy, self.activation = policy, activation  # not begin(): the real device's counters stay as they are
+        self._pinning_refused = real._pinning_refused
+        self._page_locked_here: set[Unit] = set()  # units whose first eviction in this plan page-locks them
         self.phases: list[PhasePlan] = []
         self._moved = 0
 
@@ -56,9 +58,25 @@ class PlanningManager(MemoryManager):
         ))
 
     def _place(self, component: Component, keep: set[Unit], stream: bool, pin_host: bool = True) -> None:
-        self._moved += sum(u.nbytes for u in keep ^ component.on_device)
+        self._moved += sum(u.nbytes for u in keep - component.on_device) + sum(
+            u.nbytes for u in component.on_device - keep if self._eviction_copies(u, pin_host))
         component.on_device = set(keep)
         component.streaming = stream and len(keep) < len(component.units)
+
+    def _eviction_copies(self, unit: Unit, pin_host: bool) -> bool:
+        """Whether evicting ``unit`` copies its bytes, as ``MemoryManager._move`` does it: not where its parameters
+        point back at the host tensors they came from (``Unit.home``, which a device of "cpu" does not keep), unless
+        those are to be page-locked first (Swap Location "Shared": once, at a component's first eviction)."""
+        came_from_host = unit.home is not None or all(p.device.type == "cpu" for p in unit.parameters())
+        if self.device.type == "cpu" or not came_from_host:
+            return True
+        home = unit.home or [p.data for p in unit.parameters()]
+        locked = unit in self._page_locked_here or unit.pinned is not None and all(
+            unit.pinned.holds(host) for host in home)
+        if locked or not pin_host or not self._pinning():
+            return False
+        self._page_locked_here.add(unit)
+        return True
 
 
 def _planned(component: Component) -> Component:
