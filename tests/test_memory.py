@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tests.conftest import make_engine
-from webui.engine.memory.manager import MB, MemoryManager, SimulatedMemory, plan_residency
+from webui.engine.memory.manager import MB, MemoryManager, SimulatedMemory, VaePass, plan_residency
 from webui.engine.memory.stream import IN_FLIGHT, Unit, param_bytes, split_units
 from webui.engine.request import GenerationRequest
 from webui.errors import UserError
@@ -128,7 +128,7 @@ def test_text_encoding_and_decoding_stream_beside_the_denoiser_rather_than_evict
         assert 0 < text_encoder.streamed_bytes() < text_encoder.nbytes or image == 0
         manager.prepare(["denoiser"])
         assert denoiser.device_bytes() == denoiser.nbytes
-        assert not manager.prepare_vae("vae", activation=0)
+        assert not manager.prepare_vae("vae", activation=VaePass(0, 0))
         moved.append(manager.finish().moved_mb)
     assert max(moved[1:]) < denoiser.nbytes / MB, "the denoiser is never moved again"
 
@@ -303,3 +303,23 @@ def test_a_smaller_budget_streams_the_same_units_and_a_few_more():
         assert smaller <= larger
         if larger != set(units):  # past the first step, which sets room aside for copies in flight
             assert len(larger - smaller) <= 2
+
+
+def test_a_tiled_vae_pass_runs_the_tiles_its_memory_estimate_counts():
+    """diffusers tiles a VAE by its sample size (SDXL's: 1024 px, 5 GB of a float32 decode); the app's tiles are
+    ``VAE_TILE`` px at most, and the tiled estimate is one such tile and the output the tiled decode keeps."""
+    from webui.engine.formats.detect import Family
+    from webui.engine.generate import use_tiles, vae_passes
+    from webui.engine.memory.manager import VAE_TILE, vae_decode_bytes
+    from webui.synthetic.builders import build_vae16
+
+    vae = build_vae16("tiny", Family.SD3)
+    vae.register_to_config(sample_size=1024)
+    use_tiles(vae, True)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    assert vae.use_tiling and vae.tile_sample_min_size == VAE_TILE == vae.tile_latent_min_size * factor
+    decode = vae_passes(vae)(2048, 2048, 1)
+    assert decode.whole == vae_decode_bytes(2048, 2048, 1, torch.float32)
+    assert decode.tiled == vae_decode_bytes(VAE_TILE, VAE_TILE, 1, torch.float32) + 2048 * 2048 * 3 * 4 * 3
+    use_tiles(vae, False)
+    assert not vae.use_tiling

@@ -265,8 +265,8 @@ def forecast_job(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy
         batches.append(named)
     kept = shape.batches * shape.batch_size * shape.pixels * PIXEL_BYTES
     transient = shape.batch_size * shape.pixels * HOST_BYTES_PER_BATCH_PIXEL
-    activations = 0 if memory.limited else max(estimates.encode, estimates.denoise, estimates.decode,
-                                                estimates.encode_image)
+    activations = 0 if memory.limited else max(estimates.encode, estimates.denoise, estimates.decode.whole,
+                                                estimates.encode_image.whole)
     return Forecast(shape, batches[0], batches[1] if len(batches) > 1 else [], memory.limited, memory.memory.total(),
                     memory.capacity(), kept + transient + activations, memory.memory.host_available(),
                     policy.async_copies, tiled, replace(rates) if rates else Rates())  # as they are now

@@ -11,6 +11,7 @@ images through an image upscaler, encoded again), then img2img at the hires size
 """
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -32,7 +33,7 @@ from webui.engine.infotext import build_infotext
 from webui.engine.inpaint import FILLS, INPAINT_AREAS, LATENT_NOISE, LATENT_NOTHING, MASK_MODES, ORIGINAL, InpaintImages
 from webui.engine.loading.load import TEXT_ENCODERS, LoadedModel, vae_scale_factor
 from webui.engine.memory.activation import activation_bytes, encode_activation_bytes
-from webui.engine.memory.manager import MemoryManager, MemoryPolicy, vae_decode_bytes, vae_encode_bytes
+from webui.engine.memory.manager import VAE_TILE, MemoryManager, MemoryPolicy, VaePass, vae_pass
 from webui.engine.outputs import png_files
 from webui.engine.progress import Progress
 from webui.engine.request import MAX_SEED, GenerationRequest, GenerationResult
@@ -101,36 +102,58 @@ class Resolved:
         return self.steps.run + (self.hires.job.steps.run if self.hires is not None else 0)
 
 
+NO_VAE_PASS = VaePass(0, 0)  # a phase the job does not have
+
+
 @dataclass(frozen=True)
 class PhaseEstimates:
     """A job's activation memory per phase (bytes), estimated before it runs: each phase is planned with its own."""
 
     encode: int
     denoise: int
-    decode: int
-    encode_image: int = 0  # img2img (an inpainting model's txt2img too): the VAE encoding the largest init image
+    decode: VaePass
+    encode_image: VaePass = NO_VAE_PASS  # img2img (an inpainting model's txt2img too): the largest init image's
     hires_denoise: int = 0  # hires. fix: its pass's denoise, at the hires size
-    hires_encode: int = 0  # hires. fix with an image upscaler: an upscaled image through the VAE
-    hires_decode: int = 0  # hires. fix with an image upscaler: the first pass's batch decoded, at its own size
+    hires_encode: VaePass = NO_VAE_PASS  # hires. fix with an image upscaler: an upscaled image through the VAE
+    hires_decode: VaePass = NO_VAE_PASS  # hires. fix with an image upscaler: the first pass's batch decoded
 
     @classmethod
     def of(cls, model: LoadedModel, job: Resolved) -> PhaseEstimates:
         req, rows = job.request, job.request.batch_size * (2 if job.cfg else 1)
-        vae_dtype = compute_dtype(model.vae)
         final = job.hires.job.request if job.hires is not None else req
+        decode, encode = vae_passes(model.vae), functools.partial(vae_passes(model.vae), encode=True)
+        image_upscale = job.hires is not None and not job.hires.latent
         return cls(
             encode=encode_activation_bytes(model.kind.encode_activation_per_prompt, rows),
             denoise=denoise_bytes(model, job),
-            decode=vae_decode_bytes(final.width, final.height, req.batch_size, vae_dtype),
-            encode_image=max((vae_encode_bytes(*image.size, 1, vae_dtype) for image in job.init_images or ()),
-                             default=vae_encode_bytes(req.width, req.height, 1, vae_dtype)
-                             if model.kind.is_inpainting(model.denoiser) else 0),
+            decode=decode(final.width, final.height, req.batch_size),
+            encode_image=max((encode(*image.size, 1) for image in job.init_images or ()), key=lambda p: p.whole,
+                             default=encode(req.width, req.height, 1) if model.kind.is_inpainting(model.denoiser)
+                             else NO_VAE_PASS),
             hires_denoise=0 if job.hires is None else denoise_bytes(model, job.hires.job),
-            hires_encode=0 if job.hires is None or job.hires.latent else vae_encode_bytes(final.width, final.height,
-                                                                                          1, vae_dtype),
-            hires_decode=0 if job.hires is None or job.hires.latent else vae_decode_bytes(req.width, req.height,
-                                                                                          req.batch_size, vae_dtype),
+            hires_encode=encode(final.width, final.height, 1) if image_upscale else NO_VAE_PASS,
+            hires_decode=decode(req.width, req.height, req.batch_size) if image_upscale else NO_VAE_PASS,
         )
+
+
+def vae_passes(vae: torch.nn.Module) -> Callable[..., VaePass]:
+    """``vae_pass`` for this VAE: its compute dtype, its tiles (``use_tiles``)."""
+    return functools.partial(vae_pass, dtype=compute_dtype(vae), tile=vae_tile(vae))
+
+
+def vae_tile(vae: torch.nn.Module) -> int:
+    """The tile of a tiled pass, in pixels: ``VAE_TILE``, or the VAE's sample size where smaller (tiny test VAEs)."""
+    return min(VAE_TILE, vae.config.sample_size)
+
+
+def use_tiles(vae: torch.nn.Module, tiled: bool) -> None:
+    """Turn the VAE's tiling on (with ``vae_tile``'s tiles, which the memory estimate counts) or off."""
+    if not tiled:
+        vae.disable_tiling()
+        return
+    vae.enable_tiling()
+    vae.tile_sample_min_size = vae_tile(vae)
+    vae.tile_latent_min_size = vae_tile(vae) // vae_scale_factor(vae)
 
 
 def denoise_bytes(model: LoadedModel, job: Resolved) -> int:
@@ -508,7 +531,7 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
 
 
-def encode(model: LoadedModel, memory: MemoryManager, pixels: torch.Tensor, activation: int,
+def encode(model: LoadedModel, memory: MemoryManager, pixels: torch.Tensor, activation: VaePass,
            notices: list[str]) -> torch.Tensor:
     """A picture (``to_pixels``) to latents as the denoiser sees them (float32, scaled and shifted by the VAE's
     factors): the mean of the VAE's latent distribution, so that a seed's noise is all the randomness (tiled when a
@@ -516,8 +539,7 @@ def encode(model: LoadedModel, memory: MemoryManager, pixels: torch.Tensor, acti
     vae = model.vae
 
     def run() -> torch.Tensor:
-        tiled = memory.prepare_vae("vae", activation, phase=IMAGE_ENCODE_PHASE)
-        vae.enable_tiling() if tiled else vae.disable_tiling()
+        use_tiles(vae, memory.prepare_vae("vae", activation, phase=IMAGE_ENCODE_PHASE))
         return vae.encode(pixels.to(memory.device, compute_dtype(vae))).latent_dist.mode()
 
     latents = _in_float32_after_nan(model, memory, run, notices).float()
@@ -544,8 +566,7 @@ def _decode_pixels(vae: torch.nn.Module, memory: MemoryManager, latents: torch.T
     batch, _, h, w = latents.shape
     dtype = compute_dtype(vae)
     factor = vae_scale_factor(vae)
-    tiled = memory.prepare_vae("vae", vae_decode_bytes(w * factor, h * factor, batch, dtype))
-    vae.enable_tiling() if tiled else vae.disable_tiling()
+    use_tiles(vae, memory.prepare_vae("vae", vae_passes(vae)(w * factor, h * factor, batch)))
     latents = latents.to(memory.device, dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
     return vae.decode(latents).sample
 

@@ -44,7 +44,7 @@ from webui.engine.memory.stream import IN_FLIGHT, CopyStats, Streamer, Unit, par
 from webui.engine.memory.trace import PHASE_OF_COMPONENT, MemoryTrace
 
 log = logging.getLogger(__name__)
-TILED_DECODE_BYTES = 1024 * MB  # a tiled VAE decode's peak: one 512x512 tile at a time, and the blending
+VAE_TILE = 512  # px: a tiled VAE pass's tiles at most (diffusers' default, the VAE's sample size, is 1024 for SDXL)
 UNITS_PER_COMPONENT = 48  # granularity of partial residency: finer packs the budget, coarser streams faster
 MIN_UNIT_BYTES = 4 * MB
 PIN_RESERVE = 2048 * MB  # host RAM page-locking leaves to the system
@@ -157,6 +157,24 @@ def vae_encode_bytes(width: int, height: int, batch: int, dtype: torch.dtype) ->
     op by op for the 4- and 16-channel VAEs at 256² and 512²); 1,537 bytes a pixel measured on an H100
     (benchmarks/activations.py), 10 % under this."""
     return int(width * height * batch * 1_700 * torch.finfo(dtype).bits / 16)
+
+
+@dataclass(frozen=True)
+class VaePass:
+    """A VAE pass's activation memory, over the whole image and tiled; the manager decides which runs."""
+
+    whole: int
+    tiled: int  # one tile at a time (the batch's rows together, as diffusers runs them), and the output it keeps
+
+
+def vae_pass(width: int, height: int, batch: int, dtype: torch.dtype, tile: int, encode: bool = False) -> VaePass:
+    """A decode's (or an encode's) ``VaePass`` with tiles of ``tile`` px. A tiled decode keeps every decoded tile
+    (they overlap by a quarter: 1.8 times the image) and the blended rows before joining them: three images' worth of
+    output; a tiled encode's output is latents, small."""
+    bytes_per_pixel = vae_encode_bytes if encode else vae_decode_bytes
+    output = 0 if encode else width * height * batch * 3 * dtype.itemsize * 3
+    return VaePass(bytes_per_pixel(width, height, batch, dtype),
+                   bytes_per_pixel(min(tile, width), min(tile, height), batch, dtype) + output)
 
 
 @dataclass
@@ -408,12 +426,12 @@ class MemoryManager:
         for component, keep, stream in plan_phase(list(self.components.values()), needed, budget, mode, once):
             self._place(component, keep, stream)
 
-    def prepare_vae(self, name: str, activation: int, phase: str | None = None) -> bool:
-        """Place the VAE for decoding (or, ``phase`` "VAE encode", encoding) with ``activation`` bytes of room. True
-        when it must be tiled: a whole pass would not fit."""
+    def prepare_vae(self, name: str, activation: VaePass, phase: str | None = None) -> bool:
+        """Place the VAE for decoding (or, ``phase`` "VAE encode", encoding) with the room its pass needs. True
+        when it must be tiled: a whole pass would not fit beside the VAE alone."""
         vae = self.components[name]
-        tiled = self.policy.tiled_vae or (self.limited and self.weight_budget(activation) < vae.nbytes)
-        self.prepare([name], activation=TILED_DECODE_BYTES if tiled else activation, once=True, phase=phase)
+        tiled = self.policy.tiled_vae or (self.limited and self.weight_budget(activation.whole) < vae.nbytes)
+        self.prepare([name], activation=activation.tiled if tiled else activation.whole, once=True, phase=phase)
         self.stats.tiled_vae = self.stats.tiled_vae or tiled
         return tiled
 
