@@ -2,10 +2,12 @@
 simulated cards, beside diffusers' img2img pipeline over the same modules for the second pass (its input the same
 upscaled latents), and the first pass alone.
 
-    python3 -m benchmarks.hires [--cards 8192,12288] [--steps 20]
+    python3 -m benchmarks.hires [--cards 8192,12288] [--steps 20] [--upscaler Latent|ESRGAN]
 
-Full-size SDXL with random weights, Euler, CFG 7, denoising 0.5 (11 of 20 steps at 2048²). Goals: completes on an
-8 GB card, its peak VRAM within the card; the second pass no slower than diffusers' img2img resident.
+Full-size SDXL with random weights, Euler, CFG 7, denoising 0.5 (11 of 20 steps at 2048²). ``--upscaler ESRGAN``
+upscales the decoded first pass with a full-size ESRGAN 4x (RRDBNet, 23 blocks, 64 filters: random weights in
+BasicSR's layout, read by spandrel from models/ESRGAN) and encodes it again, instead of the latent upscale. Goals:
+completes on an 8 GB card, its peak VRAM within the card; the second pass no slower than diffusers' img2img resident.
 """
 from __future__ import annotations
 
@@ -25,12 +27,26 @@ CFG, STRENGTH = 7.0, 0.5
 PROMPTS = (f"a photo of a cat number {i}" for i in range(1_000_000))
 
 
-def request(steps: int, hires: bool):
+ESRGAN_FILE = "4x-ESRGAN-random"
+
+
+def request(steps: int, hires: bool, upscaler: str):
     from webui.engine.request import GenerationRequest
 
     return GenerationRequest(prompt=next(PROMPTS), width=1024, height=1024, steps=steps, cfg_scale=CFG,
                              sampler_name="Euler", scheduler="Automatic", seed=1, save_images=False, enable_hr=hires,
-                             hr_scale=2, hr_upscaler="Latent", denoising_strength=STRENGTH)
+                             hr_scale=2, hr_upscaler=ESRGAN_FILE if upscaler == "ESRGAN" else upscaler,
+                             denoising_strength=STRENGTH)
+
+
+def write_esrgan(engine) -> None:
+    """A full-size ESRGAN 4x in the engine's models/ESRGAN, as Real-ESRGAN's .pth files hold it (once)."""
+    from webui.synthetic.upscalers import esrgan_state
+
+    path = engine.config.paths.models_dir / "ESRGAN" / f"{ESRGAN_FILE}.pth"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"params_ema": esrgan_state(filters=64, grow=32, blocks=23)}, path)
 
 
 def timed(run) -> tuple[float, object]:
@@ -60,28 +76,29 @@ def row(name: str, where: str, seconds: float, result, reference: str) -> str:
             f"{stats.moved_mb / 1024:.1f} GB | {phases(result, seconds)} |")
 
 
-def resident_rows(checkpoint: Path, workdir: Path, steps: int) -> list[str]:
+def resident_rows(checkpoint: Path, workdir: Path, steps: int, upscaler: str) -> list[str]:
     engine = engine_for(checkpoint, workdir)
-    engine.txt2img(request(steps, True))  # warm-up: loads the model, learns the rates
-    first, first_result = timed(lambda: engine.txt2img(request(steps, False)))
-    seconds, result = timed(lambda: engine.txt2img(request(steps, True)))
+    write_esrgan(engine)
+    engine.txt2img(request(steps, True, upscaler))  # warm-up: loads the model, learns the rates
+    first, first_result = timed(lambda: engine.txt2img(request(steps, False, upscaler)))
+    seconds, result = timed(lambda: engine.txt2img(request(steps, True, upscaler)))
     second = result.timings.get("hires denoise", 0.0)
     plain = reference_second_pass(engine, steps)
     engine.models.unload()
     return [row("SDXL 1024², first pass alone", "resident", first, first_result, "—"),
-            row("SDXL 1024² → 2048² Latent", "resident", seconds, result,
+            row(f"SDXL 1024² → 2048² {upscaler}", "resident", seconds, result,
                 f"diffusers img2img 2048²: {plain * 1000:.0f} ms; our hires pass {second * 1000:.0f} ms "
                 f"({second / plain:.2f}×)")]
 
 
-def card_row(checkpoint: Path, workdir: Path, steps: int, card: int) -> str:
+def card_row(checkpoint: Path, workdir: Path, steps: int, card: int, upscaler: str) -> str:
     engine = engine_for(checkpoint, workdir)
     simulate_card(engine, card)
-    engine.txt2img(request(steps, True))
-    seconds, result = timed(lambda: engine.txt2img(request(steps, True)))
+    engine.txt2img(request(steps, True, upscaler))
+    seconds, result = timed(lambda: engine.txt2img(request(steps, True, upscaler)))
     fits = result.memory.peak_vram_mb <= card - CONTEXT_MB
     engine.models.unload()
-    return row("SDXL 1024² → 2048² Latent", f"{card // 1024} GB card", seconds, result,
+    return row(f"SDXL 1024² → 2048² {upscaler}", f"{card // 1024} GB card", seconds, result,
                f"completes; peak within the card: {'yes' if fits else '**no**'}")
 
 
@@ -89,19 +106,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cards", default="8192,12288", help="simulated card sizes, MB")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--upscaler", default="Latent", help="a latent mode, or ESRGAN (a full-size ESRGAN 4x file)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     checkpoint = write_checkpoint("sdxl", args.workdir / "SDXL.safetensors")
-    rows = resident_rows(checkpoint, args.workdir, args.steps)
+    rows = resident_rows(checkpoint, args.workdir, args.steps, args.upscaler)
     print(*rows, sep="\n", flush=True)
     for card in (int(c) for c in args.cards.split(",")):
         gc.collect()
         torch.cuda.empty_cache()
-        rows.append(card_row(checkpoint, args.workdir, args.steps, card))
+        rows.append(card_row(checkpoint, args.workdir, args.steps, card, args.upscaler))
         print(rows[-1], flush=True)
     print_table("Hires. fix (issue 25)",
-                f"`python3 -m benchmarks.hires --cards {args.cards} --steps {args.steps}` — full-size SDXL, Euler, "
+                f"`python3 -m benchmarks.hires --cards {args.cards} --steps {args.steps} --upscaler {args.upscaler}` — "
+                "full-size SDXL, Euler, "
                 f"CFG {CFG:g}, denoising {STRENGTH}, a new prompt each image.",
                 ["job", "where", "whole image", "reference / goal", "peak VRAM", "moved", "phases (ms)"], rows)
 
