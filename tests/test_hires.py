@@ -13,7 +13,7 @@ import webuiapi
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from tests.conftest import make_engine
+from tests.conftest import diffusers_folder, make_engine, single_file
 from tests.test_api import client  # noqa: F401 (the API's fixture)
 from tests.test_clients import api, image_of, server  # noqa: F401 (a live server and webuiapi's client of it)
 from tests.test_img2img import NEGATIVE, PROMPT, SEEDS, STEPS, as_array, latent_mean, ui  # noqa: F401 (fixtures)
@@ -43,9 +43,11 @@ def generators() -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(s) for s in SEEDS]
 
 
-def diffusers_hires(folder, engine, sampler: str, schedule: str, upscaler: str, strength: float) -> np.ndarray:
+def diffusers_hires(folder, engine, sampler: str, schedule: str, upscaler: str, strength: float,
+                    second=None) -> np.ndarray:
     """diffusers' txt2img at 64², its latents interpolated (or its images resized with Lanczos) to 128², then its
-    img2img there: the seeds drawn again for the second pass, as A1111 does."""
+    img2img there (``second``: another model's folder for it): the seeds drawn again for the second pass, as A1111
+    does."""
     config = engine.models.current.scheduler_config
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True,
                                                    safety_checker=None)
@@ -59,7 +61,9 @@ def diffusers_hires(folder, engine, sampler: str, schedule: str, upscaler: str, 
     else:
         image = [i.resize((128, 128), Image.Resampling.LANCZOS)
                  for i in pipe(**common, width=64, height=64, generator=generators()).images]
-    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img = (StableDiffusionImg2ImgPipeline(**pipe.components) if second is None else
+               StableDiffusionImg2ImgPipeline.from_pretrained(second, torch_dtype=torch.float32, local_files_only=True,
+                                                              safety_checker=None))
     img2img.set_progress_bar_config(disable=True)
     img2img.scheduler = SamplerRegistry().make_scheduler(sampler, schedule, config, seed=SEEDS)
     run = DenoiseSteps.img2img(STEPS, strength, False).run  # diffusers runs int(strength x steps): A1111's + 1
@@ -84,6 +88,47 @@ def test_same_image_as_diffusers_txt2img_then_img2img(tmp_path, sd1_file, sd1_fo
     assert (params["Size"], params["Hires upscale"], params["Hires upscaler"], params["Denoising strength"]) == (
         "64x64", "2", upscaler, "0.6")
     assert {"encode", "denoise", "hires upscale", "hires denoise", "decode"} <= result.timings.keys()
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_a_second_checkpoint_for_the_hires_pass(tmp_path, sd1_file, sd1_folder, latent_mean, upscaler):
+    """hr_checkpoint_name: the first pass on the request's checkpoint, the second on the other one (A1111's order: an
+    image upscaler's input decoded by the first model, encoded by the second), equal to diffusers' txt2img then the
+    other model's img2img; the first model is current again after it, and the infotext names the other one."""
+    other, other_folder = single_file("sd1", seed=2), diffusers_folder("sd1", seed=2)
+    engine = make_engine(tmp_path, sd1_file, other)
+    fields = dict(sampler_name="Euler", hr_upscaler=upscaler)
+    result = engine.txt2img(hires_request(sd1_file.name, **fields, hr_checkpoint_name=other.name))
+    ref = diffusers_hires(sd1_folder, engine, "Euler", "Automatic", upscaler, 0.6, second=other_folder)
+    ours = as_array(result.images)
+    assert ours.shape == ref.shape == (2, 128, 128, 3)
+    assert np.abs(ours - ref).max() <= 1
+    assert engine.models.current.info.name == sd1_file.name
+    two = as_array(engine.txt2img(hires_request(sd1_file.name, **fields, n_iter=2,
+                                                hr_checkpoint_name=other.name)).images)
+    later = engine.txt2img(hires_request(sd1_file.name, **fields, seed=SEEDS[0] + len(SEEDS),
+                                         hr_checkpoint_name=other.name))
+    assert np.array_equal(two[:2], ours) and np.array_equal(two[2:], as_array(later.images)), (
+        "each batch: the first pass on the first model, the second on the other")
+    same = engine.txt2img(hires_request(sd1_file.name, **fields))
+    assert np.abs(as_array(same.images)[:2] - ref).mean() > 1, "the other checkpoint made a difference"
+    title = parse_infotext(result.infotexts[0])["Hires checkpoint"]
+    assert title == engine.models.title(engine.models.find(other.name)) and title.startswith(other.name + " [")
+    assert request_fields(result.infotexts[0])["hr_checkpoint_name"] == title
+    assert "Hires checkpoint" not in parse_infotext(same.infotexts[0])
+
+
+def test_a_hires_checkpoint_of_another_family_needs_an_image_upscaler(tmp_path, sd1_file, sdxl_file):
+    """SD1.5's latents are not SDXL's: a latent upscale to an SDXL checkpoint is refused before anything runs; through
+    an image upscaler (decoded by SD1.5's VAE, encoded by SDXL's) it runs."""
+    engine = make_engine(tmp_path, sd1_file, sdxl_file)
+    with pytest.raises(UserError, match="does not read") as refused:
+        engine.txt2img(hires_request(sd1_file.name, hr_checkpoint_name=sdxl_file.name))
+    assert refused.value.field == "hr_checkpoint_name"
+    result = engine.txt2img(hires_request(sd1_file.name, hr_checkpoint_name=sdxl_file.name, hr_upscaler="Lanczos",
+                                          batch_size=1))
+    assert result.images[0].size == (128, 128) and engine.models.current.info.name == sd1_file.name
+    assert parse_infotext(result.infotexts[0])["Hires checkpoint"].startswith(sdxl_file.name)
 
 
 def test_hires_sizes_as_a1111():
@@ -198,6 +243,11 @@ def test_webuiapi_hires_fix(api):
                          denoising_strength=0.5, hr_second_pass_steps=2)
     assert result.image.size == (192, 192)
     assert parse_infotext(result.image.info["parameters"])["Hires upscale"] == "1.5"
+    dusk = api.txt2img(prompt="a large red circle on the left, blue background", width=128, height=128, seed=3,
+                       enable_hr=True, hr_scale=1.5, hr_upscaler=webuiapi.HiResUpscaler.Latent, denoising_strength=0.5,
+                       hr_second_pass_steps=2, hr_checkpoint_name="demo-shapes-dusk.safetensors")
+    assert parse_infotext(dusk.image.info["parameters"])["Hires checkpoint"].startswith("demo-shapes-dusk")
+    assert np.abs(np.asarray(dusk.image, dtype=int) - np.asarray(result.image, dtype=int)).mean() > 1
 
 
 def test_the_txt2img_tab_runs_hires_fix(ui):

@@ -23,7 +23,7 @@ from webui.engine.folder_batch import FolderBatch, run_folder_batch
 from webui.engine.forecast import Forecast, Rates, forecast_job
 from webui.engine.formats.files import CheckpointInfo, HashCache, checkpoint_title, declared_resolution, short_hash
 from webui.engine.generate import Resolved, generate, resolve_seed
-from webui.engine.hires import resolve_hires
+from webui.engine.hires import SAME_CHECKPOINT, OtherModel, resolve_hires
 from webui.engine.hooks import Hooks, Network, extract_networks
 from webui.engine.inpaint import init_pictures
 from webui.engine.loading.assemble import checkpoint_family
@@ -301,8 +301,8 @@ class Engine:
             forecast.check_host()
             result = generate(model, self.memory, policy, job, self.progress, self._saver(job.mode), self.hooks)
             result.forecast = forecast
-            if not result.interrupted:
-                rates.learn(forecast, result)
+            if not result.interrupted and (job.hires is None or job.hires.other_model is None):
+                rates.learn(forecast, result)  # (a hires pass on another checkpoint: not this model's rates)
         if not trace.running:  # its own recording; a plot's cells leave theirs to the plot
             result.memory_timeline = trace.timeline()
         self.hooks.fire("after_generation", request=request, result=result)
@@ -348,7 +348,41 @@ class Engine:
                                       lambda sampler, schedule: self.samplers.choose(sampler, schedule, request.eta,
                                                                                      options),
                                       self.upscalers, self._upscale_setup())
+            job.hires.other_model = self._hires_model(job, model, calls + negative_calls, activate)
         return job
+
+    def _hires_model(self, job: Resolved, model: LoadedModel, calls: list, hashed: bool) -> OtherModel | None:
+        """hr_checkpoint_name's model for hires. fix's second pass, where it names another checkpoint than
+        ``model``'s: loaded with the same VAE and modules choice, both kept in host memory for the job whatever
+        sd_checkpoints_limit says, the hires prompts' networks applied to it (``calls``, the first prompts', to the
+        first model again). ``hashed``: its hash is computed now for the infotext (else only a known one is used)."""
+        request = job.request
+        if request.hr_checkpoint_name in (None, "", SAME_CHECKPOINT):
+            return None
+        try:
+            info = self.models.find(request.hr_checkpoint_name)
+        except UserError as e:
+            raise UserError(e.message, field="hr_checkpoint_name") from None
+        if info.path == model.info.path:
+            return None
+        family = checkpoint_family(info)
+        if job.hires.latent and family is not None and family is not model.family:
+            raise UserError(f"a latent upscale hands the first pass's latents to {info.name} as they are, and it "
+                            f"({family.value}) does not read {model.family.value} latents: pick an image upscaler, or "
+                            "a checkpoint of the same family.", field="hr_checkpoint_name")
+        second = job.hires.job.request
+        hires_calls = extract_networks(second.prompt)[1] + extract_networks(second.negative_prompt)[1]
+        choice, keep = self._model_choice(request.vae, request.modules), max(2, self.options["sd_checkpoints_limit"])
+
+        def switch(to: CheckpointInfo, networks: list) -> LoadedModel:
+            switched = self.models.get(to, *choice, keep)
+            self.hooks.activate_networks(switched, networks)
+            return switched
+
+        hashes = self.models.hashes
+        sha = hashes.sha256(info.path) if hashed else hashes.cached(info.path)
+        first = model.info
+        return OtherModel(checkpoint_title(info, sha), lambda: switch(info, hires_calls), lambda: switch(first, calls))
 
     def forecast(self, request: GenerationRequest, load: bool = False) -> Forecast:
         """Will it fit? The request's peak VRAM, host RAM and time, forecast from the memory manager's plan and the

@@ -288,6 +288,7 @@ def hires_params(job: Resolved) -> dict:
         "Hires resize": f"{req.hr_resize_x}x{req.hr_resize_y}" if resized else None,
         "Hires steps": req.hr_second_pass_steps or None,
         "Hires upscaler": req.hr_upscaler,
+        "Hires checkpoint": job.hires.other_model.title if job.hires.other_model is not None else None,
         "Hires sampler": second.sampler_name if second.sampler_name != req.sampler_name else None,
         "Hires schedule type": second.scheduler if second.scheduler != req.scheduler else None,
         "Hires prompt": second.prompt if second.prompt != req.prompt else None,
@@ -330,14 +331,23 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
     report = _StepReport(progress, bar, hooks, model.family, job.steps_a_batch)
     latents = _denoise_pass(model, memory, job, estimates, estimates.denoise, seeds, subseeds, init,
                             report.of_pass(0, job.steps.run), clock, "")
-    if job.hires is not None:
-        init = InitLatents(_to_hires_size(model, memory, job, estimates, latents, result.notices))
+    if job.hires is None:
+        images = decode(model, memory, latents, result.notices)
+        clock.lap("decode")
+        return images
+    other = job.hires.other_model
+    try:
+        second, estimates, latents = _to_hires_size(model, memory, job, estimates, latents, result.notices)
         clock.lap("hires upscale")
-        latents = _denoise_pass(model, memory, job.hires.job, estimates, estimates.hires_denoise, seeds, subseeds,
-                                init, report.of_pass(job.steps.run, job.hires.job.steps.run), clock, "hires ")
-    images = decode(model, memory, latents, result.notices)
-    clock.lap("decode")
-    return images
+        latents = _denoise_pass(second, memory, job.hires.job, estimates, estimates.hires_denoise, seeds, subseeds,
+                                InitLatents(latents), report.of_pass(job.steps.run, job.hires.job.steps.run), clock,
+                                "hires ")
+        images = decode(second, memory, latents, result.notices)
+        clock.lap("decode")
+        return images
+    finally:
+        if other is not None:
+            other.back()
 
 
 def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, estimates: PhaseEstimates, activation: int,
@@ -395,14 +405,23 @@ class _StepReport:
 
 
 def _to_hires_size(model: LoadedModel, memory: MemoryManager, job: Resolved, estimates: PhaseEstimates,
-                   latents: torch.Tensor, notices: list[str]) -> torch.Tensor:
-    """The first pass at the hires size: its latents upscaled (a latent mode), or its images decoded, upscaled by the
-    image upscaler and encoded again."""
-    hires, factor = job.hires, model.vae_scale_factor
-    if hires.latent:
-        return upscale_latents(latents.float(), hires.upscaler, hires.size, factor)
-    images = hires.upscale(decode(model, memory, latents, notices))
-    return torch.cat([encode(model, memory, to_pixels(image), estimates.hires_encode, notices) for image in images])
+                   latents: torch.Tensor, notices: list[str]) -> tuple[LoadedModel, PhaseEstimates, torch.Tensor]:
+    """The first pass at the hires size, and the model (with its estimates) the second pass runs on: the first pass's
+    latents upscaled (a latent mode), or its images decoded by the first model, upscaled by the image upscaler and
+    encoded by the second (A1111's order with hr_checkpoint_name)."""
+    hires = job.hires
+    images = None if hires.latent else hires.upscale(decode(model, memory, latents, notices))
+    second = hires.other_model.load() if hires.other_model is not None else model
+    if second is not model:
+        if hires.latent and second.family != model.family:
+            raise UserError(f"a latent upscale hands the first pass's latents to the hires checkpoint as they are: "
+                            f"{second.info.name} ({second.family.value}) does not read {model.family.value} latents. "
+                            "Pick an image upscaler, or a checkpoint of the same family.", field="hr_checkpoint_name")
+        estimates = PhaseEstimates.of(second, job)
+    if images is None:
+        return second, estimates, upscale_latents(latents.float(), hires.upscaler, hires.size, model.vae_scale_factor)
+    return second, estimates, torch.cat([encode(second, memory, to_pixels(image), estimates.hires_encode, notices)
+                                         for image in images])
 
 
 class PhaseClock:

@@ -18,6 +18,7 @@ from webui.errors import UserError
 
 if TYPE_CHECKING:
     from webui.engine.generate import Resolved
+    from webui.engine.loading.load import LoadedModel
     from webui.engine.request import GenerationRequest
     from webui.engine.sampling.samplers import Sampling
 
@@ -42,6 +43,17 @@ class HiresSize:
     target: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class OtherModel:
+    """The checkpoint hires. fix's second pass runs on (A1111's hr_checkpoint_name), as the engine switches to it:
+    ``load`` makes it the current model (its networks applied, the first model kept in host memory), ``back`` the
+    first model again. ``title`` is the infotext's "Hires checkpoint"."""
+
+    title: str
+    load: Callable[[], LoadedModel]
+    back: Callable[[], LoadedModel]
+
+
 @dataclass
 class HiresPass:
     """Hires. fix's second pass, resolved: its job (the request at the hires size with the hires steps, sampler,
@@ -52,6 +64,7 @@ class HiresPass:
     size: HiresSize
     upscaler: str
     upscale: Callable[[list[Image.Image]], list[Image.Image]] | None = None
+    other_model: OtherModel | None = None  # hr_checkpoint_name: the pass runs on another checkpoint
 
     @property
     def latent(self) -> bool:

@@ -111,6 +111,7 @@ INFOTEXT_FIELDS: dict[str, tuple[str, type | tuple[str, ...]]] = {
     "Inpaint area": ("inpaint_full_res", INPAINT_AREAS), "Masked area padding": ("inpaint_full_res_padding", int),
     "Hires upscale": ("hr_scale", float), "Hires resize-1": ("hr_resize_x", int), "Hires resize-2": ("hr_resize_y", int),
     "Hires steps": ("hr_second_pass_steps", int), "Hires upscaler": ("hr_upscaler", str),
+    "Hires checkpoint": ("hr_checkpoint_name", str),
     "Hires sampler": ("hr_sampler_name", str), "Hires schedule type": ("hr_scheduler", str),
     "Hires prompt": ("hr_prompt", str), "Hires negative prompt": ("hr_negative_prompt", str),
     "Hires CFG Scale": ("hr_cfg", float), "Hires Distilled CFG Scale": ("hr_distilled_cfg", float),

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from webui.engine.hires import MAX_SCALE as MAX_HIRES_SCALE
-from webui.engine.hires import SAME_CHECKPOINT
 from webui.engine.init_image import LATENT_UPSCALE, RESIZE_MODES
 from webui.engine.inpaint import FILLS, InpaintOptions
 from webui.engine.memory.manager import GenerationStats
@@ -82,7 +81,7 @@ class GenerationRequest:
     hr_negative_prompt: str = ""
     hr_cfg: float | None = None  # Forge's Hires CFG Scale; None: the request's
     hr_distilled_cfg: float | None = None  # Forge's Hires Distilled CFG Scale; None: the request's
-    hr_checkpoint_name: str | None = None  # only the request's own ("Use same checkpoint") is done here
+    hr_checkpoint_name: str | None = None  # the second pass's checkpoint; None, "" or "Use same checkpoint": the same
     # img2img: A1111's outpainting scripts (webui.engine.outpaint), on where a direction is chosen
     outpaint_directions: list[str] | None = None  # the sides extended: left, right, up, down
     outpaint_method: str = "Poor man's outpainting"  # or "Outpainting mk2"
@@ -237,9 +236,6 @@ class GenerationRequest:
         for name in ("hr_cfg", "hr_distilled_cfg"):
             if getattr(self, name) is not None:
                 _number_in(getattr(self, name), name, 0, MAX_CFG)
-        if self.hr_checkpoint_name not in (None, "", SAME_CHECKPOINT, self.checkpoint):
-            raise UserError("a second checkpoint for the hires pass is not supported yet: leave it at \"Use same "
-                            "checkpoint\"", field="hr_checkpoint_name")
 
 
 def _number_in(value: object, name: str, low: float, high: float) -> None:

@@ -14,13 +14,14 @@ from functools import partial
 import gradio as gr
 
 from webui.engine.engine import Engine
-from webui.engine.hires import LATENT_MODES, SAME_SAMPLER, SAME_SCHEDULER
+from webui.engine.hires import LATENT_MODES, SAME_CHECKPOINT, SAME_SAMPLER, SAME_SCHEDULER
 from webui.engine.request import MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
 from webui.jobs import JobQueue
 from webui.ui.common import (OPTION_LABELS, RANDOM_SEED, REUSE_SEED, Components, FieldSlider, RequestFields,
                               set_option)
 from webui.ui.forecast import FORECAST_FIELDS, forecast_box, forecast_html, keep_forecast_fresh
 from webui.ui.generation import generator, output_column
+from webui.ui.model_row import checkpoint_choices
 from webui.ui.network_browser import network_browsers
 
 # Ctrl+Enter (Cmd+Enter on macOS) in either prompt box of a tab presses its Generate, as in A1111.
@@ -70,7 +71,7 @@ def txt2img_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: gr.
 def hires_inputs(form: Components, engine: Engine) -> None:
     """A1111's Hires. fix block: on or off, the upscaler (latent modes, then the image upscalers), hires steps (0: the
     same), denoising strength, upscale by or resize to, and the second pass's own sampler, schedule type and
-    prompts ("Use same ..." and empty: the first pass's)."""
+    checkpoint and prompts ("Use same ..." and empty: the first pass's)."""
     _slider = partial(slider, tab="txt2img")
     largest = engine.options["max_image_side"]
     with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hires_fix"):
@@ -89,6 +90,9 @@ def hires_inputs(form: Components, engine: Engine) -> None:
                                                   label="Hires sampling method", elem_id="txt2img_hr_sampler")
             form["hr_scheduler"] = gr.Dropdown([SAME_SCHEDULER, *engine.schedule_type_names()], value=SAME_SCHEDULER,
                                                label="Hires schedule type", elem_id="txt2img_hr_scheduler")
+            form["hr_checkpoint_name"] = gr.Dropdown([SAME_CHECKPOINT, *checkpoint_choices(engine)[0]],
+                                                     value=SAME_CHECKPOINT, label="Hires checkpoint",
+                                                     elem_id="txt2img_hr_checkpoint")
         form["hr_prompt"] = gr.Textbox("", label="Hires prompt", lines=2, placeholder="(empty: the prompt)",
                                        elem_id="txt2img_hr_prompt")
         form["hr_negative_prompt"] = gr.Textbox("", label="Hires negative prompt", lines=2,
