@@ -1,42 +1,45 @@
-"""Hires. fix on a small card (issue 25): SDXL 1024² → 2048² (Latent), whole images as a user gets them, resident and on
-simulated cards, beside diffusers' img2img pipeline over the same modules for the second pass (its input the same
-upscaled latents), and the first pass alone.
+"""Hires. fix on a small card (issue 25): whole jobs as a user gets them, resident and on simulated cards, beside
+diffusers' img2img pipeline over the same modules for the second pass, and the first pass alone.
 
-    python3 -m benchmarks.hires [--cards 8192,12288] [--steps 20] [--upscaler Latent|ESRGAN]
+    python3 -m benchmarks.hires [--model sdxl|flux-q8] [--cards 8192,12288] [--steps 20] [--upscaler Latent|ESRGAN]
 
-Full-size SDXL with random weights, Euler, CFG 7, denoising 0.5 (11 of 20 steps at 2048²). ``--upscaler ESRGAN``
+Full-size random weights written as the files users have (``benchmarks.whole_image``'s cases): SDXL 1024² → 2048²
+(CFG 7), Flux-dev Q8_0 GGUF 1024² → 1536² (distilled CFG 3.5); Euler, denoising 0.5. ``--upscaler ESRGAN``
 upscales the decoded first pass with a full-size ESRGAN 4x (RRDBNet, 23 blocks, 64 filters: random weights in
-BasicSR's layout, read by spandrel from models/ESRGAN) and encodes it again, instead of the latent upscale. Goals:
-completes on an 8 GB card, its peak VRAM within the card; the second pass no slower than diffusers' img2img resident.
+BasicSR's layout, read by spandrel from models/ESRGAN) and encodes it again, instead of the latent upscale. The
+reference is diffusers' img2img pipeline (``AutoPipelineForImage2Image`` from the case's txt2img pipeline) at the
+hires size: from latents of that size for SDXL, from a picture of it for Flux. Goals: completes on an 8 GB card, its
+peak VRAM within the card; the second pass no slower than diffusers' img2img resident.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from benchmarks.memory import diffusers_pipeline, engine_for, write_checkpoint
 from benchmarks.pipelines import CONTEXT_MB, simulate_card
 from benchmarks.table import print_table
-from benchmarks.whole_image import phases
+from benchmarks.whole_image import CASES, Case, engine_for, phases
 
-CFG, STRENGTH = 7.0, 0.5
+STRENGTH = 0.5
+HIRES_SCALE = {"sdxl": 2.0, "flux-q8": 1.5}
 PROMPTS = (f"a photo of a cat number {i}" for i in range(1_000_000))
-
-
 ESRGAN_FILE = "4x-ESRGAN-random"
+SWAP = ("Async", "Shared")
 
 
-def request(steps: int, hires: bool, upscaler: str):
+def request(case: Case, scale: float, steps: int, hires: bool, upscaler: str):
     from webui.engine.request import GenerationRequest
 
-    return GenerationRequest(prompt=next(PROMPTS), width=1024, height=1024, steps=steps, cfg_scale=CFG,
-                             sampler_name="Euler", scheduler="Automatic", seed=1, save_images=False, enable_hr=hires,
-                             hr_scale=2, hr_upscaler=ESRGAN_FILE if upscaler == "ESRGAN" else upscaler,
-                             denoising_strength=STRENGTH)
+    return GenerationRequest(prompt=next(PROMPTS), width=case.width, height=case.height, steps=steps,
+                             cfg_scale=case.cfg, sampler_name="Euler", scheduler="Automatic", seed=1, save_images=False,
+                             enable_hr=hires, hr_scale=scale, hr_upscaler=ESRGAN_FILE if upscaler == "ESRGAN" else upscaler,
+                             denoising_strength=STRENGTH, **case.fields)
 
 
 def write_esrgan(engine) -> None:
@@ -57,71 +60,84 @@ def timed(run) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def reference_second_pass(engine, steps: int) -> float:
-    """diffusers' SDXL img2img at 2048² over the engine's modules, from upscaled latents of the first pass's size."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline
+def reference_second_pass(case: Case, engine, root: Path, steps: int, size: tuple[int, int]) -> float:
+    """diffusers' img2img at the hires size over the engine's modules: SDXL from latents of that size (the latent
+    upscale's hand-over), Flux from a picture of it (its img2img pipeline encodes what it is given)."""
+    from diffusers import AutoPipelineForImage2Image
 
-    pipe = StableDiffusionXLImg2ImgPipeline(**diffusers_pipeline(engine).components)
+    device = engine.memory.device
+    pipe = AutoPipelineForImage2Image.from_pipe(case.reference(engine, root, str(device)))
     pipe.set_progress_bar_config(disable=True)
-    latents = torch.randn(1, 4, 256, 256, device="cuda", dtype=torch.float16)
-    run = lambda: pipe(prompt=next(PROMPTS), image=latents, strength=STRENGTH, num_inference_steps=steps,  # noqa: E731
-                       guidance_scale=CFG, width=2048, height=2048, generator=torch.Generator().manual_seed(1))
+    factor = engine.models.current.vae_scale_factor
+    image = (torch.randn(1, 4, size[1] // factor, size[0] // factor, device=device, dtype=pipe.unet.dtype)
+             if case.name == "SDXL" else Image.new("RGB", size, (120, 110, 100)))
+    kwargs = dict(guidance_scale=case.cfg) | case.pipe_kwargs
+    run = lambda: pipe(prompt=next(PROMPTS), image=image, strength=STRENGTH, num_inference_steps=steps,  # noqa: E731
+                       width=size[0], height=size[1], generator=torch.Generator().manual_seed(1), **kwargs)
     timed(run)  # warm-up
     return timed(run)[0]
 
 
-def row(name: str, where: str, seconds: float, result, reference: str) -> str:
+def row(label: str, where: str, seconds: float, result, reference: str) -> str:
     stats = result.memory
-    return (f"| {name} | {where} | {seconds * 1000:.0f} ms | {reference} | {stats.peak_vram_mb:.0f} MB | "
+    return (f"| {label} | {where} | {seconds * 1000:.0f} ms | {reference} | {stats.peak_vram_mb:.0f} MB | "
             f"{stats.moved_mb / 1024:.1f} GB | {phases(result, seconds)} |")
 
 
-def resident_rows(checkpoint: Path, workdir: Path, steps: int, upscaler: str) -> list[str]:
-    engine = engine_for(checkpoint, workdir)
+def label(case: Case, scale: float, upscaler: str) -> str:
+    return f"{case.label} → {int(case.width * scale)}² {upscaler}"
+
+
+def resident_rows(case: Case, checkpoint: str, root: Path, scale: float, steps: int, upscaler: str) -> list[str]:
+    engine = engine_for(case, checkpoint, root, SWAP)
     write_esrgan(engine)
-    engine.txt2img(request(steps, True, upscaler))  # warm-up: loads the model, learns the rates
-    first, first_result = timed(lambda: engine.txt2img(request(steps, False, upscaler)))
-    seconds, result = timed(lambda: engine.txt2img(request(steps, True, upscaler)))
+    engine.txt2img(request(case, scale, steps, True, upscaler))  # warm-up: loads the model, learns the rates
+    first, first_result = timed(lambda: engine.txt2img(request(case, scale, steps, False, upscaler)))
+    seconds, result = timed(lambda: engine.txt2img(request(case, scale, steps, True, upscaler)))
+    rows = [row(f"{case.label}, first pass alone", "resident", first, first_result, "—")]
+    print(rows[0], flush=True)
     second = result.timings.get("hires denoise", 0.0)
-    plain = reference_second_pass(engine, steps)
+    size = (int(case.width * scale), int(case.height * scale))
+    plain = reference_second_pass(case, engine, root, steps, size)
     engine.models.unload()
-    return [row("SDXL 1024², first pass alone", "resident", first, first_result, "—"),
-            row(f"SDXL 1024² → 2048² {upscaler}", "resident", seconds, result,
-                f"diffusers img2img 2048²: {plain * 1000:.0f} ms; our hires pass {second * 1000:.0f} ms "
-                f"({second / plain:.2f}×)")]
+    return rows + [row(label(case, scale, upscaler), "resident", seconds, result,
+                       f"diffusers img2img {size[0]}²: {plain * 1000:.0f} ms; our hires pass {second * 1000:.0f} ms "
+                       f"({second / plain:.2f}×)")]
 
 
-def card_row(checkpoint: Path, workdir: Path, steps: int, card: int, upscaler: str) -> str:
-    engine = engine_for(checkpoint, workdir)
+def card_row(case: Case, checkpoint: str, root: Path, scale: float, steps: int, card: int, upscaler: str) -> str:
+    engine = engine_for(case, checkpoint, root, SWAP)
     simulate_card(engine, card)
-    engine.txt2img(request(steps, True, upscaler))
-    seconds, result = timed(lambda: engine.txt2img(request(steps, True, upscaler)))
+    engine.txt2img(request(case, scale, steps, True, upscaler))
+    seconds, result = timed(lambda: engine.txt2img(request(case, scale, steps, True, upscaler)))
     fits = result.memory.peak_vram_mb <= card - CONTEXT_MB
     engine.models.unload()
-    return row(f"SDXL 1024² → 2048² {upscaler}", f"{card // 1024} GB card", seconds, result,
+    return row(label(case, scale, upscaler), f"{card // 1024} GB card", seconds, result,
                f"completes; peak within the card: {'yes' if fits else '**no**'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sdxl", choices=sorted(HIRES_SCALE))
     parser.add_argument("--cards", default="8192,12288", help="simulated card sizes, MB")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--upscaler", default="Latent", help="a latent mode, or ESRGAN (a full-size ESRGAN 4x file)")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-whole"))
     args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint = write_checkpoint("sdxl", args.workdir / "SDXL.safetensors")
-    rows = resident_rows(checkpoint, args.workdir, args.steps, args.upscaler)
-    print(*rows, sep="\n", flush=True)
-    for card in (int(c) for c in args.cards.split(",")):
+    case, scale = dataclasses.replace(CASES[args.model], width=1024, height=1024), HIRES_SCALE[args.model]
+    checkpoint = case.write(args.workdir)
+    rows = []
+    for card in (int(c) for c in args.cards.split(",") if c):  # the cards first: the reference is the longest part
+        rows.append(card_row(case, checkpoint, args.workdir, scale, args.steps, card, args.upscaler))
+        print(rows[-1], flush=True)
         gc.collect()
         torch.cuda.empty_cache()
-        rows.append(card_row(checkpoint, args.workdir, args.steps, card, args.upscaler))
-        print(rows[-1], flush=True)
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    rows += resident_rows(case, checkpoint, args.workdir, scale, args.steps, args.upscaler)
     print_table("Hires. fix (issue 25)",
-                f"`python3 -m benchmarks.hires --cards {args.cards} --steps {args.steps} --upscaler {args.upscaler}` — "
-                "full-size SDXL, Euler, "
-                f"CFG {CFG:g}, denoising {STRENGTH}, a new prompt each image.",
+                f"`python3 -m benchmarks.hires --model {args.model} --cards {args.cards} --steps {args.steps} "
+                f"--upscaler {args.upscaler}` — full-size {case.name}, Euler, denoising {STRENGTH}, a new prompt "
+                "each image.",
                 ["job", "where", "whole image", "reference / goal", "peak VRAM", "moved", "phases (ms)"], rows)
 
 
