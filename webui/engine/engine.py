@@ -315,10 +315,6 @@ class Engine:
     def _job(self, request: GenerationRequest, sampling: Sampling, model: LoadedModel, activate: bool) -> Resolved:
         """The request resolved against the settings for ``model``; ``activate``: its prompts' networks (LoRAs) are
         put in place (a generation), else only taken out of the prompts (a forecast)."""
-        if request.enable_hr and model.kind.is_inpainting(model.denoiser):
-            raise UserError(f"{model.info.name} is an inpainting model (a 9-channel UNet or Flux Fill): hires. fix "
-                            "with one is not done yet; turn hires. fix off or pick another checkpoint.",
-                            field="enable_hr")
         prompt, calls = extract_networks(request.prompt)
         negative, negative_calls = extract_networks(request.negative_prompt)
         extra_params = self.hooks.activate_networks(model, calls + negative_calls) if activate else {}

@@ -340,8 +340,8 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
         second, estimates, latents = _to_hires_size(model, memory, job, estimates, latents, result.notices)
         clock.lap("hires upscale")
         latents = _denoise_pass(second, memory, job.hires.job, estimates, estimates.hires_denoise, seeds, subseeds,
-                                InitLatents(latents), report.of_pass(job.steps.run, job.hires.job.steps.run), clock,
-                                "hires ")
+                                _hires_init(second, memory, job.hires.job, estimates, latents, result),
+                                report.of_pass(job.steps.run, job.hires.job.steps.run), clock, "hires ")
         images = decode(second, memory, latents, result.notices)
         clock.lap("decode")
         return images
@@ -422,6 +422,17 @@ def _to_hires_size(model: LoadedModel, memory: MemoryManager, job: Resolved, est
         return second, estimates, upscale_latents(latents.float(), hires.upscaler, hires.size, model.vae_scale_factor)
     return second, estimates, torch.cat([encode(second, memory, to_pixels(image), estimates.hires_encode, notices)
                                          for image in images])
+
+
+def _hires_init(model: LoadedModel, memory: MemoryManager, job: Resolved, estimates: PhaseEstimates,
+                latents: torch.Tensor, result: GenerationResult) -> InitLatents:
+    """Where the hires pass starts: the first pass at the hires size; an inpainting model is also told, as in txt2img,
+    that all of a grey picture of that size is masked (A1111's conditioning at its default mask weight)."""
+    if not model.kind.is_inpainting(model.denoiser):
+        return InitLatents(latents)
+    req = job.request
+    grey = replace(estimates, encode_image=vae_passes(model.vae)(req.width, req.height, 1, encode=True))
+    return replace(encode_init(model, memory, job, grey, result), latents=latents)
 
 
 class PhaseClock:
