@@ -26,6 +26,8 @@ from webui.engine.outpaint import METHODS as OUTPAINT_METHODS
 from webui.engine.outpaint import Outpaint
 from webui.engine.request import (MAX_CFG, MAX_MASK_BLUR, MAX_MASK_PADDING, MAX_SEED, MIN_SIDE, SIDE_MULTIPLE,
                                   GenerationRequest)
+from webui.engine.soft_inpaint import SCRIPT_NAME as SOFT_SCRIPT
+from webui.engine.soft_inpaint import SoftInpainting, checked_soft_inpainting
 from webui.engine.xyz import BUILTIN_AXES, SCRIPT_ARGS, Axis, AxisChoice, PlotOptions, plot_from_args
 from webui.errors import UserError
 from webui.jobs import Overrides
@@ -176,6 +178,7 @@ def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str
     if not isinstance(body, dict):
         raise UserError("the request body must be a JSON object", field="body")
     outpaint = img2img_script(body)
+    soft = soft_inpainting_script(body.get("alwayson_scripts"))
     given = body.get("init_images")
     if not isinstance(given, list) or not given:
         raise UserError("send one image or more, each in base64 (a data: URL works too)", field="init_images")
@@ -184,7 +187,8 @@ def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str
     mask = None if body.get("mask") in (None, "") else decode_image(body["mask"], "mask", largest)
     if mask is not None and body.get("latent_mask") not in (None, ""):
         body = {**body, "latent_mask": decode_image(body["latent_mask"], "latent_mask", largest)}
-    mine = (*IMG2IMG_FIELDS, *MASK_USE_FIELDS, *IMG2IMG_IGNORED, *IMG2IMG_READ, "script_name", "script_args")
+    mine = (*IMG2IMG_FIELDS, *MASK_USE_FIELDS, *IMG2IMG_IGNORED, *IMG2IMG_READ, "script_name", "script_args",
+            "alwayson_scripts")
     call = read_txt2img({k: v for k, v in body.items() if k not in mine}, options, known_schedule_type, declared_size)
     request = call.request
     request.init_images, request.mask = images, mask
@@ -192,6 +196,9 @@ def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str
         if body.get(key) is not None:
             setattr(request, key, body[key])
     ignored = [key for key in (*IMG2IMG_IGNORED, *(MASK_USE_FIELDS if mask is None else ())) if key in body]
+    if soft is not None:  # A1111's soft inpainting acts only with a mask
+        request.soft_inpainting = soft if mask is not None else None
+        ignored += [] if mask is not None else ["alwayson_scripts"]
     if outpaint is not None:
         for key, value in outpaint.fields().items():  # the script sets the mask and its use, and makes one image
             setattr(request, key, value)
@@ -202,6 +209,30 @@ def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str
     elif body.get("script_args") and body.get("script_name") in (None, ""):
         ignored.append("script_args")  # A1111 reads them only for a script
     return replace(call, ignored=call.ignored + tuple(ignored))
+
+
+def soft_inpainting_script(scripts: Any) -> SoftInpainting | None:
+    """The Soft Inpainting an img2img body's ``alwayson_scripts`` turns on (A1111's name, any case; its args: on or
+    off, then the six settings, those left out at their defaults); None where it is off or absent. Another always-on
+    script is refused by name, as A1111 refuses one it does not have."""
+    if scripts in (None, {}):
+        return None
+    if not isinstance(scripts, dict):
+        raise UserError('must be an object: {"Soft Inpainting": {"args": [true, ...]}}', field="alwayson_scripts")
+    soft = None
+    for name, entry in scripts.items():
+        if name.strip().lower() != SOFT_SCRIPT:
+            raise UserError(f"no always-on script {name!r}; img2img has 'Soft Inpainting'", field="alwayson_scripts")
+        args = entry.get("args", []) if isinstance(entry, dict) else None
+        if not isinstance(args, list):
+            raise UserError(f'{name!r} must be {{"args": [...]}}', field="alwayson_scripts")
+        defaults = SoftInpainting().values()
+        try:  # the settings left out at their defaults
+            soft = checked_soft_inpainting([bool(args and args[0]), *args[1:len(defaults) + 1],
+                                            *defaults[max(len(args) - 1, 0):]])
+        except UserError as e:
+            raise UserError(f"{name!r}: {e.message}", field="alwayson_scripts") from None
+    return soft
 
 
 def img2img_script(body: dict[str, Any]) -> Outpaint | None:

@@ -199,8 +199,6 @@ def generate(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, jo
             subseeds = [job.subseed + first + i for i in range(req.batch_size)]
             images = _with_oom_retry(lambda: _sample_batch(model, memory, job, estimates, seeds, subseeds, init,
                                                            progress, bar, result, hooks), memory, req)
-            if job.inpaint is not None:
-                images = [job.inpaint.finish(image, i) for i, image in enumerate(images)]
             infotexts = [infotext_for(model, job, seed, subseed) for seed, subseed in zip(seeds, subseeds)]
             for image, infotext in zip(images, infotexts):
                 image.info["parameters"] = infotext  # kept by whatever writes it as PNG (A1111 does the same)
@@ -275,6 +273,7 @@ def inpaint_params(job: Resolved) -> dict:
         "Masked content": FILLS[req.inpainting_fill] if req.inpainting_fill != ORIGINAL else None,
         "Inpaint area": INPAINT_AREAS[1] if only_masked else None,
         "Masked area padding": req.inpaint_full_res_padding if only_masked else None,
+        **(req.soft_inpainting.as_infotext() if req.soft_inpainting is not None else {}),
     }
 
 
@@ -334,7 +333,7 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
     if job.hires is None:
         images = decode(model, memory, latents, result.notices)
         clock.lap("decode")
-        return images
+        return _put_back(job, init, latents, images)
     other = job.hires.other_model
     try:
         second, estimates, latents = _to_hires_size(model, memory, job, estimates, latents, result.notices)
@@ -348,6 +347,18 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
     finally:
         if other is not None:
             other.back()
+
+
+def _put_back(job: Resolved, init: InitLatents | None, latents: torch.Tensor,
+              images: list[Image.Image]) -> list[Image.Image]:
+    """Inpainting's images put back into the original: its kept part laid over them through the blurred mask, or,
+    with soft inpainting, where they changed little from it (judged on the latents)."""
+    if job.inpaint is None:
+        return images
+    shown = [None] * len(images)
+    if init.soft is not None and init.latents is not None:
+        shown = init.soft.composite_masks(init.latents, latents.float(), init.repaint, images[0].size)
+    return [job.inpaint.finish(image, i, mask) for i, (image, mask) in enumerate(zip(images, shown))]
 
 
 def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, estimates: PhaseEstimates, activation: int,
@@ -370,7 +381,7 @@ def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
         latents = init.latents
     else:
         latents = model.kind.denoise(model, job, seeds, generators, noise, cond, uncond, report, init)
-    if init is not None and init.blends:
+    if init is not None and init.blends and init.soft is None:
         latents = init.kept(latents, init.latents)  # whatever the sampler left there (an interrupted one)
     clock.lap(prefix + "denoise")
     if not torch.isfinite(latents).all():
@@ -545,8 +556,10 @@ def encode_init(model: LoadedModel, memory: MemoryManager, job: Resolved, estima
         pictures = [to_pixels(image) for image in job.init_images]
         init = InitLatents(batch([encode(model, memory, p, estimates.encode_image, result.notices) for p in pictures]),
                            noise_multiplier=job.noise_multiplier)
-    if job.inpaint is not None:
-        init = replace(init, repaint=job.inpaint.latent_mask(*size, rounded=req.mask_round).to(memory.device))
+    if job.inpaint is not None:  # soft inpainting keeps the blurred mask's shades
+        soft = req.soft_inpainting
+        init = replace(init, soft=soft, repaint=job.inpaint.latent_mask(
+            *size, rounded=req.mask_round and soft is None).to(memory.device))
     if inpainting_model:
         mask = job.inpaint.pixel_mask() if job.inpaint is not None else torch.ones(1, 1, req.height, req.width)
         init = replace(init, extra=model.kind.inpainting_input(

@@ -27,6 +27,9 @@ from typing import Any, BinaryIO
 from PIL import Image
 
 from webui.engine.inpaint import FILLS, INPAINT_AREAS, MASK_MODES
+from webui.engine.soft_inpaint import ENABLED_LABEL as SOFT_ENABLED
+from webui.engine.soft_inpaint import INFOTEXT_KEYS as SOFT_KEYS
+from webui.engine.soft_inpaint import SoftInpainting
 
 # A1111's pattern: a key, then a JSON-quoted value or anything up to the next comma.
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -133,7 +136,17 @@ def request_fields(text: str) -> dict[str, Any]:
                 continue
     if any(key in params for key in HIRES_KEYS):
         fields["enable_hr"] = True
+    if params.get(SOFT_ENABLED) == "True":  # A1111's script args; each setting left out or unreadable: its default
+        fields["soft_inpainting"] = [True, *(_number(params.get(key), default) for key, default in zip(
+            SOFT_KEYS, SoftInpainting().values()))]
     return fields
+
+
+def _number(text: str | None, default: float) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return default
 
 
 def _decode_user_comment(data: bytes | str) -> str:

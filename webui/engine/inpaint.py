@@ -65,10 +65,13 @@ class InpaintImages:
         is masked."""
         return torch.from_numpy(np.round(np.asarray(self.mask, dtype=np.float32) / 255))[None, None]
 
-    def finish(self, image: Image.Image, index: int) -> Image.Image:
+    def finish(self, image: Image.Image, index: int, shown: Image.Image | None = None) -> Image.Image:
         """A finished image put back: scaled into its place in the original (only masked), the original's kept part
-        over it."""
+        over it: where the blurred mask keeps it, or (soft inpainting) where ``shown``, at the request's size, is
+        not white."""
         overlay = self.overlays[min(index, len(self.overlays) - 1)]
+        if shown is not None:
+            overlay = _kept(overlay, self._uncropped(shown, overlay.size))
         if self.paste_to is not None:
             x, y, width, height = self.paste_to
             canvas = Image.new("RGBA", overlay.size)
@@ -77,6 +80,15 @@ class InpaintImages:
         image = image.convert("RGBA")
         image.alpha_composite(overlay)
         return image.convert("RGB")
+
+    def _uncropped(self, mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+        """A mask of what was generated (the request's size) at the result's ``size``: black where nothing was."""
+        if self.paste_to is None:
+            return mask
+        x, y, width, height = self.paste_to
+        whole = Image.new("L", size, 0)
+        whole.paste(mask.resize((width, height), Image.Resampling.LANCZOS), (x, y))
+        return whole
 
 
 def init_pictures(request: GenerationRequest, factor: int) -> tuple[list[Image.Image] | None, InpaintImages | None]:

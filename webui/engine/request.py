@@ -11,6 +11,7 @@ from PIL import Image
 from webui.engine.hires import MAX_SCALE as MAX_HIRES_SCALE
 from webui.engine.init_image import LATENT_UPSCALE, RESIZE_MODES
 from webui.engine.inpaint import FILLS, InpaintOptions
+from webui.engine.soft_inpaint import SoftInpainting, checked_soft_inpainting
 from webui.engine.memory.manager import GenerationStats
 from webui.engine.memory.trace import MemoryTimeline
 from webui.engine.outpaint import Outpaint
@@ -68,6 +69,8 @@ class GenerationRequest:
     inpainting_mask_invert: int = 0  # 1: inpaint what is not masked
     mask_round: bool = True  # the latent mask rounded to 0 or 1 (else the blur's shades blend)
     latent_mask: Image.Image | None = None  # A1111's: another mask for the latents only, taken as it is (a script's)
+    # A1111's Soft Inpainting (with a mask): its settings, or A1111's script args (on or off, then the settings)
+    soft_inpainting: SoftInpainting | list | None = None
     # Hires. fix (txt2img): the first pass upscaled, then img2img at denoising_strength there (A1111's fields)
     enable_hr: bool = False
     hr_scale: float = 2.0
@@ -156,6 +159,8 @@ class GenerationRequest:
             self._check_img2img(side)
         if self.mask is not None:
             self._check_mask()
+        if self.soft_inpainting is not None:  # acts only with a mask, as A1111's: without one it is off
+            self.soft_inpainting = checked_soft_inpainting(self.soft_inpainting) if self.mask is not None else None
         if self.enable_hr:
             self._check_hires(limits)
         if self.modules is not None and not (isinstance(self.modules, list) and all(isinstance(m, str) for m in self.modules)):

@@ -15,6 +15,10 @@ OPTION_LABELS = {"sd_model_checkpoint": "Stable Diffusion checkpoint", "sd_vae":
 Components = dict[str, gr.components.Component]
 
 
+PART = "__"  # a form key "field__i": the i-th of the inputs that give a request field as a list (a Python name:
+# the form is the API function's signature)
+
+
 class RequestFields(dict):
     """What one input gives several request fields (img2img's canvas: the init image and the mask painted on it):
     ``request_from_form`` takes them all, in the form's order."""

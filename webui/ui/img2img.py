@@ -19,8 +19,12 @@ from webui.engine.inpaint import FILL, FILLS, INPAINT_AREAS, MASK_MODES, ORIGINA
 from webui.engine.outpaint import DIRECTIONS, METHODS, SCRIPT_TITLE
 from webui.engine.outpaint import MAX_BLUR as OUTPAINT_MAX_BLUR
 from webui.engine.request import MIN_SIDE, SIDE_MULTIPLE
+from webui.engine.soft_inpaint import LABELS as SOFT_LABELS
+from webui.engine.soft_inpaint import RANGES as SOFT_RANGES
+from webui.engine.soft_inpaint import SLIDER_STEPS as SOFT_STEPS
+from webui.engine.soft_inpaint import SoftInpainting
 from webui.jobs import JobQueue
-from webui.ui.common import Components, RequestFields
+from webui.ui.common import PART, Components, RequestFields
 from webui.ui.png_info import img2img_updates
 from webui.ui.generation import generator
 from webui.ui.txt2img import GenerationTab, generation_tab, request_from_form, slider
@@ -28,6 +32,7 @@ from webui.ui.txt2img import GenerationTab, generation_tab, request_from_form, s
 
 BATCH_FIELDS = ("img2img_batch_input_dir", "img2img_batch_output_dir", "img2img_batch_inpaint_mask_dir",
                 "img2img_batch_use_png_info", "img2img_batch_png_info_dir", "img2img_batch_png_info_props")
+SOFT = "soft_inpainting"  # the request field of the Soft inpainting switch and sliders
 BRUSH = gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24)  # the mask's strokes: one colour
 
 
@@ -138,6 +143,13 @@ def _image_inputs(form: Components, extra: Components) -> None:
                                                 label="Inpaint area", elem_id="img2img_inpaint_full_res")
             form["inpaint_full_res_padding"] = slider("inpaint_full_res_padding", "Only masked padding, pixels", 0,
                                                       256, 32, step=4, tab="img2img")
+        with gr.Accordion("Soft inpainting (keeps the blurred mask's shades: a high mask blur suits it)", open=False,
+                          elem_id="soft_inpainting"):
+            form[f"{SOFT}{PART}0"] = gr.Checkbox(False, label="Soft inpainting", elem_id="soft_inpainting_enabled")
+            for i, (label, (low, high), step, default) in enumerate(zip(
+                    SOFT_LABELS, SOFT_RANGES, SOFT_STEPS, SoftInpainting().values()), start=1):
+                form[f"{SOFT}{PART}{i}"] = slider(label.lower().replace(" ", "_"), label, low, high, default,
+                                                  step=step, tab=SOFT)
     with gr.Accordion("Batch from a folder (folders on the server)", open=False, elem_id="img2img_batch"):
         extra["img2img_batch_input_dir"] = gr.Textbox(label="Input directory", elem_id="img2img_batch_input_dir")
         extra["img2img_batch_output_dir"] = gr.Textbox(label="Output directory (empty: the img2img outputs folder)",

@@ -10,7 +10,7 @@ import gradio as gr
 from webui.engine.engine import Engine
 from webui.engine.infotext import INFOTEXT_FIELDS, read_png_infotext, request_fields
 from webui.errors import UserError
-from webui.ui.common import Components
+from webui.ui.common import PART, Components
 
 NOT_AN_IMAGE = "(this is not an image: PNG Info reads the parameters of PNG, JPEG and WebP images)"
 # The form fields an infotext carries; where it has none of them, the field goes back to its default.
@@ -93,4 +93,8 @@ def form_updates(form: Components, infotext: str,
             gr.Warning(f"{e.message}. The sampler and schedule type were left as they are.")
             for name in ("sampler_name", "scheduler"):
                 fields.pop(name, None)
+    for name in form:
+        field, _, index = name.partition(PART)
+        if index and isinstance(fields.get(field), list):  # a list field shown in several inputs
+            fields[name] = fields[field][int(index)]
     return [gr.update(value=fields[name]) if name in fields else gr.update() for name in form]

@@ -17,8 +17,8 @@ from webui.engine.engine import Engine
 from webui.engine.hires import LATENT_MODES, SAME_CHECKPOINT, SAME_SAMPLER, SAME_SCHEDULER
 from webui.engine.request import MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
 from webui.jobs import JobQueue
-from webui.ui.common import (OPTION_LABELS, RANDOM_SEED, REUSE_SEED, Components, FieldSlider, RequestFields,
-                              set_option)
+from webui.ui.common import (OPTION_LABELS, PART, RANDOM_SEED, REUSE_SEED, Components, FieldSlider,
+                              RequestFields, set_option)
 from webui.ui.forecast import FORECAST_FIELDS, forecast_box, forecast_html, keep_forecast_fresh
 from webui.ui.generation import generator, output_column
 from webui.ui.model_row import checkpoint_choices
@@ -53,11 +53,15 @@ class GenerationTab:
 
 
 def request_from_form(form: Components, values: tuple) -> GenerationRequest:
-    """The one mapping from UI fields to a request: the form's keys are GenerationRequest fields, and an input
-    that gives several (``RequestFields``) gives them all."""
+    """The one mapping from UI fields to a request: the form's keys are GenerationRequest fields ("field__i": the
+    i-th of the inputs that give a list field, as Soft inpainting's switch and settings), and an input that gives
+    several (``RequestFields``) gives them all."""
     fields: dict = {}
     for name, value in zip(form, values):
-        fields.update(value if isinstance(value, RequestFields) else {name: value})
+        if PART in name:  # one of several inputs that give a field together, as a list in the form's order
+            fields.setdefault(name.split(PART)[0], []).append(value)
+        else:
+            fields.update(value if isinstance(value, RequestFields) else {name: value})
     return GenerationRequest(**fields)
 
 

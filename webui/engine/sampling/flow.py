@@ -86,8 +86,14 @@ def denoise_flow(denoiser: torch.nn.Module, layout: FlowLayout, scheduler, noise
             velocity = v_uncond + cfg_scale * (v_cond - v_uncond)
         latents = scheduler.step(velocity, t, latents, **extra, return_dict=False)[0]
         if init is not None and init.blends:  # the kept part at the next step's noise level (none after the last)
-            kept = original if i == total - 1 else noise_at(scheduler, original, packed_noise, timesteps[i + 1:i + 2])
-            latents = init.kept(latents, kept, repaint)
+            last = i == total - 1
+            kept = original if last else noise_at(scheduler, original, packed_noise, timesteps[i + 1:i + 2])
+            if init.soft is None:
+                latents = init.kept(latents, kept, repaint)
+            else:  # the blend weighs each latent pixel's channels together: in the latents' own layout
+                sigma = 0.0 if last else timesteps[i + 1] / scheduler.config.num_train_timesteps
+                latents = layout.pack(init.kept(layout.unpack(latents, noise), layout.unpack(kept, noise),
+                                                sigma=sigma))
         if on_step(i, total, layout.unpack(latents, noise)):
             break
     return layout.unpack(latents, noise)

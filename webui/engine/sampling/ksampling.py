@@ -69,13 +69,13 @@ class GuidedDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cfg_scale: float | None = None) -> torch.Tensor:
         if not self.guided:
             self.last_uncond = self.model(x, sigma)
-            return self._kept(self.last_uncond)
+            return self._kept(self.last_uncond, sigma)
         uncond, cond = self.model(torch.cat([x, x]), torch.cat([sigma, sigma])).chunk(2)
         self.last_uncond = uncond
-        return self._kept(uncond + (self.cfg_scale if cfg_scale is None else cfg_scale) * (cond - uncond))
+        return self._kept(uncond + (self.cfg_scale if cfg_scale is None else cfg_scale) * (cond - uncond), sigma)
 
-    def _kept(self, denoised: torch.Tensor) -> torch.Tensor:
-        return denoised if self.init is None else self.init.kept(denoised, self.init.latents)
+    def _kept(self, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return denoised if self.init is None else self.init.kept(denoised, self.init.latents, sigma=sigma[0])
 
 
 class _Stopped(Exception):

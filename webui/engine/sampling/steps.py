@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from webui.engine.soft_inpaint import SoftInpainting
+
 MAX_STRENGTH = 0.999  # A1111 caps the strength so that a schedule's first, pure-noise step is never where it starts
 
 
@@ -45,6 +47,7 @@ class InitLatents:
     repaint: torch.Tensor | None = None  # (1 or B, 1, h, w): 1 where repainted, 0 where kept; None: everywhere
     extra: torch.Tensor | None = None  # an inpainting model's extra input: (B, 1 + C, h, w), mask then latents
     noise_multiplier: float = 1.0  # A1111's initial_noise_multiplier: the starting noise times this
+    soft: SoftInpainting | None = None  # A1111's soft inpainting: the kept part blended by noise level
 
     @property
     def blends(self) -> bool:
@@ -60,9 +63,13 @@ class InitLatents:
         """The noise the init latents start from (A1111 scales only that, not the noise of later steps)."""
         return noise if self.noise_multiplier == 1 else noise * self.noise_multiplier
 
-    def kept(self, latents: torch.Tensor, original: torch.Tensor, repaint: torch.Tensor | None = None) -> torch.Tensor:
-        """``latents`` where repainted, ``original`` where kept (``repaint``: the mask in the loop's layout)."""
+    def kept(self, latents: torch.Tensor, original: torch.Tensor, repaint: torch.Tensor | None = None,
+             sigma: float | None = None) -> torch.Tensor:
+        """``latents`` where repainted, ``original`` where kept (``repaint``: the mask in the loop's layout); with
+        soft inpainting and the noise level ``sigma`` of a step, its blend."""
         mask = self.repaint if repaint is None else repaint
+        if self.soft is not None and sigma is not None:
+            return self.soft.blend(original, latents, mask, sigma)
         return (1 - mask) * original + mask * latents
 
     def extra_rows(self, rows: int) -> torch.Tensor:

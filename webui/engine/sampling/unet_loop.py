@@ -68,9 +68,11 @@ def denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generators
             noise_pred = noise_uncond + req.cfg_scale * (noise_cond - noise_uncond)
         latents = scheduler.step(noise_pred, t, latents, **step_extra).prev_sample
         if init is not None and init.blends:  # the kept part at the next step's noise level (none after the last)
-            original = init.latents if i == total - 1 else noise_at(scheduler, init.latents, noise.float(),
-                                                                    timesteps[i + 1:i + 2])
-            latents = init.kept(latents, original)
+            last = i == total - 1
+            original = init.latents if last else noise_at(scheduler, init.latents, noise.float(),
+                                                          timesteps[i + 1:i + 2])
+            sigma = None if init.soft is None else 0.0 if last else noise_level(scheduler, timesteps[i + 1])
+            latents = init.kept(latents, original, sigma=sigma)
         if on_step(i, total, latents):
             break
     return latents
@@ -84,3 +86,9 @@ def brownian_on_cpu(scheduler: SchedulerMixin, latents: torch.Tensor, seeds: lis
     sigmas = scheduler.sigmas.cpu()
     low, high = sigmas[sigmas > 0].min().item(), sigmas.max().item()
     scheduler.noise_sampler = CpuBrownianNoise(lambda cpu_x: BrownianTreeNoiseSampler(cpu_x, low, high, seeds), latents)
+
+
+def noise_level(scheduler: SchedulerMixin, timestep: torch.Tensor) -> torch.Tensor:
+    """The sigma of a DDPM-trained timestep (soft inpainting's blend follows it)."""
+    alpha = scheduler.alphas_cumprod.to(timestep.device)[timestep.long()]
+    return ((1 - alpha) / alpha) ** 0.5
