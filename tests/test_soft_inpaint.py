@@ -13,6 +13,7 @@ from PIL import Image
 
 from tests.conftest import make_engine, single_file
 from tests.test_api import client  # noqa: F401 (the API's fixture)
+from tests.test_flow_pipelines import engine_for, files, parts  # noqa: F401 (the flow models' fixtures)
 from tests.test_img2img import WEBUIAPI_BODY, as_array, b64, init_picture
 from tests.test_inpaint import inpaint_request
 from webui.engine.infotext import parse_infotext, request_fields
@@ -158,3 +159,15 @@ def test_the_img2img_form_gives_and_takes_the_settings():
     updates = form_updates(form, infotext, lambda sampler, schedule: (sampler, schedule))
     values = [update.get("value") for update in updates[1:]]
     assert values == [True, 2.5, *SoftInpainting().values()[1:]]
+
+
+def test_soft_inpainting_of_a_flow_model(tmp_path, parts, files):
+    """Flux's loop blends in the latents' own layout (the packed one mixes 2x2 pixels into a token)."""
+    engine = engine_for(tmp_path, files, "flux-aio.safetensors")
+    fields = dict(sampler_name="Euler", cfg_scale=1.0, distilled_cfg_scale=3.5, mask_blur=4, denoising_strength=0.8)
+    soft = engine.img2img(inpaint_request("flux-aio.safetensors", soft_inpainting=ARGS, **fields))
+    hard = engine.img2img(inpaint_request("flux-aio.safetensors", **fields))
+    again = engine.img2img(inpaint_request("flux-aio.safetensors", soft_inpainting=ARGS, **fields))
+    assert np.array_equal(as_array(soft.images), as_array(again.images))
+    assert np.abs(as_array(soft.images) - as_array(hard.images)).mean() > 0.5
+    assert "Soft inpainting enabled: True" in soft.infotexts[0]
