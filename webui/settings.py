@@ -66,6 +66,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "outdir_extras_samples": "",
     "ESRGAN_tile": 192,  # upscaler models run on tiles of this many pixels (0: the whole image at once)
     "ESRGAN_tile_overlap": 8,  # pixels the tiles overlap, blended so that no seam shows
+    "compile_denoiser": False,  # off until proven on every family (issue 26); --compile turns it on for a session
 }
 # A1111 options for things this app always does one way: listed (clients read and post back the whole store) and
 # accepted at that value only, so that a request asking for another one is refused rather than quietly ignored.
@@ -153,6 +154,10 @@ OPTION_SECTIONS: dict[str, dict[str, str]] = {
     "Models and memory": {
         "sd_checkpoints_limit": "Checkpoints to keep in memory (0: as many as fit, up to 3, in half of the RAM)",
         "sd3_enable_t5": "Use the T5 text encoder of SD3.x checkpoints",
+    },
+    "Speed": {
+        "compile_denoiser": "Compile the denoiser (its repeated blocks, once; the first image waits for it; not while "
+                            "it streams)",
     },
     "Limits (the API's too)": LIMIT_OPTIONS,
     "API": {

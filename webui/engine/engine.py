@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 
+from webui.engine.compiled import use_cache_dir
 from webui.engine.families.protocol import FamilyFields
 from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
@@ -96,6 +97,7 @@ class Engine:
         args = config.args
         self.device = pick_device(args.device)
         limit_heap_arenas()
+        use_cache_dir(config.paths.data_dir)  # the compiled denoiser's kernels, found again after a restart
         if self.device.type == "cuda":
             use_expandable_segments()
         dtypes = pick_dtypes(self.device, args.no_half, args.no_half_vae)
@@ -334,6 +336,7 @@ class Engine:
             init_images=init_images,
             inpaint=inpainting,
             fix_steps=self.options["img2img_fix_steps"],
+            compile=self.options["compile_denoiser"] or self.config.args.compile,
         )
         if init_images is not None:
             multiplier = request.initial_noise_multiplier

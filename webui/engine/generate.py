@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from webui.engine import compiled
 from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.formats.detect import Family
 from webui.engine.hires import HiresPass, upscale_latents
@@ -75,6 +76,7 @@ class Resolved:
     fix_steps: bool = False  # img2img runs exactly the requested steps (A1111's option img2img_fix_steps)
     hires: HiresPass | None = None  # txt2img's hires. fix: its second pass
     second_pass: bool = False  # this job is a hires pass: img2img's steps from latents it is given
+    compile: bool = False  # "Compile the denoiser" (``compiled``): its repeated blocks, where it does not stream
 
     @property
     def cfg(self) -> bool:
@@ -257,6 +259,7 @@ def infotext_for(model: LoadedModel, job: Resolved, seed: int, subseed: int) -> 
         **(inpaint_params(job) if job.inpaint is not None else {}),
         **(hires_params(job) if job.hires is not None else {}),
         "Clip skip": job.clip_skip if job.clip_skip != 1 else None,
+        "Compiled": True if job.compile else None,
         **family_params(model, job),
         "Version": VERSION,
     }
@@ -380,7 +383,15 @@ def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
     if job.steps.run == 0 and init is not None:  # img2img at strength 0: the init image through the VAE alone
         latents = init.latents
     else:
-        latents = model.kind.denoise(model, job, seeds, generators, noise, cond, uncond, report, init)
+        if job.compile:
+            compiled.compile_denoiser(model.denoiser)
+        streaming = memory.components["denoiser"].streaming
+        with compiled.running(model.denoiser, streaming) as fast:
+            if job.compile and not fast:
+                log.info("Compile the denoiser: this pass runs eager, its denoiser streams (compiled code would "
+                         "compile again for every block moved).")
+            memory.stats.compiled = memory.stats.compiled or fast
+            latents = model.kind.denoise(model, job, seeds, generators, noise, cond, uncond, report, init)
     if init is not None and init.blends and init.soft is None:
         latents = init.kept(latents, init.latents)  # whatever the sampler left there (an interrupted one)
     clock.lap(prefix + "denoise")

@@ -191,16 +191,18 @@ class GenerationStats:
     activation_mb: float = 0.0
     tiled_vae: bool = False
     oom_retries: int = 0
+    compiled: bool = False  # a denoising pass ran compiled ("Compile the denoiser")
     mode: MemoryMode = MemoryMode.AUTO
     budgeted: bool = True  # False on a CPU 'device': the weights are in RAM and there is no budget to keep
 
     def line(self) -> str:
         if not self.budgeted:
-            return f"Memory: {self.resident_mb:.0f} MB of weights in RAM (running on the CPU: no GPU budget)"
+            return (f"Memory: {self.resident_mb:.0f} MB of weights in RAM (running on the CPU: no GPU budget"
+                    f"{', compiled' if self.compiled else ''})")
         return (f"Memory: {self.resident_mb:.0f} MB resident, {self.streamed_mb:.0f} MB streamed, "
                 f"{self.moved_mb:.0f} MB moved in {self.move_seconds:.2f} s, peak VRAM {self.peak_vram_mb:.0f} MB "
                 f"(budget {self.budget_mb:.0f} MB, activations ~{self.activation_mb:.0f} MB"
-                f"{', tiled VAE' if self.tiled_vae else ''}, {self.mode})")
+                f"{', tiled VAE' if self.tiled_vae else ''}{', compiled' if self.compiled else ''}, {self.mode})")
 
     def as_dict(self) -> dict:
         return asdict(self)

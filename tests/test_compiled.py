@@ -1,0 +1,82 @@
+"""Compile the denoiser (issue 26), on the CPU with inductor: the same images as eager, compiled once for any size,
+batch, prompt or seed, eager where the denoiser streams, the setting, the flag, the infotext and the cache folder."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch._dynamo.utils import counters
+
+from tests.conftest import make_engine
+from tests.test_lora import _lora_components, lora_folder, with_extensions
+from tests.test_memory import model_bytes, set_budget, simulated_engine
+from webui.cli import parse_args
+from webui.engine.compiled import is_compiled, repeated_blocks
+from webui.engine.infotext import parse_infotext
+from webui.engine.memory import MB
+from webui.engine.request import GenerationRequest
+from webui.synthetic.lora_export import random_lora, write_lora
+
+REQUEST = dict(prompt="a red circle", negative_prompt="blurry", width=64, height=64, steps=3, cfg_scale=5.0, seed=11,
+               sampler_name="Euler a", batch_size=2, save_images=False)
+
+
+def images(result) -> np.ndarray:
+    return np.stack([np.asarray(image, dtype=int) for image in result.images])
+
+
+def compiles() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_images_equal_eager_and_compile_once(tmp_path, sd1_file):
+    """Each repeated block is compiled once (dynamic shapes): another size, batch, prompt or seed compiles nothing
+    more; the first LoRA compiles the blocks with adapters once, and then no LoRA, rank, weight or none does; the
+    images are eager's; the infotext says Compiled and the memory line "compiled"."""
+    torch.compiler.reset()
+    engine = with_extensions(make_engine(tmp_path, sd1_file))
+    eager = engine.txt2img(GenerationRequest(**REQUEST))
+    engine.options.update({"compile_denoiser": True})
+    first = engine.txt2img(GenerationRequest(**REQUEST))
+    blocks = repeated_blocks(engine.models.current.denoiser)
+    assert blocks and all(is_compiled(block) for block in blocks)
+    assert np.abs(images(first) - images(eager)).max() <= 1
+    assert parse_infotext(first.infotexts[0])["Compiled"] == "True" and "Compiled" not in eager.infotexts[0]
+    assert first.memory.compiled and ", compiled" in first.memory.line()
+    graphs = compiles()
+    assert graphs > 0
+    model = engine.models.current
+    for name, rank in (("style", 4), ("other", 8)):
+        write_lora(lora_folder(engine) / f"{name}.safetensors",
+                   random_lora(dict(_lora_components(model)), model.family, rank=rank, seed=rank), model.family, "kohya")
+    for change in (dict(seed=12, prompt="a blue square"), dict(width=96, height=64, batch_size=1)):
+        engine.txt2img(GenerationRequest(**{**REQUEST, **change}))
+    assert compiles() == graphs, "shapes are dynamic: a new size, batch, prompt or seed compiles nothing"
+    engine.txt2img(GenerationRequest(**{**REQUEST, "prompt": "a red circle <lora:style:0.7>"}))
+    adapted = compiles()  # the blocks with adapters in their layers: compiled once more
+    for prompt in ("<lora:style:0.3>", "<lora:other:1>", "", "<lora:style:1> <lora:other:0.5>"):
+        engine.txt2img(GenerationRequest(**{**REQUEST, "prompt": f"a red circle {prompt}"}))
+    assert compiles() == adapted, "another LoRA, rank, weight, two of them or none: nothing compiled again"
+
+
+def test_a_streaming_denoiser_runs_eager(tmp_path, sd1_file):
+    """Its blocks' weights move between devices each step: that pass runs eager (the same images as eager), said
+    in the log line of the memory, not compiled."""
+    engine = simulated_engine(tmp_path, sd1_file)
+    engine.txt2img(GenerationRequest(**REQUEST))
+    set_budget(engine, model_bytes(engine)["denoiser"] * 0.5 / MB)
+    streamed = engine.txt2img(GenerationRequest(**REQUEST))
+    engine.options.update({"compile_denoiser": True})
+    result = engine.txt2img(GenerationRequest(**REQUEST))
+    assert result.memory.streamed_mb > 0 and not result.memory.compiled
+    assert np.array_equal(images(result), images(streamed))
+
+
+def test_the_flag_and_the_cache_folder(tmp_path, sd1_file):
+    assert parse_args(["--compile"]).compile and not parse_args([]).compile
+    engine = make_engine(tmp_path, sd1_file, extra_args=("--compile",))
+    assert not engine.options["compile_denoiser"], "the flag is for the session: the setting is left as it was"
+    result = engine.txt2img(GenerationRequest(**{**REQUEST, "batch_size": 1}))
+    assert parse_infotext(result.infotexts[0])["Compiled"] == "True"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith(os.path.join("cache", "inductor"))
