@@ -352,8 +352,9 @@ class Engine:
 
     def _hires_model(self, job: Resolved, model: LoadedModel, calls: list, hashed: bool) -> OtherModel | None:
         """hr_checkpoint_name's model for hires. fix's second pass, where it names another checkpoint than
-        ``model``'s: loaded with the same VAE and modules choice, both kept in host memory for the job whatever
-        sd_checkpoints_limit says, the hires prompts' networks applied to it (``calls``, the first prompts', to the
+        ``model``'s: loaded with the same VAE and modules choice, both kept in host memory for the job (a limit of
+        one model is taken as two; automatic keeps them where half the RAM holds them, else the first is read again
+        each batch), the hires prompts' networks applied to it (``calls``, the first prompts', to the
         first model again). ``hashed``: its hash is computed now for the infotext (else only a known one is used)."""
         request = job.request
         if request.hr_checkpoint_name in (None, "", SAME_CHECKPOINT):
@@ -371,7 +372,8 @@ class Engine:
                             "a checkpoint of the same family.", field="hr_checkpoint_name")
         second = job.hires.job.request
         hires_calls = extract_networks(second.prompt)[1] + extract_networks(second.negative_prompt)[1]
-        choice, keep = self._model_choice(request.vae, request.modules), max(2, self.options["sd_checkpoints_limit"])
+        limit = self.options["sd_checkpoints_limit"]  # 0 (automatic) keeps both where half the RAM holds them
+        choice, keep = self._model_choice(request.vae, request.modules), 0 if limit == 0 else max(2, limit)
 
         def switch(to: CheckpointInfo, networks: list) -> LoadedModel:
             switched = self.models.get(to, *choice, keep)
