@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--medvram", action="store_true", help="swap whole components between phases")
     mode.add_argument("--always-gpu", "--always-high-vram", action="store_true",
                       help="keep everything on the GPU, never offload")
+    dev.add_argument("--attention", choices=("sdpa", "sage", "flash"), default=None,
+                     help="the denoiser's attention for this session (the setting Attention): SDPA, SageAttention, "
+                          "FlashAttention")
     dev.add_argument("--compile", action="store_true",
                      help="compile the denoiser's repeated blocks (the setting Compile the denoiser, for this session)")
     mem.add_argument("--always-offload-from-vram", action="store_true",

@@ -67,6 +67,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "ESRGAN_tile": 192,  # upscaler models run on tiles of this many pixels (0: the whole image at once)
     "ESRGAN_tile_overlap": 8,  # pixels the tiles overlap, blended so that no seam shows
     "compile_denoiser": False,  # off until proven on every family (issue 26); --compile turns it on for a session
+    "attention_backend": "SDPA",  # --attention sets it for a session
 }
 # A1111 options for things this app always does one way: listed (clients read and post back the whole store) and
 # accepted at that value only, so that a request asking for another one is refused rather than quietly ignored.
@@ -85,6 +86,7 @@ OPTION_CHOICES: dict[str, tuple[str, ...]] = {
     "t5_storage_dtype": ("Automatic", "float8-e4m3fn", "float8-e5m2", "bnb-int8"),
     "samples_format": ("png",),
     "xyz_axis_numbering": ("A1111", "Forge"),
+    "attention_backend": ("SDPA", "SageAttention", "FlashAttention"),  # webui.engine.attention.BACKENDS
 }
 OUTPUT_FOLDER_OPTIONS = {"outdir_txt2img_samples": "txt2img-images", "outdir_txt2img_grids": "txt2img-grids",
                          "outdir_img2img_grids": "img2img-grids",
@@ -158,6 +160,8 @@ OPTION_SECTIONS: dict[str, dict[str, str]] = {
     "Speed": {
         "compile_denoiser": "Compile the denoiser (its repeated blocks, once; the first image waits for it; not while "
                             "it streams)",
+        "attention_backend": "Attention (SageAttention and FlashAttention where their package imports, on a CUDA GPU, "
+                             "for Flux; else SDPA, said in the log)",
     },
     "Limits (the API's too)": LIMIT_OPTIONS,
     "API": {

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 
+from webui.engine.attention import FLAG_CHOICES, use_attention
 from webui.engine.compiled import use_cache_dir
 from webui.engine.families.protocol import FamilyFields
 from webui.engine.families.registry import Families
@@ -338,6 +339,9 @@ class Engine:
             fix_steps=self.options["img2img_fix_steps"],
             compile=self.options["compile_denoiser"] or self.config.args.compile,
         )
+        if activate:  # (a forecast leaves the denoiser as it is)
+            wanted = FLAG_CHOICES.get(self.config.args.attention) or self.options["attention_backend"]
+            job.attention = use_attention(model.denoiser, wanted, self.device)[0]
         if init_images is not None:
             multiplier = request.initial_noise_multiplier
             job.noise_multiplier = self.options["initial_noise_multiplier"] if multiplier is None else multiplier

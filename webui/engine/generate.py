@@ -77,6 +77,7 @@ class Resolved:
     hires: HiresPass | None = None  # txt2img's hires. fix: its second pass
     second_pass: bool = False  # this job is a hires pass: img2img's steps from latents it is given
     compile: bool = False  # "Compile the denoiser" (``compiled``): its repeated blocks, where it does not stream
+    attention: str = "SDPA"  # the attention backend the denoiser runs (``attention``)
 
     @property
     def cfg(self) -> bool:
@@ -260,6 +261,7 @@ def infotext_for(model: LoadedModel, job: Resolved, seed: int, subseed: int) -> 
         **(hires_params(job) if job.hires is not None else {}),
         "Clip skip": job.clip_skip if job.clip_skip != 1 else None,
         "Compiled": True if job.compile else None,
+        "Attention": job.attention if job.attention != "SDPA" else None,
         **family_params(model, job),
         "Version": VERSION,
     }
