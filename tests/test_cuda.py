@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from tests.conftest import make_engine
@@ -499,3 +500,64 @@ def test_sigma_space_and_new_samplers_on_cuda_draw_what_the_cpu_draws(tmp_path, 
     assert np.array_equal(first, as_array(gpu.txt2img(GenerationRequest(**request)).images)), "same seed, same image"
     on_cpu = as_array(make_engine(tmp_path / "cpu", sd1_file).txt2img(GenerationRequest(**request)).images)
     assert np.abs(first - on_cpu).mean() < 3.0, f"{sampler} / {schedule}: the GPU and the CPU draw different pictures"
+
+
+@requires_cuda
+@pytest.mark.parametrize("sampler,schedule", [("Euler a", "Automatic"), ("DPM++ 2S a", "Karras")])
+def test_soft_inpainting_on_cuda_draws_what_the_cpu_draws(tmp_path, sd1_file, sampler, schedule):
+    """The soft blend runs on the device every step (its noise level a device tensor: no synchronisation)."""
+    from tests.test_soft_inpaint import ARGS, soft_request
+
+    request = soft_request(sd1_file.name, soft_inpainting=ARGS, sampler_name=sampler, scheduler=schedule)
+    gpu = make_engine(tmp_path / "gpu", sd1_file, extra_args=("--device", "cuda"))
+    first = as_array(gpu.img2img(request).images)
+    request = soft_request(sd1_file.name, soft_inpainting=ARGS, sampler_name=sampler, scheduler=schedule)
+    assert np.array_equal(first, as_array(gpu.img2img(request).images))
+    request = soft_request(sd1_file.name, soft_inpainting=ARGS, sampler_name=sampler, scheduler=schedule)
+    on_cpu = as_array(make_engine(tmp_path / "cpu", sd1_file).img2img(request).images)
+    assert np.abs(first - on_cpu).mean() < 3.0
+
+
+@requires_cuda
+def test_a_hires_checkpoint_on_cuda(tmp_path, sd1_file):
+    """Both models on the device's memory manager in turn: the first pass on one, the second on the other."""
+    from tests.conftest import single_file
+    from tests.test_hires import hires_request
+
+    other = single_file("sd1", seed=2)
+    gpu = make_engine(tmp_path / "gpu", sd1_file, other, extra_args=("--device", "cuda"))
+    result = gpu.txt2img(hires_request(sd1_file.name, hr_checkpoint_name=other.name, hr_upscaler="Lanczos", n_iter=2))
+    on_cpu = make_engine(tmp_path / "cpu", sd1_file, other).txt2img(
+        hires_request(sd1_file.name, hr_checkpoint_name=other.name, hr_upscaler="Lanczos", n_iter=2))
+    assert len(result.images) == 4 and gpu.models.current.info.name == sd1_file.name
+    assert np.abs(as_array(result.images) - as_array(on_cpu.images)).mean() < 3.0
+
+
+@requires_cuda
+def test_compiled_denoiser_on_cuda_equals_eager_and_compiles_once(tmp_path, sd1_file):
+    from torch._dynamo.utils import counters
+
+    torch.compiler.reset()
+    gpu = make_engine(tmp_path, sd1_file, extra_args=("--device", "cuda"))
+    eager = as_array(gpu.txt2img(GenerationRequest(**REQ)).images)
+    gpu.options.update({"compile_denoiser": True})
+    compiled = gpu.txt2img(GenerationRequest(**REQ))
+    graphs = counters["stats"]["unique_graphs"]
+    gpu.txt2img(GenerationRequest(**{**REQ, "seed": REQ.get("seed", 1) + 1, "width": 96}))
+    assert compiled.memory.compiled and counters["stats"]["unique_graphs"] == graphs
+    assert np.abs(as_array(compiled.images) - eager).mean() < 1.0
+
+
+@requires_cuda
+def test_fp8_matmul_on_cuda_is_within_3_percent_of_the_upcast_product():
+    from webui.engine.weights.fp8 import Fp8Linear, cast_weights_fp8, use_fp8_matmul
+
+    layer = nn.Linear(1024, 512).cuda().to(torch.bfloat16)
+    cast_weights_fp8(layer, torch.float8_e4m3fn)
+    x = torch.randn(4, 77, 1024, device="cuda", dtype=torch.bfloat16)
+    upcast = layer(x)
+    if not use_fp8_matmul(layer, True, torch.device("cuda")):
+        pytest.skip("this GPU has no fp8 tensor cores")
+    assert isinstance(layer, Fp8Linear) and layer.fp8_matmul
+    fast = layer(x)
+    assert ((fast.float() - upcast.float()).norm() / upcast.float().norm()).item() < 0.03

@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--attention", choices=("sdpa", "sage", "flash"), default=None,
                      help="the denoiser's attention for this session (the setting Attention): SDPA, SageAttention, "
                           "FlashAttention")
+    dev.add_argument("--fast", nargs="+", choices=("fp8_matrix_mult",), default=None, metavar="FEATURE",
+                     help="ComfyUI's: fp8_matrix_mult (the setting fp8 matrix multiplication, for this session)")
     dev.add_argument("--compile", action="store_true",
                      help="compile the denoiser's repeated blocks (the setting Compile the denoiser, for this session)")
     mem.add_argument("--always-offload-from-vram", action="store_true",

@@ -68,6 +68,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "ESRGAN_tile_overlap": 8,  # pixels the tiles overlap, blended so that no seam shows
     "compile_denoiser": False,  # off until proven on every family (issue 26); --compile turns it on for a session
     "attention_backend": "SDPA",  # --attention sets it for a session
+    "fp8_matrix_mult": False,  # --fast fp8_matrix_mult sets it for a session (ComfyUI's flag)
 }
 # A1111 options for things this app always does one way: listed (clients read and post back the whole store) and
 # accepted at that value only, so that a request asking for another one is refused rather than quietly ignored.
@@ -162,6 +163,8 @@ OPTION_SECTIONS: dict[str, dict[str, str]] = {
                             "it streams)",
         "attention_backend": "Attention (SageAttention and FlashAttention where their package imports, on a CUDA GPU, "
                              "for Flux; else SDPA, said in the log)",
+        "fp8_matrix_mult": "fp8 matrix multiplication for weights stored in float8-e4m3fn (GPUs with fp8 tensor "
+                           "cores: compute capability 8.9 and up; slightly less exact than upcasting them)",
     },
     "Limits (the API's too)": LIMIT_OPTIONS,
     "API": {

@@ -39,6 +39,7 @@ from webui.engine.progress import Progress
 from webui.engine.upscale.extras import ExtrasRequest, ExtrasResult, run_extras, save_extras
 from webui.engine.upscale.found import UpscalerInfo, find_upscalers
 from webui.engine.upscale.model import UpscaleSetup
+from webui.engine.weights.fp8 import use_fp8_matmul
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.sampling.samplers import SamplerRegistry, Sampling
 from webui.errors import Busy, ModelFileError, UserError
@@ -342,6 +343,8 @@ class Engine:
         if activate:  # (a forecast leaves the denoiser as it is)
             wanted = FLAG_CHOICES.get(self.config.args.attention) or self.options["attention_backend"]
             job.attention = use_attention(model.denoiser, wanted, self.device)[0]
+            fast = self.options["fp8_matrix_mult"] or "fp8_matrix_mult" in (self.config.args.fast or ())
+            job.fp8_matmul = use_fp8_matmul(model.denoiser, fast, self.device)
         if init_images is not None:
             multiplier = request.initial_noise_multiplier
             job.noise_multiplier = self.options["initial_noise_multiplier"] if multiplier is None else multiplier

@@ -78,6 +78,7 @@ class Resolved:
     second_pass: bool = False  # this job is a hires pass: img2img's steps from latents it is given
     compile: bool = False  # "Compile the denoiser" (``compiled``): its repeated blocks, where it does not stream
     attention: str = "SDPA"  # the attention backend the denoiser runs (``attention``)
+    fp8_matmul: bool = False  # its fp8 layers multiply in fp8 (``weights.fp8.use_fp8_matmul``)
 
     @property
     def cfg(self) -> bool:
@@ -262,6 +263,7 @@ def infotext_for(model: LoadedModel, job: Resolved, seed: int, subseed: int) -> 
         "Clip skip": job.clip_skip if job.clip_skip != 1 else None,
         "Compiled": True if job.compile else None,
         "Attention": job.attention if job.attention != "SDPA" else None,
+        "FP8 matmul": True if job.fp8_matmul else None,
         **family_params(model, job),
         "Version": VERSION,
     }

@@ -23,6 +23,8 @@ Scaled fp8 (ComfyUI): a ``<layer>.scale_weight`` scalar per layer; the weight us
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,7 @@ UNUSED_KEYS = ("scaled_fp8",)
 MIN_NUMEL = 65_536
 
 StateDict = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def is_fp8(tensor: torch.Tensor) -> bool:
@@ -58,12 +61,52 @@ def _bias(layer: nn.Module, like: torch.Tensor) -> torch.Tensor | None:
 
 
 class Fp8Linear(nn.Linear):
-    """A Linear whose weight is stored in fp8 (made by swapping ``__class__``, never constructed)."""
+    """A Linear whose weight is stored in fp8 (made by swapping ``__class__``, never constructed). With
+    ``fp8_matmul`` (``use_fp8_matmul``) and an e4m3fn weight it multiplies in fp8 on the GPU's tensor cores."""
 
     scale_weight: torch.Tensor | None
+    fp8_matmul: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_matmul and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            return fp8_linear(x, self.weight, self.scale_weight, _bias(self, x))
         return F.linear(x, upcast_weight(self, x), _bias(self, x))
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` with both in e4m3fn (``torch._scaled_mm``): the input scaled to fp8's range per
+    tensor on the device (no synchronisation), the weight as stored with its file scale; the result in ``x``'s
+    dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    x_scale = (rows.abs().amax().float() / torch.finfo(torch.float8_e4m3fn).max).clamp(min=1e-12)
+    quantized = (rows / x_scale.to(rows.dtype)).to(torch.float8_e4m3fn)
+    w_scale = (torch.ones((), device=x.device) if weight_scale is None
+               else weight_scale.to(x.device, torch.float32).reshape(()))
+    out = torch._scaled_mm(quantized, weight.t(), scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def use_fp8_matmul(module: nn.Module, wanted: bool, device: torch.device) -> bool:
+    """Let ``module``'s e4m3fn Linear layers (both sides a multiple of 16, as the tensor cores take them) multiply in
+    fp8 (ComfyUI's fp8_matrix_mult) where the device has fp8 tensor cores (compute capability 8.9 and up); whether
+    any does. Where it was wanted and cannot, the log says why, once."""
+    reason = None
+    if wanted and device.type != "cuda":
+        reason = "runs on CUDA GPUs only"
+    elif wanted and torch.cuda.get_device_capability(device) < (8, 9):
+        reason = "needs fp8 tensor cores (compute capability 8.9 and up)"
+    layers = [layer for layer in module.modules() if isinstance(layer, Fp8Linear)]
+    for layer in layers:
+        layer.fp8_matmul = (wanted and reason is None and layer.weight.dtype == torch.float8_e4m3fn
+                            and layer.in_features % 16 == 0 and layer.out_features % 16 == 0)
+    active = any(layer.fp8_matmul for layer in layers)
+    if wanted and not active:
+        reason = reason or "needs weights stored in float8-e4m3fn (Diffusion in Low Bits, or an fp8 file)"
+        if getattr(module, "_webui_fp8_matmul_noted", None) != reason:
+            log.info("fp8 matrix multiplication %s: the fp8 layers upcast their weights instead.", reason)
+    module._webui_fp8_matmul_noted = reason
+    return active
 
 
 class Fp8Conv2d(nn.Conv2d):
