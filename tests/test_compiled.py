@@ -80,3 +80,26 @@ def test_the_flag_and_the_cache_folder(tmp_path, sd1_file):
     result = engine.txt2img(GenerationRequest(**{**REQUEST, "batch_size": 1}))
     assert parse_infotext(result.infotexts[0])["Compiled"] == "True"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith(os.path.join("cache", "inductor"))
+
+
+def test_gguf_layers_compile_without_a_break(tmp_path):
+    """A Q4_K UNet (the most involved unpacking): its blocks compile whole (no graph break) and compute what they
+    computed eager."""
+    from gguf import GGMLQuantizationType
+
+    from tests.test_gguf_unet import load, unet_inputs, write_unet
+    from webui.engine.compiled import compile_denoiser
+    from webui.synthetic.builders import build_synthetic_model
+    from webui.synthetic.ldm_export import unet_to_ldm
+
+    torch.compiler.reset()
+    unet = build_synthetic_model("sd1", "tiny", seed=1).denoiser.float()
+    path = write_unet(tmp_path, "sd1", unet_to_ldm(unet.state_dict(), unet.config), GGMLQuantizationType.Q4_K)
+    loaded, _ = load(path, "sd1")
+    inputs = unet_inputs(loaded.config)
+    with torch.no_grad():
+        eager = loaded(**inputs).sample
+        assert compile_denoiser(loaded) > 0
+        compiled = loaded(**inputs).sample
+    assert sum(counters["graph_break"].values()) == 0 and compiles() > 0
+    assert torch.allclose(compiled, eager, atol=1e-5)
