@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -103,3 +104,28 @@ def test_gguf_layers_compile_without_a_break(tmp_path):
         compiled = loaded(**inputs).sample
     assert sum(counters["graph_break"].values()) == 0 and compiles() > 0
     assert torch.allclose(compiled, eager, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_flow_transformers_compile_their_joint_and_single_blocks(family):
+    """Flux's blocks (diffusers' list) and SD3's (named here): compiled whole, the eager output."""
+    from webui.engine.compiled import compile_denoiser
+    from webui.synthetic.builders import build_flux_transformer, build_sd3_transformer
+
+    torch.compiler.reset()
+    model = build_flux_transformer("tiny", seed=1) if family == "flux" else build_sd3_transformer("tiny", seed=2)
+    config, generator = model.config, torch.Generator().manual_seed(0)
+    inputs = dict(encoder_hidden_states=torch.randn(1, 8, config.joint_attention_dim, generator=generator),
+                  pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=generator))
+    if family == "flux":
+        inputs |= dict(hidden_states=torch.randn(1, 16, config.in_channels, generator=generator),
+                       timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
+                       guidance=torch.tensor([3.5]) if config.guidance_embeds else None)
+    else:
+        inputs |= dict(hidden_states=torch.randn(1, config.in_channels, 8, 8, generator=generator),
+                       timestep=torch.tensor([500.0]))
+    with torch.no_grad():
+        eager = model(**inputs).sample
+        assert compile_denoiser(model) > 0
+        compiled = model(**inputs).sample
+    assert sum(counters["graph_break"].values()) == 0 and torch.allclose(compiled, eager, atol=1e-5)
