@@ -129,3 +129,15 @@ def test_flow_transformers_compile_their_joint_and_single_blocks(family):
         assert compile_denoiser(model) > 0
         compiled = model(**inputs).sample
     assert sum(counters["graph_break"].values()) == 0 and torch.allclose(compiled, eager, atol=1e-5)
+
+
+def test_turning_the_setting_off_runs_the_compiled_blocks_eager_again(tmp_path, sd1_file):
+    """Blocks compiled for an earlier job are left compiled, but a job without the setting runs them eager (and the
+    compiled code comes back when it is on again)."""
+    engine = make_engine(tmp_path, sd1_file)
+    engine.options.update({"compile_denoiser": True})
+    assert engine.txt2img(GenerationRequest(**REQUEST)).memory.compiled
+    engine.options.update({"compile_denoiser": False})
+    off = engine.txt2img(GenerationRequest(**REQUEST))
+    assert not off.memory.compiled and "Compiled" not in off.infotexts[0]
+    assert all(is_compiled(block) for block in repeated_blocks(engine.models.current.denoiser))

@@ -196,9 +196,10 @@ def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str
         if body.get(key) is not None:
             setattr(request, key, body[key])
     ignored = [key for key in (*IMG2IMG_IGNORED, *(MASK_USE_FIELDS if mask is None else ())) if key in body]
-    if soft is not None:  # A1111's soft inpainting acts only with a mask
-        request.soft_inpainting = soft if mask is not None else None
-        ignored += [] if mask is not None else ["alwayson_scripts"]
+    if soft is not None and mask is None:  # A1111's soft inpainting acts only with a mask
+        ignored.append("alwayson_scripts")
+    elif soft is not None:
+        request.soft_inpainting = soft
     if outpaint is not None:
         for key, value in outpaint.fields().items():  # the script sets the mask and its use, and makes one image
             setattr(request, key, value)

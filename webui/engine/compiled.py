@@ -4,24 +4,22 @@ single blocks) is compiled once with dynamic shapes, so a new size, batch, promp
 the first compile takes seconds, not the minutes of a whole model. Inductor's and Triton's caches live in the data
 dir, so that a restart finds what was compiled before.
 
-A job whose denoiser streams runs eager: its blocks' weights move between host and device every step, and each
-move would be a new compile (the compiled code is specialised to where its inputs live). It is said once in the log.
+A pass whose denoiser streams runs eager: its blocks' weights move between host and device every step, and each
+move would be a new compile (the compiled code is specialised to where its inputs live); the log says so.
 """
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from torch import nn
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # (diffusers imports inductor anyway)
 
-log = logging.getLogger(__name__)
 # diffusers lists the repeated blocks of the models it knows (``_repeated_blocks``); the others' are named here
 REPEATED_BLOCKS = {"SD3Transformer2DModel": ("JointTransformerBlock",)}
+COMPILED_BLOCKS = "_webui_compiled_blocks"  # the denoiser's attribute: its blocks compiled, found once
 
 
 def use_cache_dir(data_dir: Path) -> None:
@@ -38,11 +36,13 @@ def repeated_blocks(denoiser: nn.Module) -> list[nn.Module]:
 
 
 def compile_denoiser(denoiser: nn.Module) -> int:
-    """Compile ``denoiser``'s repeated blocks (once: a block compiled already is left as it is); how many are."""
-    blocks = repeated_blocks(denoiser)
-    for block in blocks:
-        if not is_compiled(block):
+    """Compile ``denoiser``'s repeated blocks (once: they are kept on it); how many there are."""
+    blocks = getattr(denoiser, COMPILED_BLOCKS, None)
+    if blocks is None:
+        blocks = repeated_blocks(denoiser)
+        for block in blocks:
             block.compile(dynamic=True)
+        setattr(denoiser, COMPILED_BLOCKS, blocks)
     return len(blocks)
 
 
@@ -51,11 +51,20 @@ def is_compiled(block: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def running(denoiser: nn.Module, streaming: bool) -> Iterator[bool]:
-    """Around a denoising pass: yields whether it runs compiled; a streaming one runs eager."""
-    compiled = any(is_compiled(block) for block in repeated_blocks(denoiser))
-    if not compiled or not streaming:
-        yield compiled
+def running(denoiser: nn.Module, wanted: bool, streaming: bool) -> Iterator[bool]:
+    """Around a denoising pass: yields whether it runs compiled (``wanted``, compiled at its first pass, and not
+    streaming). Otherwise blocks compiled for an earlier job run eager for this pass (the setting turned off since,
+    or a streaming pass), each on its own: other compiled code (the GGUF layers' unpacking) is left as it is."""
+    if wanted and not streaming:
+        compile_denoiser(denoiser)
+        yield True
         return
-    with torch.compiler.set_stance("force_eager"):
+    blocks = getattr(denoiser, COMPILED_BLOCKS, ())
+    kept = [(block, block._compiled_call_impl) for block in blocks]
+    for block in blocks:
+        block._compiled_call_impl = None  # what nn.Module.compile set: None runs the module's own forward
+    try:
         yield False
+    finally:
+        for block, call in kept:
+            block._compiled_call_impl = call

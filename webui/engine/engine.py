@@ -25,7 +25,7 @@ from webui.engine.folder_batch import FolderBatch, run_folder_batch
 from webui.engine.forecast import Forecast, Rates, forecast_job
 from webui.engine.formats.files import CheckpointInfo, HashCache, checkpoint_title, declared_resolution, short_hash
 from webui.engine.generate import Resolved, generate, resolve_seed
-from webui.engine.hires import SAME_CHECKPOINT, OtherModel, resolve_hires
+from webui.engine.hires import SAME_CHECKPOINT, OtherModel, check_latent_handover, resolve_hires
 from webui.engine.hooks import Hooks, Network, extract_networks
 from webui.engine.inpaint import init_pictures
 from webui.engine.loading.assemble import checkpoint_family
@@ -373,12 +373,8 @@ class Engine:
         if info.path == model.info.path:
             return None
         family = checkpoint_family(info)
-        if job.hires.latent and family is not None and family is not model.family:
-            raise UserError(f"a latent upscale hands the first pass's latents to {info.name} as they are, and it "
-                            f"({family.value}) does not read {model.family.value} latents: pick an image upscaler, or "
-                            "a checkpoint of the same family.", field="hr_checkpoint_name")
-        second = job.hires.job.request
-        hires_calls = extract_networks(second.prompt)[1] + extract_networks(second.negative_prompt)[1]
+        if family is not None:  # refused before anything runs (a file that does not say: once it is loaded)
+            check_latent_handover(job.hires, model.family, family, info.name)
         limit = self.options["sd_checkpoints_limit"]  # 0 (automatic) keeps both where half the RAM holds them
         choice, keep = self._model_choice(request.vae, request.modules), 0 if limit == 0 else max(2, limit)
 
@@ -390,7 +386,8 @@ class Engine:
         hashes = self.models.hashes
         sha = hashes.sha256(info.path) if hashed else hashes.cached(info.path)
         first = model.info
-        return OtherModel(checkpoint_title(info, sha), lambda: switch(info, hires_calls), lambda: switch(first, calls))
+        return OtherModel(checkpoint_title(info, sha), lambda: switch(info, job.hires.networks),
+                          lambda: switch(first, calls))
 
     def forecast(self, request: GenerationRequest, load: bool = False) -> Forecast:
         """Will it fit? The request's peak VRAM, host RAM and time, forecast from the memory manager's plan and the

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from webui.engine import compiled
 from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.formats.detect import Family
-from webui.engine.hires import HiresPass, upscale_latents
+from webui.engine.hires import HiresPass, check_latent_handover, upscale_latents
 from webui.engine.hooks import Hooks
 from webui.engine.infotext import build_infotext
 from webui.engine.inpaint import FILLS, INPAINT_AREAS, LATENT_NOISE, LATENT_NOTHING, MASK_MODES, ORIGINAL, InpaintImages
@@ -387,10 +387,8 @@ def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
     if job.steps.run == 0 and init is not None:  # img2img at strength 0: the init image through the VAE alone
         latents = init.latents
     else:
-        if job.compile:
-            compiled.compile_denoiser(model.denoiser)
         streaming = memory.components["denoiser"].streaming
-        with compiled.running(model.denoiser, streaming) as fast:
+        with compiled.running(model.denoiser, job.compile, streaming) as fast:
             if job.compile and not fast:
                 log.info("Compile the denoiser: this pass runs eager, its denoiser streams (compiled code would "
                          "compile again for every block moved).")
@@ -438,11 +436,8 @@ def _to_hires_size(model: LoadedModel, memory: MemoryManager, job: Resolved, est
     hires = job.hires
     images = None if hires.latent else hires.upscale(decode(model, memory, latents, notices))
     second = hires.other_model.load() if hires.other_model is not None else model
-    if second is not model:
-        if hires.latent and second.family != model.family:
-            raise UserError(f"a latent upscale hands the first pass's latents to the hires checkpoint as they are: "
-                            f"{second.info.name} ({second.family.value}) does not read {model.family.value} latents. "
-                            "Pick an image upscaler, or a checkpoint of the same family.", field="hr_checkpoint_name")
+    if second is not model:  # (its family known only now where its file does not say it)
+        check_latent_handover(hires, model.family, second.family, second.info.name)
         estimates = PhaseEstimates.of(second, job)
     if images is None:
         return second, estimates, upscale_latents(latents.float(), hires.upscaler, hires.size, model.vae_scale_factor)

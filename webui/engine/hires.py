@@ -4,12 +4,13 @@ manager with its own activation estimate (``generate``)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
+from webui.engine.formats.detect import Family
 from webui.engine.hooks import extract_networks
 from webui.engine.upscale.extras import crop_centre, upscale, upscaler_steps
 from webui.engine.upscale.found import NONE, UpscalerInfo, find_upscaler
@@ -64,6 +65,7 @@ class HiresPass:
     size: HiresSize
     upscaler: str
     upscale: Callable[[list[Image.Image]], list[Image.Image]] | None = None
+    networks: list = field(default_factory=list)  # the network tags of its prompts (LoRAs on another checkpoint)
     other_model: OtherModel | None = None  # hr_checkpoint_name: the pass runs on another checkpoint
 
     @property
@@ -91,12 +93,21 @@ def resolve_hires(job: Resolved, size_multiple: int, largest: int, choose: Calla
                      cfg_scale=req.cfg_scale if req.hr_cfg is None else req.hr_cfg,
                      distilled_cfg_scale=req.distilled_cfg_scale if req.hr_distilled_cfg is None else req.hr_distilled_cfg,
                      enable_hr=False)
-    prompts = (extract_networks(second.prompt)[0], extract_networks(second.negative_prompt)[0])
-    pass_job = replace(job, request=second, sampling=sampling, prompts=prompts, second_pass=True, hires=None)
-    if req.hr_upscaler in LATENT_MODES:
-        return HiresPass(pass_job, size, req.hr_upscaler)
-    info = find_upscaler(upscalers(), req.hr_upscaler, "hr_upscaler")
-    return HiresPass(pass_job, size, req.hr_upscaler, image_upscale(info, setup, size))
+    (prompt, calls), (negative, negative_calls) = map(extract_networks, (second.prompt, second.negative_prompt))
+    pass_job = replace(job, request=second, sampling=sampling, prompts=(prompt, negative), second_pass=True,
+                       hires=None)
+    upscale = None if req.hr_upscaler in LATENT_MODES else image_upscale(
+        find_upscaler(upscalers(), req.hr_upscaler, "hr_upscaler"), setup, size)
+    return HiresPass(pass_job, size, req.hr_upscaler, upscale, calls + negative_calls)
+
+
+def check_latent_handover(hires: HiresPass, first: Family, second: Family, name: str) -> None:
+    """A latent upscale hands the first pass's latents to the hires checkpoint ``name`` as they are: refused where
+    that checkpoint is of another family (SD1.5's latents are not SDXL's)."""
+    if hires.latent and second is not first:
+        raise UserError(f"a latent upscale hands the first pass's latents to {name} as they are, and it "
+                        f"({second.value}) does not read {first.value} latents: pick an image upscaler, or a "
+                        "checkpoint of the same family.", field="hr_checkpoint_name")
 
 
 def image_upscale(info: UpscalerInfo, setup: UpscaleSetup,

@@ -534,7 +534,7 @@ class MemoryManager:
         """
         params = unit.parameters()
         if target.type == "cpu" and unit.home is not None:
-            locked = unit.pinned is not None and all(unit.pinned.holds(host) for host in unit.home)
+            locked = unit.page_locked(unit.home)
             copies = None if locked or not pin_host or not self._pinning() else self._page_locked(
                 unit, [param.data for param in params])
             for param, host in zip(params, copies or unit.home):
@@ -562,7 +562,7 @@ class MemoryManager:
     def _pin(self, unit: Unit, replaced: list[torch.Tensor]) -> None:
         """Put a unit's host weights in one page-locked block of their exact size (unless they all are pinned)."""
         params = unit.parameters()
-        if not self._pinning() or unit.pinned is not None and all(unit.pinned.holds(p.data) for p in params):
+        if not self._pinning() or unit.page_locked([param.data for param in params]):
             return
         copies = self._page_locked(unit, [param.data for param in params])
         for param, data in zip(params, copies or ()):

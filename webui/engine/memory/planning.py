@@ -71,8 +71,7 @@ class PlanningManager(MemoryManager):
         if self.device.type == "cpu" or not came_from_host:
             return True
         home = unit.home or [p.data for p in unit.parameters()]
-        locked = unit in self._page_locked_here or unit.pinned is not None and all(
-            unit.pinned.holds(host) for host in home)
+        locked = unit in self._page_locked_here or unit.page_locked(home)
         if locked or not pin_host or not self._pinning():
             return False
         self._page_locked_here.add(unit)

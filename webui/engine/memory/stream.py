@@ -44,6 +44,10 @@ class Unit:
     def parameters(self) -> list[nn.Parameter]:
         return list(self.module.parameters(recurse=self.recurse))
 
+    def page_locked(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether all of ``tensors`` (its host weights) lie in its page-locked block."""
+        return self.pinned is not None and all(self.pinned.holds(tensor) for tensor in tensors)
+
 
 def param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())

@@ -91,6 +91,8 @@ def use_fp8_matmul(module: nn.Module, wanted: bool, device: torch.device) -> boo
     """Let ``module``'s e4m3fn Linear layers (both sides a multiple of 16, as the tensor cores take them) multiply in
     fp8 (ComfyUI's fp8_matrix_mult) where the device has fp8 tensor cores (compute capability 8.9 and up); whether
     any does. Where it was wanted and cannot, the log says why, once."""
+    if not wanted and not getattr(module, "_webui_fp8_matmul", False):
+        return False  # off, and never turned on: its layers are not walked at every job
     reason = None
     if wanted and device.type != "cuda":
         reason = "runs on CUDA GPUs only"
@@ -100,7 +102,7 @@ def use_fp8_matmul(module: nn.Module, wanted: bool, device: torch.device) -> boo
     for layer in layers:
         layer.fp8_matmul = (wanted and reason is None and layer.weight.dtype == torch.float8_e4m3fn
                             and layer.in_features % 16 == 0 and layer.out_features % 16 == 0)
-    active = any(layer.fp8_matmul for layer in layers)
+    active = module._webui_fp8_matmul = any(layer.fp8_matmul for layer in layers)
     if wanted and not active:
         reason = reason or "needs weights stored in float8-e4m3fn (Diffusion in Low Bits, or an fp8 file)"
         if getattr(module, "_webui_fp8_matmul_noted", None) != reason:
