@@ -32,7 +32,9 @@ CTRL_ENTER_JS = """
     const box = event.target.closest("#txt2img_prompt, #txt2img_neg_prompt, #img2img_prompt, #img2img_neg_prompt");
     if (!box) return;
     event.preventDefault();
-    document.getElementById(box.id.split("_")[0] + "_generate")?.click();
+    // after the pending updates of the box's value (a prompt typed or pasted just before still reaches the job)
+    const generate = document.getElementById(box.id.split("_")[0] + "_generate");
+    setTimeout(() => generate?.click(), 0);
   });
 }
 """
