@@ -88,6 +88,18 @@ def write_flux_q8(root: Path) -> Path:
     return _write(root / "Stable-diffusion" / "flux1-dev-Q8_0.gguf", make)
 
 
+def write_flux_bf16(root: Path) -> Path:
+    """Flux-dev's transformer alone in BF16, BFL's key names (23.8 GB)."""
+    from webui.synthetic.builders import build_flux_transformer
+    from webui.synthetic.ldm_export import write_flux_transformer
+
+    def make(path: Path) -> None:
+        model = build_flux_transformer("full", device="cuda", dtype=torch.bfloat16)
+        write_flux_transformer(path, model, torch.bfloat16)
+
+    return _write(root / "Stable-diffusion" / "flux1-dev-bf16.safetensors", make)
+
+
 def write_sd35(root: Path, dtype: torch.dtype, name: str) -> Path:
     from webui.synthetic.ldm_export import write_sd3_checkpoint
 

@@ -158,11 +158,11 @@ def engine_for(case: Case, checkpoint: str, root: Path, swap: tuple[str, str], d
     return engine
 
 
-def ours(engine, case: Case):
-    """One image through the engine: (seconds, its GenerationResult)."""
+def ours(engine, case: Case, suffix: str = ""):
+    """One image through the engine, ``suffix`` after its new prompt: (seconds, its GenerationResult)."""
     from webui.engine.request import GenerationRequest
 
-    request = GenerationRequest(prompt=next(PROMPTS), width=case.width, height=case.height, steps=case.steps,
+    request = GenerationRequest(prompt=next(PROMPTS) + suffix, width=case.width, height=case.height, steps=case.steps,
                                 cfg_scale=case.cfg, sampler_name="Euler", scheduler="Automatic", seed=1,
                                 save_images=False, **case.fields)
     synchronize()

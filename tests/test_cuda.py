@@ -561,3 +561,76 @@ def test_fp8_matmul_on_cuda_is_within_3_percent_of_the_upcast_product():
     assert isinstance(layer, Fp8Linear) and layer.fp8_matmul
     fast = layer(x)
     assert ((fast.float() - upcast.float()).norm() / upcast.float().norm()).item() < 0.03
+
+
+@requires_cuda
+@pytest.mark.parametrize("model", ["sdxl", "sd3-aio.safetensors", "flux-aio.safetensors", "flux-Q8_0.gguf"])
+def test_compiled_families_on_cuda_equal_eager_keep_their_graphs_through_loras_and_stream(tmp_path, request, files,
+                                                                                          model):  # noqa: F811
+    """Each family compiled: eager's images; a LoRA added, reweighted, removed and added back compiles nothing after
+    the first; with part of the denoiser streamed the blocks on the device still run compiled, the same images."""
+    from torch._dynamo.utils import counters
+
+    from tests.test_flow_pipelines import flux_request
+    from tests.test_lora import lora_folder, with_extensions
+    from webui.engine.lora.network import _lora_components
+    from webui.engine.memory.manager import MB
+    from webui.synthetic.lora_export import random_lora, write_lora
+
+    torch.compiler.reset()
+    if model == "sdxl":
+        checkpoint, folders = request.getfixturevalue("sdxl_file"), ()
+
+        def req(**fields):
+            return GenerationRequest(**{**REQ, "batch_size": 1, **fields})
+    else:
+        checkpoint = files / "Stable-diffusion" / model
+        folders = ("--vae-dir", str(files / "VAE"), "--text-encoder-dir", str(files / "text_encoder"))
+
+        def req(**fields):
+            return flux_request(model, batch_size=1, **({"cfg_scale": 5.0} if "sd3" in model else {}), **fields)
+    engine = with_extensions(cuda_engine(tmp_path, checkpoint, *folders))
+    eager = as_array(engine.txt2img(req()).images)
+    engine.options.update({"compile_denoiser": True})
+    first = engine.txt2img(req())
+    assert first.memory.compiled and np.abs(as_array(first.images) - eager).mean() < 2.0
+    loaded = engine.models.current
+    write_lora(lora_folder(engine) / "style.safetensors",
+               random_lora(dict(_lora_components(loaded)), loaded.family, rank=4, seed=1), loaded.family, "kohya")
+    engine.txt2img(req(prompt="a cat <lora:style:1>"))
+    graphs = counters["stats"]["unique_graphs"]
+    for prompt in ("a cat <lora:style:0.4>", "a dog", "a cat <lora:style:1>"):
+        assert engine.txt2img(req(prompt=prompt, seed=5)).memory.compiled
+    assert counters["stats"]["unique_graphs"] == graphs, "nothing compiled again for a LoRA's weight, removal, return"
+    denoiser_mb = engine.memory.components["denoiser"].nbytes / MB
+    total_mb = torch.cuda.get_device_properties(0).total_memory / MB
+    engine.options.update({"forge_inference_memory": int(total_mb - denoiser_mb * 0.7)})
+    streamed = engine.txt2img(req())
+    assert streamed.memory.streamed_mb > 0 and streamed.memory.compiled
+    assert np.abs(as_array(streamed.images) - as_array(first.images)).mean() < 1.0
+
+
+@requires_cuda
+def test_sage_attention_on_cuda_is_close_to_sdpa_and_draws_nearly_the_same_picture(tmp_path, files):  # noqa: F811
+    """PyPI's SageAttention (INT8 queries and keys): within 3 % of SDPA on the head sizes it takes; a tiny Flux
+    drawn with it is SDPA's picture but for a few levels."""
+    pytest.importorskip("sageattention")
+    import torch.nn.functional as F
+
+    from tests.test_flow_pipelines import flux_request
+    from webui.engine.attention import KERNELS, running
+
+    for head_size in (64, 128):
+        q, k, v = (torch.randn(2, 8, 1024, head_size, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        exact = F.scaled_dot_product_attention(q, k, v)
+        with running("SageAttention"):
+            assert KERNELS["SageAttention"].takes(q, k, v, None, 0.0, False)
+            sage = F.scaled_dot_product_attention(q, k.clone(), v)
+        assert ((sage.float() - exact.float()).norm() / exact.float().norm()).item() < 0.03
+    engine = cuda_engine(tmp_path, files / "Stable-diffusion" / "flux-aio.safetensors", "--vae-dir",
+                         str(files / "VAE"), "--text-encoder-dir", str(files / "text_encoder"))
+    plain = as_array(engine.txt2img(flux_request("flux-aio.safetensors", batch_size=1)).images)
+    engine.options.update({"attention_backend": "SageAttention"})
+    sage = engine.txt2img(flux_request("flux-aio.safetensors", batch_size=1))
+    assert "Attention: SageAttention" in sage.infotexts[0]
+    assert np.abs(as_array(sage.images) - plain).mean() < 4.0

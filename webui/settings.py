@@ -159,10 +159,10 @@ OPTION_SECTIONS: dict[str, dict[str, str]] = {
         "sd3_enable_t5": "Use the T5 text encoder of SD3.x checkpoints",
     },
     "Speed": {
-        "compile_denoiser": "Compile the denoiser (its repeated blocks, once; the first image waits for it; not while "
-                            "it streams)",
+        "compile_denoiser": "Compile the denoiser (its repeated blocks, once; the first image waits for it; blocks "
+                            "whose weights stream run eager)",
         "attention_backend": "Attention (SageAttention and FlashAttention where their package imports, on a CUDA GPU, "
-                             "for Flux; else SDPA, said in the log)",
+                             "for the head sizes they take; else SDPA, said in the log)",
         "fp8_matrix_mult": "fp8 matrix multiplication for weights stored in float8-e4m3fn (GPUs with fp8 tensor "
                            "cores: compute capability 8.9 and up; slightly less exact than upcasting them)",
     },

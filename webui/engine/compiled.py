@@ -4,14 +4,15 @@ single blocks) is compiled once with dynamic shapes, so a new size, batch, promp
 the first compile takes seconds, not the minutes of a whole model. Inductor's and Triton's caches live in the data
 dir, so that a restart finds what was compiled before.
 
-A pass whose denoiser streams runs eager: its blocks' weights move between host and device every step, and each
-move would be a new compile (the compiled code is specialised to where its inputs live); the log says so.
+Where the denoiser streams, the blocks whose weights stream run eager (the streamer's hooks swap their weights
+between host and device around each call, which compiled code would trace and compile again); the blocks that stay
+on the device run compiled. The log says how many ran eager and why.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from torch import nn
@@ -35,15 +36,15 @@ def repeated_blocks(denoiser: nn.Module) -> list[nn.Module]:
     return [module for module in denoiser.modules() if type(module).__name__ in names]
 
 
-def compile_denoiser(denoiser: nn.Module) -> int:
-    """Compile ``denoiser``'s repeated blocks (once: they are kept on it); how many there are."""
+def compile_denoiser(denoiser: nn.Module) -> list[nn.Module]:
+    """Compile ``denoiser``'s repeated blocks (once: they are kept on it); the blocks."""
     blocks = getattr(denoiser, COMPILED_BLOCKS, None)
     if blocks is None:
         blocks = repeated_blocks(denoiser)
         for block in blocks:
             block.compile(dynamic=True)
         setattr(denoiser, COMPILED_BLOCKS, blocks)
-    return len(blocks)
+    return blocks
 
 
 def is_compiled(block: nn.Module) -> bool:
@@ -51,20 +52,19 @@ def is_compiled(block: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def running(denoiser: nn.Module, wanted: bool, streaming: bool) -> Iterator[bool]:
-    """Around a denoising pass: yields whether it runs compiled (``wanted``, compiled at its first pass, and not
-    streaming). Otherwise blocks compiled for an earlier job run eager for this pass (the setting turned off since,
-    or a streaming pass), each on its own: other compiled code (the GGUF layers' unpacking) is left as it is."""
-    if wanted and not streaming:
-        compile_denoiser(denoiser)
-        yield True
-        return
-    blocks = getattr(denoiser, COMPILED_BLOCKS, ())
-    kept = [(block, block._compiled_call_impl) for block in blocks]
-    for block in blocks:
+def running(denoiser: nn.Module, wanted: bool, streamed: Collection[nn.Parameter]) -> Iterator[tuple[int, int]]:
+    """Around a denoising pass: yields (blocks that run compiled, blocks in all). With ``wanted`` the blocks are
+    compiled at the first pass, and those holding a ``streamed`` weight run eager for this one; without it, blocks
+    compiled for an earlier job run eager (the setting turned off since). Each block on its own: other compiled
+    code (the GGUF layers' unpacking) is left as it is."""
+    blocks = compile_denoiser(denoiser) if wanted else getattr(denoiser, COMPILED_BLOCKS, [])
+    moving = {id(p) for p in streamed}
+    eager = [b for b in blocks if not wanted or any(id(p) in moving for p in b.parameters())]
+    kept = [(block, block._compiled_call_impl) for block in eager]
+    for block in eager:
         block._compiled_call_impl = None  # what nn.Module.compile set: None runs the module's own forward
     try:
-        yield False
+        yield (len(blocks) - len(eager) if wanted else 0), len(blocks)
     finally:
         for block, call in kept:
             block._compiled_call_impl = call

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from webui.engine import compiled
+from webui.engine import attention, compiled
 from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.formats.detect import Family
 from webui.engine.hires import HiresPass, check_latent_handover, upscale_latents
@@ -222,6 +222,8 @@ def generate(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, jo
         bar.close()
         progress.end()
         result.memory = memory.finish()
+    ran = (("compiled", result.memory.compiled), (job.attention, job.attention != "SDPA"), ("fp8 matmul", job.fp8_matmul))
+    result.fast = tuple(name for name, on in ran if on)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -387,12 +389,14 @@ def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
     if job.steps.run == 0 and init is not None:  # img2img at strength 0: the init image through the VAE alone
         latents = init.latents
     else:
-        streaming = memory.components["denoiser"].streaming
-        with compiled.running(model.denoiser, job.compile, streaming) as fast:
-            if job.compile and not fast:
-                log.info("Compile the denoiser: this pass runs eager, its denoiser streams (compiled code would "
-                         "compile again for every block moved).")
-            memory.stats.compiled = memory.stats.compiled or fast
+        streamed = memory.streamed_parameters("denoiser") if job.compile else ()
+        with (compiled.running(model.denoiser, job.compile, streamed) as (fast, blocks),
+              attention.running(job.attention)):
+            if job.compile and fast < blocks:
+                log.info("Compile the denoiser: %d of %d blocks run eager in this pass, their weights stream (the "
+                         "streamer moves them around each call, which compiled code would compile again).",
+                         blocks - fast, blocks)
+            memory.stats.compiled = memory.stats.compiled or fast > 0
             latents = model.kind.denoise(model, job, seeds, generators, noise, cond, uncond, report, init)
     if init is not None and init.blends and init.soft is None:
         latents = init.kept(latents, init.latents)  # whatever the sampler left there (an interrupted one)

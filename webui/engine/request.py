@@ -296,6 +296,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase: encode, denoise, decode
     notices: list[str] = field(default_factory=list)  # what the user should know (a VAE kept in float32)
     forecast: Forecast | None = None  # what was forecast before it ran (benchmarks compare it with what happened)
+    fast: tuple[str, ...] = ()  # the fast features that ran (issue 26): "compiled", the attention backend, "fp8 matmul"
 
     @property
     def seed(self) -> int:

@@ -145,4 +145,5 @@ def done_text(result: GenerationResult, made: str) -> str:
     what = "Interrupted" if result.interrupted else "Done"
     text = f"{what}: {made} in {duration(result.seconds)}, seed {result.seed}."
     text = f"{text} {result.memory.line()}" if result.memory else text
-    return " ".join([text, *result.notices])
+    fast = [f"Fast path: {', '.join(result.fast)}."] if result.fast else []
+    return " ".join([text, *fast, *result.notices])

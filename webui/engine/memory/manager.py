@@ -428,6 +428,11 @@ class MemoryManager:
         for component, keep, stream in plan_phase(list(self.components.values()), needed, budget, mode, once):
             self._place(component, keep, stream)
 
+    def streamed_parameters(self, name: str) -> list[nn.Parameter]:
+        """The weights of ``name`` and its companions (a LoRA's adapters) that stream when it runs."""
+        return [p for c in self.components.values() if c.streaming and name in (c.name, c.companion_of)
+                for unit in c.units if unit not in c.on_device for p in unit.parameters()]
+
     def prepare_vae(self, name: str, activation: VaePass, phase: str | None = None) -> bool:
         """Place the VAE for decoding (or, ``phase`` "VAE encode", encoding) with the room its pass needs. True
         when it must be tiled: a whole pass would not fit beside the VAE alone."""
