@@ -121,6 +121,7 @@ def warm_child(args: argparse.Namespace, key: str) -> None:
 
     case = CASES[key]
     engine = engine_for(case, case.write(args.workdir), args.workdir, ("Async", "Shared"))
+    engine.options.update(EAGER)
     load_extensions(engine)
     ours(engine, case)
     engine.options.update(OPTIONS["compiled"])
@@ -134,6 +135,7 @@ def run_case(args: argparse.Namespace, key: str, variants: list[str]) -> list[st
     case = CASES[key]
     checkpoint = case.write(args.workdir)
     engine = engine_for(case, checkpoint, args.workdir, ("Async", "Shared"))
+    engine.options.update(EAGER)  # (the options store of the data dir keeps an earlier run's settings)
     load_extensions(engine)
     eager = measure(engine, case, args.repeat, None)
     reference = fixed_image(engine, case)
@@ -173,12 +175,14 @@ def run_case(args: argparse.Namespace, key: str, variants: list[str]) -> list[st
 def streamed_rows(args: argparse.Namespace, case: Case, checkpoint: str, reference: np.ndarray) -> list[str]:
     """A card on which about half the denoiser streams: eager, then compiled (its resident blocks)."""
     probe = engine_for(case, checkpoint, args.workdir, ("Async", "Shared"))
+    probe.options.update(EAGER)
     ours(probe, case)
     denoiser_mb = probe.memory.components["denoiser"].nbytes / MB
     release(probe)
     del probe
     card_mb = int(denoiser_mb * 0.5 + 6144)
     engine = engine_for(case, checkpoint, args.workdir, ("Async", "Shared"))
+    engine.options.update(EAGER)
     simulate_card(engine, card_mb)
     rows, base = [], None
     for variant in ("streamed", "streamed+compiled"):

@@ -590,6 +590,9 @@ def test_compiled_families_on_cuda_equal_eager_keep_their_graphs_through_loras_a
         def req(**fields):
             return flux_request(model, batch_size=1, **({"cfg_scale": 5.0} if "sd3" in model else {}), **fields)
     engine = with_extensions(cuda_engine(tmp_path, checkpoint, *folders))
+    if model.endswith(".gguf"):  # its VAE and text encoders are files of their own
+        from tests.test_lora import FLUX_MODULES
+        engine.options.update({"forge_additional_modules": FLUX_MODULES})
     eager = as_array(engine.txt2img(req()).images)
     engine.options.update({"compile_denoiser": True})
     first = engine.txt2img(req())
@@ -634,3 +637,27 @@ def test_sage_attention_on_cuda_is_close_to_sdpa_and_draws_nearly_the_same_pictu
     sage = engine.txt2img(flux_request("flux-aio.safetensors", batch_size=1))
     assert "Attention: SageAttention" in sage.infotexts[0]
     assert np.abs(as_array(sage.images) - plain).mean() < 4.0
+
+
+@requires_cuda
+def test_a_controlnet_on_cuda_is_placed_with_the_unet_and_streams_exactly(tmp_path, sdxl_file, sdxl_folder):
+    """An SDXL ControlNet in half precision on the GPU: the CPU's picture but for a few levels; streamed
+    (``--lowvram``) the same picture as resident."""
+    from tests.controlnet_files import control_picture, tiny_controlnet
+    from webui.engine.control.units import ControlUnit
+    from webui.synthetic.ldm_export import write_controlnet
+
+    def engine(name: str, *flags):
+        made = make_engine(tmp_path / name, sdxl_file, extra_args=flags)
+        made.config.paths.controlnet_dir.mkdir(parents=True, exist_ok=True)
+        write_controlnet(made.config.paths.controlnet_dir / "edges.safetensors", tiny_controlnet(sdxl_folder, 1),
+                         "diffusers", torch.float32)
+        return made
+
+    request = GenerationRequest(**{**REQ, "controlnet": [ControlUnit(model="edges", image=control_picture())]})
+    resident = engine("gpu", "--device", "cuda").txt2img(request)
+    streamed = engine("low", "--device", "cuda", "--lowvram").txt2img(request)
+    on_cpu = engine("cpu").txt2img(request)
+    assert streamed.memory.streamed_mb > 0
+    assert np.abs(as_array(streamed.images) - as_array(resident.images)).max() <= 1
+    assert np.abs(as_array(resident.images) - as_array(on_cpu.images)).mean() < 3.0

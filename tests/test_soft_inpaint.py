@@ -142,7 +142,7 @@ def test_the_api_reads_a1111s_alwayson_soft_inpainting(client):
     unmasked = client.post("/sdapi/v1/img2img", json={**body, "mask": None,
                                                        "alwayson_scripts": {"Soft Inpainting": {"args": ARGS}}})
     assert unmasked.status_code == 200 and "alwayson_scripts" in json.loads(unmasked.json()["info"])["ignored_fields"]
-    for scripts in ({"ControlNet": {"args": []}}, {"Soft Inpainting": {"args": [True, 1, 0.5, 99]}},
+    for scripts in ({"ADetailer": {"args": []}}, {"Soft Inpainting": {"args": [True, 1, 0.5, 99]}},
                     {"Soft Inpainting": "on"}):
         refused = client.post("/sdapi/v1/img2img", json={**body, "alwayson_scripts": scripts})
         assert refused.status_code == 422 and refused.json()["field"] == "alwayson_scripts", scripts

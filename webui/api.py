@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from webui.api_controlnet import controlnet_routes
 from webui.api_body import (
     MAX_MARGIN,
     PNG_INFO_BODY_SCHEMA,
@@ -562,6 +563,9 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
             responses=responses | (QUEUED_RESPONSES if path in queued else {}) | (BODY_RESPONSES if body else {})
             | (COMMAND_RESPONSES if path in commands else {}),
             openapi_extra=json_body(body) if body else None, **extra)
+    for path, endpoint, summary in controlnet_routes(engine):
+        app.router.add_api_route(path, endpoint, methods=["GET"], tags=["controlnet"], summary=summary,
+                                 responses=responses, **extra)
     for route in extensions_of(engine).routes:
         app.router.add_api_route(route.path, route.endpoint, methods=list(route.methods), tags=[f"extension {route.owner}"],
                                  responses=responses, **extra)

@@ -27,6 +27,9 @@ from webui.engine.outpaint import Outpaint
 from webui.engine.request import (MAX_CFG, MAX_MASK_BLUR, MAX_MASK_PADDING, MAX_SEED, MIN_SIDE, SIDE_MULTIPLE,
                                   GenerationRequest)
 from webui.engine.soft_inpaint import SCRIPT_NAME as SOFT_SCRIPT
+from webui.api_controlnet import SCRIPT as CONTROLNET_SCRIPT
+from webui.api_controlnet import controlnet_units
+from webui.engine.control.units import ControlUnit
 from webui.engine.soft_inpaint import SoftInpainting, checked_soft_inpainting
 from webui.engine.xyz import BUILTIN_AXES, SCRIPT_ARGS, Axis, AxisChoice, PlotOptions, plot_from_args
 from webui.errors import UserError
@@ -45,12 +48,12 @@ ENGINE_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_s
 FLAG_FIELDS = ("send_images", "save_images", "do_not_save_samples", "do_not_save_grid",
                "override_settings_restore_afterwards")
 READ_FIELDS = (*FLAG_FIELDS, "override_settings", "sampler_index", "script_name", "script_args", "infotext",
-               "force_task_id")
+               "force_task_id", "alwayson_scripts")
 # Honoured by A1111 and not done here yet: accepted only at the values that make A1111 do nothing extra.
 DEFAULT_ONLY_FIELDS: dict[str, list] = {
     "restore_faces": [False, None], "tiling": [False, None], "s_min_uncond": [None, 0, 0.0], "s_churn": [None, 0, 0.0],
     "s_tmax": [None, 0, 0.0], "s_tmin": [None, 0, 0.0], "s_noise": [None, 1, 1.0],
-    "refiner_checkpoint": [None, "", "None"], "disable_extra_networks": [False, None], "alwayson_scripts": [None, {}],
+    "refiner_checkpoint": [None, "", "None"], "disable_extra_networks": [False, None],
 }
 # Hires. fix's fields: read with enable_hr; A1111 reads them only then, so without it they are ignored and named.
 HIRES_FIELDS = ("denoising_strength", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
@@ -154,8 +157,9 @@ def read_txt2img(body: Any, options: Options, known_schedule_type: Callable[[str
     save = bool(flags["save_images"])  # A1111's API saves nothing unless asked
     fields["save_images"] = save and not flags["do_not_save_samples"]
     request = GenerationRequest.from_dict(fields)
+    _, request.controlnet, unit_fields = always_on_scripts(body.get("alwayson_scripts"), options, img2img=False)
     return Txt2ImgCall(request, overrides, flags["send_images"] is not False, save and not flags["do_not_save_grid"],
-                       tuple(ignored), tuple(notes))
+                       tuple(ignored + unit_fields), tuple(notes))
 
 
 # img2img's own fields (A1111's StableDiffusionProcessingImg2Img), by what this app does with them.
@@ -178,7 +182,7 @@ def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str
     if not isinstance(body, dict):
         raise UserError("the request body must be a JSON object", field="body")
     outpaint = img2img_script(body)
-    soft = soft_inpainting_script(body.get("alwayson_scripts"))
+    soft, units, unit_fields = always_on_scripts(body.get("alwayson_scripts"), options, img2img=True)
     given = body.get("init_images")
     if not isinstance(given, list) or not given:
         raise UserError("send one image or more, each in base64 (a data: URL works too)", field="init_images")
@@ -191,11 +195,12 @@ def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str
             "alwayson_scripts")
     call = read_txt2img({k: v for k, v in body.items() if k not in mine}, options, known_schedule_type, declared_size)
     request = call.request
-    request.init_images, request.mask = images, mask
+    request.init_images, request.mask, request.controlnet = images, mask, units
     for key in (*IMG2IMG_FIELDS[1:], *(MASK_USE_FIELDS if mask is not None else ())):
         if body.get(key) is not None:
             setattr(request, key, body[key])
     ignored = [key for key in (*IMG2IMG_IGNORED, *(MASK_USE_FIELDS if mask is None else ())) if key in body]
+    ignored += unit_fields
     if soft is not None and mask is None:  # A1111's soft inpainting acts only with a mask
         ignored.append("alwayson_scripts")
     elif soft is not None:
@@ -212,28 +217,41 @@ def read_img2img(body: Any, options: Options, known_schedule_type: Callable[[str
     return replace(call, ignored=call.ignored + tuple(ignored))
 
 
-def soft_inpainting_script(scripts: Any) -> SoftInpainting | None:
-    """The Soft Inpainting an img2img body's ``alwayson_scripts`` turns on (A1111's name, any case; its args: on or
-    off, then the six settings, those left out at their defaults); None where it is off or absent. Another always-on
-    script is refused by name, as A1111 refuses one it does not have."""
+def always_on_scripts(scripts: Any, options: Options, img2img: bool
+                      ) -> tuple[SoftInpainting | None, list[ControlUnit] | None, list[str]]:
+    """The always-on scripts a body turns on (their names in any case): ControlNet's units (sd-webui-controlnet's, on
+    both routes) and img2img's Soft Inpainting; with the unit fields that change nothing here. Another script is
+    refused by name, as A1111 refuses one it does not have."""
     if scripts in (None, {}):
-        return None
+        return None, None, []
+    has = "'ControlNet' and 'Soft Inpainting'" if img2img else "'ControlNet'"
     if not isinstance(scripts, dict):
-        raise UserError('must be an object: {"Soft Inpainting": {"args": [true, ...]}}', field="alwayson_scripts")
-    soft = None
+        raise UserError(f'must be an object: {{"ControlNet": {{"args": [...]}}}}; this route has {has}',
+                        field="alwayson_scripts")
+    largest = options["max_image_side"] * MAX_DECODED_SIDE_FACTOR
+    soft, units, ignored = None, None, []
     for name, entry in scripts.items():
-        if name.strip().lower() != SOFT_SCRIPT:
-            raise UserError(f"no always-on script {name!r}; img2img has 'Soft Inpainting'", field="alwayson_scripts")
-        args = entry.get("args", []) if isinstance(entry, dict) else None
-        if not isinstance(args, list):
-            raise UserError(f'{name!r} must be {{"args": [...]}}', field="alwayson_scripts")
-        defaults = SoftInpainting().values()
-        try:  # the settings left out at their defaults
-            soft = checked_soft_inpainting([bool(args and args[0]), *args[1:len(defaults) + 1],
-                                            *defaults[max(len(args) - 1, 0):]])
-        except UserError as e:
-            raise UserError(f"{name!r}: {e.message}", field="alwayson_scripts") from None
-    return soft
+        key = name.strip().lower() if isinstance(name, str) else name
+        if key == CONTROLNET_SCRIPT:
+            units, ignored = controlnet_units(entry, lambda data, field: decode_image(data, field, largest))
+        elif key == SOFT_SCRIPT and img2img:
+            soft = _soft_inpainting(name, entry)
+        else:
+            raise UserError(f"no always-on script {name!r}; this route has {has}", field="alwayson_scripts")
+    return soft, units, ignored
+
+
+def _soft_inpainting(name: str, entry: Any) -> SoftInpainting:
+    """Soft Inpainting's args: on or off, then the six settings, those left out at their defaults."""
+    args = entry.get("args", []) if isinstance(entry, dict) else None
+    if not isinstance(args, list):
+        raise UserError(f'{name!r} must be {{"args": [...]}}', field="alwayson_scripts")
+    defaults = SoftInpainting().values()
+    try:  # the settings left out at their defaults
+        return checked_soft_inpainting([bool(args and args[0]), *args[1:len(defaults) + 1],
+                                        *defaults[max(len(args) - 1, 0):]])
+    except UserError as e:
+        raise UserError(f"{name!r}: {e.message}", field="alwayson_scripts") from None
 
 
 def img2img_script(body: dict[str, Any]) -> Outpaint | None:
@@ -424,7 +442,9 @@ def txt2img_body_schema() -> dict[str, Any]:
         properties[side]["description"] = ("left out: the resolution the checkpoint declares (ModelSpec), else "
                                             "A1111's 512")
     properties |= {name: _typed(bool) for name in FLAG_FIELDS}
-    properties |= {"override_settings": _typed(dict), "sampler_index": _typed(str), "script_name": _typed(str),
+    properties |= {"alwayson_scripts": {**_typed(dict), "description": 'always-on scripts: {"ControlNet": {"args": '
+                                        '[unit, ...]}} (sd-webui-controlnet\'s units)'},
+                   "override_settings": _typed(dict), "sampler_index": _typed(str), "script_name": _typed(str),
                    "script_args": _typed(list), "infotext": _typed(str), "force_task_id": _typed(str),
                    STYLE_FIELD: {**_typed(list), "description": "prompt styles: this app has none yet, so A1111 would "
                                  "skip every name (ignored)"}}

@@ -18,6 +18,9 @@ from PIL import Image
 
 from webui.engine.attention import FLAG_CHOICES, use_attention
 from webui.engine.compiled import use_cache_dir
+from webui.engine.control.apply import ActiveUnit
+from webui.engine.control.models import ControlNets
+from webui.engine.families.base import UNetFamily
 from webui.engine.families.protocol import FamilyFields
 from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
@@ -112,6 +115,7 @@ class Engine:
             config.paths.text_encoder_dir, config.paths.builtin_modules_dir, hashes, self.memory, dtypes,
             families=self.families,
         )
+        self.controlnets = ControlNets(config.paths.controlnet_dir)
         self._remove_stale_temp_files()
         self.samplers = SamplerRegistry()  # A1111's samplers and schedule types, and those extensions add
         self.hooks = Hooks(releases=[self.samplers.release])  # what extensions registered (webui.extensions loads them)
@@ -341,6 +345,7 @@ class Engine:
             compile=self.options["compile_denoiser"] or self.config.args.compile,
         )
         if activate:  # (a forecast leaves the denoiser as it is)
+            job.controls = self._controls(request, model, init_images)
             wanted = FLAG_CHOICES.get(self.config.args.attention) or self.options["attention_backend"]
             job.attention = use_attention(model.denoiser, wanted, self.device)[0]
             fast = self.options["fp8_matrix_mult"] or "fp8_matrix_mult" in (self.config.args.fast or ())
@@ -356,6 +361,16 @@ class Engine:
                                       self.upscalers, self._upscale_setup())
             job.hires.other_model = self._hires_model(job, model, calls + negative_calls, activate)
         return job
+
+    def _controls(self, request: GenerationRequest, model: LoadedModel,
+                  init_images: list[Image.Image] | None) -> list[ActiveUnit]:
+        """The request's ControlNet units with their models in place (those of earlier jobs let go)."""
+        units = request.controlnet or []
+        if units and not isinstance(model.kind, UNetFamily):
+            raise UserError(f"ControlNet is done for SD1.x, SD2.x and SDXL so far, not for {model.family.value}",
+                            field="controlnet")
+        return self.controlnets.activate(units, model.family, model.denoiser, self.memory,
+                                         init_images[0] if init_images else None)
 
     def _hires_model(self, job: Resolved, model: LoadedModel, calls: list, hashed: bool) -> OtherModel | None:
         """hr_checkpoint_name's model for hires. fix's second pass, where it names another checkpoint than

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from webui.engine import attention, compiled
 from webui.engine.conditioning.prompts import Conditioning
+from webui.engine.control.apply import ActiveUnit
 from webui.engine.formats.detect import Family
 from webui.engine.hires import HiresPass, check_latent_handover, upscale_latents
 from webui.engine.hooks import Hooks
@@ -79,6 +80,7 @@ class Resolved:
     compile: bool = False  # "Compile the denoiser" (``compiled``): its repeated blocks, where it does not stream
     attention: str = "SDPA"  # the attention backend the denoiser runs (``attention``)
     fp8_matmul: bool = False  # its fp8 layers multiply in fp8 (``weights.fp8.use_fp8_matmul``)
+    controls: list[ActiveUnit] = field(default_factory=list)  # ControlNet units (``control``)
 
     @property
     def cfg(self) -> bool:
@@ -266,6 +268,7 @@ def infotext_for(model: LoadedModel, job: Resolved, seed: int, subseed: int) -> 
         "Compiled": True if job.compile else None,
         "Attention": job.attention if job.attention != "SDPA" else None,
         "FP8 matmul": True if job.fp8_matmul else None,
+        **{f"ControlNet {i}": active.unit.infotext() for i, active in enumerate(job.controls)},
         **family_params(model, job),
         "Version": VERSION,
     }

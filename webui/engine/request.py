@@ -11,6 +11,7 @@ from PIL import Image
 from webui.engine.hires import MAX_SCALE as MAX_HIRES_SCALE
 from webui.engine.init_image import LATENT_UPSCALE, RESIZE_MODES
 from webui.engine.inpaint import FILLS, InpaintOptions
+from webui.engine.control.units import ControlUnit, checked_units
 from webui.engine.soft_inpaint import SoftInpainting, checked_soft_inpainting
 from webui.engine.memory.manager import GenerationStats
 from webui.engine.memory.trace import MemoryTimeline
@@ -71,6 +72,7 @@ class GenerationRequest:
     latent_mask: Image.Image | None = None  # A1111's: another mask for the latents only, taken as it is (a script's)
     # A1111's Soft Inpainting (with a mask): its settings, or A1111's script args (on or off, then the settings)
     soft_inpainting: SoftInpainting | list | None = None
+    controlnet: list[ControlUnit] | None = None  # ControlNet units (sd-webui-controlnet's, enabled or not)
     # Hires. fix (txt2img): the first pass upscaled, then img2img at denoising_strength there (A1111's fields)
     enable_hr: bool = False
     hr_scale: float = 2.0
@@ -161,6 +163,10 @@ class GenerationRequest:
             self._check_mask()
         if self.soft_inpainting is not None:  # acts only with a mask, as A1111's: without one it is off
             self.soft_inpainting = checked_soft_inpainting(self.soft_inpainting) if self.mask is not None else None
+        if self.controlnet is not None:
+            if not isinstance(self.controlnet, list):
+                raise UserError(f"must be a list of units, got {type(self.controlnet).__name__}", field="controlnet")
+            self.controlnet = checked_units(self.controlnet, self.init_images is not None) or None
         if self.enable_hr:
             self._check_hires(limits)
         if self.modules is not None and not (isinstance(self.modules, list) and all(isinstance(m, str) for m in self.modules)):

@@ -38,7 +38,7 @@ from webui.engine.conditioning.text_encoders import T5_EMBEDDINGS
 from webui.engine.conditioning.tokenizer import clip_tokenizer
 from webui.engine.families.flux import LINEAR_PARAMS, flux_key_table, swap_halves
 from webui.engine.families.sd3 import sd3_key_table, swap_shift_scale
-from webui.engine.formats.ldm_keys import remap, unet_to_ldm, vae_to_ldm
+from webui.engine.formats.ldm_keys import controlnet_to_ldm, remap, unet_to_ldm, vae_to_ldm
 from webui.engine.weights.fp8 import FP8_DTYPES, to_fp8
 from webui.synthetic.builders import SyntheticModel, build_flux_transformer, build_sd3_transformer
 
@@ -485,3 +485,13 @@ def write_sd3_all_in_one(
     if t5 is not None:
         tensors |= _text_encoder_part("t5xxl", t5_state_dict(t5), t5_dtype or dtype)
     return _save(path, tensors)
+
+
+def write_controlnet(path: str | Path, model: torch.nn.Module, layout: str = "ldm",
+                     dtype: torch.dtype = torch.float16) -> Path:
+    """A ``ControlNetModel`` as a ``.safetensors`` file: A1111's LDM layout (``control_model.`` names, as
+    lllyasviel's ControlNets) or diffusers' (as most SDXL ControlNets are shared)."""
+    tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if layout == "ldm":
+        tensors = _prefixed("control_model.", controlnet_to_ldm(tensors, model.config))
+    return _save(path, _file_tensors(tensors, dtype))

@@ -3,6 +3,8 @@
 single-file conversion (``diffusers.loaders.single_file_utils.convert_ldm_*``)."""
 from __future__ import annotations
 
+import re
+
 import torch
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
@@ -76,6 +78,24 @@ def unet_to_ldm(state_dict: StateDict, config) -> StateDict:
     if config.get("addition_embed_type") == "text_time":
         exact.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"])
     return remap(state_dict, _unet_blocks(config), exact)
+
+
+def controlnet_to_ldm(state_dict: StateDict, config) -> StateDict:
+    """Diffusers ``ControlNetModel`` state dict → LDM names, without the ``control_model.`` prefix: the UNet's down
+    and middle blocks, the hint block (convolutions at even indices), the zero convolutions."""
+    layers = DIFFUSERS_TO_LDM_MAPPING["controlnet"]
+    exact = dict(layers["layers"]) | {"controlnet_mid_block.weight": "middle_block_out.0.weight",
+                                      "controlnet_mid_block.bias": "middle_block_out.0.bias"}
+    if config.get("addition_embed_type") == "text_time":
+        exact.update(layers["addition_embed_type"])
+    blocks = _unet_blocks({**config, "up_block_types": []})
+    blocks["controlnet_down_blocks."] = ("zero_convs.", {})
+    out = remap({k: v for k, v in state_dict.items() if not k.startswith("controlnet_cond_embedding.blocks.")},
+                blocks, exact)
+    for key, value in state_dict.items():  # blocks.i → input_hint_block.2(i+1) (SiLUs between them)
+        if match := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.(\w+)$", key):
+            out[f"input_hint_block.{2 * (int(match.group(1)) + 1)}.{match.group(2)}"] = value
+    return {re.sub(r"^zero_convs\.(\d+)\.", r"zero_convs.\1.0.", k): v for k, v in out.items()}
 
 
 def _vae_blocks(config) -> BlockMap:

@@ -15,6 +15,7 @@ from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampl
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from webui.engine.conditioning.prompts import Conditioning
+from webui.engine.control.apply import Controls
 from webui.engine.sampling.ksampling import CpuBrownianNoise, GuidedDenoiser, StepCallback, sample
 from webui.engine.sampling.samplers import step_kwargs
 from webui.engine.sampling.steps import InitLatents, noise_at, noised_to
@@ -30,19 +31,26 @@ def denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generators
     """The diffusers StableDiffusion(XL)Pipeline loop, or the sigma-space one for what diffusers' schedulers cannot
     do; ``uncond`` is None without CFG, ``added`` the UNet's added conditions (SDXL's), ``sdxl`` picks the sigma
     schedules' SDXL variants. With ``init`` (img2img) the schedule's last ``job.steps.run`` steps run, from its
-    latents noised to the first of them; inpainting as diffusers' StableDiffusion(XL)InpaintPipeline."""
+    latents noised to the first of them; inpainting as diffusers' StableDiffusion(XL)InpaintPipeline. The job's
+    ControlNet units act as diffusers' StableDiffusion(XL)ControlNetPipeline applies them."""
     req, sampling, unet, steps = job.request, job.sampling, model.denoiser, job.steps
     context = cond.embeds if uncond is None else torch.cat([uncond.embeds, cond.embeds])
     extra = init is not None and init.extra is not None
+    units = [active for active in job.controls if active.unit.acts_in(job.second_pass, job.hires is not None)]
+    controls = Controls(units, steps.run, uncond is not None, model.vae_scale_factor) if units else None
 
     def model_input(x: torch.Tensor) -> torch.Tensor:
         x = x.to(noise.dtype)
         return torch.cat([x, init.extra_rows(len(x)).to(x)], dim=1) if extra else x
 
-    if not sampling.native:
-        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return unet(model_input(x), t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = model_input(x)
+        residuals = controls.residuals(x, t, context, added) if controls is not None else {}
+        return unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added, **residuals).sample.float()
 
+    if controls is not None:
+        on_step = controls.counting(on_step)
+    if not sampling.native:
         denoiser = GuidedDenoiser(predict, model.scheduler_config, req.cfg_scale, uncond is not None, init)
         return sample(sampling.sampler.ksampler, denoiser,
                       lambda schedule: sampling.sigmas(steps.total, schedule, sdxl), noise, seeds, generators,
@@ -61,8 +69,7 @@ def denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generators
     total = len(timesteps)
     for i, t in enumerate(timesteps):
         x = latents if uncond is None else torch.cat([latents] * 2)
-        x = model_input(scheduler.scale_model_input(x, t))
-        noise_pred = unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
+        noise_pred = predict(scheduler.scale_model_input(x, t), t)
         if uncond is not None:
             noise_uncond, noise_cond = noise_pred.chunk(2)
             noise_pred = noise_uncond + req.cfg_scale * (noise_cond - noise_uncond)

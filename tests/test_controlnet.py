@@ -1,0 +1,251 @@
+"""ControlNet (issue 27) on the UNet families: files in A1111's and diffusers' layouts read with their architecture
+from the tensors; images equal to diffusers' ControlNet pipelines on the same tiny weights, seed and sampler (weight,
+guidance start/end, control modes, two units, img2img); bad units named."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetPipeline,
+)
+from diffusers.models import MultiControlNetModel
+from PIL import Image
+
+from tests.conftest import make_engine
+from tests.controlnet_files import control_picture, tiny_controlnet
+from tests.test_img2img import init_picture, latent_mean  # noqa: F401 (a fixture)
+from webui.engine.control.models import load_controlnet
+from webui.engine.control.units import ControlUnit
+from webui.engine.formats.detect import Family
+from webui.engine.infotext import parse_infotext
+from webui.engine.request import GenerationRequest
+from webui.engine.sampling.samplers import SamplerRegistry
+from webui.errors import UserError
+from webui.synthetic.ldm_export import write_controlnet
+
+PROMPT, NEGATIVE, SEEDS, STEPS = "a red circle on the left", "blurry", [21, 22], 6
+PIPELINES = {"sd1": StableDiffusionControlNetPipeline, "sdxl": StableDiffusionXLControlNetPipeline}
+
+
+@pytest.fixture
+def fixture_value(request):
+    return request.getfixturevalue
+
+
+def setup(tmp_path, fixture_value, family: str, count: int = 1):
+    """An engine on ``family``'s tiny checkpoint with ``count`` ControlNets in its ControlNet folder (the first in
+    A1111's layout, the second in diffusers'), and the models as diffusers' pipeline takes them."""
+    folder, checkpoint = fixture_value(f"{family}_folder"), fixture_value(f"{family}_file")
+    engine = make_engine(tmp_path, checkpoint)
+    controls = engine.config.paths.controlnet_dir
+    controls.mkdir(parents=True, exist_ok=True)
+    models = [tiny_controlnet(folder, seed) for seed in range(count)]
+    for index, model in enumerate(models):
+        write_controlnet(controls / f"control-{family}-{index}.safetensors", model, ("ldm", "diffusers")[index % 2],
+                         torch.float32)
+    return engine, folder, checkpoint, models
+
+
+def request(checkpoint, units, **fields) -> GenerationRequest:
+    base = dict(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, steps=STEPS, cfg_scale=6.0,
+                sampler_name="Euler a", scheduler="Automatic", seed=SEEDS[0], batch_size=len(SEEDS),
+                checkpoint=checkpoint.name, save_images=False, controlnet=units)
+    return GenerationRequest(**(base | fields))
+
+
+def images(result) -> np.ndarray:
+    return np.stack([np.asarray(image) for image in result.images]).astype(int)
+
+
+def reference(engine, folder, family: str, controlnet, sampler: str, schedule: str, cls=None, **kwargs) -> np.ndarray:
+    pipe = (cls or PIPELINES[family]).from_pretrained(folder, controlnet=controlnet, torch_dtype=torch.float32,
+                                                      local_files_only=True)
+    pipe.scheduler = SamplerRegistry().make_scheduler(sampler, schedule, engine.models.current.scheduler_config,
+                                                      seed=SEEDS)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, num_inference_steps=STEPS,
+               guidance_scale=6.0, num_images_per_prompt=len(SEEDS), output_type="pil",
+               generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS], **kwargs)
+    return np.stack([np.asarray(image) for image in out.images]).astype(int)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("sampler,schedule", [("Euler a", "Automatic"), ("DPM++ 2M", "Karras")])
+def test_one_unit_equals_diffusers_controlnet_pipeline(tmp_path, fixture_value, family, sampler, schedule):
+    engine, folder, checkpoint, (model,) = setup(tmp_path, fixture_value, family)
+    unit = ControlUnit(model=f"control-{family}-0", image=control_picture(), weight=0.8, guidance_end=0.7)
+    result = engine.txt2img(request(checkpoint, [unit], sampler_name=sampler, scheduler=schedule))
+    plain = engine.txt2img(request(checkpoint, None, sampler_name=sampler, scheduler=schedule))
+    ref = reference(engine, folder, family, model, sampler, schedule, image=control_picture(),
+                    controlnet_conditioning_scale=0.8, control_guidance_end=0.7)
+    assert np.abs(images(plain) - images(result)).mean() > 2, "the ControlNet changes the picture"
+    assert np.abs(images(result) - ref).max() <= 1
+    info = parse_infotext(result.infotexts[0])
+    assert info["ControlNet 0"].startswith("Module: none, Model: control-") and "Weight: 0.8" in info["ControlNet 0"]
+
+
+@pytest.mark.parametrize("mode,guess", [("ControlNet is more important", True), ("My prompt is more important", None)])
+def test_control_modes(tmp_path, fixture_value, mode, guess):
+    """"ControlNet is more important" is diffusers' guess mode (the conditional half only, scaled 0.1 … 1); "My
+    prompt is more important" scales the residuals by 0.825 ** (12 - i), checked against the pipeline's balanced
+    output with the ControlNet's outputs scaled so."""
+    engine, folder, checkpoint, (model,) = setup(tmp_path, fixture_value, "sd1")
+    unit = ControlUnit(model="control-sd1-0", image=control_picture(), control_mode=mode)
+    ours = images(engine.txt2img(request(checkpoint, [unit])))
+    if guess:
+        ref = reference(engine, folder, "sd1", model, "Euler a", "Automatic", image=control_picture(), guess_mode=True)
+    else:
+        forward = model.forward
+
+        def soft(*args, **kwargs):
+            down, mid = forward(*args, **kwargs)[:2]
+            return [r * 0.825 ** (len(down) - i) for i, r in enumerate(down)], mid
+
+        model.forward = soft
+        ref = reference(engine, folder, "sd1", model, "Euler a", "Automatic", image=control_picture())
+    assert np.abs(ours - ref).max() <= 1
+
+
+def test_two_units_equal_multicontrolnet_and_an_unused_model_is_let_go(tmp_path, fixture_value):
+    engine, folder, checkpoint, models = setup(tmp_path, fixture_value, "sd1", count=2)
+    units = [ControlUnit(model="control-sd1-0", image=control_picture(left=True), weight=0.6),
+             ControlUnit(model="control-sd1-1 [0123abcd]", image=control_picture(left=False), weight=0.9,
+                         guidance_start=0.2)]
+    ours = images(engine.txt2img(request(checkpoint, units)))
+    ref = reference(engine, folder, "sd1", MultiControlNetModel(models), "Euler a", "Automatic",
+                    image=[control_picture(left=True), control_picture(left=False)],
+                    controlnet_conditioning_scale=[0.6, 0.9], control_guidance_start=[0.0, 0.2],
+                    control_guidance_end=[1.0, 1.0])
+    assert np.abs(ours - ref).max() <= 1
+    assert {n for n in engine.memory.components if n.startswith("controlnet:")} == {
+        "controlnet:control-sd1-0", "controlnet:control-sd1-1"}
+    engine.txt2img(request(checkpoint, units[:1], batch_size=1))
+    assert {n for n in engine.memory.components if n.startswith("controlnet:")} == {"controlnet:control-sd1-0"}
+    engine.txt2img(request(checkpoint, None, batch_size=1))
+    assert not [n for n in engine.memory.components if n.startswith("controlnet:")], "no unit: none kept placed"
+
+
+def test_img2img_takes_the_init_image_as_the_control_image(tmp_path, fixture_value, latent_mean):  # noqa: F811
+    engine, folder, checkpoint, (model,) = setup(tmp_path, fixture_value, "sd1")
+    unit = ControlUnit(model="control-sd1-0", weight=1.2)
+    result = engine.img2img(request(checkpoint, [unit], init_images=[init_picture()], denoising_strength=0.75))
+    run = 5  # A1111's int(0.75 x 6) + 1 steps: diffusers' at strength 5.5 / 6
+    ref = reference(engine, folder, "sd1", model, "Euler a", "Automatic", cls=StableDiffusionControlNetImg2ImgPipeline,
+                    image=init_picture(), control_image=init_picture(), strength=(run + 0.5) / STEPS,
+                    controlnet_conditioning_scale=1.2)
+    assert np.abs(images(result) - ref).max() <= 1
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_files_in_both_layouts_load_as_written(tmp_path, fixture_value, family):
+    model = tiny_controlnet(fixture_value(f"{family}_folder"), seed=3)
+    for layout in ("ldm", "diffusers"):
+        path = write_controlnet(tmp_path / f"{layout}.safetensors", model, layout, torch.float32)
+        found, loaded = load_controlnet(path, torch.float32, model.config.addition_time_embed_dim or 256)
+        assert found is {"sd1": Family.SD1, "sdxl": Family.SDXL}[family] and loaded.config.block_out_channels == model.config.block_out_channels
+        expected, got = model.state_dict(), loaded.state_dict()
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_bad_units_name_the_unit_and_the_field(tmp_path, fixture_value, sdxl_file):
+    engine, folder, checkpoint, _ = setup(tmp_path, fixture_value, "sd1")
+    write_controlnet(engine.config.paths.controlnet_dir / "xl.safetensors",
+                     tiny_controlnet(fixture_value("sdxl_folder"), seed=1), "diffusers", torch.float32)
+    (engine.config.paths.controlnet_dir / "broken.safetensors").write_bytes(b"not a safetensors file")
+    picture = control_picture()
+    cases = [
+        (ControlUnit(model="xl", image=picture), "controlnet[0].model", "a ControlNet for SDXL"),
+        (ControlUnit(model="nowhere", image=picture), "controlnet[0].model", "no ControlNet named 'nowhere'"),
+        (ControlUnit(model="control-sd1-0", image=picture, weight=2.5), "controlnet[0].weight", "from 0.0 to 2.0"),
+        (ControlUnit(model="control-sd1-0", image=picture, guidance_start=0.6, guidance_end=0.5),
+         "controlnet[0].guidance_start", "below guidance_end"),
+        (ControlUnit(model="control-sd1-0"), "controlnet[0].image", "no image"),
+        (ControlUnit(model="control-sd1-0", image=picture, control_mode="Loud"), "controlnet[0].control_mode",
+         "Balanced"),
+    ]
+    for unit, field, words in cases:
+        with pytest.raises(UserError) as caught:
+            engine.txt2img(request(checkpoint, [unit], batch_size=1))
+        assert caught.value.field == field and words in str(caught.value), (field, str(caught.value))
+    with pytest.raises(Exception) as caught:
+        engine.txt2img(request(checkpoint, [ControlUnit(model="broken", image=picture)], batch_size=1))
+    assert "broken.safetensors" in str(caught.value)
+    after = engine.txt2img(request(checkpoint, [ControlUnit(model="control-sd1-0", image=picture)], batch_size=1))
+    assert len(after.images) == 1, "a bad file fails only its request"
+
+
+def test_the_api_takes_webuiapis_controlnet_units(tmp_path, fixture_value):
+    """The body webuiapi sends (``ControlNetUnit.to_dict()`` in ``alwayson_scripts``), on txt2img and img2img: the
+    engine's image for the same unit; the preprocessor's settings named as ignored (module "none"); the empty units
+    webuiapi sends when it has none; indices for modes; bad units a 422 naming the unit's field."""
+    import base64
+    import io
+    import json
+
+    import webuiapi
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from webui.api import register_api
+    from webui.jobs import JobQueue
+
+    engine, _, checkpoint, _ = setup(tmp_path, fixture_value, "sd1")
+    app = FastAPI()
+    register_api(app, JobQueue(engine))
+    client = TestClient(app)
+    unit = webuiapi.ControlNetUnit(image=control_picture(), model="control-sd1-0", weight=0.7, control_mode=1,
+                                   resize_mode="Crop and Resize", guidance_end=0.8)
+    body = dict(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, steps=STEPS, cfg_scale=6.0,
+                sampler_name="Euler a", seed=SEEDS[0], alwayson_scripts={"ControlNet": {"args": [unit.to_dict()]}})
+    reply = client.post("/sdapi/v1/txt2img", json=body)
+    assert reply.status_code == 200, reply.text
+    info = json.loads(reply.json()["info"])
+    assert {"ControlNet[0].processor_res", "ControlNet[0].threshold_a"} <= set(info["ignored_fields"])
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(reply.json()["images"][0])))).astype(int)
+    same = ControlUnit(model="control-sd1-0", image=control_picture(), weight=0.7, guidance_end=0.8,
+                       control_mode="My prompt is more important")
+    expected = images(engine.txt2img(request(checkpoint, [same], batch_size=1)))[0]
+    assert np.abs(got - expected).max() <= 1 and "ControlNet 0" in info["infotexts"][0]
+    empty = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"ControlNet": {"args": []}}})
+    assert empty.status_code == 200 and "ControlNet 0" not in json.loads(empty.json()["info"])["infotexts"][0]
+    picture = base64.b64encode(_png(init_picture())).decode()
+    img2img = client.post("/sdapi/v1/img2img", json={**body, "init_images": [picture], "alwayson_scripts": {
+        "controlnet": {"args": [{"model": "control-sd1-0", "resize_mode": 0, "control_mode": "Balanced"}]}}})
+    assert img2img.status_code == 200, img2img.text
+    for args, field in (([{"model": "control-sd1-0", "image": picture, "weight": 3}], "controlnet[0].weight"),
+                        (["on"], "ControlNet[0]"),
+                        ([{"model": "control-sd1-0", "image": picture, "control_mode": 7}], "ControlNet[0].control_mode"),
+                        ([{"model": "control-sd1-0"}], "controlnet[0].image")):
+        refused = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"ControlNet": {"args": args}}})
+        assert refused.status_code == 422 and refused.json()["field"] == field, (args, refused.text)
+
+
+def _png(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_the_controlnet_routes_list_the_models(tmp_path, fixture_value):
+    """sd-webui-controlnet's GET routes at the server's root, read by webuiapi's own calls."""
+    import webuiapi
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from webui.api import register_api
+    from webui.jobs import JobQueue
+
+    engine, *_ = setup(tmp_path, fixture_value, "sd1", count=2)
+    app = FastAPI()
+    register_api(app, JobQueue(engine))
+    client = TestClient(app)
+    api = webuiapi.WebUIApi(baseurl="http://testserver/sdapi/v1")
+    api.session = client  # webuiapi's calls, answered by the app
+    assert api.controlnet_version() == 2
+    assert api.controlnet_model_list() == ["control-sd1-0", "control-sd1-1"]
+    assert api.controlnet_module_list() == ["none"]

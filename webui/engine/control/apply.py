@@ -1,0 +1,87 @@
+"""ControlNet units during a UNet's denoising: each active unit's residuals, added up, handed to the UNet's down and
+middle blocks — as diffusers' StableDiffusion(XL)ControlNetPipeline computes them (the hint at the image's size in
+[0, 1], the unit's scale, active between its guidance start and end, its control mode)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import ControlNetModel
+from PIL import Image, ImageOps
+
+from webui.engine.control.units import RESIZE_MODES, ControlUnit
+from webui.engine.sampling.ksampling import StepCallback
+
+
+@dataclass
+class ActiveUnit:
+    unit: ControlUnit
+    model: ControlNetModel
+    image: Image.Image  # its control image (the unit's, or the init image)
+
+
+def control_hint(image: Image.Image, width: int, height: int, resize_mode: str) -> torch.Tensor:
+    """The control image at the generation's size (A1111's resize modes; "Just Resize" as diffusers' pipeline
+    resizes it), RGB in [0, 1], channels first."""
+    image = image.convert("RGB")
+    if resize_mode == RESIZE_MODES[1]:
+        image = ImageOps.fit(image, (width, height), Image.LANCZOS)
+    elif resize_mode == RESIZE_MODES[2]:
+        image = ImageOps.pad(image, (width, height), Image.LANCZOS)
+    elif image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+class Controls:
+    """The units over one denoising pass; ``step`` is the step the loop is at (of ``steps`` that run). Each unit's
+    hint is made at the pass's image size (``scale`` pixels a latent) at its first call."""
+
+    def __init__(self, units: list[ActiveUnit], steps: int, cfg: bool, scale: int):
+        self.units, self.steps, self.cfg, self.scale, self.step = units, steps, cfg, scale, 0
+        self._hints: dict[int, torch.Tensor] = {}
+
+    def hint(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if index not in self._hints:
+            active = self.units[index]
+            height, width = (side * self.scale for side in x.shape[-2:])
+            self._hints[index] = control_hint(active.image, width, height, active.unit.resize_mode).to(x.device, x.dtype)
+        return self._hints[index]
+
+    def counting(self, on_step: StepCallback) -> StepCallback:
+        """``on_step``, keeping count of the steps done."""
+        def counted(i: int, total: int, latents: torch.Tensor) -> bool:
+            self.step = i + 1
+            return on_step(i, total, latents)
+
+        return counted
+
+    def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, added: dict | None) -> dict:
+        """The UNet's extra keyword arguments for this call: the active units' residuals summed (none: {})."""
+        down: list[torch.Tensor] | None = None
+        mid: torch.Tensor | None = None
+        for index, active in enumerate(self.units):
+            unit = active.unit
+            if not unit.active_at(self.step, self.steps):
+                continue
+            half = unit.cond_only and self.cfg  # the conditional half only; the other half gets none
+            inputs = (x.chunk(2)[1], context.chunk(2)[1], _cond_half(added)) if half else (x, context, added)
+            sample, encoded, conditions = inputs
+            sample = sample[:, :active.model.config.in_channels]  # an inpainting UNet's extra channels are its own
+            hint = self.hint(index, sample).expand(len(sample), -1, -1, -1)
+            d, m = active.model(sample, t, encoder_hidden_states=encoded, controlnet_cond=hint,
+                                added_cond_kwargs=conditions, return_dict=False)
+            scales = unit.scales(len(d) + 1)
+            d, m = [r * s for r, s in zip(d, scales)], m * scales[-1]
+            if half:
+                d, m = [torch.cat([torch.zeros_like(r), r]) for r in d], torch.cat([torch.zeros_like(m), m])
+            down = d if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        if down is None:
+            return {}
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+def _cond_half(added: dict | None) -> dict | None:
+    return None if added is None else {k: v.chunk(2)[1] for k, v in added.items()}

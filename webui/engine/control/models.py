@@ -1,0 +1,156 @@
+"""ControlNet files as users have them, loaded offline with the architecture read from the tensors: A1111/LDM single
+files (``control_model.input_blocks…``, with or without that prefix: lllyasviel's SD1.5 and thibaud's SD2.1
+ControlNets) and diffusers-keyed files or folders (``controlnet_cond_embedding…``: most SDXL ControlNets). An LDM
+file is renamed by diffusers' own single-file conversion (``convert_controlnet_checkpoint``), which needs only the
+number of layers per block, read from where the first downsampling sits."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel
+from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING, LDM_CONTROLNET_KEY,
+                                                  convert_controlnet_checkpoint)
+
+from PIL import Image
+
+from webui.engine.control.apply import ActiveUnit
+from webui.engine.control.units import ControlUnit
+from webui.engine.formats.detect import NORM_GROUPS, Family, block_count
+from webui.engine.formats.files import TensorInfo, find_files, load_pickled_state_dict, load_state_dict
+from webui.engine.memory.manager import MemoryManager
+from webui.engine.weights.fp8 import compute_dtype
+from webui.errors import ModelFileError, UserError
+
+
+
+def to_diffusers_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An LDM ControlNet's tensors under diffusers' names (a diffusers-keyed one as it is)."""
+    if "controlnet_cond_embedding.conv_in.weight" in state_dict:
+        return state_dict
+    state_dict = {k.removeprefix(LDM_CONTROLNET_KEY): v for k, v in state_dict.items()}
+    if "input_hint_block.0.weight" not in state_dict:
+        raise ModelFileError("This file is no ControlNet (it has neither an input hint block nor a conditioning "
+                             "embedding): put ControlNets in models/ControlNet.")
+    blocks = block_count(state_dict, "input_blocks")
+    downsample = next((i for i in range(1, blocks) if f"input_blocks.{i}.0.op.weight" in state_dict), blocks)
+    converted = convert_controlnet_checkpoint({LDM_CONTROLNET_KEY + k: v for k, v in state_dict.items()},
+                                              {"layers_per_block": downsample - 1})
+    # SDXL's added embedding, which diffusers' conversion leaves out
+    added = DIFFUSERS_TO_LDM_MAPPING["controlnet"]["addition_embed_type"]
+    return converted | {ours: state_dict[ldm] for ours, ldm in added.items() if ldm in state_dict}
+
+
+def controlnet_config(infos: dict[str, TensorInfo], time_embed_dim: int = 256) -> tuple[Family, dict]:
+    """The family a diffusers-keyed ControlNet is for and its ``ControlNetModel`` config, from the tensor shapes.
+    ``time_embed_dim``: SDXL's size conditioning's width (its UNet's; no tensor holds it)."""
+    levels = block_count(infos, "down_blocks")
+    channels = [infos[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)]
+    depths = [len({m.group(1) for k in infos if (m := re.match(rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks"
+                                                               r"\.(\d+)\.", k))}) for i in range(levels)]
+    context = next((infos[k].shape[1] for k in infos if k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((k for k in infos if k.endswith(".proj_in.weight")), None)
+    if context is None or proj_in is None:
+        raise ModelFileError("This ControlNet has no cross-attention layers: it is for no SD1.x, SD2.x or SDXL model.")
+    linear = len(infos[proj_in].shape) == 2  # SD2.x and SDXL project linearly, SD1.x through 1x1 convolutions
+    family = Family.SDXL if "add_embedding.linear_1.weight" in infos else Family.SD2 if linear else Family.SD1
+    embedding = block_count(infos, "controlnet_cond_embedding.blocks")
+    config = {
+        "conditioning_channels": infos["controlnet_cond_embedding.conv_in.weight"].shape[1],
+        "conditioning_embedding_out_channels": [infos["controlnet_cond_embedding.conv_in.weight"].shape[0]] + [
+            infos[f"controlnet_cond_embedding.blocks.{i}.weight"].shape[0] for i in range(1, embedding, 2)],
+        "in_channels": infos["conv_in.weight"].shape[1],
+        "block_out_channels": channels,
+        "layers_per_block": block_count(infos, "down_blocks.0.resnets"),
+        "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths],
+        "transformer_layers_per_block": [max(d, 1) for d in depths],
+        "cross_attention_dim": context,
+        "use_linear_projection": linear,
+        "norm_num_groups": NORM_GROUPS,
+        "attention_head_dim": 8 if family is Family.SD1 else [max(c // 64, 1) for c in channels],
+    }
+    if family is Family.SDXL:
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+                      projection_class_embeddings_input_dim=infos["add_embedding.linear_1.weight"].shape[1])
+    return family, config
+
+
+def load_controlnet(path: Path, dtype: torch.dtype, time_embed_dim: int = 256) -> tuple[Family, ControlNetModel]:
+    """A ControlNet file (or a diffusers folder's weights) in host memory, in ``dtype``; ``time_embed_dim`` as
+    ``controlnet_config``'s."""
+    from webui.engine.loading.load import build_module
+
+    if path.is_dir():
+        path = next(path.glob("diffusion_pytorch_model*.safetensors"), path / "diffusion_pytorch_model.bin")
+    tensors = load_pickled_state_dict(path) if path.suffix.lower() in (".pth", ".bin") else load_state_dict(path)
+    state_dict = to_diffusers_keys(tensors)
+    infos = {k: TensorInfo(str(v.dtype), tuple(v.shape)) for k, v in state_dict.items()}
+    family, config = controlnet_config(infos, time_embed_dim)
+    model = build_module(ControlNetModel, config, state_dict, path.name, dtype)
+    return family, model.requires_grad_(False).eval()
+
+
+CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt")
+COMPONENT = "controlnet:"  # their memory-manager components' names: this and the file's stem
+
+
+class ControlNets:
+    """The ControlNet folder's models: listed by name, loaded when a job first uses one and kept while jobs use it,
+    each a memory-manager component placed with the denoiser (budgeted, resident or streamed like its weights)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.loaded: dict[Path, tuple[Family, ControlNetModel]] = {}
+
+    def files(self) -> list[Path]:
+        """Model files and diffusers folders (their ``diffusion_pytorch_model`` weights), by name."""
+        if not self.folder.is_dir():
+            return []
+        found = find_files(self.folder, CONTROLNET_SUFFIXES)
+        folders = [p.parent for p in found if p.stem == "diffusion_pytorch_model"]
+        files = [p for p in found if p.stem != "diffusion_pytorch_model"]
+        return sorted(files + folders, key=lambda p: p.name.lower())
+
+    def names(self) -> list[str]:
+        """As sd-webui-controlnet lists them: the file's stem."""
+        return [path.stem if path.is_file() else path.name for path in self.files()]
+
+    def find(self, name: str, field: str) -> Path:
+        """A model by its name as clients send it: the stem, the file name, or the stem with " [hash]" after it."""
+        wanted = name.split(" [")[0]
+        for path in self.files():
+            if wanted in (path.stem, path.name):
+                return path
+        raise UserError(f"no ControlNet named {name!r} in {self.folder} (there: {', '.join(self.names()) or 'none'})",
+                        field=field)
+
+    def activate(self, units: list[ControlUnit], family: Family, denoiser: torch.nn.Module, memory: MemoryManager,
+                 image: Image.Image | None) -> list[ActiveUnit]:
+        """The units' models loaded (in ``denoiser``'s dtype) and registered with ``memory`` beside it; models no
+        unit uses any more are let go. ``image``: the init image, for units without their own."""
+        active = []
+        for index, unit in enumerate(units):
+            path = self.find(unit.model, f"controlnet[{index}].model")
+            if path not in self.loaded:
+                self.loaded[path] = load_controlnet(path, compute_dtype(denoiser),
+                                                    denoiser.config.get("addition_time_embed_dim") or 256)
+            model_family, model = self.loaded[path]
+            if model_family is not family:
+                raise UserError(f"{path.name} is a ControlNet for {model_family.value}, and the checkpoint is "
+                                f"{family.value}: pick one made for {family.value}", field=f"controlnet[{index}].model")
+            active.append(ActiveUnit(unit, model, unit.image if unit.image is not None else image))
+        used = {_component(path) for path in self.loaded if any(a.model is self.loaded[path][1] for a in active)}
+        for name in [n for n in memory.components if n.startswith(COMPONENT) and n not in used]:
+            memory.unregister(name)
+        for path, (_, model) in list(self.loaded.items()):
+            name = _component(path)
+            if name not in used:
+                del self.loaded[path]
+            elif name not in memory.components:
+                memory.register(name, model, companion_of="denoiser")
+        return active
+
+
+def _component(path: Path) -> str:
+    return COMPONENT + path.stem
