@@ -19,7 +19,7 @@ from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
 from webui.engine.infotext import parse_infotext
 from webui.engine.lora import network as lora_module
-from webui.engine.lora.network import _lora_components
+from webui.engine.lora.network import _lora_components, _unadapt
 from webui.engine.request import GenerationRequest
 from webui.engine.weights.quant import QuantizedLayer, dequantize
 from webui.errors import ModelFileError, UserError
@@ -57,7 +57,7 @@ def merged_reference(module: nn.Module, weights: dict, component: str, multiplie
     first), without the adapters: the reference an online LoRA must equal."""
     reference = copy.deepcopy(module).float()
     for sub in reference.modules():
-        sub.__dict__.pop("forward", None)  # the copy of an adapted layer's routing through its adapter
+        _unadapt(sub)  # the copy of an adapted layer's routing through its adapter
     for (owner, path), lora in weights.items():
         if owner != component:
             continue

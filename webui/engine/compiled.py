@@ -1,6 +1,7 @@
 """The denoiser compiled (issue 26's "Compile the denoiser", ``--compile``): regional compilation, as diffusers'
 ``compile_repeated_blocks`` does it: each repeated block (the UNets' transformer blocks, Flux's and SD3's joint and
-single blocks) is compiled once with dynamic shapes, so a new size, batch, prompt or seed compiles nothing more and
+single blocks) is compiled once with dynamic shapes (the weights' too), so a new size, batch, prompt, seed or LoRA compiles nothing
+more and
 the first compile takes seconds, not the minutes of a whole model. Inductor's and Triton's caches live in the data
 dir, so that a restart finds what was compiled before.
 
@@ -15,6 +16,8 @@ import os
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
+import torch
+import torch.fx.experimental._config
 from torch import nn
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # (diffusers imports inductor anyway)
 
@@ -41,6 +44,11 @@ def compile_denoiser(denoiser: nn.Module) -> list[nn.Module]:
     blocks = getattr(denoiser, COMPILED_BLOCKS, None)
     if blocks is None:
         blocks = repeated_blocks(denoiser)
+        # The weights' shapes dynamic too, and sizes never taken as equal because they happen to be (duck sizing:
+        # a LoRA's rank 4 and a batch of 4): a LoRA of another rank, whose adapters' weights the block uses,
+        # compiles nothing again. (For the process: dynamo reads them when a frame compiles, in whichever thread.)
+        torch._dynamo.config.force_parameter_static_shapes = False
+        torch.fx.experimental._config.use_duck_shape = False
         for block in blocks:
             block.compile(dynamic=True)
         setattr(denoiser, COMPILED_BLOCKS, blocks)

@@ -78,13 +78,14 @@ class LoraAdapter(nn.Module):
         up, down = self.up, self.down
         if up.dtype != x.dtype:  # a layer computing in another dtype than the model's
             up, down = up.to(x.dtype), down.to(x.dtype)
-        merge = self._merges.get(x.shape)
-        if merge is None:
+        if torch.compiler.is_compiling():  # decided from the shapes in the graph (guards on them), not cached
+            merge = self._merge_costs_less(layer, x)
+        elif (merge := self._merges.get(x.shape)) is None:
             merge = self._merges[x.shape] = self._merge_costs_less(layer, x)
         if merge:
             weight, bias = _weight_plus(layer, x, (up, down))
             return F.linear(x, weight, bias) if self.conv is None else F.conv2d(x, weight, bias, *self.conv[1])
-        output = type(layer).forward(layer, x)
+        output = layer.unadapted_forward(x)
         if self.conv is not None:
             shape, geometry = self.conv
             return output + F.conv2d(F.conv2d(x, down.view(shape), None, *geometry), up[:, :, None, None])
@@ -116,12 +117,31 @@ def _weight_plus(layer: nn.Module, x: torch.Tensor, plus: LowRank) -> tuple[torc
 
 def _adapt(layer: nn.Module, adapter: LoraAdapter) -> None:
     """Route the layer's forward through the adapter (inside the layer's call, so the layer's own hooks — streaming
-    its weights — still run around it); ``_unadapt`` gives the layer back its own forward."""
-    layer.forward = functools.partial(adapter, layer)
+    its weights — still run around it): the layer becomes its class's adapted subclass, the adapter a plain
+    attribute (not a submodule: its weights are the LoRA component's). Every adapted layer of a class shares one
+    forward, so a compiled block's guards are the same for all of them and for any LoRA (a per-layer forward
+    object would compile each block again, for every LoRA). ``_unadapt`` gives the layer its class back."""
+    layer.__class__ = _adapted_class(type(layer))
+    object.__setattr__(layer, "_lora", adapter)
 
 
 def _unadapt(layer: nn.Module) -> None:
-    layer.__dict__.pop("forward", None)
+    if hasattr(type(layer), "unadapted_forward"):
+        layer.__class__ = type(layer).__bases__[0]
+        layer.__dict__.pop("_lora", None)
+
+
+@functools.cache
+def _adapted_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` with its forward through the layer's LoRA adapter; ``unadapted_forward`` is ``cls``'s own."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._lora(self, x)
+
+    def unadapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cls.forward(self, x)
+
+    # (a class of this module's: dynamo takes torch's own layers' weights as static, an adapter's rank too)
+    return type(cls.__name__, (cls,), {"forward": forward, "unadapted_forward": unadapted_forward})
 
 
 @dataclass(frozen=True)
