@@ -506,7 +506,7 @@ def test_sigma_space_and_new_samplers_on_cuda_draw_what_the_cpu_draws(tmp_path, 
 @pytest.mark.parametrize("sampler,schedule", [("Euler a", "Automatic"), ("DPM++ 2S a", "Karras")])
 def test_soft_inpainting_on_cuda_draws_what_the_cpu_draws(tmp_path, sd1_file, sampler, schedule):
     """The soft blend runs on the device every step (its noise level a device tensor: no synchronisation)."""
-    from tests.test_soft_inpaint import ARGS, soft_request
+    from tests.requests import ARGS, soft_request
 
     request = soft_request(sd1_file.name, soft_inpainting=ARGS, sampler_name=sampler, scheduler=schedule)
     gpu = make_engine(tmp_path / "gpu", sd1_file, extra_args=("--device", "cuda"))
@@ -522,7 +522,7 @@ def test_soft_inpainting_on_cuda_draws_what_the_cpu_draws(tmp_path, sd1_file, sa
 def test_a_hires_checkpoint_on_cuda(tmp_path, sd1_file):
     """Both models on the device's memory manager in turn: the first pass on one, the second on the other."""
     from tests.conftest import single_file
-    from tests.test_hires import hires_request
+    from tests.requests import hires_request
 
     other = single_file("sd1", seed=2)
     gpu = make_engine(tmp_path / "gpu", sd1_file, other, extra_args=("--device", "cuda"))

@@ -8,7 +8,7 @@ from PIL import Image
 
 from tests.conftest import make_engine
 from tests.test_img2img import as_array, init_picture, request, ui  # noqa: F401 (ui: fixture)
-from tests.test_inpaint import mask_picture
+from tests.requests import mask_picture
 from webui.engine.folder_batch import FolderBatch
 from webui.engine.infotext import parse_infotext, read_png_infotext
 from webui.engine.outputs import png_bytes

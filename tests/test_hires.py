@@ -13,6 +13,7 @@ import webuiapi
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
+from tests.requests import hires_request
 from tests.conftest import diffusers_folder, make_engine, single_file
 from tests.test_api import client  # noqa: F401 (the API's fixture)
 from tests.test_clients import api, image_of, server  # noqa: F401 (a live server and webuiapi's client of it)
@@ -29,14 +30,6 @@ from webui.engine.sampling.samplers import SamplerRegistry
 from webui.engine.sampling.steps import DenoiseSteps
 from webui.errors import UserError
 from webui.settings import AppConfig
-
-
-def hires_request(checkpoint: str, **fields) -> GenerationRequest:
-    base = dict(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, steps=STEPS, cfg_scale=7.0,
-                sampler_name="Euler a", scheduler="Automatic", seed=SEEDS[0], batch_size=len(SEEDS),
-                checkpoint=checkpoint, save_images=False, enable_hr=True, hr_scale=2, hr_upscaler="Latent",
-                denoising_strength=0.6)
-    return GenerationRequest(**(base | fields))
 
 
 def generators() -> list[torch.Generator]:

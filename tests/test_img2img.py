@@ -25,6 +25,7 @@ from PIL import Image
 from transformers import T5TokenizerFast
 
 from tests.conftest import make_engine
+from tests.requests import NEGATIVE, PROMPT, SEEDS, STEPS, init_picture, request
 from tests.test_api import client  # noqa: F401 (the API's fixture)
 from tests.test_clients import api, image_of, server  # noqa: F401 (a live server and webuiapi's client of it)
 from tests.test_flow_pipelines import engine_for, files, parts  # noqa: F401 (the flow models' fixtures)
@@ -49,29 +50,10 @@ from webui.engine.sampling.samplers import SamplerRegistry
 from webui.engine.sampling.steps import DenoiseSteps, InitLatents
 from webui.errors import UserError
 
-PROMPT = "a red circle on the left, blue background"
-NEGATIVE = "blurry"
-SEEDS = [1234, 1235]
-STEPS = 6
-
-
-def init_picture(width: int = 64, height: int = 64) -> Image.Image:
-    """A picture with structure at every scale: a gradient, a disc and stripes."""
-    y, x = np.mgrid[0:height, 0:width]
-    rgb = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x // 8 % 2) * 200], axis=-1)
-    rgb[(x - width / 3) ** 2 + (y - height / 2) ** 2 < (min(width, height) / 5) ** 2] = (250, 30, 30)
-    return Image.fromarray(rgb.astype(np.uint8))
 
 
 def as_array(images) -> np.ndarray:
     return np.stack([np.asarray(img) for img in images]).astype(int)
-
-
-def request(checkpoint: str, **fields) -> GenerationRequest:
-    base = dict(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, steps=STEPS, cfg_scale=7.0,
-                sampler_name="Euler a", scheduler="Automatic", seed=SEEDS[0], batch_size=len(SEEDS),
-                checkpoint=checkpoint, save_images=False, init_images=[init_picture()], denoising_strength=0.6)
-    return GenerationRequest(**(base | fields))
 
 
 @pytest.fixture

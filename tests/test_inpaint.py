@@ -17,6 +17,7 @@ from diffusers import StableDiffusionXLInpaintPipeline
 from gradio_client import handle_file
 from PIL import Image
 
+from tests.requests import BOX, inpaint_request, mask_picture
 from tests.conftest import diffusers_folder, make_engine, single_file
 from tests.test_api import client  # noqa: F401 (the API's fixture)
 from tests.test_clients import api, image_of, server  # noqa: F401 (a live server and webuiapi's client of it)
@@ -36,19 +37,6 @@ from webui.engine.sampling.steps import DenoiseSteps, InitLatents
 from webui.errors import UserError
 from webui.settings import AppConfig
 
-BOX = (16, 8, 48, 40)  # the masked part of the 64x64 test picture: whole latent pixels, so no rounding differs
-
-
-def mask_picture(width: int = 64, height: int = 64, box: tuple[int, int, int, int] = BOX) -> Image.Image:
-    mask = Image.new("L", (width, height))
-    mask.paste(255, box)
-    return mask
-
-
-def inpaint_request(checkpoint: str, **fields) -> GenerationRequest:
-    """A mask without blur over the whole picture, the masked content the original: what diffusers' pipelines do."""
-    base = dict(mask=mask_picture(), mask_blur=0, inpainting_fill=1, inpaint_full_res=False)
-    return request(checkpoint, **(base | fields))
 
 
 def with_original_kept(images: np.ndarray, mask: Image.Image = None) -> np.ndarray:

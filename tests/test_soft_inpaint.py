@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.requests import ARGS, SOFT_SIZE as SIZE, soft_request
 from tests.conftest import make_engine, single_file
 from tests.test_api import client  # noqa: F401 (the API's fixture)
 from tests.test_flow_pipelines import engine_for, files, parts  # noqa: F401 (the flow models' fixtures)
@@ -21,8 +22,6 @@ from webui.engine.soft_inpaint import SoftInpainting, gaussian_kernel, weighted_
 from webui.ui.png_info import form_updates
 from webui.ui.txt2img import request_from_form
 
-SIZE = 256
-ARGS = [True, 1, 0.5, 4, 0, 0.5, 2]  # A1111's script args: on, then its defaults
 
 
 def latents(seed: int) -> torch.Tensor:
@@ -90,13 +89,6 @@ def test_the_difference_filter_reads_its_definition(low, high):
     kernel = gaussian_kernel(1.5, 2)
     assert kernel[2, 2] == 1 and kernel.min() >= 0 and kernel[0, 0] < kernel[0, 2] < kernel[1, 2]
     assert np.allclose(weighted_percentile_filter(image, kernel, low, high), per_pixel_filter(image, kernel, low, high))
-
-
-def soft_request(checkpoint: str, **fields):
-    mask = Image.new("L", (SIZE, SIZE))
-    mask.paste(255, (96, 96, 160, 160))
-    return inpaint_request(checkpoint, init_images=[init_picture(SIZE, SIZE)], mask=mask, width=SIZE, height=SIZE,
-                           mask_blur=8, **fields)
 
 
 @pytest.mark.parametrize("sampler,schedule", [("Euler a", "Automatic"), ("DPM++ 2S a", "Karras")])
