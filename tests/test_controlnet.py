@@ -249,3 +249,30 @@ def test_the_controlnet_routes_list_the_models(tmp_path, fixture_value):
     assert api.controlnet_version() == 2
     assert api.controlnet_model_list() == ["control-sd1-0", "control-sd1-1"]
     assert api.controlnet_module_list() == ["none"]
+    assert client.get("/controlnet/settings").json() == {"control_net_unit_count": 3}
+
+
+def test_the_ui_units_generate_what_the_engine_does(tmp_path, fixture_value):
+    """txt2img's ControlNet accordion through Gradio's API (the form's ``controlnet__i`` fields): a switched-on unit
+    gives the engine's image for the same unit; switched off, none; /controlnet/settings says how many units."""
+    from gradio_client import handle_file
+
+    from tests.test_ui import ui_client
+    from webui.ui.controlnet import UNIT_FIELDS
+
+    engine, _, checkpoint, _ = setup(tmp_path, fixture_value, "sd1")
+    picture = tmp_path / "edges.png"
+    control_picture().save(picture)
+    unit = dict(enabled=True, image=handle_file(str(picture)), model="control-sd1-0", weight=0.7, guidance_start=0.0,
+                guidance_end=0.9, control_mode="Balanced", resize_mode="Crop and Resize")
+    fields = dict(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, steps=STEPS, cfg_scale=6.0,
+                  sampler_name="Euler a", scheduler="Automatic", seed=SEEDS[0])
+    with ui_client(engine) as client:
+        on = client.predict(**fields, **{f"controlnet__{UNIT_FIELDS.index(k)}": v for k, v in unit.items()},
+                            api_name="/txt2img")
+        off = client.predict(**fields, api_name="/txt2img")
+    assert "ControlNet 0" in on[3] and "Weight: 0.7" in on[3] and "ControlNet" not in off[3]
+    same = ControlUnit(model="control-sd1-0", image=control_picture(), weight=0.7, guidance_end=0.9)
+    expected = images(engine.txt2img(request(checkpoint, [same], batch_size=1)))[0]
+    got = np.asarray(Image.open(on[1][0]["image"])).astype(int)
+    assert np.abs(got - expected).max() <= 1

@@ -90,4 +90,6 @@ def controlnet_routes(engine) -> list[tuple[str, Callable, str]]:
         ("/controlnet/version", lambda: {"version": VERSION}, "sd-webui-controlnet's API version"),
         ("/controlnet/model_list", model_list, "ControlNet models of models/ControlNet (files and diffusers folders)"),
         ("/controlnet/module_list", module_list, "Preprocessors: 'none' so far (send control images preprocessed)"),
+        ("/controlnet/settings", lambda: {"control_net_unit_count": engine.options["control_net_unit_count"]},
+         "How many ControlNet units the UI shows"),
     ]

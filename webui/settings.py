@@ -69,6 +69,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "compile_denoiser": False,  # off until proven on every family (issue 26); --compile turns it on for a session
     "attention_backend": "SDPA",  # --attention sets it for a session
     "fp8_matrix_mult": False,  # --fast fp8_matrix_mult sets it for a session (ComfyUI's flag)
+    "control_net_unit_count": 3,  # sd-webui-controlnet's name; read when the page is built
 }
 # A1111 options for things this app always does one way: listed (clients read and post back the whole store) and
 # accepted at that value only, so that a request asking for another one is refused rather than quietly ignored.
@@ -112,6 +113,7 @@ OPTION_RANGES: dict[str, tuple[float, float]] = {
     "ESRGAN_tile": (0, 4096),
     "ESRGAN_tile_overlap": (0, 512),
     "initial_noise_multiplier": (0.0, 2.0),
+    "control_net_unit_count": (1, 10),
 }
 # What one request may ask for: set in Settings or POST /options, never by a request's override_settings.
 LIMIT_OPTIONS = {
@@ -165,6 +167,9 @@ OPTION_SECTIONS: dict[str, dict[str, str]] = {
                              "for the head sizes they take; else SDPA, said in the log)",
         "fp8_matrix_mult": "fp8 matrix multiplication for weights stored in float8-e4m3fn (GPUs with fp8 tensor "
                            "cores: compute capability 8.9 and up; slightly less exact than upcasting them)",
+    },
+    "ControlNet": {
+        "control_net_unit_count": "ControlNet units in txt2img and img2img (after a restart; the API takes any number)",
     },
     "Limits (the API's too)": LIMIT_OPTIONS,
     "API": {

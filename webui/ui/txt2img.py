@@ -19,6 +19,8 @@ from webui.engine.request import MIN_SIDE, SIDE_MULTIPLE, GenerationRequest
 from webui.jobs import JobQueue
 from webui.ui.common import (OPTION_LABELS, PART, RANDOM_SEED, REUSE_SEED, Components, FieldSlider,
                               RequestFields, set_option)
+from webui.ui.controlnet import FIELD as CONTROLNET
+from webui.ui.controlnet import controlnet_inputs, units_from_form
 from webui.ui.forecast import FORECAST_FIELDS, forecast_box, forecast_html, keep_forecast_fresh
 from webui.ui.generation import generator, output_column
 from webui.ui.model_row import checkpoint_choices
@@ -64,6 +66,8 @@ def request_from_form(form: Components, values: tuple) -> GenerationRequest:
             fields.setdefault(name.split(PART)[0], []).append(value)
         else:
             fields.update(value if isinstance(value, RequestFields) else {name: value})
+    if CONTROLNET in fields:
+        fields[CONTROLNET] = units_from_form(fields[CONTROLNET])
     return GenerationRequest(**fields)
 
 
@@ -120,6 +124,7 @@ def generation_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: 
             more_inputs(form)
             random_seed, reuse_seed, shift = _settings_column(form, engine, tab)
             more_settings(form)
+            controlnet_inputs(form, engine, tab)
             network_browsers(demo, engine, form["prompt"], tab)
         with gr.Column(scale=1):
             out = output_column(tab)
