@@ -276,3 +276,19 @@ def test_the_ui_units_generate_what_the_engine_does(tmp_path, fixture_value):
     expected = images(engine.txt2img(request(checkpoint, [same], batch_size=1)))[0]
     got = np.asarray(Image.open(on[1][0]["image"])).astype(int)
     assert np.abs(got - expected).max() <= 1
+
+
+def test_a_hires_checkpoint_of_another_family_is_refused_with_controlnet_units(tmp_path, fixture_value, sdxl_file):
+    import shutil
+
+    engine, _, checkpoint, _ = setup(tmp_path, fixture_value, "sd1")
+    shutil.copy(sdxl_file, engine.config.paths.checkpoint_dirs[0] / sdxl_file.name)
+    engine.models.refresh()
+    unit = ControlUnit(model="control-sd1-0", image=control_picture())
+    with pytest.raises(UserError) as caught:
+        engine.txt2img(request(checkpoint, [unit], batch_size=1, enable_hr=True, hr_scale=2, hr_upscaler="Lanczos",
+                               denoising_strength=0.5, hr_checkpoint_name=sdxl_file.name))
+    assert caught.value.field == "hr_checkpoint_name" and "ControlNet units are for SD1.x" in str(caught.value)
+    hires = engine.txt2img(request(checkpoint, [unit], batch_size=1, enable_hr=True, hr_scale=2, hr_upscaler="Latent",
+                                   denoising_strength=0.5))
+    assert hires.images[0].size == (128, 128) and "ControlNet 0" in hires.infotexts[0]

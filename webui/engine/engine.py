@@ -390,6 +390,10 @@ class Engine:
         family = checkpoint_family(info)
         if family is not None:  # refused before anything runs (a file that does not say: once it is loaded)
             check_latent_handover(job.hires, model.family, family, info.name)
+        if job.controls and family is not model.family:
+            raise UserError(f"the ControlNet units are for {model.family.value} and {info.name} is "
+                            f"{family.value if family else 'of a family only its loading tells'}: pick a hires "
+                            "checkpoint of the same family, or none", field="hr_checkpoint_name")
         limit = self.options["sd_checkpoints_limit"]  # 0 (automatic) keeps both where half the RAM holds them
         choice, keep = self._model_choice(request.vae, request.modules), 0 if limit == 0 else max(2, limit)
 
