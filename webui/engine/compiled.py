@@ -1,8 +1,7 @@
 """The denoiser compiled (issue 26's "Compile the denoiser", ``--compile``): regional compilation, as diffusers'
 ``compile_repeated_blocks`` does it: each repeated block (the UNets' transformer blocks, Flux's and SD3's joint and
-single blocks) is compiled once with dynamic shapes (the weights' too), so a new size, batch, prompt, seed or LoRA compiles nothing
-more and
-the first compile takes seconds, not the minutes of a whole model. Inductor's and Triton's caches live in the data
+single blocks) is compiled once with dynamic shapes (the weights' too), so a new size, batch, prompt, seed or LoRA
+compiles nothing more and the first compile takes seconds, not the minutes of a whole model. Inductor's and Triton's caches live in the data
 dir, so that a restart finds what was compiled before.
 
 Where the denoiser streams, the blocks whose weights stream run eager (the streamer's hooks swap their weights

@@ -121,6 +121,7 @@ def _adapt(layer: nn.Module, adapter: LoraAdapter) -> None:
     attribute (not a submodule: its weights are the LoRA component's). Every adapted layer of a class shares one
     forward, so a compiled block's guards are the same for all of them and for any LoRA (a per-layer forward
     object would compile each block again, for every LoRA). ``_unadapt`` gives the layer its class back."""
+    _unadapt(layer)  # (one adapter a layer: it holds every LoRA's update)
     layer.__class__ = _adapted_class(type(layer))
     object.__setattr__(layer, "_lora", adapter)
 
