@@ -292,3 +292,17 @@ def test_a_hires_checkpoint_of_another_family_is_refused_with_controlnet_units(t
     hires = engine.txt2img(request(checkpoint, [unit], batch_size=1, enable_hr=True, hr_scale=2, hr_upscaler="Latent",
                                    denoising_strength=0.5))
     assert hires.images[0].size == (128, 128) and "ControlNet 0" in hires.infotexts[0]
+
+
+def test_a_pth_controlnet_and_a_file_added_after_the_first_job_are_found(tmp_path, fixture_value):
+    """lllyasviel's ControlNets are .pth pickles (read weights-only); a file copied in while the app runs is found by
+    the next job that names it (the folder is read again for a name not seen)."""
+    from safetensors.torch import load_file
+
+    engine, _, checkpoint, _ = setup(tmp_path, fixture_value, "sd1")
+    picture = control_picture()
+    first = engine.txt2img(request(checkpoint, [ControlUnit(model="control-sd1-0", image=picture)], batch_size=1))
+    folder = engine.config.paths.controlnet_dir
+    torch.save(load_file(folder / "control-sd1-0.safetensors"), folder / "lllyasviel.pth")
+    again = engine.txt2img(request(checkpoint, [ControlUnit(model="lllyasviel", image=picture)], batch_size=1))
+    assert np.abs(images(again) - images(first)).max() <= 1

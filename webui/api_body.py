@@ -27,10 +27,10 @@ from webui.engine.outpaint import Outpaint
 from webui.engine.request import (MAX_CFG, MAX_MASK_BLUR, MAX_MASK_PADDING, MAX_SEED, MIN_SIDE, SIDE_MULTIPLE,
                                   GenerationRequest)
 from webui.engine.soft_inpaint import SCRIPT_NAME as SOFT_SCRIPT
+from webui.engine.soft_inpaint import SoftInpainting, checked_soft_inpainting
 from webui.api_controlnet import SCRIPT as CONTROLNET_SCRIPT
 from webui.api_controlnet import controlnet_units
 from webui.engine.control.units import ControlUnit
-from webui.engine.soft_inpaint import SoftInpainting, checked_soft_inpainting
 from webui.engine.xyz import BUILTIN_AXES, SCRIPT_ARGS, Axis, AxisChoice, PlotOptions, plot_from_args
 from webui.errors import UserError
 from webui.jobs import Overrides

@@ -39,7 +39,7 @@ def _unit(given: dict, where: str, decode: Callable[[Any, str], Image.Image]) ->
     if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...}
         image = image.get("image")
     control_mode = given.get("control_mode", 2 if given.get("guess_mode") or given.get("guessmode") else 0)
-    unit = ControlUnit(
+    return ControlUnit(
         model=str(given.get("model", "None")),
         image=decode(image, f"{where}.image") if image not in (None, "") else None,
         enabled=given.get("enabled", True) is not False,
@@ -51,7 +51,6 @@ def _unit(given: dict, where: str, decode: Callable[[Any, str], Image.Image]) ->
         resize_mode=_resize_mode(given.get("resize_mode", RESIZE_MODES[1]), f"{where}.resize_mode"),
         hr_option=_choice(given.get("hr_option", HR_OPTIONS[0]), HR_OPTIONS, f"{where}.hr_option"),
     )
-    return unit
 
 
 def _choice(value: Any, choices: tuple[str, ...], field: str) -> str:

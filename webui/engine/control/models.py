@@ -12,17 +12,19 @@ import torch
 from diffusers import ControlNetModel
 from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING, LDM_CONTROLNET_KEY,
                                                   convert_controlnet_checkpoint)
-
 from PIL import Image
 
 from webui.engine.control.apply import ActiveUnit
 from webui.engine.control.units import ControlUnit
 from webui.engine.formats.detect import NORM_GROUPS, Family, block_count
-from webui.engine.formats.files import TensorInfo, find_files, load_pickled_state_dict, load_state_dict
+from webui.engine.formats.files import TensorInfo, find_files, load_state_dict
+from webui.engine.loading.load import build_module
 from webui.engine.memory.manager import MemoryManager
 from webui.engine.weights.fp8 import compute_dtype
 from webui.errors import ModelFileError, UserError
 
+CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt")
+COMPONENT = "controlnet:"  # their memory-manager components' names: this and the file's stem
 
 
 def to_diffusers_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -79,57 +81,55 @@ def controlnet_config(infos: dict[str, TensorInfo], time_embed_dim: int = 256) -
 def load_controlnet(path: Path, dtype: torch.dtype, time_embed_dim: int = 256) -> tuple[Family, ControlNetModel]:
     """A ControlNet file (or a diffusers folder's weights) in host memory, in ``dtype``; ``time_embed_dim`` as
     ``controlnet_config``'s."""
-    from webui.engine.loading.load import build_module
-
     if path.is_dir():
         path = next(path.glob("diffusion_pytorch_model*.safetensors"), path / "diffusion_pytorch_model.bin")
-    tensors = load_pickled_state_dict(path) if path.suffix.lower() in (".pth", ".bin") else load_state_dict(path)
-    state_dict = to_diffusers_keys(tensors)
+    state_dict = to_diffusers_keys(load_state_dict(path))
     infos = {k: TensorInfo(str(v.dtype), tuple(v.shape)) for k, v in state_dict.items()}
     family, config = controlnet_config(infos, time_embed_dim)
     model = build_module(ControlNetModel, config, state_dict, path.name, dtype)
     return family, model.requires_grad_(False).eval()
 
 
-CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt")
-COMPONENT = "controlnet:"  # their memory-manager components' names: this and the file's stem
-
-
 class ControlNets:
-    """The ControlNet folder's models: listed by name, loaded when a job first uses one and kept while jobs use it,
-    each a memory-manager component placed with the denoiser (budgeted, resident or streamed like its weights)."""
+    """The ControlNet folder's models: listed by name (the folder read again when asked for the list, or when a job
+    names a model not in the last reading), loaded when a job first uses one and kept while jobs use it, each a
+    memory-manager component placed with the denoiser (budgeted, resident or streamed like its weights)."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         self.loaded: dict[Path, tuple[Family, ControlNetModel]] = {}
+        self._files: list[Path] = []
 
     def files(self) -> list[Path]:
-        """Model files and diffusers folders (their ``diffusion_pytorch_model`` weights), by name."""
-        if not self.folder.is_dir():
-            return []
-        found = find_files(self.folder, CONTROLNET_SUFFIXES)
+        """Model files and diffusers folders (their ``diffusion_pytorch_model`` weights), by name: the folder now."""
+        found = find_files(self.folder, CONTROLNET_SUFFIXES) if self.folder.is_dir() else []
         folders = [p.parent for p in found if p.stem == "diffusion_pytorch_model"]
         files = [p for p in found if p.stem != "diffusion_pytorch_model"]
-        return sorted(files + folders, key=lambda p: p.name.lower())
+        self._files = sorted(files + folders, key=lambda p: p.name.lower())
+        return self._files
 
     def names(self) -> list[str]:
         """As sd-webui-controlnet lists them: the file's stem."""
-        return [path.stem if path.is_file() else path.name for path in self.files()]
+        return [_name(path) for path in self.files()]
 
     def find(self, name: str, field: str) -> Path:
         """A model by its name as clients send it: the stem, the file name, or the stem with " [hash]" after it."""
         wanted = name.split(" [")[0]
-        for path in self.files():
-            if wanted in (path.stem, path.name):
-                return path
-        raise UserError(f"no ControlNet named {name!r} in {self.folder} (there: {', '.join(self.names()) or 'none'})",
-                        field=field)
+
+        def named(files: list[Path]) -> Path | None:
+            return next((path for path in files if wanted in (_name(path), path.name)), None)
+
+        path = named(self._files) or named(self.files())
+        if path is not None:
+            return path
+        raise UserError(f"no ControlNet named {name!r} in {self.folder} (there: "
+                        f"{', '.join(map(_name, self._files)) or 'none'})", field=field)
 
     def activate(self, units: list[ControlUnit], family: Family, denoiser: torch.nn.Module, memory: MemoryManager,
                  image: Image.Image | None) -> list[ActiveUnit]:
         """The units' models loaded (in ``denoiser``'s dtype) and registered with ``memory`` beside it; models no
         unit uses any more are let go. ``image``: the init image, for units without their own."""
-        active = []
+        active, used = [], set()
         for index, unit in enumerate(units):
             path = self.find(unit.model, f"controlnet[{index}].model")
             if path not in self.loaded:
@@ -140,17 +140,17 @@ class ControlNets:
                 raise UserError(f"{path.name} is a ControlNet for {model_family.value}, and the checkpoint is "
                                 f"{family.value}: pick one made for {family.value}", field=f"controlnet[{index}].model")
             active.append(ActiveUnit(unit, model, unit.image if unit.image is not None else image))
-        used = {_component(path) for path in self.loaded if any(a.model is self.loaded[path][1] for a in active)}
-        for name in [n for n in memory.components if n.startswith(COMPONENT) and n not in used]:
+            used.add(path)
+        for path in self.loaded.keys() - used:
+            del self.loaded[path]
+        names = {COMPONENT + _name(path): model for path, (_, model) in self.loaded.items()}
+        for name in [n for n in memory.components if n.startswith(COMPONENT) and n not in names]:
             memory.unregister(name)
-        for path, (_, model) in list(self.loaded.items()):
-            name = _component(path)
-            if name not in used:
-                del self.loaded[path]
-            elif name not in memory.components:
+        for name, model in names.items():
+            if name not in memory.components:
                 memory.register(name, model, companion_of="denoiser")
         return active
 
 
-def _component(path: Path) -> str:
-    return COMPONENT + path.stem
+def _name(path: Path) -> str:
+    return path.stem if path.is_file() else path.name

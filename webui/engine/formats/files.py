@@ -176,7 +176,8 @@ def _read_gguf_infos(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors or .ckpt file on the CPU (headers are checked first)."""
+    """All tensors of a .safetensors file, or of a weights-only pickle (.ckpt, .pt, .pth, .bin), on the CPU (headers
+    are checked first)."""
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         read_safetensors_header(path)
@@ -184,7 +185,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(path, device="cpu")
         except Exception as e:  # safetensors raises its own error types
             raise ModelFileError(f"{path.name} could not be read ({e}). The file may be corrupt.") from e
-    if suffix in (".ckpt", ".pt"):
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
         return load_pickled_state_dict(path)
     if suffix == ".gguf":
         raise ModelFileError(f"{path.name} is a GGUF file: it is read quantized by gguf_load, not as a state dict.")
