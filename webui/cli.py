@@ -60,13 +60,12 @@ WITHOUT_EFFECT: dict[str, tuple[str, ...]] = {
     "the launcher checks only what it needs: Python 3.10+ and the packages that are missing": (
         "-f", "--skip-python-version-check", "--skip-version-check", "--reinstall-torch", "--update-check",
         "--update-all-extensions", "--log-startup", "--dump-sysinfo", "--test-server", "--tests DIR", "--no-tests"),
-    "this app has no face restoration, BSRGAN/ScuNET/LDSR upscaler, interrogator, ControlNet preprocessor, "
-    "hypernetwork or embedding models": (
+    "this app has no face restoration, BSRGAN/ScuNET/LDSR upscaler, interrogator, hypernetwork or embedding "
+    "models": (
         "--gfpgan-dir DIR", "--gfpgan-model FILE", "--gfpgan-models-path DIR", "--codeformer-models-path DIR",
         "--bsrgan-models-path DIR", "--scunet-models-path DIR", "--ldsr-models-path DIR", "--clip-models-path DIR",
         "--deepdanbooru", "--unload-gfpgan",
-        "--embeddings-dir DIR", "--textual-inversion-templates-dir DIR", "--hypernetwork-dir DIR",
-        "--controlnet-preprocessor-models-dir DIR"),
+        "--embeddings-dir DIR", "--textual-inversion-templates-dir DIR", "--hypernetwork-dir DIR"),
     "this UI has no such option": (
         "--no-progressbar-hiding", "--max-batch-count N", "--localizations-dir DIR", "--show-negative-prompt",
         "--ui-config-file FILE", "--gradio-img2img-tool X", "--gradio-inpaint-tool X",
@@ -180,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--lora-dir", type=Path, default=None, help="LoRA folder (default: <models>/Lora)")
     paths.add_argument("--controlnet-dir", type=Path, default=None,
                        help="ControlNet folder (default: <models>/ControlNet)")
+    paths.add_argument("--controlnet-preprocessor-models-dir", type=Path, default=None, metavar="DIR",
+                       help="ControlNet preprocessors' weights (default: <models>/ControlNetPreprocessor)")
     paths.add_argument("--vae-dir", type=Path, default=None, help="VAE folder (default: <models>/VAE)")
     paths.add_argument("--text-encoder-dir", type=Path, default=None,
                        help="text encoder folder (default: <models>/text_encoder)")

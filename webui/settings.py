@@ -199,6 +199,7 @@ class Paths:
     checkpoint_dirs: tuple[Path, ...]
     lora_dir: Path
     controlnet_dir: Path
+    controlnet_preprocessor_dir: Path
     vae_dir: Path
     text_encoder_dir: Path
     outdir: Path
@@ -226,6 +227,8 @@ class Paths:
             checkpoint_dirs=tuple(ckpt_dirs),
             lora_dir=Path(args.lora_dir or models / "Lora").resolve(),
             controlnet_dir=Path(args.controlnet_dir or models / "ControlNet").resolve(),
+            controlnet_preprocessor_dir=Path(args.controlnet_preprocessor_models_dir
+                                             or models / "ControlNetPreprocessor").resolve(),
             vae_dir=Path(args.vae_dir or models / "VAE").resolve(),
             text_encoder_dir=Path(args.text_encoder_dir or models / "text_encoder").resolve(),
             outdir=Path(args.outdir or data / "outputs").resolve(),

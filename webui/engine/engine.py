@@ -19,7 +19,9 @@ from PIL import Image
 from webui.engine.attention import FLAG_CHOICES, use_attention
 from webui.engine.compiled import use_cache_dir
 from webui.engine.control.apply import ActiveUnit
+from webui.engine.control.detect import Detectors
 from webui.engine.control.models import ControlNets
+from webui.engine.control.preprocessors import find_preprocessor
 from webui.engine.families.base import UNetFamily
 from webui.engine.families.protocol import FamilyFields
 from webui.engine.families.registry import Families
@@ -116,6 +118,7 @@ class Engine:
             families=self.families,
         )
         self.controlnets = ControlNets(config.paths.controlnet_dir)
+        self.detectors = Detectors(config.paths.controlnet_preprocessor_dir)
         self._remove_stale_temp_files()
         self.samplers = SamplerRegistry()  # A1111's samplers and schedule types, and those extensions add
         self.hooks = Hooks(releases=[self.samplers.release])  # what extensions registered (webui.extensions loads them)
@@ -345,7 +348,7 @@ class Engine:
             compile=self.options["compile_denoiser"] or self.config.args.compile,
         )
         if activate:  # (a forecast leaves the denoiser as it is)
-            job.controls = self._controls(request, model, init_images)
+            job.controls = self._controls(request, model, init_images, job.seed)
             wanted = FLAG_CHOICES.get(self.config.args.attention) or self.options["attention_backend"]
             job.attention = use_attention(model.denoiser, wanted, self.device)[0]
             fast = self.options["fp8_matrix_mult"] or "fp8_matrix_mult" in (self.config.args.fast or ())
@@ -362,15 +365,32 @@ class Engine:
             job.hires.other_model = self._hires_model(job, model, calls + negative_calls, activate)
         return job
 
-    def _controls(self, request: GenerationRequest, model: LoadedModel,
-                  init_images: list[Image.Image] | None) -> list[ActiveUnit]:
-        """The request's ControlNet units with their models in place (those of earlier jobs let go)."""
+    def _controls(self, request: GenerationRequest, model: LoadedModel, init_images: list[Image.Image] | None,
+                  seed: int) -> list[ActiveUnit]:
+        """The request's ControlNet units, their pictures preprocessed (a unit without one takes the init image),
+        their models in place (those of earlier jobs let go)."""
         units = request.controlnet or []
         if units and not isinstance(model.kind, UNetFamily):
             raise UserError(f"ControlNet is done for SD1.x, SD2.x and SDXL so far, not for {model.family.value}",
                             field="controlnet")
-        return self.controlnets.activate(units, model.family, model.denoiser, self.memory,
-                                         init_images[0] if init_images else None)
+        detected = [self.detectors.control_image(unit, init_images[0] if unit.image is None else unit.image,
+                                                 request.width, request.height, self.memory, seed,
+                                                 f"controlnet[{index}]")
+                    for index, unit in enumerate(units)]
+        return self.controlnets.activate(detected, model.family, model.denoiser, self.memory)
+
+    def detect(self, module: str, images: list[Image.Image], resolution: int | None = None,
+               a: float | None = None, b: float | None = None) -> list[Image.Image]:
+        """``/controlnet/detect`` and the UI's preview: each image through a preprocessor (its default resolution
+        and sliders where not given), one job at a time with generations (it may use the device)."""
+        preprocessor = find_preprocessor(module, "controlnet_module")
+        settings = preprocessor.chosen(resolution, a, b)
+        with self._generate_lock:
+            self.memory.begin(self.memory_policy(), 0)
+            try:
+                return [self.detectors.detect(preprocessor, image, *settings, self.memory) for image in images]
+            finally:
+                self.memory.finish()
 
     def _hires_model(self, job: Resolved, model: LoadedModel, calls: list, hashed: bool) -> OtherModel | None:
         """hr_checkpoint_name's model for hires. fix's second pass, where it names another checkpoint than

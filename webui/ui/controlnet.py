@@ -1,39 +1,63 @@
 """The generation tabs' ControlNet accordion, as Forge's: units (their number a setting, read when the page is built),
-each with its switch, control image, model, weight, guidance start and end, control mode and resize mode. The form
-gives the unit fields in order as one list (``controlnet__i``), which ``units_from_form`` turns into the request's
-units."""
+each with its switch, control image, preprocessor (its resolution and two sliders relabelled for the one chosen, a
+preview of what it detects), model, weight, guidance start and end, control mode and resize mode. The form gives the
+unit fields in order as one list (``controlnet__i``), which ``units_from_form`` turns into the request's units."""
 from __future__ import annotations
 
 import gradio as gr
 
+from webui.engine.control.preprocessors import PREPROCESSORS, RESOLUTION, Slider, find_preprocessor
 from webui.engine.control.units import CONTROL_MODES, MAX_WEIGHT, RESIZE_MODES, ControlUnit
 from webui.engine.engine import Engine
+from webui.errors import UserError
+from webui.jobs import JobQueue
 from webui.ui.common import PART, REFRESH, Components
 
 FIELD = "controlnet"  # the request field the units' inputs give
-UNIT_FIELDS = ("enabled", "image", "model", "weight", "guidance_start", "guidance_end", "control_mode", "resize_mode")
+# in the order the inputs are made (the form gives their values in that order)
+UNIT_FIELDS = ("enabled", "pixel_perfect", "image", "module", "processor_res", "threshold_a", "threshold_b", "model",
+               "weight", "guidance_start", "guidance_end", "control_mode", "resize_mode")
 NO_MODEL = "None"
+# A slider the chosen preprocessor does not have: hidden, with room for any preprocessor's value (Gradio checks a
+# value against the range the page was built with, whatever the preprocessor chosen since)
+UNUSED = Slider("Threshold", -1, -1, max(s.maximum for p in PREPROCESSORS for s in p.sliders))
 
 
-def controlnet_inputs(form: Components, engine: Engine, tab: str) -> None:
+def controlnet_inputs(form: Components, engine: Engine, jobs: JobQueue, tab: str) -> None:
     """The accordion: one tab a unit. img2img's units without an image take the init image."""
     units = engine.options["control_net_unit_count"]
     with gr.Accordion("ControlNet", open=False, elem_id=f"{tab}_controlnet"):
         with gr.Tabs():
             for unit in range(units):
                 with gr.Tab(f"ControlNet Unit {unit}", elem_id=f"{tab}_controlnet_unit_{unit}"):
-                    _unit_inputs(form, engine, tab, unit)
+                    _unit_inputs(form, engine, jobs, tab, unit)
 
 
-def _unit_inputs(form: Components, engine: Engine, tab: str, unit: int) -> None:
+def _unit_inputs(form: Components, engine: Engine, jobs: JobQueue, tab: str, unit: int) -> None:
     def key(name: str) -> str:
         return f"{FIELD}{PART}{unit * len(UNIT_FIELDS) + UNIT_FIELDS.index(name)}"
 
     prefix = f"{tab}_controlnet_{unit}"
-    form[key("enabled")] = gr.Checkbox(False, label="Enable", elem_id=f"{prefix}_enabled")
-    hint = "Control image, preprocessed (an edge map, a pose…)" + (": empty takes the init image" if tab == "img2img"
-                                                                     else "")
-    form[key("image")] = gr.Image(type="pil", label=hint, elem_id=f"{prefix}_image", height=256)
+    with gr.Row():
+        form[key("enabled")] = gr.Checkbox(False, label="Enable", elem_id=f"{prefix}_enabled")
+        form[key("pixel_perfect")] = gr.Checkbox(False, label="Pixel Perfect", elem_id=f"{prefix}_pixel_perfect")
+    hint = "Control image" + (": empty takes the init image" if tab == "img2img" else "")
+    with gr.Row():
+        image = form[key("image")] = gr.Image(type="pil", label=hint, elem_id=f"{prefix}_image", height=256)
+        preview = gr.Image(type="pil", label="Preprocessor Preview", interactive=False, elem_id=f"{prefix}_preview",
+                           height=256)
+    with gr.Row(equal_height=True):
+        module = form[key("module")] = gr.Dropdown([p.label for p in PREPROCESSORS], value="none",
+                                                   label="Preprocessor", scale=4, elem_id=f"{prefix}_module")
+        run = gr.Button("\U0001f4a5", scale=0, min_width=48, elem_id=f"{prefix}_preview_button")
+    with gr.Row():
+        sliders = [gr.Slider(**_slider(s), elem_id=f"{prefix}_{name}")
+                   for name, s in (("processor_res", RESOLUTION), ("threshold_a", UNUSED), ("threshold_b", UNUSED))]
+    for name, slider in zip(("processor_res", "threshold_a", "threshold_b"), sliders):
+        form[key(name)] = slider
+    module.change(_sliders_for, inputs=module, outputs=sliders, queue=False, api_visibility="private")
+    run.click(lambda picture, *settings: _preview(engine, jobs, picture, *settings), inputs=[image, module, *sliders],
+              outputs=preview, api_visibility="private")
     with gr.Row(equal_height=True):
         model = gr.Dropdown([NO_MODEL, *engine.controlnets.names()], value=NO_MODEL, label="Model", scale=4,
                             elem_id=f"{prefix}_model")
@@ -52,6 +76,28 @@ def _unit_inputs(form: Components, engine: Engine, tab: str, unit: int) -> None:
                                          elem_id=f"{prefix}_control_mode")
     form[key("resize_mode")] = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[1], label="Resize Mode",
                                         elem_id=f"{prefix}_resize_mode")
+
+
+def _slider(slider: Slider, shown: bool = True) -> dict:
+    return {"minimum": slider.minimum, "maximum": slider.maximum, "step": slider.step, "value": slider.value,
+            "label": slider.label, "visible": shown and slider is not UNUSED}
+
+
+def _sliders_for(label: str) -> list:
+    """The three sliders as the chosen preprocessor has them: its resolution (if any) and its own sliders."""
+    preprocessor = find_preprocessor(label, "module")
+    own = list(preprocessor.sliders) + [UNUSED] * (2 - len(preprocessor.sliders))
+    return [gr.update(**_slider(RESOLUTION, preprocessor.resolution)), *(gr.update(**_slider(s)) for s in own)]
+
+
+def _preview(engine: Engine, jobs: JobQueue, picture, label: str, resolution: float, a: float, b: float):
+    """What the preprocessor makes of the unit's image, detected in the queue (one job at a time)."""
+    if picture is None:
+        raise gr.Error("Put a control image in the unit first")
+    try:
+        return jobs.submit_call("detect", lambda: engine.detect(label, [picture], int(resolution), a, b)).result()[0]
+    except UserError as e:
+        raise gr.Error(e.message) from None
 
 
 def units_from_form(values: list) -> list[ControlUnit]:

@@ -124,7 +124,7 @@ def generation_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: 
             more_inputs(form)
             random_seed, reuse_seed, shift = _settings_column(form, engine, tab)
             more_settings(form)
-            controlnet_inputs(form, engine, tab)
+            controlnet_inputs(form, engine, jobs, tab)
             network_browsers(demo, engine, form["prompt"], tab)
         with gr.Column(scale=1):
             out = output_column(tab)

@@ -125,12 +125,12 @@ class ControlNets:
         raise UserError(f"no ControlNet named {name!r} in {self.folder} (there: "
                         f"{', '.join(map(_name, self._files)) or 'none'})", field=field)
 
-    def activate(self, units: list[ControlUnit], family: Family, denoiser: torch.nn.Module, memory: MemoryManager,
-                 image: Image.Image | None) -> list[ActiveUnit]:
-        """The units' models loaded (in ``denoiser``'s dtype) and registered with ``memory`` beside it; models no
-        unit uses any more are let go. ``image``: the init image, for units without their own."""
+    def activate(self, units: list[tuple[ControlUnit, Image.Image]], family: Family, denoiser: torch.nn.Module,
+                 memory: MemoryManager) -> list[ActiveUnit]:
+        """The units (each with its control image) with their models loaded (in ``denoiser``'s dtype) and registered
+        with ``memory`` beside it; models no unit uses any more are let go."""
         active, used = [], set()
-        for index, unit in enumerate(units):
+        for index, (unit, image) in enumerate(units):
             path = self.find(unit.model, f"controlnet[{index}].model")
             if path not in self.loaded:
                 self.loaded[path] = load_controlnet(path, compute_dtype(denoiser),
@@ -139,7 +139,7 @@ class ControlNets:
             if model_family is not family:
                 raise UserError(f"{path.name} is a ControlNet for {model_family.value}, and the checkpoint is "
                                 f"{family.value}: pick one made for {family.value}", field=f"controlnet[{index}].model")
-            active.append(ActiveUnit(unit, model, unit.image if unit.image is not None else image))
+            active.append(ActiveUnit(unit, model, image))
             used.add(path)
         for path in self.loaded.keys() - used:
             del self.loaded[path]

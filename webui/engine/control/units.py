@@ -2,10 +2,12 @@
 for, checked once, each bad field named with its unit."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from PIL import Image
 
+from webui.engine.control.preprocessors import checked_resolution, find_preprocessor
 from webui.errors import UserError
 
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
@@ -22,13 +24,17 @@ class ControlUnit:
     model: str
     image: Image.Image | None = None
     enabled: bool = True
-    module: str = "none"  # the preprocessor
+    module: str = "none"  # the preprocessor, by its name or label
     weight: float = 1.0
     guidance_start: float = 0.0
     guidance_end: float = 1.0
     control_mode: str = CONTROL_MODES[0]
     resize_mode: str = RESIZE_MODES[1]
     hr_option: str = HR_OPTIONS[0]
+    processor_res: int = -1  # the preprocessor's detect resolution; -1: its default (512)
+    threshold_a: float = -1  # its first and second sliders; -1: their defaults
+    threshold_b: float = -1
+    pixel_perfect: bool = False  # the detect resolution worked out from the image and generation sizes
 
     def acts_in(self, second_pass: bool, hires: bool) -> bool:
         """Whether it acts in this pass: every pass without hires. fix; with it, as its hr_option says."""
@@ -55,7 +61,9 @@ class ControlUnit:
     def infotext(self) -> str:
         """sd-webui-controlnet's ``ControlNet 0`` value: its fields as "Name: value" pairs, quoted as one."""
         pairs = {"Module": self.module, "Model": self.model, "Weight": self.weight, "Resize Mode": self.resize_mode,
-                 "Guidance Start": self.guidance_start, "Guidance End": self.guidance_end,
+                 "Processor Res": self.processor_res, "Threshold A": self.threshold_a,
+                 "Threshold B": self.threshold_b, "Guidance Start": self.guidance_start,
+                 "Guidance End": self.guidance_end, "Pixel Perfect": self.pixel_perfect,
                  "Control Mode": self.control_mode}
         return ", ".join(f"{k}: {v}" for k, v in pairs.items())
 
@@ -86,9 +94,15 @@ def checked_units(units: list, has_init_image: bool) -> list[ControlUnit]:
             if getattr(unit, name) not in choices:
                 raise UserError(f"must be one of {', '.join(choices)}, got {getattr(unit, name)!r}",
                                 field=f"{where}.{name}")
-        if unit.module not in ("none", "None", None):
-            raise UserError(f"preprocessor {unit.module!r} is not available yet: send the control image already "
-                            "preprocessed, with module 'none'", field=f"{where}.module")
+        find_preprocessor(unit.module, f"{where}.module")
+        checked_resolution(unit.processor_res, f"{where}.processor_res")
+        for name in ("threshold_a", "threshold_b"):
+            value = getattr(unit, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserError(f"must be a number (-1: the preprocessor's default), got {value!r}",
+                                field=f"{where}.{name}")
+        if not isinstance(unit.pixel_perfect, bool):
+            raise UserError(f"must be true or false, got {unit.pixel_perfect!r}", field=f"{where}.pixel_perfect")
         checked.append(unit)
     return checked
 
