@@ -661,3 +661,31 @@ def test_a_controlnet_on_cuda_is_placed_with_the_unet_and_streams_exactly(tmp_pa
     assert streamed.memory.streamed_mb > 0
     assert np.abs(as_array(streamed.images) - as_array(resident.images)).max() <= 1
     assert np.abs(as_array(resident.images) - as_array(on_cpu.images)).mean() < 3.0
+
+
+@requires_cuda
+def test_a_flux_controlnet_on_cuda_draws_what_the_cpu_draws_and_streams_exactly(tmp_path, files, parts):  # noqa: F811
+    """A Flux ControlNet (diffusers' layout) beside the bf16 transformer on the GPU: the CPU's picture but for a few
+    levels; with ``--lowvram`` (both streamed) the resident picture."""
+    from safetensors.torch import save_file
+
+    from tests.controlnet_files import control_picture
+    from tests.test_controlnet_flux import flux_controlnet
+    from tests.test_flow_pipelines import flux_request
+    from webui.engine.control.units import ControlUnit
+
+    def engine(name: str, *flags):
+        made = make_engine(tmp_path / name, files / "Stable-diffusion" / "flux-aio.safetensors", extra_args=(
+            "--vae-dir", str(files / "VAE"), "--text-encoder-dir", str(files / "text_encoder"), *flags))
+        made.config.paths.controlnet_dir.mkdir(parents=True, exist_ok=True)
+        save_file(flux_controlnet(parts["flux"], 1).state_dict(), made.config.paths.controlnet_dir / "e.safetensors")
+        return made
+
+    request = flux_request("flux-aio.safetensors", batch_size=1,
+                           controlnet=[ControlUnit(model="e", image=control_picture())])
+    resident = engine("gpu", "--device", "cuda").txt2img(request)
+    streamed = engine("low", "--device", "cuda", "--lowvram").txt2img(request)
+    on_cpu = engine("cpu").txt2img(request)
+    assert streamed.memory.streamed_mb > 0
+    assert np.abs(as_array(streamed.images) - as_array(resident.images)).max() <= 1
+    assert np.abs(as_array(resident.images) - as_array(on_cpu.images)).mean() < 4.0

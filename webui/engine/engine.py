@@ -370,9 +370,9 @@ class Engine:
         """The request's ControlNet units, their pictures preprocessed (a unit without one takes the init image),
         their models in place (those of earlier jobs let go)."""
         units = request.controlnet or []
-        if units and not isinstance(model.kind, UNetFamily):
-            raise UserError(f"ControlNet is done for SD1.x, SD2.x and SDXL so far, not for {model.family.value}",
-                            field="controlnet")
+        if units and not (isinstance(model.kind, UNetFamily) or model.family is Family.FLUX):
+            raise UserError(f"ControlNet is done for SD1.x, SD2.x, SDXL and Flux so far, not for "
+                            f"{model.family.value}", field="controlnet")
         detected = [self.detectors.control_image(unit, init_images[0] if unit.image is None else unit.image,
                                                  request.width, request.height, self.memory, seed,
                                                  f"controlnet[{index}]")

@@ -28,6 +28,8 @@ from tqdm import tqdm
 from webui.engine import attention, compiled
 from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.control.apply import ActiveUnit
+from webui.engine.control.flow import encode_control_inputs
+from webui.engine.families.base import FlowFamily
 from webui.engine.formats.detect import Family
 from webui.engine.hires import HiresPass, check_latent_handover, upscale_latents
 from webui.engine.hooks import Hooks
@@ -101,6 +103,10 @@ class Resolved:
         if self.init_images is None and not self.second_pass:
             return DenoiseSteps(req.steps, req.steps)
         return DenoiseSteps.img2img(req.steps, req.denoising_strength, self.fix_steps)
+
+    def active_controls(self) -> list[ActiveUnit]:
+        """The ControlNet units that act in this pass (with hires. fix, as each unit's hr_option says)."""
+        return [active for active in self.controls if active.unit.acts_in(self.second_pass, self.hires is not None)]
 
     @property
     def steps_a_batch(self) -> int:
@@ -341,7 +347,7 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
     clock = PhaseClock(memory.device, result.timings)
     report = _StepReport(progress, bar, hooks, model.family, job.steps_a_batch)
     latents = _denoise_pass(model, memory, job, estimates, estimates.denoise, seeds, subseeds, init,
-                            report.of_pass(0, job.steps.run), clock, "")
+                            report.of_pass(0, job.steps.run), clock, "", result.notices)
     if job.hires is None:
         images = decode(model, memory, latents, result.notices)
         clock.lap("decode")
@@ -352,7 +358,7 @@ def _sample_batch(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
         clock.lap("hires upscale")
         latents = _denoise_pass(second, memory, job.hires.job, estimates, estimates.hires_denoise, seeds, subseeds,
                                 _hires_init(second, memory, job.hires.job, estimates, latents, result),
-                                report.of_pass(job.steps.run, job.hires.job.steps.run), clock, "hires ")
+                                report.of_pass(job.steps.run, job.hires.job.steps.run), clock, "hires ", result.notices)
         images = decode(second, memory, latents, result.notices)
         clock.lap("decode")
         return images
@@ -375,14 +381,20 @@ def _put_back(job: Resolved, init: InitLatents | None, latents: torch.Tensor,
 
 def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, estimates: PhaseEstimates, activation: int,
                   seeds: list[int], subseeds: list[int], init: InitLatents | None, report: StepCallback,
-                  clock: PhaseClock, prefix: str) -> torch.Tensor:
-    """A pass's prompts encoded (unless they are the last ones), then its latents denoised from the seeds' noise
-    (img2img, a hires pass: from ``init``) with ``activation`` bytes of room. ``prefix`` names its timings."""
+                  clock: PhaseClock, prefix: str, notices: list[str]) -> torch.Tensor:
+    """A pass's prompts encoded (unless they are the last ones), and its Flux ControlNets' images, then its latents
+    denoised from the seeds' noise (img2img, a hires pass: from ``init``) with ``activation`` bytes of room.
+    ``prefix`` names its timings; ``notices`` gets what the user should know (a VAE that made NaNs)."""
     req, device = job.request, memory.device
     dtype = compute_dtype(model.denoiser)
     if not encoded_already(model, job):
         prepare_encoders(memory, estimates)
     cond, uncond = _conditioning(model, job, device, dtype)
+    units = job.active_controls()
+    if units and isinstance(model.kind, FlowFamily):  # Flux ControlNets take their images as latents
+        encode_control_inputs(units, req.width, req.height, lambda pixels: encode(
+            model, memory, pixels, vae_passes(model.vae)(req.width, req.height, 1, encode=True), notices),
+                              model.kind.pack)
     clock.lap(prefix + "encode")
     memory.prepare(["denoiser"], activation)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]

@@ -3,11 +3,10 @@ middle blocks — as diffusers' StableDiffusion(XL)ControlNetPipeline computes t
 [0, 1], the unit's scale, active between its guidance start and end, its control mode)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel
 from PIL import Image, ImageOps
 
 from webui.engine.control.units import RESIZE_MODES, ControlUnit
@@ -17,8 +16,9 @@ from webui.engine.sampling.ksampling import StepCallback
 @dataclass
 class ActiveUnit:
     unit: ControlUnit
-    model: ControlNetModel
+    model: torch.nn.Module  # a ControlNetModel, or a FluxControlNetModel
     image: Image.Image  # its control image (the unit's, or the init image)
+    encoded: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # a flow ControlNet's input by size
 
 
 def control_hint(image: Image.Image, width: int, height: int, resize_mode: str) -> torch.Tensor:

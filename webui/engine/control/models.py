@@ -1,21 +1,23 @@
 """ControlNet files as users have them, loaded offline with the architecture read from the tensors: A1111/LDM single
 files (``control_model.input_blocks…``, with or without that prefix: lllyasviel's SD1.5 and thibaud's SD2.1
-ControlNets) and diffusers-keyed files or folders (``controlnet_cond_embedding…``: most SDXL ControlNets). An LDM
-file is renamed by diffusers' own single-file conversion (``convert_controlnet_checkpoint``), which needs only the
-number of layers per block, read from where the first downsampling sits."""
+ControlNets), diffusers-keyed files or folders (``controlnet_cond_embedding…``: most SDXL ControlNets) and Flux
+ControlNets in diffusers' layout (``controlnet_x_embedder``, ``controlnet_blocks…``: InstantX's and those made
+like them). An LDM file is renamed by diffusers' own single-file conversion (``convert_controlnet_checkpoint``),
+which needs only the number of layers per block, read from where the first downsampling sits."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel
+from diffusers import ControlNetModel, FluxControlNetModel
 from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING, LDM_CONTROLNET_KEY,
                                                   convert_controlnet_checkpoint)
 from PIL import Image
 
 from webui.engine.control.apply import ActiveUnit
-from webui.engine.control.units import ControlUnit
+from webui.engine.control.units import CONTROL_MODES, ControlUnit
+from webui.engine.families.flux import rope_axes
 from webui.engine.formats.detect import NORM_GROUPS, Family, block_count
 from webui.engine.formats.files import TensorInfo, find_files, load_state_dict
 from webui.engine.loading.load import build_module
@@ -27,9 +29,13 @@ CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt")
 COMPONENT = "controlnet:"  # their memory-manager components' names: this and the file's stem
 
 
+def is_flux_controlnet(state_dict: dict) -> bool:
+    return "controlnet_x_embedder.weight" in state_dict and "x_embedder.weight" in state_dict
+
+
 def to_diffusers_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An LDM ControlNet's tensors under diffusers' names (a diffusers-keyed one as it is)."""
-    if "controlnet_cond_embedding.conv_in.weight" in state_dict:
+    if "controlnet_cond_embedding.conv_in.weight" in state_dict or is_flux_controlnet(state_dict):
         return state_dict
     state_dict = {k.removeprefix(LDM_CONTROLNET_KEY): v for k, v in state_dict.items()}
     if "input_hint_block.0.weight" not in state_dict:
@@ -78,15 +84,44 @@ def controlnet_config(infos: dict[str, TensorInfo], time_embed_dim: int = 256) -
     return family, config
 
 
-def load_controlnet(path: Path, dtype: torch.dtype, time_embed_dim: int = 256) -> tuple[Family, ControlNetModel]:
+def flux_controlnet_config(infos: dict[str, TensorInfo]) -> dict:
+    """A ``FluxControlNetModel`` config from the tensor shapes (its blocks are the transformer's; a Union model has a
+    mode embedding, one converted from XLabs' layout an input hint block)."""
+    inner, in_channels = infos["x_embedder.weight"].shape
+    norm = next((k for k in infos if k.endswith("attn.norm_q.weight")), None)
+    if norm is None:
+        raise ModelFileError("This Flux ControlNet has no attention blocks: the file is incomplete.")
+    head_dim = infos[norm].shape[0]
+    return {
+        "patch_size": 1,
+        "in_channels": in_channels,
+        "num_layers": block_count(infos, "transformer_blocks"),
+        "num_single_layers": block_count(infos, "single_transformer_blocks"),
+        "attention_head_dim": head_dim,
+        "num_attention_heads": inner // head_dim,
+        "joint_attention_dim": infos["context_embedder.weight"].shape[1],
+        "pooled_projection_dim": infos["time_text_embed.text_embedder.linear_1.weight"].shape[1],
+        "guidance_embeds": "time_text_embed.guidance_embedder.linear_1.weight" in infos,
+        "axes_dims_rope": rope_axes(head_dim),
+        "num_mode": infos["controlnet_mode_embedder.weight"].shape[0] if "controlnet_mode_embedder.weight" in infos
+        else None,
+        "conditioning_embedding_channels": infos["input_hint_block.conv_in.weight"].shape[1]
+        if "input_hint_block.conv_in.weight" in infos else None,
+    }
+
+
+def load_controlnet(path: Path, dtype: torch.dtype, time_embed_dim: int = 256) -> tuple[Family, torch.nn.Module]:
     """A ControlNet file (or a diffusers folder's weights) in host memory, in ``dtype``; ``time_embed_dim`` as
     ``controlnet_config``'s."""
     if path.is_dir():
         path = next(path.glob("diffusion_pytorch_model*.safetensors"), path / "diffusion_pytorch_model.bin")
     state_dict = to_diffusers_keys(load_state_dict(path))
     infos = {k: TensorInfo(str(v.dtype), tuple(v.shape)) for k, v in state_dict.items()}
-    family, config = controlnet_config(infos, time_embed_dim)
-    model = build_module(ControlNetModel, config, state_dict, path.name, dtype)
+    if is_flux_controlnet(infos):
+        family, cls, config = Family.FLUX, FluxControlNetModel, flux_controlnet_config(infos)
+    else:
+        cls, (family, config) = ControlNetModel, controlnet_config(infos, time_embed_dim)
+    model = build_module(cls, config, state_dict, path.name, dtype)
     return family, model.requires_grad_(False).eval()
 
 
@@ -97,7 +132,7 @@ class ControlNets:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.loaded: dict[Path, tuple[Family, ControlNetModel]] = {}
+        self.loaded: dict[Path, tuple[Family, torch.nn.Module]] = {}
         self._files: list[Path] = []
 
     def files(self) -> list[Path]:
@@ -139,6 +174,14 @@ class ControlNets:
             if model_family is not family:
                 raise UserError(f"{path.name} is a ControlNet for {model_family.value}, and the checkpoint is "
                                 f"{family.value}: pick one made for {family.value}", field=f"controlnet[{index}].model")
+            if isinstance(model, FluxControlNetModel):
+                if model.union:
+                    raise UserError(f"{path.name} is a Union ControlNet (it needs a control type), which is not "
+                                    "supported yet for Flux: pick a ControlNet of one kind",
+                                    field=f"controlnet[{index}].model")
+                if unit.control_mode != CONTROL_MODES[0]:
+                    raise UserError(f"Flux ControlNets have no control modes: leave it at {CONTROL_MODES[0]}",
+                                    field=f"controlnet[{index}].control_mode")
             active.append(ActiveUnit(unit, model, image))
             used.add(path)
         for path in self.loaded.keys() - used:

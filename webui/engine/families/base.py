@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from webui.engine.conditioning.prompts import Conditioning, encode_prompts
+from webui.engine.control.flow import FlowControls
 from webui.engine.families.protocol import FamilyFields
 from webui.engine.formats.detect import Family
 from webui.engine.formats.files import Source
@@ -183,5 +184,8 @@ class FlowFamily:
         req, steps = job.request, job.steps
         scheduler = make_flow_scheduler(job.sampling, self.shift(model, job))
         set_timesteps(scheduler, steps.total, noise.device)
+        units = job.active_controls()
+        controls = FlowControls(units, (req.width, req.height), steps.run) if units else None
         return denoise_flow(model.denoiser, self, scheduler, noise, cond, uncond, req.cfg_scale,
-                            req.distilled_cfg_scale, step_kwargs(scheduler, generators), on_step, steps.start, init)
+                            req.distilled_cfg_scale, step_kwargs(scheduler, generators), on_step, steps.start, init,
+                            controls)

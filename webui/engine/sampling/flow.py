@@ -19,6 +19,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from webui.engine.conditioning.prompts import Conditioning
+from webui.engine.control.flow import FlowControls
 from webui.engine.sampling.ksampling import StepCallback
 from webui.engine.sampling.steps import InitLatents, noise_at, noised_to
 
@@ -53,10 +54,12 @@ class FlowLayout(Protocol):
 
 def denoise_flow(denoiser: torch.nn.Module, layout: FlowLayout, scheduler, noise: torch.Tensor, cond: Conditioning,
                  uncond: Conditioning | None, cfg_scale: float, distilled_cfg: float, extra: dict,
-                 on_step: StepCallback, start: int = 0, init: InitLatents | None = None) -> torch.Tensor:
+                 on_step: StepCallback, start: int = 0, init: InitLatents | None = None,
+                 controls: FlowControls | None = None) -> torch.Tensor:
     """Latents (B, C, h, w) denoised from ``noise``; ``uncond`` is None without CFG. With ``init`` (img2img) the
     schedule's steps from ``start`` on run, from its latents mixed with the noise at that step's sigma; inpainting
-    puts the kept part back after each step, as diffusers' SD3 and Flux Inpaint pipelines do."""
+    puts the kept part back after each step, as diffusers' SD3 and Flux Inpaint pipelines do. ``controls``: the
+    ControlNets' block samples go to the transformer at each step."""
     context = cond.embeds if uncond is None else torch.cat([uncond.embeds, cond.embeds])
     pooled = cond.pooled if uncond is None else torch.cat([uncond.pooled, cond.pooled])
     copies = 1 if uncond is None else 2
@@ -79,8 +82,10 @@ def denoise_flow(denoiser: torch.nn.Module, layout: FlowLayout, scheduler, noise
         timestep = t.expand(x.shape[0]).to(x.dtype)
         if fill is not None:
             x = torch.cat([x, fill], dim=-1)
+        residuals = {} if controls is None else controls.residuals(i, x, layout.timestep(timestep), context, pooled,
+                                                                   inputs)
         velocity = denoiser(hidden_states=x, timestep=layout.timestep(timestep), encoder_hidden_states=context,
-                            pooled_projections=pooled, return_dict=False, **inputs)[0].float()
+                            pooled_projections=pooled, return_dict=False, **inputs, **residuals)[0].float()
         if uncond is not None:
             v_uncond, v_cond = velocity.chunk(2)
             velocity = v_uncond + cfg_scale * (v_cond - v_uncond)

@@ -36,7 +36,7 @@ def denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generators
     req, sampling, unet, steps = job.request, job.sampling, model.denoiser, job.steps
     context = cond.embeds if uncond is None else torch.cat([uncond.embeds, cond.embeds])
     extra = init is not None and init.extra is not None
-    units = [active for active in job.controls if active.unit.acts_in(job.second_pass, job.hires is not None)]
+    units = job.active_controls()
     controls = Controls(units, steps.run, uncond is not None, model.vae_scale_factor) if units else None
 
     def model_input(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,112 @@
+"""Flux ControlNets (issue 27), in diffusers' layout as InstantX ships them: the engine's images equal diffusers'
+FluxControlNetPipeline on the same tiny weights, seed and steps (one unit, its weight and guidance end; two units as
+FluxMultiControlNetModel), with the control image's latents taken as the mean of the VAE's distribution in both (the
+pipeline samples it with the job's generator). Union models and control modes are refused naming the field."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxControlNetModel, FluxControlNetPipeline
+from diffusers.models import FluxMultiControlNetModel
+from diffusers.pipelines.flux import pipeline_flux_controlnet
+from safetensors.torch import save_file
+
+from tests.controlnet_files import control_picture
+from tests.test_flow_pipelines import (SEEDS, SIZE, STEPS, PROMPT, engine_for, files, flux_pipeline,  # noqa: F401
+                                       flux_request, generators, images, parts)
+from webui.engine.control.units import ControlUnit
+from webui.engine.infotext import parse_infotext
+from webui.errors import UserError
+
+CHECKPOINT = "flux-aio.safetensors"
+
+
+def flux_controlnet(transformer, seed: int, union: bool = False) -> FluxControlNetModel:
+    """A ControlNet grown from the transformer (InstantX's shape: fewer blocks), its zero layers made non-zero."""
+    config = transformer.config
+    model = FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
+                                                 attention_head_dim=config.attention_head_dim,
+                                                 num_attention_heads=config.num_attention_heads)
+    if union:
+        model = FluxControlNetModel.from_config(model.config, num_mode=10)
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in model.named_parameters():
+        if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.05
+    return model.eval()
+
+
+@pytest.fixture
+def setup(tmp_path, parts, files):  # noqa: F811
+    engine = engine_for(tmp_path, files, CHECKPOINT)
+    folder = engine.config.paths.controlnet_dir
+    folder.mkdir(parents=True)
+    models = [flux_controlnet(parts["flux"], seed) for seed in (1, 2)]
+    for index, model in enumerate(models):
+        save_file(model.state_dict(), folder / f"flux-control-{index}.safetensors")
+    return engine, models
+
+
+def reference(parts, files, controlnet, monkeypatch, **kwargs) -> np.ndarray:  # noqa: F811
+    monkeypatch.setattr(pipeline_flux_controlnet, "retrieve_latents",
+                        lambda output, generator=None, sample_mode="sample": output.latent_dist.mode())
+    pipe = flux_pipeline(functools.partial(FluxControlNetPipeline, controlnet=controlnet), parts, files)
+    out = pipe(prompt=PROMPT, width=SIZE, height=SIZE, num_inference_steps=STEPS, guidance_scale=3.5,
+               num_images_per_prompt=len(SEEDS), max_sequence_length=256, generator=generators(), **kwargs)
+    return np.stack([np.asarray(img) for img in out.images]).astype(int)
+
+
+def test_one_flux_controlnet_equals_diffusers(setup, parts, files, monkeypatch):  # noqa: F811
+    engine, (model, _) = setup
+    unit = ControlUnit(model="flux-control-0", image=control_picture(SIZE), weight=0.8, guidance_end=0.75,
+                       resize_mode="Just Resize")
+    result = engine.txt2img(flux_request(CHECKPOINT, controlnet=[unit]))
+    expected = reference(parts, files, model, monkeypatch, control_image=control_picture(SIZE),
+                         controlnet_conditioning_scale=0.8, control_guidance_end=0.75)
+    plain = images(engine.txt2img(flux_request(CHECKPOINT)))
+    got = images(result)
+    assert np.abs(got - plain).mean() > 1, "the ControlNet changes the picture"
+    assert np.abs(got - expected).max() <= 2, np.abs(got - expected).max()
+    assert "Model: flux-control-0" in parse_infotext(result.infotexts[0])["ControlNet 0"]
+
+
+def test_two_flux_controlnets_equal_the_multi_controlnet(setup, parts, files, monkeypatch):  # noqa: F811
+    engine, models = setup
+    pictures = [control_picture(SIZE), control_picture(SIZE, left=False)]
+    units = [ControlUnit(model=f"flux-control-{i}", image=p, weight=w, resize_mode="Just Resize")
+             for i, (p, w) in enumerate(zip(pictures, (0.7, 0.5)))]
+    got = images(engine.txt2img(flux_request(CHECKPOINT, controlnet=units)))
+    expected = reference(parts, files, FluxMultiControlNetModel(models), monkeypatch, control_image=pictures,
+                         controlnet_conditioning_scale=[0.7, 0.5], control_mode=None)
+    assert np.abs(got - expected).max() <= 2
+
+
+def test_a_union_model_and_a_control_mode_are_refused(setup, parts):  # noqa: F811
+    engine, _ = setup
+    save_file(flux_controlnet(parts["flux"], 3, union=True).state_dict(),
+              engine.config.paths.controlnet_dir / "union.safetensors")
+    picture = control_picture(SIZE)
+    for unit, field, words in (
+            (ControlUnit(model="union", image=picture), "controlnet[0].model", "Union ControlNet"),
+            (ControlUnit(model="flux-control-0", image=picture, control_mode="My prompt is more important"),
+             "controlnet[0].control_mode", "no control modes")):
+        with pytest.raises(UserError) as caught:
+            engine.txt2img(flux_request(CHECKPOINT, controlnet=[unit], batch_size=1))
+        assert caught.value.field == field and words in str(caught.value)
+
+
+def test_a_flux_controlnet_on_a_gguf_model_draws_what_it_draws_on_the_float_model(tmp_path, files, parts):  # noqa: F811
+    """The ControlNet beside a Q8_0 transformer (and with CFG, its block samples for both halves): close to the
+    float model's picture with the same unit, as the GGUF model alone is."""
+    engine = engine_for(tmp_path, files, CHECKPOINT, "flux-Q8_0.gguf")
+    engine.config.paths.controlnet_dir.mkdir(parents=True)
+    save_file(flux_controlnet(parts["flux"], 1).state_dict(), engine.config.paths.controlnet_dir / "edges.safetensors")
+    engine.options.update({"forge_additional_modules": ["ae.safetensors", "clip_l.safetensors",
+                                                        "t5xxl_fp32.safetensors"]})
+    unit = ControlUnit(model="edges", image=control_picture(SIZE))
+    full = images(engine.txt2img(flux_request(CHECKPOINT, controlnet=[unit], cfg_scale=2.0)))
+    quantized = images(engine.txt2img(flux_request("flux-Q8_0.gguf", controlnet=[unit], cfg_scale=2.0)))
+    assert np.abs(quantized - full).mean() < 2.0

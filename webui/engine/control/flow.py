@@ -1,0 +1,64 @@
+"""Flux ControlNets during a transformer's denoising, as diffusers' FluxControlNetPipeline computes them: the control
+image encoded by the VAE and packed as the latents (a ControlNet with an input hint block, as XLabs' converted ones,
+takes the picture itself), each active unit's block samples scaled by its weight and summed, handed to the
+transformer. The pipeline samples the image's latent distribution with the job's generator; here its mean is taken,
+so that the seed's noise is all the randomness (as img2img's init latents)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from webui.engine.control.apply import ActiveUnit, control_hint
+
+
+class FlowControls:
+    """The units over one denoising pass of ``steps`` steps at ``size`` (width, height): each unit's control input
+    (``control_inputs``, one row, expanded to the batch at each call)."""
+
+    def __init__(self, units: list[ActiveUnit], size: tuple[int, int], steps: int):
+        self.units, self.hints, self.steps = units, [active.encoded[size] for active in units], steps
+
+    def residuals(self, step: int, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                  pooled: torch.Tensor, inputs: dict) -> dict:
+        """The transformer's extra keyword arguments at ``step``: the active units' block samples summed (none: {})."""
+        blocks = singles = None
+        repeat = False
+        for active, hint in zip(self.units, self.hints):
+            if not active.unit.active_at(step, self.steps):
+                continue
+            model = active.model
+            guidance = inputs.get("guidance")
+            if model.config.guidance_embeds and guidance is None:  # a ControlNet with guidance on a model without
+                guidance = torch.ones(len(x), device=x.device, dtype=torch.float32)
+            b, s = model(hidden_states=x[..., :model.config.in_channels],
+                         controlnet_cond=hint.to(x.device, x.dtype).expand(len(x), *hint.shape[1:]),
+                         conditioning_scale=active.unit.weight,
+                         timestep=timestep, guidance=guidance if model.config.guidance_embeds else None,
+                         pooled_projections=pooled, encoder_hidden_states=context, txt_ids=inputs["txt_ids"],
+                         img_ids=inputs["img_ids"], return_dict=False)
+            blocks, singles = _summed(blocks, b), _summed(singles, s)
+            repeat = repeat or model.input_hint_block is not None
+        if blocks is None and singles is None:
+            return {}
+        return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": singles,
+                "controlnet_blocks_repeat": repeat}
+
+
+def _summed(total: tuple | None, more: tuple | None) -> tuple | None:
+    if not more:
+        return total
+    return more if total is None else tuple(a + b for a, b in zip(total, more))
+
+
+def encode_control_inputs(units: list[ActiveUnit], width: int, height: int,
+                          encode: Callable[[torch.Tensor], torch.Tensor],
+                          pack: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Each unit's control input at ``width`` x ``height``, kept on the unit for the pass (and the batches after it):
+    its picture resized by the unit's resize mode, in [-1, 1], encoded (``encode``: pixels to latents) and packed
+    (``pack``); a hint-block ControlNet's, the pixels."""
+    for active in units:
+        if (width, height) not in active.encoded:
+            pixels = control_hint(active.image, width, height, active.unit.resize_mode) * 2 - 1
+            active.encoded[width, height] = (pixels if active.model.input_hint_block is not None
+                                             else pack(encode(pixels)))
