@@ -291,6 +291,32 @@ def test_png_info_reads_the_parameters_and_sends_them_to_txt2img(page, tmp_path)
     assert page.locator(ERROR_TOASTS).count() == 0, page.locator(ERROR_TOASTS).all_inner_texts()
 
 
+def test_a_controlnet_units_preprocessor_relabels_its_sliders_and_previews_its_map(page, server, tmp_path):
+    """In txt2img's ControlNet accordion: choosing canny shows its resolution and thresholds under their names, and
+    ▶ shows the edges it detects in the unit's picture (white lines on black)."""
+    picture = tmp_path / "shapes.png"
+    image = Image.new("RGB", (SIZE, SIZE), "white")
+    image.paste((20, 20, 20), (32, 32, 96, 96))
+    image.save(picture)
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#txt2img_controlnet").get_by_text("ControlNet", exact=True).first.click()
+    unit = "#txt2img_controlnet_0"
+    expect(page.locator(f"{unit}_threshold_a")).to_be_hidden()
+    page.locator(f"{unit}_module input").click()
+    page.get_by_role("option", name="canny", exact=True).click()
+    expect(page.locator(f"{unit}_threshold_a")).to_contain_text("Low Threshold")
+    expect(page.locator(f"{unit}_threshold_b")).to_contain_text("High Threshold")
+    expect(page.locator(f"{unit}_processor_res")).to_contain_text("Resolution")
+    page.locator(f"{unit}_image input[type=file]").set_input_files(picture)
+    page.locator(f"{unit}_preview_button").click()
+    shown = page.locator(f"{unit}_preview img")
+    expect(shown).to_be_visible()
+    edges = fetched_image(server, shown.get_attribute("src")).convert("L")
+    values = sorted(set(edges.getdata()))
+    assert values[0] == 0 and values[-1] == 255 and sum(1 for v in edges.getdata() if v > 127) < edges.width * 40
+    assert page.locator(ERROR_TOASTS).count() == 0, page.locator(ERROR_TOASTS).all_inner_texts()
+
+
 def test_a_reload_shows_the_selected_checkpoint_not_the_loaded_one(page, server):
     """Another tab (here the API) selects the dusk checkpoint while demo-shapes is loaded: a reload shows what the
     next Generate uses."""
@@ -312,7 +338,8 @@ def test_the_small_buttons_draw_their_symbols_without_an_emoji_font(page):
     """Each symbol drawn in the button's own font differs from what a character no font has draws (the empty box):
     emoji drew that box where no emoji font is installed."""
     page.get_by_role("tab", name="txt2img").click()
-    buttons = ["#refresh_checkpoints", "#txt2img_random_seed", "#txt2img_reuse_seed", "#txt2img_lora_refresh"]
+    buttons = ["#refresh_checkpoints", "#txt2img_random_seed", "#txt2img_reuse_seed", "#txt2img_lora_refresh",
+               "#txt2img_controlnet_0_preview_button", "#txt2img_controlnet_0_refresh"]
     drawn = page.evaluate("""ids => {
         const draw = (text, family) => {
             const canvas = document.createElement("canvas");

@@ -24,7 +24,7 @@ class RequestFields(dict):
     ``request_from_form`` takes them all, in the form's order."""
 # Small buttons' symbols: plain Unicode that common fonts have (DejaVu Sans, Segoe UI Symbol, Apple Symbols), not
 # emoji, which show as empty boxes where no emoji font is installed.
-REFRESH, RANDOM_SEED, REUSE_SEED = "↻", "⚄", "♻"
+REFRESH, RANDOM_SEED, REUSE_SEED, RUN = "↻", "⚄", "♻", "▶"
 
 
 class FieldSlider(gr.Slider):

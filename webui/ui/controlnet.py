@@ -11,7 +11,7 @@ from webui.engine.control.units import CONTROL_MODES, MAX_WEIGHT, RESIZE_MODES, 
 from webui.engine.engine import Engine
 from webui.errors import UserError
 from webui.jobs import JobQueue
-from webui.ui.common import PART, REFRESH, Components
+from webui.ui.common import PART, REFRESH, RUN, Components
 
 FIELD = "controlnet"  # the request field the units' inputs give
 # in the order the inputs are made (the form gives their values in that order)
@@ -49,7 +49,7 @@ def _unit_inputs(form: Components, engine: Engine, jobs: JobQueue, tab: str, uni
     with gr.Row(equal_height=True):
         module = form[key("module")] = gr.Dropdown([p.label for p in PREPROCESSORS], value="none",
                                                    label="Preprocessor", scale=4, elem_id=f"{prefix}_module")
-        run = gr.Button("\U0001f4a5", scale=0, min_width=48, elem_id=f"{prefix}_preview_button")
+        run = gr.Button(RUN, scale=0, min_width=48, elem_id=f"{prefix}_preview_button")
     with gr.Row():
         sliders = [gr.Slider(**_slider(s), elem_id=f"{prefix}_{name}")
                    for name, s in (("processor_res", RESOLUTION), ("threshold_a", UNUSED), ("threshold_b", UNUSED))]
