@@ -605,9 +605,12 @@ def test_compiled_families_on_cuda_equal_eager_keep_their_graphs_through_loras_a
     for prompt in ("a cat <lora:style:0.4>", "a dog", "a cat <lora:style:1>"):
         assert engine.txt2img(req(prompt=prompt, seed=5)).memory.compiled
     assert counters["stats"]["unique_graphs"] == graphs, "nothing compiled again for a LoRA's weight, removal, return"
-    denoiser_mb = engine.memory.components["denoiser"].nbytes / MB
+    # GPU Weights: 70 % of what the denoising phase places, the denoiser and its companions (the LoRA's adapters,
+    # which on a tiny model weigh as much as a block or two)
+    phase_mb = sum(c.nbytes for name, c in engine.memory.components.items()
+                   if "denoiser" in (name, c.companion_of)) / MB
     total_mb = torch.cuda.get_device_properties(0).total_memory / MB
-    engine.options.update({"forge_inference_memory": int(total_mb - denoiser_mb * 0.7)})
+    engine.options.update({"forge_inference_memory": int(total_mb - phase_mb * 0.7)})
     streamed = engine.txt2img(req())
     assert streamed.memory.streamed_mb > 0 and streamed.memory.compiled
     assert np.abs(as_array(streamed.images) - as_array(first.images)).mean() < 1.0
@@ -665,8 +668,8 @@ def test_a_controlnet_on_cuda_is_placed_with_the_unet_and_streams_exactly(tmp_pa
 
 @requires_cuda
 def test_a_flux_controlnet_on_cuda_draws_what_the_cpu_draws_and_streams_exactly(tmp_path, files, parts):  # noqa: F811
-    """A Flux ControlNet (diffusers' layout) beside the bf16 transformer on the GPU: the CPU's picture but for a few
-    levels; with ``--lowvram`` (both streamed) the resident picture."""
+    """A Flux ControlNet (diffusers' layout) beside the transformer on the GPU, in float32: the CPU's picture; with
+    ``--lowvram`` (both streamed) the resident picture."""
     from safetensors.torch import save_file
 
     from tests.controlnet_files import control_picture
@@ -674,9 +677,9 @@ def test_a_flux_controlnet_on_cuda_draws_what_the_cpu_draws_and_streams_exactly(
     from tests.test_flow_pipelines import flux_request
     from webui.engine.control.units import ControlUnit
 
-    def engine(name: str, *flags):
+    def engine(name: str, *flags):  # in float32: a tiny random Flux in bfloat16 draws another picture
         made = make_engine(tmp_path / name, files / "Stable-diffusion" / "flux-aio.safetensors", extra_args=(
-            "--vae-dir", str(files / "VAE"), "--text-encoder-dir", str(files / "text_encoder"), *flags))
+            "--vae-dir", str(files / "VAE"), "--text-encoder-dir", str(files / "text_encoder"), "--no-half", *flags))
         made.config.paths.controlnet_dir.mkdir(parents=True, exist_ok=True)
         save_file(flux_controlnet(parts["flux"], 1).state_dict(), made.config.paths.controlnet_dir / "e.safetensors")
         return made
@@ -688,4 +691,4 @@ def test_a_flux_controlnet_on_cuda_draws_what_the_cpu_draws_and_streams_exactly(
     on_cpu = engine("cpu").txt2img(request)
     assert streamed.memory.streamed_mb > 0
     assert np.abs(as_array(streamed.images) - as_array(resident.images)).max() <= 1
-    assert np.abs(as_array(resident.images) - as_array(on_cpu.images)).mean() < 4.0
+    assert np.abs(as_array(resident.images) - as_array(on_cpu.images)).mean() < 1.0
