@@ -673,7 +673,7 @@ def test_a_flux_controlnet_on_cuda_draws_what_the_cpu_draws_and_streams_exactly(
     from safetensors.torch import save_file
 
     from tests.controlnet_files import control_picture
-    from tests.test_controlnet_flux import flux_controlnet
+    from tests.test_controlnet_flow import flux_controlnet
     from tests.test_flow_pipelines import flux_request
     from webui.engine.control.units import ControlUnit
 

@@ -182,15 +182,20 @@ def test_missing_t5_tokenizer_is_a_clear_error(tmp_path, files, monkeypatch):
                                             checkpoint="demo-shapes")).images, "the app keeps working"
 
 
-def sd3_reference(parts: dict, files: Path, with_t5: bool) -> np.ndarray:
+def sd3_pipeline_parts(parts: dict, files: Path, with_t5: bool) -> dict:
+    """The modules diffusers' SD3 pipelines take, as the test files were written from."""
     clip_l = copy.deepcopy(parts["clip_l"])  # SD3's files carry CLIP-L without a projection: diffusers' identity
     with torch.no_grad():
         clip_l.text_projection.weight.copy_(torch.eye(clip_l.config.hidden_size))
     t5_tokenizer = T5TokenizerFast.from_pretrained(files / "text_encoder" / "t5_tokenizer", local_files_only=True)
-    pipe = StableDiffusion3Pipeline(
+    return dict(
         transformer=parts["sd3"], scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=parts["sd3_vae"],
         text_encoder=clip_l, tokenizer=clip_tokenizer(), text_encoder_2=parts["clip_g"], tokenizer_2=clip_tokenizer("!"),
         text_encoder_3=parts["t5"] if with_t5 else None, tokenizer_3=t5_tokenizer if with_t5 else None)
+
+
+def sd3_reference(parts: dict, files: Path, with_t5: bool) -> np.ndarray:
+    pipe = StableDiffusion3Pipeline(**sd3_pipeline_parts(parts, files, with_t5))
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, width=SIZE, height=SIZE, num_inference_steps=STEPS,
                guidance_scale=5.0, num_images_per_prompt=len(SEEDS), max_sequence_length=256,

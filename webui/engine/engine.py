@@ -22,7 +22,6 @@ from webui.engine.control.apply import ActiveUnit
 from webui.engine.control.detect import Detectors
 from webui.engine.control.models import ControlNets
 from webui.engine.control.preprocessors import find_preprocessor
-from webui.engine.families.base import UNetFamily
 from webui.engine.families.protocol import FamilyFields
 from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
@@ -370,9 +369,7 @@ class Engine:
         """The request's ControlNet units, their pictures preprocessed (a unit without one takes the init image),
         their models in place (those of earlier jobs let go)."""
         units = request.controlnet or []
-        if units and not (isinstance(model.kind, UNetFamily) or model.family is Family.FLUX):
-            raise UserError(f"ControlNet is done for SD1.x, SD2.x, SDXL and Flux so far, not for "
-                            f"{model.family.value}", field="controlnet")
+
         detected = [self.detectors.control_image(unit, init_images[0] if unit.image is None else unit.image,
                                                  request.width, request.height, self.memory, seed,
                                                  f"controlnet[{index}]")

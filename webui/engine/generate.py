@@ -391,10 +391,10 @@ def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
         prepare_encoders(memory, estimates)
     cond, uncond = _conditioning(model, job, device, dtype)
     units = job.active_controls()
-    if units and isinstance(model.kind, FlowFamily):  # Flux ControlNets take their images as latents
+    if units and isinstance(model.kind, FlowFamily):  # Flux and SD3 ControlNets take their images as latents
         encode_control_inputs(units, req.width, req.height, lambda pixels: encode(
             model, memory, pixels, vae_passes(model.vae)(req.width, req.height, 1, encode=True), notices),
-                              model.kind.pack)
+                              model.kind.pack, model.vae.config.shift_factor or 0.0, model.vae.config.scaling_factor)
     clock.lap(prefix + "encode")
     memory.prepare(["denoiser"], activation)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]

@@ -1,13 +1,14 @@
-"""Flux ControlNets during a transformer's denoising, as diffusers' FluxControlNetPipeline computes them: the control
-image encoded by the VAE and packed as the latents (a ControlNet with an input hint block, as XLabs' converted ones,
-takes the picture itself), each active unit's block samples scaled by its weight and summed, handed to the
-transformer. The pipeline samples the image's latent distribution with the job's generator; here its mean is taken,
-so that the seed's noise is all the randomness (as img2img's init latents)."""
+"""Flux and SD3 ControlNets during a transformer's denoising, as diffusers' FluxControlNetPipeline and
+StableDiffusion3ControlNetPipeline compute them: the control image encoded by the VAE and laid out as the latents (a
+Flux ControlNet with an input hint block, as XLabs' converted ones, takes the picture itself), each active unit's
+block samples scaled by its weight and summed, handed to the transformer. The pipelines sample the image's latent
+distribution; here its mean is taken, so that the seed's noise is all the randomness (as img2img's init latents)."""
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+from diffusers import SD3ControlNetModel
 
 from webui.engine.control.apply import ActiveUnit, control_hint
 
@@ -27,20 +28,28 @@ class FlowControls:
         for active, hint in zip(self.units, self.hints):
             if not active.unit.active_at(step, self.steps):
                 continue
-            model = active.model
-            guidance = inputs.get("guidance")
-            if model.config.guidance_embeds and guidance is None:  # a ControlNet with guidance on a model without
-                guidance = torch.ones(len(x), device=x.device, dtype=torch.float32)
-            b, s = model(hidden_states=x[..., :model.config.in_channels],
-                         controlnet_cond=hint.to(x.device, x.dtype).expand(len(x), *hint.shape[1:]),
-                         conditioning_scale=active.unit.weight,
-                         timestep=timestep, guidance=guidance if model.config.guidance_embeds else None,
-                         pooled_projections=pooled, encoder_hidden_states=context, txt_ids=inputs["txt_ids"],
-                         img_ids=inputs["img_ids"], return_dict=False)
+            model, scale = active.model, active.unit.weight
+            hint = hint.to(x.device, x.dtype).expand(len(x), *hint.shape[1:])
+            if isinstance(model, SD3ControlNetModel):
+                text = context if model.context_embedder is not None else None
+                pooling = torch.zeros_like(pooled) if model.config.force_zeros_for_pooled_projection else pooled
+                b, s = model(hidden_states=x, controlnet_cond=hint, conditioning_scale=scale, timestep=timestep,
+                             encoder_hidden_states=text, pooled_projections=pooling, return_dict=False)[0], None
+            else:
+                guidance = inputs.get("guidance")
+                if model.config.guidance_embeds and guidance is None:  # a ControlNet with guidance on a model without
+                    guidance = torch.ones(len(x), device=x.device, dtype=torch.float32)
+                b, s = model(hidden_states=x[..., :model.config.in_channels], controlnet_cond=hint,
+                             conditioning_scale=scale, timestep=timestep,
+                             guidance=guidance if model.config.guidance_embeds else None, pooled_projections=pooled,
+                             encoder_hidden_states=context, txt_ids=inputs["txt_ids"], img_ids=inputs["img_ids"],
+                             return_dict=False)
+                repeat = repeat or model.input_hint_block is not None
             blocks, singles = _summed(blocks, b), _summed(singles, s)
-            repeat = repeat or model.input_hint_block is not None
         if blocks is None and singles is None:
             return {}
+        if isinstance(self.units[0].model, SD3ControlNetModel):
+            return {"block_controlnet_hidden_states": list(blocks)}
         return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": singles,
                 "controlnet_blocks_repeat": repeat}
 
@@ -53,12 +62,19 @@ def _summed(total: tuple | None, more: tuple | None) -> tuple | None:
 
 def encode_control_inputs(units: list[ActiveUnit], width: int, height: int,
                           encode: Callable[[torch.Tensor], torch.Tensor],
-                          pack: Callable[[torch.Tensor], torch.Tensor]) -> None:
+                          pack: Callable[[torch.Tensor], torch.Tensor], shift: float, scale: float) -> None:
     """Each unit's control input at ``width`` x ``height``, kept on the unit for the pass (and the batches after it):
-    its picture resized by the unit's resize mode, in [-1, 1], encoded (``encode``: pixels to latents) and packed
-    (``pack``); a hint-block ControlNet's, the pixels."""
+    its picture resized by the unit's resize mode, in [-1, 1], encoded (``encode``: pixels to latents as the
+    denoiser sees them, with the VAE's ``shift`` and ``scale``) and packed (``pack``); a hint-block ControlNet's, the
+    pixels."""
     for active in units:
-        if (width, height) not in active.encoded:
-            pixels = control_hint(active.image, width, height, active.unit.resize_mode) * 2 - 1
-            active.encoded[width, height] = (pixels if active.model.input_hint_block is not None
-                                             else pack(encode(pixels)))
+        if (width, height) in active.encoded:
+            continue
+        pixels = control_hint(active.image, width, height, active.unit.resize_mode) * 2 - 1
+        if getattr(active.model, "input_hint_block", None) is not None:
+            active.encoded[width, height] = pixels
+            continue
+        latents = encode(pixels)
+        if getattr(active.model.config, "force_zeros_for_pooled_projection", False):  # InstantX's SD3: unshifted
+            latents = latents + shift * scale
+        active.encoded[width, height] = pack(latents)

@@ -6,11 +6,13 @@ like them). An LDM file is renamed by diffusers' own single-file conversion (``c
 which needs only the number of layers per block, read from where the first downsampling sits."""
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, FluxControlNetModel
+from diffusers import ControlNetModel, FluxControlNetModel, SD3ControlNetModel
 from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING, LDM_CONTROLNET_KEY,
                                                   convert_controlnet_checkpoint)
 from PIL import Image
@@ -18,6 +20,7 @@ from PIL import Image
 from webui.engine.control.apply import ActiveUnit
 from webui.engine.control.units import CONTROL_MODES, ControlUnit
 from webui.engine.families.flux import rope_axes
+from webui.engine.families.sd3 import HEAD_DIM, SAMPLE_SIZE
 from webui.engine.formats.detect import NORM_GROUPS, Family, block_count
 from webui.engine.formats.files import TensorInfo, find_files, load_state_dict
 from webui.engine.loading.load import build_module
@@ -33,9 +36,14 @@ def is_flux_controlnet(state_dict: dict) -> bool:
     return "controlnet_x_embedder.weight" in state_dict and "x_embedder.weight" in state_dict
 
 
+def is_sd3_controlnet(state_dict: dict) -> bool:
+    return "pos_embed_input.proj.weight" in state_dict
+
+
 def to_diffusers_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An LDM ControlNet's tensors under diffusers' names (a diffusers-keyed one as it is)."""
-    if "controlnet_cond_embedding.conv_in.weight" in state_dict or is_flux_controlnet(state_dict):
+    if ("controlnet_cond_embedding.conv_in.weight" in state_dict or is_flux_controlnet(state_dict)
+            or is_sd3_controlnet(state_dict)):
         return state_dict
     state_dict = {k.removeprefix(LDM_CONTROLNET_KEY): v for k, v in state_dict.items()}
     if "input_hint_block.0.weight" not in state_dict:
@@ -110,15 +118,49 @@ def flux_controlnet_config(infos: dict[str, TensorInfo]) -> dict:
     }
 
 
+def sd3_controlnet_config(infos: dict[str, TensorInfo], saved: dict) -> dict:
+    """An ``SD3ControlNetModel`` config from the tensor shapes: InstantX's (its own position embedding and text
+    blocks) or SD3.5's (neither: the transformer's position embedding, blocks without text). Whether the pooled
+    text is zeroed is no tensor's: a diffusers folder's config.json (``saved``) says, else the kind tells (InstantX's
+    zero it, SD3.5's do not)."""
+    inner, channels, patch, _ = infos["pos_embed_input.proj.weight"].shape
+    context = infos.get("context_embedder.weight")
+    positions = infos.get("pos_embed.pos_embed")
+    layers = block_count(infos, "transformer_blocks")
+    config = {
+        "sample_size": SAMPLE_SIZE,
+        "patch_size": patch,
+        "in_channels": channels,
+        "num_layers": layers,
+        "attention_head_dim": HEAD_DIM,
+        "num_attention_heads": inner // HEAD_DIM,
+        "joint_attention_dim": None if context is None else context.shape[1],
+        "caption_projection_dim": inner if context is None else context.shape[0],
+        "pooled_projection_dim": infos["time_text_embed.text_embedder.linear_1.weight"].shape[1],
+        "out_channels": channels,
+        "pos_embed_max_size": math.isqrt(positions.shape[1]) if positions is not None else 96,
+        "dual_attention_layers": tuple(i for i in range(layers) if f"transformer_blocks.{i}.attn2.to_q.weight" in infos),
+        "qk_norm": "rms_norm" if "transformer_blocks.0.attn.norm_q.weight" in infos else None,
+        "use_pos_embed": "pos_embed.proj.weight" in infos,
+        "force_zeros_for_pooled_projection": context is not None,
+    }
+    return config | {k: saved[k] for k in ("force_zeros_for_pooled_projection", "sample_size") if k in saved}
+
+
 def load_controlnet(path: Path, dtype: torch.dtype, time_embed_dim: int = 256) -> tuple[Family, torch.nn.Module]:
     """A ControlNet file (or a diffusers folder's weights) in host memory, in ``dtype``; ``time_embed_dim`` as
     ``controlnet_config``'s."""
+    saved = {}
     if path.is_dir():
+        if (path / "config.json").is_file():
+            saved = json.loads((path / "config.json").read_text())
         path = next(path.glob("diffusion_pytorch_model*.safetensors"), path / "diffusion_pytorch_model.bin")
     state_dict = to_diffusers_keys(load_state_dict(path))
     infos = {k: TensorInfo(str(v.dtype), tuple(v.shape)) for k, v in state_dict.items()}
     if is_flux_controlnet(infos):
         family, cls, config = Family.FLUX, FluxControlNetModel, flux_controlnet_config(infos)
+    elif is_sd3_controlnet(infos):
+        family, cls, config = Family.SD3, SD3ControlNetModel, sd3_controlnet_config(infos, saved)
     else:
         cls, (family, config) = ControlNetModel, controlnet_config(infos, time_embed_dim)
     model = build_module(cls, config, state_dict, path.name, dtype)
@@ -171,16 +213,18 @@ class ControlNets:
                 self.loaded[path] = load_controlnet(path, compute_dtype(denoiser),
                                                     denoiser.config.get("addition_time_embed_dim") or 256)
             model_family, model = self.loaded[path]
+            if isinstance(model, SD3ControlNetModel) and model.pos_embed is None:  # SD3.5's: the transformer's
+                model.pos_embed = model._get_pos_embed_from_transformer(denoiser).to(compute_dtype(denoiser))
             if model_family is not family:
                 raise UserError(f"{path.name} is a ControlNet for {model_family.value}, and the checkpoint is "
                                 f"{family.value}: pick one made for {family.value}", field=f"controlnet[{index}].model")
-            if isinstance(model, FluxControlNetModel):
-                if model.union:
+            if isinstance(model, (FluxControlNetModel, SD3ControlNetModel)):
+                if getattr(model, "union", False):
                     raise UserError(f"{path.name} is a Union ControlNet (it needs a control type), which is not "
                                     "supported yet for Flux: pick a ControlNet of one kind",
                                     field=f"controlnet[{index}].model")
                 if unit.control_mode != CONTROL_MODES[0]:
-                    raise UserError(f"Flux ControlNets have no control modes: leave it at {CONTROL_MODES[0]}",
+                    raise UserError(f"{family.value} ControlNets have no control modes: leave it at {CONTROL_MODES[0]}",
                                     field=f"controlnet[{index}].control_mode")
             active.append(ActiveUnit(unit, model, image))
             used.add(path)

@@ -1,9 +1,11 @@
-"""Flux ControlNets (issue 27), in diffusers' layout as InstantX ships them: the engine's images equal diffusers'
-FluxControlNetPipeline on the same tiny weights, seed and steps (one unit, its weight and guidance end; two units as
-FluxMultiControlNetModel), with the control image's latents taken as the mean of the VAE's distribution in both (the
-pipeline samples it with the job's generator). Union models and control modes are refused naming the field."""
+"""Flux and SD3 ControlNets (issue 27), in diffusers' layout as InstantX and Stability ship them: the engine's images
+equal diffusers' FluxControlNetPipeline / StableDiffusion3ControlNetPipeline on the same tiny weights, seed and steps
+(one unit, its weight and guidance end; two units as FluxMultiControlNetModel; InstantX's and SD3.5's SD3 kinds),
+with the control image's latents taken as the mean of the VAE's distribution in both (the pipelines sample it).
+Union models and control modes are refused naming the field."""
 from __future__ import annotations
 
+import copy
 import functools
 
 import numpy as np
@@ -110,3 +112,54 @@ def test_a_flux_controlnet_on_a_gguf_model_draws_what_it_draws_on_the_float_mode
     full = images(engine.txt2img(flux_request(CHECKPOINT, controlnet=[unit], cfg_scale=2.0)))
     quantized = images(engine.txt2img(flux_request("flux-Q8_0.gguf", controlnet=[unit], cfg_scale=2.0)))
     assert np.abs(quantized - full).mean() < 2.0
+
+
+def sd3_controlnet(transformer, seed: int, sd35: bool = False) -> torch.nn.Module:
+    """An SD3 ControlNet as InstantX's are made (the transformer's embedders and first block), or as SD3.5's
+    (``sd35``: no position embedding of its own, blocks without text, the pooled text not zeroed); its output layers
+    and the control image's embedding made non-zero."""
+    from diffusers import SD3ControlNetModel
+
+    kind = dict(use_pos_embed=False, joint_attention_dim=None, force_zeros_for_pooled_projection=False) if sd35 else {}
+    model = SD3ControlNetModel.from_config(dict(transformer.config), num_layers=1, extra_conditioning_channels=0,
+                                           **kind)
+    for part in ("time_text_embed",) if sd35 else ("pos_embed", "time_text_embed", "context_embedder"):
+        getattr(model, part).load_state_dict(getattr(transformer, part).state_dict())
+    if not sd35:
+        model.transformer_blocks.load_state_dict(transformer.transformer_blocks.state_dict(), strict=False)
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in model.named_parameters():
+        if name.startswith(("controlnet_blocks", "pos_embed_input")):
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.05
+    return model.eval()
+
+
+@pytest.mark.parametrize("sd35", [False, True])
+def test_an_sd3_controlnet_equals_diffusers(tmp_path, parts, files, monkeypatch, sd35):  # noqa: F811
+    """InstantX's kind (zeroed pooled text, unshifted control latents) and SD3.5's (the transformer's position
+    embedding, no text), with CFG: diffusers' StableDiffusion3ControlNetPipeline's images (its control latents sampled
+    there: the mean here and there)."""
+    from diffusers import StableDiffusion3ControlNetPipeline
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from tests.test_flow_pipelines import NEGATIVE, sd3_pipeline_parts
+
+    model = sd3_controlnet(parts["sd3"], 4, sd35)
+    engine = engine_for(tmp_path, files, "sd3-aio.safetensors")
+    engine.config.paths.controlnet_dir.mkdir(parents=True)
+    save_file(model.state_dict(), engine.config.paths.controlnet_dir / "sd3-edges.safetensors")
+    unit = ControlUnit(model="sd3-edges", image=control_picture(SIZE), weight=0.9, guidance_end=0.75,
+                       resize_mode="Just Resize")
+    got = images(engine.txt2img(flux_request("sd3-aio.safetensors", cfg_scale=5.0, controlnet=[unit])))
+    plain = images(engine.txt2img(flux_request("sd3-aio.safetensors", cfg_scale=5.0)))
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+    pipe = StableDiffusion3ControlNetPipeline(**sd3_pipeline_parts(parts, files, with_t5=True),
+                                              controlnet=copy.deepcopy(model))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, width=SIZE, height=SIZE, num_inference_steps=STEPS,
+               guidance_scale=5.0, num_images_per_prompt=len(SEEDS), max_sequence_length=256,
+               sigmas=list(np.linspace(1.0, 1 / STEPS, STEPS)), generator=generators(),
+               control_image=control_picture(SIZE), controlnet_conditioning_scale=0.9, control_guidance_end=0.75)
+    expected = np.stack([np.asarray(img) for img in out.images]).astype(int)
+    assert np.abs(got - plain).mean() > 1, "the ControlNet changes the picture"
+    assert np.abs(got - expected).max() <= 2, np.abs(got - expected).max()
