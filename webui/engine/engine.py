@@ -369,7 +369,6 @@ class Engine:
         """The request's ControlNet units, their pictures preprocessed (a unit without one takes the init image),
         their models in place (those of earlier jobs let go)."""
         units = request.controlnet or []
-
         detected = [self.detectors.control_image(unit, init_images[0] if unit.image is None else unit.image,
                                                  request.width, request.height, self.memory, seed,
                                                  f"controlnet[{index}]")

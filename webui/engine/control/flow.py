@@ -15,7 +15,7 @@ from webui.engine.control.apply import ActiveUnit, control_hint
 
 class FlowControls:
     """The units over one denoising pass of ``steps`` steps at ``size`` (width, height): each unit's control input
-    (``control_inputs``, one row, expanded to the batch at each call)."""
+    (``encode_control_inputs``, one row, expanded to the batch at each call)."""
 
     def __init__(self, units: list[ActiveUnit], size: tuple[int, int], steps: int):
         self.units, self.hints, self.steps = units, [active.encoded[size] for active in units], steps
