@@ -218,6 +218,8 @@ def test_the_api_takes_webuiapis_controlnet_units(tmp_path, fixture_value):
     for args, field in (([{"model": "control-sd1-0", "image": picture, "weight": 3}], "controlnet[0].weight"),
                         (["on"], "ControlNet[0]"),
                         ([{"model": "control-sd1-0", "image": picture, "control_mode": 7}], "ControlNet[0].control_mode"),
+                        ([{"model": "control-sd1-0", "image": picture, "union_control_type": "Sketch"}],
+                         "ControlNet[0].union_control_type"),
                         ([{"model": "control-sd1-0"}], "controlnet[0].image")):
         refused = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"ControlNet": {"args": args}}})
         assert refused.status_code == 422 and refused.json()["field"] == field, (args, refused.text)

@@ -2,7 +2,7 @@
 equal diffusers' FluxControlNetPipeline / StableDiffusion3ControlNetPipeline on the same tiny weights, seed and steps
 (one unit, its weight and guidance end; two units as FluxMultiControlNetModel; InstantX's and SD3.5's SD3 kinds),
 with the control image's latents taken as the mean of the VAE's distribution in both (the pipelines sample it).
-Union models and control modes are refused naming the field."""
+Union models run in the unit's control type; control modes are refused naming the field."""
 from __future__ import annotations
 
 import copy
@@ -86,13 +86,26 @@ def test_two_flux_controlnets_equal_the_multi_controlnet(setup, parts, files, mo
     assert np.abs(got - expected).max() <= 2
 
 
-def test_a_union_model_and_a_control_mode_are_refused(setup, parts):  # noqa: F811
+def test_a_union_model_runs_in_the_units_control_type(setup, parts, files, monkeypatch):  # noqa: F811
+    """A Flux Union ControlNet in the mode of the unit's union_control_type (sd-webui-controlnet's names: "Depth" is
+    its mode 2), as diffusers' pipeline with that control_mode; in the mode its preprocessor implies where the type
+    is "Unknown"; refused naming the field where neither says one it knows."""
     engine, _ = setup
-    save_file(flux_controlnet(parts["flux"], 3, union=True).state_dict(),
-              engine.config.paths.controlnet_dir / "union.safetensors")
+    union = flux_controlnet(parts["flux"], 3, union=True)
+    save_file(union.state_dict(), engine.config.paths.controlnet_dir / "union.safetensors")
     picture = control_picture(SIZE)
+    unit = ControlUnit(model="union", image=picture, union_control_type="Depth", resize_mode="Just Resize")
+    result = engine.txt2img(flux_request(CHECKPOINT, controlnet=[unit]))
+    expected = reference(parts, files, union, monkeypatch, control_image=picture, control_mode=2)
+    assert np.abs(images(result) - expected).max() <= 2
+    assert "Union Control Type: Depth" in parse_infotext(result.infotexts[0])["ControlNet 0"]
+    tile = ControlUnit(model="union", image=picture, module="tile_resample", resize_mode="Just Resize")
+    tiled = reference(parts, files, union, monkeypatch, control_image=picture, control_mode=1)
+    assert np.abs(images(engine.txt2img(flux_request(CHECKPOINT, controlnet=[tile]))) - tiled).max() <= 2
     for unit, field, words in (
-            (ControlUnit(model="union", image=picture), "controlnet[0].model", "Union ControlNet"),
+            (ControlUnit(model="union", image=picture), "controlnet[0].union_control_type", "knows canny, tile"),
+            (ControlUnit(model="union", image=picture, union_control_type="Segmentation"),
+             "controlnet[0].union_control_type", "'Segmentation'"),
             (ControlUnit(model="flux-control-0", image=picture, control_mode="My prompt is more important"),
              "controlnet[0].control_mode", "no control modes")):
         with pytest.raises(UserError) as caught:

@@ -9,7 +9,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from webui.engine.control.preprocessors import PREPROCESSORS, checked_resolution, find_preprocessor
-from webui.engine.control.units import CONTROL_MODES, HR_OPTIONS, RESIZE_MODES, ControlUnit
+from webui.engine.control.units import CONTROL_MODES, HR_OPTIONS, RESIZE_MODES, UNION_TYPES, ControlUnit
 from webui.errors import UserError
 
 SCRIPT = "controlnet"  # its name in alwayson_scripts (any case)
@@ -77,6 +77,8 @@ def _unit(given: dict, where: str, decode: Callable[[Any, str], Image.Image]) ->
         threshold_a=given.get("threshold_a", -1),
         threshold_b=given.get("threshold_b", -1),
         pixel_perfect=given.get("pixel_perfect", False),
+        union_control_type=_choice(given.get("union_control_type", UNION_TYPES[0]), UNION_TYPES,
+                                   f"{where}.union_control_type"),
     )
 
 

@@ -1,13 +1,14 @@
 """The generation tabs' ControlNet accordion, as Forge's: units (their number a setting, read when the page is built),
 each with its switch, control image, preprocessor (its resolution and two sliders relabelled for the one chosen, a
-preview of what it detects), model, weight, guidance start and end, control mode and resize mode. The form gives the
+preview of what it detects), model (and a Union model's control type), weight, guidance start and end, control mode
+and resize mode. The form gives the
 unit fields in order as one list (``controlnet__i``), which ``units_from_form`` turns into the request's units."""
 from __future__ import annotations
 
 import gradio as gr
 
 from webui.engine.control.preprocessors import PREPROCESSORS, RESOLUTION, Slider, find_preprocessor
-from webui.engine.control.units import CONTROL_MODES, MAX_WEIGHT, RESIZE_MODES, ControlUnit
+from webui.engine.control.units import CONTROL_MODES, MAX_WEIGHT, RESIZE_MODES, UNION_TYPES, ControlUnit
 from webui.engine.engine import Engine
 from webui.errors import UserError
 from webui.jobs import JobQueue
@@ -16,7 +17,7 @@ from webui.ui.common import PART, REFRESH, RUN, Components
 FIELD = "controlnet"  # the request field the units' inputs give
 # in the order the inputs are made (the form gives their values in that order)
 UNIT_FIELDS = ("enabled", "pixel_perfect", "image", "module", "processor_res", "threshold_a", "threshold_b", "model",
-               "weight", "guidance_start", "guidance_end", "control_mode", "resize_mode")
+               "union_control_type", "weight", "guidance_start", "guidance_end", "control_mode", "resize_mode")
 NO_MODEL = "None"
 # A slider the chosen preprocessor does not have: hidden, with room for any preprocessor's value (Gradio checks a
 # value against the range the page was built with, whatever the preprocessor chosen since)
@@ -63,6 +64,9 @@ def _unit_inputs(form: Components, engine: Engine, jobs: JobQueue, tab: str, uni
                             elem_id=f"{prefix}_model")
         refresh = gr.Button(REFRESH, scale=0, min_width=48, elem_id=f"{prefix}_refresh")
     form[key("model")] = model
+    form[key("union_control_type")] = gr.Dropdown(list(UNION_TYPES), value=UNION_TYPES[0],
+                                                  label="Union Control Type (Union ControlNets)",
+                                                  elem_id=f"{prefix}_union_control_type")
     refresh.click(lambda: gr.update(choices=[NO_MODEL, *engine.controlnets.names()]), outputs=model,
                   queue=False, api_visibility="private")
     with gr.Row():

@@ -19,6 +19,7 @@ class ActiveUnit:
     model: torch.nn.Module  # a ControlNetModel, or a FluxControlNetModel
     image: Image.Image  # its control image (the unit's, or the init image)
     encoded: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # a flow ControlNet's input by size
+    mode: int | None = None  # a Union ControlNet's control mode
 
 
 def control_hint(image: Image.Image, width: int, height: int, resize_mode: str) -> torch.Tensor:

@@ -39,8 +39,9 @@ class FlowControls:
                 guidance = inputs.get("guidance")
                 if model.config.guidance_embeds and guidance is None:  # a ControlNet with guidance on a model without
                     guidance = torch.ones(len(x), device=x.device, dtype=torch.float32)
+                mode = None if active.mode is None else torch.full((len(x), 1), active.mode, device=x.device)
                 b, s = model(hidden_states=x[..., :model.config.in_channels], controlnet_cond=hint,
-                             conditioning_scale=scale, timestep=timestep,
+                             controlnet_mode=mode, conditioning_scale=scale, timestep=timestep,
                              guidance=guidance if model.config.guidance_embeds else None, pooled_projections=pooled,
                              encoder_hidden_states=context, txt_ids=inputs["txt_ids"], img_ids=inputs["img_ids"],
                              return_dict=False)

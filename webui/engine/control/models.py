@@ -18,7 +18,7 @@ from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING, LDM_C
 from PIL import Image
 
 from webui.engine.control.apply import ActiveUnit
-from webui.engine.control.units import CONTROL_MODES, ControlUnit
+from webui.engine.control.units import CONTROL_MODES, UNION_TYPES, ControlUnit
 from webui.engine.families.flux import rope_axes
 from webui.engine.families.sd3 import HEAD_DIM, SAMPLE_SIZE
 from webui.engine.formats.detect import NORM_GROUPS, Family, block_count
@@ -213,20 +213,17 @@ class ControlNets:
                 self.loaded[path] = load_controlnet(path, compute_dtype(denoiser),
                                                     denoiser.config.get("addition_time_embed_dim") or 256)
             model_family, model = self.loaded[path]
-            if isinstance(model, SD3ControlNetModel) and model.pos_embed is None:  # SD3.5's: the transformer's
-                model.pos_embed = model._get_pos_embed_from_transformer(denoiser).to(compute_dtype(denoiser))
             if model_family is not family:
                 raise UserError(f"{path.name} is a ControlNet for {model_family.value}, and the checkpoint is "
                                 f"{family.value}: pick one made for {family.value}", field=f"controlnet[{index}].model")
-            if isinstance(model, (FluxControlNetModel, SD3ControlNetModel)):
-                if getattr(model, "union", False):
-                    raise UserError(f"{path.name} is a Union ControlNet (it needs a control type), which is not "
-                                    "supported yet for Flux: pick a ControlNet of one kind",
-                                    field=f"controlnet[{index}].model")
-                if unit.control_mode != CONTROL_MODES[0]:
-                    raise UserError(f"{family.value} ControlNets have no control modes: leave it at {CONTROL_MODES[0]}",
-                                    field=f"controlnet[{index}].control_mode")
-            active.append(ActiveUnit(unit, model, image))
+            if isinstance(model, SD3ControlNetModel) and model.pos_embed is None:  # SD3.5's: the transformer's
+                model.pos_embed = model._get_pos_embed_from_transformer(denoiser).to(compute_dtype(denoiser))
+            if isinstance(model, (FluxControlNetModel, SD3ControlNetModel)) and unit.control_mode != CONTROL_MODES[0]:
+                raise UserError(f"{family.value} ControlNets have no control modes: leave it at {CONTROL_MODES[0]}",
+                                field=f"controlnet[{index}].control_mode")
+            mode = flux_union_mode(unit, f"controlnet[{index}].union_control_type") \
+                if getattr(model, "union", False) else None
+            active.append(ActiveUnit(unit, model, image, mode=mode))
             used.add(path)
         for path in self.loaded.keys() - used:
             del self.loaded[path]
@@ -237,6 +234,29 @@ class ControlNets:
             if name not in memory.components:
                 memory.register(name, model, companion_of="denoiser")
         return active
+
+
+# A Flux Union ControlNet's control modes (InstantX's and Shakker-Labs' Union Pro), and how sd-webui-controlnet's
+# control types and this app's preprocessors name them
+FLUX_UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5, "low quality": 6}
+UNION_TYPE_MODES = {"Hard Edge": "canny", "Tile": "tile", "Depth": "depth", "OpenPose": "pose"}
+PREPROCESSOR_MODES = {"canny": "canny", "invert": "canny", "lineart_standard": "canny", "lineart": "canny",
+                      "lineart_coarse": "canny", "lineart_anime": "canny", "mlsd": "canny", "scribble_xdog": "canny",
+                      "threshold": "canny", "tile_resample": "tile", "blur_gaussian": "blur", "depth": "depth",
+                      "recolor_luminance": "gray", "recolor_intensity": "gray"}
+
+
+def flux_union_mode(unit: ControlUnit, field: str) -> int:
+    """The mode a Flux Union ControlNet runs a unit in: its union_control_type's, else its preprocessor's (canny
+    for the edge ones, depth, pose for openpose, tile, blur, gray for recolor)."""
+    if unit.union_control_type in UNION_TYPE_MODES:
+        return FLUX_UNION_MODES[UNION_TYPE_MODES[unit.union_control_type]]
+    named = PREPROCESSOR_MODES.get(unit.module) or ("pose" if unit.module.startswith("openpose") else None)
+    if unit.union_control_type == UNION_TYPES[0] and named is not None:
+        return FLUX_UNION_MODES[named]
+    raise UserError(f"a Flux Union ControlNet knows {', '.join(FLUX_UNION_MODES)} images: set union_control_type to "
+                    f"{', '.join(UNION_TYPE_MODES)}, or pick a preprocessor of one of them (the unit says "
+                    f"{unit.union_control_type!r} with preprocessor {unit.module!r})", field=field)
 
 
 def _name(path: Path) -> str:

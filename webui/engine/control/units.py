@@ -13,6 +13,9 @@ from webui.errors import UserError
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 HR_OPTIONS = ("Both", "Low res only", "High res only")  # with hires. fix: the passes a unit acts in
+# sd-webui-controlnet's control types for Union ControlNets (what a unit's image shows); "Unknown": the preprocessor's
+UNION_TYPES = ("Unknown", "OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile",
+               "Inpaint")
 MAX_WEIGHT = 2.0  # sd-webui-controlnet's slider
 SOFT_INJECTION = 0.825  # "My prompt is more important": residual i of n scaled by this ** (n - 1 - i)
 
@@ -35,6 +38,7 @@ class ControlUnit:
     threshold_a: float = -1  # its first and second sliders; -1: their defaults
     threshold_b: float = -1
     pixel_perfect: bool = False  # the detect resolution worked out from the image and generation sizes
+    union_control_type: str = UNION_TYPES[0]  # for a Union ControlNet: what the image shows
 
     def acts_in(self, second_pass: bool, hires: bool) -> bool:
         """Whether it acts in this pass: every pass without hires. fix; with it, as its hr_option says."""
@@ -65,6 +69,8 @@ class ControlUnit:
                  "Threshold B": self.threshold_b, "Guidance Start": self.guidance_start,
                  "Guidance End": self.guidance_end, "Pixel Perfect": self.pixel_perfect,
                  "Control Mode": self.control_mode}
+        if self.union_control_type != UNION_TYPES[0]:
+            pairs["Union Control Type"] = self.union_control_type
         return ", ".join(f"{k}: {v}" for k, v in pairs.items())
 
 
@@ -90,7 +96,7 @@ def checked_units(units: list, has_init_image: bool) -> list[ControlUnit]:
             raise UserError(f"must be below guidance_end ({unit.guidance_end}), got {unit.guidance_start}",
                             field=f"{where}.guidance_start")
         for name, choices in (("control_mode", CONTROL_MODES), ("resize_mode", RESIZE_MODES),
-                              ("hr_option", HR_OPTIONS)):
+                              ("hr_option", HR_OPTIONS), ("union_control_type", UNION_TYPES)):
             if getattr(unit, name) not in choices:
                 raise UserError(f"must be one of {', '.join(choices)}, got {getattr(unit, name)!r}",
                                 field=f"{where}.{name}")
