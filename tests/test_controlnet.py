@@ -308,3 +308,41 @@ def test_a_pth_controlnet_and_a_file_added_after_the_first_job_are_found(tmp_pat
     torch.save(load_file(folder / "control-sd1-0.safetensors"), folder / "lllyasviel.pth")
     again = engine.txt2img(request(checkpoint, [ControlUnit(model="lllyasviel", image=picture)], batch_size=1))
     assert np.abs(images(again) - images(first)).max() <= 1
+
+
+def test_an_sdxl_union_controlnet_runs_in_the_units_control_type(tmp_path, fixture_value):
+    """xinsir's kind (one model, a control type per image): a unit whose union_control_type is "Depth" draws what
+    diffusers' StableDiffusionXLControlNetUnionPipeline draws with control_mode 1; left "Unknown", a canny unit
+    runs as "Hard Edge" (3); a type the model lacks is refused naming the field."""
+    from diffusers import ControlNetUnionModel, StableDiffusionXLControlNetUnionPipeline, UNet2DConditionModel
+
+    engine, folder, checkpoint, _ = setup(tmp_path, fixture_value, "sdxl")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+    grown = ControlNetUnionModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    width = unet.config.block_out_channels[0]  # its control-type transformer as wide as the first level
+    union = ControlNetUnionModel.from_config(grown.config, num_trans_channel=width, num_proj_channel=width)
+    union.load_state_dict({k: v for k, v in grown.state_dict().items()
+                           if not k.startswith(("task_embedding", "transformer_layes", "spatial_ch_projs"))},
+                          strict=False)
+    generator = torch.Generator().manual_seed(5)
+    for name, parameter in union.named_parameters():
+        if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding",
+                            "spatial_ch_projs")):
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.1
+    write_controlnet(engine.config.paths.controlnet_dir / "union.safetensors", union.eval(), "diffusers",
+                     torch.float32)
+    picture = control_picture()
+    got = images(engine.txt2img(request(checkpoint, [ControlUnit(model="union", image=picture,
+                                                                 union_control_type="Depth")])))
+    expected = reference(engine, folder, "sdxl", union, "Euler a", "Automatic",
+                         cls=StableDiffusionXLControlNetUnionPipeline, control_image=[picture], control_mode=[1])
+    assert np.abs(got - expected).max() <= 1
+    edges = ControlUnit(model="union", image=picture, module="canny", processor_res=64)
+    as_edges = images(engine.txt2img(request(checkpoint, [edges])))
+    expected = reference(engine, folder, "sdxl", union, "Euler a", "Automatic",
+                         cls=StableDiffusionXLControlNetUnionPipeline,
+                         control_image=[engine.detect("canny", [picture], 64)[0]], control_mode=[3])
+    assert np.abs(as_edges - expected).max() <= 1
+    with pytest.raises(UserError) as caught:
+        engine.txt2img(request(checkpoint, [ControlUnit(model="union", image=picture, union_control_type="Inpaint")]))
+    assert caught.value.field == "controlnet[0].union_control_type" and "knows OpenPose, Depth" in str(caught.value)

@@ -103,7 +103,7 @@ def test_a_union_model_runs_in_the_units_control_type(setup, parts, files, monke
     tiled = reference(parts, files, union, monkeypatch, control_image=picture, control_mode=1)
     assert np.abs(images(engine.txt2img(flux_request(CHECKPOINT, controlnet=[tile]))) - tiled).max() <= 2
     for unit, field, words in (
-            (ControlUnit(model="union", image=picture), "controlnet[0].union_control_type", "knows canny, tile"),
+            (ControlUnit(model="union", image=picture), "controlnet[0].union_control_type", "knows Hard Edge, Tile"),
             (ControlUnit(model="union", image=picture, union_control_type="Segmentation"),
              "controlnet[0].union_control_type", "'Segmentation'"),
             (ControlUnit(model="flux-control-0", image=picture, control_mode="My prompt is more important"),

@@ -71,8 +71,9 @@ class Controls:
             sample, encoded, conditions = inputs
             sample = sample[:, :active.model.config.in_channels]  # an inpainting UNet's extra channels are its own
             hint = self.hint(index, sample).expand(len(sample), -1, -1, -1)
-            d, m = active.model(sample, t, encoder_hidden_states=encoded, controlnet_cond=hint,
-                                added_cond_kwargs=conditions, return_dict=False)
+            union = {} if active.mode is None else _union_inputs(active, sample)
+            d, m = active.model(sample, t, encoder_hidden_states=encoded, controlnet_cond=[hint] if union else hint,
+                                added_cond_kwargs=conditions, return_dict=False, **union)
             scales = unit.scales(len(d) + 1)
             d, m = [r * s for r, s in zip(d, scales)], m * scales[-1]
             if half:
@@ -82,6 +83,14 @@ class Controls:
         if down is None:
             return {}
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+def _union_inputs(active: ActiveUnit, sample: torch.Tensor) -> dict:
+    """A Union ControlNet's inputs for one image of the unit's control type (xinsir's, as diffusers' pipeline gives
+    them): the type as a one-hot row for each batch row, and its index."""
+    one_hot = torch.zeros(active.model.config.num_control_type, dtype=sample.dtype, device=sample.device)
+    one_hot[active.mode] = 1
+    return {"control_type": one_hot.expand(len(sample), -1), "control_type_idx": [active.mode]}
 
 
 def _cond_half(added: dict | None) -> dict | None:

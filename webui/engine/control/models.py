@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, FluxControlNetModel, SD3ControlNetModel
+from diffusers import ControlNetModel, ControlNetUnionModel, FluxControlNetModel, SD3ControlNetModel
 from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING, LDM_CONTROLNET_KEY,
                                                   convert_controlnet_checkpoint)
 from PIL import Image
@@ -30,6 +30,7 @@ from webui.errors import ModelFileError, UserError
 
 CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt")
 COMPONENT = "controlnet:"  # their memory-manager components' names: this and the file's stem
+UNION_HEADS = 8  # heads of a Union ControlNet's control-type transformer (xinsir's; no tensor's shape tells them)
 
 
 def is_flux_controlnet(state_dict: dict) -> bool:
@@ -89,6 +90,12 @@ def controlnet_config(infos: dict[str, TensorInfo], time_embed_dim: int = 256) -
     if family is Family.SDXL:
         config.update(addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
                       projection_class_embeddings_input_dim=infos["add_embedding.linear_1.weight"].shape[1])
+    if "task_embedding" in infos:  # a Union ControlNet (xinsir's): its control types' embedding and transformer
+        config.update(num_control_type=infos["task_embedding"].shape[0],
+                      num_trans_channel=infos["task_embedding"].shape[1],
+                      num_trans_layer=block_count(infos, "transformer_layes"),
+                      num_proj_channel=infos["spatial_ch_projs.weight"].shape[0],
+                      num_trans_head=UNION_HEADS)
     return family, config
 
 
@@ -162,7 +169,8 @@ def load_controlnet(path: Path, dtype: torch.dtype, time_embed_dim: int = 256) -
     elif is_sd3_controlnet(infos):
         family, cls, config = Family.SD3, SD3ControlNetModel, sd3_controlnet_config(infos, saved)
     else:
-        cls, (family, config) = ControlNetModel, controlnet_config(infos, time_embed_dim)
+        family, config = controlnet_config(infos, time_embed_dim)
+        cls = ControlNetUnionModel if "num_control_type" in config else ControlNetModel
     model = build_module(cls, config, state_dict, path.name, dtype)
     return family, model.requires_grad_(False).eval()
 
@@ -221,8 +229,10 @@ class ControlNets:
             if isinstance(model, (FluxControlNetModel, SD3ControlNetModel)) and unit.control_mode != CONTROL_MODES[0]:
                 raise UserError(f"{family.value} ControlNets have no control modes: leave it at {CONTROL_MODES[0]}",
                                 field=f"controlnet[{index}].control_mode")
-            mode = flux_union_mode(unit, f"controlnet[{index}].union_control_type") \
-                if getattr(model, "union", False) else None
+            field = f"controlnet[{index}].union_control_type"
+            mode = (union_mode(unit, FLUX_UNION_MODES, field) if getattr(model, "union", False) else
+                    union_mode(unit, SDXL_UNION_MODES[:model.config.num_control_type], field)
+                    if isinstance(model, ControlNetUnionModel) else None)
             active.append(ActiveUnit(unit, model, image, mode=mode))
             used.add(path)
         for path in self.loaded.keys() - used:
@@ -236,27 +246,31 @@ class ControlNets:
         return active
 
 
-# A Flux Union ControlNet's control modes (InstantX's and Shakker-Labs' Union Pro), and how sd-webui-controlnet's
-# control types and this app's preprocessors name them
-FLUX_UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5, "low quality": 6}
-UNION_TYPE_MODES = {"Hard Edge": "canny", "Tile": "tile", "Depth": "depth", "OpenPose": "pose"}
-PREPROCESSOR_MODES = {"canny": "canny", "invert": "canny", "lineart_standard": "canny", "lineart": "canny",
-                      "lineart_coarse": "canny", "lineart_anime": "canny", "mlsd": "canny", "scribble_xdog": "canny",
-                      "threshold": "canny", "tile_resample": "tile", "blur_gaussian": "blur", "depth": "depth",
-                      "recolor_luminance": "gray", "recolor_intensity": "gray"}
+# Union ControlNets' modes, in order, by the control types of ``UNION_TYPES``: xinsir's SDXL Union (ProMax: all
+# eight; the first: six), and InstantX's and Shakker-Labs' Flux Union (canny, tile, depth, blur, pose, gray, low
+# quality); and the type a preprocessor's image is
+SDXL_UNION_MODES = UNION_TYPES[1:9]
+FLUX_UNION_MODES = ("Hard Edge", "Tile", "Depth", "Blur", "OpenPose", "Gray", "Low Quality")
+PREPROCESSOR_TYPES = {"canny": "Hard Edge", "invert": "Hard Edge", "lineart_standard": "Hard Edge",
+                      "lineart": "Hard Edge", "lineart_coarse": "Hard Edge", "lineart_anime": "Hard Edge",
+                      "mlsd": "Hard Edge", "scribble_xdog": "Hard Edge", "threshold": "Hard Edge",
+                      "hed": "Soft Edge", "hed_safe": "Soft Edge", "scribble_hed": "Soft Edge", "pidinet": "Soft Edge",
+                      "pidinet_safe": "Soft Edge", "pidinet_scribble": "Soft Edge", "depth": "Depth",
+                      "tile_resample": "Tile", "blur_gaussian": "Blur", "recolor_luminance": "Gray",
+                      "recolor_intensity": "Gray"}
 
 
-def flux_union_mode(unit: ControlUnit, field: str) -> int:
-    """The mode a Flux Union ControlNet runs a unit in: its union_control_type's, else its preprocessor's (canny
-    for the edge ones, depth, pose for openpose, tile, blur, gray for recolor)."""
-    if unit.union_control_type in UNION_TYPE_MODES:
-        return FLUX_UNION_MODES[UNION_TYPE_MODES[unit.union_control_type]]
-    named = PREPROCESSOR_MODES.get(unit.module) or ("pose" if unit.module.startswith("openpose") else None)
-    if unit.union_control_type == UNION_TYPES[0] and named is not None:
-        return FLUX_UNION_MODES[named]
-    raise UserError(f"a Flux Union ControlNet knows {', '.join(FLUX_UNION_MODES)} images: set union_control_type to "
-                    f"{', '.join(UNION_TYPE_MODES)}, or pick a preprocessor of one of them (the unit says "
-                    f"{unit.union_control_type!r} with preprocessor {unit.module!r})", field=field)
+def union_mode(unit: ControlUnit, modes: tuple[str, ...], field: str) -> int:
+    """The mode a Union ControlNet with ``modes`` runs a unit in: its union_control_type's, else (left "Unknown") its
+    preprocessor's; a UserError naming the types the model knows where neither is one of them."""
+    kind = unit.union_control_type
+    if kind == UNION_TYPES[0]:
+        kind = PREPROCESSOR_TYPES.get(unit.module) or ("OpenPose" if unit.module.startswith("openpose") else kind)
+    if kind in modes:
+        return modes.index(kind)
+    raise UserError(f"this Union ControlNet knows {', '.join(modes)}: set union_control_type to one of them, or pick "
+                    f"a preprocessor that makes one (the unit says {unit.union_control_type!r} with preprocessor "
+                    f"{unit.module!r})", field=field)
 
 
 def _name(path: Path) -> str:

@@ -13,9 +13,10 @@ from webui.errors import UserError
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 HR_OPTIONS = ("Both", "Low res only", "High res only")  # with hires. fix: the passes a unit acts in
-# sd-webui-controlnet's control types for Union ControlNets (what a unit's image shows); "Unknown": the preprocessor's
+# What a unit's image shows, for Union ControlNets: sd-webui-controlnet's control types (xinsir's SDXL Union modes, in
+# their order), then those only Flux Union models have; "Unknown": what its preprocessor makes
 UNION_TYPES = ("Unknown", "OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile",
-               "Inpaint")
+               "Inpaint", "Blur", "Gray", "Low Quality")
 MAX_WEIGHT = 2.0  # sd-webui-controlnet's slider
 SOFT_INJECTION = 0.825  # "My prompt is more important": residual i of n scaled by this ** (n - 1 - i)
 
