@@ -218,3 +218,31 @@ def test_the_ui_units_preprocessor_fields_reach_the_engine(engine, sd1_file, sd1
                                                 controlnet=[same]))
     assert "Module: canny" in made[3] and "Threshold A: 60" in made[3]
     assert np.abs(array(Image.open(made[1][0]["image"])) - array(expected.images[0])).max() <= 1
+
+
+def test_send_to_txt2img_fills_the_units_an_infotext_describes():
+    """PNG Info's Send to txt2img: unit 0 takes the settings of the infotext's ``ControlNet 0`` (its preprocessor by
+    its label, as the dropdown shows it), its image is left as it is, unit 1 (not described) is switched off; an
+    unreadable value is left out."""
+    import gradio as gr
+
+    from webui.engine.sampling.samplers import SamplerRegistry
+    from webui.ui.controlnet import UNIT_FIELDS, unit_key
+    from webui.ui.png_info import form_updates
+
+    unit = ControlUnit(model="edges", module="hed", weight=0.7, guidance_end=0.8, processor_res=384, threshold_a=-1,
+                       pixel_perfect=True, union_control_type="Soft Edge", control_mode="My prompt is more important")
+    infotext = (f'a fox\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, ControlNet 0: '
+                f'"{unit.infotext().replace("Guidance Start: 0.0", "Guidance Start: soon")}"')
+    with gr.Blocks():
+        form = {"prompt": gr.Textbox("typed")} | {unit_key(i, name): gr.Textbox() for i in range(2)
+                                                   for name in UNIT_FIELDS}
+    values = {name: update.get("value", "kept") for name, update in
+              zip(form, form_updates(form, infotext, SamplerRegistry().resolve))}
+    first = {name: values[unit_key(0, name)] for name in UNIT_FIELDS}
+    assert first == {"enabled": True, "pixel_perfect": True, "image": "kept", "module": "softedge_hed",
+                     "processor_res": 384, "threshold_a": -1.0, "threshold_b": -1.0, "model": "edges",
+                     "union_control_type": "Soft Edge", "weight": 0.7, "guidance_start": "kept",
+                     "guidance_end": 0.8, "control_mode": "My prompt is more important",
+                     "resize_mode": "Crop and Resize"}
+    assert values[unit_key(1, "enabled")] is False and values[unit_key(1, "model")] == "kept"

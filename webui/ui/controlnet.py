@@ -1,14 +1,17 @@
 """The generation tabs' ControlNet accordion, as Forge's: units (their number a setting, read when the page is built),
 each with its switch, control image, preprocessor (its resolution and two sliders relabelled for the one chosen, a
 preview of what it detects), model (and a Union model's control type), weight, guidance start and end, control mode
-and resize mode. The form gives the
-unit fields in order as one list (``controlnet__i``), which ``units_from_form`` turns into the request's units."""
+and resize mode. The form gives the unit fields in order as one list (``controlnet__i``), which ``units_from_form``
+turns into the request's units; ``pasted_units`` fills them from an infotext."""
 from __future__ import annotations
+
+from typing import Any
 
 import gradio as gr
 
 from webui.engine.control.preprocessors import PREPROCESSORS, RESOLUTION, Slider, find_preprocessor
-from webui.engine.control.units import CONTROL_MODES, MAX_WEIGHT, RESIZE_MODES, UNION_TYPES, ControlUnit
+from webui.engine.control.units import (CONTROL_MODES, MAX_WEIGHT, RESIZE_MODES, UNION_TYPES, ControlUnit,
+                                        units_from_infotext)
 from webui.engine.engine import Engine
 from webui.errors import UserError
 from webui.jobs import JobQueue
@@ -36,7 +39,7 @@ def controlnet_inputs(form: Components, engine: Engine, jobs: JobQueue, tab: str
 
 def _unit_inputs(form: Components, engine: Engine, jobs: JobQueue, tab: str, unit: int) -> None:
     def key(name: str) -> str:
-        return f"{FIELD}{PART}{unit * len(UNIT_FIELDS) + UNIT_FIELDS.index(name)}"
+        return unit_key(unit, name)
 
     prefix = f"{tab}_controlnet_{unit}"
     with gr.Row():
@@ -61,7 +64,7 @@ def _unit_inputs(form: Components, engine: Engine, jobs: JobQueue, tab: str, uni
               outputs=preview, api_visibility="private")
     with gr.Row(equal_height=True):
         model = gr.Dropdown([NO_MODEL, *engine.controlnets.names()], value=NO_MODEL, label="Model", scale=4,
-                            elem_id=f"{prefix}_model")
+                            allow_custom_value=True, elem_id=f"{prefix}_model")  # (a pasted name, maybe not here)
         refresh = gr.Button(REFRESH, scale=0, min_width=48, elem_id=f"{prefix}_refresh")
     form[key("model")] = model
     form[key("union_control_type")] = gr.Dropdown(list(UNION_TYPES), value=UNION_TYPES[0],
@@ -102,6 +105,28 @@ def _preview(engine: Engine, jobs: JobQueue, picture, label: str, resolution: fl
         return jobs.submit_call("detect", lambda: engine.detect(label, [picture], int(resolution), a, b)).result()[0]
     except UserError as e:
         raise gr.Error(e.message) from None
+
+
+def pasted_units(params: dict[str, str], count: int) -> dict[str, Any]:
+    """Send to txt2img/img2img: the form values of the ControlNet units an infotext describes (its settings; the
+    images stay as they are), the units it does not describe switched off, as the picture was made without them."""
+    described = units_from_infotext(params)
+    values = {}
+    for index in range(count):
+        unit = dict(described[index]) if index < len(described) else {}
+        unit["enabled"] = bool(unit)
+        if "module" in unit:  # the dropdown shows the preprocessors' labels
+            try:
+                unit["module"] = find_preprocessor(unit["module"], "module").label
+            except UserError:
+                del unit["module"]
+        values |= {unit_key(index, name): value for name, value in unit.items() if name in UNIT_FIELDS}
+    return values
+
+
+def unit_key(unit: int, name: str) -> str:
+    """Unit ``unit``'s input for field ``name`` in the form."""
+    return f"{FIELD}{PART}{unit * len(UNIT_FIELDS) + UNIT_FIELDS.index(name)}"
 
 
 def units_from_form(values: list) -> list[ControlUnit]:

@@ -8,9 +8,11 @@ from typing import Any
 import gradio as gr
 
 from webui.engine.engine import Engine
-from webui.engine.infotext import INFOTEXT_FIELDS, read_png_infotext, request_fields
+from webui.engine.infotext import INFOTEXT_FIELDS, parse_infotext, read_png_infotext, request_fields
 from webui.errors import UserError
 from webui.ui.common import PART, Components
+from webui.ui.controlnet import FIELD as CONTROLNET
+from webui.ui.controlnet import UNIT_FIELDS, pasted_units
 
 NOT_AN_IMAGE = "(this is not an image: PNG Info reads the parameters of PNG, JPEG and WebP images)"
 # The form fields an infotext carries; where it has none of them, the field goes back to its default.
@@ -79,7 +81,8 @@ def form_updates(form: Components, infotext: str,
                  canonical_sampler: Callable[[str, str | None], tuple[str, str]]) -> list[dict]:
     """An update per form field. Those an infotext carries take its values, or their defaults where it has none
     (Clip skip 1); an older infotext's combined sampler ("DPM++ 2M Karras") is split into sampler and schedule
-    type by ``canonical_sampler`` (the engine's: its extensions' samplers too). Those it never carries (batch count and
+    type by ``canonical_sampler`` (the engine's: its extensions' samplers too); ControlNet units take the settings
+    it gives them (``pasted_units``). Those it never carries (batch count and
     size) are left alone, and everything where it is no infotext."""
     if not infotext or infotext.startswith("("):
         return [gr.update() for _ in form]
@@ -97,4 +100,6 @@ def form_updates(form: Components, infotext: str,
         field, _, index = name.partition(PART)
         if index and isinstance(fields.get(field), list):  # a list field shown in several inputs
             fields[name] = fields[field][int(index)]
+    units = sum(1 for name in form if name.startswith(CONTROLNET + PART)) // len(UNIT_FIELDS)
+    fields |= pasted_units(parse_infotext(infotext), units)
     return [gr.update(value=fields[name]) if name in fields else gr.update() for name in form]

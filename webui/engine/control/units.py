@@ -75,6 +75,33 @@ class ControlUnit:
         return ", ".join(f"{k}: {v}" for k, v in pairs.items())
 
 
+# A unit's infotext names (``ControlUnit.infotext``) -> its fields and how each is read
+INFOTEXT_FIELDS = {"Module": ("module", str), "Model": ("model", str), "Weight": ("weight", float),
+                   "Resize Mode": ("resize_mode", str), "Processor Res": ("processor_res", int),
+                   "Threshold A": ("threshold_a", float), "Threshold B": ("threshold_b", float),
+                   "Guidance Start": ("guidance_start", float), "Guidance End": ("guidance_end", float),
+                   "Pixel Perfect": ("pixel_perfect", lambda text: text == "True"),
+                   "Control Mode": ("control_mode", str), "Union Control Type": ("union_control_type", str)}
+
+
+def units_from_infotext(params: dict[str, str]) -> list[dict]:
+    """The ControlNet units an infotext's ``ControlNet 0``, ``ControlNet 1`` … describe (parsed: ``parse_infotext``),
+    as unit fields without their images; a value that does not read as its type is left out (A1111's paste)."""
+    units = []
+    while (text := params.get(f"ControlNet {len(units)}")) is not None:
+        unit = {}
+        for pair in text.split(", "):
+            key, _, value = pair.partition(": ")
+            if key in INFOTEXT_FIELDS:
+                field, read = INFOTEXT_FIELDS[key]
+                try:
+                    unit[field] = int(float(value)) if read is int else read(value)
+                except ValueError:
+                    continue
+        units.append(unit)
+    return units
+
+
 def checked_units(units: list, has_init_image: bool) -> list[ControlUnit]:
     """The enabled units of a request, each field checked (``controlnet[i].weight`` names a bad one)."""
     checked = []
