@@ -141,10 +141,14 @@ def test_img2img_takes_the_init_image_as_the_control_image(tmp_path, fixture_val
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_files_in_both_layouts_load_as_written(tmp_path, fixture_value, family):
-    model = tiny_controlnet(fixture_value(f"{family}_folder"), seed=3)
+    from diffusers import UNet2DConditionModel
+
+    folder = fixture_value(f"{family}_folder")
+    model = tiny_controlnet(folder, seed=3)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
     for layout in ("ldm", "diffusers"):
         path = write_controlnet(tmp_path / f"{layout}.safetensors", model, layout, torch.float32)
-        found, loaded = load_controlnet(path, torch.float32, model.config.addition_time_embed_dim or 256)
+        found, loaded = load_controlnet(path, unet, Family.SD1)
         assert found is {"sd1": Family.SD1, "sdxl": Family.SDXL}[family] and loaded.config.block_out_channels == model.config.block_out_channels
         expected, got = model.state_dict(), loaded.state_dict()
         assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
@@ -346,3 +350,46 @@ def test_an_sdxl_union_controlnet_runs_in_the_units_control_type(tmp_path, fixtu
     with pytest.raises(UserError) as caught:
         engine.txt2img(request(checkpoint, [ControlUnit(model="union", image=picture, union_control_type="Inpaint")]))
     assert caught.value.field == "controlnet[0].union_control_type" and "knows OpenPose, Depth" in str(caught.value)
+
+
+def test_an_ip_adapter_unit_equals_diffusers_ip_adapter(tmp_path, fixture_value):
+    """An IP-Adapter file in models/ControlNet and a CLIP vision encoder in models/clip_vision (tiny, random): the
+    unit's image tokens beside the text give diffusers' pipeline's picture with ``load_ip_adapter`` and the same
+    scale; the UNet's processors are its own again after the job; without an encoder as wide as the adapter takes,
+    a 422 naming the unit's model."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from webui.synthetic.ip_adapter import ip_adapter_state, write_clip_vision
+
+    engine, folder, checkpoint, _ = setup(tmp_path, fixture_value, "sd1")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+    state = ip_adapter_state(unet, embedding=24, seed=3)
+    save_file(state, engine.config.paths.controlnet_dir / "ip-adapter_tiny.safetensors")
+    picture = init_picture()
+    unit = ControlUnit(model="ip-adapter_tiny", image=picture, module="ip-adapter_clip_h", weight=0.8)
+    with pytest.raises(UserError) as caught:
+        engine.txt2img(request(checkpoint, [unit], batch_size=1))
+    assert caught.value.field == "controlnet[0].model" and "CLIP vision encoder with 24-wide output" in str(caught.value)
+    encoder = write_clip_vision(engine.config.paths.clip_vision_dir / "clip_vision_h.safetensors", projection=24)
+    processors = dict(engine.models.current.denoiser.attn_processors) if engine.models.current else None
+    got = images(engine.txt2img(request(checkpoint, [unit])))
+    plain = images(engine.txt2img(request(checkpoint, [])))
+    assert dict(engine.models.current.denoiser.attn_processors) == (processors or dict(
+        engine.models.current.denoiser.attn_processors)), "its own processors again"
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.register_modules(image_encoder=encoder)
+    pipe.load_ip_adapter({"image_proj": {k[11:]: v for k, v in state.items() if k.startswith("image_proj.")},
+                          "ip_adapter": {k[11:]: v for k, v in state.items() if k.startswith("ip_adapter.")}},
+                         subfolder="", weight_name="", image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(0.8)
+    pipe.scheduler = SamplerRegistry().make_scheduler("Euler a", "Automatic", engine.models.current.scheduler_config,
+                                                      seed=SEEDS)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, num_inference_steps=STEPS,
+               guidance_scale=6.0, num_images_per_prompt=len(SEEDS), ip_adapter_image=picture,
+               generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS])
+    expected = np.stack([np.asarray(image) for image in out.images]).astype(int)
+    assert np.abs(got - plain).mean() > 1, "the image prompt changes the picture"
+    assert np.abs(got - expected).max() <= 1, np.abs(got - expected).max()

@@ -200,6 +200,7 @@ class Paths:
     lora_dir: Path
     controlnet_dir: Path
     controlnet_preprocessor_dir: Path
+    clip_vision_dir: Path
     vae_dir: Path
     text_encoder_dir: Path
     outdir: Path
@@ -229,6 +230,7 @@ class Paths:
             controlnet_dir=Path(args.controlnet_dir or models / "ControlNet").resolve(),
             controlnet_preprocessor_dir=Path(args.controlnet_preprocessor_models_dir
                                              or models / "ControlNetPreprocessor").resolve(),
+            clip_vision_dir=(models / "clip_vision").resolve(),
             vae_dir=Path(args.vae_dir or models / "VAE").resolve(),
             text_encoder_dir=Path(args.text_encoder_dir or models / "text_encoder").resolve(),
             outdir=Path(args.outdir or data / "outputs").resolve(),

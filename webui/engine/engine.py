@@ -19,7 +19,8 @@ from PIL import Image
 from webui.engine.attention import FLAG_CHOICES, use_attention
 from webui.engine.compiled import use_cache_dir
 from webui.engine.control.apply import ActiveUnit
-from webui.engine.control.detect import Detectors
+from webui.engine.control.detect import Detectors, placed
+from webui.engine.control.ip_adapter import IMAGE_ENCODER_ACTIVATION, ClipVisionEncoders, IPAdapter, image_embeddings
 from webui.engine.control.models import ControlNets
 from webui.engine.control.preprocessors import find_preprocessor
 from webui.engine.families.protocol import FamilyFields
@@ -43,7 +44,7 @@ from webui.engine.progress import Progress
 from webui.engine.upscale.extras import ExtrasRequest, ExtrasResult, run_extras, save_extras
 from webui.engine.upscale.found import UpscalerInfo, find_upscalers
 from webui.engine.upscale.model import UpscaleSetup
-from webui.engine.weights.fp8 import use_fp8_matmul
+from webui.engine.weights.fp8 import compute_dtype, use_fp8_matmul
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.sampling.samplers import SamplerRegistry, Sampling
 from webui.errors import Busy, ModelFileError, UserError
@@ -118,6 +119,7 @@ class Engine:
         )
         self.controlnets = ControlNets(config.paths.controlnet_dir)
         self.detectors = Detectors(config.paths.controlnet_preprocessor_dir)
+        self.clip_vision = ClipVisionEncoders(config.paths.clip_vision_dir)
         self._remove_stale_temp_files()
         self.samplers = SamplerRegistry()  # A1111's samplers and schedule types, and those extensions add
         self.hooks = Hooks(releases=[self.samplers.release])  # what extensions registered (webui.extensions loads them)
@@ -373,7 +375,14 @@ class Engine:
                                                  request.width, request.height, self.memory, seed,
                                                  f"controlnet[{index}]")
                     for index, unit in enumerate(units)]
-        return self.controlnets.activate(detected, model.family, model.denoiser, self.memory)
+        active = self.controlnets.activate(detected, model.family, model.denoiser, self.memory)
+        for index, unit in enumerate(active):
+            if isinstance(unit.model, IPAdapter):
+                encoder = self.clip_vision.for_adapter(unit.model, compute_dtype(model.denoiser),
+                                                       f"controlnet[{index}].model")
+                with placed(encoder, self.memory, IMAGE_ENCODER_ACTIVATION, "clip_vision") as device:
+                    unit.embeds = image_embeddings(encoder, unit.model, unit.image, device)
+        return active
 
     def detect(self, module: str, images: list[Image.Image], resolution: int | None = None,
                a: float | None = None, b: float | None = None) -> list[Image.Image]:

@@ -20,6 +20,7 @@ class ActiveUnit:
     image: Image.Image  # its control image (the unit's, or the init image)
     encoded: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # a flow ControlNet's input by size
     mode: int | None = None  # a Union ControlNet's control mode
+    embeds: tuple[torch.Tensor, torch.Tensor] | None = None  # an IP-Adapter's image embeddings: (CFG's other, its)
 
 
 def control_hint(image: Image.Image, width: int, height: int, resize_mode: str) -> torch.Tensor:
@@ -42,6 +43,7 @@ class Controls:
     def __init__(self, units: list[ActiveUnit], steps: int, cfg: bool, scale: int):
         self.units, self.steps, self.cfg, self.scale, self.step = units, steps, cfg, scale, 0
         self._hints: dict[int, torch.Tensor] = {}
+        self._tokens: torch.Tensor | None = None  # an IP-Adapter's image tokens for the batch
 
     def hint(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if index not in self._hints:
@@ -58,13 +60,27 @@ class Controls:
 
         return counted
 
+    def context(self, context: torch.Tensor) -> torch.Tensor | tuple:
+        """The UNet's ``encoder_hidden_states`` now: with an active IP-Adapter unit, the text and its image tokens
+        (one row of them for each row of the batch, CFG's other half its own)."""
+        active = next((a for a in self.units if a.embeds is not None and a.unit.active_at(self.step, self.steps)),
+                      None)
+        if active is None:
+            return context
+        if self._tokens is None:
+            uncond, cond = (active.model.image_proj(e.to(context.device, context.dtype)) for e in active.embeds)
+            rows = len(context) // 2 if self.cfg else len(context)
+            halves = ([uncond] * rows if self.cfg else []) + [cond] * rows
+            self._tokens = torch.cat(halves)
+        return context, [self._tokens]
+
     def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, added: dict | None) -> dict:
-        """The UNet's extra keyword arguments for this call: the active units' residuals summed (none: {})."""
+        """The UNet's extra keyword arguments for this call: the active ControlNets' residuals summed (none: {})."""
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
         for index, active in enumerate(self.units):
             unit = active.unit
-            if not unit.active_at(self.step, self.steps):
+            if active.embeds is not None or not unit.active_at(self.step, self.steps):
                 continue
             half = unit.cond_only and self.cfg  # the conditional half only; the other half gets none
             inputs = (x.chunk(2)[1], context.chunk(2)[1], _cond_half(added)) if half else (x, context, added)

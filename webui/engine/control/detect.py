@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 from PIL import Image
 from torch import nn
 
@@ -44,7 +45,8 @@ class Detectors:
     def detect(self, preprocessor: Preprocessor, image: Image.Image, resolution: int, a: float, b: float,
                memory: MemoryManager, seed: int = 0, field: str = "controlnet_module") -> Image.Image:
         detector = self._detector(preprocessor, field)
-        with _placed(detector, memory, resolution * resolution * ACTIVATION_PER_PIXEL), _seeded(preprocessor, seed):
+        modules = None if detector is None else _modules(detector)
+        with placed(modules, memory, resolution * resolution * ACTIVATION_PER_PIXEL), _seeded(preprocessor, seed):
             try:
                 found = preprocessor.detect(as_rgb(image), resolution, a, b, detector)
             except UserError:
@@ -84,22 +86,26 @@ def _modules(detector: Any) -> nn.ModuleDict:
 
 
 @contextmanager
-def _placed(detector: Any, memory: MemoryManager, activation: int) -> Iterator[None]:
-    """The detector's weights on the device for the block, where the memory manager finds room for them whole."""
-    if detector is None or not memory.limited:
-        yield
+def placed(modules: nn.Module | None, memory: MemoryManager, activation: int,
+           name: str = COMPONENT) -> Iterator[torch.device]:
+    """The device the block runs ``modules`` on: the memory manager's, with their weights placed there whole (as a
+    component ``name`` for the block), or the CPU where there is no room for them whole (the detectors, and
+    transformers' models, find their device from their first weight)."""
+    if modules is None or not memory.limited:
+        yield memory.device
         return
-    modules = _modules(detector)
-    memory.register(COMPONENT, modules)
+    memory.register(name, modules)
+    device = memory.device
     try:
-        memory.prepare([COMPONENT], activation, phase="preprocess")
-        if memory.components[COMPONENT].streaming:
-            memory.unregister(COMPONENT)
+        memory.prepare([name], activation, phase="preprocess")
+        if memory.components[name].streaming:
+            memory.unregister(name)
             modules.to("cpu")
-        yield
+            device = torch.device("cpu")
+        yield device
     finally:
-        if COMPONENT in memory.components:
-            memory.unregister(COMPONENT)
+        if name in memory.components:
+            memory.unregister(name)
         modules.to("cpu")  # its buffers too
 
 

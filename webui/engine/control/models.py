@@ -18,6 +18,7 @@ from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING, LDM_C
 from PIL import Image
 
 from webui.engine.control.apply import ActiveUnit
+from webui.engine.control.ip_adapter import LAYERS, IPAdapter, ip_adapter_family, is_ip_adapter
 from webui.engine.control.units import CONTROL_MODES, UNION_TYPES, ControlUnit
 from webui.engine.families.flux import rope_axes
 from webui.engine.families.sd3 import HEAD_DIM, SAMPLE_SIZE
@@ -154,15 +155,22 @@ def sd3_controlnet_config(infos: dict[str, TensorInfo], saved: dict) -> dict:
     return config | {k: saved[k] for k in ("force_zeros_for_pooled_projection", "sample_size") if k in saved}
 
 
-def load_controlnet(path: Path, dtype: torch.dtype, time_embed_dim: int = 256) -> tuple[Family, torch.nn.Module]:
-    """A ControlNet file (or a diffusers folder's weights) in host memory, in ``dtype``; ``time_embed_dim`` as
-    ``controlnet_config``'s."""
+def load_controlnet(path: Path, denoiser: torch.nn.Module, family: Family) -> tuple[Family, torch.nn.Module | None]:
+    """A ControlNet file (or a diffusers folder's weights) in host memory, in ``denoiser``'s dtype (an SDXL one with
+    its size conditioning's width); an IP-Adapter file as its layers made for ``denoiser`` (of ``family``), or None
+    where it is for another family (the caller says so)."""
+    dtype, time_embed_dim = compute_dtype(denoiser), denoiser.config.get("addition_time_embed_dim") or 256
     saved = {}
     if path.is_dir():
         if (path / "config.json").is_file():
             saved = json.loads((path / "config.json").read_text())
         path = next(path.glob("diffusion_pytorch_model*.safetensors"), path / "diffusion_pytorch_model.bin")
-    state_dict = to_diffusers_keys(load_state_dict(path))
+    state_dict = load_state_dict(path)
+    if is_ip_adapter(state_dict):
+        if denoiser.config.get("cross_attention_dim") == state_dict[f"{LAYERS}1.to_k_ip.weight"].shape[1]:
+            return family, IPAdapter(state_dict, denoiser, dtype)
+        return ip_adapter_family(state_dict), None
+    state_dict = to_diffusers_keys(state_dict)
     infos = {k: TensorInfo(str(v.dtype), tuple(v.shape)) for k, v in state_dict.items()}
     if is_flux_controlnet(infos):
         family, cls, config = Family.FLUX, FluxControlNetModel, flux_controlnet_config(infos)
@@ -218,17 +226,20 @@ class ControlNets:
         for index, (unit, image) in enumerate(units):
             path = self.find(unit.model, f"controlnet[{index}].model")
             if path not in self.loaded:
-                self.loaded[path] = load_controlnet(path, compute_dtype(denoiser),
-                                                    denoiser.config.get("addition_time_embed_dim") or 256)
+                self.loaded[path] = load_controlnet(path, denoiser, family)
             model_family, model = self.loaded[path]
             if model_family is not family:
                 raise UserError(f"{path.name} is a ControlNet for {model_family.value}, and the checkpoint is "
                                 f"{family.value}: pick one made for {family.value}", field=f"controlnet[{index}].model")
             if isinstance(model, SD3ControlNetModel) and model.pos_embed is None:  # SD3.5's: the transformer's
                 model.pos_embed = model._get_pos_embed_from_transformer(denoiser).to(compute_dtype(denoiser))
-            if isinstance(model, (FluxControlNetModel, SD3ControlNetModel)) and unit.control_mode != CONTROL_MODES[0]:
-                raise UserError(f"{family.value} ControlNets have no control modes: leave it at {CONTROL_MODES[0]}",
-                                field=f"controlnet[{index}].control_mode")
+            if isinstance(model, (FluxControlNetModel, SD3ControlNetModel, IPAdapter)) \
+                    and unit.control_mode != CONTROL_MODES[0]:
+                raise UserError(f"{type(model).__name__.removesuffix('Model')}s have no control modes: leave it at "
+                                f"{CONTROL_MODES[0]}", field=f"controlnet[{index}].control_mode")
+            if isinstance(model, IPAdapter) and any(isinstance(a.model, IPAdapter) for a in active):
+                raise UserError("one IP-Adapter unit a generation so far: switch the others off",
+                                field=f"controlnet[{index}].model")
             field = f"controlnet[{index}].union_control_type"
             mode = (union_mode(unit, FLUX_UNION_MODES, field) if getattr(model, "union", False) else
                     union_mode(unit, SDXL_UNION_MODES[:model.config.num_control_type], field)

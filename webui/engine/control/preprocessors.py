@@ -210,6 +210,10 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
     _openpose("openpose_face", include_face=True),
     _openpose("openpose_faceonly", include_body=False, include_face=True),
     _openpose("openpose_full", include_hand=True, include_face=True),
+    # IP-Adapter units' "preprocessors": the picture as it is; the CLIP vision encoder the adapter needs encodes it
+    *(Preprocessor(name, label, lambda image, *_: image, resolution=False) for name, label in (
+        ("ip-adapter_clip_sd15", "ip-adapter_clip_h"), ("ip-adapter_clip_sdxl", "ip-adapter_clip_g"),
+        ("ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_sdxl_plus_vith"), ("ip-adapter-auto", "ip-adapter-auto"))),
 )
 
 

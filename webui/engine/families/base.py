@@ -11,6 +11,7 @@ import torch
 
 from webui.engine.conditioning.prompts import Conditioning, encode_prompts
 from webui.engine.control.flow import FlowControls
+from webui.engine.control.ip_adapter import adapter_in
 from webui.engine.families.protocol import FamilyFields
 from webui.engine.formats.detect import Family
 from webui.engine.formats.files import Source
@@ -68,7 +69,9 @@ class UNetFamily:
                 noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
                 on_step: StepCallback, init: InitLatents | None = None) -> torch.Tensor:
         added = self.added_conditions(job, cond, uncond, noise.device, noise.dtype)
-        return denoise_unet(model, job, seeds, generators, noise, cond, uncond, on_step, added, self.sdxl_sigmas, init)
+        with adapter_in(model.denoiser, job.active_controls()):
+            return denoise_unet(model, job, seeds, generators, noise, cond, uncond, on_step, added, self.sdxl_sigmas,
+                                init)
 
     def infotext_fields(self, model: LoadedModel, job: Resolved) -> dict:
         return {}

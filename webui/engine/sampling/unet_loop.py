@@ -32,7 +32,8 @@ def denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generators
     do; ``uncond`` is None without CFG, ``added`` the UNet's added conditions (SDXL's), ``sdxl`` picks the sigma
     schedules' SDXL variants. With ``init`` (img2img) the schedule's last ``job.steps.run`` steps run, from its
     latents noised to the first of them; inpainting as diffusers' StableDiffusion(XL)InpaintPipeline. The job's
-    ControlNet units act as diffusers' StableDiffusion(XL)ControlNetPipeline applies them."""
+    ControlNet units act as diffusers' StableDiffusion(XL)ControlNetPipeline applies them, an IP-Adapter unit's image
+    tokens go beside the text (its layers in the UNet meanwhile: ``ip_adapter.adapter_in``)."""
     req, sampling, unet, steps = job.request, job.sampling, model.denoiser, job.steps
     context = cond.embeds if uncond is None else torch.cat([uncond.embeds, cond.embeds])
     extra = init is not None and init.extra is not None
@@ -45,8 +46,11 @@ def denoise_unet(model: LoadedModel, job: Resolved, seeds: list[int], generators
 
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x = model_input(x)
-        residuals = controls.residuals(x, t, context, added) if controls is not None else {}
-        return unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added, **residuals).sample.float()
+        if controls is None:
+            return unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
+        residuals = controls.residuals(x, t, context, added)
+        return unet(x, t, encoder_hidden_states=controls.context(context), added_cond_kwargs=added,
+                    **residuals).sample.float()
 
     if controls is not None:
         on_step = controls.counting(on_step)

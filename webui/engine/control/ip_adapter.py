@@ -1,0 +1,165 @@
+"""IP-Adapter (SD1.x, SD2.x, SDXL) as a ControlNet unit, as sd-webui-controlnet and Forge run it: the unit's picture
+through a CLIP vision encoder of ``models/clip_vision``, projected into image tokens that every cross-attention layer
+attends to beside the text, scaled by the unit's weight. The layers are diffusers' own (its IP-Adapter loaders build
+them from the file); they are not put inside the UNet: a thin processor stands in for each cross-attention's while a
+job uses them, and they are a memory-manager component of their own, placed with the UNet."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.models.embeddings import ImageProjection
+from torch import nn
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from webui.engine.formats.detect import Family, block_count
+from webui.engine.formats.files import find_files, load_state_dict
+from webui.engine.loading.load import build_module
+from webui.errors import ModelFileError, UserError
+
+IMAGE_PROJ, LAYERS = "image_proj.", "ip_adapter."
+FAMILY_OF_CONTEXT = {768: Family.SD1, 1024: Family.SD2, 2048: Family.SDXL}  # its cross-attention's text width
+CLIP_VISION_SUFFIXES = (".safetensors", ".pth", ".bin")
+CLIP_VISION_HEADS = 16  # ViT-H/14's and ViT-bigG/14's attention heads (no tensor's shape tells them)
+IMAGE_ENCODER_ACTIVATION = 512 * 1024 * 1024  # room the CLIP vision encoder runs in: a 224² picture, at most bigG
+
+
+def is_ip_adapter(keys) -> bool:
+    return any(k.startswith(IMAGE_PROJ) for k in keys) and any(k.startswith(LAYERS) for k in keys)
+
+
+def ip_adapter_family(state_dict: dict[str, torch.Tensor]) -> Family:
+    """The family an IP-Adapter is for, by the width of the text its layers attend to."""
+    context = state_dict[f"{LAYERS}1.to_k_ip.weight"].shape[1]
+    if context not in FAMILY_OF_CONTEXT:
+        raise ModelFileError(f"This IP-Adapter attends to {context}-wide text, which no SD1.x, SD2.x or SDXL UNet has.")
+    return FAMILY_OF_CONTEXT[context]
+
+
+class IPAdapter(nn.Module):
+    """The image projection and the cross-attention layers of one IP-Adapter file, made for ``unet`` (by diffusers'
+    loaders, which read nothing from the UNet but its config and processor names)."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor], unet: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        split = {"image_proj": {k[len(IMAGE_PROJ):]: v for k, v in state_dict.items() if k.startswith(IMAGE_PROJ)},
+                 "ip_adapter": {k[len(LAYERS):]: v for k, v in state_dict.items() if k.startswith(LAYERS)}}
+        self.image_proj = unet._convert_ip_adapter_image_proj_to_diffusers(split["image_proj"],
+                                                                           low_cpu_mem_usage=False)
+        processors = unet._convert_ip_adapter_attn_to_diffusers([split], low_cpu_mem_usage=False)
+        self.names = [name for name in processors if name.endswith("attn2.processor")]
+        self.layers = nn.ModuleList(processors[name] for name in self.names)
+        self.to(dtype).requires_grad_(False).eval()
+
+    @property
+    def wants_hidden_states(self) -> bool:
+        """Plus models project the encoder's last-but-one hidden states; the plain ones its image embedding."""
+        return not isinstance(self.image_proj, ImageProjection)
+
+    @property
+    def embedding_width(self) -> int:
+        first = next(p for p in self.image_proj.parameters() if p.dim() == 2)
+        return first.shape[1]
+
+
+class StandIn:
+    """A cross-attention's processor while an IP-Adapter is in use: the adapter's layer where the UNet is given image
+    tokens beside the text (a tuple), the usual processor otherwise. Not a module, so the UNet's own weights and
+    the memory manager's view of them stay as they were."""
+
+    def __init__(self, usual: Any, layer: nn.Module):
+        self.usual, self.layer = usual, layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if isinstance(encoder_hidden_states, tuple):
+            return self.layer(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return self.usual(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+@contextmanager
+def adapter_in(unet: nn.Module, units: list) -> Iterator[None]:
+    """The layers of the IP-Adapter unit among ``units`` (ActiveUnits; one at most) at work in ``unet`` for the
+    block, at the unit's weight; the usual processors back after."""
+    active = next((a for a in units if isinstance(a.model, IPAdapter)), None)
+    if active is None:
+        yield
+        return
+    adapter, scale = active.model, active.unit.weight
+    modules = dict(unet.named_modules())
+    attentions = [modules[name.removesuffix(".processor")] for name in adapter.names]
+    usual = [attention.processor for attention in attentions]
+    for layer in adapter.layers:
+        layer.scale = [scale]
+    try:
+        for attention, processor, layer in zip(attentions, usual, adapter.layers):
+            attention.set_processor(StandIn(processor, layer))
+        yield
+    finally:
+        for attention, processor in zip(attentions, usual):
+            attention.set_processor(processor)
+
+
+def clip_vision_config(infos: dict[str, Any]) -> CLIPVisionConfig:
+    """A CLIP vision encoder's config from its tensor shapes (transformers' layout, as ComfyUI's and Forge's
+    ``models/clip_vision`` files have it)."""
+    hidden, _, patch, _ = infos["vision_model.embeddings.patch_embedding.weight"].shape
+    positions = infos["vision_model.embeddings.position_embedding.weight"].shape[0]
+    return CLIPVisionConfig(
+        hidden_size=hidden, patch_size=patch, image_size=int((positions - 1) ** 0.5) * patch,
+        intermediate_size=infos["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=block_count(infos, "vision_model.encoder.layers"), num_attention_heads=CLIP_VISION_HEADS,
+        projection_dim=infos["visual_projection.weight"].shape[0], hidden_act="gelu", layer_norm_eps=1e-5)
+
+
+class ClipVisionEncoders:
+    """The CLIP vision encoders of ``models/clip_vision``: the one an IP-Adapter needs is the one whose output is as
+    wide as the adapter takes (the projection for plain adapters, the hidden states for Plus ones); the last one
+    used is kept in host memory."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._loaded: tuple[Path, CLIPVisionModelWithProjection] | None = None
+
+    def for_adapter(self, adapter: IPAdapter, dtype: torch.dtype, field: str) -> CLIPVisionModelWithProjection:
+        width = adapter.embedding_width
+        files = find_files(self.folder, CLIP_VISION_SUFFIXES) if self.folder.is_dir() else []
+        if self._loaded is not None and self._loaded[0] in files and self._width(self._loaded[1], adapter) == width:
+            return self._loaded[1].to(dtype)
+        for path in files:
+            state_dict = load_state_dict(path)
+            if "visual_projection.weight" not in state_dict:
+                continue
+            config = clip_vision_config(state_dict)
+            if (config.hidden_size if adapter.wants_hidden_states else config.projection_dim) == width:
+                self._loaded = None
+                model = build_module(CLIPVisionModelWithProjection, config, state_dict, path.name, dtype)
+                self._loaded = path, model.requires_grad_(False).eval()
+                return self._loaded[1]
+        raise UserError(f"this IP-Adapter needs a CLIP vision encoder with {width}-wide output in {self.folder} "
+                        "(ViT-H/14 for most SD1.5 and SDXL ones, ViT-bigG/14 for the other SDXL ones); there is none",
+                        field=field)
+
+    @staticmethod
+    def _width(model: CLIPVisionModelWithProjection, adapter: IPAdapter) -> int:
+        return model.config.hidden_size if adapter.wants_hidden_states else model.config.projection_dim
+
+
+def image_embeddings(encoder: CLIPVisionModelWithProjection, adapter: IPAdapter, image, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The picture's embedding as the adapter takes it, and the one CFG's other half gets (diffusers' pipelines':
+    zeros, or a Plus model's encoding of a black picture), both on the CPU."""
+    size = encoder.config.image_size
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    dtype = next(encoder.parameters()).dtype
+    pixels = processor(images=image.convert("RGB"), return_tensors="pt").pixel_values.to(device, dtype)
+    with torch.no_grad():
+        if adapter.wants_hidden_states:
+            embeds = encoder(pixels, output_hidden_states=True).hidden_states[-2]
+            uncond = encoder(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
+        else:
+            embeds = encoder(pixels).image_embeds
+            uncond = torch.zeros_like(embeds)
+    return uncond.float().cpu(), embeds.float().cpu()
