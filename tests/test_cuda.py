@@ -696,3 +696,28 @@ def test_a_flux_controlnet_on_cuda_draws_what_the_cpu_draws_and_streams_exactly(
     request = flux_request("flux-aio.safetensors", batch_size=1,
                            controlnet=[ControlUnit(model="e", image=control_picture())])
     assert_resident_streamed_and_cpu(engine, request, 1.0)
+
+
+@requires_cuda
+def test_an_ip_adapter_on_cuda_draws_what_the_cpu_draws_and_streams_exactly(tmp_path, sd1_file, sd1_folder):
+    """An IP-Adapter's layers (a companion of the UNet) and its CLIP vision encoder (placed for its pass) on the GPU:
+    resident, streamed (``--lowvram``) and on the CPU the same picture (float32)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from tests.requests import init_picture
+    from webui.engine.control.units import ControlUnit
+    from webui.synthetic.ip_adapter import ip_adapter_state, write_clip_vision
+
+    unet = UNet2DConditionModel.from_pretrained(sd1_folder, subfolder="unet", local_files_only=True)
+    state = ip_adapter_state(unet, embedding=24, seed=3)
+
+    def engine(name: str, *flags):
+        made = make_engine(tmp_path / name, sd1_file, extra_args=("--no-half", *flags))
+        made.config.paths.controlnet_dir.mkdir(parents=True, exist_ok=True)
+        save_file(state, made.config.paths.controlnet_dir / "ip.safetensors")
+        write_clip_vision(made.config.paths.clip_vision_dir / "clip_h.safetensors", projection=24)
+        return made
+
+    unit = ControlUnit(model="ip", image=init_picture(), module="ip-adapter_clip_h", weight=0.8)
+    assert_resident_streamed_and_cpu(engine, GenerationRequest(**{**REQ, "controlnet": [unit]}), 1.0)
