@@ -225,7 +225,7 @@ class ControlNets:
         active, used = [], set()
         for index, (unit, image) in enumerate(units):
             path = self.find(unit.model, f"controlnet[{index}].model")
-            if path not in self.loaded:
+            if path not in self.loaded or self.loaded[path][1] is None:  # (an IP-Adapter met with another family)
                 self.loaded[path] = load_controlnet(path, denoiser, family)
             model_family, model = self.loaded[path]
             if model_family is not family:
