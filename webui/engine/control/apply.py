@@ -16,7 +16,7 @@ from webui.engine.sampling.ksampling import StepCallback
 @dataclass
 class ActiveUnit:
     unit: ControlUnit
-    model: torch.nn.Module  # a ControlNetModel, or a FluxControlNetModel
+    model: torch.nn.Module  # a ControlNet of any family (a Union one too), or an IPAdapter
     image: Image.Image  # its control image (the unit's, or the init image)
     encoded: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # a flow ControlNet's input by size
     mode: int | None = None  # a Union ControlNet's control mode

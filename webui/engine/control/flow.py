@@ -25,11 +25,13 @@ class FlowControls:
         """The transformer's extra keyword arguments at ``step``: the active units' block samples summed (none: {})."""
         blocks = singles = None
         repeat = False
-        for active, hint in zip(self.units, self.hints):
+        for index, (active, hint) in enumerate(zip(self.units, self.hints)):
             if not active.unit.active_at(step, self.steps):
                 continue
             model, scale = active.model, active.unit.weight
-            hint = hint.to(x.device, x.dtype).expand(len(x), *hint.shape[1:])
+            if hint.device != x.device or hint.dtype != x.dtype:  # once a pass, not every step
+                self.hints[index] = hint = hint.to(x.device, x.dtype)
+            hint = hint.expand(len(x), *hint.shape[1:])
             if isinstance(model, SD3ControlNetModel):
                 text = context if model.context_embedder is not None else None
                 pooling = torch.zeros_like(pooled) if model.config.force_zeros_for_pooled_projection else pooled

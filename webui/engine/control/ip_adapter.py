@@ -16,7 +16,7 @@ from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from webui.engine.formats.detect import Family, block_count
-from webui.engine.formats.files import find_files, load_state_dict
+from webui.engine.formats.files import find_files, load_state_dict, read_tensor_infos
 from webui.engine.loading.load import build_module
 from webui.errors import ModelFileError, UserError
 
@@ -128,14 +128,14 @@ class ClipVisionEncoders:
         files = find_files(self.folder, CLIP_VISION_SUFFIXES) if self.folder.is_dir() else []
         if self._loaded is not None and self._loaded[0] in files and self._width(self._loaded[1], adapter) == width:
             return self._loaded[1].to(dtype)
-        for path in files:
-            state_dict = load_state_dict(path)
-            if "visual_projection.weight" not in state_dict:
+        for path in files:  # their headers (a pickle's tensors) tell the widths; only the one that fits is read
+            infos = _tensor_shapes(path)
+            if "visual_projection.weight" not in infos:
                 continue
-            config = clip_vision_config(state_dict)
+            config = clip_vision_config(infos)
             if (config.hidden_size if adapter.wants_hidden_states else config.projection_dim) == width:
                 self._loaded = None
-                model = build_module(CLIPVisionModelWithProjection, config, state_dict, path.name, dtype)
+                model = build_module(CLIPVisionModelWithProjection, config, load_state_dict(path), path.name, dtype)
                 self._loaded = path, model.requires_grad_(False).eval()
                 return self._loaded[1]
         raise UserError(f"this IP-Adapter needs a CLIP vision encoder with {width}-wide output in {self.folder} "
@@ -145,6 +145,13 @@ class ClipVisionEncoders:
     @staticmethod
     def _width(model: CLIPVisionModelWithProjection, adapter: IPAdapter) -> int:
         return model.config.hidden_size if adapter.wants_hidden_states else model.config.projection_dim
+
+
+def _tensor_shapes(path: Path) -> dict[str, Any]:
+    """A file's tensors' shapes: a safetensors header's, or (a pickle has no header) the tensors themselves."""
+    if path.suffix.lower() == ".safetensors":
+        return read_tensor_infos(path)[0]
+    return load_state_dict(path)
 
 
 def image_embeddings(encoder: CLIPVisionModelWithProjection, adapter: IPAdapter, image, device: torch.device

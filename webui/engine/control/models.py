@@ -1,9 +1,11 @@
 """ControlNet files as users have them, loaded offline with the architecture read from the tensors: A1111/LDM single
 files (``control_model.input_blocks…``, with or without that prefix: lllyasviel's SD1.5 and thibaud's SD2.1
-ControlNets), diffusers-keyed files or folders (``controlnet_cond_embedding…``: most SDXL ControlNets) and Flux
-ControlNets in diffusers' layout (``controlnet_x_embedder``, ``controlnet_blocks…``: InstantX's and those made
-like them). An LDM file is renamed by diffusers' own single-file conversion (``convert_controlnet_checkpoint``),
-which needs only the number of layers per block, read from where the first downsampling sits."""
+ControlNets), diffusers-keyed files or folders (``controlnet_cond_embedding…``: most SDXL ControlNets, xinsir's Union
+ones with their ``task_embedding``), Flux and SD3 ControlNets in diffusers' layout (``controlnet_x_embedder``,
+``pos_embed_input``: InstantX's, Stability's SD3.5 ones), and IP-Adapter files, which sd-webui-controlnet keeps in
+the same folder (``ip_adapter``). An LDM file is renamed by diffusers' own single-file conversion
+(``convert_controlnet_checkpoint``), which needs only the number of layers per block, read from where the first
+downsampling sits."""
 from __future__ import annotations
 
 import json

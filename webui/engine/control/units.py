@@ -64,18 +64,13 @@ class ControlUnit:
         return self.control_mode == CONTROL_MODES[2]
 
     def infotext(self) -> str:
-        """sd-webui-controlnet's ``ControlNet 0`` value: its fields as "Name: value" pairs, quoted as one."""
-        pairs = {"Module": self.module, "Model": self.model, "Weight": self.weight, "Resize Mode": self.resize_mode,
-                 "Processor Res": self.processor_res, "Threshold A": self.threshold_a,
-                 "Threshold B": self.threshold_b, "Guidance Start": self.guidance_start,
-                 "Guidance End": self.guidance_end, "Pixel Perfect": self.pixel_perfect,
-                 "Control Mode": self.control_mode}
-        if self.union_control_type != UNION_TYPES[0]:
-            pairs["Union Control Type"] = self.union_control_type
-        return ", ".join(f"{k}: {v}" for k, v in pairs.items())
+        """sd-webui-controlnet's ``ControlNet 0`` value: its fields as "Name: value" pairs (``INFOTEXT_FIELDS``),
+        quoted as one; the union control type only where one is set."""
+        return ", ".join(f"{name}: {getattr(self, field)}" for name, (field, _) in INFOTEXT_FIELDS.items()
+                         if field != "union_control_type" or self.union_control_type != UNION_TYPES[0])
 
 
-# A unit's infotext names (``ControlUnit.infotext``) -> its fields and how each is read
+# A unit's infotext names, in the order written -> its fields and how each is read back
 INFOTEXT_FIELDS = {"Module": ("module", str), "Model": ("model", str), "Weight": ("weight", float),
                    "Resize Mode": ("resize_mode", str), "Processor Res": ("processor_res", int),
                    "Threshold A": ("threshold_a", float), "Threshold B": ("threshold_b", float),
