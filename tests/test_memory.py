@@ -39,6 +39,17 @@ def set_budget(engine, weights_mb: float) -> None:
     engine.memory.memory.total_bytes = int((weights_mb + engine.options["forge_inference_memory"]) * MB)
 
 
+def test_a_module_with_a_call_of_its_own_is_split_to_layers_whose_hooks_fire():
+    """diffusers' attention processors (an IP-Adapter's layers) define ``__call__``, which runs no forward hooks:
+    the streamer's units are their layers, each called through nn.Module."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    processor = IPAdapterAttnProcessor2_0(hidden_size=64, cross_attention_dim=32, num_tokens=(4,))
+    units = split_units(nn.ModuleList([processor]), max_bytes=1 << 30)
+    assert [type(u.module) for u in units] == [nn.Linear, nn.Linear]
+    assert sum(u.nbytes for u in units) == param_bytes(processor)
+
+
 def test_split_units_cover_every_parameter_once():
     model = nn.Sequential(nn.Linear(64, 64), nn.Sequential(nn.Linear(64, 256), nn.Linear(256, 64)), nn.LayerNorm(64))
     units = split_units(model, max_bytes=70_000)

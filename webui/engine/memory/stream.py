@@ -58,8 +58,9 @@ def split_units(root: nn.Module, max_bytes: int) -> list[Unit]:
 
     A module larger than ``max_bytes`` is split into its children; its own parameters, if any,
     become a unit of their own. A leaf larger than ``max_bytes`` stays whole. Units are modules
-    whose forward runs (that is where the hooks fire): containers (ModuleList, ModuleDict) and the
-    root (a VAE is called through ``decode``, not ``forward``) are always split.
+    whose forward runs (that is where the hooks fire): containers (ModuleList, ModuleDict), the
+    root (a VAE is called through ``decode``, not ``forward``) and modules whose class has a
+    ``__call__`` of its own (diffusers' attention processors: an IP-Adapter's layers) are always split.
     """
     units: list[Unit] = []
     seen: set[int] = set()
@@ -70,7 +71,8 @@ def split_units(root: nn.Module, max_bytes: int) -> list[Unit]:
             return
         seen.add(id(module))
         children = [(n, c) for n, c in module.named_children() if param_bytes(c)]
-        never_called = module is root or isinstance(module, (nn.ModuleList, nn.ModuleDict))
+        never_called = (module is root or isinstance(module, (nn.ModuleList, nn.ModuleDict))
+                        or type(module).__call__ is not nn.Module.__call__)
         if (size <= max_bytes and not never_called) or not children:
             units.append(Unit(name or "(root)", module, recurse=True))
             return
