@@ -3,6 +3,8 @@ from the tensors; images equal to diffusers' ControlNet pipelines on the same ti
 guidance start/end, control modes, two units, img2img); bad units named."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -60,8 +62,10 @@ def images(result) -> np.ndarray:
     return np.stack([np.asarray(image) for image in result.images]).astype(int)
 
 
-def reference(engine, folder, family: str, controlnet, sampler: str, schedule: str, cls=None, **kwargs) -> np.ndarray:
-    pipe = (cls or PIPELINES[family]).from_pretrained(folder, controlnet=controlnet, torch_dtype=torch.float32,
+def reference(engine, folder, family: str, controlnet, sampler: str, schedule: str, cls=None, component="controlnet",
+              **kwargs) -> np.ndarray:
+    """diffusers' pipeline ``cls`` (the family's ControlNet one) with ``controlnet`` as its ``component``."""
+    pipe = (cls or PIPELINES[family]).from_pretrained(folder, **{component: controlnet}, torch_dtype=torch.float32,
                                                       local_files_only=True)
     pipe.scheduler = SamplerRegistry().make_scheduler(sampler, schedule, engine.models.current.scheduler_config,
                                                       seed=SEEDS)
@@ -253,7 +257,7 @@ def test_the_controlnet_routes_list_the_models(tmp_path, fixture_value):
     api = webuiapi.WebUIApi(baseurl="http://testserver/sdapi/v1")
     api.session = client  # webuiapi's calls, answered by the app
     assert api.controlnet_version() == 2
-    assert api.controlnet_model_list() == ["control-sd1-0", "control-sd1-1"]
+    assert api.controlnet_model_list() == ["control-sd1-0", "control-sd1-1", "demo-canny"], "the built-in one after"
     assert api.controlnet_module_list()[:2] == ["none", "canny"]
     assert client.get("/controlnet/settings").json() == {"control_net_unit_count": 3}
 
@@ -392,4 +396,64 @@ def test_an_ip_adapter_unit_equals_diffusers_ip_adapter(tmp_path, fixture_value)
                generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS])
     expected = np.stack([np.asarray(image) for image in out.images]).astype(int)
     assert np.abs(got - plain).mean() > 1, "the image prompt changes the picture"
+    assert np.abs(got - expected).max() <= 1, np.abs(got - expected).max()
+
+
+def test_a_t2i_adapter_unit_equals_diffusers_adapter_pipeline(tmp_path, fixture_value):
+    """TencentARC's T2I-Adapters in models/ControlNet (an original-layout file, a one-channel one, a light one in
+    diffusers' layout): read with their architecture from the tensors; a unit's picture equals diffusers'
+    StableDiffusionAdapterPipeline's with the same scale; its guidance end and weight act; an adapter of another
+    family is refused naming the unit's model."""
+    from diffusers import StableDiffusionAdapterPipeline, UNet2DConditionModel
+
+    from webui.engine.control.t2i_adapter import adapter_family
+    from webui.synthetic.t2i_adapter import random_t2i_adapter, write_t2i_adapter
+
+    engine, folder, checkpoint, _ = setup(tmp_path, fixture_value, "sd1", count=0)
+    channels = list(UNet2DConditionModel.load_config(folder, subfolder="unet")["block_out_channels"])
+    adapters = {"t2iadapter_tiny_sd14v1": random_t2i_adapter(channels, 1),
+                "t2iadapter_tiny_gray": random_t2i_adapter(channels, 2, in_channels=1),
+                "t2iadapter_tiny_light": random_t2i_adapter(channels + [channels[-1]], 3, kind="light_adapter")}
+    plain = images(engine.txt2img(request(checkpoint, None)))
+    for (name, adapter), layout in zip(adapters.items(), ("original", "original", "diffusers")):
+        path = write_t2i_adapter(engine.config.paths.controlnet_dir / f"{name}.safetensors", adapter, layout)
+        family, loaded = load_controlnet(path, engine.models.current.denoiser, Family.SD1)
+        assert family is Family.SD1 and dict(loaded.config) == dict(adapter.config)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in adapter.state_dict().items())
+    for name, adapter in adapters.items():
+        unit = ControlUnit(model=name, image=control_picture(), weight=0.8)
+        got = images(engine.txt2img(request(checkpoint, [unit])))
+        picture = control_picture().convert("L") if adapter.config.in_channels == 1 else control_picture()
+        expected = reference(engine, folder, "sd1", adapter, "Euler a", "Automatic",
+                             cls=StableDiffusionAdapterPipeline, component="adapter", image=picture,
+                             adapter_conditioning_scale=0.8)
+        assert np.abs(got - plain).mean() > 1, f"{name} changes the picture"
+        assert np.abs(got - expected).max() <= 1, (name, np.abs(got - expected).max())
+    unit = ControlUnit(model="t2iadapter_tiny_sd14v1", image=control_picture(), weight=0.8)
+    early = images(engine.txt2img(request(checkpoint, [replace(unit, guidance_end=0.5)])))
+    assert 0 < np.abs(early - got).mean() and 0 < np.abs(early - plain).mean(), "its guidance end acts"
+    with pytest.raises(UserError) as caught:
+        engine.txt2img(request(checkpoint, [replace(unit, control_mode="My prompt is more important")]))
+    assert caught.value.field == "controlnet[0].control_mode"
+    assert adapter_family({"adapter_type": "full_adapter_xl"}, Family.SD1) is Family.SDXL
+    assert adapter_family({"adapter_type": "full_adapter"}, Family.SDXL) is Family.SD1
+
+
+def test_an_sdxl_t2i_adapter_unit_equals_diffusers_sdxl_adapter_pipeline(tmp_path, fixture_value):
+    """An SDXL T2I-Adapter (diffusers' layout, as TencentARC shares them: ``full_adapter_xl``) with its guidance end:
+    StableDiffusionXLAdapterPipeline's picture with that ``adapter_conditioning_factor``."""
+    from diffusers import StableDiffusionXLAdapterPipeline, UNet2DConditionModel
+
+    from webui.synthetic.t2i_adapter import random_t2i_adapter, write_t2i_adapter
+
+    engine, folder, checkpoint, _ = setup(tmp_path, fixture_value, "sdxl", count=0)
+    channels = list(UNet2DConditionModel.load_config(folder, subfolder="unet")["block_out_channels"])
+    adapter = random_t2i_adapter(channels, 4, kind="full_adapter_xl")
+    write_t2i_adapter(engine.config.paths.controlnet_dir / "t2i-adapter-tiny-sdxl.safetensors", adapter, "diffusers")
+    unit = ControlUnit(model="t2i-adapter-tiny-sdxl", image=control_picture(), weight=0.9, guidance_end=0.5)
+    got = images(engine.txt2img(request(checkpoint, [unit])))
+    expected = reference(engine, folder, "sdxl", adapter, "Euler a", "Automatic", cls=StableDiffusionXLAdapterPipeline,
+                         component="adapter", image=control_picture(), adapter_conditioning_scale=0.9,
+                         adapter_conditioning_factor=0.5)
+    assert np.abs(got - images(engine.txt2img(request(checkpoint, None)))).mean() > 1
     assert np.abs(got - expected).max() <= 1, np.abs(got - expected).max()

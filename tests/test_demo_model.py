@@ -9,9 +9,12 @@ from safetensors import safe_open
 
 from webui.cli import parse_args
 from webui.demo.derive import ensure_demo_models
-from webui.demo.shapes import COLOURS, Scene, all_scenes, draw, read_picture, to_pil
+from webui.demo.shapes import COLOURS, POSITIONS, Scene, all_scenes, draw, read_picture, to_pil
+from webui.demo.train_controlnet import PLACE
+from webui.engine.control.units import ControlUnit
 from webui.engine.engine import Engine
-from webui.engine.loading.demo import ASSETS, DEMO_NAME, GGUF_NAME, LORA_DIR, MODULE_NAMES, STYLE_NAME
+from webui.engine.loading.demo import (ASSETS, CONTROLNET_DIR, CONTROLNET_NAME, DEMO_NAME, GGUF_NAME, LORA_DIR,
+                                       MODULE_NAMES, STYLE_NAME)
 from webui.engine.request import GenerationRequest
 from webui.errors import UserError
 from webui.extensions import BUILTIN_DIR, find_extensions, load_extensions
@@ -87,6 +90,28 @@ def test_the_dusk_checkpoint_darkens_the_background_downwards(engine):
     assert share(dusk, scenes, lambda r, s: r.colour == s.colour) >= 0.75
 
 
+def test_the_canny_controlnet_puts_the_shape_where_the_control_image_does(engine):
+    """The shipped ControlNet (webui.demo.train_controlnet): prompts that name no place, a picture of the shape
+    elsewhere through the canny preprocessor (pixel perfect), as a user drives it: the shape lands at the control
+    image's place in at least 90 % of 20 prompts, where without the unit it lands there about as often as chance."""
+    assert engine.controlnets.names() == [CONTROLNET_NAME.removesuffix(".safetensors")]
+    places = list(POSITIONS)
+    scenes = [Scene(s.shape, s.colour, s.background, places[i % len(places)], s.size) for i, s in enumerate(SCENES[:20])]
+    controls = to_pil(draw(scenes, 128, seed=5))
+    unit = dict(model="demo-canny", module="canny", pixel_perfect=True)
+    prompts = [s.partial_caption(7 & ~PLACE) for s in scenes]
+
+    def readings(units) -> list:
+        return [read_picture(engine.txt2img(GenerationRequest(prompt=prompt, seed=seed, **FAST, controlnet=units(i))
+                                            ).images[0]) for seed, (i, prompt) in enumerate(enumerate(prompts))]
+
+    controlled = readings(lambda i: [ControlUnit(image=controls[i], **unit)])
+    assert share(controlled, scenes, lambda r, s: r.position == s.position) >= 0.9, [r.position for r in controlled]
+    assert share(controlled, scenes, lambda r, s: r.colour == s.colour) >= 0.75, "the prompt still says the colour"
+    free = readings(lambda i: None)
+    assert share(free, scenes, lambda r, s: r.position == s.position) <= 0.5
+
+
 def test_the_shipped_files_and_those_made_at_first_start(tmp_path):
     shipped = ASSETS / DEMO_NAME
     assert shipped.stat().st_size <= 30 * 2**20
@@ -95,6 +120,9 @@ def test_the_shipped_files_and_those_made_at_first_start(tmp_path):
         assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in f.keys())
     assert sorted(p.name for p in LORA_DIR.iterdir()) == ["demo-dusk.preview.png", "demo-dusk.safetensors",
                                                           "demo-outline.preview.png", "demo-outline.safetensors"]
+    assert [p.name for p in CONTROLNET_DIR.iterdir()] == [CONTROLNET_NAME]
+    with safe_open(str(CONTROLNET_DIR / CONTROLNET_NAME), "pt") as f:
+        assert all(k.startswith("control_model.") for k in f.keys()), "lllyasviel's layout, as users have SD1.5 ones"
     models, modules = tmp_path / "models", tmp_path / "modules"
     ensure_demo_models(models, modules)
     made = sorted(p.name for p in [*models.iterdir(), *modules.iterdir()])

@@ -43,7 +43,7 @@ def ensure_demo_models(models_dir: Path, modules_dir: Path) -> None:
     modules_dir.mkdir(parents=True, exist_ok=True)
     _atomic(base, lambda tmp: shutil.copy2(ASSETS / DEMO_NAME, tmp))  # its time too: see _signature
     log.info("Writing the built-in demo models (its dusk style and its GGUF Q8_0 twin) to %s", models_dir)
-    model = _load(base)
+    model = load_checkpoint(base)
     unet, vae, text = model.denoiser, model.vae, model.text_encoders[0].model
     _atomic(modules_dir / MODULE_NAMES["vae"], lambda tmp: write_vae_file(tmp, vae, torch.float16))
     _atomic(modules_dir / MODULE_NAMES["clip_l"], lambda tmp: write_clip_file(tmp, text, torch.float16, False))
@@ -63,7 +63,7 @@ def _signature(path: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
-def _load(path: Path) -> LoadedModel:
+def load_checkpoint(path: Path) -> LoadedModel:
     return load_model(CheckpointInfo(path.name, path, "safetensors"), None, torch.float32, torch.float32, Families())
 
 

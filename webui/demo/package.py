@@ -2,23 +2,27 @@
 
 Writes, into ``webui/assets/demo`` (or ``--dest``): the model as an A1111 single-file checkpoint (float16, with
 ModelSpec metadata saying its resolution), and its two LoRAs in kohya's format (sd-scripts' names, the most common
-kind users have). The style checkpoint and the GGUF twin are made from these at first start
+kind users have); with ``--controlnet RUN`` (a ``webui.demo.train_controlnet`` run) its canny ControlNet in
+A1111's layout (lllyasviel's ``control_model.`` names). The style checkpoint and the GGUF twin are made from these at first start
 (``webui.engine.loading.demo``), so the repository holds one checkpoint.
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
+from diffusers import ControlNetModel
 from safetensors.torch import load_file
 
 from webui.demo.train import load_component, read_config
 from webui.engine.formats.detect import Family
-from webui.engine.loading.demo import ASSETS, DEMO_METADATA, DEMO_NAME, LORA_DIR, LORA_NAMES
+from webui.engine.loading.demo import (ASSETS, CONTROLNET_DIR, CONTROLNET_NAME, DEMO_METADATA, DEMO_NAME, LORA_DIR,
+                                       LORA_NAMES)
 from webui.engine.lora.keys import DENOISER, LoraWeights
 from webui.synthetic.builders import SyntheticModel
-from webui.synthetic.ldm_export import write_a1111_checkpoint
+from webui.synthetic.ldm_export import write_a1111_checkpoint, write_controlnet
 from webui.synthetic.lora_export import Weights, write_lora
 
 
@@ -48,12 +52,24 @@ def write_shipped_files(run: Path, dest: Path) -> list[Path]:
     return written
 
 
+def write_shipped_controlnet(run: Path, dest: Path) -> Path:
+    config = json.loads((run / "controlnet_config.json").read_text())
+    model = ControlNetModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    model.load_state_dict({k: v.float() for k, v in load_file(str(run / "controlnet.safetensors")).items()})
+    return write_controlnet(dest / CONTROLNET_DIR.name / CONTROLNET_NAME, model, "ldm", torch.float16)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run", type=Path, help="the folder webui.demo.train wrote")
+    parser.add_argument("run", type=Path, nargs="?", help="the folder webui.demo.train wrote")
+    parser.add_argument("--controlnet", type=Path, help="the folder webui.demo.train_controlnet wrote")
     parser.add_argument("--dest", type=Path, default=ASSETS)
     args = parser.parse_args(argv)
-    for path in write_shipped_files(args.run, args.dest):
+    written = write_shipped_files(args.run, args.dest) if args.run else []
+    if args.controlnet:
+        (args.dest / CONTROLNET_DIR.name).mkdir(parents=True, exist_ok=True)
+        written.append(write_shipped_controlnet(args.controlnet, args.dest))
+    for path in written:
         print(f"{path} ({path.stat().st_size / 2**20:.1f} MB)")
 
 

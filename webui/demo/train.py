@@ -185,11 +185,12 @@ class Captions:
 
     VARIANTS = CAPTION_PARTS + 1
 
-    def __init__(self, scenes: list[Scene], device: torch.device, seed: int):
+    def __init__(self, scenes: list[Scene], device: torch.device, seed: int, without: int = 0):
+        """``without``: the caption parts (bits of ``Scene.partial_caption``) no caption has."""
         tokenizer = clip_tokenizer()
         unique = sorted(set(scenes), key=Scene.caption)
         index = {scene: i for i, scene in enumerate(unique)}
-        texts = [scene.partial_caption(v) for scene in unique for v in range(self.VARIANTS)] + [""]
+        texts = [scene.partial_caption(v & ~without) for scene in unique for v in range(self.VARIANTS)] + [""]
         self.tokens = tokenizer(texts, padding="max_length", max_length=77, truncation=True,
                                 return_tensors="pt").input_ids.to(device)
         self.scene_index = torch.tensor([index[s] for s in scenes], device=device)
@@ -212,16 +213,30 @@ def noise_levels(device: torch.device) -> torch.Tensor:
     return DDPMScheduler(**SD1_SCHEDULE).alphas_cumprod.to(device)
 
 
-def diffusion_loss(unet: nn.Module, text: nn.Module, latents: torch.Tensor, tokens: torch.Tensor,
-                   alphas_cumprod: torch.Tensor, generator: torch.Generator, min_snr: float) -> torch.Tensor:
-    """SD1's objective, epsilon prediction, weighted by min-SNR (gamma ``min_snr``) for quicker training."""
+Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy, t, context) -> noise
+
+
+def unet_denoise(unet: UNet2DConditionModel) -> Denoise:
+    return lambda noisy, t, context: unet(noisy, t, context).sample
+
+
+def diffusion_loss(denoise: Denoise, text: nn.Module, latents: torch.Tensor, tokens: torch.Tensor,
+                   alphas_cumprod: torch.Tensor, generator: torch.Generator, min_snr: float,
+                   high_noise: float = 0.0) -> torch.Tensor:
+    """SD1's objective, epsilon prediction, weighted by min-SNR (gamma ``min_snr``) for quicker training;
+    ``high_noise``: the share of the batch whose noise level is drawn from the noisier 60 % (where a picture's layout
+    is decided), the rest from all of them."""
     noise = torch.randn(latents.shape, device=latents.device, generator=generator)
-    t = torch.randint(0, len(alphas_cumprod), (len(latents),), device=latents.device, generator=generator)
+    levels = len(alphas_cumprod)
+    t = torch.randint(0, levels, (len(latents),), device=latents.device, generator=generator)
+    if high_noise:  # (drawn only then: the demo's own phases draw what they drew when it was trained)
+        high = torch.rand(len(latents), device=latents.device, generator=generator) < high_noise
+        t = torch.where(high, levels * 2 // 5 + t * 3 // 5, t)
     alphas = alphas_cumprod[t]
     noisy = alphas.sqrt()[:, None, None, None] * latents + (1 - alphas).sqrt()[:, None, None, None] * noise
     with torch.autocast(latents.device.type, torch.bfloat16):
         context = text(tokens).last_hidden_state
-        prediction = unet(noisy, t, context).sample
+        prediction = denoise(noisy, t, context)
     snr = alphas / (1 - alphas)
     weight = torch.clamp(snr, max=min_snr) / snr
     per_sample = F.mse_loss(prediction.float(), noise, reduction="none").mean(dim=(1, 2, 3))
@@ -245,7 +260,7 @@ def train_base(config: TrainConfig, latents: torch.Tensor, captions: Captions, l
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config.base_steps, config.base_lr, config.warmup)
         index = torch.randint(0, len(latents), (config.base_batch,), device=device, generator=generator)
-        loss = diffusion_loss(unet, text, latents[index], captions.batch(index, config.uncond), alphas_cumprod, generator,
+        loss = diffusion_loss(unet_denoise(unet), text, latents[index], captions.batch(index, config.uncond), alphas_cumprod, generator,
                               config.min_snr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -311,7 +326,7 @@ def train_lora(name: str, seed: int, config: TrainConfig, unet: UNet2DConditionM
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config.lora_steps, config.lora_lr, 100)
         index = torch.randint(0, len(latents), (config.lora_batch,), device=device, generator=generator)
-        loss = diffusion_loss(unet, text, latents[index], captions.batch(index, config.uncond), alphas_cumprod, generator,
+        loss = diffusion_loss(unet_denoise(unet), text, latents[index], captions.batch(index, config.uncond), alphas_cumprod, generator,
                               config.min_snr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -34,6 +34,7 @@ from webui.engine.hires import SAME_CHECKPOINT, OtherModel, check_latent_handove
 from webui.engine.hooks import Hooks, Network, extract_networks
 from webui.engine.inpaint import init_pictures
 from webui.engine.loading.assemble import checkpoint_family
+from webui.engine.loading.demo import CONTROLNET_DIR
 from webui.engine.loading.load import LoadedModel
 from webui.engine.loading.models import Dtypes, ModelManager
 from webui.engine.memory import MB
@@ -117,7 +118,7 @@ class Engine:
             config.paths.text_encoder_dir, config.paths.builtin_modules_dir, hashes, self.memory, dtypes,
             families=self.families,
         )
-        self.controlnets = ControlNets(config.paths.controlnet_dir)
+        self.controlnets = ControlNets(config.paths.controlnet_dir, CONTROLNET_DIR)
         self.detectors = Detectors(config.paths.controlnet_preprocessor_dir)
         self.clip_vision = ClipVisionEncoders(config.paths.clip_vision_dir)
         self._remove_stale_temp_files()

@@ -1,14 +1,17 @@
 """ControlNet units during a UNet's denoising: each active unit's residuals, added up, handed to the UNet's down and
 middle blocks — as diffusers' StableDiffusion(XL)ControlNetPipeline computes them (the hint at the image's size in
-[0, 1], the unit's scale, active between its guidance start and end, its control mode)."""
+[0, 1], the unit's scale, active between its guidance start and end, its control mode); a T2I-Adapter unit's
+features, made once a pass, added inside the down blocks as diffusers' StableDiffusion(XL)AdapterPipeline does."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from diffusers import T2IAdapter
 from PIL import Image, ImageOps
 
+from webui.engine.control.t2i_adapter import adapter_features
 from webui.engine.control.units import RESIZE_MODES, ControlUnit
 from webui.engine.sampling.ksampling import StepCallback
 
@@ -16,7 +19,7 @@ from webui.engine.sampling.ksampling import StepCallback
 @dataclass
 class ActiveUnit:
     unit: ControlUnit
-    model: torch.nn.Module  # a ControlNet of any family (a Union one too), or an IPAdapter
+    model: torch.nn.Module  # a ControlNet of any family (a Union one too), an IPAdapter or a T2IAdapter
     image: Image.Image  # its control image (the unit's, or the init image)
     encoded: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # a flow ControlNet's input by size
     mode: int | None = None  # a Union ControlNet's control mode
@@ -43,6 +46,7 @@ class Controls:
     def __init__(self, units: list[ActiveUnit], steps: int, cfg: bool, scale: int):
         self.units, self.steps, self.cfg, self.scale, self.step = units, steps, cfg, scale, 0
         self._hints: dict[int, torch.Tensor] = {}
+        self._features: dict[int, list[torch.Tensor]] = {}  # a T2I-Adapter unit's, for one row of the batch
         self._tokens: torch.Tensor | None = None  # an IP-Adapter's image tokens for the batch
 
     def hint(self, index: int, x: torch.Tensor) -> torch.Tensor:
@@ -75,12 +79,20 @@ class Controls:
         return context, [self._tokens]
 
     def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, added: dict | None) -> dict:
-        """The UNet's extra keyword arguments for this call: the active ControlNets' residuals summed (none: {})."""
+        """The UNet's extra keyword arguments for this call: the active ControlNets' residuals summed, the active
+        T2I-Adapters' features summed (a new list each call: the UNet pops them) (none: {})."""
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
+        inside: list[torch.Tensor] | None = None
         for index, active in enumerate(self.units):
             unit = active.unit
             if active.embeds is not None or not unit.active_at(self.step, self.steps):
+                continue
+            if isinstance(active.model, T2IAdapter):
+                if index not in self._features:
+                    self._features[index] = adapter_features(active.model, self.hint(index, x), unit.weight)
+                features = [f.to(x.dtype).expand(len(x), -1, -1, -1) for f in self._features[index]]
+                inside = features if inside is None else [a + b for a, b in zip(inside, features)]
                 continue
             half = unit.cond_only and self.cfg  # the conditional half only; the other half gets none
             inputs = (x.chunk(2)[1], context.chunk(2)[1], _cond_half(added)) if half else (x, context, added)
@@ -96,9 +108,10 @@ class Controls:
                 d, m = [torch.cat([torch.zeros_like(r), r]) for r in d], torch.cat([torch.zeros_like(m), m])
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
+        extra = {} if inside is None else {"down_intrablock_additional_residuals": inside}
         if down is None:
-            return {}
-        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            return extra
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid, **extra}
 
 
 def _union_inputs(active: ActiveUnit, sample: torch.Tensor) -> dict:

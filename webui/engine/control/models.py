@@ -2,8 +2,8 @@
 files (``control_model.input_blocks…``, with or without that prefix: lllyasviel's SD1.5 and thibaud's SD2.1
 ControlNets), diffusers-keyed files or folders (``controlnet_cond_embedding…``: most SDXL ControlNets, xinsir's Union
 ones with their ``task_embedding``), Flux and SD3 ControlNets in diffusers' layout (``controlnet_x_embedder``,
-``pos_embed_input``: InstantX's, Stability's SD3.5 ones), and IP-Adapter files, which sd-webui-controlnet keeps in
-the same folder (``ip_adapter``). An LDM file is renamed by diffusers' own single-file conversion
+``pos_embed_input``: InstantX's, Stability's SD3.5 ones), and the IP-Adapter and T2I-Adapter files
+sd-webui-controlnet keeps in the same folder (``ip_adapter``, ``t2i_adapter``). An LDM file is renamed by diffusers' own single-file conversion
 (``convert_controlnet_checkpoint``), which needs only the number of layers per block, read from where the first
 downsampling sits."""
 from __future__ import annotations
@@ -14,12 +14,13 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, ControlNetUnionModel, FluxControlNetModel, SD3ControlNetModel
+from diffusers import ControlNetModel, ControlNetUnionModel, FluxControlNetModel, SD3ControlNetModel, T2IAdapter
 from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING, LDM_CONTROLNET_KEY,
                                                   convert_controlnet_checkpoint)
 from PIL import Image
 
 from webui.engine.control.apply import ActiveUnit
+from webui.engine.control import t2i_adapter
 from webui.engine.control.ip_adapter import LAYERS, IPAdapter, ip_adapter_family, is_ip_adapter
 from webui.engine.control.units import CONTROL_MODES, UNION_TYPES, ControlUnit
 from webui.engine.families.flux import rope_axes
@@ -172,6 +173,12 @@ def load_controlnet(path: Path, denoiser: torch.nn.Module, family: Family) -> tu
         if denoiser.config.get("cross_attention_dim") == state_dict[f"{LAYERS}1.to_k_ip.weight"].shape[1]:
             return family, IPAdapter(state_dict, denoiser, dtype)
         return ip_adapter_family(state_dict), None
+    if t2i_adapter.is_t2i_adapter(state_dict):
+        state_dict = t2i_adapter.to_diffusers_keys(state_dict)
+        config = t2i_adapter.t2i_adapter_config({k: TensorInfo(str(v.dtype), tuple(v.shape))
+                                                 for k, v in state_dict.items()})
+        model = build_module(T2IAdapter, config, state_dict, path.name, dtype)
+        return t2i_adapter.adapter_family(config, family), model.requires_grad_(False).eval()
     state_dict = to_diffusers_keys(state_dict)
     infos = {k: TensorInfo(str(v.dtype), tuple(v.shape)) for k, v in state_dict.items()}
     if is_flux_controlnet(infos):
@@ -186,21 +193,26 @@ def load_controlnet(path: Path, denoiser: torch.nn.Module, family: Family) -> tu
 
 
 class ControlNets:
-    """The ControlNet folder's models: listed by name (the folder read again when asked for the list, or when a job
-    names a model not in the last reading), loaded when a job first uses one and kept while jobs use it, each a
-    memory-manager component placed with the denoiser (budgeted, resident or streamed like its weights)."""
+    """The models of the ControlNet folder and then of ``builtin`` (the demo's): listed by name (the folders read
+    again when asked for the list, or when a job names a model not in the last reading), loaded when a job first
+    uses one and kept while jobs use it, each a memory-manager component placed with the denoiser (budgeted,
+    resident or streamed like its weights)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, builtin: Path | None = None):
         self.folder = folder
+        self.roots = [folder] + ([builtin] if builtin is not None else [])
         self.loaded: dict[Path, tuple[Family, torch.nn.Module]] = {}
         self._files: list[Path] = []
 
     def files(self) -> list[Path]:
-        """Model files and diffusers folders (their ``diffusion_pytorch_model`` weights), by name: the folder now."""
-        found = find_files(self.folder, CONTROLNET_SUFFIXES) if self.folder.is_dir() else []
-        folders = [p.parent for p in found if p.stem == "diffusion_pytorch_model"]
-        files = [p for p in found if p.stem != "diffusion_pytorch_model"]
-        self._files = sorted(files + folders, key=lambda p: p.name.lower())
+        """Model files and diffusers folders (their ``diffusion_pytorch_model`` weights), by name: the folders now;
+        a built-in model the user has one of the same name of is left out."""
+        found = [p for root in self.roots if root.is_dir() for p in find_files(root, CONTROLNET_SUFFIXES)]
+        models = [p.parent if p.stem == "diffusion_pytorch_model" else p for p in found]
+        first = {}
+        for path in models:
+            first.setdefault(_name(path), path)
+        self._files = sorted(first.values(), key=lambda p: p.name.lower())
         return self._files
 
     def names(self) -> list[str]:
@@ -235,7 +247,7 @@ class ControlNets:
                                 f"{family.value}: pick one made for {family.value}", field=f"controlnet[{index}].model")
             if isinstance(model, SD3ControlNetModel) and model.pos_embed is None:  # SD3.5's: the transformer's
                 model.pos_embed = model._get_pos_embed_from_transformer(denoiser).to(compute_dtype(denoiser))
-            if isinstance(model, (FluxControlNetModel, SD3ControlNetModel, IPAdapter)) \
+            if isinstance(model, (FluxControlNetModel, SD3ControlNetModel, IPAdapter, T2IAdapter)) \
                     and unit.control_mode != CONTROL_MODES[0]:
                 raise UserError(f"{type(model).__name__.removesuffix('Model')}s have no control modes: leave it at "
                                 f"{CONTROL_MODES[0]}", field=f"controlnet[{index}].control_mode")

@@ -1,5 +1,5 @@
 """The embedded default model's files: the project's own small SD1.x model of coloured shapes (``webui.demo``),
-shipped in ``webui/assets/demo`` (the checkpoint, two LoRAs), and the names of the files derived from it at first
+shipped in ``webui/assets/demo`` (the checkpoint, two LoRAs, a canny ControlNet), and the names of the files derived from it at first
 start (``webui.demo.derive``), which then load like any user file."""
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets" / "demo"
 LORA_DIR = ASSETS / "Lora"
 DEMO_NAME = "demo-shapes.safetensors"
 LORA_NAMES = {"dusk": "demo-dusk.safetensors", "outline": "demo-outline.safetensors"}
+CONTROLNET_DIR = ASSETS / "ControlNet"
+CONTROLNET_NAME = "demo-canny.safetensors"
 DEMO_METADATA = {
     "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1",
     "modelspec.title": "Demo shapes", "modelspec.resolution": "128x128",
