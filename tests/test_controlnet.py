@@ -399,6 +399,45 @@ def test_an_ip_adapter_unit_equals_diffusers_ip_adapter(tmp_path, fixture_value)
     assert np.abs(got - expected).max() <= 1, np.abs(got - expected).max()
 
 
+
+def test_two_ip_adapter_units_equal_diffusers_with_two_adapters(tmp_path, fixture_value):
+    """Two IP-Adapter units (two files, two pictures, two weights): diffusers' pipeline with both adapters loaded and
+    those scales; a unit outside its guidance start and end adds nothing (the picture of the other unit alone)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from webui.synthetic.ip_adapter import ip_adapter_state, write_clip_vision
+
+    engine, folder, checkpoint, _ = setup(tmp_path, fixture_value, "sd1", count=0)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+    states = [ip_adapter_state(unet, embedding=24, seed=seed) for seed in (3, 4)]
+    for name, state in zip(("ip-a", "ip-b"), states):
+        save_file(state, engine.config.paths.controlnet_dir / f"{name}.safetensors")
+    encoder = write_clip_vision(engine.config.paths.clip_vision_dir / "clip_vision_h.safetensors", projection=24)
+    pictures = [init_picture(), control_picture()]
+    units = [ControlUnit(model=name, image=picture, module="ip-adapter_clip_h", weight=weight)
+             for name, picture, weight in zip(("ip-a", "ip-b"), pictures, (0.8, 0.5))]
+    got = images(engine.txt2img(request(checkpoint, units)))
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.register_modules(image_encoder=encoder)
+    pipe.load_ip_adapter([{part: {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+                           for part in ("image_proj", "ip_adapter")} for state in states],
+                         subfolder=["", ""], weight_name=["", ""], image_encoder_folder=None)
+    pipe.set_ip_adapter_scale([0.8, 0.5])
+    pipe.scheduler = SamplerRegistry().make_scheduler("Euler a", "Automatic", engine.models.current.scheduler_config,
+                                                      seed=SEEDS)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, num_inference_steps=STEPS,
+               guidance_scale=6.0, num_images_per_prompt=len(SEEDS), ip_adapter_image=pictures,
+               generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS])
+    expected = np.stack([np.asarray(image) for image in out.images]).astype(int)
+    assert np.abs(got - expected).max() <= 1, np.abs(got - expected).max()
+    alone = images(engine.txt2img(request(checkpoint, units[:1])))
+    idle = images(engine.txt2img(request(checkpoint, [units[0], replace(units[1], guidance_start=0.9,
+                                                                          guidance_end=0.95)])))
+    assert np.abs(got - alone).mean() > 1 and np.array_equal(idle, alone)
+
 def test_a_t2i_adapter_unit_equals_diffusers_adapter_pipeline(tmp_path, fixture_value):
     """TencentARC's T2I-Adapters in models/ControlNet (an original-layout file, a one-channel one, a light one in
     diffusers' layout): read with their architecture from the tensors; a unit's picture equals diffusers'

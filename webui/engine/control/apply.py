@@ -47,7 +47,7 @@ class Controls:
         self.units, self.steps, self.cfg, self.scale, self.step = units, steps, cfg, scale, 0
         self._hints: dict[int, torch.Tensor] = {}
         self._features: dict[int, list[torch.Tensor]] = {}  # a T2I-Adapter unit's, for one row of the batch
-        self._tokens: torch.Tensor | None = None  # an IP-Adapter's image tokens for the batch
+        self._tokens: list[torch.Tensor] | None = None  # the IP-Adapter units' image tokens for the batch
 
     def hint(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if index not in self._hints:
@@ -65,18 +65,21 @@ class Controls:
         return counted
 
     def context(self, context: torch.Tensor) -> torch.Tensor | tuple:
-        """The UNet's ``encoder_hidden_states`` now: with an active IP-Adapter unit, the text and its image tokens
-        (one row of them for each row of the batch, CFG's other half its own)."""
-        active = next((a for a in self.units if a.embeds is not None and a.unit.active_at(self.step, self.steps)),
-                      None)
-        if active is None:
+        """The UNet's ``encoder_hidden_states`` now: with an IP-Adapter unit active, the text and each IP-Adapter
+        unit's image tokens (one row of them for each row of the batch, CFG's other half its own; zeros for a unit
+        outside its guidance start and end, which its layers, having no bias, turn into nothing)."""
+        adapters = [a for a in self.units if a.embeds is not None]
+        if not any(a.unit.active_at(self.step, self.steps) for a in adapters):
             return context
         if self._tokens is None:
-            uncond, cond = (active.model.image_proj(e.to(context.device, context.dtype)) for e in active.embeds)
-            rows = len(context) // 2 if self.cfg else len(context)
-            halves = ([uncond] * rows if self.cfg else []) + [cond] * rows
-            self._tokens = torch.cat(halves)
-        return context, [self._tokens]
+            self._tokens = [self._image_tokens(a, context) for a in adapters]
+        return context, [tokens if a.unit.active_at(self.step, self.steps) else torch.zeros_like(tokens)
+                         for a, tokens in zip(adapters, self._tokens)]
+
+    def _image_tokens(self, active: ActiveUnit, context: torch.Tensor) -> torch.Tensor:
+        uncond, cond = (active.model.image_proj(e.to(context.device, context.dtype)) for e in active.embeds)
+        rows = len(context) // 2 if self.cfg else len(context)
+        return torch.cat(([uncond] * rows if self.cfg else []) + [cond] * rows)
 
     def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, added: dict | None) -> dict:
         """The UNet's extra keyword arguments for this call: the active ControlNets' residuals summed, the active

@@ -1,6 +1,6 @@
 """IP-Adapter (SD1.x, SD2.x, SDXL) as a ControlNet unit, as sd-webui-controlnet and Forge run it: the unit's picture
 through a CLIP vision encoder of ``models/clip_vision``, projected into image tokens that every cross-attention layer
-attends to beside the text, scaled by the unit's weight. The layers are diffusers' own (its IP-Adapter loaders build
+attends to beside the text, scaled by the unit's weight (several units: each one's tokens and layers side by side). The layers are diffusers' own (its IP-Adapter loaders build
 them from the file); they are not put inside the UNet: a thin processor stands in for each cross-attention's while a
 job uses them, and they are a memory-manager component of their own, placed with the UNet."""
 from __future__ import annotations
@@ -81,25 +81,36 @@ class StandIn:
 
 @contextmanager
 def adapter_in(unet: nn.Module, units: list) -> Iterator[None]:
-    """The layers of the IP-Adapter unit among ``units`` (ActiveUnits; one at most) at work in ``unet`` for the
-    block, at the unit's weight; the usual processors back after."""
-    active = next((a for a in units if isinstance(a.model, IPAdapter)), None)
-    if active is None:
+    """The layers of the IP-Adapter units among ``units`` (ActiveUnits) at work in ``unet`` for the block, each at its
+    unit's weight; the usual processors back after. Several units share one processor a layer, as diffusers'
+    multi-adapter processors do (their layers side by side, in the units' order, the image tokens a list)."""
+    adapters = [a for a in units if isinstance(a.model, IPAdapter)]
+    if not adapters:
         yield
         return
-    adapter, scale = active.model, active.unit.weight
     modules = dict(unet.named_modules())
-    attentions = [modules[name.removesuffix(".processor")] for name in adapter.names]
+    attentions = [modules[name.removesuffix(".processor")] for name in adapters[0].model.names]
     usual = [attention.processor for attention in attentions]
-    for layer in adapter.layers:
-        layer.scale = [scale]
+    layers = [_joined([a.model.layers[i] for a in adapters], [a.unit.weight for a in adapters])
+              for i in range(len(attentions))]
     try:
-        for attention, processor, layer in zip(attentions, usual, adapter.layers):
+        for attention, processor, layer in zip(attentions, usual, layers):
             attention.set_processor(StandIn(processor, layer))
         yield
     finally:
         for attention, processor in zip(attentions, usual):
             attention.set_processor(processor)
+
+
+def _joined(layers: list[nn.Module], scales: list[float]) -> nn.Module:
+    """One processor over several adapters' layers for one attention (the first's class, sharing their weights)."""
+    first = layers[0]
+    joined = type(first)(first.hidden_size, first.cross_attention_dim, num_tokens=(), scale=[])
+    joined.num_tokens = [n for layer in layers for n in layer.num_tokens]
+    joined.scale = list(scales)
+    joined.to_k_ip = nn.ModuleList(m for layer in layers for m in layer.to_k_ip)
+    joined.to_v_ip = nn.ModuleList(m for layer in layers for m in layer.to_v_ip)
+    return joined
 
 
 def clip_vision_config(infos: dict[str, Any]) -> CLIPVisionConfig:

@@ -251,9 +251,6 @@ class ControlNets:
                     and unit.control_mode != CONTROL_MODES[0]:
                 raise UserError(f"{type(model).__name__.removesuffix('Model')}s have no control modes: leave it at "
                                 f"{CONTROL_MODES[0]}", field=f"controlnet[{index}].control_mode")
-            if isinstance(model, IPAdapter) and any(isinstance(a.model, IPAdapter) for a in active):
-                raise UserError("one IP-Adapter unit a generation so far: switch the others off",
-                                field=f"controlnet[{index}].model")
             field = f"controlnet[{index}].union_control_type"
             mode = (union_mode(unit, FLUX_UNION_MODES, field) if getattr(model, "union", False) else
                     union_mode(unit, SDXL_UNION_MODES[:model.config.num_control_type], field)
