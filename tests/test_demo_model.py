@@ -96,7 +96,8 @@ def test_the_canny_controlnet_puts_the_shape_where_the_control_image_does(engine
     image's place in at least 90 % of 20 prompts, where without the unit it lands there about as often as chance."""
     assert engine.controlnets.names() == [CONTROLNET_NAME.removesuffix(".safetensors")]
     places = list(POSITIONS)
-    scenes = [Scene(s.shape, s.colour, s.background, places[i % len(places)], s.size) for i, s in enumerate(SCENES[:20])]
+    scenes = [Scene(s.shape, s.colour, s.background, places[i % len(places)], s.size)
+              for i, s in enumerate(SCENES[:20])]
     controls = to_pil(draw(scenes, 128, seed=5))
     unit = dict(model="demo-canny", module="canny", pixel_perfect=True)
     prompts = [s.partial_caption(7 & ~PLACE) for s in scenes]

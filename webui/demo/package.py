@@ -3,8 +3,8 @@
 Writes, into ``webui/assets/demo`` (or ``--dest``): the model as an A1111 single-file checkpoint (float16, with
 ModelSpec metadata saying its resolution), and its two LoRAs in kohya's format (sd-scripts' names, the most common
 kind users have); with ``--controlnet RUN`` (a ``webui.demo.train_controlnet`` run) its canny ControlNet in
-A1111's layout (lllyasviel's ``control_model.`` names). The style checkpoint and the GGUF twin are made from these at first start
-(``webui.engine.loading.demo``), so the repository holds one checkpoint.
+A1111's layout (lllyasviel's ``control_model.`` names). The style checkpoint and the GGUF twin are made from these at
+first start (``webui.engine.loading.demo``), so the repository holds one checkpoint.
 """
 from __future__ import annotations
 

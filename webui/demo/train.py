@@ -260,7 +260,8 @@ def train_base(config: TrainConfig, latents: torch.Tensor, captions: Captions, l
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config.base_steps, config.base_lr, config.warmup)
         index = torch.randint(0, len(latents), (config.base_batch,), device=device, generator=generator)
-        loss = diffusion_loss(unet_denoise(unet), text, latents[index], captions.batch(index, config.uncond), alphas_cumprod, generator,
+        tokens = captions.batch(index, config.uncond)
+        loss = diffusion_loss(unet_denoise(unet), text, latents[index], tokens, alphas_cumprod, generator,
                               config.min_snr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -326,7 +327,8 @@ def train_lora(name: str, seed: int, config: TrainConfig, unet: UNet2DConditionM
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config.lora_steps, config.lora_lr, 100)
         index = torch.randint(0, len(latents), (config.lora_batch,), device=device, generator=generator)
-        loss = diffusion_loss(unet_denoise(unet), text, latents[index], captions.batch(index, config.uncond), alphas_cumprod, generator,
+        tokens = captions.batch(index, config.uncond)
+        loss = diffusion_loss(unet_denoise(unet), text, latents[index], tokens, alphas_cumprod, generator,
                               config.min_snr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,8 +1,9 @@
 """IP-Adapter (SD1.x, SD2.x, SDXL) as a ControlNet unit, as sd-webui-controlnet and Forge run it: the unit's picture
 through a CLIP vision encoder of ``models/clip_vision``, projected into image tokens that every cross-attention layer
-attends to beside the text, scaled by the unit's weight (several units: each one's tokens and layers side by side). The layers are diffusers' own (its IP-Adapter loaders build
-them from the file); they are not put inside the UNet: a thin processor stands in for each cross-attention's while a
-job uses them, and they are a memory-manager component of their own, placed with the UNet."""
+attends to beside the text, scaled by the unit's weight (several units: each one's tokens and layers side by side).
+The layers are diffusers' own (its IP-Adapter loaders build them from the file); they are not put inside the UNet: a
+thin processor stands in for each cross-attention's while a job uses them, and they are a memory-manager component
+of their own, placed with the UNet."""
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -3,9 +3,9 @@ files (``control_model.input_blocks…``, with or without that prefix: lllyasvie
 ControlNets), diffusers-keyed files or folders (``controlnet_cond_embedding…``: most SDXL ControlNets, xinsir's Union
 ones with their ``task_embedding``), Flux and SD3 ControlNets in diffusers' layout (``controlnet_x_embedder``,
 ``pos_embed_input``: InstantX's, Stability's SD3.5 ones), and the IP-Adapter and T2I-Adapter files
-sd-webui-controlnet keeps in the same folder (``ip_adapter``, ``t2i_adapter``). An LDM file is renamed by diffusers' own single-file conversion
-(``convert_controlnet_checkpoint``), which needs only the number of layers per block, read from where the first
-downsampling sits."""
+sd-webui-controlnet keeps in the same folder (``ip_adapter``, ``t2i_adapter``). An LDM file is renamed by diffusers'
+own single-file conversion (``convert_controlnet_checkpoint``), which needs only the number of layers per block, read
+from where the first downsampling sits."""
 from __future__ import annotations
 
 import json
@@ -19,8 +19,8 @@ from diffusers.loaders.single_file_utils import (DIFFUSERS_TO_LDM_MAPPING, LDM_C
                                                   convert_controlnet_checkpoint)
 from PIL import Image
 
-from webui.engine.control.apply import ActiveUnit
 from webui.engine.control import t2i_adapter
+from webui.engine.control.apply import ActiveUnit
 from webui.engine.control.ip_adapter import LAYERS, IPAdapter, ip_adapter_family, is_ip_adapter
 from webui.engine.control.units import CONTROL_MODES, UNION_TYPES, ControlUnit
 from webui.engine.families.flux import rope_axes

@@ -31,9 +31,9 @@ def to_diffusers_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     first one of each level that widens the channels holding an ``in_conv``; the light one nests them."""
     if any(k.startswith(PREFIX) for k in state_dict):
         return state_dict
-    if any(k.startswith(("body.0.skep.", "body.0.down_opt.")) or ".skep." in k for k in state_dict):
-        raise ModelFileError("This T2I-Adapter has skip convolutions (sk=False), an architecture diffusers' T2IAdapter "
-                             "does not build: no SD1.x adapter TencentARC released has them.")
+    if any(".skep." in k or ".down_opt." in k for k in state_dict):
+        raise ModelFileError("This T2I-Adapter has skip or downsampling convolutions (sk=False, use_conv=True), an "
+                             "architecture diffusers' T2IAdapter does not build: use TencentARC's released adapters.")
     renamed = {}
     if "body.0.in_conv.weight" in state_dict:  # the light adapter (its colour model)
         for key, value in state_dict.items():
