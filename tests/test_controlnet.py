@@ -356,12 +356,32 @@ def test_an_sdxl_union_controlnet_runs_in_the_units_control_type(tmp_path, fixtu
     assert caught.value.field == "controlnet[0].union_control_type" and "knows OpenPose, Depth" in str(caught.value)
 
 
+def ip_adapter_reference(engine, folder, encoder, states: list[dict], scales: list[float], pictures: list
+                         ) -> np.ndarray:
+    """diffusers' pipeline with the IP-Adapters ``states`` loaded at ``scales``, one picture for each."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.register_modules(image_encoder=encoder)
+    pipe.load_ip_adapter([{part: {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+                           for part in ("image_proj", "ip_adapter")} for state in states],
+                         subfolder=[""] * len(states), weight_name=[""] * len(states), image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(scales)
+    pipe.scheduler = SamplerRegistry().make_scheduler("Euler a", "Automatic", engine.models.current.scheduler_config,
+                                                      seed=SEEDS)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, num_inference_steps=STEPS,
+               guidance_scale=6.0, num_images_per_prompt=len(SEEDS), ip_adapter_image=pictures,
+               generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS])
+    return np.stack([np.asarray(image) for image in out.images]).astype(int)
+
 def test_an_ip_adapter_unit_equals_diffusers_ip_adapter(tmp_path, fixture_value):
     """An IP-Adapter file in models/ControlNet and a CLIP vision encoder in models/clip_vision (tiny, random): the
     unit's image tokens beside the text give diffusers' pipeline's picture with ``load_ip_adapter`` and the same
     scale; the UNet's processors are its own again after the job; without an encoder as wide as the adapter takes,
     a 422 naming the unit's model."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
     from webui.synthetic.ip_adapter import ip_adapter_state, write_clip_vision
@@ -381,20 +401,7 @@ def test_an_ip_adapter_unit_equals_diffusers_ip_adapter(tmp_path, fixture_value)
     plain = images(engine.txt2img(request(checkpoint, [])))
     assert dict(engine.models.current.denoiser.attn_processors) == (processors or dict(
         engine.models.current.denoiser.attn_processors)), "its own processors again"
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True,
-                                                   safety_checker=None, requires_safety_checker=False)
-    pipe.register_modules(image_encoder=encoder)
-    pipe.load_ip_adapter({"image_proj": {k[11:]: v for k, v in state.items() if k.startswith("image_proj.")},
-                          "ip_adapter": {k[11:]: v for k, v in state.items() if k.startswith("ip_adapter.")}},
-                         subfolder="", weight_name="", image_encoder_folder=None)
-    pipe.set_ip_adapter_scale(0.8)
-    pipe.scheduler = SamplerRegistry().make_scheduler("Euler a", "Automatic", engine.models.current.scheduler_config,
-                                                      seed=SEEDS)
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, num_inference_steps=STEPS,
-               guidance_scale=6.0, num_images_per_prompt=len(SEEDS), ip_adapter_image=picture,
-               generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS])
-    expected = np.stack([np.asarray(image) for image in out.images]).astype(int)
+    expected = ip_adapter_reference(engine, folder, encoder, [state], [0.8], [picture])
     assert np.abs(got - plain).mean() > 1, "the image prompt changes the picture"
     assert np.abs(got - expected).max() <= 1, np.abs(got - expected).max()
 
@@ -403,7 +410,7 @@ def test_an_ip_adapter_unit_equals_diffusers_ip_adapter(tmp_path, fixture_value)
 def test_two_ip_adapter_units_equal_diffusers_with_two_adapters(tmp_path, fixture_value):
     """Two IP-Adapter units (two files, two pictures, two weights): diffusers' pipeline with both adapters loaded and
     those scales; a unit outside its guidance start and end adds nothing (the picture of the other unit alone)."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
     from webui.synthetic.ip_adapter import ip_adapter_state, write_clip_vision
@@ -418,20 +425,7 @@ def test_two_ip_adapter_units_equal_diffusers_with_two_adapters(tmp_path, fixtur
     units = [ControlUnit(model=name, image=picture, module="ip-adapter_clip_h", weight=weight)
              for name, picture, weight in zip(("ip-a", "ip-b"), pictures, (0.8, 0.5))]
     got = images(engine.txt2img(request(checkpoint, units)))
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True,
-                                                   safety_checker=None, requires_safety_checker=False)
-    pipe.register_modules(image_encoder=encoder)
-    pipe.load_ip_adapter([{part: {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
-                           for part in ("image_proj", "ip_adapter")} for state in states],
-                         subfolder=["", ""], weight_name=["", ""], image_encoder_folder=None)
-    pipe.set_ip_adapter_scale([0.8, 0.5])
-    pipe.scheduler = SamplerRegistry().make_scheduler("Euler a", "Automatic", engine.models.current.scheduler_config,
-                                                      seed=SEEDS)
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, width=64, height=64, num_inference_steps=STEPS,
-               guidance_scale=6.0, num_images_per_prompt=len(SEEDS), ip_adapter_image=pictures,
-               generator=[torch.Generator("cpu").manual_seed(s) for s in SEEDS])
-    expected = np.stack([np.asarray(image) for image in out.images]).astype(int)
+    expected = ip_adapter_reference(engine, folder, encoder, states, [0.8, 0.5], pictures)
     assert np.abs(got - expected).max() <= 1, np.abs(got - expected).max()
     alone = images(engine.txt2img(request(checkpoint, units[:1])))
     idle = images(engine.txt2img(request(checkpoint, [units[0], replace(units[1], guidance_start=0.9,
