@@ -490,3 +490,27 @@ def test_an_sdxl_t2i_adapter_unit_equals_diffusers_sdxl_adapter_pipeline(tmp_pat
                          adapter_conditioning_factor=0.5)
     assert np.abs(got - images(engine.txt2img(request(checkpoint, None)))).mean() > 1
     assert np.abs(got - expected).max() <= 1, np.abs(got - expected).max()
+
+
+def test_a_pickled_clip_vision_encoder_is_chosen_by_its_width_and_read_once(tmp_path, fixture_value, monkeypatch):
+    """``models/clip_vision`` with a ``.bin`` encoder of another width and the fitting one as a ``.bin`` too (a pickle
+    has no header): the fitting one is loaded with the file's weights, each file read once."""
+    from diffusers import UNet2DConditionModel
+
+    from webui.engine.control import ip_adapter
+    from webui.engine.control.ip_adapter import ClipVisionEncoders, IPAdapter
+    from webui.synthetic.ip_adapter import ip_adapter_state, write_clip_vision
+
+    unet = UNet2DConditionModel.from_pretrained(fixture_value("sd1_folder"), subfolder="unet", local_files_only=True)
+    adapter = IPAdapter(ip_adapter_state(unet, embedding=24, seed=3), unet, torch.float32)
+    folder = tmp_path / "clip_vision"
+    folder.mkdir()
+    for name, width in (("a_other.bin", 16), ("b_fits.bin", 24)):
+        model = write_clip_vision(tmp_path / f"{name}.safetensors", projection=width, seed=width)
+        torch.save(model.state_dict(), folder / name)
+    reads = []
+    real = ip_adapter.load_state_dict
+    monkeypatch.setattr(ip_adapter, "load_state_dict", lambda path: reads.append(path.name) or real(path))
+    encoder = ClipVisionEncoders(folder).for_adapter(adapter, torch.float32, "controlnet[0].model")
+    assert encoder.config.projection_dim == 24 and reads == ["a_other.bin", "b_fits.bin"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in encoder.state_dict().items())

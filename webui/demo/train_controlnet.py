@@ -112,6 +112,7 @@ def train(config: ControlNetConfig, out: Path, device: torch.device) -> tuple[Lo
     controlnet = ControlNetModel.from_unet(unet)
     torch.nn.init.kaiming_uniform_(controlnet.controlnet_cond_embedding.conv_out.weight, a=5 ** 0.5)
     controlnet = controlnet.to(device).train()
+    (out / "controlnet_config.json").write_text(json.dumps(dict(controlnet.config), indent=2))  # any save packages
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=config.lr, weight_decay=0.0,
                                   fused=device.type == "cuda")
     alphas_cumprod = noise_levels(device)
@@ -140,7 +141,6 @@ def train(config: ControlNetConfig, out: Path, device: torch.device) -> tuple[Lo
             log("place at 20 pictures", step, measured["scale 1.0"]["place as the control image"])
             save(out / "controlnet.safetensors", controlnet.train())
     save(out / "controlnet.safetensors", controlnet)
-    (out / "controlnet_config.json").write_text(json.dumps(dict(controlnet.config), indent=2))
     return model, controlnet.eval().requires_grad_(False)
 
 

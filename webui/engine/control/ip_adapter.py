@@ -140,14 +140,16 @@ class ClipVisionEncoders:
         files = find_files(self.folder, CLIP_VISION_SUFFIXES) if self.folder.is_dir() else []
         if self._loaded is not None and self._loaded[0] in files and self._width(self._loaded[1], adapter) == width:
             return self._loaded[1].to(dtype)
-        for path in files:  # their headers (a pickle's tensors) tell the widths; only the one that fits is read
-            infos = _tensor_shapes(path)
+        for path in files:  # their headers tell the widths; only the one that fits is read (a pickle has no header)
+            tensors = None if path.suffix.lower() == ".safetensors" else load_state_dict(path)
+            infos = read_tensor_infos(path)[0] if tensors is None else tensors
             if "visual_projection.weight" not in infos:
                 continue
             config = clip_vision_config(infos)
             if (config.hidden_size if adapter.wants_hidden_states else config.projection_dim) == width:
                 self._loaded = None
-                model = build_module(CLIPVisionModelWithProjection, config, load_state_dict(path), path.name, dtype)
+                tensors = load_state_dict(path) if tensors is None else tensors
+                model = build_module(CLIPVisionModelWithProjection, config, tensors, path.name, dtype)
                 self._loaded = path, model.requires_grad_(False).eval()
                 return self._loaded[1]
         raise UserError(f"this IP-Adapter needs a CLIP vision encoder with {width}-wide output in {self.folder} "
@@ -157,13 +159,6 @@ class ClipVisionEncoders:
     @staticmethod
     def _width(model: CLIPVisionModelWithProjection, adapter: IPAdapter) -> int:
         return model.config.hidden_size if adapter.wants_hidden_states else model.config.projection_dim
-
-
-def _tensor_shapes(path: Path) -> dict[str, Any]:
-    """A file's tensors' shapes: a safetensors header's, or (a pickle has no header) the tensors themselves."""
-    if path.suffix.lower() == ".safetensors":
-        return read_tensor_infos(path)[0]
-    return load_state_dict(path)
 
 
 def image_embeddings(encoder: CLIPVisionModelWithProjection, adapter: IPAdapter, image, device: torch.device
