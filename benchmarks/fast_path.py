@@ -41,6 +41,7 @@ CASES = {**WHOLE_IMAGE_CASES, "flux-bf16": replace(
                                                                             write_flux_bf16(root).name)[1])}
 GOALS = {"sd15": 0.6, "sdxl": 0.7, "flux-q8": 0.8, "flux-bf16": 0.8}
 FP8_GOAL = 0.75
+CACHES = (("inductor", "fxgraph_cache"), ("aot_autograd", "autograd_cache"))  # what a warm start should find
 OPTIONS = {  # each variant's settings, over eager SDPA's
     "compiled": dict(compile_denoiser=True),
     "lora-eager": dict(),
@@ -113,7 +114,8 @@ def warm_start(args: argparse.Namespace, key: str) -> Measured | str:
     if out.returncode:
         return f"failed: {out.stderr.strip().splitlines()[-1][:120] if out.stderr.strip() else out.returncode}"
     told = json.loads(out.stdout.strip().splitlines()[-1])
-    return Measured(told["compiled"], told["first"], 0.0, 0)
+    print(out.stderr[-3000:], file=sys.stderr)  # (dynamo's compile times, by phase)
+    return Measured(told["compiled"], told["first"], 0.0, 0, told["note"])
 
 
 def warm_child(args: argparse.Namespace, key: str) -> None:
@@ -126,7 +128,11 @@ def warm_child(args: argparse.Namespace, key: str) -> None:
     ours(engine, case)
     engine.options.update(OPTIONS["compiled"])
     first = ours(engine, case)[0]
-    print(json.dumps({"first": first, "compiled": ours(engine, case)[0]}))
+    hits = {name: counters[group][f"{name}_hit"] for group, name in CACHES}
+    misses = {name: counters[group][f"{name}_miss"] for group, name in CACHES}
+    note = ", ".join(f"{name} cache {hits[name]} hit / {misses[name]} missed" for _, name in CACHES)
+    print(torch._dynamo.utils.compile_times(), file=sys.stderr)
+    print(json.dumps({"first": first, "compiled": ours(engine, case)[0], "note": note}))
 
 
 def run_case(args: argparse.Namespace, key: str, variants: list[str]) -> list[str]:
