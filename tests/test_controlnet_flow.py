@@ -1,6 +1,7 @@
 """Flux and SD3 ControlNets (issue 27), in diffusers' layout as InstantX and Stability ship them: the engine's images
 equal diffusers' FluxControlNetPipeline / StableDiffusion3ControlNetPipeline on the same tiny weights, seed and steps
-(one unit, its weight and guidance end; two units as FluxMultiControlNetModel; InstantX's and SD3.5's SD3 kinds),
+(one unit, its weight and guidance end; two units as FluxMultiControlNetModel; XLabs' layout; InstantX's and SD3.5's
+SD3 kinds),
 with the control image's latents taken as the mean of the VAE's distribution in both (the pipelines sample it).
 Union models run in the unit's control type; control modes are refused naming the field."""
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from diffusers import FluxControlNetModel, FluxControlNetPipeline
 from diffusers.models import FluxMultiControlNetModel
 from diffusers.pipelines.flux import pipeline_flux_controlnet
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tests.controlnet_files import control_picture
@@ -22,21 +24,28 @@ from tests.test_flow_pipelines import (SEEDS, SIZE, STEPS, PROMPT, engine_for, f
 from webui.engine.control.units import ControlUnit
 from webui.engine.infotext import parse_infotext
 from webui.errors import UserError
+from webui.synthetic.ldm_export import write_controlnet
 
 CHECKPOINT = "flux-aio.safetensors"
 
 
-def flux_controlnet(transformer, seed: int, union: bool = False) -> FluxControlNetModel:
-    """A ControlNet grown from the transformer (InstantX's shape: fewer blocks), its zero layers made non-zero."""
+def flux_controlnet(transformer, seed: int, union: bool = False, xlabs: bool = False) -> FluxControlNetModel:
+    """A ControlNet grown from the transformer (InstantX's shape: fewer blocks; XLabs': two double blocks and an
+    input hint block), its zero layers made non-zero."""
     config = transformer.config
-    model = FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
+    model = FluxControlNetModel.from_transformer(transformer, num_layers=2 if xlabs else 1,
+                                                 num_single_layers=0 if xlabs else 1,
                                                  attention_head_dim=config.attention_head_dim,
                                                  num_attention_heads=config.num_attention_heads)
-    if union:
-        model = FluxControlNetModel.from_config(model.config, num_mode=10)
+    if union or xlabs:
+        grown = model
+        model = FluxControlNetModel.from_config(model.config, **(dict(num_mode=10) if union else
+                                                                  dict(conditioning_embedding_channels=16, patch_size=2)))
+        model.load_state_dict(grown.state_dict(), strict=False)
     generator = torch.Generator().manual_seed(seed)
     for name, parameter in model.named_parameters():
-        if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
+        if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder",
+                            "input_hint_block.conv_out")):
             parameter.data = torch.randn(parameter.shape, generator=generator) * 0.05
     return model.eval()
 
@@ -83,6 +92,25 @@ def test_two_flux_controlnets_equal_the_multi_controlnet(setup, parts, files, mo
     got = images(engine.txt2img(flux_request(CHECKPOINT, controlnet=units)))
     expected = reference(parts, files, FluxMultiControlNetModel(models), monkeypatch, control_image=pictures,
                          controlnet_conditioning_scale=[0.7, 0.5], control_mode=None)
+    assert np.abs(got - expected).max() <= 2
+
+
+def test_an_xlabs_controlnet_equals_diffusers(setup, parts, files, monkeypatch):  # noqa: F811
+    """XLabs' layout (BFL's names, a hint block that takes the picture itself, its residuals repeated over the
+    transformer's double blocks): the engine reads the file as diffusers' FluxControlNetModel with that hint block, and
+    draws what diffusers' pipeline draws with it."""
+    engine, _ = setup
+    model = flux_controlnet(parts["flux"], 4, xlabs=True)
+    path = write_controlnet(engine.config.paths.controlnet_dir / "xlabs-canny.safetensors", model, "xlabs",
+                            torch.float32)
+    with safe_open(path, "pt") as file:
+        assert {"pos_embed_input.weight", "input_hint_block.14.weight", "double_blocks.1.img_attn.qkv.weight",
+                "controlnet_blocks.1.weight"} <= set(file.keys())
+    picture = control_picture(SIZE)
+    unit = ControlUnit(model="xlabs-canny", image=picture, weight=0.7, resize_mode="Just Resize")
+    got = images(engine.txt2img(flux_request(CHECKPOINT, controlnet=[unit])))
+    expected = reference(parts, files, model, monkeypatch, control_image=picture, controlnet_conditioning_scale=0.7)
+    assert np.abs(got - images(engine.txt2img(flux_request(CHECKPOINT)))).mean() > 1, "the ControlNet counts"
     assert np.abs(got - expected).max() <= 2
 
 

@@ -36,6 +36,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderMo
 
 from webui.engine.conditioning.text_encoders import T5_EMBEDDINGS
 from webui.engine.conditioning.tokenizer import clip_tokenizer
+from webui.engine.control.models import XLABS_NAMES
 from webui.engine.families.flux import LINEAR_PARAMS, flux_key_table, swap_halves
 from webui.engine.families.sd3 import sd3_key_table, swap_shift_scale
 from webui.engine.formats.ldm_keys import controlnet_to_ldm, remap, unet_to_ldm, vae_to_ldm
@@ -261,6 +262,20 @@ def flux_to_bfl(state_dict: StateDict, config: Mapping[str, Any]) -> StateDict:
     """
     swap_halves(state_dict)
     return _fuse_by_table(state_dict, flux_key_table(config), "BFL")
+
+
+def flux_controlnet_to_xlabs(state_dict: StateDict, config: Mapping[str, Any]) -> StateDict:
+    """A hint-block ``FluxControlNetModel``'s names (double blocks only) -> XLabs' (BFL's for the transformer's parts,
+    ``input_hint_block.N`` and ``pos_embed_input``), as XLabs' ControlNets are shared. Consumes ``state_dict``."""
+    if config["num_single_layers"] or config["conditioning_embedding_channels"] is None:
+        raise ValueError("XLabs' layout has an input hint block and double blocks only")
+    out = {}
+    for key in [k for k in state_dict if k.startswith(("controlnet_blocks.", "controlnet_x_embedder.",
+                                                       "input_hint_block."))]:
+        xlabs = next((old for old, new in XLABS_NAMES.items() if key.startswith(new)), None)
+        out[key if xlabs is None else xlabs + key.removeprefix(XLABS_NAMES[xlabs])] = state_dict.pop(key)
+    table = {name: targets for name, targets in flux_key_table(config).items() if not name.startswith("final_layer.")}
+    return out | _fuse_by_table(state_dict, table, "XLabs")
 
 
 def sd3_to_sai(state_dict: StateDict, config: Mapping[str, Any]) -> StateDict:
@@ -490,8 +505,11 @@ def write_sd3_all_in_one(
 def write_controlnet(path: str | Path, model: torch.nn.Module, layout: str = "ldm",
                      dtype: torch.dtype = torch.float16) -> Path:
     """A ``ControlNetModel`` as a ``.safetensors`` file: A1111's LDM layout (``control_model.`` names, as
-    lllyasviel's ControlNets) or diffusers' (as most SDXL ControlNets are shared)."""
+    lllyasviel's ControlNets) or diffusers' (as most SDXL ControlNets are shared); a ``FluxControlNetModel`` in
+    diffusers' or XLabs' layout ("xlabs")."""
     tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if layout == "ldm":
+    if layout == "xlabs":
+        tensors = flux_controlnet_to_xlabs(tensors, model.config)
+    elif layout == "ldm":
         tensors = _prefixed("control_model.", controlnet_to_ldm(tensors, model.config))
     return _save(path, _file_tensors(tensors, dtype))

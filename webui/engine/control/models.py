@@ -5,7 +5,9 @@ ones with their ``task_embedding``), Flux and SD3 ControlNets in diffusers' layo
 ``pos_embed_input``: InstantX's, Stability's SD3.5 ones), and the IP-Adapter and T2I-Adapter files
 sd-webui-controlnet keeps in the same folder (``ip_adapter``, ``t2i_adapter``). An LDM file is renamed by diffusers'
 own single-file conversion (``convert_controlnet_checkpoint``), which needs only the number of layers per block, read
-from where the first downsampling sits."""
+from where the first downsampling sits; an XLabs Flux ControlNet (Black Forest Labs' names, ``double_blocks…``, with
+``input_hint_block.N`` and ``pos_embed_input``) by the Flux transformer's own table, into what diffusers'
+``FluxControlNetModel`` with a hint block is."""
 from __future__ import annotations
 
 import json
@@ -23,7 +25,7 @@ from webui.engine.control import t2i_adapter
 from webui.engine.control.apply import ActiveUnit
 from webui.engine.control.ip_adapter import LAYERS, IPAdapter, ip_adapter_family, is_ip_adapter
 from webui.engine.control.units import CONTROL_MODES, UNION_TYPES, ControlUnit
-from webui.engine.families.flux import rope_axes
+from webui.engine.families.flux import convert_flux_to_diffusers, rope_axes
 from webui.engine.families.sd3 import HEAD_DIM, SAMPLE_SIZE
 from webui.engine.formats.detect import NORM_GROUPS, Family, block_count
 from webui.engine.formats.files import TensorInfo, find_files, load_state_dict
@@ -45,11 +47,38 @@ def is_sd3_controlnet(state_dict: dict) -> bool:
     return "pos_embed_input.proj.weight" in state_dict
 
 
+def is_xlabs_controlnet(state_dict: dict) -> bool:
+    return "pos_embed_input.weight" in state_dict and "double_blocks.0.img_attn.qkv.weight" in state_dict
+
+
+# An XLabs ControlNet's hint block is a Sequential of convolutions with SiLUs between them; diffusers' names for them
+XLABS_HINT_BLOCK = {0: "conv_in", **{2 * (i + 1): f"blocks.{i}" for i in range(6)}, 14: "conv_out"}
+XLABS_NAMES = {"pos_embed_input.": "controlnet_x_embedder.",
+               **{f"input_hint_block.{n}.": f"input_hint_block.{name}." for n, name in XLABS_HINT_BLOCK.items()}}
+
+
+def xlabs_to_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An XLabs Flux ControlNet under ``FluxControlNetModel``'s names: its double blocks and embedders as the Flux
+    transformer's (no single blocks, no final layer), its hint block and input embedding by ``XLABS_NAMES``."""
+    inner = state_dict["img_in.weight"].shape[0]
+    head_dim = state_dict["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    config = {"num_layers": block_count(state_dict, "double_blocks"), "num_single_layers": 0,
+              "guidance_embeds": "guidance_in.in_layer.weight" in state_dict,
+              "num_attention_heads": inner // head_dim, "attention_head_dim": head_dim}
+    renamed = {}
+    for key, tensor in state_dict.items():
+        prefix = next((p for p in XLABS_NAMES if key.startswith(p)), None)
+        renamed[key if prefix is None else XLABS_NAMES[prefix] + key.removeprefix(prefix)] = tensor
+    return convert_flux_to_diffusers(renamed, config)
+
+
 def to_diffusers_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An LDM ControlNet's tensors under diffusers' names (a diffusers-keyed one as it is)."""
+    """An LDM or XLabs ControlNet's tensors under diffusers' names (a diffusers-keyed one as it is)."""
     if ("controlnet_cond_embedding.conv_in.weight" in state_dict or is_flux_controlnet(state_dict)
             or is_sd3_controlnet(state_dict)):
         return state_dict
+    if is_xlabs_controlnet(state_dict):
+        return xlabs_to_diffusers(state_dict)
     state_dict = {k.removeprefix(LDM_CONTROLNET_KEY): v for k, v in state_dict.items()}
     if "input_hint_block.0.weight" not in state_dict:
         raise ModelFileError("This file is no ControlNet (it has neither an input hint block nor a conditioning "
@@ -105,14 +134,16 @@ def controlnet_config(infos: dict[str, TensorInfo], time_embed_dim: int = 256) -
 
 def flux_controlnet_config(infos: dict[str, TensorInfo]) -> dict:
     """A ``FluxControlNetModel`` config from the tensor shapes (its blocks are the transformer's; a Union model has a
-    mode embedding, one converted from XLabs' layout an input hint block)."""
+    mode embedding, one converted from XLabs' layout an input hint block, whose last convolution's width diffusers
+    calls ``conditioning_embedding_channels``)."""
     inner, in_channels = infos["x_embedder.weight"].shape
     norm = next((k for k in infos if k.endswith("attn.norm_q.weight")), None)
     if norm is None:
         raise ModelFileError("This Flux ControlNet has no attention blocks: the file is incomplete.")
     head_dim = infos[norm].shape[0]
+    hinted = "input_hint_block.conv_out.weight" in infos
     return {
-        "patch_size": 1,
+        "patch_size": 2 if hinted else 1,  # (diffusers packs a hint block's output in 2x2 patches by it, only that)
         "in_channels": in_channels,
         "num_layers": block_count(infos, "transformer_blocks"),
         "num_single_layers": block_count(infos, "single_transformer_blocks"),
@@ -124,8 +155,7 @@ def flux_controlnet_config(infos: dict[str, TensorInfo]) -> dict:
         "axes_dims_rope": rope_axes(head_dim),
         "num_mode": infos["controlnet_mode_embedder.weight"].shape[0] if "controlnet_mode_embedder.weight" in infos
         else None,
-        "conditioning_embedding_channels": infos["input_hint_block.conv_in.weight"].shape[1]
-        if "input_hint_block.conv_in.weight" in infos else None,
+        "conditioning_embedding_channels": infos["input_hint_block.conv_out.weight"].shape[0] if hinted else None,
     }
 
 
