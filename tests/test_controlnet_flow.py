@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tests.controlnet_files import control_picture
-from tests.test_flow_pipelines import (SEEDS, SIZE, STEPS, PROMPT, engine_for, files, flux_pipeline,  # noqa: F401
-                                       flux_request, generators, images, parts)
+from tests.test_flow_pipelines import (NEGATIVE, SEEDS, SIZE, STEPS, PROMPT, engine_for, files,  # noqa: F401
+                                       flux_pipeline, flux_request, generators, images, parts)
 from webui.engine.control.units import ControlUnit
 from webui.engine.infotext import parse_infotext
 from webui.errors import UserError
@@ -112,6 +112,43 @@ def test_an_xlabs_controlnet_equals_diffusers(setup, parts, files, monkeypatch):
     expected = reference(parts, files, model, monkeypatch, control_image=picture, controlnet_conditioning_scale=0.7)
     assert np.abs(got - images(engine.txt2img(flux_request(CHECKPOINT)))).mean() > 1, "the ControlNet counts"
     assert np.abs(got - expected).max() <= 2
+
+
+def test_an_xlabs_flux_ip_adapter_equals_diffusers(setup, parts, files, monkeypatch):  # noqa: F811
+    """XLabs' Flux IP-Adapter (read by diffusers' own loader in the reference): the image tokens beside the text in
+    every double block, at the unit's weight, give diffusers' FluxPipeline's picture with ``load_ip_adapter`` — with
+    real CFG too (CFG's other half: a black picture's embedding, as the pipeline's); a second unit outside its guidance
+    start and end adds exactly nothing (its layers' biases notwithstanding)."""
+    from diffusers import FluxPipeline
+    from transformers import CLIPImageProcessor
+
+    from webui.synthetic.ip_adapter import flux_ip_adapter_state, write_clip_vision
+
+    engine, _ = setup
+    folder = engine.config.paths.controlnet_dir
+    save_file(flux_ip_adapter_state(parts["flux"], embedding=24, seed=3), folder / "flux-ip-adapter.safetensors")
+    encoder = write_clip_vision(engine.config.paths.clip_vision_dir / "clip_vision_l.safetensors", projection=24)
+    picture = control_picture(SIZE)
+    unit = ControlUnit(model="flux-ip-adapter", image=picture, module="ip-adapter-auto", weight=0.8)
+    got = images(engine.txt2img(flux_request(CHECKPOINT, controlnet=[unit])))
+    with_cfg = images(engine.txt2img(flux_request(CHECKPOINT, controlnet=[unit], cfg_scale=2.0)))
+    idle = ControlUnit(model="flux-ip-adapter", image=control_picture(SIZE, left=False), weight=1.0,
+                       guidance_start=0.9)  # (of STEPS 4: never)
+    assert np.array_equal(images(engine.txt2img(flux_request(CHECKPOINT, controlnet=[unit, idle]))), got)
+    assert np.abs(got - images(engine.txt2img(flux_request(CHECKPOINT)))).mean() > 1, "the image prompt counts"
+
+    size = encoder.config.image_size
+    pipe = flux_pipeline(functools.partial(FluxPipeline, image_encoder=encoder, feature_extractor=CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size})), parts, files,
+        transformer=copy.deepcopy(parts["flux"]))
+    pipe.load_ip_adapter(str(folder), weight_name="flux-ip-adapter.safetensors")
+    pipe.set_ip_adapter_scale(0.8)
+    for cfg, ours in ((1.0, got), (2.0, with_cfg)):
+        out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=cfg, width=SIZE, height=SIZE,
+                   num_inference_steps=STEPS, guidance_scale=3.5, num_images_per_prompt=len(SEEDS),
+                   max_sequence_length=256, generator=generators(), ip_adapter_image=picture)
+        expected = np.stack([np.asarray(img) for img in out.images]).astype(int)
+        assert np.abs(ours - expected).max() <= 2, (cfg, np.abs(ours - expected).max())
 
 
 def test_a_union_model_runs_in_the_units_control_type(setup, parts, files, monkeypatch):  # noqa: F811

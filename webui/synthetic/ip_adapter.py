@@ -1,6 +1,6 @@
 """IP-Adapter files and CLIP vision encoders with random values, in the layouts users have (the IP-Adapter's
-``image_proj.``/``ip_adapter.N.`` keys; transformers' ``vision_model.``/``visual_projection`` keys, as ComfyUI's and
-Forge's ``models/clip_vision`` files): the tests' tiny models."""
+``image_proj.``/``ip_adapter.N.`` keys, XLabs' for Flux; transformers' ``vision_model.``/``visual_projection`` keys,
+as ComfyUI's and Forge's ``models/clip_vision`` files): the tests' tiny models."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,4 +45,26 @@ def ip_adapter_state(unet: nn.Module, embedding: int, tokens: int = 4, seed: int
         inner = modules[name.removesuffix(".processor")].to_q.in_features
         state |= {f"ip_adapter.{number}.to_k_ip.weight": rand(inner, context),
                   f"ip_adapter.{number}.to_v_ip.weight": rand(inner, context)}
+    return state
+
+
+def flux_ip_adapter_state(transformer: nn.Module, embedding: int, tokens: int = 4, seed: int = 0
+                          ) -> dict[str, torch.Tensor]:
+    """A Flux IP-Adapter for ``transformer`` in XLabs' layout (``ip_adapter_proj_model.``, and a key and value layer
+    with biases for each double block's attention: ``double_blocks.N.processor.ip_adapter_double_stream_k_proj``),
+    taking ``embedding``-wide image embeddings (CLIP ViT-L/14's 768 in XLabs' own)."""
+    generator = torch.Generator().manual_seed(seed)
+    config = transformer.config
+    context, inner = config.joint_attention_dim, config.num_attention_heads * config.attention_head_dim
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * 0.1
+
+    state = {"ip_adapter_proj_model.proj.weight": rand(tokens * context, embedding),
+             "ip_adapter_proj_model.proj.bias": rand(tokens * context),
+             "ip_adapter_proj_model.norm.weight": 1 + rand(context), "ip_adapter_proj_model.norm.bias": rand(context)}
+    for block in range(config.num_layers):
+        for kind in "kv":
+            name = f"double_blocks.{block}.processor.ip_adapter_double_stream_{kind}_proj"
+            state |= {f"{name}.weight": rand(inner, context), f"{name}.bias": rand(inner)}
     return state

@@ -11,6 +11,7 @@ import torch
 from diffusers import T2IAdapter
 from PIL import Image, ImageOps
 
+from webui.engine.control.ip_adapter import image_tokens
 from webui.engine.control.t2i_adapter import adapter_features
 from webui.engine.control.units import RESIZE_MODES, ControlUnit
 from webui.engine.sampling.ksampling import StepCallback
@@ -77,9 +78,8 @@ class Controls:
                          for a, tokens in zip(adapters, self._tokens)]
 
     def _image_tokens(self, active: ActiveUnit, context: torch.Tensor) -> torch.Tensor:
-        uncond, cond = (active.model.image_proj(e.to(context.device, context.dtype)) for e in active.embeds)
         rows = len(context) // 2 if self.cfg else len(context)
-        return torch.cat(([uncond] * rows if self.cfg else []) + [cond] * rows)
+        return image_tokens(active.model, active.embeds, rows, self.cfg, context.device, context.dtype)
 
     def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, added: dict | None) -> dict:
         """The UNet's extra keyword arguments for this call: the active ControlNets' residuals summed, the active

@@ -1,7 +1,7 @@
 """Flux and SD3 ControlNets during a transformer's denoising, as diffusers' FluxControlNetPipeline and
 StableDiffusion3ControlNetPipeline compute them: the control image encoded by the VAE and laid out as the latents (a
 Flux ControlNet with an input hint block, as XLabs' converted ones, takes the picture itself), each active unit's
-block samples scaled by its weight and summed, handed to the transformer. The pipelines sample the image's latent
+block samples scaled by its weight and summed, handed to the transformer; Flux IP-Adapter units' image tokens beside. The pipelines sample the image's latent
 distribution; here its mean is taken, so that the seed's noise is all the randomness (as img2img's init latents)."""
 from __future__ import annotations
 
@@ -11,18 +11,38 @@ import torch
 from diffusers import SD3ControlNetModel
 
 from webui.engine.control.apply import ActiveUnit, control_hint
+from webui.engine.control.ip_adapter import image_tokens
 
 
 class FlowControls:
-    """The units over one denoising pass of ``steps`` steps at ``size`` (width, height): each unit's control input
-    (``encode_control_inputs``, one row, expanded to the batch at each call)."""
+    """The units over one denoising pass of ``steps`` steps at ``size`` (width, height): each ControlNet unit's
+    control input (``encode_control_inputs``, one row, expanded to the batch at each call); the IP-Adapter units'
+    image tokens (made at the first call, CFG's other half first where ``cfg``)."""
 
-    def __init__(self, units: list[ActiveUnit], size: tuple[int, int], steps: int):
-        self.units, self.hints, self.steps = units, [active.encoded[size] for active in units], steps
+    def __init__(self, units: list[ActiveUnit], size: tuple[int, int], steps: int, cfg: bool):
+        self.adapters = [active for active in units if active.embeds is not None]
+        self.units = [active for active in units if active.embeds is None]
+        self.hints, self.steps, self.cfg = [active.encoded[size] for active in self.units], steps, cfg
+        self._tokens: list[torch.Tensor] | None = None
 
     def residuals(self, step: int, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                   pooled: torch.Tensor, inputs: dict) -> dict:
-        """The transformer's extra keyword arguments at ``step``: the active units' block samples summed (none: {})."""
+        """The transformer's extra keyword arguments at ``step``: the active ControlNet units' block samples summed,
+        the IP-Adapter units' image tokens (None for one outside its guidance start and end) (none: {})."""
+        return self._controlnets(step, x, timestep, context, pooled, inputs) | self._image_prompts(step, x)
+
+    def _image_prompts(self, step: int, x: torch.Tensor) -> dict:
+        active = [a.unit.active_at(step, self.steps) for a in self.adapters]
+        if not any(active):
+            return {}
+        if self._tokens is None:
+            rows = len(x) // 2 if self.cfg else len(x)
+            self._tokens = [image_tokens(a.model, a.embeds, rows, self.cfg, x.device, x.dtype) for a in self.adapters]
+        return {"joint_attention_kwargs": {"ip_hidden_states": [
+            tokens if on else None for tokens, on in zip(self._tokens, active)]}}
+
+    def _controlnets(self, step: int, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                     pooled: torch.Tensor, inputs: dict) -> dict:
         blocks = singles = None
         repeat = False
         for index, (active, hint) in enumerate(zip(self.units, self.hints)):
@@ -71,7 +91,7 @@ def encode_control_inputs(units: list[ActiveUnit], width: int, height: int,
     denoiser sees them, with the VAE's ``shift`` and ``scale``) and packed (``pack``); a hint-block ControlNet's, the
     pixels."""
     for active in units:
-        if (width, height) in active.encoded:
+        if (width, height) in active.encoded or active.embeds is not None:  # (an IP-Adapter's picture: its tokens)
             continue
         pixels = control_hint(active.image, width, height, active.unit.resize_mode) * 2 - 1
         if getattr(active.model, "input_hint_block", None) is not None:

@@ -23,7 +23,8 @@ from PIL import Image
 
 from webui.engine.control import t2i_adapter
 from webui.engine.control.apply import ActiveUnit
-from webui.engine.control.ip_adapter import LAYERS, IPAdapter, ip_adapter_family, is_ip_adapter
+from webui.engine.control.ip_adapter import (IPAdapter, adapter_keys, for_flux, ip_adapter_family, is_ip_adapter,
+                                             text_width)
 from webui.engine.control.units import CONTROL_MODES, UNION_TYPES, ControlUnit
 from webui.engine.families.flux import convert_flux_to_diffusers, rope_axes
 from webui.engine.families.sd3 import HEAD_DIM, SAMPLE_SIZE
@@ -200,7 +201,9 @@ def load_controlnet(path: Path, denoiser: torch.nn.Module, family: Family) -> tu
         path = next(path.glob("diffusion_pytorch_model*.safetensors"), path / "diffusion_pytorch_model.bin")
     state_dict = load_state_dict(path)
     if is_ip_adapter(state_dict):
-        if denoiser.config.get("cross_attention_dim") == state_dict[f"{LAYERS}1.to_k_ip.weight"].shape[1]:
+        state_dict = adapter_keys(state_dict)
+        width = denoiser.config.get("cross_attention_dim") or denoiser.config.get("joint_attention_dim")
+        if for_flux(state_dict) == (family is Family.FLUX) and text_width(state_dict) == width:
             return family, IPAdapter(state_dict, denoiser, dtype)
         return ip_adapter_family(state_dict), None
     if t2i_adapter.is_t2i_adapter(state_dict):
@@ -275,6 +278,9 @@ class ControlNets:
             if model_family is not family:
                 raise UserError(f"{path.name} is a ControlNet for {model_family.value}, and the checkpoint is "
                                 f"{family.value}: pick one made for {family.value}", field=f"controlnet[{index}].model")
+            if model is None:
+                raise UserError(f"{path.name} is an IP-Adapter for {family.value} whose layers are not as wide as this "
+                                "checkpoint's: pick one made for this model", field=f"controlnet[{index}].model")
             if isinstance(model, SD3ControlNetModel) and model.pos_embed is None:  # SD3.5's: the transformer's
                 model.pos_embed = model._get_pos_embed_from_transformer(denoiser).to(compute_dtype(denoiser))
             if isinstance(model, (FluxControlNetModel, SD3ControlNetModel, IPAdapter, T2IAdapter)) \

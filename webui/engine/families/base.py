@@ -188,7 +188,8 @@ class FlowFamily:
         scheduler = make_flow_scheduler(job.sampling, self.shift(model, job))
         set_timesteps(scheduler, steps.total, noise.device)
         units = job.active_controls()
-        controls = FlowControls(units, (req.width, req.height), steps.run) if units else None
-        return denoise_flow(model.denoiser, self, scheduler, noise, cond, uncond, req.cfg_scale,
-                            req.distilled_cfg_scale, step_kwargs(scheduler, generators), on_step, steps.start, init,
-                            controls)
+        controls = FlowControls(units, (req.width, req.height), steps.run, uncond is not None) if units else None
+        with adapter_in(model.denoiser, units):
+            return denoise_flow(model.denoiser, self, scheduler, noise, cond, uncond, req.cfg_scale,
+                                req.distilled_cfg_scale, step_kwargs(scheduler, generators), on_step, steps.start,
+                                init, controls)
