@@ -171,6 +171,7 @@ def main() -> None:
             simulate_card(engine, card)
             rows += rows_for(engine, bench, f"{case.label} {card // 1024} GB card", args.repeat, card)
             release(engine)
+            torch.cuda.set_per_process_memory_fraction(1.0)  # (the next case writes its files on the whole card)
     print_table("ControlNet in whole images", __doc__.split("\n\n")[0] + "\n\nCommand: `python3 -m "
                 "benchmarks.controlnet`.", ["case", "ControlNets", "image", "per step vs none", "beside",
                                            "goal met", "peak VRAM", "streamed"], rows)
