@@ -304,6 +304,32 @@ def test_a_hires_checkpoint_of_another_family_is_refused_with_controlnet_units(t
     assert hires.images[0].size == (128, 128) and "ControlNet 0" in hires.infotexts[0]
 
 
+def test_diffusion_in_low_bits_stores_the_controlnet_in_fp8_too(tmp_path, fixture_value, monkeypatch):
+    """With "Diffusion in Low Bits" at float8-e4m3fn the ControlNet's layers are stored in fp8 as the UNet's (its
+    component the smaller for it), the picture close to the 16-bit one; back at Automatic it is read again as it
+    was, and draws exactly the first picture."""
+    import functools
+
+    from webui.engine.control import models
+    from webui.engine.loading import models as loading
+    from webui.engine.weights.fp8 import Fp8Conv2d, cast_weights_fp8
+
+    for module in (models, loading):  # (the tiny models' layers are all below the size fp8 storage starts at)
+        monkeypatch.setattr(module, "cast_weights_fp8", functools.partial(cast_weights_fp8, min_numel=0))
+    engine, _, checkpoint, _ = setup(tmp_path, fixture_value, "sd1")
+    unit = ControlUnit(model="control-sd1-0", image=control_picture())
+    full = images(engine.txt2img(request(checkpoint, [unit])))
+    full_bytes = engine.memory.components["controlnet:control-sd1-0"].nbytes
+    engine.options.update({"forge_unet_storage_dtype": "float8-e4m3fn"})
+    low = images(engine.txt2img(request(checkpoint, [unit])))
+    (_, controlnet), = engine.controlnets.loaded.values()
+    assert isinstance(controlnet.conv_in, Fp8Conv2d) and controlnet.conv_in.weight.dtype == torch.float8_e4m3fn
+    assert engine.memory.components["controlnet:control-sd1-0"].nbytes < 0.6 * full_bytes
+    assert 0 < np.abs(low - full).mean() < 12
+    engine.options.update({"forge_unet_storage_dtype": "Automatic"})
+    assert np.array_equal(images(engine.txt2img(request(checkpoint, [unit]))), full)
+
+
 def test_a_pth_controlnet_and_a_file_added_after_the_first_job_are_found(tmp_path, fixture_value):
     """lllyasviel's ControlNets are .pth pickles (read weights-only); a file copied in while the app runs is found by
     the next job that names it (the folder is read again for a name not seen)."""

@@ -36,7 +36,7 @@ from webui.engine.inpaint import init_pictures
 from webui.engine.loading.assemble import checkpoint_family
 from webui.engine.loading.demo import CONTROLNET_DIR
 from webui.engine.loading.load import LoadedModel
-from webui.engine.loading.models import Dtypes, ModelManager
+from webui.engine.loading.models import STORAGE_DTYPES, Dtypes, ModelManager
 from webui.engine.memory import MB
 from webui.engine.memory.host_pages import limit_heap_arenas
 from webui.engine.memory.manager import DeviceMemory, MemoryManager, MemoryMode, MemoryPolicy, use_expandable_segments
@@ -376,7 +376,8 @@ class Engine:
                                                  request.width, request.height, self.memory, seed,
                                                  f"controlnet[{index}]")
                     for index, unit in enumerate(units)]
-        active = self.controlnets.activate(detected, model.family, model.denoiser, self.memory)
+        active = self.controlnets.activate(detected, model.family, model.denoiser, self.memory,
+                                           STORAGE_DTYPES[self.options["forge_unet_storage_dtype"]])
         for index, unit in enumerate(active):
             if isinstance(unit.model, IPAdapter):
                 encoder = self.clip_vision.for_adapter(unit.model, compute_dtype(model.denoiser),

@@ -11,6 +11,7 @@ from where the first downsampling sits; an XLabs Flux ControlNet (Black Forest L
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -32,9 +33,11 @@ from webui.engine.formats.detect import NORM_GROUPS, Family, block_count
 from webui.engine.formats.files import TensorInfo, find_files, load_state_dict
 from webui.engine.loading.load import build_module
 from webui.engine.memory.manager import MemoryManager
-from webui.engine.weights.fp8 import compute_dtype
+from webui.engine.memory import MB
+from webui.engine.weights.fp8 import cast_weights_fp8, compute_dtype
 from webui.errors import ModelFileError, UserError
 
+log = logging.getLogger(__name__)
 CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt")
 COMPONENT = "controlnet:"  # their memory-manager components' names: this and the file's stem
 UNION_HEADS = 8  # heads of a Union ControlNet's control-type transformer (xinsir's; no tensor's shape tells them)
@@ -235,6 +238,7 @@ class ControlNets:
         self.folder = folder
         self.roots = [folder] + ([builtin] if builtin is not None else [])
         self.loaded: dict[Path, tuple[Family, torch.nn.Module]] = {}
+        self._storage: dict[Path, torch.dtype | None] = {}  # the fp8 dtype each loaded model's weights are stored in
         self._files: list[Path] = []
 
     def files(self) -> list[Path]:
@@ -266,14 +270,15 @@ class ControlNets:
                         f"{', '.join(map(_name, self._files)) or 'none'})", field=field)
 
     def activate(self, units: list[tuple[ControlUnit, Image.Image]], family: Family, denoiser: torch.nn.Module,
-                 memory: MemoryManager) -> list[ActiveUnit]:
-        """The units (each with its control image) with their models loaded (in ``denoiser``'s dtype) and registered
-        with ``memory`` beside it; models no unit uses any more are let go."""
+                 memory: MemoryManager, storage: torch.dtype | None = None) -> list[ActiveUnit]:
+        """The units (each with its control image) with their models loaded (in ``denoiser``'s dtype; their layers'
+        weights stored in ``storage``, the fp8 dtype "Diffusion in Low Bits" stores the denoiser's in, if any) and
+        registered with ``memory`` beside it; models no unit uses any more are let go."""
         active, used = [], set()
         for index, (unit, image) in enumerate(units):
             path = self.find(unit.model, f"controlnet[{index}].model")
-            if path not in self.loaded or self.loaded[path][1] is None:  # (an IP-Adapter met with another family)
-                self.loaded[path] = load_controlnet(path, denoiser, family)
+            if path not in self.loaded or self.loaded[path][1] is None or self._storage[path] != storage:
+                self._load(path, denoiser, family, storage, memory)  # (None: an IP-Adapter met with another family)
             model_family, model = self.loaded[path]
             if model_family is not family:
                 raise UserError(f"{path.name} is a ControlNet for {model_family.value}, and the checkpoint is "
@@ -295,6 +300,8 @@ class ControlNets:
             used.add(path)
         for path in self.loaded.keys() - used:
             del self.loaded[path]
+        for path in self._storage.keys() - self.loaded.keys():
+            del self._storage[path]
         names = {COMPONENT + _name(path): model for path, (_, model) in self.loaded.items()}
         for name in [n for n in memory.components if n.startswith(COMPONENT) and n not in names]:
             memory.unregister(name)
@@ -302,6 +309,18 @@ class ControlNets:
             if name not in memory.components:
                 memory.register(name, model, companion_of="denoiser")
         return active
+
+
+    def _load(self, path: Path, denoiser: torch.nn.Module, family: Family, storage: torch.dtype | None,
+              memory: MemoryManager) -> None:
+        """``path``'s model (again, where it was loaded with other storage: its component goes first)."""
+        if COMPONENT + _name(path) in memory.components:
+            memory.unregister(COMPONENT + _name(path))
+        self.loaded[path] = model_family, model = load_controlnet(path, denoiser, family)
+        self._storage[path] = storage
+        if model is not None and storage is not None:
+            saved = cast_weights_fp8(model, storage)
+            log.info("Diffusion in Low Bits: %s stored as %s (%.0f MB saved)", path.name, storage, saved / MB)
 
 
 # Union ControlNets' modes, in order, by the control types of ``UNION_TYPES``: xinsir's SDXL Union (ProMax: all
