@@ -39,8 +39,8 @@ def flux_controlnet(transformer, seed: int, union: bool = False, xlabs: bool = F
                                                  num_attention_heads=config.num_attention_heads)
     if union or xlabs:
         grown = model
-        model = FluxControlNetModel.from_config(model.config, **(dict(num_mode=10) if union else
-                                                                  dict(conditioning_embedding_channels=16, patch_size=2)))
+        hinted = dict(conditioning_embedding_channels=16, patch_size=2)
+        model = FluxControlNetModel.from_config(model.config, **(dict(num_mode=10) if union else hinted))
         model.load_state_dict(grown.state_dict(), strict=False)
     generator = torch.Generator().manual_seed(seed)
     for name, parameter in model.named_parameters():

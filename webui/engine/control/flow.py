@@ -1,8 +1,9 @@
 """Flux and SD3 ControlNets during a transformer's denoising, as diffusers' FluxControlNetPipeline and
 StableDiffusion3ControlNetPipeline compute them: the control image encoded by the VAE and laid out as the latents (a
-Flux ControlNet with an input hint block, as XLabs' converted ones, takes the picture itself), each active unit's
-block samples scaled by its weight and summed, handed to the transformer; Flux IP-Adapter units' image tokens beside. The pipelines sample the image's latent
-distribution; here its mean is taken, so that the seed's noise is all the randomness (as img2img's init latents)."""
+Flux ControlNet with an input hint block, as XLabs', takes the picture itself), each active unit's block samples
+scaled by its weight and summed, handed to the transformer; Flux IP-Adapter units' image tokens beside them. The
+pipelines sample the image's latent distribution; here its mean is taken, so that the seed's noise is all the
+randomness (as img2img's init latents)."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -24,7 +24,8 @@ from webui.engine.loading.load import build_module
 from webui.errors import ModelFileError, UserError
 
 IMAGE_PROJ, LAYERS = "image_proj.", "ip_adapter."
-XLABS_IMAGE_PROJ = "ip_adapter_proj_model."  # XLabs' Flux IP-Adapter: its projection, and its layers' names by diffusers'
+# XLabs' Flux IP-Adapter: its projection's prefix, and its layers' names (diffusers' Flux loader renames both)
+XLABS_IMAGE_PROJ = "ip_adapter_proj_model."
 XLABS_LAYER = re.compile(r"double_blocks\.(\d+)\.processor\.ip_adapter_double_stream_([kv])_proj\.(weight|bias)")
 FAMILY_OF_CONTEXT = {768: Family.SD1, 1024: Family.SD2, 2048: Family.SDXL}  # its cross-attention's text width
 CLIP_VISION_SUFFIXES = (".safetensors", ".pth", ".bin")

@@ -32,8 +32,8 @@ from webui.engine.families.sd3 import HEAD_DIM, SAMPLE_SIZE
 from webui.engine.formats.detect import NORM_GROUPS, Family, block_count
 from webui.engine.formats.files import TensorInfo, find_files, load_state_dict
 from webui.engine.loading.load import build_module
-from webui.engine.memory.manager import MemoryManager
 from webui.engine.memory import MB
+from webui.engine.memory.manager import MemoryManager
 from webui.engine.weights.fp8 import cast_weights_fp8, compute_dtype
 from webui.errors import ModelFileError, UserError
 
