@@ -25,6 +25,7 @@ from webui.settings import AppConfig
 from webui.ui import build_ui
 from webui.ui.generation import generator, progress_html
 from webui.ui.model_row import checkpoint_choices, gpu_weights_mb, set_gpu_weights, total_memory_mb, vae_choices
+from webui.ui.styles import apply_styles, save_style
 
 SMALL = {"prompt": "a red apple", "width": 64, "height": 64, "steps": 2}
 
@@ -62,6 +63,16 @@ def txt2img(client: Client, **fields) -> tuple[list[dict], str, str]:
     """Gallery, status HTML and infotext of one Generate."""
     _preview, gallery, status, infotext, *_plots = client.predict(**{**SMALL, **fields}, api_name="/txt2img")
     return gallery, status, infotext
+
+
+def test_the_styles_apply_to_a_generation_and_the_prompt_saves_as_one(client, engine):
+    """The Styles field goes with Generate (the infotext has the styled prompt, as A1111's); "Save as style" writes
+    the prompts to styles.csv under the name given, and "Apply to prompts" writes a style into the prompt boxes."""
+    engine.config.paths.styles_file.write_text('name,prompt,negative_prompt\nFramed,"{prompt}, framed",lowres\n')
+    _, _, infotext = txt2img(client, seed=5, styles=["Framed"])
+    assert infotext.startswith("a red apple, framed\nNegative prompt: lowres\n")
+    assert save_style(engine, " Mine ", "a cat, {prompt}", "ugly")["choices"] == ["Framed", "Mine"]
+    assert apply_styles(engine, "a dog", "", ["Mine"]) == ("a cat, a dog", "ugly", [])
 
 
 def test_generates_an_image_with_its_infotext(client, engine, monkeypatch):

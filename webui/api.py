@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -547,7 +548,8 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         ("/refresh-vae", refresh_vae, "POST", "Scan the VAE folder again (it is read at every call)"),
         ("/sd-vae", lambda: vae_list(engine), "GET", "VAE files of models/VAE (A1111 shape)"),
         ("/embeddings", lambda: {"loaded": {}, "skipped": {}}, "GET", "Textual inversions (none: not supported yet)"),
-        ("/prompt-styles", lambda: [], "GET", "Saved prompt styles (none: not supported yet)"),
+        ("/prompt-styles", lambda: [asdict(style) for style in engine.styles.all().values()], "GET",
+         "The prompt styles of styles.csv (--styles-file): name, prompt, negative_prompt"),
         ("/upscalers", lambda: [upscaler_entry(info) for info in engine.upscalers()], "GET",
          "Upscalers: A1111's built-in None, Lanczos and Nearest, then the model files of models/ESRGAN, RealESRGAN, "
          "SwinIR, DAT, HAT and upscale_models"),

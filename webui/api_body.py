@@ -64,7 +64,7 @@ HIRES_FIELDS = ("denoising_strength", "hr_scale", "hr_upscaler", "hr_second_pass
 # otherwise) any value changes nothing. Named in ignored_fields like a field A1111 does not know.
 UNUSED_FIELDS = ("firstphase_width", "firstphase_height", "hr_additional_modules", "refiner_switch_at",
                  "firstpass_image", "comments")
-# A1111 applies the prompt styles a request names and skips names it does not have; this app has none yet.
+# A1111 applies the prompt styles a request names and skips names it does not have (here named in info's notices).
 STYLE_FIELD = "styles"
 # override_settings keys that are request fields too: the request checks them as strictly as its own fields.
 OVERRIDE_FIELDS = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip",
@@ -114,13 +114,11 @@ def read_txt2img(body: Any, options: Options, known_schedule_type: Callable[[str
             # typed: false is no number (s_min_uncond) and 0 no flag (tiling), though Python finds them equal
             if not any(value == default and type(value) is type(default) for default in DEFAULT_ONLY_FIELDS[key]):
                 raise UserError(f"this app cannot do {key}={value!r} yet; leave it at its default", field=key)
-        elif key == STYLE_FIELD:
-            if value:
-                ignored.append(key)  # A1111 skips style names it does not have: here, all of them
         elif key in HIRES_FIELDS:
             if body.get("enable_hr") is not True:
                 ignored.append(key)
-        elif key in UNUSED_FIELDS or not (key in ENGINE_FIELDS or key in READ_FIELDS or key == "enable_hr"):
+        elif key in UNUSED_FIELDS or not (key in ENGINE_FIELDS or key in READ_FIELDS or key in ("enable_hr",
+                                                                                                 STYLE_FIELD)):
             ignored.append(key)
     for key in ("sampler_index", "force_task_id"):
         if body.get(key) is not None and not isinstance(body[key], str):
@@ -146,6 +144,8 @@ def read_txt2img(body: Any, options: Options, known_schedule_type: Callable[[str
         # A1111 samples an unknown schedule type as Automatic (SillyTavern sends "N/A" when it could not list them)
         ignored.append("scheduler")
         del fields["scheduler"]
+    if body.get(STYLE_FIELD):
+        fields[STYLE_FIELD] = list(body[STYLE_FIELD])
     overrides = overrides_of(body, options)
     fields.update({OVERRIDE_FIELDS[k]: v for k, v in overrides.values.items() if k in OVERRIDE_FIELDS})
     notes = []
@@ -446,8 +446,8 @@ def txt2img_body_schema() -> dict[str, Any]:
                                         '[unit, ...]}} (sd-webui-controlnet\'s units)'},
                    "override_settings": _typed(dict), "sampler_index": _typed(str), "script_name": _typed(str),
                    "script_args": _typed(list), "infotext": _typed(str), "force_task_id": _typed(str),
-                   STYLE_FIELD: {**_typed(list), "description": "prompt styles: this app has none yet, so A1111 would "
-                                 "skip every name (ignored)"}}
+                   STYLE_FIELD: {**_typed(list), "description": "prompt styles of styles.csv by name, applied in "
+                                 "order; a name there is no style of is skipped (as A1111) and named in info's notices"}}
     properties |= {name: {"enum": values} for name, values in DEFAULT_ONLY_FIELDS.items()}
     properties |= {name: {"description": "read by A1111 only for a refiner or img2img, or no longer: ignored"}
                    for name in UNUSED_FIELDS}

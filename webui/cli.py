@@ -69,7 +69,7 @@ WITHOUT_EFFECT: dict[str, tuple[str, ...]] = {
     "this UI has no such option": (
         "--no-progressbar-hiding", "--max-batch-count N", "--localizations-dir DIR", "--show-negative-prompt",
         "--ui-config-file FILE", "--gradio-img2img-tool X", "--gradio-inpaint-tool X",
-        "--use-textbox-seed", "--styles-file FILE", "--no-prompt-history", "--gradio-debug", "--gradio-queue",
+        "--use-textbox-seed", "--no-prompt-history", "--gradio-debug", "--gradio-queue",
         "--no-gradio-queue", "--ui-debug-mode", "--disable-console-progressbars", "--enable-console-prompts",
         "--freeze-settings", "--freeze-settings-in-sections X", "--freeze-specific-settings X",
         "--unix-filenames-sanitization", "--filenames-max-length N", "--gradio-allowed-path DIR", "--administrator",
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         paths.add_argument(f"--{folder.lower()}-models-path", type=Path, default=None, metavar="DIR",
                            help=f"{folder} upscaler models (default: <models>/{folder})")
     paths.add_argument("--outdir", type=Path, default=None, help="output folder (default: <data-dir>/outputs)")
+    paths.add_argument("--styles-file", type=Path, default=None,
+                       help="A1111's prompt styles file (default: <data-dir>/styles.csv)")
     paths.add_argument("--hide-ui-dir-config", action="store_true",
                        help="refuse folders typed in the UI (img2img's batch from a folder reads and writes the "
                             "server's): for a UI others reach")

@@ -207,6 +207,7 @@ class Paths:
     builtin_models_dir: Path  # the demo checkpoints made at first start, shared by every --data-dir of the install
     builtin_modules_dir: Path  # the VAE and text encoder files its GGUF twin needs
     extensions_dir: Path
+    styles_file: Path
     upscaler_dirs: tuple[Path, ...] = ()
 
     @property
@@ -237,6 +238,7 @@ class Paths:
             builtin_models_dir=INSTALL_CACHE / "builtin-models",
             builtin_modules_dir=INSTALL_CACHE / "builtin-modules",
             extensions_dir=Path(args.extensions_dir or data / "extensions").resolve(),
+            styles_file=Path(args.styles_file or data / "styles.csv").resolve(),
             upscaler_dirs=tuple(Path((flag and getattr(args, flag)) or models / name).resolve()
                                 for name, flag in UPSCALER_FOLDERS.items()),
         )

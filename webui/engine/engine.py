@@ -9,7 +9,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,12 +42,13 @@ from webui.engine.memory.host_pages import limit_heap_arenas
 from webui.engine.memory.manager import DeviceMemory, MemoryManager, MemoryMode, MemoryPolicy, use_expandable_segments
 from webui.engine.outputs import remove_stale_temp_files, save_image
 from webui.engine.progress import Progress
+from webui.engine.request import GenerationRequest, GenerationResult
+from webui.engine.sampling.samplers import SamplerRegistry, Sampling
+from webui.engine.styles import PromptStyles
 from webui.engine.upscale.extras import ExtrasRequest, ExtrasResult, run_extras, save_extras
 from webui.engine.upscale.found import UpscalerInfo, find_upscalers
 from webui.engine.upscale.model import UpscaleSetup
 from webui.engine.weights.fp8 import compute_dtype, use_fp8_matmul
-from webui.engine.request import GenerationRequest, GenerationResult
-from webui.engine.sampling.samplers import SamplerRegistry, Sampling
 from webui.errors import Busy, ModelFileError, UserError
 from webui.settings import OUTPUT_FOLDER_OPTIONS, AppConfig
 
@@ -119,6 +120,7 @@ class Engine:
             families=self.families,
         )
         self.controlnets = ControlNets(config.paths.controlnet_dir, CONTROLNET_DIR)
+        self.styles = PromptStyles(config.paths.styles_file)
         self.detectors = Detectors(config.paths.controlnet_preprocessor_dir)
         self.clip_vision = ClipVisionEncoders(config.paths.clip_vision_dir)
         self._remove_stale_temp_files()
@@ -297,7 +299,19 @@ class Engine:
         return run_folder_batch(self.img2img, self.progress, base, batch, self.options["max_image_side"],
                                 folders_allowed=not self.config.args.hide_ui_dir_config)
 
+    def _styled(self, request: GenerationRequest) -> tuple[GenerationRequest, list[str]]:
+        """The request with its prompt styles applied (to the hires prompts too, where it has its own), and the style
+        names there is none of (A1111 skips them; here the result's notices name them)."""
+        if not request.styles:
+            return request, []
+        prompt, negative, missing = self.styles.apply(request.prompt, request.negative_prompt, request.styles)
+        hr_prompt, hr_negative, _ = self.styles.apply(request.hr_prompt, request.hr_negative_prompt, request.styles)
+        return replace(request, prompt=prompt, negative_prompt=negative, styles=None,
+                       hr_prompt=hr_prompt if request.hr_prompt else "",
+                       hr_negative_prompt=hr_negative if request.hr_negative_prompt else ""), missing
+
     def _generate(self, request: GenerationRequest) -> GenerationResult:
+        request, missing = self._styled(request)
         self.hooks.fire("before_generation", request=request)
         request.validate(self.options.as_dict())
         info = self.checkpoint(request.checkpoint)
@@ -318,6 +332,7 @@ class Engine:
                 rates.learn(forecast, result)  # (a hires pass on another checkpoint: not this model's rates)
         if not trace.running:  # its own recording; a plot's cells leave theirs to the plot
             result.memory_timeline = trace.timeline()
+        result.notices.extend(f"no prompt style named {name!r} in {self.styles.path.name}: skipped" for name in missing)
         self.hooks.fire("after_generation", request=request, result=result)
         log.info("%s: %d image(s) %dx%d, %d steps, %s, seed %d, %.2f s on %s with %s [%s]%s",
                  job.mode, len(result.images), request.width, request.height, request.steps, result.sampler_name,
@@ -439,7 +454,7 @@ class Engine:
         """Will it fit? The request's peak VRAM, host RAM and time, forecast from the memory manager's plan and the
         rates measured here (``webui.engine.forecast``); nothing is generated or moved. The forecast needs the
         model's weights: ``load`` loads it as a generation would; else a model not loaded now is a UserError."""
-        request = self._outpainted(request)
+        request = self._styled(self._outpainted(request))[0]
         request.validate(self.options.as_dict())
         info = self.checkpoint(request.checkpoint)
         sampling = self.samplers.choose(request.sampler_name, request.scheduler, request.eta, self.options.as_dict())

@@ -73,6 +73,7 @@ class GenerationRequest:
     # A1111's Soft Inpainting (with a mask): its settings, or A1111's script args (on or off, then the settings)
     soft_inpainting: SoftInpainting | list | None = None
     controlnet: list[ControlUnit] | None = None  # ControlNet units (sd-webui-controlnet's, enabled or not)
+    styles: list[str] | None = None  # prompt styles of styles.csv by name, applied to the prompts in this order
     # Hires. fix (txt2img): the first pass upscaled, then img2img at denoising_strength there (A1111's fields)
     enable_hr: bool = False
     hr_scale: float = 2.0

@@ -25,6 +25,7 @@ from webui.ui.forecast import FORECAST_FIELDS, forecast_box, forecast_html, keep
 from webui.ui.generation import generator, output_column
 from webui.ui.model_row import checkpoint_choices
 from webui.ui.network_browser import network_browsers
+from webui.ui.styles import style_inputs
 
 # Ctrl+Enter (Cmd+Enter on macOS) in either prompt box of a tab presses its Generate, as in A1111.
 CTRL_ENTER_JS = """
@@ -118,7 +119,7 @@ def generation_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: 
     Generate hands ``submit`` the form's request. Its Generate, Interrupt and Skip are the API's ``/{tab}``,
     ``/interrupt`` and ``/skip`` (txt2img's)."""
     form: Components = {}
-    generate, interrupt, skip, forecast = _prompt_row(form, tab)
+    generate, interrupt, skip, forecast = _prompt_row(demo, engine, form, tab)
     with gr.Row():
         with gr.Column(scale=1):
             more_inputs(form)
@@ -176,7 +177,8 @@ def fields_for_family(engine: Engine, title: str | None, switched: bool = True) 
             *((gr.update(value=side) for side in size) if size else (gr.update(), gr.update())))
 
 
-def _prompt_row(form: Components, tab: str) -> tuple[gr.Button, gr.Button, gr.Button, gr.HTML]:
+def _prompt_row(demo: gr.Blocks, engine: Engine, form: Components, tab: str
+                ) -> tuple[gr.Button, gr.Button, gr.Button, gr.HTML]:
     with gr.Row():
         with gr.Column(scale=6):
             form["prompt"] = gr.Textbox("", label="Prompt", lines=3, elem_id=f"{tab}_prompt",
@@ -189,6 +191,7 @@ def _prompt_row(form: Components, tab: str) -> tuple[gr.Button, gr.Button, gr.Bu
                 interrupt = gr.Button("Interrupt", elem_id=f"{tab}_interrupt")
                 skip = gr.Button("Skip", elem_id=f"{tab}_skip")
             forecast = forecast_box(tab)
+            style_inputs(demo, engine, form, tab)
     return generate, interrupt, skip, forecast
 
 
