@@ -55,6 +55,10 @@ def test_the_file_is_read_as_a1111_writes_it(tmp_path, caplog):
         "a cat, at dusk, (warm light:1.2), oil painting, framed", "ugly, blurry, lowres, watermark", ["Nope"])
     path.write_text("name,text\nOld,an old style's prompt\n")  # A1111's oldest column name; read again when changed
     assert styles.all() == {"Old": PromptStyle("Old", "an old style's prompt", "")}
+    path.write_text('name,prompt\nFine,ok\nHuge,"' + "x" * 200_000 + '"\n')
+    with caplog.at_level(logging.WARNING):
+        assert styles.all() == {"Fine": PromptStyle("Fine", "ok", "")}, "the styles before a line that cannot be read"
+    assert "styles.csv cannot be read at line 3" in caplog.text
 
 
 def test_saving_a_style_adds_or_replaces_it(tmp_path):

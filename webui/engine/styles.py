@@ -49,15 +49,22 @@ class PromptStyles:
         return dict(self._read[1])
 
     def _parse(self) -> dict[str, PromptStyle]:
+        """The file's styles; where it is no CSV that can be read (a field too long, a file that is no text), those
+        before the line at fault, and the log says why."""
         styles = {}
         with self.path.open(newline="", encoding="utf-8-sig", errors="replace") as file:
-            for line, row in enumerate(csv.DictReader(file), start=2):
-                name = (row.get("name") or "").strip()
-                if not name:
-                    log.warning("%s line %d has no style name; skipped", self.path.name, line)
-                    continue
-                styles[name] = PromptStyle(name, row.get("prompt") or row.get("text") or "",
-                                           row.get("negative_prompt") or "")
+            rows = csv.DictReader(file)
+            try:
+                for row in rows:
+                    name = (row.get("name") or "").strip()
+                    if not name:
+                        log.warning("%s line %d has no style name; skipped", self.path.name, rows.line_num)
+                        continue
+                    styles[name] = PromptStyle(name, row.get("prompt") or row.get("text") or "",
+                                               row.get("negative_prompt") or "")
+            except csv.Error as e:
+                log.warning("%s cannot be read at line %d (%s): fix or remove that line", self.path.name,
+                            rows.line_num + 1, e)
         return styles
 
     def apply(self, prompt: str, negative: str, names: list[str]) -> tuple[str, str, list[str]]:
