@@ -15,6 +15,7 @@ from webui.api import register_api
 from webui.engine.infotext import parse_infotext
 from webui.engine.request import GenerationRequest
 from webui.engine.styles import PromptStyle, PromptStyles, merge_prompts
+from webui.errors import UserError
 from webui.jobs import JobQueue
 
 CSV = '''name,prompt,negative_prompt
@@ -68,6 +69,13 @@ def test_saving_a_style_adds_or_replaces_it(tmp_path):
     styles.save(PromptStyle("Mine", "{prompt}, new"))
     assert PromptStyles(tmp_path / "styles.csv").all() == {"Mine": PromptStyle("Mine", "{prompt}, new", ""),
                                                            "Other": PromptStyle("Other", "x", "")}
+    saved = (tmp_path / "styles.csv").read_bytes()
+    with pytest.raises(UserError, match="type a name"):
+        styles.save(PromptStyle("  ", "x"))
+    (tmp_path / "blocked").write_text("a file where the folder would be")
+    with pytest.raises(UserError, match="cannot write .*the styles there are as they were"):
+        PromptStyles(tmp_path / "blocked" / "styles.csv").save(PromptStyle("A", "x"))
+    assert (tmp_path / "styles.csv").read_bytes() == saved, "nothing lost"
 
 
 def test_a_request_with_styles_draws_the_styled_prompt(styled):

@@ -73,6 +73,8 @@ def test_the_styles_apply_to_a_generation_and_the_prompt_saves_as_one(client, en
     assert infotext.startswith("a red apple, framed\nNegative prompt: lowres\n")
     assert save_style(engine, " Mine ", "a cat, {prompt}", "ugly")["choices"] == ["Framed", "Mine"]
     assert apply_styles(engine, "a dog", "", ["Mine"]) == ("a cat, a dog", "ugly", [])
+    assert "choices" not in save_style(engine, " ", "a cat", ""), "no name: a warning, nothing saved"
+    assert list(engine.styles.all()) == ["Framed", "Mine"]
 
 
 def test_generates_an_image_with_its_infotext(client, engine, monkeypatch):

@@ -43,12 +43,12 @@ ENGINE_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "cfg_s
                  "sampler_name", "scheduler", "seed", "batch_size", "n_iter", "eta", "subseed", "subseed_strength",
                  "seed_resize_from_w", "seed_resize_from_h")
 # Read here (send_images, save_images, the do_not_save_* two, override_settings and its restore flag, sampler_index,
-# infotext) or by xyz_script (script_name, script_args); force_task_id names the job for A1111's UI, which has no use
+# infotext, styles) or by xyz_script (script_name, script_args); force_task_id names the job for A1111's UI, which has no use
 # here.
 FLAG_FIELDS = ("send_images", "save_images", "do_not_save_samples", "do_not_save_grid",
                "override_settings_restore_afterwards")
 READ_FIELDS = (*FLAG_FIELDS, "override_settings", "sampler_index", "script_name", "script_args", "infotext",
-               "force_task_id", "alwayson_scripts")
+               "force_task_id", "alwayson_scripts", "styles")
 # Honoured by A1111 and not done here yet: accepted only at the values that make A1111 do nothing extra.
 DEFAULT_ONLY_FIELDS: dict[str, list] = {
     "restore_faces": [False, None], "tiling": [False, None], "s_min_uncond": [None, 0, 0.0], "s_churn": [None, 0, 0.0],
@@ -117,8 +117,7 @@ def read_txt2img(body: Any, options: Options, known_schedule_type: Callable[[str
         elif key in HIRES_FIELDS:
             if body.get("enable_hr") is not True:
                 ignored.append(key)
-        elif key in UNUSED_FIELDS or not (key in ENGINE_FIELDS or key in READ_FIELDS or key in ("enable_hr",
-                                                                                                 STYLE_FIELD)):
+        elif key in UNUSED_FIELDS or not (key in ENGINE_FIELDS or key in READ_FIELDS or key == "enable_hr"):
             ignored.append(key)
     for key in ("sampler_index", "force_task_id"):
         if body.get(key) is not None and not isinstance(body[key], str):

@@ -306,9 +306,10 @@ class Engine:
             return request, []
         prompt, negative, missing = self.styles.apply(request.prompt, request.negative_prompt, request.styles)
         hr_prompt, hr_negative, _ = self.styles.apply(request.hr_prompt, request.hr_negative_prompt, request.styles)
+        # an empty hires prompt stays empty: the second pass takes the styled prompt, as A1111's
         return replace(request, prompt=prompt, negative_prompt=negative, styles=None,
-                       hr_prompt=hr_prompt if request.hr_prompt else "",
-                       hr_negative_prompt=hr_negative if request.hr_negative_prompt else ""), missing
+                       hr_prompt=request.hr_prompt and hr_prompt,
+                       hr_negative_prompt=request.hr_negative_prompt and hr_negative), missing
 
     def _generate(self, request: GenerationRequest) -> GenerationResult:
         request, missing = self._styled(request)

@@ -82,13 +82,17 @@ class PromptStyles:
         """Add ``style`` to the file, or replace the one of its name (A1111's "Save current prompts as a style");
         written to a new file first, so that a failure leaves the old one whole."""
         if not style.name.strip():
-            raise UserError("a style needs a name", field="name")
-        styles = self.all() | {style.name.strip(): PromptStyle(style.name.strip(), style.prompt, style.negative_prompt)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+            raise UserError("type a name for the style first", field="name")
+        styles = self.all() | {style.name: style}
         partial = self.path.with_suffix(".csv.tmp")
-        with partial.open("w", newline="", encoding="utf-8") as file:
-            writer = csv.writer(file)
-            writer.writerow(COLUMNS)
-            writer.writerows((s.name, s.prompt, s.negative_prompt) for s in styles.values())
-        os.replace(partial, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with partial.open("w", newline="", encoding="utf-8") as file:
+                writer = csv.writer(file)
+                writer.writerow(COLUMNS)
+                writer.writerows((s.name, s.prompt, s.negative_prompt) for s in styles.values())
+            os.replace(partial, self.path)
+        except OSError as e:
+            raise UserError(f"cannot write {self.path} ({e.strerror}): the styles there are as they were",
+                            field="name") from None
         self._read = None

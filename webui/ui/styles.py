@@ -9,6 +9,7 @@ import gradio as gr
 
 from webui.engine.engine import Engine
 from webui.engine.styles import PromptStyle
+from webui.errors import UserError
 from webui.ui.common import Components
 
 
@@ -35,7 +36,12 @@ def apply_styles(engine: Engine, prompt: str, negative: str, names: list[str] | 
 
 
 def save_style(engine: Engine, name: str, prompt: str, negative: str) -> dict:
-    """The prompt boxes saved as the style ``name`` (replacing one of that name); the Styles list read again."""
-    engine.styles.save(PromptStyle(name.strip(), prompt, negative))
+    """The prompt boxes saved as the style ``name`` (replacing one of that name); the Styles list read again. A
+    style that cannot be saved (no name, a file that cannot be written) says why and changes nothing."""
+    try:
+        engine.styles.save(PromptStyle(name.strip(), prompt, negative))
+    except UserError as e:
+        gr.Warning(f"Style not saved: {e.message}")
+        return gr.update()
     gr.Info(f"Saved the style {name.strip()!r} in {engine.styles.path.name}")
     return gr.update(choices=list(engine.styles.all()))
