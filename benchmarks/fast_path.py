@@ -10,7 +10,8 @@ dir); ``warm`` (a new process's first compiled image, from that cache); ``lora-e
 of rank 16 taking turns, image after image (the graphs compiled after the first LoRA image are counted); ``sage`` and
 ``sage+compiled`` (SageAttention); ``fp8`` and ``fp8mm`` (the model stored in float8-e4m3fn, Forge's "Diffusion in
 Low Bits", upcast per layer, and multiplied in fp8) and ``fp8mm+compiled``; ``streamed`` and ``streamed+compiled``
-(a simulated card on which half the denoiser streams). "Δ image" is the mean absolute difference from eager SDPA's
+(a simulated card on which half the denoiser streams); ``graphs`` and ``compiled+graphs`` (the denoiser replayed as a
+CUDA graph, on by default in the app and off in every other variant here). "Δ image" is the mean absolute difference from eager SDPA's
 image (0-255 levels), same prompt and seed. Goals: compiled ≤ 0.6× eager for SD1.5 512², ≤ 0.7× for SDXL 1024²,
 ≤ 0.8× for Flux-dev (Q8_0, BF16) 1344×768; streamed+compiled ≤ streamed; Flux fp8mm ≤ 0.75× BF16 eager; a warm
 start's compile ≤ 15 s.
@@ -53,9 +54,11 @@ OPTIONS = {  # each variant's settings, over eager SDPA's
     "fp8mm+compiled": dict(forge_unet_storage_dtype="float8-e4m3fn", fp8_matrix_mult=True, compile_denoiser=True),
     "streamed": dict(),
     "streamed+compiled": dict(compile_denoiser=True),
+    "graphs": dict(cuda_graphs=True),
+    "compiled+graphs": dict(compile_denoiser=True, cuda_graphs=True),
 }
 EAGER = dict(compile_denoiser=False, attention_backend="SDPA", forge_unet_storage_dtype="Automatic",
-             fp8_matrix_mult=False)
+             fp8_matrix_mult=False, cuda_graphs=False)  # (graphs, on by default, are variants of their own here)
 
 
 @dataclass

@@ -727,3 +727,92 @@ def test_an_ip_adapter_on_cuda_draws_what_the_cpu_draws_and_streams_exactly(tmp_
 
     unit = ControlUnit(model="ip", image=init_picture(), module="ip-adapter_clip_h", weight=0.8)
     assert_resident_streamed_and_cpu(engine, GenerationRequest(**{**REQ, "controlnet": [unit]}), 1.0)
+
+
+def _family_engine(tmp_path, request, files, model):  # noqa: F811
+    """A CUDA engine (LoRA extension loaded) on ``model`` and a request maker for it."""
+    from tests.test_flow_pipelines import flux_request
+    from tests.test_lora import with_extensions
+
+    if model in ("sd1", "sdxl"):
+        checkpoint, folders = request.getfixturevalue(f"{model}_file"), ()
+
+        def req(**fields):
+            return GenerationRequest(**{**REQ, **fields})
+    else:
+        checkpoint = files / "Stable-diffusion" / model
+        folders = ("--vae-dir", str(files / "VAE"), "--text-encoder-dir", str(files / "text_encoder"))
+
+        def req(**fields):
+            return flux_request(model, **({"cfg_scale": 5.0} if "sd3" in model else {}), **fields)
+    engine = with_extensions(cuda_engine(tmp_path, checkpoint, *folders))
+    if model.endswith(".gguf"):  # its VAE and text encoders are files of their own
+        from tests.test_lora import FLUX_MODULES
+        engine.options.update({"forge_additional_modules": FLUX_MODULES})
+    return engine, req
+
+
+@requires_cuda
+@pytest.mark.parametrize("model", ["sd1", "sdxl", "sd3-aio.safetensors", "flux-aio.safetensors", "flux-Q8_0.gguf"])
+def test_graph_replay_on_cuda_draws_eager_images_through_a_lora(tmp_path, request, files, model):  # noqa: F811
+    """Each family replayed as a CUDA graph: eager's images to the bit; a LoRA added, reweighted and removed: eager's
+    images each time, one capture each (the graphs let go at each change), none for a new seed or prompt."""
+    from webui.engine.graphs import graphs_of
+    from tests.test_lora import lora_folder
+    from webui.engine.lora.network import _lora_components
+    from webui.synthetic.lora_export import random_lora, write_lora
+
+    engine, req = _family_engine(tmp_path, request, files, model)
+
+    def both(**fields) -> np.ndarray:
+        engine.options.update({"cuda_graphs": False})
+        eager = engine.txt2img(req(**fields))
+        engine.options.update({"cuda_graphs": True})
+        graphed = engine.txt2img(req(**fields))
+        assert graphed.memory.graphed and not eager.memory.graphed, fields
+        assert np.array_equal(as_array(graphed.images), as_array(eager.images)), (
+            fields, np.abs(as_array(graphed.images).astype(int) - as_array(eager.images)).max())
+        return as_array(graphed.images)
+
+    plain = both()
+    held = graphs_of(engine.models.current.denoiser, engine.memory.device)
+    loaded = engine.models.current
+    write_lora(lora_folder(engine) / "style.safetensors",
+               random_lora(dict(_lora_components(loaded)), loaded.family, rank=4, seed=1), loaded.family, "kohya")
+    captures = held.captures
+    with_lora = both(prompt="a cat <lora:style:1>")
+    both(prompt="a cat <lora:style:0.4>")
+    assert not np.array_equal(with_lora, both(prompt="a cat"))
+    assert held.captures == captures + 3
+    engine.txt2img(req(prompt="a dog", seed=9))
+    assert held.captures == captures + 3 and held.calls
+    assert not np.array_equal(plain, with_lora)
+
+
+@requires_cuda
+def test_a_model_switch_frees_the_graph_memory_on_cuda(tmp_path, sd1_file, sdxl_file):
+    """The graphs' pools are held while the model stays and given back to the driver when it leaves the GPU (a switch
+    to another checkpoint); an X/Y/Z plot over more sizes than GRAPHS_KEPT holds at most that many."""
+    from webui.engine.graphs import GRAPHS_KEPT, graphs_of
+    from webui.engine.memory.manager import MemoryManager
+    from webui.engine.xyz import BUILTIN_AXES, AxisChoice, run_plot
+
+    engine = make_engine(tmp_path, sd1_file, sdxl_file, extra_args=("--device", "cuda"))
+    engine.memory = engine.models.memory = MemoryManager(torch.device("cuda"), min_unit_bytes=256 * 1024)
+    engine.options.update({"sd_model_checkpoint": sd1_file.name})
+    base = GenerationRequest(**{**REQ, "batch_size": 1, "width": 256, "height": 256})
+    plot = run_plot(engine, base, [AxisChoice("Size", "256x256, 320x256, 256x320, 320x320")], BUILTIN_AXES)
+    first = graphs_of(engine.models.current.denoiser, engine.memory.device)
+    assert len(plot.cells) == 4 and first.captures == 4 and len(first.calls) == GRAPHS_KEPT
+    assert engine.memory.held == [first] and first.nbytes > 0
+
+    def cached() -> int:
+        return torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+
+    assert cached() >= first.nbytes * 0.5, "the pools are reserved by torch beside what it allocated"
+    pools = first.nbytes
+    engine.options.update({"sd_model_checkpoint": sdxl_file.name})
+    engine.txt2img(GenerationRequest(**{**REQ, "batch_size": 1}))
+    second = graphs_of(engine.models.current.denoiser, engine.memory.device)
+    assert not first.calls and engine.memory.held == [second]
+    assert cached() < second.nbytes + pools * 0.25, "the first model's pools went back to the driver"

@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "FlashAttention")
     dev.add_argument("--fast", nargs="+", choices=("fp8_matrix_mult",), default=None, metavar="FEATURE",
                      help="ComfyUI's: fp8_matrix_mult (the setting fp8 matrix multiplication, for this session)")
+    dev.add_argument("--disable-cuda-graphs", action="store_true",
+                     help="run every denoising step eager (the setting Replay the denoiser as a CUDA graph, off for "
+                          "this session)")
     dev.add_argument("--compile", action="store_true",
                      help="compile the denoiser's repeated blocks (the setting Compile the denoiser, for this session)")
     mem.add_argument("--always-offload-from-vram", action="store_true",

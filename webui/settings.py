@@ -66,6 +66,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "outdir_extras_samples": "",
     "ESRGAN_tile": 192,  # upscaler models run on tiles of this many pixels (0: the whole image at once)
     "ESRGAN_tile_overlap": 8,  # pixels the tiles overlap, blended so that no seam shows
+    "cuda_graphs": True,  # --disable-cuda-graphs turns it off for a session
     "compile_denoiser": False,  # off until proven on every family (issue 26); --compile turns it on for a session
     "attention_backend": "SDPA",  # --attention sets it for a session
     "fp8_matrix_mult": False,  # --fast fp8_matrix_mult sets it for a session (ComfyUI's flag)
@@ -161,6 +162,8 @@ OPTION_SECTIONS: dict[str, dict[str, str]] = {
         "sd3_enable_t5": "Use the T5 text encoder of SD3.x checkpoints",
     },
     "Speed": {
+        "cuda_graphs": "Replay the denoiser as a CUDA graph where its weights are all on the GPU (the same images, "
+                       "far fewer kernel launches; each new size captures once)",
         "compile_denoiser": "Compile the denoiser (its repeated blocks, once; the first image waits for it; blocks "
                             "whose weights stream run eager)",
         "attention_backend": "Attention (SageAttention and FlashAttention where their package imports, on a CUDA GPU, "

@@ -364,6 +364,7 @@ class Engine:
             inpaint=inpainting,
             fix_steps=self.options["img2img_fix_steps"],
             compile=self.options["compile_denoiser"] or self.config.args.compile,
+            graphs=self.options["cuda_graphs"] and not self.config.args.disable_cuda_graphs,
         )
         if activate:  # (a forecast leaves the denoiser as it is)
             job.controls = self._controls(request, model, init_images, job.seed)

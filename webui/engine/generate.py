@@ -11,6 +11,7 @@ images through an image upscaler, encoded again), then img2img at the hires size
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
@@ -25,7 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from webui.engine import attention, compiled
+from webui.engine import attention, compiled, graphs
 from webui.engine.conditioning.prompts import Conditioning
 from webui.engine.control.apply import ActiveUnit
 from webui.engine.control.flow import encode_control_inputs
@@ -36,6 +37,7 @@ from webui.engine.hooks import Hooks
 from webui.engine.infotext import build_infotext
 from webui.engine.inpaint import FILLS, INPAINT_AREAS, LATENT_NOISE, LATENT_NOTHING, MASK_MODES, ORIGINAL, InpaintImages
 from webui.engine.loading.load import TEXT_ENCODERS, LoadedModel, vae_scale_factor
+from webui.engine.memory import MB
 from webui.engine.memory.activation import activation_bytes, encode_activation_bytes
 from webui.engine.memory.manager import VAE_TILE, MemoryManager, MemoryPolicy, VaePass, vae_pass
 from webui.engine.outputs import png_files
@@ -80,6 +82,7 @@ class Resolved:
     hires: HiresPass | None = None  # txt2img's hires. fix: its second pass
     second_pass: bool = False  # this job is a hires pass: img2img's steps from latents it is given
     compile: bool = False  # "Compile the denoiser" (``compiled``): its repeated blocks, where it does not stream
+    graphs: bool = False  # the denoiser replayed as CUDA graphs where it is resident (``graphs``)
     attention: str = "SDPA"  # the attention backend the denoiser runs (``attention``)
     fp8_matmul: bool = False  # its fp8 layers multiply in fp8 (``weights.fp8.use_fp8_matmul``)
     controls: list[ActiveUnit] = field(default_factory=list)  # ControlNet units (``control``)
@@ -230,7 +233,7 @@ def generate(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, jo
         bar.close()
         progress.end()
         result.memory = memory.finish()
-    ran = (("compiled", result.memory.compiled), (job.attention, job.attention != "SDPA"), ("fp8 matmul", job.fp8_matmul))
+    ran = (("compiled", result.memory.compiled), ("CUDA graphs", result.memory.graphed), (job.attention, job.attention != "SDPA"), ("fp8 matmul", job.fp8_matmul))
     result.fast = tuple(name for name, on in ran if on)
     result.seconds = time.perf_counter() - start
     return result
@@ -404,15 +407,20 @@ def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
     if job.steps.run == 0 and init is not None:  # img2img at strength 0: the init image through the VAE alone
         latents = init.latents
     else:
-        streamed = memory.streamed_parameters("denoiser") if job.compile else ()
+        streamed = memory.streamed_parameters("denoiser") if job.compile or job.graphs else ()
         with (compiled.running(model.denoiser, job.compile, streamed) as (fast, blocks),
-              attention.running(job.attention)):
+              attention.running(job.attention),
+              _graphs(model, memory, job, streamed) as replayed):
             if job.compile and fast < blocks:
                 log.info("Compile the denoiser: %d of %d blocks run eager in this pass, their weights stream (the "
                          "streamer moves them around each call, which compiled code would compile again).",
                          blocks - fast, blocks)
             memory.stats.compiled = memory.stats.compiled or fast > 0
+            if replayed is not None:
+                memory.hold(replayed)  # (their pools count against the budget from now on)
             latents = model.kind.denoise(model, job, seeds, generators, noise, cond, uncond, report, init)
+        if replayed is not None and replayed.calls:
+            memory.stats.graphed, memory.stats.graphs_mb = True, replayed.nbytes / MB
     if init is not None and init.blends and init.soft is None:
         latents = init.kept(latents, init.latents)  # whatever the sampler left there (an interrupted one)
     clock.lap(prefix + "denoise")
@@ -424,6 +432,19 @@ def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
         raise UserError(f"{what} It may overflow in {dtype_name(dtype)}: start with --no-half to compute in float32, "
                         "or try another checkpoint.")
     return latents
+
+
+def _graphs(model: LoadedModel, memory: MemoryManager, job: Resolved,
+            streamed: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager[graphs.DenoiserGraphs | None]:
+    """The pass's CUDA graphs (``graphs.running``), or eager with the reason: not asked for, weights that stream, an
+    IP-Adapter unit (its layers in the attention for this job), an extension's hook."""
+    if not job.graphs:
+        return contextlib.nullcontext()
+    reason = graphs.why_not(model.denoiser, memory.device, sum(p.nbytes for p in streamed) / MB,
+                            any(active.embeds is not None for active in job.active_controls()))
+    companions = tuple((c.name, id(c.module)) for c in memory.components.values() if c.companion_of == "denoiser")
+    return graphs.running(model.denoiser, memory.device, reason, companions,
+                          (job.attention, job.compile, job.fp8_matmul))
 
 
 class _StepReport:

@@ -15,6 +15,10 @@ Events and their arguments:
                          changes the image, Flux/SD3 pass an unpacked copy)
     after_generation     request, result (the GenerationResult)
     image_saved          path, image, infotext
+
+Module hooks an extension puts on the denoiser's layers (torch's ``register_forward_hook``) run Python at every call,
+which a replayed CUDA graph would skip: the denoiser then runs eager (``engine.graphs``). A hook that only changes
+tensors the same way at every call (no Python state read per step, no host sync) can be declared ``graph_safe``.
 """
 from __future__ import annotations
 
@@ -30,6 +34,20 @@ log = logging.getLogger(__name__)
 
 EVENTS = ("app_started", "model_loaded", "before_generation", "denoising_step", "after_generation", "image_saved")
 NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network syntax
+
+
+GRAPH_SAFE = "_webui_graph_safe"
+
+
+def graph_safe(hook: Callable) -> Callable:
+    """Declare a module hook safe inside a CUDA graph: what it does to tensors is captured once and replayed (it is
+    not called again). Use as a decorator on the hook before registering it."""
+    setattr(hook, GRAPH_SAFE, True)
+    return hook
+
+
+def is_graph_safe(hook: Callable) -> bool:
+    return getattr(hook, GRAPH_SAFE, False)
 
 
 @dataclass(frozen=True)

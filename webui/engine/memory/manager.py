@@ -17,6 +17,9 @@ Policy, per phase of a generation (text encoding → denoising → VAE decode):
   (``stream.Streamer``). A phase that calls its components once (text encoding, VAE decode)
   evicts others only as far as it needs to stream beside them, smallest first: bringing the
   denoiser back costs more than streaming a text encoder once (issue 24).
+- Device memory held between phases by something other than weights (the denoiser's CUDA graphs, ``Held``) counts
+  against the budget; it is released when the component it belongs to moves, and when a phase would otherwise have
+  to move weights to make room for it (bringing weights back costs more than capturing a graph again).
 - Flags: ``--always-gpu`` everything resident, never evicted; ``--lowvram`` every unit of the
   active component streamed; ``--medvram`` only the active component on the device, whole;
   ``--always-offload-from-vram`` everything back to host memory after each generation.
@@ -34,6 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -58,6 +62,15 @@ class MemoryMode(StrEnum):
     ALWAYS_GPU = "always_gpu"
     LOWVRAM = "lowvram"
     MEDVRAM = "medvram"
+
+
+class Held(Protocol):
+    """Device memory a component's user keeps between phases (its CUDA graphs' pools)."""
+
+    component: str  # whose: released when it or a companion of it moves
+    nbytes: int
+
+    def release(self, why: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -192,17 +205,19 @@ class GenerationStats:
     tiled_vae: bool = False
     oom_retries: int = 0
     compiled: bool = False  # a denoising pass ran compiled ("Compile the denoiser")
+    graphed: bool = False  # a denoising pass replayed CUDA graphs (``engine.graphs``)
+    graphs_mb: float = 0.0  # what the denoiser's graphs held at the end
     mode: MemoryMode = MemoryMode.AUTO
     budgeted: bool = True  # False on a CPU 'device': the weights are in RAM and there is no budget to keep
 
     def line(self) -> str:
+        fast = f"{', compiled' if self.compiled else ''}{f', CUDA graphs {self.graphs_mb:.0f} MB' if self.graphed else ''}"
         if not self.budgeted:
-            return (f"Memory: {self.resident_mb:.0f} MB of weights in RAM (running on the CPU: no GPU budget"
-                    f"{', compiled' if self.compiled else ''})")
+            return f"Memory: {self.resident_mb:.0f} MB of weights in RAM (running on the CPU: no GPU budget{fast})"
         return (f"Memory: {self.resident_mb:.0f} MB resident, {self.streamed_mb:.0f} MB streamed, "
                 f"{self.moved_mb:.0f} MB moved in {self.move_seconds:.2f} s, peak VRAM {self.peak_vram_mb:.0f} MB "
                 f"(budget {self.budget_mb:.0f} MB, activations ~{self.activation_mb:.0f} MB"
-                f"{', tiled VAE' if self.tiled_vae else ''}{', compiled' if self.compiled else ''}, {self.mode})")
+                f"{', tiled VAE' if self.tiled_vae else ''}{fast}, {self.mode})")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -342,6 +357,7 @@ class MemoryManager:
         self.phase = "nothing yet"  # the components the last prepare() placed, for messages
         self._pinning_refused = False  # the system refused to page-lock host memory: pageable from then on
         self.trace: MemoryTrace | None = None
+        self.held: list[Held] = []
 
     # ---- registration -----------------------------------------------------------------
 
@@ -349,6 +365,7 @@ class MemoryManager:
         """Take charge of a module whose weights are in host memory (buffers go to the device: they are small).
         A companion is placed whenever the component it accompanies is."""
         _move_buffers(module, self.device)
+        self._release_held(companion_of or name, f"{name} registered")
         unit_bytes = max(self.min_unit_bytes, param_bytes(module) // UNITS_PER_COMPONENT)
         component = Component(name, module, split_units(module, unit_bytes), companion_of=companion_of)
         self.components[name] = component
@@ -356,6 +373,8 @@ class MemoryManager:
 
     def unregister(self, name: str) -> None:
         """Let a component go: its weights back to host memory, its streaming hooks removed."""
+        component = self.components[name]
+        self._release_held(component.companion_of or name, f"{name} let go")
         self._place(self.components.pop(name), set(), stream=False, pin_host=False)
 
     def convert(self, name: str, dtype: torch.dtype) -> None:
@@ -369,6 +388,7 @@ class MemoryManager:
     def release_all(self) -> None:
         """Forget every component (the model is being unloaded): weights back to the host, unpinned since
         nobody will stream them again, and the device's cached blocks returned to the driver."""
+        self._release_held(None, "the model is unloaded")
         for component in self.components.values():
             self._place(component, set(), stream=False, pin_host=False)
         self.components.clear()
@@ -421,12 +441,34 @@ class MemoryManager:
     def _arrange(self, needed: list[Component], activation: int, once: bool) -> None:
         activation = phase_activation(needed, activation)
         mode = self.policy.mode if self.limited else MemoryMode.ALWAYS_GPU
-        budget = 0
-        if mode is not MemoryMode.ALWAYS_GPU:
-            budget = int(self.weight_budget(activation) * self.policy.budget_scale)
-            self.stats.budget_mb = budget / MB
-        for component, keep, stream in plan_phase(list(self.components.values()), needed, budget, mode, once):
+
+        def plan(held: int) -> list[Placement]:
+            budget = 0
+            if mode is not MemoryMode.ALWAYS_GPU:
+                budget = int(self.weight_budget(activation, held) * self.policy.budget_scale)
+                self.stats.budget_mb = budget / MB
+            return plan_phase(list(self.components.values()), needed, budget, mode, once)
+
+        placements = plan(self.held_bytes())
+        if self.held and placements != (without := plan(0)):
+            self._release_held(None, f"room for {self.phase}")
+            placements = without
+        for component, keep, stream in placements:
             self._place(component, keep, stream)
+
+    def hold(self, held: Held) -> None:
+        """Count ``held`` against the budget from now on, until it is released (below)."""
+        if held not in self.held:
+            self.held.append(held)
+
+    def held_bytes(self) -> int:
+        return sum(h.nbytes for h in self.held)
+
+    def _release_held(self, component: str | None, why: str) -> None:
+        """Release what is held for ``component`` (None: everything)."""
+        for held in [h for h in self.held if component is None or h.component == component]:
+            self.held.remove(held)
+            held.release(why)
 
     def streamed_parameters(self, name: str) -> list[nn.Parameter]:
         """The weights of ``name`` and its companions (a LoRA's adapters) that stream when it runs."""
@@ -437,13 +479,15 @@ class MemoryManager:
         """Place the VAE for decoding (or, ``phase`` "VAE encode", encoding) with the room its pass needs. True
         when it must be tiled: a whole pass would not fit beside the VAE alone."""
         vae = self.components[name]
-        tiled = self.policy.tiled_vae or (self.limited and self.weight_budget(activation.whole) < vae.nbytes)
+        # (what is held does not make it tile: it is released where the pass needs its room)
+        tiled = self.policy.tiled_vae or (self.limited and self.weight_budget(activation.whole, 0) < vae.nbytes)
         self.prepare([name], activation=activation.tiled if tiled else activation.whole, once=True, phase=phase)
         self.stats.tiled_vae = self.stats.tiled_vae or tiled
         return tiled
 
     def recover_from_oom(self) -> None:
         """After an out-of-memory error: free what can be freed and halve the weights' budget for the retry."""
+        self._release_held(None, "out of memory")
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -457,13 +501,16 @@ class MemoryManager:
                 f"{free:.0f} MB of {total:.0f} MB were free after a retry with half the weights and a tiled VAE. "
                 "Lower the resolution or the batch size, lower GPU Weights, or start with --lowvram.")
 
-    def weight_budget(self, activation: int) -> int:
-        """Bytes the weights may use on the device now: the user's GPU Weights, capped by what is free."""
+    def weight_budget(self, activation: int, held: int | None = None) -> int:
+        """Bytes the weights may use on the device now: the user's GPU Weights, capped by what is free beside what
+        is ``held`` (by default: what is)."""
         gpu_weights = self.memory.total() - self.policy.inference_mb * MB
-        return max(0, min(gpu_weights, self.capacity() - activation))
+        held = self.held_bytes() if held is None else held
+        return max(0, min(gpu_weights - held, self.capacity() - held - activation))
 
     def capacity(self) -> int:
-        """Device memory ours to use: what our weights hold now, and what is free."""
+        """Device memory ours to use: what our weights hold now, and what is free (what is held included: torch
+        counts its pools as cached, free to fill)."""
         return self.resident_bytes() + self.memory.free()
 
     def finish(self) -> GenerationStats:
@@ -497,6 +544,7 @@ class MemoryManager:
             set(rest) == set(component.streamer.units) if component.streamer else not (stream and rest))
         if unchanged:
             return
+        self._release_held(component.companion_of or component.name, f"{component.name} moved")
         if component.streamer is not None:
             component.streamer.detach()
             component.streamer = None

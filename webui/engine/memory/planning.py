@@ -25,10 +25,24 @@ class PhasePlan:
     in_flight: int  # device copies of streamed units that may exist at once
     activation: int  # the phase's activation estimate (with a low-bit layer's unpacked weight)
     moved: int  # bytes moved to place it (to the device and back)
+    held: int = 0  # held beside the weights (the denoiser's CUDA graphs) while it runs
 
     @property
     def peak(self) -> int:
-        return self.resident + self.in_flight + self.activation
+        if "denoiser" in self.components:  # a replayed graph's activations are in its own pool
+            return self.resident + self.in_flight + max(self.activation, self.held)
+        return self.resident + self.in_flight + self.activation + self.held
+
+
+@dataclass
+class PlannedHold:
+    """What the real manager holds, as a plan sees it: its bytes, until the plan releases it."""
+
+    component: str
+    nbytes: int
+
+    def release(self, why: str) -> None:
+        pass
 
 
 class PlanningManager(MemoryManager):
@@ -41,6 +55,7 @@ class PlanningManager(MemoryManager):
         self.components = {name: _planned(c) for name, c in real.components.items()}
         self.policy, self.activation = policy, activation  # not begin(): the real device's counters stay as they are
         self._pinning_refused = real._pinning_refused
+        self.held = [PlannedHold(h.component, h.nbytes) for h in real.held]  # released here as the real ones would be
         self._page_locked_here: set[Unit] = set()  # units whose first eviction in this plan page-locks them
         self.phases: list[PhasePlan] = []
         self._moved = 0
@@ -55,9 +70,12 @@ class PlanningManager(MemoryManager):
             in_flight=sum(c.in_flight_bytes() for c in needed),
             activation=phase_activation(needed, activation),
             moved=self._moved,
+            held=self.held_bytes(),
         ))
 
     def _place(self, component: Component, keep: set[Unit], stream: bool, pin_host: bool = True) -> None:
+        if keep != component.on_device:
+            self._release_held(component.companion_of or component.name, f"{component.name} moved")
         self._moved += sum(u.nbytes for u in keep - component.on_device) + sum(
             u.nbytes for u in component.on_device - keep if self._eviction_copies(u, pin_host))
         component.on_device = set(keep)
