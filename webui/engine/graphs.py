@@ -55,11 +55,17 @@ def cuda_capture(run: Callable[[], Any], device: torch.device) -> tuple[Callable
         for _ in range(WARMUP_CALLS):
             run()
     torch.cuda.current_stream(device).wait_stream(stream)
-    before = torch.cuda.memory_reserved(device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         output = run()
-    return graph.replay, output, torch.cuda.memory_reserved(device) - before
+    return graph.replay, output, pool_bytes(graph.pool(), device)
+
+
+def pool_bytes(pool: tuple, device: torch.device) -> int:
+    """Device memory the segments of a graph's private memory pool reserve."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return sum(segment["total_size"] for segment in torch.cuda.memory_snapshot()
+               if segment["device"] == index and tuple(segment.get("segment_pool_id", ())) == tuple(pool))
 
 
 CAPTURES: dict[str, Capture] = {"cuda": cuda_capture}  # by device type (tests add a CPU one that re-runs)
