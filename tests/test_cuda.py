@@ -816,3 +816,27 @@ def test_a_model_switch_frees_the_graph_memory_on_cuda(tmp_path, sd1_file, sdxl_
     second = graphs_of(engine.models.current.denoiser, engine.memory.device)
     assert not first.calls and engine.memory.held == [second]
     assert cached() < second.nbytes + pools * 0.25, "the first model's pools went back to the driver"
+
+
+@requires_cuda
+@pytest.mark.parametrize("model", ["sdxl", "flux-aio.safetensors"])
+def test_the_graphed_loop_does_not_wait_for_the_gpu_at_each_step(tmp_path, request, files, model):  # noqa: F811
+    """Host syncs during a graphed image (torch's sync debug mode counts them) do not grow with the steps: the loop
+    launches step after step without waiting (Euler; an ancestral sampler's CPU-drawn noise is copied each step)."""
+    import warnings
+
+    engine, req = _family_engine(tmp_path, request, files, model)
+    engine.txt2img(req(sampler_name="Euler", steps=4))  # (captures)
+
+    def syncs(steps: int) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                result = engine.txt2img(req(sampler_name="Euler", steps=steps))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert result.memory.graphed
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert syncs(16) == syncs(4)
