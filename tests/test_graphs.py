@@ -290,3 +290,22 @@ def test_held_bytes_count_against_the_budget_and_give_way_to_weights():
     memory.hold(other := Pool("denoiser", 1))
     memory.unregister("denoiser")
     assert other.released == "denoiser let go"
+
+
+def test_the_forecast_counts_the_graphs_it_would_keep_and_release(tmp_path, sd1_file, capture):
+    """"Will it fit?" plans with the graphs held: beside the text encoders and the decode (not beside the denoiser's
+    own activations, which are in their pool); on a card where they would cost weights their place, the plan releases
+    them as the job would (the real graphs are left alone)."""
+    engine = simulated_engine(tmp_path, sd1_file)
+    engine.txt2img(GenerationRequest(**REQUEST))
+    held = engine.memory.held_bytes()
+    assert held == 1 * POOL + sum(x.nbytes for c in graphs.graphs_of(engine.models.current.denoiser,
+                                                                       engine.memory.device).calls.values()
+                                   for x in c.inputs)
+    request = GenerationRequest(**{**REQUEST, "prompt": "a blue square"})
+    plans = dict(engine.forecast(request).first)
+    assert plans["text encoding"].held == plans["decode"].held == held
+    assert plans["decode"].peak == plans["decode"].resident + plans["decode"].activation + held
+    set_budget(engine, model_bytes(engine)["denoiser"] * 0.5 / MB)
+    plans = dict(engine.forecast(request).first)
+    assert plans["denoising"].held == 0 and engine.memory.held_bytes() == held
