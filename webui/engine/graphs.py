@@ -56,7 +56,8 @@ def cuda_capture(run: Callable[[], Any], device: torch.device) -> tuple[Callable
             run()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # (thread-local: the memory trace's sampler and a preview may call CUDA from their threads meanwhile)
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         output = run()
     return graph.replay, output, pool_bytes(graph.pool(), device)
 
@@ -169,6 +170,7 @@ class DenoiserGraphs:
             log.warning("CUDA graphs: capture failed (%s); this shape runs eager.", self.failed[key])
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # (a failed capture leaves its stream to finish)
+                torch.cuda.empty_cache()  # (its pool, and an out-of-memory's leftovers)
             return None
         captured = CapturedCall(inputs, replay, output, pool + sum(x.nbytes for x in inputs),
                                 time.perf_counter() - start)
