@@ -481,7 +481,8 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         return progress_report(engine.progress, jobs.pending, with_image=not skip_current_image)
 
     def refresh_vae() -> None:
-        """The VAE and text encoder lists are read from their folders at every call: nothing to do."""
+        """The VAE and text encoder lists (and the embeddings) are read from their folders at every call: nothing to
+        do."""
 
     async def extras(request: Request, body: Any, batch: bool) -> Any:
         """Read the body (its images decoded off the event loop), upscale in the queue, answer in A1111's shape."""
@@ -547,7 +548,11 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
          "Scripts a request can name"),
         ("/refresh-vae", refresh_vae, "POST", "Scan the VAE folder again (it is read at every call)"),
         ("/sd-vae", lambda: vae_list(engine), "GET", "VAE files of models/VAE (A1111 shape)"),
-        ("/embeddings", lambda: {"loaded": {}, "skipped": {}}, "GET", "Textual inversions (none: not supported yet)"),
+        ("/embeddings", engine.embeddings_info, "GET",
+         "Textual-inversion embeddings of the embeddings folder: those the loaded model takes, the others with the "
+         "reason"),
+        ("/refresh-embeddings", refresh_vae, "POST",
+         "Scan the embeddings folder again (it is read at every use: files added since are found)"),
         ("/prompt-styles", lambda: [asdict(style) for style in engine.styles.all().values()], "GET",
          "The prompt styles of styles.csv (--styles-file): name, prompt, negative_prompt"),
         ("/upscalers", lambda: [upscaler_entry(info) for info in engine.upscalers()], "GET",

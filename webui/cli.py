@@ -60,12 +60,11 @@ WITHOUT_EFFECT: dict[str, tuple[str, ...]] = {
     "the launcher checks only what it needs: Python 3.10+ and the packages that are missing": (
         "-f", "--skip-python-version-check", "--skip-version-check", "--reinstall-torch", "--update-check",
         "--update-all-extensions", "--log-startup", "--dump-sysinfo", "--test-server", "--tests DIR", "--no-tests"),
-    "this app has no face restoration, BSRGAN/ScuNET/LDSR upscaler, interrogator, hypernetwork or embedding "
-    "models": (
+    "this app has no face restoration, BSRGAN/ScuNET/LDSR upscaler, interrogator or hypernetwork models": (
         "--gfpgan-dir DIR", "--gfpgan-model FILE", "--gfpgan-models-path DIR", "--codeformer-models-path DIR",
         "--bsrgan-models-path DIR", "--scunet-models-path DIR", "--ldsr-models-path DIR", "--clip-models-path DIR",
         "--deepdanbooru", "--unload-gfpgan",
-        "--embeddings-dir DIR", "--textual-inversion-templates-dir DIR", "--hypernetwork-dir DIR"),
+        "--textual-inversion-templates-dir DIR", "--hypernetwork-dir DIR"),
     "this UI has no such option": (
         "--no-progressbar-hiding", "--max-batch-count N", "--localizations-dir DIR", "--show-negative-prompt",
         "--ui-config-file FILE", "--gradio-img2img-tool X", "--gradio-inpaint-tool X",
@@ -190,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--outdir", type=Path, default=None, help="output folder (default: <data-dir>/outputs)")
     paths.add_argument("--styles-file", type=Path, default=None,
                        help="A1111's prompt styles file (default: <data-dir>/styles.csv)")
+    paths.add_argument("--embeddings-dir", type=Path, default=None,
+                       help="textual-inversion embeddings (default: <data-dir>/embeddings)")
     paths.add_argument("--hide-ui-dir-config", action="store_true",
                        help="refuse folders typed in the UI (img2img's batch from a folder reads and writes the "
                             "server's): for a UI others reach")

@@ -211,6 +211,7 @@ class Paths:
     builtin_modules_dir: Path  # the VAE and text encoder files its GGUF twin needs
     extensions_dir: Path
     styles_file: Path
+    embeddings_dir: Path
     upscaler_dirs: tuple[Path, ...] = ()
 
     @property
@@ -242,6 +243,7 @@ class Paths:
             builtin_modules_dir=INSTALL_CACHE / "builtin-modules",
             extensions_dir=Path(args.extensions_dir or data / "extensions").resolve(),
             styles_file=Path(args.styles_file or data / "styles.csv").resolve(),
+            embeddings_dir=Path(args.embeddings_dir or data / "embeddings").resolve(),
             upscaler_dirs=tuple(Path((flag and getattr(args, flag)) or models / name).resolve()
                                 for name, flag in UPSCALER_FOLDERS.items()),
         )

@@ -44,6 +44,8 @@ from webui.engine.outputs import remove_stale_temp_files, save_image
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.sampling.samplers import SamplerRegistry, Sampling
+from webui.engine.conditioning.embeddings import EmbeddingLibrary
+from webui.engine.conditioning.prompts import embeddings_used
 from webui.engine.styles import PromptStyles
 from webui.engine.upscale.extras import ExtrasRequest, ExtrasResult, run_extras, save_extras
 from webui.engine.upscale.found import UpscalerInfo, find_upscalers
@@ -121,6 +123,7 @@ class Engine:
         )
         self.controlnets = ControlNets(config.paths.controlnet_dir, CONTROLNET_DIR)
         self.styles = PromptStyles(config.paths.styles_file)
+        self.embeddings = EmbeddingLibrary(config.paths.embeddings_dir, hashes.sha256)
         self.detectors = Detectors(config.paths.controlnet_preprocessor_dir)
         self.clip_vision = ClipVisionEncoders(config.paths.clip_vision_dir)
         self._remove_stale_temp_files()
@@ -347,6 +350,7 @@ class Engine:
         prompt, calls = extract_networks(request.prompt)
         negative, negative_calls = extract_networks(request.negative_prompt)
         extra_params = self.hooks.activate_networks(model, calls + negative_calls) if activate else {}
+        extra_params.update(self._use_embeddings(model, [prompt, negative]))
         init_images, inpainting = init_pictures(request, model.vae_scale_factor)
         job = Resolved(
             request=request,
@@ -383,6 +387,36 @@ class Engine:
                                       self.upscalers, self._upscale_setup())
             job.hires.other_model = self._hires_model(job, model, calls + negative_calls, activate)
         return job
+
+    def _use_embeddings(self, model: LoadedModel, prompts: list[str]) -> dict[str, str]:
+        """Give the model's text encoders the embeddings that fit them (the folder as it is now); the infotext's "TI
+        hashes" of those ``prompts`` use."""
+        slots = model.text_encoders if model.kind.textual_inversion else []
+        for slot, table in zip(slots, self.embeddings.tables(slots)):
+            slot.embeddings = table
+        used = embeddings_used(prompts, slots[0]) if slots else []
+        if not used:
+            return {}
+        return {"TI hashes": ", ".join(f"{e.name}: {self.embeddings.short_hash(e)}" for e in used)}
+
+    def embeddings_info(self) -> dict[str, dict[str, dict]]:
+        """A1111's /sdapi/v1/embeddings for the loaded model: those it takes, and the others with the reason (no
+        model loaded: every one skipped, saying so)."""
+        model = self.models.current
+        slots = model.text_encoders if model is not None and model.kind.textual_inversion else []
+        widths = [slot.model.config.hidden_size for slot in slots]
+        loaded, skipped = self.embeddings.sort(widths)
+        if model is None:
+            skipped = {name: "no model is loaded yet" for name in {**loaded, **skipped}}
+            loaded = {}
+        elif not model.kind.textual_inversion:
+            skipped = {name: f"{model.family.value} models take no textual-inversion embeddings"
+                       for name in {**loaded, **skipped}}
+            loaded = {}
+        files = self.embeddings.files()
+        return {"loaded": {name: e.describe(widths) for name, e in loaded.items()},
+                "skipped": {name: {**(files[name].describe(widths) if not isinstance(files[name], str) else {}),
+                                   "reason": reason} for name, reason in skipped.items()}}
 
     def _controls(self, request: GenerationRequest, model: LoadedModel, init_images: list[Image.Image] | None,
                   seed: int) -> list[ActiveUnit]:

@@ -522,8 +522,9 @@ def encoded_already(model: LoadedModel, job: Resolved) -> bool:
 
 
 def _conditioning_key(job: Resolved, dtype: torch.dtype) -> tuple:
-    req = job.request
-    return req.prompt, req.negative_prompt, job.clip_skip, req.batch_size, job.cfg, dtype
+    req = job.request  # (the embeddings the prompts use, by their files' hashes: a file added or changed encodes anew)
+    return req.prompt, req.negative_prompt, job.clip_skip, req.batch_size, job.cfg, dtype, job.extra_params.get(
+        "TI hashes")
 
 
 def _conditioning(model: LoadedModel, job: Resolved, device: torch.device,

@@ -5,23 +5,27 @@ The path a prompt takes:
 1. ``parse_prompt_attention`` splits it into runs of (text, weight) and BREAK markers.
 2. The runs are tokenised into chunks of at most 75 tokens (BREAK starts a new chunk; a chunk
    that would overflow moves the words after its last comma to the next chunk).
+   A textual-inversion embedding's name (``embeddings``) becomes its vectors: as many placeholder tokens, never split
+   across chunks, whose token embeddings are the vectors when the chunk is encoded.
 3. Each chunk becomes 77 ids (BOS + tokens + EOS + padding) and goes through every text
    encoder; the chosen hidden layer is weighted token by token (A1111's "Original" emphasis).
 4. Chunks are concatenated along the token axis, encoders along the feature axis.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from transformers import CLIPTokenizer
 
+from webui.engine.conditioning.embeddings import Embedding, EmbeddingTable
 from webui.errors import UserError
 
 CHUNK_LENGTH = 75  # prompt tokens per chunk
@@ -54,6 +58,7 @@ class TextEncoderSlot:
     final_layer_norm: bool  # SD1/SD2 True, SDXL False
     min_clip_skip: int  # 1 for SD1/SD2, 2 for SDXL
     pooled: bool  # its pooled output is used: SDXL's bigG, SD3's two CLIPs, Flux's CLIP-L
+    embeddings: EmbeddingTable | None = None  # the textual-inversion embeddings it takes (the engine sets them)
 
 
 @dataclass
@@ -141,6 +146,10 @@ def _merge_runs(runs: list[_Run]) -> list[tuple[str, float]]:
 class _Chunk(NamedTuple):
     tokens: tuple[int, ...]  # at most CHUNK_LENGTH prompt tokens, without BOS/EOS
     weights: tuple[float, ...]
+    embedded: tuple[tuple[int, Embedding], ...] = ()  # (position among the tokens, embedding) of each embedding
+
+
+EMBEDDING_PLACEHOLDER = 0  # the token id under an embedding's vectors (A1111's)
 
 
 class _ChunkBuilder:
@@ -151,6 +160,7 @@ class _ChunkBuilder:
         self.chunks: list[_Chunk] = []
         self.tokens: list[int] = []
         self.weights: list[float] = []
+        self.embedded: list[tuple[int, Embedding]] = []
         self.last_comma = -1
         self.token_count = 0
 
@@ -159,20 +169,32 @@ class _ChunkBuilder:
             self.last_comma = len(self.tokens)
         elif self._full() and self.last_comma != -1 and len(self.tokens) - self.last_comma <= COMMA_BACKTRACK:
             cut = self.last_comma + 1
-            moved = self.tokens[cut:], self.weights[cut:]
+            moved = self.tokens[cut:], self.weights[cut:], [(at - cut, e) for at, e in self.embedded if at >= cut]
             del self.tokens[cut:], self.weights[cut:]
+            self.embedded = [(at, e) for at, e in self.embedded if at < cut]
             self.close()
-            self.tokens, self.weights = moved
+            self.tokens, self.weights, self.embedded = moved
         if self._full():
             self.close()
         self.tokens.append(token)
         self.weights.append(weight)
 
+    def add_embedding(self, embedding: Embedding, weight: float) -> None:
+        """An embedding's vectors, in the current chunk if they fit there, else at the start of the next."""
+        if embedding.count > CHUNK_LENGTH:
+            raise UserError(f"The embedding {embedding.name!r} has {embedding.count} vectors: a prompt chunk holds "
+                            f"{CHUNK_LENGTH}.", field="prompt")
+        if len(self.tokens) + embedding.count > CHUNK_LENGTH:
+            self.close()
+        self.embedded.append((len(self.tokens), embedding))
+        self.tokens.extend([EMBEDDING_PLACEHOLDER] * embedding.count)
+        self.weights.extend([weight] * embedding.count)
+
     def close(self, last: bool = False) -> None:
         """End the current chunk; every chunk but the last counts as a full 75 tokens."""
         self.token_count += len(self.tokens) if last else CHUNK_LENGTH
-        self.chunks.append(_Chunk(tuple(self.tokens), tuple(self.weights)))
-        self.tokens, self.weights = [], []
+        self.chunks.append(_Chunk(tuple(self.tokens), tuple(self.weights), tuple(self.embedded)))
+        self.tokens, self.weights, self.embedded = [], [], []
         self.last_comma = -1
 
     def finish(self) -> tuple[tuple[_Chunk, ...], int]:
@@ -185,20 +207,22 @@ class _ChunkBuilder:
 
 
 PROMPTS_CACHED = 512  # per tokenizer
-_chunkers: weakref.WeakKeyDictionary[CLIPTokenizer, Callable[[str], tuple]] = weakref.WeakKeyDictionary()
+_chunkers: weakref.WeakKeyDictionary[CLIPTokenizer, Callable[..., tuple]] = weakref.WeakKeyDictionary()
 
 
-def _prompt_chunks(prompt: str, tokenizer: CLIPTokenizer) -> tuple[tuple[_Chunk, ...], int]:
+def _prompt_chunks(prompt: str, tokenizer: CLIPTokenizer,
+                   embeddings: EmbeddingTable | None = None) -> tuple[tuple[_Chunk, ...], int]:
     """The prompt's chunks and its A1111 token count. Cached, as the UI counter asks on every key — per tokenizer
     and holding it weakly: a diffusers folder brings its own tokenizer, which must leave with its model."""
     chunker = _chunkers.get(tokenizer)
     if chunker is None:
         chunker = functools.lru_cache(PROMPTS_CACHED)(functools.partial(_split_prompt, weakref.ref(tokenizer)))
         _chunkers[tokenizer] = chunker
-    return chunker(prompt)
+    return chunker(prompt, embeddings)
 
 
-def _split_prompt(tokenizer_ref: weakref.ref[CLIPTokenizer], prompt: str) -> tuple[tuple[_Chunk, ...], int]:
+def _split_prompt(tokenizer_ref: weakref.ref[CLIPTokenizer], prompt: str,
+                  embeddings: EmbeddingTable | None) -> tuple[tuple[_Chunk, ...], int]:
     tokenizer = tokenizer_ref()
     runs = parse_prompt_attention(prompt)
     token_ids = tokenizer([text for text, _ in runs], add_special_tokens=False, verbose=False)["input_ids"]
@@ -207,18 +231,34 @@ def _split_prompt(tokenizer_ref: weakref.ref[CLIPTokenizer], prompt: str) -> tup
         if run == BREAK:
             builder.close()
             continue
-        for token in ids:
-            builder.add(token, run[1])
+        i = 0
+        while i < len(ids):
+            found = embeddings.match(ids, i) if embeddings is not None else None
+            if found is None:
+                builder.add(ids[i], run[1])
+                i += 1
+            else:
+                builder.add_embedding(found[1], run[1])
+                i += found[0]
     return builder.finish()
 
 
-def token_count(prompt: str, tokenizer: CLIPTokenizer) -> tuple[int, int]:
+def embeddings_used(prompts: list[str], slot: TextEncoderSlot) -> list[Embedding]:
+    """The embeddings these prompts use, in order of first use."""
+    if slot.embeddings is None:
+        return []
+    used = {e.name: e for p in prompts for chunk in _prompt_chunks(p, slot.tokenizer, slot.embeddings)[0]
+            for _, e in chunk.embedded}
+    return list(used.values())
+
+
+def token_count(prompt: str, tokenizer: CLIPTokenizer, embeddings: EmbeddingTable | None = None) -> tuple[int, int]:
     """(tokens used, limit) for the UI counter, e.g. (80, 150): the limit is a multiple of 75.
 
     Tokens count as A1111 counts them: chunks before the last one count a full 75. Pass the
     prompt with network tags (``<lora:...>``) already stripped.
     """
-    used = _prompt_chunks(prompt, tokenizer)[1]
+    used = _prompt_chunks(prompt, tokenizer, embeddings)[1]
     return used, math.ceil(max(used, 1) / CHUNK_LENGTH) * CHUNK_LENGTH
 
 
@@ -273,7 +313,7 @@ def _encode_chunks(
     skip = _layer_to_skip(slot, clip_skip)
     ids = torch.tensor([_chunk_ids(chunk, slot.tokenizer) for chunk in chunks], device=device)
     weights = [_chunk_weights(chunk) for chunk in chunks]
-    with torch.no_grad():
+    with torch.no_grad(), _vectors_in(slot, chunks):
         output = slot.model(input_ids=ids, output_hidden_states=True)
         z = _hidden_layer(slot, output, skip)
         if any(w != 1.0 for row in weights for w in row):  # checked on the host: no device sync
@@ -282,6 +322,28 @@ def _encode_chunks(
         return z, None
     # With a projection (SDXL's bigG, SD3's CLIPs) the projected pooled output; Flux pools CLIP-L without one.
     return z, output.text_embeds if hasattr(output, "text_embeds") else output.pooler_output
+
+
+@contextlib.contextmanager
+def _vectors_in(slot: TextEncoderSlot, chunks: list[_Chunk]) -> Iterator[None]:
+    """While the chunks are encoded: their embeddings' vectors in place of their placeholders' token embeddings."""
+    placed = [(row, 1 + at, embedding) for row, chunk in enumerate(chunks) for at, embedding in chunk.embedded]
+    if not placed:
+        yield
+        return
+
+    def substitute(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        for row, at, embedding in placed:
+            vectors = embedding.vectors[slot.embeddings.width]
+            output[row, at:at + len(vectors)] = vectors.to(output)
+        return output
+
+    handle = slot.model.get_input_embeddings().register_forward_hook(substitute)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _pad_embeds(embeds: torch.Tensor, length: int, empty_chunk: torch.Tensor) -> torch.Tensor:
@@ -302,7 +364,7 @@ def _encode_with_slot(
     prompts with fewer chunks are padded with the empty prompt's chunk, as A1111 pads a batch.
     """
     distinct = list(dict.fromkeys(prompts))
-    chunks = {prompt: _prompt_chunks(prompt, slot.tokenizer)[0] for prompt in distinct}
+    chunks = {prompt: _prompt_chunks(prompt, slot.tokenizer, slot.embeddings)[0] for prompt in distinct}
     batch = [chunk for prompt in distinct for chunk in chunks[prompt]]
     if any(len(c) < chunk_count for c in chunks.values()):
         batch.append(_prompt_chunks("", slot.tokenizer)[0][0])
@@ -340,7 +402,7 @@ def encode_prompts(
     if clip_skip < 1:
         raise UserError("Clip skip must be 1 or more.", field="clip_skip")
     device = torch.device(device) if device is not None else next(encoders[0].model.parameters()).device
-    chunk_count = max(len(_prompt_chunks(p, slot.tokenizer)[0]) for slot in encoders for p in prompts)
+    chunk_count = max(len(_prompt_chunks(p, slot.tokenizer, slot.embeddings)[0]) for slot in encoders for p in prompts)
     outputs = [_encode_with_slot(slot, prompts, chunk_count, clip_skip, device) for slot in encoders]
     embeds = torch.cat([slot_embeds for slot_embeds, _ in outputs], dim=-1)
     pools = [slot_pooled for _, slot_pooled in outputs if slot_pooled is not None]

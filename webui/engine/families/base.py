@@ -45,6 +45,7 @@ class UNetFamily:
     latent_channels = 4
     vae_upcast = False
     clip_penultimate = False
+    textual_inversion = True  # its CLIPs take A1111's embeddings (``conditioning.embeddings``)
     lora_text_encoders: tuple[LoraTextEncoder, ...] = ()
     lora_prefixes = DenoiserPrefixes()
     sdxl_sigmas = False  # the sigma-space schedules' SDXL variants
@@ -126,6 +127,7 @@ class FlowFamily:
     latent_channels = 16
     vae_upcast = True
     clip_penultimate = False
+    textual_inversion = False  # (A1111's embeddings are for SD1.x, SD2.x and SDXL)
     files: FlowFiles
     lora_text_encoders: tuple[LoraTextEncoder, ...] = ()
     lora_prefixes = DenoiserPrefixes(kohya_diffusers=("lora_transformer_", "lora_unet_"),

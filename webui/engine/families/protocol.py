@@ -40,6 +40,7 @@ class FamilyModel(Protocol):
     latent_channels: int  # its VAE's (a VAE file of another width is not its own)
     vae_upcast: bool  # its VAE overflows in float16 (black or NaN images; diffusers marks it force_upcast)
     clip_penultimate: bool  # its CLIPs' penultimate layer without the final norm is read (else the last, normed)
+    textual_inversion: bool  # its CLIPs take A1111's textual-inversion embeddings
     lora_text_encoders: tuple[LoraTextEncoder, ...]  # the text encoders a LoRA may adapt, as files name them
     lora_prefixes: DenoiserPrefixes  # what LoRA files put before its denoiser's layer names
 

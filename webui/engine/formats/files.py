@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import torch
 from safetensors.torch import load_file
@@ -212,9 +212,20 @@ def source_tensors(source: Source, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A .ckpt/.pt state dict, unpickled with ``weights_only=True``: a file that carries code is refused. The
-    unpickler's message is not passed on: it quotes the file (the names of a global, a byte), which may be any file
-    a symlink points at."""
+    """A .ckpt/.pt state dict (``load_weights_pickle``)."""
+    obj = load_weights_pickle(path)
+    # A1111's checkpoints keep their weights under "state_dict"; BasicSR's upscalers under "params_ema" or "params"
+    if isinstance(obj, dict):
+        obj = next((obj[key] for key in STATE_DICT_WRAPPERS if isinstance(obj.get(key), dict)), obj)
+    if not isinstance(obj, dict):
+        raise ModelFileError(f"{path.name} does not hold a state dict.")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def load_weights_pickle(path: Path) -> Any:
+    """What a .ckpt/.pt/.bin file holds, unpickled with ``weights_only=True``: a file that carries code is refused.
+    The unpickler's message is not passed on: it quotes the file (the names of a global, a byte), which may be any
+    file a symlink points at."""
     with open_model_file(path) as f:
         try:
             obj = torch.load(f, map_location="cpu", weights_only=True)
@@ -223,12 +234,7 @@ def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"{path.name} was refused: it is not a plain weights pickle (it may carry code, or be corrupt). "
                 "Only weights are loaded from .ckpt files. Convert it to .safetensors."
             ) from e
-    # A1111's checkpoints keep their weights under "state_dict"; BasicSR's upscalers under "params_ema" or "params"
-    if isinstance(obj, dict):
-        obj = next((obj[key] for key in STATE_DICT_WRAPPERS if isinstance(obj.get(key), dict)), obj)
-    if not isinstance(obj, dict):
-        raise ModelFileError(f"{path.name} does not hold a state dict.")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return obj
 
 
 def is_diffusers_folder(path: Path) -> bool:
