@@ -205,6 +205,20 @@ def test_a_second_click_on_a_lora_card_takes_its_tag_back():
     assert toggle_network_tag("lora", "a cat <lora:a:1>, red", None) == "a cat <lora:a:1>, red"
 
 
+def test_the_embeddings_browser_adds_and_takes_back_a_name(engine):
+    from tests.test_embeddings import write_embedding
+    from webui.ui.network_browser import browsers, toggle_word
+
+    write_embedding(engine.config.paths.embeddings_dir, "dusky", "a1111", (32,))
+    demo = build_ui(engine, JobQueue(engine))
+    ids = {c["props"].get("elem_id") for c in demo.config["components"]}
+    assert {"txt2img_textual_inversion_cards", "img2img_textual_inversion_cards"} <= ids
+    listing = next(source for key, _, source, _ in browsers(engine) if key == "textual_inversion")
+    assert listing.names() == ["dusky"] and listing.path("dusky").name == "dusky.pt"
+    assert toggle_word("a cat", "dusky") == "a cat dusky" and toggle_word("a dusky cat", "dusky") == "a cat"
+    assert toggle_word("a duskyish cat", "dusky") == "a duskyish cat dusky", "another word that starts alike stays"
+
+
 def test_storage_and_swap_options_are_dropdowns_of_the_settings_choices(engine):
     from webui.settings import OPTION_CHOICES
     from webui.ui.model_row import CHOICE_LABELS

@@ -1,12 +1,14 @@
-"""A browser per prompt network that lists its files (LoRA): cards with the file's preview image, a search box, and
-a click that adds ``<kind:name:1>`` to the prompt and a second one that removes it, as A1111's extra
-networks do."""
+"""A browser per prompt network that lists its files (LoRA), and one of the textual-inversion embeddings: cards with
+the file's preview image, a search box, and a click that adds ``<kind:name:1>`` (an embedding: its name) to the
+prompt and a second one that removes it, as A1111's extra networks do."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from functools import lru_cache
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
@@ -19,10 +21,18 @@ PREVIEW_SUFFIXES = (".preview.png", ".png", ".preview.jpg", ".jpg", ".jpeg", ".w
 CARD_SIZE = 192
 
 
+def browsers(engine: Engine) -> list[tuple[str, str, Any, Callable[[str, str | None], str]]]:
+    """(element key, accordion title, what lists the files, how a click changes the prompt) of each browser."""
+    networks = [(kind, f"{kind.title()} — click a card to add <{kind}:name:1> to the prompt, again to remove it",
+                 network, functools.partial(toggle_network_tag, kind))
+                for kind, network in engine.browsable_networks().items()]
+    return networks + [("textual_inversion", "Textual Inversion — click a card to add the embedding's name to the "
+                        "prompt, again to remove it", engine.embeddings, toggle_word)]
+
+
 def network_browsers(demo: gr.Blocks, engine: Engine, prompt: gr.Textbox, tab: str = "txt2img") -> None:
-    for kind, network in engine.browsable_networks().items():
-        with gr.Accordion(f"{kind.title()} — click a card to add <{kind}:name:1> to the prompt, again to remove it",
-                          open=True, elem_id=f"{tab}_{kind}_browser"):
+    for kind, title, network, toggle in browsers(engine):
+        with gr.Accordion(title, open=True, elem_id=f"{tab}_{kind}_browser"):
             with gr.Row(equal_height=True):
                 search = gr.Textbox(placeholder="Search by name", show_label=False, scale=6,
                                     elem_id=f"{tab}_{kind}_search")
@@ -37,8 +47,8 @@ def network_browsers(demo: gr.Blocks, engine: Engine, prompt: gr.Textbox, tab: s
             names = matching(network.names(), query)
             return [(card_image(network, name), name) for name in names], names
 
-        def picked(prompt_text: str, names: list[str], evt: gr.SelectData, kind: str = kind) -> str:
-            return toggle_network_tag(kind, prompt_text, names[evt.index] if 0 <= evt.index < len(names) else None)
+        def picked(prompt_text: str, names: list[str], evt: gr.SelectData, toggle: Callable = toggle) -> str:
+            return toggle(prompt_text, names[evt.index] if 0 <= evt.index < len(names) else None)
 
         search.change(listed, search, [cards, shown], api_visibility="private")
         refresh.click(lambda query, listed=listed: listed(query, refresh=True), search, [cards, shown],
@@ -62,6 +72,16 @@ def toggle_network_tag(kind: str, prompt: str, name: str | None) -> str:
     if tag.search(prompt):
         return tag.sub("", prompt).lstrip()
     return f"{prompt.rstrip()} <{kind}:{name}:1>".lstrip()
+
+
+def toggle_word(prompt: str, name: str | None) -> str:
+    """The prompt with an embedding's name added, or, where it holds the name as a word already, without it."""
+    if not name:
+        return prompt
+    word = re.compile(rf"\s*(?<![\w-]){re.escape(name)}(?![\w-])")
+    if word.search(prompt):
+        return word.sub("", prompt, count=1).strip()
+    return f"{prompt.rstrip()} {name}".lstrip()
 
 
 def card_image(network: Any, name: str) -> Image.Image:

@@ -149,6 +149,16 @@ class EmbeddingLibrary:
         self._read = read
         return found
 
+    def names(self) -> list[str]:
+        """The embeddings' names, sorted (the UI's browser)."""
+        return sorted(name for name, e in self.files().items() if not isinstance(e, str))
+
+    def path(self, name: str) -> Path:
+        return self.files()[name].path
+
+    def refresh(self) -> None:
+        """The folder is read at every use: nothing to do."""
+
     def sort(self, widths: list[int]) -> tuple[dict[str, Embedding], dict[str, str]]:
         """(the embeddings that fit text encoders of these widths, the others with the reason)."""
         loaded, skipped = {}, {}
