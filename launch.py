@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 REQUIRED_MODULES = ("torch", "torchvision", "diffusers", "transformers", "safetensors", "gguf", "gradio", "fastapi",
                     "uvicorn", "PIL", "psutil", "accelerate", "torchsde", "tqdm", "scipy", "torchdiffeq", "spandrel",
-                    "controlnet_aux")
+                    "controlnet_aux", "dynamicprompts")
 TORCH_MODULES = ("torch", "torchvision")  # installed first, together: torchvision is built for one torch
 # Installed apart with pip --no-deps, by module: k-diffusion's own dependencies are its training tools; the sampler
 # code the app loads from it needs only the project's (webui/engine/sampling/kdiffusion.py).

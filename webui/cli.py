@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="A1111's prompt styles file (default: <data-dir>/styles.csv)")
     paths.add_argument("--embeddings-dir", type=Path, default=None,
                        help="textual-inversion embeddings (default: <data-dir>/embeddings)")
+    paths.add_argument("--wildcards-dir", type=Path, default=None,
+                       help="dynamic prompts' __wildcard__ files (default: <data-dir>/wildcards)")
     paths.add_argument("--hide-ui-dir-config", action="store_true",
                        help="refuse folders typed in the UI (img2img's batch from a folder reads and writes the "
                             "server's): for a UI others reach")

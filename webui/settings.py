@@ -66,6 +66,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "outdir_extras_samples": "",
     "ESRGAN_tile": 192,  # upscaler models run on tiles of this many pixels (0: the whole image at once)
     "ESRGAN_tile_overlap": 8,  # pixels the tiles overlap, blended so that no seam shows
+    "dp_enabled": True,  # dynamic prompts and wildcards (sd-dynamic-prompts' option names)
+    "dp_combinatorial": False,
     "cuda_graphs": True,  # --disable-cuda-graphs turns it off for a session
     "compile_denoiser": False,  # off until proven on every family (issue 26); --compile turns it on for a session
     "attention_backend": "SDPA",  # --attention sets it for a session
@@ -157,6 +159,12 @@ OPTION_SECTIONS: dict[str, dict[str, str]] = {
         "eta_ancestral": "Eta for k-diffusion samplers (noise multiplier; ancestral and SDE samplers)",
         "eta_ddim": "Eta for DDIM (noise multiplier)",
     },
+    "Dynamic prompts": {
+        "dp_enabled": "Dynamic prompts: {a|b} variants and __wildcards__ from the wildcards folder, each image its own "
+                      "prompt (off: the prompt as written)",
+        "dp_combinatorial": "Combinatorial: every combination once, one image each (instead of a random pick for each "
+                            "image from its seed)",
+    },
     "Models and memory": {
         "sd_checkpoints_limit": "Checkpoints to keep in memory (0: as many as fit, up to 3, in half of the RAM)",
         "sd3_enable_t5": "Use the T5 text encoder of SD3.x checkpoints",
@@ -212,6 +220,7 @@ class Paths:
     extensions_dir: Path
     styles_file: Path
     embeddings_dir: Path
+    wildcards_dir: Path
     upscaler_dirs: tuple[Path, ...] = ()
 
     @property
@@ -244,6 +253,7 @@ class Paths:
             extensions_dir=Path(args.extensions_dir or data / "extensions").resolve(),
             styles_file=Path(args.styles_file or data / "styles.csv").resolve(),
             embeddings_dir=Path(args.embeddings_dir or data / "embeddings").resolve(),
+            wildcards_dir=Path(args.wildcards_dir or data / "wildcards").resolve(),
             upscaler_dirs=tuple(Path((flag and getattr(args, flag)) or models / name).resolve()
                                 for name, flag in UPSCALER_FOLDERS.items()),
         )

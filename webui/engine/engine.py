@@ -42,8 +42,9 @@ from webui.engine.memory.host_pages import limit_heap_arenas
 from webui.engine.memory.manager import DeviceMemory, MemoryManager, MemoryMode, MemoryPolicy, use_expandable_segments
 from webui.engine.outputs import remove_stale_temp_files, save_image
 from webui.engine.progress import Progress
-from webui.engine.request import GenerationRequest, GenerationResult
+from webui.engine.request import GenerationRequest, GenerationResult, combined
 from webui.engine.sampling.samplers import SamplerRegistry, Sampling
+from webui.engine.conditioning.dynamic import DynamicPrompts, has_syntax
 from webui.engine.conditioning.embeddings import EmbeddingLibrary
 from webui.engine.conditioning.prompts import embeddings_used
 from webui.engine.styles import PromptStyles
@@ -124,6 +125,7 @@ class Engine:
         self.controlnets = ControlNets(config.paths.controlnet_dir, CONTROLNET_DIR)
         self.styles = PromptStyles(config.paths.styles_file)
         self.embeddings = EmbeddingLibrary(config.paths.embeddings_dir, hashes.sha256)
+        self.dynamic_prompts = DynamicPrompts(config.paths.wildcards_dir)
         self.detectors = Detectors(config.paths.controlnet_preprocessor_dir)
         self.clip_vision = ClipVisionEncoders(config.paths.clip_vision_dir)
         self._remove_stale_temp_files()
@@ -316,6 +318,47 @@ class Engine:
 
     def _generate(self, request: GenerationRequest) -> GenerationResult:
         request, missing = self._styled(request)
+        if self.options["dp_enabled"] and has_syntax(request.prompt, request.negative_prompt):
+            return self._dynamic(request, missing)
+        return self._generate_one(request, missing)
+
+    def _dynamic(self, request: GenerationRequest, missing: list[str]) -> GenerationResult:
+        """A request with dynamic prompts: each image its own prompts (``conditioning.dynamic``), generated one by
+        one with its own seed (the seeds a batch would have had), as one result; progress counts them as a plot's
+        cells."""
+        seed, subseed = resolve_seed(request.seed), resolve_seed(request.subseed)
+        expanded = self.dynamic_prompts.expand(request.prompt, request.negative_prompt,
+                                               request.n_iter * request.batch_size, seed,
+                                               self.options["dp_combinatorial"])
+        templates = {"Template": request.prompt}
+        if has_syntax(request.negative_prompt):
+            templates["Negative Template"] = request.negative_prompt
+        made: list[GenerationResult] = []
+        counted = not self.progress.cell_count  # (inside a plot's cell the plot counts)
+        if counted:
+            self.progress.begin_plot(len(expanded))
+        try:
+            for i, image in enumerate(expanded):
+                one = replace(request, prompt=image.prompt, negative_prompt=image.negative_prompt, seed=seed + i,
+                              subseed=subseed + i, n_iter=1, batch_size=1)
+                made.append(self._generate_one(one, missing, templates))
+                if counted:
+                    self.progress.next_cell()
+                if made[-1].interrupted or self.progress.interrupted:
+                    break
+        finally:
+            if counted:
+                self.progress.end_plot()
+        result = combined(made)
+        result.request = request
+        if self.options["dp_combinatorial"]:
+            result.notices.append(f"Combinatorial dynamic prompts: {len(expanded)} combinations, one image each (the "
+                                  "batch count and size are not used).")
+        return result
+
+    def _generate_one(self, request: GenerationRequest, missing: list[str],
+                      infotext: dict[str, str] | None = None) -> GenerationResult:
+        """One request through the generation path; ``infotext``: fields to add to its images' infotexts."""
         self.hooks.fire("before_generation", request=request)
         request.validate(self.options.as_dict())
         info = self.checkpoint(request.checkpoint)
@@ -326,6 +369,7 @@ class Engine:
             trace.begin_phase("loading")
             model = self._model(info, request.vae, request.modules)
             job = self._job(request, sampling, model, activate=True)
+            job.extra_params.update(infotext or {})
             policy = self.memory_policy()
             rates = self._rates.setdefault(self.models.identity, Rates())
             forecast = forecast_job(model, self.memory, policy, job, rates)

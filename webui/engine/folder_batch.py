@@ -21,7 +21,7 @@ from webui.engine.infotext import read_png_infotext, request_fields
 from webui.engine.init_image import MAX_DECODED_SIDE_FACTOR
 from webui.engine.outputs import png_bytes
 from webui.engine.progress import Progress
-from webui.engine.request import GenerationRequest, GenerationResult
+from webui.engine.request import GenerationRequest, GenerationResult, combined
 from webui.engine.upscale.request import open_image
 from webui.errors import UserError
 
@@ -95,7 +95,7 @@ def run_folder_batch(img2img: Callable[[GenerationRequest], GenerationResult], p
         progress.end_plot()
     if not made:
         raise UserError("no image of the folder was made: " + "; ".join(skipped), field="img2img_batch_input_dir")
-    return _combined(made, skipped)
+    return combined(made, skipped)
 
 
 def _folder(text: str, field: str) -> Path:
@@ -160,16 +160,3 @@ def _write(folder: Path, stem: str, result: GenerationResult) -> list[Path]:
         paths.append(path)
     return paths
 
-
-def _combined(made: list[GenerationResult], skipped: list[str]) -> GenerationResult:
-    """The batch as one result: every image with its seed, prompts, infotext and file."""
-    def every(name: str) -> list:
-        return [item for result in made for item in getattr(result, name)]
-
-    paths = every("paths")
-    return dataclasses.replace(
-        made[-1], images=every("images"), seeds=every("seeds"), subseeds=every("subseeds"), prompts=every("prompts"),
-        negative_prompts=every("negative_prompts"), infotexts=every("infotexts"),
-        paths=paths if len(paths) == len(every("images")) else [], interrupted=any(r.interrupted for r in made),
-        seconds=sum(r.seconds for r in made),
-        notices=list(dict.fromkeys([*(n for r in made for n in r.notices), *skipped])))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -313,3 +313,18 @@ class GenerationResult:
         """Each image's saved PNG (with its infotext), or None where it was not saved: the faces send the file
         rather than encode the image again (a 1024² PNG takes 0.1-0.2 s of CPU)."""
         return list(self.paths) if len(self.paths) == len(self.images) else [None] * len(self.images)
+
+
+def combined(made: list[GenerationResult], notices: list[str] = ()) -> GenerationResult:
+    """Several results as one (a folder batch, a dynamic prompt's images): every image with its seed, prompts,
+    infotext and file; the last one's model and memory figures."""
+    def every(name: str) -> list:
+        return [item for result in made for item in getattr(result, name)]
+
+    paths = every("paths")
+    return replace(
+        made[-1], images=every("images"), seeds=every("seeds"), subseeds=every("subseeds"), prompts=every("prompts"),
+        negative_prompts=every("negative_prompts"), infotexts=every("infotexts"),
+        paths=paths if len(paths) == len(every("images")) else [], interrupted=any(r.interrupted for r in made),
+        seconds=sum(r.seconds for r in made),
+        notices=list(dict.fromkeys([*(n for r in made for n in r.notices), *notices])))
