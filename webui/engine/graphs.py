@@ -91,11 +91,12 @@ class CallKey:
     settings: tuple
 
     @classmethod
-    def of(cls, args: tuple, kwargs: dict, settings: tuple) -> tuple[CallKey, list[torch.Tensor]]:
+    def of(cls, args: tuple, kwargs: dict, settings: tuple) -> tuple[CallKey, list]:
+        """The call's key, and its arguments flattened (``spec`` puts them back together)."""
         leaves, spec = tree_flatten((args, kwargs))
         described = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else _value(x)
                           for x in leaves)
-        return cls(spec, described, settings), [x for x in leaves if isinstance(x, torch.Tensor)]
+        return cls(spec, described, settings), leaves
 
 
 def _value(x: Any) -> Any:
@@ -136,31 +137,30 @@ class DenoiserGraphs:
 
     def call(self, eager: Callable[..., Any], args: tuple, kwargs: dict, settings: tuple) -> Any:
         """``eager(*args, **kwargs)``'s result, replayed from the graph of this call's key (captured now if new)."""
-        key, tensors = CallKey.of(args, kwargs, settings)
+        key, leaves = CallKey.of(args, kwargs, settings)
         captured = self.calls.get(key)
         if captured is None:
             if key in self.failed or self.pass_captures >= CAPTURES_A_PASS:
                 return eager(*args, **kwargs)
-            captured = self._capture(key, eager, args, kwargs, tensors)
+            captured = self._capture(key, eager, leaves)
             if captured is None:
                 return eager(*args, **kwargs)
         self.calls.move_to_end(key)
-        for static, x in zip(captured.inputs, tensors):
+        for static, x in zip(captured.inputs, (x for x in leaves if isinstance(x, torch.Tensor))):
             static.copy_(x)
         captured.replay()
         self.replays += 1
         return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, captured.output)
 
-    def _capture(self, key: CallKey, eager: Callable[..., Any], args: tuple, kwargs: dict,
-                 tensors: list[torch.Tensor]) -> CapturedCall | None:
+    def _capture(self, key: CallKey, eager: Callable[..., Any], leaves: list) -> CapturedCall | None:
+        """``eager`` captured on static copies of the call's tensors (None where capture failed: eager then)."""
         while len(self.calls) >= GRAPHS_KEPT:
             self.calls.popitem(last=False)  # (its pool is freed with it)
         self.pass_captures += 1
-        leaves, spec = tree_flatten((args, kwargs))
-        inputs = [x.clone() for x in tensors]
+        inputs = [x.clone() for x in leaves if isinstance(x, torch.Tensor)]
         fed = iter(inputs)
         static_args, static_kwargs = tree_unflatten([next(fed) if isinstance(x, torch.Tensor) else x
-                                                     for x in leaves], spec)
+                                                     for x in leaves], key.spec)
         start = time.perf_counter()
         try:
             replay, output, pool = CAPTURES[self.device.type](lambda: eager(*static_args, **static_kwargs),
@@ -176,15 +176,10 @@ class DenoiserGraphs:
                                 time.perf_counter() - start)
         self.calls[key] = captured
         self.captures += 1
-        log.info("CUDA graphs: captured a denoiser call (%s) in %.2f s, %.0f MB.", describe(key), captured.seconds,
+        shape = "x".join(map(str, inputs[0].shape)) if inputs else "no tensors"
+        log.info("CUDA graphs: captured a denoiser call (latents %s) in %.2f s, %.0f MB.", shape, captured.seconds,
                  captured.nbytes / MB)
         return captured
-
-
-def describe(key: CallKey) -> str:
-    shapes = [leaf[0] for leaf in key.leaves if isinstance(leaf, tuple) and len(leaf) == 3
-              and isinstance(leaf[1], torch.dtype)]
-    return "first input " + "x".join(map(str, shapes[0])) if shapes else "no tensors"
 
 
 def graphs_of(denoiser: nn.Module, device: torch.device) -> DenoiserGraphs:
