@@ -806,23 +806,25 @@ def test_a_model_switch_frees_the_graph_memory_on_cuda(tmp_path, sd1_file, sdxl_
     assert len(plot.cells) == 4 and first.captures == 4 and len(first.calls) == GRAPHS_KEPT
     assert engine.memory.held == [first] and first.nbytes > 0
 
-    def cached() -> int:
-        return torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    def pools() -> set:
+        """The graph pools (torch's private memory pools) that hold device memory now."""
+        return {tuple(s["segment_pool_id"]) for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) != (0, 0)}
 
-    assert cached() >= first.nbytes * 0.5, "the pools are reserved by torch beside what it allocated"
-    pools = first.nbytes
+    before = pools()
+    assert len(before) >= GRAPHS_KEPT, "each kept graph's pool holds memory"
     engine.options.update({"sd_model_checkpoint": sdxl_file.name})
     engine.txt2img(GenerationRequest(**{**REQ, "batch_size": 1}))
     second = graphs_of(engine.models.current.denoiser, engine.memory.device)
     assert not first.calls and engine.memory.held == [second]
-    assert cached() < second.nbytes + pools * 0.25, "the first model's pools went back to the driver"
+    assert not before & pools(), "the first model's pools went back to the driver"
 
 
 @requires_cuda
 @pytest.mark.parametrize("model", ["sdxl", "flux-aio.safetensors"])
 def test_the_graphed_loop_does_not_wait_for_the_gpu_at_each_step(tmp_path, request, files, model):  # noqa: F811
     """Host syncs during a graphed image (torch's sync debug mode counts them) do not grow with the steps: the loop
-    launches step after step without waiting (Euler; an ancestral sampler's CPU-drawn noise is copied each step)."""
+    launches step after step without waiting (Euler; an ancestral sampler's CPU-drawn noise is copied each step). (The
+    memory trace samples from its own thread on a clock: a longer image may count one or two more.)"""
     import warnings
 
     engine, req = _family_engine(tmp_path, request, files, model)
@@ -839,4 +841,4 @@ def test_the_graphed_loop_does_not_wait_for_the_gpu_at_each_step(tmp_path, reque
         assert result.memory.graphed
         return sum("synchroniz" in str(w.message) for w in caught)
 
-    assert syncs(16) == syncs(4)
+    assert syncs(16) <= syncs(4) + 2, "12 more steps, not 12 more syncs"
