@@ -806,9 +806,14 @@ def test_a_model_switch_frees_the_graph_memory_on_cuda(tmp_path, sd1_file, sdxl_
     assert len(plot.cells) == 4 and first.captures == 4 and len(first.calls) == GRAPHS_KEPT
     assert engine.memory.held == [first] and first.nbytes > 0
 
-    def pools() -> set:
-        """The graph pools (torch's private memory pools) that hold device memory now."""
-        return {tuple(s["segment_pool_id"]) for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) != (0, 0)}
+    def pools() -> dict:
+        """Device bytes of each graph pool (torch's private memory pools) that holds some now."""
+        held: dict = {}
+        for segment in torch.cuda.memory_snapshot():
+            if tuple(segment["segment_pool_id"]) != (0, 0):
+                key = tuple(segment["segment_pool_id"])
+                held[key] = held.get(key, 0) + segment["total_size"]
+        return held
 
     before = pools()
     assert len(before) >= GRAPHS_KEPT, "each kept graph's pool holds memory"
@@ -816,7 +821,10 @@ def test_a_model_switch_frees_the_graph_memory_on_cuda(tmp_path, sd1_file, sdxl_
     engine.txt2img(GenerationRequest(**{**REQ, "batch_size": 1}))
     second = graphs_of(engine.models.current.denoiser, engine.memory.device)
     assert not first.calls and engine.memory.held == [second]
-    assert not before & pools(), "the first model's pools went back to the driver"
+    left = {pool: size for pool, size in pools().items() if pool in before}
+    # Measured on an H100: every pool is given back but the process's first one, which keeps ~42 MB for good (the
+    # capture stream's cuBLAS workspace, taken in the first capture): a one-time cost, not one per graph or model.
+    assert set(left) <= {min(before)} and sum(left.values()) <= 64 * 2**20, (before, pools())
 
 
 @requires_cuda
