@@ -317,7 +317,8 @@ class Engine:
                        hr_negative_prompt=request.hr_negative_prompt and hr_negative), missing
 
     def _generate(self, request: GenerationRequest) -> GenerationResult:
-        request, missing = self._styled(request)
+        request.validate(self.options.as_dict())  # (a prompt that is no text is named before styles or dynamic
+        request, missing = self._styled(request)  # prompts read it; the styled request is checked again)
         if self.options["dp_enabled"] and has_syntax(request.prompt, request.negative_prompt):
             return self._dynamic(request, missing)
         return self._generate_one(request, missing)
