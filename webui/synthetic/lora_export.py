@@ -25,7 +25,15 @@ from webui.engine.lora.keys import (
     weight_shape,
 )
 
-Weights = dict[tuple[str, str], LoraWeights]
+@dataclass
+class LycorisWeights:
+    """A LyCORIS LoHa or LoKr layer as its file stores it: its tensors by part name (``hada_w1_a`` ...), and alpha."""
+
+    parts: dict[str, torch.Tensor]
+    alpha: float | None = None
+
+
+Weights = dict[tuple[str, str], LoraWeights | LycorisWeights]
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,12 @@ def write_lora(path: str | Path, weights: Weights, family: Family, fmt: str,
         for name, layer in layers(family, component, paths, form.original, config).items():
             keys = [(component, module) for module in layer.modules]
             if all(key not in weights for key in keys):
+                continue
+            if isinstance(weights.get(keys[0]), LycorisWeights):
+                if len(keys) > 1 or layer.swapped:
+                    raise ValueError(f"{name}: LyCORIS files of fused layers are not written")
+                tensors |= _lycoris_tensors(file_name(form.style, prefix, name), weights[keys[0]], dtype)
+                written.update(keys)
                 continue
             lora = _fused(name, [weights.get(key) for key in keys])
             if layer.swapped:
@@ -136,6 +150,47 @@ def _tensors(name: str, lora: LoraWeights, form: LoraFormat, dtype: torch.dtype)
     if form.alpha == "always" or (form.alpha == "given" and lora.alpha is not None):
         tensors[f"{name}.alpha"] = torch.tensor(lora.rank if lora.alpha is None else lora.alpha, dtype=dtype)
     return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def _lycoris_tensors(name: str, lora: LycorisWeights, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    tensors = {f"{name}.{part}": tensor.to(dtype, copy=True).contiguous() for part, tensor in lora.parts.items()}
+    if lora.alpha is not None:
+        tensors[f"{name}.alpha"] = torch.tensor(lora.alpha, dtype=dtype)
+    return tensors
+
+
+def random_lycoris(modules: Mapping[str, nn.Module], family: Family, kind: str, rank: int,
+                   targets: str = "attention+mlp", seed: int = 0, alpha: float | None = None) -> Weights:
+    """A random LyCORIS file's layers over our unfused layers that ``targets`` picks: ``kind`` "loha" (two rank
+    ``rank`` pairs), "lokr" (a whole 2x2 or 1x1 first factor and a second one of rank ``rank``) or "lokr-full" (both
+    factors whole). Convolutions as LyCORIS stores them (the second matrices flattened over the kernel)."""
+    patterns = [TARGETS[t] for t in targets.split("+")]
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) / math.sqrt(shape[-1])
+
+    out: Weights = {}
+    for component in components(family):
+        if component not in modules:
+            continue
+        model = modules[component]
+        for layer in layers(family, component, adaptable(model), True, getattr(model, "config", None)).values():
+            if len(layer.modules) > 1 or layer.swapped or not any(p.search(layer.modules[0]) for p in patterns):
+                continue
+            rows, *fan_in = weight_shape(model.get_submodule(layer.modules[0]))
+            columns = math.prod(fan_in)
+            if kind == "loha":
+                parts = {"hada_w1_a": randn(rows, rank), "hada_w1_b": randn(rank, columns),
+                         "hada_w2_a": randn(rows, rank), "hada_w2_b": randn(rank, columns)}
+            else:
+                split = 2 if rows % 2 == 0 and fan_in[0] % 2 == 0 else 1  # the first factor's side
+                second = (rows // split, columns // split)
+                parts = {"lokr_w1": randn(split, split)}
+                parts |= ({"lokr_w2": randn(*second)} if kind == "lokr-full" else
+                          {"lokr_w2_a": randn(second[0], rank), "lokr_w2_b": randn(rank, second[1])})
+            out[component, layer.modules[0]] = LycorisWeights(parts, alpha)
+    return out
 
 
 def random_lora(modules: Mapping[str, nn.Module], family: Family, rank: int, targets: str = "attention+mlp",

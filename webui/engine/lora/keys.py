@@ -26,6 +26,7 @@ scale), the up matrix's halves are swapped back.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -51,12 +52,15 @@ PARTS = {
     ".lora_down.weight": "down", ".lora_A.weight": "down", ".lora.down.weight": "down",
     ".lora_up.weight": "up", ".lora_B.weight": "up", ".lora.up.weight": "up",
     ".alpha": "alpha",
+    **{f".{part}": part for part in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a",
+                                     "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")},  # LyCORIS LoHa, LoKr
 }
 # Full-weight differences some LoRAs add for norms and biases (Flux trainers): not low-rank, ignored.
 SKIPPED = (".diff", ".diff_b")
-# Name parts of LyCORIS algorithms other than LoRA/LoCon, and of DoRA (a LoRA that also rescales the weight).
+# Name parts of LyCORIS algorithms other than LoRA/LoCon/LoHa/LoKr, and of DoRA (a LoRA that also rescales the weight).
 UNSUPPORTED = {
-    "hada_": "a LyCORIS LoHa", "lokr_": "a LyCORIS LoKr", "on_input": "a LyCORIS (IA)^3", "oft_": "a LyCORIS OFT",
+    "hada_t": "a LyCORIS LoHa with Tucker decomposition (hada_t1/hada_t2)",
+    "lokr_t": "a LyCORIS LoKr with Tucker decomposition (lokr_t2)", "on_input": "a LyCORIS (IA)^3", "oft_": "a LyCORIS OFT",
     "boft_": "a LyCORIS BOFT", "lora_mid": "a LyCORIS LoCon with Tucker decomposition (lora_mid)",
     "dora_scale": "a DoRA", "lora_magnitude_vector": "a DoRA",
 }
@@ -83,6 +87,17 @@ class LoraWeights:
         """The full weight update in float32, shaped like the layer's weight."""
         delta = self.up.float().flatten(1) @ self.down.float().flatten(1)
         return (delta * self.scale).reshape(self.up.shape[0], *self.down.shape[1:])
+
+
+@dataclass
+class FullDelta:
+    """One adapted layer's whole update, as LyCORIS's LoHa and LoKr make it (not low-rank: ``full`` is delta W itself,
+    scaled, shaped like the layer's weight)."""
+
+    full: torch.Tensor
+
+    def delta(self) -> torch.Tensor:
+        return self.full.float()
 
 
 def components(family: Family) -> tuple[str, ...]:
@@ -240,7 +255,7 @@ def lora_family(state_dict: Mapping[str, torch.Tensor]) -> Family | None:
 
 
 def convert_lora(state_dict: Mapping[str, torch.Tensor], family: Family, modules: Mapping[str, nn.Module],
-                 filename: str) -> dict[tuple[str, str], LoraWeights]:
+                 filename: str) -> dict[tuple[str, str], LoraWeights | FullDelta]:
     """A LoRA file's tensors as updates of our modules, keyed by (component, module path in that component).
 
     ``modules`` maps the components of ``components(family)`` to our modules ("denoiser", "text_encoder",
@@ -248,8 +263,9 @@ def convert_lora(state_dict: Mapping[str, torch.Tensor], family: Family, modules
     Fused layers are split and swapped halves put back in our order (see the module docstring). Tensors are
     kept in the file's dtype (parts of fused layers are views).
 
+    LyCORIS LoHa and LoKr layers become ``FullDelta`` updates (delta W computed once, in float32).
     Ignored, with a log line: ``.diff``/``.diff_b`` full-weight differences. Refused with a ``ModelFileError``:
-    LyCORIS algorithms other than LoRA/LoCon and DoRA; a LoRA for another family; layers that match no module
+    LyCORIS algorithms other than LoRA/LoCon/LoHa/LoKr, Tucker-decomposed ones, and DoRA; a LoRA for another family; layers that match no module
     of ours or whose shapes do not fit it; a layer missing its down or up matrix.
     """
     _refuse_unsupported(state_dict, filename)
@@ -270,7 +286,7 @@ def convert_lora(state_dict: Mapping[str, torch.Tensor], family: Family, modules
         raise ModelFileError(
             f"{filename}: {len(unknown)} of this LoRA's layers match no layer of the loaded {family.value} model, "
             f"e.g. {', '.join(unknown[:2])}. The LoRA is for another model, or in a format not supported.")
-    out: dict[tuple[str, str], LoraWeights] = {}
+    out: dict[tuple[str, str], LoraWeights | FullDelta] = {}
     for base, parts in groups.items():
         layer = aliases[base]
         for module, lora in _pieces(base, parts, layer, modules[layer.component], filename):
@@ -288,7 +304,7 @@ def _refuse_unsupported(state_dict: Mapping[str, torch.Tensor], filename: str) -
     for key in state_dict:
         if match := _UNSUPPORTED_PART.search(key):
             raise ModelFileError(f"{filename} is {UNSUPPORTED[match[1]]} file (tensors like {key}), which is not "
-                                 "supported: only LoRA and LoCon files are. Use a LoRA version of it, or convert it.")
+                                 "supported: LoRA, LoCon, LoHa and LoKr files are. Use one of those versions of it.")
 
 
 def _check_family(state_dict: Mapping[str, torch.Tensor], family: Family, filename: str) -> None:
@@ -300,8 +316,10 @@ def _check_family(state_dict: Mapping[str, torch.Tensor], family: Family, filena
 
 
 def _pieces(base: str, parts: Mapping[str, torch.Tensor], layer: LoraLayer, model: nn.Module,
-            filename: str) -> list[tuple[str, LoraWeights]]:
+            filename: str) -> list[tuple[str, LoraWeights | FullDelta]]:
     """One file layer's update for each of our modules it covers, checked against their shapes."""
+    if any(part.startswith(("hada_", "lokr_")) for part in parts):
+        return _full_pieces(base, parts, layer, model, filename)
     missing = [part for part in ("down", "up") if part not in parts]
     if missing:
         raise ModelFileError(f"{filename}: LoRA layer {base} has no {' or '.join(missing)} matrix; the file is "
@@ -322,6 +340,38 @@ def _pieces(base: str, parts: Mapping[str, torch.Tensor], layer: LoraLayer, mode
     alpha = _alpha(base, parts, filename)
     rows = (swapped_halves(up) if layer.swapped else up).split([shape[0] for shape in shapes])
     return [(module, LoraWeights(down, part, alpha)) for module, part in zip(layer.modules, rows)]
+
+
+def _full_pieces(base: str, parts: Mapping[str, torch.Tensor], layer: LoraLayer, model: nn.Module,
+                 filename: str) -> list[tuple[str, FullDelta]]:
+    """A LoHa or LoKr layer's delta W in float32 (as LyCORIS and A1111 compute it), cut for each of our modules."""
+    alpha = _alpha(base, parts, filename)
+    try:
+        if any(part.startswith("hada_") for part in parts):
+            w1a, w1b, w2a, w2b = (parts[f"hada_{p}"].float() for p in ("w1_a", "w1_b", "w2_a", "w2_b"))
+            delta = (w1a @ w1b.flatten(1)) * (w2a @ w2b.flatten(1))
+            rank = w1b.shape[0]
+        else:
+            w1 = parts["lokr_w1"].float() if "lokr_w1" in parts else parts["lokr_w1_a"].float() @ parts["lokr_w1_b"].float()
+            w2 = parts["lokr_w2"].float() if "lokr_w2" in parts else (
+                parts["lokr_w2_a"].float() @ parts["lokr_w2_b"].float().flatten(1))
+            delta = torch.kron(w1, w2.flatten(1))
+            factored = parts.get("lokr_w1_b", parts.get("lokr_w2_b"))
+            rank = None if factored is None else factored.shape[0]  # (both whole: alpha is not used)
+    except (KeyError, RuntimeError) as e:  # a part missing, or matrices that do not multiply
+        raise ModelFileError(f"{filename}: LyCORIS layer {base} is incomplete or its matrices do not fit together "
+                             f"({type(e).__name__}: {e}); the file is damaged.") from None
+    scale = 1.0 if alpha is None or rank is None else alpha / rank
+    shapes = [weight_shape(model.get_submodule(m)) for m in layer.modules]
+    columns = math.prod(shapes[0][1:])
+    if any(math.prod(s[1:]) != columns for s in shapes) or tuple(delta.shape) != (sum(s[0] for s in shapes), columns):
+        raise ModelFileError(
+            f"{filename}: LyCORIS layer {base} (delta W {list(delta.shape)}) does not fit {layer.component} "
+            f"{' + '.join(layer.modules)} (weight {' + '.join(str(list(s)) for s in shapes)}). The file is for "
+            "another model or variant than the one loaded.")
+    delta = delta * scale
+    rows = (swapped_halves(delta) if layer.swapped else delta).split([s[0] for s in shapes])
+    return [(module, FullDelta(part.reshape(shape))) for module, part, shape in zip(layer.modules, rows, shapes)]
 
 
 def _alpha(base: str, parts: Mapping[str, torch.Tensor], filename: str) -> float | None:

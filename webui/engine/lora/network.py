@@ -1,4 +1,5 @@
-"""LoRA applied online: each adapted layer computes with ``weight + scale * up @ down`` for that call only.
+"""LoRA applied online: each adapted layer computes with ``weight + scale * up @ down`` for that call only (LyCORIS
+LoHa and LoKr: ``weight + delta W``, their delta computed once when the file is read).
 
 The stored weights are never written. That is what makes a LoRA instant on GGUF and fp8 weights
 (no dequantize, merge, requantize), correct on weights the memory manager streams (the update is
@@ -30,7 +31,7 @@ from torch import nn
 from webui.engine.formats.files import find_files, load_state_dict, read_safetensors_header
 from webui.engine.hooks import NetworkCall
 from webui.engine.loading.load import LoadedModel
-from webui.engine.lora.keys import LoraWeights, convert_lora
+from webui.engine.lora.keys import FullDelta, LoraWeights, convert_lora, weight_shape
 from webui.engine.memory.manager import MemoryManager
 from webui.engine.weights import gguf_kernels
 from webui.engine.weights.fp8 import compute_dtype, is_fp8, upcast_weight
@@ -64,13 +65,20 @@ class LoraAdapter(nn.Module):
     The adapter is called as a module from the layer's forward, so a streamed adapter is on the device then.
     For convolutions (LoCon) ``down`` has the layer's geometry and ``up`` is 1x1."""
 
-    def __init__(self, parts: list[tuple[LoraWeights, float]], layer: nn.Module, dtype: torch.dtype):
+    def __init__(self, parts: list[tuple[LoraWeights | FullDelta, float]], layer: nn.Module, dtype: torch.dtype):
         super().__init__()
-        down = torch.cat([w.down.float() for w, _ in parts])
-        up = torch.cat([w.up.float() * (w.scale * multiplier) for w, multiplier in parts], dim=1)
+        shape = weight_shape(layer)
+        low = [(w, m) for w, m in parts if isinstance(w, LoraWeights)]
+        whole = [(w, m) for w, m in parts if isinstance(w, FullDelta)]
+        down = torch.cat([w.down.float() for w, _ in low]) if low else torch.zeros(0, *shape[1:])
+        up = torch.cat([w.up.float() * (w.scale * multiplier) for w, multiplier in low], dim=1) if low else \
+            torch.zeros(shape[0], 0)
         self.down = nn.Parameter(down.flatten(1).to(dtype), requires_grad=False)  # (rank, the weight's columns)
         self.up = nn.Parameter(up.flatten(1).to(dtype), requires_grad=False)  # (the weight's rows, rank)
-        self.conv = (down.shape, (layer.stride, layer.padding, layer.dilation, layer.groups)) if down.dim() == 4 \
+        # LyCORIS LoHa/LoKr: their delta W, summed (added into the weight at each call)
+        self.full = None if not whole else nn.Parameter(
+            sum(w.delta() * multiplier for w, multiplier in whole).reshape(shape[0], -1).to(dtype), requires_grad=False)
+        self.conv = (down.shape, (layer.stride, layer.padding, layer.dilation, layer.groups)) if len(shape) == 4 \
             else None
         self._merges: dict[torch.Size, bool] = {}  # by input shape: whether to add into the weight
 
@@ -78,6 +86,10 @@ class LoraAdapter(nn.Module):
         up, down = self.up, self.down
         if up.dtype != x.dtype:  # a layer computing in another dtype than the model's
             up, down = up.to(x.dtype), down.to(x.dtype)
+        if self.full is not None:  # a whole delta W: into the weight, with the low-rank part if any
+            weight, bias = _weight_plus(layer, x, (up, down) if up.shape[1] else None)
+            weight = weight + self.full.to(weight.dtype).view(weight.shape)
+            return F.linear(x, weight, bias) if self.conv is None else F.conv2d(x, weight, bias, *self.conv[1])
         if torch.compiler.is_compiling():  # decided from the shapes in the graph (guards on them), not cached
             merge = self._merge_costs_less(layer, x)
         elif (merge := self._merges.get(x.shape)) is None:
@@ -102,16 +114,20 @@ class LoraAdapter(nn.Module):
         return rows * columns * per_weight_element < positions * (in_features + 2 * rows)
 
 
-def _weight_plus(layer: nn.Module, x: torch.Tensor, plus: LowRank) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's weight for ``x`` (device, dtype) plus ``up @ down``, and its bias."""
+def _weight_plus(layer: nn.Module, x: torch.Tensor,
+                 plus: LowRank | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's weight for ``x`` (device, dtype) plus ``up @ down`` where given, and its bias."""
     if isinstance(layer, QuantizedLayer):
         return layer.weight_and_bias(x, plus)
     bias = None if layer.bias is None else layer.bias.to(x.device, x.dtype)
     if is_fp8(layer.weight):
         weight = upcast_weight(layer, x)  # a fresh copy: added to in place
-        weight.view(weight.shape[0], -1).addmm_(*plus)
+        if plus is not None:
+            weight.view(weight.shape[0], -1).addmm_(*plus)
         return weight, bias
     weight = layer.weight.to(x.device, x.dtype)
+    if plus is None:
+        return weight, bias
     return torch.addmm(weight.view(weight.shape[0], -1), *plus).view(weight.shape), bias
 
 
@@ -281,7 +297,7 @@ class LoraNetwork:
             return {}
         return {"Lora hashes": ", ".join(f"{u.name}: {self.library.short_hash(u.path)}" for u in uses)}
 
-    def _read(self, path: Path, model: LoadedModel) -> dict[tuple[str, str], LoraWeights]:
+    def _read(self, path: Path, model: LoadedModel) -> dict[tuple[str, str], LoraWeights | FullDelta]:
         """The file's updates for this model; a corrupt file, or one for another family or format, is refused by
         the reader (header checked first) and the converter, pointed at the prompt tag that asked for it."""
         try:
@@ -291,7 +307,7 @@ class LoraNetwork:
 
     def _apply(self, model: LoadedModel, weights: list[tuple[LoraUse, dict[tuple[str, str], LoraWeights]]]) -> None:
         components = {name: (memory_name, module) for name, memory_name, module in _targets(model)}
-        parts: dict[tuple[str, str], list[tuple[LoraWeights, float]]] = {}
+        parts: dict[tuple[str, str], list[tuple[LoraWeights | FullDelta, float]]] = {}
         for use, by_layer in weights:
             for (component, path), lora in by_layer.items():
                 parts.setdefault((component, path), []).append((lora, use.unet if component == "denoiser" else use.te))
