@@ -297,7 +297,7 @@ def sd1_lora(models, name="lora_unet_input_blocks_1_1_transformer_blocks_0_attn1
 
 @pytest.mark.parametrize(("suffix", "what"), [
     ("hada_t1", "LoHa with Tucker"), ("lokr_t2", "LoKr with Tucker"), ("on_input", r"\(IA\)\^3"),
-    ("oft_blocks", "OFT"), ("lora_mid.weight", "Tucker"), ("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"),
+    ("oft_blocks", "OFT"), ("lora_mid.weight", "Tucker"),
 ])
 def test_other_algorithms_are_refused(models, suffix, what):
     state_dict = sd1_lora(models) | {f"lora_unet_input_blocks_1_1_proj_in.{suffix}": torch.ones(2)}

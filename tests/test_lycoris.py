@@ -18,7 +18,7 @@ from webui.engine.lora.keys import weight_shape
 from webui.engine.lora.network import LoraLibrary, LoraNetwork
 from webui.engine.memory.manager import MemoryManager
 from webui.engine.request import GenerationRequest
-from webui.synthetic.lora_export import LycorisWeights, random_lora, random_lycoris, write_lora
+from webui.synthetic.lora_export import DoraWeights, LycorisWeights, random_lora, random_lycoris, write_lora
 
 
 def lycoris_delta(lora: LycorisWeights, shape: tuple[int, ...]) -> torch.Tensor:
@@ -105,3 +105,56 @@ def test_a_lycoris_layer_that_does_not_fit_is_named(tmp_path, sd1_file):
         convert_lora(broken, Family.SD1, {"denoiser": unet}, "x.safetensors")
     with pytest.raises(ModelFileError, match="incomplete"):
         convert_lora({f"{name}.hada_w1_a": torch.ones(rows, 2)}, Family.SD1, {"denoiser": unet}, "x.safetensors")
+
+
+@pytest.mark.parametrize("convention", ["dora_scale-columns", "dora_scale-rows", "lora_magnitude_vector"])
+@pytest.mark.parametrize("storage", ["16-bit", "Q8_0"])
+def test_dora_equals_the_decomposed_float32_weights(tmp_path, convention, storage):
+    """A DoRA file (LyCORIS's dora_scale per input column or per output row, PEFT's lora_magnitude_vector): the model
+    computes with m * (W + delta) / ||W + delta|| (times the tag's weight, as LyCORIS blends it), from the layer's
+    own weight, unpacked where it is GGUF; removed: bit-identical."""
+    from gguf import GGMLQuantizationType as Q
+
+    from tests.test_gguf_unet import load, unet_inputs, write_unet
+    from webui.engine.formats.ldm_keys import unet_to_ldm
+    from webui.engine.lora.keys import dense_weight
+    from webui.synthetic.builders import build_synthetic_model
+
+    unet = build_synthetic_model("sd1", "tiny", seed=1).denoiser.float()
+    if storage == "Q8_0":
+        unet, _ = load(write_unet(tmp_path, "sd1", unet_to_ldm(unet.state_dict(), unet.config), Q.Q8_0), "sd1")
+    generator, key = torch.Generator().manual_seed(9), "dora_scale" if "dora" in convention else "lora_magnitude_vector"
+    weights = {}
+    for (owner, module), lora in random_lora({"denoiser": unet}, Family.SD1, rank=4, targets="all", seed=6,
+                                             alpha=2.0).items():
+        shape = weight_shape(unet.get_submodule(module))
+        magnitude = (torch.rand(1, shape[1], *(1,) * (len(shape) - 2), generator=generator) + 0.5
+                     if convention == "dora_scale-columns" else torch.rand(shape[0], generator=generator) + 0.5)
+        weights[owner, module] = DoraWeights(lora.down, lora.up, lora.alpha, magnitude, key)
+    write_lora(tmp_path / "Lora" / "dora.safetensors", weights, Family.SD1, "kohya")
+    magnitudes = {module: lora.magnitude for (_, module), lora in weights.items()}
+
+    def decomposed(module: str, lora) -> torch.Tensor:
+        weight = dense_weight(unet.get_submodule(module)).double()
+        merged = weight + lora.delta().double()
+        m = magnitudes[module].double()
+        if convention == "dora_scale-columns":
+            norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
+            return merged * (m.flatten() / norm).view(1, -1, *(1,) * (merged.dim() - 2)) - weight
+        norm = merged.reshape(merged.shape[0], -1).norm(dim=1)
+        return merged * (m / norm).view(-1, *(1,) * (merged.dim() - 1)) - weight
+
+    reference_updates = {key: SimpleNamespace(delta=functools.partial(lambda k, lo: decomposed(k, lo).float(),
+                                                                      key[1], lora))
+                         for key, lora in weights.items()}
+    network = LoraNetwork(LoraLibrary(tmp_path / "Lora", lambda p: "0" * 64), MemoryManager(torch.device("cpu")))
+    inputs = unet_inputs(unet.config)
+    with torch.no_grad():
+        before = unet(**inputs).sample
+        network.activate(UNetOnly(unet, Family.SD1), [NetworkCall("lora", "dora", ("0.7",))])
+        online = unet(**inputs).sample
+        reference = merged_reference(unet, reference_updates, "denoiser", 0.7)(**inputs).sample
+        network.activate(UNetOnly(unet, Family.SD1), [])
+        after = unet(**inputs).sample
+    assert relative_error(online, reference) < 1e-4 and relative_error(online, before) > 1e-3
+    assert torch.equal(after, before)

@@ -33,6 +33,15 @@ class LycorisWeights:
     alpha: float | None = None
 
 
+@dataclass
+class DoraWeights(LoraWeights):
+    """A DoRA layer: a LoRA and the weight's magnitude, under LyCORIS's ``dora_scale`` or PEFT's
+    ``lora_magnitude_vector``."""
+
+    magnitude: torch.Tensor | None = None
+    magnitude_key: str = "dora_scale"
+
+
 Weights = dict[tuple[str, str], LoraWeights | LycorisWeights]
 
 
@@ -137,6 +146,8 @@ def _layout_config(family: Family, paths: list[str]) -> dict:
 def _fused(name: str, parts: list[LoraWeights | None]) -> LoraWeights:
     """The parts of a layer the file stores fused, as one LoRA: their up matrices stacked."""
     first = parts[0]
+    if len(parts) == 1 and first is not None:
+        return first
     if any(p is None or not torch.equal(p.down, first.down) or p.alpha != first.alpha for p in parts):
         raise ValueError(f"{name} fuses {len(parts)} of our layers: a LoRA for it needs all of them, with one down "
                          "matrix and alpha")
@@ -149,6 +160,8 @@ def _tensors(name: str, lora: LoraWeights, form: LoraFormat, dtype: torch.dtype)
     tensors = {f"{name}.{form.down}": down.to(dtype, copy=True), f"{name}.{form.up}": lora.up.to(dtype, copy=True)}
     if form.alpha == "always" or (form.alpha == "given" and lora.alpha is not None):
         tensors[f"{name}.alpha"] = torch.tensor(lora.rank if lora.alpha is None else lora.alpha, dtype=dtype)
+    if isinstance(lora, DoraWeights):
+        tensors[f"{name}.{lora.magnitude_key}"] = lora.magnitude.to(dtype, copy=True)
     return {k: v.contiguous() for k, v in tensors.items()}
 
 

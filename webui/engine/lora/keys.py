@@ -38,7 +38,7 @@ from torch import nn
 from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
 from webui.engine.lora.layout import DENOISER, LoraLayer
-from webui.engine.weights.quant import QuantizedLayer
+from webui.engine.weights.quant import QuantizedLayer, dequantize
 from webui.errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ PARTS = {
     ".lora_down.weight": "down", ".lora_A.weight": "down", ".lora.down.weight": "down",
     ".lora_up.weight": "up", ".lora_B.weight": "up", ".lora.up.weight": "up",
     ".alpha": "alpha",
+    ".dora_scale": "dora", ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude",  # DoRA
     **{f".{part}": part for part in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a",
                                      "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")},  # LyCORIS LoHa, LoKr
 }
@@ -62,7 +63,6 @@ UNSUPPORTED = {
     "hada_t": "a LyCORIS LoHa with Tucker decomposition (hada_t1/hada_t2)",
     "lokr_t": "a LyCORIS LoKr with Tucker decomposition (lokr_t2)", "on_input": "a LyCORIS (IA)^3", "oft_": "a LyCORIS OFT",
     "boft_": "a LyCORIS BOFT", "lora_mid": "a LyCORIS LoCon with Tucker decomposition (lora_mid)",
-    "dora_scale": "a DoRA", "lora_magnitude_vector": "a DoRA",
 }
 _UNSUPPORTED_PART = re.compile(r"(?:^|\.)(" + "|".join(UNSUPPORTED) + ")")
 
@@ -265,7 +265,7 @@ def convert_lora(state_dict: Mapping[str, torch.Tensor], family: Family, modules
 
     LyCORIS LoHa and LoKr layers become ``FullDelta`` updates (delta W computed once, in float32).
     Ignored, with a log line: ``.diff``/``.diff_b`` full-weight differences. Refused with a ``ModelFileError``:
-    LyCORIS algorithms other than LoRA/LoCon/LoHa/LoKr, Tucker-decomposed ones, and DoRA; a LoRA for another family; layers that match no module
+    LyCORIS algorithms other than LoRA/LoCon/LoHa/LoKr (and DoRA, which becomes a ``FullDelta`` too), and Tucker-decomposed ones; a LoRA for another family; layers that match no module
     of ours or whose shapes do not fit it; a layer missing its down or up matrix.
     """
     _refuse_unsupported(state_dict, filename)
@@ -338,8 +338,47 @@ def _pieces(base: str, parts: Mapping[str, torch.Tensor], layer: LoraLayer, mode
             f"{layer.component} {' + '.join(layer.modules)} (weight {ours}). The LoRA is for another model or "
             "variant than the one loaded.")
     alpha = _alpha(base, parts, filename)
+    if "dora" in parts or "magnitude" in parts:
+        return _dora_pieces(base, parts, LoraWeights(down, up, alpha), layer, model, shapes, filename)
     rows = (swapped_halves(up) if layer.swapped else up).split([shape[0] for shape in shapes])
     return [(module, LoraWeights(down, part, alpha)) for module, part in zip(layer.modules, rows)]
+
+
+def _dora_pieces(base: str, parts: Mapping[str, torch.Tensor], lora: LoraWeights, layer: LoraLayer,
+                 model: nn.Module, shapes: list[tuple[int, ...]], filename: str) -> list[tuple[str, FullDelta]]:
+    """A DoRA layer (a LoRA that also sets the weight's magnitude): delta W = m * (W + BA) / ||W + BA|| - W, in
+    float32 from the layer's own weight (dequantized), as LyCORIS (``dora_scale``: per input column where it is
+    shaped (1, columns, ...), else per output row) and PEFT (``lora_magnitude_vector``: per output row) compute it; the file's
+    layout of a fused layer is kept for the norms, then cut for our modules."""
+    weight = torch.cat([dense_weight(model.get_submodule(m)).flatten(1) for m in layer.modules])
+    if layer.swapped:
+        weight = swapped_halves(weight)
+    merged = weight + lora.delta().flatten(1).to(weight.device)
+    magnitude = parts.get("dora", parts.get("magnitude")).float().to(weight.device)
+    shape = (weight.shape[0], *shapes[0][1:])
+    by_column = magnitude.dim() >= 2 and magnitude.shape[0] == 1 and magnitude.shape[1] == shape[1]
+    if not by_column and magnitude.numel() == shape[0]:  # per output row: PEFT's (rows,), LyCORIS's (rows, 1, ...)
+        norm = merged.norm(dim=1)
+        scaled = merged * (magnitude.flatten() / norm)[:, None]
+    elif by_column:  # per input column (LyCORIS's default: (1, columns, ...)), over every row and the kernel
+        merged = merged.view(shape)
+        norm = merged.transpose(0, 1).flatten(1).norm(dim=1)
+        scaled = (merged * (magnitude.flatten() / norm).view(1, -1, *(1,) * (len(shape) - 2))).flatten(1)
+    else:
+        raise ModelFileError(f"{filename}: DoRA layer {base} has a magnitude of {magnitude.numel()} values; the layer "
+                             f"{list(shape)} needs one per output row or input column. The file is damaged.")
+    delta = scaled.flatten(1) - weight
+    rows = (swapped_halves(delta) if layer.swapped else delta).split([s[0] for s in shapes])
+    return [(module, FullDelta(part.reshape(s).cpu())) for module, part, s in zip(layer.modules, rows, shapes)]
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """A layer's weight in float32 as it computes with it (a GGUF weight unpacked, an fp8 one upcast and scaled)."""
+    if isinstance(layer, QuantizedLayer):
+        return dequantize(layer.weight, layer.qtype, layer.weight_shape, torch.float32)
+    if getattr(layer, "scale_weight", None) is not None:
+        return layer.weight.float() * layer.scale_weight.float()
+    return layer.weight.float()
 
 
 def _full_pieces(base: str, parts: Mapping[str, torch.Tensor], layer: LoraLayer, model: nn.Module,
