@@ -177,20 +177,14 @@ def random_lycoris(modules: Mapping[str, nn.Module], family: Family, kind: str, 
     """A random LyCORIS file's layers over our unfused layers that ``targets`` picks: ``kind`` "loha" (two rank
     ``rank`` pairs), "lokr" (a whole 2x2 or 1x1 first factor and a second one of rank ``rank``) or "lokr-full" (both
     factors whole). Convolutions as LyCORIS stores them (the second matrices flattened over the kernel)."""
-    patterns = [TARGETS[t] for t in targets.split("+")]
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) / math.sqrt(shape[-1])
 
     out: Weights = {}
-    for component in components(family):
-        if component not in modules:
-            continue
-        model = modules[component]
-        for layer in layers(family, component, adaptable(model), True, getattr(model, "config", None)).values():
-            if len(layer.modules) > 1 or layer.swapped or not any(p.search(layer.modules[0]) for p in patterns):
-                continue
+    for component, model, layer in _targeted(modules, family, targets):
+        if len(layer.modules) == 1 and not layer.swapped:
             rows, *fan_in = weight_shape(model.get_submodule(layer.modules[0]))
             columns = math.prod(fan_in)
             if kind == "loha":
@@ -206,6 +200,18 @@ def random_lycoris(modules: Mapping[str, nn.Module], family: Family, kind: str, 
     return out
 
 
+def _targeted(modules: Mapping[str, nn.Module], family: Family, targets: str):
+    """(component, its module, layer) for each layer of ``modules`` that ``targets`` picks."""
+    patterns = [TARGETS[t] for t in targets.split("+")]
+    for component in components(family):
+        if component not in modules:
+            continue
+        model = modules[component]
+        for layer in layers(family, component, adaptable(model), True, getattr(model, "config", None)).values():
+            if any(p.search(m) for p in patterns for m in layer.modules):
+                yield component, model, layer
+
+
 def random_lora(modules: Mapping[str, nn.Module], family: Family, rank: int, targets: str = "attention+mlp",
                 seed: int = 0, alpha: float | None = None) -> Weights:
     """A random float32 LoRA of ``rank`` over our layers that ``targets`` ("+"-joined keys of ``TARGETS``) picks, in
@@ -214,20 +220,13 @@ def random_lora(modules: Mapping[str, nn.Module], family: Family, rank: int, tar
     Layers the original layout fuses (Flux's and SD3's q/k/v, with proj_mlp in Flux's single blocks) are
     adapted together with one down matrix, so that every format of ``write_lora`` holds this LoRA exactly.
     """
-    patterns = [TARGETS[t] for t in targets.split("+")]
     generator = torch.Generator().manual_seed(seed)
     out: Weights = {}
-    for component in components(family):
-        if component not in modules:
-            continue
-        model = modules[component]
-        for layer in layers(family, component, adaptable(model), True, getattr(model, "config", None)).values():
-            if not any(p.search(m) for p in patterns for m in layer.modules):
-                continue
-            shapes = [weight_shape(model.get_submodule(m)) for m in layer.modules]
-            fan_in = shapes[0][1:]
-            down = torch.randn(rank, *fan_in, generator=generator) / math.sqrt(math.prod(fan_in))
-            for module, shape in zip(layer.modules, shapes):
-                up = torch.randn(shape[0], rank, *(1,) * (len(shape) - 2), generator=generator) / math.sqrt(rank)
-                out[component, module] = LoraWeights(down, up, alpha)
+    for component, model, layer in _targeted(modules, family, targets):
+        shapes = [weight_shape(model.get_submodule(m)) for m in layer.modules]
+        fan_in = shapes[0][1:]
+        down = torch.randn(rank, *fan_in, generator=generator) / math.sqrt(math.prod(fan_in))
+        for module, shape in zip(layer.modules, shapes):
+            up = torch.randn(shape[0], rank, *(1,) * (len(shape) - 2), generator=generator) / math.sqrt(rank)
+            out[component, module] = LoraWeights(down, up, alpha)
     return out
