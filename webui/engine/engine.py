@@ -18,6 +18,9 @@ from PIL import Image
 
 from webui.engine.attention import FLAG_CHOICES, use_attention
 from webui.engine.compiled import use_cache_dir
+from webui.engine.conditioning.dynamic import DynamicPrompts, has_syntax
+from webui.engine.conditioning.embeddings import EmbeddingLibrary
+from webui.engine.conditioning.prompts import embeddings_used
 from webui.engine.control.apply import ActiveUnit
 from webui.engine.control.detect import Detectors, placed
 from webui.engine.control.ip_adapter import IMAGE_ENCODER_ACTIVATION, ClipVisionEncoders, IPAdapter, image_embeddings
@@ -44,9 +47,6 @@ from webui.engine.outputs import remove_stale_temp_files, save_image
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult, combined
 from webui.engine.sampling.samplers import SamplerRegistry, Sampling
-from webui.engine.conditioning.dynamic import DynamicPrompts, has_syntax
-from webui.engine.conditioning.embeddings import EmbeddingLibrary
-from webui.engine.conditioning.prompts import embeddings_used
 from webui.engine.styles import PromptStyles
 from webui.engine.upscale.extras import ExtrasRequest, ExtrasResult, run_extras, save_extras
 from webui.engine.upscale.found import UpscalerInfo, find_upscalers
@@ -451,17 +451,15 @@ class Engine:
         slots = model.text_encoders if model is not None and model.kind.textual_inversion else []
         widths = [slot.model.config.hidden_size for slot in slots]
         loaded, skipped = self.embeddings.sort(widths)
-        if model is None:
-            skipped = {name: "no model is loaded yet" for name in {**loaded, **skipped}}
+        if model is None or not model.kind.textual_inversion:
+            why = "no model is loaded yet" if model is None else \
+                f"{model.family.value} models take no textual-inversion embeddings"
+            skipped = {name: (embedding, why) for name, embedding in loaded.items()} | {
+                name: (embedding, why) for name, (embedding, _) in skipped.items()}
             loaded = {}
-        elif not model.kind.textual_inversion:
-            skipped = {name: f"{model.family.value} models take no textual-inversion embeddings"
-                       for name in {**loaded, **skipped}}
-            loaded = {}
-        files = self.embeddings.files()
         return {"loaded": {name: e.describe(widths) for name, e in loaded.items()},
-                "skipped": {name: {**(files[name].describe(widths) if not isinstance(files[name], str) else {}),
-                                   "reason": reason} for name, reason in skipped.items()}}
+                "skipped": {name: {**(e.describe(widths) if e is not None else {}), "reason": why}
+                            for name, (e, why) in skipped.items()}}
 
     def _controls(self, request: GenerationRequest, model: LoadedModel, init_images: list[Image.Image] | None,
                   seed: int) -> list[ActiveUnit]:

@@ -233,7 +233,8 @@ def generate(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, jo
         bar.close()
         progress.end()
         result.memory = memory.finish()
-    ran = (("compiled", result.memory.compiled), ("CUDA graphs", result.memory.graphed), (job.attention, job.attention != "SDPA"), ("fp8 matmul", job.fp8_matmul))
+    ran = (("compiled", result.memory.compiled), ("CUDA graphs", result.memory.graphed),
+           (job.attention, job.attention != "SDPA"), ("fp8 matmul", job.fp8_matmul))
     result.fast = tuple(name for name, on in ran if on)
     result.seconds = time.perf_counter() - start
     return result
@@ -442,9 +443,7 @@ def _graphs(model: LoadedModel, memory: MemoryManager, job: Resolved,
         return contextlib.nullcontext()
     reason = graphs.why_not(model.denoiser, memory.device, sum(p.nbytes for p in streamed) / MB,
                             any(active.embeds is not None for active in job.active_controls()))
-    companions = tuple((c.name, id(c.module)) for c in memory.components.values() if c.companion_of == "denoiser")
-    return graphs.running(model.denoiser, memory.device, reason, companions,
-                          (job.attention, job.compile, job.fp8_matmul))
+    return graphs.running(model.denoiser, memory.device, reason, (job.attention, job.compile, job.fp8_matmul))
 
 
 class _StepReport:

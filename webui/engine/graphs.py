@@ -119,7 +119,6 @@ class DenoiserGraphs:
         self.captures = 0  # in all (tests count them)
         self.replays = 0
         self.pass_captures = 0
-        self.weights_token: tuple | None = None
 
     @property
     def nbytes(self) -> int:
@@ -230,11 +229,12 @@ def why_not(denoiser: nn.Module, device: torch.device, streamed_mb: float, ip_ad
 
 
 @contextlib.contextmanager
-def running(denoiser: nn.Module, device: torch.device, reason: str | None, weights_token: tuple,
+def running(denoiser: nn.Module, device: torch.device, reason: str | None,
             settings: tuple) -> Iterator[DenoiserGraphs | None]:
     """Around a denoising pass: the denoiser's calls replayed from its graphs (yielded), or, with a ``reason``,
-    eager (None; the reason said in the log once for each reason and denoiser). ``weights_token`` names what the
-    denoiser computes with beside its own weights (its companions): graphs of another token are let go."""
+    eager (None; the reason said in the log once for each reason and denoiser). (What else the denoiser computes
+    with — a LoRA's adapters, ControlNets — are its companions in the memory manager, which releases the graphs
+    when one comes, goes or moves.)"""
     if reason is not None:
         if getattr(denoiser, "_webui_graphs_reason", None) != reason:
             log.info("CUDA graphs: eager, %s.", reason)
@@ -243,9 +243,6 @@ def running(denoiser: nn.Module, device: torch.device, reason: str | None, weigh
         return
     denoiser._webui_graphs_reason = None
     graphs = graphs_of(denoiser, device)
-    if graphs.weights_token != weights_token:
-        graphs.release("the denoiser's adapters changed")
-        graphs.weights_token = weights_token
     graphs.pass_captures = 0
     eager = denoiser._call_impl
     denoiser._compiled_call_impl = lambda *args, **kwargs: graphs.call(eager, args, kwargs, settings)

@@ -159,20 +159,21 @@ class EmbeddingLibrary:
     def refresh(self) -> None:
         """The folder is read at every use: nothing to do."""
 
-    def sort(self, widths: list[int]) -> tuple[dict[str, Embedding], dict[str, str]]:
-        """(the embeddings that fit text encoders of these widths, the others with the reason)."""
+    def sort(self, widths: list[int]) -> tuple[dict[str, Embedding], dict[str, tuple[Embedding | None, str]]]:
+        """(the embeddings that fit text encoders of these widths, the others — None where the file could not be
+        read — with the reason)."""
         loaded, skipped = {}, {}
         for name, embedding in self.files().items():
             if isinstance(embedding, str):
-                skipped[name] = embedding
+                skipped[name] = (None, embedding)
             elif not widths:
-                skipped[name] = "this model has no CLIP text encoder to take it"
+                skipped[name] = (embedding, "this model has no CLIP text encoder to take it")
             elif all(w in embedding.vectors for w in widths):
                 loaded[name] = embedding
             else:
-                skipped[name] = (f"its vectors are {' and '.join(map(str, sorted(embedding.vectors)))} wide, for "
-                                 f"another model family: this model's text encoders are "
-                                 f"{' and '.join(map(str, widths))} wide")
+                skipped[name] = (embedding, f"its vectors are {' and '.join(map(str, sorted(embedding.vectors)))} "
+                                            f"wide, for another model family: this model's text encoders are "
+                                            f"{' and '.join(map(str, widths))} wide")
         return loaded, skipped
 
     def tables(self, slots: list) -> list[EmbeddingTable | None]:

@@ -367,9 +367,7 @@ def _dora_pieces(base: str, parts: Mapping[str, torch.Tensor], lora: LoraWeights
     else:
         raise ModelFileError(f"{filename}: DoRA layer {base} has a magnitude of {magnitude.numel()} values; the layer "
                              f"{list(shape)} needs one per output row or input column. The file is damaged.")
-    delta = scaled.flatten(1) - weight
-    rows = (swapped_halves(delta) if layer.swapped else delta).split([s[0] for s in shapes])
-    return [(module, FullDelta(part.reshape(s).cpu())) for module, part, s in zip(layer.modules, rows, shapes)]
+    return _cut(scaled.flatten(1) - weight, layer, shapes)
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
@@ -408,9 +406,13 @@ def _full_pieces(base: str, parts: Mapping[str, torch.Tensor], layer: LoraLayer,
             f"{filename}: LyCORIS layer {base} (delta W {list(delta.shape)}) does not fit {layer.component} "
             f"{' + '.join(layer.modules)} (weight {' + '.join(str(list(s)) for s in shapes)}). The file is for "
             "another model or variant than the one loaded.")
-    delta = delta * scale
+    return _cut(delta * scale, layer, shapes)
+
+
+def _cut(delta: torch.Tensor, layer: LoraLayer, shapes: list[tuple[int, ...]]) -> list[tuple[str, FullDelta]]:
+    """A file layer's whole delta W (its rows in the file's order) as one FullDelta for each of our modules."""
     rows = (swapped_halves(delta) if layer.swapped else delta).split([s[0] for s in shapes])
-    return [(module, FullDelta(part.reshape(shape))) for module, part, shape in zip(layer.modules, rows, shapes)]
+    return [(module, FullDelta(part.reshape(shape).cpu())) for module, part, shape in zip(layer.modules, rows, shapes)]
 
 
 def _alpha(base: str, parts: Mapping[str, torch.Tensor], filename: str) -> float | None:
