@@ -158,3 +158,17 @@ def test_dora_equals_the_decomposed_float32_weights(tmp_path, convention, storag
         after = unet(**inputs).sample
     assert relative_error(online, reference) < 1e-4 and relative_error(online, before) > 1e-3
     assert torch.equal(after, before)
+
+
+def test_a_dora_magnitude_of_the_wrong_size_is_named():
+    from webui.engine.lora.keys import convert_lora
+    from webui.errors import ModelFileError
+    from webui.synthetic.builders import build_synthetic_model
+
+    unet = build_synthetic_model("sd1", "tiny", seed=1).denoiser
+    name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    rows, columns = unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q").weight.shape
+    broken = {f"{name}.lora_down.weight": torch.ones(2, columns), f"{name}.lora_up.weight": torch.ones(rows, 2),
+              f"{name}.dora_scale": torch.ones(rows + 3)}
+    with pytest.raises(ModelFileError, match=r"x.safetensors: DoRA layer .*to_q has a magnitude of \d+ values"):
+        convert_lora(broken, Family.SD1, {"denoiser": unet}, "x.safetensors")
