@@ -185,7 +185,7 @@ def test_xyz_script_by_label_with_picked_values_and_seeds_varying_along_x(client
 
 
 @pytest.mark.parametrize("change,field,words", [
-    ({"script_name": "Prompt matrix"}, "script_name", "x/y/z plot"),
+    ({"script_name": "Loopback"}, "script_name", "Prompt matrix"),
     ({"script_args": xyz_args((13, "1, 2", None))}, "x_type", "Sigma Churn"),
     ({"script_args": xyz_args((1, "1, 2", None), (99, "1", None))}, "y_type", "99"),
     ({"script_args": xyz_args((4, "two", None))}, "x_values", "two"),
@@ -208,9 +208,10 @@ def test_read_routes_have_a1111_shapes(client, engine):
     assert len(used["sha256"]) == 64 and used["title"] == f"{used['filename'].split('/')[-1]} [{used['hash']}]"
     assert "Euler a" in [s["name"] for s in client.get("/sdapi/v1/samplers").json()]
     assert "karras" in [s["name"] for s in client.get("/sdapi/v1/schedulers").json()]
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot"],
+    scripts = ["x/y/z plot", "prompts from file or textbox", "prompt matrix"]
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": scripts,
                                                        "img2img": ["poor man's outpainting", "outpainting mk2",
-                                                                   "x/y/z plot"]}
+                                                                   *scripts]}
     assert client.get("/sdapi/v1/cmd-flags").json()["device"] == "cpu"
     modules = [m["model_name"] for m in client.get("/sdapi/v1/sd-modules").json()]
     assert modules == ["demo-shapes-clip_l.safetensors", "demo-shapes-vae.safetensors"], "the demo's, built in"
@@ -273,7 +274,12 @@ def test_reload_extensions_and_script_info(client, engine):
     load_extensions(engine, find_extensions(BUILTIN_DIR, builtin=True))
     listed = {e["name"]: e for e in client.get("/sdapi/v1/extensions").json()}
     assert listed["lora"]["enabled"] and listed["lora"]["builtin"] and listed["lora"]["error"] is None
-    script, img2img_plot, outpaint, mk2 = client.get("/sdapi/v1/script-info").json()
+    info = client.get("/sdapi/v1/script-info").json()
+    (script, lines, matrix), (img2img_plot, *_), (outpaint, mk2) = info[:3], info[3:6], info[6:]
+    assert [a["label"] for a in lines["args"]] == ["Iterate seed every line", "Use same random seed for all lines",
+                                                   "Insert prompts at the", "List of prompt inputs"]
+    assert lines["name"] == "prompts from file or textbox" and matrix["name"] == "prompt matrix"
+    assert [a["value"] for a in matrix["args"]] == [False, False, "positive", "comma", 0]
     assert mk2["name"] == "outpainting mk2" and len(mk2["args"]) == 6
     assert outpaint["name"] == "poor man's outpainting" and outpaint["is_img2img"]
     assert img2img_plot["is_img2img"] and img2img_plot["args"] == script["args"] and not script["is_img2img"]

@@ -35,13 +35,17 @@ from webui.api_controlnet import DETECT_BODY_SCHEMA, controlnet_routes, read_det
 from webui.api_body import (
     MAX_MARGIN,
     PNG_INFO_BODY_SCHEMA,
-    XYZ_SCRIPT,
+    XYZ_TITLE,
+    PromptScriptCall,
+    Txt2ImgCall,
+    XyzCall,
     decode_image,
     options_body_schema,
     read_img2img,
     read_txt2img,
     img2img_body_schema,
     txt2img_body_schema,
+    prompt_script,
     xyz_script,
 )
 from webui.engine.engine import Engine, MemoryState
@@ -60,7 +64,11 @@ from webui.engine.upscale.extras import ExtrasResult
 from webui.engine.upscale.found import UpscalerInfo
 from webui.engine.upscale.request import ExtrasCall, extras_body_schema, read_extras
 from webui.engine.request import GenerationResult
-from webui.engine.xyz import SCRIPT_ARGS, PlotForecast, forecast_plot
+from webui.engine.xyz import SCRIPT_ARGS, PlotForecast, PlotResult, forecast_plot
+from webui.engine.prompt_lines import POSITIONS as LINE_POSITIONS
+from webui.engine.prompt_lines import TITLE as LINES_TITLE
+from webui.engine.prompt_matrix import DELIMITERS, PROMPT_TYPES
+from webui.engine.prompt_matrix import TITLE as MATRIX_TITLE
 from webui.errors import Busy, UserError
 from webui.extensions import extensions_of, plot_axes
 from webui.jobs import JobQueue
@@ -196,6 +204,8 @@ def extras_reply(call: ExtrasCall, result: ExtrasResult, batch: bool) -> dict[st
     reply = {"html_info": f"<p>{'<br>'.join(html.escape(part) for part in line.splitlines())}</p>",
              "info": json.dumps({"ignored_fields": call.ignored, "infotexts": result.infotexts})}
     return reply | ({"images": images} if batch else {"image": images[0]})
+# The scripts either generation route runs, by A1111's titles (/scripts lists them in lower case, as A1111's)
+SCRIPT_TITLES = (XYZ_TITLE, LINES_TITLE, MATRIX_TITLE)
 CLIENT_GONE = 499  # nginx's "client closed request": nobody reads it, the log does
 DISCONNECT_POLL_SECONDS = 0.5
 SERVER_COMMANDS = {"kill": "End the server process at once (--api-server-stop)",
@@ -259,25 +269,31 @@ def extension_list(engine: Engine) -> list[dict[str, Any]]:
 
 def script_info() -> list[dict[str, Any]]:
     """A1111's ``/sdapi/v1/script-info``: each script's ``script_args`` in order, with their defaults."""
-    args = [{"label": name, "value": value, "minimum": 0 if name == "margin_size" else None,
-             "maximum": MAX_MARGIN if name == "margin_size" else None, "step": None, "choices": None}
+    args = [_arg(name, value, **({"minimum": 0, "maximum": MAX_MARGIN} if name == "margin_size" else {}))
             for name, value in SCRIPT_ARGS.items()]
-    outpaint = [{"label": "Pixels to expand", "value": 128, "minimum": 8, "maximum": 256, "step": 8, "choices": None},
-                {"label": "Mask blur", "value": 4, "minimum": 0, "maximum": OUTPAINT_MAX_BLUR, "step": 1,
-                 "choices": None},
-                {"label": "Masked content", "value": FILLS[0], "minimum": None, "maximum": None, "step": None,
-                 "choices": list(FILLS)},
-                {"label": "Outpainting direction", "value": list(DIRECTIONS), "minimum": None, "maximum": None,
-                 "step": None, "choices": list(DIRECTIONS)}]
-    mk2 = [{"label": "", "value": None, "minimum": None, "maximum": None, "step": None, "choices": None},
-           {**outpaint[0]}, {**outpaint[1], "value": 8, "maximum": OUTPAINT_MAX_MK2_BLUR}, outpaint[3],
-           {"label": "Fall-off exponent (lower=higher detail)", "value": 1.0, "minimum": 0.0, "maximum": 4.0,
-            "step": 0.01, "choices": None},
-           {"label": "Color variation", "value": 0.05, "minimum": 0.0, "maximum": 1.0, "step": 0.01, "choices": None}]
-    return [{"name": XYZ_SCRIPT, "is_alwayson": False, "is_img2img": False, "args": args},
-            {"name": XYZ_SCRIPT, "is_alwayson": False, "is_img2img": True, "args": args},
+    outpaint = [_arg("Pixels to expand", 128, 8, 256, 8), _arg("Mask blur", 4, 0, OUTPAINT_MAX_BLUR, 1),
+                _arg("Masked content", FILLS[0], choices=list(FILLS)),
+                _arg("Outpainting direction", list(DIRECTIONS), choices=list(DIRECTIONS))]
+    mk2 = [_arg("", None), outpaint[0], _arg("Mask blur", 8, 0, OUTPAINT_MAX_MK2_BLUR, 1), outpaint[3],
+           _arg("Fall-off exponent (lower=higher detail)", 1.0, 0.0, 4.0, 0.01),
+           _arg("Color variation", 0.05, 0.0, 1.0, 0.01)]
+    lines = [_arg("Iterate seed every line", False), _arg("Use same random seed for all lines", False),
+             _arg("Insert prompts at the", "start", choices=list(LINE_POSITIONS)), _arg("List of prompt inputs", "")]
+    matrix = [_arg("Put variable parts at start of prompt", False), _arg("Use different seed for each picture", False),
+              _arg("Select prompt", "positive", choices=list(PROMPT_TYPES)),
+              _arg("Select joining char", "comma", choices=list(DELIMITERS)),
+              _arg("Grid margins (px)", 0, minimum=0, maximum=MAX_MARGIN, step=2)]
+    either = [(name.lower(), script_args) for name, script_args in zip(SCRIPT_TITLES, (args, lines, matrix))]
+    return [*({"name": name, "is_alwayson": False, "is_img2img": img2img, "args": script_args}
+              for img2img in (False, True) for name, script_args in either),
             {"name": OUTPAINT_SCRIPT.lower(), "is_alwayson": False, "is_img2img": True, "args": outpaint},
             {"name": OUTPAINT_MK2.lower(), "is_alwayson": False, "is_img2img": True, "args": mk2}]
+
+
+def _arg(label: str, value: Any, minimum: float | None = None, maximum: float | None = None,
+         step: float | None = None, choices: list[str] | None = None) -> dict[str, Any]:
+    """One script argument as A1111's /script-info describes it."""
+    return {"label": label, "value": value, "minimum": minimum, "maximum": maximum, "step": step, "choices": choices}
 
 
 class ApiError(BaseModel):
@@ -389,54 +405,57 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         """Async: a request waiting in the queue holds no worker thread, so however many wait, /progress,
         /interrupt and /skip are answered at once. A client that goes away is not worked for (see ``waited``)."""
         call = read_txt2img(body, engine.options, engine.known_schedule_type, engine.declared_size)
-        script = xyz_script(body, plot_axes(engine), engine.options["xyz_axis_numbering"])
-        if script is None:
-            future = jobs.submit(call.request, call.overrides)
-        else:
-            future = jobs.submit_plot(call.request, script.choices, script.options, save_grid=call.save_grid,
-                                      overrides=call.overrides)
-        if not await waited(future, request):
-            return Response(status_code=CLIENT_GONE)
-        result = future.result() if script is None else future.result().as_result()
-        images = await run_in_threadpool(response_images, result) if call.send_images else []
-        notes = call.notes + (script.notes if script else ())
-        return {"images": images, "parameters": body, "info": info_json(result, call.ignored, notes)}
+        return await generated(request, body, call, img2img=False)
 
     async def img2img(request: Request, body: Any = Body(...)) -> Any:
         """txt2img's route from init images (A1111's img2img body, ``read_img2img``); the images are decoded off the
         event loop. The answer's parameters leave the init images out unless include_init_images, as A1111's."""
         call = await run_in_threadpool(read_img2img, body, engine.options, engine.known_schedule_type,
                                        engine.declared_size)
-        script = None if call.request.outpaint_directions else xyz_script(body, plot_axes(engine),
-                                                                           engine.options["xyz_axis_numbering"])
-        if script is None:
-            future = jobs.submit_img2img(call.request, call.overrides)
-        else:
+        return await generated(request, body, call, img2img=True)
+
+    async def generated(request: Request, body: dict[str, Any], call: Txt2ImgCall, img2img: bool) -> Any:
+        """The answer to a generation route: the job the body asks for (one generation, or the script it names)
+        queued, waited for while its client is there, its images and info."""
+        script = scripted(body, call, img2img)
+        if isinstance(script, XyzCall):
             future = jobs.submit_plot(call.request, script.choices, script.options, save_grid=call.save_grid,
                                       overrides=call.overrides)
+        elif isinstance(script, PromptScriptCall):
+            future = jobs.submit_script(call.request, script.script, call.overrides)
+        else:
+            future = (jobs.submit_img2img if img2img else jobs.submit)(call.request, call.overrides)
         if not await waited(future, request):
             return Response(status_code=CLIENT_GONE)
-        result = future.result() if script is None else future.result().as_result()
+        result = future.result()
+        result = result.as_result() if isinstance(result, PlotResult) else result
         images = await run_in_threadpool(response_images, result) if call.send_images else []
-        parameters = body if body.get("include_init_images") else {**body, "init_images": None, "mask": None}
+        parameters = body if not img2img or body.get("include_init_images") else {**body, "init_images": None,
+                                                                                    "mask": None}
         notes = call.notes + (script.notes if script else ())
         return {"images": images, "parameters": parameters, "info": info_json(result, call.ignored, notes)}
 
+    def scripted(body: dict[str, Any], call: Txt2ImgCall, img2img: bool) -> XyzCall | PromptScriptCall | None:
+        """The script a body names, read (outpainting is read with the request: None then)."""
+        if call.request.outpaint_directions:
+            return None
+        return (xyz_script(body, plot_axes(engine), engine.options["xyz_axis_numbering"], img2img)
+                or prompt_script(body, img2img, call.save_grid))
+
     async def estimate(body: Any = Body(...)) -> dict[str, Any]:
-        """Will it fit? A txt2img body's forecast (an X/Y/Z script's: every cell's), or an img2img body's (one with
+        """Will it fit? A txt2img body's forecast (a script's: each generation's), or an img2img body's (one with
         init_images), made in the queue after the jobs before it, with the model it names loaded as the generation
         would load it; nothing is generated."""
         img2img = isinstance(body, dict) and body.get("init_images") is not None
         read = read_img2img if img2img else read_txt2img
         call = read(body, engine.options, engine.known_schedule_type, engine.declared_size)
-        script = None if call.request.outpaint_directions else xyz_script(body, plot_axes(engine),
-                                                                           engine.options["xyz_axis_numbering"])
+        script = scripted(body, call, img2img)
 
         def work() -> Forecast | PlotForecast:
-            forecast = engine.forecast(call.request, load=True)  # the body's model loaded; a plot's cells of others
-            if script is None:                                   # are named, not loaded
-                return forecast
-            return forecast_plot(engine, call.request, script.choices, plot_axes(engine), script.options)
+            forecast = engine.forecast(call.request, load=True)  # the body's model loaded; a script's generations
+            if isinstance(script, XyzCall):                     # of other checkpoints are named, not loaded
+                return forecast_plot(engine, call.request, script.choices, plot_axes(engine), script.options)
+            return script.script.forecast(engine, call.request) if script else forecast
 
         forecast = await asyncio.wrap_future(jobs.submit_call("estimate", work, call.overrides))
         return forecast.as_dict() | {"ignored_fields": list(call.ignored)}
@@ -543,8 +562,9 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
          "The running job: fraction done, ETA, step, and a preview of its latents"),
         ("/interrupt", jobs.interrupt, "POST", "Stop the running job after its current step"),
         ("/skip", jobs.skip, "POST", "Skip the running job's current image"),
-        ("/scripts", lambda: {"txt2img": [XYZ_SCRIPT], "img2img": [OUTPAINT_SCRIPT.lower(), OUTPAINT_MK2.lower(),
-                                                                  XYZ_SCRIPT]}, "GET",
+        ("/scripts", lambda: {"txt2img": [title.lower() for title in SCRIPT_TITLES],
+                              "img2img": [OUTPAINT_SCRIPT.lower(), OUTPAINT_MK2.lower(),
+                                          *(title.lower() for title in SCRIPT_TITLES)]}, "GET",
          "Scripts a request can name"),
         ("/refresh-vae", refresh_vae, "POST", "Scan the VAE folder again (it is read at every call)"),
         ("/sd-vae", lambda: vae_list(engine), "GET", "VAE files of models/VAE (A1111 shape)"),

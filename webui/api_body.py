@@ -31,6 +31,13 @@ from webui.engine.soft_inpaint import SoftInpainting, checked_soft_inpainting
 from webui.api_controlnet import SCRIPT as CONTROLNET_SCRIPT
 from webui.api_controlnet import controlnet_units
 from webui.engine.control.units import ControlUnit
+from webui.engine.prompt_lines import POSITIONS as LINE_POSITIONS
+from webui.engine.prompt_lines import SCRIPT_ARGS as PROMPT_LINES_ARGS
+from webui.engine.prompt_lines import TITLE as LINES_TITLE
+from webui.engine.prompt_lines import PromptLines
+from webui.engine.prompt_matrix import SCRIPT_ARGS as PROMPT_MATRIX_ARGS
+from webui.engine.prompt_matrix import TITLE as MATRIX_TITLE
+from webui.engine.prompt_matrix import PromptMatrix
 from webui.engine.xyz import BUILTIN_AXES, SCRIPT_ARGS, Axis, AxisChoice, PlotOptions, plot_from_args
 from webui.errors import UserError
 from webui.jobs import Overrides
@@ -70,7 +77,7 @@ STYLE_FIELD = "styles"
 OVERRIDE_FIELDS = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip",
                    "forge_additional_modules": "modules"}
 
-XYZ_SCRIPT = "x/y/z plot"
+XYZ_TITLE = "X/Y/Z plot"
 # Forge's txt2img X/Y/Z axes in their order: clients name an axis by its index in this list or A1111's (those it adds
 # after these are the extensions' axes). The ones this app has are found by label; the others are refused by name.
 FORGE_AXES = (
@@ -254,16 +261,79 @@ def _soft_inpainting(name: str, entry: Any) -> SoftInpainting:
 
 
 def img2img_script(body: dict[str, Any]) -> Outpaint | None:
-    """The outpainting an img2img request's script asks for (A1111's titles, any case); None for none or the X/Y/Z
-    plot (``xyz_script`` reads that one); another name is refused."""
+    """The outpainting an img2img request's script asks for (A1111's titles, any case); None for another script (read
+    by ``xyz_script`` or ``prompt_script``) or none."""
+    name = _script_name(body, img2img=True)
+    return Outpaint.from_args(body.get("script_args") or [], name) if name in OUTPAINT_METHODS else None
+
+
+def _script_name(body: dict[str, Any], img2img: bool) -> str | None:
+    """The script a body names (A1111's titles, any case), as this app spells it; None for none, refused where the
+    route has no such script."""
     name = body.get("script_name")
-    if name in (None, "") or (isinstance(name, str) and name.strip().lower() == XYZ_SCRIPT):
+    if name in (None, ""):
         return None
-    method = next((m for m in OUTPAINT_METHODS if isinstance(name, str) and name.strip().lower() == m.lower()), None)
-    if method is None:
-        raise UserError(f"no img2img script {name!r}; the scripts are {', '.join(map(repr, OUTPAINT_METHODS))} and "
-                        f"{XYZ_SCRIPT!r}", field="script_name")
-    return Outpaint.from_args(body.get("script_args") or [], method)
+    titles = (XYZ_TITLE, LINES_TITLE, MATRIX_TITLE, *(OUTPAINT_METHODS if img2img else ()))
+    found = next((t for t in titles if isinstance(name, str) and name.strip().lower() == t.lower()), None)
+    if found is None:
+        raise UserError(f"no {'img2img' if img2img else 'txt2img'} script {name!r}; the scripts are "
+                        f"{', '.join(map(repr, titles))}", field="script_name")
+    return found
+
+
+def _script_args(body: dict[str, Any], names: dict[str, Any]) -> dict[str, Any]:
+    """A script's ``script_args``, by A1111's names for them in its order (those left out are not in the dict)."""
+    given = body.get("script_args") or []
+    if not isinstance(given, list) or len(given) > len(names):
+        raise UserError(f"must be a list of at most {len(names)} values, in this order: {', '.join(names)}",
+                        field="script_args")
+    return dict(zip(names, given))
+
+
+@dataclass(frozen=True)
+class PromptScriptCall:
+    """A prompt script a request asks for, and how its lenient arguments were read (for info's notices)."""
+
+    script: PromptLines | PromptMatrix
+    notes: tuple[str, ...] = ()
+
+
+def prompt_script(body: dict[str, Any], img2img: bool = False, save_grid: bool | None = None
+                  ) -> PromptScriptCall | None:
+    """"Prompts from file or textbox" or "Prompt matrix" as ``script_name`` / ``script_args`` ask for them; None for
+    another script or none. A1111's script arguments in its order; flags may be true/false, 1/0 or their text."""
+    name = _script_name(body, img2img)
+    if name == LINES_TITLE:
+        return _prompt_lines(body)
+    if name == MATRIX_TITLE:
+        args = PROMPT_MATRIX_ARGS | _script_args(body, PROMPT_MATRIX_ARGS)
+        for key in ("prompt_type", "variations_delimiter"):
+            if not isinstance(args[key], str):
+                raise UserError(f"{key} must be text, got {args[key]!r}", field="script_args")
+        return PromptScriptCall(PromptMatrix(_flag("put_at_start", args["put_at_start"]),
+                                             _flag("different_seeds", args["different_seeds"]),
+                                             args["prompt_type"].strip().lower(),
+                                             args["variations_delimiter"].strip().lower(),
+                                             _margin(args["margin_size"]), save_grid))
+    return None
+
+
+def _prompt_lines(body: dict[str, Any]) -> PromptScriptCall:
+    """Prompts from file or textbox's arguments; three (A1111 before 1.6: no prompt_position) are read as the two
+    seed boxes and the text."""
+    given, notes = body.get("script_args") or [], []
+    if isinstance(given, list) and len(given) == 3 and not (isinstance(given[2], str)
+                                                            and given[2].strip().lower() in LINE_POSITIONS):
+        body = {**body, "script_args": [*given[:2], "start", given[2]]}
+        notes.append("script_args read in A1111's order before 1.6 (iterate seed, same seed, prompts): the prompts "
+                     "go at the start")
+    args = PROMPT_LINES_ARGS | _script_args(body, PROMPT_LINES_ARGS)
+    for key in ("prompt_position", "prompt_txt"):
+        if not isinstance(args[key], str):
+            raise UserError(f"{key} must be text, got {args[key]!r}", field="script_args")
+    return PromptScriptCall(PromptLines(args["prompt_txt"], _flag("checkbox_iterate", args["checkbox_iterate"]),
+                                        _flag("checkbox_iterate_batch", args["checkbox_iterate_batch"]),
+                                        args["prompt_position"].strip().lower()), tuple(notes))
 
 
 def decode_image(data: Any, field: str, largest: int) -> Image.Image:
@@ -320,32 +390,31 @@ class XyzCall:
     notes: tuple[str, ...] = ()
 
 
-def xyz_script(body: dict[str, Any], axes: list[Axis], numbering: str = "A1111") -> XyzCall | None:
+def xyz_script(body: dict[str, Any], axes: list[Axis], numbering: str = "A1111", img2img: bool = False
+               ) -> XyzCall | None:
     """The X/Y/Z plot a request asks for with ``script_name`` / ``script_args``; None where it names no script.
     Types are checked here. An axis type is a label or an index into A1111's or Forge's list of axes (``numbering``:
     the option ``xyz_axis_numbering``); options may be true/false, "True"/"False" or 1/0 (webuiapi's README sends
     strings), a dropdown may be "" for none."""
-    name = body.get("script_name")
-    if name in (None, ""):
+    if _script_name(body, img2img) != XYZ_TITLE:
         return None
-    if not isinstance(name, str) or name.strip().lower() != XYZ_SCRIPT:
-        raise UserError(f"no script {name!r}; the one script is {XYZ_SCRIPT!r}", field="script_name")
-    given = body.get("script_args") or []
-    if not isinstance(given, list) or len(given) > len(SCRIPT_ARGS):
-        raise UserError(f"must be a list of at most {len(SCRIPT_ARGS)} values, in this order: "
-                        f"{', '.join(SCRIPT_ARGS)}", field="script_args")
-    args = dict(zip(SCRIPT_ARGS, given))
+    args = _script_args(body, SCRIPT_ARGS)
     for key, value in args.items():
         if isinstance(SCRIPT_ARGS[key], bool):
             args[key] = _flag(key, value)
-    margin = args.get("margin_size", 0)
+    args["margin_size"] = _margin(args.get("margin_size", 0))
+    notes = [note for axis in "xyz" if (note := _check_axis_args(args, axis, axes, numbering))]
+    return XyzCall(*plot_from_args(args, axes), tuple(notes))
+
+
+def _margin(margin: Any) -> int:
+    """A grid's margin_size in pixels, a whole number or its text."""
     if isinstance(margin, str) and margin.strip().isdigit():
-        margin = args["margin_size"] = int(margin)
+        margin = int(margin)
     if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= MAX_MARGIN:
         raise UserError(f"margin_size must be a whole number of pixels from 0 to {MAX_MARGIN}, got {margin!r}",
                         field="script_args")
-    notes = [note for axis in "xyz" if (note := _check_axis_args(args, axis, axes, numbering))]
-    return XyzCall(*plot_from_args(args, axes), tuple(notes))
+    return margin
 
 
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no", "")

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from webui.engine.engine import Engine
+from webui.engine.prompt_lines import PromptLines
+from webui.engine.prompt_matrix import PromptMatrix
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.xyz import AxisChoice, PlotOptions, run_plot
 from webui.errors import Busy, UserError
@@ -28,7 +30,7 @@ class Overrides:
 
 
 class JobQueue:
-    """Jobs (a generation, an X/Y/Z plot) run one at a time on one worker thread, in the order submitted."""
+    """Jobs (a generation, an X/Y/Z plot, a prompt script) run one at a time on one worker thread, in the order submitted."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -53,6 +55,12 @@ class JobQueue:
         return self._submit("X/Y/Z plot",
                             lambda: run_plot(self.engine, base, choices, plot_axes(self.engine), options, save_grid),
                             overrides)
+
+    def submit_script(self, base: GenerationRequest, script: PromptLines | PromptMatrix,
+                      overrides: Overrides | None = None) -> Future:
+        """Queue a prompt script over ``base`` (txt2img, or img2img where it has init images); the future holds its
+        GenerationResult."""
+        return self._submit(script.title, lambda: script.run(self.engine, base), overrides)
 
     def submit_call(self, name: str, work: Callable[[], Any], overrides: Overrides | None = None) -> Future:
         """Queue other engine work (loading a model, a forecast), after the jobs before it; the future holds its

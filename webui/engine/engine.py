@@ -47,6 +47,7 @@ from webui.engine.outputs import remove_stale_temp_files, save_image
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult, combined
 from webui.engine.sampling.samplers import SamplerRegistry, Sampling
+from webui.engine.sequence import generate_each
 from webui.engine.styles import PromptStyles
 from webui.engine.upscale.extras import ExtrasRequest, ExtrasResult, run_extras, save_extras
 from webui.engine.upscale.found import UpscalerInfo, find_upscalers
@@ -334,22 +335,9 @@ class Engine:
         templates = {"Template": request.prompt}
         if has_syntax(request.negative_prompt):
             templates["Negative Template"] = request.negative_prompt
-        made: list[GenerationResult] = []
-        counted = not self.progress.cell_count  # (inside a plot's cell the plot counts)
-        if counted:
-            self.progress.begin_plot(len(expanded))
-        try:
-            for i, image in enumerate(expanded):
-                one = replace(request, prompt=image.prompt, negative_prompt=image.negative_prompt, seed=seed + i,
-                              subseed=subseed + i, n_iter=1, batch_size=1)
-                made.append(self._generate_one(one, missing, templates))
-                if counted:
-                    self.progress.next_cell()
-                if made[-1].interrupted or self.progress.interrupted:
-                    break
-        finally:
-            if counted:
-                self.progress.end_plot()
+        requests = [replace(request, prompt=image.prompt, negative_prompt=image.negative_prompt, seed=seed + i,
+                            subseed=subseed + i, n_iter=1, batch_size=1) for i, image in enumerate(expanded)]
+        made = generate_each(self.progress, lambda one: self._generate_one(one, missing, templates), requests)
         result = combined(made)
         result.request = request
         if self.options["dp_combinatorial"]:

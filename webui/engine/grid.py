@@ -1,4 +1,4 @@
-"""The labelled image grid of an X/Y/Z plot, drawn with Pillow alone.
+"""The labelled image grid of an X/Y/Z plot or a prompt matrix, drawn with Pillow alone.
 
 Every cell box has the size of the largest image, so the axes line up even when a "Size" axis
 makes images differ; smaller images are centred in their box. A cell that was never generated
@@ -6,17 +6,33 @@ makes images differ; smaller images are centred in their box. A cell that was ne
 labels in a band to the left (three quarters of a box wide, as in A1111); a band whose labels
 are all empty (an axis of "Nothing") is left out. One such grid per Z value is then put side by
 side under the Z labels.
+
+A label is text, or parts each on its own lines, drawn black where active and grey struck through where not (the
+prompt matrix's labels: which optional parts a column or row has).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
 WHITE = (255, 255, 255)
 BLACK = (0, 0, 0)
+INACTIVE = (153, 153, 153)
 EMPTY_CELL = (224, 224, 224)
 MIN_FONT_SIZE = 12
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+@dataclass(frozen=True)
+class LabelPart:
+    text: str
+    active: bool = True
+
+
+Label = str | tuple[LabelPart, ...]
+Line = tuple[str, bool]  # a wrapped line, and whether it is drawn as active
 
 
 def _font(size: int) -> Font:
@@ -61,18 +77,28 @@ def _wrap(text: str, font: Font, width: int) -> list[str]:
     return lines
 
 
-def _draw_lines(draw: ImageDraw.ImageDraw, lines: list[str], font: Font, box: tuple[int, int, int, int]) -> None:
-    """``lines`` centred in ``box`` (left, top, width, height)."""
+def _wrap_label(label: Label, font: Font, width: int) -> list[Line]:
+    """A label's lines: text wrapped, or each part wrapped on lines of its own."""
+    parts = (LabelPart(label),) if isinstance(label, str) else label
+    return [(line, part.active) for part in parts for line in _wrap(part.text, font, width)]
+
+
+def _draw_lines(draw: ImageDraw.ImageDraw, lines: list[Line], font: Font, box: tuple[int, int, int, int]) -> None:
+    """``lines`` centred in ``box`` (left, top, width, height); inactive ones grey and struck through."""
     left, top, width, height = box
     line_height = _line_height(font)
     y = top + (height - len(lines) * line_height) // 2
-    for line in lines:
-        x = left + (width - int(font.getlength(line))) // 2
-        draw.text((x, y), line, fill=BLACK, font=font)
+    for line, active in lines:
+        length = int(font.getlength(line))
+        x = left + (width - length) // 2
+        draw.text((x, y), line, fill=BLACK if active else INACTIVE, font=font)
+        if not active:
+            middle = y + int(font.getbbox("x")[1] + font.getbbox("x")[3]) // 2
+            draw.line((x, middle, x + length, middle), fill=INACTIVE, width=max(1, line_height // 16))
         y += line_height
 
 
-def _band_height(labels: list[list[str]], font: Font) -> int:
+def _band_height(labels: list[list[Line]], font: Font) -> int:
     """Height of a band above boxes holding these wrapped labels; 0 when they are all empty."""
     most_lines = max((len(lines) for lines in labels), default=0)
     return most_lines * _line_height(font) + _line_height(font) if most_lines else 0
@@ -92,7 +118,7 @@ def _paste_centred(canvas: Image.Image, image: Image.Image, box: tuple[int, int,
 
 
 def draw_grid(
-    cells: list[list[Image.Image | None]], row_labels: list[str], col_labels: list[str], margin: int = 0
+    cells: list[list[Image.Image | None]], row_labels: list[Label], col_labels: list[Label], margin: int = 0
 ) -> Image.Image:
     """``cells[row][column]`` in boxes the size of the largest image, labelled; None is a grey box."""
     if not col_labels or len(cells) != len(row_labels) or any(len(row) != len(col_labels) for row in cells):
@@ -102,9 +128,9 @@ def draw_grid(
     box_w, box_h = _cell_size(cells)
     font = _font(max(MIN_FONT_SIZE, box_h // 20))
     pad = _line_height(font) // 2
-    col_lines = [_wrap(label, font, box_w - 2 * pad) for label in col_labels]
+    col_lines = [_wrap_label(label, font, box_w - 2 * pad) for label in col_labels]
     left_w = box_w * 3 // 4 if any(row_labels) else 0
-    row_lines = [_wrap(label, font, left_w - 2 * pad) for label in row_labels]
+    row_lines = [_wrap_label(label, font, left_w - 2 * pad) for label in row_labels]
     top_h = _band_height(col_lines, font)
 
     canvas = Image.new(
@@ -136,7 +162,7 @@ def combine_grids(grids: list[Image.Image], labels: list[str]) -> Image.Image:
     font_size = max(MIN_FONT_SIZE, min(min(grid.size) for grid in grids) // 25)
     font = _font(font_size)
     pad = _line_height(font) // 2
-    lines = [_wrap(label, font, grid.width - 2 * pad) for grid, label in zip(grids, labels)]
+    lines = [_wrap_label(label, font, grid.width - 2 * pad) for grid, label in zip(grids, labels)]
     top_h = _band_height(lines, font)
     gap = font_size
 

@@ -245,10 +245,11 @@ Plan = list[tuple[Axis, list]]  # each axis (X, Y, Z), and its values
 @dataclass(frozen=True)
 class PlotForecast:
     """Will the plot fit? Each cell's forecast (``webui.engine.forecast``) in plot order; the plot's peak is its
-    largest cell's, its time their sum."""
+    largest cell's, its time their sum. A prompt script's generations are its cells (``unit`` names them)."""
 
     cells: list[Forecast]
     unknown: list[str]  # cells that could not be forecast, and why (a checkpoint not loaded yet)
+    unit: str = "cell"
 
     @property
     def seconds(self) -> float | None:
@@ -257,13 +258,13 @@ class PlotForecast:
 
     def summary(self) -> str:
         count = len(self.cells) + len(self.unknown)
-        cells = f"{count} cell{'s' if count != 1 else ''}"
+        cells = f"{count} {self.unit}{'s' if count != 1 else ''}"
         if not self.cells:
             return f"{cells}: {self.unknown[0]}"
         peak = max(self.cells, key=lambda cell: (cell.peak_vram, cell.host_bytes))
         text = f"{cells}, the largest: {peak.summary()}"
         seconds = self.seconds
-        text += f" · the plot ~{seconds:.0f} s" if seconds is not None else ""
+        text += f" · all ~{seconds:.0f} s" if seconds is not None else ""
         return text + (f" · not forecast: {'; '.join(self.unknown)}" if self.unknown else "")
 
     def as_dict(self) -> dict:
@@ -275,14 +276,21 @@ class PlotForecast:
 def forecast_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice], axes: list[Axis],
                   options: PlotOptions = PlotOptions()) -> PlotForecast:
     """Every cell's forecast with the model loaded now (cells of other checkpoints are named, not loaded)."""
+    return forecast_each(engine, [(f"cell {'/'.join(str(i + 1) for i in index)}", cell.request, cell.options)
+                                  for index, cell in plan_cells(engine, base, choices, axes, options)[2]])
+
+
+def forecast_each(engine: Engine, cells: list[tuple[str, GenerationRequest, dict[str, Any]]],
+                  unit: str = "cell") -> PlotForecast:
+    """The forecast of each (name, request, options it sets) with the model loaded now."""
     forecasts, unknown = [], []
-    for index, cell in plan_cells(engine, base, choices, axes, options)[2]:
-        with engine.options.overridden(cell.options):
+    for name, request, options in cells:
+        with engine.options.overridden(options):
             try:
-                forecasts.append(engine.forecast(cell.request))
+                forecasts.append(engine.forecast(request))
             except UserError as e:
-                unknown.append(f"cell {'/'.join(str(i + 1) for i in index)}: {e.message}")
-    return PlotForecast(forecasts, unknown)
+                unknown.append(f"{name}: {e.message}")
+    return PlotForecast(forecasts, unknown, unit)
 
 
 def plan_cells(engine: Engine, base: GenerationRequest, choices: list[AxisChoice], axes: list[Axis],
