@@ -123,7 +123,7 @@ def info_json(result: GenerationResult, ignored: Sequence[str] = (), notes: Sequ
         "sd_model_hash": result.model_hash, "seed_resize_from_w": req.seed_resize_from_w,
         "seed_resize_from_h": req.seed_resize_from_h,
         "denoising_strength": req.denoising_strength if req.init_images is not None or req.enable_hr else None,
-        "extra_generation_params": {}, "index_of_first_image": 0,
+        "extra_generation_params": {}, "index_of_first_image": result.grids,
         "infotexts": result.infotexts, "styles": [], "job_timestamp": "", "clip_skip": result.clip_skip,
         "is_using_inpainting_conditioning": False, "interrupted": result.interrupted,
         "notices": [*notes, *result.notices], "ignored_fields": list(ignored),

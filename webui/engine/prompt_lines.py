@@ -35,6 +35,20 @@ def _true(text: str) -> bool:
     return text == "true"
 
 
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("must be a number") from None
+
+
 def _styles(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
@@ -50,10 +64,11 @@ def _default_only(name: str) -> Callable[[str], bool]:
 # The options a line may give, as A1111's script knows them: the request field each sets, and how its text is read.
 LINE_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "prompt": ("prompt", str), "negative_prompt": ("negative_prompt", str), "styles": ("styles", _styles),
-    "seed": ("seed", int), "subseed": ("subseed", int), "subseed_strength": ("subseed_strength", float),
-    "seed_resize_from_h": ("seed_resize_from_h", int), "seed_resize_from_w": ("seed_resize_from_w", int),
-    "sampler_name": ("sampler_name", str), "batch_size": ("batch_size", int), "n_iter": ("n_iter", int),
-    "steps": ("steps", int), "cfg_scale": ("cfg_scale", float), "width": ("width", int), "height": ("height", int),
+    "seed": ("seed", _whole), "subseed": ("subseed", _whole), "subseed_strength": ("subseed_strength", _number),
+    "seed_resize_from_h": ("seed_resize_from_h", _whole), "seed_resize_from_w": ("seed_resize_from_w", _whole),
+    "sampler_name": ("sampler_name", str), "batch_size": ("batch_size", _whole), "n_iter": ("n_iter", _whole),
+    "steps": ("steps", _whole), "cfg_scale": ("cfg_scale", _number), "width": ("width", _whole),
+    "height": ("height", _whole),
     "sd_model": ("checkpoint", str), "do_not_save_samples": ("save_images", lambda text: not _true(text)),
     "restore_faces": ("", _default_only("restore_faces")), "tiling": ("", _default_only("tiling")),
 }

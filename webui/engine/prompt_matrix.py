@@ -114,7 +114,7 @@ class PromptMatrix:
             result, request=base, images=[grid, *result.images], infotexts=first_twice(result.infotexts),
             seeds=first_twice(result.seeds), subseeds=first_twice(result.subseeds),
             prompts=first_twice(result.prompts), negative_prompts=first_twice(result.negative_prompts),
-            paths=[grid_path, *result.paths] if saved else [])
+            paths=[grid_path, *result.paths] if saved else [], grids=1)
 
     def _grid(self, result: GenerationResult, parts: list[str]) -> Image.Image:
         across = (len(parts) + 1) // 2  # the parts that vary along the columns

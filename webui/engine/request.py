@@ -304,6 +304,7 @@ class GenerationResult:
     notices: list[str] = field(default_factory=list)  # what the user should know (a VAE kept in float32)
     forecast: Forecast | None = None  # what was forecast before it ran (benchmarks compare it with what happened)
     fast: tuple[str, ...] = ()  # the fast features that ran (issue 26): "compiled", the attention backend, "fp8 matmul"
+    grids: int = 0  # how many images, first, are grids (a plot's, a prompt matrix's): A1111's index_of_first_image
 
     @property
     def seed(self) -> int:

@@ -200,6 +200,7 @@ class PlotResult:
             negative_prompts=[cell.negative_prompts[0] for _, _, cell in parts],
             paths=[self.grid_path] if self.grid_path else [], interrupted=self.interrupted,
             seconds=sum(cell.seconds for cell in made), memory_timeline=self.memory_timeline,
+            grids=len(self.shown_grids),
             notices=list(dict.fromkeys(notice for cell in made for notice in cell.notices)))
 
 
