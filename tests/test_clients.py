@@ -125,6 +125,20 @@ def test_webuiapi_xyz_plot_as_in_its_readme(api):
     assert any("read as 'Sampler'" in note for note in result.info["notices"])
 
 
+def test_webuiapi_prompt_scripts(api):
+    """A1111's two prompt scripts by title with their script_args in A1111's order, as webuiapi sends them."""
+    lines = api.txt2img(prompt="blue background", width=64, height=64, seed=7, script_name="Prompts from file or textbox",
+                        script_args=[False, True, "start", "a red circle\n--prompt a green square --steps 2"])
+    assert len(lines.images) == 2 and lines.info["all_prompts"] == ["a red circle blue background",
+                                                                     "a green square blue background"]
+    assert lines.info["all_seeds"] == [7, 7]
+    matrix = api.txt2img(prompt="a red circle|blue background|small", width=64, height=64, seed=7,
+                         script_name="Prompt matrix", script_args=[False, False, "positive", "comma", 0])
+    assert len(matrix.images) == 5 and matrix.info["index_of_first_image"] == 1
+    assert matrix.info["all_prompts"][1:] == ["a red circle", "a red circle, blue background", "a red circle, small",
+                                              "a red circle, blue background, small"]
+
+
 def test_webuiapi_lists_and_settings(api, server):
     assert api.util_get_sampler_names() and "Euler a" in api.util_get_sampler_names()
     assert {"automatic", "karras"} <= set(api.util_get_scheduler_names())

@@ -1,6 +1,7 @@
 """The Gradio UI, served for real on a free local port and driven with gradio_client."""
 from __future__ import annotations
 
+import html
 import socket
 import time
 from collections.abc import Iterator
@@ -288,6 +289,31 @@ def test_xyz_tab_plots_over_the_img2img_form(client, tmp_path):
 def test_xyz_tab_names_a_bad_value(client):
     _preview, gallery, status, *_ = client.predict(**SMALL, x_type="Steps", x_values="two", api_name="/xyz_plot")
     assert "X values (x_values)" in status and "two" in status
+
+
+def test_prompt_scripts_tab_runs_each_line_and_the_matrix(client):
+    """The Prompt scripts tab: each line of the text box over the txt2img form (the line's prompt first), each the plain
+    generation; the matrix's grid first, counted as a grid."""
+    _preview, gallery, status, infotext, *_ = client.predict(
+        **SMALL, seed=21, sampler_name="Euler", prompt_txt="small\n--prompt large --steps 3", checkbox_iterate=True,
+        api_name="/prompt_scripts")
+    assert "Done: 2 images in" in status, status
+    assert infotext.startswith("small a red apple\n") and "Seed: 21" in infotext
+    plain, _, _ = txt2img(client, prompt="large a red apple", seed=22, steps=3, sampler_name="Euler")
+    assert Image.open(plain[0]["image"]).tobytes() == Image.open(gallery[1]["image"]).tobytes()
+    _preview, gallery, status, *_ = client.predict(**{**SMALL, "prompt": "a red apple|on a plate"}, seed=21,
+                                                   script_name="Prompt matrix", api_name="/prompt_scripts")
+    assert "Done: 2 images and 1 grid in" in status, status
+    grid = Image.open(gallery[0]["image"])
+    assert grid.width == 2 * 64 and grid.height > 64, "two columns under their labels"
+    _preview, _gallery, status, *_ = client.predict(**SMALL, prompt_txt="--steps many", api_name="/prompt_scripts")
+    assert "line 1: --steps 'many': must be a whole number" in html.unescape(status), status
+
+
+def test_an_uploaded_prompt_file_fills_the_text_box():
+    from webui.ui.prompt_scripts_tab import prompt_file_text
+
+    assert prompt_file_text(b" a cat \r\n--steps 3\xff\n") == "a cat\n--steps 3"
 
 
 def test_axis_with_choices_is_picked_from_a_list(engine):

@@ -3,7 +3,7 @@
 It holds no engine logic: its controls read and write the settings store, its forms become GenerationRequests
 (``txt2img.request_from_form``) submitted through the job queue, the same path the API takes. One module per part of
 the page: the model row, the txt2img tab (with the LoRA browser and the output column and its memory panel), the
-img2img tab (the same with an init image), the X/Y/Z plot, PNG Info, Settings and the extensions' tabs.
+img2img tab (the same with an init image), the X/Y/Z plot, the prompt scripts, PNG Info, Settings and the extensions' tabs.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from webui.ui.img2img import img2img_tab, send_to_img2img
 from webui.ui.extras_tab import extras_tab, send_to_extras
 from webui.ui.model_row import model_row
 from webui.ui.png_info import png_info_tab
+from webui.ui.prompt_scripts_tab import prompt_scripts_tab
 from webui.ui.settings_tab import settings_tab
 from webui.ui.txt2img import CTRL_ENTER_JS, txt2img_tab
 from webui.ui.xyz_tab import xyz_tab
@@ -34,6 +35,8 @@ def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
                 img2img = img2img_tab(demo, engine, jobs, checkpoint)
             with gr.Tab("X/Y/Z plot", id="xyz"):
                 xyz_tab(demo, engine, jobs, txt2img.form, img2img.form)
+            with gr.Tab("Prompt scripts", id="prompt_scripts"):
+                prompt_scripts_tab(demo, engine, jobs, txt2img.form, img2img.form)
             with gr.Tab("Extras", id="extras"):
                 extras_image = extras_tab(demo, engine, jobs)
             with gr.Tab("PNG Info", id="png_info"):

@@ -135,10 +135,13 @@ def progress_html(progress: Progress, future: Future) -> str:
 
 
 def made_text(result: GenerationResult | PlotResult) -> str:
-    """What a job made: its images, and a plot's grids besides (the gallery may hold some or none of its cells)."""
+    """What a job made: its images, and a plot's or a prompt matrix's grids besides (the gallery may hold some or none
+    of a plot's cells)."""
     if isinstance(result, PlotResult):
-        return f"{counted(result.images_made, 'image')} and {counted(len(result.shown_grids), 'grid')}"
-    return counted(len(result.images), "image")
+        images, grids = result.images_made, len(result.shown_grids)
+    else:
+        images, grids = len(result.images) - result.grids, result.grids
+    return counted(images, "image") + (f" and {counted(grids, 'grid')}" if grids else "")
 
 
 def done_text(result: GenerationResult, made: str) -> str:

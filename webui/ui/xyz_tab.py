@@ -11,13 +11,12 @@ import gradio as gr
 from webui.engine.engine import Engine
 from webui.engine.request import GenerationRequest
 from webui.engine.xyz import Axis, AxisChoice, PlotForecast, PlotOptions, find_axis, forecast_plot, plot_from_args
-from webui.errors import UserError
 from webui.extensions import plot_axes
 from webui.jobs import JobQueue
 from webui.ui.common import Components
 from webui.ui.forecast import forecast_box, forecast_html, keep_forecast_fresh
 from webui.ui.generation import generator, output_column
-from webui.ui.txt2img import request_from_form
+from webui.ui.over_tab import over_tab, tab_chooser
 
 VALUES_HINT = "1, 2, 3 · ranges 1-5, 1-10 (+2), 1-10 [5] · quote items holding commas"
 
@@ -28,7 +27,6 @@ def xyz_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, form: Components,
     one generation per cell, then the labelled grid."""
     axes = plot_axes(engine)
     inputs: Components = {}
-    tabs = ["txt2img", "img2img"] if img2img_form else ["txt2img"]
     with gr.Row():
         with gr.Column(scale=3):
             for name, default in zip("xyz", ("Seed", "Nothing", "Nothing")):
@@ -49,24 +47,16 @@ def xyz_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, form: Components,
         with gr.Column(scale=1, min_width=180):
             generate = gr.Button("Generate plot", variant="primary", size="lg", elem_id="xyz_generate")
             interrupt = gr.Button("Interrupt", elem_id="xyz_interrupt")
-            base = gr.Radio(tabs, value="txt2img", label="Plot over the request of the tab", elem_id="xyz_base",
-                            visible=len(tabs) > 1)
+            base = tab_chooser("xyz", img2img_form, "Plot over the request of the tab")
             gr.Markdown("Prompt, size, sampler and the rest come from that tab (img2img: its image too).")
             forecast = forecast_box("xyz")
     out = output_column("xyz")
 
-    # The handlers take every form's values, then the tab chosen, then the plot's own (in the API, the img2img
-    # form's fields are named img2img_<field>)
-    given = {**form, **{f"img2img_{key}": box for key, box in (img2img_form or {}).items()}, "xyz_base": base}
+    # The handlers take every form's values, then the tab chosen, then the plot's own
+    given, base_request = over_tab(form, img2img_form, base, "xyz")
 
     def plot(values: tuple) -> tuple[GenerationRequest, list[AxisChoice], PlotOptions]:
-        chosen = values[len(given) - 1]
-        fields, start = (form, 0) if chosen == "txt2img" else (img2img_form, len(form))
-        request = request_from_form(fields, values[start:start + len(fields)])
-        if chosen == "img2img" and not request.init_images:
-            raise UserError("a plot over img2img needs an init image: put one in the img2img tab",
-                            field="init_images")
-        return request, *plot_from_args(dict(zip(inputs, values[len(given):])), axes)
+        return base_request(values), *plot_from_args(dict(zip(inputs, values[len(given):])), axes)
 
     def submit(values: tuple) -> Future:
         return jobs.submit_plot(*plot(values))
