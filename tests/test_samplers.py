@@ -22,7 +22,7 @@ SD15 = {
 STOCHASTIC = {"Euler a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM2 a"}
 A1111_SAMPLERS = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "Euler a", "Euler", "LMS",
                   "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM", "DDIM CFG++", "PLMS", "UniPC",
-                  "LCM"]
+                  "LCM", "TCD"]  # (TCD: reForge's and ComfyUI's, not A1111's)
 A1111_SCHEDULE_TYPES = ["Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
                         "Align Your Steps", "Simple", "Normal", "DDIM", "Beta"]
 WITH_DIFFUSERS_SCHEDULER = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "Euler a", "Euler", "LMS",

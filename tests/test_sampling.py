@@ -16,7 +16,8 @@ from webui.engine.sampling import samplers
 from webui.engine.sampling import schedules
 from webui.engine.sampling.kdiffusion import external, sampling
 from webui.engine.sampling.ksampling import GuidedDenoiser, sample, seeded_noise
-from webui.engine.sampling.sampler_functions import CFGPP_SCALE, restart_steps, sample_ddim_cfgpp, sample_lcm, sample_restart
+from webui.engine.sampling.sampler_functions import (CFGPP_SCALE, restart_steps, sample_ddim_cfgpp, sample_lcm,
+                                                     sample_restart, sample_tcd)
 from webui.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning", "ignore:Should have:UserWarning")
@@ -69,7 +70,7 @@ def diffusers_sample(name: str, schedule_type: str, config: dict = SD15, steps: 
 
 K_SAMPLERS = [name for name in REGISTRY.sampler_names() if REGISTRY.find_sampler(name)[0].ksampler is not None]
 STOCHASTIC = {"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "Euler a", "DPM2 a", "DPM fast",
-              "DPM adaptive", "LCM"}
+              "DPM adaptive", "LCM", "TCD"}
 
 
 @pytest.mark.parametrize("name", K_SAMPLERS)
@@ -124,6 +125,8 @@ def test_stochastic_samplers_add_no_noise_at_eta_0(name):
         ("DDIM", None, {"eta_ddim": 0.5}, (0.5, {"Eta DDIM": 0.5})),
         ("DDIM CFG++", 1.0, {}, (1.0, {"Eta DDIM": 1.0})),
         ("PLMS", 0.5, {}, (None, {})),
+        ("TCD", None, {"eta_ancestral": 0.25}, (0.3, {})),
+        ("TCD", 0.5, {}, (0.5, {"Eta": 0.5})),
     ],
 )
 def test_eta_from_request_else_option_and_its_infotext(name, eta, options, expected):
@@ -149,6 +152,32 @@ def test_lcm_predicts_then_noises_to_the_next_sigma():
     out = sample_lcm(recording(target, calls), torch.randn(1, 4, 2, 2), sigmas, noise_sampler=noise_sampler)
     assert torch.equal(out, target)
     assert torch.allclose(calls[1], target + 2.0 * drawn[0]) and torch.allclose(calls[2], target + 0.5 * drawn[1])
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+def test_tcd_is_diffusers_tcd_scheduler_on_the_same_timesteps_and_noise(eta, monkeypatch):
+    """diffusers' TCDScheduler (the reference) steps in the model's own (variance-preserving) scale; the sigma-space
+    TCD on the sigmas of the same timesteps, ending at the first timestep's, draws the same latents, scaled. Both are
+    given the same noise, draw by draw."""
+    from diffusers import TCDScheduler
+    from diffusers.schedulers import scheduling_tcd
+
+    timesteps = [999, 759, 499, 259]
+    draws = list(torch.randn(len(timesteps), len(SEEDS), 4, 8, 8, generator=torch.Generator().manual_seed(5)))
+    reference = TCDScheduler(**{k: v for k, v in SD15.items() if k != "prediction_type"})
+    reference.set_timesteps(timesteps=timesteps)
+    given = iter(draws)
+    monkeypatch.setattr(scheduling_tcd, "randn_tensor", lambda *args, **kwargs: next(given))
+    x = noise()
+    for t in reference.timesteps:
+        x = reference.step(fake_unet(x, t.expand(len(SEEDS)).float()), t, x, eta=eta).prev_sample
+    model = GuidedDenoiser(fake_unet, SD15, 1.0, False)
+    sigmas = model.model.t_to_sigma(torch.tensor([*timesteps, 0]))
+    ours = iter(draws)
+    out = sample_tcd(model, noise() * (1 + sigmas[0] ** 2).sqrt(), sigmas, eta=eta,
+                     noise_sampler=lambda sigma, sigma_next: next(ours))
+    alpha_0 = reference.alphas_cumprod[0]
+    assert torch.allclose(out * alpha_0.sqrt(), x, atol=1e-4), (out * alpha_0.sqrt() - x).abs().max()
 
 
 def test_restart_below_20_steps_is_k_diffusions_heun():

@@ -38,10 +38,16 @@ class KSampler:
     """SDE noise from a Brownian tree (seeded per image), not from the generators."""
     discard_penultimate: bool = False
     """Sample one step more and drop the next-to-last sigma (A1111's DPM2 and DPM2 a)."""
+    own_eta: bool = False
+    """The function's own default eta is the sampler's (TCD's gamma), not the option eta_ancestral's."""
 
     @property
     def takes_eta(self) -> bool:
         return "eta" in inspect.signature(self.function).parameters
+
+    @property
+    def function_eta(self) -> float:
+        return inspect.signature(self.function).parameters["eta"].default
 
 
 class GuidedDenoiser:

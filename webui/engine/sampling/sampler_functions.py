@@ -29,6 +29,33 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, n
 
 
 @torch.no_grad()
+def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.3, noise_sampler=None):
+    """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024): each step predicts
+    the clean latents and the noise, goes along the trajectory to the timestep ``(1 - eta)`` times the next one's
+    (rounded down, as the model's discrete timesteps are) and is noised forward from there to the next sigma. eta
+    (the paper's gamma) 0 is DDIM, 1 LCM's sampling; the default 0.3 is the paper's.
+
+    ``model`` is ``ksampling.GuidedDenoiser``: its ``model`` holds the training schedule (timesteps <-> sigmas)."""
+    noise_sampler = noise_sampler or sampling.default_noise_sampler(x)
+    schedule = model.model
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **(extra_args or {}))
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        if sigmas[i + 1] == 0:
+            x = denoised
+            continue
+        # a timestep from its sigma is exact to float precision only: rounded before it is rounded down
+        t_next = schedule.sigma_to_t(sigmas[i + 1], quantize=False).round(decimals=3)
+        sigma_s = schedule.t_to_sigma(torch.floor((1 - eta) * t_next)).to(x.dtype)
+        x = denoised + sigma_s * (x - denoised) / sigmas[i]
+        if eta > 0:
+            x = x + (sigmas[i + 1] ** 2 - sigma_s ** 2).clamp(min=0).sqrt() * noise_sampler(sigmas[i], sigmas[i + 1])
+    return x
+
+
+@torch.no_grad()
 def sample_ddim_cfgpp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0, noise_sampler=None):
     """DDIM with CFG++ (Chung et al. 2024): the guided prediction, at 1/12.5 of the CFG scale, gives the clean
     latents; the unconditional one the direction to the next noise level. In sigma space a DDIM step is an

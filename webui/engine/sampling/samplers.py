@@ -31,6 +31,7 @@ DDIM CFG++         —                                       sample_ddim_cfgpp  
 PLMS               PNDM(skip_prk_steps, leading)           —                           its own
 UniPC              UniPCMultistep(order 3, "bh1")          —                           its own
 LCM                —                                       sample_lcm                  Uniform
+TCD                —                                       sample_tcd                  Uniform
 =================  ======================================  ==========================  ==================
 
 DDIM, DDIM CFG++, PLMS and UniPC are A1111's "timestep" samplers: A1111 ignores the schedule type for
@@ -38,8 +39,8 @@ them, and so do we (the infotext still says what was asked). The DPM++ 3M SDE ex
 
 eta, as in A1111: samplers whose function takes an eta (ancestral and SDE samplers, DPM fast and
 adaptive) use the request's eta, else the option ``eta_ancestral`` (1); the timestep samplers with one
-(DDIM, DDIM CFG++) the request's, else ``eta_ddim`` (0). The infotext says "Eta" where it is not 1
-and "Eta DDIM" where not 0. diffusers' own ancestral and SDE schedulers sample at eta 1 (DDIM takes
+(DDIM, DDIM CFG++) the request's, else ``eta_ddim`` (0); TCD (its gamma) the request's, else its own 0.3. The
+infotext says "Eta" where it is not the default (1; TCD's 0.3) and "Eta DDIM" where not 0. diffusers' own ancestral and SDE schedulers sample at eta 1 (DDIM takes
 any), so another eta runs in sigma space.
 
 Names: lookup ignores case and treats runs of spaces and underscores alike ("euler_a" finds "Euler a");
@@ -82,7 +83,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from webui.engine.sampling import schedules
 from webui.engine.sampling.kdiffusion import external, sampling
 from webui.engine.sampling.ksampling import KSampler
-from webui.engine.sampling.sampler_functions import sample_ddim_cfgpp, sample_lcm, sample_restart
+from webui.engine.sampling.sampler_functions import sample_ddim_cfgpp, sample_lcm, sample_restart, sample_tcd
 from webui.errors import UserError
 
 SchedulerFactory = Callable[..., SchedulerMixin]
@@ -137,6 +138,12 @@ class Sampler:
     @property
     def eta_option(self) -> str:
         return "eta_ancestral" if self.uses_schedule_type else "eta_ddim"
+
+    def default_eta(self, options: Mapping[str, Any]) -> float:
+        """The eta a request without one samples with: the option's, or the sampler's own (TCD's 0.3)."""
+        if self.ksampler is not None and self.ksampler.own_eta:
+            return self.ksampler.function_eta
+        return float(options[self.eta_option])
 
 
 def _factory_takes_eta(factory: SchedulerFactory | None) -> bool:
@@ -351,6 +358,7 @@ class SamplerRegistry:
         add("PLMS", _PLMS, ["plms"], uses_schedule_type=False)
         add("UniPC", _UNIPC, ["unipc"], uses_schedule_type=False)
         add("LCM", None, ["lcm"], ksampler=KSampler(sample_lcm))
+        add("TCD", None, ["tcd"], ksampler=KSampler(sample_tcd, own_eta=True))
 
     def _lookup_sampler(self, name: str) -> Sampler | None:
         key = _key(name)
@@ -389,7 +397,7 @@ class SamplerRegistry:
         """The sampling a request asks for; ``eta`` None takes the option (``eta_defaults``: the options store)."""
         sampler, schedule = self.find_sampler(sampler_name, schedule_type)
         if sampler.takes_eta:
-            eta = float(eta if eta is not None else eta_defaults[sampler.eta_option])
+            eta = float(eta) if eta is not None else sampler.default_eta(eta_defaults)
         else:
             eta = None
         if sampler.uses_schedule_type and schedule.name != "automatic":
@@ -508,7 +516,7 @@ class Sampling:
         """A1111's infotext fields: sampler, schedule type, and eta where not A1111's default for the sampler."""
         params: dict[str, Any] = {"Sampler": self.sampler.name, "Schedule type": self.schedule.label}
         timestep = not self.sampler.uses_schedule_type
-        if self.eta is not None and self.eta != ETA_DEFAULTS[self.sampler.eta_option]:
+        if self.eta is not None and self.eta != self.sampler.default_eta(ETA_DEFAULTS):
             params["Eta DDIM" if timestep else "Eta"] = self.eta
         return params
 
