@@ -234,12 +234,13 @@ def test_ui_shows_the_fields_of_the_checkpoints_family(tmp_path, files):
     from webui.ui.txt2img import fields_for_family
 
     engine = engine_for(tmp_path, files, "flux-aio.safetensors", "sd3-aio.safetensors")
-    distilled, shift, clip_skip, cfg, width, _ = fields_for_family(engine, "flux-aio.safetensors")
+    distilled, shift, clip_skip, width, _, _, cfg, *_ = fields_for_family(engine, "flux-aio.safetensors")
     assert distilled["visible"] and not shift["visible"] and not clip_skip["visible"] and cfg["value"] == 1.0
-    distilled, shift, clip_skip, cfg, *_ = fields_for_family(engine, "sd3-aio.safetensors")
+    distilled, shift, clip_skip, width, _, _, cfg, *_ = fields_for_family(engine, "sd3-aio.safetensors")
     assert not distilled["visible"] and shift["visible"] and shift["value"] == 3.0 and "value" not in cfg
     assert "value" not in width, "no declared resolution: the size is left alone"
-    distilled, shift, clip_skip, _, width, height = fields_for_family(engine, "demo-shapes.safetensors")
+    distilled, shift, clip_skip, width, height, *preset = fields_for_family(engine, "demo-shapes.safetensors")
+    assert all("value" not in update for update in preset), "no few-step model: steps, CFG, sampler unchanged"
     assert width["value"] == height["value"] == 128, "the demo's declared resolution"
     assert not distilled["visible"] and not shift["visible"] and clip_skip["visible"]
     names, chosen = module_choices(engine)

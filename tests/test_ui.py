@@ -182,7 +182,7 @@ def test_a_reload_shows_the_selected_checkpoint_and_its_size_not_the_loaded_one(
     assert shown.startswith("wide") and engine.models.current.info.name != "wide.safetensors"
     from webui.ui.txt2img import fields_on_load
 
-    *_, width, height = fields_on_load(engine)
+    *_, width, height, _steps, _cfg, _sampler, _schedule = fields_on_load(engine)
     assert (width["value"], height["value"]) == (192, 128)
 
 

@@ -31,7 +31,9 @@ from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
 from webui.engine.folder_batch import FolderBatch, run_folder_batch
 from webui.engine.forecast import Forecast, Rates, forecast_job
-from webui.engine.formats.files import CheckpointInfo, HashCache, checkpoint_title, declared_resolution, short_hash
+from webui.engine.fast_presets import FastPreset, fast_preset, named_in
+from webui.engine.formats.files import (CheckpointInfo, HashCache, checkpoint_title, declared_resolution,
+                                        read_safetensors_header, short_hash)
 from webui.engine.generate import Resolved, generate, resolve_seed
 from webui.engine.hires import SAME_CHECKPOINT, OtherModel, check_latent_handover, resolve_hires
 from webui.engine.hooks import Hooks, Network, extract_networks
@@ -184,6 +186,33 @@ class Engine:
         except (UserError, ModelFileError):
             family = None
         return self.families[family or Family.SD1].form_fields
+
+    def checkpoint_preset(self, title: str | None) -> FastPreset | None:
+        """The few-step preset (``fast_presets``) of a checkpoint (else the selected one), from its name and its
+        header's; None for another model or one there is none of."""
+        try:
+            info = self.checkpoint(title)
+        except UserError:
+            return None
+        return fast_preset(info.model_name, *_names_in_header(info.path))
+
+    def network_preset(self, kind: str, name: str) -> FastPreset | None:
+        """The few-step preset of a prompt network's file (an LCM LoRA …); None for another file or none there."""
+        network = self.browsable_networks().get(kind)
+        try:
+            path = network.path(name) if network is not None and hasattr(network, "path") else None
+        except UserError:
+            return None
+        return fast_preset(Path(name).name, *_names_in_header(path)) if path is not None else None
+
+    def _preset_notices(self, request: GenerationRequest, info: CheckpointInfo) -> list[str]:
+        """What a request that samples far from its checkpoint's or LoRAs' few-step preset should know."""
+        found = [(f"The checkpoint {info.model_name}", self.checkpoint_preset(info.name))]
+        found += [(f"The {call.kind} {call.name}", self.network_preset(call.kind, call.name))
+                  for call in extract_networks(request.prompt)[1]]
+        return [f"{what} is a {preset.kind} model: it draws best with {preset.describe()} (this request: "
+                f"{request.sampler_name}, {request.steps} steps, CFG {request.cfg_scale:g})."
+                for what, preset in found if preset is not None and preset.far_from(request.steps, request.cfg_scale)]
 
     def gpu_total_mb(self) -> int:
         """The device memory Forge's GPU Weights is a part of (the slider's maximum)."""
@@ -370,6 +399,7 @@ class Engine:
         if not trace.running:  # its own recording; a plot's cells leave theirs to the plot
             result.memory_timeline = trace.timeline()
         result.notices.extend(f"no prompt style named {name!r} in {self.styles.path.name}: skipped" for name in missing)
+        result.notices.extend(self._preset_notices(request, info))
         self.hooks.fire("after_generation", request=request, result=result)
         log.info("%s: %d image(s) %dx%d, %d steps, %s, seed %d, %.2f s on %s with %s [%s]%s",
                  job.mode, len(result.images), request.width, request.height, request.steps, result.sampler_name,
@@ -597,3 +627,14 @@ class Engine:
         log.info("extras: %d image(s) with %s%s in %.2f s", len(result.images), request.upscaler_1,
                  f" and {request.upscaler_2}" if request.blends else "", result.seconds)
         return result
+
+
+def _names_in_header(path: Path) -> list[str]:
+    """The names a .safetensors file's metadata gives its model (``fast_presets``); none for other files or a header
+    that cannot be read (the load names that problem)."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return []
+    try:
+        return named_in(read_safetensors_header(path)[1])
+    except ModelFileError:
+        return []

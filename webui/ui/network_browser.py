@@ -15,7 +15,8 @@ import gradio as gr
 from PIL import Image, ImageDraw, ImageFont
 
 from webui.engine.engine import Engine
-from webui.ui.common import REFRESH
+from webui.engine.fast_presets import FastPreset
+from webui.ui.common import REFRESH, Components
 
 PREVIEW_SUFFIXES = (".preview.png", ".png", ".preview.jpg", ".jpg", ".jpeg", ".webp")  # A1111's names for a card
 CARD_SIZE = 192
@@ -30,7 +31,22 @@ def browsers(engine: Engine) -> list[tuple[str, str, Any, Callable[[str, str | N
                         "prompt, again to remove it", engine.embeddings, toggle_word)]
 
 
-def network_browsers(demo: gr.Blocks, engine: Engine, prompt: gr.Textbox, tab: str = "txt2img") -> None:
+PRESET_FIELDS = ("steps", "cfg_scale", "sampler_name", "scheduler")  # the form fields a few-step preset sets
+
+
+def preset_updates(values: dict[str, Any]) -> list[dict]:
+    """The updates of ``PRESET_FIELDS`` to these values (a few-step preset's fields); the others unchanged."""
+    return [gr.update(value=values[name]) if name in values else gr.update() for name in PRESET_FIELDS]
+
+
+def preset_fields(preset: FastPreset | None) -> dict[str, Any]:
+    return preset.fields() if preset is not None else {}
+
+
+def network_browsers(demo: gr.Blocks, engine: Engine, form: Components, tab: str = "txt2img") -> None:
+    """The browsers under a form; a click that adds a few-step LoRA (LCM, Lightning …) sets the form's steps, CFG,
+    sampler and schedule type to its preset."""
+    prompt = form["prompt"]
     for kind, title, network, toggle in browsers(engine):
         with gr.Accordion(title, open=True, elem_id=f"{tab}_{kind}_browser"):
             with gr.Row(equal_height=True):
@@ -47,14 +63,19 @@ def network_browsers(demo: gr.Blocks, engine: Engine, prompt: gr.Textbox, tab: s
             names = matching(network.names(), query)
             return [(card_image(network, name), name) for name in names], names
 
-        def picked(prompt_text: str, names: list[str], evt: gr.SelectData, toggle: Callable = toggle) -> str:
-            return toggle(prompt_text, names[evt.index] if 0 <= evt.index < len(names) else None)
+        def picked(prompt_text: str, names: list[str], evt: gr.SelectData, toggle: Callable = toggle,
+                   kind: str = kind) -> list:
+            name = names[evt.index] if 0 <= evt.index < len(names) else None
+            changed = toggle(prompt_text, name)
+            added = name is not None and f"<{kind}:{name}:" in changed and f"<{kind}:{name}:" not in prompt_text
+            return [changed, *preset_updates(preset_fields(engine.network_preset(kind, name) if added else None))]
 
         search.change(listed, search, [cards, shown], api_visibility="private")
         refresh.click(lambda query, listed=listed: listed(query, refresh=True), search, [cards, shown],
                       api_visibility="private")
         demo.load(listed, search, [cards, shown], api_visibility="private")
-        cards.select(picked, [prompt, shown], prompt, api_visibility="private")
+        cards.select(picked, [prompt, shown], [prompt, *(form[name] for name in PRESET_FIELDS)],
+                     api_visibility="private")
 
 
 def matching(names: list[str], query: str | None) -> list[str]:

@@ -24,7 +24,7 @@ from webui.ui.controlnet import controlnet_inputs, units_from_form
 from webui.ui.forecast import FORECAST_FIELDS, forecast_box, forecast_html, keep_forecast_fresh
 from webui.ui.generation import generator, output_column
 from webui.ui.model_row import checkpoint_choices
-from webui.ui.network_browser import network_browsers
+from webui.ui.network_browser import PRESET_FIELDS, network_browsers, preset_fields, preset_updates
 from webui.ui.styles import style_inputs
 
 # Ctrl+Enter (Cmd+Enter on macOS) in either prompt box of a tab presses its Generate, as in A1111.
@@ -126,7 +126,7 @@ def generation_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: 
             random_seed, reuse_seed, shift = _settings_column(form, engine, tab)
             more_settings(form)
             controlnet_inputs(form, engine, jobs, tab)
-            network_browsers(demo, engine, form["prompt"], tab)
+            network_browsers(demo, engine, form, tab)
         with gr.Column(scale=1):
             out = output_column(tab)
             with gr.Row():
@@ -150,8 +150,8 @@ def generation_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, checkpoint: 
                        *(gr.update(maximum=engine.options[key]) for key in SLIDER_LIMITS.values())],
               outputs=[form["clip_skip"], *limited], api_visibility="private")
     shift.input(partial(set_option, engine, "sd3_shift"), shift, api_visibility="private")
-    family_fields = [form["distilled_cfg_scale"], shift, form["clip_skip"], form["cfg_scale"], form["width"],
-                     form["height"]]
+    family_fields = [form["distilled_cfg_scale"], shift, form["clip_skip"], form["width"], form["height"],
+                     *(form[name] for name in PRESET_FIELDS)]
     # The user's pick sets the fields (and Flux's CFG); a page load shows those of the checkpoint the settings hold
     # now, read here: the dropdown's value in the page may still be the one it was built with.
     checkpoint.input(partial(fields_for_family, engine), checkpoint, family_fields, api_visibility="private")
@@ -168,13 +168,18 @@ def fields_on_load(engine: Engine) -> tuple[dict, ...]:
 def fields_for_family(engine: Engine, title: str | None, switched: bool = True) -> tuple[dict, ...]:
     """Show the fields the checkpoint's family uses: Distilled CFG for Flux dev, Shift for SD3.x, Clip skip for
     the SD families. Picking a Flux checkpoint sets CFG to 1, as Forge's Flux preset does. A checkpoint that says
-    its resolution (the demo model's 128x128) sets width and height to it."""
+    its resolution (the demo model's 128x128) sets width and height to it; a few-step checkpoint (Turbo, Lightning,
+    LCM … ``fast_presets``) sets steps, CFG, sampler and schedule type to its preset, on a pick and on a page load
+    (whose form is at its defaults, which such a model burns at)."""
     fields = engine.checkpoint_fields(title)
-    cfg = gr.update(value=1.0) if fields.distilled_cfg and switched else gr.update()
     size = engine.declared_size(title) if title else None
+    preset = preset_fields(engine.checkpoint_preset(title) if title else None)
+    if fields.distilled_cfg and switched:
+        preset.setdefault("cfg_scale", 1.0)
     return (gr.update(visible=fields.distilled_cfg), gr.update(visible=fields.shift, value=engine.options["sd3_shift"]),
-            gr.update(visible=fields.clip_skip), cfg,
-            *((gr.update(value=side) for side in size) if size else (gr.update(), gr.update())))
+            gr.update(visible=fields.clip_skip),
+            *((gr.update(value=side) for side in size) if size else (gr.update(), gr.update())),
+            *preset_updates(preset))
 
 
 def _prompt_row(demo: gr.Blocks, engine: Engine, form: Components, tab: str
