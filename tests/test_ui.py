@@ -316,6 +316,17 @@ def test_an_uploaded_prompt_file_fills_the_text_box():
     assert prompt_file_text(b" a cat \r\n--steps 3\xff\n") == "a cat\n--steps 3"
 
 
+def test_the_merger_tab_merges_and_lists_the_result(client, engine):
+    """Merge (No interpolation into bf16: the demo model converted) through the tab; a form without A is named."""
+    demo = engine.checkpoint(None).name
+    status = client.predict(primary=demo, method="No interpolation", precision="bf16", custom_name="demo-bf16",
+                            api_name="/merge_checkpoints")
+    assert "Saved demo-bf16.safetensors:" in status and "tensors in" in status, status
+    assert "demo-bf16" in [info.model_name for info in engine.models.checkpoints()]
+    status = client.predict(method="Weighted sum", api_name="/merge_checkpoints")
+    assert "Primary model (A)" in html.unescape(status), status
+
+
 def test_axis_with_choices_is_picked_from_a_list(engine):
     from webui.extensions import plot_axes
     from webui.ui.xyz_tab import axis_inputs

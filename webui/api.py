@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from webui.api_controlnet import DETECT_BODY_SCHEMA, controlnet_routes, read_detect
+from webui.api_merge import MERGE_BODY_SCHEMA, api_field, read_merge
 from webui.api_body import (
     MAX_MARGIN,
     PNG_INFO_BODY_SCHEMA,
@@ -528,6 +529,19 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         return {"images": [base64.b64encode(png).decode("ascii") for png in encoded], "info": "Success",
                 "ignored_fields": ignored}
 
+    async def merge(body: Any = Body(...)) -> dict[str, Any]:
+        """The checkpoint merger, in the queue (one job at a time with the generations); the results are listed at
+        once (/sd-models)."""
+        request, ignored = read_merge(body)
+        try:
+            result = await asyncio.wrap_future(jobs.submit_call("merge", lambda: engine.merge_checkpoints(request)))
+        except UserError as e:
+            raise UserError(e.message, field=api_field(e.field)) from None
+        return {"paths": [str(path) for path in result.paths], "family": result.family.value,
+                "tensors": result.tensors, "seconds": round(result.seconds, 2),
+                "largest_tensor_mb": round(result.largest_tensor_mb, 1), "notices": result.notices,
+                "ignored_fields": ignored}
+
     async def reload_checkpoint() -> None:
         """Load the selected checkpoint now, in the generation queue (it waits for the running job)."""
         await asyncio.wrap_future(jobs.submit_call("reload-checkpoint", engine.load_selected))
@@ -540,6 +554,8 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
          "machine, forecast without generating (this app's; loads the model it names)"),
         ("/png-info", png_info, "POST", "The generation parameters stored in an image (base64), read and parsed"),
         ("/reload-checkpoint", reload_checkpoint, "POST", "Load the checkpoint the options select"),
+        ("/merge-checkpoints", merge, "POST", "The checkpoint merger: weighted sum, add difference or none of 2-3 "
+         "checkpoints, a VAE and LoRAs baked in, saved as safetensors or GGUF (A1111's merger fields; this app's)"),
         ("/extra-single-image", extra_single_image, "POST",
          "Extras: upscale one image (A1111 request and response shape; face restoration is not supported)"),
         ("/extra-batch-images", extra_batch_images, "POST",
@@ -590,9 +606,11 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
     extra = {"dependencies": [Depends(basic_auth(args.api_auth))] if args.api_auth else None,
              "route_class_override": route_class(args.api_log)}
     responses = ERROR_RESPONSES | (LOGIN_RESPONSES if args.api_auth else {})
-    bodies = {"/txt2img": txt2img_body_schema(), "/img2img": img2img_body_schema(), "/estimate": txt2img_body_schema(), "/options": options_body_schema(), "/png-info": PNG_INFO_BODY_SCHEMA,
+    bodies = {"/txt2img": txt2img_body_schema(), "/img2img": img2img_body_schema(), "/estimate": txt2img_body_schema(),
+              "/options": options_body_schema(), "/png-info": PNG_INFO_BODY_SCHEMA, "/merge-checkpoints": MERGE_BODY_SCHEMA,
               "/extra-single-image": extras_body_schema(batch=False), "/extra-batch-images": extras_body_schema(batch=True)}
-    queued = ("/extra-single-image", "/extra-batch-images", "/txt2img", "/img2img", "/reload-checkpoint", "/estimate")
+    queued = ("/extra-single-image", "/extra-batch-images", "/txt2img", "/img2img", "/reload-checkpoint", "/estimate",
+              "/merge-checkpoints")
     commands = {f"/server-{name}" for name in SERVER_COMMANDS}
     for path, endpoint, method, summary in routes:
         body = bodies.get(path) if method == "POST" else None

@@ -43,6 +43,7 @@ from webui.engine.loading.demo import CONTROLNET_DIR
 from webui.engine.loading.load import LoadedModel
 from webui.engine.loading.models import STORAGE_DTYPES, Dtypes, ModelManager
 from webui.engine.memory import MB
+from webui.engine.merge.merger import MergeInputs, MergeRequest, MergeResult, merge_checkpoints
 from webui.engine.memory.host_pages import limit_heap_arenas
 from webui.engine.memory.manager import DeviceMemory, MemoryManager, MemoryMode, MemoryPolicy, use_expandable_segments
 from webui.engine.outputs import remove_stale_temp_files, save_image
@@ -546,6 +547,41 @@ class Engine:
         first = model.info
         return OtherModel(checkpoint_title(info, sha), lambda: switch(info, job.hires.networks),
                           lambda: switch(first, calls))
+
+    def merge_checkpoints(self, request: MergeRequest) -> MergeResult:
+        """The checkpoint merger (``webui.engine.merge``): the request's files found, merged one job at a time with the
+        generations, and the results listed at once."""
+        request = request.checked()
+        paths = []
+        for name, field in zip(request.sources, ("primary", "secondary", "tertiary")):
+            try:
+                paths.append(self.checkpoint(name).path)
+            except UserError as e:
+                raise UserError(e.message, field=field) from None
+        try:
+            vae = self.models.find_vae(request.bake_in_vae)
+        except UserError as e:
+            raise UserError(e.message, field="bake_in_vae") from None
+        loras = [(self._lora_file(name), float(weight)) for name, weight in request.loras]
+        paths_config = self.config.paths
+        inputs = MergeInputs(paths, vae, loras, paths_config.checkpoint_dirs[0], paths_config.vae_dir,
+                             paths_config.text_encoder_dir)
+        with self._generate_lock:
+            result = merge_checkpoints(request, inputs, self.progress)
+        self.models.refresh()
+        log.info("merged %s (%s, %s) into %s: %d tensors in %.1f s, the largest %.0f MB", ", ".join(p.name for p in paths),
+                 request.method, request.precision, ", ".join(p.name for p in result.paths), result.tensors,
+                 result.seconds, result.largest_tensor_mb)
+        return result
+
+    def _lora_file(self, name: str) -> Path:
+        network = self.browsable_networks().get("lora")
+        if network is None or not hasattr(network, "path"):
+            raise UserError("LoRAs are off: the LoRA extension is not loaded", field="loras")
+        try:
+            return network.path(name)
+        except UserError as e:
+            raise UserError(e.message, field="loras") from None
 
     def forecast(self, request: GenerationRequest, load: bool = False) -> Forecast:
         """Will it fit? The request's peak VRAM, host RAM and time, forecast from the memory manager's plan and the

@@ -3,7 +3,7 @@
 It holds no engine logic: its controls read and write the settings store, its forms become GenerationRequests
 (``txt2img.request_from_form``) submitted through the job queue, the same path the API takes. One module per part of
 the page: the model row, the txt2img tab (with the LoRA browser and the output column and its memory panel), the
-img2img tab (the same with an init image), the X/Y/Z plot, the prompt scripts, PNG Info, Settings and the extensions' tabs.
+img2img tab (the same with an init image), the X/Y/Z plot, the prompt scripts, the checkpoint merger, PNG Info, Settings and the extensions' tabs.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from webui.jobs import JobQueue
 from webui.ui.extensions_tab import extension_tabs, extensions_tab
 from webui.ui.img2img import img2img_tab, send_to_img2img
 from webui.ui.extras_tab import extras_tab, send_to_extras
+from webui.ui.merger_tab import merger_tab
 from webui.ui.model_row import model_row
 from webui.ui.png_info import png_info_tab
 from webui.ui.prompt_scripts_tab import prompt_scripts_tab
@@ -41,6 +42,8 @@ def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
                 extras_image = extras_tab(demo, engine, jobs)
             with gr.Tab("PNG Info", id="png_info"):
                 png_info_tab(engine, txt2img.form, tabs, img2img.form, extras_image)
+            with gr.Tab("Checkpoint Merger", id="merger"):
+                merger_tab(demo, engine, jobs)
             extension_tabs(engine)
             with gr.Tab("Settings", id="settings"):
                 settings_tab(demo, engine)

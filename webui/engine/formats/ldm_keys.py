@@ -80,6 +80,11 @@ def unet_to_ldm(state_dict: StateDict, config) -> StateDict:
     return remap(state_dict, _unet_blocks(config), exact)
 
 
+def unet_ldm_names(names: list[str], config) -> dict[str, str]:
+    """The LDM name (without the ``model.diffusion_model.`` prefix) of each diffusers UNet tensor name."""
+    return {diffusers: ldm for ldm, diffusers in unet_to_ldm(dict(zip(names, names)), config).items()}
+
+
 def controlnet_to_ldm(state_dict: StateDict, config) -> StateDict:
     """Diffusers ``ControlNetModel`` state dict → LDM names, without the ``control_model.`` prefix: the UNet's down
     and middle blocks, the hint block (convolutions at even indices), the zero convolutions."""

@@ -13,9 +13,10 @@ SD2's are the ones with linear ``proj_in`` layers.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -264,15 +265,18 @@ def quantize(values: np.ndarray, qtype: Q) -> np.ndarray:
     return gguf.quants.quantize(values.astype(np.float32), qtype)
 
 
-def write_gguf(path: str | Path, state_dict: Mapping[str, torch.Tensor], qtype_for: QTypeFor,
-               arch: str = "flux") -> Path:
-    """Write ``state_dict`` (original key names) as a GGUF file, each tensor in ``qtype_for(name, tensor)``.
+def write_gguf(path: str | Path, state_dict: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+               qtype_for: QTypeFor, arch: str = "flux") -> Path:
+    """Write ``state_dict`` (original key names; or (name, tensor) pairs, made as they are read) as a GGUF file, each
+    tensor in ``qtype_for(name, tensor)``.
 
     Tensors are stored as ``stored_shape`` says (with ``shape_fix`` for SD1/SDXL UNets, as ComfyUI-GGUF's
-    converter does); one stored reshaped gets its ``orig_shape`` entry.
+    converter does); one stored reshaped gets its ``orig_shape`` entry. A window of tensors (one per core) is
+    quantized at a time and spooled to a temporary file, so memory holds a window, not the model (the merger writes
+    merged tensors as they come).
     """
     path = Path(path)
-    writer = gguf.GGUFWriter(path, arch)
+    writer = gguf.GGUFWriter(path, arch, use_temp_file=True)
 
     def quantized(item: tuple[str, torch.Tensor]) -> tuple[str, tuple[int, ...], tuple[int, ...], Q, np.ndarray]:
         name, tensor = item
@@ -282,12 +286,15 @@ def write_gguf(path: str | Path, state_dict: Mapping[str, torch.Tensor], qtype_f
             raise ValueError(f"{name} of shape {list(shape)} cannot be stored as {qtype.name}")
         return name, shape, stored, qtype, quantize(tensor.detach().float().cpu().numpy().reshape(stored), qtype)
 
+    items = iter(state_dict.items() if isinstance(state_dict, Mapping) else state_dict)
+    window = os.cpu_count() or 1
     # numpy's quantizers release the GIL: a full-size Flux is quantized on every core (211 s on one)
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        for name, shape, stored, qtype, data in pool.map(quantized, state_dict.items()):
-            if stored != shape:
-                writer.add_array(ORIG_SHAPE_KEY + name, list(shape))
-            writer.add_tensor(name, data, raw_dtype=qtype)
+    with ThreadPoolExecutor(max_workers=window) as pool:
+        while batch := list(itertools.islice(items, window)):
+            for name, shape, stored, qtype, data in pool.map(quantized, batch):
+                if stored != shape:
+                    writer.add_array(ORIG_SHAPE_KEY + name, list(shape))
+                writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
