@@ -569,8 +569,8 @@ class Engine:
         with self._generate_lock:
             result = merge_checkpoints(request, inputs, self.progress)
         self.models.refresh()
-        log.info("merged %s (%s, %s) into %s: %d tensors in %.1f s, the largest %.0f MB", ", ".join(p.name for p in paths),
-                 request.method, request.precision, ", ".join(p.name for p in result.paths), result.tensors,
+        log.info("merged %s (%s, %s) into %s: %d tensors in %.1f s, the largest %.0f MB",
+                 ", ".join(p.name for p in paths), request.method, request.precision, ", ".join(p.name for p in result.paths), result.tensors,
                  result.seconds, result.largest_tensor_mb)
         return result
 

@@ -3,9 +3,9 @@ written as safetensors (fp16, bf16 or fp32) or as GGUF.
 
 Methods, as A1111's: *Weighted sum* A·(1−M) + B·M, *Add difference* A + (B − C)·M, *No interpolation* A alone (to
 bake a VAE or LoRAs, change the precision, convert to GGUF, or drop weights). Every tensor is read from the files
-(memory-mapped), merged in float32, its LoRA updates added (``bake``), and written at once (``streamed``), so a
-merge holds a few tensors in memory, not the checkpoints: two SDXL files merge in far less memory than one takes
-(BENCHMARKS.md). Tensors only the primary has are kept as they are; an inpainting (or instruct-pix2pix) primary's
+(read, not memory-mapped), merged in float32, its LoRA updates added (``bake``), and written at once
+(``streamed``), so a merge holds a few tensors in memory, not the checkpoints: two SDXL files merge in far less
+memory than one takes (BENCHMARKS.md). Tensors only the primary has are kept as they are; an inpainting (or instruct-pix2pix) primary's
 wider first convolution is merged over the channels the other has, as A1111 does. Integer tensors (position ids)
 are the primary's.
 
@@ -25,12 +25,10 @@ from pathlib import Path
 
 import torch
 from gguf import GGMLQuantizationType as Q
-from safetensors import safe_open
-
 from webui.engine.formats.detect import SD1_CLIP, SDXL_CLIP_L, SDXL_OPENCLIP, UNET, Family, detect_family, infer_arch
 from webui.engine.formats.files import TensorInfo, read_safetensors_header
 from webui.engine.merge.bake import Update, lora_updates
-from webui.engine.merge.streamed import DTYPE_NAMES, write_safetensors
+from webui.engine.merge.streamed import TORCH_DTYPES, TensorReader, write_safetensors
 from webui.engine.progress import Progress
 from webui.engine.weights.gguf_load import SHAPE_FIX_ARCHS, quantize_where_possible, write_gguf
 from webui.errors import ModelFileError, UserError
@@ -44,7 +42,6 @@ GGUF_ARCHS = {Family.SD1: "sd1", Family.SDXL: "sdxl", Family.FLUX: "flux"}
 # The parts of an SD checkpoint a GGUF's denoiser needs beside it: (prefix in the checkpoint, folder, file suffix)
 GGUF_MODULES = {Family.SD1: ((SD1_CLIP, "text_encoder", "clip_l"),),
                 Family.SDXL: ((SDXL_CLIP_L, "text_encoder", "clip_l"), (SDXL_OPENCLIP, "text_encoder", "clip_g"))}
-_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -138,8 +135,8 @@ def merge_checkpoints(request: MergeRequest, inputs: MergeInputs, progress: Prog
     dtype = PRECISIONS[request.precision]
     largest = max((_bytes(info) for info in primary_infos.values()), default=0)
     with ExitStack() as stack:
-        files = [stack.enter_context(safe_open(str(path), framework="pt")) for path in inputs.checkpoints]
-        vae_file = stack.enter_context(safe_open(str(vae_path), framework="pt")) if vae_path else None
+        files = [stack.enter_context(TensorReader(path)) for path in inputs.checkpoints]
+        vae_file = stack.enter_context(TensorReader(vae_path)) if vae_path else None
         done = 0
         progress.begin("Merging checkpoints", 1, len(keys))
 
@@ -258,8 +255,9 @@ class _Output:
             arch, qtype = self.gguf
             write_gguf(self.path, produced, quantize_where_possible(qtype, arch in SHAPE_FIX_ARCHS), arch)
             return
-        planned = {name: (dtype if _DTYPES[infos[key].dtype].is_floating_point else _DTYPES[infos[key].dtype],
-                          infos[key].shape) for key, name in self.names.items()}
+        stored = {key: TORCH_DTYPES[infos[key].dtype] for key in self.names}
+        planned = {name: (dtype if stored[key].is_floating_point else stored[key], infos[key].shape)
+                   for key, name in self.names.items()}
         write_safetensors(self.path, planned, produced, metadata)
 
 
