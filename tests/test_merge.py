@@ -162,3 +162,28 @@ def test_the_api_route_merges_with_a1111s_field_names(engine, sd1_file, sd1_b):
     bad = client.post("/sdapi/v1/merge-checkpoints", json={"primary_model_name": sd1_file.name,
                                                            "secondary_model_name": "sdxl-1"})
     assert bad.status_code == 422 and bad.json()["field"] == "secondary_model_name"
+
+
+def test_a_scalar_and_an_inpainting_primarys_first_convolution_merge_as_a1111s():
+    """SDXL's OpenCLIP has a 0-d logit_scale; an inpainting primary's first convolution takes 9 channels, the other's
+    4: its first 4 are merged, the rest kept."""
+    from webui.engine.formats.files import TensorInfo
+    from webui.engine.merge.merger import _merged
+
+    class Reader:
+        def __init__(self, value):
+            self.value = value
+
+        def get_tensor(self, key):
+            return self.value.clone()
+
+    def merge(a, b):
+        headers = [({"k": TensorInfo("F32", tuple(t.shape))}, {}) for t in (a, b)]
+        return _merged(MergeRequest("a", "b", multiplier=0.25), "k", [Reader(a), Reader(b)], headers, ())
+
+    assert merge(torch.tensor(1.0), torch.tensor(3.0)).item() == 1.5
+    wide, narrow = torch.ones(2, 9, 3, 3), torch.full((2, 4, 3, 3), 5.0)
+    out = merge(wide, narrow)
+    assert torch.equal(out[:, :4], torch.full((2, 4, 3, 3), 2.0)) and torch.equal(out[:, 4:], wide[:, 4:])
+    with pytest.raises(UserError, match="primary \\(A\\) must be the inpainting one"):
+        merge(narrow, wide)

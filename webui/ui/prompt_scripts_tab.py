@@ -17,9 +17,9 @@ from webui.engine.prompt_matrix import PromptMatrix
 from webui.engine.xyz import PlotForecast
 from webui.jobs import JobQueue
 from webui.ui.common import Components
-from webui.ui.forecast import forecast_box, forecast_html, keep_forecast_fresh
+from webui.ui.forecast import forecast_html, keep_forecast_fresh
 from webui.ui.generation import generator, output_column
-from webui.ui.over_tab import over_tab, tab_chooser
+from webui.ui.over_tab import margin_slider, over_tab, run_column
 
 LINES_HINT = ('One prompt a line, or options: --prompt "a cat" --negative_prompt "blurry" --steps 30 --seed 5 '
               '--sampler_name "Euler a" --width 768 --sd_model other')
@@ -60,17 +60,11 @@ def prompt_scripts_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, form: Co
                     inputs["variations_delimiter"] = gr.Radio(list(DELIMITERS), value="comma",
                                                               label="Select joining char",
                                                               elem_id="prompt_scripts_variations_delimiter")
-                    inputs["margin_size"] = gr.Slider(0, 500, value=0, step=2, precision=0, label="Grid margins (px)",
-                                                      elem_id="prompt_scripts_margin_size")
-        with gr.Column(scale=1, min_width=180):
-            generate = gr.Button("Generate", variant="primary", size="lg", elem_id="prompt_scripts_generate")
-            interrupt = gr.Button("Interrupt", elem_id="prompt_scripts_interrupt")
-            base = tab_chooser("prompt_scripts", img2img_form, "Run over the request of the tab")
-            gr.Markdown("Prompt, size, sampler and the rest come from that tab (img2img: its image too).")
-            forecast = forecast_box("prompt_scripts")
+                    inputs["margin_size"] = margin_slider("prompt_scripts")
+        column = run_column("prompt_scripts", img2img_form, "Generate", "Run over the request of the tab")
     out = output_column("prompt_scripts")
 
-    given, base_request = over_tab(form, img2img_form, base, "prompt_scripts")
+    given, base_request = over_tab(form, img2img_form, column.chooser, "prompt_scripts")
 
     def script(values: tuple) -> PromptLines | PromptMatrix:
         args = dict(zip(inputs, values[len(given):]))
@@ -90,11 +84,11 @@ def prompt_scripts_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, form: Co
         return forecast_html(forecast)
 
     run = generator(jobs, {**given, **inputs}, out, submit)
-    done = generate.click(run, inputs=[*given.values(), *inputs.values()], outputs=list(out.values()),
+    done = column.generate.click(run, inputs=[*given.values(), *inputs.values()], outputs=list(out.values()),
                           api_name="prompt_scripts", show_progress="hidden", concurrency_limit=None)
-    triggers = [base, inputs["script_name"], inputs["prompt_txt"], inputs["prompt_type"]]
-    keep_forecast_fresh(forecast, forecast_text, [*given.values(), *inputs.values()], triggers, demo, done)
-    interrupt.click(jobs.interrupt, queue=False, api_visibility="private")
+    triggers = [column.chooser, inputs["script_name"], inputs["prompt_txt"], inputs["prompt_type"]]
+    keep_forecast_fresh(column.forecast, forecast_text, [*given.values(), *inputs.values()], triggers, demo, done)
+    column.interrupt.click(jobs.interrupt, queue=False, api_visibility="private")
     inputs["script_name"].change(lambda name: (gr.update(visible=name == LINES), gr.update(visible=name == MATRIX)),
                                  inputs["script_name"], [lines_group, matrix_group], queue=False,
                                  api_visibility="private")

@@ -14,9 +14,9 @@ from webui.engine.xyz import Axis, AxisChoice, PlotForecast, PlotOptions, find_a
 from webui.extensions import plot_axes
 from webui.jobs import JobQueue
 from webui.ui.common import Components
-from webui.ui.forecast import forecast_box, forecast_html, keep_forecast_fresh
+from webui.ui.forecast import forecast_html, keep_forecast_fresh
 from webui.ui.generation import generator, output_column
-from webui.ui.over_tab import over_tab, tab_chooser
+from webui.ui.over_tab import margin_slider, over_tab, run_column
 
 VALUES_HINT = "1, 2, 3 · ranges 1-5, 1-10 (+2), 1-10 [5] · quote items holding commas"
 
@@ -42,18 +42,12 @@ def xyz_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, form: Components,
                 for name in "xyz":
                     inputs[f"vary_seeds_{name}"] = gr.Checkbox(False, label=f"Vary seeds for {name.upper()}",
                                                                elem_id=f"xyz_vary_seeds_{name}")
-                inputs["margin_size"] = gr.Slider(0, 500, value=0, step=2, precision=0, label="Grid margins (px)",
-                                                  elem_id="xyz_margin_size")
-        with gr.Column(scale=1, min_width=180):
-            generate = gr.Button("Generate plot", variant="primary", size="lg", elem_id="xyz_generate")
-            interrupt = gr.Button("Interrupt", elem_id="xyz_interrupt")
-            base = tab_chooser("xyz", img2img_form, "Plot over the request of the tab")
-            gr.Markdown("Prompt, size, sampler and the rest come from that tab (img2img: its image too).")
-            forecast = forecast_box("xyz")
+                inputs["margin_size"] = margin_slider("xyz")
+        column = run_column("xyz", img2img_form, "Generate plot", "Plot over the request of the tab")
     out = output_column("xyz")
 
     # The handlers take every form's values, then the tab chosen, then the plot's own
-    given, base_request = over_tab(form, img2img_form, base, "xyz")
+    given, base_request = over_tab(form, img2img_form, column.chooser, "xyz")
 
     def plot(values: tuple) -> tuple[GenerationRequest, list[AxisChoice], PlotOptions]:
         return base_request(values), *plot_from_args(dict(zip(inputs, values[len(given):])), axes)
@@ -69,11 +63,11 @@ def xyz_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue, form: Components,
         return forecast_html(forecast)
 
     run = generator(jobs, {**given, **inputs}, out, submit)
-    done = generate.click(run, inputs=[*given.values(), *inputs.values()], outputs=list(out.values()),
+    done = column.generate.click(run, inputs=[*given.values(), *inputs.values()], outputs=list(out.values()),
                           api_name="xyz_plot", show_progress="hidden", concurrency_limit=None)
-    triggers = [base] + [inputs[f"{name}_{part}"] for name in "xyz" for part in ("type", "values", "values_dropdown")]
-    keep_forecast_fresh(forecast, forecast_text, [*given.values(), *inputs.values()], triggers, demo, done)
-    interrupt.click(jobs.interrupt, queue=False, api_visibility="private")
+    triggers = [column.chooser] + [inputs[f"{name}_{part}"] for name in "xyz" for part in ("type", "values", "values_dropdown")]
+    keep_forecast_fresh(column.forecast, forecast_text, [*given.values(), *inputs.values()], triggers, demo, done)
+    column.interrupt.click(jobs.interrupt, queue=False, api_visibility="private")
 
 
 def _axis_row(engine: Engine, axes: list[Axis], name: str, default: str,

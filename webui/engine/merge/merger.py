@@ -208,10 +208,10 @@ def _merged(request: MergeRequest, key: str, files: list, headers: list[tuple[di
     return a
 
 
-def _common_region(key: str, a: torch.Tensor, others: list[torch.Tensor]) -> tuple[slice, ...]:
-    """Where the others' values go in the primary's tensor: all of it, or an inpainting (instruct-pix2pix) primary's
-    first convolution's channels the others have."""
-    region: tuple[slice, ...] = (slice(None),)
+def _common_region(key: str, a: torch.Tensor, others: list[torch.Tensor]) -> tuple:
+    """Where the others' values go in the primary's tensor: all of it (a scalar's too), or an inpainting
+    (instruct-pix2pix) primary's first convolution's channels the others have."""
+    region: tuple = (Ellipsis,)
     for other in others:
         if other.shape == a.shape:
             continue
