@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from webui.api_controlnet import DETECT_BODY_SCHEMA, controlnet_routes, read_detect
+from webui.api_jobs import job_routes
 from webui.api_merge import MERGE_BODY_SCHEMA, api_field, read_merge
 from webui.api_body import (
     MAX_MARGIN,
@@ -71,6 +72,7 @@ from webui.engine.prompt_lines import TITLE as LINES_TITLE
 from webui.engine.prompt_matrix import DELIMITERS, PROMPT_TYPES
 from webui.engine.prompt_matrix import TITLE as MATRIX_TITLE
 from webui.errors import Busy, UserError
+from webui.job_history import JobHistory
 from webui.extensions import extensions_of, plot_axes
 from webui.jobs import JobQueue
 
@@ -93,14 +95,19 @@ def encode_png(image: Image.Image, infotext: str) -> str:
 
 
 def response_images(result: GenerationResult) -> list[str]:
-    """The result's images as base64 PNGs with their infotexts: saved ones as their files' bytes (the same PNG), the
-    others encoded now, side by side."""
+    """The result's images as base64 PNGs with their infotexts."""
+    return [base64.b64encode(png).decode("ascii") for png in result_pngs(result)]
+
+
+def result_pngs(result: GenerationResult) -> list[bytes]:
+    """The result's images as PNGs with their infotexts: saved ones as their files' bytes (the same PNG), the others
+    encoded now, side by side."""
     pngs = [_read(path) for path in result.saved_files()]
     missing = [i for i, png in enumerate(pngs) if png is None]
     encoded = png_files([result.images[i] for i in missing], [result.infotexts[i] for i in missing])
     for i, png in zip(missing, encoded):
         pngs[i] = png
-    return [base64.b64encode(png).decode("ascii") for png in pngs]
+    return pngs
 
 
 def _read(path: Path | None) -> bytes | None:
@@ -326,6 +333,7 @@ QUEUED_RESPONSES = {503: {"model": ApiError, "description": "The generation queu
 LOGIN_RESPONSES = {401: {"model": Message, "description": "No login, or a wrong one (--api-auth)"}}
 BODY_RESPONSES = {400: {"model": Message, "description": "The body is not JSON"}}
 COMMAND_RESPONSES = {403: {"model": Message, "description": "The server was not started with --api-server-stop"}}
+JOB_RESPONSES = {404: {"model": Message, "description": "No job of that id"}}
 
 
 def json_body(schema: dict[str, Any]) -> dict[str, Any]:
@@ -418,14 +426,7 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
     async def generated(request: Request, body: dict[str, Any], call: Txt2ImgCall, img2img: bool) -> Any:
         """The answer to a generation route: the job the body asks for (one generation, or the script it names)
         queued, waited for while its client is there, its images and info."""
-        script = scripted(body, call, img2img)
-        if isinstance(script, XyzCall):
-            future = jobs.submit_plot(call.request, script.choices, script.options, save_grid=call.save_grid,
-                                      overrides=call.overrides)
-        elif isinstance(script, PromptScriptCall):
-            future = jobs.submit_script(call.request, script.script, call.overrides)
-        else:
-            future = (jobs.submit_img2img if img2img else jobs.submit)(call.request, call.overrides)
+        future, script = enqueue(body, call, img2img)
         if not await waited(future, request):
             return Response(status_code=CLIENT_GONE)
         result = future.result()
@@ -435,6 +436,35 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
                                                                                     "mask": None}
         notes = call.notes + (script.notes if script else ())
         return {"images": images, "parameters": parameters, "info": info_json(result, call.ignored, notes)}
+
+    def enqueue(body: dict[str, Any], call: Txt2ImgCall, img2img: bool
+                ) -> tuple[Future, XyzCall | PromptScriptCall | None]:
+        """The job a read body asks for, in the queue: one generation, or the script it names."""
+        script = scripted(body, call, img2img)
+        if isinstance(script, XyzCall):
+            future = jobs.submit_plot(call.request, script.choices, script.options, save_grid=call.save_grid,
+                                      overrides=call.overrides)
+        elif isinstance(script, PromptScriptCall):
+            future = jobs.submit_script(call.request, script.script, call.overrides)
+        else:
+            future = (jobs.submit_img2img if img2img else jobs.submit)(call.request, call.overrides)
+        return future, script
+
+    async def submitted(body: Any) -> tuple[Future, str, Callable[[Any], tuple[list[bytes], str]]]:
+        """A job API body read (an img2img one where it has init_images) and queued; how its result becomes PNGs and
+        A1111's info."""
+        img2img = isinstance(body, dict) and body.get("init_images") is not None
+        call = await run_in_threadpool(read_img2img if img2img else read_txt2img, body, engine.options,
+                                       engine.known_schedule_type, engine.declared_size)
+        call.request.validate(engine.options.as_dict())  # refused now, not once the job runs
+        future, script = enqueue(body, call, img2img)
+        notes = call.notes + (script.notes if script else ())
+
+        def as_pngs(result: Any) -> tuple[list[bytes], str]:
+            result = result.as_result() if isinstance(result, PlotResult) else result
+            return result_pngs(result), info_json(result, call.ignored, notes)
+
+        return future, "img2img" if img2img else "txt2img", as_pngs
 
     def scripted(body: dict[str, Any], call: Txt2ImgCall, img2img: bool) -> XyzCall | PromptScriptCall | None:
         """The script a body names, read (outpainting is read with the request: None then)."""
@@ -619,6 +649,12 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
             responses=responses | (QUEUED_RESPONSES if path in queued else {}) | (BODY_RESPONSES if body else {})
             | (COMMAND_RESPONSES if path in commands else {}),
             openapi_extra=json_body(body) if body else None, **extra)
+    history = JobHistory(engine.config.paths.data_dir / "jobs")
+    for path, endpoint, method, summary in job_routes(jobs, history, submitted, progress_report):
+        app.router.add_api_route(f"/sdapi/v1{path}", endpoint, methods=[method], tags=["jobs"], summary=summary,
+                                 responses=responses | (BODY_RESPONSES | QUEUED_RESPONSES if method == "POST" else {})
+                                 | (JOB_RESPONSES if "{job_id}" in path else {}),
+                                 openapi_extra=json_body(txt2img_body_schema()) if method == "POST" else None, **extra)
     for path, endpoint, method, summary in controlnet_routes(engine, detect):
         app.router.add_api_route(path, endpoint, methods=[method], tags=["controlnet"], summary=summary,
                                  responses=responses | (QUEUED_RESPONSES | BODY_RESPONSES if method == "POST" else {}),

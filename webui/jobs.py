@@ -37,6 +37,7 @@ class JobQueue:
         self._queue: queue.Queue[tuple[str, Callable[[], Any], Future]] = queue.Queue()
         self._submitting = threading.Lock()
         self._running: Future | None = None
+        self.on_start: list[Callable[[Future], None]] = []  # told each job's future as it starts (the job API)
         self._worker = threading.Thread(target=self._run, name="generation-queue", daemon=True)
         self._worker.start()
 
@@ -118,6 +119,8 @@ class JobQueue:
             timer = self._time_limit(name)
             self._running = future
             try:
+                for started in self.on_start:
+                    started(future)
                 result = work()
                 if timer is not None and timer.finished.is_set() and isinstance(result, GenerationResult):
                     result.notices.append(f"Stopped after {timer.interval:g} s (max_job_seconds in Settings); the "
