@@ -43,9 +43,9 @@ from webui.engine.loading.demo import CONTROLNET_DIR
 from webui.engine.loading.load import LoadedModel
 from webui.engine.loading.models import STORAGE_DTYPES, Dtypes, ModelManager
 from webui.engine.memory import MB
-from webui.engine.merge.merger import MergeInputs, MergeRequest, MergeResult, merge_checkpoints
 from webui.engine.memory.host_pages import limit_heap_arenas
 from webui.engine.memory.manager import DeviceMemory, MemoryManager, MemoryMode, MemoryPolicy, use_expandable_segments
+from webui.engine.merge.merger import MergeInputs, MergeRequest, MergeResult, merge_checkpoints
 from webui.engine.outputs import remove_stale_temp_files, save_image
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult, combined
@@ -570,8 +570,8 @@ class Engine:
             result = merge_checkpoints(request, inputs, self.progress)
         self.models.refresh()
         log.info("merged %s (%s, %s) into %s: %d tensors in %.1f s, the largest %.0f MB",
-                 ", ".join(p.name for p in paths), request.method, request.precision, ", ".join(p.name for p in result.paths), result.tensors,
-                 result.seconds, result.largest_tensor_mb)
+                 ", ".join(p.name for p in paths), request.method, request.precision,
+                 ", ".join(p.name for p in result.paths), result.tensors, result.seconds, result.largest_tensor_mb)
         return result
 
     def _lora_file(self, name: str) -> Path:
