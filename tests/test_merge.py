@@ -187,3 +187,21 @@ def test_a_scalar_and_an_inpainting_primarys_first_convolution_merge_as_a1111s()
     assert torch.equal(out[:, :4], torch.full((2, 4, 3, 3), 2.0)) and torch.equal(out[:, 4:], wide[:, 4:])
     with pytest.raises(UserError, match="primary \\(A\\) must be the inpainting one"):
         merge(narrow, wide)
+
+
+def test_an_interrupt_stops_the_merge_and_leaves_no_file(engine, sd1_file, monkeypatch):
+    engine.progress.interrupt()  # given to an earlier job: not this one's
+    done = engine.merge_checkpoints(MergeRequest(sd1_file.name, method="No interpolation", custom_name="first"))
+    assert done.paths[0].is_file()
+    steps = []
+
+    def step(number, latents, family):
+        steps.append(number)
+        if number == 5:
+            engine.progress.interrupt()
+
+    monkeypatch.setattr(engine.progress, "step", step)
+    with pytest.raises(UserError, match="interrupted: nothing was written"):
+        engine.merge_checkpoints(MergeRequest(sd1_file.name, method="No interpolation", custom_name="second"))
+    folder = engine.config.paths.checkpoint_dirs[0]
+    assert not (folder / "second.safetensors").exists() and not list(folder.glob(".*.tmp")) and steps[-1] == 5

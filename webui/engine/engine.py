@@ -567,6 +567,7 @@ class Engine:
         inputs = MergeInputs(paths, vae, loras, paths_config.checkpoint_dirs[0], paths_config.vae_dir,
                              paths_config.text_encoder_dir)
         with self._generate_lock:
+            self.progress.reset()  # (an Interrupt given to an earlier job is not this one's)
             result = merge_checkpoints(request, inputs, self.progress)
         self.models.refresh()
         log.info("merged %s (%s, %s) into %s: %d tensors in %.1f s, the largest %.0f MB",
