@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ def job_routes(jobs: JobQueue, history: JobHistory, submit: Callable[[Any], Awai
     """The routes, as (path, endpoint, method, summary); ``submit(body)`` reads a body and queues its job."""
     live: dict[str, Future] = {}
     cancelled: set[str] = set()
+    # A finished job's PNGs are encoded and written here, not on the queue's worker: the next job need not wait
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-results")
     ids: dict[int, str] = {}  # id(future) -> job id, for the queue's start hook
 
     def started(future: Future) -> None:
@@ -45,7 +47,7 @@ def job_routes(jobs: JobQueue, history: JobHistory, submit: Callable[[Any], Awai
         if future.running() or future.done():  # (it started before it had an id)
             history.started(job_id)
         live[job_id] = future
-        future.add_done_callback(lambda done: ended(job_id, done, as_pngs))
+        future.add_done_callback(lambda done: writer.submit(ended, job_id, done, as_pngs))
         return {"id": job_id, "state": "running" if future.running() else "queued", "queued": jobs.pending}
 
     def ended(job_id: str, future: Future, as_pngs: Callable[[Any], tuple[list[bytes], str]]) -> None:
@@ -68,7 +70,7 @@ def job_routes(jobs: JobQueue, history: JobHistory, submit: Callable[[Any], Awai
                 path.write_bytes(png)
                 paths.append(path)
             history.ended(job_id, "cancelled" if job_id in cancelled else "done", info=info, images=paths)
-        except Exception as e:  # (the queue's worker calls this: it must not fail there)
+        except Exception as e:  # (nobody waits on the writer: what failed is told in the job)
             history.ended(job_id, "failed", error=f"{type(e).__name__}: {e}")
         finally:
             live.pop(job_id, None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from webui.engine.merge.merger import FORMATS, GGUF_TYPES, METHODS, PRECISIONS, MergeRequest
+from webui.engine.merge.merger import FORMATS, GGUF_TYPES, METHODS, PRECISIONS, MergeRequest, lora_entry
 from webui.errors import UserError
 
 # A1111's form field -> the request's field
@@ -65,17 +65,6 @@ def read_merge(body: Any) -> tuple[MergeRequest, list[str]]:
     fields["loras"] = tuple(lora_entry(entry) for entry in body.get("loras") or [])
     ignored = [key for key in IGNORED if key in body]
     return MergeRequest(**fields), ignored
-
-
-def lora_entry(entry: Any) -> tuple[str, float]:
-    """ "name:weight" (or a name: weight 1), as a prompt's tag gives them."""
-    if not isinstance(entry, str) or not entry.strip():
-        raise UserError(f'each LoRA is "name:weight", got {entry!r}', field="loras")
-    name, _, weight = entry.strip().rpartition(":") if ":" in entry else (entry.strip(), "", "1")
-    try:
-        return name.strip(), float(weight)
-    except ValueError:
-        raise UserError(f'{entry!r}: the weight after ":" must be a number', field="loras") from None
 
 
 def api_field(field: str | None) -> str | None:

@@ -5,6 +5,7 @@ request path: validate → resolve defaults from the settings → load → gener
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import weakref
@@ -199,12 +200,18 @@ class Engine:
 
     def network_preset(self, kind: str, name: str) -> FastPreset | None:
         """The few-step preset of a prompt network's file (an LCM LoRA …); None for another file or none there."""
-        network = self.browsable_networks().get(kind)
         try:
-            path = network.path(name) if network is not None and hasattr(network, "path") else None
+            path = self._network_file(kind, name)
         except UserError:
             return None
-        return fast_preset(Path(name).name, *_names_in_header(path)) if path is not None else None
+        return fast_preset(Path(name).name, *_names_in_header(path))
+
+    def _network_file(self, kind: str, name: str) -> Path:
+        """The file of a prompt network (``<kind:name>``); UserError where there is no such network or file."""
+        network = self.browsable_networks().get(kind)
+        if network is None or not hasattr(network, "path"):
+            raise UserError(f"no {kind} network names its files: is its extension loaded?")
+        return network.path(name)
 
     def _preset_notices(self, request: GenerationRequest, info: CheckpointInfo) -> list[str]:
         """What a request that samples far from its checkpoint's or LoRAs' few-step preset should know."""
@@ -562,7 +569,10 @@ class Engine:
             vae = self.models.find_vae(request.bake_in_vae)
         except UserError as e:
             raise UserError(e.message, field="bake_in_vae") from None
-        loras = [(self._lora_file(name), float(weight)) for name, weight in request.loras]
+        try:
+            loras = [(self._network_file("lora", name), float(weight)) for name, weight in request.loras]
+        except UserError as e:
+            raise UserError(e.message, field="loras") from None
         paths_config = self.config.paths
         inputs = MergeInputs(paths, vae, loras, paths_config.checkpoint_dirs[0], paths_config.vae_dir,
                              paths_config.text_encoder_dir)
@@ -574,15 +584,6 @@ class Engine:
                  ", ".join(p.name for p in paths), request.method, request.precision,
                  ", ".join(p.name for p in result.paths), result.tensors, result.seconds, result.largest_tensor_mb)
         return result
-
-    def _lora_file(self, name: str) -> Path:
-        network = self.browsable_networks().get("lora")
-        if network is None or not hasattr(network, "path"):
-            raise UserError("LoRAs are off: the LoRA extension is not loaded", field="loras")
-        try:
-            return network.path(name)
-        except UserError as e:
-            raise UserError(e.message, field="loras") from None
 
     def forecast(self, request: GenerationRequest, load: bool = False) -> Forecast:
         """Will it fit? The request's peak VRAM, host RAM and time, forecast from the memory manager's plan and the
@@ -666,12 +667,19 @@ class Engine:
         return result
 
 
-def _names_in_header(path: Path) -> list[str]:
+def _names_in_header(path: Path) -> tuple[str, ...]:
     """The names a .safetensors file's metadata gives its model (``fast_presets``); none for other files or a header
-    that cannot be read (the load names that problem)."""
+    that cannot be read (the load names that problem). Read once while the file stays the same: each generation asks
+    for its checkpoint's and LoRAs'."""
     if path.suffix != ".safetensors" or not path.is_file():
-        return []
+        return ()
+    stat = path.stat()
+    return _header_names(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _header_names(path: Path, size: int, mtime_ns: int) -> tuple[str, ...]:
     try:
-        return named_in(read_safetensors_header(path)[1])
+        return tuple(named_in(read_safetensors_header(path)[1]))
     except ModelFileError:
-        return []
+        return ()

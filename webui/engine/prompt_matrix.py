@@ -17,10 +17,9 @@ from PIL import Image
 
 from webui.engine.generate import resolve_seed
 from webui.engine.grid import LabelPart, draw_grid
-from webui.engine.outputs import save_image
 from webui.engine.request import GenerationRequest, GenerationResult, combined
 from webui.engine.sequence import generate_each
-from webui.engine.xyz import PlotForecast, forecast_each
+from webui.engine.xyz import PlotForecast, forecast_each, saved_grid
 from webui.errors import UserError
 
 if TYPE_CHECKING:
@@ -101,10 +100,7 @@ class PromptMatrix:
         grid = self._grid(result, parts)
         infotext = result.infotexts[0]
         grid.info["parameters"] = infotext
-        save = engine.options["grid_save"] if self.save_grid is None else self.save_grid
-        folder = "outdir_txt2img_grids" if base.init_images is None else "outdir_img2img_grids"
-        grid_path = save_image(grid, engine.output_folder(folder), result.seed, base.prompt, infotext) if save \
-            else None
+        grid_path = saved_grid(engine, base, grid, result.seed, infotext, self.save_grid)
         saved = grid_path is not None and len(result.paths) == len(result.images)
 
         def first_twice(items: list) -> list:  # the grid's entry is its first image's

@@ -390,12 +390,17 @@ def _finish(engine: Engine, base: GenerationRequest, plan: list[tuple[Axis, list
     infotext = (first.infotexts[0] + "\n" if first else "") + f"X/Y/Z plot: {summary}"
     for image in (grid, *grids):
         image.info["parameters"] = infotext
-    save = engine.options["grid_save"] if save_grid is None else save_grid
-    path = None
-    if save and first is not None:
-        folder = "outdir_txt2img_grids" if base.init_images is None else "outdir_img2img_grids"
-        path = save_image(grid, engine.output_folder(folder), first.seed, base.prompt, infotext)
+    path = saved_grid(engine, base, grid, first.seed, infotext, save_grid) if first is not None else None
     return PlotResult(grid, infotext, path, grids, made, interrupted, options)
+
+
+def saved_grid(engine: Engine, base: GenerationRequest, grid: Image.Image, seed: int, infotext: str,
+               save: bool | None) -> Path | None:
+    """A grid saved to the txt2img or img2img grids folder where ``save`` (None: the option grid_save) says."""
+    if not (engine.options["grid_save"] if save is None else save):
+        return None
+    folder = "outdir_txt2img_grids" if base.init_images is None else "outdir_img2img_grids"
+    return save_image(grid, engine.output_folder(folder), seed, base.prompt, infotext)
 
 
 def _label(axis: Axis, value: Any) -> str:

@@ -9,13 +9,12 @@ from concurrent.futures import wait
 
 import gradio as gr
 
-from webui.api_merge import lora_entry
 from webui.engine.engine import Engine
-from webui.engine.merge.merger import FORMATS, GGUF_TYPES, METHODS, PRECISIONS, MergeRequest
+from webui.engine.merge.merger import FORMATS, GGUF_TYPES, METHODS, PRECISIONS, MergeRequest, lora_entry
 from webui.errors import UserError
 from webui.jobs import JobQueue
 from webui.ui.common import duration, error_html, field_label, status_html
-from webui.ui.model_row import checkpoint_choices
+from webui.ui.model_row import checkpoint_choices, vae_choices
 
 POLL_SECONDS = 0.3
 # The form's inputs by MergeRequest field, in the order the handler takes them; their labels name them in errors.
@@ -48,7 +47,7 @@ def merger_tab(demo: gr.Blocks, engine: Engine, jobs: JobQueue) -> None:
                                                 elem_id="merger_gguf_type")
             form["custom_name"] = gr.Textbox("", label="Custom Name (Optional)", elem_id="merger_custom_name")
             with gr.Row():
-                form["bake_in_vae"] = gr.Dropdown(["None", *vae_files(engine)], value="None",
+                form["bake_in_vae"] = gr.Dropdown(vae_choices(engine)[0][1:], value="None",  # (not "Automatic")
                                                   label="Bake in VAE", elem_id="merger_bake_in_vae")
                 form["loras"] = gr.Textbox("", label="Bake in LoRAs", placeholder="name:weight, name:weight",
                                            elem_id="merger_loras")
@@ -101,7 +100,3 @@ def merge_request(fields: dict) -> MergeRequest:
     if "primary" not in chosen:
         raise UserError("choose the checkpoint to merge (A)", field="primary")
     return MergeRequest(**chosen, loras=loras)
-
-
-def vae_files(engine: Engine) -> list[str]:
-    return [engine.models.vae_name(path) for path in engine.models.vaes()]

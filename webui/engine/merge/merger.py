@@ -16,6 +16,7 @@ checkpoints take them.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -133,7 +134,7 @@ def merge_checkpoints(request: MergeRequest, inputs: MergeInputs, progress: Prog
     if len(headers) > 1 and merged_away < len(keys):
         notices.append(f"{len(keys) - merged_away} tensors only the primary has are kept as they are")
     dtype = PRECISIONS[request.precision]
-    largest = max((_bytes(info) for info in primary_infos.values()), default=0)
+    largest = max((math.prod(info.shape) * 4 for info in primary_infos.values()), default=0)  # float32
     with ExitStack() as stack:
         files = [stack.enter_context(TensorReader(path)) for path in inputs.checkpoints]
         vae_file = stack.enter_context(TensorReader(vae_path)) if vae_path else None
@@ -148,7 +149,7 @@ def merge_checkpoints(request: MergeRequest, inputs: MergeInputs, progress: Prog
                 _merged(request, key, files, headers, updates.get(key, ()))
             done += 1
             progress.step(done, None, family)
-            return value.to(dtype) if value.is_floating_point() else value
+            return value
 
         try:
             for output in outputs:
@@ -156,6 +157,17 @@ def merge_checkpoints(request: MergeRequest, inputs: MergeInputs, progress: Prog
         finally:
             progress.end()
     return MergeResult([o.path for o in outputs], family, done, time.monotonic() - start, largest / 2**20, notices)
+
+
+def lora_entry(entry: object) -> tuple[str, float]:
+    """ "name:weight" (or a name: weight 1), as a prompt's tag gives them; UserError naming "loras" otherwise."""
+    if not isinstance(entry, str) or not entry.strip():
+        raise UserError(f'each LoRA is "name:weight", got {entry!r}', field="loras")
+    name, _, weight = entry.strip().rpartition(":") if ":" in entry else (entry.strip(), "", "1")
+    try:
+        return name.strip(), float(weight)
+    except ValueError:
+        raise UserError(f'{entry!r}: the weight after ":" must be a number', field="loras") from None
 
 
 def _header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -179,13 +191,6 @@ def _one_family(paths: list[Path], headers: list[tuple[dict, dict]]) -> Family:
         named = ", ".join(f"{path.name} is {family.value}" for path, family in zip(paths, families))
         raise UserError(f"a merge needs checkpoints of one family: {named}", field="secondary")
     return families[0]
-
-
-def _bytes(info: TensorInfo) -> int:
-    count = 1
-    for side in info.shape:
-        count *= side
-    return count * 4  # merged in float32
 
 
 def _merged(request: MergeRequest, key: str, files: list, headers: list[tuple[dict, dict]],
@@ -250,15 +255,19 @@ class _Output:
 
     def write(self, tensor: Callable[[str], torch.Tensor], infos: dict[str, TensorInfo], dtype: torch.dtype,
               metadata: dict[str, str]) -> None:
-        produced: Iterator[tuple[str, torch.Tensor]] = ((name, tensor(key)) for key, name in self.names.items())
+        """``tensor(key)`` gives each merged tensor in float32: a GGUF quantizes from it, safetensors store ``dtype``."""
         if self.gguf is not None:
             arch, qtype = self.gguf
+            produced = ((name, tensor(key)) for key, name in self.names.items())
             write_gguf(self.path, produced, quantize_where_possible(qtype, arch in SHAPE_FIX_ARCHS), arch)
             return
+        cast: Iterator[tuple[str, torch.Tensor]] = (
+            (name, value.to(dtype) if value.is_floating_point() else value)
+            for name, value in ((name, tensor(key)) for key, name in self.names.items()))
         stored = {key: TORCH_DTYPES[infos[key].dtype] for key in self.names}
         planned = {name: (dtype if stored[key].is_floating_point else stored[key], infos[key].shape)
                    for key, name in self.names.items()}
-        write_safetensors(self.path, planned, produced, metadata)
+        write_safetensors(self.path, planned, cast, metadata)
 
 
 def _outputs(request: MergeRequest, inputs: MergeInputs, family: Family, keys: list[str],
