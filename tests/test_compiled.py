@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 from tests.conftest import make_engine
 from tests.test_lora import _lora_components, lora_folder, with_extensions
 from tests.test_memory import model_bytes, set_budget, simulated_engine
+from webui.engine.memory.stream import IN_FLIGHT
 from webui.cli import parse_args
 from webui.engine.compiled import is_compiled, repeated_blocks
 from webui.engine.infotext import parse_infotext
@@ -65,13 +66,16 @@ def test_compiled_images_equal_eager_and_compile_once(tmp_path, sd1_file):
     assert compiles() == adapted, "another LoRA, rank, weight, two of them or none: nothing compiled again"
 
 
-def test_where_the_denoiser_streams_its_resident_blocks_run_compiled(tmp_path, sd1_file, caplog):
+@pytest.mark.parametrize("unit_bytes", [256 * 1024, 48 * 1024], ids=["blocks-whole", "blocks-cut"])
+def test_where_the_denoiser_streams_its_resident_blocks_run_compiled(tmp_path, sd1_file, caplog, unit_bytes):
     """Half the denoiser streamed: the blocks whose weights stream run eager (the log says how many), those on the
-    device compiled; the images are the eager streamed ones."""
+    device compiled; the images are the eager streamed ones. Where the streamer's units cut the blocks (each block
+    several units, as Flux's and SD3's full-size blocks), compiled blocks stream whole, so some stay compiled."""
     engine = simulated_engine(tmp_path, sd1_file)
-    engine.memory.min_unit_bytes = 256 * 1024  # each block one unit or in one, as in full-size models
+    engine.memory.min_unit_bytes = unit_bytes  # the tiny UNet's blocks are 144-288 kB
     engine.txt2img(GenerationRequest(**REQUEST))
-    set_budget(engine, model_bytes(engine)["denoiser"] * 0.5 / MB)
+    window = (IN_FLIGHT + 1) * max(u.nbytes for u in engine.memory.components["denoiser"].units)
+    set_budget(engine, (model_bytes(engine)["denoiser"] * 0.5 + window) / MB)  # room for half of it resident
     streamed = engine.txt2img(GenerationRequest(**REQUEST))
     engine.options.update({"compile_denoiser": True})
     with caplog.at_level(logging.INFO, logger="webui.engine.generate"):

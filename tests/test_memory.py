@@ -71,6 +71,22 @@ def test_plan_spreads_streamed_units_and_keeps_the_budget():
     assert plan_residency(units, 0) == set() and plan_residency(units, 40 * size) == set(units)
 
 
+def test_units_streamed_together_stream_whole_and_the_budget_still_holds():
+    """A compiled block cut into units (its norms, attention, MLP) streams whole or stays whole: the plan streams
+    whole groups in its spread order, and keeps within the budget."""
+    units = [Unit(str(i), nn.Linear(32, 32), recurse=True) for i in range(40)]
+    size = units[0].nbytes
+    blocks = [units[i:i + 4] for i in range(0, 40, 4)]  # ten blocks of four units
+    for resident_units in (30, 20, 7):
+        budget = resident_units * size + (IN_FLIGHT + 1) * size
+        resident = plan_residency(units, budget, blocks)
+        assert sum(u.nbytes for u in resident) <= budget - (IN_FLIGHT + 1) * size
+        assert all(set(b) <= resident or not set(b) & resident for b in blocks), "no block cut"
+        assert len(resident) >= resident_units - 4, "at most one block more streamed than the bytes need"
+        split = plan_residency(units, budget)
+        assert sum(1 for b in blocks if set(b) <= split) < sum(1 for b in blocks if set(b) <= resident)
+
+
 def test_when_everything_fits_the_second_generation_moves_nothing(tmp_path, sd1_file):
     engine = simulated_engine(tmp_path, sd1_file)
     _, first = generate(engine)

@@ -6,7 +6,9 @@ dir, so that a restart finds what was compiled before.
 
 Where the denoiser streams, the blocks whose weights stream run eager (the streamer's hooks swap their weights
 between host and device around each call, which compiled code would trace and compile again); the blocks that stay
-on the device run compiled. The log says how many ran eager and why.
+on the device run compiled. So that most stay there, the memory plan streams compiled blocks whole or not at all
+(``MemoryManager.stream_whole``): a full-size Flux or SD3 block is larger than the streamer's unit, and streaming a
+part of each would leave every block eager. The log says how many ran eager and why.
 """
 from __future__ import annotations
 

@@ -400,6 +400,7 @@ def _denoise_pass(model: LoadedModel, memory: MemoryManager, job: Resolved, esti
             model, memory, pixels, vae_passes(model.vae)(req.width, req.height, 1, encode=True), notices),
                               model.kind.pack, model.vae.config.shift_factor or 0.0, model.vae.config.scaling_factor)
     clock.lap(prefix + "encode")
+    memory.stream_whole("denoiser", compiled.repeated_blocks(model.denoiser) if job.compile else [])
     memory.prepare(["denoiser"], activation)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     noise = _initial_noise(model, req, generators, seeds, subseeds).to(device, dtype)

@@ -33,7 +33,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
@@ -234,6 +234,7 @@ class Component:
     streamer: Streamer | None = None
     companion_of: str | None = None  # placed in every phase that places this component (a LoRA's adapters)
     streaming: bool = False  # its units off the device are streamed when it runs (a Streamer, or a planned one)
+    together: list[list[Unit]] = field(default_factory=list)  # units streamed all or none (a compiled block's)
     nbytes: int = field(init=False)
 
     upcast_bytes: int = field(init=False)  # the largest weight one of its low-bit layers unpacks for a call
@@ -287,7 +288,7 @@ def plan_phase(components: list[Component], needed: list[Component], budget: int
         elif mode is MemoryMode.MEDVRAM and c.nbytes <= room:
             keep = set(c.units)
         else:
-            keep = plan_residency(c.units, room)
+            keep = plan_residency(c.units, room, c.together)
         room -= sum(u.nbytes for u in keep)
         placements.append((c, keep, True))
     return placements
@@ -305,13 +306,15 @@ def _to_evict(candidates: list[Component], room: int, smallest_first: bool) -> l
     return evicted
 
 
-def plan_residency(units: list[Unit], budget: int) -> set[Unit]:
+def plan_residency(units: list[Unit], budget: int, together: Sequence[list[Unit]] = ()) -> set[Unit]:
     """The units to keep on the device within ``budget``; the others are streamed.
 
     ``units`` are in execution order. The streamed ones are spread evenly along it, so that
     while one streamed unit is copied the device computes resident ones: the step then costs
     about max(compute, streamed bytes ÷ bandwidth) instead of their sum. Part of the budget
-    is kept for the streamed units' device copies in flight (``stream.IN_FLIGHT``).
+    is kept for the streamed units' device copies in flight (``stream.IN_FLIGHT``). Each list
+    of ``together`` is streamed whole or not at all (a compiled block with one streamed weight
+    runs eager: streaming a few whole blocks keeps the others compiled).
 
     Units are streamed in one fixed order (``spread_order``) until enough bytes are: a smaller
     budget streams the same units and a few more. So a small change of room (a LoRA taking some)
@@ -323,13 +326,27 @@ def plan_residency(units: list[Unit], budget: int) -> set[Unit]:
         return set(units)
     window = (IN_FLIGHT + 1) * max(u.nbytes for u in units)
     must_stream = total - max(budget - window, 0)
+    pieces = _pieces(units, together)
     resident, streamed = set(units), 0
-    for index in spread_order(len(units)):
+    for index in spread_order(len(pieces)):
         if streamed >= must_stream:
             break
-        resident.discard(units[index])
-        streamed += units[index].nbytes
+        resident.difference_update(pieces[index])
+        streamed += sum(u.nbytes for u in pieces[index])
     return resident
+
+
+def _pieces(units: list[Unit], together: Sequence[list[Unit]]) -> list[list[Unit]]:
+    """``units`` in order as what streams at once: each list of ``together`` where its first unit is, every other
+    unit alone."""
+    group_of = {id(u): group for group in together for u in group}
+    pieces, seen = [], set()
+    for unit in units:
+        group = group_of.get(id(unit), [unit])
+        if id(group[0]) not in seen:
+            seen.add(id(group[0]))
+            pieces.append(group)
+    return pieces
 
 
 def spread_order(count: int) -> list[int]:
@@ -370,6 +387,14 @@ class MemoryManager:
         component = Component(name, module, split_units(module, unit_bytes), companion_of=companion_of)
         self.components[name] = component
         return component
+
+    def stream_whole(self, name: str, modules: list[nn.Module]) -> None:
+        """From now on stream each of ``modules`` (parts of component ``name``) whole or not at all: compiled
+        blocks, which run eager where one weight streams. An empty list lets the plan cut them again."""
+        component = self.components[name]
+        inside = [{id(m) for m in module.modules()} for module in modules]
+        together = [[u for u in component.units if id(u.module) in ids] for ids in inside]
+        component.together = [group for group in together if len(group) > 1]
 
     def unregister(self, name: str) -> None:
         """Let a component go: its weights back to host memory, its streaming hooks removed."""
