@@ -32,7 +32,8 @@ TORCH_MODULES = ("torch", "torchvision")  # installed first, together: torchvisi
 # code the app loads from it needs only the project's (webui/engine/sampling/kdiffusion.py).
 NO_DEPS_PACKAGES = {"k_diffusion": "k-diffusion==0.1.1.post1"}
 CUDA_MODULES = ("bitsandbytes",)  # pyproject.toml's extra "cuda": 8-bit T5 through bitsandbytes
-TEST_MODULES = ("pytest", "xdist", "requests", "httpx", "playwright", "schemathesis", "webuiapi")  # its extra "test"
+SERVE_MODULES = ("ray",)  # its extra "serve": --workers and --ray-address (Ray Serve); the tests run it too
+TEST_MODULES = ("pytest", "xdist", "requests", "httpx", "playwright", "schemathesis", "webuiapi", *SERVE_MODULES)
 MAX_TEST_WORKERS = 8  # pytest-xdist workers: one per core up to this (each holds its own torch and models)
 # Without an NVIDIA GPU: PyTorch's CPU builds (a few hundred MB; only PyTorch's CPU index has them), else, where that
 # index cannot be reached, a pair PyPI built together (a CUDA build, which runs on the CPU too).
@@ -70,8 +71,9 @@ def enter_venv(venv: Path, argv: list[str]) -> None:
     os.execv(python, [str(python), str(Path(__file__).resolve()), *argv])
 
 
-def missing_modules(cuda: bool = False, tests: bool = False) -> list[str]:
-    wanted = REQUIRED_MODULES + tuple(NO_DEPS_PACKAGES) + (CUDA_MODULES if cuda else ()) + (TEST_MODULES if tests else ())
+def missing_modules(cuda: bool = False, tests: bool = False, serve: bool = False) -> list[str]:
+    wanted = (REQUIRED_MODULES + tuple(NO_DEPS_PACKAGES) + (CUDA_MODULES if cuda else ()) + (TEST_MODULES if tests else ())
+              + (SERVE_MODULES if serve else ()))
     return [name for name in wanted if importlib.util.find_spec(name) is None]
 
 
@@ -105,11 +107,11 @@ def install_torch(cuda: bool) -> None:
         sys.exit("Could not install torch and torchvision; pip said why above.")
 
 
-def install_requirements(tests: bool = False) -> None:
+def install_requirements(tests: bool = False, serve: bool = False) -> None:
     """Install what is missing: torch first, so that pip does not pick a torch build for us; with an NVIDIA GPU
-    the CUDA extras too, and for ``tests`` the test tools."""
+    the CUDA extras too, for ``tests`` the test tools, for ``serve`` (--workers, --ray-address) Ray Serve."""
     cuda = has_nvidia_gpu()
-    missing = missing_modules(cuda, tests)
+    missing = missing_modules(cuda, tests, serve)
     if not missing:
         return
     print(f"Missing packages: {', '.join(missing)}", flush=True)
@@ -117,7 +119,7 @@ def install_requirements(tests: bool = False) -> None:
         install_torch(cuda)
     if set(missing) - set(NO_DEPS_PACKAGES) - set(TORCH_MODULES):
         print("Installing the web UI and its dependencies.", flush=True)
-        extras = ",".join(name for name, wanted in (("cuda", cuda), ("test", tests)) if wanted)
+        extras = ",".join(name for name, wanted in (("cuda", cuda), ("test", tests), ("serve", serve)) if wanted)
         if not pip_install("-e", f"{ROOT}[{extras}]" if extras else str(ROOT)):
             sys.exit("Could not install the requirements; pip said why above.")
     for module, spec in NO_DEPS_PACKAGES.items():
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.skip_venv or os.environ.get("WEBUI_SKIP_VENV") == "1" or in_venv(venv)):
         enter_venv(venv, argv)
     if not args.skip_install:
-        install_requirements(tests=args.run_tests is not None)
+        install_requirements(tests=args.run_tests is not None, serve=bool(args.workers or args.ray_address))
     # Every model file is local: Hugging Face libraries must not try the hub (set before they are imported).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.run_tests is not None:

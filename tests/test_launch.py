@@ -119,7 +119,7 @@ def record_pip(launch, monkeypatch, results: list[bool]) -> list[tuple[str, ...]
 def test_cpu_torch_and_its_torchvision_first_then_the_project(launch, monkeypatch, reachable):
     """Without a GPU: the CPU builds from PyTorch's CPU index (their "+cpu" matches nothing else), else, where that
     index cannot be reached (as on this project's machines), the pair PyPI built together."""
-    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: ["torchvision", "gradio"])
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests, serve=False: ["torchvision", "gradio"])
     monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: False)
     calls = record_pip(launch, monkeypatch, [reachable, True, True])
     launch.install_requirements()
@@ -130,7 +130,7 @@ def test_cpu_torch_and_its_torchvision_first_then_the_project(launch, monkeypatc
 
 
 def test_cuda_torch_with_an_nvidia_gpu(launch, monkeypatch):
-    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: ["torch", "bitsandbytes"] if cuda else ["torch"])
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests, serve=False: ["torch", "bitsandbytes"] if cuda else ["torch"])
     monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: True)
     calls = record_pip(launch, monkeypatch, [True, True])
     launch.install_requirements()
@@ -139,7 +139,7 @@ def test_cuda_torch_with_an_nvidia_gpu(launch, monkeypatch):
 
 @pytest.mark.parametrize("cuda,extras", [(False, "[test]"), (True, "[cuda,test]")])
 def test_run_tests_installs_the_test_tools_then_runs_pytest_on_every_core(launch, monkeypatch, cuda, extras):
-    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: ["xdist"] if tests else [])
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests, serve=False: ["xdist"] if tests else [])
     monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: cuda)
     calls = record_pip(launch, monkeypatch, [True])
     launch.install_requirements(tests=True)
@@ -156,17 +156,30 @@ def test_run_tests_installs_the_test_tools_then_runs_pytest_on_every_core(launch
 def test_test_modules_are_the_test_extra(launch):
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
-    names = {name.split(">")[0].split("=")[0].replace("pytest-xdist", "xdist") for name in extra}
+    names = {name.split(">")[0].split("=")[0].split("[")[0].replace("pytest-xdist", "xdist") for name in extra}
     assert names == set(launch.TEST_MODULES)
+    serve = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
+    assert {name.split("[")[0] for name in serve} == set(launch.SERVE_MODULES)
+
+
+def test_workers_install_ray_serve(launch, monkeypatch):
+    """--workers or --ray-address: Ray Serve (the extra "serve") is installed where it is missing."""
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests, serve=False: ["ray"] if serve else [])
+    monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: False)
+    calls = record_pip(launch, monkeypatch, [True])
+    launch.install_requirements()
+    assert calls == [], "not without the flags"
+    launch.install_requirements(serve=True)
+    assert calls == [("-e", f"{ROOT}[serve]")]
 
 
 def test_k_diffusion_goes_in_without_its_dependencies(launch, monkeypatch):
-    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: ["gradio", "k_diffusion"])
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests, serve=False: ["gradio", "k_diffusion"])
     monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: False)
     calls = record_pip(launch, monkeypatch, [True, True])
     launch.install_requirements()
     assert calls == [("-e", str(ROOT)), ("--no-deps", "k-diffusion==0.1.1.post1")]
-    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: ["k_diffusion"])
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests, serve=False: ["k_diffusion"])
     calls = record_pip(launch, monkeypatch, [False])
     with pytest.raises(SystemExit, match="Could not install k-diffusion"):
         launch.install_requirements()
@@ -174,7 +187,7 @@ def test_k_diffusion_goes_in_without_its_dependencies(launch, monkeypatch):
 
 
 def test_nothing_installed_when_nothing_is_missing(launch, monkeypatch):
-    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: [])
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests, serve=False: [])
     monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: False)
     calls = record_pip(launch, monkeypatch, [])
     launch.install_requirements()
@@ -182,7 +195,7 @@ def test_nothing_installed_when_nothing_is_missing(launch, monkeypatch):
 
 
 def test_failed_install_stops_with_a_message(launch, monkeypatch):
-    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests: ["gguf"])
+    monkeypatch.setattr(launch, "missing_modules", lambda cuda, tests, serve=False: ["gguf"])
     monkeypatch.setattr(launch, "has_nvidia_gpu", lambda: False)
     record_pip(launch, monkeypatch, [False])
     with pytest.raises(SystemExit, match="Could not install"):

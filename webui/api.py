@@ -528,7 +528,7 @@ def register_api(app: FastAPI, jobs: JobQueue) -> None:
         return png_info_of(body)
 
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
-        return progress_report(engine.progress, jobs.pending, with_image=not skip_current_image)
+        return progress_report(jobs.progress, jobs.pending, with_image=not skip_current_image)
 
     def refresh_vae() -> None:
         """The VAE and text encoder lists (and the embeddings) are read from their folders at every call: nothing to

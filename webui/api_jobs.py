@@ -89,7 +89,7 @@ def job_routes(jobs: JobQueue, history: JobHistory, submit: Callable[[Any], Awai
         if future is not None and not future.done():
             answer["state"] = "running" if future.running() else "queued"
             if future.running():
-                answer["progress"] = progress_report(jobs.engine.progress, jobs.pending, preview)
+                answer["progress"] = progress_report(jobs.progress, jobs.pending, preview)
             return answer
         if found.state in ("done", "cancelled") and found.info is not None:
             answer["info"] = found.info

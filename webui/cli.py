@@ -228,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compile the denoiser's repeated blocks (the setting Compile the denoiser, for this session)")
     mem.add_argument("--always-offload-from-vram", action="store_true",
                      help="unload models from the GPU after every generation")
+    ray = p.add_argument_group("several GPUs and hosts (Ray Serve; docs/several-gpus.md)")
+    ray.add_argument("--workers", type=int, default=0, metavar="N",
+                     help="start a local Ray cluster with N engine replicas, one per GPU (N CPU replicas on a machine "
+                          "without GPUs); this process serves the UI and the API and spreads jobs over them")
+    ray.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                     help="join an existing Ray cluster instead (several hosts: the model folders at the same path on "
+                          "every node); --workers N replicas there (default: one per GPU in the cluster)")
     ext = p.add_argument_group("extensions")
     ext.add_argument("--disable-all-extensions", action="store_true",
                      help="load no extensions, not even the built-in ones (extensions-builtin/)")
@@ -254,6 +261,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.gradio_auth = (args.gradio_auth or []) + credentials_file(args.gradio_auth_path)
         except argparse.ArgumentTypeError as e:
             parser.error(f"argument --gradio-auth-path: {e}")
+    if args.workers < 0:
+        parser.error("argument --workers: a number of replicas, 0 (this process alone) or more")
     args.no_half = args.no_half or args.all_in_fp32 or args.precision == "full"
     args.no_half_vae = args.no_half_vae or args.all_in_fp32
     if {"all", "sd"} & set(args.use_cpu):

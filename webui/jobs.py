@@ -11,6 +11,7 @@ from typing import Any
 
 from webui.engine.engine import Engine
 from webui.engine.prompt_lines import PromptLines
+from webui.engine.progress import Progress
 from webui.engine.prompt_matrix import PromptMatrix
 from webui.engine.request import GenerationRequest, GenerationResult
 from webui.engine.xyz import AxisChoice, PlotOptions, run_plot
@@ -73,6 +74,11 @@ class JobQueue:
         """Jobs waiting to run; those whose clients went away (cancelled) no longer count."""
         with self._queue.mutex:
             return sum(not future.cancelled() for _name, _work, future in self._queue.queue)
+
+    @property
+    def progress(self) -> Progress:
+        """What the running job has done: /progress and the UI's progress line read it."""
+        return self.engine.progress
 
     def interrupt(self) -> None:
         self.engine.progress.interrupt()

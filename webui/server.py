@@ -41,14 +41,17 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.loglevel)
     for line in args.no_effect:
         log.warning(line)
+    several = bool(args.workers or args.ray_address)
+    if several:  # (Ray is imported only here)
+        from webui.serve.cluster import ingress_args, start_replicas
     try:
-        config = AppConfig.from_args(args)
+        config = AppConfig.from_args(ingress_args(args) if several else args)
         ensure_demo_models(config.paths.builtin_models_dir, config.paths.builtin_modules_dir)
         engine = Engine(config)
     except UserError as e:
         sys.exit(f"Cannot start: {e}")
     load_extensions(engine)
-    jobs = JobQueue(engine)
+    jobs = start_replicas(args, engine) if several else JobQueue(engine)
     for warning in open_access_warnings(args):
         log.warning(warning)
     with engine.options.overridden(checkpoint_choice(engine, args.ckpt)):

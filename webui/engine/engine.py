@@ -35,7 +35,7 @@ from webui.engine.forecast import Forecast, Rates, forecast_job
 from webui.engine.fast_presets import FastPreset, fast_preset, named_in
 from webui.engine.formats.files import (CheckpointInfo, HashCache, checkpoint_title, declared_resolution,
                                         read_safetensors_header, short_hash)
-from webui.engine.generate import Resolved, generate, resolve_seed
+from webui.engine.generate import Resolved, generate, resolve_seed, save_or_notice
 from webui.engine.hires import SAME_CHECKPOINT, OtherModel, check_latent_handover, resolve_hires
 from webui.engine.hooks import Hooks, Network, extract_networks
 from webui.engine.inpaint import init_pictures
@@ -47,7 +47,7 @@ from webui.engine.memory import MB
 from webui.engine.memory.host_pages import limit_heap_arenas
 from webui.engine.memory.manager import DeviceMemory, MemoryManager, MemoryMode, MemoryPolicy, use_expandable_segments
 from webui.engine.merge.merger import MergeInputs, MergeRequest, MergeResult, merge_checkpoints
-from webui.engine.outputs import remove_stale_temp_files, save_image
+from webui.engine.outputs import png_files, remove_stale_temp_files, save_image
 from webui.engine.progress import Progress
 from webui.engine.request import GenerationRequest, GenerationResult, combined
 from webui.engine.sampling.samplers import SamplerRegistry, Sampling
@@ -636,6 +636,20 @@ class Engine:
             return path
 
         return save
+
+    def save_result(self, result: GenerationResult) -> None:
+        """Save the images of a result another engine made (a Ray Serve replica's: the ingress saves) as the
+        generation would have here: each where its request (or the option samples_save) says, in the txt2img or
+        img2img folder, with the same names and infotexts; a disk that refuses is a notice, as there."""
+        request = result.request
+        if not (self.options["samples_save"] if request.save_images is None else request.save_images):
+            return
+        first = result.grids  # (a prompt matrix's grid: its caller saves it)
+        images, infotexts = result.images[first:], result.infotexts[first:]
+        save = self._saver("img2img" if request.init_images else "txt2img")
+        for image, seed, prompt, infotext, png in zip(images, result.seeds[first:], result.prompts[first:],
+                                                      infotexts, png_files(images, infotexts)):
+            save_or_notice(save, image, seed, prompt, infotext, png, result)
 
     def upscalers(self) -> list[UpscalerInfo]:
         """A1111's upscaler list: the built-in ones (None, Lanczos, Nearest), then the model files of the upscaler

@@ -227,7 +227,7 @@ def generate(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, jo
                 result.negative_prompts.append(req.negative_prompt)
                 result.infotexts.append(infotext)
                 if saving:
-                    _save(save_image, image, seed, req.prompt, infotext, png, result)
+                    save_or_notice(save_image, image, seed, req.prompt, infotext, png, result)
         result.interrupted = progress.interrupted
     finally:
         bar.close()
@@ -240,7 +240,7 @@ def generate(model: LoadedModel, memory: MemoryManager, policy: MemoryPolicy, jo
     return result
 
 
-def _save(save_image: SaveImage, image: Image.Image, seed: int, prompt: str, infotext: str, png: bytes,
+def save_or_notice(save_image: SaveImage, image: Image.Image, seed: int, prompt: str, infotext: str, png: bytes,
           result: GenerationResult) -> None:
     """Save one image; where the disk refuses (full, read-only), the images are still returned, with a notice naming
     the folder and the reason, once."""

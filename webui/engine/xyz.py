@@ -311,30 +311,44 @@ def plan_cells(engine: Engine, base: GenerationRequest, choices: list[AxisChoice
                          for index in _order(plan, shape)]  # every value checked
 
 
+Cells = dict[tuple[int, int, int], GenerationResult]
+# Runs a plot's planned cells (their indices and cells, in order); returns each one's result and whether an
+# interrupt stopped the plot. The default runs them in turn on the engine; the Ray Serve queue spreads them.
+CellRunner = Callable[[GenerationRequest, list[tuple[tuple[int, int, int], Cell]]], tuple[Cells, bool]]
+
+
 def run_plot(engine: Engine, base: GenerationRequest, choices: list[AxisChoice], axes: list[Axis],
-             options: PlotOptions = PlotOptions(), save_grid: bool | None = None) -> PlotResult:
-    """Generate every cell of the plot (X, Y, Z = ``choices``), then the grid; UserError before any work for a
-    bad axis or value."""
+             options: PlotOptions = PlotOptions(), save_grid: bool | None = None,
+             run_cells: CellRunner | None = None) -> PlotResult:
+    """Generate every cell of the plot (X, Y, Z = ``choices``; by ``run_cells``), then the grid; UserError before any
+    work for a bad axis or value."""
     plan, shape, planned = plan_cells(engine, base, choices, axes, options)
-    generate = engine.txt2img if base.init_images is None else engine.img2img
-    cells: dict[tuple[int, int, int], GenerationResult] = {}
-    progress = engine.progress
-    progress.begin_plot(len(planned))
-    try:
-        with engine.memory.tracing() as trace:
-            for index, cell in planned:
-                with engine.options.overridden(cell.options):
-                    result = generate(cell.request)
-                cells[index] = result
-                progress.next_cell()
-                if result.interrupted or progress.interrupted:
-                    break
-    finally:
-        interrupted = progress.interrupted
-        progress.end_plot()
+    with engine.memory.tracing() as trace:
+        cells, interrupted = (run_cells or (lambda b, p: run_in_turn(engine, b, p)))(base, planned)
     plot = _finish(engine, base, plan, shape, cells, interrupted, options, save_grid)
     plot.memory_timeline = trace.timeline()
     return plot
+
+
+def run_in_turn(engine: Engine, base: GenerationRequest,
+                planned: list[tuple[tuple[int, int, int], Cell]]) -> tuple[Cells, bool]:
+    """The cells one after another on ``engine``, each with its options, until an interrupt."""
+    generate = engine.txt2img if base.init_images is None else engine.img2img
+    cells: Cells = {}
+    progress = engine.progress
+    progress.begin_plot(len(planned))
+    try:
+        for index, cell in planned:
+            with engine.options.overridden(cell.options):
+                result = generate(cell.request)
+            cells[index] = result
+            progress.next_cell()
+            if result.interrupted or progress.interrupted:
+                break
+    finally:
+        interrupted = progress.interrupted
+        progress.end_plot()
+    return cells, interrupted
 
 
 def _parse(axis: Axis, text: str, name: str) -> tuple[Axis, list]:
@@ -375,7 +389,7 @@ def _cell(engine: Engine, base: GenerationRequest, plan: list[tuple[Axis, list]]
 
 
 def _finish(engine: Engine, base: GenerationRequest, plan: list[tuple[Axis, list]], shape: list[int],
-            cells: dict[tuple[int, int, int], GenerationResult], interrupted: bool, options: PlotOptions,
+            cells: Cells, interrupted: bool, options: PlotOptions,
             save_grid: bool | None) -> PlotResult:
     labels = [[_label(axis, value) if options.draw_legend else "" for value in values] for axis, values in plan]
     grids = []

@@ -60,8 +60,8 @@ def generator(jobs: JobQueue, inputs: Components, out: Components, submit: Calla
             future.set_exception(e)
         try:
             while not wait([future], timeout=POLL_SECONDS).done:
-                yield {out["status"]: progress_html(engine.progress, future),
-                       out["preview"]: live_preview(engine, future)}
+                yield {out["status"]: progress_html(jobs.progress, future),
+                       out["preview"]: live_preview(engine, jobs, future)}
         finally:  # Gradio stops the handler when its page goes away (a closed tab, a reload): so does the job
             if not future.done():
                 jobs.abandon(future)
@@ -74,10 +74,10 @@ def generator(jobs: JobQueue, inputs: Components, out: Components, submit: Calla
     return run
 
 
-def live_preview(engine: Engine, future: Future) -> dict:
+def live_preview(engine: Engine, jobs: JobQueue, future: Future) -> dict:
     """This job's live preview at output size (its latents are 8x smaller); unchanged while there is none."""
     running = future.running() and engine.options["live_previews_enable"]
-    image = engine.progress.preview() if running else None
+    image = jobs.progress.preview() if running else None
     if image is None:
         return gr.skip()
     return gr.update(value=image.resize((image.width * 8, image.height * 8), Image.Resampling.BILINEAR),
