@@ -46,24 +46,24 @@ class Server:
         self.process.wait(timeout=30)
 
 
-def start_server(data_dir: Path, *flags: str) -> Server:
+def start_server(data_dir: Path, *flags: str, env: dict[str, str] | None = None) -> Server:
     """``launch.py`` on a free port, on the CPU, over ``data_dir`` (its embedded demo model when it holds none);
     returns once it says where it serves (the UI, the API and the extensions' routes are mounted by then). A port
-    another test worker took between the pick and the bind is picked again."""
+    another test worker took between the pick and the bind is picked again. ``env``: more environment variables."""
     for _ in range(3):
-        server = _start(data_dir, free_port(), flags)
+        server = _start(data_dir, free_port(), flags, env or {})
         if server is not None:
             return server
     pytest.fail("the server found no free port in three tries")
 
 
-def _start(data_dir: Path, port: int, flags: tuple[str, ...]) -> Server | None:
+def _start(data_dir: Path, port: int, flags: tuple[str, ...], env: dict[str, str]) -> Server | None:
     log_path = data_dir / f"server-{port}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "launch.py"), "--skip-venv", "--skip-install", "--port", str(port),
              "--data-dir", str(data_dir), "--device", "cpu", *flags],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
     auth = tuple(flags[flags.index("--api-auth") + 1].split(":", 1)) if "--api-auth" in flags else None
     host = flags[flags.index("--server-name") + 1] if "--server-name" in flags else "127.0.0.1"
     server = Server(process, f"http://{host}:{port}", log_path, auth)
@@ -79,9 +79,9 @@ def _start(data_dir: Path, port: int, flags: tuple[str, ...]) -> Server | None:
 
 
 @contextmanager
-def serving(data_dir: Path, *flags: str) -> Iterator[Server]:
+def serving(data_dir: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[Server]:
     """``start_server`` for a block (a module's fixture): the server is stopped after it, whatever happened."""
-    live = start_server(data_dir, *flags)
+    live = start_server(data_dir, *flags, env=env)
     try:
         yield live
     finally:

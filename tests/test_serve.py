@@ -25,7 +25,9 @@ DUSK = "demo-shapes-dusk"
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Iterator[Server]:
-    with serving(tmp_path_factory.mktemp("single"), "--nowebui") as live:
+    """The single process, with as many torch threads as each of two CPU replicas (float sums in the same order)."""
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    with serving(tmp_path_factory.mktemp("single"), "--nowebui", env={"OMP_NUM_THREADS": threads}) as live:
         yield live
 
 

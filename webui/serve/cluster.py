@@ -44,9 +44,9 @@ def start_replicas(args: argparse.Namespace, engine: Engine) -> ServeQueue:
     on_gpu = gpus > 0
     if on_gpu and replicas > gpus:
         log.warning("--workers %d: the cluster has %d GPU(s); the replicas beyond them wait for one.", replicas, gpus)
-    # Ray gives a CPU actor one thread (OMP_NUM_THREADS); a CPU replica takes as many as this process's torch would,
-    # which makes its sums in the same order: the single process's images, byte for byte
-    threads = 0 if on_gpu else _torch_threads()
+    # CPU replicas share this machine's cores (more threads than cores stall torch's thread pools); the images are the
+    # single process's byte for byte where that one runs as many threads (OMP_NUM_THREADS), as the tests run it
+    threads = 0 if on_gpu else max(1, (os.cpu_count() or 1) // replicas)
     board = ray.remote(num_cpus=0)(JobBoard).remote()
     deployment = serve.deployment(
         EngineReplica, name="engine", num_replicas=replicas, max_ongoing_requests=1,
@@ -66,12 +66,6 @@ def stop() -> None:
             serve.shutdown()
         finally:
             ray.shutdown()
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _local_gpus() -> int:
