@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -503,3 +504,22 @@ def test_a_preview_that_is_a_decompression_bomb_is_not_decoded(tmp_path, monkeyp
 
     assert card_image(Network(), "bomb") == placeholder_card("bomb")
     assert decoded == [], "no pixel decoded"
+
+
+def test_the_queue_view_shows_where_jobs_run_what_runs_and_what_waits(engine):
+    from webui.ui.queue_tab import queue_html
+
+    jobs, release = JobQueue(engine), threading.Event()
+    assert "Nothing is running" in queue_html(jobs) and "one engine, in this process" in queue_html(jobs)
+    running = jobs.submit_call("a long call", release.wait)
+    waiting = jobs.submit_call("next", lambda: None)
+    deadline = time.time() + 10
+    while not running.running() and time.time() < deadline:
+        time.sleep(0.01)
+    shown = queue_html(jobs)
+    assert "<td>a long call</td><td>0 of 1</td><td>this process</td>" in shown and "<b>Waiting:</b> 1" in shown
+    release.set()
+    waiting.result(timeout=10)
+    while "Nothing is running" not in queue_html(jobs) and time.time() < deadline:
+        time.sleep(0.01)
+    assert "Nothing is running" in queue_html(jobs)

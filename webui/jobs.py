@@ -30,6 +30,17 @@ class Overrides:
     restore: bool = True
 
 
+@dataclass(frozen=True)
+class RunningJob:
+    """A job the queue's view shows: its name, its parts made of all (a batch count's images, a plot's cells, where
+    they are spread), and where it runs."""
+
+    name: str
+    done: int
+    parts: int
+    where: str
+
+
 class JobQueue:
     """Jobs (a generation, an X/Y/Z plot, a prompt script) run one at a time on one worker thread, in the order submitted."""
 
@@ -38,6 +49,7 @@ class JobQueue:
         self._queue: queue.Queue[tuple[str, Callable[[], Any], Future]] = queue.Queue()
         self._submitting = threading.Lock()
         self._running: Future | None = None
+        self._running_name = ""
         self.on_start: list[Callable[[Future], None]] = []  # told each job's future as it starts (the job API)
         self._worker = threading.Thread(target=self._run, name="generation-queue", daemon=True)
         self._worker.start()
@@ -74,6 +86,11 @@ class JobQueue:
         """Jobs waiting to run; those whose clients went away (cancelled) no longer count."""
         with self._queue.mutex:
             return sum(not future.cancelled() for _name, _work, future in self._queue.queue)
+
+    def overview(self) -> tuple[str, list[RunningJob], int]:
+        """For the UI's queue view: where jobs run, the jobs running, how many wait."""
+        running = [] if self._running is None else [RunningJob(self._running_name, 0, 1, "this process")]
+        return f"one engine, in this process ({self.engine.device})", running, self.pending
 
     @property
     def progress(self) -> Progress:
@@ -123,7 +140,7 @@ class JobQueue:
             if not future.set_running_or_notify_cancel():
                 continue
             timer = self._time_limit(name)
-            self._running = future
+            self._running, self._running_name = future, name
             try:
                 for started in self.on_start:
                     started(future)

@@ -31,7 +31,7 @@ from webui.engine.request import GenerationRequest, GenerationResult, combined
 from webui.engine.xyz import AxisChoice, Cell, Cells, PlotOptions, run_plot, saved_grid
 from webui.errors import Busy, UserError
 from webui.extensions import plot_axes
-from webui.jobs import JobQueue, Overrides
+from webui.jobs import JobQueue, Overrides, RunningJob
 from webui.serve.parts import Part, PartDone, PartFailed, ProgressReport
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class RemoteJob:
     interrupted: bool = False
     skipped: bool = False
     notices: list[str] = field(default_factory=list)
+    replicas: set[str] = field(default_factory=set)  # where its parts were made
 
 
 class ServeQueue(JobQueue):
@@ -109,6 +110,14 @@ class ServeQueue(JobQueue):
     @property
     def pending(self) -> int:
         return super().pending + self._waiting
+
+    def overview(self) -> tuple[str, list[RunningJob], int]:
+        where, running, waiting = super().overview()
+        with self._lock:
+            jobs = list(self._running_jobs)
+        running += [RunningJob(job.name, job.done, len(job.parts), ", ".join(sorted(job.replicas)) or "on the replicas")
+                    for job in jobs]
+        return f"{self.replicas} engine replica(s) on Ray Serve; other work on this process's CPU", running, waiting
 
     @property
     def progress(self) -> ClusterProgress:
@@ -267,6 +276,7 @@ class ServeQueue(JobQueue):
                 raise answer.raised()
             if answer is not None:
                 job.done += 1
+                job.replicas.add(answer.replica)
                 log.info("%s %s: made on replica %s from %.3f to %.3f, %d model switch(es) there", job.name,
                          part.id, answer.replica, answer.started, answer.ended, answer.loads)
             return answer

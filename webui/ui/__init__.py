@@ -18,6 +18,7 @@ from webui.ui.merger_tab import merger_tab
 from webui.ui.model_row import model_row
 from webui.ui.png_info import png_info_tab
 from webui.ui.prompt_scripts_tab import prompt_scripts_tab
+from webui.ui.queue_tab import queue_tab
 from webui.ui.settings_tab import settings_tab
 from webui.ui.txt2img import CTRL_ENTER_JS, txt2img_tab
 from webui.ui.xyz_tab import xyz_tab
@@ -45,6 +46,8 @@ def build_ui(engine: Engine, jobs: JobQueue) -> gr.Blocks:
             with gr.Tab("Checkpoint Merger", id="merger"):
                 merger_tab(demo, engine, jobs)
             extension_tabs(engine)
+            with gr.Tab("Queue", id="queue"):
+                queue_tab(jobs)
             with gr.Tab("Settings", id="settings"):
                 settings_tab(demo, engine)
             extensions_tab(demo, engine)
