@@ -96,13 +96,32 @@ def test_a_replica_killed_mid_job_loses_no_image(single, cluster):
     deadline = time.time() + 60
     while cluster.api("GET", "progress").json()["state"]["sampling_step"] < 2 and time.time() < deadline:
         time.sleep(0.1)
-    pids = sorted({int(p) for p in re.findall(r"ServeReplica:webui:engine pid=(\d+)", cluster.log)})
-    os.kill(pids[0], signal.SIGKILL)
+    os.kill(min(replica_pids(cluster)), signal.SIGKILL)
     job.join(timeout=240)
     assert done and done[0]["images"] == reference["images"], "every image, each the single process's"
     assert "made again on another replica" in done[0]["info"]
     assert "A replica stopped while making part" in cluster.log
     assert cluster.api("GET", "progress").status_code == 200, "the ingress serves on"
+    deadline = time.time() + 60
+    while len(replica_pids(cluster)) < 3 and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(replica_pids(cluster)) == 3, "Serve started a replica in the killed one's place"
+
+
+def replica_pids(server: Server) -> set[int]:
+    return {int(p) for p in re.findall(r"ServeReplica:webui:engine pid=(\d+)", server.log)}
+
+
+def test_interrupt_reaches_the_replicas_and_keeps_what_was_made(cluster):
+    done: list[dict] = []
+    job = threading.Thread(target=lambda: done.append(txt2img(cluster, n_iter=6, steps=60, seed=31)))
+    job.start()
+    deadline = time.time() + 60
+    while cluster.api("GET", "progress").json()["state"]["sampling_step"] < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    assert cluster.api("POST", "interrupt").status_code == 200
+    job.join(timeout=120)
+    assert done and 1 <= len(done[0]["images"]) < 6, "stopped early, the images made by then returned"
 
 
 def test_webuiapi_and_the_job_api_work_against_the_ingress(cluster):
