@@ -264,7 +264,7 @@ def test_ui_tabs_and_the_extensions_tab(engine, tmp_path):
     tabs = [c["props"]["label"] for c in components if c["type"] == "tabitem"
             and not c["props"]["label"].startswith("ControlNet Unit")]  # (the generation tabs' unit tabs)
     assert tabs == ["txt2img", "img2img", "X/Y/Z plot", "Prompt scripts", "Extras", "PNG Info", "Checkpoint Merger",
-                    "My Tab", "Broken Tab", "Settings", "Extensions"]
+                    "My Tab", "Broken Tab", "Queue", "Settings", "Extensions"]
     props = {c["props"].get("elem_id"): c["props"] for c in components}
     assert ("Style", "Style") in props["xyz_x_type"]["choices"], "the X/Y/Z tab offers the extension's axis"
     assert props["a_tab_text"]["value"] == "hello from a-tab"

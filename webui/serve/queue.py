@@ -36,6 +36,7 @@ from webui.serve.parts import Part, PartDone, PartFailed, ProgressReport
 
 log = logging.getLogger(__name__)
 TRIES = 3  # a part is made on at most this many replicas (each that died mid-part, then another)
+WAITING_THREADS = 32  # a job's parts awaited at once (Serve queues them for the replicas either way)
 RETRY_WAIT = 2.0  # seconds before trying again: Serve notices a dead replica and routes around it
 NOT_SAVED_THERE = {"samples_save": False, "grid_save": False}  # replicas save nothing: the ingress does
 PART_LINE = re.compile(r"(?P<job>job\d+)\.(?P<part>\d+): made on replica (?P<pid>\d+)@\S+ from (?P<start>[\d.]+) to "
@@ -101,7 +102,7 @@ class ServeQueue(JobQueue):
             run_cells = lambda b, planned: self._cells(job, b, planned, overrides)  # noqa: E731
             return run_plot(self.engine, base, choices, plot_axes(self.engine), options, save_grid, run_cells)
 
-        return self._remote("X/Y/Z plot", work, overrides, with_options=True)
+        return self._remote("X/Y/Z plot", work, overrides)
 
     def submit_script(self, base: GenerationRequest, script: PromptLines | PromptMatrix,
                       overrides: Overrides | None = None) -> Future:
@@ -140,11 +141,10 @@ class ServeQueue(JobQueue):
 
     # ---- jobs -------------------------------------------------------------------------------------------------
 
-    def _remote(self, name: str, work: Callable[[RemoteJob], Any], overrides: Overrides | None,
-                with_options: bool = False) -> Future:
+    def _remote(self, name: str, work: Callable[[RemoteJob], Any], overrides: Overrides | None) -> Future:
         """Queue ``work`` (run on a job thread of its own: its parts wait on the replicas, not here); the future
-        holds its result. ``with_options``: the job's overrides are also in force here while it runs (a plot plans
-        its cells with them)."""
+        holds its result. The job's overrides go with its parts (they are not set here, where jobs run side by
+        side), and are kept afterwards where they ask to be."""
         most = self.engine.options.get("max_queued_jobs")
         future: Future = Future()
         job = RemoteJob(f"job{next(self._ids)}", name)
@@ -166,8 +166,7 @@ class ServeQueue(JobQueue):
             try:
                 for started in self.on_start:
                     started(future)
-                with self.engine.options.overridden(overrides.values if with_options and overrides else {}):
-                    result = work(job)
+                result = work(job)
                 if overrides is not None and not overrides.restore:
                     self.engine.options.update(overrides.values)
                 future.set_result(result)
@@ -245,7 +244,7 @@ class ServeQueue(JobQueue):
                         {**options, **NOT_SAVED_THERE}, script)
             job.parts.append(part.id)
             sent.append((part, request, self._model_id(request, options)))
-        with ThreadPoolExecutor(max_workers=len(sent)) as waiting:
+        with ThreadPoolExecutor(max_workers=min(len(sent), WAITING_THREADS)) as waiting:
             answers = list(waiting.map(lambda s: self._made(job, *s), sent))
         results = []
         for (_, request, _), answer in zip(sent, answers):
