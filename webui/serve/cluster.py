@@ -37,7 +37,8 @@ def start_replicas(args: argparse.Namespace, engine: Engine) -> ServeQueue:
         gpus = 0 if args.device == "cpu" else int(ray.cluster_resources().get("GPU", 0))
     else:
         cores = os.cpu_count() or 1
-        ray.init(num_cpus=max(cores, args.workers or 1), num_gpus=gpus, include_dashboard=False,
+        # address="local": a Ray instance of its own, even where `ray start` runs one here (--ray-address joins that)
+        ray.init(address="local", num_cpus=max(cores, args.workers or 1), num_gpus=gpus, include_dashboard=False,
                  runtime_env=runtime, logging_level=logging.WARNING)
     atexit.register(stop)
     replicas = args.workers or gpus or 1
