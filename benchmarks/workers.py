@@ -216,17 +216,18 @@ def main() -> None:
                 seconds, images = plot(server, family)
                 plots[workers] = (seconds, images)
                 speedup = plots[counts[0]][0] / seconds
-                same = images == plots[counts[0]][1]
+                same = images == plots[counts[0]][1]  # (on GPUs; CPU replicas of another count: other threads)
                 rows.append(f"| --workers {workers} | X/Y/Z {len(family.checkpoints)} checkpoints × 8 seeds | "
                             f"{seconds:.1f} s, {speedup:.2f}× faster than --workers {counts[0]}, grid "
                             f"{'byte-identical' if same else '**differs**'} | — | ≥ 1.8× on 2 | "
                             f"{'yes' if workers != 2 or speedup >= 1.8 else '**no**'} |")
-                if workers >= 2:
+                if workers >= 2:  # (against this run's own plot: CPU replicas of another count run other threads)
                     killed, images = plot(server, family, kill_after=0.25)
+                    same = images == plots[workers][1]
                     rows.append(f"| --workers {workers} | the plot, a replica killed at 25 % | {killed:.1f} s "
-                                f"(+{killed - seconds:.1f} s), {len(images)} images, "
-                                f"{'byte-identical' if images == plots[counts[0]][1] else '**differs**'} | — | "
-                                f"every cell | {'yes' if images == plots[counts[0]][1] else '**no**'} |")
+                                f"({killed - seconds:+.1f} s), {len(images)} image(s), "
+                                f"{'byte-identical' if same else '**differs**'} | — | every cell | "
+                                f"{'yes' if same else '**no**'} |")
         finally:
             server.stop()
     print_table(f"Several replicas on Ray Serve, {args.family}", "`python3 -m benchmarks.workers "
