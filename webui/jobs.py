@@ -142,35 +142,47 @@ class JobQueue:
             timer = self._time_limit(name)
             self._running, self._running_name = future, name
             try:
-                for started in self.on_start:
-                    started(future)
-                result = work()
-                if timer is not None and timer.finished.is_set() and isinstance(result, GenerationResult):
-                    result.notices.append(f"Stopped after {timer.interval:g} s (max_job_seconds in Settings); the "
-                                          "images made by then are kept.")
-                future.set_result(result)
-            except Exception as e:  # the worker survives anything a job raises; the caller gets it
-                if isinstance(e, UserError):
-                    log.error("%s refused: %s", name, e)
-                else:
-                    log.exception("%s failed", name)
-                future.set_exception(e)
+                run_into(future, name, lambda: timed_out_noted(work(), timer), self.on_start)
             finally:
                 self._running = None
                 if timer is not None:
                     timer.cancel()
 
-    def _time_limit(self, name: str) -> threading.Timer | None:
-        """The option max_job_seconds: a job still running then is interrupted (what it made is kept)."""
+    def _time_limit(self, name: str, interrupt: Callable[[], None] | None = None) -> threading.Timer | None:
+        """The option max_job_seconds: a job still running then is interrupted (``interrupt``; what it made is
+        kept)."""
         seconds = self.engine.options.get("max_job_seconds")
         if not seconds:
             return None
 
         def time_up() -> None:
             log.warning("%s ran for %s s (max_job_seconds): interrupted.", name, seconds)
-            self.engine.progress.interrupt()
+            (interrupt or self.engine.progress.interrupt)()
 
         timer = threading.Timer(seconds, time_up)
         timer.daemon = True
         timer.start()
         return timer
+
+
+def run_into(future: Future, name: str, work: Callable[[], Any], on_start: list[Callable[[Future], None]]) -> None:
+    """A started job's work, its result or error put in its future (the caller gets either; the queue's worker
+    survives anything): ``on_start`` told first; a refusal logged as one, anything else with its traceback."""
+    try:
+        for started in on_start:
+            started(future)
+        future.set_result(work())
+    except Exception as e:
+        if isinstance(e, UserError):
+            log.error("%s refused: %s", name, e)
+        else:
+            log.exception("%s failed", name)
+        future.set_exception(e)
+
+
+def timed_out_noted(result: Any, timer: threading.Timer | None) -> Any:
+    """``result``, with a notice where max_job_seconds stopped it."""
+    if timer is not None and timer.finished.is_set() and isinstance(result, GenerationResult):
+        result.notices.append(f"Stopped after {timer.interval:g} s (max_job_seconds in Settings); the images made by "
+                              "then are kept.")
+    return result

@@ -31,7 +31,7 @@ from webui.engine.request import GenerationRequest, GenerationResult, combined
 from webui.engine.xyz import AxisChoice, Cell, Cells, PlotOptions, run_plot, saved_grid
 from webui.errors import Busy, UserError
 from webui.extensions import plot_axes
-from webui.jobs import JobQueue, Overrides, RunningJob
+from webui.jobs import JobQueue, Overrides, RunningJob, run_into, timed_out_noted
 from webui.serve.parts import Part, PartDone, PartFailed, ProgressReport
 
 log = logging.getLogger(__name__)
@@ -163,26 +163,26 @@ class ServeQueue(JobQueue):
             job.started = time.monotonic()
             with self._lock:
                 self._running_jobs.append(job)
+            timer = self._time_limit(name, lambda: self._ask(interrupt=True, jobs=[job]))
             try:
-                for started in self.on_start:
-                    started(future)
-                result = work(job)
-                if overrides is not None and not overrides.restore:
-                    self.engine.options.update(overrides.values)
-                future.set_result(result)
-            except Exception as e:
-                if isinstance(e, UserError):
-                    log.error("%s refused: %s", name, e)
-                else:
-                    log.exception("%s failed", name)
-                future.set_exception(e)
+                run_into(future, name, lambda: timed_out_noted(self._kept(work(job), overrides), timer),
+                         self.on_start)
             finally:
+                if timer is not None:
+                    timer.cancel()
                 with self._lock:
                     self._running_jobs.remove(job)
                 self._forget(job.parts)
 
         self._pool.submit(run)
         return future
+
+    def _kept(self, result: Any, overrides: Overrides | None) -> Any:
+        """``result``; the job's overrides stored once it succeeded, where they ask (A1111's
+        ``override_settings_restore_afterwards: false``)."""
+        if overrides is not None and not overrides.restore:
+            self.engine.options.update(overrides.values)
+        return result
 
     def _generation(self, job: RemoteJob, mode: str, request: GenerationRequest,
                     overrides: Overrides | None) -> GenerationResult:
