@@ -123,14 +123,21 @@ def test_gguf_layers_compile_without_a_break(tmp_path):
     assert torch.allclose(compiled, eager, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
-def test_flow_transformers_compile_their_joint_and_single_blocks(family):
-    """Flux's blocks (diffusers' list) and SD3's (named here): compiled whole, the eager output."""
+@pytest.mark.parametrize("family,graphs", [("flux", 2), ("sd3", 3)])
+def test_flow_transformers_compile_their_joint_and_single_blocks(family, graphs):
+    """Flux's blocks (diffusers' list) and SD3's (named here): compiled whole, the eager output; one graph for each
+    kind of block (Flux: double and single; SD3.5: joint with a second attention, joint, and the last, which keeps no
+    context), though the first block of a kind is given views and other strides than the rest."""
+    from diffusers import FluxTransformer2DModel
+
     from webui.engine.compiled import compile_denoiser
-    from webui.synthetic.builders import build_flux_transformer, build_sd3_transformer
+    from webui.synthetic.builders import build_sd3_transformer, flux_architecture
 
     torch.compiler.reset()
-    model = build_flux_transformer("tiny", seed=1) if family == "flux" else build_sd3_transformer("tiny", seed=2)
+    counters.clear()
+    torch.manual_seed(1)
+    model = (FluxTransformer2DModel(**flux_architecture("tiny") | {"num_layers": 2, "num_single_layers": 3}).eval()
+             if family == "flux" else build_sd3_transformer("tiny", seed=2))
     config, generator = model.config, torch.Generator().manual_seed(0)
     inputs = dict(encoder_hidden_states=torch.randn(1, 8, config.joint_attention_dim, generator=generator),
                   pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=generator))
@@ -146,6 +153,7 @@ def test_flow_transformers_compile_their_joint_and_single_blocks(family):
         assert compile_denoiser(model)
         compiled = model(**inputs).sample
     assert sum(counters["graph_break"].values()) == 0 and torch.allclose(compiled, eager, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_turning_the_setting_off_runs_the_compiled_blocks_eager_again(tmp_path, sd1_file):
