@@ -122,6 +122,21 @@ def test_find_checkpoints_recursively_with_folders(tmp_path, sd1_folder):
     assert found == {"a.safetensors": "safetensors", "sub/b.gguf": "gguf", "sub/c.ckpt": "ckpt", "pipe": "diffusers"}
 
 
+def test_engines_sharing_a_hash_cache_keep_each_others_hashes(tmp_path):
+    """Several engines on one data dir (Ray Serve replicas): each write keeps what the others wrote, and none trips
+    over another's temporary file."""
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    first.write_bytes(b"first")
+    second.write_bytes(b"second")
+    one, other = (HashCache(tmp_path / "cache.json", lambda: False) for _ in range(2))
+    one.sha256(first)
+    other.sha256(second)
+    fresh = HashCache(tmp_path / "cache.json", lambda: False)
+    assert fresh.cached(first) == hashlib.sha256(b"first").hexdigest()
+    assert fresh.cached(second) == hashlib.sha256(b"second").hexdigest()
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_hash_is_a1111_short_hash_and_cached(tmp_path):
     path = tmp_path / "m.safetensors"
     path.write_bytes(b"model bytes")

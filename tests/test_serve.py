@@ -47,15 +47,24 @@ def txt2img(server: Server, **fields) -> dict:
     return answer.json()
 
 
-def test_a_batch_count_and_a_plot_are_the_single_process_images_byte_for_byte(single, cluster):
-    for body in ({"n_iter": 4}, {"script_name": "X/Y/Z plot", "script_args": xyz_args((1, "1, 2", None),
-                                                                                      (4, "4, 6", None), include_lone_images=True)}):
+def test_a_batch_count_a_plot_and_a_prompt_matrix_are_the_single_process_images_byte_for_byte(single, cluster):
+    plot = {"script_name": "X/Y/Z plot", "script_args": xyz_args((1, "1, 2", None), (4, "4, 6", None),
+                                                                 include_lone_images=True)}
+    matrix = {"script_name": "Prompt matrix", "script_args": [], "prompt": "a red circle|blue background"}
+    for body in ({"n_iter": 4}, matrix, plot):
         one, spread = txt2img(single, **body), txt2img(cluster, **body)
         assert len(spread["images"]) == len(one["images"])
         assert spread["images"] == one["images"], body  # (the PNGs: pixels and infotexts)
         assert spread["parameters"]["seed"] == one["parameters"]["seed"]
     replicas = {part.pid for part in made(cluster) if part.job == made(cluster)[-1].job}
     assert len(replicas) == 2, "the plot's cells were spread over both replicas"
+
+
+def test_the_ingress_saves_the_images_as_one_process_does(cluster):
+    made_now = txt2img(cluster, n_iter=2, save_images=True, seed=41)
+    saved = sorted(cluster.log_path.parent.glob("outputs/txt2img-images/*/*.png"))
+    assert [path.name.split("-")[1] for path in saved[-2:]] == ["41", "42"], "numbered in order, named by seed"
+    assert len(made_now["images"]) == 2
 
 
 def test_two_jobs_run_at_the_same_time_on_two_replicas(cluster):

@@ -219,7 +219,8 @@ class ServeQueue(JobQueue):
                 overrides: Overrides | None) -> GenerationResult:
         """A prompt script on one replica (its lines run in turn, as in one process); its grid saved here."""
         mode = "txt2img" if base.init_images is None else "img2img"
-        (result,) = self._parts(job, [(mode, base, self._options(overrides))], script)
+        there = replace(script, save_grid=False) if isinstance(script, PromptMatrix) else script  # (saved here)
+        (result,) = self._parts(job, [(mode, base, self._options(overrides))], there)
         if result is None:
             raise UserError("the job was interrupted before its first image was made")
         if result.grids:

@@ -326,10 +326,13 @@ class HashCache:
         self.path = path
         self.interrupted = interrupted
         self._lock = threading.Lock()
+        self._data = self._read()
+
+    def _read(self) -> dict:
         try:
-            self._data = json.loads(path.read_text(encoding="utf-8")).get("hashes", {})
-        except (OSError, ValueError, AttributeError):
-            self._data = {}
+            return dict(json.loads(self.path.read_text(encoding="utf-8")).get("hashes", {}))
+        except (OSError, ValueError, AttributeError, TypeError):
+            return {}
 
     def sha256(self, target: Path) -> str:
         try:
@@ -357,7 +360,10 @@ class HashCache:
         return entry["sha256"] if entry and entry.get("stamp") == stamp else None
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
+        """Write the file, with what other processes wrote to it meanwhile (the engines of several Ray Serve
+        replicas share one data dir): each writes its own temporary file, then replaces the file at once."""
+        self._data = {**self._read(), **self._data}
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"hashes": self._data}, indent=1), encoding="utf-8")
         os.replace(tmp, self.path)
 
