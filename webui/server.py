@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         sys.exit(f"Cannot start: {e}")
     load_extensions(engine)
-    jobs = start_replicas(args, engine) if several else JobQueue(engine)
+    try:
+        jobs = start_replicas(args, engine) if several else JobQueue(engine)
+    except Exception as e:  # (Ray's own errors: a replica whose engine could not start, a cluster not found)
+        sys.exit(f"Cannot start the engine replicas: {e} (what a replica said is in the log above)")
     for warning in open_access_warnings(args):
         log.warning(warning)
     with engine.options.overridden(checkpoint_choice(engine, args.ckpt)):
