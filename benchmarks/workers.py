@@ -36,7 +36,6 @@ class Family:
     height: int
     steps: int
     checkpoints: tuple[str, ...]  # for the routing and plot rows (three; the demo has two single files)
-    flags: tuple[str, ...] = ()
 
 
 FAMILIES = {
@@ -128,14 +127,12 @@ def throughput(server: Server, family: Family, images: int, clients: int) -> flo
 
 def routing(server: Server, family: Family, rounds: int) -> tuple[int, int]:
     """Requests alternating between the checkpoints: (requests, model switches after the first of each)."""
-    before = sum_of_switches(server)
     for checkpoint in family.checkpoints:
         post(server, body(family, checkpoint))
     settled = sum_of_switches(server)
     for _ in range(rounds):
         for checkpoint in family.checkpoints:
             post(server, body(family, checkpoint))
-    del before
     return rounds * len(family.checkpoints), sum_of_switches(server) - settled
 
 

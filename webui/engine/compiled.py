@@ -36,6 +36,10 @@ def use_cache_dir(data_dir: Path) -> None:
 
 
 def repeated_blocks(denoiser: nn.Module) -> list[nn.Module]:
+    """The blocks compile works on: those compiled already (found once, kept on the denoiser), else found now."""
+    found = getattr(denoiser, COMPILED_BLOCKS, None)
+    if found is not None:
+        return found
     names = getattr(type(denoiser), "_repeated_blocks", None) or REPEATED_BLOCKS.get(type(denoiser).__name__, ())
     return [module for module in denoiser.modules() if type(module).__name__ in names]
 

@@ -28,7 +28,7 @@ class PartDone:
     replica: str  # "pid@host"
     started: float  # time.time() on the replica
     ended: float
-    loads: int  # models this replica switched to so far (routing by model keeps it low)
+    switches: int  # models this replica switched to so far (routing by model keeps it low)
 
 
 @dataclass

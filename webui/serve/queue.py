@@ -278,7 +278,7 @@ class ServeQueue(JobQueue):
                 job.done += 1
                 job.replicas.add(answer.replica)
                 log.info("%s %s: made on replica %s from %.3f to %.3f, %d model switch(es) there", job.name,
-                         part.id, answer.replica, answer.started, answer.ended, answer.loads)
+                         part.id, answer.replica, answer.started, answer.ended, answer.switches)
             return answer
         return None
 

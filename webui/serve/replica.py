@@ -40,11 +40,11 @@ class EngineReplica:
         load_extensions(self.engine)
         self.board = board
         self.name = f"{os.getpid()}@{socket.gethostname()}"
-        self.loads = 0
-        self.engine.hooks.on("model_loaded", self._loaded, owner="serve")
+        self.switches = 0
+        self.engine.hooks.on("model_loaded", self._switched, owner="serve")
 
-    def _loaded(self, model: Any) -> None:
-        self.loads += 1
+    def _switched(self, model: Any) -> None:
+        self.switches += 1
 
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def holding(self, model_id: str) -> str:
@@ -57,20 +57,19 @@ class EngineReplica:
             await self.holding(model_id)
         return await asyncio.to_thread(self._run, part)
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def _run(self, part: Part) -> PartDone | PartFailed | None:
         """The part's result; None where the job was interrupted before the part began."""
         if ray.get(self.board.post.remote(part.id, None), timeout=10)[0]:
             return None
         engine, stop = self.engine, threading.Event()
-        watcher = threading.Thread(target=self._watch, args=(part.id, stop), daemon=True)
+        previews = bool(part.options.get("live_previews_enable", True))
+        watcher = threading.Thread(target=self._watch, args=(part.id, stop, previews), daemon=True)
         started = time.time()
         engine.progress.interrupted = engine.progress.skipped = False
         watcher.start()
         try:
-            known = {key: value for key, value in part.options.items() if key in engine.options.as_dict()}
+            mine = engine.options.as_dict()
+            known = {key: value for key, value in part.options.items() if key in mine}
             with engine.options.overridden(known):
                 if part.script is not None:
                     result = part.script.run(engine, part.request)
@@ -84,15 +83,16 @@ class EngineReplica:
         finally:
             stop.set()
             watcher.join()
-        return PartDone(result, self.name, started, time.time(), self.loads)
+        return PartDone(result, self.name, started, time.time(), self.switches)
 
-    def _watch(self, part_id: str, stop: threading.Event) -> None:
-        """Post the part's progress to the board and obey the Interrupt/Skip asked there, until it ends."""
+    def _watch(self, part_id: str, stop: threading.Event, previews: bool) -> None:
+        """Post the part's progress to the board (its live preview where the settings show them) and obey the
+        Interrupt/Skip asked there, until it ends."""
         progress = self.engine.progress
         while not stop.wait(REPORT_EVERY):
             report = ProgressReport(progress.job, progress.job_count, progress.job_no, progress.sampling_step,
                                     progress.sampling_steps, progress.cell_no, progress.cell_count, progress.fraction,
-                                    progress.textinfo, progress.preview() if progress.active else None)
+                                    progress.textinfo, progress.preview() if previews and progress.active else None)
             try:
                 interrupt, skip = ray.get(self.board.post.remote(part_id, report), timeout=10)
             except Exception as e:  # the board is gone (the ingress stopped): the part finishes on its own

@@ -235,6 +235,7 @@ class Component:
     companion_of: str | None = None  # placed in every phase that places this component (a LoRA's adapters)
     streaming: bool = False  # its units off the device are streamed when it runs (a Streamer, or a planned one)
     together: list[list[Unit]] = field(default_factory=list)  # units streamed all or none (a compiled block's)
+    together_key: tuple[int, ...] = ()  # the modules ``together`` was found for (MemoryManager.stream_whole)
     nbytes: int = field(init=False)
 
     upcast_bytes: int = field(init=False)  # the largest weight one of its low-bit layers unpacks for a call
@@ -392,9 +393,13 @@ class MemoryManager:
         """From now on stream each of ``modules`` (parts of component ``name``) whole or not at all: compiled
         blocks, which run eager where one weight streams. An empty list lets the plan cut them again."""
         component = self.components[name]
+        key = tuple(id(module) for module in modules)
+        if component.together_key == key:  # (asked each denoising pass: the groups are found once)
+            return
         inside = [{id(m) for m in module.modules()} for module in modules]
         together = [[u for u in component.units if id(u.module) in ids] for ids in inside]
         component.together = [group for group in together if len(group) > 1]
+        component.together_key = key
 
     def unregister(self, name: str) -> None:
         """Let a component go: its weights back to host memory, its streaming hooks removed."""
