@@ -127,7 +127,8 @@ def test_gguf_layers_compile_without_a_break(tmp_path):
 def test_flow_transformers_compile_their_joint_and_single_blocks(family, graphs):
     """Flux's blocks (diffusers' list) and SD3's (named here): compiled whole, the eager output; one graph for each
     kind of block (Flux: double and single; SD3.5: joint with a second attention, joint, and the last, which keeps no
-    context), though the first block of a kind is given views and other strides than the rest."""
+    context), though the first block of a kind is given views and other strides than the rest; each traced once (no
+    second trace for the layers' float attributes)."""
     from diffusers import FluxTransformer2DModel
 
     from webui.engine.compiled import compile_denoiser
@@ -135,6 +136,7 @@ def test_flow_transformers_compile_their_joint_and_single_blocks(family, graphs)
 
     torch.compiler.reset()
     counters.clear()
+    torch._dynamo.utils.compilation_time_metrics.clear()
     torch.manual_seed(1)
     model = (FluxTransformer2DModel(**flux_architecture("tiny") | {"num_layers": 2, "num_single_layers": 3}).eval()
              if family == "flux" else build_sd3_transformer("tiny", seed=2))
@@ -154,6 +156,7 @@ def test_flow_transformers_compile_their_joint_and_single_blocks(family, graphs)
         compiled = model(**inputs).sample
     assert sum(counters["graph_break"].values()) == 0 and torch.allclose(compiled, eager, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == graphs
+    assert "compile_attempt_1" not in torch._dynamo.utils.compilation_time_metrics, "no trace restarted"
 
 
 def test_turning_the_setting_off_runs_the_compiled_blocks_eager_again(tmp_path, sd1_file):

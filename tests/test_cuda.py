@@ -610,15 +610,15 @@ def test_compiled_families_on_cuda_equal_eager_keep_their_graphs_through_loras_a
     assert counters["stats"]["unique_graphs"] == graphs, "nothing compiled again for a LoRA's weight, removal, return"
     # GPU Weights: a share of what the denoising phase places (the denoiser and its companions, the LoRA's adapters);
     # on a tiny model a block, the streamer's buffers and the adapters are each a large part of it, so the share that
-    # leaves part streamed and a block resident differs by model: the first that does
+    # leaves part streamed and a block resident differs by model: the first that does, from the largest down
     phase_mb = sum(c.nbytes for name, c in engine.memory.components.items()
                    if "denoiser" in (name, c.companion_of)) / MB
     total_mb = torch.cuda.get_device_properties(0).total_memory / MB
     tried = []
-    for share in (0.7, 0.75, 0.8, 0.82, 0.83, 0.84, 0.85, 0.88, 0.9, 0.95):
+    for share in np.arange(0.98, 0.4, -0.02):
         engine.options.update({"forge_inference_memory": int(total_mb - phase_mb * share)})
         streamed = engine.txt2img(req())
-        tried.append((share, streamed.memory.streamed_mb, streamed.memory.compiled))
+        tried.append((round(share, 2), streamed.memory.streamed_mb, streamed.memory.compiled))
         if streamed.memory.streamed_mb > 0 and streamed.memory.compiled:
             break
     assert streamed.memory.streamed_mb > 0 and streamed.memory.compiled, tried

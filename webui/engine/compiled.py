@@ -54,6 +54,9 @@ def compile_denoiser(denoiser: nn.Module) -> list[nn.Module]:
         # compiles nothing again. (For the process: dynamo reads them when a frame compiles, in whichever thread.)
         torch._dynamo.config.force_parameter_static_shapes = False
         torch.fx.experimental._config.use_duck_shape = False
+        # Python floats taken as constants: the blocks' are their layers' eps, which dynamo otherwise traces as
+        # symbols, finds fixed and traces the whole block again for (a second trace of each kind, cold or warm)
+        torch._dynamo.config.specialize_float = True
         for block in blocks:
             compile_block(block)
         setattr(denoiser, COMPILED_BLOCKS, blocks)
