@@ -577,7 +577,7 @@ def test_compiled_families_on_cuda_equal_eager_keep_their_graphs_through_loras_a
     from tests.test_flow_pipelines import flux_request
     from tests.test_lora import lora_folder, with_extensions
     from webui.engine.lora.network import _lora_components
-    from webui.engine.memory.manager import MB
+    from webui.engine.memory.manager import MB, SimulatedMemory
     from webui.synthetic.lora_export import random_lora, write_lora
 
     torch.compiler.reset()
@@ -608,15 +608,17 @@ def test_compiled_families_on_cuda_equal_eager_keep_their_graphs_through_loras_a
     for prompt in ("a cat <lora:style:0.4>", "a dog", "a cat <lora:style:1>"):
         assert engine.txt2img(req(prompt=prompt, seed=5)).memory.compiled
     assert counters["stats"]["unique_graphs"] == graphs, "nothing compiled again for a LoRA's weight, removal, return"
-    # GPU Weights: a share of what the denoising phase places (the denoiser and its companions, the LoRA's adapters);
-    # on a tiny model a block, the streamer's buffers and the adapters are each a large part of it, so the share that
-    # leaves part streamed and a block resident differs by model: the first that does, from the largest down
-    phase_mb = sum(c.nbytes for name, c in engine.memory.components.items()
-                   if "denoiser" in (name, c.companion_of)) / MB
-    total_mb = torch.cuda.get_device_properties(0).total_memory / MB
+    # GPU Weights to the byte (the setting counts whole MB, and the tiny models' blocks are fractions of one): the
+    # manager is shown a card of exactly a share of what the denoising phase places (the denoiser and its
+    # companions, the LoRA's adapters) plus the inference reserve. On a tiny model a block, the streamer's buffers
+    # and the adapters are each a large part of it, so the share that leaves part streamed and a block resident
+    # differs by model: the first that does, from the largest down
+    phase = sum(c.nbytes for name, c in engine.memory.components.items() if "denoiser" in (name, c.companion_of))
+    card = engine.memory.memory = SimulatedMemory(torch.device("cuda"), 0)
+    card.manager = engine.memory
     tried = []
-    for share in np.arange(0.98, 0.4, -0.02):
-        engine.options.update({"forge_inference_memory": int(total_mb - phase_mb * share)})
+    for share in np.arange(0.99, 0.4, -0.01):
+        card.total_bytes = int(phase * share) + engine.options["forge_inference_memory"] * MB
         streamed = engine.txt2img(req())
         tried.append((round(share, 2), streamed.memory.streamed_mb, streamed.memory.compiled))
         if streamed.memory.streamed_mb > 0 and streamed.memory.compiled:
