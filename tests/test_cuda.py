@@ -576,6 +576,7 @@ def test_compiled_families_on_cuda_equal_eager_keep_their_graphs_through_loras_a
 
     from tests.test_flow_pipelines import flux_request
     from tests.test_lora import lora_folder, with_extensions
+    from tests.test_memory import set_budget
     from webui.engine.lora.network import _lora_components
     from webui.engine.memory.manager import MB, SimulatedMemory
     from webui.synthetic.lora_export import random_lora, write_lora
@@ -614,11 +615,11 @@ def test_compiled_families_on_cuda_equal_eager_keep_their_graphs_through_loras_a
     # and the adapters are each a large part of it, so the share that leaves part streamed and a block resident
     # differs by model: the first that does, from the largest down
     phase = sum(c.nbytes for name, c in engine.memory.components.items() if "denoiser" in (name, c.companion_of))
-    card = engine.memory.memory = SimulatedMemory(torch.device("cuda"), 0)
-    card.manager = engine.memory
+    engine.memory.memory = SimulatedMemory(torch.device("cuda"), 0)
+    engine.memory.memory.manager = engine.memory  # (what the manager's constructor wires for a simulated card)
     tried = []
     for share in np.arange(0.99, 0.4, -0.01):
-        card.total_bytes = int(phase * share) + engine.options["forge_inference_memory"] * MB
+        set_budget(engine, phase * share / MB)
         streamed = engine.txt2img(req())
         tried.append((round(share, 2), streamed.memory.streamed_mb, streamed.memory.compiled))
         if streamed.memory.streamed_mb > 0 and streamed.memory.compiled:
