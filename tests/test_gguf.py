@@ -107,6 +107,26 @@ def test_quantized_linear_is_linear_with_the_dequantized_weight(qtype):
     assert layer(x.double()).dtype == torch.float64, "the compute dtype is the input's"
 
 
+def test_compiled_code_takes_a_gguf_layers_packed_bytes_at_fixed_sizes():
+    """Compiled with every size dynamic, parameters' too (as the denoiser's blocks are), a GGUF layer's packed bytes
+    keep their sizes: symbolic, its unpacking's reshapes cost dynamo ~0.7 s of proofs a layer (a tiny Flux Q8_0's
+    first compile on this CPU: 48 s with them, 23 s without)."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    layer, recorder = GGUFLinear(quant_tensor(Q.Q8_0, rows=64, blocks_per_row=2), torch.randn(64)), EagerAndRecordGraphs()
+    x = torch.randn(3, 64)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(force_parameter_static_shapes=False):
+        compiled = torch.compile(layer, backend=recorder, dynamic=True, fullgraph=True)(x)
+    torch._dynamo.reset()
+    values = [node.meta["example_value"] for graph in recorder.graphs for node in graph.graph.nodes
+              if node.op == "placeholder" and isinstance(node.meta["example_value"], torch.Tensor)]
+    assert any(isinstance(size, torch.SymInt) for value in values for size in value.shape), "the input is dynamic"
+    packed = [value for value in values if value.dtype == torch.uint8]
+    assert packed and all(type(size) is int for value in packed for size in value.shape)
+    assert torch.equal(compiled, layer(x))
+
+
 def test_quantized_conv_is_conv_with_the_dequantized_weight():
     conv = torch.nn.Conv2d(16, 8, 4, stride=2, padding=1)
     weight = quant_tensor(Q.Q4_K, rows=1, blocks_per_row=8)

@@ -17,6 +17,7 @@ from tests.test_flow_pipelines import engine_for, files, flux_request, images, p
 from tests.test_flux import inputs as flux_inputs
 from webui.engine.families.registry import Families
 from webui.engine.formats.detect import Family
+from webui.engine.graphs import GRAPHS
 from webui.engine.infotext import parse_infotext
 from webui.engine.lora import network as lora_module
 from webui.engine.lora.network import _lora_components, _unadapt
@@ -55,7 +56,8 @@ def lora_folder(engine):
 def merged_reference(module: nn.Module, weights: dict, component: str, multiplier: float) -> nn.Module:
     """A float32 copy of ``module`` whose adapted layers hold weight + multiplier * delta (GGUF layers dequantized
     first), without the adapters: the reference an online LoRA must equal."""
-    reference = copy.deepcopy(module).float()
+    captured = getattr(module, GRAPHS, None)  # (CUDA graphs of the module's calls, which cannot be copied: left out)
+    reference = copy.deepcopy(module, {id(captured): None} if captured is not None else None).float()
     for sub in reference.modules():
         _unadapt(sub)  # the copy of an adapted layer's routing through its adapter
     for (owner, path), lora in weights.items():

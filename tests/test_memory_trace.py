@@ -80,3 +80,15 @@ def test_the_panel_plots_the_timeline(tmp_path, sd1_file):
     updates = panel_values(timeline)
     assert updates[2]["sort"] == list(times["part"]), "the bars in the order things happened"
     assert all(update["value"] is None for update in panel_values(None))
+
+
+def test_a_cuda_trace_started_before_cuda_is_first_used_samples_nothing_allocated():
+    """The allocator keeps no statistics until CUDA's first use (an engine's first job may start its trace then):
+    0 MB allocated, not a failed job."""
+    import torch
+
+    from webui.engine.memory.trace import MemoryTrace
+
+    trace = MemoryTrace(torch.device("cuda", 0), weights_bytes=0)
+    trace.sample()
+    assert torch.cuda.is_initialized() or trace.timeline().samples[-1].device_mb == 0.0

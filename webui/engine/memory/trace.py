@@ -120,7 +120,8 @@ class MemoryTrace:
     def sample(self) -> None:
         device_mb = None
         if self.device.type == "cuda":  # the nested form: 8x cheaper than memory_allocated's flattened dict
-            device_mb = torch.cuda.memory_stats_as_nested_dict(self.device)["allocated_bytes"]["all"]["current"] / MB
+            stats = torch.cuda.memory_stats_as_nested_dict(self.device)  # empty until CUDA is first used: nothing
+            device_mb = stats["allocated_bytes"]["all"]["current"] / MB if stats else 0.0
         ram_mb = self._process.memory_info().rss / MB
         with self._lock:
             self._timeline.samples.append(MemorySample(self.now(), device_mb, self._weights_mb, ram_mb))
